@@ -1,0 +1,342 @@
+#include "engine/model/model_config.h"
+
+#include <cmath>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
+
+namespace moeserve::engine {
+namespace {
+
+double YarnMscale(double factor, double mscale) {
+  if (factor <= 1.0) return 1.0;
+  return 0.1 * mscale * std::log(factor) + 1.0;
+}
+
+absl::Status Positive(const char* field, int value) {
+  if (value > 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("config: `", field, "` must be > 0, got ", value));
+}
+
+template <typename T>
+absl::Status ReadField(const nlohmann::json& json, const char* key, T* out, bool required) {
+  auto it = json.find(key);
+  if (it == json.end() || it->is_null()) {
+    if (required) return absl::InvalidArgumentError(absl::StrCat("config: missing `", key, "`"));
+    return absl::OkStatus();
+  }
+  try {
+    *out = it->get<T>();
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: `", key, "` has the wrong type: ", it->dump()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseRopeScaling(const nlohmann::json& json, ModelConfig& config) {
+  // Newer exports spell it `rope_parameters` (with rope_theta inside); originals `rope_scaling`.
+  const nlohmann::json* rope = nullptr;
+  for (const char* key : {"rope_scaling", "rope_parameters"}) {
+    auto it = json.find(key);
+    if (it != json.end() && it->is_object()) rope = &*it;
+  }
+  if (rope == nullptr) return absl::OkStatus();
+  if (auto theta = rope->find("rope_theta"); theta != rope->end() && theta->is_number()) {
+    config.rope_theta = theta->get<double>();
+  }
+  std::string type = "default";
+  if (auto it = rope->find("rope_type"); it != rope->end() && it->is_string()) {
+    type = it->get<std::string>();
+  } else if (auto it2 = rope->find("type"); it2 != rope->end() && it2->is_string()) {
+    type = it2->get<std::string>();
+  }
+  if (type == "default") return absl::OkStatus();
+  if (type != "yarn") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: unsupported rope type `", type, "` (supported: default, yarn)"));
+  }
+  RopeScaling& yarn = config.rope_scaling;
+  yarn.type = RopeScaling::Type::kYarn;
+  auto number = [&](const char* key, double* out) {
+    if (auto it = rope->find(key); it != rope->end() && it->is_number()) *out = it->get<double>();
+  };
+  number("factor", &yarn.factor);
+  number("beta_fast", &yarn.beta_fast);
+  number("beta_slow", &yarn.beta_slow);
+  number("mscale", &yarn.mscale);
+  number("mscale_all_dim", &yarn.mscale_all_dim);
+  double original = config.max_position_embeddings;
+  number("original_max_position_embeddings", &original);
+  yarn.original_max_position_embeddings = static_cast<int>(original);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int ModelConfig::num_moe_layers() const {
+  int count = 0;
+  for (int layer = 0; layer < num_hidden_layers; ++layer) count += is_moe_layer(layer) ? 1 : 0;
+  return count;
+}
+
+double ModelConfig::attention_softmax_scale() const {
+  double scale = 1.0 / std::sqrt(static_cast<double>(qk_head_dim()));
+  if (rope_scaling.type == RopeScaling::Type::kYarn && rope_scaling.mscale_all_dim != 0.0) {
+    const double mscale = YarnMscale(rope_scaling.factor, rope_scaling.mscale_all_dim);
+    scale *= mscale * mscale;
+  }
+  return scale;
+}
+
+absl::Status ValidateModelConfig(const ModelConfig& c) {
+  for (auto [field, value] : std::initializer_list<std::pair<const char*, int>>{
+           {"vocab_size", c.vocab_size},
+           {"hidden_size", c.hidden_size},
+           {"num_hidden_layers", c.num_hidden_layers},
+           {"num_attention_heads", c.num_attention_heads},
+           {"kv_lora_rank", c.kv_lora_rank},
+           {"qk_nope_head_dim", c.qk_nope_head_dim},
+           {"qk_rope_head_dim", c.qk_rope_head_dim},
+           {"v_head_dim", c.v_head_dim},
+           {"max_position_embeddings", c.max_position_embeddings},
+           {"moe_layer_freq", c.moe_layer_freq}}) {
+    if (auto status = Positive(field, value); !status.ok()) return status;
+  }
+  if (c.qk_rope_head_dim % 2 != 0) {
+    return absl::InvalidArgumentError("config: `qk_rope_head_dim` must be even");
+  }
+  if (c.q_lora_rank < 0) return absl::InvalidArgumentError("config: `q_lora_rank` must be >= 0");
+  if (c.first_k_dense_replace < 0 || c.first_k_dense_replace > c.num_hidden_layers) {
+    return absl::InvalidArgumentError(
+        "config: `first_k_dense_replace` must be in [0, num_hidden_layers]");
+  }
+  if (c.first_k_dense_replace > 0 || c.n_routed_experts == 0) {
+    if (auto s = Positive("intermediate_size", c.intermediate_size); !s.ok()) return s;
+  }
+  if (c.n_routed_experts > 0) {
+    if (auto s = Positive("moe_intermediate_size", c.moe_intermediate_size); !s.ok()) return s;
+    if (auto s = Positive("num_experts_per_tok", c.num_experts_per_tok); !s.ok()) return s;
+    if (auto s = Positive("n_group", c.n_group); !s.ok()) return s;
+    if (c.num_experts_per_tok > c.n_routed_experts) {
+      return absl::InvalidArgumentError("config: `num_experts_per_tok` exceeds `n_routed_experts`");
+    }
+    if (c.n_routed_experts % c.n_group != 0) {
+      return absl::InvalidArgumentError("config: `n_routed_experts` must divide by `n_group`");
+    }
+    if (c.topk_group < 1 || c.topk_group > c.n_group) {
+      return absl::InvalidArgumentError("config: `topk_group` must be in [1, n_group]");
+    }
+    if (c.topk_method != TopKMethod::kGreedy &&
+        c.topk_group * (c.n_routed_experts / c.n_group) < c.num_experts_per_tok) {
+      return absl::InvalidArgumentError(
+          "config: the chosen groups hold fewer experts than `num_experts_per_tok`");
+    }
+    if (c.topk_method == TopKMethod::kNoAuxTc && c.n_routed_experts / c.n_group < 2) {
+      return absl::InvalidArgumentError(
+          "config: noaux_tc group scores need at least 2 experts per group");
+    }
+  }
+  if (c.n_shared_experts < 0) {
+    return absl::InvalidArgumentError("config: `n_shared_experts` must be >= 0");
+  }
+  if (c.rope_scaling.type == RopeScaling::Type::kYarn &&
+      (c.rope_scaling.factor <= 0 || c.rope_scaling.original_max_position_embeddings <= 0)) {
+    return absl::InvalidArgumentError(
+        "config: yarn rope needs `factor` > 0 and `original_max_position_embeddings` > 0");
+  }
+  if (c.bos_token_id < 0 || c.bos_token_id >= c.vocab_size || c.eos_token_id < 0 ||
+      c.eos_token_id >= c.vocab_size) {
+    return absl::InvalidArgumentError("config: bos/eos token ids must be < vocab_size");
+  }
+  if (!(c.rms_norm_eps > 0) || !std::isfinite(c.routed_scaling_factor)) {
+    return absl::InvalidArgumentError("config: `rms_norm_eps` and scaling factors must be finite");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ModelConfig> ParseModelConfig(const nlohmann::json& json, std::string name) {
+  if (!json.is_object()) return absl::InvalidArgumentError("config: expected a JSON object");
+  ModelConfig c;
+  c.name = std::move(name);
+  absl::Status status;
+  auto read = [&](const char* key, auto* out, bool required) {
+    if (status.ok()) status = ReadField(json, key, out, required);
+  };
+  read("model_type", &c.model_type, true);
+  if (!status.ok()) return status;
+  if (c.model_type != "deepseek_v3" && c.model_type != "deepseek_v2") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config: unsupported model_type `", c.model_type, "` (supported: deepseek_v3, deepseek_v2)"));
+  }
+  const bool v3 = c.model_type == "deepseek_v3";
+  c.scoring_func = v3 ? ScoringFunction::kSigmoid : ScoringFunction::kSoftmax;
+  c.topk_method = v3 ? TopKMethod::kNoAuxTc : TopKMethod::kGreedy;
+  read("vocab_size", &c.vocab_size, true);
+  read("hidden_size", &c.hidden_size, true);
+  read("intermediate_size", &c.intermediate_size, false);
+  read("moe_intermediate_size", &c.moe_intermediate_size, false);
+  read("num_hidden_layers", &c.num_hidden_layers, true);
+  read("first_k_dense_replace", &c.first_k_dense_replace, false);
+  read("moe_layer_freq", &c.moe_layer_freq, false);
+  read("num_attention_heads", &c.num_attention_heads, true);
+  read("q_lora_rank", &c.q_lora_rank, false);
+  read("kv_lora_rank", &c.kv_lora_rank, true);
+  read("qk_nope_head_dim", &c.qk_nope_head_dim, true);
+  read("qk_rope_head_dim", &c.qk_rope_head_dim, true);
+  read("v_head_dim", &c.v_head_dim, true);
+  read("n_routed_experts", &c.n_routed_experts, false);
+  read("n_shared_experts", &c.n_shared_experts, false);
+  read("num_experts_per_tok", &c.num_experts_per_tok, false);
+  read("n_group", &c.n_group, false);
+  read("topk_group", &c.topk_group, false);
+  read("norm_topk_prob", &c.norm_topk_prob, false);
+  read("routed_scaling_factor", &c.routed_scaling_factor, false);
+  read("max_position_embeddings", &c.max_position_embeddings, true);
+  read("rope_theta", &c.rope_theta, false);
+  read("rms_norm_eps", &c.rms_norm_eps, false);
+  read("tie_word_embeddings", &c.tie_word_embeddings, false);
+  read("bos_token_id", &c.bos_token_id, false);
+  read("eos_token_id", &c.eos_token_id, false);
+  if (!status.ok()) return status;
+  std::string scoring, topk_method;
+  read("scoring_func", &scoring, false);
+  read("topk_method", &topk_method, false);
+  if (!status.ok()) return status;
+  if (scoring == "sigmoid") c.scoring_func = ScoringFunction::kSigmoid;
+  else if (scoring == "softmax") c.scoring_func = ScoringFunction::kSoftmax;
+  else if (!scoring.empty())
+    return absl::InvalidArgumentError(absl::StrCat("config: unsupported scoring_func `", scoring, "`"));
+  if (topk_method == "noaux_tc") c.topk_method = TopKMethod::kNoAuxTc;
+  else if (topk_method == "greedy") c.topk_method = TopKMethod::kGreedy;
+  else if (topk_method == "group_limited_greedy") c.topk_method = TopKMethod::kGroupLimitedGreedy;
+  else if (!topk_method.empty())
+    return absl::InvalidArgumentError(absl::StrCat("config: unsupported topk_method `", topk_method, "`"));
+  if (auto s = ParseRopeScaling(json, c); !s.ok()) return s;
+  if (auto s = ValidateModelConfig(c); !s.ok()) return s;
+  return c;
+}
+
+nlohmann::json ModelConfigToJson(const ModelConfig& c) {
+  nlohmann::json json = {
+      {"model_type", c.model_type},
+      {"architectures", {c.model_type == "deepseek_v3" ? "DeepseekV3ForCausalLM" : "DeepseekV2ForCausalLM"}},
+      {"vocab_size", c.vocab_size},
+      {"hidden_size", c.hidden_size},
+      {"intermediate_size", c.intermediate_size},
+      {"moe_intermediate_size", c.moe_intermediate_size},
+      {"num_hidden_layers", c.num_hidden_layers},
+      {"first_k_dense_replace", c.first_k_dense_replace},
+      {"moe_layer_freq", c.moe_layer_freq},
+      {"num_attention_heads", c.num_attention_heads},
+      {"num_key_value_heads", c.num_attention_heads},
+      {"q_lora_rank", c.q_lora_rank > 0 ? nlohmann::json(c.q_lora_rank) : nlohmann::json()},
+      {"kv_lora_rank", c.kv_lora_rank},
+      {"qk_nope_head_dim", c.qk_nope_head_dim},
+      {"qk_rope_head_dim", c.qk_rope_head_dim},
+      {"v_head_dim", c.v_head_dim},
+      {"n_routed_experts", c.n_routed_experts},
+      {"n_shared_experts", c.n_shared_experts},
+      {"num_experts_per_tok", c.num_experts_per_tok},
+      {"n_group", c.n_group},
+      {"topk_group", c.topk_group},
+      {"scoring_func", c.scoring_func == ScoringFunction::kSigmoid ? "sigmoid" : "softmax"},
+      {"topk_method", c.topk_method == TopKMethod::kNoAuxTc     ? "noaux_tc"
+                      : c.topk_method == TopKMethod::kGreedy    ? "greedy"
+                                                                : "group_limited_greedy"},
+      {"norm_topk_prob", c.norm_topk_prob},
+      {"routed_scaling_factor", c.routed_scaling_factor},
+      {"max_position_embeddings", c.max_position_embeddings},
+      {"rope_theta", c.rope_theta},
+      {"rms_norm_eps", c.rms_norm_eps},
+      {"tie_word_embeddings", c.tie_word_embeddings},
+      {"bos_token_id", c.bos_token_id},
+      {"eos_token_id", c.eos_token_id},
+      {"attention_bias", false},
+      {"hidden_act", "silu"},
+      {"torch_dtype", "float32"},
+  };
+  if (c.rope_scaling.type == RopeScaling::Type::kYarn) {
+    json["rope_scaling"] = {
+        {"type", "yarn"},
+        {"factor", c.rope_scaling.factor},
+        {"original_max_position_embeddings", c.rope_scaling.original_max_position_embeddings},
+        {"beta_fast", c.rope_scaling.beta_fast},
+        {"beta_slow", c.rope_scaling.beta_slow},
+        {"mscale", c.rope_scaling.mscale},
+        {"mscale_all_dim", c.rope_scaling.mscale_all_dim},
+    };
+  }
+  return json;
+}
+
+std::vector<std::string> BuiltinModelNames() {
+  return {"builtin:tiny", "builtin:tiny-nolora", "builtin:tiny-v2"};
+}
+
+absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name) {
+  // DeepSeek-V3's architecture scaled down: MLA with q-LoRA, YaRN, 1 dense layer then MoE
+  // layers with sigmoid scoring, 8 expert groups of which 4 are chosen, 6 of 64 experts per
+  // token and one shared expert. Vocabulary: 256 bytes + <bos> + <eos>.
+  ModelConfig c;
+  c.name = name;
+  c.model_type = "deepseek_v3";
+  c.vocab_size = 258;
+  c.bos_token_id = 256;
+  c.eos_token_id = 257;
+  c.hidden_size = 256;
+  c.intermediate_size = 512;
+  c.moe_intermediate_size = 64;
+  c.num_hidden_layers = 4;
+  c.first_k_dense_replace = 1;
+  c.num_attention_heads = 4;
+  c.q_lora_rank = 96;
+  c.kv_lora_rank = 64;
+  c.qk_nope_head_dim = 32;
+  c.qk_rope_head_dim = 16;
+  c.v_head_dim = 32;
+  c.n_routed_experts = 64;
+  c.n_shared_experts = 1;
+  c.num_experts_per_tok = 6;
+  c.n_group = 8;
+  c.topk_group = 4;
+  c.scoring_func = ScoringFunction::kSigmoid;
+  c.topk_method = TopKMethod::kNoAuxTc;
+  c.norm_topk_prob = true;
+  c.routed_scaling_factor = 2.5;
+  c.max_position_embeddings = 4096;
+  c.rope_theta = 10000.0;
+  c.rope_scaling = {.type = RopeScaling::Type::kYarn,
+                    .factor = 4.0,
+                    .original_max_position_embeddings = 1024,
+                    .beta_fast = 32.0,
+                    .beta_slow = 1.0,
+                    .mscale = 1.0,
+                    .mscale_all_dim = 0.8};
+  c.rms_norm_eps = 1e-6;
+  if (name == "builtin:tiny") return c;
+  if (name == "builtin:tiny-nolora") {
+    // The MLA variant without q-LoRA (queries projected directly) and with plain RoPE.
+    c.q_lora_rank = 0;
+    c.rope_scaling = RopeScaling{};
+    return c;
+  }
+  if (name == "builtin:tiny-v2") {
+    // DeepSeek-V2-style routing: softmax scores, group score = the group's best expert.
+    c.model_type = "deepseek_v2";
+    c.scoring_func = ScoringFunction::kSoftmax;
+    c.topk_method = TopKMethod::kGroupLimitedGreedy;
+    c.norm_topk_prob = false;
+    c.routed_scaling_factor = 1.0;
+    c.q_lora_rank = 0;
+    return c;
+  }
+  std::string known;
+  for (const auto& n : BuiltinModelNames()) absl::StrAppend(&known, known.empty() ? "" : ", ", n);
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown built-in model `", name, "` (available: ", known, ")"));
+}
+
+}  // namespace moeserve::engine

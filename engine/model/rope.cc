@@ -1,0 +1,82 @@
+#include "engine/model/rope.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numbers>
+
+namespace moeserve::engine {
+namespace {
+
+// The (fractional) dimension index whose wavelength completes `rotations` turns over the
+// original context length.
+double CorrectionDimension(double rotations, int dim, double theta, int max_positions) {
+  return dim * std::log(max_positions / (rotations * 2.0 * std::numbers::pi)) /
+         (2.0 * std::log(theta));
+}
+
+}  // namespace
+
+double YarnMagnitude(double factor, double mscale) {
+  if (factor <= 1.0) return 1.0;
+  return 0.1 * mscale * std::log(factor) + 1.0;
+}
+
+std::vector<double> YarnInverseFrequencies(int rotary_dim, double theta,
+                                           const RopeScaling& scaling) {
+  const int half = rotary_dim / 2;
+  std::vector<double> inverse(half);
+  const int original = scaling.original_max_position_embeddings;
+  double low = std::floor(CorrectionDimension(scaling.beta_fast, rotary_dim, theta, original));
+  double high = std::ceil(CorrectionDimension(scaling.beta_slow, rotary_dim, theta, original));
+  low = std::max(low, 0.0);
+  high = std::min(high, static_cast<double>(rotary_dim - 1));
+  if (low == high) high += 0.001;  // avoid a zero-width ramp
+  for (int i = 0; i < half; ++i) {
+    const double extrapolated = 1.0 / std::pow(theta, 2.0 * i / rotary_dim);
+    const double interpolated = extrapolated / scaling.factor;
+    // Dimensions below `low` rotate fast and keep their frequency (extrapolation); those above
+    // `high` are interpolated by the scaling factor; in between, a linear blend.
+    const double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);
+    const double extrapolation_weight = 1.0 - ramp;
+    inverse[i] = interpolated * (1.0 - extrapolation_weight) + extrapolated * extrapolation_weight;
+  }
+  return inverse;
+}
+
+RotaryEmbedding::RotaryEmbedding(int rotary_dim, int max_positions, double theta,
+                                 const RopeScaling& scaling)
+    : rotary_dim_(rotary_dim), max_positions_(max_positions) {
+  const int half = rotary_dim / 2;
+  if (scaling.type == RopeScaling::Type::kYarn) {
+    inverse_frequencies_ = YarnInverseFrequencies(rotary_dim, theta, scaling);
+    magnitude_scale_ = YarnMagnitude(scaling.factor, scaling.mscale) /
+                       YarnMagnitude(scaling.factor, scaling.mscale_all_dim);
+  } else {
+    inverse_frequencies_.resize(half);
+    for (int i = 0; i < half; ++i) inverse_frequencies_[i] = 1.0 / std::pow(theta, 2.0 * i / rotary_dim);
+  }
+  cos_.resize(static_cast<size_t>(max_positions) * half);
+  sin_.resize(cos_.size());
+  for (int position = 0; position < max_positions; ++position) {
+    for (int i = 0; i < half; ++i) {
+      // Angles are formed in float32, as the reference computes position * inv_freq.
+      const float angle = static_cast<float>(position) * static_cast<float>(inverse_frequencies_[i]);
+      cos_[position * half + i] = static_cast<float>(std::cos(angle) * magnitude_scale_);
+      sin_[position * half + i] = static_cast<float>(std::sin(angle) * magnitude_scale_);
+    }
+  }
+}
+
+void RotaryEmbedding::Apply(float* vector, int position) const {
+  const int half = rotary_dim_ / 2;
+  const float* cos = &cos_[static_cast<size_t>(position) * half];
+  const float* sin = &sin_[static_cast<size_t>(position) * half];
+  for (int i = 0; i < half; ++i) {
+    const float even = vector[2 * i];
+    const float odd = vector[2 * i + 1];
+    vector[2 * i] = even * cos[i] - odd * sin[i];
+    vector[2 * i + 1] = odd * cos[i] + even * sin[i];
+  }
+}
+
+}  // namespace moeserve::engine

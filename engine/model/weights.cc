@@ -1,0 +1,212 @@
+#include "engine/model/weights.h"
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <set>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "nlohmann/json.hpp"
+
+namespace moeserve::engine {
+namespace {
+
+using Shape = std::vector<int64_t>;
+
+std::string LayerPrefix(int layer) { return absl::StrCat("model.layers.", layer, "."); }
+
+void AddMlp(std::vector<std::pair<std::string, Shape>>& out, const std::string& prefix,
+            int64_t hidden, int64_t intermediate) {
+  out.push_back({prefix + "gate_proj.weight", {intermediate, hidden}});
+  out.push_back({prefix + "up_proj.weight", {intermediate, hidden}});
+  out.push_back({prefix + "down_proj.weight", {hidden, intermediate}});
+}
+
+// FNV-1a: a stable hash of a tensor's name, so each tensor's random stream does not depend on
+// the order tensors are generated in.
+uint64_t StableHash(const std::string& text) {
+  uint64_t hash = 1469598103934665603ull;
+  for (unsigned char c : text) hash = (hash ^ c) * 1099511628211ull;
+  return hash;
+}
+
+}  // namespace
+
+int64_t Tensor::num_elements() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::vector<std::pair<std::string, Shape>> ExpectedTensors(const ModelConfig& c) {
+  std::vector<std::pair<std::string, Shape>> out;
+  const int64_t hidden = c.hidden_size;
+  const int64_t heads = c.num_attention_heads;
+  out.push_back({"model.embed_tokens.weight", {c.vocab_size, hidden}});
+  for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
+    const std::string p = LayerPrefix(layer);
+    out.push_back({p + "input_layernorm.weight", {hidden}});
+    out.push_back({p + "post_attention_layernorm.weight", {hidden}});
+    const std::string a = p + "self_attn.";
+    if (c.q_lora_rank > 0) {
+      out.push_back({a + "q_a_proj.weight", {c.q_lora_rank, hidden}});
+      out.push_back({a + "q_a_layernorm.weight", {c.q_lora_rank}});
+      out.push_back({a + "q_b_proj.weight", {heads * c.qk_head_dim(), c.q_lora_rank}});
+    } else {
+      out.push_back({a + "q_proj.weight", {heads * c.qk_head_dim(), hidden}});
+    }
+    out.push_back({a + "kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, hidden}});
+    out.push_back({a + "kv_a_layernorm.weight", {c.kv_lora_rank}});
+    out.push_back(
+        {a + "kv_b_proj.weight", {heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}});
+    out.push_back({a + "o_proj.weight", {hidden, heads * c.v_head_dim}});
+    if (c.is_moe_layer(layer)) {
+      out.push_back({p + "mlp.gate.weight", {c.n_routed_experts, hidden}});
+      if (c.topk_method == TopKMethod::kNoAuxTc) {
+        out.push_back({p + "mlp.gate.e_score_correction_bias", {c.n_routed_experts}});
+      }
+      for (int e = 0; e < c.n_routed_experts; ++e) {
+        AddMlp(out, absl::StrCat(p, "mlp.experts.", e, "."), hidden, c.moe_intermediate_size);
+      }
+      if (c.n_shared_experts > 0) {
+        AddMlp(out, p + "mlp.shared_experts.", hidden,
+               static_cast<int64_t>(c.moe_intermediate_size) * c.n_shared_experts);
+      }
+    } else {
+      AddMlp(out, p + "mlp.", hidden, c.intermediate_size);
+    }
+  }
+  out.push_back({"model.norm.weight", {hidden}});
+  if (!c.tie_word_embeddings) out.push_back({"lm_head.weight", {c.vocab_size, hidden}});
+  return out;
+}
+
+ModelWeights ModelWeights::Generate(const ModelConfig& config, uint64_t seed) {
+  ModelWeights weights;
+  weights.config_ = config;
+  for (auto& [name, shape] : ExpectedTensors(config)) {
+    Tensor tensor{shape, {}};
+    tensor.data.resize(tensor.num_elements());
+    std::mt19937_64 rng(seed ^ StableHash(name));
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    const bool is_norm = name.ends_with("layernorm.weight") || name.ends_with("norm.weight");
+    if (is_norm) {
+      // Non-trivial norm weights, so a reference that ignores them would disagree.
+      for (float& v : tensor.data) v = 1.0f + 0.1f * normal(rng);
+    } else if (name.ends_with("e_score_correction_bias")) {
+      for (float& v : tensor.data) v = 0.05f * normal(rng);
+    } else if (name == "model.embed_tokens.weight") {
+      for (float& v : tensor.data) v = normal(rng);
+    } else {
+      // Matrices [out, in]: std 1/sqrt(in) keeps activations O(1) through the layers; the LM
+      // head is sharper so that greedy choices are not near-ties.
+      const float in = static_cast<float>(shape.back());
+      const float scale = (name == "lm_head.weight" ? 3.0f : 1.0f) / std::sqrt(in);
+      for (float& v : tensor.data) v = scale * normal(rng);
+    }
+    weights.tensors_.emplace(name, std::move(tensor));
+  }
+  absl::Status status = weights.BindViews();
+  (void)status;  // Generated tensors always match ExpectedTensors.
+  return weights;
+}
+
+absl::StatusOr<ModelWeights> ModelWeights::FromTensors(const ModelConfig& config,
+                                                       std::map<std::string, Tensor> tensors) {
+  ModelWeights weights;
+  weights.config_ = config;
+  std::set<std::string> expected_names;
+  for (auto& [name, shape] : ExpectedTensors(config)) {
+    expected_names.insert(name);
+    auto it = tensors.find(name);
+    if (it == tensors.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("weights: missing tensor `", name, "`"));
+    }
+    if (it->second.shape != shape) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "weights: tensor `", name, "` has shape [", absl::StrJoin(it->second.shape, ", "),
+          "], expected [", absl::StrJoin(shape, ", "), "]"));
+    }
+  }
+  for (auto& [name, tensor] : tensors) {
+    if (!expected_names.contains(name)) {
+      return absl::InvalidArgumentError(absl::StrCat("weights: unexpected tensor `", name, "`"));
+    }
+  }
+  weights.tensors_ = std::move(tensors);
+  if (auto status = weights.BindViews(); !status.ok()) return status;
+  return weights;
+}
+
+absl::Status ModelWeights::BindViews() {
+  const ModelConfig& c = config_;
+  auto get = [&](const std::string& name) -> const float* {
+    auto it = tensors_.find(name);
+    return it == tensors_.end() ? nullptr : it->second.data.data();
+  };
+  auto mlp = [&](const std::string& prefix, int intermediate) {
+    return MlpWeights{get(prefix + "gate_proj.weight"), get(prefix + "up_proj.weight"),
+                      get(prefix + "down_proj.weight"), intermediate};
+  };
+  embed_tokens_ = get("model.embed_tokens.weight");
+  final_norm_ = get("model.norm.weight");
+  lm_head_ = c.tie_word_embeddings ? embed_tokens_ : get("lm_head.weight");
+  layers_.assign(c.num_hidden_layers, {});
+  for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
+    const std::string p = LayerPrefix(layer);
+    LayerWeights& w = layers_[layer];
+    w.input_layernorm = get(p + "input_layernorm.weight");
+    w.post_attention_layernorm = get(p + "post_attention_layernorm.weight");
+    const std::string a = p + "self_attn.";
+    w.attention = {get(a + "q_a_proj.weight"),           get(a + "q_a_layernorm.weight"),
+                   get(a + "q_b_proj.weight"),           get(a + "q_proj.weight"),
+                   get(a + "kv_a_proj_with_mqa.weight"), get(a + "kv_a_layernorm.weight"),
+                   get(a + "kv_b_proj.weight"),          get(a + "o_proj.weight")};
+    w.is_moe = c.is_moe_layer(layer);
+    if (w.is_moe) {
+      w.moe.gate = get(p + "mlp.gate.weight");
+      w.moe.e_score_correction_bias = get(p + "mlp.gate.e_score_correction_bias");
+      for (int e = 0; e < c.n_routed_experts; ++e) {
+        w.moe.experts.push_back(
+            mlp(absl::StrCat(p, "mlp.experts.", e, "."), c.moe_intermediate_size));
+      }
+      w.moe.has_shared = c.n_shared_experts > 0;
+      if (w.moe.has_shared) {
+        w.moe.shared = mlp(p + "mlp.shared_experts.", c.moe_intermediate_size * c.n_shared_experts);
+      }
+    } else {
+      w.dense_mlp = mlp(p + "mlp.", c.intermediate_size);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WriteSafetensors(const std::string& path,
+                              const std::map<std::string, Tensor>& tensors) {
+  // Layout: u64 little-endian header size, JSON header, then the raw data.
+  nlohmann::json header = nlohmann::json::object();
+  uint64_t offset = 0;
+  for (const auto& [name, tensor] : tensors) {
+    const uint64_t bytes = tensor.data.size() * sizeof(float);
+    header[name] = {{"dtype", "F32"}, {"shape", tensor.shape}, {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string header_text = header.dump();
+  while (header_text.size() % 8 != 0) header_text.push_back(' ');
+  std::ofstream out(path, std::ios::binary);
+  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
+  const uint64_t header_size = header_text.size();
+  out.write(reinterpret_cast<const char*>(&header_size), sizeof(header_size));
+  out.write(header_text.data(), header_text.size());
+  for (const auto& [name, tensor] : tensors) {
+    out.write(reinterpret_cast<const char*>(tensor.data.data()),
+              static_cast<std::streamsize>(tensor.data.size() * sizeof(float)));
+  }
+  if (!out) return absl::InternalError(absl::StrCat("write failed: ", path));
+  return absl::OkStatus();
+}
+
+}  // namespace moeserve::engine

@@ -1,0 +1,96 @@
+// Model weights: named fp32 tensors (Hugging Face names) and typed per-layer views of them.
+//
+// Owns the weight memory of one model replica. Built once at start-up (generated for the built-in
+// models, loaded for checkpoints), then read-only: safe to read from many threads.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model/model_config.h"
+
+namespace moeserve::engine {
+
+struct Tensor {
+  std::vector<int64_t> shape;
+  std::vector<float> data;
+  int64_t num_elements() const;
+};
+
+// A SwiGLU MLP: down(silu(gate(x)) * up(x)). Matrices are row-major [out, in].
+struct MlpWeights {
+  const float* gate_proj = nullptr;  // [intermediate, hidden]
+  const float* up_proj = nullptr;    // [intermediate, hidden]
+  const float* down_proj = nullptr;  // [hidden, intermediate]
+  int intermediate_size = 0;
+};
+
+struct AttentionWeights {
+  const float* q_a_proj = nullptr;        // [q_lora, hidden]          (q-LoRA only)
+  const float* q_a_layernorm = nullptr;   // [q_lora]                   (q-LoRA only)
+  const float* q_b_proj = nullptr;        // [heads * qk_head, q_lora]  (q-LoRA only)
+  const float* q_proj = nullptr;          // [heads * qk_head, hidden]  (no q-LoRA)
+  const float* kv_a_proj_with_mqa = nullptr;  // [kv_lora + rope, hidden]
+  const float* kv_a_layernorm = nullptr;      // [kv_lora]
+  const float* kv_b_proj = nullptr;           // [heads * (nope + v), kv_lora]
+  const float* o_proj = nullptr;              // [hidden, heads * v]
+};
+
+struct MoeWeights {
+  const float* gate = nullptr;                  // [experts, hidden]
+  const float* e_score_correction_bias = nullptr;  // [experts] or null
+  std::vector<MlpWeights> experts;              // one per routed (logical) expert
+  MlpWeights shared;                            // intermediate = moe_intermediate * n_shared
+  bool has_shared = false;
+};
+
+struct LayerWeights {
+  const float* input_layernorm = nullptr;
+  const float* post_attention_layernorm = nullptr;
+  AttentionWeights attention;
+  bool is_moe = false;
+  MlpWeights dense_mlp;
+  MoeWeights moe;
+};
+
+class ModelWeights {
+ public:
+  // Deterministic random weights for a config (the built-in models).
+  static ModelWeights Generate(const ModelConfig& config, uint64_t seed);
+  // Wraps named tensors; checks that every expected tensor is present with the expected shape
+  // and that no unexpected tensor is left over.
+  static absl::StatusOr<ModelWeights> FromTensors(const ModelConfig& config,
+                                                  std::map<std::string, Tensor> tensors);
+
+  ModelWeights(ModelWeights&&) = default;
+  ModelWeights& operator=(ModelWeights&&) = default;
+
+  const ModelConfig& config() const { return config_; }
+  const float* embed_tokens() const { return embed_tokens_; }
+  const float* final_norm() const { return final_norm_; }
+  const float* lm_head() const { return lm_head_; }
+  const LayerWeights& layer(int index) const { return layers_[index]; }
+  const std::map<std::string, Tensor>& tensors() const { return tensors_; }
+
+ private:
+  ModelWeights() = default;
+  absl::Status BindViews();
+
+  ModelConfig config_;
+  std::map<std::string, Tensor> tensors_;
+  const float* embed_tokens_ = nullptr;
+  const float* final_norm_ = nullptr;
+  const float* lm_head_ = nullptr;
+  std::vector<LayerWeights> layers_;
+};
+
+// The tensor names and shapes a config needs, in a stable order.
+std::vector<std::pair<std::string, std::vector<int64_t>>> ExpectedTensors(const ModelConfig& config);
+
+// Writes tensors as a float32 safetensors file.
+absl::Status WriteSafetensors(const std::string& path, const std::map<std::string, Tensor>& tensors);
+
+}  // namespace moeserve::engine

@@ -1,0 +1,82 @@
+// Request-level types shared by the engine and its callers: what a generation asks for, what
+// it streams back, and the per-request output channel.
+//
+// RequestStream is the only thread-safe type here: the engine's step loop pushes into it and
+// one consumer (a server handler) pops from it.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace moeserve::engine {
+
+struct SamplingOptions {
+  float temperature = 0.0f;  // 0 = greedy
+  float top_p = 1.0f;        // (0, 1]
+  int top_k = 0;             // 0 = off
+  std::optional<uint64_t> seed;
+};
+
+// A generation as submitted. Exactly one of `text` and `prompt_tokens` is used.
+struct GenerationInput {
+  std::string request_id;
+  std::optional<std::string> text;
+  std::vector<int32_t> prompt_tokens;
+  SamplingOptions sampling;
+  int max_tokens = 0;
+  std::vector<std::string> stop;
+  std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false;
+};
+
+enum class FinishReason { kNone, kLength, kStop, kContextLength, kCancelled, kAborted };
+
+struct Usage {
+  int prompt_tokens = 0;
+  int completion_tokens = 0;
+  double time_to_first_token_seconds = 0;
+  double total_seconds = 0;
+  double queue_seconds = 0;
+};
+
+// One message of a request's stream.
+struct GenerationOutput {
+  std::vector<int32_t> token_ids;
+  std::string text;
+  FinishReason finish_reason = FinishReason::kNone;  // set on the last message
+  Usage usage;                                      // set on the last message
+  absl::Status status;                              // non-OK: the request failed
+  bool is_last() const { return finish_reason != FinishReason::kNone || !status.ok(); }
+};
+
+class RequestStream {
+ public:
+  explicit RequestStream(std::string request_id) : request_id_(std::move(request_id)) {}
+  const std::string& request_id() const { return request_id_; }
+
+  void Push(GenerationOutput output);
+  // Asks the engine to stop this request; it frees the request's KV blocks at its next step
+  // and pushes a last message with FinishReason::kCancelled.
+  void Cancel() { cancelled_.store(true); }
+  bool cancelled() const { return cancelled_.load(); }
+  // Waits up to `timeout` for the next message; nullopt on timeout.
+  std::optional<GenerationOutput> Next(std::chrono::milliseconds timeout);
+
+ private:
+  std::string request_id_;
+  std::atomic<bool> cancelled_{false};
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<GenerationOutput> queue_;
+};
+
+}  // namespace moeserve::engine

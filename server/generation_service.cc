@@ -1,0 +1,129 @@
+#include "server/generation_service.h"
+
+#include <chrono>
+
+#include "server/status_conversion.h"
+
+namespace moeserve::server {
+namespace {
+
+constexpr auto kPollInterval = std::chrono::milliseconds(20);
+
+moeserve::v1::FinishReason ToProto(engine::FinishReason reason) {
+  switch (reason) {
+    case engine::FinishReason::kLength: return moeserve::v1::FINISH_REASON_LENGTH;
+    case engine::FinishReason::kStop: return moeserve::v1::FINISH_REASON_STOP;
+    case engine::FinishReason::kContextLength: return moeserve::v1::FINISH_REASON_CONTEXT_LENGTH;
+    default: return moeserve::v1::FINISH_REASON_UNSPECIFIED;
+  }
+}
+
+grpc::Status Unavailable() {
+  return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading; retry shortly");
+}
+
+}  // namespace
+
+engine::GenerationInput ToGenerationInput(const moeserve::v1::GenerateRequest& request) {
+  engine::GenerationInput input;
+  input.request_id = request.request_id();
+  if (request.input_case() == moeserve::v1::GenerateRequest::kText) {
+    input.text = request.text();
+  } else if (request.input_case() == moeserve::v1::GenerateRequest::kTokenIds) {
+    for (uint32_t id : request.token_ids().ids()) {
+      // Ids beyond int32 map to -1, which the engine reports as out of range.
+      input.prompt_tokens.push_back(id > 0x7fffffffu ? -1 : static_cast<int32_t>(id));
+    }
+  }
+  const auto& sampling = request.sampling();
+  input.sampling.temperature = sampling.temperature();
+  input.sampling.top_p = sampling.top_p() == 0.0f ? 1.0f : sampling.top_p();
+  input.sampling.top_k = sampling.top_k() > 0x7fffffffu ? 0x7fffffff : static_cast<int>(sampling.top_k());
+  if (sampling.has_seed()) input.sampling.seed = sampling.seed();
+  input.max_tokens = request.max_tokens() > 0x7fffffffu ? 0x7fffffff : static_cast<int>(request.max_tokens());
+  input.stop.assign(request.stop().begin(), request.stop().end());
+  for (uint32_t id : request.stop_token_ids()) {
+    input.stop_token_ids.push_back(id > 0x7fffffffu ? -1 : static_cast<int32_t>(id));
+  }
+  input.ignore_eos = request.ignore_eos();
+  return input;
+}
+
+grpc::Status GenerationService::Generate(
+    grpc::ServerContext* context, const moeserve::v1::GenerateRequest* request,
+    grpc::ServerWriter<moeserve::v1::GenerateResponse>* writer) {
+  engine::Engine* engine = engine_.load();
+  if (engine == nullptr) return Unavailable();
+  absl::StatusOr<std::shared_ptr<engine::RequestStream>> stream =
+      engine->Submit(ToGenerationInput(*request));
+  if (!stream.ok()) return ToGrpcStatus(stream.status());
+  while (true) {
+    std::optional<engine::GenerationOutput> output = (*stream)->Next(kPollInterval);
+    if (!output.has_value()) {
+      if (context->IsCancelled()) {
+        // Client cancellation or deadline: stop the work and free its KV blocks.
+        (*stream)->Cancel();
+        return grpc::Status(grpc::StatusCode::CANCELLED, "the request was cancelled");
+      }
+      continue;
+    }
+    if (!output->status.ok()) return ToGrpcStatus(output->status);
+    if (output->finish_reason == engine::FinishReason::kCancelled) {
+      return grpc::Status(grpc::StatusCode::CANCELLED, "the request was cancelled");
+    }
+    if (output->finish_reason == engine::FinishReason::kAborted) {
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          "the server stopped before the request finished");
+    }
+    moeserve::v1::GenerateResponse response;
+    response.set_request_id((*stream)->request_id());
+    for (int32_t id : output->token_ids) response.add_token_ids(static_cast<uint32_t>(id));
+    response.set_text(std::move(output->text));
+    if (output->is_last()) {
+      response.set_finish_reason(ToProto(output->finish_reason));
+      auto* usage = response.mutable_usage();
+      usage->set_prompt_tokens(output->usage.prompt_tokens);
+      usage->set_completion_tokens(output->usage.completion_tokens);
+      usage->set_time_to_first_token_seconds(output->usage.time_to_first_token_seconds);
+      usage->set_total_seconds(output->usage.total_seconds);
+      usage->set_queue_seconds(output->usage.queue_seconds);
+    }
+    if (!writer->Write(response)) {
+      (*stream)->Cancel();
+      return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+    }
+    if (output->is_last()) return grpc::Status::OK;
+  }
+}
+
+grpc::Status GenerationService::GetModelInfo(grpc::ServerContext*,
+                                             const moeserve::v1::GetModelInfoRequest*,
+                                             moeserve::v1::ModelInfo* info) {
+  engine::Engine* engine = engine_.load();
+  if (engine == nullptr) return Unavailable();
+  const engine::ModelConfig& c = engine->config();
+  info->set_name(c.name);
+  info->set_architecture(c.model_type);
+  info->set_vocab_size(c.vocab_size);
+  info->set_context_length(c.max_position_embeddings);
+  info->set_num_layers(c.num_hidden_layers);
+  info->set_num_dense_layers(c.num_hidden_layers - c.num_moe_layers());
+  info->set_hidden_size(c.hidden_size);
+  info->set_num_routed_experts(c.n_routed_experts);
+  info->set_num_shared_experts(c.n_shared_experts);
+  info->set_num_experts_per_token(c.num_experts_per_tok);
+  info->set_num_expert_groups(c.n_group);
+  info->set_num_groups_per_token(c.topk_group);
+  info->set_has_tokenizer(engine->has_tokenizer());
+  info->set_eos_token_id(c.eos_token_id);
+  info->set_max_request_tokens(c.max_position_embeddings);
+  auto* layout = info->mutable_layout();
+  layout->set_prefill_ep(layout_.prefill_ep);
+  layout->set_decode_ep(layout_.decode_ep);
+  layout->set_num_redundant_experts(layout_.num_redundant_experts);
+  layout->set_two_batch_overlap(layout_.two_batch_overlap);
+  layout->set_device(layout_.device);
+  return grpc::Status::OK;
+}
+
+}  // namespace moeserve::server

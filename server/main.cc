@@ -1,0 +1,172 @@
+// moeserve: the command-line entry point (serve, logits, export, plan).
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "engine/model/loader.h"
+#include "nlohmann/json.hpp"
+#include "server/npy_writer.h"
+#include "server/serve.h"
+
+namespace {
+
+using moeserve::engine::LoadModel;
+
+int RunLogits(const std::string& model_spec, const std::string& tokens_text,
+              const std::string& out_path) {
+  std::vector<int32_t> tokens;
+  for (absl::string_view piece : absl::StrSplit(tokens_text, ',', absl::SkipWhitespace())) {
+    int32_t id = 0;
+    if (!absl::SimpleAtoi(piece, &id)) {
+      std::cerr << "moeserve logits: --tokens must be comma-separated integers, got `" << piece
+                << "`\n";
+      return 2;
+    }
+    tokens.push_back(id);
+  }
+  if (tokens.empty()) {
+    std::cerr << "moeserve logits: --tokens is empty\n";
+    return 2;
+  }
+  auto loaded = LoadModel(model_spec);
+  if (!loaded.ok()) {
+    std::cerr << "moeserve logits: " << loaded.status().message() << "\n";
+    return 1;
+  }
+  const auto& config = loaded->model->config();
+  for (int32_t id : tokens) {
+    if (id < 0 || id >= config.vocab_size) {
+      std::cerr << "moeserve logits: token " << id << " is out of range (vocabulary of "
+                << config.vocab_size << ")\n";
+      return 2;
+    }
+  }
+  if (static_cast<int>(tokens.size()) > config.max_position_embeddings) {
+    std::cerr << "moeserve logits: " << tokens.size() << " tokens exceed the context length "
+              << config.max_position_embeddings << "\n";
+    return 2;
+  }
+  const int block_size = 16;
+  moeserve::engine::KvCache cache(config.num_hidden_layers,
+                                  (static_cast<int>(tokens.size()) + block_size - 1) / block_size,
+                                  block_size, loaded->model->kv_row_dim());
+  std::vector<int32_t> blocks = *cache.allocator().Allocate(cache.num_blocks());
+  moeserve::engine::BatchSequence sequence{tokens, 0, &blocks, /*all_logits=*/true};
+  std::vector<float> logits = loaded->model->Forward({&sequence, 1}, cache);
+  auto status = moeserve::server::WriteNpyFloat32(
+      out_path, {static_cast<int64_t>(tokens.size()), config.vocab_size}, logits);
+  if (!status.ok()) {
+    std::cerr << "moeserve logits: " << status.message() << "\n";
+    return 1;
+  }
+  std::cout << "wrote " << tokens.size() << " x " << config.vocab_size << " float32 logits to "
+            << out_path << "\n";
+  return 0;
+}
+
+int RunExport(const std::string& model_spec, const std::string& out_dir) {
+  auto loaded = LoadModel(model_spec);
+  if (!loaded.ok()) {
+    std::cerr << "moeserve export: " << loaded.status().message() << "\n";
+    return 1;
+  }
+  std::error_code error;
+  std::filesystem::create_directories(out_dir, error);
+  if (error) {
+    std::cerr << "moeserve export: cannot create " << out_dir << ": " << error.message() << "\n";
+    return 1;
+  }
+  const auto& weights = loaded->model->weights();
+  std::ofstream(out_dir + "/config.json")
+      << moeserve::engine::ModelConfigToJson(weights.config()).dump(2) << "\n";
+  auto status = moeserve::engine::WriteSafetensors(out_dir + "/model.safetensors", weights.tensors());
+  if (!status.ok()) {
+    std::cerr << "moeserve export: " << status.message() << "\n";
+    return 1;
+  }
+  std::cout << "wrote " << out_dir << "/config.json and model.safetensors ("
+            << weights.tensors().size() << " tensors)\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "moeserve: serves DeepSeek-style Mixture-of-Experts models over gRPC with expert "
+      "parallelism"};
+  app.require_subcommand(1);
+  int exit_code = 0;
+
+  moeserve::server::ServeOptions serve;
+  int64_t kv_cache_mib = serve.engine.kv_cache_bytes >> 20;
+  auto* serve_command = app.add_subcommand("serve", "Serve a model over gRPC");
+  serve_command->add_option("--model", serve.model,
+                            "Model to serve: builtin:tiny, builtin:tiny-nolora, builtin:tiny-v2")
+      ->capture_default_str();
+  serve_command->add_option("--host", serve.host, "Address to listen on")->capture_default_str();
+  serve_command->add_option("--port", serve.port, "gRPC port (0: pick a free one)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 65535));
+  serve_command
+      ->add_option("--metrics-port", serve.metrics_port,
+                   "Prometheus /metrics port (0: pick a free one, -1: off)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, 65535));
+  serve_command
+      ->add_option("--max-batch-tokens", serve.engine.max_batch_tokens,
+                   "Tokens per forward step; longer prompts prefill in chunks")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_command
+      ->add_option("--max-running-requests", serve.engine.max_running_requests,
+                   "Requests decoded together in one batch")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_command
+      ->add_option("--max-queue", serve.engine.max_queue,
+                   "Waiting requests before new ones get RESOURCE_EXHAUSTED")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  serve_command->add_option("--kv-cache-mib", kv_cache_mib, "KV cache size in MiB")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_command
+      ->add_option("--shutdown-grace-seconds", serve.shutdown_grace_seconds,
+                   "On SIGTERM, how long in-flight streams may take to finish")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  serve_command->callback([&] {
+    serve.engine.kv_cache_bytes = kv_cache_mib << 20;
+    exit_code = moeserve::server::RunServe(serve);
+  });
+
+  std::string logits_model = "builtin:tiny", logits_tokens, logits_out;
+  auto* logits_command = app.add_subcommand(
+      "logits", "Write the float32 [num_tokens, vocab] logits of one forward pass as .npy");
+  logits_command->add_option("--model", logits_model, "Model (as for serve)")->capture_default_str();
+  logits_command->add_option("--tokens", logits_tokens, "Comma-separated token ids, e.g. 1,2,3")
+      ->required();
+  logits_command->add_option("--out", logits_out, "Output .npy file")->required();
+  logits_command->callback(
+      [&] { exit_code = RunLogits(logits_model, logits_tokens, logits_out); });
+
+  std::string export_model = "builtin:tiny", export_dir;
+  auto* export_command = app.add_subcommand(
+      "export", "Write a model's config.json and float32 model.safetensors (Hugging Face layout)");
+  export_command->add_option("--model", export_model, "Model (as for serve)")->capture_default_str();
+  export_command->add_option("--out", export_dir, "Output folder")->required();
+  export_command->callback([&] { exit_code = RunExport(export_model, export_dir); });
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  return exit_code;
+}

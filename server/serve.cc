@@ -1,0 +1,104 @@
+#include "server/serve.h"
+
+#include <signal.h>
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "engine/model/loader.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/server.h"
+#include "grpcpp/server_builder.h"
+#include "prometheus/exposer.h"
+#include "prometheus/registry.h"
+
+namespace moeserve::server {
+
+int RunServe(const ServeOptions& options) {
+  // Block the shutdown signals in every thread; the main thread waits for them with sigwait.
+  sigset_t shutdown_signals;
+  sigemptyset(&shutdown_signals);
+  sigaddset(&shutdown_signals, SIGTERM);
+  sigaddset(&shutdown_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &shutdown_signals, nullptr);
+
+  auto registry = std::make_shared<prometheus::Registry>();
+  std::unique_ptr<prometheus::Exposer> exposer;
+  std::string metrics_address = "disabled";
+  if (options.metrics_port >= 0) {
+    try {
+      exposer = std::make_unique<prometheus::Exposer>(
+          absl::StrCat(options.host, ":", options.metrics_port));
+    } catch (const std::exception& e) {
+      std::cerr << "moeserve: cannot serve metrics on " << options.host << ":"
+                << options.metrics_port << ": " << e.what() << "\n";
+      return 1;
+    }
+    exposer->RegisterCollectable(registry);
+    const auto ports = exposer->GetListeningPorts();
+    metrics_address = absl::StrCat(options.host, ":", ports.empty() ? 0 : ports.front());
+  }
+
+  GenerationService generation(options.layout);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int selected_port = 0;
+  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
+                           grpc::InsecureServerCredentials(), &selected_port);
+  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  builder.RegisterService(&generation);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || selected_port == 0) {
+    std::cerr << "moeserve: cannot listen on " << options.host << ":" << options.port
+              << " (address in use or not available)\n";
+    return 1;
+  }
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(false);  // NOT_SERVING until the model is loaded
+
+  absl::StatusOr<engine::LoadedModel> loaded = engine::LoadModel(options.model);
+  if (!loaded.ok()) {
+    std::cerr << "moeserve: " << loaded.status().message() << "\n";
+    server->Shutdown();
+    return 1;
+  }
+  absl::StatusOr<std::unique_ptr<engine::Engine>> engine = engine::Engine::Create(
+      loaded->model, loaded->tokenizer, options.engine, engine::EngineMetrics(*registry));
+  if (!engine.ok()) {
+    std::cerr << "moeserve: " << engine.status().message() << "\n";
+    server->Shutdown();
+    return 1;
+  }
+  generation.AttachEngine(engine->get());
+  health->SetServingStatus(true);
+  const engine::EngineStats stats = (*engine)->Stats();
+  std::cout << "moeserve: serving " << options.model << " on " << options.host << ":"
+            << selected_port << " (metrics on " << metrics_address << ", KV cache "
+            << stats.kv_blocks_total << " blocks of " << options.engine.kv_block_size
+            << " tokens)" << std::endl;
+
+  int signal_number = 0;
+  sigwait(&shutdown_signals, &signal_number);
+  std::cout << "moeserve: received " << (signal_number == SIGTERM ? "SIGTERM" : "SIGINT")
+            << ", draining in-flight requests (grace " << options.shutdown_grace_seconds
+            << " s)" << std::endl;
+  health->SetServingStatus(false);
+  (*engine)->StopAccepting();
+  // Shutdown waits for in-flight streams until the deadline, then cancels what is left.
+  const auto deadline = std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(
+                            static_cast<int64_t>(options.shutdown_grace_seconds * 1000));
+  server->Shutdown(deadline);
+  server->Wait();
+  (*engine)->Shutdown();
+  std::cout << "moeserve: stopped" << std::endl;
+  return 0;
+}
+
+}  // namespace moeserve::server

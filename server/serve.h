@@ -1,0 +1,27 @@
+// The `moeserve serve` process: loads the model, starts the gRPC server (Generation, health,
+// reflection) and the Prometheus exposer, and shuts down gracefully on SIGTERM/SIGINT.
+// Called once from main(); blocks until shutdown.
+#pragma once
+
+#include <string>
+
+#include "engine/engine.h"
+#include "server/generation_service.h"
+
+namespace moeserve::server {
+
+struct ServeOptions {
+  std::string model = "builtin:tiny";
+  std::string host = "127.0.0.1";
+  int port = 50051;          // 0 picks a free port (printed on the ready line)
+  int metrics_port = 9400;   // 0 picks a free port; -1 disables the exporter
+  double shutdown_grace_seconds = 10.0;
+  int max_receive_message_bytes = 16 << 20;
+  engine::EngineOptions engine;
+  ServingLayout layout;
+};
+
+// Returns the process exit code.
+int RunServe(const ServeOptions& options);
+
+}  // namespace moeserve::server
