@@ -1,0 +1,182 @@
+// The JSON Lines format of `moeserve-eplb rebalance` and the tool body on in-memory streams:
+// what is accepted, what each error says, and that output lines parse back to the plan.
+
+#include "eplb/rebalance_jsonl.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "eplb/rebalance_tool.h"
+#include "nlohmann/json.hpp"
+
+namespace moeserve::eplb {
+namespace {
+
+using nlohmann::json;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+constexpr char kExampleLine[] =
+    R"({"id": "example", "weight": [[90,132,40,61,104,165,39,4,73,56,183,86],)"
+    R"([20,107,104,64,19,197,187,157,172,86,16,27]], "num_replicas": 16, "num_groups": 4,)"
+    R"( "num_nodes": 2, "num_gpus": 8})";
+
+TEST(ParseRebalanceCaseTest, ReadsTheExample) {
+  RebalanceCase parsed;
+  ASSERT_TRUE(ParseRebalanceCase(kExampleLine, &parsed).ok());
+  EXPECT_EQ(parsed.id_json, "\"example\"");
+  ASSERT_EQ(parsed.weight.size(), 2u);
+  EXPECT_EQ(parsed.weight[0].size(), 12u);
+  EXPECT_EQ(parsed.weight[1][5], 197.0f);
+  EXPECT_EQ(parsed.shape.num_replicas, 16);
+  EXPECT_EQ(parsed.shape.num_groups, 4);
+  EXPECT_EQ(parsed.shape.num_nodes, 2);
+  EXPECT_EQ(parsed.shape.num_gpus, 8);
+}
+
+TEST(ParseRebalanceCaseTest, IdIsAnyJsonValueAndOptional) {
+  const std::string rest =
+      R"("weight": [[1.5, 2e1]], "num_replicas": 2, "num_groups": 1, "num_nodes": 1,)"
+      R"( "num_gpus": 1})";
+  RebalanceCase parsed;
+  ASSERT_TRUE(ParseRebalanceCase("{" + rest, &parsed).ok());
+  EXPECT_EQ(parsed.id_json, "null");
+  EXPECT_THAT(parsed.weight[0], ElementsAre(1.5f, 20.0f));
+  ASSERT_TRUE(ParseRebalanceCase(R"({"id": 7, )" + rest, &parsed).ok());
+  EXPECT_EQ(parsed.id_json, "7");
+  ASSERT_TRUE(ParseRebalanceCase(R"({"id": {"layer set": [1, 2]}, )" + rest, &parsed).ok());
+  EXPECT_EQ(parsed.id_json, R"({"layer set":[1,2]})");
+}
+
+TEST(ParseRebalanceCaseTest, ExplainsEveryMalformedLine) {
+  const std::string counts = R"("num_replicas": 2, "num_groups": 1, "num_nodes": 1, "num_gpus": 1)";
+  struct Case {
+    std::string line;
+    const char* fragment;
+  };
+  const std::vector<Case> cases = {
+      {"not json", "invalid JSON"},
+      {R"({"weight": [[1, 2]], )", "invalid JSON"},
+      {"[1, 2]", "must be a JSON object"},
+      {R"({"weight": [[1, 2]], "num_replica": 2, )" + counts + "}",
+       "unknown field \"num_replica\""},
+      {R"({"num_replicas": 2, "num_groups": 1, "num_nodes": 1, "num_gpus": 1})",
+       "missing field \"weight\""},
+      {R"({"weight": [[1, 2]], "num_groups": 1, "num_nodes": 1, "num_gpus": 1})",
+       "missing field \"num_replicas\""},
+      {R"({"weight": 5, )" + counts + "}", "weight must be an array"},
+      {R"({"weight": [1, 2], )" + counts + "}", "weight[0] must be an array"},
+      {R"({"weight": [[1, "2"]], )" + counts + "}", "weight[0][1] must be a number"},
+      {R"({"weight": [[1, null]], )" + counts + "}", "weight[0][1] must be a number"},
+      {R"({"weight": [[1, 1e39]], )" + counts + "}", "outside the float32 range"},
+      {R"({"weight": [[1, 1e400]], )" + counts + "}", "number overflow"},
+      {R"({"weight": [[1, 2]], "num_replicas": 2.5, "num_groups": 1, "num_nodes": 1,)"
+       R"( "num_gpus": 1})",
+       "num_replicas must be a JSON integer"},
+      {R"({"weight": [[1, 2]], "num_replicas": "2", "num_groups": 1, "num_nodes": 1,)"
+       R"( "num_gpus": 1})",
+       "num_replicas must be a JSON integer"},
+      {R"({"weight": [[1, 2]], "num_replicas": 2, "num_groups": 1, "num_nodes": 1,)"
+       R"( "num_gpus": 99999999999})",
+       "num_gpus is too large"},
+      {R"({"weight": [[1, 2]], "num_replicas": 2, "num_groups": -99999999999, "num_nodes": 1,)"
+       R"( "num_gpus": 1})",
+       "num_groups is too small"},
+  };
+  for (const Case& bad : cases) {
+    RebalanceCase parsed;
+    const absl::Status status = ParseRebalanceCase(bad.line, &parsed);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << bad.line;
+    EXPECT_THAT(status.message(), HasSubstr(bad.fragment)) << bad.line;
+  }
+}
+
+TEST(ParseRebalanceCaseTest, KeepsTheIdWhenTheRestIsInvalid) {
+  RebalanceCase parsed;
+  EXPECT_FALSE(ParseRebalanceCase(R"({"id": "layer-7", "weight": 3})", &parsed).ok());
+  EXPECT_EQ(parsed.id_json, "\"layer-7\"");
+}
+
+TEST(AppendPlanLineTest, ParsesBackToThePlan) {
+  RebalanceCase parsed;
+  ASSERT_TRUE(ParseRebalanceCase(kExampleLine, &parsed).ok());
+  const absl::StatusOr<ExpertPlacementPlan> plan = RebalanceExperts(parsed.weight, parsed.shape);
+  ASSERT_TRUE(plan.ok());
+  std::string line;
+  AppendPlanLine(parsed.id_json, *plan, &line);
+  ASSERT_FALSE(line.empty());
+  EXPECT_EQ(line.back(), '\n');
+  EXPECT_EQ(line.find('\n'), line.size() - 1) << "exactly one line";
+  const json output = json::parse(line);
+  EXPECT_EQ(output["id"], "example");
+  EXPECT_EQ(output["phy2log"].get<std::vector<std::vector<int>>>(), plan->phy2log);
+  EXPECT_EQ(output["logcnt"].get<std::vector<std::vector<int>>>(), plan->logcnt);
+  const auto log2phy = output["log2phy"].get<std::vector<std::vector<std::vector<int>>>>();
+  ASSERT_EQ(log2phy.size(), 2u);
+  for (int layer = 0; layer < 2; ++layer) {
+    ASSERT_EQ(log2phy[layer].size(), 12u);
+    for (int expert = 0; expert < 12; ++expert) {
+      ASSERT_EQ(log2phy[layer][expert].size(), 2u);
+      for (int rank = 0; rank < 2; ++rank) {
+        EXPECT_EQ(log2phy[layer][expert][rank], plan->Log2Phy(layer, expert, rank));
+      }
+    }
+  }
+}
+
+TEST(AppendErrorLineTest, EscapesTheMessage) {
+  std::string line;
+  AppendErrorLine("3", "bad \"quote\"\nand newline \x01", &line);
+  EXPECT_EQ(line.find('\n'), line.size() - 1) << "the newline in the message must be escaped";
+  const json output = json::parse(line);
+  EXPECT_EQ(output["id"], 3);
+  EXPECT_EQ(output["error"], "bad \"quote\"\nand newline \x01");
+}
+
+TEST(RunRebalanceToolTest, WritesOneLinePerCaseInOrderAndGoesOnAfterErrors) {
+  std::istringstream input(std::string(kExampleLine) + "\n" +
+                           R"({"id": "ragged", "weight": [[1, 2], [3]], "num_replicas": 2,)"
+                           R"( "num_groups": 1, "num_nodes": 1, "num_gpus": 1})"
+                           "\n\n   \r\n{broken\n" +
+                           R"({"id": 4, "weight": [[5, 1]], "num_replicas": 4, "num_groups": 1,)"
+                           R"( "num_nodes": 1, "num_gpus": 2})"
+                           "\r\n");
+  std::ostringstream output;
+  std::ostringstream summary;
+  const absl::StatusOr<RebalanceToolStats> stats = RunRebalanceTool(input, output, &summary);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->num_cases, 4);
+  EXPECT_EQ(stats->num_failed_cases, 2);
+
+  std::istringstream lines(output.str());
+  std::vector<json> results;
+  for (std::string line; std::getline(lines, line);) results.push_back(json::parse(line));
+  ASSERT_EQ(results.size(), 4u);
+  EXPECT_EQ(results[0]["id"], "example");
+  EXPECT_EQ(results[0]["phy2log"][0][0], 5);
+  EXPECT_EQ(results[1]["id"], "ragged");
+  EXPECT_THAT(results[1]["error"].get<std::string>(), HasSubstr("line 2: weight is ragged"));
+  EXPECT_TRUE(results[2]["id"].is_null());
+  EXPECT_THAT(results[2]["error"].get<std::string>(), HasSubstr("line 5: invalid JSON"));
+  EXPECT_EQ(results[3]["id"], 4);
+  // 5 and 1 with two extra slots: expert 0 gets both (5 > 1, then 2.5 > 1).
+  EXPECT_EQ(results[3]["logcnt"], json::parse("[[3, 1]]"));
+
+  EXPECT_THAT(summary.str(), HasSubstr("case \"example\": hierarchical policy"));
+  EXPECT_THAT(summary.str(), HasSubstr("case \"ragged\": error: line 2"));
+  EXPECT_THAT(summary.str(), HasSubstr("case 4: hierarchical policy, 1 layers x 2 experts"));
+}
+
+TEST(RunRebalanceToolTest, ReportsAnUnwritableOutput) {
+  std::istringstream input(kExampleLine);
+  std::ostringstream output;
+  output.setstate(std::ios::badbit);
+  EXPECT_FALSE(RunRebalanceTool(input, output, nullptr).ok());
+}
+
+}  // namespace
+}  // namespace moeserve::eplb
