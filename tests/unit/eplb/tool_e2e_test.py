@@ -69,8 +69,12 @@ def main():
         check(completed.returncode == 1, f"exit status {completed.returncode}, want 1 "
                                          f"(some cases invalid); stderr: {completed.stderr}")
         check("2 of 4 cases were invalid" in completed.stderr, "stderr counts invalid cases")
-        with open(output_path) as placements:
-            results = [json.loads(line) for line in placements]
+        results = []
+        try:
+            with open(output_path) as placements:
+                results = [json.loads(line) for line in placements]
+        except (OSError, ValueError) as error:
+            check(False, f"cannot read the output file: {error}")
         check(len(results) == 4, f"{len(results)} output lines, want 4")
         if len(results) == 4:
             example, bad, broken, global_case = results
