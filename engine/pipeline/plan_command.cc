@@ -86,10 +86,9 @@ void RegisterPlanPipelineCommand(CLI::App& plan_command, int& exit_code) {
                      "Inference: drop every backward, keep the forward order");
   pipeline
       ->add_option("--times", options->times,
-                   "Operation durations F, B (full backward), W (weight part of B), FB (F&B "
-                   "overlapped pair) and optional P2P latency")
-      ->capture_default_str()
-      ->type_name("F=1,B=2,W=1,FB=3");
+                   "Operation durations: F forward, B full backward, W its weight part, FB an "
+                   "overlapped F&B pair, optional P2P latency (default F=1,B=2,W=1,FB=3,P2P=0)")
+      ->type_name("F=..,B=..,W=..,FB=..");
   pipeline
       ->add_option("--trace", options->trace_path,
                    "Write a Chrome trace of the simulated timeline (Perfetto)")
