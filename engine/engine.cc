@@ -324,10 +324,10 @@ bool Engine::Step() {
   }
   std::erase(running_, nullptr);
   running_count_ = static_cast<int>(running_.size());
-  if (running_.empty()) {
-    PublishState();
-    return false;
-  }
+  // Publish before computing, so admitted requests' KV reservations are visible while their
+  // first tokens are produced.
+  PublishState();
+  if (running_.empty()) return false;
 
   // Decoding requests take one token each; prefilling ones share what is left of the budget.
   std::vector<BatchSequence> batch;
@@ -355,6 +355,10 @@ bool Engine::Step() {
   int step_tokens = 0;
   for (const auto& b : batch) step_tokens += static_cast<int>(b.tokens.size());
   metrics_.ObserveStep(Seconds(Clock::now() - step_start), step_tokens);
+  if (options_.min_step_seconds > 0) {
+    std::this_thread::sleep_until(step_start + std::chrono::duration_cast<Clock::duration>(
+                                                   std::chrono::duration<double>(options_.min_step_seconds)));
+  }
   steps_.fetch_add(1);
 
   const int vocab = config().vocab_size;

@@ -34,6 +34,9 @@ struct EngineOptions {
   int max_stop_strings = 16;
   int max_stop_string_bytes = 256;
   int max_request_id_bytes = 256;
+  // Paces the step loop to at least this long per step (0 = as fast as possible). For demos
+  // and for tests that need requests to stay in flight long enough to cancel them.
+  double min_step_seconds = 0;
 };
 
 struct EngineStats {

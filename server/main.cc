@@ -136,6 +136,12 @@ int main(int argc, char** argv) {
   serve_command->add_option("--kv-cache-mib", kv_cache_mib, "KV cache size in MiB")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  double min_step_ms = 0;
+  serve_command
+      ->add_option("--min-step-ms", min_step_ms,
+                   "Pace the engine to at least this many ms per step (demos, cancellation tests)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   serve_command
       ->add_option("--shutdown-grace-seconds", serve.shutdown_grace_seconds,
                    "On SIGTERM, how long in-flight streams may take to finish")
@@ -143,6 +149,7 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   serve_command->callback([&] {
     serve.engine.kv_cache_bytes = kv_cache_mib << 20;
+    serve.engine.min_step_seconds = min_step_ms / 1000.0;
     exit_code = moeserve::server::RunServe(serve);
   });
 

@@ -31,7 +31,7 @@ absl::StatusOr<int> ParsePositiveInteger(const std::string& option, const std::s
 
 absl::Status RunPlanPipeline(const PlanPipelineOptions& options, std::ostream& out) {
   if (options.algorithm.empty()) {
-    return absl::InvalidArgumentError("--algo is required: dualpipe, dualpipev or 1f1b");
+    return absl::InvalidArgumentError("--algo is required: dualpipe, dualpipev, 1f1b or zb1p");
   }
   absl::StatusOr<PipelineAlgorithm> algorithm = ParsePipelineAlgorithm(options.algorithm);
   if (!algorithm.ok()) return algorithm.status();
@@ -72,9 +72,10 @@ void RegisterPlanPipelineCommand(CLI::App& plan_command, int& exit_code) {
   auto options = std::make_shared<PlanPipelineOptions>();
   CLI::App* pipeline = plan_command.add_subcommand(
       "pipeline",
-      "Show a pipeline-parallel schedule (DualPipe, DualPipeV, 1F1B): each rank's operations, "
+      "Show a pipeline-parallel schedule (DualPipe, DualPipeV, 1F1B, ZB1P): each rank's "
+      "operations, "
       "the simulated bubble and memory per rank, and the algorithms' costs");
-  pipeline->add_option("--algo", options->algorithm, "Schedule: dualpipe, dualpipev or 1f1b")
+  pipeline->add_option("--algo", options->algorithm, "Schedule: dualpipe, dualpipev, 1f1b or zb1p")
       ->type_name("ALGO");
   pipeline->add_option("--ranks", options->ranks, "Pipeline ranks R (dualpipe: even)")
       ->type_name("R");

@@ -1,4 +1,4 @@
-// `moeserve plan pipeline`: prints the per-rank schedule of DualPipe, DualPipeV or 1F1B, the
+// `moeserve plan pipeline`: prints the per-rank schedule of DualPipe, DualPipeV, 1F1B or ZB1P, the
 // simulated per-rank timing table and the algorithms' cost table, and optionally writes a Chrome
 // trace of the simulated timeline.
 //
@@ -21,7 +21,7 @@ namespace moeserve::engine::pipeline {
 
 // The command's options as typed; RunPlanPipeline validates them.
 struct PlanPipelineOptions {
-  std::string algorithm;  // dualpipe | dualpipev | 1f1b
+  std::string algorithm;  // dualpipe | dualpipev | 1f1b | zb1p
   std::string ranks;      // positive integer
   std::string chunks;     // positive integer (micro-batches)
   bool forward_only = false;

@@ -90,7 +90,9 @@ std::string FormatCostTableSection(int num_ranks, int num_microbatches,
        SimulatedWorstBubble(PipelineAlgorithm::kOneForwardOneBackward, num_ranks, num_microbatches,
                             durations),
        "1x", "PP", stages},
-      {"zb1p", stages, "(PP-1)(F+B-2W)", ZeroBubbleOnePBubble(stages, durations), std::nullopt,
+      {"zb1p", stages, "(PP-1)(F+B-2W)", ZeroBubbleOnePBubble(stages, durations),
+       SimulatedWorstBubble(PipelineAlgorithm::kZeroBubbleOneP, num_ranks, num_microbatches,
+                            durations),
        "1x", "PP", stages},
       {"dualpipe", stages, "(PP/2-1)(F&B+B-3W)", DualPipeBubble(stages, durations),
        SimulatedWorstBubble(PipelineAlgorithm::kDualPipe, num_ranks, num_microbatches, durations),
@@ -117,7 +119,7 @@ std::string FormatCostTableSection(int num_ranks, int num_microbatches,
       "half the size of the others' for the same model. parameters: stage weights held per\n"
       "rank (dualpipe keeps two copies of every stage); activations: one micro-batch at one\n"
       "stage. simulated: largest per-rank bubble this tool finds for the same ranks and chunks\n"
-      "(n/a: the arguments do not fit that algorithm, or no generator, as for zb1p).\n");
+      "(n/a: the arguments do not fit that algorithm).\n");
   return text;
 }
 

@@ -169,17 +169,20 @@ const char* PipelineAlgorithmName(PipelineAlgorithm algorithm) {
       return "dualpipev";
     case PipelineAlgorithm::kOneForwardOneBackward:
       return "1f1b";
+    case PipelineAlgorithm::kZeroBubbleOneP:
+      return "zb1p";
   }
   return "unknown";
 }
 
 absl::StatusOr<PipelineAlgorithm> ParsePipelineAlgorithm(std::string_view name) {
-  for (PipelineAlgorithm algorithm : {PipelineAlgorithm::kDualPipe, PipelineAlgorithm::kDualPipeV,
-                                      PipelineAlgorithm::kOneForwardOneBackward}) {
+  for (PipelineAlgorithm algorithm :
+       {PipelineAlgorithm::kDualPipe, PipelineAlgorithm::kDualPipeV,
+        PipelineAlgorithm::kOneForwardOneBackward, PipelineAlgorithm::kZeroBubbleOneP}) {
     if (name == PipelineAlgorithmName(algorithm)) return algorithm;
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown pipeline algorithm '", std::string(name),
-                                                 "'; use dualpipe, dualpipev or 1f1b"));
+                                                 "'; use dualpipe, dualpipev, 1f1b or zb1p"));
 }
 
 int PipelineSchedule::RankOfStage(int direction, int stage) const {
@@ -189,6 +192,7 @@ int PipelineSchedule::RankOfStage(int direction, int stage) const {
     case PipelineAlgorithm::kDualPipeV:
       return stage < num_ranks ? stage : 2 * num_ranks - 1 - stage;
     case PipelineAlgorithm::kOneForwardOneBackward:
+    case PipelineAlgorithm::kZeroBubbleOneP:
       return stage;
   }
   return -1;
@@ -322,6 +326,46 @@ absl::StatusOr<PipelineSchedule> MakeOneForwardOneBackwardSchedule(int num_ranks
   return schedule;
 }
 
+absl::StatusOr<PipelineSchedule> MakeZeroBubbleOnePSchedule(int num_ranks, int num_microbatches,
+                                                            bool forward_only) {
+  if (absl::Status status = CheckBounds("zb1p", num_ranks, num_microbatches); !status.ok()) {
+    return status;
+  }
+  PipelineSchedule schedule;
+  schedule.algorithm = PipelineAlgorithm::kZeroBubbleOneP;
+  schedule.num_ranks = num_ranks;
+  schedule.num_stages = num_ranks;
+  schedule.num_microbatches = num_microbatches;
+  schedule.num_directions = 1;
+  schedule.forward_only = forward_only;
+  for (int rank = 0; rank < num_ranks; ++rank) {
+    RankOperationBuilder builder([rank](int, int microbatch) {
+      return ChunkRef{0, microbatch, rank};
+    });
+    const int warmup = std::min(num_ranks - 1 - rank, num_microbatches);
+    for (int i = 0; i < warmup; ++i) builder.Forward(0);
+    // Rank r defers r weight gradients: with its R-1-r warm-up forwards that keeps R
+    // micro-batches in flight on every rank, and the deferred W's run in the cool-down, where
+    // 1F1B would idle waiting for gradients from later stages.
+    const int deferred_weights = rank;
+    const int steady = num_microbatches - warmup;
+    for (int i = 0; i < steady; ++i) {
+      builder.Forward(0);
+      builder.Backward(0, /*input_only=*/true);
+      if (i >= deferred_weights) builder.Weight();
+    }
+    for (int i = 0; i < warmup; ++i) {
+      builder.Backward(0, /*input_only=*/true);
+      builder.Weight();
+    }
+    for (int i = 0; i < std::min(deferred_weights, steady); ++i) builder.Weight();
+    std::vector<Operation> operations = builder.Take();
+    schedule.rank_operations.push_back(forward_only ? KeepForwardsOnly(operations)
+                                                    : std::move(operations));
+  }
+  return schedule;
+}
+
 absl::StatusOr<PipelineSchedule> MakePipelineSchedule(PipelineAlgorithm algorithm, int num_ranks,
                                                       int num_microbatches, bool forward_only) {
   switch (algorithm) {
@@ -331,6 +375,8 @@ absl::StatusOr<PipelineSchedule> MakePipelineSchedule(PipelineAlgorithm algorith
       return MakeDualPipeVSchedule(num_ranks, num_microbatches, forward_only);
     case PipelineAlgorithm::kOneForwardOneBackward:
       return MakeOneForwardOneBackwardSchedule(num_ranks, num_microbatches, forward_only);
+    case PipelineAlgorithm::kZeroBubbleOneP:
+      return MakeZeroBubbleOnePSchedule(num_ranks, num_microbatches, forward_only);
   }
   return absl::InvalidArgumentError("unknown pipeline algorithm");
 }

@@ -1,5 +1,5 @@
 // Pipeline-parallel training schedules: the exact operation order each rank runs for DualPipe,
-// DualPipeV and 1F1B, in training or forward-only (inference) mode.
+// DualPipeV, 1F1B and ZB1P, in training or forward-only (inference) mode.
 //
 // Owns the schedule generators and the text form of an operation (`F0.7`, `B1.6`, `B0.6i`,
 // `W0.6`, `[F0.7|B1.3]`). Callers: the pipeline simulator (simulator.h), the
@@ -17,9 +17,14 @@
 
 namespace moeserve::engine::pipeline {
 
-enum class PipelineAlgorithm { kDualPipe, kDualPipeV, kOneForwardOneBackward };
+enum class PipelineAlgorithm {
+  kDualPipe,
+  kDualPipeV,
+  kOneForwardOneBackward,
+  kZeroBubbleOneP,
+};
 
-// "dualpipe", "dualpipev" or "1f1b".
+// "dualpipe", "dualpipev", "1f1b" or "zb1p".
 const char* PipelineAlgorithmName(PipelineAlgorithm algorithm);
 absl::StatusOr<PipelineAlgorithm> ParsePipelineAlgorithm(std::string_view name);
 
@@ -94,6 +99,14 @@ absl::StatusOr<PipelineSchedule> MakeDualPipeVSchedule(int num_ranks, int num_mi
 absl::StatusOr<PipelineSchedule> MakeOneForwardOneBackwardSchedule(int num_ranks,
                                                                    int num_microbatches,
                                                                    bool forward_only);
+
+// ZB1P, the zero-bubble schedule ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism"): 1F1B
+// with every backward split into Bi and W, where rank r defers its first r weight gradients so
+// every rank keeps R micro-batches in flight (1F1B's peak memory) and the deferred W's fill the
+// cool-down bubbles. Steady state: F, Bi, then W once r of them are pending; cool-down: Bi, W;
+// then the deferred W's.
+absl::StatusOr<PipelineSchedule> MakeZeroBubbleOnePSchedule(int num_ranks, int num_microbatches,
+                                                            bool forward_only);
 
 absl::StatusOr<PipelineSchedule> MakePipelineSchedule(PipelineAlgorithm algorithm, int num_ranks,
                                                       int num_microbatches, bool forward_only);

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs everything moeserve needs to build, run and test on Debian 12: compiler, CMake,
+# Ninja, gRPC/protobuf, Abseil, prometheus-cpp, OpenBLAS, GoogleTest, CLI11, nlohmann-json,
+# libcurl, Prometheus (for the EPLB loop tests) and NumPy (for the reference checks).
+# Idempotent: does nothing when every package is already installed.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential cmake ninja-build pkg-config git ca-certificates
+  libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev grpc-proto
+  libabsl-dev prometheus-cpp-dev libopenblas-dev libcli11-dev nlohmann-json3-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libcurl4-openssl-dev curl
+  prometheus python3 python3-numpy python3-grpcio python3-grpc-tools
+)
+
+missing=()
+for package in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$package")
+  fi
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

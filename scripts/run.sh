@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's run command: installs what is missing, builds, and serves the built-in model on
+# 127.0.0.1:50051 (metrics on :9400). Extra arguments go to `moeserve serve`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/build.sh
+exec "${MOESERVE_BUILD_DIR:-build}/server/moeserve" serve --model builtin:tiny "$@"

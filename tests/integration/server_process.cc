@@ -1,0 +1,144 @@
+#include "tests/integration/server_process.h"
+
+#include <curl/curl.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <regex>
+#include <sstream>
+#include <thread>
+
+#include "gtest/gtest.h"
+
+namespace moeserve::testing {
+
+ServerProcess::ServerProcess(std::vector<std::string> extra_args) {
+  int pipe_fds[2];
+  if (pipe(pipe_fds) != 0) {
+    ADD_FAILURE() << "pipe failed";
+    return;
+  }
+  std::vector<std::string> args = {MOESERVE_BINARY, "serve", "--host", "127.0.0.1", "--port", "0",
+                                   "--metrics-port", "0"};
+  args.insert(args.end(), extra_args.begin(), extra_args.end());
+  pid_ = fork();
+  if (pid_ == 0) {
+    dup2(pipe_fds[1], STDOUT_FILENO);
+    dup2(pipe_fds[1], STDERR_FILENO);
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  close(pipe_fds[1]);
+  output_fd_ = pipe_fds[0];
+  const std::regex ready(R"(serving \S+ on [0-9.]+:(\d+) \(metrics on [0-9.]+:(\d+))");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (std::chrono::steady_clock::now() < deadline) {
+    ReadAvailable(100);
+    std::smatch match;
+    if (std::regex_search(output_, match, ready)) {
+      port_ = std::stoi(match[1]);
+      metrics_port_ = std::stoi(match[2]);
+      return;
+    }
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      exited_ = true;
+      break;
+    }
+  }
+  ADD_FAILURE() << "moeserve did not become ready; output:\n" << output_;
+}
+
+ServerProcess::~ServerProcess() {
+  if (!exited_ && pid_ > 0) {
+    kill(pid_, SIGTERM);
+    if (WaitForExit(30) == -1000) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  if (output_fd_ >= 0) close(output_fd_);
+}
+
+std::shared_ptr<grpc::Channel> ServerProcess::channel() const {
+  return grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
+}
+
+void ServerProcess::Signal(int signal_number) {
+  if (!exited_ && pid_ > 0) kill(pid_, signal_number);
+}
+
+int ServerProcess::WaitForExit(double timeout_seconds) {
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+  while (std::chrono::steady_clock::now() < deadline) {
+    ReadAvailable(20);
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      exited_ = true;
+      ReadAvailable(0);
+      if (WIFEXITED(status)) return WEXITSTATUS(status);
+      if (WIFSIGNALED(status)) return -WTERMSIG(status);
+      return -999;
+    }
+  }
+  return -1000;
+}
+
+std::string ServerProcess::output() {
+  ReadAvailable(0);
+  return output_;
+}
+
+void ServerProcess::ReadAvailable(int timeout_ms) {
+  if (output_fd_ < 0) return;
+  pollfd fd{output_fd_, POLLIN, 0};
+  while (poll(&fd, 1, timeout_ms) > 0 && (fd.revents & POLLIN)) {
+    char buffer[4096];
+    const ssize_t n = read(output_fd_, buffer, sizeof(buffer));
+    if (n <= 0) break;
+    output_.append(buffer, n);
+    timeout_ms = 0;
+  }
+}
+
+namespace {
+size_t AppendToString(char* data, size_t size, size_t count, void* out) {
+  static_cast<std::string*>(out)->append(data, size * count);
+  return size * count;
+}
+}  // namespace
+
+std::string ScrapeMetrics(int port) {
+  std::string body;
+  CURL* curl = curl_easy_init();
+  if (curl == nullptr) return body;
+  const std::string url = "http://127.0.0.1:" + std::to_string(port) + "/metrics";
+  curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, AppendToString);
+  curl_easy_setopt(curl, CURLOPT_WRITEDATA, &body);
+  curl_easy_setopt(curl, CURLOPT_TIMEOUT, 10L);
+  if (curl_easy_perform(curl) != CURLE_OK) body.clear();
+  curl_easy_cleanup(curl);
+  return body;
+}
+
+double MetricValue(const std::string& metrics_text, const std::string& series) {
+  std::istringstream lines(metrics_text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
+  }
+  return -1;
+}
+
+}  // namespace moeserve::testing

@@ -1,0 +1,52 @@
+// ServerProcess: starts the real `moeserve serve` binary on loopback with free ports, waits for
+// its ready line, and stops it (SIGTERM) when destroyed. Also small helpers to scrape /metrics.
+// Used by integration tests only; not thread-safe.
+#pragma once
+
+#include <sys/types.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "grpcpp/grpcpp.h"
+
+namespace moeserve::testing {
+
+class ServerProcess {
+ public:
+  // Starts `moeserve serve --port 0 --metrics-port 0 <extra_args>`; fails the test (ADD_FAILURE)
+  // and leaves ok() false if it does not become ready within 60 s.
+  explicit ServerProcess(std::vector<std::string> extra_args);
+  ~ServerProcess();
+
+  bool ok() const { return port_ > 0; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  int metrics_port() const { return metrics_port_; }
+  pid_t pid() const { return pid_; }
+  std::shared_ptr<grpc::Channel> channel() const;
+
+  // Sends a signal; WaitForExit returns the exit code (or -signal), -1000 on timeout.
+  void Signal(int signal_number);
+  int WaitForExit(double timeout_seconds);
+  // Everything the process printed so far (stdout and stderr).
+  std::string output();
+
+ private:
+  void ReadAvailable(int timeout_ms);
+  pid_t pid_ = -1;
+  int output_fd_ = -1;
+  int port_ = 0;
+  int metrics_port_ = 0;
+  bool exited_ = false;
+  std::string output_;
+};
+
+// GET http://127.0.0.1:port/metrics; empty on failure.
+std::string ScrapeMetrics(int port);
+// The value of the first sample whose line starts with `series` (e.g. `moeserve_running_requests`
+// or `moeserve_requests_total{status="length"}`); -1 when absent.
+double MetricValue(const std::string& metrics_text, const std::string& series);
+
+}  // namespace moeserve::testing
