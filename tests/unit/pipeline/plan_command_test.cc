@@ -48,7 +48,7 @@ TEST(RunPlanPipelineTest, PrintsScheduleRankTableAndCostTable) {
   EXPECT_THAT(lines[15], testing::MatchesRegex(R"( +3 +66 +60 +6 +9 +11)"));
   EXPECT_THAT(out.str(), HasSubstr("costs: 8 ranks, 20 chunks"));
   EXPECT_THAT(out.str(), testing::ContainsRegex(R"(1f1b +8 +\(PP-1\)\(F\+B\) +21 +21)"));
-  EXPECT_THAT(out.str(), testing::ContainsRegex(R"(zb1p +8 +\(PP-1\)\(F\+B-2W\) +7 +n/a)"));
+  EXPECT_THAT(out.str(), testing::ContainsRegex(R"(zb1p +8 +\(PP-1\)\(F\+B-2W\) +7 +7)"));
   EXPECT_THAT(out.str(),
               testing::ContainsRegex(R"(dualpipe +8 +\(PP/2-1\)\(F&B\+B-3W\) +6 +6 +2x +PP\+1=9)"));
   EXPECT_THAT(out.str(),

@@ -221,6 +221,25 @@ TEST(OneForwardOneBackwardScheduleTest, WarmupThenAlternate) {
   }
 }
 
+TEST(ZeroBubbleOnePScheduleTest, OneForwardOneBackwardWithWeightGradientsDeferredByRank) {
+  PipelineSchedule schedule = MustMake(PipelineAlgorithm::kZeroBubbleOneP, 4, 6);
+  // Rank 0 warms up like 1F1B and defers nothing; rank 3 defers 3 W's to the cool-down.
+  EXPECT_EQ(FormatRankSchedule(schedule, 0),
+            "rank 0: F0.0 F0.1 F0.2 F0.3 B0.0i W0.0 F0.4 B0.1i W0.1 F0.5 B0.2i W0.2 B0.3i W0.3 "
+            "B0.4i W0.4 B0.5i W0.5");
+  EXPECT_EQ(FormatRankSchedule(schedule, 3),
+            "rank 3: F0.0 B0.0i F0.1 B0.1i F0.2 B0.2i F0.3 B0.3i W0.0 F0.4 B0.4i W0.1 F0.5 "
+            "B0.5i W0.2 W0.3 W0.4 W0.5");
+  for (int ranks : {1, 2, 4, 8}) {
+    for (int chunks : {1, 3, ranks, 2 * ranks + 1}) {
+      SCOPED_TRACE(testing::Message() << "ranks=" << ranks << " chunks=" << chunks);
+      PipelineSchedule zero_bubble = MustMake(PipelineAlgorithm::kZeroBubbleOneP, ranks, chunks);
+      ExpectEachChunkOnceInOrder(zero_bubble);
+      ExpectWeightsFifo(zero_bubble);
+    }
+  }
+}
+
 TEST(ForwardOnlyTest, KeepsTheForwardOrderAndDropsEveryBackward) {
   for (PipelineAlgorithm algorithm : {PipelineAlgorithm::kDualPipe, PipelineAlgorithm::kDualPipeV,
                                       PipelineAlgorithm::kOneForwardOneBackward}) {
@@ -248,7 +267,8 @@ TEST(PipelineAlgorithmTest, ParsesTheCommandNames) {
   EXPECT_EQ(*ParsePipelineAlgorithm("1f1b"), PipelineAlgorithm::kOneForwardOneBackward);
   absl::StatusOr<PipelineAlgorithm> unknown = ParsePipelineAlgorithm("gpipe");
   EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(unknown.status().message(), HasSubstr("dualpipe, dualpipev or 1f1b"));
+  EXPECT_EQ(*ParsePipelineAlgorithm("zb1p"), PipelineAlgorithm::kZeroBubbleOneP);
+  EXPECT_THAT(unknown.status().message(), HasSubstr("dualpipe, dualpipev, 1f1b or zb1p"));
 }
 
 }  // namespace

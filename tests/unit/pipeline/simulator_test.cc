@@ -50,6 +50,32 @@ TEST(SimulatorTest, OneForwardOneBackwardBubbleIsPublishedFormulaOnEveryRank) {
   }
 }
 
+TEST(SimulatorTest, ZeroBubbleOnePBubbleIsPublishedFormulaOnEveryRank) {
+  const OperationDurations other_costs[] = {
+      kUnitCosts,
+      {.forward = 1, .backward = 2, .weight = 0.5, .forward_backward = 3},
+      {.forward = 2, .backward = 3, .weight = 1, .forward_backward = 5},
+  };
+  for (const OperationDurations& durations : other_costs) {
+    for (int stages : {4, 8, 16}) {
+      // (PP-1)(F+B-2W)
+      const double formula =
+          (stages - 1) * (durations.forward + durations.backward - 2 * durations.weight);
+      EXPECT_DOUBLE_EQ(ZeroBubbleOnePBubble(stages, durations), formula);
+      for (int chunks : {stages, 2 * stages, 3 * stages + 1}) {
+        SimulationResult result =
+            MustSimulate(MustMake(PipelineAlgorithm::kZeroBubbleOneP, stages, chunks), durations);
+        for (int rank = 0; rank < stages; ++rank) {
+          EXPECT_DOUBLE_EQ(result.ranks[rank].bubble, formula)
+              << "PP=" << stages << " N=" << chunks << " rank=" << rank;
+          // Same in-flight count as 1F1B's first rank, on every rank.
+          EXPECT_EQ(result.ranks[rank].peak_activations, stages);
+        }
+      }
+    }
+  }
+}
+
 TEST(SimulatorTest, DualPipeBubbleIsPublishedFormulaOnEveryRank) {
   for (int stages : {4, 8, 16}) {
     // (PP/2-1)(F&B+B-3W) with F&B=3, B=2, W=1.
@@ -132,8 +158,9 @@ TEST(SimulatorTest, OneForwardOneBackwardRankHoldsActivationsOfTheStagesAfterIt)
 TEST(SimulatorTest, TimelineFollowsEveryDependency) {
   OperationDurations durations = kUnitCosts;
   durations.point_to_point_latency = 0.25;
-  for (PipelineAlgorithm algorithm : {PipelineAlgorithm::kDualPipe, PipelineAlgorithm::kDualPipeV,
-                                      PipelineAlgorithm::kOneForwardOneBackward}) {
+  for (PipelineAlgorithm algorithm :
+       {PipelineAlgorithm::kDualPipe, PipelineAlgorithm::kDualPipeV,
+        PipelineAlgorithm::kOneForwardOneBackward, PipelineAlgorithm::kZeroBubbleOneP}) {
     PipelineSchedule schedule = MustMake(algorithm, 4, 12);
     SimulationResult result = MustSimulate(schedule, durations);
     using Key = std::tuple<int, int, int>;
@@ -178,7 +205,7 @@ TEST(SimulatorTest, NoScheduleDeadlocks) {
       for (int chunks : {2 * ranks, 2 * ranks + 1, 2 * ranks + 2, 3 * ranks + 5}) {
         for (PipelineAlgorithm algorithm :
              {PipelineAlgorithm::kDualPipe, PipelineAlgorithm::kDualPipeV,
-              PipelineAlgorithm::kOneForwardOneBackward}) {
+              PipelineAlgorithm::kOneForwardOneBackward, PipelineAlgorithm::kZeroBubbleOneP}) {
           absl::StatusOr<PipelineSchedule> schedule =
               MakePipelineSchedule(algorithm, ranks, chunks, forward_only);
           if (!schedule.ok()) continue;  // e.g. odd ranks for DualPipe
