@@ -9,6 +9,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "engine/model/loader.h"
+#include "engine/pipeline/plan_command.h"
 #include "nlohmann/json.hpp"
 #include "server/npy_writer.h"
 #include "server/serve.h"
@@ -169,6 +170,10 @@ int main(int argc, char** argv) {
   export_command->add_option("--model", export_model, "Model (as for serve)")->capture_default_str();
   export_command->add_option("--out", export_dir, "Output folder")->required();
   export_command->callback([&] { exit_code = RunExport(export_model, export_dir); });
+
+  auto* plan_command = app.add_subcommand("plan", "Plan parallel layouts (pipeline schedules)");
+  plan_command->require_subcommand(1);
+  moeserve::engine::pipeline::RegisterPlanPipelineCommand(*plan_command, exit_code);
 
   try {
     app.parse(argc, argv);
