@@ -73,8 +73,7 @@ void RegisterPlanPipelineCommand(CLI::App& plan_command, int& exit_code) {
   CLI::App* pipeline = plan_command.add_subcommand(
       "pipeline",
       "Show a pipeline-parallel schedule (DualPipe, DualPipeV, 1F1B, ZB1P): each rank's "
-      "operations, "
-      "the simulated bubble and memory per rank, and the algorithms' costs");
+      "operations, the simulated bubble and memory per rank, and the algorithms' costs");
   pipeline->add_option("--algo", options->algorithm, "Schedule: dualpipe, dualpipev, 1f1b or zb1p")
       ->type_name("ALGO");
   pipeline->add_option("--ranks", options->ranks, "Pipeline ranks R (dualpipe: even)")
