@@ -1,7 +1,9 @@
 #include "eplb/packing.h"
 
 #include <algorithm>
+#include <bit>
 #include <cstddef>
+#include <cstdint>
 #include <numeric>
 
 namespace moeserve::eplb {
@@ -20,15 +22,20 @@ PackAssignment BalancedPacking(std::span<const float> item_loads, int num_packs)
     return assignment;
   }
 
-  // Heaviest first, equal loads in index order (what a stable sort gives, without its buffer).
-  // The reference's sort promises no order among equal loads, but in practice they arise
-  // between replicas of one expert, and swapping those changes replica ranks, not which
-  // expert sits in which slot.
-  std::vector<int> visiting_order(num_items);
-  std::iota(visiting_order.begin(), visiting_order.end(), 0);
-  std::sort(visiting_order.begin(), visiting_order.end(), [&](int a, int b) {
-    return item_loads[a] > item_loads[b] || (item_loads[a] == item_loads[b] && a < b);
-  });
+  // Heaviest first, equal loads in index order (what a stable sort gives). The reference's sort
+  // promises no order among equal loads, but in practice they arise between replicas of one
+  // expert, and swapping those changes replica ranks, not which expert sits in which slot.
+  //
+  // Sorting one 64-bit key per item is several times faster than comparing loads indirectly:
+  // the bits of a non-negative float order like the float itself, so (inverted load bits,
+  // index) ascending is (load descending, index ascending).
+  std::vector<uint64_t> visiting_keys(num_items);
+  for (int item = 0; item < num_items; ++item) {
+    // + 0.0f turns -0.0 into +0.0, whose bits are all zero like the equal 0.0.
+    const uint32_t load_bits = std::bit_cast<uint32_t>(item_loads[item] + 0.0f);
+    visiting_keys[item] = (static_cast<uint64_t>(~load_bits) << 32) | static_cast<uint32_t>(item);
+  }
+  std::sort(visiting_keys.begin(), visiting_keys.end());
 
   // The lightest pack with room is kept on top of a heap ordered by (load, pack index), which
   // picks exactly what a scan over all packs would, in O(log packs) instead of O(packs).
@@ -43,7 +50,8 @@ PackAssignment BalancedPacking(std::span<const float> item_loads, int num_packs)
   std::vector<Pack> packs_with_room(num_packs);
   for (int pack = 0; pack < num_packs; ++pack) packs_with_room[pack] = {0.0f, pack, 0};
   std::make_heap(packs_with_room.begin(), packs_with_room.end(), lighter_on_top);
-  for (const int item : visiting_order) {
+  for (const uint64_t key : visiting_keys) {
+    const int item = static_cast<int>(key & 0xffffffffu);
     std::pop_heap(packs_with_room.begin(), packs_with_room.end(), lighter_on_top);
     Pack& lightest = packs_with_room.back();
     assignment.pack_of_item[item] = lightest.index;
