@@ -36,6 +36,14 @@ struct RebalanceCase {
 // holds the id whenever the line was a JSON object with one, so the error can be matched to it.
 absl::Status ParseRebalanceCase(std::string_view line, RebalanceCase* rebalance_case);
 
+namespace internal {
+// The two halves of ParseRebalanceCase, exposed so tests can check that they agree: a fast
+// reader for the common shape of line that returns false (declines) on anything else, and the
+// general JSON-library parser that handles every line and writes every error message.
+bool TryParseCommonRebalanceCase(std::string_view line, RebalanceCase* rebalance_case);
+absl::Status ParseRebalanceCaseGeneral(std::string_view line, RebalanceCase* rebalance_case);
+}  // namespace internal
+
 // Appends `{"id":...,"phy2log":...,"log2phy":...,"logcnt":...}` and a newline to `out`.
 // log2phy is written as [layers][experts][max_replica_count], padded with -1.
 void AppendPlanLine(std::string_view id_json, const ExpertPlacementPlan& plan, std::string* out);

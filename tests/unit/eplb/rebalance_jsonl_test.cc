@@ -6,6 +6,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -99,6 +101,110 @@ TEST(ParseRebalanceCaseTest, KeepsTheIdWhenTheRestIsInvalid) {
   RebalanceCase parsed;
   EXPECT_FALSE(ParseRebalanceCase(R"({"id": "layer-7", "weight": 3})", &parsed).ok());
   EXPECT_EQ(parsed.id_json, "\"layer-7\"");
+}
+
+// True when both parsers read the same case; bitwise on loads so -0.0 and 0.0 differ.
+void ExpectSameCase(const RebalanceCase& fast, const RebalanceCase& general,
+                    const std::string& line) {
+  EXPECT_EQ(fast.id_json, general.id_json) << line;
+  EXPECT_EQ(fast.shape.num_replicas, general.shape.num_replicas) << line;
+  EXPECT_EQ(fast.shape.num_groups, general.shape.num_groups) << line;
+  EXPECT_EQ(fast.shape.num_nodes, general.shape.num_nodes) << line;
+  EXPECT_EQ(fast.shape.num_gpus, general.shape.num_gpus) << line;
+  ASSERT_EQ(fast.weight.size(), general.weight.size()) << line;
+  for (size_t layer = 0; layer < fast.weight.size(); ++layer) {
+    ASSERT_EQ(fast.weight[layer].size(), general.weight[layer].size()) << line;
+    for (size_t expert = 0; expert < fast.weight[layer].size(); ++expert) {
+      const float a = fast.weight[layer][expert];
+      const float b = general.weight[layer][expert];
+      EXPECT_TRUE(a == b && std::signbit(a) == std::signbit(b))
+          << line << ": weight[" << layer << "][" << expert << "] " << a << " vs " << b;
+    }
+  }
+}
+
+// Whatever the fast reader accepts, the general parser must accept and read identically.
+// Returns whether the fast reader accepted the line.
+bool CheckReadersAgree(const std::string& line) {
+  RebalanceCase fast;
+  if (!internal::TryParseCommonRebalanceCase(line, &fast)) return false;
+  RebalanceCase general;
+  const absl::Status status = internal::ParseRebalanceCaseGeneral(line, &general);
+  EXPECT_TRUE(status.ok()) << "fast reader accepted what the JSON library rejects: " << line << " ("
+                           << status << ")";
+  if (status.ok()) ExpectSameCase(fast, general, line);
+  return true;
+}
+
+TEST(CommonCaseReaderTest, ReadsTypicalLinesWithoutTheGeneralParser) {
+  EXPECT_TRUE(CheckReadersAgree(kExampleLine));
+  EXPECT_TRUE(
+      CheckReadersAgree(R"({"num_gpus":32,"num_nodes":4,"num_groups":8,"num_replicas":288,"id":17,)"
+                        R"("weight":[[0.5,1e3,2.25E-2,0,-0,12345678901234567890],[]]})"));
+  EXPECT_TRUE(
+      CheckReadersAgree("\t{ \"id\" : null , \"weight\" : [ [ 1 , 2 ] ] , \"num_replicas\" : 2 , "
+                        "\"num_groups\" : 1 , \"num_nodes\" : 1 , \"num_gpus\" : -3 }  \r"));
+}
+
+TEST(CommonCaseReaderTest, DeclinesWhatItCannotReadExactly) {
+  const std::string counts = R"("num_replicas": 2, "num_groups": 1, "num_nodes": 1, "num_gpus": 1)";
+  const std::vector<std::string> declined = {
+      R"({"id": "a\"b", "weight": [[1]], )" + counts + "}",            // escape in id
+      R"({"id": "caf\u00e9", "weight": [[1]], )" + counts + "}",       // escape in id
+      "{\"id\": \"caf\xc3\xa9\", \"weight\": [[1]], " + counts + "}",  // non-ASCII id
+      R"({"id": -0, "weight": [[1]], )" + counts + "}",                // the library prints 0
+      R"({"id": 1.5, "weight": [[1]], )" + counts + "}",               // float id formatting
+      R"({"id": [1], "weight": [[1]], )" + counts + "}",               // structured id
+      R"({"weight": [[1]], "weight": [[2]], )" + counts + "}",         // duplicate field
+      R"({"weight": [[1e400]], )" + counts + "}",                      // overflow: error
+      R"({"weight": [[1e39]], )" + counts + "}",                       // beyond float32: error
+      R"({"weight": [[1e-400]], )" + counts + "}",                     // underflow
+      R"({"weight": [[01]], )" + counts + "}",                         // not JSON
+      R"({"weight": [[1.]], )" + counts + "}",                         // not JSON
+      R"({"weight": [[+1]], )" + counts + "}",                         // not JSON
+      R"({"weight": [[1]], )" + counts + "} x",                        // trailing garbage
+      R"({"weight": [[1]], "num_replicas": 2})",                       // missing fields
+      R"({"weight": [[1]], "num_replicas": 2.0, "num_groups": 1, "num_nodes": 1,)"
+      R"( "num_gpus": 1})",
+      "\xef\xbb\xbf{\"weight\": [[1]], " + counts + "}",  // byte order mark
+  };
+  for (const std::string& line : declined) {
+    RebalanceCase parsed;
+    EXPECT_FALSE(internal::TryParseCommonRebalanceCase(line, &parsed)) << line;
+  }
+}
+
+TEST(CommonCaseReaderTest, AgreesWithTheJsonLibraryOnRandomlyDamagedLines) {
+  const std::string base =
+      R"({"id": "case-1", "weight": [[1.5, 0, 2e3], [-0.0, 7, 1E-2]], "num_replicas": 6,)"
+      R"( "num_groups": 1, "num_nodes": 1, "num_gpus": 2})";
+  const std::string alphabet = "{}[],:\" -+.eE0123456789ainulx\\";
+  std::mt19937 generator(123);
+  int accepted = 0;
+  for (int trial = 0; trial < 20000; ++trial) {
+    std::string line = base;
+    const int edits = std::uniform_int_distribution<int>(1, 3)(generator);
+    for (int edit = 0; edit < edits; ++edit) {
+      const size_t position = std::uniform_int_distribution<size_t>(0, line.size())(generator);
+      const char character =
+          alphabet[std::uniform_int_distribution<size_t>(0, alphabet.size() - 1)(generator)];
+      switch (std::uniform_int_distribution<int>(0, 2)(generator)) {
+        case 0:
+          line.insert(position, 1, character);
+          break;
+        case 1:
+          if (position < line.size()) line.erase(position, 1);
+          break;
+        default:
+          if (position < line.size()) line[position] = character;
+          break;
+      }
+    }
+    if (CheckReadersAgree(line)) ++accepted;
+    if (testing::Test::HasFailure()) break;
+  }
+  // Many damaged lines stay valid (a digit changed, a space added); they must have been read.
+  EXPECT_GT(accepted, 1000);
 }
 
 TEST(AppendPlanLineTest, ParsesBackToThePlan) {
