@@ -155,7 +155,7 @@ void PrintTable(const BenchArguments& arguments, const std::vector<Timing>& timi
   std::cout << absl::StrFormat("| %-52s | %5s | %9s | %9s | %9s | %13s | %12s |\n", "stage", "runs",
                                "median ms", "min ms", "max ms", "median CPU ms", "vs 0.2 s ref");
   std::cout << "|" << std::string(54, '-') << "|------:|----------:|----------:|----------:|"
-            << "-------------:|-------------:|\n";
+            << "--------------:|-------------:|\n";
   for (const Timing& timing : timings) {
     const double median = Median(timing.milliseconds);
     std::cout << absl::StrFormat(
