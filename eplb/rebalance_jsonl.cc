@@ -79,6 +79,36 @@ absl::Status ReadWeightField(const json& object, std::vector<std::vector<float>>
   return absl::OkStatus();
 }
 
+// The JSON library recurses once per nesting level, so a line like "[[[[..." a million deep
+// would overflow the stack. Valid cases nest three levels (object, weight, row) plus whatever
+// the id holds; anything deeper than this is rejected before the library sees it.
+constexpr int kMaxNestingDepth = 64;
+
+absl::Status CheckNestingDepth(std::string_view line) {
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < line.size(); ++i) {
+    const char character = line[i];
+    if (in_string) {
+      if (character == '\\') {
+        ++i;  // skip the escaped character, which may be a quote
+      } else if (character == '"') {
+        in_string = false;
+      }
+    } else if (character == '"') {
+      in_string = true;
+    } else if (character == '[' || character == '{') {
+      if (++depth > kMaxNestingDepth) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("invalid JSON: nested more than ", kMaxNestingDepth, " levels deep"));
+      }
+    } else if (character == ']' || character == '}') {
+      --depth;
+    }
+  }
+  return absl::OkStatus();
+}
+
 // Writes integers and punctuation straight into a buffer that the caller sized for the worst
 // case; several times faster than growing a std::string one character at a time.
 class IntegerWriter {
@@ -315,6 +345,7 @@ bool TryParseCommonRebalanceCase(std::string_view line, RebalanceCase* rebalance
 
 absl::Status ParseRebalanceCaseGeneral(std::string_view line, RebalanceCase* rebalance_case) {
   rebalance_case->id_json = "null";
+  if (absl::Status status = CheckNestingDepth(line); !status.ok()) return status;
   json object;
   try {
     object = json::parse(line.begin(), line.end());

@@ -97,6 +97,23 @@ TEST(ParseRebalanceCaseTest, ExplainsEveryMalformedLine) {
   }
 }
 
+TEST(ParseRebalanceCaseTest, RejectsDeepNestingInsteadOfOverflowingTheStack) {
+  // Regression: a million nested brackets used to crash the tool inside the JSON library.
+  const std::string deep = std::string(1000000, '[') + std::string(1000000, ']');
+  RebalanceCase parsed;
+  const absl::Status status = ParseRebalanceCase(deep, &parsed);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("nested more than"));
+  const std::string deep_id =
+      R"({"id": )" + std::string(100000, '[') + std::string(100000, ']') + R"(, "weight": []})";
+  EXPECT_THAT(ParseRebalanceCase(deep_id, &parsed).message(), HasSubstr("nested more than"));
+  // Brackets inside strings do not count, escaped quotes do not end a string.
+  const std::string in_string = R"({"id": "\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[)"
+                                R"([[[[[[[[[[[[[[[[[[[[", "weight": [[1]], "num_replicas": 1,)"
+                                R"( "num_groups": 1, "num_nodes": 1, "num_gpus": 1})";
+  EXPECT_TRUE(ParseRebalanceCase(in_string, &parsed).ok());
+}
+
 TEST(ParseRebalanceCaseTest, KeepsTheIdWhenTheRestIsInvalid) {
   RebalanceCase parsed;
   EXPECT_FALSE(ParseRebalanceCase(R"({"id": "layer-7", "weight": 3})", &parsed).ok());
