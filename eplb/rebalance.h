@@ -69,7 +69,7 @@ struct ExpertPlacementPlan {
 // keeps a typo from allocating gigabytes.
 inline constexpr int kMaxReplicas = 1 << 16;
 // Largest accepted number of entries in any one output table (phy2log or padded log2phy).
-inline constexpr long long kMaxTableEntries = 1LL << 26;
+inline constexpr long long kMaxTableEntries = 1LL << 24;
 
 // Checks everything RebalanceExperts requires and returns the first violation as
 // InvalidArgument, or OK. `weight` is [num_layers][num_logical_experts]:
@@ -84,7 +84,9 @@ absl::Status ValidateRebalanceInput(const std::vector<std::vector<float>>& weigh
 
 // Computes the placement, reproducing DeepSeek's published rebalance_experts exactly (same
 // phy2log, logcnt, and replica ranks in log2phy). Loads are token counts or any non-negative
-// float32 measure of work per expert; only their ratios matter.
+// float32 measure of work per expert; only their ratios matter. Returns InvalidArgument for
+// everything ValidateRebalanceInput rejects, and also when the padded log2phy table would
+// exceed kMaxTableEntries, which is known only once the replica counts are.
 absl::StatusOr<ExpertPlacementPlan> RebalanceExperts(const std::vector<std::vector<float>>& weight,
                                                      const ClusterShape& shape);
 
