@@ -1,5 +1,6 @@
 #include "eplb/rebalance_jsonl.h"
 
+#include <algorithm>
 #include <cfloat>
 #include <charconv>
 #include <cmath>
@@ -18,6 +19,14 @@ using nlohmann::json;
 
 constexpr std::string_view kKnownFields[] = {"id",         "weight",    "num_replicas",
                                              "num_groups", "num_nodes", "num_gpus"};
+
+// A value as JSON for an error message, cut short so a huge value cannot flood the output.
+std::string Preview(const json& value) {
+  constexpr size_t kMaxPreviewChars = 60;
+  std::string text = value.dump(-1, ' ', false, json::error_handler_t::replace);
+  if (text.size() > kMaxPreviewChars) text = text.substr(0, kMaxPreviewChars) + "...";
+  return text;
+}
 
 absl::Status ReadCountField(const json& object, const char* field, int* value) {
   const auto it = object.find(field);
@@ -42,7 +51,7 @@ absl::Status ReadCountField(const json& object, const char* field, int* value) {
     return absl::OkStatus();
   }
   return absl::InvalidArgumentError(
-      absl::StrCat(field, " must be a JSON integer, got ", it->dump()));
+      absl::StrCat(field, " must be a JSON integer, got ", Preview(*it)));
 }
 
 absl::Status ReadWeightField(const json& object, std::vector<std::vector<float>>* weight) {
@@ -57,15 +66,15 @@ absl::Status ReadWeightField(const json& object, std::vector<std::vector<float>>
     const json& row = (*it)[layer];
     if (!row.is_array()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("weight[", layer, "] must be an array of loads, got ", row.dump()));
+          absl::StrCat("weight[", layer, "] must be an array of loads, got ", Preview(row)));
     }
     std::vector<float>& loads = weight->emplace_back();
     loads.reserve(row.size());
     for (size_t expert = 0; expert < row.size(); ++expert) {
       const json& cell = row[expert];
       if (!cell.is_number()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("weight[", layer, "][", expert, "] must be a number, got ", cell.dump()));
+        return absl::InvalidArgumentError(absl::StrCat("weight[", layer, "][", expert,
+                                                       "] must be a number, got ", Preview(cell)));
       }
       const double load = cell.get<double>();
       // Converting an out-of-range double to float is undefined behaviour, so check first.
@@ -394,11 +403,12 @@ absl::Status ParseRebalanceCase(std::string_view line, RebalanceCase* rebalance_
 
 void AppendPlanLine(std::string_view id_json, const ExpertPlacementPlan& plan, std::string* out) {
   // Size the buffer for the worst case once. Every integer written is -1 or at most
-  // num_physical_experts, so it takes at most that many digits (two for "-1") plus a comma;
-  // every row adds two brackets. A tight bound matters: each page the buffer touches costs a
-  // page fault, a visible share of a whole tool run.
-  int max_digits = 2;
+  // num_physical_experts, so it needs no more characters than that number has digits (or two,
+  // for "-1"), plus a comma; every row adds two brackets. A tight bound matters: each page the
+  // buffer touches costs a page fault, a visible share of a whole tool run.
+  int max_digits = 1;
   for (int value = plan.num_physical_experts; value >= 10; value /= 10) ++max_digits;
+  max_digits = std::max(max_digits, 2);
   const size_t integers =
       static_cast<size_t>(plan.num_layers) *
       (plan.num_physical_experts + plan.num_logical_experts * (plan.max_replica_count + 1));

@@ -251,6 +251,26 @@ TEST(AppendPlanLineTest, ParsesBackToThePlan) {
   }
 }
 
+TEST(AppendPlanLineTest, FitsItsBufferAtEveryNumberWidth) {
+  // The writer sizes its buffer from the digits of num_replicas; check the edges where the
+  // width grows, with one hot expert so that logcnt and the slot ids reach num_replicas.
+  for (const int num_replicas : {1, 2, 9, 10, 11, 99, 100, 101, 999, 1000, 10000, kMaxReplicas}) {
+    std::vector<float> loads = {1000, 0};
+    if (num_replicas == 1) loads.pop_back();  // one slot holds only one expert
+    const absl::StatusOr<ExpertPlacementPlan> plan = RebalanceExperts(
+        {loads}, {.num_replicas = num_replicas, .num_groups = 1, .num_nodes = 1, .num_gpus = 1});
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    std::string line = "prefix";
+    AppendPlanLine("-1234", *plan, &line);
+    ASSERT_EQ(line.substr(0, 6), "prefix");
+    const json output = json::parse(line.substr(6));
+    EXPECT_EQ(output["id"], -1234);
+    EXPECT_EQ(output["phy2log"].get<std::vector<std::vector<int>>>(), plan->phy2log);
+    EXPECT_EQ(output["logcnt"].get<std::vector<std::vector<int>>>(), plan->logcnt);
+    EXPECT_EQ(output["log2phy"][0][0].size(), static_cast<size_t>(plan->max_replica_count));
+  }
+}
+
 TEST(AppendErrorLineTest, EscapesTheMessage) {
   std::string line;
   AppendErrorLine("3", "bad \"quote\"\nand newline \x01", &line);
