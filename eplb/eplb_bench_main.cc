@@ -177,9 +177,12 @@ int main(int argc, char** argv) {
       "moeserve-eplb-bench: time EPLB rebalancing (algorithm, JSON Lines round trip, whole "
       "moeserve-eplb processes) and print a Markdown table.",
       "moeserve-eplb-bench");
-  app.add_option("--layers", arguments.num_layers, "MoE layers")->capture_default_str();
+  app.add_option("--layers", arguments.num_layers, "MoE layers")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--experts", arguments.num_experts, "logical experts per layer")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--replicas", arguments.shape.num_replicas, "physical slots per layer")
       ->capture_default_str();
   app.add_option("--groups", arguments.shape.num_groups, "expert groups")->capture_default_str();

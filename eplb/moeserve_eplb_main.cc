@@ -48,7 +48,8 @@ void AddRebalanceCommand(CLI::App& app, RebalanceArguments& arguments) {
                       "standard error when --output is '-'.");
   rebalance->footer(
       "Invalid cases do not stop the run. Exit status: 0 every case succeeded; 1 some cases "
-      "were invalid (see their error lines); 2 a file could not be read or written.\n"
+      "were invalid (see their error lines); 2 a file could not be read or written; 100 and "
+      "above: the command line was invalid.\n"
       "Format and algorithm: docs/eplb.md.");
 }
 
