@@ -1,42 +1,55 @@
-// engine::Engine — the serving engine behind the gRPC front end: validates and admits
-// generation requests, runs continuous batching with chunked prefill over a paged KV cache,
-// samples, detokenizes, applies stop conditions and streams results.
+// engine::Engine — the serving engine behind the gRPC front end. It validates requests, routes
+// each to the least-loaded rank of its entry group, and runs expert-parallel worker groups:
+// one mixed group (--ep N), or a prefill group that computes prompts and hands their KV cache
+// to a decode group (--prefill-ep P --decode-ep D). Each rank runs continuous batching with
+// chunked prefill over its own paged KV cache (see runtime/rank_worker.h).
 //
-// The one entry point the server uses; no protobuf here. Submit(), Stats(), StopAccepting()
-// and Shutdown() are thread-safe. One internal thread runs the step loop.
+// The one entry point the server uses; no protobuf here. All public methods are thread-safe.
 #pragma once
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/model/model.h"
 #include "engine/model/tokenizer.h"
-#include "engine/runtime/kv_cache.h"
+#include "engine/parallel/ep_group.h"
 #include "engine/runtime/metrics.h"
+#include "engine/runtime/rank_worker.h"
 #include "engine/runtime/request.h"
+#include "engine/trace/trace_recorder.h"
 
 namespace moeserve::engine {
 
+struct ParallelOptions {
+  int prefill_ep = 0;  // 0: one mixed group of decode_ep ranks
+  int decode_ep = 1;
+  int num_redundant_experts = 0;
+  bool two_batch_overlap = false;
+  int overlap_min_tokens = 32;
+  std::string placement_file;       // JSON; empty: the default placement
+  bool expert_load_metrics = true;  // per (layer, expert) series
+  std::string trace_dir;            // empty: no trace
+  int trace_steps = 16;             // working steps recorded per group
+};
+
 struct EngineOptions {
-  int max_batch_tokens = 256;     // tokens per forward step; long prompts prefill in chunks
-  int max_running_requests = 64;  // requests decoding together
-  int max_queue = 256;            // waiting requests before RESOURCE_EXHAUSTED
+  int max_batch_tokens = 256;     // tokens per rank per step; long prompts prefill in chunks
+  int max_running_requests = 64;  // sequences per rank
+  int max_queue = 256;            // queued requests (all ranks) before RESOURCE_EXHAUSTED
   int kv_block_size = 16;         // tokens per KV cache block
-  int64_t kv_cache_bytes = 256ll << 20;
+  int64_t kv_cache_bytes = 64ll << 20;  // per rank
   int max_stop_strings = 16;
   int max_stop_string_bytes = 256;
   int max_request_id_bytes = 256;
-  // Paces the step loop to at least this long per step (0 = as fast as possible). For demos
-  // and for tests that need requests to stay in flight long enough to cancel them.
+  // Paces every rank to at least this long per step (0 = as fast as possible). For demos and
+  // for tests that need requests to stay in flight long enough to cancel them.
   double min_step_seconds = 0;
+  ParallelOptions parallel;
 };
 
 struct EngineStats {
@@ -44,19 +57,18 @@ struct EngineStats {
   int waiting = 0;
   int kv_blocks_total = 0;
   int kv_blocks_free = 0;
-  int64_t finished = 0;
-  int64_t steps = 0;
 };
 
 class Engine {
  public:
+  // `registry` may be null (no Prometheus series).
   static absl::StatusOr<std::unique_ptr<Engine>> Create(std::shared_ptr<const Model> model,
                                                         std::shared_ptr<const Tokenizer> tokenizer,
                                                         EngineOptions options,
-                                                        EngineMetrics metrics = {});
+                                                        prometheus::Registry* registry = nullptr);
   ~Engine();
 
-  // Validates the request (INVALID_ARGUMENT with an actionable message), queues it
+  // Validates the request (INVALID_ARGUMENT with an actionable message), queues it on a rank
   // (RESOURCE_EXHAUSTED when the queue is full; UNAVAILABLE once stopped) and returns its stream.
   absl::StatusOr<std::shared_ptr<RequestStream>> Submit(GenerationInput input);
 
@@ -64,45 +76,47 @@ class Engine {
   const ModelConfig& config() const { return model_->config(); }
   bool has_tokenizer() const { return tokenizer_ != nullptr; }
   const EngineOptions& options() const { return options_; }
+  // The groups, entry group first ("mixed", or "prefill" then "decode").
+  std::vector<parallel::ExpertParallelGroup*> groups() const;
+  parallel::ExpertParallelGroup* group(const std::string& name) const;
 
   // New submissions get UNAVAILABLE; queued and running requests continue.
   void StopAccepting();
-  // Stops the loop; unfinished requests end with FinishReason::kAborted.
+  // Stops every rank at the same step; unfinished requests end with FinishReason::kAborted.
   void Shutdown();
+  // Writes the trace (if --trace-dir was given) now.
+  absl::Status WriteTrace() const;
 
  private:
-  using Clock = std::chrono::steady_clock;
-  struct Sequence;
+  struct WorkerGroup {
+    std::unique_ptr<parallel::ExpertParallelGroup> group;
+    std::vector<std::unique_ptr<RankWorker>> workers;
+  };
 
   Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
-         EngineOptions options, EngineMetrics metrics, int num_blocks);
+         EngineOptions options, prometheus::Registry* registry);
+  absl::Status Start();
   absl::Status Validate(GenerationInput& input) const;
-  void Loop();
-  bool Step();
-  void AdmitWaiting();
-  void Emit(Sequence& sequence, int32_t token);
-  void Finish(Sequence& sequence, FinishReason reason, GenerationOutput output);
+  absl::StatusOr<WorkerGroup> BuildGroup(const std::string& name, int size, GroupRole role,
+                                         int trace_pid_offset, prometheus::Registry* registry);
+  static RankWorker& LeastLoaded(const WorkerGroup& group);
+  void HandOff(std::unique_ptr<Sequence> sequence);
   void PublishState();
 
   std::shared_ptr<const Model> model_;
   std::shared_ptr<const Tokenizer> tokenizer_;
   EngineOptions options_;
   EngineMetrics metrics_;
-  KvCache cache_;
+  prometheus::Registry* registry_;
+  std::unique_ptr<TraceRecorder> trace_;
+  std::atomic<bool> stop_requested_{false};
+  WorkerContext context_;
+  std::vector<WorkerGroup> groups_;  // entry group first; fixed after Start()
 
-  mutable std::mutex mutex_;
-  std::condition_variable work_available_;
-  std::deque<std::unique_ptr<Sequence>> waiting_;  // guarded by mutex_
-  bool accepting_ = true;                           // guarded by mutex_
-  bool stopping_ = false;                           // guarded by mutex_
-  std::atomic<int> running_count_{0};
-  std::atomic<int> free_blocks_{0};
-  std::atomic<int64_t> finished_{0};
-  std::atomic<int64_t> steps_{0};
+  std::mutex submit_mutex_;  // serializes rank choice and queue accounting
+  bool accepting_ = true;    // guarded by submit_mutex_
+  bool shut_down_ = false;   // guarded by submit_mutex_
   std::atomic<uint64_t> next_request_number_{0};
-
-  std::vector<std::unique_ptr<Sequence>> running_;  // step-loop thread only
-  std::thread loop_;
 };
 
 }  // namespace moeserve::engine

@@ -9,6 +9,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "engine/model/loader.h"
+#include "engine/parallel/group_logits.h"
 #include "engine/pipeline/plan_command.h"
 #include "nlohmann/json.hpp"
 #include "server/npy_writer.h"
@@ -18,8 +19,29 @@ namespace {
 
 using moeserve::engine::LoadModel;
 
+// Flags shared by `serve` and `logits` that shape the expert-parallel layout.
+void AddExpertParallelOptions(CLI::App* command, moeserve::engine::ParallelOptions& parallel) {
+  command
+      ->add_option("--num-redundant-experts", parallel.num_redundant_experts,
+                   "Extra expert slots per MoE layer for replicas of hot experts (routed + "
+                   "redundant must divide by the EP size)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  command->add_flag("--two-batch-overlap", parallel.two_batch_overlap,
+                    "Split each step into two micro-batches and overlap one's dispatch/combine "
+                    "with the other's compute");
+  command
+      ->add_option("--overlap-min-tokens", parallel.overlap_min_tokens,
+                   "Steps with fewer tokens on the busiest rank are not split")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  command->add_option("--placement", parallel.placement_file,
+                      "Expert placement JSON: {\"version\": N, \"phy2log\": [[...] per MoE layer]}");
+}
+
 int RunLogits(const std::string& model_spec, const std::string& tokens_text,
-              const std::string& out_path) {
+              const std::string& out_path, int ep,
+              const moeserve::engine::ParallelOptions& parallel) {
   std::vector<int32_t> tokens;
   for (absl::string_view piece : absl::StrSplit(tokens_text, ',', absl::SkipWhitespace())) {
     int32_t id = 0;
@@ -52,13 +74,45 @@ int RunLogits(const std::string& model_spec, const std::string& tokens_text,
               << config.max_position_embeddings << "\n";
     return 2;
   }
-  const int block_size = 16;
-  moeserve::engine::KvCache cache(config.num_hidden_layers,
-                                  (static_cast<int>(tokens.size()) + block_size - 1) / block_size,
-                                  block_size, loaded->model->kv_row_dim());
-  std::vector<int32_t> blocks = *cache.allocator().Allocate(cache.num_blocks());
-  moeserve::engine::BatchSequence sequence{tokens, 0, &blocks, /*all_logits=*/true};
-  std::vector<float> logits = loaded->model->Forward({&sequence, 1}, cache);
+  std::vector<float> logits;
+  if (ep <= 1 && parallel.num_redundant_experts == 0 && parallel.placement_file.empty() &&
+      !parallel.two_batch_overlap) {
+    const int block_size = 16;
+    moeserve::engine::KvCache cache(config.num_hidden_layers,
+                                    (static_cast<int>(tokens.size()) + block_size - 1) / block_size,
+                                    block_size, loaded->model->kv_row_dim());
+    std::vector<int32_t> blocks = *cache.allocator().Allocate(cache.num_blocks());
+    moeserve::engine::BatchSequence sequence{tokens, 0, &blocks, /*all_logits=*/true};
+    logits = loaded->model->Forward({&sequence, 1}, cache);
+  } else {
+    const int num_logical = config.n_routed_experts;
+    const int num_physical = num_logical + parallel.num_redundant_experts;
+    auto placement =
+        parallel.placement_file.empty()
+            ? absl::StatusOr<moeserve::engine::ExpertPlacement>(
+                  moeserve::engine::ExpertPlacement::Default(config.num_moe_layers(), num_logical,
+                                                             num_physical))
+            : moeserve::engine::ExpertPlacement::LoadJsonFile(
+                  parallel.placement_file, config.num_moe_layers(), num_logical, num_physical);
+    if (!placement.ok()) {
+      std::cerr << "moeserve logits: " << placement.status().message() << "\n";
+      return 2;
+    }
+    moeserve::engine::parallel::GroupOptions options;
+    options.name = "logits";
+    options.size = ep;
+    options.two_batch_overlap = parallel.two_batch_overlap;
+    options.overlap_min_tokens = parallel.overlap_min_tokens;
+    auto result = moeserve::engine::parallel::ComputeGroupLogits(*loaded->model, tokens, options,
+                                                                 std::move(*placement));
+    if (!result.ok()) {
+      std::cerr << "moeserve logits: " << result.status().message() << "\n";
+      return result.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+    }
+    logits = std::move(result->logits);
+    std::cerr << "moeserve logits: EP" << ep << ", max difference between ranks' copies "
+              << result->max_rank_difference << "\n";
+  }
   auto status = moeserve::server::WriteNpyFloat32(
       out_path, {static_cast<int64_t>(tokens.size()), config.vocab_size}, logits);
   if (!status.ok()) {
@@ -105,7 +159,7 @@ int main(int argc, char** argv) {
   int exit_code = 0;
 
   moeserve::server::ServeOptions serve;
-  int64_t kv_cache_mib = serve.engine.kv_cache_bytes >> 20;
+  int64_t kv_cache_mib = serve.engine.kv_cache_bytes >> 20;  // per rank
   auto* serve_command = app.add_subcommand("serve", "Serve a model over gRPC");
   serve_command->add_option("--model", serve.model,
                             "Model to serve: builtin:tiny, builtin:tiny-nolora, builtin:tiny-v2")
@@ -134,7 +188,7 @@ int main(int argc, char** argv) {
                    "Waiting requests before new ones get RESOURCE_EXHAUSTED")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  serve_command->add_option("--kv-cache-mib", kv_cache_mib, "KV cache size in MiB")
+  serve_command->add_option("--kv-cache-mib", kv_cache_mib, "KV cache size per rank in MiB")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   double min_step_ms = 0;
@@ -148,6 +202,30 @@ int main(int argc, char** argv) {
                    "On SIGTERM, how long in-flight streams may take to finish")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  serve_command
+      ->add_option("--ep", serve.engine.parallel.decode_ep,
+                   "Ranks of the one mixed expert-parallel group (without --prefill-ep)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_command
+      ->add_option("--prefill-ep", serve.engine.parallel.prefill_ep,
+                   "Ranks of a separate prefill group (0: prefill and decode share one group)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  serve_command
+      ->add_option("--decode-ep", serve.engine.parallel.decode_ep,
+                   "Ranks of the decode group (same as --ep)")
+      ->check(CLI::PositiveNumber);
+  AddExpertParallelOptions(serve_command, serve.engine.parallel);
+  serve_command->add_flag("!--no-expert-metrics", serve.engine.parallel.expert_load_metrics,
+                          "Do not export the per (layer, expert) token counters");
+  serve_command->add_option("--trace-dir", serve.engine.parallel.trace_dir,
+                            "Write a Chrome trace (Perfetto) of the first working steps here");
+  serve_command
+      ->add_option("--trace-steps", serve.engine.parallel.trace_steps,
+                   "Working steps per group to record with --trace-dir")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   serve_command->callback([&] {
     serve.engine.kv_cache_bytes = kv_cache_mib << 20;
     serve.engine.min_step_seconds = min_step_ms / 1000.0;
@@ -161,8 +239,16 @@ int main(int argc, char** argv) {
   logits_command->add_option("--tokens", logits_tokens, "Comma-separated token ids, e.g. 1,2,3")
       ->required();
   logits_command->add_option("--out", logits_out, "Output .npy file")->required();
-  logits_command->callback(
-      [&] { exit_code = RunLogits(logits_model, logits_tokens, logits_out); });
+  int logits_ep = 1;
+  moeserve::engine::ParallelOptions logits_parallel;
+  logits_parallel.overlap_min_tokens = 1;
+  logits_command->add_option("--ep", logits_ep, "Expert-parallel ranks (threads)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1024));
+  AddExpertParallelOptions(logits_command, logits_parallel);
+  logits_command->callback([&] {
+    exit_code = RunLogits(logits_model, logits_tokens, logits_out, logits_ep, logits_parallel);
+  });
 
   std::string export_model = "builtin:tiny", export_dir;
   auto* export_command = app.add_subcommand(

@@ -44,7 +44,13 @@ int RunServe(const ServeOptions& options) {
     metrics_address = absl::StrCat(options.host, ":", ports.empty() ? 0 : ports.front());
   }
 
-  GenerationService generation(options.layout);
+  const engine::ParallelOptions& parallel_options = options.engine.parallel;
+  GenerationService generation(ServingLayout{
+      .prefill_ep = parallel_options.prefill_ep,
+      .decode_ep = parallel_options.decode_ep,
+      .num_redundant_experts = parallel_options.num_redundant_experts,
+      .two_batch_overlap = parallel_options.two_batch_overlap,
+      .device = "cpu"});
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -68,8 +74,8 @@ int RunServe(const ServeOptions& options) {
     server->Shutdown();
     return 1;
   }
-  absl::StatusOr<std::unique_ptr<engine::Engine>> engine = engine::Engine::Create(
-      loaded->model, loaded->tokenizer, options.engine, engine::EngineMetrics(*registry));
+  absl::StatusOr<std::unique_ptr<engine::Engine>> engine =
+      engine::Engine::Create(loaded->model, loaded->tokenizer, options.engine, registry.get());
   if (!engine.ok()) {
     std::cerr << "moeserve: " << engine.status().message() << "\n";
     server->Shutdown();
@@ -78,8 +84,15 @@ int RunServe(const ServeOptions& options) {
   generation.AttachEngine(engine->get());
   health->SetServingStatus(true);
   const engine::EngineStats stats = (*engine)->Stats();
+  const engine::ParallelOptions& parallel = options.engine.parallel;
+  const std::string layout =
+      parallel.prefill_ep > 0
+          ? absl::StrCat("prefill EP", parallel.prefill_ep, " + decode EP", parallel.decode_ep)
+          : absl::StrCat("EP", parallel.decode_ep);
   std::cout << "moeserve: serving " << options.model << " on " << options.host << ":"
-            << selected_port << " (metrics on " << metrics_address << ", KV cache "
+            << selected_port << " (metrics on " << metrics_address << ", " << layout << ", "
+            << parallel.num_redundant_experts << " redundant experts, two-batch overlap "
+            << (parallel.two_batch_overlap ? "on" : "off") << ", KV cache "
             << stats.kv_blocks_total << " blocks of " << options.engine.kv_block_size
             << " tokens)" << std::endl;
 

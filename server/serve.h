@@ -18,7 +18,6 @@ struct ServeOptions {
   double shutdown_grace_seconds = 10.0;
   int max_receive_message_bytes = 16 << 20;
   engine::EngineOptions engine;
-  ServingLayout layout;
 };
 
 // Returns the process exit code.

@@ -37,17 +37,40 @@ class Model {
   const ModelWeights& weights() const { return weights_; }
   // Floats per KV cache row (latent + rope key).
   int kv_row_dim() const { return config().kv_lora_rank + config().qk_rope_head_dim; }
+  // MoE layer index (0-based among MoE layers) of a model layer, or -1 for dense layers.
+  int moe_index(int layer) const { return moe_index_[layer]; }
 
-  // Runs the batch and returns logits [rows, vocab]: one row per sequence (its last token), or
-  // one per token for sequences with all_logits, in batch order.
+  // Runs the batch on one rank holding every expert and returns logits [rows, vocab]: one row
+  // per sequence (its last token), or one per token for sequences with all_logits, in batch
+  // order. The expert-parallel driver (engine/parallel/) composes the same pieces below.
   std::vector<float> Forward(std::span<const BatchSequence> batch, KvCache& cache) const;
 
- private:
-  void FeedForward(int layer, const float* normed, int num_tokens, float* output) const;
+  // --- Pieces of the forward pass, for parallel drivers. `residual` is [tokens, hidden]. ---
+  // Token layout of a batch: one span per sequence chunk, in batch order.
+  static std::vector<SequenceSpan> Layout(std::span<const BatchSequence> batch, int* num_tokens);
+  void Embed(std::span<const BatchSequence> batch, float* residual) const;
+  // residual += attention(input_norm(residual)); then `normed` = post_attention_norm(residual).
+  void AttentionBlock(int layer, std::span<const SequenceSpan> spans, int num_tokens,
+                      KvCache& cache, float* residual, float* normed) const;
+  // residual += dense MLP(normed) (layers before first_k_dense_replace).
+  void DenseBlock(int layer, const float* normed, int num_tokens, float* residual) const;
+  Routing Route(int layer, const float* normed, int num_tokens) const;
+  // Shared experts' output [tokens, hidden] (empty when the model has none).
+  std::vector<float> SharedExperts(int layer, const float* normed, int num_tokens) const;
+  // residual += combine(routing, expert outputs) + shared.
+  void FinishMoe(const Routing& routing, const float* expert_outputs, const float* shared,
+                 int num_tokens, float* residual) const;
+  // Final norm and LM head over the chosen rows of `residual`.
+  std::vector<float> Head(const float* residual, std::span<const int> rows) const;
+  // The rows that need logits for a batch (see Forward).
+  static std::vector<int> LogitRows(std::span<const BatchSequence> batch,
+                                    std::span<const SequenceSpan> spans);
 
+ private:
   ModelWeights weights_;
   RotaryEmbedding rope_;
   MlaAttention attention_;
+  std::vector<int> moe_index_;
 };
 
 }  // namespace moeserve::engine

@@ -1,0 +1,355 @@
+#include "engine/parallel/ep_forward.h"
+
+#include <chrono>
+#include <future>
+
+#include "absl/strings/str_cat.h"
+#include "engine/model/moe.h"
+
+namespace moeserve::engine::parallel {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double SecondsSince(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+std::string EventName(const char* what, int layer, int micro_batch) {
+  return absl::StrCat(what, " L", layer, " mb", micro_batch);
+}
+
+constexpr int kComputeLane = 0;
+constexpr int kCommunicationLane = 1;
+
+}  // namespace
+
+struct ExpertParallelForward::MicroBatch {
+  int index = 0;
+  std::vector<BatchSequence> sequences;
+  std::vector<bool> emits_logits;
+  std::vector<SequenceSpan> spans;
+  int num_tokens = 0;
+  std::vector<float> residual, normed;
+  Routing routing;
+  // Dispatch/combine state of the current layer.
+  std::vector<int32_t> sent_assignment;  // (token * top_k + k) of each sent row, in send order
+  std::vector<int64_t> send_rows, recv_rows;  // rows per peer
+  std::vector<int32_t> recv_slots;            // local slot of each received row
+  std::vector<float> recv_activations;        // [received rows, hidden]
+  std::vector<float> expert_results;          // [received rows, hidden]
+  std::vector<float> expert_outputs;          // [assignments, hidden] in (token, k) order
+};
+
+std::vector<std::vector<BatchPiece>> SplitIntoMicroBatches(std::span<const BatchSequence> batch,
+                                                          int parts) {
+  std::vector<std::vector<BatchPiece>> result(parts);
+  int64_t total = 0;
+  for (const auto& seq : batch) total += static_cast<int64_t>(seq.tokens.size());
+  int part = 0;
+  int64_t filled = 0;  // tokens placed in parts before `part`, plus those in `part`
+  for (const BatchSequence& seq : batch) {
+    int offset = 0;
+    const int length = static_cast<int>(seq.tokens.size());
+    while (offset < length || (length == 0 && offset == 0)) {
+      // Tokens part `part` may still take to reach its share of the total.
+      const int64_t share_end = (total * (part + 1) + parts - 1) / parts;
+      int64_t room = share_end - filled;
+      if (part == parts - 1) room = length - offset;
+      if (room <= 0 && part < parts - 1) {
+        ++part;
+        continue;
+      }
+      const int take = static_cast<int>(std::min<int64_t>(room, length - offset));
+      BatchSequence piece = seq;
+      piece.tokens = seq.tokens.subspan(offset, take);
+      piece.start_position = seq.start_position + offset;
+      const bool is_last_piece = offset + take == length;
+      result[part].push_back({piece, seq.all_logits || is_last_piece});
+      offset += take;
+      filled += take;
+      if (length == 0) break;
+    }
+  }
+  return result;
+}
+
+absl::Status ExpertParallelForward::Dispatch(int layer, MicroBatch& mb,
+                                             const ExpertPlacement& placement, Communicator& comm,
+                                             RankResources& rank) const {
+  ScopedTraceEvent event(rank.trace, rank.trace_pid, kCommunicationLane,
+                         EventName("dispatch", layer, mb.index), "communication");
+  const auto start = Clock::now();
+  const int size = comm.size();
+  const int hidden = model_.config().hidden_size;
+  const int moe_layer = model_.moe_index(layer);
+  const int slots_per_rank = placement.num_physical() / size;
+  const Routing& routing = mb.routing;
+  const int assignments = routing.num_tokens * routing.top_k;
+
+  std::vector<int32_t> slot_of(assignments);
+  mb.send_rows.assign(size, 0);
+  for (int a = 0; a < assignments; ++a) {
+    // Spread a hot expert's tokens over its replicas; the key differs per rank as well.
+    const uint64_t key = static_cast<uint64_t>(a) + static_cast<uint64_t>(comm.rank());
+    slot_of[a] = placement.ChooseSlot(moe_layer, routing.experts[a], key);
+    ++mb.send_rows[slot_of[a] / slots_per_rank];
+  }
+  std::vector<int64_t> offset(size + 1, 0);
+  for (int p = 0; p < size; ++p) offset[p + 1] = offset[p] + mb.send_rows[p];
+  mb.sent_assignment.assign(assignments, 0);
+  std::vector<int32_t> send_slots(assignments);
+  std::vector<float> send_activations(static_cast<size_t>(assignments) * hidden);
+  std::vector<int64_t> cursor(offset.begin(), offset.end() - 1);
+  for (int a = 0; a < assignments; ++a) {
+    const int dest = slot_of[a] / slots_per_rank;
+    const int64_t row = cursor[dest]++;
+    mb.sent_assignment[row] = a;
+    send_slots[row] = slot_of[a] % slots_per_rank;
+    const int token = a / routing.top_k;
+    std::copy_n(&mb.normed[static_cast<size_t>(token) * hidden], hidden,
+                &send_activations[static_cast<size_t>(row) * hidden]);
+  }
+
+  mb.recv_rows.assign(size, 0);
+  if (auto s = comm.AllToAllCounts(mb.send_rows, mb.recv_rows); !s.ok()) return s;
+  int64_t received = 0;
+  for (int64_t rows : mb.recv_rows) received += rows;
+  std::vector<int64_t> send_bytes(size), recv_bytes(size);
+  for (int p = 0; p < size; ++p) {
+    send_bytes[p] = mb.send_rows[p] * static_cast<int64_t>(sizeof(int32_t));
+    recv_bytes[p] = mb.recv_rows[p] * static_cast<int64_t>(sizeof(int32_t));
+  }
+  mb.recv_slots.assign(received, 0);
+  if (auto s = comm.AllToAllV(send_slots.data(), send_bytes, mb.recv_slots.data(), recv_bytes);
+      !s.ok()) {
+    return s;
+  }
+  const int64_t row_bytes = static_cast<int64_t>(hidden) * sizeof(float);
+  for (int p = 0; p < size; ++p) {
+    send_bytes[p] = mb.send_rows[p] * row_bytes;
+    recv_bytes[p] = mb.recv_rows[p] * row_bytes;
+  }
+  mb.recv_activations.assign(static_cast<size_t>(received) * hidden, 0.0f);
+  if (auto s = comm.AllToAllV(send_activations.data(), send_bytes, mb.recv_activations.data(),
+                              recv_bytes);
+      !s.ok()) {
+    return s;
+  }
+  if (rank.metrics != nullptr) {
+    rank.metrics->AddDispatch(assignments * (row_bytes + static_cast<int64_t>(sizeof(int32_t))),
+                              SecondsSince(start));
+  }
+  return absl::OkStatus();
+}
+
+void ExpertParallelForward::RunLocalExperts(int layer, MicroBatch& mb,
+                                            const ExpertPlacement& placement,
+                                            RankResources& rank) const {
+  ScopedTraceEvent event(rank.trace, rank.trace_pid, kComputeLane,
+                         EventName("experts", layer, mb.index), "compute");
+  const int hidden = model_.config().hidden_size;
+  const int moe_layer = model_.moe_index(layer);
+  const int size = rank.compute->size();
+  const int slots_per_rank = placement.num_physical() / size;
+  const int first_slot = rank.compute->rank() * slots_per_rank;
+  const MoeWeights& weights = model_.weights().layer(layer).moe;
+  const size_t received = mb.recv_slots.size();
+  mb.expert_results.assign(received * hidden, 0.0f);
+  std::vector<std::vector<int64_t>> rows_of_slot(slots_per_rank);
+  for (size_t row = 0; row < received; ++row) rows_of_slot[mb.recv_slots[row]].push_back(row);
+  std::vector<float> gathered, result;
+  for (int slot = 0; slot < slots_per_rank; ++slot) {
+    const auto& rows = rows_of_slot[slot];
+    if (rows.empty()) continue;
+    const int expert = placement.phy2log(moe_layer)[first_slot + slot];
+    gathered.resize(rows.size() * hidden);
+    result.resize(rows.size() * hidden);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::copy_n(&mb.recv_activations[rows[i] * hidden], hidden, &gathered[i * hidden]);
+    }
+    RunMlp(weights.experts[expert], gathered.data(), static_cast<int64_t>(rows.size()), hidden,
+           result.data());
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::copy_n(&result[i * hidden], hidden, &mb.expert_results[rows[i] * hidden]);
+    }
+    if (rank.load != nullptr) rank.load->Record(moe_layer, expert, static_cast<int64_t>(rows.size()));
+  }
+}
+
+absl::Status ExpertParallelForward::Combine(int layer, MicroBatch& mb, Communicator& comm,
+                                            RankResources& rank) const {
+  ScopedTraceEvent event(rank.trace, rank.trace_pid, kCommunicationLane,
+                         EventName("combine", layer, mb.index), "communication");
+  const auto start = Clock::now();
+  const int size = comm.size();
+  const int hidden = model_.config().hidden_size;
+  const int64_t row_bytes = static_cast<int64_t>(hidden) * sizeof(float);
+  // Results travel back along the reverse of the dispatch: what we received, we return.
+  std::vector<int64_t> send_bytes(size), recv_bytes(size);
+  for (int p = 0; p < size; ++p) {
+    send_bytes[p] = mb.recv_rows[p] * row_bytes;
+    recv_bytes[p] = mb.send_rows[p] * row_bytes;
+  }
+  std::vector<float> returned(mb.sent_assignment.size() * hidden);
+  if (auto s = comm.AllToAllV(mb.expert_results.data(), send_bytes, returned.data(), recv_bytes);
+      !s.ok()) {
+    return s;
+  }
+  mb.expert_outputs.assign(returned.size(), 0.0f);
+  for (size_t row = 0; row < mb.sent_assignment.size(); ++row) {
+    std::copy_n(&returned[row * hidden], hidden,
+                &mb.expert_outputs[static_cast<size_t>(mb.sent_assignment[row]) * hidden]);
+  }
+  if (rank.metrics != nullptr) {
+    rank.metrics->AddCombine(static_cast<int64_t>(mb.expert_results.size() * sizeof(float)),
+                             SecondsSince(start));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(
+    std::span<const BatchSequence> batch, KvCache& cache, const ExpertPlacement& placement,
+    RankResources& rank, bool two_micro_batches) const {
+  const ModelConfig& c = model_.config();
+  const bool overlap = two_micro_batches && rank.communication_thread != nullptr &&
+                       rank.overlap != nullptr;
+  std::vector<std::vector<BatchPiece>> parts;
+  if (two_micro_batches) {
+    parts = SplitIntoMicroBatches(batch, 2);
+  } else {
+    parts.emplace_back();
+    for (const auto& seq : batch) parts[0].push_back({seq, true});
+  }
+  std::vector<MicroBatch> micro_batches(parts.size());
+  for (size_t i = 0; i < parts.size(); ++i) {
+    MicroBatch& mb = micro_batches[i];
+    mb.index = static_cast<int>(i);
+    for (const BatchPiece& piece : parts[i]) {
+      mb.sequences.push_back(piece.sequence);
+      mb.emits_logits.push_back(piece.emits_logits);
+    }
+    mb.spans = Model::Layout(mb.sequences, &mb.num_tokens);
+    mb.residual.assign(static_cast<size_t>(mb.num_tokens) * c.hidden_size, 0.0f);
+    mb.normed.assign(mb.residual.size(), 0.0f);
+    model_.Embed(mb.sequences, mb.residual.data());
+  }
+
+  // Every queued exchange is joined before returning, even on error: they use micro-batch memory.
+  std::vector<std::future<absl::Status>> in_flight;
+  absl::Status status;
+  auto wait = [&](std::future<absl::Status>& future) {
+    const auto start = Clock::now();
+    absl::Status result = future.get();
+    if (rank.metrics != nullptr) rank.metrics->AddExposedWait(SecondsSince(start));
+    return result;
+  };
+  auto exchange_inline = [&](auto&& exchange) {
+    const auto start = Clock::now();
+    absl::Status result = exchange(*rank.compute);
+    if (rank.metrics != nullptr) rank.metrics->AddExposedWait(SecondsSince(start));
+    return result;
+  };
+
+  std::vector<int64_t> received_per_layer(c.num_moe_layers(), 0);
+  for (int layer = 0; layer < c.num_hidden_layers && status.ok(); ++layer) {
+    const bool is_moe = model_.moe_index(layer) >= 0;
+    std::vector<std::future<absl::Status>> dispatched(micro_batches.size());
+    for (MicroBatch& mb : micro_batches) {
+      {
+        ScopedTraceEvent event(rank.trace, rank.trace_pid, kComputeLane,
+                               EventName("attention", layer, mb.index), "compute");
+        model_.AttentionBlock(layer, mb.spans, mb.num_tokens, cache, mb.residual.data(),
+                              mb.normed.data());
+      }
+      if (!is_moe) {
+        model_.DenseBlock(layer, mb.normed.data(), mb.num_tokens, mb.residual.data());
+        continue;
+      }
+      {
+        ScopedTraceEvent event(rank.trace, rank.trace_pid, kComputeLane,
+                               EventName("gate", layer, mb.index), "compute");
+        mb.routing = model_.Route(layer, mb.normed.data(), mb.num_tokens);
+      }
+      if (overlap) {
+        dispatched[mb.index] = rank.communication_thread->Submit(
+            [&, layer, mb_ptr = &mb] { return Dispatch(layer, *mb_ptr, placement, *rank.overlap, rank); });
+      } else {
+        status.Update(exchange_inline(
+            [&](Communicator& comm) { return Dispatch(layer, mb, placement, comm, rank); }));
+      }
+    }
+    if (!is_moe) continue;
+    std::vector<std::future<absl::Status>> combined(micro_batches.size());
+    for (MicroBatch& mb : micro_batches) {
+      if (overlap) status.Update(wait(dispatched[mb.index]));
+      if (!status.ok()) break;
+      RunLocalExperts(layer, mb, placement, rank);
+      received_per_layer[model_.moe_index(layer)] += static_cast<int64_t>(mb.recv_slots.size());
+      if (overlap) {
+        combined[mb.index] = rank.communication_thread->Submit(
+            [&, layer, mb_ptr = &mb] { return Combine(layer, *mb_ptr, *rank.overlap, rank); });
+      } else {
+        status.Update(
+            exchange_inline([&](Communicator& comm) { return Combine(layer, mb, comm, rank); }));
+      }
+    }
+    for (MicroBatch& mb : micro_batches) {
+      if (!status.ok()) break;
+      std::vector<float> shared;
+      {
+        ScopedTraceEvent event(rank.trace, rank.trace_pid, kComputeLane,
+                               EventName("shared experts", layer, mb.index), "compute");
+        shared = model_.SharedExperts(layer, mb.normed.data(), mb.num_tokens);
+      }
+      if (overlap) status.Update(wait(combined[mb.index]));
+      if (!status.ok()) break;
+      model_.FinishMoe(mb.routing, mb.expert_outputs.data(), shared.empty() ? nullptr : shared.data(),
+                       mb.num_tokens, mb.residual.data());
+    }
+    for (auto& future : dispatched) if (future.valid()) in_flight.push_back(std::move(future));
+    for (auto& future : combined) if (future.valid()) in_flight.push_back(std::move(future));
+  }
+  for (auto& future : in_flight) future.wait();
+  if (!status.ok()) return status;
+
+  // Balancedness: mean over max of the tokens each rank's experts processed, per MoE layer.
+  if (rank.metrics != nullptr && !received_per_layer.empty()) {
+    const int size = rank.compute->size();
+    const int layers = static_cast<int>(received_per_layer.size());
+    std::vector<int64_t> all(static_cast<size_t>(size) * layers);
+    if (auto s = rank.compute->AllGather(received_per_layer.data(), layers * sizeof(int64_t), all.data());
+        !s.ok()) {
+      return s;
+    }
+    if (rank.compute->rank() == 0) {
+      for (int layer = 0; layer < layers; ++layer) {
+        int64_t sum = 0, max = 0;
+        for (int r = 0; r < size; ++r) {
+          sum += all[static_cast<size_t>(r) * layers + layer];
+          max = std::max(max, all[static_cast<size_t>(r) * layers + layer]);
+        }
+        if (max > 0) rank.metrics->SetBalancedness(layer, static_cast<double>(sum) / size / max);
+      }
+    }
+  }
+
+  std::vector<float> logits;
+  for (MicroBatch& mb : micro_batches) {
+    std::vector<int> rows;
+    for (size_t s = 0; s < mb.sequences.size(); ++s) {
+      const SequenceSpan& span = mb.spans[s];
+      if (!mb.emits_logits[s] || span.num_tokens == 0) continue;
+      if (mb.sequences[s].all_logits) {
+        for (int i = 0; i < span.num_tokens; ++i) rows.push_back(span.token_offset + i);
+      } else {
+        rows.push_back(span.token_offset + span.num_tokens - 1);
+      }
+    }
+    std::vector<float> part = model_.Head(mb.residual.data(), rows);
+    logits.insert(logits.end(), part.begin(), part.end());
+  }
+  return logits;
+}
+
+}  // namespace moeserve::engine::parallel

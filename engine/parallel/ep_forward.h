@@ -1,0 +1,68 @@
+// ExpertParallelForward: one rank's part of a forward step of an expert-parallel group. The
+// rank runs attention for its own sequences (DP attention) and the experts in its slots
+// [rank*S, (rank+1)*S) for everyone: after the gate, each (token, expert) pair is dispatched to
+// the rank holding the chosen replica (counts, slot ids, then activations through all-to-all-v),
+// experts run grouped by slot, results come back (combine) and are summed in each token's own
+// top-k order — so outputs do not depend on the EP size or the placement.
+//
+// With two micro-batches, one micro-batch's dispatch/combine runs on the rank's communication
+// thread while the other computes. Every rank of the group must call Run() for every step, with
+// the same `two_micro_batches` and placement (an empty batch is fine). Stateless; Run() is
+// called by the rank's own thread.
+#pragma once
+
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model/model.h"
+#include "engine/parallel/communication_thread.h"
+#include "engine/parallel/communicator.h"
+#include "engine/parallel/parallel_metrics.h"
+#include "engine/placement/expert_load.h"
+#include "engine/placement/expert_placement.h"
+#include "engine/trace/trace_recorder.h"
+
+namespace moeserve::engine::parallel {
+
+// What one rank brings to a step. The pointers outlive the step; optional ones may be null.
+struct RankResources {
+  Communicator* compute = nullptr;  // channel used by the rank's compute thread
+  Communicator* overlap = nullptr;  // channel used by its communication thread (overlap only)
+  CommunicationThread* communication_thread = nullptr;  // overlap only
+  ExpertLoadRecorder* load = nullptr;
+  ParallelMetrics* metrics = nullptr;
+  TraceRecorder* trace = nullptr;
+  int trace_pid = 0;
+};
+
+class ExpertParallelForward {
+ public:
+  explicit ExpertParallelForward(const Model& model) : model_(model) {}
+
+  // Returns logits as Model::Forward does, for this rank's batch.
+  absl::StatusOr<std::vector<float>> Run(std::span<const BatchSequence> batch, KvCache& cache,
+                                         const ExpertPlacement& placement, RankResources& rank,
+                                         bool two_micro_batches) const;
+
+ private:
+  struct MicroBatch;
+  absl::Status Dispatch(int layer, MicroBatch& mb, const ExpertPlacement& placement,
+                        Communicator& comm, RankResources& rank) const;
+  void RunLocalExperts(int layer, MicroBatch& mb, const ExpertPlacement& placement,
+                       RankResources& rank) const;
+  absl::Status Combine(int layer, MicroBatch& mb, Communicator& comm, RankResources& rank) const;
+
+  const Model& model_;
+};
+
+// Splits a batch into two runs of near-equal token counts; a sequence that straddles the middle
+// is cut into two chunks (the first chunk's logits are not needed).
+struct BatchPiece {
+  BatchSequence sequence;
+  bool emits_logits = true;
+};
+std::vector<std::vector<BatchPiece>> SplitIntoMicroBatches(std::span<const BatchSequence> batch,
+                                                          int parts);
+
+}  // namespace moeserve::engine::parallel

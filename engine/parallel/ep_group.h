@@ -1,0 +1,110 @@
+// ExpertParallelGroup: N ranks that step together — the in-process communicator group (two
+// channels: compute and communication), one communication thread per rank for two-batch
+// overlap, the group's metrics, expert-load counters, optional trace, and its placement.
+//
+// Per step, every rank calls Agree() with its local work; the one small all-reduce decides for
+// all of them whether to run, whether to split into two micro-batches, whether to stop, and at
+// which step a new placement is committed (all ranks switch at the same step boundary).
+// Thread-safe: rank threads call Agree()/placement(rank) for their own rank; UpdatePlacement()
+// may be called from any thread.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model/model.h"
+#include "engine/parallel/communication_thread.h"
+#include "engine/parallel/ep_forward.h"
+#include "engine/parallel/in_process_communicator.h"
+#include "engine/parallel/parallel_metrics.h"
+#include "engine/placement/expert_load.h"
+#include "engine/placement/expert_placement.h"
+#include "engine/trace/trace_recorder.h"
+#include "prometheus/registry.h"
+
+namespace moeserve::engine::parallel {
+
+struct GroupOptions {
+  std::string name = "mixed";
+  int size = 1;
+  bool two_batch_overlap = false;
+  // Below this many tokens on the busiest rank, a step is not split (small steps run faster
+  // whole).
+  int overlap_min_tokens = 32;
+  bool expert_load_metrics = true;  // per (layer, expert) Prometheus series
+  std::chrono::milliseconds collective_timeout = std::chrono::seconds(120);
+};
+
+struct StepAgreement {
+  bool any_work = false;
+  bool split = false;
+  bool stop = false;
+  int64_t max_tokens = 0;
+  int64_t placement_version = 0;
+};
+
+class ExpertParallelGroup {
+ public:
+  // `registry` and `trace` may be null. `placement` must divide over `options.size` ranks.
+  static absl::StatusOr<std::unique_ptr<ExpertParallelGroup>> Create(
+      const Model& model, GroupOptions options, ExpertPlacement placement,
+      prometheus::Registry* registry, TraceRecorder* trace, int trace_pid_offset = 0);
+
+  const std::string& name() const { return options_.name; }
+  int size() const { return options_.size; }
+  const GroupOptions& options() const { return options_; }
+  const ExpertParallelForward& forward() const { return forward_; }
+  RankResources& resources(int rank) { return *resources_[rank]; }
+  ParallelMetrics& metrics() { return metrics_; }
+  ExpertLoadRecorder& load() { return load_; }
+
+  // The placement rank `rank` computes with (switches only inside Agree()).
+  const ExpertPlacement& placement(int rank) const { return *rank_placement_[rank]; }
+  // The committed placement (any thread).
+  std::shared_ptr<const ExpertPlacement> committed_placement() const;
+
+  // Called by every rank, together, once per step.
+  absl::StatusOr<StepAgreement> Agree(int rank, int64_t local_tokens, bool stop_requested);
+
+  // Stages `placement` (its version must exceed the committed one) and waits until every rank
+  // has committed it at a step boundary; FAILED_PRECONDITION for a stale version,
+  // INVALID_ARGUMENT for a wrong shape, DEADLINE_EXCEEDED after `timeout`.
+  absl::Status UpdatePlacement(ExpertPlacement placement, std::chrono::milliseconds timeout);
+
+  // Wakes ranks idling in WaitForWork (new work or shutdown).
+  void NotifyWork();
+  void WaitForWork(std::chrono::milliseconds timeout);
+
+  // Fails every pending and future collective (a rank is gone).
+  void Abort() { communicators_.Abort(); }
+
+ private:
+  ExpertParallelGroup(const Model& model, GroupOptions options, ExpertPlacement placement,
+                      prometheus::Registry* registry);
+
+  GroupOptions options_;
+  ExpertParallelForward forward_;
+  InProcessGroup communicators_;
+  ParallelMetrics metrics_;
+  ExpertLoadRecorder load_;
+  std::vector<std::unique_ptr<CommunicationThread>> communication_threads_;
+  std::vector<std::unique_ptr<RankResources>> resources_;
+
+  mutable std::mutex placement_mutex_;
+  std::condition_variable placement_committed_;
+  std::shared_ptr<const ExpertPlacement> committed_;  // guarded by placement_mutex_
+  std::shared_ptr<const ExpertPlacement> pending_;    // guarded by placement_mutex_
+  std::vector<std::shared_ptr<const ExpertPlacement>> rank_placement_;  // each rank's own
+
+  std::mutex work_mutex_;
+  std::condition_variable work_available_;
+  uint64_t work_generation_ = 0;
+};
+
+}  // namespace moeserve::engine::parallel

@@ -1,0 +1,60 @@
+#include "engine/parallel/group_logits.h"
+
+#include <cmath>
+#include <thread>
+
+#include "engine/backend/cpu_ops.h"
+
+namespace moeserve::engine::parallel {
+
+absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<const int32_t> tokens,
+                                               const GroupOptions& options,
+                                               ExpertPlacement placement, TraceRecorder* trace) {
+  auto group = ExpertParallelGroup::Create(model, options, std::move(placement), nullptr, trace);
+  if (!group.ok()) return group.status();
+  const int size = options.size;
+  const int block_size = 16;
+  const int blocks = (static_cast<int>(tokens.size()) + block_size - 1) / block_size;
+  std::vector<std::vector<float>> logits(size);
+  std::vector<absl::Status> statuses(size);
+  std::vector<std::thread> threads;
+  for (int rank = 0; rank < size; ++rank) {
+    threads.emplace_back([&, rank] {
+      cpu::ConfigureBlasThreads(1);
+      KvCache cache(model.config().num_hidden_layers, blocks, block_size, model.kv_row_dim());
+      std::vector<int32_t> table = *cache.allocator().Allocate(blocks);
+      BatchSequence sequence{tokens, 0, &table, /*all_logits=*/true};
+      ExpertParallelGroup& g = **group;
+      absl::StatusOr<StepAgreement> agreement = g.Agree(rank, static_cast<int64_t>(tokens.size()), false);
+      if (!agreement.ok()) {
+        statuses[rank] = agreement.status();
+        g.Abort();
+        return;
+      }
+      absl::StatusOr<std::vector<float>> result =
+          g.forward().Run({&sequence, 1}, cache, g.placement(rank), g.resources(rank), agreement->split);
+      if (!result.ok()) {
+        statuses[rank] = result.status();
+        g.Abort();
+        return;
+      }
+      logits[rank] = std::move(*result);
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (const auto& status : statuses) {
+    if (!status.ok()) return status;
+  }
+  GroupLogits result;
+  for (int rank = 1; rank < size; ++rank) {
+    for (size_t i = 0; i < logits[0].size(); ++i) {
+      result.max_rank_difference =
+          std::max(result.max_rank_difference, static_cast<double>(std::abs(logits[rank][i] - logits[0][i])));
+    }
+  }
+  result.logits = std::move(logits[0]);
+  result.communication = (*group)->metrics().totals();
+  return result;
+}
+
+}  // namespace moeserve::engine::parallel

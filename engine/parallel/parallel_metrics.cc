@@ -1,0 +1,92 @@
+#include "engine/parallel/parallel_metrics.h"
+
+#include "prometheus/family.h"
+
+namespace moeserve::engine::parallel {
+namespace {
+
+prometheus::Counter* GroupCounter(prometheus::Registry& registry, const std::string& name,
+                                  const std::string& help, const std::string& group) {
+  return &prometheus::BuildCounter().Name(name).Help(help).Register(registry).Add({{"group", group}});
+}
+
+}  // namespace
+
+ParallelMetrics::ParallelMetrics(const std::string& group, int num_moe_layers,
+                                 prometheus::Registry* registry)
+    : balancedness_(num_moe_layers, 1.0) {
+  if (registry == nullptr) return;
+  dispatch_bytes_ = GroupCounter(*registry, "moeserve_dispatch_bytes_total",
+                                 "Bytes of token activations sent to expert ranks", group);
+  combine_bytes_ = GroupCounter(*registry, "moeserve_combine_bytes_total",
+                                "Bytes of expert outputs sent back to token ranks", group);
+  dispatch_seconds_ = GroupCounter(*registry, "moeserve_dispatch_seconds_total",
+                                   "Time spent in dispatch exchanges (per rank, summed)", group);
+  combine_seconds_ = GroupCounter(*registry, "moeserve_combine_seconds_total",
+                                  "Time spent in combine exchanges (per rank, summed)", group);
+  exposed_seconds_ = GroupCounter(*registry, "moeserve_communication_exposed_seconds_total",
+                                  "Time compute waited for dispatch/combine (per rank, summed)",
+                                  group);
+  overlap_ratio_ = &prometheus::BuildGauge()
+                        .Name("moeserve_overlap_ratio")
+                        .Help("Share of dispatch/combine time hidden behind compute")
+                        .Register(*registry)
+                        .Add({{"group", group}});
+  auto& family = prometheus::BuildGauge()
+                     .Name("moeserve_expert_balancedness")
+                     .Help("Mean over max of the tokens each rank's experts processed (last step)")
+                     .Register(*registry);
+  for (int layer = 0; layer < num_moe_layers; ++layer) {
+    balancedness_gauges_.push_back(
+        &family.Add({{"group", group}, {"layer", std::to_string(layer)}}));
+  }
+}
+
+void ParallelMetrics::AddDispatch(int64_t bytes, double seconds) {
+  std::lock_guard lock(mutex_);
+  totals_.dispatch_bytes += bytes;
+  totals_.dispatch_seconds += seconds;
+  if (dispatch_bytes_ != nullptr) {
+    dispatch_bytes_->Increment(static_cast<double>(bytes));
+    dispatch_seconds_->Increment(seconds);
+    overlap_ratio_->Set(totals_.overlap_ratio());
+  }
+}
+
+void ParallelMetrics::AddCombine(int64_t bytes, double seconds) {
+  std::lock_guard lock(mutex_);
+  totals_.combine_bytes += bytes;
+  totals_.combine_seconds += seconds;
+  if (combine_bytes_ != nullptr) {
+    combine_bytes_->Increment(static_cast<double>(bytes));
+    combine_seconds_->Increment(seconds);
+    overlap_ratio_->Set(totals_.overlap_ratio());
+  }
+}
+
+void ParallelMetrics::AddExposedWait(double seconds) {
+  std::lock_guard lock(mutex_);
+  totals_.exposed_seconds += seconds;
+  if (exposed_seconds_ != nullptr) {
+    exposed_seconds_->Increment(seconds);
+    overlap_ratio_->Set(totals_.overlap_ratio());
+  }
+}
+
+void ParallelMetrics::SetBalancedness(int moe_layer, double mean_over_max) {
+  std::lock_guard lock(mutex_);
+  balancedness_[moe_layer] = mean_over_max;
+  if (!balancedness_gauges_.empty()) balancedness_gauges_[moe_layer]->Set(mean_over_max);
+}
+
+ParallelMetrics::Totals ParallelMetrics::totals() const {
+  std::lock_guard lock(mutex_);
+  return totals_;
+}
+
+std::vector<double> ParallelMetrics::balancedness() const {
+  std::lock_guard lock(mutex_);
+  return balancedness_;
+}
+
+}  // namespace moeserve::engine::parallel

@@ -1,0 +1,100 @@
+// RankWorker: the thread of one rank of an expert-parallel group. It owns the rank's paged KV
+// cache and the sequences assigned to it (DP attention), and runs the step loop: admit queued
+// sequences (reserving KV blocks for prompt + max_tokens), agree with the other ranks, run the
+// rank's part of the forward step (an empty batch when idle but others work), sample, stream,
+// apply stop conditions, and — in a prefill group — hand finished prompts to a decode rank.
+//
+// Enqueue(), load() and the KV gauges are thread-safe; everything else runs on the worker's
+// own thread.
+#pragma once
+
+#include <atomic>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "engine/model/model.h"
+#include "engine/model/tokenizer.h"
+#include "engine/parallel/ep_group.h"
+#include "engine/runtime/kv_cache.h"
+#include "engine/runtime/metrics.h"
+#include "engine/runtime/sequence.h"
+
+namespace moeserve::engine {
+
+enum class GroupRole { kMixed, kPrefill, kDecode };
+
+// What every worker of an engine shares. Owned by the Engine; outlives the workers.
+struct WorkerContext {
+  const Model* model = nullptr;
+  const Tokenizer* tokenizer = nullptr;  // may be null
+  EngineMetrics* metrics = nullptr;
+  int max_batch_tokens = 256;
+  int max_running_requests = 64;
+  double min_step_seconds = 0;
+  std::atomic<bool>* stop_requested = nullptr;
+  // Called by prefill ranks with a prefilled sequence for the decode group.
+  std::function<void(std::unique_ptr<Sequence>)> hand_off;
+  // Called after any change of queue/KV state, to refresh the aggregate gauges.
+  std::function<void()> publish_state;
+  // Trace: how many working steps to record (0 = none); called once that many are recorded.
+  int trace_steps = 0;
+  std::function<void()> trace_complete;
+};
+
+class RankWorker {
+ public:
+  RankWorker(const WorkerContext& context, parallel::ExpertParallelGroup& group, int rank,
+             GroupRole role, int kv_blocks, int kv_block_size);
+  ~RankWorker();
+
+  void Start();
+  void Join();
+
+  // Queues a sequence for admission on this rank.
+  void Enqueue(std::unique_ptr<Sequence> sequence);
+  // Ends queued sequences that were never admitted (after Join, at shutdown).
+  void AbortQueued();
+
+  // Running + queued sequences (for choosing the least loaded rank).
+  int load() const { return running_count_.load() + queued_count_.load(); }
+  int queued() const { return queued_count_.load(); }
+  int running() const { return running_count_.load(); }
+  int kv_blocks_free() const { return kv_blocks_free_.load(); }
+  int kv_blocks_total() const { return kv_blocks_total_; }
+
+ private:
+  void Loop();
+  // Returns false when the group agreed to stop.
+  bool Step();
+  void Admit();
+  void DropCancelled();
+  void AfterForward(std::vector<BatchSequence>& batch, std::vector<Sequence*>& members,
+                    const std::vector<float>& logits);
+  void Emit(Sequence& sequence, int32_t token);
+  void HandOff(Sequence& sequence);
+  void Finish(Sequence& sequence, FinishReason reason, GenerationOutput output);
+  void FailAll(const absl::Status& status);
+  void RefreshCounts();
+
+  const WorkerContext& context_;
+  parallel::ExpertParallelGroup& group_;
+  int rank_;
+  GroupRole role_;
+  KvCache cache_;
+  int kv_blocks_total_;
+
+  std::mutex queue_mutex_;
+  std::deque<std::unique_ptr<Sequence>> queue_;  // guarded by queue_mutex_
+  std::atomic<int> queued_count_{0};
+  std::atomic<int> running_count_{0};
+  std::atomic<int> kv_blocks_free_{0};
+
+  std::vector<std::unique_ptr<Sequence>> running_;  // worker thread only
+  int traced_steps_ = 0;
+  std::thread thread_;
+};
+
+}  // namespace moeserve::engine
