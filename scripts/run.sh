@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh
-exec "${MOESERVE_BUILD_DIR:-build}/server/moeserve" serve --model builtin:tiny "$@"
+# A disaggregated layout: a 2-rank prefill group hands prompts to a 4-rank decode group,
+# both expert-parallel with two-micro-batch overlap; it stays responsive on 2 cores.
+exec "${MOESERVE_BUILD_DIR:-build}/server/moeserve" serve --model builtin:tiny \
+  --prefill-ep 2 --decode-ep 4 --two-batch-overlap "$@"

@@ -273,7 +273,7 @@ nlohmann::json ModelConfigToJson(const ModelConfig& c) {
 }
 
 std::vector<std::string> BuiltinModelNames() {
-  return {"builtin:tiny", "builtin:tiny-nolora", "builtin:tiny-v2"};
+  return {"builtin:tiny", "builtin:tiny-nolora", "builtin:tiny-v2", "builtin:tiny-e256"};
 }
 
 absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name) {
@@ -321,6 +321,14 @@ absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name) {
     // The MLA variant without q-LoRA (queries projected directly) and with plain RoPE.
     c.q_lora_rank = 0;
     c.rope_scaling = RopeScaling{};
+    return c;
+  }
+  if (name == "builtin:tiny-e256") {
+    // DeepSeek-V3's expert count: 256 routed experts in 8 groups, 8 per token, so that
+    // expert parallelism up to 128 ranks (2 experts each) needs no redundant experts.
+    c.n_routed_experts = 256;
+    c.num_experts_per_tok = 8;
+    c.moe_intermediate_size = 32;
     return c;
   }
   if (name == "builtin:tiny-v2") {

@@ -16,7 +16,7 @@
 
 namespace moeserve::testing {
 
-ServerProcess::ServerProcess(std::vector<std::string> extra_args) {
+ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_ready) {
   int pipe_fds[2];
   if (pipe(pipe_fds) != 0) {
     ADD_FAILURE() << "pipe failed";
@@ -51,11 +51,12 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args) {
     }
     int status = 0;
     if (waitpid(pid_, &status, WNOHANG) == pid_) {
-      exited_ = true;
+      RecordExit(status);
+      ReadAvailable(100);
       break;
     }
   }
-  ADD_FAILURE() << "moeserve did not become ready; output:\n" << output_;
+  if (expect_ready) ADD_FAILURE() << "moeserve did not become ready; output:\n" << output_;
 }
 
 ServerProcess::~ServerProcess() {
@@ -77,18 +78,24 @@ void ServerProcess::Signal(int signal_number) {
   if (!exited_ && pid_ > 0) kill(pid_, signal_number);
 }
 
+void ServerProcess::RecordExit(int wait_status) {
+  exited_ = true;
+  if (WIFEXITED(wait_status)) exit_code_ = WEXITSTATUS(wait_status);
+  else if (WIFSIGNALED(wait_status)) exit_code_ = -WTERMSIG(wait_status);
+  else exit_code_ = -999;
+}
+
 int ServerProcess::WaitForExit(double timeout_seconds) {
+  if (exited_) return exit_code_;
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
   while (std::chrono::steady_clock::now() < deadline) {
     ReadAvailable(20);
     int status = 0;
     if (waitpid(pid_, &status, WNOHANG) == pid_) {
-      exited_ = true;
+      RecordExit(status);
       ReadAvailable(0);
-      if (WIFEXITED(status)) return WEXITSTATUS(status);
-      if (WIFSIGNALED(status)) return -WTERMSIG(status);
-      return -999;
+      return exit_code_;
     }
   }
   return -1000;

@@ -18,7 +18,9 @@ class ServerProcess {
  public:
   // Starts `moeserve serve --port 0 --metrics-port 0 <extra_args>`; fails the test (ADD_FAILURE)
   // and leaves ok() false if it does not become ready within 60 s.
-  explicit ServerProcess(std::vector<std::string> extra_args);
+  // With expect_ready = false, a server that exits before becoming ready is not a failure
+  // (tests of refused configurations).
+  explicit ServerProcess(std::vector<std::string> extra_args, bool expect_ready = true);
   ~ServerProcess();
 
   bool ok() const { return port_ > 0; }
@@ -40,6 +42,8 @@ class ServerProcess {
   int port_ = 0;
   int metrics_port_ = 0;
   bool exited_ = false;
+  int exit_code_ = -1000;
+  void RecordExit(int wait_status);
   std::string output_;
 };
 
