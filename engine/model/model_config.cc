@@ -1,6 +1,8 @@
 #include "engine/model/model_config.h"
 
 #include <cmath>
+#include <limits>
+#include <type_traits>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -26,6 +28,15 @@ absl::Status ReadField(const nlohmann::json& json, const char* key, T* out, bool
   if (it == json.end() || it->is_null()) {
     if (required) return absl::InvalidArgumentError(absl::StrCat("config: missing `", key, "`"));
     return absl::OkStatus();
+  }
+  if constexpr (std::is_same_v<T, int>) {
+    // get<int>() would narrow silently: 2^32 + 256 must not become 256.
+    if (!it->is_number_integer() || it->get<int64_t>() < std::numeric_limits<int>::min() ||
+        it->get<int64_t>() > std::numeric_limits<int>::max()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config: `", key, "` has the wrong type: expected an integer in the int32 "
+                       "range, got ", it->dump()));
+    }
   }
   try {
     *out = it->get<T>();
