@@ -330,6 +330,9 @@ void RankWorker::Finish(Sequence& seq, FinishReason reason, GenerationOutput out
   }
   cache_.allocator().Free(seq.blocks);
   seq.blocks.clear();
+  // Stats and gauges show the blocks free before the client sees the last message.
+  kv_blocks_free_ = cache_.allocator().num_free();
+  if (context_.publish_state) context_.publish_state();
   context_.metrics->RequestFinished(StatusLabel(reason));
   if (reason != FinishReason::kCancelled && reason != FinishReason::kAborted) {
     context_.metrics->ObserveEndToEndLatency(output.usage.total_seconds);
