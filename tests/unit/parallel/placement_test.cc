@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -235,7 +237,8 @@ TEST(ExpertPlacementTest, FromJsonRejectsExpertIdsThatAreNotSmallIntegers) {
 }
 
 TEST(ExpertPlacementTest, LoadJsonFileReadsAFileAndReportsBadOnes) {
-  const auto dir = std::filesystem::path(::testing::TempDir()) / "placement_test";
+  const auto dir = std::filesystem::path(::testing::TempDir()) /
+                   ("parallel_placement_test." + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   const auto good = dir / "good.json";
   std::ofstream(good) << R"({"version": 3, "phy2log": [[1, 0, 1], [0, 1, 0]]})";
