@@ -219,6 +219,11 @@ int main(int argc, char** argv) {
   AddExpertParallelOptions(serve_command, serve.engine.parallel);
   serve_command->add_flag("!--no-expert-metrics", serve.engine.parallel.expert_load_metrics,
                           "Do not export the per (layer, expert) token counters");
+  serve_command
+      ->add_option("--admin-token-file", serve.admin_token_file,
+                   "Serve the Admin API (placements, expert load), authenticated with the bearer "
+                   "token in this file; without it the Admin API is off")
+      ->check(CLI::ExistingFile);
   serve_command->add_option("--trace-dir", serve.engine.parallel.trace_dir,
                             "Write a Chrome trace (Perfetto) of the first working steps here");
   serve_command

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/loader.h"
+#include "server/admin_service.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server.h"
@@ -51,6 +52,15 @@ int RunServe(const ServeOptions& options) {
       .num_redundant_experts = parallel_options.num_redundant_experts,
       .two_batch_overlap = parallel_options.two_batch_overlap,
       .device = "cpu"});
+  std::unique_ptr<AdminService> admin;
+  if (!options.admin_token_file.empty()) {
+    absl::StatusOr<std::string> token = ReadAdminToken(options.admin_token_file);
+    if (!token.ok()) {
+      std::cerr << "moeserve: " << token.status().message() << "\n";
+      return 1;
+    }
+    admin = std::make_unique<AdminService>(std::move(*token));
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -59,6 +69,7 @@ int RunServe(const ServeOptions& options) {
                            grpc::InsecureServerCredentials(), &selected_port);
   builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   builder.RegisterService(&generation);
+  if (admin != nullptr) builder.RegisterService(admin.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || selected_port == 0) {
     std::cerr << "moeserve: cannot listen on " << options.host << ":" << options.port
@@ -82,6 +93,7 @@ int RunServe(const ServeOptions& options) {
     return 1;
   }
   generation.AttachEngine(engine->get());
+  if (admin != nullptr) admin->AttachEngine(engine->get());
   health->SetServingStatus(true);
   const engine::EngineStats stats = (*engine)->Stats();
   const engine::ParallelOptions& parallel = options.engine.parallel;
@@ -109,6 +121,7 @@ int RunServe(const ServeOptions& options) {
                             static_cast<int64_t>(options.shutdown_grace_seconds * 1000));
   server->Shutdown(deadline);
   server->Wait();
+  admin.reset();
   (*engine)->Shutdown();
   std::cout << "moeserve: stopped" << std::endl;
   return 0;

@@ -17,6 +17,7 @@ struct ServeOptions {
   int metrics_port = 9400;   // 0 picks a free port; -1 disables the exporter
   double shutdown_grace_seconds = 10.0;
   int max_receive_message_bytes = 16 << 20;
+  std::string admin_token_file;  // empty: the Admin service is not served
   engine::EngineOptions engine;
 };
 

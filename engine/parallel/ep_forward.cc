@@ -90,8 +90,10 @@ absl::Status ExpertParallelForward::Dispatch(int layer, MicroBatch& mb,
   std::vector<int32_t> slot_of(assignments);
   mb.send_rows.assign(size, 0);
   for (int a = 0; a < assignments; ++a) {
-    // Spread a hot expert's tokens over its replicas; the key differs per rank as well.
-    const uint64_t key = static_cast<uint64_t>(a) + static_cast<uint64_t>(comm.rank());
+    // Spread a hot expert's tokens over its replicas: consecutive tokens take consecutive
+    // replicas (the token index, not the assignment index, whose residue modulo a replica count
+    // that divides top_k would repeat), and ranks start at different replicas.
+    const uint64_t key = static_cast<uint64_t>(a / routing.top_k) + static_cast<uint64_t>(comm.rank());
     slot_of[a] = placement.ChooseSlot(moe_layer, routing.experts[a], key);
     ++mb.send_rows[slot_of[a] / slots_per_rank];
   }
@@ -163,12 +165,14 @@ void ExpertParallelForward::RunLocalExperts(int layer, MicroBatch& mb,
     const auto& rows = rows_of_slot[slot];
     if (rows.empty()) continue;
     const int expert = placement.phy2log(moe_layer)[first_slot + slot];
+    const MlpWeights& mlp = rank.expert_weights != nullptr ? rank.expert_weights->slot(moe_layer, slot)
+                                                           : weights.experts[expert];
     gathered.resize(rows.size() * hidden);
     result.resize(rows.size() * hidden);
     for (size_t i = 0; i < rows.size(); ++i) {
       std::copy_n(&mb.recv_activations[rows[i] * hidden], hidden, &gathered[i * hidden]);
     }
-    RunMlp(weights.experts[expert], gathered.data(), static_cast<int64_t>(rows.size()), hidden,
+    RunMlp(mlp, gathered.data(), static_cast<int64_t>(rows.size()), hidden,
            result.data());
     for (size_t i = 0; i < rows.size(); ++i) {
       std::copy_n(&result[i * hidden], hidden, &mb.expert_results[rows[i] * hidden]);

@@ -21,6 +21,7 @@
 #include "engine/parallel/parallel_metrics.h"
 #include "engine/placement/expert_load.h"
 #include "engine/placement/expert_placement.h"
+#include "engine/placement/expert_weights.h"
 #include "engine/trace/trace_recorder.h"
 
 namespace moeserve::engine::parallel {
@@ -30,6 +31,9 @@ struct RankResources {
   Communicator* compute = nullptr;  // channel used by the rank's compute thread
   Communicator* overlap = nullptr;  // channel used by its communication thread (overlap only)
   CommunicationThread* communication_thread = nullptr;  // overlap only
+  // The rank's own copies of its slots' expert weights, matching the placement passed to Run();
+  // null reads the experts straight from the model's weights.
+  const RankExpertWeights* expert_weights = nullptr;
   ExpertLoadRecorder* load = nullptr;
   ParallelMetrics* metrics = nullptr;
   TraceRecorder* trace = nullptr;

@@ -11,6 +11,11 @@ absl::StatusOr<std::unique_ptr<ExpertParallelGroup>> ExpertParallelGroup::Create
   if (auto status = placement.CheckRanks(options.size); !status.ok()) return status;
   auto group = std::unique_ptr<ExpertParallelGroup>(
       new ExpertParallelGroup(model, std::move(options), std::move(placement), registry));
+  // Each rank starts with its own copies of its slots' weights.
+  if (auto s = group->StageAll(*group->committed_, group->rank_weights_); !s.ok()) return s;
+  for (int rank = 0; rank < group->size(); ++rank) {
+    group->resources(rank).expert_weights = group->rank_weights_[rank].get();
+  }
   for (int rank = 0; rank < group->size(); ++rank) {
     RankResources& r = group->resources(rank);
     r.trace = trace;
@@ -34,6 +39,8 @@ ExpertParallelGroup::ExpertParallelGroup(const Model& model, GroupOptions option
             options_.expert_load_metrics ? registry : nullptr) {
   committed_ = std::make_shared<const ExpertPlacement>(std::move(placement));
   rank_placement_.assign(options_.size, committed_);
+  rank_weights_.assign(options_.size, nullptr);
+  weight_source_ = std::make_unique<ModelExpertWeightSource>(model);
   for (int rank = 0; rank < options_.size; ++rank) {
     auto resources = std::make_unique<RankResources>();
     resources->compute = &communicators_.communicator(rank, 0);
@@ -46,6 +53,26 @@ ExpertParallelGroup::ExpertParallelGroup(const Model& model, GroupOptions option
     resources->metrics = &metrics_;
     resources_.push_back(std::move(resources));
   }
+}
+
+ExpertParallelGroup::~ExpertParallelGroup() {
+  if (staging_thread_.joinable()) staging_thread_.join();
+}
+
+absl::Status ExpertParallelGroup::StageAll(
+    const ExpertPlacement& placement,
+    std::vector<std::shared_ptr<const RankExpertWeights>>& out) const {
+  const int slots_per_rank = placement.num_physical() / size();
+  std::vector<std::shared_ptr<const RankExpertWeights>> staged(size());
+  for (int rank = 0; rank < size(); ++rank) {
+    // rank_weights_ is only replaced by rank threads at a commit, never while a staging runs.
+    auto weights = RankExpertWeights::Stage(*weight_source_, placement, rank * slots_per_rank,
+                                            slots_per_rank, rank_weights_[rank].get());
+    if (!weights.ok()) return weights.status();
+    staged[rank] = std::move(*weights);
+  }
+  out = std::move(staged);
+  return absl::OkStatus();
 }
 
 std::shared_ptr<const ExpertPlacement> ExpertParallelGroup::committed_placement() const {
@@ -64,7 +91,8 @@ absl::StatusOr<StepAgreement> ExpertParallelGroup::Agree(int rank, int64_t local
     pending = pending_;
   }
   const int64_t current = rank_placement_[rank]->version();
-  const int64_t staged = pending != nullptr ? pending->version() : current;
+  const int64_t staged =
+      pending != nullptr && staged_version_.load() == pending->version() ? pending->version() : current;
   // [has work, tokens, stop, staged version (min), current version (min), -current (min = max)]
   int64_t values[6] = {local_tokens > 0, local_tokens, stop_requested ? 1 : 0, staged, current,
                        -current};
@@ -85,6 +113,11 @@ absl::StatusOr<StepAgreement> ExpertParallelGroup::Agree(int rank, int64_t local
   // Commit: every rank has staged the pending version, so all switch at this step boundary.
   if (pending != nullptr && minima[0] == pending->version() && pending->version() > current) {
     rank_placement_[rank] = pending;
+    {
+      std::lock_guard lock(placement_mutex_);
+      rank_weights_[rank] = staged_weights_[rank];
+    }
+    resources_[rank]->expert_weights = rank_weights_[rank].get();
     if (rank == 0) {
       std::lock_guard lock(placement_mutex_);
       // Rank 0 publishes the commit; the other ranks switched at the same agreement.
@@ -114,16 +147,39 @@ absl::Status ExpertParallelGroup::UpdatePlacement(ExpertPlacement placement,
     return absl::FailedPreconditionError(absl::StrCat(
         "placement version ", placement.version(), " is stale: the group is at version ", floor));
   }
+  if (pending_ != nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "placement version ", pending_->version(), " is still being applied; retry after it commits"));
+  }
   auto staged = std::make_shared<const ExpertPlacement>(std::move(placement));
+  staging_error_ = absl::OkStatus();
   pending_ = staged;
   const int64_t version = staged->version();
+  if (staging_thread_.joinable()) staging_thread_.join();
+  // Copy the changed slots' weights while the ranks keep serving with the old placement.
+  staging_thread_ = std::thread([this, staged] {
+    std::vector<std::shared_ptr<const RankExpertWeights>> weights;
+    absl::Status status = StageAll(*staged, weights);
+    std::lock_guard lock(placement_mutex_);
+    if (!status.ok()) {
+      if (pending_ == staged) pending_.reset();  // nothing changes
+      staging_error_ = status;
+      placement_committed_.notify_all();
+      return;
+    }
+    staged_weights_ = std::move(weights);
+    staged_version_ = staged->version();
+  });
   lock.unlock();
-  NotifyWork();  // idle ranks step once so the commit happens without traffic
+  NotifyWork();  // idle ranks step so the commit happens without traffic
   lock.lock();
-  if (!placement_committed_.wait_for(lock, timeout, [&] { return committed_->version() >= version; })) {
+  if (!placement_committed_.wait_for(lock, timeout, [&] {
+        return committed_->version() >= version || !staging_error_.ok();
+      })) {
     return absl::DeadlineExceededError(absl::StrCat("placement version ", version,
                                                     " was not committed within the timeout"));
   }
+  if (committed_->version() < version) return staging_error_;
   return absl::OkStatus();
 }
 

@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -25,6 +26,7 @@
 #include "engine/parallel/parallel_metrics.h"
 #include "engine/placement/expert_load.h"
 #include "engine/placement/expert_placement.h"
+#include "engine/placement/expert_weights.h"
 #include "engine/trace/trace_recorder.h"
 #include "prometheus/registry.h"
 
@@ -72,9 +74,12 @@ class ExpertParallelGroup {
   // Called by every rank, together, once per step.
   absl::StatusOr<StepAgreement> Agree(int rank, int64_t local_tokens, bool stop_requested);
 
-  // Stages `placement` (its version must exceed the committed one) and waits until every rank
-  // has committed it at a step boundary; FAILED_PRECONDITION for a stale version,
-  // INVALID_ARGUMENT for a wrong shape, DEADLINE_EXCEEDED after `timeout`.
+  // Stages `placement` (its version must exceed the committed one): a background thread copies
+  // the slots whose expert changed into each rank's weights while the ranks keep serving; then
+  // every rank commits it at the same step boundary. Returns once committed;
+  // FAILED_PRECONDITION for a stale version or while another update is in progress,
+  // INVALID_ARGUMENT for a wrong shape, DEADLINE_EXCEEDED after `timeout` (the update may still
+  // commit later).
   absl::Status UpdatePlacement(ExpertPlacement placement, std::chrono::milliseconds timeout);
 
   // Wakes ranks idling in WaitForWork (new work or shutdown).
@@ -87,6 +92,12 @@ class ExpertParallelGroup {
  private:
   ExpertParallelGroup(const Model& model, GroupOptions options, ExpertPlacement placement,
                       prometheus::Registry* registry);
+ public:
+  ~ExpertParallelGroup();
+
+ private:
+  absl::Status StageAll(const ExpertPlacement& placement,
+                        std::vector<std::shared_ptr<const RankExpertWeights>>& out) const;
 
   GroupOptions options_;
   ExpertParallelForward forward_;
@@ -100,7 +111,15 @@ class ExpertParallelGroup {
   std::condition_variable placement_committed_;
   std::shared_ptr<const ExpertPlacement> committed_;  // guarded by placement_mutex_
   std::shared_ptr<const ExpertPlacement> pending_;    // guarded by placement_mutex_
+  // Each rank's weights for pending_, filled by the staging thread; complete when
+  // staged_version_ equals pending_'s version.
+  std::vector<std::shared_ptr<const RankExpertWeights>> staged_weights_;  // guarded
+  std::atomic<int64_t> staged_version_{0};
+  absl::Status staging_error_;  // guarded by placement_mutex_
+  std::thread staging_thread_;
   std::vector<std::shared_ptr<const ExpertPlacement>> rank_placement_;  // each rank's own
+  std::vector<std::shared_ptr<const RankExpertWeights>> rank_weights_;  // each rank's own
+  std::unique_ptr<ExpertWeightSource> weight_source_;
 
   std::mutex work_mutex_;
   std::condition_variable work_available_;

@@ -60,12 +60,31 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::FromJson(const nlohmann::json& 
                                                           int num_physical) {
   std::vector<std::vector<int32_t>> phy2log;
   int64_t version = 1;
-  try {
-    phy2log = json.at("phy2log").get<std::vector<std::vector<int32_t>>>();
-    if (json.contains("version")) version = json.at("version").get<int64_t>();
-  } catch (const nlohmann::json::exception& e) {
+  const auto malformed = [] {
     return absl::InvalidArgumentError(
-        "placement: expected {\"version\": N, \"phy2log\": [[slot experts...] per MoE layer]}");
+        "placement: expected {\"version\": N, \"phy2log\": [[slot experts...] per MoE layer]} "
+        "with integer expert ids");
+  };
+  if (!json.is_object() || !json.contains("phy2log") || !json["phy2log"].is_array()) {
+    return malformed();
+  }
+  if (json.contains("version")) {
+    if (!json["version"].is_number_integer()) return malformed();
+    version = json["version"].get<int64_t>();
+  }
+  for (const auto& layer : json["phy2log"]) {
+    if (!layer.is_array()) return malformed();
+    std::vector<int32_t>& slots = phy2log.emplace_back();
+    for (const auto& expert : layer) {
+      // get<int32_t>() would truncate 2.7 or wrap 2^32 + 1; refuse anything but a small integer.
+      if (!expert.is_number_integer() || expert.get<int64_t>() < 0 ||
+          expert.get<int64_t>() >= num_logical) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "placement: phy2log layer ", phy2log.size() - 1, " slot ", slots.size(), " holds ",
+            expert.dump(), ", not an expert id in [0, ", num_logical, ")"));
+      }
+      slots.push_back(static_cast<int32_t>(expert.get<int64_t>()));
+    }
   }
   if (static_cast<int>(phy2log.size()) != num_layers) {
     return absl::InvalidArgumentError(absl::StrCat("placement: ", phy2log.size(),

@@ -290,13 +290,13 @@ TEST(ExpertParallelGroupTest, UpdateWithoutSteppingRanksTimesOut) {
 // Two updates racing: rank 0 enters a step having seen version 1 staged, rank 1 enters the same
 // step after version 2 was requested. The ranks must still agree on one placement.
 TEST(ExpertParallelGroupTest, ConcurrentUpdatesKeepRanksOnOnePlacement) {
-  GTEST_SKIP() << "BUG: racing UpdatePlacement calls split the ranks across two placements";
-  // BUG: Agree() commits when every rank has staged *some* version >= the minimum, but each rank
+  // Regression: Agree() commits when every rank has staged *some* version >= the minimum, but each rank
   // commits only if its own pending placement has exactly that minimum version. When
   // UpdatePlacement(v2) replaces a pending v1 between two ranks' reads of pending_, the rank that
   // read v1 commits v1 and the rank that read v2 stays at v0: both return an agreement with
   // different placement_version (dispatch then uses different phy2log on different ranks), and
-  // every later Agree() fails with "ranks disagree on the placement version" for good.
+  // every later Agree() failed with "ranks disagree on the placement version" for good. A
+  // second update is now refused while one is pending.
   const ModelConfig& c = TinyModel().config();
   auto group = MakeGroup(2, DefaultPlacement(2));
   ASSERT_NE(group, nullptr);

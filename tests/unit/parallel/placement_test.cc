@@ -221,11 +221,9 @@ TEST(ExpertPlacementTest, FromJsonRejectsMalformedDocuments) {
 }
 
 TEST(ExpertPlacementTest, FromJsonRejectsExpertIdsThatAreNotSmallIntegers) {
-  GTEST_SKIP() << "BUG: FromJson truncates slot values (4294967297 -> expert 1, 2.7 -> 2)";
-  // BUG: ExpertPlacement::FromJson accepts slot values that are not experts. nlohmann's
+  // Regression: ExpertPlacement::FromJson accepted slot values that are not experts. nlohmann's
   // get<std::vector<std::vector<int32_t>>>() static_casts each number, so 4294967297 (2^32 + 1)
-  // becomes expert 1 and 2.7 becomes expert 2; a corrupt placement file is applied instead of
-  // being rejected at the edge.
+  // became expert 1 and 2.7 became expert 2; a corrupt placement file must be rejected.
   const std::vector<nlohmann::json> invalid = {
       {{"phy2log", {{0, 4294967297LL, 2, 3}}}},
       {{"phy2log", {{0, 1, 2.7, 3}}}},

@@ -1,0 +1,327 @@
+#include "eplb/controller.h"
+
+#include <curl/curl.h>
+
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "eplb/balancedness.h"
+#include "grpcpp/grpcpp.h"
+#include "moeserve/v1/admin.grpc.pb.h"
+#include "nlohmann/json.hpp"
+#include "prometheus/family.h"
+
+namespace moeserve::eplb {
+namespace {
+
+size_t AppendBody(char* data, size_t size, size_t count, void* out) {
+  static_cast<std::string*>(out)->append(data, size * count);
+  return size * count;
+}
+
+bool IsTransient(const absl::Status& status) {
+  return absl::IsUnavailable(status) || absl::IsDeadlineExceeded(status) ||
+         absl::IsResourceExhausted(status) || absl::IsAborted(status);
+}
+
+class PrometheusLoadSource : public LoadSource {
+ public:
+  PrometheusLoadSource(std::string base_url, std::string metric)
+      : base_url_(std::move(base_url)), metric_(std::move(metric)) {
+    while (!base_url_.empty() && base_url_.back() == '/') base_url_.pop_back();
+  }
+
+  absl::StatusOr<LoadMatrix> Query(const std::string& group, double window_seconds,
+                                   int num_layers, int num_experts) override {
+    const std::string query = absl::StrCat(
+        "sum by (layer, expert) (increase(", metric_, "{group=\"", group, "\"}[",
+        static_cast<int64_t>(std::ceil(window_seconds)), "s]))");
+    CURL* curl = curl_easy_init();
+    if (curl == nullptr) return absl::InternalError("libcurl initialisation failed");
+    char* escaped = curl_easy_escape(curl, query.c_str(), static_cast<int>(query.size()));
+    const std::string url = absl::StrCat(base_url_, "/api/v1/query?query=", escaped);
+    curl_free(escaped);
+    std::string body;
+    curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, AppendBody);
+    curl_easy_setopt(curl, CURLOPT_WRITEDATA, &body);
+    curl_easy_setopt(curl, CURLOPT_TIMEOUT, 30L);
+    const CURLcode code = curl_easy_perform(curl);
+    long http_status = 0;
+    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &http_status);
+    curl_easy_cleanup(curl);
+    if (code != CURLE_OK) {
+      return absl::UnavailableError(
+          absl::StrCat("Prometheus at ", base_url_, ": ", curl_easy_strerror(code)));
+    }
+    if (http_status >= 500) {
+      return absl::UnavailableError(absl::StrCat("Prometheus answered HTTP ", http_status));
+    }
+    nlohmann::json response = nlohmann::json::parse(body, nullptr, false);
+    if (response.is_discarded() || response.value("status", "") != "success") {
+      return absl::InvalidArgumentError(absl::StrCat("Prometheus query failed (HTTP ", http_status,
+                                                     "): ", body.substr(0, 300)));
+    }
+    LoadMatrix load(num_layers, std::vector<float>(num_experts, 0.0f));
+    std::vector<std::vector<bool>> seen(num_layers, std::vector<bool>(num_experts, false));
+    int series = 0;
+    try {
+      for (const auto& sample : response.at("data").at("result")) {
+        const int layer = std::stoi(sample.at("metric").at("layer").get<std::string>());
+        const int expert = std::stoi(sample.at("metric").at("expert").get<std::string>());
+        const double value = std::stod(sample.at("value").at(1).get<std::string>());
+        if (layer < 0 || layer >= num_layers || expert < 0 || expert >= num_experts) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "Prometheus has series for layer ", layer, " expert ", expert,
+              ", outside the model's ", num_layers, " x ", num_experts));
+        }
+        if (!std::isfinite(value) || value < 0) {
+          return absl::FailedPreconditionError(absl::StrCat("non-finite or negative load ", value,
+                                                            " for layer ", layer, " expert ", expert));
+        }
+        load[layer][expert] = static_cast<float>(value);
+        if (!seen[layer][expert]) ++series;
+        seen[layer][expert] = true;
+      }
+    } catch (const std::exception& e) {
+      return absl::InvalidArgumentError(absl::StrCat("unexpected Prometheus answer: ", e.what()));
+    }
+    if (series != num_layers * num_experts) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "partial data: Prometheus has ", series, " of ", num_layers * num_experts,
+          " (layer, expert) series for group `", group,
+          "` over the window; not rebalancing on it"));
+    }
+    return load;
+  }
+
+ private:
+  std::string base_url_;
+  std::string metric_;
+};
+
+absl::Status FromGrpc(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+class AdminPlacementTarget : public PlacementTarget {
+ public:
+  AdminPlacementTarget(const std::string& address, std::string token)
+      : address_(address),
+        token_(std::move(token)),
+        stub_(moeserve::v1::Admin::NewStub(
+            grpc::CreateChannel(address, grpc::InsecureChannelCredentials()))) {}
+
+  std::string name() const override { return address_; }
+
+  absl::StatusOr<GroupPlacement> Get(const std::string& group) override {
+    grpc::ClientContext context;
+    Prepare(context, 30);
+    moeserve::v1::GetExpertPlacementRequest request;
+    request.set_group(group);
+    moeserve::v1::ExpertPlacement response;
+    if (auto s = FromGrpc(stub_->GetExpertPlacement(&context, request, &response)); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat(address_, ": ", s.message()));
+    }
+    GroupPlacement placement;
+    placement.version = response.version();
+    placement.ep_size = static_cast<int>(response.ep_size());
+    placement.num_logical = static_cast<int>(response.num_logical_experts());
+    placement.num_physical = static_cast<int>(response.num_physical_experts());
+    placement.num_expert_groups = std::max(1, static_cast<int>(response.num_expert_groups()));
+    for (const auto& layer : response.layers()) {
+      placement.phy2log.emplace_back(layer.phy2log().begin(), layer.phy2log().end());
+    }
+    return placement;
+  }
+
+  absl::Status Update(const std::string& group, int64_t version,
+                      const std::vector<std::vector<int>>& phy2log) override {
+    grpc::ClientContext context;
+    Prepare(context, 120);
+    moeserve::v1::UpdateExpertPlacementRequest request;
+    request.set_group(group);
+    request.set_version(version);
+    request.set_timeout_seconds(90);
+    for (const auto& layer : phy2log) {
+      auto* out = request.add_layers();
+      for (int expert : layer) out->add_phy2log(expert);
+    }
+    moeserve::v1::UpdateExpertPlacementResponse response;
+    absl::Status status = FromGrpc(stub_->UpdateExpertPlacement(&context, request, &response));
+    if (!status.ok()) return absl::Status(status.code(), absl::StrCat(address_, ": ", status.message()));
+    return absl::OkStatus();
+  }
+
+ private:
+  void Prepare(grpc::ClientContext& context, int deadline_seconds) {
+    context.AddMetadata("authorization", "Bearer " + token_);
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(deadline_seconds));
+  }
+  std::string address_;
+  std::string token_;
+  std::unique_ptr<moeserve::v1::Admin::Stub> stub_;
+};
+
+double UnixNow() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+std::unique_ptr<LoadSource> MakePrometheusLoadSource(std::string base_url, std::string metric) {
+  return std::make_unique<PrometheusLoadSource>(std::move(base_url), std::move(metric));
+}
+
+std::unique_ptr<PlacementTarget> MakeAdminPlacementTarget(const std::string& address,
+                                                          std::string token) {
+  return std::make_unique<AdminPlacementTarget>(address, std::move(token));
+}
+
+Controller::Controller(ControllerOptions options, LoadSource& load_source,
+                       std::vector<PlacementTarget*> targets, prometheus::Registry* registry)
+    : options_(std::move(options)), load_source_(load_source), targets_(std::move(targets)) {
+  if (registry == nullptr) return;
+  auto& balance = prometheus::BuildGauge()
+                      .Name("moeserve_eplb_balancedness")
+                      .Help("Predicted mean/max GPU load of the last cycle's load, averaged over "
+                            "layers, with the placement before and after")
+                      .Register(*registry);
+  before_ = &balance.Add({{"group", options_.group}, {"when", "before"}});
+  after_ = &balance.Add({{"group", options_.group}, {"when", "after"}});
+  pushes_ = &prometheus::BuildCounter()
+                 .Name("moeserve_eplb_pushes_total")
+                 .Help("Placements pushed and committed")
+                 .Register(*registry)
+                 .Add({{"group", options_.group}});
+  failures_ = &prometheus::BuildCounter()
+                   .Name("moeserve_eplb_failures_total")
+                   .Help("Failed cycles by stage")
+                   .Register(*registry);
+  last_success_ = &prometheus::BuildGauge()
+                       .Name("moeserve_eplb_last_success_timestamp_seconds")
+                       .Help("Unix time of the last cycle that completed without error")
+                       .Register(*registry)
+                       .Add({{"group", options_.group}});
+}
+
+absl::Status Controller::Fail(const char* stage, absl::Status status) {
+  if (failures_ != nullptr) failures_->Add({{"group", options_.group}, {"stage", stage}}).Increment();
+  return absl::Status(status.code(), absl::StrCat(stage, ": ", status.message()));
+}
+
+template <typename T>
+absl::StatusOr<T> Controller::WithRetries(const char* stage,
+                                          const std::function<absl::StatusOr<T>()>& op) {
+  auto backoff = options_.first_backoff;
+  absl::StatusOr<T> result = op();
+  for (int attempt = 1; attempt < options_.max_attempts && !result.ok() &&
+                        IsTransient(result.status());
+       ++attempt) {
+    std::this_thread::sleep_for(backoff);
+    backoff *= 2;
+    result = op();
+  }
+  if (!result.ok()) return Fail(stage, result.status());
+  return result;
+}
+
+absl::StatusOr<CycleReport> Controller::RunCycle() {
+  if (targets_.empty()) return Fail("placement", absl::InvalidArgumentError("no --targets"));
+  // 1. The current placement; every target of the group must agree on it.
+  GroupPlacement current;
+  for (size_t i = 0; i < targets_.size(); ++i) {
+    PlacementTarget* target = targets_[i];
+    auto placement = WithRetries<GroupPlacement>("placement", [&] { return target->Get(options_.group); });
+    if (!placement.ok()) return placement.status();
+    if (i == 0) {
+      current = std::move(*placement);
+    } else if (placement->version != current.version || placement->phy2log != current.phy2log) {
+      return Fail("placement", absl::FailedPreconditionError(absl::StrCat(
+                                   "targets disagree on the placement (", targets_[0]->name(),
+                                   " has version ", current.version, ", ", target->name(),
+                                   " has ", placement->version, ")")));
+    }
+  }
+  const int num_layers = static_cast<int>(current.phy2log.size());
+  if (num_layers == 0) {
+    return Fail("placement", absl::FailedPreconditionError("the group has no MoE layers"));
+  }
+  ClusterShape shape;
+  shape.num_replicas = options_.num_replicas > 0 ? options_.num_replicas : current.num_physical;
+  shape.num_gpus = options_.num_gpus > 0 ? options_.num_gpus : current.ep_size;
+  shape.num_nodes = options_.num_nodes;
+  shape.num_groups = current.num_expert_groups;
+  if (shape.num_replicas != current.num_physical || shape.num_gpus != current.ep_size) {
+    return Fail("shape", absl::InvalidArgumentError(absl::StrCat(
+                             "--num-replicas ", shape.num_replicas, " / --num-gpus ",
+                             shape.num_gpus, " do not match the group's ", current.num_physical,
+                             " slots on ", current.ep_size, " ranks")));
+  }
+
+  // 2. The load over the window; partial data is never used.
+  auto load = WithRetries<LoadMatrix>("load", [&] {
+    return load_source_.Query(options_.group, options_.window_seconds, num_layers,
+                              current.num_logical);
+  });
+  if (!load.ok()) return load.status();
+  double total = 0;
+  for (const auto& layer : *load) for (float v : layer) total += v;
+
+  CycleReport report;
+  report.version = current.version;
+  if (total <= 0) {
+    report.reason = "no expert load in the window; nothing to balance";
+    if (last_success_ != nullptr) last_success_->Set(UnixNow());
+    return report;
+  }
+
+  // 3. Rebalance and predict.
+  auto plan = RebalanceExperts(*load, shape);
+  if (!plan.ok()) return Fail("rebalance", plan.status());
+  auto before = MeasureBalance(*load, current.phy2log, shape.num_gpus);
+  auto after = MeasureBalance(*load, plan->phy2log, shape.num_gpus);
+  if (!before.ok()) return Fail("rebalance", before.status());
+  if (!after.ok()) return Fail("rebalance", after.status());
+  report.balancedness_before = AverageBalancedness(*before);
+  report.balancedness_after = AverageBalancedness(*after);
+  report.phy2log = plan->phy2log;
+  if (before_ != nullptr) {
+    before_->Set(report.balancedness_before);
+    after_->Set(report.balancedness_after);
+  }
+  const double gain = report.balancedness_after - report.balancedness_before;
+  if (gain <= options_.min_improvement) {
+    report.reason = absl::StrCat("predicted gain ", gain, " is not above --min-improvement ",
+                                 options_.min_improvement);
+    if (last_success_ != nullptr) last_success_->Set(UnixNow());
+    return report;
+  }
+  report.version = current.version + 1;
+  if (options_.dry_run) {
+    report.reason = absl::StrCat("dry run: would push version ", report.version);
+    return report;
+  }
+
+  // 4. Push to every target (each commits at a step boundary of its own group).
+  for (PlacementTarget* target : targets_) {
+    auto pushed = WithRetries<bool>("push", [&]() -> absl::StatusOr<bool> {
+      absl::Status status = target->Update(options_.group, report.version, report.phy2log);
+      if (!status.ok()) return status;
+      return true;
+    });
+    if (!pushed.ok()) return pushed.status();
+  }
+  report.pushed = true;
+  report.reason = absl::StrCat("pushed version ", report.version, ": predicted balancedness ",
+                               report.balancedness_before, " -> ", report.balancedness_after);
+  if (pushes_ != nullptr) pushes_->Increment();
+  if (last_success_ != nullptr) last_success_->Set(UnixNow());
+  return report;
+}
+
+}  // namespace moeserve::eplb
