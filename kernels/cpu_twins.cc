@@ -1,0 +1,178 @@
+#include "kernels/cpu_twins.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+
+namespace moeserve::kernels {
+
+uint16_t FloatToBf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if (std::isnan(value)) return 0x7fc0;
+  const uint32_t rounding = 0x7fff + ((bits >> 16) & 1);
+  return static_cast<uint16_t>((bits + rounding) >> 16);
+}
+
+float Bf16ToFloat(uint16_t value) {
+  const uint32_t bits = static_cast<uint32_t>(value) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+
+void RmsNormTwin(const uint16_t* x, const uint16_t* weight, uint16_t* out, int rows, int dim,
+                 float eps) {
+  for (int r = 0; r < rows; ++r) {
+    float sum = 0;
+    for (int i = 0; i < dim; ++i) {
+      const float v = Bf16ToFloat(x[static_cast<size_t>(r) * dim + i]);
+      sum += v * v;
+    }
+    const float inv = 1.0f / std::sqrt(sum / dim + eps);
+    for (int i = 0; i < dim; ++i) {
+      const size_t at = static_cast<size_t>(r) * dim + i;
+      out[at] = FloatToBf16(Bf16ToFloat(x[at]) * inv * Bf16ToFloat(weight[i]));
+    }
+  }
+}
+
+void SiluMulTwin(const uint16_t* gate_up, uint16_t* out, int rows, int inter) {
+  for (int r = 0; r < rows; ++r) {
+    for (int i = 0; i < inter; ++i) {
+      const float g = Bf16ToFloat(gate_up[static_cast<size_t>(r) * 2 * inter + i]);
+      const float u = Bf16ToFloat(gate_up[static_cast<size_t>(r) * 2 * inter + inter + i]);
+      out[static_cast<size_t>(r) * inter + i] = FloatToBf16(g / (1.0f + std::exp(-g)) * u);
+    }
+  }
+}
+
+void RopeInterleavedTwin(float* vectors, const int32_t* positions, const float* cos_table,
+                         const float* sin_table, int rows, int heads, int dim) {
+  const int half = dim / 2;
+  for (int r = 0; r < rows; ++r) {
+    const float* c = cos_table + static_cast<size_t>(positions[r]) * half;
+    const float* s = sin_table + static_cast<size_t>(positions[r]) * half;
+    for (int h = 0; h < heads; ++h) {
+      float* v = vectors + (static_cast<size_t>(r) * heads + h) * dim;
+      for (int i = 0; i < half; ++i) {
+        const float even = v[2 * i], odd = v[2 * i + 1];
+        v[2 * i] = even * c[i] - odd * s[i];
+        v[2 * i + 1] = odd * c[i] + even * s[i];
+      }
+    }
+  }
+}
+
+void EmbeddingTwin(const uint16_t* table, const int32_t* ids, uint16_t* out, int rows, int hidden) {
+  for (int r = 0; r < rows; ++r) {
+    std::memcpy(out + static_cast<size_t>(r) * hidden, table + static_cast<size_t>(ids[r]) * hidden,
+                sizeof(uint16_t) * hidden);
+  }
+}
+
+namespace {
+// Index of the largest value among `allowed`, lowest index on ties; -1 if none.
+int ArgMaxAllowed(const std::vector<float>& values, const std::vector<bool>& allowed) {
+  int best = -1;
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (allowed[i] && (best < 0 || values[i] > values[best])) best = static_cast<int>(i);
+  }
+  return best;
+}
+}  // namespace
+
+void GateTopKTwin(const float* logits, const float* bias, int tokens, const GateOptions& o,
+                  int32_t* experts, float* weights) {
+  const int per_group = o.num_experts / o.num_groups;
+  std::vector<float> scores(o.num_experts), choice(o.num_experts), group_scores(o.num_groups);
+  for (int t = 0; t < tokens; ++t) {
+    const float* row = logits + static_cast<size_t>(t) * o.num_experts;
+    if (o.sigmoid) {
+      for (int e = 0; e < o.num_experts; ++e) scores[e] = 1.0f / (1.0f + std::exp(-row[e]));
+    } else {
+      const float max = *std::max_element(row, row + o.num_experts);
+      float sum = 0;
+      for (int e = 0; e < o.num_experts; ++e) sum += scores[e] = std::exp(row[e] - max);
+      for (float& s : scores) s /= sum;
+    }
+    for (int e = 0; e < o.num_experts; ++e) choice[e] = scores[e] + (bias ? bias[e] : 0.0f);
+    std::vector<bool> allowed(o.num_experts, true);
+    if (o.num_groups > 1) {
+      for (int g = 0; g < o.num_groups; ++g) {
+        std::vector<float> members(choice.begin() + g * per_group, choice.begin() + (g + 1) * per_group);
+        std::vector<bool> all(per_group, true);
+        const int first = ArgMaxAllowed(members, all);
+        if (o.group_score_top2_sum) {
+          all[first] = false;
+          group_scores[g] = members[first] + members[ArgMaxAllowed(members, all)];
+        } else {
+          group_scores[g] = members[first];
+        }
+      }
+      std::vector<bool> group_allowed(o.num_groups, true), chosen_group(o.num_groups, false);
+      for (int i = 0; i < o.topk_groups; ++i) {
+        const int g = ArgMaxAllowed(group_scores, group_allowed);
+        group_allowed[g] = false;
+        chosen_group[g] = true;
+      }
+      for (int e = 0; e < o.num_experts; ++e) allowed[e] = chosen_group[e / per_group];
+    }
+    float sum = 0;
+    for (int k = 0; k < o.top_k; ++k) {
+      const int e = ArgMaxAllowed(choice, allowed);
+      allowed[e] = false;
+      experts[t * o.top_k + k] = e;
+      weights[t * o.top_k + k] = scores[e];
+      sum += scores[e];
+    }
+    for (int k = 0; k < o.top_k; ++k) {
+      float& w = weights[t * o.top_k + k];
+      if (o.normalize) w /= (sum + 1e-20f);
+      w *= o.scaling;
+    }
+  }
+}
+
+void PermuteRowsTwin(const uint16_t* x, const int32_t* source_rows, uint16_t* out, int rows,
+                     int hidden) {
+  for (int r = 0; r < rows; ++r) {
+    std::memcpy(out + static_cast<size_t>(r) * hidden,
+                x + static_cast<size_t>(source_rows[r]) * hidden, sizeof(uint16_t) * hidden);
+  }
+}
+
+void WeightedUnpermuteTwin(const uint16_t* expert_rows, const int32_t* position,
+                           const float* weights, const uint16_t* shared, uint16_t* out, int tokens,
+                           int top_k, int hidden) {
+  for (int t = 0; t < tokens; ++t) {
+    for (int i = 0; i < hidden; ++i) {
+      float sum = 0;
+      for (int k = 0; k < top_k; ++k) {
+        const size_t row = static_cast<size_t>(position[t * top_k + k]);
+        sum += weights[t * top_k + k] * Bf16ToFloat(expert_rows[row * hidden + i]);
+      }
+      if (shared != nullptr) sum += Bf16ToFloat(shared[static_cast<size_t>(t) * hidden + i]);
+      out[static_cast<size_t>(t) * hidden + i] = FloatToBf16(sum);
+    }
+  }
+}
+
+void GroupedLinearTwin(const uint16_t* x, const std::vector<const uint16_t*>& weights,
+                       const std::vector<int64_t>& offsets, uint16_t* y, int n, int k) {
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    for (int64_t m = offsets[e]; m < offsets[e + 1]; ++m) {
+      for (int j = 0; j < n; ++j) {
+        float sum = 0;
+        for (int i = 0; i < k; ++i) {
+          sum += Bf16ToFloat(x[m * k + i]) * Bf16ToFloat(weights[e][static_cast<size_t>(j) * k + i]);
+        }
+        y[m * n + j] = FloatToBf16(sum);
+      }
+    }
+  }
+}
+
+}  // namespace moeserve::kernels

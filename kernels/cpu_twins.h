@@ -1,0 +1,55 @@
+// CPU twins of the CUDA kernels in kernels.h: the same operations, on host memory, in the same
+// data types (bf16 stored as uint16_t, fp32 accumulation). They are the reference each kernel is
+// tested against, and they build and run without CUDA.
+// Stateless functions; thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace moeserve::kernels {
+
+// bf16 <-> fp32 (round to nearest even, as __float2bfloat16 does).
+uint16_t FloatToBf16(float value);
+float Bf16ToFloat(uint16_t value);
+
+// out[r] = x[r] / rms(x[r]) * weight, bf16 in and out, fp32 accumulation.
+void RmsNormTwin(const uint16_t* x, const uint16_t* weight, uint16_t* out, int rows, int dim,
+                 float eps);
+// gate_up [rows, 2 * inter] (gate then up) -> out [rows, inter] = silu(gate) * up.
+void SiluMulTwin(const uint16_t* gate_up, uint16_t* out, int rows, int inter);
+// Rotates interleaved pairs of `vectors` [rows, heads, dim] by positions[row] with
+// cos/sin tables [max_positions, dim / 2] (fp32 data, in place).
+void RopeInterleavedTwin(float* vectors, const int32_t* positions, const float* cos_table,
+                         const float* sin_table, int rows, int heads, int dim);
+// out[i] = table[ids[i]] (rows of `hidden` bf16 values).
+void EmbeddingTwin(const uint16_t* table, const int32_t* ids, uint16_t* out, int rows, int hidden);
+
+struct GateOptions {
+  int num_experts = 256;
+  int top_k = 8;
+  int num_groups = 8;
+  int topk_groups = 4;
+  bool sigmoid = true;            // else softmax
+  bool group_score_top2_sum = true;  // DeepSeek-V3; else the group's best score (V2)
+  bool normalize = true;
+  float scaling = 2.5f;
+};
+// Group-limited top-k routing from fp32 logits [tokens, experts] (+ optional correction bias,
+// used for the choice only): experts [tokens, top_k] best first, weights [tokens, top_k].
+void GateTopKTwin(const float* logits, const float* bias, int tokens, const GateOptions& options,
+                  int32_t* experts, float* weights);
+// out[i] = x[source_rows[i]] (bf16 rows).
+void PermuteRowsTwin(const uint16_t* x, const int32_t* source_rows, uint16_t* out, int rows,
+                     int hidden);
+// out[t] = sum over k (in order) of weights[t,k] * expert_rows[position[t * top_k + k]], plus
+// shared[t] when given; fp32 accumulation, bf16 out.
+void WeightedUnpermuteTwin(const uint16_t* expert_rows, const int32_t* position,
+                           const float* weights, const uint16_t* shared, uint16_t* out, int tokens,
+                           int top_k, int hidden);
+// Y[M, N] = X[M, K] · W[N, K]^T for each expert's row range (bf16 in, fp32 accumulate, bf16 out):
+// rows [offsets[e], offsets[e+1]) use weight matrix `weights[e]`.
+void GroupedLinearTwin(const uint16_t* x, const std::vector<const uint16_t*>& weights,
+                       const std::vector<int64_t>& offsets, uint16_t* y, int n, int k);
+
+}  // namespace moeserve::kernels

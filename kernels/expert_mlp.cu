@@ -1,0 +1,135 @@
+#include "kernels/expert_mlp.h"
+
+#include "absl/strings/str_cat.h"
+#include "kernels/kernels.h"
+
+namespace moeserve::kernels {
+namespace {
+
+absl::Status CublasStatus(cublasStatus_t status, const char* what) {
+  if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": cuBLAS status ", static_cast<int>(status)));
+}
+
+}  // namespace
+
+absl::StatusOr<ExpertMlp> ExpertMlp::Create(int hidden, int intermediate, int max_rows,
+                                            int max_experts, cudaStream_t stream) {
+  ExpertMlp mlp;
+  mlp.hidden_ = hidden;
+  mlp.intermediate_ = intermediate;
+  mlp.max_rows_ = max_rows;
+  mlp.max_experts_ = max_experts;
+  mlp.stream_ = stream;
+  if (auto s = CublasStatus(cublasCreate(&mlp.cublas_), "cublasCreate"); !s.ok()) return s;
+  if (auto s = CublasStatus(cublasSetStream(mlp.cublas_, stream), "cublasSetStream"); !s.ok()) return s;
+  const size_t rows = static_cast<size_t>(std::max(max_rows, 1));
+  if (auto s = CudaStatus(cudaMalloc(&mlp.gate_up_, rows * 2 * intermediate * sizeof(__nv_bfloat16)), "cudaMalloc"); !s.ok()) return s;
+  if (auto s = CudaStatus(cudaMalloc(&mlp.activation_, rows * intermediate * sizeof(__nv_bfloat16)), "cudaMalloc"); !s.ok()) return s;
+  if (auto s = CudaStatus(cudaMalloc(&mlp.device_pointers_, 3 * static_cast<size_t>(max_experts) * sizeof(void*)), "cudaMalloc"); !s.ok()) return s;
+  return mlp;
+}
+
+ExpertMlp::ExpertMlp(ExpertMlp&& other) noexcept { *this = std::move(other); }
+
+ExpertMlp& ExpertMlp::operator=(ExpertMlp&& other) noexcept {
+  std::swap(hidden_, other.hidden_);
+  std::swap(intermediate_, other.intermediate_);
+  std::swap(max_rows_, other.max_rows_);
+  std::swap(max_experts_, other.max_experts_);
+  std::swap(stream_, other.stream_);
+  std::swap(cublas_, other.cublas_);
+  std::swap(gate_up_, other.gate_up_);
+  std::swap(activation_, other.activation_);
+  std::swap(device_pointers_, other.device_pointers_);
+  return *this;
+}
+
+ExpertMlp::~ExpertMlp() {
+  if (cublas_ != nullptr) cublasDestroy(cublas_);
+  cudaFree(gate_up_);
+  cudaFree(activation_);
+  cudaFree(device_pointers_);
+}
+
+absl::Status ExpertMlp::Gemm(const __nv_bfloat16* a, const std::vector<const __nv_bfloat16*>& weights,
+                             const std::vector<int64_t>& offsets, __nv_bfloat16* c, int n, int k,
+                             Strategy strategy) {
+  // Row-major C[m, n] = A[m, k] · W[n, k]^T is column-major C^T = W^T(op T) · A^T.
+  const float alpha = 1.0f, beta = 0.0f;
+  const int experts = static_cast<int>(weights.size());
+  if (strategy == Strategy::kPerExpertGemm) {
+    for (int e = 0; e < experts; ++e) {
+      const int m = static_cast<int>(offsets[e + 1] - offsets[e]);
+      if (m == 0) continue;
+      auto status = cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, weights[e],
+                                 CUDA_R_16BF, k, a + offsets[e] * k, CUDA_R_16BF, k, &beta,
+                                 c + offsets[e] * n, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
+                                 CUBLAS_GEMM_DEFAULT);
+      if (auto s = CublasStatus(status, "cublasGemmEx"); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+  // Grouped: one call, one group per non-empty expert.
+  std::vector<cublasOperation_t> transa, transb;
+  std::vector<int> m_array, n_array, k_array, lda, ldb, ldc, group_size;
+  std::vector<float> alphas, betas;
+  std::vector<const void*> a_pointers, b_pointers;
+  std::vector<void*> c_pointers;
+  for (int e = 0; e < experts; ++e) {
+    const int m = static_cast<int>(offsets[e + 1] - offsets[e]);
+    if (m == 0) continue;
+    transa.push_back(CUBLAS_OP_T);
+    transb.push_back(CUBLAS_OP_N);
+    m_array.push_back(n);
+    n_array.push_back(m);
+    k_array.push_back(k);
+    lda.push_back(k);
+    ldb.push_back(k);
+    ldc.push_back(n);
+    group_size.push_back(1);
+    alphas.push_back(alpha);
+    betas.push_back(beta);
+    a_pointers.push_back(weights[e]);
+    b_pointers.push_back(a + offsets[e] * k);
+    c_pointers.push_back(c + offsets[e] * n);
+  }
+  const int groups = static_cast<int>(group_size.size());
+  if (groups == 0) return absl::OkStatus();
+  std::vector<void*> host_pointers;
+  for (auto* p : a_pointers) host_pointers.push_back(const_cast<void*>(p));
+  for (auto* p : b_pointers) host_pointers.push_back(const_cast<void*>(p));
+  for (auto* p : c_pointers) host_pointers.push_back(p);
+  if (auto s = CudaStatus(cudaMemcpyAsync(device_pointers_, host_pointers.data(),
+                                          host_pointers.size() * sizeof(void*),
+                                          cudaMemcpyHostToDevice, stream_),
+                          "cudaMemcpyAsync");
+      !s.ok()) {
+    return s;
+  }
+  auto status = cublasGemmGroupedBatchedEx(
+      cublas_, transa.data(), transb.data(), m_array.data(), n_array.data(), k_array.data(),
+      alphas.data(), reinterpret_cast<const void* const*>(device_pointers_), CUDA_R_16BF,
+      lda.data(), reinterpret_cast<const void* const*>(device_pointers_ + groups), CUDA_R_16BF,
+      ldb.data(), betas.data(), device_pointers_ + 2 * groups, CUDA_R_16BF, ldc.data(), groups,
+      group_size.data(), CUBLAS_COMPUTE_32F);
+  // The host pointer array must outlive the asynchronous copy.
+  cudaStreamSynchronize(stream_);
+  return CublasStatus(status, "cublasGemmGroupedBatchedEx");
+}
+
+absl::Status ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
+                            const std::vector<const __nv_bfloat16*>& gate_up_weights,
+                            const std::vector<const __nv_bfloat16*>& down_weights,
+                            __nv_bfloat16* y, Strategy strategy) {
+  const int64_t rows = offsets.back();
+  if (rows > max_rows_ || static_cast<int>(gate_up_weights.size()) > max_experts_ ||
+      gate_up_weights.size() + 1 != offsets.size() || down_weights.size() != gate_up_weights.size()) {
+    return absl::InvalidArgumentError("ExpertMlp::Run: rows or experts beyond the sizes it was made for");
+  }
+  if (auto s = Gemm(x, gate_up_weights, offsets, gate_up_, 2 * intermediate_, hidden_, strategy); !s.ok()) return s;
+  if (auto s = SiluMul(gate_up_, activation_, static_cast<int>(rows), intermediate_, stream_); !s.ok()) return s;
+  return Gemm(activation_, down_weights, offsets, y, hidden_, intermediate_, strategy);
+}
+
+}  // namespace moeserve::kernels

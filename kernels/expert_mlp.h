@@ -1,0 +1,52 @@
+// ExpertMlp: the routed experts' SwiGLU MLP on the GPU as grouped GEMMs through cuBLAS —
+// rows already permuted so that each local expert's tokens are contiguous:
+//   gate_up[rows of e] = X[rows of e] · W_gate_up(e)^T      ([2I, H] per expert, gate then up)
+//   act = silu(gate) * up                                     (one kernel over all rows)
+//   Y[rows of e]       = act[rows of e] · W_down(e)^T         ([H, I] per expert)
+// bf16 in and out, fp32 accumulation. One instance per stream; not thread-safe.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace moeserve::kernels {
+
+class ExpertMlp {
+ public:
+  enum class Strategy {
+    kPerExpertGemm,  // one cublasGemmEx per expert and matrix
+    kGroupedGemm,    // one cublasGemmGroupedBatchedEx per matrix for all experts
+  };
+  static absl::StatusOr<ExpertMlp> Create(int hidden, int intermediate, int max_rows,
+                                          int max_experts, cudaStream_t stream);
+  ExpertMlp(ExpertMlp&&) noexcept;
+  ExpertMlp& operator=(ExpertMlp&&) noexcept;
+  ~ExpertMlp();
+
+  // `offsets` (host, experts + 1 entries) splits X [offsets.back(), hidden] by expert;
+  // gate_up_weights[e] and down_weights[e] are device pointers.
+  absl::Status Run(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
+                   const std::vector<const __nv_bfloat16*>& gate_up_weights,
+                   const std::vector<const __nv_bfloat16*>& down_weights, __nv_bfloat16* y,
+                   Strategy strategy = Strategy::kPerExpertGemm);
+
+ private:
+  ExpertMlp() = default;
+  absl::Status Gemm(const __nv_bfloat16* a, const std::vector<const __nv_bfloat16*>& weights,
+                    const std::vector<int64_t>& offsets, __nv_bfloat16* c, int n, int k,
+                    Strategy strategy);
+
+  int hidden_ = 0, intermediate_ = 0, max_rows_ = 0, max_experts_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  __nv_bfloat16* gate_up_ = nullptr;     // [max_rows, 2I]
+  __nv_bfloat16* activation_ = nullptr;  // [max_rows, I]
+  void** device_pointers_ = nullptr;     // 3 * max_experts pointer arrays for grouped GEMM
+};
+
+}  // namespace moeserve::kernels

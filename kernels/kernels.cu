@@ -1,0 +1,259 @@
+#include "kernels/kernels.h"
+
+#include <cfloat>
+
+#include "absl/strings/str_cat.h"
+
+namespace moeserve::kernels {
+namespace {
+
+constexpr int kWarp = 32;
+
+__device__ float WarpSum(float value) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffff, value, offset);
+  return value;
+}
+
+__global__ void RmsNormKernel(const __nv_bfloat16* x, const __nv_bfloat16* weight,
+                              __nv_bfloat16* out, int dim, float eps) {
+  const __nv_bfloat16* row = x + static_cast<size_t>(blockIdx.x) * dim;
+  __shared__ float partial[32];
+  float sum = 0;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = __bfloat162float(row[i]);
+    sum += v * v;
+  }
+  sum = WarpSum(sum);
+  if (threadIdx.x % kWarp == 0) partial[threadIdx.x / kWarp] = sum;
+  __syncthreads();
+  if (threadIdx.x < kWarp) {
+    float total = threadIdx.x < blockDim.x / kWarp ? partial[threadIdx.x] : 0.0f;
+    total = WarpSum(total);
+    if (threadIdx.x == 0) partial[0] = rsqrtf(total / dim + eps);
+  }
+  __syncthreads();
+  const float inv = partial[0];
+  __nv_bfloat16* dst = out + static_cast<size_t>(blockIdx.x) * dim;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    dst[i] = __float2bfloat16(__bfloat162float(row[i]) * inv * __bfloat162float(weight[i]));
+  }
+}
+
+__global__ void SiluMulKernel(const __nv_bfloat16* gate_up, __nv_bfloat16* out, int64_t rows, int inter) {
+  const int64_t total = rows * inter;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / inter, c = i % inter;
+    const float g = __bfloat162float(gate_up[r * 2 * inter + c]);
+    const float u = __bfloat162float(gate_up[r * 2 * inter + inter + c]);
+    out[i] = __float2bfloat16(g / (1.0f + __expf(-g)) * u);
+  }
+}
+
+__global__ void RopeKernel(float* vectors, const int32_t* positions, const float* cos_table,
+                           const float* sin_table, int heads, int dim) {
+  const int half = dim / 2;
+  const int row = blockIdx.x;
+  const float* c = cos_table + static_cast<size_t>(positions[row]) * half;
+  const float* s = sin_table + static_cast<size_t>(positions[row]) * half;
+  for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+    const int h = i / half, p = i % half;
+    float* v = vectors + (static_cast<size_t>(row) * heads + h) * dim;
+    const float even = v[2 * p], odd = v[2 * p + 1];
+    v[2 * p] = even * c[p] - odd * s[p];
+    v[2 * p + 1] = odd * c[p] + even * s[p];
+  }
+}
+
+__global__ void CopyRowsKernel(const __nv_bfloat16* source, const int32_t* source_rows,
+                               __nv_bfloat16* out, int hidden) {
+  const int row = blockIdx.x;
+  // 16-byte vectors when the row allows it.
+  const __nv_bfloat16* src = source + static_cast<size_t>(source_rows[row]) * hidden;
+  __nv_bfloat16* dst = out + static_cast<size_t>(row) * hidden;
+  if (hidden % 8 == 0) {
+    const int4* s = reinterpret_cast<const int4*>(src);
+    int4* d = reinterpret_cast<int4*>(dst);
+    for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) d[i] = s[i];
+  } else {
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
+__global__ void UnpermuteKernel(const __nv_bfloat16* expert_rows, const int32_t* position,
+                                const float* weights, const __nv_bfloat16* shared,
+                                __nv_bfloat16* out, int top_k, int hidden) {
+  const int token = blockIdx.x;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    float sum = 0;
+    for (int k = 0; k < top_k; ++k) {  // each token's own top-k order
+      const size_t row = static_cast<size_t>(position[token * top_k + k]);
+      sum += weights[token * top_k + k] * __bfloat162float(expert_rows[row * hidden + i]);
+    }
+    if (shared != nullptr) sum += __bfloat162float(shared[static_cast<size_t>(token) * hidden + i]);
+    out[static_cast<size_t>(token) * hidden + i] = __float2bfloat16(sum);
+  }
+}
+
+// Largest value among lanes' candidates; ties to the lowest index.
+__device__ void WarpArgMax(float& value, int& index) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const float other_value = __shfl_xor_sync(0xffffffff, value, offset);
+    const int other_index = __shfl_xor_sync(0xffffffff, index, offset);
+    if (other_value > value || (other_value == value && other_index < index)) {
+      value = other_value;
+      index = other_index;
+    }
+  }
+}
+
+// One warp per token; scores live in shared memory.
+__global__ void GateTopKKernel(const float* logits, const float* bias, GateOptions o,
+                               int32_t* experts, float* weights) {
+  extern __shared__ float shared[];
+  const int warp_in_block = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const int token = blockIdx.x * (blockDim.x / kWarp) + warp_in_block;
+  float* scores = shared + warp_in_block * 2 * o.num_experts;
+  float* choice = scores + o.num_experts;
+  const float* row = logits + static_cast<size_t>(token) * o.num_experts;
+  if (o.sigmoid) {
+    for (int e = lane; e < o.num_experts; e += kWarp) scores[e] = 1.0f / (1.0f + __expf(-row[e]));
+  } else {
+    float max = -FLT_MAX;
+    for (int e = lane; e < o.num_experts; e += kWarp) max = fmaxf(max, row[e]);
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) max = fmaxf(max, __shfl_xor_sync(0xffffffff, max, offset));
+    float sum = 0;
+    for (int e = lane; e < o.num_experts; e += kWarp) sum += scores[e] = __expf(row[e] - max);
+    sum = WarpSum(sum);
+    for (int e = lane; e < o.num_experts; e += kWarp) scores[e] /= sum;
+  }
+  __syncwarp();
+  for (int e = lane; e < o.num_experts; e += kWarp) choice[e] = scores[e] + (bias ? bias[e] : 0.0f);
+  __syncwarp();
+  if (o.num_groups > 1) {
+    const int per_group = o.num_experts / o.num_groups;
+    // Lane g scores group g (groups <= 32).
+    float group_score = -FLT_MAX;
+    if (lane < o.num_groups) {
+      float first = -FLT_MAX, second = -FLT_MAX;
+      for (int i = 0; i < per_group; ++i) {
+        const float v = choice[lane * per_group + i];
+        if (v > first) {
+          second = first;
+          first = v;
+        } else if (v > second) {
+          second = v;
+        }
+      }
+      group_score = o.group_score_top2_sum ? first + second : first;
+    }
+    unsigned chosen_groups = 0;
+    for (int i = 0; i < o.topk_groups; ++i) {
+      float value = (chosen_groups >> lane) & 1u ? -FLT_MAX : group_score;
+      int index = lane < o.num_groups ? lane : 1 << 20;
+      if (lane >= o.num_groups) value = -FLT_MAX;
+      WarpArgMax(value, index);
+      chosen_groups |= 1u << index;
+    }
+    for (int e = lane; e < o.num_experts; e += kWarp) {
+      if (!((chosen_groups >> (e / per_group)) & 1u)) choice[e] = -FLT_MAX;
+    }
+    __syncwarp();
+  }
+  float sum = 0;
+  for (int k = 0; k < o.top_k; ++k) {
+    float value = -FLT_MAX;
+    int index = 1 << 20;
+    for (int e = lane; e < o.num_experts; e += kWarp) {
+      if (choice[e] > value) { value = choice[e]; index = e; }
+    }
+    WarpArgMax(value, index);
+    if (lane == 0) {
+      experts[token * o.top_k + k] = index;
+      weights[token * o.top_k + k] = scores[index];
+      choice[index] = -INFINITY;  // below the masked value: never chosen again
+    }
+    sum += scores[index];
+    __syncwarp();
+  }
+  if (lane < o.top_k) {
+    float w = weights[token * o.top_k + lane];
+    if (o.normalize) w /= (sum + 1e-20f);
+    weights[token * o.top_k + lane] = w * o.scaling;
+  }
+}
+
+int Blocks(int64_t work, int threads) {
+  return static_cast<int>(std::min<int64_t>((work + threads - 1) / threads, 65535 * 8));
+}
+
+absl::Status LastError(const char* what) { return CudaStatus(cudaGetLastError(), what); }
+
+}  // namespace
+
+absl::Status CudaStatus(cudaError_t error, const char* what) {
+  if (error == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(error)));
+}
+
+absl::Status RmsNorm(const __nv_bfloat16* x, const __nv_bfloat16* weight, __nv_bfloat16* out,
+                     int rows, int dim, float eps, cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  RmsNormKernel<<<rows, 256, 0, stream>>>(x, weight, out, dim, eps);
+  return LastError("RmsNorm");
+}
+
+absl::Status SiluMul(const __nv_bfloat16* gate_up, __nv_bfloat16* out, int rows, int inter,
+                     cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  SiluMulKernel<<<Blocks(static_cast<int64_t>(rows) * inter, 256), 256, 0, stream>>>(gate_up, out, rows, inter);
+  return LastError("SiluMul");
+}
+
+absl::Status RopeInterleaved(float* vectors, const int32_t* positions, const float* cos_table,
+                             const float* sin_table, int rows, int heads, int dim,
+                             cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  RopeKernel<<<rows, 128, 0, stream>>>(vectors, positions, cos_table, sin_table, heads, dim);
+  return LastError("RopeInterleaved");
+}
+
+absl::Status Embedding(const __nv_bfloat16* table, const int32_t* ids, __nv_bfloat16* out, int rows,
+                       int hidden, cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  CopyRowsKernel<<<rows, 128, 0, stream>>>(table, ids, out, hidden);
+  return LastError("Embedding");
+}
+
+absl::Status GateTopK(const float* logits, const float* bias, int tokens, const GateOptions& options,
+                      int32_t* experts, float* weights, cudaStream_t stream) {
+  if (options.num_experts > 1024 || options.top_k > 32 || options.num_groups > 32 ||
+      options.num_experts % options.num_groups != 0) {
+    return absl::InvalidArgumentError("GateTopK: experts <= 1024, top_k <= 32, groups <= 32");
+  }
+  if (tokens == 0) return absl::OkStatus();
+  // One warp per token; 4 tokens per block unless that overruns the token count.
+  const int warps = tokens % 4 == 0 ? 4 : 1;
+  const size_t shared = static_cast<size_t>(warps) * 2 * options.num_experts * sizeof(float);
+  GateTopKKernel<<<tokens / warps, warps * kWarp, shared, stream>>>(logits, bias, options, experts, weights);
+  return LastError("GateTopK");
+}
+
+absl::Status PermuteRows(const __nv_bfloat16* x, const int32_t* source_rows, __nv_bfloat16* out,
+                         int rows, int hidden, cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  CopyRowsKernel<<<rows, 128, 0, stream>>>(x, source_rows, out, hidden);
+  return LastError("PermuteRows");
+}
+
+absl::Status WeightedUnpermute(const __nv_bfloat16* expert_rows, const int32_t* position,
+                               const float* weights, const __nv_bfloat16* shared,
+                               __nv_bfloat16* out, int tokens, int top_k, int hidden,
+                               cudaStream_t stream) {
+  if (tokens == 0) return absl::OkStatus();
+  UnpermuteKernel<<<tokens, 256, 0, stream>>>(expert_rows, position, weights, shared, out, top_k, hidden);
+  return LastError("WeightedUnpermute");
+}
+
+}  // namespace moeserve::kernels

@@ -1,0 +1,219 @@
+// GPU kernels against their CPU twins on random inputs. Skipped where no GPU is present.
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu_twins.h"
+#include "kernels/expert_mlp.h"
+#include "kernels/kernels.h"
+
+namespace moeserve::kernels {
+namespace {
+
+bool HaveGpu() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+#define REQUIRE_GPU() \
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU"
+
+template <typename T>
+T* ToDevice(const std::vector<T>& host) {
+  T* device = nullptr;
+  EXPECT_EQ(cudaMalloc(&device, host.size() * sizeof(T) + 1), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  return device;
+}
+
+template <typename T>
+std::vector<T> ToHost(const T* device, size_t count) {
+  std::vector<T> host(count);
+  EXPECT_EQ(cudaMemcpy(host.data(), device, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+  return host;
+}
+
+std::vector<uint16_t> RandomBf16(size_t count, unsigned seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<uint16_t> values(count);
+  for (auto& v : values) v = FloatToBf16(normal(rng));
+  return values;
+}
+
+// max |a - b| / max |b| over bf16 arrays.
+double RelativeError(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
+  double diff = 0, scale = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, static_cast<double>(std::fabs(Bf16ToFloat(a[i]) - Bf16ToFloat(b[i]))));
+    scale = std::max(scale, static_cast<double>(std::fabs(Bf16ToFloat(b[i]))));
+  }
+  return scale > 0 ? diff / scale : diff;
+}
+
+__nv_bfloat16* Bf(uint16_t* p) { return reinterpret_cast<__nv_bfloat16*>(p); }
+
+TEST(GpuKernels, RmsNormMatchesTwin) {
+  REQUIRE_GPU();
+  const int rows = 37, dim = 7168;
+  auto x = RandomBf16(static_cast<size_t>(rows) * dim, 1), w = RandomBf16(dim, 2, 0.1f);
+  std::vector<uint16_t> expected(x.size());
+  RmsNormTwin(x.data(), w.data(), expected.data(), rows, dim, 1e-6f);
+  uint16_t *dx = ToDevice(x), *dw = ToDevice(w), *dout = ToDevice(std::vector<uint16_t>(x.size()));
+  ASSERT_TRUE(RmsNorm(Bf(dx), Bf(dw), Bf(dout), rows, dim, 1e-6f, nullptr).ok());
+  EXPECT_LT(RelativeError(ToHost(dout, x.size()), expected), 1e-2);
+  cudaFree(dx); cudaFree(dw); cudaFree(dout);
+}
+
+TEST(GpuKernels, SiluMulMatchesTwin) {
+  REQUIRE_GPU();
+  const int rows = 53, inter = 2048;
+  auto gate_up = RandomBf16(static_cast<size_t>(rows) * 2 * inter, 3);
+  std::vector<uint16_t> expected(static_cast<size_t>(rows) * inter);
+  SiluMulTwin(gate_up.data(), expected.data(), rows, inter);
+  uint16_t *dg = ToDevice(gate_up), *dout = ToDevice(std::vector<uint16_t>(expected.size()));
+  ASSERT_TRUE(SiluMul(Bf(dg), Bf(dout), rows, inter, nullptr).ok());
+  EXPECT_LT(RelativeError(ToHost(dout, expected.size()), expected), 1e-2);
+  cudaFree(dg); cudaFree(dout);
+}
+
+TEST(GpuKernels, RopeMatchesTwin) {
+  REQUIRE_GPU();
+  const int rows = 19, heads = 16, dim = 64, max_positions = 4096;
+  std::mt19937 rng(4);
+  std::uniform_real_distribution<float> uniform(-1, 1);
+  std::vector<float> vectors(static_cast<size_t>(rows) * heads * dim), cos_table(max_positions * dim / 2),
+      sin_table(cos_table.size());
+  for (auto& v : vectors) v = uniform(rng);
+  for (size_t i = 0; i < cos_table.size(); ++i) {
+    cos_table[i] = std::cos(0.001f * i);
+    sin_table[i] = std::sin(0.001f * i);
+  }
+  std::vector<int32_t> positions(rows);
+  for (auto& p : positions) p = static_cast<int32_t>(rng() % max_positions);
+  auto expected = vectors;
+  RopeInterleavedTwin(expected.data(), positions.data(), cos_table.data(), sin_table.data(), rows, heads, dim);
+  float *dv = ToDevice(vectors), *dc = ToDevice(cos_table), *ds = ToDevice(sin_table);
+  int32_t* dp = ToDevice(positions);
+  ASSERT_TRUE(RopeInterleaved(dv, dp, dc, ds, rows, heads, dim, nullptr).ok());
+  auto actual = ToHost(dv, vectors.size());
+  for (size_t i = 0; i < actual.size(); ++i) ASSERT_NEAR(actual[i], expected[i], 1e-5) << i;
+  cudaFree(dv); cudaFree(dc); cudaFree(ds); cudaFree(dp);
+}
+
+TEST(GpuKernels, EmbeddingPermuteAndUnpermuteMatchTwins) {
+  REQUIRE_GPU();
+  const int vocab = 1000, hidden = 7168, tokens = 33, top_k = 8;
+  auto table = RandomBf16(static_cast<size_t>(vocab) * hidden, 5);
+  std::mt19937 rng(6);
+  std::vector<int32_t> ids(tokens);
+  for (auto& id : ids) id = static_cast<int32_t>(rng() % vocab);
+  std::vector<uint16_t> embedded(static_cast<size_t>(tokens) * hidden);
+  EmbeddingTwin(table.data(), ids.data(), embedded.data(), tokens, hidden);
+  uint16_t* dtable = ToDevice(table);
+  int32_t* dids = ToDevice(ids);
+  uint16_t* dembedded = ToDevice(std::vector<uint16_t>(embedded.size()));
+  ASSERT_TRUE(Embedding(Bf(dtable), dids, Bf(dembedded), tokens, hidden, nullptr).ok());
+  EXPECT_EQ(ToHost(dembedded, embedded.size()), embedded);
+
+  // Permute each (token, k) into a shuffled order, then combine back with weights.
+  const int rows = tokens * top_k;
+  std::vector<int32_t> source(rows), position(rows);
+  std::vector<int> order(rows);
+  for (int i = 0; i < rows; ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), rng);
+  for (int r = 0; r < rows; ++r) {
+    source[r] = order[r] / top_k;
+    position[order[r]] = r;
+  }
+  std::vector<uint16_t> permuted(static_cast<size_t>(rows) * hidden);
+  PermuteRowsTwin(embedded.data(), source.data(), permuted.data(), rows, hidden);
+  int32_t* dsource = ToDevice(source);
+  uint16_t* dpermuted = ToDevice(std::vector<uint16_t>(permuted.size()));
+  ASSERT_TRUE(PermuteRows(Bf(dembedded), dsource, Bf(dpermuted), rows, hidden, nullptr).ok());
+  EXPECT_EQ(ToHost(dpermuted, permuted.size()), permuted);
+
+  std::vector<float> weights(rows);
+  for (auto& w : weights) w = std::uniform_real_distribution<float>(0, 1)(rng);
+  auto shared = RandomBf16(static_cast<size_t>(tokens) * hidden, 8);
+  std::vector<uint16_t> combined(static_cast<size_t>(tokens) * hidden);
+  WeightedUnpermuteTwin(permuted.data(), position.data(), weights.data(), shared.data(),
+                        combined.data(), tokens, top_k, hidden);
+  int32_t* dposition = ToDevice(position);
+  float* dweights = ToDevice(weights);
+  uint16_t *dshared = ToDevice(shared), *dcombined = ToDevice(std::vector<uint16_t>(combined.size()));
+  ASSERT_TRUE(WeightedUnpermute(Bf(dpermuted), dposition, dweights, Bf(dshared), Bf(dcombined),
+                                tokens, top_k, hidden, nullptr).ok());
+  EXPECT_LT(RelativeError(ToHost(dcombined, combined.size()), combined), 1e-2);
+  for (void* p : {static_cast<void*>(dtable), static_cast<void*>(dids), static_cast<void*>(dembedded),
+                  static_cast<void*>(dsource), static_cast<void*>(dpermuted), static_cast<void*>(dposition),
+                  static_cast<void*>(dweights), static_cast<void*>(dshared), static_cast<void*>(dcombined)}) {
+    cudaFree(p);
+  }
+}
+
+TEST(GpuKernels, GateTopKMatchesTwinForV3AndV2Routing) {
+  REQUIRE_GPU();
+  for (bool v3 : {true, false}) {
+    GateOptions options;
+    options.sigmoid = v3;
+    options.group_score_top2_sum = v3;
+    options.normalize = v3;
+    options.scaling = v3 ? 2.5f : 1.0f;
+    const int tokens = 128;
+    std::mt19937 rng(v3 ? 9 : 10);
+    std::normal_distribution<float> normal(0, 1);
+    std::vector<float> logits(static_cast<size_t>(tokens) * options.num_experts), bias(options.num_experts);
+    for (auto& l : logits) l = normal(rng);
+    for (auto& b : bias) b = 0.05f * normal(rng);
+    std::vector<int32_t> experts(tokens * options.top_k);
+    std::vector<float> weights(experts.size());
+    GateTopKTwin(logits.data(), v3 ? bias.data() : nullptr, tokens, options, experts.data(), weights.data());
+    float *dl = ToDevice(logits), *db = ToDevice(bias), *dw = ToDevice(weights);
+    int32_t* de = ToDevice(experts);
+    ASSERT_TRUE(GateTopK(dl, v3 ? db : nullptr, tokens, options, de, dw, nullptr).ok());
+    EXPECT_EQ(ToHost(de, experts.size()), experts) << (v3 ? "v3" : "v2");
+    auto actual = ToHost(dw, weights.size());
+    for (size_t i = 0; i < weights.size(); ++i) ASSERT_NEAR(actual[i], weights[i], 1e-5) << i;
+    cudaFree(dl); cudaFree(db); cudaFree(dw); cudaFree(de);
+  }
+}
+
+TEST(GpuKernels, ExpertMlpMatchesTwinWithBothGemmStrategies) {
+  REQUIRE_GPU();
+  const int hidden = 256, inter = 128;
+  const std::vector<int64_t> offsets = {0, 5, 5, 37, 38, 100};  // includes an empty expert
+  const int experts = static_cast<int>(offsets.size()) - 1, rows = static_cast<int>(offsets.back());
+  auto x = RandomBf16(static_cast<size_t>(rows) * hidden, 11);
+  std::vector<std::vector<uint16_t>> gate_up, down;
+  std::vector<const uint16_t*> gate_up_host, down_host;
+  std::vector<const __nv_bfloat16*> gate_up_device, down_device;
+  for (int e = 0; e < experts; ++e) {
+    gate_up.push_back(RandomBf16(static_cast<size_t>(2) * inter * hidden, 20 + e, 0.06f));
+    down.push_back(RandomBf16(static_cast<size_t>(hidden) * inter, 40 + e, 0.09f));
+    gate_up_host.push_back(gate_up.back().data());
+    down_host.push_back(down.back().data());
+    gate_up_device.push_back(Bf(ToDevice(gate_up.back())));
+    down_device.push_back(Bf(ToDevice(down.back())));
+  }
+  std::vector<uint16_t> h(static_cast<size_t>(rows) * 2 * inter), a(static_cast<size_t>(rows) * inter),
+      expected(static_cast<size_t>(rows) * hidden);
+  GroupedLinearTwin(x.data(), gate_up_host, offsets, h.data(), 2 * inter, hidden);
+  SiluMulTwin(h.data(), a.data(), rows, inter);
+  GroupedLinearTwin(a.data(), down_host, offsets, expected.data(), hidden, inter);
+  uint16_t* dx = ToDevice(x);
+  uint16_t* dy = ToDevice(std::vector<uint16_t>(expected.size()));
+  auto mlp = ExpertMlp::Create(hidden, inter, rows, experts, nullptr);
+  ASSERT_TRUE(mlp.ok()) << mlp.status();
+  for (auto strategy : {ExpertMlp::Strategy::kPerExpertGemm, ExpertMlp::Strategy::kGroupedGemm}) {
+    ASSERT_TRUE(mlp->Run(Bf(dx), offsets, gate_up_device, down_device, Bf(dy), strategy).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_LT(RelativeError(ToHost(dy, expected.size()), expected), 2e-2);
+  }
+}
+
+}  // namespace
+}  // namespace moeserve::kernels
