@@ -1,0 +1,91 @@
+// The CUDA kernels' CPU twins against the engine's fp32 CPU implementation: the twins are the
+// reference the GPU kernels are tested against, so they must agree with the model code.
+#include <random>
+#include <vector>
+
+#include "engine/backend/cpu_ops.h"
+#include "engine/model/model_config.h"
+#include "engine/model/moe.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu_twins.h"
+
+namespace moeserve::kernels {
+namespace {
+
+TEST(KernelTwins, Bf16RoundsToNearestEven) {
+  EXPECT_EQ(FloatToBf16(1.0f), 0x3f80);
+  EXPECT_EQ(Bf16ToFloat(0x3f80), 1.0f);
+  // 1 + 2^-8 is exactly halfway between two bf16 values: rounds to the even one (1.0).
+  EXPECT_EQ(FloatToBf16(1.0f + 1.0f / 256), 0x3f80);
+  EXPECT_EQ(FloatToBf16(1.0f + 3.0f / 256), 0x3f82);
+  EXPECT_EQ(Bf16ToFloat(FloatToBf16(-2.5f)), -2.5f);
+}
+
+TEST(KernelTwins, GateTopKTwinRoutesLikeTheEngine) {
+  for (const std::string name : {"builtin:tiny-e256", "builtin:tiny-v2"}) {
+    engine::ModelConfig config = *engine::BuiltinModelConfig(name);
+    GateOptions options;
+    options.num_experts = config.n_routed_experts;
+    options.top_k = config.num_experts_per_tok;
+    options.num_groups = config.n_group;
+    options.topk_groups = config.topk_group;
+    options.sigmoid = config.scoring_func == engine::ScoringFunction::kSigmoid;
+    options.group_score_top2_sum = config.topk_method == engine::TopKMethod::kNoAuxTc;
+    options.normalize = config.norm_topk_prob;
+    options.scaling = static_cast<float>(config.routed_scaling_factor);
+    const int tokens = 64;
+    std::mt19937 rng(3);
+    std::normal_distribution<float> normal(0, 1);
+    std::vector<float> logits(static_cast<size_t>(tokens) * options.num_experts), bias(options.num_experts);
+    for (auto& l : logits) l = normal(rng);
+    for (auto& b : bias) b = 0.05f * normal(rng);
+    const bool use_bias = options.sigmoid;
+    std::vector<int32_t> experts(tokens * options.top_k);
+    std::vector<float> weights(experts.size());
+    GateTopKTwin(logits.data(), use_bias ? bias.data() : nullptr, tokens, options, experts.data(),
+                 weights.data());
+    const engine::Routing routing =
+        engine::RouteTokens(config, logits.data(), tokens, use_bias ? bias.data() : nullptr);
+    EXPECT_EQ(experts, routing.experts) << name;
+    for (size_t i = 0; i < weights.size(); ++i) EXPECT_NEAR(weights[i], routing.weights[i], 1e-6) << name;
+  }
+}
+
+TEST(KernelTwins, RmsNormTwinMatchesTheEngineWithinBf16) {
+  const int rows = 5, dim = 256;
+  std::mt19937 rng(4);
+  std::normal_distribution<float> normal(0, 1);
+  std::vector<uint16_t> x(rows * dim), w(dim), out(rows * dim);
+  std::vector<float> xf(rows * dim), wf(dim), reference(rows * dim);
+  for (int i = 0; i < rows * dim; ++i) xf[i] = Bf16ToFloat(x[i] = FloatToBf16(normal(rng)));
+  for (int i = 0; i < dim; ++i) wf[i] = Bf16ToFloat(w[i] = FloatToBf16(1 + 0.1f * normal(rng)));
+  RmsNormTwin(x.data(), w.data(), out.data(), rows, dim, 1e-6f);
+  engine::cpu::RmsNorm(xf.data(), wf.data(), reference.data(), rows, dim, 1e-6f);
+  for (int i = 0; i < rows * dim; ++i) {
+    EXPECT_NEAR(Bf16ToFloat(out[i]), reference[i], 1e-2 * std::max(1.0f, std::fabs(reference[i])));
+  }
+}
+
+TEST(KernelTwins, UnpermuteTwinCombinesLikeTheEngine) {
+  const int tokens = 4, top_k = 3, hidden = 16;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0, 1);
+  engine::Routing routing{tokens, top_k, std::vector<int32_t>(tokens * top_k), std::vector<float>(tokens * top_k)};
+  for (auto& w : routing.weights) w = normal(rng);
+  std::vector<uint16_t> rows(static_cast<size_t>(tokens) * top_k * hidden);
+  std::vector<float> rows_float(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) rows_float[i] = Bf16ToFloat(rows[i] = FloatToBf16(normal(rng)));
+  std::vector<int32_t> identity(tokens * top_k);
+  for (int i = 0; i < tokens * top_k; ++i) identity[i] = i;
+  std::vector<uint16_t> out(static_cast<size_t>(tokens) * hidden);
+  WeightedUnpermuteTwin(rows.data(), identity.data(), routing.weights.data(), nullptr, out.data(), tokens,
+                        top_k, hidden);
+  std::vector<float> reference(static_cast<size_t>(tokens) * hidden);
+  engine::CombineExpertOutputs(routing, rows_float.data(), nullptr, hidden, reference.data());
+  for (size_t i = 0; i < reference.size(); ++i) {
+    EXPECT_NEAR(Bf16ToFloat(out[i]), reference[i], 1e-2 * std::max(1.0f, std::fabs(reference[i])));
+  }
+}
+
+}  // namespace
+}  // namespace moeserve::kernels
