@@ -39,15 +39,13 @@ class ScopedDevice {
 };
 
 absl::Status CudaError(const char* what, cudaError_t error) {
-  return absl::InternalError(
-      absl::StrCat(what, ": CUDA error ", cudaGetErrorName(error), " (", cudaGetErrorString(error),
-                   ")"));
+  return absl::InternalError(absl::StrCat(what, ": CUDA error ", cudaGetErrorName(error), " (",
+                                          cudaGetErrorString(error), ")"));
 }
 
-#define MOESERVE_RETURN_IF_CUDA_ERROR(what, call)         \
-  do {                                                    \
-    if (cudaError_t error_ = (call); error_ != cudaSuccess) \
-      return CudaError(what, error_);                     \
+#define MOESERVE_RETURN_IF_CUDA_ERROR(what, call)                                           \
+  do {                                                                                      \
+    if (cudaError_t error_ = (call); error_ != cudaSuccess) return CudaError(what, error_); \
   } while (false)
 
 // NCCL accepts device (and managed) memory; anything else is staged.
@@ -63,9 +61,12 @@ bool IsDeviceAccessible(const void* pointer) {
 
 ncclRedOp_t ToNccl(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return ncclSum;
-    case ReduceOp::kMax: return ncclMax;
-    case ReduceOp::kMin: return ncclMin;
+    case ReduceOp::kSum:
+      return ncclSum;
+    case ReduceOp::kMax:
+      return ncclMax;
+    case ReduceOp::kMin:
+      return ncclMin;
   }
   return ncclSum;
 }
@@ -112,9 +113,9 @@ ncclConfig_t NonBlockingConfig() {
 
 absl::StatusOr<cudaStream_t> CreateCommunicationStream() {
   int least_priority = 0, greatest_priority = 0;
-  MOESERVE_RETURN_IF_CUDA_ERROR("cudaDeviceGetStreamPriorityRange",
-                                cudaDeviceGetStreamPriorityRange(&least_priority,
-                                                                 &greatest_priority));
+  MOESERVE_RETURN_IF_CUDA_ERROR(
+      "cudaDeviceGetStreamPriorityRange",
+      cudaDeviceGetStreamPriorityRange(&least_priority, &greatest_priority));
   cudaStream_t stream = nullptr;
   MOESERVE_RETURN_IF_CUDA_ERROR(
       "cudaStreamCreateWithPriority",
@@ -149,8 +150,8 @@ std::string EncodeNcclUniqueId(const ncclUniqueId& id) {
 absl::StatusOr<ncclUniqueId> DecodeNcclUniqueId(std::string_view hex) {
   ncclUniqueId id{};
   if (hex.size() != 2 * sizeof(id.internal)) {
-    return absl::InvalidArgumentError(absl::StrCat("an NCCL id is ", 2 * sizeof(id.internal),
-                                                   " hex digits, got ", hex.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("an NCCL id is ", 2 * sizeof(id.internal), " hex digits, got ", hex.size()));
   }
   auto nibble = [](char c) -> int {
     if (c >= '0' && c <= '9') return c - '0';
@@ -175,16 +176,16 @@ absl::Status WriteNcclUniqueIdFile(const std::string& path, const ncclUniqueId& 
     out.write(id.internal, sizeof(id.internal));
     out.flush();
     if (!out) {
-      return absl::UnavailableError(absl::StrCat("cannot write the NCCL id to ", temporary, ": ",
-                                                 std::strerror(errno)));
+      return absl::UnavailableError(
+          absl::StrCat("cannot write the NCCL id to ", temporary, ": ", std::strerror(errno)));
     }
   }
   // rename() is atomic: readers see either no file or the whole id.
   if (std::rename(temporary.c_str(), path.c_str()) != 0) {
     const int error = errno;
     std::remove(temporary.c_str());
-    return absl::UnavailableError(absl::StrCat("cannot publish the NCCL id as ", path, ": ",
-                                               std::strerror(error)));
+    return absl::UnavailableError(
+        absl::StrCat("cannot publish the NCCL id as ", path, ": ", std::strerror(error)));
   }
   return absl::OkStatus();
 }
@@ -223,8 +224,7 @@ NcclCommunicator::NcclCommunicator(int rank, int size, int device, ncclComm_t co
       timeout_(timeout) {}
 
 absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::CreateWithId(
-    int rank, int world_size, int device, const ncclUniqueId& id,
-    NcclCommunicatorOptions options) {
+    int rank, int world_size, int device, const ncclUniqueId& id, NcclCommunicatorOptions options) {
   if (world_size < 1 || rank < 0 || rank >= world_size) {
     return absl::InvalidArgumentError(
         absl::StrCat("rank ", rank, " is outside a group of ", world_size));
@@ -250,9 +250,9 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::CreateWithId
           absl::StrCat("rank ", rank, " of ", world_size, ": the NCCL group did not form within ",
                        options.timeout.count(), " ms (a rank is missing or has another id)"));
     }
-    return absl::UnavailableError(absl::StrCat("rank ", rank, " of ", world_size,
-                                               ": ncclCommInitRankConfig failed: ",
-                                               ncclGetErrorString(result)));
+    return absl::UnavailableError(
+        absl::StrCat("rank ", rank, " of ", world_size,
+                     ": ncclCommInitRankConfig failed: ", ncclGetErrorString(result)));
   }
   cudaStream_t stream = options.stream;
   const bool owns_stream = stream == nullptr;
@@ -264,8 +264,8 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::CreateWithId
     }
     stream = *created;
   }
-  return std::unique_ptr<NcclCommunicator>(new NcclCommunicator(
-      rank, world_size, device, comm, stream, owns_stream, options.timeout));
+  return std::unique_ptr<NcclCommunicator>(
+      new NcclCommunicator(rank, world_size, device, comm, stream, owns_stream, options.timeout));
 }
 
 absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::CreateWithIdFile(
@@ -306,7 +306,8 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::CreateFromEn
   }
   if (const char* hex = std::getenv(kNcclIdEnv); hex != nullptr) {
     auto id = DecodeNcclUniqueId(hex);
-    if (!id.ok()) return absl::InvalidArgumentError(absl::StrCat(kNcclIdEnv, ": ", id.status().message()));
+    if (!id.ok())
+      return absl::InvalidArgumentError(absl::StrCat(kNcclIdEnv, ": ", id.status().message()));
     return CreateWithId(*rank, *world_size, device, *id, options);
   }
   const char* id_file = std::getenv(kNcclIdFileEnv);
@@ -356,8 +357,8 @@ absl::StatusOr<std::vector<std::unique_ptr<NcclCommunicator>>> NcclCommunicator:
   if (result != ncclSuccess) {
     abort_all();
     return absl::UnavailableError(absl::StrCat(
-        "creating an NCCL group of ", world_size, " devices failed: ",
-        result == ncclInProgress ? "timed out" : ncclGetErrorString(result)));
+        "creating an NCCL group of ", world_size,
+        " devices failed: ", result == ncclInProgress ? "timed out" : ncclGetErrorString(result)));
   }
   std::vector<std::unique_ptr<NcclCommunicator>> communicators;
   for (int rank = 0; rank < world_size; ++rank) {
@@ -461,9 +462,9 @@ absl::Status NcclCommunicator::AwaitEnqueued(const char* what, Clock::time_point
           absl::StrCat("rank ", rank_, ": ", what, ": the expert-parallel group was aborted")));
     }
     if (Clock::now() > deadline) {
-      return FailGroup(absl::UnavailableError(absl::StrCat(
-          "rank ", rank_, ": ", what, ": peers did not connect within ", timeout_.count(),
-          " ms; the expert-parallel group is failed")));
+      return FailGroup(absl::UnavailableError(
+          absl::StrCat("rank ", rank_, ": ", what, ": peers did not connect within ",
+                       timeout_.count(), " ms; the expert-parallel group is failed")));
     }
     backoff.Pause();
   }
@@ -534,12 +535,12 @@ absl::Status NcclCommunicator::EnqueueAllToAllV(const void* device_send,
     // Zero-byte peers are skipped on both sides (the pairing is symmetric), which saves the
     // connection set-up and the per-peer work for experts nobody routed to.
     if (send_bytes[peer] > 0 && result == ncclSuccess) {
-      result = ncclSend(send + send_offset, static_cast<size_t>(send_bytes[peer]), ncclInt8,
-                        peer, comm_, stream_);
+      result = ncclSend(send + send_offset, static_cast<size_t>(send_bytes[peer]), ncclInt8, peer,
+                        comm_, stream_);
     }
     if (recv_bytes[peer] > 0 && result == ncclSuccess) {
-      result = ncclRecv(recv + recv_offset, static_cast<size_t>(recv_bytes[peer]), ncclInt8,
-                        peer, comm_, stream_);
+      result = ncclRecv(recv + recv_offset, static_cast<size_t>(recv_bytes[peer]), ncclInt8, peer,
+                        comm_, stream_);
     }
     send_offset += send_bytes[peer];
     recv_offset += recv_bytes[peer];
@@ -579,8 +580,8 @@ absl::Status NcclCommunicator::EnqueueAllGather(const void* device_send, int64_t
   if (bytes == 0) return absl::OkStatus();
   ScopedDevice scoped_device(device_);
   const auto deadline = Clock::now() + timeout_;
-  ncclResult_t result = ncclAllGather(device_send, device_recv, static_cast<size_t>(bytes),
-                                      ncclInt8, comm_, stream_);
+  ncclResult_t result =
+      ncclAllGather(device_send, device_recv, static_cast<size_t>(bytes), ncclInt8, comm_, stream_);
   if (result != ncclSuccess && result != ncclInProgress) return NcclFailure("AllGather", result);
   return AwaitEnqueued("AllGather", deadline);
 }
@@ -676,9 +677,8 @@ absl::Status NcclCommunicator::RunStaged(const char* what, std::span<StagedBuffe
       std::memcpy(pinned_scratch + offsets[i], buffer.in, buffer.bytes);
       source = pinned_scratch + offsets[i];
     }
-    MOESERVE_RETURN_IF_CUDA_ERROR(
-        "staging copy in",
-        cudaMemcpyAsync(device_pointers[i], source, buffer.bytes, kind, stream_));
+    MOESERVE_RETURN_IF_CUDA_ERROR("staging copy in", cudaMemcpyAsync(device_pointers[i], source,
+                                                                     buffer.bytes, kind, stream_));
   }
   if (auto status = enqueue(std::span<void* const>(device_pointers)); !status.ok()) return status;
   std::vector<bool> copy_to_host(buffers.size(), false);
@@ -688,8 +688,8 @@ absl::Status NcclCommunicator::RunStaged(const char* what, std::span<StagedBuffe
     copy_to_host[i] = !IsDeviceAccessible(buffer.out);
     void* destination = copy_to_host[i] ? pinned_scratch + offsets[i] : buffer.out;
     MOESERVE_RETURN_IF_CUDA_ERROR(
-        "staging copy out", cudaMemcpyAsync(destination, device_pointers[i], buffer.bytes,
-                                            cudaMemcpyDefault, stream_));
+        "staging copy out",
+        cudaMemcpyAsync(destination, device_pointers[i], buffer.bytes, cudaMemcpyDefault, stream_));
   }
   if (auto status = AwaitCompletion(what, nullptr, Clock::now() + timeout_); !status.ok()) {
     return status;
@@ -793,8 +793,8 @@ absl::Status CollectiveCompletion::Wait() {
   if (event_ == nullptr) return absl::FailedPreconditionError("moved-from CollectiveCompletion");
   if (auto status = communicator_->CheckUsable("Wait"); !status.ok()) return status;
   ScopedDevice scoped_device(communicator_->device_);
-  return communicator_->AwaitCompletion(
-      "collective", event_, NcclCommunicator::Clock::now() + communicator_->timeout_);
+  return communicator_->AwaitCompletion("collective", event_,
+                                        NcclCommunicator::Clock::now() + communicator_->timeout_);
 }
 
 }  // namespace moeserve::engine::parallel

@@ -333,8 +333,7 @@ void Combine(const Config& config, Rank& rank, MicroBatch& batch, const DeviceMe
     }
     Check(rank.comm->EnqueueAllToAllV(
               expert_rows.as<char>() + batch.recv_chunk_base[chunk] * row_bytes, send_bytes,
-              batch.combine_rows.as<char>() + batch.send_chunk_base[chunk] * row_bytes,
-              recv_bytes),
+              batch.combine_rows.as<char>() + batch.send_chunk_base[chunk] * row_bytes, recv_bytes),
           "combine exchange");
     // A chunk's tokens have all their rows back once its exchange is done: sum them while the
     // next chunk is on the wire.
@@ -462,18 +461,17 @@ void RoutedExperts(const Config& config, Rank& rank, MicroBatch& batch) {
   Check(cublasGemmStridedBatchedEx(
             rank.cublas, CUBLAS_OP_N, CUBLAS_OP_N, 2 * intermediate, rows, hidden, &alpha,
             rank.expert_gate_up.as<uint16_t>(), CUDA_R_16BF, 2 * intermediate,
-            int64_t{hidden} * 2 * intermediate, batch.recv_rows.as<uint16_t>(), CUDA_R_16BF,
-            hidden, int64_t{rows} * hidden, &beta, batch.expert_hidden.as<uint16_t>(),
-            CUDA_R_16BF, 2 * intermediate, int64_t{rows} * 2 * intermediate, experts,
-            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            int64_t{hidden} * 2 * intermediate, batch.recv_rows.as<uint16_t>(), CUDA_R_16BF, hidden,
+            int64_t{rows} * hidden, &beta, batch.expert_hidden.as<uint16_t>(), CUDA_R_16BF,
+            2 * intermediate, int64_t{rows} * 2 * intermediate, experts, CUBLAS_COMPUTE_32F,
+            CUBLAS_GEMM_DEFAULT),
         "expert gate/up");
   Check(cublasGemmStridedBatchedEx(
             rank.cublas, CUBLAS_OP_N, CUBLAS_OP_N, hidden, rows, intermediate, &alpha,
             rank.expert_down.as<uint16_t>(), CUDA_R_16BF, hidden, int64_t{intermediate} * hidden,
             batch.expert_hidden.as<uint16_t>(), CUDA_R_16BF, 2 * intermediate,
-            int64_t{rows} * 2 * intermediate, &beta, batch.expert_out.as<uint16_t>(),
-            CUDA_R_16BF, hidden, int64_t{rows} * hidden, experts, CUBLAS_COMPUTE_32F,
-            CUBLAS_GEMM_DEFAULT),
+            int64_t{rows} * 2 * intermediate, &beta, batch.expert_out.as<uint16_t>(), CUDA_R_16BF,
+            hidden, int64_t{rows} * hidden, experts, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         "expert down");
 }
 
@@ -523,7 +521,8 @@ float RunLayer(const Config& config, Rank& rank, MicroBatch (&batches)[2], Layer
     if (spans != nullptr) spans->push_back({name, lane, begin, rank.Record(stream)});
   };
   auto attention = [&](int i) {
-    on(0, absl::StrCat("attention(", i, ")"), [&] { AttentionProjections(config, rank, batches[i]); });
+    on(0, absl::StrCat("attention(", i, ")"),
+       [&] { AttentionProjections(config, rank, batches[i]); });
   };
   auto experts = [&](int i) {
     on(0, absl::StrCat("experts(", i, ")"), [&] { RoutedExperts(config, rank, batches[i]); });
@@ -661,8 +660,14 @@ struct Shared {
   std::vector<std::unique_ptr<Measurements>> measurements;
   std::vector<int64_t> dispatch_bytes, combine_bytes, mismatches;  // per rank
 
-  Shared(const Config& c, int n) : config(c), num_ranks(n), host_barrier(n), trace_spans(n),
-        dispatch_bytes(n), combine_bytes(n), mismatches(n) {}
+  Shared(const Config& c, int n)
+      : config(c),
+        num_ranks(n),
+        host_barrier(n),
+        trace_spans(n),
+        dispatch_bytes(n),
+        combine_bytes(n),
+        mismatches(n) {}
 };
 
 // Runs `step` warmup + iterations times on every rank, each iteration after a barrier, and
@@ -670,7 +675,8 @@ struct Shared {
 template <typename Step>
 double Measure(Shared& shared, Rank& rank, int slot, Step step) {
   const Config& config = shared.config;
-  if (rank.rank == 0) shared.measurements[slot] = std::make_unique<Measurements>(shared.num_ranks, config.iterations);
+  if (rank.rank == 0)
+    shared.measurements[slot] = std::make_unique<Measurements>(shared.num_ranks, config.iterations);
   shared.host_barrier.arrive_and_wait();
   for (int iteration = -config.warmup; iteration < config.iterations; ++iteration) {
     Check(rank.comm->Barrier(), "barrier");
@@ -725,7 +731,8 @@ void RunRank(Shared& shared, Rank& rank) {
 
   for (size_t size_index = 0; size_index < config.tokens_per_rank.size(); ++size_index) {
     const int tokens = config.tokens_per_rank[size_index];
-    const uint32_t seed = 7919u * static_cast<uint32_t>(rank.rank + 1) + static_cast<uint32_t>(tokens);
+    const uint32_t seed =
+        7919u * static_cast<uint32_t>(rank.rank + 1) + static_cast<uint32_t>(tokens);
     auto whole = std::make_unique<MicroBatch>();
     InitMicroBatch(config, rank, tokens, seed, *whole);
     shared.mismatches[rank.rank] = VerifyRoundTrip(config, rank, *whole);
@@ -766,8 +773,8 @@ void RunRank(Shared& shared, Rank& rank) {
       result.communication_ms = layer(LayerMode::kCommunicationOnly);
       result.sequential_ms = layer(LayerMode::kSequential);
       result.overlapped_ms = layer(LayerMode::kOverlapped);
-      const int trace_tokens = config.trace_tokens > 0 ? config.trace_tokens
-                                                       : config.tokens_per_rank.back();
+      const int trace_tokens =
+          config.trace_tokens > 0 ? config.trace_tokens : config.tokens_per_rank.back();
       if (!config.trace_path.empty() && tokens == trace_tokens) {
         Check(rank.comm->Barrier(), "barrier");
         std::vector<Span> spans;
@@ -801,8 +808,8 @@ void WriteTrace(const Shared& shared, const std::string& gpu_name, const std::st
   };
   for (int rank = 0; rank < shared.num_ranks; ++rank) {
     add(absl::StrFormat(
-        R"json({"name": "process_name", "ph": "M", "pid": %d, "args": {"name": "GPU %d (%s)"}})json", rank,
-        rank, gpu_name));
+        R"json({"name": "process_name", "ph": "M", "pid": %d, "args": {"name": "GPU %d (%s)"}})json",
+        rank, rank, gpu_name));
     add(absl::StrFormat(
         R"json({"name": "thread_name", "ph": "M", "pid": %d, "tid": 0, "args": {"name": "compute"}})json",
         rank));
@@ -829,38 +836,44 @@ void PrintTables(const Shared& shared, const std::string& gpu_name, int nccl_ver
   std::printf("- GPUs: %d x %s\n", n, gpu_name.c_str());
   std::printf("- NCCL %d.%d.%d, NCCL_NVLS_ENABLE=%s\n", nccl_version / 10000,
               (nccl_version / 100) % 100, nccl_version % 100, std::getenv("NCCL_NVLS_ENABLE"));
-  std::printf("- hidden %d bf16, top-%d of %d experts spread evenly over the GPUs, "
-              "median of %d iterations after %d warm-up, slowest rank per iteration\n",
-              config.hidden, config.top_k, config.num_experts, config.iterations, config.warmup);
-  std::printf("- GB/s = bytes a GPU sends to other GPUs (all bytes on one GPU) / time, averaged "
-              "over GPUs; raw = one grouped ncclSend/ncclRecv of the same per-peer bytes\n\n");
-  std::printf("| tokens/GPU | chunks | MB/GPU | dispatch ms | raw ms | dispatch GB/s | raw GB/s | "
-              "dispatch/raw | combine ms | raw ms | combine GB/s | raw GB/s | combine/raw | "
-              "round trip |\n");
+  std::printf(
+      "- hidden %d bf16, top-%d of %d experts spread evenly over the GPUs, "
+      "median of %d iterations after %d warm-up, slowest rank per iteration\n",
+      config.hidden, config.top_k, config.num_experts, config.iterations, config.warmup);
+  std::printf(
+      "- GB/s = bytes a GPU sends to other GPUs (all bytes on one GPU) / time, averaged "
+      "over GPUs; raw = one grouped ncclSend/ncclRecv of the same per-peer bytes\n\n");
+  std::printf(
+      "| tokens/GPU | chunks | MB/GPU | dispatch ms | raw ms | dispatch GB/s | raw GB/s | "
+      "dispatch/raw | combine ms | raw ms | combine GB/s | raw GB/s | combine/raw | "
+      "round trip |\n");
   std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
   for (const SizeResult& r : shared.results) {
     const double dispatch_bytes = static_cast<double>(r.dispatch_bytes) / n;
     const double combine_bytes = static_cast<double>(r.combine_bytes) / n;
     auto gbps = [](double bytes, double ms) { return ms > 0 ? bytes / (ms * 1e6) : 0.0; };
-    std::printf("| %d | %d | %.1f | %.3f | %.3f | %.1f | %.1f | %.1f%% | %.3f | %.3f | %.1f | "
-                "%.1f | %.1f%% | %s |\n",
-                r.tokens, r.chunks, dispatch_bytes / 1e6, r.dispatch_ms, r.raw_dispatch_ms,
-                gbps(dispatch_bytes, r.dispatch_ms), gbps(dispatch_bytes, r.raw_dispatch_ms),
-                100.0 * r.raw_dispatch_ms / r.dispatch_ms, r.combine_ms, r.raw_combine_ms,
-                gbps(combine_bytes, r.combine_ms), gbps(combine_bytes, r.raw_combine_ms),
-                100.0 * r.raw_combine_ms / r.combine_ms,
-                r.mismatches == 0 ? "exact" : absl::StrCat(r.mismatches, " wrong").c_str());
+    std::printf(
+        "| %d | %d | %.1f | %.3f | %.3f | %.1f | %.1f | %.1f%% | %.3f | %.3f | %.1f | "
+        "%.1f | %.1f%% | %s |\n",
+        r.tokens, r.chunks, dispatch_bytes / 1e6, r.dispatch_ms, r.raw_dispatch_ms,
+        gbps(dispatch_bytes, r.dispatch_ms), gbps(dispatch_bytes, r.raw_dispatch_ms),
+        100.0 * r.raw_dispatch_ms / r.dispatch_ms, r.combine_ms, r.raw_combine_ms,
+        gbps(combine_bytes, r.combine_ms), gbps(combine_bytes, r.raw_combine_ms),
+        100.0 * r.raw_combine_ms / r.combine_ms,
+        r.mismatches == 0 ? "exact" : absl::StrCat(r.mismatches, " wrong").c_str());
   }
   if (config.skip_overlap) return;
-  std::printf("\nTwo-micro-batch MoE layer (compute: attention projections %dx%d, routed "
-              "experts %dx%d SwiGLU-sized grouped GEMMs on the GPU's %s experts, shared expert; "
-              "all bf16 cuBLAS on the compute stream; communication: dispatch + combine of both "
-              "micro-batches on the communication stream).\n"
-              "hidden = (compute + communication - overlapped) / communication\n\n",
-              config.hidden, config.attention_width, config.hidden, config.expert_intermediate,
-              absl::StrCat(config.num_experts / n).c_str());
-  std::printf("| tokens/GPU | compute ms | communication ms | sequential ms | overlapped ms | "
-              "hidden | speed-up |\n");
+  std::printf(
+      "\nTwo-micro-batch MoE layer (compute: attention projections %dx%d, routed "
+      "experts %dx%d SwiGLU-sized grouped GEMMs on the GPU's %s experts, shared expert; "
+      "all bf16 cuBLAS on the compute stream; communication: dispatch + combine of both "
+      "micro-batches on the communication stream).\n"
+      "hidden = (compute + communication - overlapped) / communication\n\n",
+      config.hidden, config.attention_width, config.hidden, config.expert_intermediate,
+      absl::StrCat(config.num_experts / n).c_str());
+  std::printf(
+      "| tokens/GPU | compute ms | communication ms | sequential ms | overlapped ms | "
+      "hidden | speed-up |\n");
   std::printf("|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const SizeResult& r : shared.results) {
     const double hidden =
@@ -875,12 +888,14 @@ void PrintTables(const Shared& shared, const std::string& gpu_name, int nccl_ver
 
 int Main(int argc, char** argv) {
   Config config;
-  CLI::App app{"moeserve-dispatch-bench: MoE dispatch/combine over NCCL against raw NCCL, and "
-               "two-micro-batch overlap, on the GPUs of this machine"};
+  CLI::App app{
+      "moeserve-dispatch-bench: MoE dispatch/combine over NCCL against raw NCCL, and "
+      "two-micro-batch overlap, on the GPUs of this machine"};
   app.add_option("--tokens", config.tokens_per_rank, "tokens per GPU, one run per value")
       ->check(CLI::PositiveNumber);
   app.add_option("--iterations", config.iterations, "timed iterations")->check(CLI::PositiveNumber);
-  app.add_option("--warmup", config.warmup, "untimed iterations first")->check(CLI::NonNegativeNumber);
+  app.add_option("--warmup", config.warmup, "untimed iterations first")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--chunks", config.chunks,
                  "chunks per exchange (pipelines permutation with sending); 0 chooses by size")
       ->check(CLI::Range(0, kMaxRouteKeys));

@@ -15,8 +15,8 @@ constexpr int kMaxTopK = 16;
 // One block: pairs are split into contiguous per-thread ranges, and for each (chunk, rank) key
 // in order a block-wide exclusive scan of the per-thread counts gives every pair its row. The
 // number of keys is small (chunks x ranks), so the loop costs microseconds.
-__global__ void RouteKernel(const int32_t* expert_ids, int num_tokens, int top_k,
-                            int num_experts, int num_ranks, int num_chunks, int32_t* pair_rows,
+__global__ void RouteKernel(const int32_t* expert_ids, int num_tokens, int top_k, int num_experts,
+                            int num_ranks, int num_chunks, int32_t* pair_rows,
                             int64_t* send_counts) {
   using Scan = cub::BlockScan<int, kRouteThreads>;
   __shared__ typename Scan::TempStorage scan_storage;

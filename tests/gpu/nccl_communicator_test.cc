@@ -100,7 +100,8 @@ AllToAllCase MakeAllToAllCase(int rank, int size) {
   for (int peer = 0; peer < size; ++peer) {
     test.send_bytes.push_back(MessageBytes(rank, peer));
     test.recv_bytes.push_back(MessageBytes(peer, rank));
-    for (int64_t i = 0; i < MessageBytes(rank, peer); ++i) test.send.push_back(MessageByte(rank, peer, i));
+    for (int64_t i = 0; i < MessageBytes(rank, peer); ++i)
+      test.send.push_back(MessageByte(rank, peer, i));
     for (int64_t i = 0; i < MessageBytes(peer, rank); ++i) {
       test.expected_recv.push_back(MessageByte(peer, rank, i));
     }
@@ -144,7 +145,8 @@ TEST_F(NcclCommunicatorTest, AllToAllVDeliversUnevenAndEmptyMessagesBetweenDevic
     AllToAllCase test = MakeAllToAllCase(comm.rank(), comm.size());
     DeviceBuffer send(test.send.size()), recv(test.expected_recv.size());
     send.Upload(test.send.data());
-    ASSERT_TRUE(comm.AllToAllV(send.as<void>(), test.send_bytes, recv.as<void>(), test.recv_bytes).ok());
+    ASSERT_TRUE(
+        comm.AllToAllV(send.as<void>(), test.send_bytes, recv.as<void>(), test.recv_bytes).ok());
     EXPECT_EQ(recv.Download<uint8_t>(), test.expected_recv) << "rank " << comm.rank();
   });
 }
@@ -153,7 +155,8 @@ TEST_F(NcclCommunicatorTest, AllToAllVAcceptsHostBuffers) {
   OnEveryRank(group(), [](NcclCommunicator& comm) {
     AllToAllCase test = MakeAllToAllCase(comm.rank(), comm.size());
     std::vector<uint8_t> recv(test.expected_recv.size(), 0xEE);
-    ASSERT_TRUE(comm.AllToAllV(test.send.data(), test.send_bytes, recv.data(), test.recv_bytes).ok());
+    ASSERT_TRUE(
+        comm.AllToAllV(test.send.data(), test.send_bytes, recv.data(), test.recv_bytes).ok());
     EXPECT_EQ(recv, test.expected_recv) << "rank " << comm.rank();
   });
 }
@@ -187,8 +190,9 @@ TEST_F(NcclCommunicatorTest, AllReduceSumsAndTakesExtremesOnDeviceAndHost) {
     DeviceBuffer device(values.size() * sizeof(float));
     device.Upload(values.data());
     ASSERT_TRUE(comm.AllReduce(device.as<float>(), 3, ReduceOp::kSum).ok());
-    EXPECT_EQ(device.Download<float>(), (std::vector<float>{0.25f * n * (n - 1), -1.0f * n * (n - 1),
-                                                            static_cast<float>(n)}));
+    EXPECT_EQ(
+        device.Download<float>(),
+        (std::vector<float>{0.25f * n * (n - 1), -1.0f * n * (n - 1), static_cast<float>(n)}));
     std::vector<float> float_max = {static_cast<float>(r), -1.5f * r};
     ASSERT_TRUE(comm.AllReduce(float_max.data(), 2, ReduceOp::kMax).ok());
     EXPECT_EQ(float_max, (std::vector<float>{static_cast<float>(n - 1), 0.0f}));
@@ -261,9 +265,9 @@ TEST_F(NcclCommunicatorTest, EnqueuedAllToAllVCanBeAwaitedByAnotherStream) {
               cudaSuccess);
     ASSERT_EQ(cudaEventRecord(produced, compute), cudaSuccess);
     ASSERT_TRUE(comm.WaitForEvent(produced).ok());
-    ASSERT_TRUE(comm.EnqueueAllToAllV(send.as<void>(), test.send_bytes, recv.as<void>(),
-                                      test.recv_bytes)
-                    .ok());
+    ASSERT_TRUE(
+        comm.EnqueueAllToAllV(send.as<void>(), test.send_bytes, recv.as<void>(), test.recv_bytes)
+            .ok());
     auto completion = comm.RecordCompletion();
     ASSERT_TRUE(completion.ok()) << completion.status();
     // The compute stream consumes the received bytes after the exchange, without a host wait.
@@ -289,7 +293,8 @@ TEST_F(NcclCommunicatorTest, BadArgumentsAreRefusedWithoutFailingTheGroup) {
     int64_t value = 0;
     EXPECT_EQ(comm.Broadcast(&value, sizeof(value), comm.size()).code(),
               absl::StatusCode::kInvalidArgument);
-    EXPECT_EQ(comm.AllReduce(&value, -1, ReduceOp::kSum).code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(comm.AllReduce(&value, -1, ReduceOp::kSum).code(),
+              absl::StatusCode::kInvalidArgument);
     EXPECT_TRUE(comm.healthy());
     EXPECT_TRUE(comm.Barrier().ok());
   });
@@ -325,8 +330,8 @@ TEST(NcclCommunicatorTimeoutTest, ARankThatNeverArrivesFailsTheOthersWithUnavail
 
 std::string FreshPath(const std::string& name) {
   const char* directory = std::getenv("TEST_TMPDIR");
-  std::string path = std::string(directory != nullptr ? directory : "/tmp") + "/moeserve-" +
-                     name + "-" + std::to_string(getpid()) + "-" +
+  std::string path = std::string(directory != nullptr ? directory : "/tmp") + "/moeserve-" + name +
+                     "-" + std::to_string(getpid()) + "-" +
                      std::to_string(std::chrono::steady_clock::now().time_since_epoch().count());
   std::remove(path.c_str());
   return path;
