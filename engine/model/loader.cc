@@ -1,9 +1,86 @@
 #include "engine/model/loader.h"
 
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "engine/model/bpe_tokenizer.h"
+#include "engine/model/checkpoint.h"
+#include "nlohmann/json.hpp"
 
 namespace moeserve::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+absl::StatusOr<nlohmann::json> ReadJsonFile(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read `", path.string(), "`"));
+  std::stringstream text;
+  text << in.rdbuf();
+  nlohmann::json json = nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  if (json.is_discarded()) {
+    return absl::InvalidArgumentError(absl::StrCat("`", path.string(), "` is not valid JSON"));
+  }
+  return json;
+}
+
+absl::Status InFile(const absl::Status& status, const fs::path& path) {
+  return absl::Status(status.code(), absl::StrCat(path.string(), ": ", status.message()));
+}
+
+absl::StatusOr<LoadedModel> LoadFolder(const fs::path& folder) {
+  const fs::path config_path = folder / "config.json";
+  std::error_code error;
+  if (!fs::exists(config_path, error)) {
+    return absl::NotFoundError(absl::StrCat("no config.json in `", folder.string(), "`"));
+  }
+  absl::StatusOr<nlohmann::json> config_json = ReadJsonFile(config_path);
+  if (!config_json.ok()) return config_json.status();
+  const std::string name = folder.filename().empty() ? folder.parent_path().filename().string()
+                                                     : folder.filename().string();
+  absl::StatusOr<ModelConfig> config = ParseModelConfig(*config_json, name);
+  if (!config.ok()) return InFile(config.status(), config_path);
+
+  absl::StatusOr<std::map<std::string, Tensor>> tensors =
+      ReadCheckpointTensors(folder.string(), *config, *config_json);
+  if (!tensors.ok()) return tensors.status();
+  absl::StatusOr<ModelWeights> weights = ModelWeights::FromTensors(*config, *std::move(tensors));
+  if (!weights.ok()) {
+    std::string hint;
+    if (config->model_type == "mixtral") {
+      hint =
+          " (Mixtral's `block_sparse_moe.experts.{i}.w1/w3/w2` are read as "
+          "`mlp.experts.{i}.gate_proj/up_proj/down_proj`)";
+    }
+    return absl::InvalidArgumentError(
+        absl::StrCat(folder.string(), ": ", weights.status().message(), hint));
+  }
+
+  LoadedModel loaded;
+  loaded.model = std::make_shared<Model>(*std::move(weights));
+  const fs::path tokenizer_path = folder / "tokenizer.json";
+  if (fs::exists(tokenizer_path, error)) {
+    absl::StatusOr<nlohmann::json> tokenizer_json = ReadJsonFile(tokenizer_path);
+    if (!tokenizer_json.ok()) return tokenizer_json.status();
+    nlohmann::json tokenizer_config = nlohmann::json::object();
+    const fs::path tokenizer_config_path = folder / "tokenizer_config.json";
+    if (fs::exists(tokenizer_config_path, error)) {
+      absl::StatusOr<nlohmann::json> json = ReadJsonFile(tokenizer_config_path);
+      if (!json.ok()) return json.status();
+      tokenizer_config = *std::move(json);
+    }
+    absl::StatusOr<std::unique_ptr<BpeTokenizer>> tokenizer =
+        BpeTokenizer::Create(*tokenizer_json, tokenizer_config, loaded.model->config());
+    if (!tokenizer.ok()) return InFile(tokenizer.status(), tokenizer_path);
+    loaded.tokenizer = std::shared_ptr<const Tokenizer>(*std::move(tokenizer));
+  }
+  return loaded;
+}
+
+}  // namespace
 
 absl::StatusOr<LoadedModel> LoadModel(const std::string& model_spec) {
   if (model_spec.starts_with("builtin:")) {
@@ -14,9 +91,13 @@ absl::StatusOr<LoadedModel> LoadModel(const std::string& model_spec) {
     loaded.tokenizer = std::make_shared<ByteTokenizer>(config->bos_token_id, config->eos_token_id);
     return loaded;
   }
-  return absl::UnimplementedError(absl::StrCat(
-      "cannot load `", model_spec,
-      "`: checkpoint folders are not supported yet; use a built-in model (builtin:tiny)"));
+  std::error_code error;
+  if (model_spec.empty() || !fs::is_directory(model_spec, error)) {
+    return absl::NotFoundError(
+        absl::StrCat("model `", model_spec,
+                     "` is neither a checkpoint folder nor a built-in model (builtin:tiny, ...)"));
+  }
+  return LoadFolder(fs::path(model_spec));
 }
 
 }  // namespace moeserve::engine

@@ -1,5 +1,10 @@
-// Model loading: turns a --model argument into a Model and its Tokenizer.
-// `builtin:NAME` generates the built-in weights from a fixed seed. Called once at start-up.
+// Model loading: turns a --model argument into a Model and its Tokenizer. Called once at start-up.
+//
+// `builtin:NAME` generates the built-in weights from a fixed seed. Anything else is a Hugging
+// Face checkpoint folder: `config.json` (deepseek_v3, deepseek_v2, qwen3_moe or mixtral),
+// safetensors weights (engine/model/checkpoint.h) and, when present, `tokenizer.json` (byte-level
+// BPE, engine/model/bpe_tokenizer.h) with `tokenizer_config.json`. Stateless; safe to call from
+// any thread.
 #pragma once
 
 #include <memory>
@@ -19,6 +24,9 @@ struct LoadedModel {
 // The fixed seed of the built-in models' weights.
 inline constexpr uint64_t kBuiltinWeightSeed = 20250227;
 
+// NOT_FOUND: no such folder, or a file the model needs is missing. INVALID_ARGUMENT: anything
+// malformed (config, weights, index, tokenizer), with a message naming the file and the field or
+// tensor.
 absl::StatusOr<LoadedModel> LoadModel(const std::string& model_spec);
 
 }  // namespace moeserve::engine

@@ -7,7 +7,10 @@
 namespace moeserve::engine {
 
 Model::Model(ModelWeights weights)
-    : weights_(std::move(weights)), rope_(weights_.config()), attention_(weights_.config(), rope_) {
+    : weights_(std::move(weights)),
+      rope_(weights_.config()),
+      attention_(weights_.config(), rope_),
+      grouped_query_attention_(weights_.config(), rope_) {
   int next = 0;
   for (int layer = 0; layer < config().num_hidden_layers; ++layer) {
     moe_index_.push_back(config().is_moe_layer(layer) ? next++ : -1);
@@ -45,7 +48,13 @@ void Model::AttentionBlock(int layer, std::span<const SequenceSpan> spans, int n
   const size_t size = static_cast<size_t>(num_tokens) * c.hidden_size;
   std::vector<float> attention_output(size);
   cpu::RmsNorm(residual, w.input_layernorm, normed, num_tokens, c.hidden_size, c.rms_norm_eps);
-  attention_.Forward(layer, w.attention, normed, num_tokens, spans, cache, attention_output.data());
+  if (c.uses_mla()) {
+    attention_.Forward(layer, w.attention, normed, num_tokens, spans, cache,
+                       attention_output.data());
+  } else {
+    grouped_query_attention_.Forward(layer, w.attention, normed, num_tokens, spans, cache,
+                                     attention_output.data());
+  }
   for (size_t i = 0; i < size; ++i) residual[i] += attention_output[i];
   cpu::RmsNorm(residual, w.post_attention_layernorm, normed, num_tokens, c.hidden_size,
                c.rms_norm_eps);

@@ -1,5 +1,6 @@
-// Model: the DeepSeek-style forward pass (embedding → [RMSNorm → MLA → RMSNorm → MLP/MoE] × L →
-// RMSNorm → LM head) over a batch of sequence chunks with a paged KV cache.
+// Model: the MoE transformer forward pass (embedding → [RMSNorm → attention → RMSNorm → MLP/MoE]
+// × L → RMSNorm → LM head) over a batch of sequence chunks with a paged KV cache. Attention is
+// DeepSeek's MLA or grouped-query attention (Qwen3-MoE, Mixtral), chosen by the config.
 //
 // Owns the weights and the rotary table. Forward() is const and keeps no state between calls
 // other than what it writes into the caller's KV cache, so one Model may serve several
@@ -13,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/model/attention.h"
+#include "engine/model/gqa_attention.h"
 #include "engine/model/model_config.h"
 #include "engine/model/moe.h"
 #include "engine/model/rope.h"
@@ -35,8 +37,11 @@ class Model {
 
   const ModelConfig& config() const { return weights_.config(); }
   const ModelWeights& weights() const { return weights_; }
-  // Floats per KV cache row (latent + rope key).
-  int kv_row_dim() const { return config().kv_lora_rank + config().qk_rope_head_dim; }
+  // Floats per KV cache row: MLA's latent + rope key, or GQA's keys + values of every KV head.
+  int kv_row_dim() const {
+    return config().uses_mla() ? config().kv_lora_rank + config().qk_rope_head_dim
+                               : GroupedQueryAttention::RowDim(config());
+  }
   // MoE layer index (0-based among MoE layers) of a model layer, or -1 for dense layers.
   int moe_index(int layer) const { return moe_index_[layer]; }
 
@@ -70,6 +75,7 @@ class Model {
   ModelWeights weights_;
   RotaryEmbedding rope_;
   MlaAttention attention_;
+  GroupedQueryAttention grouped_query_attention_;
   std::vector<int> moe_index_;
 };
 

@@ -87,6 +87,17 @@ absl::Status ParseRopeScaling(const nlohmann::json& json, ModelConfig& config) {
 
 }  // namespace
 
+bool ModelConfig::is_moe_layer(int layer) const {
+  if (n_routed_experts <= 0) return false;
+  if (decoder_sparse_step > 0) {
+    for (int dense : mlp_only_layers) {
+      if (dense == layer) return false;
+    }
+    return (layer + 1) % decoder_sparse_step == 0;
+  }
+  return layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+}
+
 int ModelConfig::num_moe_layers() const {
   int count = 0;
   for (int layer = 0; layer < num_hidden_layers; ++layer) count += is_moe_layer(layer) ? 1 : 0;
@@ -94,6 +105,7 @@ int ModelConfig::num_moe_layers() const {
 }
 
 double ModelConfig::attention_softmax_scale() const {
+  if (!uses_mla()) return 1.0 / std::sqrt(static_cast<double>(head_dim));
   double scale = 1.0 / std::sqrt(static_cast<double>(qk_head_dim()));
   if (rope_scaling.type == RopeScaling::Type::kYarn && rope_scaling.mscale_all_dim != 0.0) {
     const double mscale = YarnMscale(rope_scaling.factor, rope_scaling.mscale_all_dim);
@@ -102,30 +114,69 @@ double ModelConfig::attention_softmax_scale() const {
   return scale;
 }
 
+namespace {
+
+absl::Status ValidateAttention(const ModelConfig& c) {
+  if (c.uses_mla()) {
+    for (auto [field, value] : std::initializer_list<std::pair<const char*, int>>{
+             {"kv_lora_rank", c.kv_lora_rank},
+             {"qk_nope_head_dim", c.qk_nope_head_dim},
+             {"qk_rope_head_dim", c.qk_rope_head_dim},
+             {"v_head_dim", c.v_head_dim}}) {
+      if (auto status = Positive(field, value); !status.ok()) return status;
+    }
+    if (c.qk_rope_head_dim % 2 != 0) {
+      return absl::InvalidArgumentError("config: `qk_rope_head_dim` must be even");
+    }
+    if (c.q_lora_rank < 0) return absl::InvalidArgumentError("config: `q_lora_rank` must be >= 0");
+    if (c.attention_bias) {
+      return absl::InvalidArgumentError(
+          "config: `attention_bias` = true is not supported for multi-head latent attention");
+    }
+    return absl::OkStatus();
+  }
+  if (auto s = Positive("num_key_value_heads", c.num_key_value_heads); !s.ok()) return s;
+  if (auto s = Positive("head_dim", c.head_dim); !s.ok()) return s;
+  if (c.head_dim % 2 != 0) return absl::InvalidArgumentError("config: `head_dim` must be even");
+  if (c.num_attention_heads % c.num_key_value_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config: `num_attention_heads` (", c.num_attention_heads,
+        ") must be a multiple of `num_key_value_heads` (", c.num_key_value_heads, ")"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status ValidateModelConfig(const ModelConfig& c) {
   for (auto [field, value] : std::initializer_list<std::pair<const char*, int>>{
            {"vocab_size", c.vocab_size},
            {"hidden_size", c.hidden_size},
            {"num_hidden_layers", c.num_hidden_layers},
            {"num_attention_heads", c.num_attention_heads},
-           {"kv_lora_rank", c.kv_lora_rank},
-           {"qk_nope_head_dim", c.qk_nope_head_dim},
-           {"qk_rope_head_dim", c.qk_rope_head_dim},
-           {"v_head_dim", c.v_head_dim},
            {"max_position_embeddings", c.max_position_embeddings},
            {"moe_layer_freq", c.moe_layer_freq}}) {
     if (auto status = Positive(field, value); !status.ok()) return status;
   }
-  if (c.qk_rope_head_dim % 2 != 0) {
-    return absl::InvalidArgumentError("config: `qk_rope_head_dim` must be even");
-  }
-  if (c.q_lora_rank < 0) return absl::InvalidArgumentError("config: `q_lora_rank` must be >= 0");
+  if (auto status = ValidateAttention(c); !status.ok()) return status;
   if (c.first_k_dense_replace < 0 || c.first_k_dense_replace > c.num_hidden_layers) {
     return absl::InvalidArgumentError(
         "config: `first_k_dense_replace` must be in [0, num_hidden_layers]");
   }
-  if (c.first_k_dense_replace > 0 || c.n_routed_experts == 0) {
+  if (c.decoder_sparse_step < 0) {
+    return absl::InvalidArgumentError("config: `decoder_sparse_step` must be >= 0");
+  }
+  for (int layer : c.mlp_only_layers) {
+    if (layer < 0 || layer >= c.num_hidden_layers) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "config: `mlp_only_layers` names layer ", layer, ", outside [0, num_hidden_layers)"));
+    }
+  }
+  if (c.num_moe_layers() < c.num_hidden_layers) {
     if (auto s = Positive("intermediate_size", c.intermediate_size); !s.ok()) return s;
+  }
+  if (c.n_routed_experts < 0) {
+    return absl::InvalidArgumentError("config: the number of routed experts must be >= 0");
   }
   if (c.n_routed_experts > 0) {
     if (auto s = Positive("moe_intermediate_size", c.moe_intermediate_size); !s.ok()) return s;
@@ -168,31 +219,65 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<ModelConfig> ParseModelConfig(const nlohmann::json& json, std::string name) {
-  if (!json.is_object()) return absl::InvalidArgumentError("config: expected a JSON object");
-  ModelConfig c;
-  c.name = std::move(name);
+namespace {
+
+// Reads a token id that may be absent, null, an integer or (as some exports write) a list whose
+// first entry is used. Absent or null leaves `out` unchanged.
+absl::Status ReadTokenId(const nlohmann::json& json, const char* key, int* out) {
+  auto it = json.find(key);
+  if (it == json.end() || it->is_null()) return absl::OkStatus();
+  const nlohmann::json* value = &*it;
+  if (value->is_array()) {
+    if (value->empty()) return absl::OkStatus();
+    value = &(*value)[0];
+  }
+  nlohmann::json single = {{key, *value}};
+  return ReadField(single, key, out, true);
+}
+
+// The `hidden_act` every supported model uses; anything else would silently compute another
+// function.
+absl::Status CheckActivation(const nlohmann::json& json) {
+  auto it = json.find("hidden_act");
+  if (it == json.end() || it->is_null()) return absl::OkStatus();
+  if (it->is_string() && it->get<std::string>() == "silu") return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("config: unsupported `hidden_act` ", it->dump(), " (supported: \"silu\")"));
+}
+
+// Fields shared by every architecture.
+absl::Status ReadCommonFields(const nlohmann::json& json, ModelConfig& c) {
   absl::Status status;
   auto read = [&](const char* key, auto* out, bool required) {
     if (status.ok()) status = ReadField(json, key, out, required);
   };
-  read("model_type", &c.model_type, true);
-  if (!status.ok()) return status;
-  if (c.model_type != "deepseek_v3" && c.model_type != "deepseek_v2") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "config: unsupported model_type `", c.model_type, "` (supported: deepseek_v3, deepseek_v2)"));
-  }
-  const bool v3 = c.model_type == "deepseek_v3";
-  c.scoring_func = v3 ? ScoringFunction::kSigmoid : ScoringFunction::kSoftmax;
-  c.topk_method = v3 ? TopKMethod::kNoAuxTc : TopKMethod::kGreedy;
   read("vocab_size", &c.vocab_size, true);
   read("hidden_size", &c.hidden_size, true);
   read("intermediate_size", &c.intermediate_size, false);
-  read("moe_intermediate_size", &c.moe_intermediate_size, false);
   read("num_hidden_layers", &c.num_hidden_layers, true);
+  read("num_attention_heads", &c.num_attention_heads, true);
+  read("max_position_embeddings", &c.max_position_embeddings, true);
+  read("rope_theta", &c.rope_theta, false);
+  read("rms_norm_eps", &c.rms_norm_eps, false);
+  read("tie_word_embeddings", &c.tie_word_embeddings, false);
+  if (status.ok()) status = ReadTokenId(json, "bos_token_id", &c.bos_token_id);
+  if (status.ok()) status = ReadTokenId(json, "eos_token_id", &c.eos_token_id);
+  if (status.ok()) status = CheckActivation(json);
+  return status;
+}
+
+absl::Status ReadDeepSeekFields(const nlohmann::json& json, ModelConfig& c) {
+  const bool v3 = c.model_type == "deepseek_v3";
+  c.attention_type = AttentionType::kMultiHeadLatent;
+  c.scoring_func = v3 ? ScoringFunction::kSigmoid : ScoringFunction::kSoftmax;
+  c.topk_method = v3 ? TopKMethod::kNoAuxTc : TopKMethod::kGreedy;
+  absl::Status status;
+  auto read = [&](const char* key, auto* out, bool required) {
+    if (status.ok()) status = ReadField(json, key, out, required);
+  };
+  read("moe_intermediate_size", &c.moe_intermediate_size, false);
   read("first_k_dense_replace", &c.first_k_dense_replace, false);
   read("moe_layer_freq", &c.moe_layer_freq, false);
-  read("num_attention_heads", &c.num_attention_heads, true);
   read("q_lora_rank", &c.q_lora_rank, false);
   read("kv_lora_rank", &c.kv_lora_rank, true);
   read("qk_nope_head_dim", &c.qk_nope_head_dim, true);
@@ -205,12 +290,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const nlohmann::json& json, std::st
   read("topk_group", &c.topk_group, false);
   read("norm_topk_prob", &c.norm_topk_prob, false);
   read("routed_scaling_factor", &c.routed_scaling_factor, false);
-  read("max_position_embeddings", &c.max_position_embeddings, true);
-  read("rope_theta", &c.rope_theta, false);
-  read("rms_norm_eps", &c.rms_norm_eps, false);
-  read("tie_word_embeddings", &c.tie_word_embeddings, false);
-  read("bos_token_id", &c.bos_token_id, false);
-  read("eos_token_id", &c.eos_token_id, false);
+  read("attention_bias", &c.attention_bias, false);
+  read("rope_interleave", &c.rope_interleaved, false);
   if (!status.ok()) return status;
   std::string scoring, topk_method;
   read("scoring_func", &scoring, false);
@@ -225,12 +306,145 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const nlohmann::json& json, std::st
   else if (topk_method == "group_limited_greedy") c.topk_method = TopKMethod::kGroupLimitedGreedy;
   else if (!topk_method.empty())
     return absl::InvalidArgumentError(absl::StrCat("config: unsupported topk_method `", topk_method, "`"));
+  return absl::OkStatus();
+}
+
+// Qwen3-MoE and Mixtral: grouped-query attention, softmax top-k routing, no shared experts.
+absl::Status ReadGroupedQueryFields(const nlohmann::json& json, ModelConfig& c) {
+  const bool qwen = c.model_type == "qwen3_moe";
+  c.attention_type = AttentionType::kGroupedQuery;
+  c.rope_interleaved = false;
+  c.qk_norm = qwen;
+  c.scoring_func = ScoringFunction::kSoftmax;
+  c.topk_method = TopKMethod::kGreedy;
+  c.n_group = 1;
+  c.topk_group = 1;
+  c.routed_scaling_factor = 1.0;
+  c.num_key_value_heads = c.num_attention_heads;
+  c.head_dim = c.hidden_size / c.num_attention_heads;
+  absl::Status status;
+  auto read = [&](const char* key, auto* out, bool required) {
+    if (status.ok()) status = ReadField(json, key, out, required);
+  };
+  read("num_key_value_heads", &c.num_key_value_heads, false);
+  read("head_dim", &c.head_dim, false);
+  read("num_experts_per_tok", &c.num_experts_per_tok, true);
+  read("attention_bias", &c.attention_bias, false);
+  if (qwen) {
+    c.norm_topk_prob = false;  // Qwen3MoeConfig's default
+    c.decoder_sparse_step = 1;
+    read("num_experts", &c.n_routed_experts, true);
+    read("moe_intermediate_size", &c.moe_intermediate_size, true);
+    read("norm_topk_prob", &c.norm_topk_prob, false);
+    read("decoder_sparse_step", &c.decoder_sparse_step, false);
+    read("mlp_only_layers", &c.mlp_only_layers, false);
+    if (status.ok() && c.decoder_sparse_step <= 0) {
+      return absl::InvalidArgumentError("config: `decoder_sparse_step` must be > 0");
+    }
+  } else {
+    // Mixtral: every layer is MoE; each expert's size is `intermediate_size`; the top-k
+    // weights are always renormalized.
+    c.norm_topk_prob = true;
+    read("num_local_experts", &c.n_routed_experts, true);
+    if (status.ok()) status = Positive("intermediate_size", c.intermediate_size);
+    c.moe_intermediate_size = c.intermediate_size;
+  }
+  if (!status.ok()) return status;
+  // moeserve attends over the whole context. With a sliding window that is exact only up to the
+  // window's length, so the context is capped there.
+  bool sliding = !qwen;
+  if (qwen) read("use_sliding_window", &sliding, false);
+  int window = 0;
+  if (sliding) read("sliding_window", &window, false);
+  if (!status.ok()) return status;
+  if (window > 0 && window < c.max_position_embeddings) c.max_position_embeddings = window;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ModelConfig> ParseModelConfig(const nlohmann::json& json, std::string name) {
+  if (!json.is_object()) return absl::InvalidArgumentError("config: expected a JSON object");
+  ModelConfig c;
+  c.name = std::move(name);
+  if (auto s = ReadField(json, "model_type", &c.model_type, true); !s.ok()) return s;
+  const bool deepseek = c.model_type == "deepseek_v3" || c.model_type == "deepseek_v2";
+  const bool grouped_query = c.model_type == "qwen3_moe" || c.model_type == "mixtral";
+  if (!deepseek && !grouped_query) {
+    return absl::InvalidArgumentError(absl::StrCat("config: unsupported model_type `",
+                                                   c.model_type, "` (supported: ",
+                                                   kSupportedModelTypes, ")"));
+  }
+  if (auto s = ReadCommonFields(json, c); !s.ok()) return s;
   if (auto s = ParseRopeScaling(json, c); !s.ok()) return s;
+  if (deepseek) {
+    if (auto s = ReadDeepSeekFields(json, c); !s.ok()) return s;
+  } else {
+    if (auto s = Positive("num_attention_heads", c.num_attention_heads); !s.ok()) return s;
+    if (auto s = ReadGroupedQueryFields(json, c); !s.ok()) return s;
+  }
   if (auto s = ValidateModelConfig(c); !s.ok()) return s;
   return c;
 }
 
+namespace {
+
+nlohmann::json RopeScalingJson(const ModelConfig& c) {
+  return {
+      {"type", "yarn"},
+      {"rope_type", "yarn"},
+      {"factor", c.rope_scaling.factor},
+      {"original_max_position_embeddings", c.rope_scaling.original_max_position_embeddings},
+      {"beta_fast", c.rope_scaling.beta_fast},
+      {"beta_slow", c.rope_scaling.beta_slow},
+      {"mscale", c.rope_scaling.mscale},
+      {"mscale_all_dim", c.rope_scaling.mscale_all_dim},
+  };
+}
+
+nlohmann::json GroupedQueryConfigJson(const ModelConfig& c) {
+  const bool qwen = c.model_type == "qwen3_moe";
+  nlohmann::json json = {
+      {"model_type", c.model_type},
+      {"architectures", {qwen ? "Qwen3MoeForCausalLM" : "MixtralForCausalLM"}},
+      {"vocab_size", c.vocab_size},
+      {"hidden_size", c.hidden_size},
+      {"num_hidden_layers", c.num_hidden_layers},
+      {"num_attention_heads", c.num_attention_heads},
+      {"num_key_value_heads", c.num_key_value_heads},
+      {"head_dim", c.head_dim},
+      {"num_experts_per_tok", c.num_experts_per_tok},
+      {"attention_bias", c.attention_bias},
+      {"max_position_embeddings", c.max_position_embeddings},
+      {"rope_theta", c.rope_theta},
+      {"rms_norm_eps", c.rms_norm_eps},
+      {"tie_word_embeddings", c.tie_word_embeddings},
+      {"bos_token_id", c.bos_token_id},
+      {"eos_token_id", c.eos_token_id},
+      {"hidden_act", "silu"},
+      {"torch_dtype", "float32"},
+  };
+  if (qwen) {
+    json["intermediate_size"] = c.intermediate_size;
+    json["moe_intermediate_size"] = c.moe_intermediate_size;
+    json["num_experts"] = c.n_routed_experts;
+    json["norm_topk_prob"] = c.norm_topk_prob;
+    json["decoder_sparse_step"] = c.decoder_sparse_step;
+    json["mlp_only_layers"] = c.mlp_only_layers;
+    json["use_sliding_window"] = false;
+  } else {
+    json["intermediate_size"] = c.moe_intermediate_size;
+    json["num_local_experts"] = c.n_routed_experts;
+    json["sliding_window"] = nullptr;
+  }
+  if (c.rope_scaling.type == RopeScaling::Type::kYarn) json["rope_scaling"] = RopeScalingJson(c);
+  return json;
+}
+
+}  // namespace
+
 nlohmann::json ModelConfigToJson(const ModelConfig& c) {
+  if (!c.uses_mla()) return GroupedQueryConfigJson(c);
   nlohmann::json json = {
       {"model_type", c.model_type},
       {"architectures", {c.model_type == "deepseek_v3" ? "DeepseekV3ForCausalLM" : "DeepseekV2ForCausalLM"}},
@@ -268,17 +482,10 @@ nlohmann::json ModelConfigToJson(const ModelConfig& c) {
       {"attention_bias", false},
       {"hidden_act", "silu"},
       {"torch_dtype", "float32"},
+      {"rope_interleave", c.rope_interleaved},
   };
   if (c.rope_scaling.type == RopeScaling::Type::kYarn) {
-    json["rope_scaling"] = {
-        {"type", "yarn"},
-        {"factor", c.rope_scaling.factor},
-        {"original_max_position_embeddings", c.rope_scaling.original_max_position_embeddings},
-        {"beta_fast", c.rope_scaling.beta_fast},
-        {"beta_slow", c.rope_scaling.beta_slow},
-        {"mscale", c.rope_scaling.mscale},
-        {"mscale_all_dim", c.rope_scaling.mscale_all_dim},
-    };
+    json["rope_scaling"] = RopeScalingJson(c);
   }
   return json;
 }

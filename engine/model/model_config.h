@@ -1,4 +1,5 @@
-// ModelConfig: the shape and hyper-parameters of a DeepSeek-style MoE model.
+// ModelConfig: the shape and hyper-parameters of a Mixture-of-Experts model: DeepSeek-V3/V2
+// (multi-head latent attention), Qwen3-MoE and Mixtral (grouped-query attention).
 //
 // Owns parsing of a Hugging Face `config.json` and the definitions of the built-in models. A
 // config is parsed and validated once, at start-up; the rest of the engine trusts it.
@@ -36,9 +37,19 @@ struct RopeScaling {
   double mscale_all_dim = 0.0;
 };
 
+// Which attention a model uses; decides the weights a layer has and what a KV cache row holds.
+enum class AttentionType {
+  kMultiHeadLatent,  // DeepSeek MLA: rows hold the compressed latent and the rope key
+  kGroupedQuery,     // Qwen3-MoE, Mixtral: rows hold every key/value head's key and value
+};
+
+// The `model_type` values ParseModelConfig accepts, for messages.
+inline constexpr const char* kSupportedModelTypes = "deepseek_v3, deepseek_v2, qwen3_moe, mixtral";
+
 struct ModelConfig {
   std::string name;                // "builtin:tiny" or the model folder's name
   std::string model_type = "deepseek_v3";
+  AttentionType attention_type = AttentionType::kMultiHeadLatent;
   int vocab_size = 0;
   int hidden_size = 0;
   int intermediate_size = 0;       // dense MLP layers
@@ -46,6 +57,10 @@ struct ModelConfig {
   int num_hidden_layers = 0;
   int first_k_dense_replace = 0;   // the first k layers use a dense MLP
   int moe_layer_freq = 1;
+  // Qwen-style MoE layer choice: when > 0, layer l is MoE iff (l + 1) % decoder_sparse_step == 0
+  // and l is not in mlp_only_layers (first_k_dense_replace and moe_layer_freq are then unused).
+  int decoder_sparse_step = 0;
+  std::vector<int> mlp_only_layers;
   int num_attention_heads = 0;
   // MLA (multi-head latent attention).
   int q_lora_rank = 0;             // 0: queries are projected directly (no q-LoRA)
@@ -53,6 +68,14 @@ struct ModelConfig {
   int qk_nope_head_dim = 0;
   int qk_rope_head_dim = 0;
   int v_head_dim = 0;
+  // Grouped-query attention (unused by MLA).
+  int num_key_value_heads = 0;
+  int head_dim = 0;
+  bool attention_bias = false;     // q/k/v/o projections have biases
+  bool qk_norm = false;            // Qwen3: RMSNorm over each head's query and key before RoPE
+  // Rope pairs: true rotates (2i, 2i+1) as DeepSeek's checkpoints store them; false rotates
+  // (i, i + dim/2) ("rotate half", Llama/Qwen/Mixtral layout).
+  bool rope_interleaved = true;
   // MoE.
   int n_routed_experts = 0;
   int n_shared_experts = 0;
@@ -72,11 +95,11 @@ struct ModelConfig {
   int bos_token_id = 0;
   int eos_token_id = 1;
 
+  bool uses_mla() const { return attention_type == AttentionType::kMultiHeadLatent; }
   int qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
-  bool is_moe_layer(int layer) const {
-    return n_routed_experts > 0 && layer >= first_k_dense_replace &&
-           layer % moe_layer_freq == 0;
-  }
+  // Dimensions RoPE rotates per head: MLA's rope part, or the whole GQA head.
+  int rotary_dim() const { return uses_mla() ? qk_rope_head_dim : head_dim; }
+  bool is_moe_layer(int layer) const;
   int num_moe_layers() const;
   // Softmax scale of attention, including YaRN's attention-temperature correction.
   double attention_softmax_scale() const;

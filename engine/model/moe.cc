@@ -61,11 +61,14 @@ Routing RouteTokens(const ModelConfig& c, const float* gate_logits, int num_toke
     const std::vector<int> chosen = TopKIndices(choice.data(), num_experts, top_k);
     float sum = 0.0f;
     for (int k = 0; k < top_k; ++k) sum += scores[chosen[k]];
+    // DeepSeek-V2 normalizes only more than one expert; the others always do when asked.
+    const bool normalize = c.norm_topk_prob && (top_k > 1 || c.model_type != "deepseek_v2");
     for (int k = 0; k < top_k; ++k) {
       float weight = scores[chosen[k]];
       // DeepSeek-V3 normalizes then always scales; V2 scales only when it does not normalize.
-      if (c.norm_topk_prob && top_k > 1) weight /= (sum + 1e-20f);
-      if (!(c.norm_topk_prob && top_k > 1) || c.model_type == "deepseek_v3") {
+      // Qwen3-MoE and Mixtral have no scaling (the factor is 1).
+      if (normalize) weight /= (sum + 1e-20f);
+      if (!normalize || c.model_type == "deepseek_v3") {
         weight *= static_cast<float>(c.routed_scaling_factor);
       }
       routing.experts[t * top_k + k] = chosen[k];

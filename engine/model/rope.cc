@@ -44,8 +44,8 @@ std::vector<double> YarnInverseFrequencies(int rotary_dim, double theta,
 }
 
 RotaryEmbedding::RotaryEmbedding(int rotary_dim, int max_positions, double theta,
-                                 const RopeScaling& scaling)
-    : rotary_dim_(rotary_dim), max_positions_(max_positions) {
+                                 const RopeScaling& scaling, bool interleaved)
+    : rotary_dim_(rotary_dim), max_positions_(max_positions), interleaved_(interleaved) {
   const int half = rotary_dim / 2;
   if (scaling.type == RopeScaling::Type::kYarn) {
     inverse_frequencies_ = YarnInverseFrequencies(rotary_dim, theta, scaling);
@@ -71,11 +71,15 @@ void RotaryEmbedding::Apply(float* vector, int position) const {
   const int half = rotary_dim_ / 2;
   const float* cos = &cos_[static_cast<size_t>(position) * half];
   const float* sin = &sin_[static_cast<size_t>(position) * half];
+  const int first_stride = interleaved_ ? 2 : 1;  // where pair i's first element is
+  const int partner_offset = interleaved_ ? 1 : half;
   for (int i = 0; i < half; ++i) {
-    const float even = vector[2 * i];
-    const float odd = vector[2 * i + 1];
-    vector[2 * i] = even * cos[i] - odd * sin[i];
-    vector[2 * i + 1] = odd * cos[i] + even * sin[i];
+    float* first = vector + i * first_stride;
+    float* second = first + partner_offset;
+    const float x = *first;
+    const float y = *second;
+    *first = x * cos[i] - y * sin[i];
+    *second = y * cos[i] + x * sin[i];
   }
 }
 

@@ -1,4 +1,5 @@
-// Rotary position embedding (RoPE), plain or YaRN-scaled, in DeepSeek's interleaved layout.
+// Rotary position embedding (RoPE), plain or YaRN-scaled, in DeepSeek's interleaved layout or the
+// rotate-half layout of Llama-style checkpoints (Qwen3-MoE, Mixtral).
 //
 // Owns the precomputed cos/sin table for every position up to the context length. Immutable
 // after construction; safe to share between threads.
@@ -13,14 +14,16 @@ namespace moeserve::engine {
 class RotaryEmbedding {
  public:
   // `rotary_dim` must be even; positions range over [0, max_positions).
-  RotaryEmbedding(int rotary_dim, int max_positions, double theta, const RopeScaling& scaling);
+  RotaryEmbedding(int rotary_dim, int max_positions, double theta, const RopeScaling& scaling,
+                  bool interleaved = true);
   explicit RotaryEmbedding(const ModelConfig& config)
-      : RotaryEmbedding(config.qk_rope_head_dim, config.max_position_embeddings,
-                        config.rope_theta, config.rope_scaling) {}
+      : RotaryEmbedding(config.rotary_dim(), config.max_position_embeddings, config.rope_theta,
+                        config.rope_scaling, config.rope_interleaved) {}
 
-  // Rotates `vector[2i], vector[2i+1]` by position * inv_freq[i] (and applies YaRN's magnitude
-  // scale). DeepSeek's checkpoints store rope dimensions interleaved; rotating pairs in place
-  // gives the same dot products as the reference's de-interleave-then-rotate-half.
+  // Rotates pair i by position * inv_freq[i] (and applies YaRN's magnitude scale). Interleaved:
+  // pair i is `vector[2i], vector[2i+1]` — DeepSeek's checkpoints store rope dimensions that
+  // way, and rotating pairs in place gives the same dot products as the reference's
+  // de-interleave-then-rotate-half. Otherwise pair i is `vector[i], vector[i + dim/2]`.
   void Apply(float* vector, int position) const;
 
   int rotary_dim() const { return rotary_dim_; }
@@ -31,6 +34,7 @@ class RotaryEmbedding {
  private:
   int rotary_dim_;
   int max_positions_;
+  bool interleaved_;
   std::vector<double> inverse_frequencies_;
   double magnitude_scale_ = 1.0;
   std::vector<float> cos_;  // [max_positions, rotary_dim / 2]

@@ -33,6 +33,43 @@ uint64_t StableHash(const std::string& text) {
   return hash;
 }
 
+void AddAttention(std::vector<std::pair<std::string, Shape>>& out, const ModelConfig& c,
+                  const std::string& a) {
+  const int64_t hidden = c.hidden_size;
+  const int64_t heads = c.num_attention_heads;
+  if (!c.uses_mla()) {
+    const int64_t q_dim = heads * c.head_dim;
+    const int64_t kv_dim = static_cast<int64_t>(c.num_key_value_heads) * c.head_dim;
+    out.push_back({a + "q_proj.weight", {q_dim, hidden}});
+    out.push_back({a + "k_proj.weight", {kv_dim, hidden}});
+    out.push_back({a + "v_proj.weight", {kv_dim, hidden}});
+    out.push_back({a + "o_proj.weight", {hidden, q_dim}});
+    if (c.attention_bias) {
+      out.push_back({a + "q_proj.bias", {q_dim}});
+      out.push_back({a + "k_proj.bias", {kv_dim}});
+      out.push_back({a + "v_proj.bias", {kv_dim}});
+      out.push_back({a + "o_proj.bias", {hidden}});
+    }
+    if (c.qk_norm) {
+      out.push_back({a + "q_norm.weight", {c.head_dim}});
+      out.push_back({a + "k_norm.weight", {c.head_dim}});
+    }
+    return;
+  }
+  if (c.q_lora_rank > 0) {
+    out.push_back({a + "q_a_proj.weight", {c.q_lora_rank, hidden}});
+    out.push_back({a + "q_a_layernorm.weight", {c.q_lora_rank}});
+    out.push_back({a + "q_b_proj.weight", {heads * c.qk_head_dim(), c.q_lora_rank}});
+  } else {
+    out.push_back({a + "q_proj.weight", {heads * c.qk_head_dim(), hidden}});
+  }
+  out.push_back({a + "kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, hidden}});
+  out.push_back({a + "kv_a_layernorm.weight", {c.kv_lora_rank}});
+  out.push_back(
+      {a + "kv_b_proj.weight", {heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}});
+  out.push_back({a + "o_proj.weight", {hidden, heads * c.v_head_dim}});
+}
+
 }  // namespace
 
 int64_t Tensor::num_elements() const {
@@ -44,28 +81,15 @@ int64_t Tensor::num_elements() const {
 std::vector<std::pair<std::string, Shape>> ExpectedTensors(const ModelConfig& c) {
   std::vector<std::pair<std::string, Shape>> out;
   const int64_t hidden = c.hidden_size;
-  const int64_t heads = c.num_attention_heads;
   out.push_back({"model.embed_tokens.weight", {c.vocab_size, hidden}});
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
     const std::string p = LayerPrefix(layer);
     out.push_back({p + "input_layernorm.weight", {hidden}});
     out.push_back({p + "post_attention_layernorm.weight", {hidden}});
-    const std::string a = p + "self_attn.";
-    if (c.q_lora_rank > 0) {
-      out.push_back({a + "q_a_proj.weight", {c.q_lora_rank, hidden}});
-      out.push_back({a + "q_a_layernorm.weight", {c.q_lora_rank}});
-      out.push_back({a + "q_b_proj.weight", {heads * c.qk_head_dim(), c.q_lora_rank}});
-    } else {
-      out.push_back({a + "q_proj.weight", {heads * c.qk_head_dim(), hidden}});
-    }
-    out.push_back({a + "kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, hidden}});
-    out.push_back({a + "kv_a_layernorm.weight", {c.kv_lora_rank}});
-    out.push_back(
-        {a + "kv_b_proj.weight", {heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}});
-    out.push_back({a + "o_proj.weight", {hidden, heads * c.v_head_dim}});
+    AddAttention(out, c, p + "self_attn.");
     if (c.is_moe_layer(layer)) {
       out.push_back({p + "mlp.gate.weight", {c.n_routed_experts, hidden}});
-      if (c.topk_method == TopKMethod::kNoAuxTc) {
+      if (c.uses_mla() && c.topk_method == TopKMethod::kNoAuxTc) {
         out.push_back({p + "mlp.gate.e_score_correction_bias", {c.n_routed_experts}});
       }
       for (int e = 0; e < c.n_routed_experts; ++e) {
@@ -92,11 +116,11 @@ ModelWeights ModelWeights::Generate(const ModelConfig& config, uint64_t seed) {
     tensor.data.resize(tensor.num_elements());
     std::mt19937_64 rng(seed ^ StableHash(name));
     std::normal_distribution<float> normal(0.0f, 1.0f);
-    const bool is_norm = name.ends_with("layernorm.weight") || name.ends_with("norm.weight");
+    const bool is_norm = name.ends_with("norm.weight");
     if (is_norm) {
       // Non-trivial norm weights, so a reference that ignores them would disagree.
       for (float& v : tensor.data) v = 1.0f + 0.1f * normal(rng);
-    } else if (name.ends_with("e_score_correction_bias")) {
+    } else if (name.ends_with("e_score_correction_bias") || name.ends_with(".bias")) {
       for (float& v : tensor.data) v = 0.05f * normal(rng);
     } else if (name == "model.embed_tokens.weight") {
       for (float& v : tensor.data) v = normal(rng);
@@ -161,10 +185,23 @@ absl::Status ModelWeights::BindViews() {
     w.input_layernorm = get(p + "input_layernorm.weight");
     w.post_attention_layernorm = get(p + "post_attention_layernorm.weight");
     const std::string a = p + "self_attn.";
-    w.attention = {get(a + "q_a_proj.weight"),           get(a + "q_a_layernorm.weight"),
-                   get(a + "q_b_proj.weight"),           get(a + "q_proj.weight"),
-                   get(a + "kv_a_proj_with_mqa.weight"), get(a + "kv_a_layernorm.weight"),
-                   get(a + "kv_b_proj.weight"),          get(a + "o_proj.weight")};
+    AttentionWeights& attention = w.attention;
+    attention.q_a_proj = get(a + "q_a_proj.weight");
+    attention.q_a_layernorm = get(a + "q_a_layernorm.weight");
+    attention.q_b_proj = get(a + "q_b_proj.weight");
+    attention.q_proj = get(a + "q_proj.weight");
+    attention.kv_a_proj_with_mqa = get(a + "kv_a_proj_with_mqa.weight");
+    attention.kv_a_layernorm = get(a + "kv_a_layernorm.weight");
+    attention.kv_b_proj = get(a + "kv_b_proj.weight");
+    attention.o_proj = get(a + "o_proj.weight");
+    attention.k_proj = get(a + "k_proj.weight");
+    attention.v_proj = get(a + "v_proj.weight");
+    attention.q_norm = get(a + "q_norm.weight");
+    attention.k_norm = get(a + "k_norm.weight");
+    attention.q_bias = get(a + "q_proj.bias");
+    attention.k_bias = get(a + "k_proj.bias");
+    attention.v_bias = get(a + "v_proj.bias");
+    attention.o_bias = get(a + "o_proj.bias");
     w.is_moe = c.is_moe_layer(layer);
     if (w.is_moe) {
       w.moe.gate = get(p + "mlp.gate.weight");

@@ -1,7 +1,10 @@
 // Model weights: named fp32 tensors (Hugging Face names) and typed per-layer views of them.
 //
 // Owns the weight memory of one model replica. Built once at start-up (generated for the built-in
-// models, loaded for checkpoints), then read-only: safe to read from many threads.
+// models, loaded from checkpoints by engine/model/loader.h), then read-only: safe to read from
+// many threads. Tensor names are the canonical Hugging Face ones of DeepSeek and Qwen3-MoE
+// (`mlp.gate`, `mlp.experts.{i}.gate_proj/up_proj/down_proj`); the checkpoint reader maps
+// Mixtral's and fused-expert names onto them.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +32,7 @@ struct MlpWeights {
 };
 
 struct AttentionWeights {
+  // MLA (DeepSeek). q_proj is shared with GQA.
   const float* q_a_proj = nullptr;        // [q_lora, hidden]          (q-LoRA only)
   const float* q_a_layernorm = nullptr;   // [q_lora]                   (q-LoRA only)
   const float* q_b_proj = nullptr;        // [heads * qk_head, q_lora]  (q-LoRA only)
@@ -36,7 +40,16 @@ struct AttentionWeights {
   const float* kv_a_proj_with_mqa = nullptr;  // [kv_lora + rope, hidden]
   const float* kv_a_layernorm = nullptr;      // [kv_lora]
   const float* kv_b_proj = nullptr;           // [heads * (nope + v), kv_lora]
-  const float* o_proj = nullptr;              // [hidden, heads * v]
+  const float* o_proj = nullptr;              // [hidden, heads * v] (GQA: heads * head_dim)
+  // GQA (Qwen3-MoE, Mixtral); q_proj is [heads * head_dim, hidden].
+  const float* k_proj = nullptr;       // [kv_heads * head_dim, hidden]
+  const float* v_proj = nullptr;       // [kv_heads * head_dim, hidden]
+  const float* q_norm = nullptr;       // [head_dim] (qk_norm only)
+  const float* k_norm = nullptr;       // [head_dim] (qk_norm only)
+  const float* q_bias = nullptr;       // attention_bias only
+  const float* k_bias = nullptr;
+  const float* v_bias = nullptr;
+  const float* o_bias = nullptr;
 };
 
 struct MoeWeights {

@@ -1,0 +1,54 @@
+// BpeTokenizer: the byte-level BPE tokenizers that DeepSeek and Qwen ship as `tokenizer.json`
+// (Hugging Face `tokenizers` format).
+//
+// Encoding: added/special tokens are cut out of the text first (longest match); every other
+// stretch is normalized (none, or NFC/NFD/NFKC/NFKD), split by the pre-tokenizer (Split regexes
+// with Unicode classes, Digits, ByteLevel with its GPT-2 regex), mapped byte by byte onto the
+// byte-level alphabet, and merged with the ranked BPE merges. A beginning-of-sequence token is
+// put first when tokenizer_config.json says `add_bos_token` or the post-processor's template
+// starts with a special token. Decoding maps a token back to its raw bytes.
+//
+// Built once by LoadModel; Encode and TokenBytes are const and safe to call from many threads.
+// Regexes run on ICU (Unicode properties such as \p{L} and \p{N}).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model/model_config.h"
+#include "engine/model/tokenizer.h"
+#include "nlohmann/json_fwd.hpp"
+
+namespace moeserve::engine {
+
+class BpeTokenizer : public Tokenizer {
+ public:
+  // INVALID_ARGUMENT for malformed files, components other than the ones listed above, or token
+  // ids outside the model's vocabulary. `tokenizer_config` may be an empty object.
+  static absl::StatusOr<std::unique_ptr<BpeTokenizer>> Create(
+      const nlohmann::json& tokenizer_json, const nlohmann::json& tokenizer_config,
+      const ModelConfig& config);
+  ~BpeTokenizer() override;
+
+  std::vector<int32_t> Encode(std::string_view text) const override;
+  std::string TokenBytes(int32_t token) const override;
+
+  // Token ids of `text` without the beginning-of-sequence token.
+  std::vector<int32_t> EncodeWithoutBos(std::string_view text) const;
+  std::optional<int32_t> bos_token_id() const { return bos_token_id_; }
+
+ private:
+  struct Impl;
+  explicit BpeTokenizer(std::unique_ptr<Impl> impl);
+
+  std::unique_ptr<Impl> impl_;
+  std::optional<int32_t> bos_token_id_;
+};
+
+}  // namespace moeserve::engine
