@@ -66,11 +66,10 @@ absl::StatusOr<Engine::WorkerGroup> Engine::BuildGroup(const std::string& name, 
   const int num_logical = std::max(c.n_routed_experts, 1);
   const int num_physical = num_logical + p.num_redundant_experts;
   absl::StatusOr<ExpertPlacement> placement =
-      p.placement_file.empty()
-          ? absl::StatusOr<ExpertPlacement>(
-                ExpertPlacement::Default(c.num_moe_layers(), num_logical, num_physical))
-          : ExpertPlacement::LoadJsonFile(p.placement_file, c.num_moe_layers(), num_logical,
-                                          num_physical);
+      p.placement_file.empty() ? absl::StatusOr<ExpertPlacement>(ExpertPlacement::Default(
+                                     c.num_moe_layers(), num_logical, num_physical))
+                               : ExpertPlacement::LoadJsonFile(p.placement_file, c.num_moe_layers(),
+                                                               num_logical, num_physical);
   if (!placement.ok()) return placement.status();
   parallel::GroupOptions group_options;
   group_options.name = name;
@@ -92,9 +91,8 @@ absl::StatusOr<Engine::WorkerGroup> Engine::BuildGroup(const std::string& name, 
   WorkerGroup result;
   result.group = std::move(*group);
   for (int rank = 0; rank < size; ++rank) {
-    result.workers.push_back(std::make_unique<RankWorker>(context_, *result.group, rank, role,
-                                                          static_cast<int>(kv_blocks),
-                                                          options_.kv_block_size));
+    result.workers.push_back(std::make_unique<RankWorker>(
+        context_, *result.group, rank, role, static_cast<int>(kv_blocks), options_.kv_block_size));
   }
   return result;
 }
@@ -182,10 +180,11 @@ EngineStats Engine::Stats() const {
 
 void Engine::PublishState() {
   const EngineStats stats = Stats();
-  metrics_.SetQueueState(stats.running, stats.waiting,
-                         stats.kv_blocks_total > 0
-                             ? 1.0 - static_cast<double>(stats.kv_blocks_free) / stats.kv_blocks_total
-                             : 0.0);
+  metrics_.SetQueueState(
+      stats.running, stats.waiting,
+      stats.kv_blocks_total > 0
+          ? 1.0 - static_cast<double>(stats.kv_blocks_free) / stats.kv_blocks_total
+          : 0.0);
 }
 
 RankWorker& Engine::LeastLoaded(const WorkerGroup& group) {
@@ -243,14 +242,14 @@ absl::Status Engine::Validate(GenerationInput& in) const {
   }
   if (in.max_tokens < 1) return absl::InvalidArgumentError("max_tokens must be at least 1");
   if (in.max_tokens > context) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "max_tokens = ", in.max_tokens, " exceeds the context length of ", context));
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens = ", in.max_tokens, " exceeds the context length of ", context));
   }
   if (prompt + in.max_tokens > context) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "prompt (", prompt, " tokens) + max_tokens (", in.max_tokens, ") = ",
-        prompt + in.max_tokens, " exceeds the context length of ", context,
-        "; lower max_tokens to at most ", context - prompt));
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt (", prompt, " tokens) + max_tokens (", in.max_tokens,
+                     ") = ", prompt + in.max_tokens, " exceeds the context length of ", context,
+                     "; lower max_tokens to at most ", context - prompt));
   }
   const SamplingOptions& s = in.sampling;
   if (!std::isfinite(s.temperature) || s.temperature < 0) {
@@ -277,9 +276,9 @@ absl::Status Engine::Validate(GenerationInput& in) const {
   }
   for (int32_t id : in.stop_token_ids) {
     if (id < 0 || id >= c.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "stop_token_ids has ", static_cast<uint32_t>(id), ", out of range: the vocabulary has ",
-          c.vocab_size, " tokens"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("stop_token_ids has ", static_cast<uint32_t>(id),
+                       ", out of range: the vocabulary has ", c.vocab_size, " tokens"));
     }
   }
   int smallest_rank_blocks = 0;

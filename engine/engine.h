@@ -38,10 +38,10 @@ struct ParallelOptions {
 };
 
 struct EngineOptions {
-  int max_batch_tokens = 256;     // tokens per rank per step; long prompts prefill in chunks
-  int max_running_requests = 64;  // sequences per rank
-  int max_queue = 256;            // queued requests (all ranks) before RESOURCE_EXHAUSTED
-  int kv_block_size = 16;         // tokens per KV cache block
+  int max_batch_tokens = 256;           // tokens per rank per step; long prompts prefill in chunks
+  int max_running_requests = 64;        // sequences per rank
+  int max_queue = 256;                  // queued requests (all ranks) before RESOURCE_EXHAUSTED
+  int kv_block_size = 16;               // tokens per KV cache block
   int64_t kv_cache_bytes = 64ll << 20;  // per rank
   int max_stop_strings = 16;
   int max_stop_string_bytes = 256;

@@ -34,11 +34,11 @@ class PrometheusLoadSource : public LoadSource {
     while (!base_url_.empty() && base_url_.back() == '/') base_url_.pop_back();
   }
 
-  absl::StatusOr<LoadMatrix> Query(const std::string& group, double window_seconds,
-                                   int num_layers, int num_experts) override {
-    const std::string query = absl::StrCat(
-        "sum by (layer, expert) (increase(", metric_, "{group=\"", group, "\"}[",
-        static_cast<int64_t>(std::ceil(window_seconds)), "s]))");
+  absl::StatusOr<LoadMatrix> Query(const std::string& group, double window_seconds, int num_layers,
+                                   int num_experts) override {
+    const std::string query =
+        absl::StrCat("sum by (layer, expert) (increase(", metric_, "{group=\"", group, "\"}[",
+                     static_cast<int64_t>(std::ceil(window_seconds)), "s]))");
     CURL* curl = curl_easy_init();
     if (curl == nullptr) return absl::InternalError("libcurl initialisation failed");
     char* escaped = curl_easy_escape(curl, query.c_str(), static_cast<int>(query.size()));
@@ -62,8 +62,8 @@ class PrometheusLoadSource : public LoadSource {
     }
     nlohmann::json response = nlohmann::json::parse(body, nullptr, false);
     if (response.is_discarded() || response.value("status", "") != "success") {
-      return absl::InvalidArgumentError(absl::StrCat("Prometheus query failed (HTTP ", http_status,
-                                                     "): ", body.substr(0, 300)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("Prometheus query failed (HTTP ", http_status, "): ", body.substr(0, 300)));
     }
     LoadMatrix load(num_layers, std::vector<float>(num_experts, 0.0f));
     std::vector<std::vector<bool>> seen(num_layers, std::vector<bool>(num_experts, false));
@@ -74,13 +74,13 @@ class PrometheusLoadSource : public LoadSource {
         const int expert = std::stoi(sample.at("metric").at("expert").get<std::string>());
         const double value = std::stod(sample.at("value").at(1).get<std::string>());
         if (layer < 0 || layer >= num_layers || expert < 0 || expert >= num_experts) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "Prometheus has series for layer ", layer, " expert ", expert,
-              ", outside the model's ", num_layers, " x ", num_experts));
+          return absl::FailedPreconditionError(
+              absl::StrCat("Prometheus has series for layer ", layer, " expert ", expert,
+                           ", outside the model's ", num_layers, " x ", num_experts));
         }
         if (!std::isfinite(value) || value < 0) {
-          return absl::FailedPreconditionError(absl::StrCat("non-finite or negative load ", value,
-                                                            " for layer ", layer, " expert ", expert));
+          return absl::FailedPreconditionError(absl::StrCat(
+              "non-finite or negative load ", value, " for layer ", layer, " expert ", expert));
         }
         load[layer][expert] = static_cast<float>(value);
         if (!seen[layer][expert]) ++series;
@@ -90,10 +90,10 @@ class PrometheusLoadSource : public LoadSource {
       return absl::InvalidArgumentError(absl::StrCat("unexpected Prometheus answer: ", e.what()));
     }
     if (series != num_layers * num_experts) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "partial data: Prometheus has ", series, " of ", num_layers * num_experts,
-          " (layer, expert) series for group `", group,
-          "` over the window; not rebalancing on it"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("partial data: Prometheus has ", series, " of ", num_layers * num_experts,
+                       " (layer, expert) series for group `", group,
+                       "` over the window; not rebalancing on it"));
     }
     return load;
   }
@@ -153,7 +153,8 @@ class AdminPlacementTarget : public PlacementTarget {
     }
     moeserve::v1::UpdateExpertPlacementResponse response;
     absl::Status status = FromGrpc(stub_->UpdateExpertPlacement(&context, request, &response));
-    if (!status.ok()) return absl::Status(status.code(), absl::StrCat(address_, ": ", status.message()));
+    if (!status.ok())
+      return absl::Status(status.code(), absl::StrCat(address_, ": ", status.message()));
     return absl::OkStatus();
   }
 
@@ -188,8 +189,9 @@ Controller::Controller(ControllerOptions options, LoadSource& load_source,
   if (registry == nullptr) return;
   auto& balance = prometheus::BuildGauge()
                       .Name("moeserve_eplb_balancedness")
-                      .Help("Predicted mean/max GPU load of the last cycle's load, averaged over "
-                            "layers, with the placement before and after")
+                      .Help(
+                          "Predicted mean/max GPU load of the last cycle's load, averaged over "
+                          "layers, with the placement before and after")
                       .Register(*registry);
   before_ = &balance.Add({{"group", options_.group}, {"when", "before"}});
   after_ = &balance.Add({{"group", options_.group}, {"when", "after"}});
@@ -210,7 +212,8 @@ Controller::Controller(ControllerOptions options, LoadSource& load_source,
 }
 
 absl::Status Controller::Fail(const char* stage, absl::Status status) {
-  if (failures_ != nullptr) failures_->Add({{"group", options_.group}, {"stage", stage}}).Increment();
+  if (failures_ != nullptr)
+    failures_->Add({{"group", options_.group}, {"stage", stage}}).Increment();
   return absl::Status(status.code(), absl::StrCat(stage, ": ", status.message()));
 }
 
@@ -219,9 +222,8 @@ absl::StatusOr<T> Controller::WithRetries(const char* stage,
                                           const std::function<absl::StatusOr<T>()>& op) {
   auto backoff = options_.first_backoff;
   absl::StatusOr<T> result = op();
-  for (int attempt = 1; attempt < options_.max_attempts && !result.ok() &&
-                        IsTransient(result.status());
-       ++attempt) {
+  for (int attempt = 1;
+       attempt < options_.max_attempts && !result.ok() && IsTransient(result.status()); ++attempt) {
     std::this_thread::sleep_for(backoff);
     backoff *= 2;
     result = op();
@@ -236,15 +238,16 @@ absl::StatusOr<CycleReport> Controller::RunCycle() {
   GroupPlacement current;
   for (size_t i = 0; i < targets_.size(); ++i) {
     PlacementTarget* target = targets_[i];
-    auto placement = WithRetries<GroupPlacement>("placement", [&] { return target->Get(options_.group); });
+    auto placement =
+        WithRetries<GroupPlacement>("placement", [&] { return target->Get(options_.group); });
     if (!placement.ok()) return placement.status();
     if (i == 0) {
       current = std::move(*placement);
     } else if (placement->version != current.version || placement->phy2log != current.phy2log) {
-      return Fail("placement", absl::FailedPreconditionError(absl::StrCat(
-                                   "targets disagree on the placement (", targets_[0]->name(),
-                                   " has version ", current.version, ", ", target->name(),
-                                   " has ", placement->version, ")")));
+      return Fail("placement",
+                  absl::FailedPreconditionError(absl::StrCat(
+                      "targets disagree on the placement (", targets_[0]->name(), " has version ",
+                      current.version, ", ", target->name(), " has ", placement->version, ")")));
     }
   }
   const int num_layers = static_cast<int>(current.phy2log.size());
@@ -270,7 +273,8 @@ absl::StatusOr<CycleReport> Controller::RunCycle() {
   });
   if (!load.ok()) return load.status();
   double total = 0;
-  for (const auto& layer : *load) for (float v : layer) total += v;
+  for (const auto& layer : *load)
+    for (float v : layer) total += v;
 
   CycleReport report;
   report.version = current.version;

@@ -55,8 +55,8 @@ class PlacementTarget {
 
 // Queries `<url>/api/v1/query` with
 // sum by (layer, expert) (increase(<metric>{group="<group>"}[<window>s])).
-std::unique_ptr<LoadSource> MakePrometheusLoadSource(std::string base_url,
-                                                     std::string metric = "moeserve_expert_tokens_total");
+std::unique_ptr<LoadSource> MakePrometheusLoadSource(
+    std::string base_url, std::string metric = "moeserve_expert_tokens_total");
 // The Admin API of one moeserve server at `address`, with a bearer token.
 std::unique_ptr<PlacementTarget> MakeAdminPlacementTarget(const std::string& address,
                                                           std::string token);
@@ -65,8 +65,8 @@ struct ControllerOptions {
   std::string group = "mixed";
   double window_seconds = 300;
   int num_nodes = 1;
-  int num_gpus = 0;      // 0: the group's EP size
-  int num_replicas = 0;  // 0: the group's physical slots
+  int num_gpus = 0;               // 0: the group's EP size
+  int num_replicas = 0;           // 0: the group's physical slots
   double min_improvement = 0.05;  // balancedness gain (absolute, in [0, 1]) needed to push
   bool dry_run = false;
   int max_attempts = 4;  // per operation, with exponential back-off
@@ -75,10 +75,10 @@ struct ControllerOptions {
 
 struct CycleReport {
   bool pushed = false;
-  std::string reason;        // why it pushed or not
+  std::string reason;  // why it pushed or not
   double balancedness_before = 0;
   double balancedness_after = 0;
-  int64_t version = 0;       // the version now committed (or that would be, for a dry run)
+  int64_t version = 0;  // the version now committed (or that would be, for a dry run)
   std::vector<std::vector<int>> phy2log;  // the computed placement
 };
 

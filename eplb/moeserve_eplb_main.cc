@@ -3,12 +3,12 @@
 //   controller  close the loop: Prometheus expert load in, placements pushed to the servers
 // Owns only argument parsing, file handling and exit codes; the work lives in eplb/.
 
+#include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstring>
 #include <fstream>
 #include <iostream>
-#include <atomic>
-#include <csignal>
 #include <string>
 #include <thread>
 
@@ -123,10 +123,19 @@ double ParseDuration(const std::string& text) {
   double scale = 1;
   std::string number = text;
   switch (text.back()) {
-    case 's': number.pop_back(); break;
-    case 'm': scale = 60; number.pop_back(); break;
-    case 'h': scale = 3600; number.pop_back(); break;
-    default: break;
+    case 's':
+      number.pop_back();
+      break;
+    case 'm':
+      scale = 60;
+      number.pop_back();
+      break;
+    case 'h':
+      scale = 3600;
+      number.pop_back();
+      break;
+    default:
+      break;
   }
   try {
     size_t used = 0;
@@ -144,30 +153,42 @@ void AddControllerCommand(CLI::App& app, ControllerArguments& arguments) {
       "Every --interval: read the group's placement from the servers, query Prometheus for the "
       "expert load over --window, rebalance, and push the new placement when the predicted "
       "balancedness (mean/max GPU load) improves by more than --min-improvement.");
-  controller->add_option("--prometheus-url", arguments.prometheus_url,
-                         "Prometheus base URL, e.g. http://127.0.0.1:9090")->required();
-  controller->add_option("--group", arguments.options.group,
-                         "The EP group to balance: mixed, prefill or decode")->capture_default_str();
+  controller
+      ->add_option("--prometheus-url", arguments.prometheus_url,
+                   "Prometheus base URL, e.g. http://127.0.0.1:9090")
+      ->required();
+  controller
+      ->add_option("--group", arguments.options.group,
+                   "The EP group to balance: mixed, prefill or decode")
+      ->capture_default_str();
   controller->add_option("--window", arguments.window, "Load window (e.g. 90s, 5m)")
       ->capture_default_str();
   controller->add_option("--interval", arguments.interval, "Time between cycles")
       ->capture_default_str();
-  controller->add_option("--targets", arguments.targets,
-                         "Comma-separated host:port of the servers (Admin API) of the group")
+  controller
+      ->add_option("--targets", arguments.targets,
+                   "Comma-separated host:port of the servers (Admin API) of the group")
       ->required();
-  controller->add_option("--num-nodes", arguments.options.num_nodes,
-                         "Nodes the group spans (hierarchical policy when expert groups divide "
-                         "by nodes)")->capture_default_str();
+  controller
+      ->add_option("--num-nodes", arguments.options.num_nodes,
+                   "Nodes the group spans (hierarchical policy when expert groups divide "
+                   "by nodes)")
+      ->capture_default_str();
   controller->add_option("--num-gpus", arguments.options.num_gpus,
                          "GPUs (ranks) of the group; 0 = as the servers report");
   controller->add_option("--num-replicas", arguments.options.num_replicas,
                          "Physical expert slots per layer; 0 = as the servers report");
-  controller->add_option("--min-improvement", arguments.options.min_improvement,
-                         "Balancedness gain (0..1) needed to push")->capture_default_str();
-  controller->add_option("--admin-token-file", arguments.admin_token_file,
-                         "File with the servers' admin bearer token")->required();
-  controller->add_option("--metrics-port", arguments.metrics_port,
-                         "Serve the controller's own Prometheus metrics on this port (-1: off)")
+  controller
+      ->add_option("--min-improvement", arguments.options.min_improvement,
+                   "Balancedness gain (0..1) needed to push")
+      ->capture_default_str();
+  controller
+      ->add_option("--admin-token-file", arguments.admin_token_file,
+                   "File with the servers' admin bearer token")
+      ->required();
+  controller
+      ->add_option("--metrics-port", arguments.metrics_port,
+                   "Serve the controller's own Prometheus metrics on this port (-1: off)")
       ->capture_default_str();
   controller->add_flag("--once", arguments.once, "Run one cycle and exit (0: success)");
   controller->add_flag("--dry-run", arguments.options.dry_run,
@@ -180,7 +201,8 @@ int RunController(ControllerArguments& arguments) {
   arguments.options.window_seconds = ParseDuration(arguments.window);
   const double interval = ParseDuration(arguments.interval);
   if (arguments.options.window_seconds <= 0 || interval <= 0) {
-    std::cerr << "moeserve-eplb controller: --window and --interval take durations like 90s or 5m\n";
+    std::cerr
+        << "moeserve-eplb controller: --window and --interval take durations like 90s or 5m\n";
     return kExitIoError;
   }
   std::ifstream token_file(arguments.admin_token_file);
@@ -194,7 +216,8 @@ int RunController(ControllerArguments& arguments) {
   auto registry = std::make_shared<prometheus::Registry>();
   std::unique_ptr<prometheus::Exposer> exposer;
   if (arguments.metrics_port >= 0) {
-    exposer = std::make_unique<prometheus::Exposer>("0.0.0.0:" + std::to_string(arguments.metrics_port));
+    exposer =
+        std::make_unique<prometheus::Exposer>("0.0.0.0:" + std::to_string(arguments.metrics_port));
     exposer->RegisterCollectable(registry);
   }
   auto load_source = moeserve::eplb::MakePrometheusLoadSource(arguments.prometheus_url);

@@ -102,7 +102,8 @@ void GateTopKTwin(const float* logits, const float* bias, int tokens, const Gate
     std::vector<bool> allowed(o.num_experts, true);
     if (o.num_groups > 1) {
       for (int g = 0; g < o.num_groups; ++g) {
-        std::vector<float> members(choice.begin() + g * per_group, choice.begin() + (g + 1) * per_group);
+        std::vector<float> members(choice.begin() + g * per_group,
+                                   choice.begin() + (g + 1) * per_group);
         std::vector<bool> all(per_group, true);
         const int first = ArgMaxAllowed(members, all);
         if (o.group_score_top2_sum) {
@@ -167,7 +168,8 @@ void GroupedLinearTwin(const uint16_t* x, const std::vector<const uint16_t*>& we
       for (int j = 0; j < n; ++j) {
         float sum = 0;
         for (int i = 0; i < k; ++i) {
-          sum += Bf16ToFloat(x[m * k + i]) * Bf16ToFloat(weights[e][static_cast<size_t>(j) * k + i]);
+          sum +=
+              Bf16ToFloat(x[m * k + i]) * Bf16ToFloat(weights[e][static_cast<size_t>(j) * k + i]);
         }
         y[m * n + j] = FloatToBf16(sum);
       }

@@ -30,7 +30,7 @@ struct GateOptions {
   int top_k = 8;
   int num_groups = 8;
   int topk_groups = 4;
-  bool sigmoid = true;            // else softmax
+  bool sigmoid = true;               // else softmax
   bool group_score_top2_sum = true;  // DeepSeek-V3; else the group's best score (V2)
   bool normalize = true;
   float scaling = 2.5f;

@@ -1,6 +1,5 @@
-#include "kernels/expert_mlp.h"
-
 #include "absl/strings/str_cat.h"
+#include "kernels/expert_mlp.h"
 #include "kernels/kernels.h"
 
 namespace moeserve::kernels {
@@ -22,11 +21,22 @@ absl::StatusOr<ExpertMlp> ExpertMlp::Create(int hidden, int intermediate, int ma
   mlp.max_experts_ = max_experts;
   mlp.stream_ = stream;
   if (auto s = CublasStatus(cublasCreate(&mlp.cublas_), "cublasCreate"); !s.ok()) return s;
-  if (auto s = CublasStatus(cublasSetStream(mlp.cublas_, stream), "cublasSetStream"); !s.ok()) return s;
+  if (auto s = CublasStatus(cublasSetStream(mlp.cublas_, stream), "cublasSetStream"); !s.ok())
+    return s;
   const size_t rows = static_cast<size_t>(std::max(max_rows, 1));
-  if (auto s = CudaStatus(cudaMalloc(&mlp.gate_up_, rows * 2 * intermediate * sizeof(__nv_bfloat16)), "cudaMalloc"); !s.ok()) return s;
-  if (auto s = CudaStatus(cudaMalloc(&mlp.activation_, rows * intermediate * sizeof(__nv_bfloat16)), "cudaMalloc"); !s.ok()) return s;
-  if (auto s = CudaStatus(cudaMalloc(&mlp.device_pointers_, 3 * static_cast<size_t>(max_experts) * sizeof(void*)), "cudaMalloc"); !s.ok()) return s;
+  if (auto s = CudaStatus(
+          cudaMalloc(&mlp.gate_up_, rows * 2 * intermediate * sizeof(__nv_bfloat16)), "cudaMalloc");
+      !s.ok())
+    return s;
+  if (auto s = CudaStatus(cudaMalloc(&mlp.activation_, rows * intermediate * sizeof(__nv_bfloat16)),
+                          "cudaMalloc");
+      !s.ok())
+    return s;
+  if (auto s = CudaStatus(
+          cudaMalloc(&mlp.device_pointers_, 3 * static_cast<size_t>(max_experts) * sizeof(void*)),
+          "cudaMalloc");
+      !s.ok())
+    return s;
   return mlp;
 }
 
@@ -52,7 +62,8 @@ ExpertMlp::~ExpertMlp() {
   cudaFree(device_pointers_);
 }
 
-absl::Status ExpertMlp::Gemm(const __nv_bfloat16* a, const std::vector<const __nv_bfloat16*>& weights,
+absl::Status ExpertMlp::Gemm(const __nv_bfloat16* a,
+                             const std::vector<const __nv_bfloat16*>& weights,
                              const std::vector<int64_t>& offsets, __nv_bfloat16* c, int n, int k,
                              Strategy strategy) {
   // Row-major C[m, n] = A[m, k] · W[n, k]^T is column-major C^T = W^T(op T) · A^T.
@@ -62,10 +73,10 @@ absl::Status ExpertMlp::Gemm(const __nv_bfloat16* a, const std::vector<const __n
     for (int e = 0; e < experts; ++e) {
       const int m = static_cast<int>(offsets[e + 1] - offsets[e]);
       if (m == 0) continue;
-      auto status = cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, weights[e],
-                                 CUDA_R_16BF, k, a + offsets[e] * k, CUDA_R_16BF, k, &beta,
-                                 c + offsets[e] * n, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
-                                 CUBLAS_GEMM_DEFAULT);
+      auto status =
+          cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, weights[e], CUDA_R_16BF,
+                       k, a + offsets[e] * k, CUDA_R_16BF, k, &beta, c + offsets[e] * n,
+                       CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
       if (auto s = CublasStatus(status, "cublasGemmEx"); !s.ok()) return s;
     }
     return absl::OkStatus();
@@ -100,10 +111,10 @@ absl::Status ExpertMlp::Gemm(const __nv_bfloat16* a, const std::vector<const __n
   for (auto* p : a_pointers) host_pointers.push_back(const_cast<void*>(p));
   for (auto* p : b_pointers) host_pointers.push_back(const_cast<void*>(p));
   for (auto* p : c_pointers) host_pointers.push_back(p);
-  if (auto s = CudaStatus(cudaMemcpyAsync(device_pointers_, host_pointers.data(),
-                                          host_pointers.size() * sizeof(void*),
-                                          cudaMemcpyHostToDevice, stream_),
-                          "cudaMemcpyAsync");
+  if (auto s = CudaStatus(
+          cudaMemcpyAsync(device_pointers_, host_pointers.data(),
+                          host_pointers.size() * sizeof(void*), cudaMemcpyHostToDevice, stream_),
+          "cudaMemcpyAsync");
       !s.ok()) {
     return s;
   }
@@ -120,15 +131,21 @@ absl::Status ExpertMlp::Gemm(const __nv_bfloat16* a, const std::vector<const __n
 
 absl::Status ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
                             const std::vector<const __nv_bfloat16*>& gate_up_weights,
-                            const std::vector<const __nv_bfloat16*>& down_weights,
-                            __nv_bfloat16* y, Strategy strategy) {
+                            const std::vector<const __nv_bfloat16*>& down_weights, __nv_bfloat16* y,
+                            Strategy strategy) {
   const int64_t rows = offsets.back();
   if (rows > max_rows_ || static_cast<int>(gate_up_weights.size()) > max_experts_ ||
-      gate_up_weights.size() + 1 != offsets.size() || down_weights.size() != gate_up_weights.size()) {
-    return absl::InvalidArgumentError("ExpertMlp::Run: rows or experts beyond the sizes it was made for");
+      gate_up_weights.size() + 1 != offsets.size() ||
+      down_weights.size() != gate_up_weights.size()) {
+    return absl::InvalidArgumentError(
+        "ExpertMlp::Run: rows or experts beyond the sizes it was made for");
   }
-  if (auto s = Gemm(x, gate_up_weights, offsets, gate_up_, 2 * intermediate_, hidden_, strategy); !s.ok()) return s;
-  if (auto s = SiluMul(gate_up_, activation_, static_cast<int>(rows), intermediate_, stream_); !s.ok()) return s;
+  if (auto s = Gemm(x, gate_up_weights, offsets, gate_up_, 2 * intermediate_, hidden_, strategy);
+      !s.ok())
+    return s;
+  if (auto s = SiluMul(gate_up_, activation_, static_cast<int>(rows), intermediate_, stream_);
+      !s.ok())
+    return s;
   return Gemm(activation_, down_weights, offsets, y, hidden_, intermediate_, strategy);
 }
 

@@ -1,8 +1,7 @@
-#include "kernels/kernels.h"
-
 #include <cfloat>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/kernels.h"
 
 namespace moeserve::kernels {
 namespace {
@@ -10,7 +9,8 @@ namespace {
 constexpr int kWarp = 32;
 
 __device__ float WarpSum(float value) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffff, value, offset);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2)
+    value += __shfl_xor_sync(0xffffffff, value, offset);
   return value;
 }
 
@@ -39,7 +39,8 @@ __global__ void RmsNormKernel(const __nv_bfloat16* x, const __nv_bfloat16* weigh
   }
 }
 
-__global__ void SiluMulKernel(const __nv_bfloat16* gate_up, __nv_bfloat16* out, int64_t rows, int inter) {
+__global__ void SiluMulKernel(const __nv_bfloat16* gate_up, __nv_bfloat16* out, int64_t rows,
+                              int inter) {
   const int64_t total = rows * inter;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -122,7 +123,8 @@ __global__ void GateTopKKernel(const float* logits, const float* bias, GateOptio
   } else {
     float max = -FLT_MAX;
     for (int e = lane; e < o.num_experts; e += kWarp) max = fmaxf(max, row[e]);
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) max = fmaxf(max, __shfl_xor_sync(0xffffffff, max, offset));
+    for (int offset = kWarp / 2; offset > 0; offset /= 2)
+      max = fmaxf(max, __shfl_xor_sync(0xffffffff, max, offset));
     float sum = 0;
     for (int e = lane; e < o.num_experts; e += kWarp) sum += scores[e] = __expf(row[e] - max);
     sum = WarpSum(sum);
@@ -166,7 +168,10 @@ __global__ void GateTopKKernel(const float* logits, const float* bias, GateOptio
     float value = -FLT_MAX;
     int index = 1 << 20;
     for (int e = lane; e < o.num_experts; e += kWarp) {
-      if (choice[e] > value) { value = choice[e]; index = e; }
+      if (choice[e] > value) {
+        value = choice[e];
+        index = e;
+      }
     }
     WarpArgMax(value, index);
     if (lane == 0) {
@@ -207,7 +212,8 @@ absl::Status RmsNorm(const __nv_bfloat16* x, const __nv_bfloat16* weight, __nv_b
 absl::Status SiluMul(const __nv_bfloat16* gate_up, __nv_bfloat16* out, int rows, int inter,
                      cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
-  SiluMulKernel<<<Blocks(static_cast<int64_t>(rows) * inter, 256), 256, 0, stream>>>(gate_up, out, rows, inter);
+  SiluMulKernel<<<Blocks(static_cast<int64_t>(rows) * inter, 256), 256, 0, stream>>>(gate_up, out,
+                                                                                     rows, inter);
   return LastError("SiluMul");
 }
 
@@ -226,8 +232,9 @@ absl::Status Embedding(const __nv_bfloat16* table, const int32_t* ids, __nv_bflo
   return LastError("Embedding");
 }
 
-absl::Status GateTopK(const float* logits, const float* bias, int tokens, const GateOptions& options,
-                      int32_t* experts, float* weights, cudaStream_t stream) {
+absl::Status GateTopK(const float* logits, const float* bias, int tokens,
+                      const GateOptions& options, int32_t* experts, float* weights,
+                      cudaStream_t stream) {
   if (options.num_experts > 1024 || options.top_k > 32 || options.num_groups > 32 ||
       options.num_experts % options.num_groups != 0) {
     return absl::InvalidArgumentError("GateTopK: experts <= 1024, top_k <= 32, groups <= 32");
@@ -236,7 +243,8 @@ absl::Status GateTopK(const float* logits, const float* bias, int tokens, const 
   // One warp per token; 4 tokens per block unless that overruns the token count.
   const int warps = tokens % 4 == 0 ? 4 : 1;
   const size_t shared = static_cast<size_t>(warps) * 2 * options.num_experts * sizeof(float);
-  GateTopKKernel<<<tokens / warps, warps * kWarp, shared, stream>>>(logits, bias, options, experts, weights);
+  GateTopKKernel<<<tokens / warps, warps * kWarp, shared, stream>>>(logits, bias, options, experts,
+                                                                    weights);
   return LastError("GateTopK");
 }
 
@@ -252,7 +260,8 @@ absl::Status WeightedUnpermute(const __nv_bfloat16* expert_rows, const int32_t* 
                                __nv_bfloat16* out, int tokens, int top_k, int hidden,
                                cudaStream_t stream) {
   if (tokens == 0) return absl::OkStatus();
-  UnpermuteKernel<<<tokens, 256, 0, stream>>>(expert_rows, position, weights, shared, out, top_k, hidden);
+  UnpermuteKernel<<<tokens, 256, 0, stream>>>(expert_rows, position, weights, shared, out, top_k,
+                                              hidden);
   return LastError("WeightedUnpermute");
 }
 

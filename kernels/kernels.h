@@ -27,8 +27,9 @@ absl::Status Embedding(const __nv_bfloat16* table, const int32_t* ids, __nv_bflo
                        int hidden, cudaStream_t stream);
 // Scores, group selection and top-k in one kernel (one warp per token); experts <= 1024,
 // top_k <= 32, groups <= 32.
-absl::Status GateTopK(const float* logits, const float* bias, int tokens, const GateOptions& options,
-                      int32_t* experts, float* weights, cudaStream_t stream);
+absl::Status GateTopK(const float* logits, const float* bias, int tokens,
+                      const GateOptions& options, int32_t* experts, float* weights,
+                      cudaStream_t stream);
 absl::Status PermuteRows(const __nv_bfloat16* x, const int32_t* source_rows, __nv_bfloat16* out,
                          int rows, int hidden, cudaStream_t stream);
 absl::Status WeightedUnpermute(const __nv_bfloat16* expert_rows, const int32_t* position,

@@ -3,9 +3,9 @@
 #include <chrono>
 #include <fstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
-#include "absl/strings/ascii.h"
 #include "server/status_conversion.h"
 
 namespace moeserve::server {
@@ -53,13 +53,15 @@ void AdminService::AttachEngine(engine::Engine* engine) {
 void AdminService::SnapshotLoop() {
   while (!stopping_) {
     LoadSnapshot snapshot{UnixNow(), {}};
-    for (auto* group : engine_.load()->groups()) snapshot.per_group.push_back(group->load().Snapshot());
+    for (auto* group : engine_.load()->groups())
+      snapshot.per_group.push_back(group->load().Snapshot());
     {
       std::lock_guard lock(snapshots_mutex_);
       snapshots_.push_back(std::move(snapshot));
       if (snapshots_.size() > kMaxSnapshots) snapshots_.pop_front();
     }
-    for (int i = 0; i < 10 && !stopping_; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    for (int i = 0; i < 10 && !stopping_; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
 }
 
@@ -99,9 +101,9 @@ grpc::Status AdminService::FindGroup(const std::string& name,
                       absl::StrCat("no group `", name, "` (groups: ", known, ")"));
 }
 
-grpc::Status AdminService::GetExpertPlacement(grpc::ServerContext* context,
-                                              const moeserve::v1::GetExpertPlacementRequest* request,
-                                              moeserve::v1::ExpertPlacement* response) {
+grpc::Status AdminService::GetExpertPlacement(
+    grpc::ServerContext* context, const moeserve::v1::GetExpertPlacementRequest* request,
+    moeserve::v1::ExpertPlacement* response) {
   if (auto s = Authorize(*context); !s.ok()) return s;
   engine::parallel::ExpertParallelGroup* group = nullptr;
   int index = 0;
@@ -129,18 +131,18 @@ grpc::Status AdminService::UpdateExpertPlacement(
   if (auto s = FindGroup(request->group(), &group, &index); !s.ok()) return s;
   const auto current = group->committed_placement();
   if (request->layers_size() != current->num_layers()) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        absl::StrCat("placement has ", request->layers_size(),
-                                     " layers; the model has ", current->num_layers(),
-                                     " MoE layers"));
+    return grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("placement has ", request->layers_size(), " layers; the model has ",
+                     current->num_layers(), " MoE layers"));
   }
   std::vector<std::vector<int32_t>> phy2log;
   for (const auto& layer : request->layers()) {
     if (layer.phy2log_size() != current->num_physical()) {
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                          absl::StrCat("every layer needs ", current->num_physical(),
-                                       " slots (routed + redundant experts), got ",
-                                       layer.phy2log_size()));
+      return grpc::Status(
+          grpc::StatusCode::INVALID_ARGUMENT,
+          absl::StrCat("every layer needs ", current->num_physical(),
+                       " slots (routed + redundant experts), got ", layer.phy2log_size()));
     }
     phy2log.emplace_back(layer.phy2log().begin(), layer.phy2log().end());
   }
@@ -166,7 +168,8 @@ grpc::Status AdminService::GetExpertLoad(grpc::ServerContext* context,
   int index = 0;
   if (auto s = FindGroup(request->group(), &group, &index); !s.ok()) return s;
   const auto now = group->load().Snapshot();
-  std::vector<std::vector<int64_t>> base(now.size(), std::vector<int64_t>(now.empty() ? 0 : now[0].size(), 0));
+  std::vector<std::vector<int64_t>> base(now.size(),
+                                         std::vector<int64_t>(now.empty() ? 0 : now[0].size(), 0));
   double from = 0;
   if (request->since_unix_seconds() > 0) {
     std::lock_guard lock(snapshots_mutex_);

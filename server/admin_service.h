@@ -28,9 +28,9 @@ class AdminService final : public moeserve::v1::Admin::Service {
   grpc::Status GetExpertPlacement(grpc::ServerContext* context,
                                   const moeserve::v1::GetExpertPlacementRequest* request,
                                   moeserve::v1::ExpertPlacement* response) override;
-  grpc::Status UpdateExpertPlacement(grpc::ServerContext* context,
-                                     const moeserve::v1::UpdateExpertPlacementRequest* request,
-                                     moeserve::v1::UpdateExpertPlacementResponse* response) override;
+  grpc::Status UpdateExpertPlacement(
+      grpc::ServerContext* context, const moeserve::v1::UpdateExpertPlacementRequest* request,
+      moeserve::v1::UpdateExpertPlacementResponse* response) override;
   grpc::Status GetExpertLoad(grpc::ServerContext* context,
                              const moeserve::v1::GetExpertLoadRequest* request,
                              moeserve::v1::ExpertLoad* response) override;

@@ -11,10 +11,14 @@ constexpr auto kPollInterval = std::chrono::milliseconds(20);
 
 moeserve::v1::FinishReason ToProto(engine::FinishReason reason) {
   switch (reason) {
-    case engine::FinishReason::kLength: return moeserve::v1::FINISH_REASON_LENGTH;
-    case engine::FinishReason::kStop: return moeserve::v1::FINISH_REASON_STOP;
-    case engine::FinishReason::kContextLength: return moeserve::v1::FINISH_REASON_CONTEXT_LENGTH;
-    default: return moeserve::v1::FINISH_REASON_UNSPECIFIED;
+    case engine::FinishReason::kLength:
+      return moeserve::v1::FINISH_REASON_LENGTH;
+    case engine::FinishReason::kStop:
+      return moeserve::v1::FINISH_REASON_STOP;
+    case engine::FinishReason::kContextLength:
+      return moeserve::v1::FINISH_REASON_CONTEXT_LENGTH;
+    default:
+      return moeserve::v1::FINISH_REASON_UNSPECIFIED;
   }
 }
 
@@ -38,9 +42,11 @@ engine::GenerationInput ToGenerationInput(const moeserve::v1::GenerateRequest& r
   const auto& sampling = request.sampling();
   input.sampling.temperature = sampling.temperature();
   input.sampling.top_p = sampling.top_p() == 0.0f ? 1.0f : sampling.top_p();
-  input.sampling.top_k = sampling.top_k() > 0x7fffffffu ? 0x7fffffff : static_cast<int>(sampling.top_k());
+  input.sampling.top_k =
+      sampling.top_k() > 0x7fffffffu ? 0x7fffffff : static_cast<int>(sampling.top_k());
   if (sampling.has_seed()) input.sampling.seed = sampling.seed();
-  input.max_tokens = request.max_tokens() > 0x7fffffffu ? 0x7fffffff : static_cast<int>(request.max_tokens());
+  input.max_tokens =
+      request.max_tokens() > 0x7fffffffu ? 0x7fffffff : static_cast<int>(request.max_tokens());
   input.stop.assign(request.stop().begin(), request.stop().end());
   for (uint32_t id : request.stop_token_ids()) {
     input.stop_token_ids.push_back(id > 0x7fffffffu ? -1 : static_cast<int32_t>(id));

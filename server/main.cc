@@ -35,8 +35,9 @@ void AddExpertParallelOptions(CLI::App* command, moeserve::engine::ParallelOptio
                    "Steps with fewer tokens on the busiest rank are not split")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  command->add_option("--placement", parallel.placement_file,
-                      "Expert placement JSON: {\"version\": N, \"phy2log\": [[...] per MoE layer]}");
+  command->add_option(
+      "--placement", parallel.placement_file,
+      "Expert placement JSON: {\"version\": N, \"phy2log\": [[...] per MoE layer]}");
 }
 
 int RunLogits(const std::string& model_spec, const std::string& tokens_text,
@@ -139,7 +140,8 @@ int RunExport(const std::string& model_spec, const std::string& out_dir) {
   const auto& weights = loaded->model->weights();
   std::ofstream(out_dir + "/config.json")
       << moeserve::engine::ModelConfigToJson(weights.config()).dump(2) << "\n";
-  auto status = moeserve::engine::WriteSafetensors(out_dir + "/model.safetensors", weights.tensors());
+  auto status =
+      moeserve::engine::WriteSafetensors(out_dir + "/model.safetensors", weights.tensors());
   if (!status.ok()) {
     std::cerr << "moeserve export: " << status.message() << "\n";
     return 1;
@@ -161,8 +163,9 @@ int main(int argc, char** argv) {
   moeserve::server::ServeOptions serve;
   int64_t kv_cache_mib = serve.engine.kv_cache_bytes >> 20;  // per rank
   auto* serve_command = app.add_subcommand("serve", "Serve a model over gRPC");
-  serve_command->add_option("--model", serve.model,
-                            "Model to serve: builtin:tiny, builtin:tiny-nolora, builtin:tiny-v2")
+  serve_command
+      ->add_option("--model", serve.model,
+                   "Model to serve: builtin:tiny, builtin:tiny-nolora, builtin:tiny-v2")
       ->capture_default_str();
   serve_command->add_option("--host", serve.host, "Address to listen on")->capture_default_str();
   serve_command->add_option("--port", serve.port, "gRPC port (0: pick a free one)")
@@ -240,7 +243,8 @@ int main(int argc, char** argv) {
   std::string logits_model = "builtin:tiny", logits_tokens, logits_out;
   auto* logits_command = app.add_subcommand(
       "logits", "Write the float32 [num_tokens, vocab] logits of one forward pass as .npy");
-  logits_command->add_option("--model", logits_model, "Model (as for serve)")->capture_default_str();
+  logits_command->add_option("--model", logits_model, "Model (as for serve)")
+      ->capture_default_str();
   logits_command->add_option("--tokens", logits_tokens, "Comma-separated token ids, e.g. 1,2,3")
       ->required();
   logits_command->add_option("--out", logits_out, "Output .npy file")->required();
@@ -258,7 +262,8 @@ int main(int argc, char** argv) {
   std::string export_model = "builtin:tiny", export_dir;
   auto* export_command = app.add_subcommand(
       "export", "Write a model's config.json and float32 model.safetensors (Hugging Face layout)");
-  export_command->add_option("--model", export_model, "Model (as for serve)")->capture_default_str();
+  export_command->add_option("--model", export_model, "Model (as for serve)")
+      ->capture_default_str();
   export_command->add_option("--out", export_dir, "Output folder")->required();
   export_command->callback([&] { exit_code = RunExport(export_model, export_dir); });
 

@@ -11,8 +11,8 @@ absl::Status WriteNpyFloat32(const std::string& path, const std::vector<int64_t>
                              const std::vector<float>& values) {
   std::string shape_text = absl::StrJoin(shape, ", ");
   if (shape.size() == 1) shape_text += ",";
-  std::string header = absl::StrCat("{'descr': '<f4', 'fortran_order': False, 'shape': (",
-                                    shape_text, "), }");
+  std::string header =
+      absl::StrCat("{'descr': '<f4', 'fortran_order': False, 'shape': (", shape_text, "), }");
   // Magic (6) + version (2) + header length (2) + header + '\n', padded to 64 bytes.
   const size_t unpadded = 10 + header.size() + 1;
   header.append((64 - unpadded % 64) % 64, ' ');

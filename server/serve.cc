@@ -10,13 +10,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/loader.h"
-#include "server/admin_service.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
+#include "server/admin_service.h"
 
 namespace moeserve::server {
 
@@ -46,12 +46,12 @@ int RunServe(const ServeOptions& options) {
   }
 
   const engine::ParallelOptions& parallel_options = options.engine.parallel;
-  GenerationService generation(ServingLayout{
-      .prefill_ep = parallel_options.prefill_ep,
-      .decode_ep = parallel_options.decode_ep,
-      .num_redundant_experts = parallel_options.num_redundant_experts,
-      .two_batch_overlap = parallel_options.two_batch_overlap,
-      .device = "cpu"});
+  GenerationService generation(
+      ServingLayout{.prefill_ep = parallel_options.prefill_ep,
+                    .decode_ep = parallel_options.decode_ep,
+                    .num_redundant_experts = parallel_options.num_redundant_experts,
+                    .two_batch_overlap = parallel_options.two_batch_overlap,
+                    .device = "cpu"});
   std::unique_ptr<AdminService> admin;
   if (!options.admin_token_file.empty()) {
     absl::StatusOr<std::string> token = ReadAdminToken(options.admin_token_file);
@@ -104,21 +104,20 @@ int RunServe(const ServeOptions& options) {
   std::cout << "moeserve: serving " << options.model << " on " << options.host << ":"
             << selected_port << " (metrics on " << metrics_address << ", " << layout << ", "
             << parallel.num_redundant_experts << " redundant experts, two-batch overlap "
-            << (parallel.two_batch_overlap ? "on" : "off") << ", KV cache "
-            << stats.kv_blocks_total << " blocks of " << options.engine.kv_block_size
-            << " tokens)" << std::endl;
+            << (parallel.two_batch_overlap ? "on" : "off") << ", KV cache " << stats.kv_blocks_total
+            << " blocks of " << options.engine.kv_block_size << " tokens)" << std::endl;
 
   int signal_number = 0;
   sigwait(&shutdown_signals, &signal_number);
   std::cout << "moeserve: received " << (signal_number == SIGTERM ? "SIGTERM" : "SIGINT")
-            << ", draining in-flight requests (grace " << options.shutdown_grace_seconds
-            << " s)" << std::endl;
+            << ", draining in-flight requests (grace " << options.shutdown_grace_seconds << " s)"
+            << std::endl;
   health->SetServingStatus(false);
   (*engine)->StopAccepting();
   // Shutdown waits for in-flight streams until the deadline, then cancels what is left.
-  const auto deadline = std::chrono::system_clock::now() +
-                        std::chrono::milliseconds(
-                            static_cast<int64_t>(options.shutdown_grace_seconds * 1000));
+  const auto deadline =
+      std::chrono::system_clock::now() +
+      std::chrono::milliseconds(static_cast<int64_t>(options.shutdown_grace_seconds * 1000));
   server->Shutdown(deadline);
   server->Wait();
   admin.reset();

@@ -7,18 +7,22 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "moeserve/v1/generation.grpc.pb.h"
-#include "grpc/health/v1/health.grpc.pb.h"
 
 namespace {
 
 const char* FinishReasonName(moeserve::v1::FinishReason reason) {
   switch (reason) {
-    case moeserve::v1::FINISH_REASON_LENGTH: return "length";
-    case moeserve::v1::FINISH_REASON_STOP: return "stop";
-    case moeserve::v1::FINISH_REASON_CONTEXT_LENGTH: return "context_length";
-    default: return "unspecified";
+    case moeserve::v1::FINISH_REASON_LENGTH:
+      return "length";
+    case moeserve::v1::FINISH_REASON_STOP:
+      return "stop";
+    case moeserve::v1::FINISH_REASON_CONTEXT_LENGTH:
+      return "context_length";
+    default:
+      return "unspecified";
   }
 }
 
@@ -39,7 +43,8 @@ int main(int argc, char** argv) {
   std::string address = "127.0.0.1:50051";
   double timeout_seconds = 300;
   app.add_option("--addr", address, "Server address host:port")->capture_default_str();
-  app.add_option("--timeout", timeout_seconds, "Deadline of the call in seconds")->capture_default_str();
+  app.add_option("--timeout", timeout_seconds, "Deadline of the call in seconds")
+      ->capture_default_str();
   int exit_code = 0;
 
   auto* generate = app.add_subcommand("generate", "Stream a generation to stdout");

@@ -27,7 +27,8 @@ Row Measure(const moeserve::engine::Model& model, int batch, int prompt_length, 
   const int block_size = 16;
   const int tokens_per_sequence = prompt_length + decode_steps;
   const int blocks_per_sequence = (tokens_per_sequence + block_size - 1) / block_size;
-  KvCache cache(config.num_hidden_layers, batch * blocks_per_sequence, block_size, model.kv_row_dim());
+  KvCache cache(config.num_hidden_layers, batch * blocks_per_sequence, block_size,
+                model.kv_row_dim());
   std::vector<std::vector<int32_t>> tables, tokens;
   for (int b = 0; b < batch; ++b) {
     tables.push_back(*cache.allocator().Allocate(blocks_per_sequence));
@@ -39,7 +40,8 @@ Row Measure(const moeserve::engine::Model& model, int batch, int prompt_length, 
   for (int b = 0; b < batch; ++b) prefill.push_back({tokens[b], 0, &tables[b], false});
   const auto prefill_start = Clock::now();
   std::vector<float> logits = model.Forward(prefill, cache);
-  const double prefill_seconds = std::chrono::duration<double>(Clock::now() - prefill_start).count();
+  const double prefill_seconds =
+      std::chrono::duration<double>(Clock::now() - prefill_start).count();
   const int vocab = config.vocab_size;
   std::vector<int32_t> next(batch);
   auto argmax = [&](int b) {
@@ -51,7 +53,8 @@ Row Measure(const moeserve::engine::Model& model, int batch, int prompt_length, 
   for (int step = 0; step < decode_steps; ++step) {
     std::vector<BatchSequence> decode;
     for (int b = 0; b < batch; ++b) {
-      decode.push_back({std::span<const int32_t>(&next[b], 1), prompt_length + step, &tables[b], false});
+      decode.push_back(
+          {std::span<const int32_t>(&next[b], 1), prompt_length + step, &tables[b], false});
     }
     logits = model.Forward(decode, cache);
     for (int b = 0; b < batch; ++b) next[b] = argmax(b);
@@ -72,7 +75,8 @@ int main(int argc, char** argv) {
   app.add_option("--batch", batches, "Batch sizes")->delimiter(',');
   app.add_option("--prompt", prompt_length, "Prompt tokens per sequence")->capture_default_str();
   app.add_option("--steps", decode_steps, "Decode steps to time")->capture_default_str();
-  app.add_option("--blas-threads", threads, "OpenBLAS threads (the server uses 1)")->capture_default_str();
+  app.add_option("--blas-threads", threads, "OpenBLAS threads (the server uses 1)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   moeserve::engine::cpu::ConfigureBlasThreads(threads);
   auto loaded = moeserve::engine::LoadModel(model_spec);
@@ -81,8 +85,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   Measure(*loaded->model, 1, 16, 4);  // warm-up
-  std::printf("model %s, prompt %d tokens, %d decode steps, %d BLAS thread(s)\n", model_spec.c_str(),
-              prompt_length, decode_steps, threads);
+  std::printf("model %s, prompt %d tokens, %d decode steps, %d BLAS thread(s)\n",
+              model_spec.c_str(), prompt_length, decode_steps, threads);
   std::printf("| batch | prefill tokens/s | decode step ms | decode tokens/s |\n");
   std::printf("| ---: | ---: | ---: | ---: |\n");
   for (int batch : batches) {

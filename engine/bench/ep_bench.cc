@@ -32,8 +32,8 @@ Result Measure(const Model& model, int ep, bool overlap, int batch, int context,
   options.size = ep;
   options.two_batch_overlap = overlap;
   options.overlap_min_tokens = 1;
-  const int slots = c.n_routed_experts % ep == 0 ? c.n_routed_experts
-                                                 : (c.n_routed_experts / ep + 1) * ep;
+  const int slots =
+      c.n_routed_experts % ep == 0 ? c.n_routed_experts : (c.n_routed_experts / ep + 1) * ep;
   auto group = parallel::ExpertParallelGroup::Create(
       model, options, ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts, slots),
       nullptr, nullptr);
@@ -70,7 +70,8 @@ Result Measure(const Model& model, int ep, bool overlap, int batch, int context,
         // Fill the context (not timed).
         std::vector<BatchSequence> fill;
         for (int s = 0; s < sequences; ++s) {
-          fill.push_back({std::span<const int32_t>(tokens[s].data(), context), 0, &tables[s], false});
+          fill.push_back(
+              {std::span<const int32_t>(tokens[s].data(), context), 0, &tables[s], false});
         }
         run(fill);
       }
@@ -87,7 +88,8 @@ Result Measure(const Model& model, int ep, bool overlap, int batch, int context,
         }
         run(batch_sequences);
       }
-      rank_seconds[rank] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      rank_seconds[rank] =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     });
   }
   for (auto& t : threads) t.join();
@@ -109,7 +111,8 @@ int main(int argc, char** argv) {
   app.add_option("--ep", eps, "EP sizes")->delimiter(',');
   app.add_option("--batch", batch, "Sequences per rank (decode) or tokens per rank (prefill)")
       ->capture_default_str();
-  app.add_option("--context", context, "Cached tokens per sequence (decode)")->capture_default_str();
+  app.add_option("--context", context, "Cached tokens per sequence (decode)")
+      ->capture_default_str();
   app.add_option("--steps", steps, "Timed steps")->capture_default_str();
   app.add_flag("--prefill", prefill, "Time prefill chunks instead of decode steps");
   CLI11_PARSE(app, argc, argv);
@@ -121,7 +124,9 @@ int main(int argc, char** argv) {
   std::printf("model %s, %s, %d %s per rank, %d steps; ranks are threads on %u cores\n",
               model_spec.c_str(), prefill ? "prefill" : "decode", batch,
               prefill ? "tokens" : "sequences", steps, std::thread::hardware_concurrency());
-  std::printf("| EP | overlap | step ms | dispatch+combine ms/step/rank | exposed ms/step/rank | hidden |\n");
+  std::printf(
+      "| EP | overlap | step ms | dispatch+combine ms/step/rank | exposed ms/step/rank | hidden "
+      "|\n");
   std::printf("| ---: | --- | ---: | ---: | ---: | ---: |\n");
   for (int ep : eps) {
     for (bool overlap : {false, true}) {

@@ -33,7 +33,7 @@ struct ExpertParallelForward::MicroBatch {
   std::vector<float> residual, normed;
   Routing routing;
   // Dispatch/combine state of the current layer.
-  std::vector<int32_t> sent_assignment;  // (token * top_k + k) of each sent row, in send order
+  std::vector<int32_t> sent_assignment;       // (token * top_k + k) of each sent row, in send order
   std::vector<int64_t> send_rows, recv_rows;  // rows per peer
   std::vector<int32_t> recv_slots;            // local slot of each received row
   std::vector<float> recv_activations;        // [received rows, hidden]
@@ -42,7 +42,7 @@ struct ExpertParallelForward::MicroBatch {
 };
 
 std::vector<std::vector<BatchPiece>> SplitIntoMicroBatches(std::span<const BatchSequence> batch,
-                                                          int parts) {
+                                                           int parts) {
   std::vector<std::vector<BatchPiece>> result(parts);
   int64_t total = 0;
   for (const auto& seq : batch) total += static_cast<int64_t>(seq.tokens.size());
@@ -93,7 +93,8 @@ absl::Status ExpertParallelForward::Dispatch(int layer, MicroBatch& mb,
     // Spread a hot expert's tokens over its replicas: consecutive tokens take consecutive
     // replicas (the token index, not the assignment index, whose residue modulo a replica count
     // that divides top_k would repeat), and ranks start at different replicas.
-    const uint64_t key = static_cast<uint64_t>(a / routing.top_k) + static_cast<uint64_t>(comm.rank());
+    const uint64_t key =
+        static_cast<uint64_t>(a / routing.top_k) + static_cast<uint64_t>(comm.rank());
     slot_of[a] = placement.ChooseSlot(moe_layer, routing.experts[a], key);
     ++mb.send_rows[slot_of[a] / slots_per_rank];
   }
@@ -165,19 +166,20 @@ void ExpertParallelForward::RunLocalExperts(int layer, MicroBatch& mb,
     const auto& rows = rows_of_slot[slot];
     if (rows.empty()) continue;
     const int expert = placement.phy2log(moe_layer)[first_slot + slot];
-    const MlpWeights& mlp = rank.expert_weights != nullptr ? rank.expert_weights->slot(moe_layer, slot)
-                                                           : weights.experts[expert];
+    const MlpWeights& mlp = rank.expert_weights != nullptr
+                                ? rank.expert_weights->slot(moe_layer, slot)
+                                : weights.experts[expert];
     gathered.resize(rows.size() * hidden);
     result.resize(rows.size() * hidden);
     for (size_t i = 0; i < rows.size(); ++i) {
       std::copy_n(&mb.recv_activations[rows[i] * hidden], hidden, &gathered[i * hidden]);
     }
-    RunMlp(mlp, gathered.data(), static_cast<int64_t>(rows.size()), hidden,
-           result.data());
+    RunMlp(mlp, gathered.data(), static_cast<int64_t>(rows.size()), hidden, result.data());
     for (size_t i = 0; i < rows.size(); ++i) {
       std::copy_n(&result[i * hidden], hidden, &mb.expert_results[rows[i] * hidden]);
     }
-    if (rank.load != nullptr) rank.load->Record(moe_layer, expert, static_cast<int64_t>(rows.size()));
+    if (rank.load != nullptr)
+      rank.load->Record(moe_layer, expert, static_cast<int64_t>(rows.size()));
   }
 }
 
@@ -212,12 +214,14 @@ absl::Status ExpertParallelForward::Combine(int layer, MicroBatch& mb, Communica
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(
-    std::span<const BatchSequence> batch, KvCache& cache, const ExpertPlacement& placement,
-    RankResources& rank, bool two_micro_batches) const {
+absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(std::span<const BatchSequence> batch,
+                                                              KvCache& cache,
+                                                              const ExpertPlacement& placement,
+                                                              RankResources& rank,
+                                                              bool two_micro_batches) const {
   const ModelConfig& c = model_.config();
-  const bool overlap = two_micro_batches && rank.communication_thread != nullptr &&
-                       rank.overlap != nullptr;
+  const bool overlap =
+      two_micro_batches && rank.communication_thread != nullptr && rank.overlap != nullptr;
   std::vector<std::vector<BatchPiece>> parts;
   if (two_micro_batches) {
     parts = SplitIntoMicroBatches(batch, 2);
@@ -276,8 +280,9 @@ absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(
         mb.routing = model_.Route(layer, mb.normed.data(), mb.num_tokens);
       }
       if (overlap) {
-        dispatched[mb.index] = rank.communication_thread->Submit(
-            [&, layer, mb_ptr = &mb] { return Dispatch(layer, *mb_ptr, placement, *rank.overlap, rank); });
+        dispatched[mb.index] = rank.communication_thread->Submit([&, layer, mb_ptr = &mb] {
+          return Dispatch(layer, *mb_ptr, placement, *rank.overlap, rank);
+        });
       } else {
         status.Update(exchange_inline(
             [&](Communicator& comm) { return Dispatch(layer, mb, placement, comm, rank); }));
@@ -308,11 +313,13 @@ absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(
       }
       if (overlap) status.Update(wait(combined[mb.index]));
       if (!status.ok()) break;
-      model_.FinishMoe(mb.routing, mb.expert_outputs.data(), shared.empty() ? nullptr : shared.data(),
-                       mb.num_tokens, mb.residual.data());
+      model_.FinishMoe(mb.routing, mb.expert_outputs.data(),
+                       shared.empty() ? nullptr : shared.data(), mb.num_tokens, mb.residual.data());
     }
-    for (auto& future : dispatched) if (future.valid()) in_flight.push_back(std::move(future));
-    for (auto& future : combined) if (future.valid()) in_flight.push_back(std::move(future));
+    for (auto& future : dispatched)
+      if (future.valid()) in_flight.push_back(std::move(future));
+    for (auto& future : combined)
+      if (future.valid()) in_flight.push_back(std::move(future));
   }
   for (auto& future : in_flight) future.wait();
   if (!status.ok()) return status;
@@ -322,7 +329,8 @@ absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(
     const int size = rank.compute->size();
     const int layers = static_cast<int>(received_per_layer.size());
     std::vector<int64_t> all(static_cast<size_t>(size) * layers);
-    if (auto s = rank.compute->AllGather(received_per_layer.data(), layers * sizeof(int64_t), all.data());
+    if (auto s = rank.compute->AllGather(received_per_layer.data(), layers * sizeof(int64_t),
+                                         all.data());
         !s.ok()) {
       return s;
     }

@@ -67,6 +67,6 @@ struct BatchPiece {
   bool emits_logits = true;
 };
 std::vector<std::vector<BatchPiece>> SplitIntoMicroBatches(std::span<const BatchSequence> batch,
-                                                          int parts);
+                                                           int parts);
 
 }  // namespace moeserve::engine::parallel

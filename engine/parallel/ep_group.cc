@@ -91,25 +91,28 @@ absl::StatusOr<StepAgreement> ExpertParallelGroup::Agree(int rank, int64_t local
     pending = pending_;
   }
   const int64_t current = rank_placement_[rank]->version();
-  const int64_t staged =
-      pending != nullptr && staged_version_.load() == pending->version() ? pending->version() : current;
+  const int64_t staged = pending != nullptr && staged_version_.load() == pending->version()
+                             ? pending->version()
+                             : current;
   // [has work, tokens, stop, staged version (min), current version (min), -current (min = max)]
-  int64_t values[6] = {local_tokens > 0, local_tokens, stop_requested ? 1 : 0, staged, current,
-                       -current};
+  int64_t values[6] = {local_tokens > 0, local_tokens, stop_requested ? 1 : 0,
+                       staged,           current,      -current};
   Communicator& comm = *resources_[rank]->compute;
   int64_t maxima[3] = {values[0], values[1], values[2]};
   if (auto s = comm.AllReduce(maxima, 3, ReduceOp::kMax); !s.ok()) return s;
   int64_t minima[3] = {values[3], values[4], values[5]};
   if (auto s = comm.AllReduce(minima, 3, ReduceOp::kMin); !s.ok()) return s;
   if (minima[1] != -minima[2]) {
-    return absl::InternalError(absl::StrCat("group ", name(), ": ranks disagree on the placement version (",
+    return absl::InternalError(absl::StrCat("group ", name(),
+                                            ": ranks disagree on the placement version (",
                                             minima[1], " vs ", -minima[2], ")"));
   }
   StepAgreement agreement;
   agreement.any_work = maxima[0] > 0;
   agreement.max_tokens = maxima[1];
   agreement.stop = maxima[2] > 0;
-  agreement.split = options_.two_batch_overlap && agreement.max_tokens >= options_.overlap_min_tokens;
+  agreement.split =
+      options_.two_batch_overlap && agreement.max_tokens >= options_.overlap_min_tokens;
   // Commit: every rank has staged the pending version, so all switch at this step boundary.
   if (pending != nullptr && minima[0] == pending->version() && pending->version() > current) {
     rank_placement_[rank] = pending;
@@ -148,8 +151,9 @@ absl::Status ExpertParallelGroup::UpdatePlacement(ExpertPlacement placement,
         "placement version ", placement.version(), " is stale: the group is at version ", floor));
   }
   if (pending_ != nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "placement version ", pending_->version(), " is still being applied; retry after it commits"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("placement version ", pending_->version(),
+                     " is still being applied; retry after it commits"));
   }
   auto staged = std::make_shared<const ExpertPlacement>(std::move(placement));
   staging_error_ = absl::OkStatus();
@@ -176,8 +180,8 @@ absl::Status ExpertParallelGroup::UpdatePlacement(ExpertPlacement placement,
   if (!placement_committed_.wait_for(lock, timeout, [&] {
         return committed_->version() >= version || !staging_error_.ok();
       })) {
-    return absl::DeadlineExceededError(absl::StrCat("placement version ", version,
-                                                    " was not committed within the timeout"));
+    return absl::DeadlineExceededError(
+        absl::StrCat("placement version ", version, " was not committed within the timeout"));
   }
   if (committed_->version() < version) return staging_error_;
   return absl::OkStatus();

@@ -92,6 +92,7 @@ class ExpertParallelGroup {
  private:
   ExpertParallelGroup(const Model& model, GroupOptions options, ExpertPlacement placement,
                       prometheus::Registry* registry);
+
  public:
   ~ExpertParallelGroup();
 

@@ -25,14 +25,15 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
       std::vector<int32_t> table = *cache.allocator().Allocate(blocks);
       BatchSequence sequence{tokens, 0, &table, /*all_logits=*/true};
       ExpertParallelGroup& g = **group;
-      absl::StatusOr<StepAgreement> agreement = g.Agree(rank, static_cast<int64_t>(tokens.size()), false);
+      absl::StatusOr<StepAgreement> agreement =
+          g.Agree(rank, static_cast<int64_t>(tokens.size()), false);
       if (!agreement.ok()) {
         statuses[rank] = agreement.status();
         g.Abort();
         return;
       }
-      absl::StatusOr<std::vector<float>> result =
-          g.forward().Run({&sequence, 1}, cache, g.placement(rank), g.resources(rank), agreement->split);
+      absl::StatusOr<std::vector<float>> result = g.forward().Run(
+          {&sequence, 1}, cache, g.placement(rank), g.resources(rank), agreement->split);
       if (!result.ok()) {
         statuses[rank] = result.status();
         g.Abort();
@@ -49,7 +50,8 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
   for (int rank = 1; rank < size; ++rank) {
     for (size_t i = 0; i < logits[0].size(); ++i) {
       result.max_rank_difference =
-          std::max(result.max_rank_difference, static_cast<double>(std::abs(logits[rank][i] - logits[0][i])));
+          std::max(result.max_rank_difference,
+                   static_cast<double>(std::abs(logits[rank][i] - logits[0][i])));
     }
   }
   result.logits = std::move(logits[0]);

@@ -14,8 +14,8 @@
 namespace moeserve::engine::parallel {
 
 struct GroupLogits {
-  std::vector<float> logits;           // [tokens, vocab] of rank 0
-  double max_rank_difference = 0.0;    // max |rank r - rank 0| over ranks and values
+  std::vector<float> logits;         // [tokens, vocab] of rank 0
+  double max_rank_difference = 0.0;  // max |rank r - rank 0| over ranks and values
   ParallelMetrics::Totals communication;
 };
 

@@ -22,7 +22,8 @@ class InProcessGroup::Channel {
     int64_t bytes = 0;
   };
 
-  Channel(int size, std::chrono::milliseconds timeout) : slots(size), size_(size), timeout_(timeout) {}
+  Channel(int size, std::chrono::milliseconds timeout)
+      : slots(size), size_(size), timeout_(timeout) {}
 
   // Waits until every rank arrived; UNAVAILABLE on timeout or abort (and then the channel stays
   // broken, so no rank waits on it again).
@@ -40,9 +41,9 @@ class InProcessGroup::Channel {
                                [&] { return generation_ != generation || broken_; })) {
       broken_ = true;
       all_arrived_.notify_all();
-      return absl::UnavailableError(absl::StrCat(
-          "a rank of the expert-parallel group did not reach a collective within ",
-          timeout_.count(), " ms; the group is failed"));
+      return absl::UnavailableError(
+          absl::StrCat("a rank of the expert-parallel group did not reach a collective within ",
+                       timeout_.count(), " ms; the group is failed"));
     }
     if (generation_ == generation) return Broken();
     return absl::OkStatus();
@@ -78,7 +79,8 @@ class InProcessGroup::RankCommunicator : public Communicator {
 
   absl::Status AllToAllV(const void* send, std::span<const int64_t> send_bytes, void* recv,
                          std::span<const int64_t> recv_bytes) override {
-    if (static_cast<int>(send_bytes.size()) != size_ || static_cast<int>(recv_bytes.size()) != size_) {
+    if (static_cast<int>(send_bytes.size()) != size_ ||
+        static_cast<int>(recv_bytes.size()) != size_) {
       return absl::InvalidArgumentError("AllToAllV: count vectors must have one entry per rank");
     }
     channel_.slots[rank_] = {send, send_bytes.data(), 0};
@@ -141,9 +143,15 @@ class InProcessGroup::RankCommunicator : public Communicator {
       const T* other = static_cast<const T*>(channel_.slots[peer].send);
       for (int i = 0; i < count; ++i) {
         switch (op) {
-          case ReduceOp::kSum: result[i] += other[i]; break;
-          case ReduceOp::kMax: result[i] = std::max(result[i], other[i]); break;
-          case ReduceOp::kMin: result[i] = std::min(result[i], other[i]); break;
+          case ReduceOp::kSum:
+            result[i] += other[i];
+            break;
+          case ReduceOp::kMax:
+            result[i] = std::max(result[i], other[i]);
+            break;
+          case ReduceOp::kMin:
+            result[i] = std::min(result[i], other[i]);
+            break;
         }
       }
     }

@@ -7,7 +7,8 @@ namespace {
 
 prometheus::Counter* GroupCounter(prometheus::Registry& registry, const std::string& name,
                                   const std::string& help, const std::string& group) {
-  return &prometheus::BuildCounter().Name(name).Help(help).Register(registry).Add({{"group", group}});
+  return &prometheus::BuildCounter().Name(name).Help(help).Register(registry).Add(
+      {{"group", group}});
 }
 
 }  // namespace
@@ -24,9 +25,9 @@ ParallelMetrics::ParallelMetrics(const std::string& group, int num_moe_layers,
                                    "Time spent in dispatch exchanges (per rank, summed)", group);
   combine_seconds_ = GroupCounter(*registry, "moeserve_combine_seconds_total",
                                   "Time spent in combine exchanges (per rank, summed)", group);
-  exposed_seconds_ = GroupCounter(*registry, "moeserve_communication_exposed_seconds_total",
-                                  "Time compute waited for dispatch/combine (per rank, summed)",
-                                  group);
+  exposed_seconds_ =
+      GroupCounter(*registry, "moeserve_communication_exposed_seconds_total",
+                   "Time compute waited for dispatch/combine (per rank, summed)", group);
   overlap_ratio_ = &prometheus::BuildGauge()
                         .Name("moeserve_overlap_ratio")
                         .Help("Share of dispatch/combine time hidden behind compute")

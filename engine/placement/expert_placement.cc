@@ -35,14 +35,15 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::FromPhy2Log(
       const int32_t expert = phy2log[layer][slot];
       if (expert < 0 || expert >= num_logical) {
         return absl::InvalidArgumentError(absl::StrCat("placement: layer ", layer, " slot ", slot,
-                                                       " holds expert ", expert,
-                                                       ", outside [0, ", num_logical, ")"));
+                                                       " holds expert ", expert, ", outside [0, ",
+                                                       num_logical, ")"));
       }
       seen[expert] = true;
     }
     for (int expert = 0; expert < num_logical; ++expert) {
       if (!seen[expert]) {
-        return absl::InvalidArgumentError(absl::StrCat("placement: layer ", layer, " has no replica of expert ", expert));
+        return absl::InvalidArgumentError(
+            absl::StrCat("placement: layer ", layer, " has no replica of expert ", expert));
       }
     }
   }
@@ -79,23 +80,22 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::FromJson(const nlohmann::json& 
       // get<int32_t>() would truncate 2.7 or wrap 2^32 + 1; refuse anything but a small integer.
       if (!expert.is_number_integer() || expert.get<int64_t>() < 0 ||
           expert.get<int64_t>() >= num_logical) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "placement: phy2log layer ", phy2log.size() - 1, " slot ", slots.size(), " holds ",
-            expert.dump(), ", not an expert id in [0, ", num_logical, ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("placement: phy2log layer ", phy2log.size() - 1, " slot ", slots.size(),
+                         " holds ", expert.dump(), ", not an expert id in [0, ", num_logical, ")"));
       }
       slots.push_back(static_cast<int32_t>(expert.get<int64_t>()));
     }
   }
   if (static_cast<int>(phy2log.size()) != num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("placement: ", phy2log.size(),
-                                                   " layers given, the model has ", num_layers,
-                                                   " MoE layers"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "placement: ", phy2log.size(), " layers given, the model has ", num_layers, " MoE layers"));
   }
   for (size_t layer = 0; layer < phy2log.size(); ++layer) {
     if (static_cast<int>(phy2log[layer].size()) != num_physical) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "placement: layer ", layer, " has ", phy2log[layer].size(), " slots, expected ",
-          num_physical, " (routed + redundant experts)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("placement: layer ", layer, " has ", phy2log[layer].size(),
+                       " slots, expected ", num_physical, " (routed + redundant experts)"));
     }
   }
   return FromPhy2Log(std::move(phy2log), num_logical, version);
@@ -137,8 +137,8 @@ void ExpertPlacement::BuildInverse() {
 
 std::span<const int32_t> ExpertPlacement::replicas(int layer, int expert) const {
   const auto& begin = replica_begin_[layer];
-  return std::span<const int32_t>(replica_slots_[layer]).subspan(begin[expert],
-                                                                 begin[expert + 1] - begin[expert]);
+  return std::span<const int32_t>(replica_slots_[layer])
+      .subspan(begin[expert], begin[expert + 1] - begin[expert]);
 }
 
 int32_t ExpertPlacement::ChooseSlot(int layer, int expert, uint64_t key) const {

@@ -40,7 +40,9 @@ class ExpertPlacement {
 
   const std::vector<int32_t>& phy2log(int layer) const { return phy2log_[layer]; }
   std::span<const int32_t> replicas(int layer, int expert) const;  // slots, replica rank order
-  int logcnt(int layer, int expert) const { return static_cast<int>(replicas(layer, expert).size()); }
+  int logcnt(int layer, int expert) const {
+    return static_cast<int>(replicas(layer, expert).size());
+  }
   // The slot serving one (token, expert) pair: replica `key % count`.
   int32_t ChooseSlot(int layer, int expert, uint64_t key) const;
 

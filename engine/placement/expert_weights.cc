@@ -24,7 +24,8 @@ absl::Status ModelExpertWeightSource::CopyExpert(int moe_layer, int expert, floa
     return absl::InvalidArgumentError(
         absl::StrCat("no expert ", expert, " in MoE layer ", moe_layer));
   }
-  const MlpWeights& mlp = model_.weights().layer(layer_of_moe_index_[moe_layer]).moe.experts[expert];
+  const MlpWeights& mlp =
+      model_.weights().layer(layer_of_moe_index_[moe_layer]).moe.experts[expert];
   const size_t size = static_cast<size_t>(hidden_size()) * intermediate_size();
   std::copy_n(mlp.gate_proj, size, gate_proj);
   std::copy_n(mlp.up_proj, size, up_proj);

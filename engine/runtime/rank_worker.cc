@@ -14,12 +14,18 @@ double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).coun
 
 const char* StatusLabel(FinishReason reason) {
   switch (reason) {
-    case FinishReason::kLength: return "length";
-    case FinishReason::kStop: return "stop";
-    case FinishReason::kContextLength: return "context_length";
-    case FinishReason::kCancelled: return "cancelled";
-    case FinishReason::kAborted: return "aborted";
-    case FinishReason::kNone: break;
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kContextLength:
+      return "context_length";
+    case FinishReason::kCancelled:
+      return "cancelled";
+    case FinishReason::kAborted:
+      return "aborted";
+    case FinishReason::kNone:
+      break;
   }
   return "unknown";
 }
@@ -40,8 +46,8 @@ size_t StopPrefixSuffix(const std::string& text, const std::vector<std::string>&
 
 }  // namespace
 
-RankWorker::RankWorker(const WorkerContext& context, parallel::ExpertParallelGroup& group,
-                       int rank, GroupRole role, int kv_blocks, int kv_block_size)
+RankWorker::RankWorker(const WorkerContext& context, parallel::ExpertParallelGroup& group, int rank,
+                       GroupRole role, int kv_blocks, int kv_block_size)
     : context_(context),
       group_(group),
       rank_(rank),
@@ -107,8 +113,7 @@ void RankWorker::Admit() {
     }
   }
   // First come, first served: a sequence that does not fit blocks those behind it.
-  while (!queue_.empty() &&
-         running_.size() < static_cast<size_t>(context_.max_running_requests)) {
+  while (!queue_.empty() && running_.size() < static_cast<size_t>(context_.max_running_requests)) {
     Sequence& next = *queue_.front();
     const int needed = cache_.BlocksFor(next.prompt_length + next.input.max_tokens);
     std::optional<std::vector<int32_t>> blocks = cache_.allocator().Allocate(needed);
@@ -120,9 +125,10 @@ void RankWorker::Admit() {
       const int row_dim = cache_.row_dim();
       for (int layer = 0; layer < layers; ++layer) {
         for (int p = 0; p < next.num_cached; ++p) {
-          std::memcpy(cache_.RowAt(layer, next.blocks, p),
-                      &next.handoff_kv[(static_cast<size_t>(layer) * next.num_cached + p) * row_dim],
-                      sizeof(float) * row_dim);
+          std::memcpy(
+              cache_.RowAt(layer, next.blocks, p),
+              &next.handoff_kv[(static_cast<size_t>(layer) * next.num_cached + p) * row_dim],
+              sizeof(float) * row_dim);
         }
       }
       next.handoff_kv = {};
@@ -195,8 +201,8 @@ bool RankWorker::Step() {
   const bool tracing = trace != nullptr && traced_steps_ < context_.trace_steps;
   if (!tracing) resources.trace = nullptr;
   const auto step_start = Clock::now();
-  absl::StatusOr<std::vector<float>> logits = group_.forward().Run(
-      batch, cache_, group_.placement(rank_), resources, agreement->split);
+  absl::StatusOr<std::vector<float>> logits =
+      group_.forward().Run(batch, cache_, group_.placement(rank_), resources, agreement->split);
   resources.trace = trace;
   if (tracing && ++traced_steps_ == context_.trace_steps && rank_ == 0 && context_.trace_complete) {
     context_.trace_complete();
@@ -207,11 +213,13 @@ bool RankWorker::Step() {
     return false;
   }
   if (local_tokens > 0) {
-    context_.metrics->ObserveStep(Seconds(Clock::now() - step_start), static_cast<int>(local_tokens));
+    context_.metrics->ObserveStep(Seconds(Clock::now() - step_start),
+                                  static_cast<int>(local_tokens));
   }
   if (context_.min_step_seconds > 0) {
-    std::this_thread::sleep_until(step_start + std::chrono::duration_cast<Clock::duration>(
-                                                   std::chrono::duration<double>(context_.min_step_seconds)));
+    std::this_thread::sleep_until(step_start +
+                                  std::chrono::duration_cast<Clock::duration>(
+                                      std::chrono::duration<double>(context_.min_step_seconds)));
   }
   AfterForward(batch, members, *logits);
   return true;
@@ -224,8 +232,8 @@ void RankWorker::AfterForward(std::vector<BatchSequence>& batch, std::vector<Seq
     Sequence& seq = *members[i];
     seq.num_cached += static_cast<int>(batch[i].tokens.size());
     if (seq.num_cached < static_cast<int>(seq.tokens.size())) continue;  // prefill continues
-    const int32_t token = seq.sampler->Sample(
-        std::span<const float>(&logits[i * static_cast<size_t>(vocab)], vocab));
+    const int32_t token =
+        seq.sampler->Sample(std::span<const float>(&logits[i * static_cast<size_t>(vocab)], vocab));
     Emit(seq, token);
     if (role_ == GroupRole::kPrefill && !seq.finished()) HandOff(seq);
   }

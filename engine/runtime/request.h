@@ -53,8 +53,8 @@ struct GenerationOutput {
   std::vector<int32_t> token_ids;
   std::string text;
   FinishReason finish_reason = FinishReason::kNone;  // set on the last message
-  Usage usage;                                      // set on the last message
-  absl::Status status;                              // non-OK: the request failed
+  Usage usage;                                       // set on the last message
+  absl::Status status;                               // non-OK: the request failed
   bool is_last() const { return finish_reason != FinishReason::kNone || !status.ok(); }
 };
 

@@ -21,11 +21,11 @@ struct Sequence {
   std::shared_ptr<RequestStream> stream;  // reset once the last message is pushed
   std::vector<int32_t> tokens;            // prompt, then generated tokens
   int prompt_length = 0;
-  int num_cached = 0;                     // tokens whose KV rows are in the owning rank's cache
-  std::vector<int32_t> blocks;            // reserved for prompt + max_tokens on admission
+  int num_cached = 0;           // tokens whose KV rows are in the owning rank's cache
+  std::vector<int32_t> blocks;  // reserved for prompt + max_tokens on admission
   std::unique_ptr<Sampler> sampler;
   Utf8StreamDecoder decoder;
-  std::string held_text;                  // text that may still become a stop string
+  std::string held_text;  // text that may still become a stop string
   int generated = 0;
   Clock::time_point arrival, prefill_start, first_token, last_token;
   // Prefill → decode handoff: the cached KV rows [layers][num_cached][row_dim], copied into the

@@ -35,16 +35,27 @@ absl::Status TraceRecorder::WriteJson(const std::string& path) const {
   {
     std::lock_guard lock(mutex_);
     for (const auto& [pid, name] : process_names_) {
-      events.push_back({{"ph", "M"}, {"name", "process_name"}, {"pid", pid}, {"tid", 0},
+      events.push_back({{"ph", "M"},
+                        {"name", "process_name"},
+                        {"pid", pid},
+                        {"tid", 0},
                         {"args", {{"name", name}}}});
     }
     for (const auto& [ids, name] : thread_names_) {
-      events.push_back({{"ph", "M"}, {"name", "thread_name"}, {"pid", ids.first},
-                        {"tid", ids.second}, {"args", {{"name", name}}}});
+      events.push_back({{"ph", "M"},
+                        {"name", "thread_name"},
+                        {"pid", ids.first},
+                        {"tid", ids.second},
+                        {"args", {{"name", name}}}});
     }
     for (const Event& e : events_) {
-      events.push_back({{"ph", "X"}, {"name", e.name}, {"cat", e.category}, {"pid", e.pid},
-                        {"tid", e.tid}, {"ts", e.ts_us}, {"dur", e.dur_us}});
+      events.push_back({{"ph", "X"},
+                        {"name", e.name},
+                        {"cat", e.category},
+                        {"pid", e.pid},
+                        {"tid", e.tid},
+                        {"ts", e.ts_us},
+                        {"dur", e.dur_us}});
     }
   }
   std::ofstream out(path);

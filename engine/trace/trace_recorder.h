@@ -45,12 +45,18 @@ class TraceRecorder {
 // Records one complete event from construction to destruction (no-op with a null recorder).
 class ScopedTraceEvent {
  public:
-  ScopedTraceEvent(TraceRecorder* recorder, int pid, int tid, std::string name, const char* category)
-      : recorder_(recorder), pid_(pid), tid_(tid), name_(std::move(name)), category_(category),
+  ScopedTraceEvent(TraceRecorder* recorder, int pid, int tid, std::string name,
+                   const char* category)
+      : recorder_(recorder),
+        pid_(pid),
+        tid_(tid),
+        name_(std::move(name)),
+        category_(category),
         start_(TraceRecorder::Clock::now()) {}
   ~ScopedTraceEvent() {
     if (recorder_ != nullptr) {
-      recorder_->Complete(pid_, tid_, std::move(name_), category_, start_, TraceRecorder::Clock::now());
+      recorder_->Complete(pid_, tid_, std::move(name_), category_, start_,
+                          TraceRecorder::Clock::now());
     }
   }
 

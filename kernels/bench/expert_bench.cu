@@ -7,8 +7,8 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
@@ -20,13 +20,13 @@ namespace {
 
 using moeserve::kernels::ExpertMlp;
 
-#define CHECK_CUDA(call)                                                              \
-  do {                                                                                \
-    cudaError_t e = (call);                                                           \
-    if (e != cudaSuccess) {                                                           \
+#define CHECK_CUDA(call)                                                             \
+  do {                                                                               \
+    cudaError_t e = (call);                                                          \
+    if (e != cudaSuccess) {                                                          \
       std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
+      std::exit(1);                                                                  \
+    }                                                                                \
   } while (0)
 
 constexpr int kHidden = 7168;
@@ -85,10 +85,13 @@ double DenseTflops(cudaStream_t stream) {
   cublasCreate(&handle);
   cublasSetStream(handle, stream);
   const float alpha = 1, beta = 0;
-  const double ms = MedianMs([&] {
-    cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a, CUDA_R_16BF, n, b,
-                 CUDA_R_16BF, n, &beta, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-  }, 10, stream);
+  const double ms = MedianMs(
+      [&] {
+        cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a, CUDA_R_16BF, n, b,
+                     CUDA_R_16BF, n, &beta, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
+                     CUBLAS_GEMM_DEFAULT);
+      },
+      10, stream);
   cublasDestroy(handle);
   cudaFree(a);
   cudaFree(b);
@@ -101,8 +104,8 @@ double CopyGBps(cudaStream_t stream) {
   void *a, *b;
   CHECK_CUDA(cudaMalloc(&a, bytes));
   CHECK_CUDA(cudaMalloc(&b, bytes));
-  const double ms = MedianMs([&] { cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream); },
-                             10, stream);
+  const double ms =
+      MedianMs([&] { cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream); }, 10, stream);
   cudaFree(a);
   cudaFree(b);
   return 2.0 * bytes / (ms * 1e-3) / 1e9;  // read + write
@@ -143,7 +146,9 @@ int main() {
 
   std::printf("GPU: %s; dense bf16 GEMM %.0f TFLOP/s; device copy %.0f GB/s\n", properties.name,
               tflops, copy);
-  std::printf("| layout | rows | TFLOP | GB moved | floor ms | per-expert GEMM ms | %% of floor | grouped GEMM ms | %% of floor |\n");
+  std::printf(
+      "| layout | rows | TFLOP | GB moved | floor ms | per-expert GEMM ms | %% of floor | grouped "
+      "GEMM ms | %% of floor |\n");
   std::printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (const Layout& layout : layouts) {
     const int experts = static_cast<int>(layout.rows_per_expert.size());
@@ -169,23 +174,27 @@ int main() {
     const double flops = 2.0 * rows * 3.0 * kHidden * kIntermediate;
     int active = 0;
     for (int64_t r : layout.rows_per_expert) active += r > 0;
-    const double bytes = active * 3.0 * kHidden * kIntermediate * 2 +
-                         rows * (kHidden * 2.0 * 2 + 2 * kIntermediate * 2.0 * 2 + kIntermediate * 2.0 * 2);
+    const double bytes =
+        active * 3.0 * kHidden * kIntermediate * 2 +
+        rows * (kHidden * 2.0 * 2 + 2 * kIntermediate * 2.0 * 2 + kIntermediate * 2.0 * 2);
     const double floor_ms = std::max(flops / (tflops * 1e12), bytes / (copy * 1e9)) * 1e3;
     double ms[2];
     for (int s = 0; s < 2; ++s) {
-      const auto strategy = s == 0 ? ExpertMlp::Strategy::kPerExpertGemm : ExpertMlp::Strategy::kGroupedGemm;
-      ms[s] = MedianMs([&] {
-        auto status = mlp->Run(x, offsets, gate_up, down, y, strategy);
-        if (!status.ok()) {
-          std::fprintf(stderr, "%s\n", std::string(status.message()).c_str());
-          std::exit(1);
-        }
-      }, 10, stream);
+      const auto strategy =
+          s == 0 ? ExpertMlp::Strategy::kPerExpertGemm : ExpertMlp::Strategy::kGroupedGemm;
+      ms[s] = MedianMs(
+          [&] {
+            auto status = mlp->Run(x, offsets, gate_up, down, y, strategy);
+            if (!status.ok()) {
+              std::fprintf(stderr, "%s\n", std::string(status.message()).c_str());
+              std::exit(1);
+            }
+          },
+          10, stream);
     }
-    std::printf("| %s | %lld | %.2f | %.2f | %.3f | %.3f | %.0f%% | %.3f | %.0f%% |\n", layout.name.c_str(),
-                static_cast<long long>(rows), flops / 1e12, bytes / 1e9, floor_ms, ms[0],
-                100 * floor_ms / ms[0], ms[1], 100 * floor_ms / ms[1]);
+    std::printf("| %s | %lld | %.2f | %.2f | %.3f | %.3f | %.0f%% | %.3f | %.0f%% |\n",
+                layout.name.c_str(), static_cast<long long>(rows), flops / 1e12, bytes / 1e9,
+                floor_ms, ms[0], 100 * floor_ms / ms[0], ms[1], 100 * floor_ms / ms[1]);
     for (auto* p : owned) cudaFree(p);
     cudaFree(x);
     cudaFree(y);

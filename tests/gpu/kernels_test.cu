@@ -25,14 +25,16 @@ template <typename T>
 T* ToDevice(const std::vector<T>& host) {
   T* device = nullptr;
   EXPECT_EQ(cudaMalloc(&device, host.size() * sizeof(T) + 1), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice),
+            cudaSuccess);
   return device;
 }
 
 template <typename T>
 std::vector<T> ToHost(const T* device, size_t count) {
   std::vector<T> host(count);
-  EXPECT_EQ(cudaMemcpy(host.data(), device, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(host.data(), device, count * sizeof(T), cudaMemcpyDeviceToHost),
+            cudaSuccess);
   return host;
 }
 
@@ -65,7 +67,9 @@ TEST(GpuKernels, RmsNormMatchesTwin) {
   uint16_t *dx = ToDevice(x), *dw = ToDevice(w), *dout = ToDevice(std::vector<uint16_t>(x.size()));
   ASSERT_TRUE(RmsNorm(Bf(dx), Bf(dw), Bf(dout), rows, dim, 1e-6f, nullptr).ok());
   EXPECT_LT(RelativeError(ToHost(dout, x.size()), expected), 1e-2);
-  cudaFree(dx); cudaFree(dw); cudaFree(dout);
+  cudaFree(dx);
+  cudaFree(dw);
+  cudaFree(dout);
 }
 
 TEST(GpuKernels, SiluMulMatchesTwin) {
@@ -77,7 +81,8 @@ TEST(GpuKernels, SiluMulMatchesTwin) {
   uint16_t *dg = ToDevice(gate_up), *dout = ToDevice(std::vector<uint16_t>(expected.size()));
   ASSERT_TRUE(SiluMul(Bf(dg), Bf(dout), rows, inter, nullptr).ok());
   EXPECT_LT(RelativeError(ToHost(dout, expected.size()), expected), 1e-2);
-  cudaFree(dg); cudaFree(dout);
+  cudaFree(dg);
+  cudaFree(dout);
 }
 
 TEST(GpuKernels, RopeMatchesTwin) {
@@ -85,8 +90,8 @@ TEST(GpuKernels, RopeMatchesTwin) {
   const int rows = 19, heads = 16, dim = 64, max_positions = 4096;
   std::mt19937 rng(4);
   std::uniform_real_distribution<float> uniform(-1, 1);
-  std::vector<float> vectors(static_cast<size_t>(rows) * heads * dim), cos_table(max_positions * dim / 2),
-      sin_table(cos_table.size());
+  std::vector<float> vectors(static_cast<size_t>(rows) * heads * dim),
+      cos_table(max_positions * dim / 2), sin_table(cos_table.size());
   for (auto& v : vectors) v = uniform(rng);
   for (size_t i = 0; i < cos_table.size(); ++i) {
     cos_table[i] = std::cos(0.001f * i);
@@ -95,13 +100,17 @@ TEST(GpuKernels, RopeMatchesTwin) {
   std::vector<int32_t> positions(rows);
   for (auto& p : positions) p = static_cast<int32_t>(rng() % max_positions);
   auto expected = vectors;
-  RopeInterleavedTwin(expected.data(), positions.data(), cos_table.data(), sin_table.data(), rows, heads, dim);
+  RopeInterleavedTwin(expected.data(), positions.data(), cos_table.data(), sin_table.data(), rows,
+                      heads, dim);
   float *dv = ToDevice(vectors), *dc = ToDevice(cos_table), *ds = ToDevice(sin_table);
   int32_t* dp = ToDevice(positions);
   ASSERT_TRUE(RopeInterleaved(dv, dp, dc, ds, rows, heads, dim, nullptr).ok());
   auto actual = ToHost(dv, vectors.size());
   for (size_t i = 0; i < actual.size(); ++i) ASSERT_NEAR(actual[i], expected[i], 1e-5) << i;
-  cudaFree(dv); cudaFree(dc); cudaFree(ds); cudaFree(dp);
+  cudaFree(dv);
+  cudaFree(dc);
+  cudaFree(ds);
+  cudaFree(dp);
 }
 
 TEST(GpuKernels, EmbeddingPermuteAndUnpermuteMatchTwins) {
@@ -144,13 +153,16 @@ TEST(GpuKernels, EmbeddingPermuteAndUnpermuteMatchTwins) {
                         combined.data(), tokens, top_k, hidden);
   int32_t* dposition = ToDevice(position);
   float* dweights = ToDevice(weights);
-  uint16_t *dshared = ToDevice(shared), *dcombined = ToDevice(std::vector<uint16_t>(combined.size()));
+  uint16_t *dshared = ToDevice(shared),
+           *dcombined = ToDevice(std::vector<uint16_t>(combined.size()));
   ASSERT_TRUE(WeightedUnpermute(Bf(dpermuted), dposition, dweights, Bf(dshared), Bf(dcombined),
-                                tokens, top_k, hidden, nullptr).ok());
+                                tokens, top_k, hidden, nullptr)
+                  .ok());
   EXPECT_LT(RelativeError(ToHost(dcombined, combined.size()), combined), 1e-2);
-  for (void* p : {static_cast<void*>(dtable), static_cast<void*>(dids), static_cast<void*>(dembedded),
-                  static_cast<void*>(dsource), static_cast<void*>(dpermuted), static_cast<void*>(dposition),
-                  static_cast<void*>(dweights), static_cast<void*>(dshared), static_cast<void*>(dcombined)}) {
+  for (void* p :
+       {static_cast<void*>(dtable), static_cast<void*>(dids), static_cast<void*>(dembedded),
+        static_cast<void*>(dsource), static_cast<void*>(dpermuted), static_cast<void*>(dposition),
+        static_cast<void*>(dweights), static_cast<void*>(dshared), static_cast<void*>(dcombined)}) {
     cudaFree(p);
   }
 }
@@ -166,19 +178,24 @@ TEST(GpuKernels, GateTopKMatchesTwinForV3AndV2Routing) {
     const int tokens = 128;
     std::mt19937 rng(v3 ? 9 : 10);
     std::normal_distribution<float> normal(0, 1);
-    std::vector<float> logits(static_cast<size_t>(tokens) * options.num_experts), bias(options.num_experts);
+    std::vector<float> logits(static_cast<size_t>(tokens) * options.num_experts),
+        bias(options.num_experts);
     for (auto& l : logits) l = normal(rng);
     for (auto& b : bias) b = 0.05f * normal(rng);
     std::vector<int32_t> experts(tokens * options.top_k);
     std::vector<float> weights(experts.size());
-    GateTopKTwin(logits.data(), v3 ? bias.data() : nullptr, tokens, options, experts.data(), weights.data());
+    GateTopKTwin(logits.data(), v3 ? bias.data() : nullptr, tokens, options, experts.data(),
+                 weights.data());
     float *dl = ToDevice(logits), *db = ToDevice(bias), *dw = ToDevice(weights);
     int32_t* de = ToDevice(experts);
     ASSERT_TRUE(GateTopK(dl, v3 ? db : nullptr, tokens, options, de, dw, nullptr).ok());
     EXPECT_EQ(ToHost(de, experts.size()), experts) << (v3 ? "v3" : "v2");
     auto actual = ToHost(dw, weights.size());
     for (size_t i = 0; i < weights.size(); ++i) ASSERT_NEAR(actual[i], weights[i], 1e-5) << i;
-    cudaFree(dl); cudaFree(db); cudaFree(dw); cudaFree(de);
+    cudaFree(dl);
+    cudaFree(db);
+    cudaFree(dw);
+    cudaFree(de);
   }
 }
 
@@ -199,8 +216,8 @@ TEST(GpuKernels, ExpertMlpMatchesTwinWithBothGemmStrategies) {
     gate_up_device.push_back(Bf(ToDevice(gate_up.back())));
     down_device.push_back(Bf(ToDevice(down.back())));
   }
-  std::vector<uint16_t> h(static_cast<size_t>(rows) * 2 * inter), a(static_cast<size_t>(rows) * inter),
-      expected(static_cast<size_t>(rows) * hidden);
+  std::vector<uint16_t> h(static_cast<size_t>(rows) * 2 * inter),
+      a(static_cast<size_t>(rows) * inter), expected(static_cast<size_t>(rows) * hidden);
   GroupedLinearTwin(x.data(), gate_up_host, offsets, h.data(), 2 * inter, hidden);
   SiluMulTwin(h.data(), a.data(), rows, inter);
   GroupedLinearTwin(a.data(), down_host, offsets, expected.data(), hidden, inter);

@@ -26,7 +26,8 @@ using ::testing::HasSubstr;
 constexpr char kToken[] = "integration-test-token";
 
 std::string TokenFile() {
-  const std::string path = ::testing::TempDir() + "/moeserve-admin-token-" + std::to_string(getpid());
+  const std::string path =
+      ::testing::TempDir() + "/moeserve-admin-token-" + std::to_string(getpid());
   std::ofstream(path) << kToken << "\n";
   return path;
 }
@@ -36,7 +37,8 @@ void Authorize(grpc::ClientContext& context, const std::string& token = kToken) 
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
 }
 
-std::vector<uint32_t> Greedy(v1::Generation::Stub& stub, const std::string& prompt, grpc::Status* status) {
+std::vector<uint32_t> Greedy(v1::Generation::Stub& stub, const std::string& prompt,
+                             grpc::Status* status) {
   v1::GenerateRequest request;
   request.set_text(prompt);
   request.set_max_tokens(24);
@@ -62,8 +64,8 @@ v1::ExpertPlacement GetPlacement(v1::Admin::Stub& admin) {
 }
 
 // A random valid placement: every expert once, the rest random replicas, shuffled.
-v1::UpdateExpertPlacementRequest RandomPlacement(const v1::ExpertPlacement& current, int64_t version,
-                                                 std::mt19937& rng) {
+v1::UpdateExpertPlacementRequest RandomPlacement(const v1::ExpertPlacement& current,
+                                                 int64_t version, std::mt19937& rng) {
   v1::UpdateExpertPlacementRequest request;
   request.set_version(version);
   for (int layer = 0; layer < current.layers_size(); ++layer) {
@@ -88,7 +90,8 @@ grpc::Status Update(v1::Admin::Stub& admin, const v1::UpdateExpertPlacementReque
 }
 
 TEST(AdminApi, AuthenticatesAndRefusesBadPlacementsWithoutChangingAnything) {
-  ServerProcess server({"--ep", "2", "--num-redundant-experts", "4", "--admin-token-file", TokenFile()});
+  ServerProcess server(
+      {"--ep", "2", "--num-redundant-experts", "4", "--admin-token-file", TokenFile()});
   ASSERT_TRUE(server.ok());
   auto admin = v1::Admin::NewStub(server.channel());
   {
@@ -192,8 +195,10 @@ TEST(LivePlacementUpdates, UnderContinuousLoadNoRequestFailsAndNoOutputChanges) 
         const size_t p = (c + i) % prompts.size();
         grpc::Status status;
         const auto tokens = Greedy(*stub, prompts[p], &status);
-        if (!status.ok()) ++failed;
-        else if (tokens != expected[p]) ++mismatched;
+        if (!status.ok())
+          ++failed;
+        else if (tokens != expected[p])
+          ++mismatched;
         ++completed;
       }
     });
@@ -296,8 +301,9 @@ double SampleBalancedness(int metrics_port, int samples) {
   for (int i = 0; i < samples; ++i) {
     const std::string metrics = ScrapeMetrics(metrics_port);
     for (int layer = 0; layer < 3; ++layer) {
-      const double value = MetricValue(
-          metrics, "moeserve_expert_balancedness{group=\"mixed\",layer=\"" + std::to_string(layer) + "\"}");
+      const double value =
+          MetricValue(metrics, "moeserve_expert_balancedness{group=\"mixed\",layer=\"" +
+                                   std::to_string(layer) + "\"}");
       if (value > 0) {
         sum += value;
         ++count;
@@ -310,7 +316,8 @@ double SampleBalancedness(int metrics_port, int samples) {
 
 TEST(EplbController, ClosesTheLoopThroughARealPrometheus) {
   const std::string token_file = TokenFile();
-  ServerProcess server({"--ep", "4", "--num-redundant-experts", "16", "--admin-token-file", token_file});
+  ServerProcess server(
+      {"--ep", "4", "--num-redundant-experts", "16", "--admin-token-file", token_file});
   ASSERT_TRUE(server.ok());
   PrometheusProcess prometheus(server.metrics_port());
 
@@ -323,7 +330,8 @@ TEST(EplbController, ClosesTheLoopThroughARealPrometheus) {
       auto stub = v1::Generation::NewStub(server.channel());
       for (int i = 0; i < 2000 && !stop; ++i) {
         grpc::Status status;
-        Greedy(*stub, "traffic " + std::to_string(c) + " request " + std::to_string(i % 17), &status);
+        Greedy(*stub, "traffic " + std::to_string(c) + " request " + std::to_string(i % 17),
+               &status);
         if (!status.ok()) ++failed;
         ++completed;
       }
@@ -355,10 +363,10 @@ TEST(EplbController, ClosesTheLoopThroughARealPrometheus) {
   EXPECT_GT(after, before) << "measured rank balancedness before " << before << ", after " << after;
 
   // An unreachable Prometheus fails the cycle and pushes nothing.
-  const CommandResult down = RunCommand(std::string(MOESERVE_EPLB_BINARY) +
-                                        " controller --prometheus-url http://127.0.0.1:1 --targets " +
-                                        server.address() + " --admin-token-file " + token_file +
-                                        " --once");
+  const CommandResult down =
+      RunCommand(std::string(MOESERVE_EPLB_BINARY) +
+                 " controller --prometheus-url http://127.0.0.1:1 --targets " + server.address() +
+                 " --admin-token-file " + token_file + " --once");
   EXPECT_NE(down.exit_code, 0);
   EXPECT_EQ(GetPlacement(*admin).version(), 1);
 

@@ -163,11 +163,13 @@ double OverlapMicroseconds(const std::map<int, std::vector<Interval>>& compute,
   return total;
 }
 
-void RunTracedServer(const std::string& dir, bool overlap, std::map<int, std::vector<Interval>>& compute,
+void RunTracedServer(const std::string& dir, bool overlap,
+                     std::map<int, std::vector<Interval>>& compute,
                      std::map<int, std::vector<Interval>>& communication) {
   std::filesystem::remove_all(dir);
-  std::vector<std::string> args = {"--prefill-ep", "2", "--decode-ep", "2", "--trace-dir", dir,
-                                   "--trace-steps", "6", "--overlap-min-tokens", "1"};
+  std::vector<std::string> args = {"--prefill-ep",         "2", "--decode-ep",   "2",
+                                   "--trace-dir",          dir, "--trace-steps", "6",
+                                   "--overlap-min-tokens", "1"};
   if (overlap) args.push_back("--two-batch-overlap");
   ServerProcess server(args);
   ASSERT_TRUE(server.ok());

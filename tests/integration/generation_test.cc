@@ -203,7 +203,8 @@ TEST_F(GenerationTest, StopTokenAndStopStringEndWithStop) {
   ASSERT_TRUE(stopped.status.ok());
   EXPECT_EQ(stopped.finish_reason, v1::FINISH_REASON_STOP);
   // Stops at the first occurrence of that token (included).
-  const auto first = std::find(reference.tokens.begin(), reference.tokens.end(), reference.tokens[4]);
+  const auto first =
+      std::find(reference.tokens.begin(), reference.tokens.end(), reference.tokens[4]);
   EXPECT_EQ(stopped.tokens.size(), static_cast<size_t>(first - reference.tokens.begin()) + 1);
 
   // A stop string made of ASCII the model produced: text ends before it.
@@ -233,10 +234,21 @@ struct InvalidCase {
 
 TEST_F(GenerationTest, BadRequestsGetInvalidArgumentWithActionableMessages) {
   std::vector<InvalidCase> cases;
-  cases.push_back({"no input", [] { GenerateRequest r; r.set_max_tokens(4); return r; }(),
+  cases.push_back({"no input",
+                   [] {
+                     GenerateRequest r;
+                     r.set_max_tokens(4);
+                     return r;
+                   }(),
                    "no input"});
   cases.push_back({"empty text", TextRequest("", 4), "text is empty"});
-  cases.push_back({"empty ids", [] { GenerateRequest r; r.mutable_token_ids(); r.set_max_tokens(4); return r; }(),
+  cases.push_back({"empty ids",
+                   [] {
+                     GenerateRequest r;
+                     r.mutable_token_ids();
+                     r.set_max_tokens(4);
+                     return r;
+                   }(),
                    "no input"});
   cases.push_back({"id >= vocab", TokenRequest({1, 258}, 4), "token_ids[1] = 258 is out of range"});
   cases.push_back({"huge id", TokenRequest({4000000000u}, 4), "out of range"});
@@ -258,10 +270,19 @@ TEST_F(GenerationTest, BadRequestsGetInvalidArgumentWithActionableMessages) {
   cases.push_back({"top_p > 1", sampling(1, 1.5f), "top_p must be in [0, 1]"});
   cases.push_back({"top_p < 0", sampling(1, -0.1f), "top_p must be in [0, 1]"});
   cases.push_back({"nan top_p", sampling(1, std::nanf("")), "top_p"});
-  cases.push_back({"empty stop string", [] { auto r = TextRequest("hi", 4); r.add_stop(""); return r; }(),
+  cases.push_back({"empty stop string",
+                   [] {
+                     auto r = TextRequest("hi", 4);
+                     r.add_stop("");
+                     return r;
+                   }(),
                    "stop strings"});
   cases.push_back({"stop token out of range",
-                   [] { auto r = TextRequest("hi", 4); r.add_stop_token_ids(999); return r; }(),
+                   [] {
+                     auto r = TextRequest("hi", 4);
+                     r.add_stop_token_ids(999);
+                     return r;
+                   }(),
                    "stop_token_ids"});
   for (const InvalidCase& c : cases) {
     Result result = Generate(*stub_, c.request);
@@ -284,7 +305,8 @@ TEST_F(PacedServerTest, ClientCancellationStopsWorkAndFreesKvBlocks) {
   auto reader = stub_->Generate(&context, TextRequest("long", 4000));
   GenerateResponse response;
   ASSERT_TRUE(reader->Read(&response));
-  EXPECT_GT(MetricValue(ScrapeMetrics(server_->metrics_port()), "moeserve_kv_cache_usage_ratio"), 0);
+  EXPECT_GT(MetricValue(ScrapeMetrics(server_->metrics_port()), "moeserve_kv_cache_usage_ratio"),
+            0);
   context.TryCancel();
   while (reader->Read(&response)) {
   }
@@ -292,7 +314,8 @@ TEST_F(PacedServerTest, ClientCancellationStopsWorkAndFreesKvBlocks) {
   EXPECT_EQ(WaitForMetric(server_->metrics_port(), "moeserve_kv_cache_usage_ratio", 0), 0);
   EXPECT_EQ(WaitForMetric(server_->metrics_port(), "moeserve_running_requests", 0), 0);
   EXPECT_GE(MetricValue(ScrapeMetrics(server_->metrics_port()),
-                        "moeserve_requests_total{status=\"cancelled\"}"), 1);
+                        "moeserve_requests_total{status=\"cancelled\"}"),
+            1);
 }
 
 TEST_F(PacedServerTest, DeadlineExpiryStopsWorkAndFreesKvBlocks) {
@@ -399,7 +422,8 @@ TEST(ServerLifecycle, SigtermFinishesInFlightStreamsThenExitsZero) {
   v1::FinishReason finish = v1::FINISH_REASON_UNSPECIFIED;
   while (reader->Read(&response)) {
     tokens += response.token_ids_size();
-    if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finish = response.finish_reason();
+    if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED)
+      finish = response.finish_reason();
   }
   EXPECT_TRUE(reader->Finish().ok());
   EXPECT_EQ(tokens, 600);

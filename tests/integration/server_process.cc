@@ -22,8 +22,8 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
     ADD_FAILURE() << "pipe failed";
     return;
   }
-  std::vector<std::string> args = {MOESERVE_BINARY, "serve", "--host", "127.0.0.1", "--port", "0",
-                                   "--metrics-port", "0"};
+  std::vector<std::string> args = {MOESERVE_BINARY, "serve", "--host",         "127.0.0.1",
+                                   "--port",        "0",     "--metrics-port", "0"};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   pid_ = fork();
   if (pid_ == 0) {
@@ -80,9 +80,12 @@ void ServerProcess::Signal(int signal_number) {
 
 void ServerProcess::RecordExit(int wait_status) {
   exited_ = true;
-  if (WIFEXITED(wait_status)) exit_code_ = WEXITSTATUS(wait_status);
-  else if (WIFSIGNALED(wait_status)) exit_code_ = -WTERMSIG(wait_status);
-  else exit_code_ = -999;
+  if (WIFEXITED(wait_status))
+    exit_code_ = WEXITSTATUS(wait_status);
+  else if (WIFSIGNALED(wait_status))
+    exit_code_ = -WTERMSIG(wait_status);
+  else
+    exit_code_ = -999;
 }
 
 int ServerProcess::WaitForExit(double timeout_seconds) {

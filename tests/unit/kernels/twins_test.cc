@@ -36,7 +36,8 @@ TEST(KernelTwins, GateTopKTwinRoutesLikeTheEngine) {
     const int tokens = 64;
     std::mt19937 rng(3);
     std::normal_distribution<float> normal(0, 1);
-    std::vector<float> logits(static_cast<size_t>(tokens) * options.num_experts), bias(options.num_experts);
+    std::vector<float> logits(static_cast<size_t>(tokens) * options.num_experts),
+        bias(options.num_experts);
     for (auto& l : logits) l = normal(rng);
     for (auto& b : bias) b = 0.05f * normal(rng);
     const bool use_bias = options.sigmoid;
@@ -47,7 +48,8 @@ TEST(KernelTwins, GateTopKTwinRoutesLikeTheEngine) {
     const engine::Routing routing =
         engine::RouteTokens(config, logits.data(), tokens, use_bias ? bias.data() : nullptr);
     EXPECT_EQ(experts, routing.experts) << name;
-    for (size_t i = 0; i < weights.size(); ++i) EXPECT_NEAR(weights[i], routing.weights[i], 1e-6) << name;
+    for (size_t i = 0; i < weights.size(); ++i)
+      EXPECT_NEAR(weights[i], routing.weights[i], 1e-6) << name;
   }
 }
 
@@ -70,16 +72,18 @@ TEST(KernelTwins, UnpermuteTwinCombinesLikeTheEngine) {
   const int tokens = 4, top_k = 3, hidden = 16;
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0, 1);
-  engine::Routing routing{tokens, top_k, std::vector<int32_t>(tokens * top_k), std::vector<float>(tokens * top_k)};
+  engine::Routing routing{tokens, top_k, std::vector<int32_t>(tokens * top_k),
+                          std::vector<float>(tokens * top_k)};
   for (auto& w : routing.weights) w = normal(rng);
   std::vector<uint16_t> rows(static_cast<size_t>(tokens) * top_k * hidden);
   std::vector<float> rows_float(rows.size());
-  for (size_t i = 0; i < rows.size(); ++i) rows_float[i] = Bf16ToFloat(rows[i] = FloatToBf16(normal(rng)));
+  for (size_t i = 0; i < rows.size(); ++i)
+    rows_float[i] = Bf16ToFloat(rows[i] = FloatToBf16(normal(rng)));
   std::vector<int32_t> identity(tokens * top_k);
   for (int i = 0; i < tokens * top_k; ++i) identity[i] = i;
   std::vector<uint16_t> out(static_cast<size_t>(tokens) * hidden);
-  WeightedUnpermuteTwin(rows.data(), identity.data(), routing.weights.data(), nullptr, out.data(), tokens,
-                        top_k, hidden);
+  WeightedUnpermuteTwin(rows.data(), identity.data(), routing.weights.data(), nullptr, out.data(),
+                        tokens, top_k, hidden);
   std::vector<float> reference(static_cast<size_t>(tokens) * hidden);
   engine::CombineExpertOutputs(routing, rows_float.data(), nullptr, hidden, reference.data());
   for (size_t i = 0; i < reference.size(); ++i) {
