@@ -309,6 +309,30 @@ absl::Status ReadDeepSeekFields(const nlohmann::json& json, ModelConfig& c) {
   return absl::OkStatus();
 }
 
+// Reads a required integer that exports spell two ways. Both present must agree.
+absl::Status ReadEitherSpelling(const nlohmann::json& json, const char* key, const char* other,
+                                int* out) {
+  const bool has_key = json.contains(key) && !json[key].is_null();
+  const bool has_other = json.contains(other) && !json[other].is_null();
+  if (!has_key && !has_other) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: missing `", key, "` (or `", other, "`)"));
+  }
+  int first = 0, second = 0;
+  if (has_key) {
+    if (auto s = ReadField(json, key, &first, true); !s.ok()) return s;
+  }
+  if (has_other) {
+    if (auto s = ReadField(json, other, &second, true); !s.ok()) return s;
+  }
+  if (has_key && has_other && first != second) {
+    return absl::InvalidArgumentError(absl::StrCat("config: `", key, "` (", first, ") and `",
+                                                   other, "` (", second, ") disagree"));
+  }
+  *out = has_key ? first : second;
+  return absl::OkStatus();
+}
+
 // Qwen3-MoE and Mixtral: grouped-query attention, softmax top-k routing, no shared experts.
 absl::Status ReadGroupedQueryFields(const nlohmann::json& json, ModelConfig& c) {
   const bool qwen = c.model_type == "qwen3_moe";
@@ -333,7 +357,9 @@ absl::Status ReadGroupedQueryFields(const nlohmann::json& json, ModelConfig& c) 
   if (qwen) {
     c.norm_topk_prob = false;  // Qwen3MoeConfig's default
     c.decoder_sparse_step = 1;
-    read("num_experts", &c.n_routed_experts, true);
+    // Qwen's original configs say `num_experts`; transformers 5 writes `num_local_experts`.
+    if (status.ok()) status = ReadEitherSpelling(json, "num_experts", "num_local_experts",
+                                                 &c.n_routed_experts);
     read("moe_intermediate_size", &c.moe_intermediate_size, true);
     read("norm_topk_prob", &c.norm_topk_prob, false);
     read("decoder_sparse_step", &c.decoder_sparse_step, false);

@@ -276,6 +276,37 @@ TEST(LoadCheckpointErrors, MalformedConfig) {
   ExpectError(folder, absl::StatusCode::kInvalidArgument, "hidden_act");
 }
 
+// transformers 5 writes Qwen3-MoE's expert count as `num_local_experts` and the rope settings
+// as `rope_parameters` (with `rope_theta` inside); both spellings give the same config.
+TEST(LoadCheckpointConfig, Qwen3MoeAcceptsTransformers5Spellings) {
+  nlohmann::json original = SmallQwen3MoeJson();
+  original["rope_theta"] = 1e6;
+  nlohmann::json newer = original;
+  newer.erase("num_experts");
+  newer.erase("rope_theta");
+  newer["num_local_experts"] = 6;
+  newer["rope_parameters"] = {{"rope_theta", 1e6}, {"rope_type", "default"}};
+  absl::StatusOr<ModelConfig> a = ParseModelConfig(original, "a");
+  absl::StatusOr<ModelConfig> b = ParseModelConfig(newer, "b");
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->n_routed_experts, 6);
+  EXPECT_EQ(b->n_routed_experts, a->n_routed_experts);
+  EXPECT_EQ(b->rope_theta, a->rope_theta);
+  EXPECT_EQ(b->rope_scaling.type, RopeScaling::Type::kNone);
+
+  nlohmann::json both = newer;
+  both["num_experts"] = 6;  // both spellings, agreeing
+  EXPECT_TRUE(ParseModelConfig(both, "both").ok());
+  both["num_experts"] = 8;
+  EXPECT_THAT(ParseModelConfig(both, "both").status().message(),
+              HasSubstr("`num_experts` (8) and `num_local_experts` (6) disagree"));
+  nlohmann::json neither = newer;
+  neither.erase("num_local_experts");
+  EXPECT_THAT(ParseModelConfig(neither, "neither").status().message(),
+              HasSubstr("missing `num_experts` (or `num_local_experts`)"));
+}
+
 TEST(LoadCheckpointErrors, UnsupportedModelType) {
   const fs::path folder = ValidFolder("llama");
   nlohmann::json config = SmallDeepSeekV3Json();
