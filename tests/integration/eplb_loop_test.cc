@@ -39,20 +39,7 @@ void Authorize(grpc::ClientContext& context, const std::string& token = kToken) 
 
 std::vector<uint32_t> Greedy(v1::Generation::Stub& stub, const std::string& prompt,
                              grpc::Status* status) {
-  v1::GenerateRequest request;
-  request.set_text(prompt);
-  request.set_max_tokens(24);
-  request.set_ignore_eos(true);
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-  auto reader = stub.Generate(&context, request);
-  std::vector<uint32_t> tokens;
-  v1::GenerateResponse response;
-  while (reader->Read(&response)) {
-    tokens.insert(tokens.end(), response.token_ids().begin(), response.token_ids().end());
-  }
-  *status = reader->Finish();
-  return tokens;
+  return GreedyTokens(stub, prompt, 24, status);
 }
 
 v1::ExpertPlacement GetPlacement(v1::Admin::Stub& admin) {

@@ -18,24 +18,6 @@ namespace {
 
 using ::testing::HasSubstr;
 
-std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub, const std::string& prompt,
-                                   uint32_t max_tokens, grpc::Status* status) {
-  v1::GenerateRequest request;
-  request.set_text(prompt);
-  request.set_max_tokens(max_tokens);
-  request.set_ignore_eos(true);
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-  auto reader = stub.Generate(&context, request);
-  std::vector<uint32_t> tokens;
-  v1::GenerateResponse response;
-  while (reader->Read(&response)) {
-    tokens.insert(tokens.end(), response.token_ids().begin(), response.token_ids().end());
-  }
-  *status = reader->Finish();
-  return tokens;
-}
-
 // Runs `count` greedy requests concurrently and returns their tokens in request order.
 std::vector<std::vector<uint32_t>> ConcurrentGreedy(ServerProcess& server, int count) {
   std::vector<std::vector<uint32_t>> results(count);

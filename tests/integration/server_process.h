@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "grpcpp/grpcpp.h"
+#include "moeserve/v1/generation.grpc.pb.h"
 
 namespace moeserve::testing {
 
@@ -46,6 +47,11 @@ class ServerProcess {
   void RecordExit(int wait_status);
   std::string output_;
 };
+
+// Greedy generation of `max_tokens` tokens (ignoring <eos>) of `prompt`; the call's status in
+// `status`.
+std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub, const std::string& prompt,
+                                   uint32_t max_tokens, grpc::Status* status);
 
 // GET http://127.0.0.1:port/metrics; empty on failure.
 std::string ScrapeMetrics(int port);
