@@ -37,6 +37,28 @@ absl::StatusOr<ExpertMlp> ExpertMlp::Create(int hidden, int intermediate, int ma
           "cudaMalloc");
       !s.ok())
     return s;
+  if (auto s = CudaStatus(cudaEventCreateWithFlags(&mlp.fork_, cudaEventDisableTiming), "event");
+      !s.ok()) {
+    return s;
+  }
+  for (int i = 0; i < kSideStreams; ++i) {
+    if (auto s = CudaStatus(cudaStreamCreateWithFlags(&mlp.side_streams_[i], cudaStreamNonBlocking),
+                            "cudaStreamCreate");
+        !s.ok()) {
+      return s;
+    }
+    if (auto s =
+            CudaStatus(cudaEventCreateWithFlags(&mlp.joins_[i], cudaEventDisableTiming), "event");
+        !s.ok()) {
+      return s;
+    }
+    if (auto s = CublasStatus(cublasCreate(&mlp.side_cublas_[i]), "cublasCreate"); !s.ok())
+      return s;
+    if (auto s = CublasStatus(cublasSetStream(mlp.side_cublas_[i], mlp.side_streams_[i]), "stream");
+        !s.ok()) {
+      return s;
+    }
+  }
   return mlp;
 }
 
@@ -52,6 +74,10 @@ ExpertMlp& ExpertMlp::operator=(ExpertMlp&& other) noexcept {
   std::swap(gate_up_, other.gate_up_);
   std::swap(activation_, other.activation_);
   std::swap(device_pointers_, other.device_pointers_);
+  std::swap(side_streams_, other.side_streams_);
+  std::swap(side_cublas_, other.side_cublas_);
+  std::swap(fork_, other.fork_);
+  std::swap(joins_, other.joins_);
   return *this;
 }
 
@@ -60,6 +86,12 @@ ExpertMlp::~ExpertMlp() {
   cudaFree(gate_up_);
   cudaFree(activation_);
   cudaFree(device_pointers_);
+  for (int i = 0; i < kSideStreams; ++i) {
+    if (side_cublas_[i] != nullptr) cublasDestroy(side_cublas_[i]);
+    if (side_streams_[i] != nullptr) cudaStreamDestroy(side_streams_[i]);
+    if (joins_[i] != nullptr) cudaEventDestroy(joins_[i]);
+  }
+  if (fork_ != nullptr) cudaEventDestroy(fork_);
 }
 
 absl::Status ExpertMlp::Gemm(const __nv_bfloat16* a,
@@ -69,15 +101,29 @@ absl::Status ExpertMlp::Gemm(const __nv_bfloat16* a,
   // Row-major C[m, n] = A[m, k] · W[n, k]^T is column-major C^T = W^T(op T) · A^T.
   const float alpha = 1.0f, beta = 0.0f;
   const int experts = static_cast<int>(weights.size());
-  if (strategy == Strategy::kPerExpertGemm) {
+  if (strategy == Strategy::kPerExpertGemm || strategy == Strategy::kConcurrentGemm) {
+    const bool concurrent = strategy == Strategy::kConcurrentGemm;
+    if (concurrent) {
+      if (auto s = CudaStatus(cudaEventRecord(fork_, stream_), "cudaEventRecord"); !s.ok())
+        return s;
+      for (int i = 0; i < kSideStreams; ++i) cudaStreamWaitEvent(side_streams_[i], fork_, 0);
+    }
+    int launched = 0;
     for (int e = 0; e < experts; ++e) {
       const int m = static_cast<int>(offsets[e + 1] - offsets[e]);
       if (m == 0) continue;
+      cublasHandle_t handle = concurrent ? side_cublas_[launched++ % kSideStreams] : cublas_;
       auto status =
-          cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, weights[e], CUDA_R_16BF,
+          cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, weights[e], CUDA_R_16BF,
                        k, a + offsets[e] * k, CUDA_R_16BF, k, &beta, c + offsets[e] * n,
                        CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
       if (auto s = CublasStatus(status, "cublasGemmEx"); !s.ok()) return s;
+    }
+    if (concurrent) {
+      for (int i = 0; i < kSideStreams; ++i) {
+        cudaEventRecord(joins_[i], side_streams_[i]);
+        cudaStreamWaitEvent(stream_, joins_[i], 0);
+      }
     }
     return absl::OkStatus();
   }

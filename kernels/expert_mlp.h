@@ -21,6 +21,9 @@ class ExpertMlp {
   enum class Strategy {
     kPerExpertGemm,  // one cublasGemmEx per expert and matrix
     kGroupedGemm,    // one cublasGemmGroupedBatchedEx per matrix for all experts
+    // Per-expert GEMMs spread over side streams, so that small experts (few row tiles each)
+    // run side by side and fill the GPU; joined back into the main stream.
+    kConcurrentGemm,
   };
   static absl::StatusOr<ExpertMlp> Create(int hidden, int intermediate, int max_rows,
                                           int max_experts, cudaStream_t stream);
@@ -47,6 +50,11 @@ class ExpertMlp {
   __nv_bfloat16* gate_up_ = nullptr;     // [max_rows, 2I]
   __nv_bfloat16* activation_ = nullptr;  // [max_rows, I]
   void** device_pointers_ = nullptr;     // 3 * max_experts pointer arrays for grouped GEMM
+  static constexpr int kSideStreams = 4;
+  cudaStream_t side_streams_[kSideStreams] = {};
+  cublasHandle_t side_cublas_[kSideStreams] = {};
+  cudaEvent_t fork_ = nullptr;
+  cudaEvent_t joins_[kSideStreams] = {};
 };
 
 }  // namespace moeserve::kernels

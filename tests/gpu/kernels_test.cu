@@ -199,7 +199,7 @@ TEST(GpuKernels, GateTopKMatchesTwinForV3AndV2Routing) {
   }
 }
 
-TEST(GpuKernels, ExpertMlpMatchesTwinWithBothGemmStrategies) {
+TEST(GpuKernels, ExpertMlpMatchesTwinWithEveryGemmStrategy) {
   REQUIRE_GPU();
   const int hidden = 256, inter = 128;
   const std::vector<int64_t> offsets = {0, 5, 5, 37, 38, 100};  // includes an empty expert
@@ -225,7 +225,8 @@ TEST(GpuKernels, ExpertMlpMatchesTwinWithBothGemmStrategies) {
   uint16_t* dy = ToDevice(std::vector<uint16_t>(expected.size()));
   auto mlp = ExpertMlp::Create(hidden, inter, rows, experts, nullptr);
   ASSERT_TRUE(mlp.ok()) << mlp.status();
-  for (auto strategy : {ExpertMlp::Strategy::kPerExpertGemm, ExpertMlp::Strategy::kGroupedGemm}) {
+  for (auto strategy : {ExpertMlp::Strategy::kPerExpertGemm, ExpertMlp::Strategy::kGroupedGemm,
+                        ExpertMlp::Strategy::kConcurrentGemm}) {
     ASSERT_TRUE(mlp->Run(Bf(dx), offsets, gate_up_device, down_device, Bf(dy), strategy).ok());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_LT(RelativeError(ToHost(dy, expected.size()), expected), 2e-2);
