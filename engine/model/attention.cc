@@ -11,6 +11,9 @@ namespace moeserve::engine {
 void MlaAttention::Forward(int layer, const AttentionWeights& w, const float* x, int num_tokens,
                            std::span<const SequenceSpan> sequences, KvCache& cache,
                            float* output) const {
+  // An idle rank still steps with its group; with no tokens there is nothing to attend to (and
+  // the per-head slices below would index empty buffers).
+  if (num_tokens == 0) return;
   const ModelConfig& c = config_;
   const int hidden = c.hidden_size;
   const int heads = c.num_attention_heads;

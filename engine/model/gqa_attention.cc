@@ -21,6 +21,7 @@ void AddBias(float* rows, const float* bias, int64_t num_rows, int64_t dim) {
 void GroupedQueryAttention::Forward(int layer, const AttentionWeights& w, const float* x,
                                     int num_tokens, std::span<const SequenceSpan> sequences,
                                     KvCache& cache, float* output) const {
+  if (num_tokens == 0) return;  // an idle rank stepping with its group
   const ModelConfig& c = config_;
   const int hidden = c.hidden_size;
   const int heads = c.num_attention_heads;
