@@ -82,8 +82,8 @@ void MlaAttention::Forward(int layer, const AttentionWeights& w, const float* x,
     const int context = seq.start_position + seq.num_tokens;
     keys.resize(static_cast<size_t>(context) * row_dim);
     for (int p = 0; p < context; ++p) {
-      std::memcpy(&keys[static_cast<size_t>(p) * row_dim],
-                  cache.RowAt(layer, *seq.block_table, p), sizeof(float) * row_dim);
+      std::memcpy(&keys[static_cast<size_t>(p) * row_dim], cache.RowAt(layer, *seq.block_table, p),
+                  sizeof(float) * row_dim);
     }
     const int rows = seq.num_tokens * heads;
     scores.resize(static_cast<size_t>(rows) * context);
@@ -99,8 +99,8 @@ void MlaAttention::Forward(int layer, const AttentionWeights& w, const float* x,
       }
     }
     cpu::Gemm(false, false, rows, latent, context, 1.0f, scores.data(), context, keys.data(),
-              row_dim, 0.0f, &attended_latent[static_cast<size_t>(seq.token_offset) * heads * latent],
-              latent);
+              row_dim, 0.0f,
+              &attended_latent[static_cast<size_t>(seq.token_offset) * heads * latent], latent);
   }
 
   // Values: out(head) = attended_latent(head) · W_UV(head)^T, W_UV(head) = [v, latent].

@@ -19,7 +19,7 @@ namespace moeserve::engine {
 
 // A run of consecutive new tokens of one sequence inside a batch.
 struct SequenceSpan {
-  int token_offset = 0;    // first row of this sequence's tokens in the batch
+  int token_offset = 0;  // first row of this sequence's tokens in the batch
   int num_tokens = 0;
   int start_position = 0;  // position of the first new token (= tokens already cached)
   const std::vector<int32_t>* block_table = nullptr;

@@ -22,8 +22,8 @@ std::vector<SequenceSpan> Model::Layout(std::span<const BatchSequence> batch, in
   spans.reserve(batch.size());
   int tokens = 0;
   for (const BatchSequence& seq : batch) {
-    spans.push_back({tokens, static_cast<int>(seq.tokens.size()), seq.start_position,
-                     seq.block_table});
+    spans.push_back(
+        {tokens, static_cast<int>(seq.tokens.size()), seq.start_position, seq.block_table});
     tokens += static_cast<int>(seq.tokens.size());
   }
   *num_tokens = tokens;

@@ -26,7 +26,7 @@ namespace moeserve::engine {
 // New tokens of one sequence in a forward step.
 struct BatchSequence {
   std::span<const int32_t> tokens;
-  int start_position = 0;                        // tokens of this sequence already cached
+  int start_position = 0;                             // tokens of this sequence already cached
   const std::vector<int32_t>* block_table = nullptr;  // must cover start_position + tokens
   bool all_logits = false;  // logits for every new token instead of only the last one
 };

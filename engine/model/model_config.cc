@@ -18,8 +18,7 @@ double YarnMscale(double factor, double mscale) {
 
 absl::Status Positive(const char* field, int value) {
   if (value > 0) return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      absl::StrCat("config: `", field, "` must be > 0, got ", value));
+  return absl::InvalidArgumentError(absl::StrCat("config: `", field, "` must be > 0, got ", value));
 }
 
 template <typename T>
@@ -34,8 +33,10 @@ absl::Status ReadField(const nlohmann::json& json, const char* key, T* out, bool
     if (!it->is_number_integer() || it->get<int64_t>() < std::numeric_limits<int>::min() ||
         it->get<int64_t>() > std::numeric_limits<int>::max()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("config: `", key, "` has the wrong type: expected an integer in the int32 "
-                       "range, got ", it->dump()));
+          absl::StrCat("config: `", key,
+                       "` has the wrong type: expected an integer in the int32 "
+                       "range, got ",
+                       it->dump()));
     }
   }
   try {
@@ -168,8 +169,8 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
   }
   for (int layer : c.mlp_only_layers) {
     if (layer < 0 || layer >= c.num_hidden_layers) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "config: `mlp_only_layers` names layer ", layer, ", outside [0, num_hidden_layers)"));
+      return absl::InvalidArgumentError(absl::StrCat("config: `mlp_only_layers` names layer ",
+                                                     layer, ", outside [0, num_hidden_layers)"));
     }
   }
   if (c.num_moe_layers() < c.num_hidden_layers) {
@@ -297,15 +298,22 @@ absl::Status ReadDeepSeekFields(const nlohmann::json& json, ModelConfig& c) {
   read("scoring_func", &scoring, false);
   read("topk_method", &topk_method, false);
   if (!status.ok()) return status;
-  if (scoring == "sigmoid") c.scoring_func = ScoringFunction::kSigmoid;
-  else if (scoring == "softmax") c.scoring_func = ScoringFunction::kSoftmax;
+  if (scoring == "sigmoid")
+    c.scoring_func = ScoringFunction::kSigmoid;
+  else if (scoring == "softmax")
+    c.scoring_func = ScoringFunction::kSoftmax;
   else if (!scoring.empty())
-    return absl::InvalidArgumentError(absl::StrCat("config: unsupported scoring_func `", scoring, "`"));
-  if (topk_method == "noaux_tc") c.topk_method = TopKMethod::kNoAuxTc;
-  else if (topk_method == "greedy") c.topk_method = TopKMethod::kGreedy;
-  else if (topk_method == "group_limited_greedy") c.topk_method = TopKMethod::kGroupLimitedGreedy;
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: unsupported scoring_func `", scoring, "`"));
+  if (topk_method == "noaux_tc")
+    c.topk_method = TopKMethod::kNoAuxTc;
+  else if (topk_method == "greedy")
+    c.topk_method = TopKMethod::kGreedy;
+  else if (topk_method == "group_limited_greedy")
+    c.topk_method = TopKMethod::kGroupLimitedGreedy;
   else if (!topk_method.empty())
-    return absl::InvalidArgumentError(absl::StrCat("config: unsupported topk_method `", topk_method, "`"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: unsupported topk_method `", topk_method, "`"));
   return absl::OkStatus();
 }
 
@@ -326,8 +334,8 @@ absl::Status ReadEitherSpelling(const nlohmann::json& json, const char* key, con
     if (auto s = ReadField(json, other, &second, true); !s.ok()) return s;
   }
   if (has_key && has_other && first != second) {
-    return absl::InvalidArgumentError(absl::StrCat("config: `", key, "` (", first, ") and `",
-                                                   other, "` (", second, ") disagree"));
+    return absl::InvalidArgumentError(absl::StrCat("config: `", key, "` (", first, ") and `", other,
+                                                   "` (", second, ") disagree"));
   }
   *out = has_key ? first : second;
   return absl::OkStatus();
@@ -358,8 +366,8 @@ absl::Status ReadGroupedQueryFields(const nlohmann::json& json, ModelConfig& c) 
     c.norm_topk_prob = false;  // Qwen3MoeConfig's default
     c.decoder_sparse_step = 1;
     // Qwen's original configs say `num_experts`; transformers 5 writes `num_local_experts`.
-    if (status.ok()) status = ReadEitherSpelling(json, "num_experts", "num_local_experts",
-                                                 &c.n_routed_experts);
+    if (status.ok())
+      status = ReadEitherSpelling(json, "num_experts", "num_local_experts", &c.n_routed_experts);
     read("moe_intermediate_size", &c.moe_intermediate_size, true);
     read("norm_topk_prob", &c.norm_topk_prob, false);
     read("decoder_sparse_step", &c.decoder_sparse_step, false);
@@ -397,9 +405,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const nlohmann::json& json, std::st
   const bool deepseek = c.model_type == "deepseek_v3" || c.model_type == "deepseek_v2";
   const bool grouped_query = c.model_type == "qwen3_moe" || c.model_type == "mixtral";
   if (!deepseek && !grouped_query) {
-    return absl::InvalidArgumentError(absl::StrCat("config: unsupported model_type `",
-                                                   c.model_type, "` (supported: ",
-                                                   kSupportedModelTypes, ")"));
+    return absl::InvalidArgumentError(absl::StrCat("config: unsupported model_type `", c.model_type,
+                                                   "` (supported: ", kSupportedModelTypes, ")"));
   }
   if (auto s = ReadCommonFields(json, c); !s.ok()) return s;
   if (auto s = ParseRopeScaling(json, c); !s.ok()) return s;
@@ -473,7 +480,8 @@ nlohmann::json ModelConfigToJson(const ModelConfig& c) {
   if (!c.uses_mla()) return GroupedQueryConfigJson(c);
   nlohmann::json json = {
       {"model_type", c.model_type},
-      {"architectures", {c.model_type == "deepseek_v3" ? "DeepseekV3ForCausalLM" : "DeepseekV2ForCausalLM"}},
+      {"architectures",
+       {c.model_type == "deepseek_v3" ? "DeepseekV3ForCausalLM" : "DeepseekV2ForCausalLM"}},
       {"vocab_size", c.vocab_size},
       {"hidden_size", c.hidden_size},
       {"intermediate_size", c.intermediate_size},
@@ -494,9 +502,9 @@ nlohmann::json ModelConfigToJson(const ModelConfig& c) {
       {"n_group", c.n_group},
       {"topk_group", c.topk_group},
       {"scoring_func", c.scoring_func == ScoringFunction::kSigmoid ? "sigmoid" : "softmax"},
-      {"topk_method", c.topk_method == TopKMethod::kNoAuxTc     ? "noaux_tc"
-                      : c.topk_method == TopKMethod::kGreedy    ? "greedy"
-                                                                : "group_limited_greedy"},
+      {"topk_method", c.topk_method == TopKMethod::kNoAuxTc  ? "noaux_tc"
+                      : c.topk_method == TopKMethod::kGreedy ? "greedy"
+                                                             : "group_limited_greedy"},
       {"norm_topk_prob", c.norm_topk_prob},
       {"routed_scaling_factor", c.routed_scaling_factor},
       {"max_position_embeddings", c.max_position_embeddings},

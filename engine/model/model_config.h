@@ -20,9 +20,9 @@ enum class ScoringFunction { kSigmoid, kSoftmax };
 
 // How the top-k experts are chosen from the scores.
 enum class TopKMethod {
-  kGreedy,                  // plain top-k over all experts
-  kGroupLimitedGreedy,      // DeepSeek-V2: group score = the group's highest score
-  kNoAuxTc,                 // DeepSeek-V3: group score = sum of the two highest biased scores
+  kGreedy,              // plain top-k over all experts
+  kGroupLimitedGreedy,  // DeepSeek-V2: group score = the group's highest score
+  kNoAuxTc,             // DeepSeek-V3: group score = sum of the two highest biased scores
 };
 
 // RoPE frequency scaling. kNone = plain RoPE.
@@ -47,15 +47,15 @@ enum class AttentionType {
 inline constexpr const char* kSupportedModelTypes = "deepseek_v3, deepseek_v2, qwen3_moe, mixtral";
 
 struct ModelConfig {
-  std::string name;                // "builtin:tiny" or the model folder's name
+  std::string name;  // "builtin:tiny" or the model folder's name
   std::string model_type = "deepseek_v3";
   AttentionType attention_type = AttentionType::kMultiHeadLatent;
   int vocab_size = 0;
   int hidden_size = 0;
-  int intermediate_size = 0;       // dense MLP layers
-  int moe_intermediate_size = 0;   // each routed expert (and each shared expert)
+  int intermediate_size = 0;      // dense MLP layers
+  int moe_intermediate_size = 0;  // each routed expert (and each shared expert)
   int num_hidden_layers = 0;
-  int first_k_dense_replace = 0;   // the first k layers use a dense MLP
+  int first_k_dense_replace = 0;  // the first k layers use a dense MLP
   int moe_layer_freq = 1;
   // Qwen-style MoE layer choice: when > 0, layer l is MoE iff (l + 1) % decoder_sparse_step == 0
   // and l is not in mlp_only_layers (first_k_dense_replace and moe_layer_freq are then unused).
@@ -63,7 +63,7 @@ struct ModelConfig {
   std::vector<int> mlp_only_layers;
   int num_attention_heads = 0;
   // MLA (multi-head latent attention).
-  int q_lora_rank = 0;             // 0: queries are projected directly (no q-LoRA)
+  int q_lora_rank = 0;  // 0: queries are projected directly (no q-LoRA)
   int kv_lora_rank = 0;
   int qk_nope_head_dim = 0;
   int qk_rope_head_dim = 0;
@@ -71,8 +71,8 @@ struct ModelConfig {
   // Grouped-query attention (unused by MLA).
   int num_key_value_heads = 0;
   int head_dim = 0;
-  bool attention_bias = false;     // q/k/v/o projections have biases
-  bool qk_norm = false;            // Qwen3: RMSNorm over each head's query and key before RoPE
+  bool attention_bias = false;  // q/k/v/o projections have biases
+  bool qk_norm = false;         // Qwen3: RMSNorm over each head's query and key before RoPE
   // Rope pairs: true rotates (2i, 2i+1) as DeepSeek's checkpoints store them; false rotates
   // (i, i + dim/2) ("rotate half", Llama/Qwen/Mixtral layout).
   bool rope_interleaved = true;

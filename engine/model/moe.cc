@@ -53,9 +53,11 @@ Routing RouteTokens(const ModelConfig& c, const float* gate_logits, int num_toke
         }
       }
       std::vector<bool> group_chosen(c.n_group, false);
-      for (int g : TopKIndices(group_scores.data(), c.n_group, c.topk_group)) group_chosen[g] = true;
+      for (int g : TopKIndices(group_scores.data(), c.n_group, c.topk_group))
+        group_chosen[g] = true;
       for (int e = 0; e < num_experts; ++e) {
-        if (!group_chosen[e / experts_per_group]) choice[e] = -std::numeric_limits<float>::infinity();
+        if (!group_chosen[e / experts_per_group])
+          choice[e] = -std::numeric_limits<float>::infinity();
       }
     }
     const std::vector<int> chosen = TopKIndices(choice.data(), num_experts, top_k);

@@ -53,14 +53,16 @@ RotaryEmbedding::RotaryEmbedding(int rotary_dim, int max_positions, double theta
                        YarnMagnitude(scaling.factor, scaling.mscale_all_dim);
   } else {
     inverse_frequencies_.resize(half);
-    for (int i = 0; i < half; ++i) inverse_frequencies_[i] = 1.0 / std::pow(theta, 2.0 * i / rotary_dim);
+    for (int i = 0; i < half; ++i)
+      inverse_frequencies_[i] = 1.0 / std::pow(theta, 2.0 * i / rotary_dim);
   }
   cos_.resize(static_cast<size_t>(max_positions) * half);
   sin_.resize(cos_.size());
   for (int position = 0; position < max_positions; ++position) {
     for (int i = 0; i < half; ++i) {
       // Angles are formed in float32, as the reference computes position * inv_freq.
-      const float angle = static_cast<float>(position) * static_cast<float>(inverse_frequencies_[i]);
+      const float angle =
+          static_cast<float>(position) * static_cast<float>(inverse_frequencies_[i]);
       cos_[position * half + i] = static_cast<float>(std::cos(angle) * magnitude_scale_);
       sin_[position * half + i] = static_cast<float>(std::sin(angle) * magnitude_scale_);
     }

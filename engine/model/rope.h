@@ -43,6 +43,7 @@ class RotaryEmbedding {
 
 // YaRN helpers (exposed for tests).
 double YarnMagnitude(double factor, double mscale);
-std::vector<double> YarnInverseFrequencies(int rotary_dim, double theta, const RopeScaling& scaling);
+std::vector<double> YarnInverseFrequencies(int rotary_dim, double theta,
+                                           const RopeScaling& scaling);
 
 }  // namespace moeserve::engine

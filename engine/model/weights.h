@@ -33,30 +33,30 @@ struct MlpWeights {
 
 struct AttentionWeights {
   // MLA (DeepSeek). q_proj is shared with GQA.
-  const float* q_a_proj = nullptr;        // [q_lora, hidden]          (q-LoRA only)
-  const float* q_a_layernorm = nullptr;   // [q_lora]                   (q-LoRA only)
-  const float* q_b_proj = nullptr;        // [heads * qk_head, q_lora]  (q-LoRA only)
-  const float* q_proj = nullptr;          // [heads * qk_head, hidden]  (no q-LoRA)
+  const float* q_a_proj = nullptr;            // [q_lora, hidden]          (q-LoRA only)
+  const float* q_a_layernorm = nullptr;       // [q_lora]                   (q-LoRA only)
+  const float* q_b_proj = nullptr;            // [heads * qk_head, q_lora]  (q-LoRA only)
+  const float* q_proj = nullptr;              // [heads * qk_head, hidden]  (no q-LoRA)
   const float* kv_a_proj_with_mqa = nullptr;  // [kv_lora + rope, hidden]
   const float* kv_a_layernorm = nullptr;      // [kv_lora]
   const float* kv_b_proj = nullptr;           // [heads * (nope + v), kv_lora]
   const float* o_proj = nullptr;              // [hidden, heads * v] (GQA: heads * head_dim)
   // GQA (Qwen3-MoE, Mixtral); q_proj is [heads * head_dim, hidden].
-  const float* k_proj = nullptr;       // [kv_heads * head_dim, hidden]
-  const float* v_proj = nullptr;       // [kv_heads * head_dim, hidden]
-  const float* q_norm = nullptr;       // [head_dim] (qk_norm only)
-  const float* k_norm = nullptr;       // [head_dim] (qk_norm only)
-  const float* q_bias = nullptr;       // attention_bias only
+  const float* k_proj = nullptr;  // [kv_heads * head_dim, hidden]
+  const float* v_proj = nullptr;  // [kv_heads * head_dim, hidden]
+  const float* q_norm = nullptr;  // [head_dim] (qk_norm only)
+  const float* k_norm = nullptr;  // [head_dim] (qk_norm only)
+  const float* q_bias = nullptr;  // attention_bias only
   const float* k_bias = nullptr;
   const float* v_bias = nullptr;
   const float* o_bias = nullptr;
 };
 
 struct MoeWeights {
-  const float* gate = nullptr;                  // [experts, hidden]
+  const float* gate = nullptr;                     // [experts, hidden]
   const float* e_score_correction_bias = nullptr;  // [experts] or null
-  std::vector<MlpWeights> experts;              // one per routed (logical) expert
-  MlpWeights shared;                            // intermediate = moe_intermediate * n_shared
+  std::vector<MlpWeights> experts;                 // one per routed (logical) expert
+  MlpWeights shared;                               // intermediate = moe_intermediate * n_shared
   bool has_shared = false;
 };
 
@@ -101,9 +101,11 @@ class ModelWeights {
 };
 
 // The tensor names and shapes a config needs, in a stable order.
-std::vector<std::pair<std::string, std::vector<int64_t>>> ExpectedTensors(const ModelConfig& config);
+std::vector<std::pair<std::string, std::vector<int64_t>>> ExpectedTensors(
+    const ModelConfig& config);
 
 // Writes tensors as a float32 safetensors file.
-absl::Status WriteSafetensors(const std::string& path, const std::map<std::string, Tensor>& tensors);
+absl::Status WriteSafetensors(const std::string& path,
+                              const std::map<std::string, Tensor>& tensors);
 
 }  // namespace moeserve::engine

@@ -1,10 +1,9 @@
 // ParseModelConfig on Hugging Face config.json objects (DeepSeek-V3 and V2 shapes, both rope
 // spellings), its error messages, and the built-in model configs.
-#include "engine/model/model_config.h"
-
 #include <cmath>
 #include <string>
 
+#include "engine/model/model_config.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -233,15 +232,13 @@ TEST(ParseModelConfig, OtherInvalidValues) {
     nlohmann::json value;
     const char* message;
   };
-  for (const Case& c : {Case{"scoring_func", "relu", "scoring_func"},
-                        Case{"topk_method", "random", "topk_method"},
-                        Case{"qk_rope_head_dim", 63, "qk_rope_head_dim"},
-                        Case{"topk_group", 9, "topk_group"},
-                        Case{"num_experts_per_tok", 300, "num_experts_per_tok"},
-                        Case{"hidden_size", 0, "hidden_size"},
-                        Case{"num_hidden_layers", -1, "num_hidden_layers"},
-                        Case{"first_k_dense_replace", 62, "first_k_dense_replace"},
-                        Case{"eos_token_id", 129280, "eos"}}) {
+  for (const Case& c :
+       {Case{"scoring_func", "relu", "scoring_func"}, Case{"topk_method", "random", "topk_method"},
+        Case{"qk_rope_head_dim", 63, "qk_rope_head_dim"}, Case{"topk_group", 9, "topk_group"},
+        Case{"num_experts_per_tok", 300, "num_experts_per_tok"},
+        Case{"hidden_size", 0, "hidden_size"}, Case{"num_hidden_layers", -1, "num_hidden_layers"},
+        Case{"first_k_dense_replace", 62, "first_k_dense_replace"},
+        Case{"eos_token_id", 129280, "eos"}}) {
     nlohmann::json json = DeepSeekV3Json();
     json[c.key] = c.value;
     const absl::Status status = ParseError(json);

@@ -125,7 +125,8 @@ TEST(KvCache, RowsAreDistinctAndAddressedThroughTheBlockTable) {
     for (int b = 0; b < blocks; ++b) {
       for (int o = 0; o < block_size; ++o) {
         float* row = cache.Row(l, b, o);
-        for (int i = 0; i < row_dim; ++i) row[i] = static_cast<float>(((l * 10 + b) * 10 + o) * 10 + i);
+        for (int i = 0; i < row_dim; ++i)
+          row[i] = static_cast<float>(((l * 10 + b) * 10 + o) * 10 + i);
       }
     }
   }

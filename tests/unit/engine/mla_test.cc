@@ -1,8 +1,6 @@
 // MlaAttention (absorbed MLA over the paged latent KV cache) against a naive, non-absorbed MLA
 // written here in double precision: per head, keys k = [W_UK · latent, rotated k_pe] and values
 // W_UV · latent, causal softmax with the config's scale, then o_proj.
-#include "engine/model/attention.h"
-
 #include <algorithm>
 #include <cmath>
 #include <numbers>
@@ -11,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/model/attention.h"
 #include "engine/model/model_config.h"
 #include "engine/model/rope.h"
 #include "engine/model/weights.h"
@@ -86,7 +85,9 @@ Vec RmsNormRef(const Vec& x, const float* weight, double eps) {
   return y;
 }
 
-double Mscale(double factor, double m) { return factor <= 1.0 ? 1.0 : 0.1 * m * std::log(factor) + 1.0; }
+double Mscale(double factor, double m) {
+  return factor <= 1.0 ? 1.0 : 0.1 * m * std::log(factor) + 1.0;
+}
 
 // Inverse frequencies and cos/sin magnitude, from the RoPE / YaRN formulas.
 struct RopeRef {
@@ -157,8 +158,8 @@ NaiveResult NaiveMla(const ModelConfig& c, const AttentionWeights& w,
     }
     for (int h = 0; h < heads; ++h) rope.Apply(q, h * qk + nope, t);
     const Vec kv_a = LinearRef(x, w.kv_a_proj_with_mqa, hidden, latent_dim + rope_dim);
-    const Vec latent = RmsNormRef(Vec(kv_a.begin(), kv_a.begin() + latent_dim), w.kv_a_layernorm,
-                                  c.rms_norm_eps);
+    const Vec latent =
+        RmsNormRef(Vec(kv_a.begin(), kv_a.begin() + latent_dim), w.kv_a_layernorm, c.rms_norm_eps);
     Vec k_pe(kv_a.begin() + latent_dim, kv_a.end());
     rope.Apply(k_pe, 0, t);
     Vec row = latent;
@@ -318,13 +319,13 @@ TEST_P(MlaTest, ScatteredOutOfOrderBlockTableGivesTheSameResult) {
 
   KvCache scattered_cache = NewCache();
   const std::vector<int32_t> scattered = {13, 4, 9};
-  const std::vector<float> first = Run(
-      std::vector<float>(input.begin(), input.begin() + 5 * config_.hidden_size),
-      {{0, 5, 0, &scattered}}, scattered_cache);
+  const std::vector<float> first =
+      Run(std::vector<float>(input.begin(), input.begin() + 5 * config_.hidden_size),
+          {{0, 5, 0, &scattered}}, scattered_cache);
   std::vector<float> actual = first;
-  const std::vector<float> second = Run(
-      std::vector<float>(input.begin() + 5 * config_.hidden_size, input.end()),
-      {{0, tokens - 5, 5, &scattered}}, scattered_cache);
+  const std::vector<float> second =
+      Run(std::vector<float>(input.begin() + 5 * config_.hidden_size, input.end()),
+          {{0, tokens - 5, 5, &scattered}}, scattered_cache);
   actual.insert(actual.end(), second.begin(), second.end());
   EXPECT_LE(RelativeError(actual, expected), 1e-5);
   // Blocks outside the table are untouched.

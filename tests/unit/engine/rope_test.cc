@@ -69,10 +69,10 @@ TEST(PlainRope, RotatesInterleavedPairsByPositionTimesFrequency) {
   rope.Apply(v.data(), 3);
   const double c0 = -0.9899924966004454, s0 = 0.1411200080598672;
   const double c1 = 0.9995500337489875, s1 = 0.02999550020249566;
-  EXPECT_THAT(v, ElementsAre(FloatNear(1.0 * c0 - 2.0 * s0, 1e-6),
-                             FloatNear(2.0 * c0 + 1.0 * s0, 1e-6),
-                             FloatNear(-0.5 * c1 - 0.25 * s1, 1e-6),
-                             FloatNear(0.25 * c1 + -0.5 * s1, 1e-6)));
+  EXPECT_THAT(
+      v,
+      ElementsAre(FloatNear(1.0 * c0 - 2.0 * s0, 1e-6), FloatNear(2.0 * c0 + 1.0 * s0, 1e-6),
+                  FloatNear(-0.5 * c1 - 0.25 * s1, 1e-6), FloatNear(0.25 * c1 + -0.5 * s1, 1e-6)));
 }
 
 TEST(PlainRope, EveryPairMatchesTheAngleFormulaAtManyPositions) {
@@ -144,8 +144,8 @@ TEST(Yarn, InverseFrequenciesMatchHandComputedValues) {
 
 TEST(Yarn, MscaleFormula) {
   // mscale(f, m) = 0.1 * m * ln(f) + 1, and 1 when f <= 1.
-  EXPECT_NEAR(YarnMagnitude(40.0, 1.0), 1.3688879454113936, 1e-12);   // 0.1 * ln 40 + 1
-  EXPECT_NEAR(YarnMagnitude(4.0, 0.8), 1.1109035488895913, 1e-12);    // 0.08 * ln 4 + 1
+  EXPECT_NEAR(YarnMagnitude(40.0, 1.0), 1.3688879454113936, 1e-12);  // 0.1 * ln 40 + 1
+  EXPECT_NEAR(YarnMagnitude(4.0, 0.8), 1.1109035488895913, 1e-12);   // 0.08 * ln 4 + 1
   EXPECT_EQ(YarnMagnitude(1.0, 5.0), 1.0);
   EXPECT_EQ(YarnMagnitude(0.5, 5.0), 1.0);
 }
@@ -172,7 +172,8 @@ TEST(Yarn, RotatesByScaledFrequencies) {
   const std::vector<float> original = v;
   rope.Apply(v.data(), 7);
   const double m = 1.0857263992561355;
-  for (auto [pair, frequency] : {std::pair{3, 0.023914724805023366}, std::pair{7, 7.905694150420949e-06}}) {
+  for (auto [pair, frequency] :
+       {std::pair{3, 0.023914724805023366}, std::pair{7, 7.905694150420949e-06}}) {
     const double angle = 7 * frequency;
     const double x = original[2 * pair], y = original[2 * pair + 1];
     EXPECT_NEAR(v[2 * pair], m * (x * std::cos(angle) - y * std::sin(angle)), 1e-5);

@@ -64,8 +64,8 @@ TEST(RouteTokensNoAuxTc, GroupScoreIsSumOfTopTwoAndOnlyChosenGroupsAreEligible) 
   EXPECT_EQ(r.num_tokens, 1);
   EXPECT_EQ(r.top_k, 2);
   EXPECT_THAT(r.experts, ElementsAre(2, 4));
-  EXPECT_THAT(r.weights, ElementsAre(FloatNear(0.60 / 1.18 * 2.5, 1e-5),
-                                     FloatNear(0.58 / 1.18 * 2.5, 1e-5)));
+  EXPECT_THAT(r.weights,
+              ElementsAre(FloatNear(0.60 / 1.18 * 2.5, 1e-5), FloatNear(0.58 / 1.18 * 2.5, 1e-5)));
 }
 
 TEST(RouteTokensNoAuxTc, BiasChangesTheChoiceButWeightsComeFromUnbiasedScores) {
@@ -77,8 +77,8 @@ TEST(RouteTokensNoAuxTc, BiasChangesTheChoiceButWeightsComeFromUnbiasedScores) {
   const std::vector<float> bias = {0, 0, 0, 0.10f, 0, 0, 0, 0};
   const Routing r = RouteTokens(c, logits.data(), 1, bias.data());
   EXPECT_THAT(r.experts, ElementsAre(3, 2));
-  EXPECT_THAT(r.weights, ElementsAre(FloatNear(0.55 / 1.15 * 2.5, 1e-5),
-                                     FloatNear(0.60 / 1.15 * 2.5, 1e-5)));
+  EXPECT_THAT(r.weights,
+              ElementsAre(FloatNear(0.55 / 1.15 * 2.5, 1e-5), FloatNear(0.60 / 1.15 * 2.5, 1e-5)));
 }
 
 TEST(RouteTokensNoAuxTc, BiasCanMoveAWholeGroupIn) {
@@ -90,8 +90,8 @@ TEST(RouteTokensNoAuxTc, BiasCanMoveAWholeGroupIn) {
   const std::vector<float> bias = {0, 0, 0, 0, 0, 0, 0.60f, 0.45f};
   const Routing r = RouteTokens(c, logits.data(), 1, bias.data());
   EXPECT_THAT(r.experts, ElementsAre(6, 2));
-  EXPECT_THAT(r.weights, ElementsAre(FloatNear(0.10 / 0.70 * 2.5, 1e-5),
-                                     FloatNear(0.60 / 0.70 * 2.5, 1e-5)));
+  EXPECT_THAT(r.weights,
+              ElementsAre(FloatNear(0.10 / 0.70 * 2.5, 1e-5), FloatNear(0.60 / 0.70 * 2.5, 1e-5)));
 }
 
 TEST(RouteTokensNoAuxTc, ExcludedGroupsStayExcludedWhenBiasedScoresAreNegative) {
@@ -102,8 +102,8 @@ TEST(RouteTokensNoAuxTc, ExcludedGroupsStayExcludedWhenBiasedScoresAreNegative) 
   const std::vector<float> bias(8, -1.0f);
   const Routing r = RouteTokens(c, logits.data(), 1, bias.data());
   EXPECT_THAT(r.experts, ElementsAre(2, 4));
-  EXPECT_THAT(r.weights, ElementsAre(FloatNear(0.60 / 1.18 * 2.5, 1e-5),
-                                     FloatNear(0.58 / 1.18 * 2.5, 1e-5)));
+  EXPECT_THAT(r.weights,
+              ElementsAre(FloatNear(0.60 / 1.18 * 2.5, 1e-5), FloatNear(0.58 / 1.18 * 2.5, 1e-5)));
 }
 
 TEST(RouteTokensNoAuxTc, WithoutNormalizationWeightsAreScaledScores) {
@@ -136,12 +136,14 @@ TEST(RouteTokensNoAuxTc, TopKIsOrderedBestFirst) {
   c.n_group = 1;
   c.topk_group = 1;
   c.num_experts_per_tok = 4;
-  const std::vector<float> logits = LogitsForSigmoidScores({0.2, 0.9, 0.4, 0.7, 0.3, 0.8, 0.1, 0.6});
+  const std::vector<float> logits =
+      LogitsForSigmoidScores({0.2, 0.9, 0.4, 0.7, 0.3, 0.8, 0.1, 0.6});
   const Routing r = RouteTokens(c, logits.data(), 1, nullptr);
   EXPECT_THAT(r.experts, ElementsAre(1, 5, 3, 7));
   // Normalized over 0.9 + 0.8 + 0.7 + 0.6 = 3.0, times 2.5.
-  EXPECT_THAT(r.weights, ElementsAre(FloatNear(0.9 / 3.0 * 2.5, 1e-5), FloatNear(0.8 / 3.0 * 2.5, 1e-5),
-                                     FloatNear(0.7 / 3.0 * 2.5, 1e-5), FloatNear(0.6 / 3.0 * 2.5, 1e-5)));
+  EXPECT_THAT(r.weights,
+              ElementsAre(FloatNear(0.9 / 3.0 * 2.5, 1e-5), FloatNear(0.8 / 3.0 * 2.5, 1e-5),
+                          FloatNear(0.7 / 3.0 * 2.5, 1e-5), FloatNear(0.6 / 3.0 * 2.5, 1e-5)));
 }
 
 // Softmax of `logits` in double precision.
@@ -208,18 +210,18 @@ TEST(RouteTokensGreedy, SigmoidGreedyNormalizesThenScalesForV3) {
   const std::vector<float> logits = LogitsForSigmoidScores(kScores);
   const Routing r = RouteTokens(c, logits.data(), 1, nullptr);
   EXPECT_THAT(r.experts, ElementsAre(0, 2));
-  EXPECT_THAT(r.weights, ElementsAre(FloatNear(0.95 / 1.55 * 2.5, 1e-5),
-                                     FloatNear(0.60 / 1.55 * 2.5, 1e-5)));
+  EXPECT_THAT(r.weights,
+              ElementsAre(FloatNear(0.95 / 1.55 * 2.5, 1e-5), FloatNear(0.60 / 1.55 * 2.5, 1e-5)));
 }
 
 TEST(CombineExpertOutputs, WeightedSumPlusShared) {
   // 2 tokens, top-2, hidden 3.
   Routing routing{2, 2, {4, 1, 0, 3}, {0.5f, 2.0f, -1.0f, 0.25f}};
   const std::vector<float> expert_outputs = {
-      1, 2, 3,     // token 0, choice 0
+      1,  2,  3,   // token 0, choice 0
       10, 20, 30,  // token 0, choice 1
-      4, 5, 6,     // token 1, choice 0
-      8, 8, 8,     // token 1, choice 1
+      4,  5,  6,   // token 1, choice 0
+      8,  8,  8,   // token 1, choice 1
   };
   const std::vector<float> shared = {100, 200, 300, 1, 1, 1};
   std::vector<float> out(6, -7.0f);

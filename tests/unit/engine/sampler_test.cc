@@ -131,11 +131,9 @@ TEST(Sampler, TemperatureOneFollowsSoftmax) {
 
 TEST(Sampler, TemperatureSharpensAndFlattens) {
   Sampler cold(Options(0.5f, 1.0f, 0, 11));
-  ExpectClose(Frequencies(cold, kLogits, kDraws), Expected(kLogits, 0.5, {0, 1, 2, 3}),
-              kTolerance);
+  ExpectClose(Frequencies(cold, kLogits, kDraws), Expected(kLogits, 0.5, {0, 1, 2, 3}), kTolerance);
   Sampler hot(Options(3.0f, 1.0f, 0, 12));
-  ExpectClose(Frequencies(hot, kLogits, kDraws), Expected(kLogits, 3.0, {0, 1, 2, 3}),
-              kTolerance);
+  ExpectClose(Frequencies(hot, kLogits, kDraws), Expected(kLogits, 3.0, {0, 1, 2, 3}), kTolerance);
 }
 
 TEST(Sampler, TopKRenormalizesOverTheKBest) {

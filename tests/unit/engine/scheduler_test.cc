@@ -1,8 +1,6 @@
 // engine::Engine on builtin:tiny: continuous batching, chunked prefill, admission and
 // validation, cancellation, stop conditions. Greedy outputs are compared with a plain greedy
 // decode through Model::Forward (no scheduler) and across batch shapes.
-#include "engine/engine.h"
-
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -11,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/engine.h"
 #include "engine/model/loader.h"
 #include "engine/runtime/sampler.h"
 #include "gmock/gmock.h"
@@ -122,8 +121,9 @@ class EngineTest : public ::testing::Test {
     std::vector<int32_t> generated;
     int cached = 0;
     while (static_cast<int>(generated.size()) < max_tokens) {
-      const BatchSequence batch{std::span<const int32_t>(&sequence[cached], sequence.size() - cached),
-                                cached, &*blocks, false};
+      const BatchSequence batch{
+          std::span<const int32_t>(&sequence[cached], sequence.size() - cached), cached, &*blocks,
+          false};
       const std::vector<float> logits = model.Forward(std::span(&batch, 1), cache);
       cached = static_cast<int>(sequence.size());
       const int32_t token = ArgMax(logits);
@@ -162,7 +162,8 @@ uint64_t StepCount(prometheus::Registry& registry) {
   uint64_t count = 0;
   for (const prometheus::MetricFamily& family : registry.Collect()) {
     if (family.name != "moeserve_step_duration_seconds") continue;
-    for (const prometheus::ClientMetric& metric : family.metric) count += metric.histogram.sample_count;
+    for (const prometheus::ClientMetric& metric : family.metric)
+      count += metric.histogram.sample_count;
   }
   return count;
 }
@@ -265,9 +266,8 @@ TEST_F(EngineTest, GreedyIsTheSameWithExpertParallelismAndDisaggregation) {
     for (auto& stream : streams) {
       const Collected result = Drain(*stream);
       EXPECT_EQ(result.reason, FinishReason::kLength);
-      EXPECT_EQ(result.tokens, expected.tokens)
-          << "prefill_ep " << options.parallel.prefill_ep << ", decode_ep "
-          << options.parallel.decode_ep;
+      EXPECT_EQ(result.tokens, expected.tokens) << "prefill_ep " << options.parallel.prefill_ep
+                                                << ", decode_ep " << options.parallel.decode_ep;
     }
     EXPECT_EQ(FreeBlocksSoon(*engine), engine->Stats().kv_blocks_total);
   }
@@ -323,8 +323,8 @@ TEST_F(EngineTest, StopTokenIdEndsTheStreamAtItsFirstOccurrence) {
   input.stop_token_ids = {stop_token};
   const Collected stopped = Run(*engine, input);
   EXPECT_EQ(stopped.reason, FinishReason::kStop);
-  EXPECT_THAT(stopped.tokens, ElementsAreArray(reference.tokens.begin(),
-                                               reference.tokens.begin() + first + 1));
+  EXPECT_THAT(stopped.tokens,
+              ElementsAreArray(reference.tokens.begin(), reference.tokens.begin() + first + 1));
 }
 
 // Byte offsets where a UTF-8 character starts.
@@ -365,7 +365,8 @@ TEST_F(EngineTest, TextOfAFinishedStreamIsTheDecodedTokens) {
   const Collected result = Run(*engine, Greedy(Prompt30(), 20));
   Utf8StreamDecoder decoder;
   std::string expected;
-  for (int32_t token : result.tokens) expected += decoder.Push(loaded_->tokenizer->TokenBytes(token));
+  for (int32_t token : result.tokens)
+    expected += decoder.Push(loaded_->tokenizer->TokenBytes(token));
   expected += decoder.Flush();
   EXPECT_EQ(result.text, expected);
 }
@@ -422,7 +423,8 @@ TEST_F(EngineTest, ShutdownAbortsUnfinishedRequests) {
   ASSERT_TRUE((*stream)->Next(std::chrono::seconds(30)).has_value());
   engine->Shutdown();
   EXPECT_EQ(Drain(**stream).reason, FinishReason::kAborted);
-  const absl::StatusOr<std::shared_ptr<RequestStream>> after = engine->Submit(Greedy(Prompt30(), 4));
+  const absl::StatusOr<std::shared_ptr<RequestStream>> after =
+      engine->Submit(Greedy(Prompt30(), 4));
   EXPECT_EQ(after.status().code(), absl::StatusCode::kUnavailable);
 }
 
@@ -463,41 +465,68 @@ TEST_F(EngineTest, SubmitValidatesWithActionableMessages) {
     mutate(input);
     cases.push_back({std::move(name), std::move(input), std::move(message)});
   };
-  add("no input", [](GenerationInput& in) { in.prompt_tokens.clear(); }, "no input");
-  add("empty text", [](GenerationInput& in) { in.text = ""; }, "text is empty");
-  add("token id >= vocab", [](GenerationInput& in) { in.prompt_tokens[3] = 258; },
+  add(
+      "no input", [](GenerationInput& in) { in.prompt_tokens.clear(); }, "no input");
+  add(
+      "empty text", [](GenerationInput& in) { in.text = ""; }, "text is empty");
+  add(
+      "token id >= vocab", [](GenerationInput& in) { in.prompt_tokens[3] = 258; },
       "token_ids[3] = 258 is out of range: the vocabulary has 258 tokens");
-  add("negative token id", [](GenerationInput& in) { in.prompt_tokens[0] = -1; }, "out of range");
-  add("max_tokens 0", [](GenerationInput& in) { in.max_tokens = 0; },
+  add(
+      "negative token id", [](GenerationInput& in) { in.prompt_tokens[0] = -1; }, "out of range");
+  add(
+      "max_tokens 0", [](GenerationInput& in) { in.max_tokens = 0; },
       "max_tokens must be at least 1");
-  add("max_tokens beyond context", [&](GenerationInput& in) { in.max_tokens = context + 1; },
+  add(
+      "max_tokens beyond context", [&](GenerationInput& in) { in.max_tokens = context + 1; },
       "exceeds the context length");
-  add("prompt + max_tokens beyond context", [&](GenerationInput& in) { in.max_tokens = context - 5; },
+  add(
+      "prompt + max_tokens beyond context",
+      [&](GenerationInput& in) { in.max_tokens = context - 5; },
       "lower max_tokens to at most 4086");
-  add("prompt beyond context", [&](GenerationInput& in) { in.prompt_tokens.assign(context, 65); },
+  add(
+      "prompt beyond context", [&](GenerationInput& in) { in.prompt_tokens.assign(context, 65); },
       "the context length is 4096");
-  add("negative temperature", [](GenerationInput& in) { in.sampling.temperature = -0.5f; },
+  add(
+      "negative temperature", [](GenerationInput& in) { in.sampling.temperature = -0.5f; },
       "temperature");
-  add("NaN temperature",
-      [](GenerationInput& in) { in.sampling.temperature = std::numeric_limits<float>::quiet_NaN(); },
+  add(
+      "NaN temperature",
+      [](GenerationInput& in) {
+        in.sampling.temperature = std::numeric_limits<float>::quiet_NaN();
+      },
       "temperature");
-  add("infinite temperature",
+  add(
+      "infinite temperature",
       [](GenerationInput& in) { in.sampling.temperature = std::numeric_limits<float>::infinity(); },
       "temperature");
-  add("top_p above 1", [](GenerationInput& in) { in.sampling.top_p = 1.5f; }, "top_p must be in [0, 1]");
-  add("negative top_p", [](GenerationInput& in) { in.sampling.top_p = -0.1f; }, "top_p");
-  add("NaN top_p",
+  add(
+      "top_p above 1", [](GenerationInput& in) { in.sampling.top_p = 1.5f; },
+      "top_p must be in [0, 1]");
+  add(
+      "negative top_p", [](GenerationInput& in) { in.sampling.top_p = -0.1f; }, "top_p");
+  add(
+      "NaN top_p",
       [](GenerationInput& in) { in.sampling.top_p = std::numeric_limits<float>::quiet_NaN(); },
       "top_p");
-  add("negative top_k", [](GenerationInput& in) { in.sampling.top_k = -1; }, "top_k");
-  add("empty stop string", [](GenerationInput& in) { in.stop = {""}; }, "stop strings must be");
-  add("too many stop strings", [](GenerationInput& in) { in.stop.assign(17, "x"); },
+  add(
+      "negative top_k", [](GenerationInput& in) { in.sampling.top_k = -1; }, "top_k");
+  add(
+      "empty stop string", [](GenerationInput& in) { in.stop = {""}; }, "stop strings must be");
+  add(
+      "too many stop strings", [](GenerationInput& in) { in.stop.assign(17, "x"); },
       "at most 16 stop strings");
-  add("stop token out of range", [](GenerationInput& in) { in.stop_token_ids = {7, 300}; },
+  add(
+      "stop token out of range",
+      [](GenerationInput& in) {
+        in.stop_token_ids = {7, 300};
+      },
       "stop_token_ids");
-  add("request id too long", [](GenerationInput& in) { in.request_id.assign(300, 'r'); },
+  add(
+      "request id too long", [](GenerationInput& in) { in.request_id.assign(300, 'r'); },
       "request_id");
-  add("oversized text", [&](GenerationInput& in) { in.text = std::string(context * 8 + 1, 'a'); },
+  add(
+      "oversized text", [&](GenerationInput& in) { in.text = std::string(context * 8 + 1, 'a'); },
       "far beyond the context length");
 
   for (Case& c : cases) {

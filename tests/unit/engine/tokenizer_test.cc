@@ -72,12 +72,17 @@ TEST(Utf8StreamDecoder, HoldsBackFourByteSequenceSplitByteByByte) {
 TEST(Utf8StreamDecoder, ThreeByteSequenceAcrossTwoPushes) {
   Utf8StreamDecoder decoder;  // U+20AC € = E2 82 AC
   EXPECT_EQ(decoder.Push("a\xE2\x82"), "a");
-  EXPECT_EQ(decoder.Push("\xAC" "b"), "\xE2\x82\xAC" "b");
+  EXPECT_EQ(decoder.Push("\xAC"
+                         "b"),
+            "\xE2\x82\xAC"
+            "b");
 }
 
 TEST(Utf8StreamDecoder, LoneContinuationByteIsReplaced) {
   Utf8StreamDecoder decoder;
-  EXPECT_EQ(decoder.Push("a\x80" "b"), "a" + kFffd + "b");
+  EXPECT_EQ(decoder.Push("a\x80"
+                         "b"),
+            "a" + kFffd + "b");
   EXPECT_EQ(decoder.Push("\xBF"), kFffd);
 }
 
@@ -111,7 +116,9 @@ TEST(Utf8StreamDecoder, TruncatedSequenceFollowedByAsciiIsOneReplacement) {
   Utf8StreamDecoder decoder;
   EXPECT_EQ(decoder.Push("a\xE2\x82"), "a");
   EXPECT_EQ(decoder.Push("z"), kFffd + "z");
-  EXPECT_EQ(decoder.Push("\xF0\x9F\x98" "\xC3\xA9"), kFffd + "\xC3\xA9");
+  EXPECT_EQ(decoder.Push("\xF0\x9F\x98"
+                         "\xC3\xA9"),
+            kFffd + "\xC3\xA9");
 }
 
 TEST(Utf8StreamDecoder, FlushReleasesHeldBytesAsReplacement) {

@@ -4,12 +4,10 @@
 // Also: many collectives back to back, two channels driven concurrently, a missing rank (the
 // others fail with UNAVAILABLE after the group's timeout instead of hanging), Abort(), and
 // mismatched byte counts (an error, not a crash).
-#include "engine/parallel/in_process_communicator.h"
-
 #include <algorithm>
-#include <cmath>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -19,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/parallel/in_process_communicator.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -280,7 +279,8 @@ TEST_P(CommunicatorSizeTest, HundredsOfMixedCollectivesBackToBack) {
   RunRanks(size, [&](int rank) {
     Communicator& comm = group.communicator(rank);
     auto fail = [&](const std::string& what, int iteration) {
-      if (failures[rank].empty()) failures[rank] = what + " at iteration " + std::to_string(iteration);
+      if (failures[rank].empty())
+        failures[rank] = what + " at iteration " + std::to_string(iteration);
     };
     for (int it = 0; it < kIterations && failures[rank].empty(); ++it) {
       // All-reduce: sum of (r + 1) * it over ranks, and the max rank.
@@ -484,8 +484,7 @@ TEST(InProcessCommunicatorFailureTest, EveryCollectiveFailsAfterAbort) {
                 absl::StatusCode::kUnavailable);
       EXPECT_EQ(comm.AllToAllCounts(counts_send, counts_recv).code(),
                 absl::StatusCode::kUnavailable);
-      EXPECT_EQ(comm.AllGather(send.data(), 8, recv.data()).code(),
-                absl::StatusCode::kUnavailable);
+      EXPECT_EQ(comm.AllGather(send.data(), 8, recv.data()).code(), absl::StatusCode::kUnavailable);
       EXPECT_EQ(comm.Broadcast(send.data(), 8, 1).code(), absl::StatusCode::kUnavailable);
       EXPECT_EQ(comm.Barrier().code(), absl::StatusCode::kUnavailable);
       // Failed collectives leave the caller's buffers alone.
@@ -516,10 +515,10 @@ TEST(InProcessCommunicatorFailureTest, MismatchedByteCountsGiveAnErrorNotACrash)
   RunRanks(kSize, [&](int rank) {
     // Rank 0 sends 64 bytes to rank 1, which expects only 4 (and would overflow if the
     // communicator trusted the sender).
-    std::vector<int64_t> send_bytes = rank == 0 ? std::vector<int64_t>{2, 64}
-                                                : std::vector<int64_t>{2, 2};
-    std::vector<int64_t> recv_bytes = rank == 0 ? std::vector<int64_t>{2, 2}
-                                                : std::vector<int64_t>{4, 2};
+    std::vector<int64_t> send_bytes =
+        rank == 0 ? std::vector<int64_t>{2, 64} : std::vector<int64_t>{2, 2};
+    std::vector<int64_t> recv_bytes =
+        rank == 0 ? std::vector<int64_t>{2, 2} : std::vector<int64_t>{4, 2};
     std::vector<uint8_t> send(send_bytes[0] + send_bytes[1], static_cast<uint8_t>(rank + 1));
     recv[rank].assign(recv_bytes[0] + recv_bytes[1] + 64, 0);
     statuses[rank] =

@@ -4,6 +4,8 @@
 // max|diff| / max|reference| <= 1e-5) for EP 1, 2, 3, 4 and 8, with and without two micro-batches,
 // with default, redundant and random placements. The expert-load recorder counts every
 // (token, expert) assignment exactly once.
+#include "engine/parallel/ep_forward.h"
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -11,7 +13,6 @@
 #include <thread>
 #include <vector>
 
-#include "engine/parallel/ep_forward.h"
 #include "engine/parallel/ep_group.h"
 #include "engine/parallel/group_logits.h"
 #include "gmock/gmock.h"
@@ -133,7 +134,7 @@ TEST(GroupLogitsTest, RejectsAPlacementThatDoesNotDivideOverTheRanks) {
 // token for each), and what the agreement said.
 struct GroupRun {
   std::vector<std::vector<float>> prefill_logits, decode_logits;  // per rank
-  std::vector<std::vector<bool>> split;                            // per rank, per step
+  std::vector<std::vector<bool>> split;                           // per rank, per step
   absl::Status status;
 };
 
@@ -226,7 +227,9 @@ std::vector<std::vector<TestSequence>> DistinctBatches(int ranks) {
       {{Bytes("The quick brown fox"), false}, {Bytes("MoE"), true}},
       {},
       {{Bytes("x"), false}},
-      {{Bytes("expert parallelism"), true}, {Bytes("a b c"), false}, {Bytes("0123456789ab"), false}},
+      {{Bytes("expert parallelism"), true},
+       {Bytes("a b c"), false},
+       {Bytes("0123456789ab"), false}},
       {{Bytes("DeepSeek-V3 runs 256 experts"), false}},
       {{Bytes("z"), true}, {Bytes("zz"), true}},
   };
@@ -309,16 +312,17 @@ TEST_P(GroupStepTest, EveryRanksLogitsMatchItsOwnSingleRankForward) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Groups, GroupStepTest,
-    ::testing::Values(StepCase{1, false, 1, 0}, StepCase{2, true, 1, 0}, StepCase{3, false, 1, 2},
-                      StepCase{3, true, 1, 5}, StepCase{4, true, 1, 8}, StepCase{4, true, 1000, 4},
-                      StepCase{6, false, 1, 2}, StepCase{6, true, 1, 8}),
-    [](const auto& info) {
-      return "ep" + std::to_string(info.param.ep) + (info.param.overlap ? "_overlap" : "") +
-             "_min" + std::to_string(info.param.overlap_min_tokens) + "_extra" +
-             std::to_string(info.param.extra_slots);
-    });
+INSTANTIATE_TEST_SUITE_P(Groups, GroupStepTest,
+                         ::testing::Values(StepCase{1, false, 1, 0}, StepCase{2, true, 1, 0},
+                                           StepCase{3, false, 1, 2}, StepCase{3, true, 1, 5},
+                                           StepCase{4, true, 1, 8}, StepCase{4, true, 1000, 4},
+                                           StepCase{6, false, 1, 2}, StepCase{6, true, 1, 8}),
+                         [](const auto& info) {
+                           return "ep" + std::to_string(info.param.ep) +
+                                  (info.param.overlap ? "_overlap" : "") + "_min" +
+                                  std::to_string(info.param.overlap_min_tokens) + "_extra" +
+                                  std::to_string(info.param.extra_slots);
+                         });
 
 // The per-expert load does not depend on where experts run: the same sequences on one rank and
 // spread over four ranks (random placement with replicas) give the same counts per expert.
@@ -345,9 +349,8 @@ TEST(ExpertLoadTest, PerExpertCountsDoNotDependOnTheLayout) {
   four.two_batch_overlap = true;
   four.overlap_min_tokens = 1;
   auto group = ExpertParallelGroup::Create(
-      model, four,
-      RandomPlacement(config.num_moe_layers(), config.n_routed_experts, 12, 5, 2), nullptr,
-      nullptr);
+      model, four, RandomPlacement(config.num_moe_layers(), config.n_routed_experts, 12, 5, 2),
+      nullptr, nullptr);
   ASSERT_TRUE(group.ok());
   ASSERT_TRUE(RunTwoSteps(**group, model, spread).status.ok());
 

@@ -40,8 +40,8 @@ std::unique_ptr<ExpertParallelGroup> MakeGroup(int size, ExpertPlacement placeme
   options.two_batch_overlap = overlap;
   options.overlap_min_tokens = overlap_min_tokens;
   options.collective_timeout = std::chrono::seconds(20);
-  auto group = ExpertParallelGroup::Create(TinyModel(), options, std::move(placement), nullptr,
-                                           nullptr);
+  auto group =
+      ExpertParallelGroup::Create(TinyModel(), options, std::move(placement), nullptr, nullptr);
   EXPECT_TRUE(group.ok()) << group.status();
   return group.ok() ? std::move(*group) : nullptr;
 }
@@ -96,7 +96,8 @@ class IdleRanks {
 // Every rank saw the same sequence of versions, step by step, and used what was agreed.
 void ExpectRanksSwitchedTogether(const IdleRanks& ranks, int size) {
   for (int rank = 0; rank < size; ++rank) {
-    EXPECT_EQ(ranks.agreed(rank), ranks.agreed(0)) << "rank " << rank << " switched at another step";
+    EXPECT_EQ(ranks.agreed(rank), ranks.agreed(0))
+        << "rank " << rank << " switched at another step";
     EXPECT_EQ(ranks.used(rank), ranks.agreed(rank)) << "rank " << rank;
   }
 }
@@ -113,8 +114,8 @@ TEST(ExpertParallelGroupTest, CreateValidatesSizeAndPlacement) {
                 .status()
                 .code(),
             absl::StatusCode::kInvalidArgument);
-  auto group = ExpertParallelGroup::Create(TinyModel(), options, DefaultPlacement(2), nullptr,
-                                           nullptr);
+  auto group =
+      ExpertParallelGroup::Create(TinyModel(), options, DefaultPlacement(2), nullptr, nullptr);
   ASSERT_TRUE(group.ok()) << group.status();
   EXPECT_EQ((*group)->size(), 3);
   for (int rank = 0; rank < 3; ++rank) {
@@ -225,8 +226,8 @@ TEST(ExpertParallelGroupTest, StaleVersionIsRefusedWithFailedPrecondition) {
   EXPECT_EQ(same.code(), absl::StatusCode::kFailedPrecondition) << same;
   {
     IdleRanks ranks(*group);
-    ASSERT_TRUE(group->UpdatePlacement(DefaultPlacement().WithVersion(4), std::chrono::seconds(10))
-                    .ok());
+    ASSERT_TRUE(
+        group->UpdatePlacement(DefaultPlacement().WithVersion(4), std::chrono::seconds(10)).ok());
     ranks.Stop();
     ASSERT_TRUE(ranks.status().ok()) << ranks.status();
   }
@@ -290,8 +291,8 @@ TEST(ExpertParallelGroupTest, UpdateWithoutSteppingRanksTimesOut) {
 // Two updates racing: rank 0 enters a step having seen version 1 staged, rank 1 enters the same
 // step after version 2 was requested. The ranks must still agree on one placement.
 TEST(ExpertParallelGroupTest, ConcurrentUpdatesKeepRanksOnOnePlacement) {
-  // Regression: Agree() commits when every rank has staged *some* version >= the minimum, but each rank
-  // commits only if its own pending placement has exactly that minimum version. When
+  // Regression: Agree() commits when every rank has staged *some* version >= the minimum, but each
+  // rank commits only if its own pending placement has exactly that minimum version. When
   // UpdatePlacement(v2) replaces a pending v1 between two ranks' reads of pending_, the rank that
   // read v1 commits v1 and the rank that read v2 stays at v0: both return an agreement with
   // different placement_version (dispatch then uses different phy2log on different ranks), and
@@ -309,7 +310,7 @@ TEST(ExpertParallelGroupTest, ConcurrentUpdatesKeepRanksOnOnePlacement) {
   std::thread rank0([&] { step0 = group->Agree(0, 0, false); });  // reads v1, waits for rank 1
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   std::thread updater2([&] { update2 = group->UpdatePlacement(v2, std::chrono::seconds(3)); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // v2 staged
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));    // v2 staged
   std::thread rank1([&] { step1 = group->Agree(1, 0, false); });  // reads v2
   rank0.join();
   rank1.join();

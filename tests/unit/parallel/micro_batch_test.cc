@@ -100,9 +100,14 @@ void ExpectValidSplit(const TestBatch& batch, const std::vector<std::vector<Batc
 }
 
 TEST(SplitIntoMicroBatchesTest, TwoPartsOfNearEqualTokens) {
-  for (const std::vector<int>& lengths :
-       std::vector<std::vector<int>>{{5, 3, 8}, {7}, {2, 2, 2, 2}, {10, 1}, {1, 10}, {1, 1, 1},
-                                     {100, 1, 1, 1}, {13, 17, 1, 4, 9}}) {
+  for (const std::vector<int>& lengths : std::vector<std::vector<int>>{{5, 3, 8},
+                                                                       {7},
+                                                                       {2, 2, 2, 2},
+                                                                       {10, 1},
+                                                                       {1, 10},
+                                                                       {1, 1, 1},
+                                                                       {100, 1, 1, 1},
+                                                                       {13, 17, 1, 4, 9}}) {
     TestBatch batch(lengths);
     auto parts = SplitIntoMicroBatches(batch.sequences, 2);
     SCOPED_TRACE(::testing::PrintToString(lengths));

@@ -37,16 +37,20 @@ struct TestSequence {
 };
 
 // Logits of Model::Forward (one rank, every expert) for `batch` from an empty cache.
-inline std::vector<float> ReferenceLogits(const Model& model, const std::vector<TestSequence>& batch) {
+inline std::vector<float> ReferenceLogits(const Model& model,
+                                          const std::vector<TestSequence>& batch) {
   constexpr int kBlockSize = 16;
   int blocks = 0;
-  for (const auto& seq : batch) blocks += (static_cast<int>(seq.tokens.size()) + kBlockSize - 1) / kBlockSize;
-  KvCache cache(model.config().num_hidden_layers, std::max(blocks, 1), kBlockSize, model.kv_row_dim());
+  for (const auto& seq : batch)
+    blocks += (static_cast<int>(seq.tokens.size()) + kBlockSize - 1) / kBlockSize;
+  KvCache cache(model.config().num_hidden_layers, std::max(blocks, 1), kBlockSize,
+                model.kv_row_dim());
   std::vector<std::vector<int32_t>> tables;
   tables.reserve(batch.size());
   std::vector<BatchSequence> sequences;
   for (const auto& seq : batch) {
-    tables.push_back(*cache.allocator().Allocate(cache.BlocksFor(static_cast<int>(seq.tokens.size()))));
+    tables.push_back(
+        *cache.allocator().Allocate(cache.BlocksFor(static_cast<int>(seq.tokens.size()))));
     sequences.push_back({seq.tokens, 0, &tables.back(), seq.all_logits});
   }
   return model.Forward(sequences, cache);

@@ -1,7 +1,7 @@
 // ExpertPlacement: the default layout, the inverse tables (replicas, logcnt) against phy2log,
 // the replica choice, validation of phy2log and of placement JSON (errors a user can act on, no
 // crash), rank divisibility and versions.
-#include "engine/placement/expert_placement.h"
+#include <unistd.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -13,8 +13,7 @@
 #include <string>
 #include <vector>
 
-#include <unistd.h>
-
+#include "engine/placement/expert_placement.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -38,7 +37,8 @@ void ExpectInverseMatchesPhy2Log(const ExpertPlacement& placement) {
         if (phy2log[slot] == expert) expected.push_back(slot);
       }
       auto replicas = placement.replicas(layer, expert);
-      EXPECT_THAT(std::vector<int32_t>(replicas.begin(), replicas.end()), ElementsAreArray(expected))
+      EXPECT_THAT(std::vector<int32_t>(replicas.begin(), replicas.end()),
+                  ElementsAreArray(expected))
           << "layer " << layer << " expert " << expert;
       EXPECT_EQ(placement.logcnt(layer, expert), static_cast<int>(expected.size()));
       EXPECT_GE(placement.logcnt(layer, expert), 1);
@@ -69,8 +69,7 @@ TEST(ExpertPlacementTest, DefaultPutsExpertSlotModLogicalInEachSlot) {
   EXPECT_EQ(placement.num_physical(), 12);
   EXPECT_EQ(placement.version(), 0);
   for (int layer = 0; layer < 3; ++layer) {
-    EXPECT_THAT(placement.phy2log(layer),
-                ElementsAreArray({0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3}));
+    EXPECT_THAT(placement.phy2log(layer), ElementsAreArray({0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3}));
     // Experts 0..3 have a second replica 8 slots later; 4..7 have one.
     for (int expert = 0; expert < 8; ++expert) {
       auto replicas = placement.replicas(layer, expert);
@@ -203,15 +202,15 @@ TEST(ExpertPlacementTest, FromJsonRejectsTheWrongSlotCount) {
 
 TEST(ExpertPlacementTest, FromJsonRejectsMalformedDocuments) {
   const std::vector<nlohmann::json> malformed = {
-      nlohmann::json::object(),                                  // no phy2log
-      nlohmann::json::array({0, 1, 2, 3}),                        // not an object
-      nlohmann::json("phy2log"),                                  // a string
-      nlohmann::json(nullptr),                                    // null
-      {{"phy2log", "0 1 2 3"}},                                   // not a list
-      {{"phy2log", {0, 1, 2, 3}}},                                // not nested
-      {{"phy2log", {{"a", "b", "c", "d"}}}},                      // not numbers
-      {{"phy2log", {{0, 1, nullptr, 3}}}},                        // a null slot
-      {{"phy2log", {{0, 1, 2, 3}}}, {"version", "seven"}},        // version not a number
+      nlohmann::json::object(),                             // no phy2log
+      nlohmann::json::array({0, 1, 2, 3}),                  // not an object
+      nlohmann::json("phy2log"),                            // a string
+      nlohmann::json(nullptr),                              // null
+      {{"phy2log", "0 1 2 3"}},                             // not a list
+      {{"phy2log", {0, 1, 2, 3}}},                          // not nested
+      {{"phy2log", {{"a", "b", "c", "d"}}}},                // not numbers
+      {{"phy2log", {{0, 1, nullptr, 3}}}},                  // a null slot
+      {{"phy2log", {{0, 1, 2, 3}}}, {"version", "seven"}},  // version not a number
   };
   for (const auto& json : malformed) {
     auto placement = ExpertPlacement::FromJson(json, 1, 4, 4);

@@ -4,7 +4,7 @@
 // file, as Perfetto's own trace processor cannot run offline. An EP group's trace has one
 // process per rank with compute and communication lanes, which overlap in time only when
 // two-batch overlap is on.
-#include "engine/trace/trace_recorder.h"
+#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -16,9 +16,8 @@
 #include <tuple>
 #include <vector>
 
-#include <unistd.h>
-
 #include "engine/parallel/group_logits.h"
+#include "engine/trace/trace_recorder.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -256,7 +255,8 @@ TEST(GroupTraceTest, LanesOverlapOnlyWithTwoBatchOverlap) {
   constexpr int kRanks = 2;
   const GroupTrace overlapped = TraceOfGroupLogits(kRanks, /*overlap=*/true, 64);
   double best = 0;
-  for (int rank = 0; rank < kRanks; ++rank) best = std::max(best, LongestLaneOverlap(overlapped, rank));
+  for (int rank = 0; rank < kRanks; ++rank)
+    best = std::max(best, LongestLaneOverlap(overlapped, rank));
   EXPECT_GT(best, 1.0) << "no communication event ran while compute ran (microseconds)";
 
   const GroupTrace sequential = TraceOfGroupLogits(kRanks, /*overlap=*/false, 64);
@@ -264,7 +264,8 @@ TEST(GroupTraceTest, LanesOverlapOnlyWithTwoBatchOverlap) {
     EXPECT_LE(LongestLaneOverlap(sequential, rank), 1.0)
         << "rank " << rank << ": without overlap the compute thread does both in turn";
     // One micro-batch: every event names mb0.
-    for (const auto& e : sequential.lanes.at({rank, 1})) EXPECT_THAT(e.name, ::testing::EndsWith("mb0"));
+    for (const auto& e : sequential.lanes.at({rank, 1}))
+      EXPECT_THAT(e.name, ::testing::EndsWith("mb0"));
   }
 }
 
