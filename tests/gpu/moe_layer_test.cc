@@ -22,8 +22,10 @@ namespace {
 template <typename T>
 T* Upload(const std::vector<T>& host) {
   T* device = nullptr;
-  EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&device), host.size() * sizeof(T) + 16), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&device), host.size() * sizeof(T) + 16),
+            cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice),
+            cudaSuccess);
   return device;
 }
 
@@ -54,11 +56,13 @@ TEST(GpuMoeLayer, Bf16LayerAgreesWithTheFp32CpuLayer) {
 
   // fp32 CPU reference (the engine's own code).
   const engine::Routing routing = engine::ComputeRouting(c, moe, x.data(), tokens);
-  const std::vector<float> expert_outputs = engine::RunRoutedExpertsLocally(moe, routing, x.data(), hidden);
+  const std::vector<float> expert_outputs =
+      engine::RunRoutedExpertsLocally(moe, routing, x.data(), hidden);
   std::vector<float> shared(static_cast<size_t>(tokens) * hidden);
   engine::RunMlp(moe.shared, x.data(), tokens, hidden, shared.data());
   std::vector<float> reference(static_cast<size_t>(tokens) * hidden);
-  engine::CombineExpertOutputs(routing, expert_outputs.data(), shared.data(), hidden, reference.data());
+  engine::CombineExpertOutputs(routing, expert_outputs.data(), shared.data(), hidden,
+                               reference.data());
 
   // bf16 GPU layer.
   cudaStream_t stream;
@@ -73,10 +77,11 @@ TEST(GpuMoeLayer, Bf16LayerAgreesWithTheFp32CpuLayer) {
   float* d_logits = Upload(std::vector<float>(static_cast<size_t>(tokens) * c.n_routed_experts));
   const float alpha = 1, beta = 0;
   // logits[T, E] = x · gate^T, bf16 inputs, fp32 output.
-  ASSERT_EQ(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, c.n_routed_experts, tokens, hidden, &alpha,
-                         d_gate, CUDA_R_16BF, hidden, d_x, CUDA_R_16BF, hidden, &beta, d_logits,
-                         CUDA_R_32F, c.n_routed_experts, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(
+      cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, c.n_routed_experts, tokens, hidden, &alpha,
+                   d_gate, CUDA_R_16BF, hidden, d_x, CUDA_R_16BF, hidden, &beta, d_logits,
+                   CUDA_R_32F, c.n_routed_experts, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      CUBLAS_STATUS_SUCCESS);
   GateOptions options;
   options.num_experts = c.n_routed_experts;
   options.top_k = c.num_experts_per_tok;
@@ -87,7 +92,9 @@ TEST(GpuMoeLayer, Bf16LayerAgreesWithTheFp32CpuLayer) {
   float* d_weights = Upload(std::vector<float>(tokens * options.top_k));
   ASSERT_TRUE(GateTopK(d_logits, d_bias, tokens, options, d_experts, d_weights, stream).ok());
   std::vector<int32_t> experts(tokens * options.top_k);
-  ASSERT_EQ(cudaMemcpy(experts.data(), d_experts, experts.size() * sizeof(int32_t), cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(experts.data(), d_experts, experts.size() * sizeof(int32_t),
+                       cudaMemcpyDeviceToHost),
+            cudaSuccess);
 
   // Group the (token, k) rows by expert (the permutation the dispatch would produce).
   std::vector<int64_t> offsets(c.n_routed_experts + 1, 0);
@@ -103,7 +110,9 @@ TEST(GpuMoeLayer, Bf16LayerAgreesWithTheFp32CpuLayer) {
   int32_t* d_source = Upload(source);
   int32_t* d_position = Upload(position);
   uint16_t* d_permuted = Upload(std::vector<uint16_t>(experts.size() * hidden));
-  ASSERT_TRUE(PermuteRows(Bf(d_x), d_source, Bf(d_permuted), static_cast<int>(experts.size()), hidden, stream).ok());
+  ASSERT_TRUE(PermuteRows(Bf(d_x), d_source, Bf(d_permuted), static_cast<int>(experts.size()),
+                          hidden, stream)
+                  .ok());
 
   // Expert weights as [gate; up] and down, bf16.
   std::vector<const __nv_bfloat16*> gate_up, down;
@@ -116,7 +125,8 @@ TEST(GpuMoeLayer, Bf16LayerAgreesWithTheFp32CpuLayer) {
     uint16_t* d_down = Upload(ToBf16(mlp.down_proj, static_cast<size_t>(hidden) * intermediate));
     owned.push_back(d_gu);
     owned.push_back(d_down);
-    return std::make_pair(static_cast<const __nv_bfloat16*>(Bf(d_gu)), static_cast<const __nv_bfloat16*>(Bf(d_down)));
+    return std::make_pair(static_cast<const __nv_bfloat16*>(Bf(d_gu)),
+                          static_cast<const __nv_bfloat16*>(Bf(d_down)));
   };
   for (int e = 0; e < c.n_routed_experts; ++e) {
     auto [gu, d] = upload_mlp(moe.experts[e], inter);
@@ -124,10 +134,12 @@ TEST(GpuMoeLayer, Bf16LayerAgreesWithTheFp32CpuLayer) {
     down.push_back(d);
   }
   uint16_t* d_expert_out = Upload(std::vector<uint16_t>(experts.size() * hidden));
-  auto mlp = ExpertMlp::Create(hidden, inter, static_cast<int>(experts.size()), c.n_routed_experts, stream);
+  auto mlp = ExpertMlp::Create(hidden, inter, static_cast<int>(experts.size()), c.n_routed_experts,
+                               stream);
   ASSERT_TRUE(mlp.ok());
   ASSERT_TRUE(mlp->Run(Bf(d_permuted), offsets, gate_up, down, Bf(d_expert_out),
-                       ExpertMlp::Strategy::kGroupedGemm).ok());
+                       ExpertMlp::Strategy::kGroupedGemm)
+                  .ok());
   // Shared expert: one "expert" over all tokens.
   const int shared_inter = inter * c.n_shared_experts;
   auto [shared_gu, shared_down] = upload_mlp(moe.shared, shared_inter);
@@ -136,18 +148,22 @@ TEST(GpuMoeLayer, Bf16LayerAgreesWithTheFp32CpuLayer) {
   ASSERT_TRUE(shared_mlp.ok());
   ASSERT_TRUE(shared_mlp->Run(Bf(d_x), {0, tokens}, {shared_gu}, {shared_down}, Bf(d_shared)).ok());
   uint16_t* d_out = Upload(std::vector<uint16_t>(static_cast<size_t>(tokens) * hidden));
-  ASSERT_TRUE(WeightedUnpermute(Bf(d_expert_out), d_position, d_weights, Bf(d_shared), Bf(d_out), tokens,
-                                options.top_k, hidden, stream).ok());
+  ASSERT_TRUE(WeightedUnpermute(Bf(d_expert_out), d_position, d_weights, Bf(d_shared), Bf(d_out),
+                                tokens, options.top_k, hidden, stream)
+                  .ok());
   std::vector<uint16_t> out(static_cast<size_t>(tokens) * hidden);
-  ASSERT_EQ(cudaMemcpy(out.data(), d_out, out.size() * sizeof(uint16_t), cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(out.data(), d_out, out.size() * sizeof(uint16_t), cudaMemcpyDeviceToHost),
+            cudaSuccess);
 
   // Agreement: tokens routed to the same expert set (bf16 gate logits can flip near ties),
   // and the relative error (max |diff| / max |ref|) over those tokens.
   int same_routing = 0;
   double max_diff = 0, max_ref = 0, sum_sq_diff = 0, sum_sq_ref = 0;
   for (int t = 0; t < tokens; ++t) {
-    std::vector<int32_t> a(experts.begin() + t * options.top_k, experts.begin() + (t + 1) * options.top_k);
-    std::vector<int32_t> b(routing.experts.begin() + t * options.top_k, routing.experts.begin() + (t + 1) * options.top_k);
+    std::vector<int32_t> a(experts.begin() + t * options.top_k,
+                           experts.begin() + (t + 1) * options.top_k);
+    std::vector<int32_t> b(routing.experts.begin() + t * options.top_k,
+                           routing.experts.begin() + (t + 1) * options.top_k);
     std::sort(a.begin(), a.end());
     std::sort(b.begin(), b.end());
     if (a != b) continue;
@@ -164,16 +180,26 @@ TEST(GpuMoeLayer, Bf16LayerAgreesWithTheFp32CpuLayer) {
   const double routing_agreement = static_cast<double>(same_routing) / tokens;
   const double max_relative = max_diff / max_ref;
   const double rms_relative = std::sqrt(sum_sq_diff / sum_sq_ref);
-  std::printf("bf16 MoE layer vs fp32: same experts for %.1f%% of tokens; on those, max |diff| / "
-              "max |ref| = %.2e, rms relative = %.2e\n",
-              100 * routing_agreement, max_relative, rms_relative);
+  std::printf(
+      "bf16 MoE layer vs fp32: same experts for %.1f%% of tokens; on those, max |diff| / "
+      "max |ref| = %.2e, rms relative = %.2e\n",
+      100 * routing_agreement, max_relative, rms_relative);
   EXPECT_GE(routing_agreement, 0.9);
   EXPECT_LT(max_relative, 3e-2);
   EXPECT_LT(rms_relative, 1e-2);
   for (void* p : owned) cudaFree(p);
-  cudaFree(d_x); cudaFree(d_gate); cudaFree(d_bias); cudaFree(d_logits); cudaFree(d_experts);
-  cudaFree(d_weights); cudaFree(d_source); cudaFree(d_position); cudaFree(d_permuted);
-  cudaFree(d_expert_out); cudaFree(d_shared); cudaFree(d_out);
+  cudaFree(d_x);
+  cudaFree(d_gate);
+  cudaFree(d_bias);
+  cudaFree(d_logits);
+  cudaFree(d_experts);
+  cudaFree(d_weights);
+  cudaFree(d_source);
+  cudaFree(d_position);
+  cudaFree(d_permuted);
+  cudaFree(d_expert_out);
+  cudaFree(d_shared);
+  cudaFree(d_out);
   cublasDestroy(cublas);
   cudaStreamDestroy(stream);
 }
