@@ -148,6 +148,19 @@ std::vector<Operation> BuildEightPhaseRank(const EightPhasePlan& plan,
   return rank.Take();
 }
 
+// An empty schedule with its shape filled in; the generators add each rank's operations.
+PipelineSchedule EmptySchedule(PipelineAlgorithm algorithm, int num_ranks, int num_stages,
+                               int num_microbatches, int num_directions, bool forward_only) {
+  PipelineSchedule schedule;
+  schedule.algorithm = algorithm;
+  schedule.num_ranks = num_ranks;
+  schedule.num_stages = num_stages;
+  schedule.num_microbatches = num_microbatches;
+  schedule.num_directions = num_directions;
+  schedule.forward_only = forward_only;
+  return schedule;
+}
+
 // Inference runs the same order with every backward dropped; an F&B keeps its forward.
 std::vector<Operation> KeepForwardsOnly(const std::vector<Operation>& operations) {
   std::vector<Operation> forwards;
@@ -219,13 +232,8 @@ absl::StatusOr<PipelineSchedule> MakeDualPipeSchedule(int num_ranks, int num_mic
         "dualpipe with ", num_ranks, " ranks needs at least ", 2 * num_ranks,
         " micro-batches (2 x ranks) to reach its steady state, got ", num_microbatches));
   }
-  PipelineSchedule schedule;
-  schedule.algorithm = PipelineAlgorithm::kDualPipe;
-  schedule.num_ranks = num_ranks;
-  schedule.num_stages = num_ranks;
-  schedule.num_microbatches = num_microbatches;
-  schedule.num_directions = 2;
-  schedule.forward_only = forward_only;
+  PipelineSchedule schedule = EmptySchedule(PipelineAlgorithm::kDualPipe, num_ranks, num_ranks,
+                                            num_microbatches, 2, forward_only);
   const int half_ranks = num_ranks / 2;
   const int microbatches_per_direction = num_microbatches / 2;
   for (int rank = 0; rank < num_ranks; ++rank) {
@@ -262,13 +270,8 @@ absl::StatusOr<PipelineSchedule> MakeDualPipeVSchedule(int num_ranks, int num_mi
         "dualpipev with ", num_ranks, " ranks needs at least ", 2 * num_ranks,
         " micro-batches (2 x ranks) to reach its steady state, got ", num_microbatches));
   }
-  PipelineSchedule schedule;
-  schedule.algorithm = PipelineAlgorithm::kDualPipeV;
-  schedule.num_ranks = num_ranks;
-  schedule.num_stages = 2 * num_ranks;
-  schedule.num_microbatches = num_microbatches;
-  schedule.num_directions = 1;
-  schedule.forward_only = forward_only;
+  PipelineSchedule schedule = EmptySchedule(PipelineAlgorithm::kDualPipeV, num_ranks, 2 * num_ranks,
+                                            num_microbatches, 1, forward_only);
   for (int rank = 0; rank < num_ranks; ++rank) {
     const int outer = num_ranks - rank - 1;
     EightPhasePlan plan{
@@ -295,13 +298,8 @@ absl::StatusOr<PipelineSchedule> MakeOneForwardOneBackwardSchedule(int num_ranks
   if (absl::Status status = CheckBounds("1f1b", num_ranks, num_microbatches); !status.ok()) {
     return status;
   }
-  PipelineSchedule schedule;
-  schedule.algorithm = PipelineAlgorithm::kOneForwardOneBackward;
-  schedule.num_ranks = num_ranks;
-  schedule.num_stages = num_ranks;
-  schedule.num_microbatches = num_microbatches;
-  schedule.num_directions = 1;
-  schedule.forward_only = forward_only;
+  PipelineSchedule schedule = EmptySchedule(PipelineAlgorithm::kOneForwardOneBackward, num_ranks,
+                                            num_ranks, num_microbatches, 1, forward_only);
   for (int rank = 0; rank < num_ranks; ++rank) {
     std::vector<Operation> operations;
     int next_forward = 0;
@@ -331,13 +329,8 @@ absl::StatusOr<PipelineSchedule> MakeZeroBubbleOnePSchedule(int num_ranks, int n
   if (absl::Status status = CheckBounds("zb1p", num_ranks, num_microbatches); !status.ok()) {
     return status;
   }
-  PipelineSchedule schedule;
-  schedule.algorithm = PipelineAlgorithm::kZeroBubbleOneP;
-  schedule.num_ranks = num_ranks;
-  schedule.num_stages = num_ranks;
-  schedule.num_microbatches = num_microbatches;
-  schedule.num_directions = 1;
-  schedule.forward_only = forward_only;
+  PipelineSchedule schedule = EmptySchedule(PipelineAlgorithm::kZeroBubbleOneP, num_ranks,
+                                            num_ranks, num_microbatches, 1, forward_only);
   for (int rank = 0; rank < num_ranks; ++rank) {
     RankOperationBuilder builder([rank](int, int microbatch) {
       return ChunkRef{0, microbatch, rank};
