@@ -177,4 +177,87 @@ void GroupedLinearTwin(const uint16_t* x, const std::vector<const uint16_t*>& we
   }
 }
 
+void FillRandomBf16Twin(uint16_t* out, int64_t count, uint64_t seed, float scale) {
+  for (int64_t i = 0; i < count; ++i) out[i] = FloatToBf16(RandomUniformValue(seed, i, scale));
+}
+
+void MlaWriteCacheTwin(const float* kv_a, const uint16_t* norm_weight, float eps,
+                       const int32_t* positions, const int64_t* cache_rows, const float* cos_table,
+                       const float* sin_table, uint16_t* cache, int tokens, int latent, int rope) {
+  const int row_dim = latent + rope;
+  const int half = rope / 2;
+  for (int t = 0; t < tokens; ++t) {
+    const float* in = kv_a + static_cast<size_t>(t) * row_dim;
+    uint16_t* out = cache + cache_rows[t] * row_dim;
+    float sum = 0;
+    for (int i = 0; i < latent; ++i) sum += in[i] * in[i];
+    const float inv = 1.0f / std::sqrt(sum / latent + eps);
+    for (int i = 0; i < latent; ++i)
+      out[i] = FloatToBf16(in[i] * inv * Bf16ToFloat(norm_weight[i]));
+    const float* c = cos_table + static_cast<size_t>(positions[t]) * half;
+    const float* s = sin_table + static_cast<size_t>(positions[t]) * half;
+    for (int i = 0; i < half; ++i) {
+      const float x = in[latent + 2 * i];
+      const float y = in[latent + 2 * i + 1];
+      out[latent + 2 * i] = FloatToBf16(x * c[i] - y * s[i]);
+      out[latent + 2 * i + 1] = FloatToBf16(y * c[i] + x * s[i]);
+    }
+  }
+}
+
+void MlaQueryRopeTwin(const uint16_t* q, const int32_t* positions, const float* cos_table,
+                      const float* sin_table, uint16_t* q_absorbed, int tokens, int heads, int nope,
+                      int rope, int latent) {
+  const int half = rope / 2;
+  for (int t = 0; t < tokens; ++t) {
+    const float* c = cos_table + static_cast<size_t>(positions[t]) * half;
+    const float* s = sin_table + static_cast<size_t>(positions[t]) * half;
+    for (int h = 0; h < heads; ++h) {
+      const uint16_t* in = q + (static_cast<size_t>(t) * heads + h) * (nope + rope) + nope;
+      uint16_t* out = q_absorbed + (static_cast<size_t>(t) * heads + h) * (latent + rope) + latent;
+      for (int i = 0; i < half; ++i) {
+        const float x = Bf16ToFloat(in[2 * i]);
+        const float y = Bf16ToFloat(in[2 * i + 1]);
+        out[2 * i] = FloatToBf16(x * c[i] - y * s[i]);
+        out[2 * i + 1] = FloatToBf16(y * c[i] + x * s[i]);
+      }
+    }
+  }
+}
+
+void MlaPagedAttentionTwin(const uint16_t* q_absorbed, const uint16_t* cache,
+                           const int32_t* block_tables, int max_blocks,
+                           const int32_t* token_sequence, const int32_t* positions, uint16_t* out,
+                           int tokens, int heads, int latent, int rope, int block_size,
+                           float scale) {
+  const int row_dim = latent + rope;
+  std::vector<float> scores;
+  for (int t = 0; t < tokens; ++t) {
+    const int context = positions[t] + 1;
+    const int32_t* table = block_tables + static_cast<size_t>(token_sequence[t]) * max_blocks;
+    auto row = [&](int p) {
+      return cache +
+             (static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size) * row_dim;
+    };
+    for (int h = 0; h < heads; ++h) {
+      const uint16_t* q = q_absorbed + (static_cast<size_t>(t) * heads + h) * row_dim;
+      scores.assign(context, 0.0f);
+      float max = -std::numeric_limits<float>::infinity();
+      for (int p = 0; p < context; ++p) {
+        float dot = 0;
+        for (int d = 0; d < row_dim; ++d) dot += Bf16ToFloat(q[d]) * Bf16ToFloat(row(p)[d]);
+        scores[p] = dot * scale;
+        max = std::max(max, scores[p]);
+      }
+      float sum = 0;
+      for (float& s : scores) sum += (s = std::exp(s - max));
+      for (int d = 0; d < latent; ++d) {
+        float value = 0;
+        for (int p = 0; p < context; ++p) value += scores[p] * Bf16ToFloat(row(p)[d]);
+        out[(static_cast<size_t>(t) * heads + h) * latent + d] = FloatToBf16(value / sum);
+      }
+    }
+  }
+}
+
 }  // namespace moeserve::kernels

@@ -52,4 +52,40 @@ void WeightedUnpermuteTwin(const uint16_t* expert_rows, const int32_t* position,
 void GroupedLinearTwin(const uint16_t* x, const std::vector<const uint16_t*>& weights,
                        const std::vector<int64_t>& offsets, uint16_t* y, int n, int k);
 
+// Twin of FillRandomBf16.
+void FillRandomBf16Twin(uint16_t* out, int64_t count, uint64_t seed, float scale);
+// The value FillRandomBf16 puts at index i, before bf16 rounding (host and device share it).
+#ifdef __CUDACC__
+#define MOESERVE_HOST_DEVICE __host__ __device__
+#else
+#define MOESERVE_HOST_DEVICE
+#endif
+MOESERVE_HOST_DEVICE inline float RandomUniformValue(uint64_t seed, int64_t index, float scale) {
+  // splitmix64 of (seed, index): a well-mixed 64-bit hash, then 24 bits to [-1, 1).
+  uint64_t z = seed + static_cast<uint64_t>(index) * 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  const float unit = static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f;
+  return unit * scale * 1.7320508f;  // uniform on [-sqrt(3), sqrt(3)] has unit variance
+}
+
+// --- MLA (twins of mla.h) ---
+// Cache rows: [rmsnorm(kv_a[t, :latent]) * norm_weight, rope(kv_a[t, latent:], positions[t])]
+// written to row cache_rows[t] of `cache` (bf16, rows of latent + rope values).
+void MlaWriteCacheTwin(const float* kv_a, const uint16_t* norm_weight, float eps,
+                       const int32_t* positions, const int64_t* cache_rows, const float* cos_table,
+                       const float* sin_table, uint16_t* cache, int tokens, int latent, int rope);
+// q_absorbed[t, h, latent:] = rope(q[t, h, nope:], positions[t]).
+void MlaQueryRopeTwin(const uint16_t* q, const int32_t* positions, const float* cos_table,
+                      const float* sin_table, uint16_t* q_absorbed, int tokens, int heads, int nope,
+                      int rope, int latent);
+// out[t, h] = softmax(scale * q_absorbed[t, h] · rows) · rows[:, :latent] over the rows of
+// positions 0..positions[t] of sequence token_sequence[t] (paged through block_tables).
+void MlaPagedAttentionTwin(const uint16_t* q_absorbed, const uint16_t* cache,
+                           const int32_t* block_tables, int max_blocks,
+                           const int32_t* token_sequence, const int32_t* positions, uint16_t* out,
+                           int tokens, int heads, int latent, int rope, int block_size,
+                           float scale);
+
 }  // namespace moeserve::kernels

@@ -2,37 +2,22 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/kernels.h"
+#include "kernels/reductions.cuh"
 
 namespace moeserve::kernels {
 namespace {
 
-constexpr int kWarp = 32;
-
-__device__ float WarpSum(float value) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2)
-    value += __shfl_xor_sync(0xffffffff, value, offset);
-  return value;
-}
+constexpr int kWarp = kWarpSize;
 
 __global__ void RmsNormKernel(const __nv_bfloat16* x, const __nv_bfloat16* weight,
                               __nv_bfloat16* out, int dim, float eps) {
   const __nv_bfloat16* row = x + static_cast<size_t>(blockIdx.x) * dim;
-  __shared__ float partial[32];
   float sum = 0;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
     const float v = __bfloat162float(row[i]);
     sum += v * v;
   }
-  sum = WarpSum(sum);
-  if (threadIdx.x % kWarp == 0) partial[threadIdx.x / kWarp] = sum;
-  __syncthreads();
-  if (threadIdx.x < kWarp) {
-    float total = threadIdx.x < blockDim.x / kWarp ? partial[threadIdx.x] : 0.0f;
-    total = WarpSum(total);
-    if (threadIdx.x == 0) partial[0] = rsqrtf(total / dim + eps);
-  }
-  __syncthreads();
-  const float inv = partial[0];
+  const float inv = BlockInverseRms(sum, dim, eps);
   __nv_bfloat16* dst = out + static_cast<size_t>(blockIdx.x) * dim;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
     dst[i] = __float2bfloat16(__bfloat162float(row[i]) * inv * __bfloat162float(weight[i]));
@@ -127,7 +112,7 @@ __global__ void GateTopKKernel(const float* logits, const float* bias, GateOptio
       max = fmaxf(max, __shfl_xor_sync(0xffffffff, max, offset));
     float sum = 0;
     for (int e = lane; e < o.num_experts; e += kWarp) sum += scores[e] = __expf(row[e] - max);
-    sum = WarpSum(sum);
+    sum = WarpReduceSum(sum);
     for (int e = lane; e < o.num_experts; e += kWarp) scores[e] /= sum;
   }
   __syncwarp();
@@ -186,6 +171,14 @@ __global__ void GateTopKKernel(const float* logits, const float* bias, GateOptio
     float w = weights[token * o.top_k + lane];
     if (o.normalize) w /= (sum + 1e-20f);
     weights[token * o.top_k + lane] = w * o.scaling;
+  }
+}
+
+__global__ void FillRandomBf16Kernel(__nv_bfloat16* out, int64_t count, uint64_t seed,
+                                     float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = __float2bfloat16(RandomUniformValue(seed, i, scale));
   }
 }
 
@@ -253,6 +246,13 @@ absl::Status PermuteRows(const __nv_bfloat16* x, const int32_t* source_rows, __n
   if (rows == 0) return absl::OkStatus();
   CopyRowsKernel<<<rows, 128, 0, stream>>>(x, source_rows, out, hidden);
   return LastError("PermuteRows");
+}
+
+absl::Status FillRandomBf16(__nv_bfloat16* out, int64_t count, uint64_t seed, float scale,
+                            cudaStream_t stream) {
+  if (count == 0) return absl::OkStatus();
+  FillRandomBf16Kernel<<<Blocks(count, 256), 256, 0, stream>>>(out, count, seed, scale);
+  return LastError("FillRandomBf16");
 }
 
 absl::Status WeightedUnpermute(const __nv_bfloat16* expert_rows, const int32_t* position,

@@ -32,6 +32,10 @@ absl::Status GateTopK(const float* logits, const float* bias, int tokens,
                       cudaStream_t stream);
 absl::Status PermuteRows(const __nv_bfloat16* x, const int32_t* source_rows, __nv_bfloat16* out,
                          int rows, int hidden, cudaStream_t stream);
+// Deterministic random bf16 values, uniform with standard deviation `scale`: value i depends
+// only on (seed, i). Generates weights on the GPU that never exist on the host.
+absl::Status FillRandomBf16(__nv_bfloat16* out, int64_t count, uint64_t seed, float scale,
+                            cudaStream_t stream);
 absl::Status WeightedUnpermute(const __nv_bfloat16* expert_rows, const int32_t* position,
                                const float* weights, const __nv_bfloat16* shared,
                                __nv_bfloat16* out, int tokens, int top_k, int hidden,

@@ -1,6 +1,7 @@
 // GPU kernels against their CPU twins on random inputs. Skipped where no GPU is present.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -9,6 +10,7 @@
 #include "kernels/cpu_twins.h"
 #include "kernels/expert_mlp.h"
 #include "kernels/kernels.h"
+#include "kernels/mla.h"
 
 namespace moeserve::kernels {
 namespace {
@@ -230,6 +232,138 @@ TEST(GpuKernels, ExpertMlpMatchesTwinWithEveryGemmStrategy) {
     ASSERT_TRUE(mlp->Run(Bf(dx), offsets, gate_up_device, down_device, Bf(dy), strategy).ok());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_LT(RelativeError(ToHost(dy, expected.size()), expected), 2e-2);
+  }
+}
+
+// MLA at DeepSeek-V3's latent sizes (512 + 64) with two sequences whose blocks are scattered
+// through the cache, prefill-like (several new tokens) and decode-like (one token at a long
+// position).
+TEST(GpuKernels, MlaCacheWriteQueryRopeAndPagedAttentionMatchTwins) {
+  REQUIRE_GPU();
+  const int latent = 512, rope = 64, heads = 10, nope = 128, block_size = 16;
+  const int row_dim = latent + rope;
+  const int positions_count = 300;
+  const int num_blocks = 48;  // 2 sequences x 19 blocks + spare
+  std::mt19937 rng(5);
+  // Block tables: a random permutation of cache blocks shared out between the sequences.
+  std::vector<int32_t> permutation(num_blocks);
+  for (int i = 0; i < num_blocks; ++i) permutation[i] = i;
+  std::shuffle(permutation.begin(), permutation.end(), rng);
+  const int max_blocks = (positions_count + block_size - 1) / block_size;
+  std::vector<int32_t> tables(2 * max_blocks);
+  for (int i = 0; i < 2 * max_blocks; ++i) tables[i] = permutation[i];
+  // Rope tables.
+  std::vector<float> cos_table(static_cast<size_t>(positions_count) * rope / 2),
+      sin_table(cos_table.size());
+  for (int p = 0; p < positions_count; ++p) {
+    for (int i = 0; i < rope / 2; ++i) {
+      const double angle = p * std::pow(10000.0, -2.0 * i / rope);
+      cos_table[p * rope / 2 + i] = static_cast<float>(std::cos(angle));
+      sin_table[p * rope / 2 + i] = static_cast<float>(std::sin(angle));
+    }
+  }
+  // Fill the whole cache through the write kernel: every position of both sequences.
+  std::vector<int32_t> positions, sequence_of;
+  std::vector<int64_t> cache_rows;
+  for (int s = 0; s < 2; ++s) {
+    for (int p = 0; p < positions_count; ++p) {
+      positions.push_back(p);
+      sequence_of.push_back(s);
+      cache_rows.push_back(static_cast<int64_t>(tables[s * max_blocks + p / block_size]) *
+                               block_size +
+                           p % block_size);
+    }
+  }
+  const int written = static_cast<int>(positions.size());
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> kv_a(static_cast<size_t>(written) * row_dim);
+  for (float& v : kv_a) v = normal(rng);
+  const std::vector<uint16_t> norm_weight = RandomBf16(latent, 6, 0.1f);
+  std::vector<uint16_t> cache(static_cast<size_t>(num_blocks) * block_size * row_dim, 0);
+  MlaWriteCacheTwin(kv_a.data(), norm_weight.data(), 1e-6f, positions.data(), cache_rows.data(),
+                    cos_table.data(), sin_table.data(), cache.data(), written, latent, rope);
+  float* d_kv_a = ToDevice(kv_a);
+  uint16_t* d_norm = ToDevice(norm_weight);
+  int32_t* d_positions = ToDevice(positions);
+  int64_t* d_rows = ToDevice(cache_rows);
+  float* d_cos = ToDevice(cos_table);
+  float* d_sin = ToDevice(sin_table);
+  uint16_t* d_cache = ToDevice(std::vector<uint16_t>(cache.size(), 0));
+  ASSERT_TRUE(MlaWriteCache(d_kv_a, Bf(d_norm), 1e-6f, d_positions, d_rows, d_cos, d_sin,
+                            Bf(d_cache), written, latent, rope, nullptr)
+                  .ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_LT(RelativeError(ToHost(d_cache, cache.size()), cache), 1e-2);
+
+  // Queries: three prefill tokens of sequence 0 at positions 5..7 and one decode token of
+  // sequence 1 at the last position.
+  const std::vector<int32_t> query_positions = {5, 6, 7, positions_count - 1};
+  const std::vector<int32_t> query_sequence = {0, 0, 0, 1};
+  const int tokens = static_cast<int>(query_positions.size());
+  const std::vector<uint16_t> q =
+      RandomBf16(static_cast<size_t>(tokens) * heads * (nope + rope), 7);
+  // The latent part of the absorbed query is random here (the GEMM that makes it is cuBLAS's).
+  std::vector<uint16_t> q_absorbed =
+      RandomBf16(static_cast<size_t>(tokens) * heads * row_dim, 8, 0.05f);
+  uint16_t* d_q = ToDevice(q);
+  uint16_t* d_q_absorbed = ToDevice(q_absorbed);
+  int32_t* d_query_positions = ToDevice(query_positions);
+  int32_t* d_query_sequence = ToDevice(query_sequence);
+  int32_t* d_tables = ToDevice(tables);
+  MlaQueryRopeTwin(q.data(), query_positions.data(), cos_table.data(), sin_table.data(),
+                   q_absorbed.data(), tokens, heads, nope, rope, latent);
+  ASSERT_TRUE(MlaQueryRope(Bf(d_q), d_query_positions, d_cos, d_sin, Bf(d_q_absorbed), tokens,
+                           heads, nope, rope, latent, nullptr)
+                  .ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  // Equal up to one bf16 rounding step (the GPU may fuse the rotation's multiply-adds).
+  EXPECT_LT(RelativeError(ToHost(d_q_absorbed, q_absorbed.size()), q_absorbed), 1e-2);
+
+  const float scale = 0.07f;
+  std::vector<uint16_t> expected(static_cast<size_t>(tokens) * heads * latent);
+  MlaPagedAttentionTwin(q_absorbed.data(), cache.data(), tables.data(), max_blocks,
+                        query_sequence.data(), query_positions.data(), expected.data(), tokens,
+                        heads, latent, rope, block_size, scale);
+  uint16_t* d_out = ToDevice(std::vector<uint16_t>(expected.size(), 0));
+  // The twin's cache (not the kernel's) so that only attention is compared.
+  uint16_t* d_twin_cache = ToDevice(cache);
+  ASSERT_TRUE(MlaPagedAttention(Bf(d_q_absorbed), Bf(d_twin_cache), d_tables, max_blocks,
+                                d_query_sequence, d_query_positions, Bf(d_out), tokens, heads,
+                                latent, rope, block_size, scale, nullptr)
+                  .ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_LT(RelativeError(ToHost(d_out, expected.size()), expected), 1e-2);
+}
+
+TEST(GpuKernels, FillRandomMatchesTwinAndHasTheRequestedSpread) {
+  REQUIRE_GPU();
+  const int64_t count = 100000;
+  uint16_t* d_out = ToDevice(std::vector<uint16_t>(count));
+  ASSERT_TRUE(FillRandomBf16(Bf(d_out), count, 42, 0.5f, nullptr).ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<uint16_t> gpu = ToHost(d_out, count);
+  std::vector<uint16_t> cpu(count);
+  FillRandomBf16Twin(cpu.data(), count, 42, 0.5f);
+  EXPECT_EQ(gpu, cpu);
+  double sum = 0, squares = 0;
+  for (uint16_t v : gpu) {
+    sum += Bf16ToFloat(v);
+    squares += Bf16ToFloat(v) * Bf16ToFloat(v);
+  }
+  EXPECT_NEAR(sum / count, 0.0, 0.01);
+  EXPECT_NEAR(std::sqrt(squares / count), 0.5, 0.01);
+}
+
+TEST(GpuKernels, AddInPlaceMatchesBf16Sum) {
+  REQUIRE_GPU();
+  const std::vector<uint16_t> a = RandomBf16(1000, 11), b = RandomBf16(1000, 12);
+  uint16_t* d_a = ToDevice(a);
+  uint16_t* d_b = ToDevice(b);
+  ASSERT_TRUE(AddInPlace(Bf(d_a), Bf(d_b), 1000, nullptr).ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<uint16_t> sum = ToHost(d_a, 1000);
+  for (int i = 0; i < 1000; ++i) {
+    EXPECT_EQ(sum[i], FloatToBf16(Bf16ToFloat(a[i]) + Bf16ToFloat(b[i]))) << i;
   }
 }
 

@@ -91,5 +91,24 @@ TEST(KernelTwins, UnpermuteTwinCombinesLikeTheEngine) {
   }
 }
 
+TEST(KernelTwins, FillRandomIsDeterministicWithTheRequestedSpread) {
+  std::vector<uint16_t> a(50000), b(50000), c(50000);
+  FillRandomBf16Twin(a.data(), 50000, 7, 0.25f);
+  FillRandomBf16Twin(b.data(), 50000, 7, 0.25f);
+  FillRandomBf16Twin(c.data(), 50000, 8, 0.25f);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+  double sum = 0, squares = 0, max = 0;
+  for (uint16_t v : a) {
+    const double x = Bf16ToFloat(v);
+    sum += x;
+    squares += x * x;
+    max = std::max(max, std::fabs(x));
+  }
+  EXPECT_NEAR(sum / 50000, 0.0, 0.005);
+  EXPECT_NEAR(std::sqrt(squares / 50000), 0.25, 0.005);
+  EXPECT_LE(max, 0.25 * std::sqrt(3.0) * 1.01);  // uniform: bounded by sqrt(3) std
+}
+
 }  // namespace
 }  // namespace moeserve::kernels
