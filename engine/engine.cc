@@ -24,6 +24,19 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::shared_ptr<const Mod
     return absl::InvalidArgumentError(
         "engine: --ep/--decode-ep must be >= 1, --prefill-ep >= 0, --num-redundant-experts >= 0");
   }
+  if (!options.backend.factory && model->config().routed_experts_on_device) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("engine: `", model->config().name,
+                     "` keeps its routed experts on GPUs only; serve it with --device cuda"));
+  }
+  if (options.backend.factory && p.prefill_ep > 0) {
+    // The prefill-to-decode KV handoff copies host rows; a GPU backend keeps its rows on the
+    // device.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "engine: --prefill-ep/--decode-ep disaggregation runs on the CPU only; use --ep N with "
+        "--device ",
+        options.backend.name));
+  }
   if (model->config().n_routed_experts == 0 && p.num_redundant_experts > 0) {
     return absl::InvalidArgumentError("engine: the model has no routed experts to replicate");
   }
@@ -77,11 +90,13 @@ absl::StatusOr<Engine::WorkerGroup> Engine::BuildGroup(const std::string& name, 
   group_options.two_batch_overlap = p.two_batch_overlap;
   group_options.overlap_min_tokens = p.overlap_min_tokens;
   group_options.expert_load_metrics = p.expert_load_metrics;
+  group_options.stage_host_expert_weights = !options_.backend.factory;
   auto group = parallel::ExpertParallelGroup::Create(*model_, group_options, std::move(*placement),
                                                      registry, trace_.get(), trace_pid_offset);
   if (!group.ok()) return group.status();
   const int64_t bytes_per_block = static_cast<int64_t>(c.num_hidden_layers) *
-                                  options_.kv_block_size * model_->kv_row_dim() * sizeof(float);
+                                  options_.kv_block_size * model_->kv_row_dim() *
+                                  options_.backend.kv_element_bytes;
   const int64_t kv_blocks = options_.kv_cache_bytes / bytes_per_block;
   if (kv_blocks < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -91,8 +106,23 @@ absl::StatusOr<Engine::WorkerGroup> Engine::BuildGroup(const std::string& name, 
   WorkerGroup result;
   result.group = std::move(*group);
   for (int rank = 0; rank < size; ++rank) {
+    std::unique_ptr<RankBackend> backend;
+    if (options_.backend.factory) {
+      absl::StatusOr<std::unique_ptr<RankBackend>> made =
+          options_.backend.factory({.model = model_.get(),
+                                    .group = result.group.get(),
+                                    .rank = rank,
+                                    .kv_blocks = static_cast<int>(kv_blocks),
+                                    .kv_block_size = options_.kv_block_size,
+                                    .max_batch_tokens = options_.max_batch_tokens});
+      if (!made.ok()) return made.status();
+      backend = std::move(*made);
+    } else {
+      backend = std::make_unique<CpuRankBackend>(result.group->forward());
+    }
     result.workers.push_back(std::make_unique<RankWorker>(
-        context_, *result.group, rank, role, static_cast<int>(kv_blocks), options_.kv_block_size));
+        context_, *result.group, rank, role, static_cast<int>(kv_blocks), options_.kv_block_size,
+        std::move(backend)));
   }
   return result;
 }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/backend/rank_backend.h"
 #include "engine/model/model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/parallel/ep_group.h"
@@ -37,6 +38,14 @@ struct ParallelOptions {
   int trace_steps = 16;             // working steps recorded per group
 };
 
+// Where ranks compute. The CPU backend is built in; a GPU backend comes from a factory (the
+// engine library itself never depends on CUDA).
+struct BackendOptions {
+  RankBackendFactory factory;  // null: the CPU
+  int kv_element_bytes = 4;    // bytes per cached value (fp32 on the CPU, bf16 on GPUs)
+  std::string name = "cpu";    // for messages
+};
+
 struct EngineOptions {
   int max_batch_tokens = 256;           // tokens per rank per step; long prompts prefill in chunks
   int max_running_requests = 64;        // sequences per rank
@@ -50,6 +59,7 @@ struct EngineOptions {
   // for tests that need requests to stay in flight long enough to cancel them.
   double min_step_seconds = 0;
   ParallelOptions parallel;
+  BackendOptions backend;
 };
 
 struct EngineStats {

@@ -8,6 +8,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "engine/backend/backend_loader.h"
 #include "engine/model/loader.h"
 #include "engine/parallel/group_logits.h"
 #include "engine/pipeline/plan_command.h"
@@ -16,6 +17,33 @@
 #include "server/serve.h"
 
 namespace {
+
+// The backend `--device` names. The GPU backend is a plugin, loaded only when asked for.
+absl::StatusOr<moeserve::engine::BackendOptions> BackendFor(
+    const std::string& device, const moeserve::engine::ParallelOptions& parallel) {
+  moeserve::engine::BackendOptions backend;
+  if (device == "cpu") return backend;
+  if (device != "cuda") return absl::InvalidArgumentError("--device must be cpu or cuda");
+  if (parallel.two_batch_overlap) {
+    return absl::InvalidArgumentError(
+        "--two-batch-overlap runs on the CPU backend only; the GPU backend runs each step as one "
+        "batch");
+  }
+  absl::StatusOr<moeserve::engine::CudaBackend> cuda = moeserve::engine::LoadCudaBackend();
+  if (!cuda.ok()) return cuda.status();
+  backend.factory = std::move(cuda->factory);
+  backend.kv_element_bytes = 2;  // bf16 rows
+  backend.name = "cuda";
+  return backend;
+}
+
+void AddDeviceOption(CLI::App* command, std::string& device) {
+  command
+      ->add_option("--device", device,
+                   "Where ranks compute: cpu (fp32), or cuda (bf16; rank r on GPU r, MLA models)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+}
 
 using moeserve::engine::LoadModel;
 
@@ -42,7 +70,12 @@ void AddExpertParallelOptions(CLI::App* command, moeserve::engine::ParallelOptio
 
 int RunLogits(const std::string& model_spec, const std::string& tokens_text,
               const std::string& out_path, int ep,
-              const moeserve::engine::ParallelOptions& parallel) {
+              const moeserve::engine::ParallelOptions& parallel, const std::string& device) {
+  auto backend = BackendFor(device, parallel);
+  if (!backend.ok()) {
+    std::cerr << "moeserve logits: " << backend.status().message() << "\n";
+    return 2;
+  }
   std::vector<int32_t> tokens;
   for (absl::string_view piece : absl::StrSplit(tokens_text, ',', absl::SkipWhitespace())) {
     int32_t id = 0;
@@ -63,6 +96,11 @@ int RunLogits(const std::string& model_spec, const std::string& tokens_text,
     return 1;
   }
   const auto& config = loaded->model->config();
+  if (config.routed_experts_on_device && !backend->factory) {
+    std::cerr << "moeserve logits: `" << model_spec
+              << "` keeps its routed experts on GPUs only; use --device cuda\n";
+    return 2;
+  }
   for (int32_t id : tokens) {
     if (id < 0 || id >= config.vocab_size) {
       std::cerr << "moeserve logits: token " << id << " is out of range (vocabulary of "
@@ -77,7 +115,7 @@ int RunLogits(const std::string& model_spec, const std::string& tokens_text,
   }
   std::vector<float> logits;
   if (ep <= 1 && parallel.num_redundant_experts == 0 && parallel.placement_file.empty() &&
-      !parallel.two_batch_overlap) {
+      !parallel.two_batch_overlap && !backend->factory) {
     const int block_size = 16;
     moeserve::engine::KvCache cache(config.num_hidden_layers,
                                     (static_cast<int>(tokens.size()) + block_size - 1) / block_size,
@@ -104,8 +142,8 @@ int RunLogits(const std::string& model_spec, const std::string& tokens_text,
     options.size = ep;
     options.two_batch_overlap = parallel.two_batch_overlap;
     options.overlap_min_tokens = parallel.overlap_min_tokens;
-    auto result = moeserve::engine::parallel::ComputeGroupLogits(*loaded->model, tokens, options,
-                                                                 std::move(*placement));
+    auto result = moeserve::engine::parallel::ComputeGroupLogits(
+        *loaded->model, tokens, options, std::move(*placement), nullptr, backend->factory);
     if (!result.ok()) {
       std::cerr << "moeserve logits: " << result.status().message() << "\n";
       return result.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
@@ -130,6 +168,11 @@ int RunExport(const std::string& model_spec, const std::string& out_dir) {
   if (!loaded.ok()) {
     std::cerr << "moeserve export: " << loaded.status().message() << "\n";
     return 1;
+  }
+  if (loaded->model->config().routed_experts_on_device) {
+    std::cerr << "moeserve export: `" << model_spec
+              << "` keeps its routed experts on GPUs only; it has no checkpoint to export\n";
+    return 2;
   }
   std::error_code error;
   std::filesystem::create_directories(out_dir, error);
@@ -234,7 +277,16 @@ int main(int argc, char** argv) {
                    "Working steps per group to record with --trace-dir")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  std::string serve_device = "cpu";
+  AddDeviceOption(serve_command, serve_device);
   serve_command->callback([&] {
+    auto backend = BackendFor(serve_device, serve.engine.parallel);
+    if (!backend.ok()) {
+      std::cerr << "moeserve serve: " << backend.status().message() << "\n";
+      exit_code = 2;
+      return;
+    }
+    serve.engine.backend = *backend;
     serve.engine.kv_cache_bytes = kv_cache_mib << 20;
     serve.engine.min_step_seconds = min_step_ms / 1000.0;
     exit_code = moeserve::server::RunServe(serve);
@@ -255,8 +307,11 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 1024));
   AddExpertParallelOptions(logits_command, logits_parallel);
+  std::string logits_device = "cpu";
+  AddDeviceOption(logits_command, logits_device);
   logits_command->callback([&] {
-    exit_code = RunLogits(logits_model, logits_tokens, logits_out, logits_ep, logits_parallel);
+    exit_code = RunLogits(logits_model, logits_tokens, logits_out, logits_ep, logits_parallel,
+                          logits_device);
   });
 
   std::string export_model = "builtin:tiny", export_dir;

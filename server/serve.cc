@@ -51,7 +51,7 @@ int RunServe(const ServeOptions& options) {
                     .decode_ep = parallel_options.decode_ep,
                     .num_redundant_experts = parallel_options.num_redundant_experts,
                     .two_batch_overlap = parallel_options.two_batch_overlap,
-                    .device = "cpu"});
+                    .device = options.engine.backend.name});
   std::unique_ptr<AdminService> admin;
   if (!options.admin_token_file.empty()) {
     absl::StatusOr<std::string> token = ReadAdminToken(options.admin_token_file);

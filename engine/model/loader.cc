@@ -88,7 +88,12 @@ absl::StatusOr<LoadedModel> LoadModel(const std::string& model_spec) {
     if (!config.ok()) return config.status();
     LoadedModel loaded;
     loaded.model = std::make_shared<Model>(ModelWeights::Generate(*config, kBuiltinWeightSeed));
-    loaded.tokenizer = std::make_shared<ByteTokenizer>(config->bos_token_id, config->eos_token_id);
+    // The byte tokenizer fits the tiny vocabularies (256 bytes + <bos> + <eos>); larger built-ins
+    // take token ids.
+    if (config->vocab_size == 258) {
+      loaded.tokenizer =
+          std::make_shared<ByteTokenizer>(config->bos_token_id, config->eos_token_id);
+    }
     return loaded;
   }
   std::error_code error;

@@ -37,6 +37,7 @@ class Model {
 
   const ModelConfig& config() const { return weights_.config(); }
   const ModelWeights& weights() const { return weights_; }
+  const RotaryEmbedding& rope() const { return rope_; }
   // Floats per KV cache row: MLA's latent + rope key, or GQA's keys + values of every KV head.
   int kv_row_dim() const {
     return config().uses_mla() ? config().kv_lora_rank + config().qk_rope_head_dim

@@ -525,7 +525,8 @@ nlohmann::json ModelConfigToJson(const ModelConfig& c) {
 }
 
 std::vector<std::string> BuiltinModelNames() {
-  return {"builtin:tiny", "builtin:tiny-nolora", "builtin:tiny-v2", "builtin:tiny-e256"};
+  return {"builtin:tiny", "builtin:tiny-nolora", "builtin:tiny-v2", "builtin:tiny-e256",
+          "builtin:v3-bench"};
 }
 
 absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name) {
@@ -581,6 +582,35 @@ absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name) {
     c.n_routed_experts = 256;
     c.num_experts_per_tok = 8;
     c.moe_intermediate_size = 32;
+    return c;
+  }
+  if (name == "builtin:v3-bench") {
+    // DeepSeek-V3's dimensions at reduced depth, for GPU benchmarks: hidden 7168, 128 MLA heads
+    // (q-LoRA 1536, latent 512, rope 64), 256 routed experts of 2048 (8 per token, 8 groups of
+    // which 4) plus one shared, vocabulary 129280; 4 layers, the first 2 dense. The routed
+    // experts (about 22.5 GB per MoE layer in bf16) are generated on the GPUs that hold them.
+    // Token ids only (no tokenizer).
+    c.vocab_size = 129280;
+    c.bos_token_id = 0;
+    c.eos_token_id = 1;
+    c.hidden_size = 7168;
+    c.intermediate_size = 18432;
+    c.moe_intermediate_size = 2048;
+    c.num_hidden_layers = 4;
+    c.first_k_dense_replace = 2;
+    c.num_attention_heads = 128;
+    c.q_lora_rank = 1536;
+    c.kv_lora_rank = 512;
+    c.qk_nope_head_dim = 128;
+    c.qk_rope_head_dim = 64;
+    c.v_head_dim = 128;
+    c.n_routed_experts = 256;
+    c.num_experts_per_tok = 8;
+    c.max_position_embeddings = 16384;
+    c.rope_scaling.factor = 40.0;
+    c.rope_scaling.original_max_position_embeddings = 4096;
+    c.rope_scaling.mscale_all_dim = 1.0;
+    c.routed_experts_on_device = true;
     return c;
   }
   if (name == "builtin:tiny-v2") {

@@ -92,6 +92,10 @@ struct ModelConfig {
   RopeScaling rope_scaling;
   double rms_norm_eps = 1e-6;
   bool tie_word_embeddings = false;
+  // Built-in GPU benchmark models only: the routed experts' weights are generated on the GPUs
+  // that hold them and never exist on the host (at DeepSeek-V3's size they would not fit), so
+  // such a model runs with --device cuda only.
+  bool routed_experts_on_device = false;
   int bos_token_id = 0;
   int eos_token_id = 1;
 

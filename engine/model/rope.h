@@ -30,6 +30,10 @@ class RotaryEmbedding {
   const std::vector<double>& inverse_frequencies() const { return inverse_frequencies_; }
   // YaRN's cos/sin magnitude, 1 for plain RoPE.
   double magnitude_scale() const { return magnitude_scale_; }
+  // The rotation table, [max_positions, rotary_dim / 2], magnitude scale included (the GPU
+  // backend copies it to the device).
+  const std::vector<float>& cos_table() const { return cos_; }
+  const std::vector<float>& sin_table() const { return sin_; }
 
  private:
   int rotary_dim_;

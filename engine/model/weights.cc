@@ -1,10 +1,13 @@
 #include "engine/model/weights.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <fstream>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -111,28 +114,60 @@ std::vector<std::pair<std::string, Shape>> ExpectedTensors(const ModelConfig& c)
 ModelWeights ModelWeights::Generate(const ModelConfig& config, uint64_t seed) {
   ModelWeights weights;
   weights.config_ = config;
+  // Each tensor is drawn in chunks of kChunk values, chunk i from its own generator, so that
+  // large tensors generate in parallel; a tensor of one chunk (every tensor of the tiny
+  // built-ins) is one stream seeded by its name, as it always was.
+  constexpr int64_t kChunk = int64_t{1} << 24;
+  struct Job {
+    const std::string* name;
+    Tensor* tensor;
+    int64_t chunk;
+  };
+  std::vector<Job> jobs;
   for (auto& [name, shape] : ExpectedTensors(config)) {
-    Tensor tensor{shape, {}};
+    if (config.routed_experts_on_device && name.find(".mlp.experts.") != std::string::npos) {
+      continue;
+    }
+    auto [it, inserted] = weights.tensors_.emplace(name, Tensor{shape, {}});
+    Tensor& tensor = it->second;
     tensor.data.resize(tensor.num_elements());
-    std::mt19937_64 rng(seed ^ StableHash(name));
+    for (int64_t chunk = 0; chunk * kChunk < tensor.num_elements(); ++chunk) {
+      jobs.push_back({&it->first, &tensor, chunk});
+    }
+  }
+  auto run = [&](const Job& job) {
+    const std::string& name = *job.name;
+    std::mt19937_64 rng((seed ^ StableHash(name)) +
+                        static_cast<uint64_t>(job.chunk) * 0x9e3779b97f4a7c15ull);
     std::normal_distribution<float> normal(0.0f, 1.0f);
-    const bool is_norm = name.ends_with("norm.weight");
-    if (is_norm) {
+    const int64_t begin = job.chunk * kChunk;
+    const int64_t end = std::min(begin + kChunk, job.tensor->num_elements());
+    float* data = job.tensor->data.data();
+    float scale = 1.0f, offset = 0.0f;
+    if (name.ends_with("norm.weight")) {
       // Non-trivial norm weights, so a reference that ignores them would disagree.
-      for (float& v : tensor.data) v = 1.0f + 0.1f * normal(rng);
+      scale = 0.1f;
+      offset = 1.0f;
     } else if (name.ends_with("e_score_correction_bias") || name.ends_with(".bias")) {
-      for (float& v : tensor.data) v = 0.05f * normal(rng);
-    } else if (name == "model.embed_tokens.weight") {
-      for (float& v : tensor.data) v = normal(rng);
-    } else {
+      scale = 0.05f;
+    } else if (name != "model.embed_tokens.weight") {
       // Matrices [out, in]: std 1/sqrt(in) keeps activations O(1) through the layers; the LM
       // head is sharper so that greedy choices are not near-ties.
-      const float in = static_cast<float>(shape.back());
-      const float scale = (name == "lm_head.weight" ? 3.0f : 1.0f) / std::sqrt(in);
-      for (float& v : tensor.data) v = scale * normal(rng);
+      const float in = static_cast<float>(job.tensor->shape.back());
+      scale = (name == "lm_head.weight" ? 3.0f : 1.0f) / std::sqrt(in);
     }
-    weights.tensors_.emplace(name, std::move(tensor));
+    for (int64_t i = begin; i < end; ++i) data[i] = offset + scale * normal(rng);
+  };
+  const int workers = static_cast<int>(
+      std::min<size_t>(jobs.size(), std::max(1u, std::thread::hardware_concurrency())));
+  std::atomic<size_t> next{0};
+  std::vector<std::thread> threads;
+  for (int w = 0; w < workers; ++w) {
+    threads.emplace_back([&] {
+      for (size_t j = next++; j < jobs.size(); j = next++) run(jobs[j]);
+    });
   }
+  for (auto& thread : threads) thread.join();
   absl::Status status = weights.BindViews();
   (void)status;  // Generated tensors always match ExpectedTensors.
   return weights;

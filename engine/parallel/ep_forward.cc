@@ -74,6 +74,34 @@ std::vector<std::vector<BatchPiece>> SplitIntoMicroBatches(std::span<const Batch
   return result;
 }
 
+DispatchPlan PlanDispatch(std::span<const int32_t> experts, int top_k, int moe_layer,
+                          const ExpertPlacement& placement, int rank, int size) {
+  const int assignments = static_cast<int>(experts.size());
+  const int slots_per_rank = placement.num_physical() / size;
+  std::vector<int32_t> slot_of(assignments);
+  DispatchPlan plan;
+  plan.send_rows.assign(size, 0);
+  for (int a = 0; a < assignments; ++a) {
+    // Spread a hot expert's tokens over its replicas: consecutive tokens take consecutive
+    // replicas (the token index, not the assignment index, whose residue modulo a replica count
+    // that divides top_k would repeat), and ranks start at different replicas.
+    const uint64_t key = static_cast<uint64_t>(a / top_k) + static_cast<uint64_t>(rank);
+    slot_of[a] = placement.ChooseSlot(moe_layer, experts[a], key);
+    ++plan.send_rows[slot_of[a] / slots_per_rank];
+  }
+  std::vector<int64_t> cursor(size, 0);
+  for (int p = 1; p < size; ++p) cursor[p] = cursor[p - 1] + plan.send_rows[p - 1];
+  plan.sent_assignment.assign(assignments, 0);
+  plan.send_slots.assign(assignments, 0);
+  for (int a = 0; a < assignments; ++a) {
+    const int dest = slot_of[a] / slots_per_rank;
+    const int64_t row = cursor[dest]++;
+    plan.sent_assignment[row] = a;
+    plan.send_slots[row] = slot_of[a] % slots_per_rank;
+  }
+  return plan;
+}
+
 absl::Status ExpertParallelForward::Dispatch(int layer, MicroBatch& mb,
                                              const ExpertPlacement& placement, Communicator& comm,
                                              RankResources& rank) const {
@@ -83,33 +111,17 @@ absl::Status ExpertParallelForward::Dispatch(int layer, MicroBatch& mb,
   const int size = comm.size();
   const int hidden = model_.config().hidden_size;
   const int moe_layer = model_.moe_index(layer);
-  const int slots_per_rank = placement.num_physical() / size;
   const Routing& routing = mb.routing;
   const int assignments = routing.num_tokens * routing.top_k;
 
-  std::vector<int32_t> slot_of(assignments);
-  mb.send_rows.assign(size, 0);
-  for (int a = 0; a < assignments; ++a) {
-    // Spread a hot expert's tokens over its replicas: consecutive tokens take consecutive
-    // replicas (the token index, not the assignment index, whose residue modulo a replica count
-    // that divides top_k would repeat), and ranks start at different replicas.
-    const uint64_t key =
-        static_cast<uint64_t>(a / routing.top_k) + static_cast<uint64_t>(comm.rank());
-    slot_of[a] = placement.ChooseSlot(moe_layer, routing.experts[a], key);
-    ++mb.send_rows[slot_of[a] / slots_per_rank];
-  }
-  std::vector<int64_t> offset(size + 1, 0);
-  for (int p = 0; p < size; ++p) offset[p + 1] = offset[p] + mb.send_rows[p];
-  mb.sent_assignment.assign(assignments, 0);
-  std::vector<int32_t> send_slots(assignments);
+  DispatchPlan plan =
+      PlanDispatch(routing.experts, routing.top_k, moe_layer, placement, comm.rank(), size);
+  mb.send_rows = std::move(plan.send_rows);
+  mb.sent_assignment = std::move(plan.sent_assignment);
+  const std::vector<int32_t>& send_slots = plan.send_slots;
   std::vector<float> send_activations(static_cast<size_t>(assignments) * hidden);
-  std::vector<int64_t> cursor(offset.begin(), offset.end() - 1);
-  for (int a = 0; a < assignments; ++a) {
-    const int dest = slot_of[a] / slots_per_rank;
-    const int64_t row = cursor[dest]++;
-    mb.sent_assignment[row] = a;
-    send_slots[row] = slot_of[a] % slots_per_rank;
-    const int token = a / routing.top_k;
+  for (int row = 0; row < assignments; ++row) {
+    const int token = mb.sent_assignment[row] / routing.top_k;
     std::copy_n(&mb.normed[static_cast<size_t>(token) * hidden], hidden,
                 &send_activations[static_cast<size_t>(row) * hidden]);
   }
@@ -210,6 +222,27 @@ absl::Status ExpertParallelForward::Combine(int layer, MicroBatch& mb, Communica
   if (rank.metrics != nullptr) {
     rank.metrics->AddCombine(static_cast<int64_t>(mb.expert_results.size() * sizeof(float)),
                              SecondsSince(start));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PublishBalancedness(std::span<const int64_t> received_per_layer, RankResources& rank) {
+  const int size = rank.compute->size();
+  const int layers = static_cast<int>(received_per_layer.size());
+  std::vector<int64_t> all(static_cast<size_t>(size) * layers);
+  if (auto s =
+          rank.compute->AllGather(received_per_layer.data(), layers * sizeof(int64_t), all.data());
+      !s.ok()) {
+    return s;
+  }
+  if (rank.compute->rank() != 0 || rank.metrics == nullptr) return absl::OkStatus();
+  for (int layer = 0; layer < layers; ++layer) {
+    int64_t sum = 0, max = 0;
+    for (int r = 0; r < size; ++r) {
+      sum += all[static_cast<size_t>(r) * layers + layer];
+      max = std::max(max, all[static_cast<size_t>(r) * layers + layer]);
+    }
+    if (max > 0) rank.metrics->SetBalancedness(layer, static_cast<double>(sum) / size / max);
   }
   return absl::OkStatus();
 }
@@ -324,26 +357,8 @@ absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(std::span<const Ba
   for (auto& future : in_flight) future.wait();
   if (!status.ok()) return status;
 
-  // Balancedness: mean over max of the tokens each rank's experts processed, per MoE layer.
   if (rank.metrics != nullptr && !received_per_layer.empty()) {
-    const int size = rank.compute->size();
-    const int layers = static_cast<int>(received_per_layer.size());
-    std::vector<int64_t> all(static_cast<size_t>(size) * layers);
-    if (auto s = rank.compute->AllGather(received_per_layer.data(), layers * sizeof(int64_t),
-                                         all.data());
-        !s.ok()) {
-      return s;
-    }
-    if (rank.compute->rank() == 0) {
-      for (int layer = 0; layer < layers; ++layer) {
-        int64_t sum = 0, max = 0;
-        for (int r = 0; r < size; ++r) {
-          sum += all[static_cast<size_t>(r) * layers + layer];
-          max = std::max(max, all[static_cast<size_t>(r) * layers + layer]);
-        }
-        if (max > 0) rank.metrics->SetBalancedness(layer, static_cast<double>(sum) / size / max);
-      }
-    }
+    if (auto s = PublishBalancedness(received_per_layer, rank); !s.ok()) return s;
   }
 
   std::vector<float> logits;

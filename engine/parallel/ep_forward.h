@@ -60,6 +60,22 @@ class ExpertParallelForward {
   const Model& model_;
 };
 
+// Where each (token, expert) assignment of a rank's batch goes: the replica slot it uses, and
+// the send order (grouped by destination rank, assignment order within a rank). Shared by the
+// CPU and GPU forward passes so that both choose the same replicas.
+struct DispatchPlan {
+  std::vector<int64_t> send_rows;        // rows per destination rank
+  std::vector<int32_t> sent_assignment;  // (token * top_k + k) of each sent row, in send order
+  std::vector<int32_t> send_slots;       // destination-local slot of each sent row
+};
+DispatchPlan PlanDispatch(std::span<const int32_t> experts, int top_k, int moe_layer,
+                          const ExpertPlacement& placement, int rank, int size);
+
+// Publishes each MoE layer's rank balancedness (mean over max of the rows every rank's experts
+// processed this step) into rank.metrics: an all-gather on rank.compute that every rank of the
+// group must call, with one entry per MoE layer.
+absl::Status PublishBalancedness(std::span<const int64_t> received_per_layer, RankResources& rank);
+
 // Splits a batch into two runs of near-equal token counts; a sequence that straddles the middle
 // is cut into two chunks (the first chunk's logits are not needed).
 struct BatchPiece {

@@ -62,6 +62,10 @@ ExpertParallelGroup::~ExpertParallelGroup() {
 absl::Status ExpertParallelGroup::StageAll(
     const ExpertPlacement& placement,
     std::vector<std::shared_ptr<const RankExpertWeights>>& out) const {
+  if (!options_.stage_host_expert_weights) {
+    out.assign(size(), nullptr);
+    return absl::OkStatus();
+  }
   const int slots_per_rank = placement.num_physical() / size();
   std::vector<std::shared_ptr<const RankExpertWeights>> staged(size());
   for (int rank = 0; rank < size(); ++rank) {

@@ -41,6 +41,10 @@ struct GroupOptions {
   int overlap_min_tokens = 32;
   bool expert_load_metrics = true;  // per (layer, expert) Prometheus series
   std::chrono::milliseconds collective_timeout = std::chrono::seconds(120);
+  // Stage each rank's own host copies of its slots' weights on placement updates (the CPU
+  // backend computes from them). A GPU backend uploads changed slots itself, so it turns this
+  // off and a new placement commits as soon as the ranks agree.
+  bool stage_host_expert_weights = true;
 };
 
 struct StepAgreement {

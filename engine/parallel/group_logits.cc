@@ -9,19 +9,40 @@ namespace moeserve::engine::parallel {
 
 absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<const int32_t> tokens,
                                                const GroupOptions& options,
-                                               ExpertPlacement placement, TraceRecorder* trace) {
+                                               ExpertPlacement placement, TraceRecorder* trace,
+                                               const RankBackendFactory& backend_factory) {
   auto group = ExpertParallelGroup::Create(model, options, std::move(placement), nullptr, trace);
   if (!group.ok()) return group.status();
   const int size = options.size;
   const int block_size = 16;
   const int blocks = (static_cast<int>(tokens.size()) + block_size - 1) / block_size;
+  if (!backend_factory && model.config().routed_experts_on_device) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("`", model.config().name, "` keeps its routed experts on GPUs only"));
+  }
+  std::vector<std::unique_ptr<RankBackend>> backends;
+  for (int rank = 0; rank < size; ++rank) {
+    if (!backend_factory) {
+      backends.push_back(std::make_unique<CpuRankBackend>((*group)->forward()));
+      continue;
+    }
+    auto made = backend_factory({.model = &model,
+                                 .group = group->get(),
+                                 .rank = rank,
+                                 .kv_blocks = blocks,
+                                 .kv_block_size = block_size,
+                                 .max_batch_tokens = static_cast<int>(tokens.size())});
+    if (!made.ok()) return made.status();
+    backends.push_back(std::move(*made));
+  }
   std::vector<std::vector<float>> logits(size);
   std::vector<absl::Status> statuses(size);
   std::vector<std::thread> threads;
   for (int rank = 0; rank < size; ++rank) {
     threads.emplace_back([&, rank] {
       cpu::ConfigureBlasThreads(1);
-      KvCache cache(model.config().num_hidden_layers, blocks, block_size, model.kv_row_dim());
+      KvCache cache(model.config().num_hidden_layers, blocks, block_size, model.kv_row_dim(),
+                    backends[rank]->needs_host_kv_rows());
       std::vector<int32_t> table = *cache.allocator().Allocate(blocks);
       BatchSequence sequence{tokens, 0, &table, /*all_logits=*/true};
       ExpertParallelGroup& g = **group;
@@ -32,7 +53,7 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
         g.Abort();
         return;
       }
-      absl::StatusOr<std::vector<float>> result = g.forward().Run(
+      absl::StatusOr<std::vector<float>> result = backends[rank]->Run(
           {&sequence, 1}, cache, g.placement(rank), g.resources(rank), agreement->split);
       if (!result.ok()) {
         statuses[rank] = result.status();

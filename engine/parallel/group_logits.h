@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/backend/rank_backend.h"
 #include "engine/model/model.h"
 #include "engine/parallel/ep_group.h"
 
@@ -22,6 +23,7 @@ struct GroupLogits {
 absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<const int32_t> tokens,
                                                const GroupOptions& options,
                                                ExpertPlacement placement,
-                                               TraceRecorder* trace = nullptr);
+                                               TraceRecorder* trace = nullptr,
+                                               const RankBackendFactory& backend_factory = {});
 
 }  // namespace moeserve::engine::parallel

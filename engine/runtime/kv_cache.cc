@@ -24,12 +24,12 @@ void BlockAllocator::Free(const std::vector<int32_t>& blocks) {
   }
 }
 
-KvCache::KvCache(int num_layers, int num_blocks, int block_size, int row_dim)
+KvCache::KvCache(int num_layers, int num_blocks, int block_size, int row_dim, bool host_rows)
     : num_layers_(num_layers),
       num_blocks_(num_blocks),
       block_size_(block_size),
       row_dim_(row_dim),
-      storage_(static_cast<size_t>(num_layers) * num_blocks * block_size * row_dim),
+      storage_(host_rows ? static_cast<size_t>(num_layers) * num_blocks * block_size * row_dim : 0),
       allocator_(num_blocks) {}
 
 }  // namespace moeserve::engine

@@ -29,7 +29,9 @@ class BlockAllocator {
 
 class KvCache {
  public:
-  KvCache(int num_layers, int num_blocks, int block_size, int row_dim);
+  // Without `host_rows`, only blocks are allocated: the rows live elsewhere (a GPU backend keeps
+  // them in device memory) and Row() must not be called.
+  KvCache(int num_layers, int num_blocks, int block_size, int row_dim, bool host_rows = true);
 
   float* Row(int layer, int32_t block, int offset) {
     return &storage_[((static_cast<size_t>(layer) * num_blocks_ + block) * block_size_ + offset) *

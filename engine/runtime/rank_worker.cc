@@ -47,13 +47,15 @@ size_t StopPrefixSuffix(const std::string& text, const std::vector<std::string>&
 }  // namespace
 
 RankWorker::RankWorker(const WorkerContext& context, parallel::ExpertParallelGroup& group, int rank,
-                       GroupRole role, int kv_blocks, int kv_block_size)
+                       GroupRole role, int kv_blocks, int kv_block_size,
+                       std::unique_ptr<RankBackend> backend)
     : context_(context),
       group_(group),
       rank_(rank),
       role_(role),
+      backend_(std::move(backend)),
       cache_(context.model->config().num_hidden_layers, kv_blocks, kv_block_size,
-             context.model->kv_row_dim()),
+             context.model->kv_row_dim(), backend_->needs_host_kv_rows()),
       kv_blocks_total_(kv_blocks) {
   kv_blocks_free_ = kv_blocks;
 }
@@ -202,7 +204,7 @@ bool RankWorker::Step() {
   if (!tracing) resources.trace = nullptr;
   const auto step_start = Clock::now();
   absl::StatusOr<std::vector<float>> logits =
-      group_.forward().Run(batch, cache_, group_.placement(rank_), resources, agreement->split);
+      backend_->Run(batch, cache_, group_.placement(rank_), resources, agreement->split);
   resources.trace = trace;
   if (tracing && ++traced_steps_ == context_.trace_steps && rank_ == 0 && context_.trace_complete) {
     context_.trace_complete();

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <thread>
 
+#include "engine/backend/rank_backend.h"
 #include "engine/model/model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/parallel/ep_group.h"
@@ -46,8 +47,10 @@ struct WorkerContext {
 
 class RankWorker {
  public:
+  // `backend` computes the rank's forward steps (CPU or GPU).
   RankWorker(const WorkerContext& context, parallel::ExpertParallelGroup& group, int rank,
-             GroupRole role, int kv_blocks, int kv_block_size);
+             GroupRole role, int kv_blocks, int kv_block_size,
+             std::unique_ptr<RankBackend> backend);
   ~RankWorker();
 
   void Start();
@@ -83,6 +86,7 @@ class RankWorker {
   parallel::ExpertParallelGroup& group_;
   int rank_;
   GroupRole role_;
+  std::unique_ptr<RankBackend> backend_;
   KvCache cache_;
   int kv_blocks_total_;
 

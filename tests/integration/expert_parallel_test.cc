@@ -18,22 +18,9 @@ namespace {
 
 using ::testing::HasSubstr;
 
-// Runs `count` greedy requests concurrently and returns their tokens in request order.
+// Greedy tokens of `count` concurrent requests of 12 to 16 tokens.
 std::vector<std::vector<uint32_t>> ConcurrentGreedy(ServerProcess& server, int count) {
-  std::vector<std::vector<uint32_t>> results(count);
-  std::vector<std::thread> threads;
-  for (int i = 0; i < count; ++i) {
-    threads.emplace_back([&, i] {
-      auto stub = v1::Generation::NewStub(server.channel());
-      grpc::Status status;
-      // Prompts of different lengths, so prefill chunks and decode steps mix.
-      results[i] = GreedyTokens(*stub, "request " + std::to_string(i) + std::string(i * 7, '.'),
-                                12 + i % 5, &status);
-      EXPECT_TRUE(status.ok()) << status.error_message();
-    });
-  }
-  for (auto& t : threads) t.join();
-  return results;
+  return testing::ConcurrentGreedy(server, count, [](int i) { return 12 + i % 5; });
 }
 
 TEST(ExpertParallelServing, DisaggregatedGroupsGiveTheSingleRankTokens) {

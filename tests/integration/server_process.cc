@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <regex>
 #include <sstream>
 #include <thread>
@@ -22,8 +23,19 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
     ADD_FAILURE() << "pipe failed";
     return;
   }
-  std::vector<std::string> args = {MOESERVE_BINARY, "serve", "--host",         "127.0.0.1",
-                                   "--port",        "0",     "--metrics-port", "0"};
+  // MOESERVE_BINARY in the environment overrides the build's path (tests run from a copied
+  // build, e.g. on a GPU host); MOESERVE_TEST_METRICS_PORT=-1 turns /metrics off where the
+  // host's sandbox refuses the metrics web server.
+  const char* binary = std::getenv("MOESERVE_BINARY");
+  const char* metrics_port = std::getenv("MOESERVE_TEST_METRICS_PORT");
+  std::vector<std::string> args = {binary != nullptr ? binary : MOESERVE_BINARY,
+                                   "serve",
+                                   "--host",
+                                   "127.0.0.1",
+                                   "--port",
+                                   "0",
+                                   "--metrics-port",
+                                   metrics_port != nullptr ? metrics_port : "0"};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   pid_ = fork();
   if (pid_ == 0) {
@@ -39,14 +51,14 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
   }
   close(pipe_fds[1]);
   output_fd_ = pipe_fds[0];
-  const std::regex ready(R"(serving \S+ on [0-9.]+:(\d+) \(metrics on [0-9.]+:(\d+))");
+  const std::regex ready(R"(serving \S+ on [0-9.]+:(\d+) \(metrics on (?:[0-9.]+:(\d+)|disabled))");
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < deadline) {
     ReadAvailable(100);
     std::smatch match;
     if (std::regex_search(output_, match, ready)) {
       port_ = std::stoi(match[1]);
-      metrics_port_ = std::stoi(match[2]);
+      metrics_port_ = match[2].matched ? std::stoi(match[2]) : -1;
       return;
     }
     int status = 0;
@@ -144,6 +156,23 @@ std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub, const std::string
   }
   *status = reader->Finish();
   return tokens;
+}
+
+std::vector<std::vector<uint32_t>> ConcurrentGreedy(
+    ServerProcess& server, int count, const std::function<uint32_t(int)>& max_tokens) {
+  std::vector<std::vector<uint32_t>> results(count);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < count; ++i) {
+    threads.emplace_back([&, i] {
+      auto stub = v1::Generation::NewStub(server.channel());
+      grpc::Status status;
+      results[i] = GreedyTokens(*stub, "request " + std::to_string(i) + std::string(i * 7, '.'),
+                                max_tokens(i), &status);
+      EXPECT_TRUE(status.ok()) << status.error_message();
+    });
+  }
+  for (auto& t : threads) t.join();
+  return results;
 }
 
 std::string ScrapeMetrics(int port) {

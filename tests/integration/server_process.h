@@ -5,6 +5,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -52,6 +53,12 @@ class ServerProcess {
 // `status`.
 std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub, const std::string& prompt,
                                    uint32_t max_tokens, grpc::Status* status);
+
+// Greedy tokens of `count` concurrent requests (prompts of different lengths, so prefill chunks
+// and decode steps mix), in request order; request i generates max_tokens(i) tokens. Each
+// request's status must be OK (a test failure otherwise).
+std::vector<std::vector<uint32_t>> ConcurrentGreedy(ServerProcess& server, int count,
+                                                    const std::function<uint32_t(int)>& max_tokens);
 
 // GET http://127.0.0.1:port/metrics; empty on failure.
 std::string ScrapeMetrics(int port);

@@ -568,6 +568,30 @@ TEST_F(EngineTest, CreateRejectsBadOptions) {
   EXPECT_THAT(engine.status().message(), HasSubstr("holds no block"));
 }
 
+TEST_F(EngineTest, ModelsWithGpuOnlyExpertsAreRefusedOnTheCpu) {
+  ModelConfig config = loaded_->model->config();
+  config.routed_experts_on_device = true;
+  auto model = std::make_shared<Model>(ModelWeights::Generate(config, 1));
+  EXPECT_EQ(model->weights().layer(1).moe.experts[0].gate_proj, nullptr);
+  const auto engine = Engine::Create(model, loaded_->tokenizer, SmallOptions());
+  ASSERT_FALSE(engine.ok());
+  EXPECT_EQ(engine.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(engine.status().message(), HasSubstr("--device cuda"));
+}
+
+TEST_F(EngineTest, DisaggregationIsRefusedWithAGpuBackend) {
+  EngineOptions options = SmallOptions();
+  options.parallel.prefill_ep = 1;
+  options.backend.name = "cuda";
+  options.backend.factory =
+      [](const RankBackendRequest&) -> absl::StatusOr<std::unique_ptr<RankBackend>> {
+    return absl::InternalError("not reached");
+  };
+  const auto engine = Engine::Create(loaded_->model, loaded_->tokenizer, options);
+  ASSERT_FALSE(engine.ok());
+  EXPECT_THAT(engine.status().message(), HasSubstr("disaggregation runs on the CPU only"));
+}
+
 TEST_F(EngineTest, StopStringsNeedATokenizer) {
   absl::StatusOr<std::unique_ptr<Engine>> engine =
       Engine::Create(loaded_->model, nullptr, SmallOptions());

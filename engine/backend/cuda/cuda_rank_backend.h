@@ -1,0 +1,74 @@
+// CudaRankBackend: one rank's part of a forward step on one GPU — DeepSeek's MLA models (V2/V3)
+// in bf16 with fp32 accumulation. It owns the rank's device copies of the weights (dense
+// weights in full; routed experts only for the rank's placement slots), the paged latent KV
+// cache rows in device memory (the host KvCache only allocates blocks), cuBLAS, and the scratch
+// activations of a step.
+//
+// A step: embedding → per layer [RMSNorm → MLA (q-LoRA, latent cache write with RoPE, absorbed
+// attention over the paged cache, output projection) → RMSNorm → dense MLP, or MoE (gate GEMM
+// and group-limited top-k in one kernel; dispatch to the ranks holding the chosen replicas;
+// the local slots' SwiGLU as grouped GEMMs; combine and the weighted sum with the shared
+// expert)] → final norm → LM head; logits come back to the host for the sampler.
+// The dispatch plan (which replica serves each token) is computed on the host with the same
+// rule as the CPU backend, so both send each token to the same replica. Counts and slot ids go
+// through the group's host communicator; activations go GPU to GPU through NCCL.
+//
+// A new placement is applied at the step that first uses it: the slots whose expert changed are
+// uploaded before that step's MoE layers run.
+//
+// Not thread-safe: called by its rank's thread only.
+#pragma once
+
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/backend/rank_backend.h"
+#include "engine/model/model.h"
+#include "engine/parallel/nccl_communicator.h"
+#include "engine/placement/expert_placement.h"
+
+namespace moeserve::engine::cuda {
+
+struct CudaRankOptions {
+  int device = 0;
+  int rank = 0;
+  int group_size = 1;
+  int kv_blocks = 0;
+  int kv_block_size = 16;
+  int max_batch_tokens = 256;  // tokens per step on this rank
+  // Activations exchange (dispatch/combine) of the group; null for a group of one rank.
+  parallel::NcclCommunicator* exchange = nullptr;
+  std::shared_ptr<const void> exchange_owner;  // keeps `exchange` alive as long as the backend
+};
+
+class CudaRankBackend : public RankBackend {
+ public:
+  // Uploads the weights (and the slots of `placement` for this rank) to options.device.
+  // INVALID_ARGUMENT for models the GPU backend does not run (grouped-query attention).
+  static absl::StatusOr<std::unique_ptr<CudaRankBackend>> Create(const Model& model,
+                                                                 const ExpertPlacement& placement,
+                                                                 const CudaRankOptions& options);
+  ~CudaRankBackend() override;
+
+  absl::StatusOr<std::vector<float>> Run(std::span<const BatchSequence> batch, KvCache& cache,
+                                         const ExpertPlacement& placement,
+                                         parallel::RankResources& rank,
+                                         bool two_micro_batches) override;
+  bool needs_host_kv_rows() const override { return false; }
+
+  // Bytes of device memory this rank holds for weights and for KV rows.
+  int64_t weight_bytes() const;
+  int64_t kv_bytes() const;
+
+ private:
+  struct State;
+  explicit CudaRankBackend(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+// Checks that a model can run on the GPU backend (INVALID_ARGUMENT with the reason otherwise).
+absl::Status CheckCudaSupport(const ModelConfig& config);
+
+}  // namespace moeserve::engine::cuda

@@ -1,0 +1,65 @@
+// RankBackend: where one rank of an expert-parallel group computes its part of a forward step —
+// the CPU (ExpertParallelForward over fp32 weights) or a GPU (CudaRankBackend, bf16). The step
+// loop (runtime/rank_worker.h), the group agreement, placement and metrics are the same for
+// both; only Run() differs.
+//
+// One backend object belongs to one rank and is called by that rank's thread only.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model/model.h"
+#include "engine/parallel/ep_forward.h"
+#include "engine/parallel/ep_group.h"
+#include "engine/placement/expert_placement.h"
+#include "engine/runtime/kv_cache.h"
+
+namespace moeserve::engine {
+
+class RankBackend {
+ public:
+  virtual ~RankBackend() = default;
+  // Runs the rank's batch (see ExpertParallelForward::Run for the contract: every rank of the
+  // group calls it for every step) and returns its logits on the host, [rows, vocab].
+  virtual absl::StatusOr<std::vector<float>> Run(std::span<const BatchSequence> batch,
+                                                 KvCache& cache, const ExpertPlacement& placement,
+                                                 parallel::RankResources& rank,
+                                                 bool two_micro_batches) = 0;
+  // Whether the KvCache passed to Run() must hold the rows in host memory. A GPU backend keeps
+  // the rows on its device and uses the KvCache for block allocation only.
+  virtual bool needs_host_kv_rows() const { return true; }
+};
+
+// The CPU backend: the expert-parallel forward of engine/parallel/ over the model's weights.
+class CpuRankBackend : public RankBackend {
+ public:
+  explicit CpuRankBackend(const parallel::ExpertParallelForward& forward) : forward_(forward) {}
+  absl::StatusOr<std::vector<float>> Run(std::span<const BatchSequence> batch, KvCache& cache,
+                                         const ExpertPlacement& placement,
+                                         parallel::RankResources& rank,
+                                         bool two_micro_batches) override {
+    return forward_.Run(batch, cache, placement, rank, two_micro_batches);
+  }
+
+ private:
+  const parallel::ExpertParallelForward& forward_;
+};
+
+// Makes rank `rank`'s backend for a group: called once per rank, in rank order, from the
+// thread that builds the group, with the number of KV blocks each rank gets.
+struct RankBackendRequest {
+  const Model* model = nullptr;
+  parallel::ExpertParallelGroup* group = nullptr;
+  int rank = 0;
+  int kv_blocks = 0;
+  int kv_block_size = 16;
+  int max_batch_tokens = 256;
+};
+using RankBackendFactory =
+    std::function<absl::StatusOr<std::unique_ptr<RankBackend>>(const RankBackendRequest&)>;
+
+}  // namespace moeserve::engine
