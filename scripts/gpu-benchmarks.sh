@@ -13,7 +13,8 @@
 # Binaries come from $MOESERVE_BIN_DIR (a flat folder, e.g. a bundle made with
 # kernels/bench/run_dispatch_bench.sh --bundle) or the build tree $MOESERVE_BUILD_DIR (default:
 # build). Serving flags: $SERVING_CONCURRENCY (default "1 8 32 64"), $SERVING_PROMPT_TOKENS
-# (128), $SERVING_MAX_TOKENS (128), $SERVING_EP (default "1 2 4"). NVLink multicast stays off.
+# (128), $SERVING_MAX_TOKENS (128), $SERVING_EP (default "1 2 4"; a layout of 2 or more GPUs
+# also runs with --two-batch-overlap). NVLink multicast stays off.
 set -euo pipefail
 
 [[ $# -ge 1 ]] || { sed -n '2,19p' "$0" >&2; exit 2; }
@@ -56,32 +57,39 @@ for part in "${parts[@]}"; do
       header=1
       for ep in ${SERVING_EP:-1 2 4}; do
         (( ep <= gpus )) || continue
-        port=$((50200 + ep))
-        "$server" serve --model builtin:v3-bench --device cuda --ep "$ep" --host 127.0.0.1 \
-          --port "$port" --metrics-port -1 --kv-cache-mib 8192 --max-batch-tokens 1024 \
-          --max-running-requests 128 >"$out/serve-ep$ep.log" 2>&1 &
-        pid=$!
-        # Wait for the server's ready line (it generates and uploads the weights first); give up
-        # if it exits.
-        until grep -q "moeserve: serving" "$out/serve-ep$ep.log"; do
-          if ! kill -0 "$pid" 2>/dev/null; then
-            echo "EP$ep: the server exited:" >&2
-            tail -5 "$out/serve-ep$ep.log" >&2
-            continue 2
+        overlaps=("")
+        (( ep > 1 )) && overlaps+=("--two-batch-overlap")
+        for overlap in "${overlaps[@]}"; do
+          name="ep$ep${overlap:+-overlap}"
+          port=$((50200 + ep + ${#overlap}))
+          # shellcheck disable=SC2086
+          "$server" serve --model builtin:v3-bench --device cuda --ep "$ep" $overlap \
+            --host 127.0.0.1 --port "$port" --metrics-port -1 --kv-cache-mib 8192 \
+            --max-batch-tokens 1024 --max-running-requests 128 >"$out/serve-$name.log" 2>&1 &
+          pid=$!
+          # Wait for the server's ready line (it generates and uploads the weights first); give
+          # up if it exits.
+          until grep -q "moeserve: serving" "$out/serve-$name.log"; do
+            if ! kill -0 "$pid" 2>/dev/null; then
+              echo "$name: the server exited:" >&2
+              tail -5 "$out/serve-$name.log" >&2
+              continue 2
+            fi
+            sleep 1
+          done
+          # shellcheck disable=SC2086
+          if ! "$loadgen" --target "127.0.0.1:$port" --connect-timeout 600 --gpus "$ep" \
+            --label "EP$ep${overlap:+ + overlap} ($ep x $card)" \
+            --concurrency ${SERVING_CONCURRENCY:-1 8 32 64} \
+            --prompt-tokens "${SERVING_PROMPT_TOKENS:-128}" \
+            --max-tokens "${SERVING_MAX_TOKENS:-128}" >"$out/serving-$name.md" 2>&1; then
+            echo "$name: load generator failed (see serving-$name.md, serve-$name.log)" >&2
           fi
-          sleep 1
+          kill -TERM "$pid" 2>/dev/null || true
+          wait "$pid" || true
+          if (( header )); then cat "$out/serving-$name.md"; header=0;
+          else tail -n +3 "$out/serving-$name.md"; fi | tee -a "$out/summary.md"
         done
-        # shellcheck disable=SC2086
-        if ! "$loadgen" --target "127.0.0.1:$port" --connect-timeout 600 --gpus "$ep" \
-          --label "EP$ep ($ep x $card)" --concurrency ${SERVING_CONCURRENCY:-1 8 32 64} \
-          --prompt-tokens "${SERVING_PROMPT_TOKENS:-128}" \
-          --max-tokens "${SERVING_MAX_TOKENS:-128}" >"$out/serving-ep$ep.md" 2>&1; then
-          echo "EP$ep: load generator failed (see serving-ep$ep.md, serve-ep$ep.log)" >&2
-        fi
-        kill -TERM "$pid" 2>/dev/null || true
-        wait "$pid" || true
-        if (( header )); then cat "$out/serving-ep$ep.md"; header=0;
-        else tail -n +3 "$out/serving-ep$ep.md"; fi | tee -a "$out/summary.md"
       done
       ;;
     *) echo "unknown part $part (experts, dispatch, serving)" >&2; exit 2 ;;

@@ -19,16 +19,10 @@
 namespace {
 
 // The backend `--device` names. The GPU backend is a plugin, loaded only when asked for.
-absl::StatusOr<moeserve::engine::BackendOptions> BackendFor(
-    const std::string& device, const moeserve::engine::ParallelOptions& parallel) {
+absl::StatusOr<moeserve::engine::BackendOptions> BackendFor(const std::string& device) {
   moeserve::engine::BackendOptions backend;
   if (device == "cpu") return backend;
   if (device != "cuda") return absl::InvalidArgumentError("--device must be cpu or cuda");
-  if (parallel.two_batch_overlap) {
-    return absl::InvalidArgumentError(
-        "--two-batch-overlap runs on the CPU backend only; the GPU backend runs each step as one "
-        "batch");
-  }
   absl::StatusOr<moeserve::engine::CudaBackend> cuda = moeserve::engine::LoadCudaBackend();
   if (!cuda.ok()) return cuda.status();
   backend.factory = std::move(cuda->factory);
@@ -71,7 +65,7 @@ void AddExpertParallelOptions(CLI::App* command, moeserve::engine::ParallelOptio
 int RunLogits(const std::string& model_spec, const std::string& tokens_text,
               const std::string& out_path, int ep,
               const moeserve::engine::ParallelOptions& parallel, const std::string& device) {
-  auto backend = BackendFor(device, parallel);
+  auto backend = BackendFor(device);
   if (!backend.ok()) {
     std::cerr << "moeserve logits: " << backend.status().message() << "\n";
     return 2;
@@ -280,7 +274,7 @@ int main(int argc, char** argv) {
   std::string serve_device = "cpu";
   AddDeviceOption(serve_command, serve_device);
   serve_command->callback([&] {
-    auto backend = BackendFor(serve_device, serve.engine.parallel);
+    auto backend = BackendFor(serve_device);
     if (!backend.ok()) {
       std::cerr << "moeserve serve: " << backend.status().message() << "\n";
       exit_code = 2;

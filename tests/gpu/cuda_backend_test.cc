@@ -93,11 +93,13 @@ Agreement Compare(const std::vector<float>& gpu, const std::vector<float>& cpu, 
 
 absl::StatusOr<std::vector<float>> GroupLogits(const Model& model,
                                                const std::vector<int32_t>& tokens, int ep,
-                                               int redundant, bool gpu) {
+                                               int redundant, bool gpu, bool overlap = false) {
   const ModelConfig& c = model.config();
   parallel::GroupOptions options;
   options.name = "test";
   options.size = ep;
+  options.two_batch_overlap = overlap;
+  options.overlap_min_tokens = 1;
   auto placement = ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts,
                                             c.n_routed_experts + redundant);
   auto result = parallel::ComputeGroupLogits(model, tokens, options, std::move(placement), nullptr,
@@ -121,16 +123,16 @@ TEST(CudaBackend, LogitsMatchTheCpuWithinTheBf16Tolerance) {
     const Tolerance tolerance = ToleranceFor(name);
     for (int ep : {1, 2, 4}) {
       if (ep > VisibleCudaDevices()) continue;
-      for (int redundant : {0, ep}) {
-        auto gpu = GroupLogits(model, tokens, ep, redundant, true);
+      for (auto [redundant, overlap] : {std::pair{0, false}, {ep, false}, {ep, true}}) {
+        auto gpu = GroupLogits(model, tokens, ep, redundant, true, overlap);
         ASSERT_TRUE(gpu.ok()) << name << " EP" << ep << ": " << gpu.status();
         const Agreement a = Compare(*gpu, *cpu, model.config().vocab_size);
         const Agreement self = Compare(*gpu, *gpu_single, model.config().vocab_size);
         std::printf(
-            "%s EP%d redundant %d: vs CPU relative error max %.2e, median position %.2e, same "
-            "argmax %.1f%%; vs GPU EP1 %.2e\n",
-            name.c_str(), ep, redundant, a.relative_error, a.median_row_error,
-            100 * a.argmax_agreement, self.relative_error);
+            "%s EP%d redundant %d%s: vs CPU relative error max %.2e, median position %.2e, "
+            "same argmax %.1f%%; vs GPU EP1 %.2e\n",
+            name.c_str(), ep, redundant, overlap ? " overlap" : "", a.relative_error,
+            a.median_row_error, 100 * a.argmax_agreement, self.relative_error);
         EXPECT_LT(a.relative_error, tolerance.relative_error) << name << " EP" << ep;
         EXPECT_LT(a.median_row_error, tolerance.median_row_error) << name << " EP" << ep;
         EXPECT_GE(a.argmax_agreement, tolerance.argmax_agreement) << name << " EP" << ep;
@@ -209,9 +211,17 @@ TEST(CudaBackend, ServerOnGpusGeneratesTheCpuServersTokens) {
   }
   for (int ep : {1, 2, 4}) {
     if (ep > VisibleCudaDevices()) continue;
-    testing::ServerProcess server({"--model", "builtin:tiny", "--device", "cuda", "--ep",
-                                   std::to_string(ep), "--num-redundant-experts",
-                                   std::to_string(ep)});
+    // Two GPUs and more also overlap the exchanges with compute (two micro-batches).
+    std::vector<std::string> args = {"--model",
+                                     "builtin:tiny",
+                                     "--device",
+                                     "cuda",
+                                     "--ep",
+                                     std::to_string(ep),
+                                     "--num-redundant-experts",
+                                     std::to_string(ep)};
+    if (ep > 1) args.insert(args.end(), {"--two-batch-overlap", "--overlap-min-tokens", "1"});
+    testing::ServerProcess server(args);
     ASSERT_TRUE(server.ok()) << server.output();
     const std::vector<std::vector<uint32_t>> gpu = ConcurrentGreedy(server, 12);
     int same = 0, total = 0;

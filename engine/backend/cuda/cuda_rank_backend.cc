@@ -4,9 +4,9 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/cuda/device_array.h"
@@ -20,12 +20,6 @@ namespace moeserve::engine::cuda {
 namespace {
 
 using Bf16 = __nv_bfloat16;
-using Clock = std::chrono::steady_clock;
-
-double SecondsSince(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
 absl::Status Cuda(cudaError_t error, const char* what) { return kernels::CudaStatus(error, what); }
 
 absl::Status Cublas(cublasStatus_t status, const char* what) {
@@ -115,10 +109,94 @@ absl::Status CheckCudaSupport(const ModelConfig& config) {
   return absl::OkStatus();
 }
 
+// Host memory the GPU copies from asynchronously (pinned, so a copy never waits for the
+// stream's earlier work to finish on the host). Grows; not thread-safe.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer() {
+    if (data_ != nullptr) cudaFreeHost(data_);
+  }
+  // Copies `bytes` from `host` into the pinned buffer, then to `device` on `stream`. The
+  // pinned copy must not be rewritten before the stream ran the copy: callers reuse a buffer
+  // only after they synchronized with the stream again.
+  absl::Status CopyToDevice(void* device, const void* host, size_t bytes, cudaStream_t stream) {
+    if (bytes == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(Reserve(bytes));
+    std::memcpy(data_, host, bytes);
+    return Cuda(cudaMemcpyAsync(device, data_, bytes, cudaMemcpyHostToDevice, stream), "upload");
+  }
+  absl::Status Reserve(size_t bytes) {
+    if (bytes <= capacity_) return absl::OkStatus();
+    if (data_ != nullptr) cudaFreeHost(data_);
+    data_ = nullptr;
+    capacity_ = 0;
+    RETURN_IF_ERROR(Cuda(cudaMallocHost(&data_, bytes), "pinned host memory"));
+    capacity_ = bytes;
+    return absl::OkStatus();
+  }
+  void* data() { return data_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+// An index array (row numbers) on its way to the device.
+struct DeviceIndex {
+  DeviceArray<int32_t> device;
+  PinnedBuffer staging;
+  absl::Status Upload(const std::vector<int32_t>& values, cudaStream_t stream) {
+    RETURN_IF_ERROR(device.Reserve(values.size()));
+    return staging.CopyToDevice(device.data(), values.data(), values.size() * sizeof(int32_t),
+                                stream);
+  }
+};
+
+// One micro-batch's activations and exchange state. With two-batch overlap a step has two,
+// and one's dispatch or combine runs on the communication stream while the other computes;
+// every buffer either side may touch while the other runs is the micro-batch's own.
+struct MicroBatchState {
+  int index = 0;
+  std::vector<BatchSequence> sequences;
+  std::vector<bool> emits_logits;
+  std::vector<SequenceSpan> spans;
+  int tokens = 0;
+  int max_blocks = 1;
+  DeviceArray<int32_t> token_ids, positions, token_sequence, block_tables;
+  DeviceArray<int64_t> cache_rows;
+  DeviceArray<Bf16> residual, normed, q_compressed, q, q_absorbed, attended, values;
+  DeviceArray<float> kv_a, gate_logits, routing_weights;
+  DeviceArray<int32_t> routing_experts;
+  DeviceArray<Bf16> send, received, expert_in, expert_out, results, returned, moe_out, shared_out;
+  DeviceArray<Bf16> head_in;
+  DeviceArray<float> logits;
+  DeviceIndex send_source, slot_order, received_order, assignment_rows, head_rows;
+  PinnedBuffer routing_host;  // the routing's way back to the host
+  // The current MoE layer's exchange.
+  parallel::DispatchPlan plan;
+  std::vector<int64_t> receive_rows;
+  std::vector<int64_t> slot_offsets;
+  int64_t received_count = 0;
+  const Bf16* received_rows = nullptr;  // where the dispatched rows are (send when alone)
+  const Bf16* returned_rows = nullptr;  // where the combined rows are
+  // The exchange in flight on the communication stream, until its consumer waits for it.
+  std::optional<parallel::CollectiveCompletion> in_flight;
+};
+
+// GPU time of one collective on the communication stream, read once the step is done.
+struct TimedCollective {
+  cudaEvent_t start = nullptr, stop = nullptr;
+  int64_t bytes = 0;
+  bool dispatch = true;
+};
+
 struct CudaRankBackend::State {
   const Model* model = nullptr;
   CudaRankOptions options;
-  cudaStream_t stream = nullptr;
+  cudaStream_t stream = nullptr;  // compute
   cublasHandle_t cublas = nullptr;
   int64_t weight_bytes = 0;
 
@@ -132,20 +210,25 @@ struct CudaRankBackend::State {
   int64_t rows_per_layer = 0;
 
   std::unique_ptr<kernels::ExpertMlp> dense_mlp, shared_mlp, routed_mlp;
+  MicroBatchState micro_batches[2];
+  int max_received = 0;
 
-  // Step scratch.
-  DeviceArray<int32_t> token_ids, positions, token_sequence, block_tables, row_index;
-  DeviceArray<int64_t> cache_rows;
-  DeviceArray<Bf16> residual, normed, q_compressed, q, q_absorbed, attended, values;
-  DeviceArray<float> kv_a;
-  DeviceArray<float> gate_logits, routing_weights;
-  DeviceArray<int32_t> routing_experts;
-  DeviceArray<Bf16> send, received, expert_in, expert_out, results, returned, moe_out, shared_out;
-  DeviceArray<Bf16> head_in;
-  DeviceArray<float> logits;
+  // Collectives the compute stream was made to wait for; the host waits for them (with the
+  // group timeout) before it blocks on the compute stream, so a dead peer fails the step
+  // instead of hanging it.
+  std::vector<parallel::CollectiveCompletion> awaited;
+  std::vector<TimedCollective> timed;  // this step's
+  std::vector<TimedCollective> spare_timers;
   cudaEvent_t produced = nullptr;  // compute-stream work the exchange must wait for
 
   ~State() {
+    for (auto* list : {&timed, &spare_timers}) {
+      for (TimedCollective& t : *list) {
+        cudaEventDestroy(t.start);
+        cudaEventDestroy(t.stop);
+      }
+    }
+    awaited.clear();
     if (produced != nullptr) cudaEventDestroy(produced);
     if (cublas != nullptr) cublasDestroy(cublas);
     if (stream != nullptr) cudaStreamDestroy(stream);
@@ -165,13 +248,60 @@ struct CudaRankBackend::State {
                   "linear");
   }
 
+  absl::Status ReserveMicroBatch(MicroBatchState& mb);
   absl::Status LoadSlots(const ExpertPlacement& placement);
-  absl::Status Attention(int layer, int tokens, int sequences, int max_blocks);
-  absl::Status Moe(int layer, int tokens, const ExpertPlacement& placement,
-                   parallel::RankResources& rank, int64_t& received_rows);
-  absl::Status Exchange(const Bf16* send_buffer, std::span<const int64_t> send_rows,
-                        Bf16* receive_buffer, std::span<const int64_t> receive_rows);
+  absl::Status Prepare(MicroBatchState& mb, int block_size);
+  absl::Status Attention(int layer, MicroBatchState& mb);
+  // MoE in three phases, so that two micro-batches can interleave them: gate and dispatch,
+  // the local experts and combine, then the weighted sum into the residual.
+  absl::Status GateAndDispatch(int layer, MicroBatchState& mb, const ExpertPlacement& placement,
+                               parallel::RankResources& rank);
+  absl::Status ExpertsAndCombine(int layer, MicroBatchState& mb, parallel::RankResources& rank);
+  absl::Status FinishMoe(MicroBatchState& mb);
+  absl::Status Head(MicroBatchState& mb, std::vector<float>& logits);
+  // Puts an all-to-all of activations on the communication stream behind the compute stream's
+  // work so far, as mb.in_flight; AwaitExchange makes the compute stream wait for it (its
+  // consumer's work comes next), so the compute stream stays free until then.
+  absl::Status EnqueueExchange(MicroBatchState& mb, const Bf16* send_buffer,
+                               std::span<const int64_t> send_rows, Bf16* receive_buffer,
+                               std::span<const int64_t> receive_rows, bool dispatch);
+  absl::Status AwaitExchange(MicroBatchState& mb);
+  // Waits, on the host and with the group timeout, for every exchange still in flight.
+  absl::Status DrainExchanges();
+  // Waits for the compute stream on the host (after the awaited collectives, with timeouts).
+  absl::Status SynchronizeCompute(const char* what);
+  void PublishExchangeTimes(parallel::RankResources& rank);
 };
+
+absl::Status CudaRankBackend::State::ReserveMicroBatch(MicroBatchState& mb) {
+  const ModelConfig& c = config();
+  const size_t t = std::max(options.max_batch_tokens, 1);
+  const size_t h = c.hidden_size;
+  const size_t heads = c.num_attention_heads;
+  const size_t row_dim = c.kv_lora_rank + c.qk_rope_head_dim;
+  const size_t top_k = std::max(c.num_experts_per_tok, 1);
+  RETURN_IF_ERROR(mb.residual.Reserve(t * h));
+  RETURN_IF_ERROR(mb.normed.Reserve(t * h));
+  RETURN_IF_ERROR(mb.q_compressed.Reserve(t * std::max(c.q_lora_rank, 1)));
+  RETURN_IF_ERROR(mb.q.Reserve(t * heads * c.qk_head_dim()));
+  RETURN_IF_ERROR(mb.kv_a.Reserve(t * row_dim));
+  RETURN_IF_ERROR(mb.q_absorbed.Reserve(t * heads * row_dim));
+  RETURN_IF_ERROR(mb.attended.Reserve(t * heads * c.kv_lora_rank));
+  RETURN_IF_ERROR(mb.values.Reserve(t * heads * c.v_head_dim));
+  RETURN_IF_ERROR(mb.gate_logits.Reserve(t * std::max(c.n_routed_experts, 1)));
+  RETURN_IF_ERROR(mb.routing_experts.Reserve(t * top_k));
+  RETURN_IF_ERROR(mb.routing_weights.Reserve(t * top_k));
+  RETURN_IF_ERROR(mb.send.Reserve(t * top_k * h));
+  RETURN_IF_ERROR(mb.returned.Reserve(t * top_k * h));
+  RETURN_IF_ERROR(mb.received.Reserve(static_cast<size_t>(max_received) * h));
+  RETURN_IF_ERROR(mb.expert_in.Reserve(static_cast<size_t>(max_received) * h));
+  RETURN_IF_ERROR(mb.expert_out.Reserve(static_cast<size_t>(max_received) * h));
+  RETURN_IF_ERROR(mb.results.Reserve(static_cast<size_t>(max_received) * h));
+  RETURN_IF_ERROR(mb.moe_out.Reserve(t * h));
+  RETURN_IF_ERROR(mb.shared_out.Reserve(t * h));
+  RETURN_IF_ERROR(mb.head_in.Reserve(t * h));
+  return mb.logits.Reserve(t * c.vocab_size);
+}
 
 absl::Status CudaRankBackend::State::LoadSlots(const ExpertPlacement& placement) {
   if (placement.version() == placement_version) return absl::OkStatus();
@@ -201,10 +331,47 @@ absl::Status CudaRankBackend::State::LoadSlots(const ExpertPlacement& placement)
   return absl::OkStatus();
 }
 
-absl::Status CudaRankBackend::State::Attention(int layer, int tokens, int sequences,
-                                               int max_blocks) {
+absl::Status CudaRankBackend::State::Prepare(MicroBatchState& mb, int block_size) {
+  // Token layout: ids, positions, owning sequence, cache rows and block tables.
+  mb.spans = Model::Layout(mb.sequences, &mb.tokens);
+  if (mb.tokens > options.max_batch_tokens) {
+    return absl::InternalError(absl::StrCat(
+        "GPU step of ", mb.tokens, " tokens exceeds the rank's ", options.max_batch_tokens));
+  }
+  std::vector<int32_t> ids, positions, token_sequence;
+  std::vector<int64_t> cache_rows;
+  mb.max_blocks = 1;
+  for (const BatchSequence& seq : mb.sequences) {
+    mb.max_blocks = std::max(mb.max_blocks, static_cast<int>(seq.block_table->size()));
+  }
+  std::vector<int32_t> block_tables(mb.sequences.size() * mb.max_blocks, 0);
+  for (size_t i = 0; i < mb.sequences.size(); ++i) {
+    const BatchSequence& seq = mb.sequences[i];
+    std::copy(seq.block_table->begin(), seq.block_table->end(),
+              block_tables.begin() + static_cast<std::ptrdiff_t>(i * mb.max_blocks));
+    for (size_t j = 0; j < seq.tokens.size(); ++j) {
+      const int position = seq.start_position + static_cast<int>(j);
+      ids.push_back(seq.tokens[j]);
+      positions.push_back(position);
+      token_sequence.push_back(static_cast<int32_t>(i));
+      cache_rows.push_back(static_cast<int64_t>((*seq.block_table)[position / block_size]) *
+                               block_size +
+                           position % block_size);
+    }
+  }
+  RETURN_IF_ERROR(mb.token_ids.Upload(ids.data(), ids.size(), stream));
+  RETURN_IF_ERROR(mb.positions.Upload(positions.data(), positions.size(), stream));
+  RETURN_IF_ERROR(mb.token_sequence.Upload(token_sequence.data(), token_sequence.size(), stream));
+  RETURN_IF_ERROR(mb.cache_rows.Upload(cache_rows.data(), cache_rows.size(), stream));
+  RETURN_IF_ERROR(mb.block_tables.Upload(block_tables.data(), block_tables.size(), stream));
+  return kernels::Embedding(embed.data(), mb.token_ids.data(), mb.residual.data(), mb.tokens,
+                            config().hidden_size, stream);
+}
+
+absl::Status CudaRankBackend::State::Attention(int layer, MicroBatchState& mb) {
   const ModelConfig& c = config();
   const DeviceLayer& w = layers[layer];
+  const int tokens = mb.tokens;
   const int heads = c.num_attention_heads;
   const int nope = c.qk_nope_head_dim;
   const int rope = c.qk_rope_head_dim;
@@ -214,29 +381,28 @@ absl::Status CudaRankBackend::State::Attention(int layer, int tokens, int sequen
   const int row_dim = latent + rope;
   const int hidden = c.hidden_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  (void)sequences;
 
-  RETURN_IF_ERROR(kernels::RmsNorm(residual.data(), w.input_norm.data(), normed.data(), tokens,
-                                   hidden, eps, stream));
+  RETURN_IF_ERROR(kernels::RmsNorm(mb.residual.data(), w.input_norm.data(), mb.normed.data(),
+                                   tokens, hidden, eps, stream));
   if (c.q_lora_rank > 0) {
-    RETURN_IF_ERROR(Linear(normed.data(), w.q_a.data(), q_compressed.data(), CUDA_R_16BF, tokens,
-                           hidden, c.q_lora_rank));
-    RETURN_IF_ERROR(kernels::RmsNorm(q_compressed.data(), w.q_a_norm.data(), q_compressed.data(),
-                                     tokens, c.q_lora_rank, eps, stream));
-    RETURN_IF_ERROR(Linear(q_compressed.data(), w.q_b.data(), q.data(), CUDA_R_16BF, tokens,
+    RETURN_IF_ERROR(Linear(mb.normed.data(), w.q_a.data(), mb.q_compressed.data(), CUDA_R_16BF,
+                           tokens, hidden, c.q_lora_rank));
+    RETURN_IF_ERROR(kernels::RmsNorm(mb.q_compressed.data(), w.q_a_norm.data(),
+                                     mb.q_compressed.data(), tokens, c.q_lora_rank, eps, stream));
+    RETURN_IF_ERROR(Linear(mb.q_compressed.data(), w.q_b.data(), mb.q.data(), CUDA_R_16BF, tokens,
                            c.q_lora_rank, heads * qk));
   } else {
     RETURN_IF_ERROR(
-        Linear(normed.data(), w.q.data(), q.data(), CUDA_R_16BF, tokens, hidden, heads * qk));
+        Linear(mb.normed.data(), w.q.data(), mb.q.data(), CUDA_R_16BF, tokens, hidden, heads * qk));
   }
   RETURN_IF_ERROR(
-      Linear(normed.data(), w.kv_a.data(), kv_a.data(), CUDA_R_32F, tokens, hidden, row_dim));
+      Linear(mb.normed.data(), w.kv_a.data(), mb.kv_a.data(), CUDA_R_32F, tokens, hidden, row_dim));
   Bf16* layer_rows = kv_rows.data() + layer * rows_per_layer * row_dim;
-  RETURN_IF_ERROR(kernels::MlaWriteCache(kv_a.data(), w.kv_a_norm.data(), eps, positions.data(),
-                                         cache_rows.data(), rope_cos.data(), rope_sin.data(),
-                                         layer_rows, tokens, latent, rope, stream));
-  RETURN_IF_ERROR(kernels::MlaQueryRope(q.data(), positions.data(), rope_cos.data(),
-                                        rope_sin.data(), q_absorbed.data(), tokens, heads, nope,
+  RETURN_IF_ERROR(kernels::MlaWriteCache(
+      mb.kv_a.data(), w.kv_a_norm.data(), eps, mb.positions.data(), mb.cache_rows.data(),
+      rope_cos.data(), rope_sin.data(), layer_rows, tokens, latent, rope, stream));
+  RETURN_IF_ERROR(kernels::MlaQueryRope(mb.q.data(), mb.positions.data(), rope_cos.data(),
+                                        rope_sin.data(), mb.q_absorbed.data(), tokens, heads, nope,
                                         rope, latent, stream));
   // Absorbed queries: q_absorbed[t, h, :latent] = q_nope[t, h] · W_UK(h), W_UK(h) = the head's
   // [nope, latent] rows of kv_b_proj; one strided batched GEMM over the heads.
@@ -246,141 +412,211 @@ absl::Status CudaRankBackend::State::Attention(int layer, int tokens, int sequen
     RETURN_IF_ERROR(
         Cublas(cublasGemmStridedBatchedEx(cublas, CUBLAS_OP_N, CUBLAS_OP_N, latent, tokens, nope,
                                           &one, w.kv_b.data(), CUDA_R_16BF, latent, kv_b_head,
-                                          q.data(), CUDA_R_16BF, heads * qk, qk, &zero,
-                                          q_absorbed.data(), CUDA_R_16BF, heads * row_dim, row_dim,
-                                          heads, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                          mb.q.data(), CUDA_R_16BF, heads * qk, qk, &zero,
+                                          mb.q_absorbed.data(), CUDA_R_16BF, heads * row_dim,
+                                          row_dim, heads, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                "absorbed queries"));
   }
   RETURN_IF_ERROR(kernels::MlaPagedAttention(
-      q_absorbed.data(), layer_rows, block_tables.data(), max_blocks, token_sequence.data(),
-      positions.data(), attended.data(), tokens, heads, latent, rope, options.kv_block_size,
-      static_cast<float>(c.attention_softmax_scale()), stream));
+      mb.q_absorbed.data(), layer_rows, mb.block_tables.data(), mb.max_blocks,
+      mb.token_sequence.data(), mb.positions.data(), mb.attended.data(), tokens, heads, latent,
+      rope, options.kv_block_size, static_cast<float>(c.attention_softmax_scale()), stream));
   // Values: out(h) = attended(h) · W_UV(h)^T, W_UV(h) = the head's [v, latent] rows.
   if (tokens > 0) {
     RETURN_IF_ERROR(Cublas(
         cublasGemmStridedBatchedEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, v, tokens, latent, &one,
                                    w.kv_b.data() + static_cast<int64_t>(nope) * latent, CUDA_R_16BF,
-                                   latent, kv_b_head, attended.data(), CUDA_R_16BF, heads * latent,
-                                   latent, &zero, values.data(), CUDA_R_16BF, heads * v, v, heads,
-                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                   latent, kv_b_head, mb.attended.data(), CUDA_R_16BF,
+                                   heads * latent, latent, &zero, mb.values.data(), CUDA_R_16BF,
+                                   heads * v, v, heads, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         "attention values"));
   }
   // residual += o_proj(values), then the post-attention norm.
-  RETURN_IF_ERROR(Linear(values.data(), w.o.data(), residual.data(), CUDA_R_16BF, tokens, heads * v,
-                         hidden, 1.0f));
-  return kernels::RmsNorm(residual.data(), w.post_attention_norm.data(), normed.data(), tokens,
-                          hidden, eps, stream);
+  RETURN_IF_ERROR(Linear(mb.values.data(), w.o.data(), mb.residual.data(), CUDA_R_16BF, tokens,
+                         heads * v, hidden, 1.0f));
+  return kernels::RmsNorm(mb.residual.data(), w.post_attention_norm.data(), mb.normed.data(),
+                          tokens, hidden, eps, stream);
 }
 
-absl::Status CudaRankBackend::State::Exchange(const Bf16* send_buffer,
-                                              std::span<const int64_t> send_rows,
-                                              Bf16* receive_buffer,
-                                              std::span<const int64_t> receive_rows) {
+absl::Status CudaRankBackend::State::SynchronizeCompute(const char* what) {
+  for (parallel::CollectiveCompletion& completion : awaited) RETURN_IF_ERROR(completion.Wait());
+  awaited.clear();
+  return Cuda(cudaStreamSynchronize(stream), what);
+}
+
+absl::Status CudaRankBackend::State::AwaitExchange(MicroBatchState& mb) {
+  if (!mb.in_flight.has_value()) return absl::OkStatus();
+  RETURN_IF_ERROR(mb.in_flight->MakeStreamWait(stream));
+  awaited.push_back(std::move(*mb.in_flight));
+  mb.in_flight.reset();
+  return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::DrainExchanges() {
+  absl::Status status;
+  for (MicroBatchState& mb : micro_batches) {
+    if (mb.in_flight.has_value()) status.Update(mb.in_flight->Wait());
+    mb.in_flight.reset();
+  }
+  for (parallel::CollectiveCompletion& completion : awaited) status.Update(completion.Wait());
+  awaited.clear();
+  return status;
+}
+
+absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const Bf16* send_buffer,
+                                                     std::span<const int64_t> send_rows,
+                                                     Bf16* receive_buffer,
+                                                     std::span<const int64_t> receive_rows,
+                                                     bool dispatch) {
   const int64_t row_bytes = static_cast<int64_t>(config().hidden_size) * sizeof(Bf16);
   std::vector<int64_t> send_bytes(send_rows.size()), receive_bytes(receive_rows.size());
+  int64_t total = 0;
   for (size_t p = 0; p < send_rows.size(); ++p) {
     send_bytes[p] = send_rows[p] * row_bytes;
     receive_bytes[p] = receive_rows[p] * row_bytes;
+    total += send_bytes[p];
   }
   parallel::NcclCommunicator& nccl = *options.exchange;
+  TimedCollective timer;
+  if (!spare_timers.empty()) {
+    timer = spare_timers.back();
+    spare_timers.pop_back();
+  } else {
+    RETURN_IF_ERROR(Cuda(cudaEventCreate(&timer.start), "exchange timer"));
+    RETURN_IF_ERROR(Cuda(cudaEventCreate(&timer.stop), "exchange timer"));
+  }
+  timer.bytes = total;
+  timer.dispatch = dispatch;
+  timed.push_back(timer);
   RETURN_IF_ERROR(Cuda(cudaEventRecord(produced, stream), "exchange event"));
   RETURN_IF_ERROR(nccl.WaitForEvent(produced));
+  RETURN_IF_ERROR(Cuda(cudaEventRecord(timer.start, nccl.stream()), "exchange timer"));
   RETURN_IF_ERROR(nccl.EnqueueAllToAllV(send_buffer, send_bytes, receive_buffer, receive_bytes));
+  RETURN_IF_ERROR(Cuda(cudaEventRecord(timer.stop, nccl.stream()), "exchange timer"));
   absl::StatusOr<parallel::CollectiveCompletion> done = nccl.RecordCompletion();
   if (!done.ok()) return done.status();
-  // The host waits (with the group timeout) rather than only the stream: a peer that never
-  // arrives must fail the step, not hang the next kernel launch.
-  return done->Wait();
+  mb.in_flight.emplace(std::move(*done));
+  return absl::OkStatus();
 }
 
-absl::Status CudaRankBackend::State::Moe(int layer, int tokens, const ExpertPlacement& placement,
-                                         parallel::RankResources& rank, int64_t& received_rows) {
+void CudaRankBackend::State::PublishExchangeTimes(parallel::RankResources& rank) {
+  for (TimedCollective& t : timed) {
+    float milliseconds = 0;
+    if (rank.metrics != nullptr &&
+        cudaEventElapsedTime(&milliseconds, t.start, t.stop) == cudaSuccess) {
+      if (t.dispatch) {
+        rank.metrics->AddDispatch(t.bytes, milliseconds / 1e3);
+      } else {
+        rank.metrics->AddCombine(t.bytes, milliseconds / 1e3);
+      }
+    }
+    spare_timers.push_back(t);
+  }
+  timed.clear();
+}
+
+absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState& mb,
+                                                     const ExpertPlacement& placement,
+                                                     parallel::RankResources& rank) {
   const ModelConfig& c = config();
   const DeviceLayer& w = layers[layer];
   const int hidden = c.hidden_size;
   const int top_k = c.num_experts_per_tok;
-  const int moe_layer = model->moe_index(layer);
+  const int tokens = mb.tokens;
   const int size = options.group_size;
   const int assignments = tokens * top_k;
 
   // Gate: fp32 logits, then scores, group limit and top-k in one kernel.
-  RETURN_IF_ERROR(Linear(normed.data(), w.gate.data(), gate_logits.data(), CUDA_R_32F, tokens,
+  RETURN_IF_ERROR(Linear(mb.normed.data(), w.gate.data(), mb.gate_logits.data(), CUDA_R_32F, tokens,
                          hidden, c.n_routed_experts));
   if (tokens > 0) {
     RETURN_IF_ERROR(kernels::GateTopK(
-        gate_logits.data(), w.has_correction_bias ? w.correction_bias.data() : nullptr, tokens,
-        gate_options, routing_experts.data(), routing_weights.data(), stream));
+        mb.gate_logits.data(), w.has_correction_bias ? w.correction_bias.data() : nullptr, tokens,
+        gate_options, mb.routing_experts.data(), mb.routing_weights.data(), stream));
   }
   if (w.has_shared) {
-    RETURN_IF_ERROR(shared_mlp->Run(normed.data(), {0, tokens}, {w.shared.gate_up.data()},
-                                    {w.shared.down.data()}, shared_out.data()));
+    RETURN_IF_ERROR(shared_mlp->Run(mb.normed.data(), {0, tokens}, {w.shared.gate_up.data()},
+                                    {w.shared.down.data()}, mb.shared_out.data()));
   }
   std::vector<int32_t> experts(assignments);
   if (assignments > 0) {
+    PinnedBuffer& host = mb.routing_host;
+    RETURN_IF_ERROR(host.Reserve(sizeof(int32_t) * assignments));
     RETURN_IF_ERROR(
-        Cuda(cudaMemcpyAsync(experts.data(), routing_experts.data(), sizeof(int32_t) * assignments,
+        Cuda(cudaMemcpyAsync(host.data(), mb.routing_experts.data(), sizeof(int32_t) * assignments,
                              cudaMemcpyDeviceToHost, stream),
              "routing to host"));
-    RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "routing to host"));
+    RETURN_IF_ERROR(SynchronizeCompute("routing to host"));
+    std::memcpy(experts.data(), host.data(), sizeof(int32_t) * assignments);
   }
 
   // Dispatch: the same replica choice and send order as the CPU backend.
-  const auto dispatch_start = Clock::now();
-  parallel::DispatchPlan plan =
-      parallel::PlanDispatch(experts, top_k, moe_layer, placement, options.rank, size);
+  mb.plan = parallel::PlanDispatch(experts, top_k, model->moe_index(layer), placement, options.rank,
+                                   size);
   std::vector<int32_t> source_token(assignments);
-  for (int row = 0; row < assignments; ++row) source_token[row] = plan.sent_assignment[row] / top_k;
-  RETURN_IF_ERROR(row_index.Upload(source_token.data(), source_token.size(), stream));
-  RETURN_IF_ERROR(kernels::PermuteRows(normed.data(), row_index.data(), send.data(), assignments,
-                                       hidden, stream));
-  std::vector<int64_t> receive_rows(size, 0);
+  for (int row = 0; row < assignments; ++row) {
+    source_token[row] = mb.plan.sent_assignment[row] / top_k;
+  }
+  RETURN_IF_ERROR(mb.send_source.Upload(source_token, stream));
+  RETURN_IF_ERROR(kernels::PermuteRows(mb.normed.data(), mb.send_source.device.data(),
+                                       mb.send.data(), assignments, hidden, stream));
+  mb.receive_rows.assign(size, 0);
   std::vector<int32_t> received_slots;
-  const Bf16* received_activations = send.data();
   if (size > 1) {
-    RETURN_IF_ERROR(rank.compute->AllToAllCounts(plan.send_rows, receive_rows));
+    // Counts and slot ids are small and go through the host communicator; the activations go
+    // GPU to GPU.
+    RETURN_IF_ERROR(rank.compute->AllToAllCounts(mb.plan.send_rows, mb.receive_rows));
     int64_t total = 0;
-    for (int64_t rows : receive_rows) total += rows;
+    for (int64_t rows : mb.receive_rows) total += rows;
     received_slots.assign(total, 0);
     std::vector<int64_t> send_bytes(size), receive_bytes(size);
     for (int p = 0; p < size; ++p) {
-      send_bytes[p] = plan.send_rows[p] * static_cast<int64_t>(sizeof(int32_t));
-      receive_bytes[p] = receive_rows[p] * static_cast<int64_t>(sizeof(int32_t));
+      send_bytes[p] = mb.plan.send_rows[p] * static_cast<int64_t>(sizeof(int32_t));
+      receive_bytes[p] = mb.receive_rows[p] * static_cast<int64_t>(sizeof(int32_t));
     }
-    RETURN_IF_ERROR(rank.compute->AllToAllV(plan.send_slots.data(), send_bytes,
+    RETURN_IF_ERROR(rank.compute->AllToAllV(mb.plan.send_slots.data(), send_bytes,
                                             received_slots.data(), receive_bytes));
-    RETURN_IF_ERROR(received.Reserve(static_cast<size_t>(std::max<int64_t>(total, 1)) * hidden));
-    RETURN_IF_ERROR(Exchange(send.data(), plan.send_rows, received.data(), receive_rows));
-    received_activations = received.data();
+    if (total > max_received) {
+      return absl::InternalError(
+          absl::StrCat("rank received ", total, " rows, above ", max_received));
+    }
+    RETURN_IF_ERROR(EnqueueExchange(mb, mb.send.data(), mb.plan.send_rows, mb.received.data(),
+                                    mb.receive_rows, /*dispatch=*/true));
+    mb.received_rows = mb.received.data();
   } else {
-    receive_rows[0] = assignments;
-    received_slots = plan.send_slots;
-  }
-  if (rank.metrics != nullptr) {
-    rank.metrics->AddDispatch(
-        assignments * static_cast<int64_t>(hidden * sizeof(Bf16) + sizeof(int32_t)),
-        SecondsSince(dispatch_start));
+    mb.receive_rows[0] = assignments;
+    received_slots = mb.plan.send_slots;
+    mb.received_rows = mb.send.data();
   }
 
-  // Local experts: order the received rows by slot, run the slots as grouped GEMMs, and put the
-  // results back in received order.
-  const int64_t received_count = static_cast<int64_t>(received_slots.size());
-  received_rows += received_count;
+  // Order the received rows by local slot (the experts' GEMM groups).
+  mb.received_count = static_cast<int64_t>(received_slots.size());
   const int slots = static_cast<int>(w.slots.size());
-  std::vector<int64_t> offsets(slots + 1, 0);
-  for (int32_t slot : received_slots) ++offsets[slot + 1];
-  for (int s = 0; s < slots; ++s) offsets[s + 1] += offsets[s];
-  std::vector<int32_t> by_slot(received_count), back_to_received(received_count);
-  {
-    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
-    for (int64_t row = 0; row < received_count; ++row) {
-      const int64_t at = cursor[received_slots[row]]++;
-      by_slot[at] = static_cast<int32_t>(row);
-      back_to_received[row] = static_cast<int32_t>(at);
-    }
+  mb.slot_offsets.assign(slots + 1, 0);
+  for (int32_t slot : received_slots) ++mb.slot_offsets[slot + 1];
+  for (int s = 0; s < slots; ++s) mb.slot_offsets[s + 1] += mb.slot_offsets[s];
+  std::vector<int32_t> by_slot(mb.received_count), back_to_received(mb.received_count);
+  std::vector<int64_t> cursor(mb.slot_offsets.begin(), mb.slot_offsets.end() - 1);
+  for (int64_t row = 0; row < mb.received_count; ++row) {
+    const int64_t at = cursor[received_slots[row]]++;
+    by_slot[at] = static_cast<int32_t>(row);
+    back_to_received[row] = static_cast<int32_t>(at);
   }
-  RETURN_IF_ERROR(row_index.Upload(by_slot.data(), by_slot.size(), stream));
-  RETURN_IF_ERROR(kernels::PermuteRows(received_activations, row_index.data(), expert_in.data(),
-                                       static_cast<int>(received_count), hidden, stream));
+  RETURN_IF_ERROR(mb.slot_order.Upload(by_slot, stream));
+  RETURN_IF_ERROR(mb.received_order.Upload(back_to_received, stream));
+  std::vector<int32_t> position(assignments);
+  for (int row = 0; row < assignments; ++row) position[mb.plan.sent_assignment[row]] = row;
+  return mb.assignment_rows.Upload(position, stream);
+}
+
+absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchState& mb,
+                                                       parallel::RankResources& rank) {
+  const DeviceLayer& w = layers[layer];
+  const int hidden = config().hidden_size;
+  const int received = static_cast<int>(mb.received_count);
+  RETURN_IF_ERROR(AwaitExchange(mb));  // the dispatched rows
+  RETURN_IF_ERROR(kernels::PermuteRows(mb.received_rows, mb.slot_order.device.data(),
+                                       mb.expert_in.data(), received, hidden, stream));
   std::vector<const Bf16*> gate_up, down;
   for (const DeviceMlp& slot : w.slots) {
     gate_up.push_back(slot.gate_up.data());
@@ -388,42 +624,78 @@ absl::Status CudaRankBackend::State::Moe(int layer, int tokens, const ExpertPlac
   }
   // Many slots with few rows each (decode) fill the GPU best as one grouped GEMM; slots with
   // many rows each (prefill) run faster as one large GEMM apiece (docs/PERFORMANCE.md).
+  const int slots = static_cast<int>(w.slots.size());
   int busy_slots = 0;
-  for (int s = 0; s < slots; ++s) busy_slots += offsets[s + 1] > offsets[s] ? 1 : 0;
-  const bool small_groups = busy_slots > 0 && received_count / busy_slots < 512;
-  RETURN_IF_ERROR(routed_mlp->Run(expert_in.data(), offsets, gate_up, down, expert_out.data(),
+  for (int s = 0; s < slots; ++s) busy_slots += mb.slot_offsets[s + 1] > mb.slot_offsets[s];
+  const bool small_groups = busy_slots > 0 && received / busy_slots < 512;
+  RETURN_IF_ERROR(routed_mlp->Run(mb.expert_in.data(), mb.slot_offsets, gate_up, down,
+                                  mb.expert_out.data(),
                                   small_groups ? kernels::ExpertMlp::Strategy::kGroupedGemm
                                                : kernels::ExpertMlp::Strategy::kPerExpertGemm));
-  RETURN_IF_ERROR(row_index.Upload(back_to_received.data(), back_to_received.size(), stream));
-  RETURN_IF_ERROR(kernels::PermuteRows(expert_out.data(), row_index.data(), results.data(),
-                                       static_cast<int>(received_count), hidden, stream));
+  RETURN_IF_ERROR(kernels::PermuteRows(mb.expert_out.data(), mb.received_order.device.data(),
+                                       mb.results.data(), received, hidden, stream));
   if (rank.load != nullptr) {
+    const int moe_layer = model->moe_index(layer);
     for (int s = 0; s < slots; ++s) {
-      if (offsets[s + 1] > offsets[s]) {
-        rank.load->Record(moe_layer, w.slot_expert[s], offsets[s + 1] - offsets[s]);
+      if (mb.slot_offsets[s + 1] > mb.slot_offsets[s]) {
+        rank.load->Record(moe_layer, w.slot_expert[s], mb.slot_offsets[s + 1] - mb.slot_offsets[s]);
       }
     }
   }
-
   // Combine: results travel back along the reverse of the dispatch.
-  const auto combine_start = Clock::now();
-  const Bf16* returned_rows = results.data();
-  if (size > 1) {
-    RETURN_IF_ERROR(Exchange(results.data(), receive_rows, returned.data(), plan.send_rows));
-    returned_rows = returned.data();
+  if (options.group_size > 1) {
+    RETURN_IF_ERROR(EnqueueExchange(mb, mb.results.data(), mb.receive_rows, mb.returned.data(),
+                                    mb.plan.send_rows, /*dispatch=*/false));
+    mb.returned_rows = mb.returned.data();
+  } else {
+    mb.returned_rows = mb.results.data();
   }
-  if (rank.metrics != nullptr) {
-    rank.metrics->AddCombine(received_count * static_cast<int64_t>(hidden * sizeof(Bf16)),
-                             SecondsSince(combine_start));
-  }
-  std::vector<int32_t> position(assignments);
-  for (int row = 0; row < assignments; ++row) position[plan.sent_assignment[row]] = row;
-  RETURN_IF_ERROR(row_index.Upload(position.data(), position.size(), stream));
+  return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::FinishMoe(MicroBatchState& mb) {
+  const ModelConfig& c = config();
+  const int hidden = c.hidden_size;
+  RETURN_IF_ERROR(AwaitExchange(mb));  // the combined rows
   RETURN_IF_ERROR(kernels::WeightedUnpermute(
-      returned_rows, row_index.data(), routing_weights.data(),
-      w.has_shared ? shared_out.data() : nullptr, moe_out.data(), tokens, top_k, hidden, stream));
-  return kernels::AddInPlace(residual.data(), moe_out.data(), static_cast<int64_t>(tokens) * hidden,
-                             stream);
+      mb.returned_rows, mb.assignment_rows.device.data(), mb.routing_weights.data(),
+      c.n_shared_experts > 0 ? mb.shared_out.data() : nullptr, mb.moe_out.data(), mb.tokens,
+      c.num_experts_per_tok, hidden, stream));
+  return kernels::AddInPlace(mb.residual.data(), mb.moe_out.data(),
+                             static_cast<int64_t>(mb.tokens) * hidden, stream);
+}
+
+absl::Status CudaRankBackend::State::Head(MicroBatchState& mb, std::vector<float>& logits) {
+  const ModelConfig& c = config();
+  const int hidden = c.hidden_size;
+  // The rows that need logits (see Model::LogitRows), skipping the first piece of a sequence
+  // split between the micro-batches.
+  std::vector<int32_t> rows;
+  for (size_t s = 0; s < mb.sequences.size(); ++s) {
+    const SequenceSpan& span = mb.spans[s];
+    if (!mb.emits_logits[s] || span.num_tokens == 0) continue;
+    if (mb.sequences[s].all_logits) {
+      for (int i = 0; i < span.num_tokens; ++i) rows.push_back(span.token_offset + i);
+    } else {
+      rows.push_back(span.token_offset + span.num_tokens - 1);
+    }
+  }
+  if (rows.empty()) return absl::OkStatus();
+  const int count = static_cast<int>(rows.size());
+  RETURN_IF_ERROR(mb.head_rows.Upload(rows, stream));
+  RETURN_IF_ERROR(kernels::PermuteRows(mb.residual.data(), mb.head_rows.device.data(),
+                                       mb.head_in.data(), count, hidden, stream));
+  RETURN_IF_ERROR(kernels::RmsNorm(mb.head_in.data(), final_norm.data(), mb.head_in.data(), count,
+                                   hidden, static_cast<float>(c.rms_norm_eps), stream));
+  RETURN_IF_ERROR(Linear(mb.head_in.data(), lm_head.data(), mb.logits.data(), CUDA_R_32F, count,
+                         hidden, c.vocab_size));
+  const size_t offset = logits.size();
+  logits.resize(offset + rows.size() * static_cast<size_t>(c.vocab_size));
+  RETURN_IF_ERROR(Cuda(
+      cudaMemcpyAsync(logits.data() + offset, mb.logits.data(),
+                      rows.size() * c.vocab_size * sizeof(float), cudaMemcpyDeviceToHost, stream),
+      "logits to host"));
+  return SynchronizeCompute("logits to host");
 }
 
 CudaRankBackend::CudaRankBackend(std::unique_ptr<State> state) : state_(std::move(state)) {}
@@ -537,46 +809,24 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   const int max_tokens = std::max(options.max_batch_tokens, 1);
   const int top_k = std::max(c.num_experts_per_tok, 1);
   // Worst case of rows one rank receives: every rank's every assignment.
-  const int64_t max_received = static_cast<int64_t>(max_tokens) * top_k * options.group_size;
-  const int max_intermediate = std::max(c.intermediate_size, 1);
-  const int shared_intermediate = std::max(c.moe_intermediate_size * c.n_shared_experts, 1);
-  auto make_mlp = [&](int intermediate, int64_t rows, int experts,
+  s.max_received = max_tokens * top_k * options.group_size;
+  auto make_mlp = [&](int intermediate, int rows, int experts,
                       std::unique_ptr<kernels::ExpertMlp>& out) -> absl::Status {
     absl::StatusOr<kernels::ExpertMlp> mlp =
-        kernels::ExpertMlp::Create(hidden, intermediate, static_cast<int>(rows), experts, stream);
+        kernels::ExpertMlp::Create(hidden, intermediate, rows, experts, stream);
     if (!mlp.ok()) return mlp.status();
     out = std::make_unique<kernels::ExpertMlp>(std::move(*mlp));
     return absl::OkStatus();
   };
-  RETURN_IF_ERROR(make_mlp(max_intermediate, max_tokens, 1, s.dense_mlp));
+  RETURN_IF_ERROR(make_mlp(std::max(c.intermediate_size, 1), max_tokens, 1, s.dense_mlp));
   if (c.n_routed_experts > 0) {
     const int slots = placement.num_physical() / options.group_size;
-    RETURN_IF_ERROR(make_mlp(shared_intermediate, max_tokens, 1, s.shared_mlp));
+    RETURN_IF_ERROR(make_mlp(std::max(c.moe_intermediate_size * c.n_shared_experts, 1), max_tokens,
+                             1, s.shared_mlp));
     RETURN_IF_ERROR(
-        make_mlp(std::max(c.moe_intermediate_size, 1), max_received, slots, s.routed_mlp));
+        make_mlp(std::max(c.moe_intermediate_size, 1), s.max_received, slots, s.routed_mlp));
   }
-  const size_t t = max_tokens;
-  const size_t h = hidden;
-  RETURN_IF_ERROR(s.residual.Reserve(t * h));
-  RETURN_IF_ERROR(s.normed.Reserve(t * h));
-  RETURN_IF_ERROR(s.q_compressed.Reserve(t * std::max(c.q_lora_rank, 1)));
-  RETURN_IF_ERROR(s.q.Reserve(t * heads * qk));
-  RETURN_IF_ERROR(s.kv_a.Reserve(t * row_dim));
-  RETURN_IF_ERROR(s.q_absorbed.Reserve(t * heads * row_dim));
-  RETURN_IF_ERROR(s.attended.Reserve(t * heads * c.kv_lora_rank));
-  RETURN_IF_ERROR(s.values.Reserve(t * heads * c.v_head_dim));
-  RETURN_IF_ERROR(s.gate_logits.Reserve(t * std::max(c.n_routed_experts, 1)));
-  RETURN_IF_ERROR(s.routing_experts.Reserve(t * top_k));
-  RETURN_IF_ERROR(s.routing_weights.Reserve(t * top_k));
-  RETURN_IF_ERROR(s.send.Reserve(t * top_k * h));
-  RETURN_IF_ERROR(s.returned.Reserve(t * top_k * h));
-  RETURN_IF_ERROR(s.expert_in.Reserve(static_cast<size_t>(max_received) * h));
-  RETURN_IF_ERROR(s.expert_out.Reserve(static_cast<size_t>(max_received) * h));
-  RETURN_IF_ERROR(s.results.Reserve(static_cast<size_t>(max_received) * h));
-  RETURN_IF_ERROR(s.moe_out.Reserve(t * h));
-  RETURN_IF_ERROR(s.shared_out.Reserve(t * h));
-  RETURN_IF_ERROR(s.head_in.Reserve(t * h));
-  RETURN_IF_ERROR(s.logits.Reserve(t * c.vocab_size));
+  for (MicroBatchState& mb : s.micro_batches) RETURN_IF_ERROR(s.ReserveMicroBatch(mb));
   return std::unique_ptr<CudaRankBackend>(new CudaRankBackend(std::move(state)));
 }
 
@@ -585,89 +835,76 @@ absl::StatusOr<std::vector<float>> CudaRankBackend::Run(std::span<const BatchSeq
                                                         const ExpertPlacement& placement,
                                                         parallel::RankResources& rank,
                                                         bool two_micro_batches) {
-  // One batch per step: the exchange is synchronous here, so splitting into micro-batches would
-  // only add launches (two-batch overlap on GPUs is measured by moeserve-dispatch-bench).
-  (void)two_micro_batches;
   State& s = *state_;
   const ModelConfig& c = s.config();
   RETURN_IF_ERROR(Cuda(cudaSetDevice(s.options.device), "select GPU"));
   RETURN_IF_ERROR(s.LoadSlots(placement));
-  const int hidden = c.hidden_size;
-
-  // Token layout: ids, positions, owning sequence, cache rows and block tables.
-  int tokens = 0;
-  std::vector<SequenceSpan> spans = Model::Layout(batch, &tokens);
-  if (tokens > s.options.max_batch_tokens) {
-    return absl::InternalError(absl::StrCat("GPU step of ", tokens, " tokens exceeds the rank's ",
-                                            s.options.max_batch_tokens));
+  // Two micro-batches split the batch as the CPU backend does; every rank of the group splits
+  // (the step agreement decides), so their exchanges pair up.
+  std::vector<std::vector<parallel::BatchPiece>> parts;
+  if (two_micro_batches) {
+    parts = parallel::SplitIntoMicroBatches(batch, 2);
+  } else {
+    parts.emplace_back();
+    for (const BatchSequence& seq : batch) parts[0].push_back({seq, true});
   }
-  std::vector<int32_t> ids, positions, token_sequence;
-  std::vector<int64_t> cache_rows;
-  int max_blocks = 1;
-  for (const BatchSequence& seq : batch) {
-    max_blocks = std::max(max_blocks, static_cast<int>(seq.block_table->size()));
-  }
-  std::vector<int32_t> block_tables(batch.size() * max_blocks, 0);
-  const int block_size = cache.block_size();
-  for (size_t i = 0; i < batch.size(); ++i) {
-    const BatchSequence& seq = batch[i];
-    std::copy(seq.block_table->begin(), seq.block_table->end(),
-              block_tables.begin() + static_cast<std::ptrdiff_t>(i * max_blocks));
-    for (size_t j = 0; j < seq.tokens.size(); ++j) {
-      const int position = seq.start_position + static_cast<int>(j);
-      ids.push_back(seq.tokens[j]);
-      positions.push_back(position);
-      token_sequence.push_back(static_cast<int32_t>(i));
-      cache_rows.push_back(static_cast<int64_t>((*seq.block_table)[position / block_size]) *
-                               block_size +
-                           position % block_size);
+  std::vector<MicroBatchState*> micro_batches;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    MicroBatchState& mb = s.micro_batches[i];
+    mb.index = static_cast<int>(i);
+    mb.sequences.clear();
+    mb.emits_logits.clear();
+    for (const parallel::BatchPiece& piece : parts[i]) {
+      mb.sequences.push_back(piece.sequence);
+      mb.emits_logits.push_back(piece.emits_logits);
     }
+    RETURN_IF_ERROR(s.Prepare(mb, cache.block_size()));
+    micro_batches.push_back(&mb);
   }
-  RETURN_IF_ERROR(s.token_ids.Upload(ids.data(), ids.size(), s.stream));
-  RETURN_IF_ERROR(s.positions.Upload(positions.data(), positions.size(), s.stream));
-  RETURN_IF_ERROR(s.token_sequence.Upload(token_sequence.data(), token_sequence.size(), s.stream));
-  RETURN_IF_ERROR(s.cache_rows.Upload(cache_rows.data(), cache_rows.size(), s.stream));
-  RETURN_IF_ERROR(s.block_tables.Upload(block_tables.data(), block_tables.size(), s.stream));
 
-  RETURN_IF_ERROR(kernels::Embedding(s.embed.data(), s.token_ids.data(), s.residual.data(), tokens,
-                                     hidden, s.stream));
+  // Each phase runs for every micro-batch before the next phase, so one micro-batch's exchange
+  // (on the communication stream) overlaps the other's compute: dispatch of the first with the
+  // attention and gate of the second, combine of the first with the experts of the second.
+  absl::Status status;
   std::vector<int64_t> received_per_layer(c.num_moe_layers(), 0);
-  for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
-    RETURN_IF_ERROR(s.Attention(layer, tokens, static_cast<int>(batch.size()), max_blocks));
+  for (int layer = 0; layer < c.num_hidden_layers && status.ok(); ++layer) {
     const int moe_layer = s.model->moe_index(layer);
-    if (moe_layer < 0) {
-      const DeviceLayer& w = s.layers[layer];
-      RETURN_IF_ERROR(s.dense_mlp->Run(s.normed.data(), {0, tokens}, {w.dense.gate_up.data()},
-                                       {w.dense.down.data()}, s.moe_out.data()));
-      RETURN_IF_ERROR(kernels::AddInPlace(s.residual.data(), s.moe_out.data(),
-                                          static_cast<int64_t>(tokens) * hidden, s.stream));
-      continue;
+    for (MicroBatchState* mb : micro_batches) {
+      status.Update(s.Attention(layer, *mb));
+      if (!status.ok()) break;
+      if (moe_layer < 0) {
+        const DeviceLayer& w = s.layers[layer];
+        status.Update(s.dense_mlp->Run(mb->normed.data(), {0, mb->tokens}, {w.dense.gate_up.data()},
+                                       {w.dense.down.data()}, mb->moe_out.data()));
+        status.Update(kernels::AddInPlace(mb->residual.data(), mb->moe_out.data(),
+                                          static_cast<int64_t>(mb->tokens) * c.hidden_size,
+                                          s.stream));
+        continue;
+      }
+      status.Update(s.GateAndDispatch(layer, *mb, placement, rank));
+      if (!status.ok()) break;
     }
-    RETURN_IF_ERROR(s.Moe(layer, tokens, placement, rank, received_per_layer[moe_layer]));
+    if (moe_layer < 0 || !status.ok()) continue;
+    for (MicroBatchState* mb : micro_batches) {
+      status.Update(s.ExpertsAndCombine(layer, *mb, rank));
+      received_per_layer[moe_layer] += mb->received_count;
+      if (!status.ok()) break;
+    }
+    for (MicroBatchState* mb : micro_batches) {
+      if (status.ok()) status.Update(s.FinishMoe(*mb));
+    }
   }
+  // Whatever happened, nothing may still be in flight into this step's buffers.
+  absl::Status drained = s.DrainExchanges();
+  drained.Update(Cuda(cudaStreamSynchronize(s.stream), "step"));
+  if (!status.ok()) return status;
+  RETURN_IF_ERROR(drained);
+  s.PublishExchangeTimes(rank);
   if (rank.metrics != nullptr && !received_per_layer.empty()) {
     RETURN_IF_ERROR(parallel::PublishBalancedness(received_per_layer, rank));
   }
-
-  // Logits of the rows that need them (see Model::LogitRows).
-  std::vector<int> rows = Model::LogitRows(batch, spans);
-  std::vector<float> logits(rows.size() * static_cast<size_t>(c.vocab_size));
-  if (rows.empty()) return logits;
-  std::vector<int32_t> row_ids(rows.begin(), rows.end());
-  RETURN_IF_ERROR(s.row_index.Upload(row_ids.data(), row_ids.size(), s.stream));
-  const int head_rows = static_cast<int>(rows.size());
-  RETURN_IF_ERROR(kernels::PermuteRows(s.residual.data(), s.row_index.data(), s.head_in.data(),
-                                       head_rows, hidden, s.stream));
-  RETURN_IF_ERROR(kernels::RmsNorm(s.head_in.data(), s.final_norm.data(), s.head_in.data(),
-                                   head_rows, hidden, static_cast<float>(c.rms_norm_eps),
-                                   s.stream));
-  RETURN_IF_ERROR(s.Linear(s.head_in.data(), s.lm_head.data(), s.logits.data(), CUDA_R_32F,
-                           head_rows, hidden, c.vocab_size));
-  RETURN_IF_ERROR(
-      Cuda(cudaMemcpyAsync(logits.data(), s.logits.data(), logits.size() * sizeof(float),
-                           cudaMemcpyDeviceToHost, s.stream),
-           "logits to host"));
-  RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(s.stream), "step"));
+  std::vector<float> logits;
+  for (MicroBatchState* mb : micro_batches) RETURN_IF_ERROR(s.Head(*mb, logits));
   return logits;
 }
 

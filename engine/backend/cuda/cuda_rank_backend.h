@@ -11,7 +11,10 @@
 // expert)] → final norm → LM head; logits come back to the host for the sampler.
 // The dispatch plan (which replica serves each token) is computed on the host with the same
 // rule as the CPU backend, so both send each token to the same replica. Counts and slot ids go
-// through the group's host communicator; activations go GPU to GPU through NCCL.
+// through the group's host communicator; activations go GPU to GPU through NCCL on the
+// communication stream. With two micro-batches, one's dispatch runs while the other computes
+// its attention and gate, and one's combine while the other runs its experts; the compute
+// stream waits for an exchange (on the GPU, through an event) only where its result is used.
 //
 // A new placement is applied at the step that first uses it: the slots whose expert changed are
 // uploaded before that step's MoE layers run.
@@ -52,6 +55,7 @@ class CudaRankBackend : public RankBackend {
                                                                  const CudaRankOptions& options);
   ~CudaRankBackend() override;
 
+  // `two_micro_batches` overlaps the exchanges with compute as described above.
   absl::StatusOr<std::vector<float>> Run(std::span<const BatchSequence> batch, KvCache& cache,
                                          const ExpertPlacement& placement,
                                          parallel::RankResources& rank,
