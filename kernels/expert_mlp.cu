@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "kernels/expert_mlp.h"
 #include "kernels/kernels.h"
@@ -41,6 +43,19 @@ absl::StatusOr<ExpertMlp> ExpertMlp::Create(int hidden, int intermediate, int ma
       !s.ok()) {
     return s;
   }
+  for (int i = 0; i < 2; ++i) {
+    if (auto s = CudaStatus(cudaMallocHost(&mlp.pinned_pointers_[i],
+                                           3 * static_cast<size_t>(max_experts) * sizeof(void*)),
+                            "cudaMallocHost");
+        !s.ok()) {
+      return s;
+    }
+    if (auto s = CudaStatus(
+            cudaEventCreateWithFlags(&mlp.pointers_copied_[i], cudaEventDisableTiming), "event");
+        !s.ok()) {
+      return s;
+    }
+  }
   for (int i = 0; i < kSideStreams; ++i) {
     if (auto s = CudaStatus(cudaStreamCreateWithFlags(&mlp.side_streams_[i], cudaStreamNonBlocking),
                             "cudaStreamCreate");
@@ -74,6 +89,9 @@ ExpertMlp& ExpertMlp::operator=(ExpertMlp&& other) noexcept {
   std::swap(gate_up_, other.gate_up_);
   std::swap(activation_, other.activation_);
   std::swap(device_pointers_, other.device_pointers_);
+  std::swap(pinned_pointers_, other.pinned_pointers_);
+  std::swap(pointers_copied_, other.pointers_copied_);
+  std::swap(pointer_slot_, other.pointer_slot_);
   std::swap(side_streams_, other.side_streams_);
   std::swap(side_cublas_, other.side_cublas_);
   std::swap(fork_, other.fork_);
@@ -86,6 +104,10 @@ ExpertMlp::~ExpertMlp() {
   cudaFree(gate_up_);
   cudaFree(activation_);
   cudaFree(device_pointers_);
+  for (int i = 0; i < 2; ++i) {
+    if (pinned_pointers_[i] != nullptr) cudaFreeHost(pinned_pointers_[i]);
+    if (pointers_copied_[i] != nullptr) cudaEventDestroy(pointers_copied_[i]);
+  }
   for (int i = 0; i < kSideStreams; ++i) {
     if (side_cublas_[i] != nullptr) cublasDestroy(side_cublas_[i]);
     if (side_streams_[i] != nullptr) cudaStreamDestroy(side_streams_[i]);
@@ -157,10 +179,22 @@ absl::Status ExpertMlp::Gemm(const __nv_bfloat16* a,
   for (auto* p : a_pointers) host_pointers.push_back(const_cast<void*>(p));
   for (auto* p : b_pointers) host_pointers.push_back(const_cast<void*>(p));
   for (auto* p : c_pointers) host_pointers.push_back(p);
+  const int slot = pointer_slot_;
+  pointer_slot_ ^= 1;
+  // The copy two calls ago read this slot; it is long done, but must be before we rewrite it.
+  if (auto s = CudaStatus(cudaEventSynchronize(pointers_copied_[slot]), "cudaEventSynchronize");
+      !s.ok()) {
+    return s;
+  }
+  std::copy(host_pointers.begin(), host_pointers.end(), pinned_pointers_[slot]);
   if (auto s = CudaStatus(
-          cudaMemcpyAsync(device_pointers_, host_pointers.data(),
+          cudaMemcpyAsync(device_pointers_, pinned_pointers_[slot],
                           host_pointers.size() * sizeof(void*), cudaMemcpyHostToDevice, stream_),
           "cudaMemcpyAsync");
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = CudaStatus(cudaEventRecord(pointers_copied_[slot], stream_), "cudaEventRecord");
       !s.ok()) {
     return s;
   }
@@ -170,8 +204,6 @@ absl::Status ExpertMlp::Gemm(const __nv_bfloat16* a,
       lda.data(), reinterpret_cast<const void* const*>(device_pointers_ + groups), CUDA_R_16BF,
       ldb.data(), betas.data(), device_pointers_ + 2 * groups, CUDA_R_16BF, ldc.data(), groups,
       group_size.data(), CUBLAS_COMPUTE_32F);
-  // The host pointer array must outlive the asynchronous copy.
-  cudaStreamSynchronize(stream_);
   return CublasStatus(status, "cublasGemmGroupedBatchedEx");
 }
 

@@ -50,6 +50,11 @@ class ExpertMlp {
   __nv_bfloat16* gate_up_ = nullptr;     // [max_rows, 2I]
   __nv_bfloat16* activation_ = nullptr;  // [max_rows, I]
   void** device_pointers_ = nullptr;     // 3 * max_experts pointer arrays for grouped GEMM
+  // The grouped GEMM's pointer arrays travel from pinned host memory without synchronizing the
+  // stream; two host copies alternate, and an event says when a copy's source may be rewritten.
+  void** pinned_pointers_[2] = {};
+  cudaEvent_t pointers_copied_[2] = {};
+  int pointer_slot_ = 0;
   static constexpr int kSideStreams = 4;
   cudaStream_t side_streams_[kSideStreams] = {};
   cublasHandle_t side_cublas_[kSideStreams] = {};

@@ -24,11 +24,14 @@ class RankBackend {
  public:
   virtual ~RankBackend() = default;
   // Runs the rank's batch (see ExpertParallelForward::Run for the contract: every rank of the
-  // group calls it for every step) and returns its logits on the host, [rows, vocab].
-  virtual absl::StatusOr<std::vector<float>> Run(std::span<const BatchSequence> batch,
-                                                 KvCache& cache, const ExpertPlacement& placement,
-                                                 parallel::RankResources& rank,
-                                                 bool two_micro_batches) = 0;
+  // group calls it for every step) and returns its logits on the host, [rows, vocab], in memory
+  // the backend owns until its next Run() (a GPU backend copies them straight into pinned
+  // memory: at DeepSeek-V3's vocabulary 64 rows are 33 MB a step).
+  virtual absl::StatusOr<std::span<const float>> Run(std::span<const BatchSequence> batch,
+                                                     KvCache& cache,
+                                                     const ExpertPlacement& placement,
+                                                     parallel::RankResources& rank,
+                                                     bool two_micro_batches) = 0;
   // Whether the KvCache passed to Run() must hold the rows in host memory. A GPU backend keeps
   // the rows on its device and uses the KvCache for block allocation only.
   virtual bool needs_host_kv_rows() const { return true; }
@@ -38,15 +41,20 @@ class RankBackend {
 class CpuRankBackend : public RankBackend {
  public:
   explicit CpuRankBackend(const parallel::ExpertParallelForward& forward) : forward_(forward) {}
-  absl::StatusOr<std::vector<float>> Run(std::span<const BatchSequence> batch, KvCache& cache,
-                                         const ExpertPlacement& placement,
-                                         parallel::RankResources& rank,
-                                         bool two_micro_batches) override {
-    return forward_.Run(batch, cache, placement, rank, two_micro_batches);
+  absl::StatusOr<std::span<const float>> Run(std::span<const BatchSequence> batch, KvCache& cache,
+                                             const ExpertPlacement& placement,
+                                             parallel::RankResources& rank,
+                                             bool two_micro_batches) override {
+    absl::StatusOr<std::vector<float>> logits =
+        forward_.Run(batch, cache, placement, rank, two_micro_batches);
+    if (!logits.ok()) return logits.status();
+    logits_ = std::move(*logits);
+    return std::span<const float>(logits_);
   }
 
  private:
   const parallel::ExpertParallelForward& forward_;
+  std::vector<float> logits_;  // the last step's
 };
 
 // Makes rank `rank`'s backend for a group: called once per rank, in rank order, from the

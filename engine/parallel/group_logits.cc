@@ -53,14 +53,14 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
         g.Abort();
         return;
       }
-      absl::StatusOr<std::vector<float>> result = backends[rank]->Run(
+      absl::StatusOr<std::span<const float>> result = backends[rank]->Run(
           {&sequence, 1}, cache, g.placement(rank), g.resources(rank), agreement->split);
       if (!result.ok()) {
         statuses[rank] = result.status();
         g.Abort();
         return;
       }
-      logits[rank] = std::move(*result);
+      logits[rank].assign(result->begin(), result->end());
     });
   }
   for (auto& thread : threads) thread.join();

@@ -203,7 +203,7 @@ bool RankWorker::Step() {
   const bool tracing = trace != nullptr && traced_steps_ < context_.trace_steps;
   if (!tracing) resources.trace = nullptr;
   const auto step_start = Clock::now();
-  absl::StatusOr<std::vector<float>> logits =
+  absl::StatusOr<std::span<const float>> logits =
       backend_->Run(batch, cache_, group_.placement(rank_), resources, agreement->split);
   resources.trace = trace;
   if (tracing && ++traced_steps_ == context_.trace_steps && rank_ == 0 && context_.trace_complete) {
@@ -228,7 +228,7 @@ bool RankWorker::Step() {
 }
 
 void RankWorker::AfterForward(std::vector<BatchSequence>& batch, std::vector<Sequence*>& members,
-                              const std::vector<float>& logits) {
+                              std::span<const float> logits) {
   const int vocab = context_.model->config().vocab_size;
   for (size_t i = 0; i < members.size(); ++i) {
     Sequence& seq = *members[i];

@@ -75,7 +75,7 @@ class RankWorker {
   void Admit();
   void DropCancelled();
   void AfterForward(std::vector<BatchSequence>& batch, std::vector<Sequence*>& members,
-                    const std::vector<float>& logits);
+                    std::span<const float> logits);
   void Emit(Sequence& sequence, int32_t token);
   void HandOff(Sequence& sequence);
   void Finish(Sequence& sequence, FinishReason reason, GenerationOutput output);

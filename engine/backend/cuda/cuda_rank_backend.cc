@@ -217,6 +217,7 @@ struct CudaRankBackend::State {
   // group timeout) before it blocks on the compute stream, so a dead peer fails the step
   // instead of hanging it.
   std::vector<parallel::CollectiveCompletion> awaited;
+  PinnedBuffer host_logits;            // the step's logits, returned by Run()
   std::vector<TimedCollective> timed;  // this step's
   std::vector<TimedCollective> spare_timers;
   cudaEvent_t produced = nullptr;  // compute-stream work the exchange must wait for
@@ -258,7 +259,11 @@ struct CudaRankBackend::State {
                                parallel::RankResources& rank);
   absl::Status ExpertsAndCombine(int layer, MicroBatchState& mb, parallel::RankResources& rank);
   absl::Status FinishMoe(MicroBatchState& mb);
-  absl::Status Head(MicroBatchState& mb, std::vector<float>& logits);
+  // The rows of a micro-batch that need logits (see Model::LogitRows), skipping the first piece
+  // of a sequence split between the micro-batches.
+  static std::vector<int32_t> LogitRows(const MicroBatchState& mb);
+  // Final norm and LM head over `rows`, the logits copied to `host` (pinned) asynchronously.
+  absl::Status Head(MicroBatchState& mb, const std::vector<int32_t>& rows, float* host);
   // Puts an all-to-all of activations on the communication stream behind the compute stream's
   // work so far, as mb.in_flight; AwaitExchange makes the compute stream wait for it (its
   // consumer's work comes next), so the compute stream stays free until then.
@@ -665,11 +670,7 @@ absl::Status CudaRankBackend::State::FinishMoe(MicroBatchState& mb) {
                              static_cast<int64_t>(mb.tokens) * hidden, stream);
 }
 
-absl::Status CudaRankBackend::State::Head(MicroBatchState& mb, std::vector<float>& logits) {
-  const ModelConfig& c = config();
-  const int hidden = c.hidden_size;
-  // The rows that need logits (see Model::LogitRows), skipping the first piece of a sequence
-  // split between the micro-batches.
+std::vector<int32_t> CudaRankBackend::State::LogitRows(const MicroBatchState& mb) {
   std::vector<int32_t> rows;
   for (size_t s = 0; s < mb.sequences.size(); ++s) {
     const SequenceSpan& span = mb.spans[s];
@@ -680,6 +681,13 @@ absl::Status CudaRankBackend::State::Head(MicroBatchState& mb, std::vector<float
       rows.push_back(span.token_offset + span.num_tokens - 1);
     }
   }
+  return rows;
+}
+
+absl::Status CudaRankBackend::State::Head(MicroBatchState& mb, const std::vector<int32_t>& rows,
+                                          float* host) {
+  const ModelConfig& c = config();
+  const int hidden = c.hidden_size;
   if (rows.empty()) return absl::OkStatus();
   const int count = static_cast<int>(rows.size());
   RETURN_IF_ERROR(mb.head_rows.Upload(rows, stream));
@@ -689,13 +697,9 @@ absl::Status CudaRankBackend::State::Head(MicroBatchState& mb, std::vector<float
                                    hidden, static_cast<float>(c.rms_norm_eps), stream));
   RETURN_IF_ERROR(Linear(mb.head_in.data(), lm_head.data(), mb.logits.data(), CUDA_R_32F, count,
                          hidden, c.vocab_size));
-  const size_t offset = logits.size();
-  logits.resize(offset + rows.size() * static_cast<size_t>(c.vocab_size));
-  RETURN_IF_ERROR(Cuda(
-      cudaMemcpyAsync(logits.data() + offset, mb.logits.data(),
-                      rows.size() * c.vocab_size * sizeof(float), cudaMemcpyDeviceToHost, stream),
-      "logits to host"));
-  return SynchronizeCompute("logits to host");
+  return Cuda(cudaMemcpyAsync(host, mb.logits.data(), rows.size() * c.vocab_size * sizeof(float),
+                              cudaMemcpyDeviceToHost, stream),
+              "logits to host");
 }
 
 CudaRankBackend::CudaRankBackend(std::unique_ptr<State> state) : state_(std::move(state)) {}
@@ -830,11 +834,11 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   return std::unique_ptr<CudaRankBackend>(new CudaRankBackend(std::move(state)));
 }
 
-absl::StatusOr<std::vector<float>> CudaRankBackend::Run(std::span<const BatchSequence> batch,
-                                                        KvCache& cache,
-                                                        const ExpertPlacement& placement,
-                                                        parallel::RankResources& rank,
-                                                        bool two_micro_batches) {
+absl::StatusOr<std::span<const float>> CudaRankBackend::Run(std::span<const BatchSequence> batch,
+                                                            KvCache& cache,
+                                                            const ExpertPlacement& placement,
+                                                            parallel::RankResources& rank,
+                                                            bool two_micro_batches) {
   State& s = *state_;
   const ModelConfig& c = s.config();
   RETURN_IF_ERROR(Cuda(cudaSetDevice(s.options.device), "select GPU"));
@@ -903,9 +907,23 @@ absl::StatusOr<std::vector<float>> CudaRankBackend::Run(std::span<const BatchSeq
   if (rank.metrics != nullptr && !received_per_layer.empty()) {
     RETURN_IF_ERROR(parallel::PublishBalancedness(received_per_layer, rank));
   }
-  std::vector<float> logits;
-  for (MicroBatchState* mb : micro_batches) RETURN_IF_ERROR(s.Head(*mb, logits));
-  return logits;
+  // Logits straight into pinned host memory, which the caller reads until the next step.
+  std::vector<std::vector<int32_t>> rows;
+  size_t total_rows = 0;
+  for (MicroBatchState* mb : micro_batches) {
+    rows.push_back(State::LogitRows(*mb));
+    total_rows += rows.back().size();
+  }
+  const size_t vocab = static_cast<size_t>(c.vocab_size);
+  RETURN_IF_ERROR(s.host_logits.Reserve(std::max<size_t>(total_rows, 1) * vocab * sizeof(float)));
+  float* host = static_cast<float*>(s.host_logits.data());
+  size_t offset = 0;
+  for (size_t i = 0; i < micro_batches.size(); ++i) {
+    RETURN_IF_ERROR(s.Head(*micro_batches[i], rows[i], host + offset * vocab));
+    offset += rows[i].size();
+  }
+  RETURN_IF_ERROR(s.SynchronizeCompute("logits to host"));
+  return std::span<const float>(host, total_rows * vocab);
 }
 
 }  // namespace moeserve::engine::cuda

@@ -56,10 +56,10 @@ class CudaRankBackend : public RankBackend {
   ~CudaRankBackend() override;
 
   // `two_micro_batches` overlaps the exchanges with compute as described above.
-  absl::StatusOr<std::vector<float>> Run(std::span<const BatchSequence> batch, KvCache& cache,
-                                         const ExpertPlacement& placement,
-                                         parallel::RankResources& rank,
-                                         bool two_micro_batches) override;
+  absl::StatusOr<std::span<const float>> Run(std::span<const BatchSequence> batch, KvCache& cache,
+                                             const ExpertPlacement& placement,
+                                             parallel::RankResources& rank,
+                                             bool two_micro_batches) override;
   bool needs_host_kv_rows() const override { return false; }
 
   // Bytes of device memory this rank holds for weights and for KV rows.
