@@ -7,6 +7,7 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "engine/backend/backend_loader.h"
 #include "engine/model/loader.h"
@@ -29,6 +30,19 @@ absl::StatusOr<moeserve::engine::BackendOptions> BackendFor(const std::string& d
   backend.kv_element_bytes = 2;  // bf16 rows
   backend.name = "cuda";
   return backend;
+}
+
+// Built-in models whose routed experts exist on GPUs only are refused on the CPU before their
+// (large) host weights are generated.
+absl::Status CheckModelRunsOn(const std::string& model_spec, const std::string& device) {
+  if (device == "cuda" || !model_spec.starts_with("builtin:")) return absl::OkStatus();
+  absl::StatusOr<moeserve::engine::ModelConfig> config =
+      moeserve::engine::BuiltinModelConfig(model_spec);
+  if (config.ok() && config->routed_experts_on_device) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "`", model_spec, "` keeps its routed experts on GPUs only; use --device cuda"));
+  }
+  return absl::OkStatus();
 }
 
 void AddDeviceOption(CLI::App* command, std::string& device) {
@@ -65,6 +79,10 @@ void AddExpertParallelOptions(CLI::App* command, moeserve::engine::ParallelOptio
 int RunLogits(const std::string& model_spec, const std::string& tokens_text,
               const std::string& out_path, int ep,
               const moeserve::engine::ParallelOptions& parallel, const std::string& device) {
+  if (auto status = CheckModelRunsOn(model_spec, device); !status.ok()) {
+    std::cerr << "moeserve logits: " << status.message() << "\n";
+    return 2;
+  }
   auto backend = BackendFor(device);
   if (!backend.ok()) {
     std::cerr << "moeserve logits: " << backend.status().message() << "\n";
@@ -90,11 +108,6 @@ int RunLogits(const std::string& model_spec, const std::string& tokens_text,
     return 1;
   }
   const auto& config = loaded->model->config();
-  if (config.routed_experts_on_device && !backend->factory) {
-    std::cerr << "moeserve logits: `" << model_spec
-              << "` keeps its routed experts on GPUs only; use --device cuda\n";
-    return 2;
-  }
   for (int32_t id : tokens) {
     if (id < 0 || id >= config.vocab_size) {
       std::cerr << "moeserve logits: token " << id << " is out of range (vocabulary of "
@@ -158,15 +171,14 @@ int RunLogits(const std::string& model_spec, const std::string& tokens_text,
 }
 
 int RunExport(const std::string& model_spec, const std::string& out_dir) {
+  if (auto status = CheckModelRunsOn(model_spec, "cpu"); !status.ok()) {
+    std::cerr << "moeserve export: " << status.message() << " (it has no checkpoint to export)\n";
+    return 2;
+  }
   auto loaded = LoadModel(model_spec);
   if (!loaded.ok()) {
     std::cerr << "moeserve export: " << loaded.status().message() << "\n";
     return 1;
-  }
-  if (loaded->model->config().routed_experts_on_device) {
-    std::cerr << "moeserve export: `" << model_spec
-              << "` keeps its routed experts on GPUs only; it has no checkpoint to export\n";
-    return 2;
   }
   std::error_code error;
   std::filesystem::create_directories(out_dir, error);
@@ -274,6 +286,11 @@ int main(int argc, char** argv) {
   std::string serve_device = "cpu";
   AddDeviceOption(serve_command, serve_device);
   serve_command->callback([&] {
+    if (auto status = CheckModelRunsOn(serve.model, serve_device); !status.ok()) {
+      std::cerr << "moeserve serve: " << status.message() << "\n";
+      exit_code = 2;
+      return;
+    }
     auto backend = BackendFor(serve_device);
     if (!backend.ok()) {
       std::cerr << "moeserve serve: " << backend.status().message() << "\n";

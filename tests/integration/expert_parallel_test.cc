@@ -163,6 +163,15 @@ TEST(ExpertParallelServing, TraceHasRankLanesAndShowsTheOverlap) {
   EXPECT_EQ(OverlapMicroseconds(compute_off, communication_off), 0.0);
 }
 
+TEST(ExpertParallelServing, GpuOnlyModelsAreRefusedOnTheCpuBeforeLoading) {
+  // builtin:v3-bench's routed experts exist on GPUs only; its host weights (14 GB) are not even
+  // generated on the CPU.
+  ServerProcess server({"--model", "builtin:v3-bench"}, /*expect_ready=*/false);
+  EXPECT_FALSE(server.ok());
+  EXPECT_EQ(server.WaitForExit(10), 2);
+  EXPECT_THAT(server.output(), HasSubstr("keeps its routed experts on GPUs only"));
+}
+
 TEST(ExpertParallelServing, LayoutsThatCannotWorkAreRefusedWithAReason) {
   {
     // 64 + 3 slots do not divide over 2 ranks.
