@@ -4,16 +4,16 @@
 #             measured limits) and the PyTorch baselines of kernels/bench/expert_bench_torch.py
 #   dispatch  kernels/bench/run_dispatch_bench.sh: dispatch/combine against raw NCCL
 #             all-to-all of the same bytes, two-batch overlap, Chrome traces
-#   serving   `moeserve serve --model builtin:v3-bench --device cuda --ep N` for N = 1, 2, 4
-#             (those that fit the visible GPUs) under moeserve-loadgen: output tokens/s per GPU,
-#             TTFT and inter-token latency percentiles at several concurrency levels
+#   serving   `moeserve serve --model builtin:v3-bench --device cuda --ep N` for N = 1, 2, 4, 8
+#             (those that fit the visible GPUs) under moeserve-loadgen: output tokens/s per
+#             GPU, TTFT and inter-token latency percentiles at several concurrency levels
 #
 #   scripts/gpu-benchmarks.sh OUT_DIR [experts] [dispatch] [serving]     (default: all three)
 #
 # Binaries come from $MOESERVE_BIN_DIR (a flat folder, e.g. a bundle made with
 # kernels/bench/run_dispatch_bench.sh --bundle) or the build tree $MOESERVE_BUILD_DIR (default:
 # build). Serving flags: $SERVING_CONCURRENCY (default "1 8 32 64"), $SERVING_PROMPT_TOKENS
-# (128), $SERVING_MAX_TOKENS (128), $SERVING_EP (default "1 2 4"; a layout of 2 or more GPUs
+# (128), $SERVING_MAX_TOKENS (128), $SERVING_EP (default "1 2 4 8"; a layout of 2 or more GPUs
 # also runs with --two-batch-overlap). NVLink multicast stays off.
 set -euo pipefail
 
@@ -55,7 +55,7 @@ for part in "${parts[@]}"; do
       server=$(find_binary moeserve server)
       loadgen=$(find_binary moeserve-loadgen clients)
       header=1
-      for ep in ${SERVING_EP:-1 2 4}; do
+      for ep in ${SERVING_EP:-1 2 4 8}; do
         (( ep <= gpus )) || continue
         overlaps=("")
         (( ep > 1 )) && overlaps+=("--two-batch-overlap")

@@ -1,4 +1,4 @@
-// The GPU backend against the CPU backend: logits of the built-in MLA models on 1, 2 and 4
+// The GPU backend against the CPU backend: logits of the built-in MLA models on 1, 2, 4 and 8
 // GPUs (as many as are visible) within the measured bf16 tolerance; chunked prefill + decode
 // through the device's paged cache against one pass; and the real server with
 // `--device cuda --ep N` generating the CPU server's tokens. Skipped where no GPU is present.
@@ -121,7 +121,7 @@ TEST(CudaBackend, LogitsMatchTheCpuWithinTheBf16Tolerance) {
     auto gpu_single = GroupLogits(model, tokens, 1, 0, true);
     ASSERT_TRUE(gpu_single.ok()) << name << ": " << gpu_single.status();
     const Tolerance tolerance = ToleranceFor(name);
-    for (int ep : {1, 2, 4}) {
+    for (int ep : {1, 2, 4, 8}) {
       if (ep > VisibleCudaDevices()) continue;
       for (auto [redundant, overlap] : {std::pair{0, false}, {ep, false}, {ep, true}}) {
         auto gpu = GroupLogits(model, tokens, ep, redundant, true, overlap);
@@ -209,7 +209,7 @@ TEST(CudaBackend, ServerOnGpusGeneratesTheCpuServersTokens) {
     ASSERT_TRUE(server.ok());
     cpu = ConcurrentGreedy(server, 12);
   }
-  for (int ep : {1, 2, 4}) {
+  for (int ep : {1, 2, 4, 8}) {
     if (ep > VisibleCudaDevices()) continue;
     // Two GPUs and more also overlap the exchanges with compute (two micro-batches).
     std::vector<std::string> args = {"--model",

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/cuda/device_array.h"
+#include "engine/backend/cuda/pinned_buffer.h"
 #include "engine/parallel/ep_forward.h"
 #include "kernels/cpu_twins.h"
 #include "kernels/expert_mlp.h"
@@ -108,41 +109,6 @@ absl::Status CheckCudaSupport(const ModelConfig& config) {
   }
   return absl::OkStatus();
 }
-
-// Host memory the GPU copies from asynchronously (pinned, so a copy never waits for the
-// stream's earlier work to finish on the host). Grows; not thread-safe.
-class PinnedBuffer {
- public:
-  PinnedBuffer() = default;
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-  ~PinnedBuffer() {
-    if (data_ != nullptr) cudaFreeHost(data_);
-  }
-  // Copies `bytes` from `host` into the pinned buffer, then to `device` on `stream`. The
-  // pinned copy must not be rewritten before the stream ran the copy: callers reuse a buffer
-  // only after they synchronized with the stream again.
-  absl::Status CopyToDevice(void* device, const void* host, size_t bytes, cudaStream_t stream) {
-    if (bytes == 0) return absl::OkStatus();
-    RETURN_IF_ERROR(Reserve(bytes));
-    std::memcpy(data_, host, bytes);
-    return Cuda(cudaMemcpyAsync(device, data_, bytes, cudaMemcpyHostToDevice, stream), "upload");
-  }
-  absl::Status Reserve(size_t bytes) {
-    if (bytes <= capacity_) return absl::OkStatus();
-    if (data_ != nullptr) cudaFreeHost(data_);
-    data_ = nullptr;
-    capacity_ = 0;
-    RETURN_IF_ERROR(Cuda(cudaMallocHost(&data_, bytes), "pinned host memory"));
-    capacity_ = bytes;
-    return absl::OkStatus();
-  }
-  void* data() { return data_; }
-
- private:
-  void* data_ = nullptr;
-  size_t capacity_ = 0;
-};
 
 // An index array (row numbers) on its way to the device.
 struct DeviceIndex {
