@@ -74,6 +74,22 @@ std::vector<std::vector<BatchPiece>> SplitIntoMicroBatches(std::span<const Batch
   return result;
 }
 
+std::vector<int> MicroBatchLogitRows(std::span<const BatchSequence> sequences,
+                                     std::span<const SequenceSpan> spans,
+                                     const std::vector<bool>& emits_logits) {
+  std::vector<int> rows;
+  for (size_t s = 0; s < sequences.size(); ++s) {
+    const SequenceSpan& span = spans[s];
+    if (!emits_logits[s] || span.num_tokens == 0) continue;
+    if (sequences[s].all_logits) {
+      for (int i = 0; i < span.num_tokens; ++i) rows.push_back(span.token_offset + i);
+    } else {
+      rows.push_back(span.token_offset + span.num_tokens - 1);
+    }
+  }
+  return rows;
+}
+
 DispatchPlan PlanDispatch(std::span<const int32_t> experts, int top_k, int moe_layer,
                           const ExpertPlacement& placement, int rank, int size) {
   const int assignments = static_cast<int>(experts.size());
@@ -363,16 +379,7 @@ absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(std::span<const Ba
 
   std::vector<float> logits;
   for (MicroBatch& mb : micro_batches) {
-    std::vector<int> rows;
-    for (size_t s = 0; s < mb.sequences.size(); ++s) {
-      const SequenceSpan& span = mb.spans[s];
-      if (!mb.emits_logits[s] || span.num_tokens == 0) continue;
-      if (mb.sequences[s].all_logits) {
-        for (int i = 0; i < span.num_tokens; ++i) rows.push_back(span.token_offset + i);
-      } else {
-        rows.push_back(span.token_offset + span.num_tokens - 1);
-      }
-    }
+    const std::vector<int> rows = MicroBatchLogitRows(mb.sequences, mb.spans, mb.emits_logits);
     std::vector<float> part = model_.Head(mb.residual.data(), rows);
     logits.insert(logits.end(), part.begin(), part.end());
   }

@@ -84,5 +84,10 @@ struct BatchPiece {
 };
 std::vector<std::vector<BatchPiece>> SplitIntoMicroBatches(std::span<const BatchSequence> batch,
                                                            int parts);
+// The rows of a micro-batch that need logits (see Model::LogitRows), skipping pieces that do
+// not emit them (the first piece of a sequence split between micro-batches).
+std::vector<int> MicroBatchLogitRows(std::span<const BatchSequence> sequences,
+                                     std::span<const SequenceSpan> spans,
+                                     const std::vector<bool>& emits_logits);
 
 }  // namespace moeserve::engine::parallel

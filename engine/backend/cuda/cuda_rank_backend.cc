@@ -225,8 +225,7 @@ struct CudaRankBackend::State {
                                parallel::RankResources& rank);
   absl::Status ExpertsAndCombine(int layer, MicroBatchState& mb, parallel::RankResources& rank);
   absl::Status FinishMoe(MicroBatchState& mb);
-  // The rows of a micro-batch that need logits (see Model::LogitRows), skipping the first piece
-  // of a sequence split between the micro-batches.
+  // The rows of a micro-batch that need logits (parallel::MicroBatchLogitRows).
   static std::vector<int32_t> LogitRows(const MicroBatchState& mb);
   // Final norm and LM head over `rows`, the logits copied to `host` (pinned) asynchronously.
   absl::Status Head(MicroBatchState& mb, const std::vector<int32_t>& rows, float* host);
@@ -637,17 +636,9 @@ absl::Status CudaRankBackend::State::FinishMoe(MicroBatchState& mb) {
 }
 
 std::vector<int32_t> CudaRankBackend::State::LogitRows(const MicroBatchState& mb) {
-  std::vector<int32_t> rows;
-  for (size_t s = 0; s < mb.sequences.size(); ++s) {
-    const SequenceSpan& span = mb.spans[s];
-    if (!mb.emits_logits[s] || span.num_tokens == 0) continue;
-    if (mb.sequences[s].all_logits) {
-      for (int i = 0; i < span.num_tokens; ++i) rows.push_back(span.token_offset + i);
-    } else {
-      rows.push_back(span.token_offset + span.num_tokens - 1);
-    }
-  }
-  return rows;
+  const std::vector<int> rows =
+      parallel::MicroBatchLogitRows(mb.sequences, mb.spans, mb.emits_logits);
+  return std::vector<int32_t>(rows.begin(), rows.end());
 }
 
 absl::Status CudaRankBackend::State::Head(MicroBatchState& mb, const std::vector<int32_t>& rows,
