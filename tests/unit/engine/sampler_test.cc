@@ -2,8 +2,10 @@
 // empirically against softmax probabilities computed here.
 #include "engine/runtime/sampler.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
+#include <random>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -174,6 +176,63 @@ TEST(Sampler, NeverPicksAnImpossibleToken) {
   EXPECT_EQ(f[1], 0.0);
   EXPECT_EQ(f[3], 0.0);
   EXPECT_NEAR(f[0], 0.5, 0.04);
+}
+
+// The sampling rule written the plain way, for the test only: sort the whole vocabulary (logit
+// descending, ties to the lower id), cut to top-k, then to the top-p prefix, draw from the
+// same 53-bit uniform.
+int32_t ReferenceSample(const std::vector<float>& logits, const SamplingOptions& o,
+                        std::mt19937_64& rng) {
+  std::vector<int32_t> order(logits.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  size_t keep = o.top_k > 0 ? std::min<size_t>(order.size(), o.top_k) : order.size();
+  std::vector<double> p(keep);
+  double total = 0;
+  for (size_t i = 0; i < keep; ++i) {
+    p[i] = std::exp((static_cast<double>(logits[order[i]]) - logits[order[0]]) / o.temperature);
+    total += p[i];
+  }
+  if (o.top_p > 0 && o.top_p < 1) {
+    double mass = 0;
+    for (size_t i = 0; i < keep; ++i) {
+      mass += p[i] / total;
+      if (mass >= o.top_p) {
+        keep = i + 1;
+        break;
+      }
+    }
+    total = 0;
+    for (size_t i = 0; i < keep; ++i) total += p[i];
+  }
+  const double u = static_cast<double>(rng() >> 11) * (1.0 / 9007199254740992.0) * total;
+  double cumulative = 0;
+  for (size_t i = 0; i < keep; ++i) {
+    cumulative += p[i];
+    if (u < cumulative) return order[i];
+  }
+  return order[keep - 1];
+}
+
+// DeepSeek-V3's vocabulary size, with options whose draws reach past any sorted head: a hot
+// temperature over everything, a top-k of 1000, a top-p prefix of thousands of tokens.
+TEST(Sampler, LargeVocabulariesFollowTheFullSortRule) {
+  std::mt19937 data(3);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<float> logits(129280);
+  for (float& v : logits) v = normal(data);
+  logits[77] = logits[78];  // a tie: the lower id comes first
+  for (const SamplingOptions& o : {Options(0.7f), Options(5.0f), Options(1.0f, 1.0f, 1000),
+                                   Options(3.0f, 0.99f), Options(1.0f, 0.9f, 300)}) {
+    Sampler sampler(o);
+    std::mt19937_64 reference_rng(*o.seed);
+    for (int draw = 0; draw < 40; ++draw) {
+      ASSERT_EQ(sampler.Sample(logits), ReferenceSample(logits, o, reference_rng))
+          << "temperature " << o.temperature << " top_p " << o.top_p << " top_k " << o.top_k
+          << " draw " << draw;
+    }
+  }
 }
 
 }  // namespace
