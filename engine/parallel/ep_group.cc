@@ -69,9 +69,15 @@ absl::Status ExpertParallelGroup::StageAll(
   const int slots_per_rank = placement.num_physical() / size();
   std::vector<std::shared_ptr<const RankExpertWeights>> staged(size());
   for (int rank = 0; rank < size(); ++rank) {
-    // rank_weights_ is only replaced by rank threads at a commit, never while a staging runs.
+    // The rank's current weights lend the slots that keep their expert. A rank may still be
+    // switching to the previous placement, so take a reference under the lock.
+    std::shared_ptr<const RankExpertWeights> previous;
+    {
+      std::lock_guard lock(placement_mutex_);
+      previous = rank_weights_[rank];
+    }
     auto weights = RankExpertWeights::Stage(*weight_source_, placement, rank * slots_per_rank,
-                                            slots_per_rank, rank_weights_[rank].get());
+                                            slots_per_rank, previous.get());
     if (!weights.ok()) return weights.status();
     staged[rank] = std::move(*weights);
   }
@@ -89,15 +95,14 @@ absl::StatusOr<StepAgreement> ExpertParallelGroup::Agree(int rank, int64_t local
   // A rank is ready for the pending placement once it has staged it. On the CPU all ranks
   // share the model's expert weights in host memory, so staging is immediate; a GPU rank
   // copies the new slots' weights first and reports readiness only then.
-  std::shared_ptr<const ExpertPlacement> pending;
+  std::shared_ptr<PendingPlacement> pending;
   {
     std::lock_guard lock(placement_mutex_);
     pending = pending_;
   }
   const int64_t current = rank_placement_[rank]->version();
-  const int64_t staged = pending != nullptr && staged_version_.load() == pending->version()
-                             ? pending->version()
-                             : current;
+  const int64_t staged =
+      pending != nullptr && pending->staged.load() ? pending->placement->version() : current;
   // [has work, tokens, stop, staged version (min), current version (min), -current (min = max)]
   int64_t values[6] = {local_tokens > 0, local_tokens, stop_requested ? 1 : 0,
                        staged,           current,      -current};
@@ -118,17 +123,18 @@ absl::StatusOr<StepAgreement> ExpertParallelGroup::Agree(int rank, int64_t local
   agreement.split =
       options_.two_batch_overlap && agreement.max_tokens >= options_.overlap_min_tokens;
   // Commit: every rank has staged the pending version, so all switch at this step boundary.
-  if (pending != nullptr && minima[0] == pending->version() && pending->version() > current) {
-    rank_placement_[rank] = pending;
+  if (pending != nullptr && minima[0] == pending->placement->version() &&
+      pending->placement->version() > current) {
+    rank_placement_[rank] = pending->placement;
     {
       std::lock_guard lock(placement_mutex_);
-      rank_weights_[rank] = staged_weights_[rank];
+      rank_weights_[rank] = pending->weights[rank];
     }
     resources_[rank]->expert_weights = rank_weights_[rank].get();
     if (rank == 0) {
       std::lock_guard lock(placement_mutex_);
-      // Rank 0 publishes the commit; the other ranks switched at the same agreement.
-      committed_ = pending;
+      // Rank 0 publishes the commit; the other ranks switch at the same agreement.
+      committed_ = pending->placement;
       if (pending_ == pending) pending_.reset();
       placement_committed_.notify_all();
     }
@@ -149,25 +155,27 @@ absl::Status ExpertParallelGroup::UpdatePlacement(ExpertPlacement placement,
         "placement shape ", placement.num_layers(), " layers x ", placement.num_physical(),
         " slots does not match the group's ", current.num_layers(), " x ", current.num_physical()));
   }
-  const int64_t floor = std::max(current.version(), pending_ ? pending_->version() : 0);
+  const int64_t floor =
+      std::max(current.version(), pending_ ? pending_->placement->version() : int64_t{0});
   if (placement.version() <= floor) {
     return absl::FailedPreconditionError(absl::StrCat(
         "placement version ", placement.version(), " is stale: the group is at version ", floor));
   }
   if (pending_ != nullptr) {
     return absl::FailedPreconditionError(
-        absl::StrCat("placement version ", pending_->version(),
+        absl::StrCat("placement version ", pending_->placement->version(),
                      " is still being applied; retry after it commits"));
   }
-  auto staged = std::make_shared<const ExpertPlacement>(std::move(placement));
+  auto staged = std::make_shared<PendingPlacement>();
+  staged->placement = std::make_shared<const ExpertPlacement>(std::move(placement));
   staging_error_ = absl::OkStatus();
   pending_ = staged;
-  const int64_t version = staged->version();
+  const int64_t version = staged->placement->version();
   if (staging_thread_.joinable()) staging_thread_.join();
   // Copy the changed slots' weights while the ranks keep serving with the old placement.
   staging_thread_ = std::thread([this, staged] {
     std::vector<std::shared_ptr<const RankExpertWeights>> weights;
-    absl::Status status = StageAll(*staged, weights);
+    absl::Status status = StageAll(*staged->placement, weights);
     std::lock_guard lock(placement_mutex_);
     if (!status.ok()) {
       if (pending_ == staged) pending_.reset();  // nothing changes
@@ -175,8 +183,8 @@ absl::Status ExpertParallelGroup::UpdatePlacement(ExpertPlacement placement,
       placement_committed_.notify_all();
       return;
     }
-    staged_weights_ = std::move(weights);
-    staged_version_ = staged->version();
+    staged->weights = std::move(weights);
+    staged->staged = true;
   });
   lock.unlock();
   NotifyWork();  // idle ranks step so the commit happens without traffic

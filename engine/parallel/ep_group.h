@@ -115,12 +115,17 @@ class ExpertParallelGroup {
   mutable std::mutex placement_mutex_;
   std::condition_variable placement_committed_;
   std::shared_ptr<const ExpertPlacement> committed_;  // guarded by placement_mutex_
-  std::shared_ptr<const ExpertPlacement> pending_;    // guarded by placement_mutex_
-  // Each rank's weights for pending_, filled by the staging thread; complete when
-  // staged_version_ equals pending_'s version.
-  std::vector<std::shared_ptr<const RankExpertWeights>> staged_weights_;  // guarded
-  std::atomic<int64_t> staged_version_{0};
-  absl::Status staging_error_;  // guarded by placement_mutex_
+  // A placement being applied, with each rank's weights once the staging thread has them. A
+  // rank keeps its own reference for the whole step, so an update that starts right after the
+  // commit (the caller returns once rank 0 committed) cannot change what a rank still
+  // switching reads.
+  struct PendingPlacement {
+    std::shared_ptr<const ExpertPlacement> placement;
+    std::vector<std::shared_ptr<const RankExpertWeights>> weights;  // guarded by placement_mutex_
+    std::atomic<bool> staged{false};                                // weights are complete
+  };
+  std::shared_ptr<PendingPlacement> pending_;  // guarded by placement_mutex_
+  absl::Status staging_error_;                 // guarded by placement_mutex_
   std::thread staging_thread_;
   std::vector<std::shared_ptr<const ExpertPlacement>> rank_placement_;  // each rank's own
   std::vector<std::shared_ptr<const RankExpertWeights>> rank_weights_;  // each rank's own

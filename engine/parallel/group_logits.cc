@@ -11,15 +11,20 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
                                                const GroupOptions& options,
                                                ExpertPlacement placement, TraceRecorder* trace,
                                                const RankBackendFactory& backend_factory) {
-  auto group = ExpertParallelGroup::Create(model, options, std::move(placement), nullptr, trace);
-  if (!group.ok()) return group.status();
-  const int size = options.size;
-  const int block_size = 16;
-  const int blocks = (static_cast<int>(tokens.size()) + block_size - 1) / block_size;
   if (!backend_factory && model.config().routed_experts_on_device) {
     return absl::InvalidArgumentError(
         absl::StrCat("`", model.config().name, "` keeps its routed experts on GPUs only"));
   }
+  // A GPU backend holds its slots' weights on its device; host copies would be waste (and do
+  // not exist for experts generated on the GPU).
+  GroupOptions group_options = options;
+  if (backend_factory) group_options.stage_host_expert_weights = false;
+  auto group =
+      ExpertParallelGroup::Create(model, group_options, std::move(placement), nullptr, trace);
+  if (!group.ok()) return group.status();
+  const int size = options.size;
+  const int block_size = 16;
+  const int blocks = (static_cast<int>(tokens.size()) + block_size - 1) / block_size;
   std::vector<std::unique_ptr<RankBackend>> backends;
   for (int rank = 0; rank < size; ++rank) {
     if (!backend_factory) {
