@@ -24,11 +24,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::shared_ptr<const Mod
     return absl::InvalidArgumentError(
         "engine: --ep/--decode-ep must be >= 1, --prefill-ep >= 0, --num-redundant-experts >= 0");
   }
-  if (!options.backend.factory && model->config().routed_experts_on_device) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("engine: `", model->config().name,
-                     "` keeps its routed experts on GPUs only; serve it with --device cuda"));
-  }
   if (options.backend.factory && p.prefill_ep > 0) {
     // The prefill-to-decode KV handoff copies host rows; a GPU backend keeps its rows on the
     // device.
@@ -106,23 +101,17 @@ absl::StatusOr<Engine::WorkerGroup> Engine::BuildGroup(const std::string& name, 
   WorkerGroup result;
   result.group = std::move(*group);
   for (int rank = 0; rank < size; ++rank) {
-    std::unique_ptr<RankBackend> backend;
-    if (options_.backend.factory) {
-      absl::StatusOr<std::unique_ptr<RankBackend>> made =
-          options_.backend.factory({.model = model_.get(),
-                                    .group = result.group.get(),
-                                    .rank = rank,
-                                    .kv_blocks = static_cast<int>(kv_blocks),
-                                    .kv_block_size = options_.kv_block_size,
-                                    .max_batch_tokens = options_.max_batch_tokens});
-      if (!made.ok()) return made.status();
-      backend = std::move(*made);
-    } else {
-      backend = std::make_unique<CpuRankBackend>(result.group->forward());
-    }
+    absl::StatusOr<std::unique_ptr<RankBackend>> backend =
+        MakeRankBackend(options_.backend.factory, {.model = model_.get(),
+                                                   .group = result.group.get(),
+                                                   .rank = rank,
+                                                   .kv_blocks = static_cast<int>(kv_blocks),
+                                                   .kv_block_size = options_.kv_block_size,
+                                                   .max_batch_tokens = options_.max_batch_tokens});
+    if (!backend.ok()) return backend.status();
     result.workers.push_back(std::make_unique<RankWorker>(
         context_, *result.group, rank, role, static_cast<int>(kv_blocks), options_.kv_block_size,
-        std::move(backend)));
+        std::move(*backend)));
   }
   return result;
 }

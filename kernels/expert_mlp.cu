@@ -5,14 +5,10 @@
 #include "kernels/kernels.h"
 
 namespace moeserve::kernels {
-namespace {
-
 absl::Status CublasStatus(cublasStatus_t status, const char* what) {
   if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
   return absl::InternalError(absl::StrCat(what, ": cuBLAS status ", static_cast<int>(status)));
 }
-
-}  // namespace
 
 absl::StatusOr<ExpertMlp> ExpertMlp::Create(int hidden, int intermediate, int max_rows,
                                             int max_experts, cudaStream_t stream) {

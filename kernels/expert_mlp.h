@@ -16,6 +16,9 @@
 
 namespace moeserve::kernels {
 
+// A cuBLAS result as a status (INTERNAL naming `what` and the cuBLAS code on failure).
+absl::Status CublasStatus(cublasStatus_t status, const char* what);
+
 class ExpertMlp {
  public:
   enum class Strategy {

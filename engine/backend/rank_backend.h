@@ -70,4 +70,11 @@ struct RankBackendRequest {
 using RankBackendFactory =
     std::function<absl::StatusOr<std::unique_ptr<RankBackend>>(const RankBackendRequest&)>;
 
+// The factory's backend for `request`, or the CPU backend where there is no factory.
+inline absl::StatusOr<std::unique_ptr<RankBackend>> MakeRankBackend(
+    const RankBackendFactory& factory, const RankBackendRequest& request) {
+  if (!factory) return std::make_unique<CpuRankBackend>(request.group->forward());
+  return factory(request);
+}
+
 }  // namespace moeserve::engine

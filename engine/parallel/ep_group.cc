@@ -9,6 +9,11 @@ absl::StatusOr<std::unique_ptr<ExpertParallelGroup>> ExpertParallelGroup::Create
     prometheus::Registry* registry, TraceRecorder* trace, int trace_pid_offset) {
   if (options.size < 1) return absl::InvalidArgumentError("an EP group needs at least 1 rank");
   if (auto status = placement.CheckRanks(options.size); !status.ok()) return status;
+  if (options.stage_host_expert_weights && model.config().routed_experts_on_device) {
+    // Host staging copies experts from the model's weights, which such a model does not have.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "`", model.config().name, "` keeps its routed experts on GPUs only; use --device cuda"));
+  }
   auto group = std::unique_ptr<ExpertParallelGroup>(
       new ExpertParallelGroup(model, std::move(options), std::move(placement), registry));
   // Each rank starts with its own copies of its slots' weights.

@@ -43,7 +43,8 @@ struct GroupOptions {
   std::chrono::milliseconds collective_timeout = std::chrono::seconds(120);
   // Stage each rank's own host copies of its slots' weights on placement updates (the CPU
   // backend computes from them). A GPU backend uploads changed slots itself, so it turns this
-  // off and a new placement commits as soon as the ranks agree.
+  // off and a new placement commits as soon as the ranks agree. Models whose routed experts
+  // exist on GPUs only (ModelConfig::routed_experts_on_device) need it off.
   bool stage_host_expert_weights = true;
 };
 

@@ -11,10 +11,6 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
                                                const GroupOptions& options,
                                                ExpertPlacement placement, TraceRecorder* trace,
                                                const RankBackendFactory& backend_factory) {
-  if (!backend_factory && model.config().routed_experts_on_device) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("`", model.config().name, "` keeps its routed experts on GPUs only"));
-  }
   // A GPU backend holds its slots' weights on its device; host copies would be waste (and do
   // not exist for experts generated on the GPU).
   GroupOptions group_options = options;
@@ -27,16 +23,13 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
   const int blocks = (static_cast<int>(tokens.size()) + block_size - 1) / block_size;
   std::vector<std::unique_ptr<RankBackend>> backends;
   for (int rank = 0; rank < size; ++rank) {
-    if (!backend_factory) {
-      backends.push_back(std::make_unique<CpuRankBackend>((*group)->forward()));
-      continue;
-    }
-    auto made = backend_factory({.model = &model,
-                                 .group = group->get(),
-                                 .rank = rank,
-                                 .kv_blocks = blocks,
-                                 .kv_block_size = block_size,
-                                 .max_batch_tokens = static_cast<int>(tokens.size())});
+    auto made =
+        MakeRankBackend(backend_factory, {.model = &model,
+                                          .group = group->get(),
+                                          .rank = rank,
+                                          .kv_blocks = blocks,
+                                          .kv_block_size = block_size,
+                                          .max_batch_tokens = static_cast<int>(tokens.size())});
     if (!made.ok()) return made.status();
     backends.push_back(std::move(*made));
   }

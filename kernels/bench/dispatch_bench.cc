@@ -384,24 +384,23 @@ void RawExchange(const Config& config, Rank& rank, MicroBatch& batch, bool combi
   Check(ncclGroupEnd(), "ncclGroupEnd");
 }
 
-// Bytes this rank sends to other GPUs in dispatch (all bytes when it is alone).
-int64_t DispatchBytes(const Config& config, const Rank& rank, const MicroBatch& batch) {
+// Bytes of `rows_of` ([chunk][peer] row counts) that cross to other GPUs (all of them when the
+// rank is alone): what a dispatch (send rows) or a combine (received rows, sent back) moves.
+int64_t RemoteBytes(const Config& config, const Rank& rank, const MicroBatch& batch,
+                    const std::vector<std::vector<int64_t>>& rows_of) {
   int64_t rows = 0;
   for (int chunk = 0; chunk < batch.num_chunks; ++chunk) {
     for (int peer = 0; peer < rank.size; ++peer) {
-      if (peer != rank.rank || rank.size == 1) rows += batch.send_rows_of[chunk][peer];
+      if (peer != rank.rank || rank.size == 1) rows += rows_of[chunk][peer];
     }
   }
   return rows * config.hidden * 2;
 }
+int64_t DispatchBytes(const Config& config, const Rank& rank, const MicroBatch& batch) {
+  return RemoteBytes(config, rank, batch, batch.send_rows_of);
+}
 int64_t CombineBytes(const Config& config, const Rank& rank, const MicroBatch& batch) {
-  int64_t rows = 0;
-  for (int chunk = 0; chunk < batch.num_chunks; ++chunk) {
-    for (int peer = 0; peer < rank.size; ++peer) {
-      if (peer != rank.rank || rank.size == 1) rows += batch.recv_rows_of[chunk][peer];
-    }
-  }
-  return rows * config.hidden * 2;
+  return RemoteBytes(config, rank, batch, batch.recv_rows_of);
 }
 
 // Dispatch, send the rows straight back (an identity expert), combine: every token must come

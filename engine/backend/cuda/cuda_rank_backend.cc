@@ -21,12 +21,8 @@ namespace moeserve::engine::cuda {
 namespace {
 
 using Bf16 = __nv_bfloat16;
-absl::Status Cuda(cudaError_t error, const char* what) { return kernels::CudaStatus(error, what); }
-
-absl::Status Cublas(cublasStatus_t status, const char* what) {
-  if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat(what, ": cuBLAS status ", static_cast<int>(status)));
-}
+using kernels::CublasStatus;
+using kernels::CudaStatus;
 
 #define RETURN_IF_ERROR(expr)                          \
   do {                                                 \
@@ -125,7 +121,6 @@ struct DeviceIndex {
 // and one's dispatch or combine runs on the communication stream while the other computes;
 // every buffer either side may touch while the other runs is the micro-batch's own.
 struct MicroBatchState {
-  int index = 0;
   std::vector<BatchSequence> sequences;
   std::vector<bool> emits_logits;
   std::vector<SequenceSpan> spans;
@@ -164,7 +159,6 @@ struct CudaRankBackend::State {
   CudaRankOptions options;
   cudaStream_t stream = nullptr;  // compute
   cublasHandle_t cublas = nullptr;
-  int64_t weight_bytes = 0;
 
   DeviceArray<Bf16> embed, final_norm, lm_head;
   DeviceArray<float> rope_cos, rope_sin;
@@ -209,10 +203,10 @@ struct CudaRankBackend::State {
                       int out, float beta = 0.0f) {
     if (rows == 0) return absl::OkStatus();
     const float alpha = 1.0f;
-    return Cublas(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &alpha, w,
-                               CUDA_R_16BF, in, x, CUDA_R_16BF, in, &beta, y, y_type, out,
-                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                  "linear");
+    return CublasStatus(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &alpha, w,
+                                     CUDA_R_16BF, in, x, CUDA_R_16BF, in, &beta, y, y_type, out,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                        "linear");
   }
 
   absl::Status ReserveMicroBatch(MicroBatchState& mb);
@@ -379,13 +373,13 @@ absl::Status CudaRankBackend::State::Attention(int layer, MicroBatchState& mb) {
   const float one = 1.0f, zero = 0.0f;
   const int64_t kv_b_head = static_cast<int64_t>(nope + v) * latent;
   if (tokens > 0) {
-    RETURN_IF_ERROR(
-        Cublas(cublasGemmStridedBatchedEx(cublas, CUBLAS_OP_N, CUBLAS_OP_N, latent, tokens, nope,
-                                          &one, w.kv_b.data(), CUDA_R_16BF, latent, kv_b_head,
-                                          mb.q.data(), CUDA_R_16BF, heads * qk, qk, &zero,
-                                          mb.q_absorbed.data(), CUDA_R_16BF, heads * row_dim,
-                                          row_dim, heads, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-               "absorbed queries"));
+    RETURN_IF_ERROR(CublasStatus(
+        cublasGemmStridedBatchedEx(cublas, CUBLAS_OP_N, CUBLAS_OP_N, latent, tokens, nope, &one,
+                                   w.kv_b.data(), CUDA_R_16BF, latent, kv_b_head, mb.q.data(),
+                                   CUDA_R_16BF, heads * qk, qk, &zero, mb.q_absorbed.data(),
+                                   CUDA_R_16BF, heads * row_dim, row_dim, heads, CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT),
+        "absorbed queries"));
   }
   RETURN_IF_ERROR(kernels::MlaPagedAttention(
       mb.q_absorbed.data(), layer_rows, mb.block_tables.data(), mb.max_blocks,
@@ -393,7 +387,7 @@ absl::Status CudaRankBackend::State::Attention(int layer, MicroBatchState& mb) {
       rope, options.kv_block_size, static_cast<float>(c.attention_softmax_scale()), stream));
   // Values: out(h) = attended(h) · W_UV(h)^T, W_UV(h) = the head's [v, latent] rows.
   if (tokens > 0) {
-    RETURN_IF_ERROR(Cublas(
+    RETURN_IF_ERROR(CublasStatus(
         cublasGemmStridedBatchedEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, v, tokens, latent, &one,
                                    w.kv_b.data() + static_cast<int64_t>(nope) * latent, CUDA_R_16BF,
                                    latent, kv_b_head, mb.attended.data(), CUDA_R_16BF,
@@ -411,7 +405,7 @@ absl::Status CudaRankBackend::State::Attention(int layer, MicroBatchState& mb) {
 absl::Status CudaRankBackend::State::SynchronizeCompute(const char* what) {
   for (parallel::CollectiveCompletion& completion : awaited) RETURN_IF_ERROR(completion.Wait());
   awaited.clear();
-  return Cuda(cudaStreamSynchronize(stream), what);
+  return CudaStatus(cudaStreamSynchronize(stream), what);
 }
 
 absl::Status CudaRankBackend::State::AwaitExchange(MicroBatchState& mb) {
@@ -452,17 +446,17 @@ absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const 
     timer = spare_timers.back();
     spare_timers.pop_back();
   } else {
-    RETURN_IF_ERROR(Cuda(cudaEventCreate(&timer.start), "exchange timer"));
-    RETURN_IF_ERROR(Cuda(cudaEventCreate(&timer.stop), "exchange timer"));
+    RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&timer.start), "exchange timer"));
+    RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&timer.stop), "exchange timer"));
   }
   timer.bytes = total;
   timer.dispatch = dispatch;
   timed.push_back(timer);
-  RETURN_IF_ERROR(Cuda(cudaEventRecord(produced, stream), "exchange event"));
+  RETURN_IF_ERROR(CudaStatus(cudaEventRecord(produced, stream), "exchange event"));
   RETURN_IF_ERROR(nccl.WaitForEvent(produced));
-  RETURN_IF_ERROR(Cuda(cudaEventRecord(timer.start, nccl.stream()), "exchange timer"));
+  RETURN_IF_ERROR(CudaStatus(cudaEventRecord(timer.start, nccl.stream()), "exchange timer"));
   RETURN_IF_ERROR(nccl.EnqueueAllToAllV(send_buffer, send_bytes, receive_buffer, receive_bytes));
-  RETURN_IF_ERROR(Cuda(cudaEventRecord(timer.stop, nccl.stream()), "exchange timer"));
+  RETURN_IF_ERROR(CudaStatus(cudaEventRecord(timer.stop, nccl.stream()), "exchange timer"));
   absl::StatusOr<parallel::CollectiveCompletion> done = nccl.RecordCompletion();
   if (!done.ok()) return done.status();
   mb.in_flight.emplace(std::move(*done));
@@ -513,9 +507,9 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
     PinnedBuffer& host = mb.routing_host;
     RETURN_IF_ERROR(host.Reserve(sizeof(int32_t) * assignments));
     RETURN_IF_ERROR(
-        Cuda(cudaMemcpyAsync(host.data(), mb.routing_experts.data(), sizeof(int32_t) * assignments,
-                             cudaMemcpyDeviceToHost, stream),
-             "routing to host"));
+        CudaStatus(cudaMemcpyAsync(host.data(), mb.routing_experts.data(),
+                                   sizeof(int32_t) * assignments, cudaMemcpyDeviceToHost, stream),
+                   "routing to host"));
     RETURN_IF_ERROR(SynchronizeCompute("routing to host"));
     std::memcpy(experts.data(), host.data(), sizeof(int32_t) * assignments);
   }
@@ -654,9 +648,10 @@ absl::Status CudaRankBackend::State::Head(MicroBatchState& mb, const std::vector
                                    hidden, static_cast<float>(c.rms_norm_eps), stream));
   RETURN_IF_ERROR(Linear(mb.head_in.data(), lm_head.data(), mb.logits.data(), CUDA_R_32F, count,
                          hidden, c.vocab_size));
-  return Cuda(cudaMemcpyAsync(host, mb.logits.data(), rows.size() * c.vocab_size * sizeof(float),
-                              cudaMemcpyDeviceToHost, stream),
-              "logits to host");
+  return CudaStatus(
+      cudaMemcpyAsync(host, mb.logits.data(), rows.size() * c.vocab_size * sizeof(float),
+                      cudaMemcpyDeviceToHost, stream),
+      "logits to host");
 }
 
 CudaRankBackend::CudaRankBackend(std::unique_ptr<State> state) : state_(std::move(state)) {}
@@ -666,29 +661,22 @@ CudaRankBackend::~CudaRankBackend() {
   state_.reset();
 }
 
-int64_t CudaRankBackend::weight_bytes() const { return state_->weight_bytes; }
-
-int64_t CudaRankBackend::kv_bytes() const {
-  return static_cast<int64_t>(state_->kv_rows.capacity()) * sizeof(Bf16);
-}
-
 absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
     const Model& model, const ExpertPlacement& placement, const CudaRankOptions& options) {
   const ModelConfig& c = model.config();
   RETURN_IF_ERROR(CheckCudaSupport(c));
-  RETURN_IF_ERROR(Cuda(cudaSetDevice(options.device), "select GPU"));
+  RETURN_IF_ERROR(CudaStatus(cudaSetDevice(options.device), "select GPU"));
   auto state = std::make_unique<State>();
   State& s = *state;
   s.model = &model;
   s.options = options;
-  RETURN_IF_ERROR(Cuda(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking), "stream"));
-  RETURN_IF_ERROR(Cublas(cublasCreate(&s.cublas), "cuBLAS handle"));
-  RETURN_IF_ERROR(Cublas(cublasSetStream(s.cublas, s.stream), "cuBLAS stream"));
   RETURN_IF_ERROR(
-      Cuda(cudaEventCreateWithFlags(&s.produced, cudaEventDisableTiming), "exchange event"));
+      CudaStatus(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking), "stream"));
+  RETURN_IF_ERROR(CublasStatus(cublasCreate(&s.cublas), "cuBLAS handle"));
+  RETURN_IF_ERROR(CublasStatus(cublasSetStream(s.cublas, s.stream), "cuBLAS stream"));
+  RETURN_IF_ERROR(
+      CudaStatus(cudaEventCreateWithFlags(&s.produced, cudaEventDisableTiming), "exchange event"));
 
-  size_t free_before = 0, total = 0;
-  cudaMemGetInfo(&free_before, &total);
   const ModelWeights& weights = model.weights();
   const int hidden = c.hidden_size;
   const cudaStream_t stream = s.stream;
@@ -745,9 +733,6 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
     }
   }
   RETURN_IF_ERROR(s.LoadSlots(placement));
-  size_t free_after = 0;
-  cudaMemGetInfo(&free_after, &total);
-  s.weight_bytes = static_cast<int64_t>(free_before) - static_cast<int64_t>(free_after);
 
   // The gate kernel's options, mirroring RouteTokens on the CPU.
   kernels::GateOptions& g = s.gate_options;
@@ -798,7 +783,7 @@ absl::StatusOr<std::span<const float>> CudaRankBackend::Run(std::span<const Batc
                                                             bool two_micro_batches) {
   State& s = *state_;
   const ModelConfig& c = s.config();
-  RETURN_IF_ERROR(Cuda(cudaSetDevice(s.options.device), "select GPU"));
+  RETURN_IF_ERROR(CudaStatus(cudaSetDevice(s.options.device), "select GPU"));
   RETURN_IF_ERROR(s.LoadSlots(placement));
   // Two micro-batches split the batch as the CPU backend does; every rank of the group splits
   // (the step agreement decides), so their exchanges pair up.
@@ -812,7 +797,6 @@ absl::StatusOr<std::span<const float>> CudaRankBackend::Run(std::span<const Batc
   std::vector<MicroBatchState*> micro_batches;
   for (size_t i = 0; i < parts.size(); ++i) {
     MicroBatchState& mb = s.micro_batches[i];
-    mb.index = static_cast<int>(i);
     mb.sequences.clear();
     mb.emits_logits.clear();
     for (const parallel::BatchPiece& piece : parts[i]) {
@@ -857,7 +841,7 @@ absl::StatusOr<std::span<const float>> CudaRankBackend::Run(std::span<const Batc
   }
   // Whatever happened, nothing may still be in flight into this step's buffers.
   absl::Status drained = s.DrainExchanges();
-  drained.Update(Cuda(cudaStreamSynchronize(s.stream), "step"));
+  drained.Update(CudaStatus(cudaStreamSynchronize(s.stream), "step"));
   if (!status.ok()) return status;
   RETURN_IF_ERROR(drained);
   s.PublishExchangeTimes(rank);

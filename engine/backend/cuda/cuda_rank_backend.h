@@ -62,10 +62,6 @@ class CudaRankBackend : public RankBackend {
                                              bool two_micro_batches) override;
   bool needs_host_kv_rows() const override { return false; }
 
-  // Bytes of device memory this rank holds for weights and for KV rows.
-  int64_t weight_bytes() const;
-  int64_t kv_bytes() const;
-
  private:
   struct State;
   explicit CudaRankBackend(std::unique_ptr<State> state);
