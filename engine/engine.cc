@@ -62,6 +62,7 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Tokeniz
   if (!options_.parallel.trace_dir.empty()) {
     trace_ = std::make_unique<TraceRecorder>();
     context_.trace_steps = options_.parallel.trace_steps;
+    context_.trace_skip_steps = options_.parallel.trace_skip_steps;
     context_.trace_complete = [this] { (void)WriteTrace(); };
   }
 }

@@ -36,6 +36,7 @@ struct ParallelOptions {
   bool expert_load_metrics = true;  // per (layer, expert) series
   std::string trace_dir;            // empty: no trace
   int trace_steps = 16;             // working steps recorded per group
+  int trace_skip_steps = 0;         // working steps to let pass first (e.g. to reach decode)
 };
 
 // Where ranks compute. The CPU backend is built in; a GPU backend comes from a factory (the

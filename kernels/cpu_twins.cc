@@ -260,4 +260,33 @@ void MlaPagedAttentionTwin(const uint16_t* q_absorbed, const uint16_t* cache,
   }
 }
 
+void LogitHeadsTwin(const float* logits, int rows, int vocab, const LogitHeadParams* params,
+                    int32_t* ids, float* values, double* kept_weight) {
+  std::vector<int32_t> order(vocab);
+  for (int r = 0; r < rows; ++r) {
+    const LogitHeadParams& p = params[r];
+    if (p.head_size <= 0) continue;
+    const float* row = logits + static_cast<int64_t>(r) * vocab;
+    auto before = [&](int32_t a, int32_t b) {
+      return row[a] > row[b] || (row[a] == row[b] && a < b);
+    };
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + p.head_size, order.end(), before);
+    for (int j = 0; j < p.head_size; ++j) {
+      ids[p.output_offset + j] = order[j];
+      values[p.output_offset + j] = row[order[j]];
+    }
+    if (!p.kept_weight_needed) continue;
+    const double max_logit = row[order[0]];
+    if (p.keep_limit < vocab) {
+      std::nth_element(order.begin(), order.begin() + p.keep_limit, order.end(), before);
+    }
+    double total = 0.0;
+    for (int j = 0; j < std::min(p.keep_limit, vocab); ++j) {
+      total += std::exp((row[order[j]] - max_logit) / p.temperature);
+    }
+    kept_weight[r] = total;
+  }
+}
+
 }  // namespace moeserve::kernels

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/logit_head.h"
+
 namespace moeserve::kernels {
 
 // bf16 <-> fp32 (round to nearest even, as __float2bfloat16 does).
@@ -87,5 +89,10 @@ void MlaPagedAttentionTwin(const uint16_t* q_absorbed, const uint16_t* cache,
                            const int32_t* token_sequence, const int32_t* positions, uint16_t* out,
                            int tokens, int heads, int latent, int rope, int block_size,
                            float scale);
+
+// --- Sampling (twin of sampling.h) ---
+// Each row's head (largest logits first, ties to the lower id) and kept weight, as LogitHeads.
+void LogitHeadsTwin(const float* logits, int rows, int vocab, const LogitHeadParams* params,
+                    int32_t* ids, float* values, double* kept_weight);
 
 }  // namespace moeserve::kernels

@@ -14,7 +14,9 @@
 # kernels/bench/run_dispatch_bench.sh --bundle) or the build tree $MOESERVE_BUILD_DIR (default:
 # build). Serving flags: $SERVING_CONCURRENCY (default "1 8 32 64"), $SERVING_PROMPT_TOKENS
 # (128), $SERVING_MAX_TOKENS (128), $SERVING_EP (default "1 2 4 8"; a layout of 2 or more GPUs
-# also runs with --two-batch-overlap). NVLink multicast stays off.
+# also runs with --two-batch-overlap unless $SERVING_OVERLAP is 0), $SERVING_TRACE_STEPS
+# (default none: with K, each server writes a Chrome trace of K working steps after
+# $SERVING_TRACE_SKIP, default 300, into OUT_DIR/trace-LAYOUT/). NVLink multicast stays off.
 set -euo pipefail
 
 [[ $# -ge 1 ]] || { sed -n '2,19p' "$0" >&2; exit 2; }
@@ -58,12 +60,17 @@ for part in "${parts[@]}"; do
       for ep in ${SERVING_EP:-1 2 4 8}; do
         (( ep <= gpus )) || continue
         overlaps=("")
-        (( ep > 1 )) && overlaps+=("--two-batch-overlap")
+        (( ep > 1 )) && [[ ${SERVING_OVERLAP:-1} == 1 ]] && overlaps+=("--two-batch-overlap")
         for overlap in "${overlaps[@]}"; do
           name="ep$ep${overlap:+-overlap}"
           port=$((50200 + ep + ${#overlap}))
+          trace=()
+          if [[ -n ${SERVING_TRACE_STEPS:-} ]]; then
+            trace=(--trace-dir "$out/trace-$name" --trace-steps "$SERVING_TRACE_STEPS"
+              --trace-skip-steps "${SERVING_TRACE_SKIP:-300}")
+          fi
           # shellcheck disable=SC2086
-          "$server" serve --model builtin:v3-bench --device cuda --ep "$ep" $overlap \
+          "$server" serve --model builtin:v3-bench --device cuda --ep "$ep" $overlap "${trace[@]}" \
             --host 127.0.0.1 --port "$port" --metrics-port -1 --kv-cache-mib 8192 \
             --max-batch-tokens 1024 --max-running-requests 128 >"$out/serve-$name.log" 2>&1 &
           pid=$!

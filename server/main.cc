@@ -283,6 +283,12 @@ int main(int argc, char** argv) {
                    "Working steps per group to record with --trace-dir")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  serve_command
+      ->add_option("--trace-skip-steps", serve.engine.parallel.trace_skip_steps,
+                   "Working steps per group to let pass before recording (e.g. to trace decode "
+                   "under load rather than the first prefills)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   std::string serve_device = "cpu";
   AddDeviceOption(serve_command, serve_device);
   serve_command->callback([&] {

@@ -17,6 +17,7 @@
 #include "engine/parallel/ep_group.h"
 #include "engine/placement/expert_placement.h"
 #include "engine/runtime/kv_cache.h"
+#include "engine/runtime/sampler.h"
 
 namespace moeserve::engine {
 
@@ -24,16 +25,32 @@ class RankBackend {
  public:
   virtual ~RankBackend() = default;
   // Runs the rank's batch (see ExpertParallelForward::Run for the contract: every rank of the
-  // group calls it for every step) and returns its logits on the host, [rows, vocab], in memory
-  // the backend owns until its next Run() (a GPU backend copies them straight into pinned
-  // memory: at DeepSeek-V3's vocabulary 64 rows are 33 MB a step).
-  virtual absl::StatusOr<std::span<const float>> Run(std::span<const BatchSequence> batch,
-                                                     KvCache& cache,
-                                                     const ExpertPlacement& placement,
-                                                     parallel::RankResources& rank,
-                                                     bool two_micro_batches) = 0;
-  // Whether the KvCache passed to Run() must hold the rows in host memory. A GPU backend keeps
-  // the rows on its device and uses the KvCache for block allocation only.
+  // group calls it for every step). Each batch row's logits (of its last token) stay with the
+  // backend until the next Forward().
+  virtual absl::Status Forward(std::span<const BatchSequence> batch, KvCache& cache,
+                               const ExpertPlacement& placement, parallel::RankResources& rank,
+                               bool two_micro_batches) = 0;
+  // The last Forward()'s logits on the host, [rows, vocab], in memory the backend owns until
+  // its next Forward() (a GPU backend copies them into pinned memory: at DeepSeek-V3's
+  // vocabulary 64 rows are 33 MB).
+  virtual absl::StatusOr<std::span<const float>> Logits() = 0;
+  // The next token of each row of the last Forward() whose sampler is set (-1 for the others),
+  // each sampler taking its draw. This one samples Logits() on the host; a GPU backend ranks
+  // each row's head on the device and copies only that (engine/runtime/sampler.h).
+  virtual absl::StatusOr<std::vector<int32_t>> NextTokens(std::span<Sampler* const> samplers) {
+    absl::StatusOr<std::span<const float>> logits = Logits();
+    if (!logits.ok()) return logits.status();
+    std::vector<int32_t> tokens(samplers.size(), -1);
+    if (samplers.empty()) return tokens;
+    const size_t vocab = logits->size() / samplers.size();
+    for (size_t row = 0; row < samplers.size(); ++row) {
+      if (samplers[row] != nullptr)
+        tokens[row] = samplers[row]->Sample(logits->subspan(row * vocab, vocab));
+    }
+    return tokens;
+  }
+  // Whether the KvCache passed to Forward() must hold the rows in host memory. A GPU backend
+  // keeps the rows on its device and uses the KvCache for block allocation only.
   virtual bool needs_host_kv_rows() const { return true; }
 };
 
@@ -41,14 +58,16 @@ class RankBackend {
 class CpuRankBackend : public RankBackend {
  public:
   explicit CpuRankBackend(const parallel::ExpertParallelForward& forward) : forward_(forward) {}
-  absl::StatusOr<std::span<const float>> Run(std::span<const BatchSequence> batch, KvCache& cache,
-                                             const ExpertPlacement& placement,
-                                             parallel::RankResources& rank,
-                                             bool two_micro_batches) override {
+  absl::Status Forward(std::span<const BatchSequence> batch, KvCache& cache,
+                       const ExpertPlacement& placement, parallel::RankResources& rank,
+                       bool two_micro_batches) override {
     absl::StatusOr<std::vector<float>> logits =
         forward_.Run(batch, cache, placement, rank, two_micro_batches);
     if (!logits.ok()) return logits.status();
     logits_ = std::move(*logits);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::span<const float>> Logits() override {
     return std::span<const float>(logits_);
   }
 

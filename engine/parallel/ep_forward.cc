@@ -19,8 +19,8 @@ std::string EventName(const char* what, int layer, int micro_batch) {
   return absl::StrCat(what, " L", layer, " mb", micro_batch);
 }
 
-constexpr int kComputeLane = 0;
-constexpr int kCommunicationLane = 1;
+constexpr int kComputeLane = kTraceComputeLane;
+constexpr int kCommunicationLane = kTraceCommunicationLane;
 
 }  // namespace
 

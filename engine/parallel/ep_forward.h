@@ -26,6 +26,12 @@
 
 namespace moeserve::engine::parallel {
 
+// A rank's lanes (threads) in the trace: its compute, its exchanges (on their own thread with
+// two-batch overlap), and the step around them (forward, picking tokens, emitting them).
+inline constexpr int kTraceComputeLane = 0;
+inline constexpr int kTraceCommunicationLane = 1;
+inline constexpr int kTraceStepLane = 2;
+
 // What one rank brings to a step. The pointers outlive the step; optional ones may be null.
 struct RankResources {
   Communicator* compute = nullptr;  // channel used by the rank's compute thread

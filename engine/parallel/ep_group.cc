@@ -27,8 +27,9 @@ absl::StatusOr<std::unique_ptr<ExpertParallelGroup>> ExpertParallelGroup::Create
     r.trace_pid = trace_pid_offset + rank;
     if (trace != nullptr) {
       trace->NameProcess(r.trace_pid, absl::StrCat(group->name(), " rank ", rank));
-      trace->NameThread(r.trace_pid, 0, "compute");
-      trace->NameThread(r.trace_pid, 1, "communication");
+      trace->NameThread(r.trace_pid, kTraceComputeLane, "compute");
+      trace->NameThread(r.trace_pid, kTraceCommunicationLane, "communication");
+      trace->NameThread(r.trace_pid, kTraceStepLane, "step");
     }
   }
   return group;

@@ -51,8 +51,10 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
         g.Abort();
         return;
       }
-      absl::StatusOr<std::span<const float>> result = backends[rank]->Run(
-          {&sequence, 1}, cache, g.placement(rank), g.resources(rank), agreement->split);
+      absl::Status forward = backends[rank]->Forward({&sequence, 1}, cache, g.placement(rank),
+                                                     g.resources(rank), agreement->split);
+      absl::StatusOr<std::span<const float>> result =
+          forward.ok() ? backends[rank]->Logits() : forward;
       if (!result.ok()) {
         statuses[rank] = result.status();
         g.Abort();

@@ -200,17 +200,38 @@ bool RankWorker::Step() {
 
   parallel::RankResources& resources = group_.resources(rank_);
   TraceRecorder* trace = resources.trace;
-  const bool tracing = trace != nullptr && traced_steps_ < context_.trace_steps;
-  if (!tracing) resources.trace = nullptr;
+  const bool tracing = trace != nullptr && working_steps_++ >= context_.trace_skip_steps &&
+                       traced_steps_ < context_.trace_steps;
+  TraceRecorder* step_trace = tracing ? trace : nullptr;
+  resources.trace = step_trace;
   const auto step_start = Clock::now();
-  absl::StatusOr<std::span<const float>> logits =
-      backend_->Run(batch, cache_, group_.placement(rank_), resources, agreement->split);
-  resources.trace = trace;
-  if (tracing && ++traced_steps_ == context_.trace_steps && rank_ == 0 && context_.trace_complete) {
-    context_.trace_complete();
+  absl::Status forward;
+  {
+    ScopedTraceEvent event(step_trace, resources.trace_pid, parallel::kTraceStepLane, "forward",
+                           "step");
+    forward =
+        backend_->Forward(batch, cache_, group_.placement(rank_), resources, agreement->split);
   }
-  if (!logits.ok()) {
-    FailAll(logits.status());
+  resources.trace = trace;
+  // Rows whose prompt is now complete get their next token; a prefill that continues gets none.
+  std::vector<Sampler*> samplers(members.size(), nullptr);
+  for (size_t i = 0; i < members.size(); ++i) {
+    Sequence& seq = *members[i];
+    if (seq.num_cached + static_cast<int>(batch[i].tokens.size()) >=
+        static_cast<int>(seq.tokens.size())) {
+      samplers[i] = seq.sampler.get();
+    }
+  }
+  absl::StatusOr<std::vector<int32_t>> next_tokens = std::vector<int32_t>();
+  if (!forward.ok()) {
+    next_tokens = forward;
+  } else {
+    ScopedTraceEvent event(step_trace, resources.trace_pid, parallel::kTraceStepLane, "next tokens",
+                           "step");
+    next_tokens = backend_->NextTokens(samplers);
+  }
+  if (!next_tokens.ok()) {
+    FailAll(next_tokens.status());
     group_.Abort();
     return false;
   }
@@ -223,20 +244,24 @@ bool RankWorker::Step() {
                                   std::chrono::duration_cast<Clock::duration>(
                                       std::chrono::duration<double>(context_.min_step_seconds)));
   }
-  AfterForward(batch, members, *logits);
+  {
+    ScopedTraceEvent event(step_trace, resources.trace_pid, parallel::kTraceStepLane, "emit",
+                           "step");
+    AfterForward(batch, members, *next_tokens);
+  }
+  if (tracing && ++traced_steps_ == context_.trace_steps && rank_ == 0 && context_.trace_complete) {
+    context_.trace_complete();
+  }
   return true;
 }
 
 void RankWorker::AfterForward(std::vector<BatchSequence>& batch, std::vector<Sequence*>& members,
-                              std::span<const float> logits) {
-  const int vocab = context_.model->config().vocab_size;
+                              std::span<const int32_t> next_tokens) {
   for (size_t i = 0; i < members.size(); ++i) {
     Sequence& seq = *members[i];
     seq.num_cached += static_cast<int>(batch[i].tokens.size());
-    if (seq.num_cached < static_cast<int>(seq.tokens.size())) continue;  // prefill continues
-    const int32_t token =
-        seq.sampler->Sample(std::span<const float>(&logits[i * static_cast<size_t>(vocab)], vocab));
-    Emit(seq, token);
+    if (next_tokens[i] < 0) continue;  // prefill continues
+    Emit(seq, next_tokens[i]);
     if (role_ == GroupRole::kPrefill && !seq.finished()) HandOff(seq);
   }
   // Finished sequences left with Finish(); handed-off ones were moved to the decode group.

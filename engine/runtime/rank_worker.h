@@ -40,8 +40,10 @@ struct WorkerContext {
   std::function<void(std::unique_ptr<Sequence>)> hand_off;
   // Called after any change of queue/KV state, to refresh the aggregate gauges.
   std::function<void()> publish_state;
-  // Trace: how many working steps to record (0 = none); called once that many are recorded.
+  // Trace: how many working steps to record (0 = none), after how many unrecorded ones;
+  // trace_complete is called once that many are recorded.
   int trace_steps = 0;
+  int trace_skip_steps = 0;
   std::function<void()> trace_complete;
 };
 
@@ -75,7 +77,7 @@ class RankWorker {
   void Admit();
   void DropCancelled();
   void AfterForward(std::vector<BatchSequence>& batch, std::vector<Sequence*>& members,
-                    std::span<const float> logits);
+                    std::span<const int32_t> next_tokens);
   void Emit(Sequence& sequence, int32_t token);
   void HandOff(Sequence& sequence);
   void Finish(Sequence& sequence, FinishReason reason, GenerationOutput output);
@@ -98,6 +100,7 @@ class RankWorker {
 
   std::vector<std::unique_ptr<Sequence>> running_;  // worker thread only
   int traced_steps_ = 0;
+  int working_steps_ = 0;  // steps the group agreed had work (the same count on every rank)
   std::thread thread_;
 };
 

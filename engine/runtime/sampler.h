@@ -1,13 +1,21 @@
 // Sampler: picks the next token from logits — greedy, or temperature with top-k and top-p —
 // from a per-request random stream, so the same seed gives the same tokens.
-// Stateless functions plus a small per-request state; not shared between threads.
+//
+// The rule walks candidates in descending logit order (ties to the lower id) and almost always
+// stops after a few of them, so it also runs from a row's head alone: a GPU backend ranks each
+// row's head on the device (kernels/sampling.h) and hands the sampler only that, falling back to
+// the whole row in the rare case the walk goes past the head. Both paths take the same draws and
+// pick the same tokens.
+// A small per-request state; not shared between threads.
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <random>
 #include <span>
 
 #include "engine/runtime/request.h"
+#include "kernels/logit_head.h"
 
 namespace moeserve::engine {
 
@@ -16,6 +24,20 @@ class Sampler {
   // A missing seed draws one from the system's entropy.
   explicit Sampler(const SamplingOptions& options);
   int32_t Sample(std::span<const float> logits);
+
+  // --- Sampling from a row's head, for logits that are not on the host ---
+  bool greedy() const { return options_.temperature <= 0.0f; }
+  // What this request needs ranked of a row of `vocab` logits (greedy: the largest only).
+  kernels::LogitHeadParams HeadParams(int vocab) const;
+  // The request's next uniform draw in [0, 1): one per sampled (non-greedy) token.
+  double NextDraw();
+  // The token for `draw` from a row's head as HeadParams asked for it (ids and values in
+  // descending order) and, where HeadParams set kept_weight_needed, the kept set's weight;
+  // nullopt when the rule walks past the head: then PickFromRow decides with the same draw.
+  std::optional<int32_t> PickFromHead(std::span<const int32_t> ids, std::span<const float> values,
+                                      double kept_weight, int vocab, double draw) const;
+  // The token for `draw` from a whole row of logits.
+  int32_t PickFromRow(std::span<const float> logits, double draw) const;
 
  private:
   SamplingOptions options_;

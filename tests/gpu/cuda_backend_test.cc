@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <memory>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -142,6 +144,66 @@ TEST(CudaBackend, LogitsMatchTheCpuWithinTheBf16Tolerance) {
   }
 }
 
+// Sampling on the device (each row's head ranked on the GPU, finished by the host sampler)
+// picks the tokens the host sampler picks from the whole rows, draw for draw.
+TEST(CudaBackend, NextTokensPickTheHostSamplersTokens) {
+  REQUIRE_GPUS(1);
+  auto loaded = LoadModel("builtin:tiny");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const Model& model = *loaded->model;
+  const ModelConfig& c = model.config();
+  parallel::GroupOptions options;
+  options.size = 1;
+  auto group = parallel::ExpertParallelGroup::Create(
+      model, options,
+      ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts, c.n_routed_experts), nullptr,
+      nullptr);
+  ASSERT_TRUE(group.ok()) << group.status();
+  auto backend = MakeCudaBackendFactory()({.model = &model,
+                                           .group = group->get(),
+                                           .rank = 0,
+                                           .kv_blocks = 8,
+                                           .kv_block_size = 16,
+                                           .max_batch_tokens = 64});
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  KvCache cache(c.num_hidden_layers, 8, 16, model.kv_row_dim(), false);
+  std::vector<int32_t> table = *cache.allocator().Allocate(4);
+  const std::vector<int32_t> tokens = Prompt(45);
+  BatchSequence sequence{tokens, 0, &table, /*all_logits=*/true};
+  ASSERT_TRUE(
+      (*backend)
+          ->Forward({&sequence, 1}, cache, (*group)->placement(0), (*group)->resources(0), false)
+          .ok());
+  // Every row gets a request of its own kind; row 7 gets none.
+  std::vector<std::unique_ptr<Sampler>> on_gpu, on_host;
+  for (int row = 0; row < 45; ++row) {
+    SamplingOptions o;
+    o.temperature = row % 5 == 0 ? 0.0f : 0.4f * (row % 4 + 1);
+    o.top_k = row % 3 == 0 ? 0 : 3 + row;
+    o.top_p = row % 2 == 0 ? 1.0f : 0.8f;
+    o.seed = 100 + row;
+    on_gpu.push_back(row == 7 ? nullptr : std::make_unique<Sampler>(o));
+    on_host.push_back(std::make_unique<Sampler>(o));
+  }
+  std::vector<Sampler*> samplers;
+  for (auto& sampler : on_gpu) samplers.push_back(sampler.get());
+  for (int draw = 0; draw < 20; ++draw) {
+    absl::StatusOr<std::vector<int32_t>> picked = (*backend)->NextTokens(samplers);
+    ASSERT_TRUE(picked.ok()) << picked.status();
+    absl::StatusOr<std::span<const float>> logits = (*backend)->Logits();
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    for (int row = 0; row < 45; ++row) {
+      if (row == 7) {
+        EXPECT_EQ((*picked)[row], -1);
+        continue;
+      }
+      EXPECT_EQ((*picked)[row], on_host[row]->Sample(logits->subspan(
+                                    static_cast<size_t>(row) * c.vocab_size, c.vocab_size)))
+          << "row " << row << " draw " << draw;
+    }
+  }
+}
+
 TEST(CudaBackend, ChunkedPrefillAndDecodeMatchOnePass) {
   REQUIRE_GPUS(1);
   auto loaded = LoadModel("builtin:tiny");
@@ -175,8 +237,9 @@ TEST(CudaBackend, ChunkedPrefillAndDecodeMatchOnePass) {
     for (int size : chunk_sizes) {
       BatchSequence sequence{std::span<const int32_t>(tokens).subspan(start, size), start, &table,
                              true};
-      auto result = (*backend)->Run({&sequence, 1}, cache, (*group)->placement(0),
-                                    (*group)->resources(0), false);
+      const absl::Status forward = (*backend)->Forward(
+          {&sequence, 1}, cache, (*group)->placement(0), (*group)->resources(0), false);
+      auto result = forward.ok() ? (*backend)->Logits() : forward;
       EXPECT_TRUE(result.ok()) << result.status();
       if (!result.ok()) return {};
       logits.insert(logits.end(), result->begin(), result->end());

@@ -11,6 +11,7 @@
 #include "kernels/expert_mlp.h"
 #include "kernels/kernels.h"
 #include "kernels/mla.h"
+#include "kernels/sampling.h"
 
 namespace moeserve::kernels {
 namespace {
@@ -364,6 +365,63 @@ TEST(GpuKernels, AddInPlaceMatchesBf16Sum) {
   const std::vector<uint16_t> sum = ToHost(d_a, 1000);
   for (int i = 0; i < 1000; ++i) {
     EXPECT_EQ(sum[i], FloatToBf16(Bf16ToFloat(a[i]) + Bf16ToFloat(b[i]))) << i;
+  }
+}
+
+// Rows of DeepSeek-V3's vocabulary with many ties (values on a 1/64 grid), and a row whose
+// logits all share their top bits, asking for every kind of head: greedy (1), a top-k cut (50),
+// the largest head over the whole vocabulary (kept weight of everything), a top-k beyond the
+// head (kept weight of the 5000 largest, cut inside a run of ties), and a skipped row.
+TEST(GpuKernels, LogitHeadsMatchTwin) {
+  REQUIRE_GPU();
+  constexpr int kRows = 6;
+  constexpr int kVocab = 129280;
+  std::mt19937 rng(21);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<float> logits(static_cast<size_t>(kRows) * kVocab);
+  for (float& v : logits) v = std::round(normal(rng) * 64.0f) / 64.0f;
+  for (int i = 0; i < kVocab; ++i) logits[4 * kVocab + i] = 7.0f + (i % 97) * 1e-5f;
+  std::vector<LogitHeadParams> params(kRows);
+  const int sizes[kRows][2] = {
+      {1, kVocab},           {50, 50},   {kMaxLogitHead, kVocab}, {kMaxLogitHead, 5000},
+      {kMaxLogitHead, 3000}, {0, kVocab}};
+  int offset = 0;
+  for (int r = 0; r < kRows; ++r) {
+    params[r].head_size = sizes[r][0];
+    params[r].keep_limit = sizes[r][1];
+    params[r].temperature = 0.5f + r;
+    params[r].output_offset = offset;
+    params[r].kept_weight_needed = params[r].keep_limit > params[r].head_size;
+    offset += params[r].head_size;
+  }
+  std::vector<int32_t> ids(offset, -1);
+  std::vector<float> values(offset);
+  std::vector<double> kept(kRows, 0.0);
+  LogitHeadsTwin(logits.data(), kRows, kVocab, params.data(), ids.data(), values.data(),
+                 kept.data());
+
+  float* d_logits = ToDevice(logits);
+  LogitHeadParams* d_params = ToDevice(params);
+  int32_t* d_ids = ToDevice(std::vector<int32_t>(offset, -1));
+  float* d_values = ToDevice(std::vector<float>(offset));
+  double* d_kept = ToDevice(std::vector<double>(kRows, 0.0));
+  ASSERT_TRUE(LogitHeads(d_logits, kRows, kVocab, d_params, d_ids, d_values, d_kept, nullptr).ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<int32_t> gpu_ids = ToHost(d_ids, offset);
+  const std::vector<float> gpu_values = ToHost(d_values, offset);
+  const std::vector<double> gpu_kept = ToHost(d_kept, kRows);
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < params[r].head_size; ++j) {
+      const int k = params[r].output_offset + j;
+      ASSERT_EQ(gpu_ids[k], ids[k]) << "row " << r << " position " << j;
+      ASSERT_EQ(gpu_values[k], values[k]) << "row " << r << " position " << j;
+    }
+    if (params[r].kept_weight_needed) {
+      EXPECT_NEAR(gpu_kept[r], kept[r], 1e-12 * kept[r]) << "row " << r;
+    }
+  }
+  for (void* p : std::initializer_list<void*>{d_logits, d_params, d_ids, d_values, d_kept}) {
+    cudaFree(p);
   }
 }
 

@@ -5,6 +5,9 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <set>
+#include <string>
 #include <thread>
 
 #include "gmock/gmock.h"
@@ -85,9 +88,11 @@ struct Interval {
   double begin, end;
 };
 
-// Per pid, the compute-lane and communication-lane intervals of a trace file; checks the format.
+// Per pid, the compute-lane and communication-lane intervals of a trace file, and the names of
+// the step lane's events; checks the format.
 void ReadTrace(const std::string& path, std::map<int, std::vector<Interval>>& compute,
-               std::map<int, std::vector<Interval>>& communication) {
+               std::map<int, std::vector<Interval>>& communication,
+               std::map<int, std::set<std::string>>& step_events) {
   std::ifstream in(path);
   ASSERT_TRUE(in.good()) << path;
   nlohmann::json trace = nlohmann::json::parse(in);
@@ -113,6 +118,11 @@ void ReadTrace(const std::string& path, std::map<int, std::vector<Interval>>& co
     EXPECT_TRUE(named_processes.contains(pid)) << "metadata comes first";
     EXPECT_TRUE(named_threads.contains({pid, tid}));
     const double ts = event["ts"].get<double>();
+    // Lane 2 holds the step events around both (forward, next tokens, emit).
+    if (tid == 2) {
+      step_events[pid].insert(event["name"].get<std::string>());
+      continue;
+    }
     (tid == 0 ? compute : communication)[pid].push_back({ts, ts + event["dur"].get<double>()});
   }
 }
@@ -134,7 +144,8 @@ double OverlapMicroseconds(const std::map<int, std::vector<Interval>>& compute,
 
 void RunTracedServer(const std::string& dir, bool overlap,
                      std::map<int, std::vector<Interval>>& compute,
-                     std::map<int, std::vector<Interval>>& communication) {
+                     std::map<int, std::vector<Interval>>& communication,
+                     std::map<int, std::set<std::string>>& step_events) {
   std::filesystem::remove_all(dir);
   std::vector<std::string> args = {"--prefill-ep",         "2", "--decode-ep",   "2",
                                    "--trace-dir",          dir, "--trace-steps", "6",
@@ -145,18 +156,20 @@ void RunTracedServer(const std::string& dir, bool overlap,
   ConcurrentGreedy(server, 8);
   server.Signal(SIGTERM);
   ASSERT_EQ(server.WaitForExit(60), 0);
-  ReadTrace(dir + "/moeserve-trace.json", compute, communication);
+  ReadTrace(dir + "/moeserve-trace.json", compute, communication, step_events);
 }
 
 TEST(ExpertParallelServing, TraceHasRankLanesAndShowsTheOverlap) {
   const std::string base = ::testing::TempDir() + "/moeserve-trace-test";
   std::map<int, std::vector<Interval>> compute_on, communication_on, compute_off, communication_off;
-  RunTracedServer(base + "-on", true, compute_on, communication_on);
-  RunTracedServer(base + "-off", false, compute_off, communication_off);
+  std::map<int, std::set<std::string>> steps_on, steps_off;
+  RunTracedServer(base + "-on", true, compute_on, communication_on, steps_on);
+  RunTracedServer(base + "-off", false, compute_off, communication_off, steps_off);
   // One process per rank: prefill ranks 0, 1 and decode ranks 1000, 1001.
   for (int pid : {0, 1, 1000, 1001}) {
     EXPECT_FALSE(compute_on[pid].empty()) << pid;
     EXPECT_FALSE(communication_on[pid].empty()) << pid;
+    EXPECT_EQ(steps_on[pid], (std::set<std::string>{"forward", "next tokens", "emit"})) << pid;
   }
   EXPECT_GT(OverlapMicroseconds(compute_on, communication_on), 0.0);
   // Without overlap, communication runs between compute events, never during them.

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/cuda/device_array.h"
@@ -16,6 +17,7 @@
 #include "kernels/expert_mlp.h"
 #include "kernels/kernels.h"
 #include "kernels/mla.h"
+#include "kernels/sampling.h"
 
 namespace moeserve::engine::cuda {
 namespace {
@@ -88,6 +90,10 @@ struct DeviceLayer {
   std::vector<int32_t> slot_expert;  // the logical expert each slot holds (-1: none yet)
 };
 
+// Trace events of the backend go on the rank's compute lane (as the CPU backend's do). They
+// are host time: GPU work shows where the host waits for it.
+constexpr int kHostLane = parallel::kTraceComputeLane;
+
 }  // namespace
 
 absl::Status CheckCudaSupport(const ModelConfig& config) {
@@ -133,7 +139,6 @@ struct MicroBatchState {
   DeviceArray<int32_t> routing_experts;
   DeviceArray<Bf16> send, received, expert_in, expert_out, results, returned, moe_out, shared_out;
   DeviceArray<Bf16> head_in;
-  DeviceArray<float> logits;
   DeviceIndex send_source, slot_order, received_order, assignment_rows, head_rows;
   PinnedBuffer routing_host;  // the routing's way back to the host
   // The current MoE layer's exchange.
@@ -177,7 +182,17 @@ struct CudaRankBackend::State {
   // group timeout) before it blocks on the compute stream, so a dead peer fails the step
   // instead of hanging it.
   std::vector<parallel::CollectiveCompletion> awaited;
-  PinnedBuffer host_logits;            // the step's logits, returned by Run()
+  // The step's logits, one row per batch row, kept on the device for NextTokens(); Logits()
+  // copies them to host_logits.
+  DeviceArray<float> step_logits;
+  size_t step_rows = 0;
+  PinnedBuffer host_logits;
+  // NextTokens(): each row's head request, and the heads and kept weights coming back.
+  DeviceArray<kernels::LogitHeadParams> head_params;
+  DeviceArray<int32_t> head_ids;
+  DeviceArray<float> head_values;
+  DeviceArray<double> kept_weight;
+  PinnedBuffer head_params_staging, head_results;
   std::vector<TimedCollective> timed;  // this step's
   std::vector<TimedCollective> spare_timers;
   cudaEvent_t produced = nullptr;  // compute-stream work the exchange must wait for
@@ -196,6 +211,9 @@ struct CudaRankBackend::State {
   }
 
   const ModelConfig& config() const { return model->config(); }
+  std::string EventName(const char* what, int layer, const MicroBatchState& mb) const {
+    return absl::StrCat(what, " L", layer, " mb", &mb - micro_batches);
+  }
 
   // y[rows, out] = x[rows, in] · w[out, in]^T (+ beta * y); bf16 inputs, fp32 accumulation, y
   // in bf16 or fp32.
@@ -221,8 +239,8 @@ struct CudaRankBackend::State {
   absl::Status FinishMoe(MicroBatchState& mb);
   // The rows of a micro-batch that need logits (parallel::MicroBatchLogitRows).
   static std::vector<int32_t> LogitRows(const MicroBatchState& mb);
-  // Final norm and LM head over `rows`, the logits copied to `host` (pinned) asynchronously.
-  absl::Status Head(MicroBatchState& mb, const std::vector<int32_t>& rows, float* host);
+  // Final norm and LM head over `rows`, the logits (fp32) written to `out` on the device.
+  absl::Status Head(MicroBatchState& mb, const std::vector<int32_t>& rows, float* out);
   // Puts an all-to-all of activations on the communication stream behind the compute stream's
   // work so far, as mb.in_flight; AwaitExchange makes the compute stream wait for it (its
   // consumer's work comes next), so the compute stream stays free until then.
@@ -263,8 +281,7 @@ absl::Status CudaRankBackend::State::ReserveMicroBatch(MicroBatchState& mb) {
   RETURN_IF_ERROR(mb.results.Reserve(static_cast<size_t>(max_received) * h));
   RETURN_IF_ERROR(mb.moe_out.Reserve(t * h));
   RETURN_IF_ERROR(mb.shared_out.Reserve(t * h));
-  RETURN_IF_ERROR(mb.head_in.Reserve(t * h));
-  return mb.logits.Reserve(t * c.vocab_size);
+  return mb.head_in.Reserve(t * h);
 }
 
 absl::Status CudaRankBackend::State::LoadSlots(const ExpertPlacement& placement) {
@@ -510,7 +527,11 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
         CudaStatus(cudaMemcpyAsync(host.data(), mb.routing_experts.data(),
                                    sizeof(int32_t) * assignments, cudaMemcpyDeviceToHost, stream),
                    "routing to host"));
-    RETURN_IF_ERROR(SynchronizeCompute("routing to host"));
+    {
+      ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane,
+                             EventName("routing wait", layer, mb), "gpu wait");
+      RETURN_IF_ERROR(SynchronizeCompute("routing to host"));
+    }
     std::memcpy(experts.data(), host.data(), sizeof(int32_t) * assignments);
   }
 
@@ -529,6 +550,8 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
   if (size > 1) {
     // Counts and slot ids are small and go through the host communicator; the activations go
     // GPU to GPU.
+    ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane,
+                           EventName("counts exchange", layer, mb), "communication");
     RETURN_IF_ERROR(rank.compute->AllToAllCounts(mb.plan.send_rows, mb.receive_rows));
     int64_t total = 0;
     for (int64_t rows : mb.receive_rows) total += rows;
@@ -636,7 +659,7 @@ std::vector<int32_t> CudaRankBackend::State::LogitRows(const MicroBatchState& mb
 }
 
 absl::Status CudaRankBackend::State::Head(MicroBatchState& mb, const std::vector<int32_t>& rows,
-                                          float* host) {
+                                          float* out) {
   const ModelConfig& c = config();
   const int hidden = c.hidden_size;
   if (rows.empty()) return absl::OkStatus();
@@ -646,12 +669,7 @@ absl::Status CudaRankBackend::State::Head(MicroBatchState& mb, const std::vector
                                        mb.head_in.data(), count, hidden, stream));
   RETURN_IF_ERROR(kernels::RmsNorm(mb.head_in.data(), final_norm.data(), mb.head_in.data(), count,
                                    hidden, static_cast<float>(c.rms_norm_eps), stream));
-  RETURN_IF_ERROR(Linear(mb.head_in.data(), lm_head.data(), mb.logits.data(), CUDA_R_32F, count,
-                         hidden, c.vocab_size));
-  return CudaStatus(
-      cudaMemcpyAsync(host, mb.logits.data(), rows.size() * c.vocab_size * sizeof(float),
-                      cudaMemcpyDeviceToHost, stream),
-      "logits to host");
+  return Linear(mb.head_in.data(), lm_head.data(), out, CUDA_R_32F, count, hidden, c.vocab_size);
 }
 
 CudaRankBackend::CudaRankBackend(std::unique_ptr<State> state) : state_(std::move(state)) {}
@@ -773,14 +791,14 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
         make_mlp(std::max(c.moe_intermediate_size, 1), s.max_received, slots, s.routed_mlp));
   }
   for (MicroBatchState& mb : s.micro_batches) RETURN_IF_ERROR(s.ReserveMicroBatch(mb));
+  // A step has at most a row of logits per token.
+  RETURN_IF_ERROR(s.step_logits.Reserve(static_cast<size_t>(max_tokens) * c.vocab_size));
   return std::unique_ptr<CudaRankBackend>(new CudaRankBackend(std::move(state)));
 }
 
-absl::StatusOr<std::span<const float>> CudaRankBackend::Run(std::span<const BatchSequence> batch,
-                                                            KvCache& cache,
-                                                            const ExpertPlacement& placement,
-                                                            parallel::RankResources& rank,
-                                                            bool two_micro_batches) {
+absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch, KvCache& cache,
+                                      const ExpertPlacement& placement,
+                                      parallel::RankResources& rank, bool two_micro_batches) {
   State& s = *state_;
   const ModelConfig& c = s.config();
   RETURN_IF_ERROR(CudaStatus(cudaSetDevice(s.options.device), "select GPU"));
@@ -815,7 +833,11 @@ absl::StatusOr<std::span<const float>> CudaRankBackend::Run(std::span<const Batc
   for (int layer = 0; layer < c.num_hidden_layers && status.ok(); ++layer) {
     const int moe_layer = s.model->moe_index(layer);
     for (MicroBatchState* mb : micro_batches) {
-      status.Update(s.Attention(layer, *mb));
+      {
+        ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane,
+                               s.EventName("attention", layer, *mb), "compute");
+        status.Update(s.Attention(layer, *mb));
+      }
       if (!status.ok()) break;
       if (moe_layer < 0) {
         const DeviceLayer& w = s.layers[layer];
@@ -826,11 +848,15 @@ absl::StatusOr<std::span<const float>> CudaRankBackend::Run(std::span<const Batc
                                           s.stream));
         continue;
       }
+      ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane,
+                             s.EventName("gate and dispatch", layer, *mb), "compute");
       status.Update(s.GateAndDispatch(layer, *mb, placement, rank));
       if (!status.ok()) break;
     }
     if (moe_layer < 0 || !status.ok()) continue;
     for (MicroBatchState* mb : micro_batches) {
+      ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane,
+                             s.EventName("experts and combine", layer, *mb), "compute");
       status.Update(s.ExpertsAndCombine(layer, *mb, rank));
       received_per_layer[moe_layer] += mb->received_count;
       if (!status.ok()) break;
@@ -840,15 +866,20 @@ absl::StatusOr<std::span<const float>> CudaRankBackend::Run(std::span<const Batc
     }
   }
   // Whatever happened, nothing may still be in flight into this step's buffers.
-  absl::Status drained = s.DrainExchanges();
-  drained.Update(CudaStatus(cudaStreamSynchronize(s.stream), "step"));
+  absl::Status drained;
+  {
+    ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "layers wait", "gpu wait");
+    drained = s.DrainExchanges();
+    drained.Update(CudaStatus(cudaStreamSynchronize(s.stream), "step"));
+  }
   if (!status.ok()) return status;
   RETURN_IF_ERROR(drained);
   s.PublishExchangeTimes(rank);
   if (rank.metrics != nullptr && !received_per_layer.empty()) {
     RETURN_IF_ERROR(parallel::PublishBalancedness(received_per_layer, rank));
   }
-  // Logits straight into pinned host memory, which the caller reads until the next step.
+  // The logits stay on the device: NextTokens() reads a few candidates of each row back,
+  // Logits() all of them.
   std::vector<std::vector<int32_t>> rows;
   size_t total_rows = 0;
   for (MicroBatchState* mb : micro_batches) {
@@ -856,15 +887,100 @@ absl::StatusOr<std::span<const float>> CudaRankBackend::Run(std::span<const Batc
     total_rows += rows.back().size();
   }
   const size_t vocab = static_cast<size_t>(c.vocab_size);
-  RETURN_IF_ERROR(s.host_logits.Reserve(std::max<size_t>(total_rows, 1) * vocab * sizeof(float)));
-  float* host = static_cast<float*>(s.host_logits.data());
+  ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "LM head", "compute");
+  s.step_rows = 0;
+  RETURN_IF_ERROR(s.step_logits.Reserve(total_rows * vocab));
   size_t offset = 0;
   for (size_t i = 0; i < micro_batches.size(); ++i) {
-    RETURN_IF_ERROR(s.Head(*micro_batches[i], rows[i], host + offset * vocab));
+    RETURN_IF_ERROR(s.Head(*micro_batches[i], rows[i], s.step_logits.data() + offset * vocab));
     offset += rows[i].size();
   }
+  s.step_rows = total_rows;
+  // The step's staging buffers are rewritten by the next Forward(): it must have run.
+  return s.SynchronizeCompute("LM head");
+}
+
+absl::StatusOr<std::span<const float>> CudaRankBackend::Logits() {
+  State& s = *state_;
+  RETURN_IF_ERROR(CudaStatus(cudaSetDevice(s.options.device), "select GPU"));
+  const size_t count = s.step_rows * static_cast<size_t>(s.config().vocab_size);
+  RETURN_IF_ERROR(s.host_logits.Reserve(std::max<size_t>(count, 1) * sizeof(float)));
+  float* host = static_cast<float*>(s.host_logits.data());
+  RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(host, s.step_logits.data(), count * sizeof(float),
+                                             cudaMemcpyDeviceToHost, s.stream),
+                             "logits to host"));
   RETURN_IF_ERROR(s.SynchronizeCompute("logits to host"));
-  return std::span<const float>(host, total_rows * vocab);
+  return std::span<const float>(host, count);
+}
+
+absl::StatusOr<std::vector<int32_t>> CudaRankBackend::NextTokens(
+    std::span<Sampler* const> samplers) {
+  State& s = *state_;
+  if (samplers.size() != s.step_rows) {
+    return absl::InternalError(absl::StrCat("NextTokens: ", samplers.size(), " samplers for ",
+                                            s.step_rows, " rows of logits"));
+  }
+  RETURN_IF_ERROR(CudaStatus(cudaSetDevice(s.options.device), "select GPU"));
+  const int vocab = s.config().vocab_size;
+  const int rows = static_cast<int>(samplers.size());
+  std::vector<int32_t> tokens(samplers.size(), -1);
+  if (rows == 0) return tokens;
+  // Each row's request, packed: the heads follow one another in ids/values.
+  std::vector<kernels::LogitHeadParams> params(rows);
+  int32_t head_total = 0;
+  for (int r = 0; r < rows; ++r) {
+    if (samplers[r] == nullptr) continue;
+    params[r] = samplers[r]->HeadParams(vocab);
+    params[r].output_offset = head_total;
+    head_total += params[r].head_size;
+  }
+  if (head_total == 0) return tokens;
+  RETURN_IF_ERROR(s.head_params.Reserve(rows));
+  RETURN_IF_ERROR(s.head_ids.Reserve(head_total));
+  RETURN_IF_ERROR(s.head_values.Reserve(head_total));
+  RETURN_IF_ERROR(s.kept_weight.Reserve(rows));
+  RETURN_IF_ERROR(s.head_params_staging.CopyToDevice(s.head_params.data(), params.data(),
+                                                     params.size() * sizeof(params[0]), s.stream));
+  RETURN_IF_ERROR(kernels::LogitHeads(s.step_logits.data(), rows, vocab, s.head_params.data(),
+                                      s.head_ids.data(), s.head_values.data(), s.kept_weight.data(),
+                                      s.stream));
+  // One pinned block comes back: kept weights, then ids, then values.
+  const size_t weight_bytes = rows * sizeof(double);
+  const size_t id_bytes = head_total * sizeof(int32_t);
+  RETURN_IF_ERROR(s.head_results.Reserve(weight_bytes + 2 * id_bytes));
+  auto* results = static_cast<char*>(s.head_results.data());
+  auto* kept_weight = reinterpret_cast<double*>(results);
+  auto* ids = reinterpret_cast<int32_t*>(results + weight_bytes);
+  auto* values = reinterpret_cast<float*>(results + weight_bytes + id_bytes);
+  for (auto [host, device, bytes] :
+       {std::tuple<void*, const void*, size_t>{kept_weight, s.kept_weight.data(), weight_bytes},
+        {ids, s.head_ids.data(), id_bytes},
+        {values, s.head_values.data(), id_bytes}}) {
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, s.stream), "heads to host"));
+  }
+  RETURN_IF_ERROR(s.SynchronizeCompute("logit heads"));
+  std::vector<float> row;  // a whole row, for the rare walk past its head
+  for (int r = 0; r < rows; ++r) {
+    Sampler* sampler = samplers[r];
+    if (sampler == nullptr) continue;
+    const kernels::LogitHeadParams& p = params[r];
+    const double draw = sampler->greedy() ? 0.0 : sampler->NextDraw();
+    const std::optional<int32_t> token = sampler->PickFromHead(
+        {ids + p.output_offset, static_cast<size_t>(p.head_size)},
+        {values + p.output_offset, static_cast<size_t>(p.head_size)}, kept_weight[r], vocab, draw);
+    if (token.has_value()) {
+      tokens[r] = *token;
+      continue;
+    }
+    row.resize(vocab);
+    RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpy(row.data(), s.step_logits.data() + static_cast<size_t>(r) * vocab,
+                              row.size() * sizeof(float), cudaMemcpyDeviceToHost),
+                   "logit row to host"));
+    tokens[r] = sampler->PickFromRow(row, draw);
+  }
+  return tokens;
 }
 
 }  // namespace moeserve::engine::cuda

@@ -8,7 +8,8 @@
 // attention over the paged cache, output projection) → RMSNorm → dense MLP, or MoE (gate GEMM
 // and group-limited top-k in one kernel; dispatch to the ranks holding the chosen replicas;
 // the local slots' SwiGLU as grouped GEMMs; combine and the weighted sum with the shared
-// expert)] → final norm → LM head; logits come back to the host for the sampler.
+// expert)] → final norm → LM head. The logits stay on the device: the sampler gets each row's
+// head, ranked there (kernels/sampling.h), unless a caller asks for the whole rows.
 // The dispatch plan (which replica serves each token) is computed on the host with the same
 // rule as the CPU backend, so both send each token to the same replica. Counts and slot ids go
 // through the group's host communicator; activations go GPU to GPU through NCCL on the
@@ -56,10 +57,13 @@ class CudaRankBackend : public RankBackend {
   ~CudaRankBackend() override;
 
   // `two_micro_batches` overlaps the exchanges with compute as described above.
-  absl::StatusOr<std::span<const float>> Run(std::span<const BatchSequence> batch, KvCache& cache,
-                                             const ExpertPlacement& placement,
-                                             parallel::RankResources& rank,
-                                             bool two_micro_batches) override;
+  absl::Status Forward(std::span<const BatchSequence> batch, KvCache& cache,
+                       const ExpertPlacement& placement, parallel::RankResources& rank,
+                       bool two_micro_batches) override;
+  absl::StatusOr<std::span<const float>> Logits() override;
+  // Ranks each sampled row's head on the device (kernels/sampling.h) and finishes it on the
+  // host; only a row whose walk goes past its head is copied whole.
+  absl::StatusOr<std::vector<int32_t>> NextTokens(std::span<Sampler* const> samplers) override;
   bool needs_host_kv_rows() const override { return false; }
 
  private:

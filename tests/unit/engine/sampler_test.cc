@@ -10,6 +10,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu_twins.h"
 
 namespace moeserve::engine {
 namespace {
@@ -232,6 +233,46 @@ TEST(Sampler, LargeVocabulariesFollowTheFullSortRule) {
           << "temperature " << o.temperature << " top_p " << o.top_p << " top_k " << o.top_k
           << " draw " << draw;
     }
+  }
+}
+
+// A GPU backend hands the sampler each row's head (ranked by the kernel whose twin is used
+// here) and falls back to the whole row, with the same draw, where the walk goes past it. That
+// must pick exactly the tokens Sample() picks from the whole row.
+TEST(Sampler, PickingFromTheHeadGivesTheWholeRowsTokens) {
+  std::mt19937 data(5);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  for (const int vocab : {129280, 300}) {
+    std::vector<float> logits(vocab);
+    for (float& v : logits) v = std::round(normal(data) * 64.0f) / 64.0f;  // with many ties
+    int from_head = 0;
+    int from_row = 0;
+    for (const SamplingOptions& o :
+         {Options(0.0f), Options(0.7f), Options(5.0f), Options(1.0f, 1.0f, 50),
+          Options(1.0f, 1.0f, 2000), Options(3.0f, 0.99f), Options(1.0f, 0.9f, 300),
+          Options(0.3f, 0.5f)}) {
+      Sampler whole(o);
+      Sampler headed(o);
+      const kernels::LogitHeadParams params = headed.HeadParams(vocab);
+      ASSERT_LE(params.head_size, kernels::kMaxLogitHead);
+      std::vector<int32_t> ids(params.head_size);
+      std::vector<float> values(params.head_size);
+      double kept_weight = 0.0;
+      kernels::LogitHeadsTwin(logits.data(), 1, vocab, &params, ids.data(), values.data(),
+                              &kept_weight);
+      for (int draw = 0; draw < 30; ++draw) {
+        const double u = headed.greedy() ? 0.0 : headed.NextDraw();
+        std::optional<int32_t> token = headed.PickFromHead(ids, values, kept_weight, vocab, u);
+        ++(token.has_value() ? from_head : from_row);
+        if (!token.has_value()) token = headed.PickFromRow(logits, u);
+        ASSERT_EQ(*token, whole.Sample(logits))
+            << "vocab " << vocab << " temperature " << o.temperature << " top_p " << o.top_p
+            << " top_k " << o.top_k << " draw " << draw;
+      }
+    }
+    // Both paths ran: most draws stop inside the head, the hot flat ones go past it.
+    EXPECT_GT(from_head, 0) << vocab;
+    if (vocab > kernels::kMaxLogitHead) EXPECT_GT(from_row, 0) << vocab;
   }
 }
 
