@@ -144,36 +144,53 @@ TEST(CudaBackend, LogitsMatchTheCpuWithinTheBf16Tolerance) {
   }
 }
 
+// builtin:tiny as a group of one rank on GPU 0, for driving a backend by hand.
+class TinyOnOneGpu : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (VisibleCudaDevices() < 1) GTEST_SKIP() << "needs 1 GPU";
+    auto loaded = LoadModel("builtin:tiny");
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    model_ = loaded->model;
+    const ModelConfig& c = model_->config();
+    parallel::GroupOptions options;
+    options.size = 1;
+    auto group = parallel::ExpertParallelGroup::Create(
+        *model_, options,
+        ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts, c.n_routed_experts),
+        nullptr, nullptr);
+    ASSERT_TRUE(group.ok()) << group.status();
+    group_ = std::move(*group);
+  }
+  // A fresh backend: 8 KV blocks of 16 rows, up to 64 tokens a step.
+  absl::StatusOr<std::unique_ptr<RankBackend>> MakeBackend() {
+    return MakeCudaBackendFactory()({.model = model_.get(),
+                                     .group = group_.get(),
+                                     .rank = 0,
+                                     .kv_blocks = 8,
+                                     .kv_block_size = 16,
+                                     .max_batch_tokens = 64});
+  }
+  absl::Status Forward(RankBackend& backend, const BatchSequence& sequence, KvCache& cache) {
+    return backend.Forward({&sequence, 1}, cache, group_->placement(0), group_->resources(0),
+                           false);
+  }
+  std::shared_ptr<const Model> model_;
+  std::unique_ptr<parallel::ExpertParallelGroup> group_;
+};
+
 // Sampling on the device (each row's head ranked on the GPU, finished by the host sampler)
 // picks the tokens the host sampler picks from the whole rows, draw for draw.
-TEST(CudaBackend, NextTokensPickTheHostSamplersTokens) {
-  REQUIRE_GPUS(1);
-  auto loaded = LoadModel("builtin:tiny");
-  ASSERT_TRUE(loaded.ok()) << loaded.status();
-  const Model& model = *loaded->model;
+TEST_F(TinyOnOneGpu, NextTokensPickTheHostSamplersTokens) {
+  const Model& model = *model_;
   const ModelConfig& c = model.config();
-  parallel::GroupOptions options;
-  options.size = 1;
-  auto group = parallel::ExpertParallelGroup::Create(
-      model, options,
-      ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts, c.n_routed_experts), nullptr,
-      nullptr);
-  ASSERT_TRUE(group.ok()) << group.status();
-  auto backend = MakeCudaBackendFactory()({.model = &model,
-                                           .group = group->get(),
-                                           .rank = 0,
-                                           .kv_blocks = 8,
-                                           .kv_block_size = 16,
-                                           .max_batch_tokens = 64});
+  auto backend = MakeBackend();
   ASSERT_TRUE(backend.ok()) << backend.status();
   KvCache cache(c.num_hidden_layers, 8, 16, model.kv_row_dim(), false);
   std::vector<int32_t> table = *cache.allocator().Allocate(4);
   const std::vector<int32_t> tokens = Prompt(45);
   BatchSequence sequence{tokens, 0, &table, /*all_logits=*/true};
-  ASSERT_TRUE(
-      (*backend)
-          ->Forward({&sequence, 1}, cache, (*group)->placement(0), (*group)->resources(0), false)
-          .ok());
+  ASSERT_TRUE(Forward(**backend, sequence, cache).ok());
   // Every row gets a request of its own kind; row 7 gets none.
   std::vector<std::unique_ptr<Sampler>> on_gpu, on_host;
   for (int row = 0; row < 45; ++row) {
@@ -204,28 +221,12 @@ TEST(CudaBackend, NextTokensPickTheHostSamplersTokens) {
   }
 }
 
-TEST(CudaBackend, ChunkedPrefillAndDecodeMatchOnePass) {
-  REQUIRE_GPUS(1);
-  auto loaded = LoadModel("builtin:tiny");
-  ASSERT_TRUE(loaded.ok()) << loaded.status();
-  const Model& model = *loaded->model;
+TEST_F(TinyOnOneGpu, ChunkedPrefillAndDecodeMatchOnePass) {
+  const Model& model = *model_;
   const ModelConfig& c = model.config();
   const std::vector<int32_t> tokens = Prompt(45);
-  parallel::GroupOptions options;
-  options.size = 1;
-  auto group = parallel::ExpertParallelGroup::Create(
-      model, options,
-      ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts, c.n_routed_experts), nullptr,
-      nullptr);
-  ASSERT_TRUE(group.ok()) << group.status();
-  auto factory = MakeCudaBackendFactory();
   auto run_in_chunks = [&](std::vector<int> chunk_sizes) -> std::vector<float> {
-    auto backend = factory({.model = &model,
-                            .group = group->get(),
-                            .rank = 0,
-                            .kv_blocks = 8,
-                            .kv_block_size = 16,
-                            .max_batch_tokens = 64});
+    auto backend = MakeBackend();
     EXPECT_TRUE(backend.ok()) << backend.status();
     if (!backend.ok()) return {};
     KvCache cache(c.num_hidden_layers, 8, 16, model.kv_row_dim(), false);
@@ -237,8 +238,7 @@ TEST(CudaBackend, ChunkedPrefillAndDecodeMatchOnePass) {
     for (int size : chunk_sizes) {
       BatchSequence sequence{std::span<const int32_t>(tokens).subspan(start, size), start, &table,
                              true};
-      const absl::Status forward = (*backend)->Forward(
-          {&sequence, 1}, cache, (*group)->placement(0), (*group)->resources(0), false);
+      const absl::Status forward = Forward(**backend, sequence, cache);
       auto result = forward.ok() ? (*backend)->Logits() : forward;
       EXPECT_TRUE(result.ok()) << result.status();
       if (!result.ok()) return {};
