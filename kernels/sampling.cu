@@ -11,8 +11,11 @@ constexpr int kDigitBits = 8;
 constexpr int kDigits = 1 << kDigitBits;
 
 // An unsigned key that orders like the float: flip every bit of negatives, the sign of the rest.
+// −0 and +0 compare equal as floats (the host's order breaks their tie by id), so they share
+// +0's key.
 __device__ inline uint32_t OrderedKey(float x) {
-  const uint32_t bits = __float_as_uint(x);
+  uint32_t bits = __float_as_uint(x);
+  if (bits == 0x80000000u) bits = 0;
   return (bits & 0x80000000u) != 0 ? ~bits : (bits | 0x80000000u);
 }
 

@@ -5,7 +5,8 @@
 // stops after a few of them, so it also runs from a row's head alone: a GPU backend ranks each
 // row's head on the device (kernels/sampling.h) and hands the sampler only that, falling back to
 // the whole row in the rare case the walk goes past the head. Both paths take the same draws and
-// pick the same tokens.
+// pick the same tokens, up to the rounding of the normalizing sums (added in another order, or
+// on the GPU): a draw would have to fall within about 1e-16 of a boundary to differ.
 // A small per-request state; not shared between threads.
 #pragma once
 

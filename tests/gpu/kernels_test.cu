@@ -371,20 +371,28 @@ TEST(GpuKernels, AddInPlaceMatchesBf16Sum) {
 // Rows of DeepSeek-V3's vocabulary with many ties (values on a 1/64 grid), and a row whose
 // logits all share their top bits, asking for every kind of head: greedy (1), a top-k cut (50),
 // the largest head over the whole vocabulary (kept weight of everything), a top-k beyond the
-// head (kept weight of the 5000 largest, cut inside a run of ties), and a skipped row.
+// head (kept weight of the 5000 largest, cut inside a run of ties), a skipped row, and a row
+// whose largest logits are −0 and +0 (equal: the lower id first).
 TEST(GpuKernels, LogitHeadsMatchTwin) {
   REQUIRE_GPU();
-  constexpr int kRows = 6;
+  constexpr int kRows = 7;
   constexpr int kVocab = 129280;
   std::mt19937 rng(21);
   std::normal_distribution<float> normal(0.0f, 2.0f);
   std::vector<float> logits(static_cast<size_t>(kRows) * kVocab);
   for (float& v : logits) v = std::round(normal(rng) * 64.0f) / 64.0f;
   for (int i = 0; i < kVocab; ++i) logits[4 * kVocab + i] = 7.0f + (i % 97) * 1e-5f;
+  for (int i = 0; i < kVocab; ++i) logits[6 * kVocab + i] = -1.0f - (i % 13);
+  logits[6 * kVocab + 7] = 0.0f;
+  logits[6 * kVocab + 3] = -0.0f;
   std::vector<LogitHeadParams> params(kRows);
-  const int sizes[kRows][2] = {
-      {1, kVocab},           {50, 50},   {kMaxLogitHead, kVocab}, {kMaxLogitHead, 5000},
-      {kMaxLogitHead, 3000}, {0, kVocab}};
+  const int sizes[kRows][2] = {{1, kVocab},
+                               {50, 50},
+                               {kMaxLogitHead, kVocab},
+                               {kMaxLogitHead, 5000},
+                               {kMaxLogitHead, 3000},
+                               {0, kVocab},
+                               {2, kVocab}};
   int offset = 0;
   for (int r = 0; r < kRows; ++r) {
     params[r].head_size = sizes[r][0];
@@ -399,6 +407,7 @@ TEST(GpuKernels, LogitHeadsMatchTwin) {
   std::vector<double> kept(kRows, 0.0);
   LogitHeadsTwin(logits.data(), kRows, kVocab, params.data(), ids.data(), values.data(),
                  kept.data());
+  ASSERT_EQ(ids[params[6].output_offset], 3);  // −0 before +0: equal values, the lower id
 
   float* d_logits = ToDevice(logits);
   LogitHeadParams* d_params = ToDevice(params);

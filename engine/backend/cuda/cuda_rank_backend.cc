@@ -801,6 +801,7 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch, KvCa
                                       parallel::RankResources& rank, bool two_micro_batches) {
   State& s = *state_;
   const ModelConfig& c = s.config();
+  s.step_rows = 0;  // no logits to read until this step has them all
   RETURN_IF_ERROR(CudaStatus(cudaSetDevice(s.options.device), "select GPU"));
   RETURN_IF_ERROR(s.LoadSlots(placement));
   // Two micro-batches split the batch as the CPU backend does; every rank of the group splits
@@ -888,16 +889,16 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch, KvCa
   }
   const size_t vocab = static_cast<size_t>(c.vocab_size);
   ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "LM head", "compute");
-  s.step_rows = 0;
   RETURN_IF_ERROR(s.step_logits.Reserve(total_rows * vocab));
   size_t offset = 0;
   for (size_t i = 0; i < micro_batches.size(); ++i) {
     RETURN_IF_ERROR(s.Head(*micro_batches[i], rows[i], s.step_logits.data() + offset * vocab));
     offset += rows[i].size();
   }
-  s.step_rows = total_rows;
   // The step's staging buffers are rewritten by the next Forward(): it must have run.
-  return s.SynchronizeCompute("LM head");
+  RETURN_IF_ERROR(s.SynchronizeCompute("LM head"));
+  s.step_rows = total_rows;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::span<const float>> CudaRankBackend::Logits() {
@@ -974,10 +975,11 @@ absl::StatusOr<std::vector<int32_t>> CudaRankBackend::NextTokens(
       continue;
     }
     row.resize(vocab);
-    RETURN_IF_ERROR(
-        CudaStatus(cudaMemcpy(row.data(), s.step_logits.data() + static_cast<size_t>(r) * vocab,
-                              row.size() * sizeof(float), cudaMemcpyDeviceToHost),
-                   "logit row to host"));
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(row.data(), s.step_logits.data() + static_cast<size_t>(r) * vocab,
+                        row.size() * sizeof(float), cudaMemcpyDeviceToHost, s.stream),
+        "logit row to host"));
+    RETURN_IF_ERROR(s.SynchronizeCompute("logit row to host"));
     tokens[r] = sampler->PickFromRow(row, draw);
   }
   return tokens;
