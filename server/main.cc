@@ -277,7 +277,8 @@ int main(int argc, char** argv) {
                    "token in this file; without it the Admin API is off")
       ->check(CLI::ExistingFile);
   serve_command->add_option("--trace-dir", serve.engine.parallel.trace_dir,
-                            "Write a Chrome trace (Perfetto) of the first working steps here");
+                            "Write a Chrome trace (Perfetto) of working steps here (--trace-steps "
+                            "of them, after --trace-skip-steps)");
   serve_command
       ->add_option("--trace-steps", serve.engine.parallel.trace_steps,
                    "Working steps per group to record with --trace-dir")
