@@ -188,8 +188,7 @@ bool RankWorker::Step() {
   absl::StatusOr<parallel::StepAgreement> agreement =
       group_.Agree(rank_, local_tokens, context_.stop_requested->load());
   if (!agreement.ok()) {
-    FailAll(agreement.status());
-    group_.Abort();
+    FailGroup(agreement.status());
     return false;
   }
   if (agreement->stop) return false;
@@ -213,6 +212,10 @@ bool RankWorker::Step() {
         backend_->Forward(batch, cache_, group_.placement(rank_), resources, agreement->split);
   }
   resources.trace = trace;
+  if (!forward.ok()) {
+    FailGroup(forward);
+    return false;
+  }
   // Rows whose prompt is now complete get their next token; a prefill that continues gets none.
   std::vector<Sampler*> samplers(members.size(), nullptr);
   for (size_t i = 0; i < members.size(); ++i) {
@@ -222,17 +225,14 @@ bool RankWorker::Step() {
       samplers[i] = seq.sampler.get();
     }
   }
-  absl::StatusOr<std::vector<int32_t>> next_tokens = std::vector<int32_t>();
-  if (!forward.ok()) {
-    next_tokens = forward;
-  } else {
+  absl::StatusOr<std::vector<int32_t>> next_tokens;
+  {
     ScopedTraceEvent event(step_trace, resources.trace_pid, parallel::kTraceStepLane, "next tokens",
                            "step");
     next_tokens = backend_->NextTokens(samplers);
   }
   if (!next_tokens.ok()) {
-    FailAll(next_tokens.status());
-    group_.Abort();
+    FailGroup(next_tokens.status());
     return false;
   }
   if (local_tokens > 0) {
@@ -376,7 +376,7 @@ void RankWorker::Finish(Sequence& seq, FinishReason reason, GenerationOutput out
   seq.stream.reset();
 }
 
-void RankWorker::FailAll(const absl::Status& status) {
+void RankWorker::FailGroup(const absl::Status& status) {
   auto fail = [&](Sequence& seq) {
     if (seq.finished()) return;
     cache_.allocator().Free(seq.blocks);
@@ -396,6 +396,7 @@ void RankWorker::FailAll(const absl::Status& status) {
     queued_count_ = 0;
   }
   RefreshCounts();
+  group_.Abort();
 }
 
 }  // namespace moeserve::engine

@@ -81,7 +81,9 @@ class RankWorker {
   void Emit(Sequence& sequence, int32_t token);
   void HandOff(Sequence& sequence);
   void Finish(Sequence& sequence, FinishReason reason, GenerationOutput output);
-  void FailAll(const absl::Status& status);
+  // Fails every request of this rank with `status` and aborts the group, so that the other
+  // ranks stop at their next collective instead of waiting for this one.
+  void FailGroup(const absl::Status& status);
   void RefreshCounts();
 
   const WorkerContext& context_;

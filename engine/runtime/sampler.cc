@@ -81,6 +81,18 @@ kernels::LogitHeadParams Sampler::HeadParams(int vocab) const {
   return params;
 }
 
+absl::StatusOr<int32_t> Sampler::SampleFromHead(std::span<const int32_t> ids,
+                                                std::span<const float> values, double kept_weight,
+                                                int vocab, const RowSource& whole_row) {
+  const double draw = greedy() ? 0.0 : NextDraw();
+  if (std::optional<int32_t> token = PickFromHead(ids, values, kept_weight, vocab, draw)) {
+    return *token;
+  }
+  absl::StatusOr<std::span<const float>> row = whole_row();
+  if (!row.ok()) return row.status();
+  return PickFromRow(*row, draw);
+}
+
 std::optional<int32_t> Sampler::PickFromHead(std::span<const int32_t> ids,
                                              std::span<const float> values, double kept_weight,
                                              int vocab, double draw) const {

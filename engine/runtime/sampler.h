@@ -11,10 +11,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <random>
 #include <span>
 
+#include "absl/status/statusor.h"
 #include "engine/runtime/request.h"
 #include "kernels/logit_head.h"
 
@@ -27,20 +29,26 @@ class Sampler {
   int32_t Sample(std::span<const float> logits);
 
   // --- Sampling from a row's head, for logits that are not on the host ---
-  bool greedy() const { return options_.temperature <= 0.0f; }
   // What this request needs ranked of a row of `vocab` logits (greedy: the largest only).
   kernels::LogitHeadParams HeadParams(int vocab) const;
+  // The next token from a row's head as HeadParams asked for it (ids and values in descending
+  // order) and, where HeadParams set kept_weight_needed, the kept set's weight. Takes the same
+  // draw as Sample(); only if the rule walks past the head does it ask `whole_row` for the row.
+  using RowSource = std::function<absl::StatusOr<std::span<const float>>()>;
+  absl::StatusOr<int32_t> SampleFromHead(std::span<const int32_t> ids,
+                                         std::span<const float> values, double kept_weight,
+                                         int vocab, const RowSource& whole_row);
+
+ private:
+  bool greedy() const { return options_.temperature <= 0.0f; }
   // The request's next uniform draw in [0, 1): one per sampled (non-greedy) token.
   double NextDraw();
-  // The token for `draw` from a row's head as HeadParams asked for it (ids and values in
-  // descending order) and, where HeadParams set kept_weight_needed, the kept set's weight;
-  // nullopt when the rule walks past the head: then PickFromRow decides with the same draw.
+  // The token for `draw` from the head; nullopt when the rule walks past it.
   std::optional<int32_t> PickFromHead(std::span<const int32_t> ids, std::span<const float> values,
                                       double kept_weight, int vocab, double draw) const;
   // The token for `draw` from a whole row of logits.
   int32_t PickFromRow(std::span<const float> logits, double draw) const;
 
- private:
   SamplingOptions options_;
   std::mt19937_64 rng_;
 };

@@ -963,24 +963,23 @@ absl::StatusOr<std::vector<int32_t>> CudaRankBackend::NextTokens(
   RETURN_IF_ERROR(s.SynchronizeCompute("logit heads"));
   std::vector<float> row;  // a whole row, for the rare walk past its head
   for (int r = 0; r < rows; ++r) {
-    Sampler* sampler = samplers[r];
-    if (sampler == nullptr) continue;
+    if (samplers[r] == nullptr) continue;
     const kernels::LogitHeadParams& p = params[r];
-    const double draw = sampler->greedy() ? 0.0 : sampler->NextDraw();
-    const std::optional<int32_t> token = sampler->PickFromHead(
-        {ids + p.output_offset, static_cast<size_t>(p.head_size)},
-        {values + p.output_offset, static_cast<size_t>(p.head_size)}, kept_weight[r], vocab, draw);
-    if (token.has_value()) {
-      tokens[r] = *token;
-      continue;
-    }
-    row.resize(vocab);
-    RETURN_IF_ERROR(CudaStatus(
-        cudaMemcpyAsync(row.data(), s.step_logits.data() + static_cast<size_t>(r) * vocab,
-                        row.size() * sizeof(float), cudaMemcpyDeviceToHost, s.stream),
-        "logit row to host"));
-    RETURN_IF_ERROR(s.SynchronizeCompute("logit row to host"));
-    tokens[r] = sampler->PickFromRow(row, draw);
+    auto whole_row = [&]() -> absl::StatusOr<std::span<const float>> {
+      row.resize(vocab);
+      RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpyAsync(row.data(), s.step_logits.data() + static_cast<size_t>(r) * vocab,
+                          row.size() * sizeof(float), cudaMemcpyDeviceToHost, s.stream),
+          "logit row to host"));
+      RETURN_IF_ERROR(s.SynchronizeCompute("logit row to host"));
+      return std::span<const float>(row);
+    };
+    absl::StatusOr<int32_t> token =
+        samplers[r]->SampleFromHead({ids + p.output_offset, static_cast<size_t>(p.head_size)},
+                                    {values + p.output_offset, static_cast<size_t>(p.head_size)},
+                                    kept_weight[r], vocab, whole_row);
+    if (!token.ok()) return token.status();
+    tokens[r] = *token;
   }
   return tokens;
 }

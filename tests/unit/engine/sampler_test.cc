@@ -261,10 +261,14 @@ TEST(Sampler, PickingFromTheHeadGivesTheWholeRowsTokens) {
       kernels::LogitHeadsTwin(logits.data(), 1, vocab, &params, ids.data(), values.data(),
                               &kept_weight);
       for (int draw = 0; draw < 30; ++draw) {
-        const double u = headed.greedy() ? 0.0 : headed.NextDraw();
-        std::optional<int32_t> token = headed.PickFromHead(ids, values, kept_weight, vocab, u);
-        ++(token.has_value() ? from_head : from_row);
-        if (!token.has_value()) token = headed.PickFromRow(logits, u);
+        bool asked_for_row = false;
+        const absl::StatusOr<int32_t> token = headed.SampleFromHead(
+            ids, values, kept_weight, vocab, [&]() -> absl::StatusOr<std::span<const float>> {
+              asked_for_row = true;
+              return std::span<const float>(logits);
+            });
+        ASSERT_TRUE(token.ok()) << token.status();
+        ++(asked_for_row ? from_row : from_head);
         ASSERT_EQ(*token, whole.Sample(logits))
             << "vocab " << vocab << " temperature " << o.temperature << " top_p " << o.top_p
             << " top_k " << o.top_k << " draw " << draw;
@@ -272,7 +276,9 @@ TEST(Sampler, PickingFromTheHeadGivesTheWholeRowsTokens) {
     }
     // Both paths ran: most draws stop inside the head, the hot flat ones go past it.
     EXPECT_GT(from_head, 0) << vocab;
-    if (vocab > kernels::kMaxLogitHead) EXPECT_GT(from_row, 0) << vocab;
+    if (vocab > kernels::kMaxLogitHead) {
+      EXPECT_GT(from_row, 0) << vocab;
+    }
   }
 }
 
