@@ -32,6 +32,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::shared_ptr<const Mod
         "--device ",
         options.backend.name));
   }
+  if (!(p.collective_timeout_seconds > 0) || p.collective_timeout_seconds > 86400) {
+    return absl::InvalidArgumentError(
+        "engine: the collective timeout must be more than 0 and at most 86400 seconds");
+  }
   if (model->config().n_routed_experts == 0 && p.num_redundant_experts > 0) {
     return absl::InvalidArgumentError("engine: the model has no routed experts to replicate");
   }
@@ -59,6 +63,7 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Tokeniz
   context_.stop_requested = &stop_requested_;
   context_.hand_off = [this](std::unique_ptr<Sequence> sequence) { HandOff(std::move(sequence)); };
   context_.publish_state = [this] { PublishState(); };
+  context_.injected_fault = options_.injected_fault;
   if (!options_.parallel.trace_dir.empty()) {
     trace_ = std::make_unique<TraceRecorder>();
     context_.trace_steps = options_.parallel.trace_steps;
@@ -87,9 +92,20 @@ absl::StatusOr<Engine::WorkerGroup> Engine::BuildGroup(const std::string& name, 
   group_options.overlap_min_tokens = p.overlap_min_tokens;
   group_options.expert_load_metrics = p.expert_load_metrics;
   group_options.stage_host_expert_weights = !options_.backend.factory;
+  group_options.collective_timeout = std::chrono::milliseconds(
+      static_cast<int64_t>(std::ceil(p.collective_timeout_seconds * 1000)));
   auto group = parallel::ExpertParallelGroup::Create(*model_, group_options, std::move(*placement),
                                                      registry, trace_.get(), trace_pid_offset);
   if (!group.ok()) return group.status();
+  (*group)->SetFailureListener([this, name](const absl::Status& failure) {
+    std::function<void(const GroupHealth&)> listener;
+    {
+      std::lock_guard lock(listener_mutex_);
+      listener = failure_listener_;
+    }
+    if (listener) listener({name, failure});
+    PublishState();
+  });
   const int64_t bytes_per_block = static_cast<int64_t>(c.num_hidden_layers) *
                                   options_.kv_block_size * model_->kv_row_dim() *
                                   options_.backend.kv_element_bytes;
@@ -130,6 +146,11 @@ absl::Status Engine::Start() {
     auto mixed = BuildGroup("mixed", p.decode_ep, GroupRole::kMixed, 0, registry_);
     if (!mixed.ok()) return mixed.status();
     groups_.push_back(std::move(*mixed));
+  }
+  if (options_.injected_fault.has_value() && group(options_.injected_fault->group) == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("--inject-fault names group `",
+                                                   options_.injected_fault->group,
+                                                   "`, which this layout does not have"));
   }
   for (auto& group : groups_) {
     for (auto& worker : group.workers) worker->Start();
@@ -183,6 +204,17 @@ absl::Status Engine::WriteTrace() const {
   std::error_code error;
   std::filesystem::create_directories(options_.parallel.trace_dir, error);
   return trace_->WriteJson(options_.parallel.trace_dir + "/moeserve-trace.json");
+}
+
+std::vector<GroupHealth> Engine::Health() const {
+  std::vector<GroupHealth> result;
+  for (const auto& g : groups_) result.push_back({g.group->name(), g.group->health()});
+  return result;
+}
+
+void Engine::SetGroupFailureListener(std::function<void(const GroupHealth&)> listener) {
+  std::lock_guard lock(listener_mutex_);
+  failure_listener_ = std::move(listener);
 }
 
 EngineStats Engine::Stats() const {
@@ -340,6 +372,14 @@ absl::StatusOr<std::shared_ptr<RequestStream>> Engine::Submit(GenerationInput in
     if (!accepting_) {
       metrics_.RequestFinished("unavailable");
       return absl::UnavailableError("the server is shutting down and accepts no new requests");
+    }
+    // Every group a request passes through must serve (the entry group, and the decode group a
+    // prefill group hands it to).
+    for (const auto& group : groups_) {
+      if (absl::Status health = group.group->health(); !health.ok()) {
+        metrics_.RequestFinished("unavailable");
+        return health;
+      }
     }
     int queued = 0;
     for (const auto& group : groups_) {

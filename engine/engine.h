@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -32,6 +33,8 @@ struct ParallelOptions {
   int num_redundant_experts = 0;
   bool two_batch_overlap = false;
   int overlap_min_tokens = 32;
+  // How long a rank's collective waits for the slowest peer before the group fails.
+  double collective_timeout_seconds = 30;
   std::string placement_file;       // JSON; empty: the default placement
   bool expert_load_metrics = true;  // per (layer, expert) series
   std::string trace_dir;            // empty: no trace
@@ -61,6 +64,16 @@ struct EngineOptions {
   double min_step_seconds = 0;
   ParallelOptions parallel;
   BackendOptions backend;
+  // Tests of failure handling only: a fault injected into one rank.
+  std::optional<InjectedFault> injected_fault;
+};
+
+// The health of one expert-parallel group: OK while it serves; once it failed, UNAVAILABLE
+// naming the group and the first failure's reason. A failed group stays failed (recovery is a
+// restart of the process).
+struct GroupHealth {
+  std::string group;
+  absl::Status status;
 };
 
 struct EngineStats {
@@ -80,10 +93,17 @@ class Engine {
   ~Engine();
 
   // Validates the request (INVALID_ARGUMENT with an actionable message), queues it on a rank
-  // (RESOURCE_EXHAUSTED when the queue is full; UNAVAILABLE once stopped) and returns its stream.
+  // (RESOURCE_EXHAUSTED when the queue is full; UNAVAILABLE once stopped, or when a group the
+  // request needs has failed) and returns its stream. If the group fails while the request is
+  // in flight, its stream ends with UNAVAILABLE and the group's failure.
   absl::StatusOr<std::shared_ptr<RequestStream>> Submit(GenerationInput input);
 
   EngineStats Stats() const;
+  // Every group's health, entry group first.
+  std::vector<GroupHealth> Health() const;
+  // Called once per group failure, from the thread that failed the group, after the failure is
+  // recorded (so Health() already shows it). Thread-safe; replaces any earlier listener.
+  void SetGroupFailureListener(std::function<void(const GroupHealth&)> listener);
   const ModelConfig& config() const { return model_->config(); }
   bool has_tokenizer() const { return tokenizer_ != nullptr; }
   const EngineOptions& options() const { return options_; }
@@ -123,6 +143,9 @@ class Engine {
   std::atomic<bool> stop_requested_{false};
   WorkerContext context_;
   std::vector<WorkerGroup> groups_;  // entry group first; fixed after Start()
+
+  mutable std::mutex listener_mutex_;
+  std::function<void(const GroupHealth&)> failure_listener_;  // guarded by listener_mutex_
 
   std::mutex submit_mutex_;  // serializes rank choice and queue accounting
   bool accepting_ = true;    // guarded by submit_mutex_

@@ -55,6 +55,21 @@ void AddDeviceOption(CLI::App* command, std::string& device) {
 
 using moeserve::engine::LoadModel;
 
+// --inject-fault GROUP:RANK:STEP[:hang].
+absl::StatusOr<moeserve::engine::InjectedFault> ParseInjectedFault(const std::string& text) {
+  std::vector<std::string> parts = absl::StrSplit(text, ':');
+  moeserve::engine::InjectedFault fault;
+  if ((parts.size() != 3 && parts.size() != 4) || !absl::SimpleAtoi(parts[1], &fault.rank) ||
+      !absl::SimpleAtoi(parts[2], &fault.step) || fault.rank < 0 || fault.step < 1 ||
+      (parts.size() == 4 && parts[3] != "hang")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--inject-fault must be GROUP:RANK:STEP[:hang], got `", text, "`"));
+  }
+  fault.group = parts[0];
+  fault.hang = parts.size() == 4;
+  return fault;
+}
+
 // Flags shared by `serve` and `logits` that shape the expert-parallel layout.
 void AddExpertParallelOptions(CLI::App* command, moeserve::engine::ParallelOptions& parallel) {
   command
@@ -269,6 +284,19 @@ int main(int argc, char** argv) {
                    "Ranks of the decode group (same as --ep)")
       ->check(CLI::PositiveNumber);
   AddExpertParallelOptions(serve_command, serve.engine.parallel);
+  serve_command
+      ->add_option("--collective-timeout-seconds",
+                   serve.engine.parallel.collective_timeout_seconds,
+                   "How long a rank waits for its slowest peer at a collective before the group "
+                   "fails (health NOT_SERVING, its requests UNAVAILABLE)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.001, 86400.0));
+  std::string injected_fault;
+  // Hidden: for tests of failure handling only.
+  serve_command
+      ->add_option("--inject-fault", injected_fault,
+                   "GROUP:RANK:STEP[:hang] — fail (or hang) that rank at its STEP-th working step")
+      ->group("");
   serve_command->add_flag("!--no-expert-metrics", serve.engine.parallel.expert_load_metrics,
                           "Do not export the per (layer, expert) token counters");
   serve_command
@@ -305,6 +333,15 @@ int main(int argc, char** argv) {
       return;
     }
     serve.engine.backend = *backend;
+    if (!injected_fault.empty()) {
+      auto fault = ParseInjectedFault(injected_fault);
+      if (!fault.ok()) {
+        std::cerr << "moeserve serve: " << fault.status().message() << "\n";
+        exit_code = 2;
+        return;
+      }
+      serve.engine.injected_fault = *fault;
+    }
     serve.engine.kv_cache_bytes = kv_cache_mib << 20;
     serve.engine.min_step_seconds = min_step_ms / 1000.0;
     exit_code = moeserve::server::RunServe(serve);

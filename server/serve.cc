@@ -19,6 +19,29 @@
 #include "server/admin_service.h"
 
 namespace moeserve::server {
+namespace {
+
+// The health service's names: "" and kGenerationService speak for the whole server (SERVING
+// once the model is loaded and while every group serves); "<kGenerationService>/<group>"
+// speaks for one expert-parallel group.
+constexpr char kGenerationService[] = "moeserve.v1.Generation";
+
+std::vector<std::string> GroupNames(const engine::ParallelOptions& parallel) {
+  if (parallel.prefill_ep > 0) return {"prefill", "decode"};
+  return {"mixed"};
+}
+
+void SetServerHealth(grpc::HealthCheckServiceInterface& health, bool serving) {
+  health.SetServingStatus("", serving);
+  health.SetServingStatus(kGenerationService, serving);
+}
+
+void SetGroupHealth(grpc::HealthCheckServiceInterface& health, const std::string& group,
+                    bool serving) {
+  health.SetServingStatus(absl::StrCat(kGenerationService, "/", group), serving);
+}
+
+}  // namespace
 
 int RunServe(const ServeOptions& options) {
   // Block the shutdown signals in every thread; the main thread waits for them with sigwait.
@@ -77,7 +100,11 @@ int RunServe(const ServeOptions& options) {
     return 1;
   }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  health->SetServingStatus(false);  // NOT_SERVING until the model is loaded
+  // NOT_SERVING until the model is loaded.
+  SetServerHealth(*health, false);
+  for (const std::string& group : GroupNames(options.engine.parallel)) {
+    SetGroupHealth(*health, group, false);
+  }
 
   absl::StatusOr<engine::LoadedModel> loaded = engine::LoadModel(options.model);
   if (!loaded.ok()) {
@@ -94,7 +121,18 @@ int RunServe(const ServeOptions& options) {
   }
   generation.AttachEngine(engine->get());
   if (admin != nullptr) admin->AttachEngine(engine->get());
-  health->SetServingStatus(true);
+  // A failed group can only recover by a restart: the server as a whole stops serving (so a
+  // liveness probe on "" restarts the process) and so does the group's own name.
+  (*engine)->SetGroupFailureListener([health](const engine::GroupHealth& failed) {
+    SetServerHealth(*health, false);
+    SetGroupHealth(*health, failed.group, false);
+  });
+  bool all_healthy = true;
+  for (const engine::GroupHealth& group : (*engine)->Health()) {
+    SetGroupHealth(*health, group.group, group.status.ok());
+    all_healthy = all_healthy && group.status.ok();
+  }
+  SetServerHealth(*health, all_healthy);
   const engine::EngineStats stats = (*engine)->Stats();
   const engine::ParallelOptions& parallel = options.engine.parallel;
   const std::string layout =
@@ -112,7 +150,10 @@ int RunServe(const ServeOptions& options) {
   std::cout << "moeserve: received " << (signal_number == SIGTERM ? "SIGTERM" : "SIGINT")
             << ", draining in-flight requests (grace " << options.shutdown_grace_seconds << " s)"
             << std::endl;
-  health->SetServingStatus(false);
+  SetServerHealth(*health, false);
+  for (const std::string& group : GroupNames(options.engine.parallel)) {
+    SetGroupHealth(*health, group, false);
+  }
   (*engine)->StopAccepting();
   // Shutdown waits for in-flight streams until the deadline, then cancels what is left.
   const auto deadline =

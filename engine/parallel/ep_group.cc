@@ -1,6 +1,7 @@
 #include "engine/parallel/ep_group.h"
 
 #include "absl/strings/str_cat.h"
+#include "spdlog/spdlog.h"
 
 namespace moeserve::engine::parallel {
 
@@ -203,6 +204,30 @@ absl::Status ExpertParallelGroup::UpdatePlacement(ExpertPlacement placement,
   }
   if (committed_->version() < version) return staging_error_;
   return absl::OkStatus();
+}
+
+absl::Status ExpertParallelGroup::Fail(int rank, const absl::Status& reason) {
+  absl::Status failure;
+  {
+    std::lock_guard lock(health_mutex_);
+    if (!failure_.ok()) return failure_;
+    failure_ = absl::UnavailableError(absl::StrCat("expert-parallel group `", name(),
+                                                   "` failed: rank ", rank, ": ",
+                                                   reason.message()));
+    failed_ = true;
+    failure = failure_;
+  }
+  communicators_.Abort();
+  spdlog::error("{}", std::string(failure.message()));
+  metrics_.SetHealthy(false);
+  if (failure_listener_) failure_listener_(failure);
+  NotifyWork();
+  return failure;
+}
+
+absl::Status ExpertParallelGroup::health() const {
+  std::lock_guard lock(health_mutex_);
+  return failure_;
 }
 
 void ExpertParallelGroup::NotifyWork() {

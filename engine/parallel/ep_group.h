@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -91,8 +92,19 @@ class ExpertParallelGroup {
   void NotifyWork();
   void WaitForWork(std::chrono::milliseconds timeout);
 
-  // Fails every pending and future collective (a rank is gone).
-  void Abort() { communicators_.Abort(); }
+  // Fails the group: records the first failure's reason (later ones are consequences: peers'
+  // collectives fail once one rank stops), aborts every pending and future collective, logs the
+  // reason once, sets moeserve_group_healthy to 0 and calls the failure listener. Returns the
+  // group's failure: UNAVAILABLE naming the group, the rank that failed first and why. Any thread.
+  absl::Status Fail(int rank, const absl::Status& reason);
+  // OK while the group serves; its failure (as Fail returns it) once failed. Any thread.
+  absl::Status health() const;
+  bool healthy() const { return !failed_.load(); }
+  // Called once, from the thread that fails the group, right after the failure is recorded.
+  // Set before the ranks start.
+  void SetFailureListener(std::function<void(const absl::Status&)> listener) {
+    failure_listener_ = std::move(listener);
+  }
 
  private:
   ExpertParallelGroup(const Model& model, GroupOptions options, ExpertPlacement placement,
@@ -135,6 +147,11 @@ class ExpertParallelGroup {
   std::mutex work_mutex_;
   std::condition_variable work_available_;
   uint64_t work_generation_ = 0;
+
+  mutable std::mutex health_mutex_;
+  absl::Status failure_;  // guarded by health_mutex_; OK while healthy
+  std::atomic<bool> failed_{false};
+  std::function<void(const absl::Status&)> failure_listener_;
 };
 
 }  // namespace moeserve::engine::parallel

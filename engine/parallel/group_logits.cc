@@ -48,7 +48,7 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
           g.Agree(rank, static_cast<int64_t>(tokens.size()), false);
       if (!agreement.ok()) {
         statuses[rank] = agreement.status();
-        g.Abort();
+        (void)g.Fail(rank, agreement.status());
         return;
       }
       absl::Status forward = backends[rank]->Forward({&sequence, 1}, cache, g.placement(rank),
@@ -57,7 +57,7 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
           forward.ok() ? backends[rank]->Logits() : forward;
       if (!result.ok()) {
         statuses[rank] = result.status();
-        g.Abort();
+        (void)g.Fail(rank, result.status());
         return;
       }
       logits[rank].assign(result->begin(), result->end());

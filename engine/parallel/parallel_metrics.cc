@@ -33,6 +33,12 @@ ParallelMetrics::ParallelMetrics(const std::string& group, int num_moe_layers,
                         .Help("Share of dispatch/combine time hidden behind compute")
                         .Register(*registry)
                         .Add({{"group", group}});
+  healthy_ = &prometheus::BuildGauge()
+                  .Name("moeserve_group_healthy")
+                  .Help("1 while the expert-parallel group serves, 0 once it failed")
+                  .Register(*registry)
+                  .Add({{"group", group}});
+  healthy_->Set(1);
   auto& family = prometheus::BuildGauge()
                      .Name("moeserve_expert_balancedness")
                      .Help("Mean over max of the tokens each rank's experts processed (last step)")
@@ -41,6 +47,10 @@ ParallelMetrics::ParallelMetrics(const std::string& group, int num_moe_layers,
     balancedness_gauges_.push_back(
         &family.Add({{"group", group}, {"layer", std::to_string(layer)}}));
   }
+}
+
+void ParallelMetrics::SetHealthy(bool healthy) {
+  if (healthy_ != nullptr) healthy_->Set(healthy ? 1 : 0);
 }
 
 void ParallelMetrics::AddDispatch(int64_t bytes, double seconds) {

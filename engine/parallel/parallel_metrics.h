@@ -5,6 +5,7 @@
 //   moeserve_communication_exposed_seconds_total{group}  (compute waiting on communication)
 //   moeserve_overlap_ratio{group}      (share of communication time hidden behind compute)
 //   moeserve_expert_balancedness{group, layer}  (mean / max tokens per rank, last step)
+//   moeserve_group_healthy{group}      (1 while the group serves, 0 once it failed)
 // and kept in memory for benchmarks and tests.
 //
 // Thread-safe: every rank of the group records concurrently.
@@ -42,6 +43,7 @@ class ParallelMetrics {
   void AddCombine(int64_t bytes, double seconds);
   void AddExposedWait(double seconds);
   void SetBalancedness(int moe_layer, double mean_over_max);
+  void SetHealthy(bool healthy);
   Totals totals() const;
   std::vector<double> balancedness() const;
 
@@ -55,6 +57,7 @@ class ParallelMetrics {
   prometheus::Counter* combine_seconds_ = nullptr;
   prometheus::Counter* exposed_seconds_ = nullptr;
   prometheus::Gauge* overlap_ratio_ = nullptr;
+  prometheus::Gauge* healthy_ = nullptr;
   std::vector<prometheus::Gauge*> balancedness_gauges_;
 };
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "absl/strings/str_cat.h"
 #include "engine/backend/cpu_ops.h"
 
 namespace moeserve::engine {
@@ -73,10 +74,21 @@ void RankWorker::Join() {
 void RankWorker::Enqueue(std::unique_ptr<Sequence> sequence) {
   {
     std::lock_guard lock(queue_mutex_);
-    queue_.push_back(std::move(sequence));
-    queued_count_ = static_cast<int>(queue_.size());
+    if (!stopped_) {
+      queue_.push_back(std::move(sequence));
+      queued_count_ = static_cast<int>(queue_.size());
+    }
   }
-  group_.NotifyWork();
+  if (sequence == nullptr) {
+    group_.NotifyWork();
+    return;
+  }
+  // The rank's loop has ended; nothing would ever admit the sequence.
+  if (absl::Status failure = group_.health(); !failure.ok()) {
+    FailSequence(*sequence, failure);
+  } else {
+    Finish(*sequence, FinishReason::kAborted, {});
+  }
 }
 
 void RankWorker::AbortQueued() {
@@ -92,6 +104,10 @@ void RankWorker::AbortQueued() {
 void RankWorker::Loop() {
   cpu::ConfigureBlasThreads(1);
   while (Step()) {
+  }
+  {
+    std::lock_guard lock(queue_mutex_);
+    stopped_ = true;
   }
   for (auto& seq : running_) Finish(*seq, FinishReason::kAborted, {});
   running_.clear();
@@ -197,9 +213,11 @@ bool RankWorker::Step() {
     return true;
   }
 
+  ++working_steps_;
+  if (!InjectFault()) return false;
   parallel::RankResources& resources = group_.resources(rank_);
   TraceRecorder* trace = resources.trace;
-  const bool tracing = trace != nullptr && working_steps_++ >= context_.trace_skip_steps &&
+  const bool tracing = trace != nullptr && traced_candidates_++ >= context_.trace_skip_steps &&
                        traced_steps_ < context_.trace_steps;
   TraceRecorder* step_trace = tracing ? trace : nullptr;
   resources.trace = step_trace;
@@ -376,27 +394,49 @@ void RankWorker::Finish(Sequence& seq, FinishReason reason, GenerationOutput out
   seq.stream.reset();
 }
 
+bool RankWorker::InjectFault() {
+  const std::optional<InjectedFault>& fault = context_.injected_fault;
+  if (!fault.has_value() || fault->group != group_.name() || fault->rank != rank_ ||
+      fault->step != working_steps_) {
+    return true;
+  }
+  if (!fault->hang) {
+    FailGroup(absl::InternalError(absl::StrCat("injected fault at step ", working_steps_)));
+    return false;
+  }
+  // Stop arriving at collectives: the peers time out and fail the group.
+  while (group_.healthy() && !context_.stop_requested->load()) {
+    group_.WaitForWork(std::chrono::milliseconds(50));
+  }
+  FailGroup(absl::UnavailableError(absl::StrCat("injected hang at step ", working_steps_)));
+  return false;
+}
+
+void RankWorker::FailSequence(Sequence& seq, const absl::Status& failure) {
+  if (seq.finished()) return;
+  cache_.allocator().Free(seq.blocks);
+  seq.blocks.clear();
+  GenerationOutput output;
+  output.status = failure;
+  context_.metrics->RequestFinished("unavailable");
+  seq.stream->Push(std::move(output));
+  seq.stream.reset();
+}
+
 void RankWorker::FailGroup(const absl::Status& status) {
-  auto fail = [&](Sequence& seq) {
-    if (seq.finished()) return;
-    cache_.allocator().Free(seq.blocks);
-    seq.blocks.clear();
-    GenerationOutput output;
-    output.status = status;
-    context_.metrics->RequestFinished("unavailable");
-    seq.stream->Push(std::move(output));
-    seq.stream.reset();
-  };
-  for (auto& seq : running_) fail(*seq);
+  const absl::Status failure = group_.Fail(rank_, status);
+  for (auto& seq : running_) FailSequence(*seq, failure);
   running_.clear();
+  std::deque<std::unique_ptr<Sequence>> queued;
   {
     std::lock_guard lock(queue_mutex_);
-    for (auto& seq : queue_) fail(*seq);
-    queue_.clear();
+    stopped_ = true;
+    queued.swap(queue_);
     queued_count_ = 0;
   }
+  for (auto& seq : queued) FailSequence(*seq, failure);
   RefreshCounts();
-  group_.Abort();
+  if (context_.publish_state) context_.publish_state();
 }
 
 }  // namespace moeserve::engine

@@ -13,6 +13,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <thread>
 
 #include "engine/backend/rank_backend.h"
@@ -26,6 +28,16 @@
 namespace moeserve::engine {
 
 enum class GroupRole { kMixed, kPrefill, kDecode };
+
+// A failure injected into one rank for tests of failure handling (`serve --inject-fault`): at
+// its `step`-th working step (counted from 1) the rank fails its step, or, with `hang`, stops
+// arriving at collectives so that its peers' collectives time out.
+struct InjectedFault {
+  std::string group;
+  int rank = -1;
+  int step = 0;
+  bool hang = false;
+};
 
 // What every worker of an engine shares. Owned by the Engine; outlives the workers.
 struct WorkerContext {
@@ -45,6 +57,7 @@ struct WorkerContext {
   int trace_steps = 0;
   int trace_skip_steps = 0;
   std::function<void()> trace_complete;
+  std::optional<InjectedFault> injected_fault;
 };
 
 class RankWorker {
@@ -58,7 +71,9 @@ class RankWorker {
   void Start();
   void Join();
 
-  // Queues a sequence for admission on this rank.
+  // Queues a sequence for admission on this rank. Once the rank has stopped (its group failed,
+  // or the engine shut down) the sequence ends at once: UNAVAILABLE with the group's failure,
+  // or FinishReason::kAborted.
   void Enqueue(std::unique_ptr<Sequence> sequence);
   // Ends queued sequences that were never admitted (after Join, at shutdown).
   void AbortQueued();
@@ -81,9 +96,15 @@ class RankWorker {
   void Emit(Sequence& sequence, int32_t token);
   void HandOff(Sequence& sequence);
   void Finish(Sequence& sequence, FinishReason reason, GenerationOutput output);
-  // Fails every request of this rank with `status` and aborts the group, so that the other
-  // ranks stop at their next collective instead of waiting for this one.
+  // Fails the group (ExpertParallelGroup::Fail, so that the other ranks stop at their next
+  // collective instead of waiting for this one), ends every request of this rank with the
+  // group's failure and stops taking new ones.
   void FailGroup(const absl::Status& status);
+  // Ends a sequence that never reached a step with the group's failure.
+  void FailSequence(Sequence& sequence, const absl::Status& failure);
+  // The injected fault, when it is this rank's and this step's; returns false if the step must
+  // not go on.
+  bool InjectFault();
   void RefreshCounts();
 
   const WorkerContext& context_;
@@ -96,6 +117,7 @@ class RankWorker {
 
   std::mutex queue_mutex_;
   std::deque<std::unique_ptr<Sequence>> queue_;  // guarded by queue_mutex_
+  bool stopped_ = false;                          // guarded by queue_mutex_
   std::atomic<int> queued_count_{0};
   std::atomic<int> running_count_{0};
   std::atomic<int> kv_blocks_free_{0};
@@ -103,6 +125,7 @@ class RankWorker {
   std::vector<std::unique_ptr<Sequence>> running_;  // worker thread only
   int traced_steps_ = 0;
   int working_steps_ = 0;  // steps the group agreed had work (the same count on every rank)
+  int traced_candidates_ = 0;  // working steps seen while a trace recorder is set
   std::thread thread_;
 };
 

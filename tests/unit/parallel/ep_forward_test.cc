@@ -176,7 +176,7 @@ GroupRun RunTwoSteps(ExpertParallelGroup& group, const Model& model,
         absl::StatusOr<StepAgreement> agreement = group.Agree(rank, tokens, false);
         if (!agreement.ok()) {
           statuses[rank] = agreement.status();
-          group.Abort();
+          (void)group.Fail(rank, agreement.status());
           return;
         }
         run.split[rank].push_back(agreement->split);
@@ -184,7 +184,7 @@ GroupRun RunTwoSteps(ExpertParallelGroup& group, const Model& model,
             sequences, cache, group.placement(rank), group.resources(rank), agreement->split);
         if (!logits.ok()) {
           statuses[rank] = logits.status();
-          group.Abort();
+          (void)group.Fail(rank, logits.status());
           return;
         }
         (step == 0 ? run.prefill_logits : run.decode_logits)[rank] = std::move(*logits);

@@ -58,7 +58,7 @@ class IdleRanks {
           absl::StatusOr<StepAgreement> agreement = group_.Agree(rank, 0, stop_.load());
           if (!agreement.ok()) {
             statuses_[rank] = agreement.status();
-            group_.Abort();
+            (void)group_.Fail(rank, agreement.status());
             return;
           }
           agreed_[rank].push_back(agreement->placement_version);
@@ -356,7 +356,7 @@ TEST(ExpertParallelGroupTest, OutputsDoNotChangeAcrossAPlacementSwitch) {
         auto agreement = group->Agree(rank, static_cast<int64_t>(tokens.size()), stop.load());
         if (!agreement.ok()) {
           statuses[rank] = agreement.status();
-          group->Abort();
+          (void)group->Fail(rank, agreement.status());
           return;
         }
         if (agreement->stop) return;
@@ -367,7 +367,7 @@ TEST(ExpertParallelGroupTest, OutputsDoNotChangeAcrossAPlacementSwitch) {
                                            group->resources(rank), agreement->split);
         if (!logits.ok()) {
           statuses[rank] = logits.status();
-          group->Abort();
+          (void)group->Fail(rank, logits.status());
           return;
         }
         versions[rank].push_back(agreement->placement_version);
