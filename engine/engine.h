@@ -20,9 +20,9 @@
 #include "engine/model/model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/parallel/ep_group.h"
+#include "engine/request/request.h"
 #include "engine/runtime/metrics.h"
 #include "engine/runtime/rank_worker.h"
-#include "engine/runtime/request.h"
 #include "engine/trace/trace_recorder.h"
 
 namespace moeserve::engine {

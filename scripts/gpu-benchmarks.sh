@@ -2,7 +2,7 @@
 # Runs moeserve's GPU benchmarks on a GPU host, prints their tables and keeps their logs:
 #   experts   moeserve-expert-bench (expert SwiGLU at DeepSeek-V3 shapes against the card's
 #             measured limits) and the PyTorch baselines of kernels/bench/expert_bench_torch.py
-#   dispatch  kernels/bench/run_dispatch_bench.sh: dispatch/combine against raw NCCL
+#   dispatch  engine/bench/run_dispatch_bench.sh: dispatch/combine against raw NCCL
 #             all-to-all of the same bytes, two-batch overlap, Chrome traces
 #   serving   `moeserve serve --model builtin:v3-bench --device cuda --ep N` for N = 1, 2, 4, 8
 #             (those that fit the visible GPUs) under moeserve-loadgen: output tokens/s per
@@ -11,7 +11,7 @@
 #   scripts/gpu-benchmarks.sh OUT_DIR [experts] [dispatch] [serving]     (default: all three)
 #
 # Binaries come from $MOESERVE_BIN_DIR (a flat folder, e.g. a bundle made with
-# kernels/bench/run_dispatch_bench.sh --bundle) or the build tree $MOESERVE_BUILD_DIR (default:
+# engine/bench/run_dispatch_bench.sh --bundle) or the build tree $MOESERVE_BUILD_DIR (default:
 # build). Serving flags: $SERVING_CONCURRENCY (default "1 8 32 64"), $SERVING_PROMPT_TOKENS
 # (128), $SERVING_MAX_TOKENS (128), $SERVING_EP (default "1 2 4 8"; a layout of 2 or more GPUs
 # also runs with --two-batch-overlap unless $SERVING_OVERLAP is 0), $SERVING_TRACE_STEPS
@@ -50,7 +50,7 @@ for part in "${parts[@]}"; do
       ;;
     dispatch)
       echo "## Dispatch / combine" | tee -a "$out/summary.md"
-      "$root/kernels/bench/run_dispatch_bench.sh" "$out/dispatch" | tee -a "$out/summary.md"
+      "$root/engine/bench/run_dispatch_bench.sh" "$out/dispatch" | tee -a "$out/summary.md"
       ;;
     serving)
       echo "## Serving builtin:v3-bench" | tee -a "$out/summary.md"

@@ -11,8 +11,9 @@
 #include "absl/strings/str_split.h"
 #include "engine/backend/backend_loader.h"
 #include "engine/model/loader.h"
-#include "engine/parallel/group_logits.h"
 #include "engine/pipeline/plan_command.h"
+#include "engine/runtime/block_allocator.h"
+#include "engine/tools/group_logits.h"
 #include "nlohmann/json.hpp"
 #include "server/npy_writer.h"
 #include "server/serve.h"
@@ -139,10 +140,11 @@ int RunLogits(const std::string& model_spec, const std::string& tokens_text,
   if (ep <= 1 && parallel.num_redundant_experts == 0 && parallel.placement_file.empty() &&
       !parallel.two_batch_overlap && !backend->factory) {
     const int block_size = 16;
-    moeserve::engine::KvCache cache(config.num_hidden_layers,
-                                    (static_cast<int>(tokens.size()) + block_size - 1) / block_size,
-                                    block_size, loaded->model->kv_row_dim());
-    std::vector<int32_t> blocks = *cache.allocator().Allocate(cache.num_blocks());
+    moeserve::engine::KvRows cache(config.num_hidden_layers,
+                                   (static_cast<int>(tokens.size()) + block_size - 1) / block_size,
+                                   block_size, loaded->model->kv_row_dim());
+    moeserve::engine::BlockAllocator cache_blocks(cache.num_blocks());
+    std::vector<int32_t> blocks = *cache_blocks.Allocate(cache.num_blocks());
     moeserve::engine::BatchSequence sequence{tokens, 0, &blocks, /*all_logits=*/true};
     logits = loaded->model->Forward({&sequence, 1}, cache);
   } else {
@@ -285,8 +287,7 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   AddExpertParallelOptions(serve_command, serve.engine.parallel);
   serve_command
-      ->add_option("--collective-timeout-seconds",
-                   serve.engine.parallel.collective_timeout_seconds,
+      ->add_option("--collective-timeout-seconds", serve.engine.parallel.collective_timeout_seconds,
                    "How long a rank waits for its slowest peer at a collective before the group "
                    "fails (health NOT_SERVING, its requests UNAVAILABLE)")
       ->capture_default_str()

@@ -6,18 +6,19 @@
 // One backend object belongs to one rank and is called by that rank's thread only.
 #pragma once
 
+#include <cstddef>
 #include <functional>
 #include <memory>
 #include <span>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/model/kv_rows.h"
 #include "engine/model/model.h"
 #include "engine/parallel/ep_forward.h"
 #include "engine/parallel/ep_group.h"
 #include "engine/placement/expert_placement.h"
-#include "engine/runtime/kv_cache.h"
-#include "engine/runtime/sampler.h"
+#include "engine/request/sampler.h"
 
 namespace moeserve::engine {
 
@@ -25,9 +26,10 @@ class RankBackend {
  public:
   virtual ~RankBackend() = default;
   // Runs the rank's batch (see ExpertParallelForward::Run for the contract: every rank of the
-  // group calls it for every step). Each batch row's logits (of its last token) stay with the
-  // backend until the next Forward().
-  virtual absl::Status Forward(std::span<const BatchSequence> batch, KvCache& cache,
+  // group calls it for every step) over the backend's own KV rows; the batch's block tables
+  // index them. Each batch row's logits (of its last token) stay with the backend until the
+  // next Forward().
+  virtual absl::Status Forward(std::span<const BatchSequence> batch,
                                const ExpertPlacement& placement, parallel::RankResources& rank,
                                bool two_micro_batches) = 0;
   // The last Forward()'s logits on the host, [rows, vocab], in memory the backend owns until
@@ -36,7 +38,7 @@ class RankBackend {
   virtual absl::StatusOr<std::span<const float>> Logits() = 0;
   // The next token of each row of the last Forward() whose sampler is set (-1 for the others),
   // each sampler taking its draw. This one samples Logits() on the host; a GPU backend ranks
-  // each row's head on the device and copies only that (engine/runtime/sampler.h).
+  // each row's head on the device and copies only that (engine/request/sampler.h).
   virtual absl::StatusOr<std::vector<int32_t>> NextTokens(std::span<Sampler* const> samplers) {
     absl::StatusOr<std::span<const float>> logits = Logits();
     if (!logits.ok()) return logits.status();
@@ -49,20 +51,28 @@ class RankBackend {
     }
     return tokens;
   }
-  // Whether the KvCache passed to Forward() must hold the rows in host memory. A GPU backend
-  // keeps the rows on its device and uses the KvCache for block allocation only.
-  virtual bool needs_host_kv_rows() const { return true; }
+  // KV handoff (a prefill rank's prompt continues on a decode rank): copies the cached rows of
+  // positions [0, num_tokens) of the sequence with `block_table` out, every layer, layer-major
+  // ([layers][num_tokens][row bytes]); ImportKv writes such rows into another block table.
+  // Both ranks must run the same backend (the rows' element type is the backend's).
+  virtual absl::Status ExportKv(const std::vector<int32_t>& block_table, int num_tokens,
+                                std::vector<std::byte>& rows) = 0;
+  virtual absl::Status ImportKv(const std::vector<int32_t>& block_table, int num_tokens,
+                                std::span<const std::byte> rows) = 0;
 };
 
-// The CPU backend: the expert-parallel forward of engine/parallel/ over the model's weights.
+// The CPU backend: the expert-parallel forward of engine/parallel/ over the model's fp32
+// weights and host KV rows.
 class CpuRankBackend : public RankBackend {
  public:
-  explicit CpuRankBackend(const parallel::ExpertParallelForward& forward) : forward_(forward) {}
-  absl::Status Forward(std::span<const BatchSequence> batch, KvCache& cache,
-                       const ExpertPlacement& placement, parallel::RankResources& rank,
-                       bool two_micro_batches) override {
+  CpuRankBackend(const parallel::ExpertParallelForward& forward, const Model& model, int kv_blocks,
+                 int kv_block_size)
+      : forward_(forward),
+        rows_(model.config().num_hidden_layers, kv_blocks, kv_block_size, model.kv_row_dim()) {}
+  absl::Status Forward(std::span<const BatchSequence> batch, const ExpertPlacement& placement,
+                       parallel::RankResources& rank, bool two_micro_batches) override {
     absl::StatusOr<std::vector<float>> logits =
-        forward_.Run(batch, cache, placement, rank, two_micro_batches);
+        forward_.Run(batch, rows_, placement, rank, two_micro_batches);
     if (!logits.ok()) return logits.status();
     logits_ = std::move(*logits);
     return absl::OkStatus();
@@ -70,9 +80,14 @@ class CpuRankBackend : public RankBackend {
   absl::StatusOr<std::span<const float>> Logits() override {
     return std::span<const float>(logits_);
   }
+  absl::Status ExportKv(const std::vector<int32_t>& block_table, int num_tokens,
+                        std::vector<std::byte>& rows) override;
+  absl::Status ImportKv(const std::vector<int32_t>& block_table, int num_tokens,
+                        std::span<const std::byte> rows) override;
 
  private:
   const parallel::ExpertParallelForward& forward_;
+  KvRows rows_;
   std::vector<float> logits_;  // the last step's
 };
 
@@ -92,7 +107,10 @@ using RankBackendFactory =
 // The factory's backend for `request`, or the CPU backend where there is no factory.
 inline absl::StatusOr<std::unique_ptr<RankBackend>> MakeRankBackend(
     const RankBackendFactory& factory, const RankBackendRequest& request) {
-  if (!factory) return std::make_unique<CpuRankBackend>(request.group->forward());
+  if (!factory) {
+    return std::make_unique<CpuRankBackend>(request.group->forward(), *request.model,
+                                            request.kv_blocks, request.kv_block_size);
+  }
   return factory(request);
 }
 

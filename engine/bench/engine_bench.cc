@@ -6,14 +6,16 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
-#include "engine/backend/cpu_ops.h"
 #include "engine/model/loader.h"
+#include "engine/ops/cpu_ops.h"
+#include "engine/runtime/block_allocator.h"
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
 using moeserve::engine::BatchSequence;
-using moeserve::engine::KvCache;
+using moeserve::engine::BlockAllocator;
+using moeserve::engine::KvRows;
 
 struct Row {
   int batch;
@@ -27,11 +29,12 @@ Row Measure(const moeserve::engine::Model& model, int batch, int prompt_length, 
   const int block_size = 16;
   const int tokens_per_sequence = prompt_length + decode_steps;
   const int blocks_per_sequence = (tokens_per_sequence + block_size - 1) / block_size;
-  KvCache cache(config.num_hidden_layers, batch * blocks_per_sequence, block_size,
-                model.kv_row_dim());
+  KvRows cache(config.num_hidden_layers, batch * blocks_per_sequence, block_size,
+               model.kv_row_dim());
+  BlockAllocator cache_blocks(cache.num_blocks());
   std::vector<std::vector<int32_t>> tables, tokens;
   for (int b = 0; b < batch; ++b) {
-    tables.push_back(*cache.allocator().Allocate(blocks_per_sequence));
+    tables.push_back(*cache_blocks.Allocate(blocks_per_sequence));
     std::vector<int32_t> prompt(prompt_length);
     for (int i = 0; i < prompt_length; ++i) prompt[i] = (b * 31 + i * 7) % 256;
     tokens.push_back(prompt);

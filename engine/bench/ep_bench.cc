@@ -8,15 +8,17 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
-#include "engine/backend/cpu_ops.h"
 #include "engine/model/loader.h"
+#include "engine/ops/cpu_ops.h"
 #include "engine/parallel/ep_group.h"
+#include "engine/runtime/block_allocator.h"
 
 namespace {
 
 using moeserve::engine::BatchSequence;
+using moeserve::engine::BlockAllocator;
 using moeserve::engine::ExpertPlacement;
-using moeserve::engine::KvCache;
+using moeserve::engine::KvRows;
 using moeserve::engine::Model;
 namespace parallel = moeserve::engine::parallel;
 
@@ -51,11 +53,12 @@ Result Measure(const Model& model, int ep, bool overlap, int batch, int context,
     threads.emplace_back([&, rank] {
       moeserve::engine::cpu::ConfigureBlasThreads(1);
       parallel::ExpertParallelGroup& g = **group;
-      KvCache cache(c.num_hidden_layers, sequences * blocks * (prefill ? steps + 1 : 1), block_size,
-                    model.kv_row_dim());
+      KvRows cache(c.num_hidden_layers, sequences * blocks * (prefill ? steps + 1 : 1), block_size,
+                   model.kv_row_dim());
+      BlockAllocator cache_blocks(cache.num_blocks());
       std::vector<std::vector<int32_t>> tables, tokens;
       for (int s = 0; s < sequences * (prefill ? steps + 1 : 1); ++s) {
-        tables.push_back(*cache.allocator().Allocate(blocks));
+        tables.push_back(*cache_blocks.Allocate(blocks));
         std::vector<int32_t> t(tokens_per_sequence);
         for (int i = 0; i < tokens_per_sequence; ++i) t[i] = (rank * 131 + s * 17 + i * 7) % 256;
         tokens.push_back(std::move(t));

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
-#include "engine/runtime/sampler.h"
+#include "engine/request/sampler.h"
 
 namespace {
 

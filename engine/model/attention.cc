@@ -4,12 +4,12 @@
 #include <cstring>
 #include <limits>
 
-#include "engine/backend/cpu_ops.h"
+#include "engine/ops/cpu_ops.h"
 
 namespace moeserve::engine {
 
 void MlaAttention::Forward(int layer, const AttentionWeights& w, const float* x, int num_tokens,
-                           std::span<const SequenceSpan> sequences, KvCache& cache,
+                           std::span<const SequenceSpan> sequences, KvRows& cache,
                            float* output) const {
   // An idle rank still steps with its group; with no tokens there is nothing to attend to (and
   // the per-head slices below would index empty buffers).

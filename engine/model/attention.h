@@ -10,10 +10,10 @@
 #include <span>
 #include <vector>
 
+#include "engine/model/kv_rows.h"
 #include "engine/model/model_config.h"
 #include "engine/model/rope.h"
 #include "engine/model/weights.h"
-#include "engine/runtime/kv_cache.h"
 
 namespace moeserve::engine {
 
@@ -34,7 +34,7 @@ class MlaAttention {
   // token's latent and rope key in `cache` (layer `layer`), then attends causally over the
   // sequence's cached tokens.
   void Forward(int layer, const AttentionWeights& weights, const float* normed_input,
-               int num_tokens, std::span<const SequenceSpan> sequences, KvCache& cache,
+               int num_tokens, std::span<const SequenceSpan> sequences, KvRows& cache,
                float* output) const;
 
  private:

@@ -4,7 +4,7 @@
 #include <cstring>
 #include <vector>
 
-#include "engine/backend/cpu_ops.h"
+#include "engine/ops/cpu_ops.h"
 
 namespace moeserve::engine {
 namespace {
@@ -20,7 +20,7 @@ void AddBias(float* rows, const float* bias, int64_t num_rows, int64_t dim) {
 
 void GroupedQueryAttention::Forward(int layer, const AttentionWeights& w, const float* x,
                                     int num_tokens, std::span<const SequenceSpan> sequences,
-                                    KvCache& cache, float* output) const {
+                                    KvRows& cache, float* output) const {
   if (num_tokens == 0) return;  // an idle rank stepping with its group
   const ModelConfig& c = config_;
   const int hidden = c.hidden_size;

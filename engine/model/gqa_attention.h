@@ -10,10 +10,10 @@
 #include <span>
 
 #include "engine/model/attention.h"
+#include "engine/model/kv_rows.h"
 #include "engine/model/model_config.h"
 #include "engine/model/rope.h"
 #include "engine/model/weights.h"
-#include "engine/runtime/kv_cache.h"
 
 namespace moeserve::engine {
 
@@ -31,7 +31,7 @@ class GroupedQueryAttention {
   // token's keys and values in `cache` (layer `layer`), then attends causally over the
   // sequence's cached tokens.
   void Forward(int layer, const AttentionWeights& weights, const float* normed_input,
-               int num_tokens, std::span<const SequenceSpan> sequences, KvCache& cache,
+               int num_tokens, std::span<const SequenceSpan> sequences, KvRows& cache,
                float* output) const;
 
  private:

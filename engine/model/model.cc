@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-#include "engine/backend/cpu_ops.h"
+#include "engine/ops/cpu_ops.h"
 
 namespace moeserve::engine {
 
@@ -42,7 +42,7 @@ void Model::Embed(std::span<const BatchSequence> batch, float* residual) const {
 }
 
 void Model::AttentionBlock(int layer, std::span<const SequenceSpan> spans, int num_tokens,
-                           KvCache& cache, float* residual, float* normed) const {
+                           KvRows& cache, float* residual, float* normed) const {
   const ModelConfig& c = config();
   const LayerWeights& w = weights_.layer(layer);
   const size_t size = static_cast<size_t>(num_tokens) * c.hidden_size;
@@ -114,7 +114,7 @@ std::vector<float> Model::Head(const float* residual, std::span<const int> rows)
   return logits;
 }
 
-std::vector<float> Model::Forward(std::span<const BatchSequence> batch, KvCache& cache) const {
+std::vector<float> Model::Forward(std::span<const BatchSequence> batch, KvRows& cache) const {
   const ModelConfig& c = config();
   int num_tokens = 0;
   const std::vector<SequenceSpan> spans = Layout(batch, &num_tokens);

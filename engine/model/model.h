@@ -15,11 +15,11 @@
 #include "absl/status/statusor.h"
 #include "engine/model/attention.h"
 #include "engine/model/gqa_attention.h"
+#include "engine/model/kv_rows.h"
 #include "engine/model/model_config.h"
 #include "engine/model/moe.h"
 #include "engine/model/rope.h"
 #include "engine/model/weights.h"
-#include "engine/runtime/kv_cache.h"
 
 namespace moeserve::engine {
 
@@ -49,15 +49,15 @@ class Model {
   // Runs the batch on one rank holding every expert and returns logits [rows, vocab]: one row
   // per sequence (its last token), or one per token for sequences with all_logits, in batch
   // order. The expert-parallel driver (engine/parallel/) composes the same pieces below.
-  std::vector<float> Forward(std::span<const BatchSequence> batch, KvCache& cache) const;
+  std::vector<float> Forward(std::span<const BatchSequence> batch, KvRows& cache) const;
 
   // --- Pieces of the forward pass, for parallel drivers. `residual` is [tokens, hidden]. ---
   // Token layout of a batch: one span per sequence chunk, in batch order.
   static std::vector<SequenceSpan> Layout(std::span<const BatchSequence> batch, int* num_tokens);
   void Embed(std::span<const BatchSequence> batch, float* residual) const;
   // residual += attention(input_norm(residual)); then `normed` = post_attention_norm(residual).
-  void AttentionBlock(int layer, std::span<const SequenceSpan> spans, int num_tokens,
-                      KvCache& cache, float* residual, float* normed) const;
+  void AttentionBlock(int layer, std::span<const SequenceSpan> spans, int num_tokens, KvRows& cache,
+                      float* residual, float* normed) const;
   // residual += dense MLP(normed) (layers before first_k_dense_replace).
   void DenseBlock(int layer, const float* normed, int num_tokens, float* residual) const;
   Routing Route(int layer, const float* normed, int num_tokens) const;

@@ -5,7 +5,7 @@
 #include <limits>
 #include <numeric>
 
-#include "engine/backend/cpu_ops.h"
+#include "engine/ops/cpu_ops.h"
 
 namespace moeserve::engine {
 namespace {

@@ -119,8 +119,8 @@ DispatchPlan PlanDispatch(std::span<const int32_t> experts, int top_k, int moe_l
 }
 
 absl::Status ExpertParallelForward::Dispatch(int layer, MicroBatch& mb,
-                                             const ExpertPlacement& placement, Communicator& comm,
-                                             RankResources& rank) const {
+                                             const ExpertPlacement& placement,
+                                             comm::Communicator& comm, RankResources& rank) const {
   ScopedTraceEvent event(rank.trace, rank.trace_pid, kCommunicationLane,
                          EventName("dispatch", layer, mb.index), "communication");
   const auto start = Clock::now();
@@ -211,7 +211,7 @@ void ExpertParallelForward::RunLocalExperts(int layer, MicroBatch& mb,
   }
 }
 
-absl::Status ExpertParallelForward::Combine(int layer, MicroBatch& mb, Communicator& comm,
+absl::Status ExpertParallelForward::Combine(int layer, MicroBatch& mb, comm::Communicator& comm,
                                             RankResources& rank) const {
   ScopedTraceEvent event(rank.trace, rank.trace_pid, kCommunicationLane,
                          EventName("combine", layer, mb.index), "communication");
@@ -264,7 +264,7 @@ absl::Status PublishBalancedness(std::span<const int64_t> received_per_layer, Ra
 }
 
 absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(std::span<const BatchSequence> batch,
-                                                              KvCache& cache,
+                                                              KvRows& cache,
                                                               const ExpertPlacement& placement,
                                                               RankResources& rank,
                                                               bool two_micro_batches) const {
@@ -334,7 +334,7 @@ absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(std::span<const Ba
         });
       } else {
         status.Update(exchange_inline(
-            [&](Communicator& comm) { return Dispatch(layer, mb, placement, comm, rank); }));
+            [&](comm::Communicator& comm) { return Dispatch(layer, mb, placement, comm, rank); }));
       }
     }
     if (!is_moe) continue;
@@ -348,8 +348,8 @@ absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(std::span<const Ba
         combined[mb.index] = rank.communication_thread->Submit(
             [&, layer, mb_ptr = &mb] { return Combine(layer, *mb_ptr, *rank.overlap, rank); });
       } else {
-        status.Update(
-            exchange_inline([&](Communicator& comm) { return Combine(layer, mb, comm, rank); }));
+        status.Update(exchange_inline(
+            [&](comm::Communicator& comm) { return Combine(layer, mb, comm, rank); }));
       }
     }
     for (MicroBatch& mb : micro_batches) {

@@ -15,9 +15,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/comm/communicator.h"
 #include "engine/model/model.h"
 #include "engine/parallel/communication_thread.h"
-#include "engine/parallel/communicator.h"
 #include "engine/parallel/parallel_metrics.h"
 #include "engine/placement/expert_load.h"
 #include "engine/placement/expert_placement.h"
@@ -34,8 +34,8 @@ inline constexpr int kTraceStepLane = 2;
 
 // What one rank brings to a step. The pointers outlive the step; optional ones may be null.
 struct RankResources {
-  Communicator* compute = nullptr;  // channel used by the rank's compute thread
-  Communicator* overlap = nullptr;  // channel used by its communication thread (overlap only)
+  comm::Communicator* compute = nullptr;  // channel used by the rank's compute thread
+  comm::Communicator* overlap = nullptr;  // channel used by its communication thread (overlap only)
   CommunicationThread* communication_thread = nullptr;  // overlap only
   // The rank's own copies of its slots' expert weights, matching the placement passed to Run();
   // null reads the experts straight from the model's weights.
@@ -51,17 +51,18 @@ class ExpertParallelForward {
   explicit ExpertParallelForward(const Model& model) : model_(model) {}
 
   // Returns logits as Model::Forward does, for this rank's batch.
-  absl::StatusOr<std::vector<float>> Run(std::span<const BatchSequence> batch, KvCache& cache,
+  absl::StatusOr<std::vector<float>> Run(std::span<const BatchSequence> batch, KvRows& cache,
                                          const ExpertPlacement& placement, RankResources& rank,
                                          bool two_micro_batches) const;
 
  private:
   struct MicroBatch;
   absl::Status Dispatch(int layer, MicroBatch& mb, const ExpertPlacement& placement,
-                        Communicator& comm, RankResources& rank) const;
+                        comm::Communicator& comm, RankResources& rank) const;
   void RunLocalExperts(int layer, MicroBatch& mb, const ExpertPlacement& placement,
                        RankResources& rank) const;
-  absl::Status Combine(int layer, MicroBatch& mb, Communicator& comm, RankResources& rank) const;
+  absl::Status Combine(int layer, MicroBatch& mb, comm::Communicator& comm,
+                       RankResources& rank) const;
 
   const Model& model_;
 };

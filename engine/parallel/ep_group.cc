@@ -113,11 +113,11 @@ absl::StatusOr<StepAgreement> ExpertParallelGroup::Agree(int rank, int64_t local
   // [has work, tokens, stop, staged version (min), current version (min), -current (min = max)]
   int64_t values[6] = {local_tokens > 0, local_tokens, stop_requested ? 1 : 0,
                        staged,           current,      -current};
-  Communicator& comm = *resources_[rank]->compute;
+  comm::Communicator& comm = *resources_[rank]->compute;
   int64_t maxima[3] = {values[0], values[1], values[2]};
-  if (auto s = comm.AllReduce(maxima, 3, ReduceOp::kMax); !s.ok()) return s;
+  if (auto s = comm.AllReduce(maxima, 3, comm::ReduceOp::kMax); !s.ok()) return s;
   int64_t minima[3] = {values[3], values[4], values[5]};
-  if (auto s = comm.AllReduce(minima, 3, ReduceOp::kMin); !s.ok()) return s;
+  if (auto s = comm.AllReduce(minima, 3, comm::ReduceOp::kMin); !s.ok()) return s;
   if (minima[1] != -minima[2]) {
     return absl::InternalError(absl::StrCat("group ", name(),
                                             ": ranks disagree on the placement version (",
@@ -211,9 +211,8 @@ absl::Status ExpertParallelGroup::Fail(int rank, const absl::Status& reason) {
   {
     std::lock_guard lock(health_mutex_);
     if (!failure_.ok()) return failure_;
-    failure_ = absl::UnavailableError(absl::StrCat("expert-parallel group `", name(),
-                                                   "` failed: rank ", rank, ": ",
-                                                   reason.message()));
+    failure_ = absl::UnavailableError(absl::StrCat(
+        "expert-parallel group `", name(), "` failed: rank ", rank, ": ", reason.message()));
     failed_ = true;
     failure = failure_;
   }

@@ -20,10 +20,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/comm/in_process_communicator.h"
 #include "engine/model/model.h"
 #include "engine/parallel/communication_thread.h"
 #include "engine/parallel/ep_forward.h"
-#include "engine/parallel/in_process_communicator.h"
 #include "engine/parallel/parallel_metrics.h"
 #include "engine/placement/expert_load.h"
 #include "engine/placement/expert_placement.h"
@@ -119,7 +119,7 @@ class ExpertParallelGroup {
 
   GroupOptions options_;
   ExpertParallelForward forward_;
-  InProcessGroup communicators_;
+  comm::InProcessGroup communicators_;
   ParallelMetrics metrics_;
   ExpertLoadRecorder load_;
   std::vector<std::unique_ptr<CommunicationThread>> communication_threads_;

@@ -4,7 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "engine/backend/cpu_ops.h"
+#include "engine/ops/cpu_ops.h"
 
 namespace moeserve::engine {
 namespace {
@@ -55,8 +55,8 @@ RankWorker::RankWorker(const WorkerContext& context, parallel::ExpertParallelGro
       rank_(rank),
       role_(role),
       backend_(std::move(backend)),
-      cache_(context.model->config().num_hidden_layers, kv_blocks, kv_block_size,
-             context.model->kv_row_dim(), backend_->needs_host_kv_rows()),
+      allocator_(kv_blocks),
+      kv_block_size_(kv_block_size),
       kv_blocks_total_(kv_blocks) {
   kv_blocks_free_ = kv_blocks;
 }
@@ -117,7 +117,7 @@ void RankWorker::Loop() {
 
 void RankWorker::RefreshCounts() {
   running_count_ = static_cast<int>(running_.size());
-  kv_blocks_free_ = cache_.allocator().num_free();
+  kv_blocks_free_ = allocator_.num_free();
 }
 
 void RankWorker::Admit() {
@@ -133,21 +133,17 @@ void RankWorker::Admit() {
   // First come, first served: a sequence that does not fit blocks those behind it.
   while (!queue_.empty() && running_.size() < static_cast<size_t>(context_.max_running_requests)) {
     Sequence& next = *queue_.front();
-    const int needed = cache_.BlocksFor(next.prompt_length + next.input.max_tokens);
-    std::optional<std::vector<int32_t>> blocks = cache_.allocator().Allocate(needed);
+    const int needed = BlocksFor(next.prompt_length + next.input.max_tokens, kv_block_size_);
+    std::optional<std::vector<int32_t>> blocks = allocator_.Allocate(needed);
     if (!blocks.has_value()) break;
     next.blocks = std::move(*blocks);
     if (!next.handoff_kv.empty()) {
-      // Decode rank: copy the prefill rank's KV rows into our blocks.
-      const int layers = context_.model->config().num_hidden_layers;
-      const int row_dim = cache_.row_dim();
-      for (int layer = 0; layer < layers; ++layer) {
-        for (int p = 0; p < next.num_cached; ++p) {
-          std::memcpy(
-              cache_.RowAt(layer, next.blocks, p),
-              &next.handoff_kv[(static_cast<size_t>(layer) * next.num_cached + p) * row_dim],
-              sizeof(float) * row_dim);
-        }
+      // Decode rank: write the prefill rank's KV rows into our blocks.
+      if (absl::Status imported = backend_->ImportKv(next.blocks, next.num_cached, next.handoff_kv);
+          !imported.ok()) {
+        FailSequence(next, imported);
+        queue_.pop_front();
+        continue;
       }
       next.handoff_kv = {};
     } else {
@@ -226,8 +222,7 @@ bool RankWorker::Step() {
   {
     ScopedTraceEvent event(step_trace, resources.trace_pid, parallel::kTraceStepLane, "forward",
                            "step");
-    forward =
-        backend_->Forward(batch, cache_, group_.placement(rank_), resources, agreement->split);
+    forward = backend_->Forward(batch, group_.placement(rank_), resources, agreement->split);
   }
   resources.trace = trace;
   if (!forward.ok()) {
@@ -292,16 +287,12 @@ void RankWorker::AfterForward(std::vector<BatchSequence>& batch, std::vector<Seq
 
 void RankWorker::HandOff(Sequence& seq) {
   // Copy the prompt's KV rows out, free our blocks, and pass the sequence on.
-  const int layers = context_.model->config().num_hidden_layers;
-  const int row_dim = cache_.row_dim();
-  seq.handoff_kv.resize(static_cast<size_t>(layers) * seq.num_cached * row_dim);
-  for (int layer = 0; layer < layers; ++layer) {
-    for (int p = 0; p < seq.num_cached; ++p) {
-      std::memcpy(&seq.handoff_kv[(static_cast<size_t>(layer) * seq.num_cached + p) * row_dim],
-                  cache_.RowAt(layer, seq.blocks, p), sizeof(float) * row_dim);
-    }
+  if (absl::Status exported = backend_->ExportKv(seq.blocks, seq.num_cached, seq.handoff_kv);
+      !exported.ok()) {
+    FailSequence(seq, exported);
+    return;
   }
-  cache_.allocator().Free(seq.blocks);
+  allocator_.Free(seq.blocks);
   seq.blocks.clear();
   for (auto& owned : running_) {
     if (owned.get() == &seq) {
@@ -381,10 +372,10 @@ void RankWorker::Finish(Sequence& seq, FinishReason reason, GenerationOutput out
   if (seq.prefill_start != Clock::time_point{}) {
     output.usage.queue_seconds = Seconds(seq.prefill_start - seq.arrival);
   }
-  cache_.allocator().Free(seq.blocks);
+  allocator_.Free(seq.blocks);
   seq.blocks.clear();
   // Stats and gauges show the blocks free before the client sees the last message.
-  kv_blocks_free_ = cache_.allocator().num_free();
+  kv_blocks_free_ = allocator_.num_free();
   if (context_.publish_state) context_.publish_state();
   context_.metrics->RequestFinished(StatusLabel(reason));
   if (reason != FinishReason::kCancelled && reason != FinishReason::kAborted) {
@@ -414,7 +405,7 @@ bool RankWorker::InjectFault() {
 
 void RankWorker::FailSequence(Sequence& seq, const absl::Status& failure) {
   if (seq.finished()) return;
-  cache_.allocator().Free(seq.blocks);
+  allocator_.Free(seq.blocks);
   seq.blocks.clear();
   GenerationOutput output;
   output.status = failure;

@@ -21,7 +21,7 @@
 #include "engine/model/model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/parallel/ep_group.h"
-#include "engine/runtime/kv_cache.h"
+#include "engine/runtime/block_allocator.h"
 #include "engine/runtime/metrics.h"
 #include "engine/runtime/sequence.h"
 
@@ -112,19 +112,20 @@ class RankWorker {
   int rank_;
   GroupRole role_;
   std::unique_ptr<RankBackend> backend_;
-  KvCache cache_;
+  BlockAllocator allocator_;
+  int kv_block_size_;
   int kv_blocks_total_;
 
   std::mutex queue_mutex_;
   std::deque<std::unique_ptr<Sequence>> queue_;  // guarded by queue_mutex_
-  bool stopped_ = false;                          // guarded by queue_mutex_
+  bool stopped_ = false;                         // guarded by queue_mutex_
   std::atomic<int> queued_count_{0};
   std::atomic<int> running_count_{0};
   std::atomic<int> kv_blocks_free_{0};
 
   std::vector<std::unique_ptr<Sequence>> running_;  // worker thread only
   int traced_steps_ = 0;
-  int working_steps_ = 0;  // steps the group agreed had work (the same count on every rank)
+  int working_steps_ = 0;      // steps the group agreed had work (the same count on every rank)
   int traced_candidates_ = 0;  // working steps seen while a trace recorder is set
   std::thread thread_;
 };

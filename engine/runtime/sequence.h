@@ -4,13 +4,14 @@
 #pragma once
 
 #include <chrono>
+#include <cstddef>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "engine/model/tokenizer.h"
-#include "engine/runtime/request.h"
-#include "engine/runtime/sampler.h"
+#include "engine/request/request.h"
+#include "engine/request/sampler.h"
 
 namespace moeserve::engine {
 
@@ -28,9 +29,9 @@ struct Sequence {
   std::string held_text;  // text that may still become a stop string
   int generated = 0;
   Clock::time_point arrival, prefill_start, first_token, last_token;
-  // Prefill → decode handoff: the cached KV rows [layers][num_cached][row_dim], copied into the
-  // decode rank's cache when it admits the sequence.
-  std::vector<float> handoff_kv;
+  // Prefill → decode handoff: the cached KV rows (RankBackend::ExportKv's layout), written into
+  // the decode rank's cache when it admits the sequence.
+  std::vector<std::byte> handoff_kv;
 
   bool finished() const { return stream == nullptr; }
 };

@@ -13,7 +13,7 @@
 
 #include "engine/backend/cuda/cuda_backend_factory.h"
 #include "engine/model/loader.h"
-#include "engine/parallel/group_logits.h"
+#include "engine/tools/group_logits.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/integration/server_process.h"
@@ -171,9 +171,8 @@ class TinyOnOneGpu : public ::testing::Test {
                                      .kv_block_size = 16,
                                      .max_batch_tokens = 64});
   }
-  absl::Status Forward(RankBackend& backend, const BatchSequence& sequence, KvCache& cache) {
-    return backend.Forward({&sequence, 1}, cache, group_->placement(0), group_->resources(0),
-                           false);
+  absl::Status Forward(RankBackend& backend, const BatchSequence& sequence) {
+    return backend.Forward({&sequence, 1}, group_->placement(0), group_->resources(0), false);
   }
   std::shared_ptr<const Model> model_;
   std::unique_ptr<parallel::ExpertParallelGroup> group_;
@@ -186,11 +185,10 @@ TEST_F(TinyOnOneGpu, NextTokensPickTheHostSamplersTokens) {
   const ModelConfig& c = model.config();
   auto backend = MakeBackend();
   ASSERT_TRUE(backend.ok()) << backend.status();
-  KvCache cache(c.num_hidden_layers, 8, 16, model.kv_row_dim(), false);
-  std::vector<int32_t> table = *cache.allocator().Allocate(4);
+  std::vector<int32_t> table = {0, 1, 2, 3};
   const std::vector<int32_t> tokens = Prompt(45);
   BatchSequence sequence{tokens, 0, &table, /*all_logits=*/true};
-  ASSERT_TRUE(Forward(**backend, sequence, cache).ok());
+  ASSERT_TRUE(Forward(**backend, sequence).ok());
   // Every row gets a request of its own kind; row 7 gets none.
   std::vector<std::unique_ptr<Sampler>> on_gpu, on_host;
   for (int row = 0; row < 45; ++row) {
@@ -229,16 +227,14 @@ TEST_F(TinyOnOneGpu, ChunkedPrefillAndDecodeMatchOnePass) {
     auto backend = MakeBackend();
     EXPECT_TRUE(backend.ok()) << backend.status();
     if (!backend.ok()) return {};
-    KvCache cache(c.num_hidden_layers, 8, 16, model.kv_row_dim(), false);
     // Blocks in reverse order, so that logical and physical positions differ.
-    std::vector<int32_t> table = *cache.allocator().Allocate(4);
-    std::reverse(table.begin(), table.end());
+    std::vector<int32_t> table = {3, 2, 1, 0};
     std::vector<float> logits;
     int start = 0;
     for (int size : chunk_sizes) {
       BatchSequence sequence{std::span<const int32_t>(tokens).subspan(start, size), start, &table,
                              true};
-      const absl::Status forward = Forward(**backend, sequence, cache);
+      const absl::Status forward = Forward(**backend, sequence);
       auto result = forward.ok() ? (*backend)->Logits() : forward;
       EXPECT_TRUE(result.ok()) << result.status();
       if (!result.ok()) return {};

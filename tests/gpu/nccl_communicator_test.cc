@@ -3,7 +3,7 @@
 // host buffers, the asynchronous form, creation through a rendezvous file, and the timeout that
 // fails a group whose rank never arrives. Tests skip without a GPU (or with one GPU where they
 // need two); the rendezvous-file and id-encoding tests need no GPU.
-#include "engine/parallel/nccl_communicator.h"
+#include "engine/comm/nccl_communicator.h"
 
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -20,11 +20,13 @@
 #include <thread>
 #include <vector>
 
+#include "engine/comm/nccl_bootstrap.h"
+
 namespace moeserve::engine::parallel {
 namespace {
 
 using std::chrono::milliseconds;
-using Communicators = std::vector<std::unique_ptr<NcclCommunicator>>;
+using Communicators = std::vector<std::unique_ptr<comm::NcclCommunicator>>;
 
 int VisibleDeviceCount() {
   int count = 0;
@@ -42,7 +44,8 @@ std::vector<int> AllDevices() {
 }
 
 // Runs `body` for every rank at once, each on its own thread with its GPU current.
-void OnEveryRank(Communicators& communicators, const std::function<void(NcclCommunicator&)>& body) {
+void OnEveryRank(Communicators& communicators,
+                 const std::function<void(comm::NcclCommunicator&)>& body) {
   std::vector<std::thread> threads;
   for (auto& communicator : communicators) {
     threads.emplace_back([&body, &communicator] {
@@ -114,14 +117,14 @@ class NcclCommunicatorTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     if (VisibleDeviceCount() < 1) return;
-    NcclCommunicatorOptions options;
+    comm::NcclCommunicatorOptions options;
     options.timeout = std::chrono::seconds(60);
-    auto created = NcclCommunicator::CreateForDevices(AllDevices(), options);
+    auto created = comm::NcclCommunicator::CreateForDevices(AllDevices(), options);
     creation_status_ = new absl::Status(created.status());
     if (created.ok()) communicators_ = new Communicators(std::move(*created));
   }
   static void TearDownTestSuite() {
-    if (communicators_ != nullptr) NcclCommunicator::DestroyAll(*communicators_);
+    if (communicators_ != nullptr) comm::NcclCommunicator::DestroyAll(*communicators_);
     delete communicators_;
     delete creation_status_;
     communicators_ = nullptr;
@@ -141,7 +144,7 @@ Communicators* NcclCommunicatorTest::communicators_ = nullptr;
 absl::Status* NcclCommunicatorTest::creation_status_ = nullptr;
 
 TEST_F(NcclCommunicatorTest, AllToAllVDeliversUnevenAndEmptyMessagesBetweenDeviceBuffers) {
-  OnEveryRank(group(), [](NcclCommunicator& comm) {
+  OnEveryRank(group(), [](comm::NcclCommunicator& comm) {
     AllToAllCase test = MakeAllToAllCase(comm.rank(), comm.size());
     DeviceBuffer send(test.send.size()), recv(test.expected_recv.size());
     send.Upload(test.send.data());
@@ -152,7 +155,7 @@ TEST_F(NcclCommunicatorTest, AllToAllVDeliversUnevenAndEmptyMessagesBetweenDevic
 }
 
 TEST_F(NcclCommunicatorTest, AllToAllVAcceptsHostBuffers) {
-  OnEveryRank(group(), [](NcclCommunicator& comm) {
+  OnEveryRank(group(), [](comm::NcclCommunicator& comm) {
     AllToAllCase test = MakeAllToAllCase(comm.rank(), comm.size());
     std::vector<uint8_t> recv(test.expected_recv.size(), 0xEE);
     ASSERT_TRUE(
@@ -162,8 +165,8 @@ TEST_F(NcclCommunicatorTest, AllToAllVAcceptsHostBuffers) {
 }
 
 TEST_F(NcclCommunicatorTest, AllToAllCountsExchangesHostCountsThroughTheInterface) {
-  OnEveryRank(group(), [](NcclCommunicator& nccl) {
-    Communicator& comm = nccl;  // what the engine holds
+  OnEveryRank(group(), [](comm::NcclCommunicator& nccl) {
+    comm::Communicator& comm = nccl;  // what the engine holds
     std::vector<int64_t> send(comm.size()), recv(comm.size(), -1);
     for (int peer = 0; peer < comm.size(); ++peer) send[peer] = 1000 * comm.rank() + peer;
     ASSERT_TRUE(comm.AllToAllCounts(send, recv).ok());
@@ -173,36 +176,36 @@ TEST_F(NcclCommunicatorTest, AllToAllCountsExchangesHostCountsThroughTheInterfac
 
 TEST_F(NcclCommunicatorTest, AllReduceSumsAndTakesExtremesOnDeviceAndHost) {
   const int n = size();
-  OnEveryRank(group(), [n](NcclCommunicator& comm) {
+  OnEveryRank(group(), [n](comm::NcclCommunicator& comm) {
     const int r = comm.rank();
     // Host int64, each op.
     std::vector<int64_t> sum = {r, 10 * r + 1, int64_t{1} << 40};
-    ASSERT_TRUE(comm.AllReduce(sum.data(), 3, ReduceOp::kSum).ok());
+    ASSERT_TRUE(comm.AllReduce(sum.data(), 3, comm::ReduceOp::kSum).ok());
     EXPECT_EQ(sum, (std::vector<int64_t>{n * (n - 1) / 2, 10 * n * (n - 1) / 2 + n,
                                          n * (int64_t{1} << 40)}));
     std::vector<int64_t> max = {r, -r}, min = {r, -r};
-    ASSERT_TRUE(comm.AllReduce(max.data(), 2, ReduceOp::kMax).ok());
-    ASSERT_TRUE(comm.AllReduce(min.data(), 2, ReduceOp::kMin).ok());
+    ASSERT_TRUE(comm.AllReduce(max.data(), 2, comm::ReduceOp::kMax).ok());
+    ASSERT_TRUE(comm.AllReduce(min.data(), 2, comm::ReduceOp::kMin).ok());
     EXPECT_EQ(max, (std::vector<int64_t>{n - 1, 0}));
     EXPECT_EQ(min, (std::vector<int64_t>{0, -(n - 1)}));
     // Device float (values exactly representable, so the sum is exact in any order).
     std::vector<float> values = {0.5f * r, -2.0f * r, 1.0f};
     DeviceBuffer device(values.size() * sizeof(float));
     device.Upload(values.data());
-    ASSERT_TRUE(comm.AllReduce(device.as<float>(), 3, ReduceOp::kSum).ok());
+    ASSERT_TRUE(comm.AllReduce(device.as<float>(), 3, comm::ReduceOp::kSum).ok());
     EXPECT_EQ(
         device.Download<float>(),
         (std::vector<float>{0.25f * n * (n - 1), -1.0f * n * (n - 1), static_cast<float>(n)}));
     std::vector<float> float_max = {static_cast<float>(r), -1.5f * r};
-    ASSERT_TRUE(comm.AllReduce(float_max.data(), 2, ReduceOp::kMax).ok());
+    ASSERT_TRUE(comm.AllReduce(float_max.data(), 2, comm::ReduceOp::kMax).ok());
     EXPECT_EQ(float_max, (std::vector<float>{static_cast<float>(n - 1), 0.0f}));
-    EXPECT_TRUE(comm.AllReduce(sum.data(), 0, ReduceOp::kSum).ok());
+    EXPECT_TRUE(comm.AllReduce(sum.data(), 0, comm::ReduceOp::kSum).ok());
   });
 }
 
 TEST_F(NcclCommunicatorTest, AllGatherCollectsEveryRanksBytesInRankOrder) {
   const int n = size();
-  OnEveryRank(group(), [n](NcclCommunicator& comm) {
+  OnEveryRank(group(), [n](comm::NcclCommunicator& comm) {
     constexpr int kBytes = 4099;
     std::vector<uint8_t> mine(kBytes), expected;
     for (int i = 0; i < kBytes; ++i) mine[i] = MessageByte(comm.rank(), 0, i);
@@ -221,7 +224,7 @@ TEST_F(NcclCommunicatorTest, AllGatherCollectsEveryRanksBytesInRankOrder) {
 
 TEST_F(NcclCommunicatorTest, BroadcastCopiesTheRootsBytesToEveryRank) {
   const int root = size() - 1;
-  OnEveryRank(group(), [root](NcclCommunicator& comm) {
+  OnEveryRank(group(), [root](comm::NcclCommunicator& comm) {
     std::vector<int64_t> data(257, comm.rank() == root ? 77 : -1);
     data[3] = comm.rank() == root ? 123456789 : 0;
     ASSERT_TRUE(comm.Broadcast(data.data(), data.size() * sizeof(int64_t), root).ok());
@@ -238,7 +241,7 @@ TEST_F(NcclCommunicatorTest, BroadcastCopiesTheRootsBytesToEveryRank) {
 TEST_F(NcclCommunicatorTest, BarrierReturnsOnlyAfterTheLastRankArrives) {
   std::atomic<int64_t> last_arrival_ns{0};
   const int late_rank = size() - 1;
-  OnEveryRank(group(), [&](NcclCommunicator& comm) {
+  OnEveryRank(group(), [&](comm::NcclCommunicator& comm) {
     ASSERT_TRUE(comm.Barrier().ok());
     if (comm.rank() == late_rank) {
       std::this_thread::sleep_for(milliseconds(300));
@@ -251,7 +254,7 @@ TEST_F(NcclCommunicatorTest, BarrierReturnsOnlyAfterTheLastRankArrives) {
 }
 
 TEST_F(NcclCommunicatorTest, EnqueuedAllToAllVCanBeAwaitedByAnotherStream) {
-  OnEveryRank(group(), [](NcclCommunicator& comm) {
+  OnEveryRank(group(), [](comm::NcclCommunicator& comm) {
     AllToAllCase test = MakeAllToAllCase(comm.rank(), comm.size());
     DeviceBuffer send(test.send.size()), recv(test.expected_recv.size());
     send.Upload(test.send.data());
@@ -286,14 +289,14 @@ TEST_F(NcclCommunicatorTest, EnqueuedAllToAllVCanBeAwaitedByAnotherStream) {
 }
 
 TEST_F(NcclCommunicatorTest, BadArgumentsAreRefusedWithoutFailingTheGroup) {
-  OnEveryRank(group(), [](NcclCommunicator& comm) {
+  OnEveryRank(group(), [](comm::NcclCommunicator& comm) {
     std::vector<int64_t> too_few(comm.size() + 1, 0);
     EXPECT_EQ(comm.AllToAllV(nullptr, too_few, nullptr, too_few).code(),
               absl::StatusCode::kInvalidArgument);
     int64_t value = 0;
     EXPECT_EQ(comm.Broadcast(&value, sizeof(value), comm.size()).code(),
               absl::StatusCode::kInvalidArgument);
-    EXPECT_EQ(comm.AllReduce(&value, -1, ReduceOp::kSum).code(),
+    EXPECT_EQ(comm.AllReduce(&value, -1, comm::ReduceOp::kSum).code(),
               absl::StatusCode::kInvalidArgument);
     EXPECT_TRUE(comm.healthy());
     EXPECT_TRUE(comm.Barrier().ok());
@@ -304,17 +307,17 @@ TEST_F(NcclCommunicatorTest, BadArgumentsAreRefusedWithoutFailingTheGroup) {
 // and stay failed; nobody hangs.
 TEST(NcclCommunicatorTimeoutTest, ARankThatNeverArrivesFailsTheOthersWithUnavailable) {
   if (VisibleDeviceCount() < 2) GTEST_SKIP() << "needs at least two CUDA devices";
-  NcclCommunicatorOptions options;
+  comm::NcclCommunicatorOptions options;
   options.timeout = std::chrono::seconds(3);
-  auto created = NcclCommunicator::CreateForDevices(AllDevices(), options);
+  auto created = comm::NcclCommunicator::CreateForDevices(AllDevices(), options);
   ASSERT_TRUE(created.ok()) << created.status();
   Communicators group = std::move(*created);
   const int absent = static_cast<int>(group.size()) - 1;
-  OnEveryRank(group, [&](NcclCommunicator& comm) {
+  OnEveryRank(group, [&](comm::NcclCommunicator& comm) {
     if (comm.rank() == absent) return;
     const auto start = std::chrono::steady_clock::now();
     std::vector<int64_t> values = {comm.rank()};
-    const absl::Status status = comm.AllReduce(values.data(), 1, ReduceOp::kSum);
+    const absl::Status status = comm.AllReduce(values.data(), 1, comm::ReduceOp::kSum);
     const auto elapsed = std::chrono::steady_clock::now() - start;
     EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
     EXPECT_GE(elapsed, options.timeout - milliseconds(50));
@@ -324,7 +327,7 @@ TEST(NcclCommunicatorTimeoutTest, ARankThatNeverArrivesFailsTheOthersWithUnavail
   });
   group[absent]->Abort();
   const auto start = std::chrono::steady_clock::now();
-  NcclCommunicator::DestroyAll(group);
+  comm::NcclCommunicator::DestroyAll(group);
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
 }
 
@@ -349,21 +352,21 @@ TEST(NcclCommunicatorRendezvousTest, RanksFormAGroupThroughAnIdFile) {
     threads.emplace_back([&, rank] {
       // Rank 0 starts last, so the others really wait for the file.
       if (rank == 0) std::this_thread::sleep_for(milliseconds(200));
-      NcclCommunicatorOptions options;
+      comm::NcclCommunicatorOptions options;
       options.timeout = std::chrono::seconds(60);
-      auto made = NcclCommunicator::CreateWithIdFile(rank, n, rank, path, options);
+      auto made = comm::CreateNcclCommunicatorWithIdFile(rank, n, rank, path, options);
       ASSERT_TRUE(made.ok()) << made.status();
       group[rank] = std::move(*made);
     });
   }
   for (auto& thread : threads) thread.join();
   for (auto& communicator : group) ASSERT_NE(communicator, nullptr);
-  OnEveryRank(group, [n](NcclCommunicator& comm) {
+  OnEveryRank(group, [n](comm::NcclCommunicator& comm) {
     int64_t rank_sum = comm.rank();
-    ASSERT_TRUE(comm.AllReduce(&rank_sum, 1, ReduceOp::kSum).ok());
+    ASSERT_TRUE(comm.AllReduce(&rank_sum, 1, comm::ReduceOp::kSum).ok());
     EXPECT_EQ(rank_sum, n * (n - 1) / 2);
   });
-  NcclCommunicator::DestroyAll(group);
+  comm::NcclCommunicator::DestroyAll(group);
   std::remove(path.c_str());
 }
 
@@ -372,14 +375,14 @@ TEST(NcclCommunicatorRendezvousTest, RanksFormAGroupThroughAnIdFile) {
 TEST(NcclUniqueIdTest, HexEncodingRoundTrips) {
   ncclUniqueId id{};
   for (size_t i = 0; i < sizeof(id.internal); ++i) id.internal[i] = static_cast<char>(i * 37);
-  const std::string hex = EncodeNcclUniqueId(id);
+  const std::string hex = comm::EncodeNcclUniqueId(id);
   EXPECT_EQ(hex.size(), 2 * sizeof(id.internal));
-  auto decoded = DecodeNcclUniqueId(hex);
+  auto decoded = comm::DecodeNcclUniqueId(hex);
   ASSERT_TRUE(decoded.ok()) << decoded.status();
   EXPECT_EQ(std::string(decoded->internal, sizeof(id.internal)),
             std::string(id.internal, sizeof(id.internal)));
-  EXPECT_EQ(DecodeNcclUniqueId("abc").status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(DecodeNcclUniqueId(std::string(hex.size(), 'g')).status().code(),
+  EXPECT_EQ(comm::DecodeNcclUniqueId("abc").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(comm::DecodeNcclUniqueId(std::string(hex.size(), 'g')).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 
@@ -388,30 +391,30 @@ TEST(NcclUniqueIdTest, IdFileIsWrittenWholeAndReadBack) {
   ncclUniqueId id{};
   for (size_t i = 0; i < sizeof(id.internal); ++i) id.internal[i] = static_cast<char>(255 - i);
   std::thread reader_started_first([&] {
-    auto read = ReadNcclUniqueIdFile(path, std::chrono::seconds(10));
+    auto read = comm::ReadNcclUniqueIdFile(path, std::chrono::seconds(10));
     ASSERT_TRUE(read.ok()) << read.status();
     EXPECT_EQ(std::string(read->internal, sizeof(id.internal)),
               std::string(id.internal, sizeof(id.internal)));
   });
   std::this_thread::sleep_for(milliseconds(100));
-  ASSERT_TRUE(WriteNcclUniqueIdFile(path, id).ok());
+  ASSERT_TRUE(comm::WriteNcclUniqueIdFile(path, id).ok());
   reader_started_first.join();
   std::remove(path.c_str());
 }
 
 TEST(NcclUniqueIdTest, ReadingAMissingIdFileTimesOut) {
   const auto start = std::chrono::steady_clock::now();
-  auto read = ReadNcclUniqueIdFile(FreshPath("never-written"), milliseconds(150));
+  auto read = comm::ReadNcclUniqueIdFile(FreshPath("never-written"), milliseconds(150));
   EXPECT_EQ(read.status().code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_GE(std::chrono::steady_clock::now() - start, milliseconds(150));
 }
 
 TEST(NcclUniqueIdTest, CreateFromEnvironmentNamesTheMissingVariable) {
-  unsetenv(kRankEnv);
-  auto made = NcclCommunicator::CreateFromEnvironment();
+  unsetenv(comm::kRankEnv);
+  auto made = comm::CreateNcclCommunicatorFromEnvironment();
   ASSERT_FALSE(made.ok());
   EXPECT_EQ(made.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(made.status().message().find(kRankEnv), std::string::npos) << made.status();
+  EXPECT_NE(made.status().message().find(comm::kRankEnv), std::string::npos) << made.status();
 }
 
 }  // namespace

@@ -16,7 +16,8 @@
 #include <thread>
 #include <vector>
 
-#include "engine/parallel/nccl_communicator.h"
+#include "engine/comm/nccl_bootstrap.h"
+#include "engine/comm/nccl_communicator.h"
 #include "gtest/gtest.h"
 
 extern char** environ;
@@ -75,9 +76,10 @@ void RunGroup(const std::string& id_setting) {
   const int n = VisibleGpus();
   std::vector<pid_t> ranks;
   for (int rank = 0; rank < n; ++rank) {
-    ranks.push_back(Start({std::string(kRankEnv) + "=" + std::to_string(rank),
-                           std::string(kWorldSizeEnv) + "=" + std::to_string(n),
-                           std::string(kCudaDeviceEnv) + "=" + std::to_string(rank), id_setting}));
+    ranks.push_back(
+        Start({std::string(comm::kRankEnv) + "=" + std::to_string(rank),
+               std::string(comm::kWorldSizeEnv) + "=" + std::to_string(n),
+               std::string(comm::kCudaDeviceEnv) + "=" + std::to_string(rank), id_setting}));
   }
   for (int rank = 0; rank < n; ++rank) {
     EXPECT_EQ(WaitForExit(ranks[rank], std::chrono::seconds(120)), 0) << "rank " << rank;
@@ -87,7 +89,7 @@ void RunGroup(const std::string& id_setting) {
 TEST(NcclProcessesTest, OneProcessPerGpuMeetsThroughAnIdFile) {
   if (VisibleGpus() < 2) GTEST_SKIP() << "needs 2 GPUs";
   const std::string path = FreshPath("nccl-id");
-  RunGroup(std::string(kNcclIdFileEnv) + "=" + path);
+  RunGroup(std::string(comm::kNcclIdFileEnv) + "=" + path);
   std::filesystem::remove(path);
 }
 
@@ -95,17 +97,18 @@ TEST(NcclProcessesTest, OneProcessPerGpuMeetsThroughAnIdInTheEnvironment) {
   if (VisibleGpus() < 2) GTEST_SKIP() << "needs 2 GPUs";
   ncclUniqueId id;
   ASSERT_EQ(ncclGetUniqueId(&id), ncclSuccess);
-  RunGroup(std::string(kNcclIdEnv) + "=" + EncodeNcclUniqueId(id));
+  RunGroup(std::string(comm::kNcclIdEnv) + "=" + comm::EncodeNcclUniqueId(id));
 }
 
 // Rank 1 of 2 waits for an id file that rank 0 never writes: it must give up when its group
 // timeout (5 s here) passes, not hang.
 TEST(NcclProcessesTest, ARankWhosePeersNeverComeFails) {
   if (VisibleGpus() < 2) GTEST_SKIP() << "needs 2 GPUs";
-  const pid_t lonely = Start({std::string(kRankEnv) + "=1", std::string(kWorldSizeEnv) + "=2",
-                              std::string(kCudaDeviceEnv) + "=1",
-                              std::string(kNcclIdFileEnv) + "=" + FreshPath("nccl-id-never")},
-                             /*timeout_seconds=*/5);
+  const pid_t lonely =
+      Start({std::string(comm::kRankEnv) + "=1", std::string(comm::kWorldSizeEnv) + "=2",
+             std::string(comm::kCudaDeviceEnv) + "=1",
+             std::string(comm::kNcclIdFileEnv) + "=" + FreshPath("nccl-id-never")},
+            /*timeout_seconds=*/5);
   EXPECT_EQ(WaitForExit(lonely, std::chrono::seconds(30)), 1);
 }
 

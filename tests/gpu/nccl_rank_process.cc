@@ -10,13 +10,15 @@
 #include <cstdlib>
 #include <vector>
 
-#include "engine/parallel/nccl_communicator.h"
+#include "engine/comm/nccl_bootstrap.h"
+#include "engine/comm/nccl_communicator.h"
 
 namespace {
 
-using moeserve::engine::parallel::NcclCommunicator;
-using moeserve::engine::parallel::NcclCommunicatorOptions;
-using moeserve::engine::parallel::ReduceOp;
+using moeserve::engine::comm::CreateNcclCommunicatorFromEnvironment;
+using moeserve::engine::comm::NcclCommunicator;
+using moeserve::engine::comm::NcclCommunicatorOptions;
+using moeserve::engine::comm::ReduceOp;
 
 // What rank `from` sends to rank `to`: to + 1 values of from * 100 + to.
 std::vector<int32_t> Message(int from, int to) {
@@ -33,7 +35,7 @@ int Fail(const char* what, const absl::Status& status) {
 int main(int argc, char** argv) {
   NcclCommunicatorOptions options;
   options.timeout = std::chrono::seconds(argc > 1 ? std::atoi(argv[1]) : 60);
-  auto made = NcclCommunicator::CreateFromEnvironment(options);
+  auto made = CreateNcclCommunicatorFromEnvironment(options);
   if (!made.ok()) return Fail("join the group", made.status());
   NcclCommunicator& comm = **made;
   const int rank = comm.rank();

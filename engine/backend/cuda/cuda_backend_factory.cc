@@ -7,15 +7,15 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/cuda/cuda_rank_backend.h"
-#include "engine/parallel/nccl_communicator.h"
+#include "engine/comm/nccl_communicator.h"
 
 namespace moeserve::engine::cuda {
 namespace {
 
 // A group's NCCL communicators, destroyed together when the last rank's backend goes away.
 struct GroupExchange {
-  std::vector<std::unique_ptr<parallel::NcclCommunicator>> communicators;
-  ~GroupExchange() { parallel::NcclCommunicator::DestroyAll(communicators); }
+  std::vector<std::unique_ptr<comm::NcclCommunicator>> communicators;
+  ~GroupExchange() { comm::NcclCommunicator::DestroyAll(communicators); }
 };
 
 }  // namespace
@@ -47,7 +47,7 @@ RankBackendFactory MakeCudaBackendFactory() {
     if (size > 1 && exchange == nullptr) {
       std::vector<int> devices(size);
       std::iota(devices.begin(), devices.end(), 0);
-      auto communicators = parallel::NcclCommunicator::CreateForDevices(devices);
+      auto communicators = comm::NcclCommunicator::CreateForDevices(devices);
       if (!communicators.ok()) return communicators.status();
       exchange = std::make_shared<GroupExchange>();
       exchange->communicators = std::move(*communicators);

@@ -149,7 +149,7 @@ struct MicroBatchState {
   const Bf16* received_rows = nullptr;  // where the dispatched rows are (send when alone)
   const Bf16* returned_rows = nullptr;  // where the combined rows are
   // The exchange in flight on the communication stream, until its consumer waits for it.
-  std::optional<parallel::CollectiveCompletion> in_flight;
+  std::optional<comm::CollectiveCompletion> in_flight;
 };
 
 // GPU time of one collective on the communication stream, read once the step is done.
@@ -181,7 +181,7 @@ struct CudaRankBackend::State {
   // Collectives the compute stream was made to wait for; the host waits for them (with the
   // group timeout) before it blocks on the compute stream, so a dead peer fails the step
   // instead of hanging it.
-  std::vector<parallel::CollectiveCompletion> awaited;
+  std::vector<comm::CollectiveCompletion> awaited;
   // The step's logits, one row per batch row, kept on the device for NextTokens(); Logits()
   // copies them to host_logits.
   DeviceArray<float> step_logits;
@@ -253,6 +253,9 @@ struct CudaRankBackend::State {
   // Waits for the compute stream on the host (after the awaited collectives, with timeouts).
   absl::Status SynchronizeCompute(const char* what);
   void PublishExchangeTimes(parallel::RankResources& rank);
+  // The KV handoff: rows of positions [0, num_tokens) between the device cache and `host`.
+  absl::Status CopyKvRows(const std::vector<int32_t>& block_table, int num_tokens, std::byte* host,
+                          bool to_host);
 };
 
 absl::Status CudaRankBackend::State::ReserveMicroBatch(MicroBatchState& mb) {
@@ -420,7 +423,7 @@ absl::Status CudaRankBackend::State::Attention(int layer, MicroBatchState& mb) {
 }
 
 absl::Status CudaRankBackend::State::SynchronizeCompute(const char* what) {
-  for (parallel::CollectiveCompletion& completion : awaited) RETURN_IF_ERROR(completion.Wait());
+  for (comm::CollectiveCompletion& completion : awaited) RETURN_IF_ERROR(completion.Wait());
   awaited.clear();
   return CudaStatus(cudaStreamSynchronize(stream), what);
 }
@@ -439,7 +442,7 @@ absl::Status CudaRankBackend::State::DrainExchanges() {
     if (mb.in_flight.has_value()) status.Update(mb.in_flight->Wait());
     mb.in_flight.reset();
   }
-  for (parallel::CollectiveCompletion& completion : awaited) status.Update(completion.Wait());
+  for (comm::CollectiveCompletion& completion : awaited) status.Update(completion.Wait());
   awaited.clear();
   return status;
 }
@@ -457,7 +460,7 @@ absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const 
     receive_bytes[p] = receive_rows[p] * row_bytes;
     total += send_bytes[p];
   }
-  parallel::NcclCommunicator& nccl = *options.exchange;
+  comm::NcclCommunicator& nccl = *options.exchange;
   TimedCollective timer;
   if (!spare_timers.empty()) {
     timer = spare_timers.back();
@@ -474,7 +477,7 @@ absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const 
   RETURN_IF_ERROR(CudaStatus(cudaEventRecord(timer.start, nccl.stream()), "exchange timer"));
   RETURN_IF_ERROR(nccl.EnqueueAllToAllV(send_buffer, send_bytes, receive_buffer, receive_bytes));
   RETURN_IF_ERROR(CudaStatus(cudaEventRecord(timer.stop, nccl.stream()), "exchange timer"));
-  absl::StatusOr<parallel::CollectiveCompletion> done = nccl.RecordCompletion();
+  absl::StatusOr<comm::CollectiveCompletion> done = nccl.RecordCompletion();
   if (!done.ok()) return done.status();
   mb.in_flight.emplace(std::move(*done));
   return absl::OkStatus();
@@ -796,7 +799,7 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   return std::unique_ptr<CudaRankBackend>(new CudaRankBackend(std::move(state)));
 }
 
-absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch, KvCache& cache,
+absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
                                       const ExpertPlacement& placement,
                                       parallel::RankResources& rank, bool two_micro_batches) {
   State& s = *state_;
@@ -822,7 +825,7 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch, KvCa
       mb.sequences.push_back(piece.sequence);
       mb.emits_logits.push_back(piece.emits_logits);
     }
-    RETURN_IF_ERROR(s.Prepare(mb, cache.block_size()));
+    RETURN_IF_ERROR(s.Prepare(mb, s.options.kv_block_size));
     micro_batches.push_back(&mb);
   }
 
@@ -899,6 +902,56 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch, KvCa
   RETURN_IF_ERROR(s.SynchronizeCompute("LM head"));
   s.step_rows = total_rows;
   return absl::OkStatus();
+}
+
+// Copies the rows of positions [0, num_tokens) of `block_table` between the device cache and
+// `host` (layer-major), one contiguous run of a block at a time.
+absl::Status CudaRankBackend::State::CopyKvRows(const std::vector<int32_t>& block_table,
+                                                int num_tokens, std::byte* host, bool to_host) {
+  State& s = *this;
+  const ModelConfig& c = s.config();
+  const int block_size = s.options.kv_block_size;
+  const size_t row_bytes = sizeof(Bf16) * (c.kv_lora_rank + c.qk_rope_head_dim);
+  if (num_tokens < 0 ||
+      (num_tokens + block_size - 1) / block_size > static_cast<int>(block_table.size())) {
+    return absl::InternalError("KV handoff: the block table does not cover the tokens");
+  }
+  RETURN_IF_ERROR(CudaStatus(cudaSetDevice(s.options.device), "select GPU"));
+  for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
+    auto* layer_rows = reinterpret_cast<std::byte*>(s.kv_rows.data()) +
+                       static_cast<size_t>(layer) * s.rows_per_layer * row_bytes;
+    for (int first = 0; first < num_tokens; first += block_size) {
+      const size_t count = std::min(block_size, num_tokens - first);
+      std::byte* device = layer_rows + static_cast<size_t>(block_table[first / block_size]) *
+                                           block_size * row_bytes;
+      std::byte* at = host + (static_cast<size_t>(layer) * num_tokens + first) * row_bytes;
+      RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpyAsync(to_host ? static_cast<void*>(at) : device, to_host ? device : at,
+                          count * row_bytes,
+                          to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, s.stream),
+          "KV handoff copy"));
+    }
+  }
+  return s.SynchronizeCompute("KV handoff");
+}
+
+absl::Status CudaRankBackend::ExportKv(const std::vector<int32_t>& block_table, int num_tokens,
+                                       std::vector<std::byte>& rows) {
+  const ModelConfig& c = state_->config();
+  rows.resize(static_cast<size_t>(c.num_hidden_layers) * std::max(num_tokens, 0) *
+              (c.kv_lora_rank + c.qk_rope_head_dim) * sizeof(Bf16));
+  return state_->CopyKvRows(block_table, num_tokens, rows.data(), /*to_host=*/true);
+}
+
+absl::Status CudaRankBackend::ImportKv(const std::vector<int32_t>& block_table, int num_tokens,
+                                       std::span<const std::byte> rows) {
+  const ModelConfig& c = state_->config();
+  if (rows.size() != static_cast<size_t>(c.num_hidden_layers) * std::max(num_tokens, 0) *
+                         (c.kv_lora_rank + c.qk_rope_head_dim) * sizeof(Bf16)) {
+    return absl::InternalError("KV handoff: the rows do not match the tokens");
+  }
+  return state_->CopyKvRows(block_table, num_tokens, const_cast<std::byte*>(rows.data()),
+                            /*to_host=*/false);
 }
 
 absl::StatusOr<std::span<const float>> CudaRankBackend::Logits() {

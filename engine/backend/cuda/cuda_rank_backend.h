@@ -1,8 +1,8 @@
 // CudaRankBackend: one rank's part of a forward step on one GPU — DeepSeek's MLA models (V2/V3)
 // in bf16 with fp32 accumulation. It owns the rank's device copies of the weights (dense
 // weights in full; routed experts only for the rank's placement slots), the paged latent KV
-// cache rows in device memory (the host KvCache only allocates blocks), cuBLAS, and the scratch
-// activations of a step.
+// cache rows in device memory (the rank's block allocator decides which blocks a sequence owns),
+// cuBLAS, and the scratch activations of a step.
 //
 // A step: embedding → per layer [RMSNorm → MLA (q-LoRA, latent cache write with RoPE, absorbed
 // attention over the paged cache, output projection) → RMSNorm → dense MLP, or MoE (gate GEMM
@@ -29,8 +29,8 @@
 
 #include "absl/status/statusor.h"
 #include "engine/backend/rank_backend.h"
+#include "engine/comm/nccl_communicator.h"
 #include "engine/model/model.h"
-#include "engine/parallel/nccl_communicator.h"
 #include "engine/placement/expert_placement.h"
 
 namespace moeserve::engine::cuda {
@@ -43,7 +43,7 @@ struct CudaRankOptions {
   int kv_block_size = 16;
   int max_batch_tokens = 256;  // tokens per step on this rank
   // Activations exchange (dispatch/combine) of the group; null for a group of one rank.
-  parallel::NcclCommunicator* exchange = nullptr;
+  comm::NcclCommunicator* exchange = nullptr;
   std::shared_ptr<const void> exchange_owner;  // keeps `exchange` alive as long as the backend
 };
 
@@ -57,14 +57,17 @@ class CudaRankBackend : public RankBackend {
   ~CudaRankBackend() override;
 
   // `two_micro_batches` overlaps the exchanges with compute as described above.
-  absl::Status Forward(std::span<const BatchSequence> batch, KvCache& cache,
-                       const ExpertPlacement& placement, parallel::RankResources& rank,
-                       bool two_micro_batches) override;
+  absl::Status Forward(std::span<const BatchSequence> batch, const ExpertPlacement& placement,
+                       parallel::RankResources& rank, bool two_micro_batches) override;
   absl::StatusOr<std::span<const float>> Logits() override;
   // Ranks each sampled row's head on the device (kernels/sampling.h) and finishes it on the
   // host; only a row whose walk goes past its head is copied whole.
   absl::StatusOr<std::vector<int32_t>> NextTokens(std::span<Sampler* const> samplers) override;
-  bool needs_host_kv_rows() const override { return false; }
+  // The KV handoff copies rows between the device and host memory, block by block.
+  absl::Status ExportKv(const std::vector<int32_t>& block_table, int num_tokens,
+                        std::vector<std::byte>& rows) override;
+  absl::Status ImportKv(const std::vector<int32_t>& block_table, int num_tokens,
+                        std::span<const std::byte> rows) override;
 
  private:
   struct State;

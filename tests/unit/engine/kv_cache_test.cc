@@ -1,10 +1,10 @@
-// BlockAllocator (all-or-nothing allocation, safe frees) and KvCache addressing.
-#include "engine/runtime/kv_cache.h"
-
+// BlockAllocator (all-or-nothing allocation, safe frees) and KvRows addressing.
 #include <algorithm>
 #include <set>
 #include <vector>
 
+#include "engine/model/kv_rows.h"
+#include "engine/runtime/block_allocator.h"
 #include "gtest/gtest.h"
 
 namespace moeserve::engine {
@@ -93,23 +93,26 @@ TEST(BlockAllocator, ForeignIdsAreIgnored) {
   EXPECT_EQ(allocator.num_free(), 4);
 }
 
-TEST(KvCache, UsageRatioFollowsAllocations) {
-  KvCache cache(2, 8, 4, 3);
-  EXPECT_DOUBLE_EQ(cache.usage_ratio(), 0.0);
-  auto a = cache.allocator().Allocate(2);
+TEST(BlockAllocator, UsageRatioFollowsAllocations) {
+  BlockAllocator allocator(8);
+  EXPECT_DOUBLE_EQ(allocator.usage_ratio(), 0.0);
+  auto a = allocator.Allocate(2);
   ASSERT_TRUE(a.has_value());
-  EXPECT_DOUBLE_EQ(cache.usage_ratio(), 0.25);
-  auto b = cache.allocator().Allocate(6);
+  EXPECT_DOUBLE_EQ(allocator.usage_ratio(), 0.25);
+  auto b = allocator.Allocate(6);
   ASSERT_TRUE(b.has_value());
-  EXPECT_DOUBLE_EQ(cache.usage_ratio(), 1.0);
-  cache.allocator().Free(*a);
-  EXPECT_DOUBLE_EQ(cache.usage_ratio(), 0.75);
-  cache.allocator().Free(*b);
-  EXPECT_DOUBLE_EQ(cache.usage_ratio(), 0.0);
+  EXPECT_DOUBLE_EQ(allocator.usage_ratio(), 1.0);
+  allocator.Free(*a);
+  EXPECT_DOUBLE_EQ(allocator.usage_ratio(), 0.75);
+  allocator.Free(*b);
+  EXPECT_DOUBLE_EQ(allocator.usage_ratio(), 0.0);
 }
 
-TEST(KvCache, BlocksFor) {
-  KvCache cache(1, 4, 16, 8);
+TEST(KvRows, BlocksFor) {
+  KvRows cache(1, 4, 16, 8);
+  for (int tokens : {0, 1, 16, 17, 64}) {
+    EXPECT_EQ(cache.BlocksFor(tokens), BlocksFor(tokens, 16)) << tokens;
+  }
   EXPECT_EQ(cache.BlocksFor(0), 0);
   EXPECT_EQ(cache.BlocksFor(1), 1);
   EXPECT_EQ(cache.BlocksFor(16), 1);
@@ -117,9 +120,9 @@ TEST(KvCache, BlocksFor) {
   EXPECT_EQ(cache.BlocksFor(64), 4);
 }
 
-TEST(KvCache, RowsAreDistinctAndAddressedThroughTheBlockTable) {
+TEST(KvRows, RowsAreDistinctAndAddressedThroughTheBlockTable) {
   const int layers = 2, blocks = 5, block_size = 3, row_dim = 4;
-  KvCache cache(layers, blocks, block_size, row_dim);
+  KvRows cache(layers, blocks, block_size, row_dim);
   // Write a distinct value into every element, then read all back.
   for (int l = 0; l < layers; ++l) {
     for (int b = 0; b < blocks; ++b) {

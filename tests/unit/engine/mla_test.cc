@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "engine/model/attention.h"
+#include "engine/model/kv_rows.h"
 #include "engine/model/model_config.h"
 #include "engine/model/rope.h"
 #include "engine/model/weights.h"
-#include "engine/runtime/kv_cache.h"
 #include "gtest/gtest.h"
 
 namespace moeserve::engine {
@@ -239,11 +239,11 @@ class MlaTest : public ::testing::TestWithParam<Variant> {
 
   const AttentionWeights& weights() const { return weights_.layer(0).attention; }
   int row_dim() const { return config_.kv_lora_rank + config_.qk_rope_head_dim; }
-  KvCache NewCache() const { return KvCache(1, kNumBlocks, kBlockSize, row_dim()); }
+  KvRows NewCache() const { return KvRows(1, kNumBlocks, kBlockSize, row_dim()); }
 
   // Runs one call over `spans` (whose tokens are rows of `input`) and returns the output rows.
   std::vector<float> Run(const std::vector<float>& input, std::vector<SequenceSpan> spans,
-                         KvCache& cache) const {
+                         KvRows& cache) const {
     int tokens = 0;
     for (const auto& s : spans) tokens += s.num_tokens;
     std::vector<float> output(static_cast<size_t>(tokens) * config_.hidden_size, -1.0f);
@@ -260,7 +260,7 @@ class MlaTest : public ::testing::TestWithParam<Variant> {
 TEST_P(MlaTest, MatchesNaiveNonAbsorbedAttention) {
   const int tokens = 11;
   const std::vector<float> input = RandomInput(tokens, config_.hidden_size, 7);
-  KvCache cache = NewCache();
+  KvRows cache = NewCache();
   const std::vector<int32_t> blocks = {0, 1, 2};
   const std::vector<float> output = Run(input, {{0, tokens, 0, &blocks}}, cache);
   const NaiveResult expected = NaiveMla(config_, weights(), input, tokens);
@@ -270,7 +270,7 @@ TEST_P(MlaTest, MatchesNaiveNonAbsorbedAttention) {
 TEST_P(MlaTest, CacheHoldsNormalizedLatentAndRotatedRopeKey) {
   const int tokens = 6;
   const std::vector<float> input = RandomInput(tokens, config_.hidden_size, 8);
-  KvCache cache = NewCache();
+  KvRows cache = NewCache();
   const std::vector<int32_t> blocks = {3, 9};
   Run(input, {{0, tokens, 0, &blocks}}, cache);
   const NaiveResult expected = NaiveMla(config_, weights(), input, tokens);
@@ -286,11 +286,11 @@ TEST_P(MlaTest, ChunkedPrefillEqualsOneCall) {
   const int hidden = config_.hidden_size;
   const std::vector<float> input = RandomInput(tokens, hidden, 9);
   const std::vector<int32_t> blocks = {0, 1, 2};
-  KvCache whole_cache = NewCache();
+  KvRows whole_cache = NewCache();
   const std::vector<float> whole = Run(input, {{0, tokens, 0, &blocks}}, whole_cache);
 
   // First 3 tokens, then the remaining 7 starting at position 3 (crossing a block boundary).
-  KvCache chunked_cache = NewCache();
+  KvRows chunked_cache = NewCache();
   const std::vector<float> first(input.begin(), input.begin() + 3 * hidden);
   const std::vector<float> rest(input.begin() + 3 * hidden, input.end());
   std::vector<float> chunked = Run(first, {{0, 3, 0, &blocks}}, chunked_cache);
@@ -299,7 +299,7 @@ TEST_P(MlaTest, ChunkedPrefillEqualsOneCall) {
   EXPECT_LE(RelativeError(chunked, whole), 1e-5);
 
   // Token by token (decode), as the scheduler does after prefill.
-  KvCache decode_cache = NewCache();
+  KvRows decode_cache = NewCache();
   std::vector<float> decoded;
   for (int t = 0; t < tokens; ++t) {
     const std::vector<float> one(input.begin() + t * hidden, input.begin() + (t + 1) * hidden);
@@ -313,11 +313,11 @@ TEST_P(MlaTest, ChunkedPrefillEqualsOneCall) {
 TEST_P(MlaTest, ScatteredOutOfOrderBlockTableGivesTheSameResult) {
   const int tokens = 11;
   const std::vector<float> input = RandomInput(tokens, config_.hidden_size, 10);
-  KvCache contiguous_cache = NewCache();
+  KvRows contiguous_cache = NewCache();
   const std::vector<int32_t> contiguous = {0, 1, 2};
   const std::vector<float> expected = Run(input, {{0, tokens, 0, &contiguous}}, contiguous_cache);
 
-  KvCache scattered_cache = NewCache();
+  KvRows scattered_cache = NewCache();
   const std::vector<int32_t> scattered = {13, 4, 9};
   const std::vector<float> first =
       Run(std::vector<float>(input.begin(), input.begin() + 5 * config_.hidden_size),
@@ -346,7 +346,7 @@ TEST_P(MlaTest, SequencesInOneBatchDoNotSeeEachOther) {
   const std::vector<float> b = RandomInput(11, hidden, 12);
   const std::vector<int32_t> a_blocks = {5, 1};
   const std::vector<int32_t> b_blocks = {2, 8, 0};
-  KvCache cache = NewCache();
+  KvRows cache = NewCache();
 
   std::vector<float> batch1(a.begin(), a.begin() + 6 * hidden);
   batch1.insert(batch1.end(), b.begin(), b.begin() + 9 * hidden);

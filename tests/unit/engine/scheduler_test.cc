@@ -11,7 +11,8 @@
 
 #include "engine/engine.h"
 #include "engine/model/loader.h"
-#include "engine/runtime/sampler.h"
+#include "engine/request/sampler.h"
+#include "engine/runtime/block_allocator.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "prometheus/registry.h"
@@ -113,9 +114,10 @@ class EngineTest : public ::testing::Test {
   // whole prompt in one step, then one token per step.
   static std::vector<int32_t> DirectGreedy(const std::vector<int32_t>& prompt, int max_tokens) {
     const Model& model = *loaded_->model;
-    KvCache cache(model.config().num_hidden_layers, 64, 16, model.kv_row_dim());
+    KvRows cache(model.config().num_hidden_layers, 64, 16, model.kv_row_dim());
+    BlockAllocator cache_blocks(cache.num_blocks());
     std::optional<std::vector<int32_t>> blocks =
-        cache.allocator().Allocate(cache.BlocksFor(static_cast<int>(prompt.size()) + max_tokens));
+        cache_blocks.Allocate(cache.BlocksFor(static_cast<int>(prompt.size()) + max_tokens));
     EXPECT_TRUE(blocks.has_value());
     std::vector<int32_t> sequence = prompt;
     std::vector<int32_t> generated;

@@ -3,9 +3,9 @@
 #include <random>
 #include <vector>
 
-#include "engine/backend/cpu_ops.h"
 #include "engine/model/model_config.h"
 #include "engine/model/moe.h"
+#include "engine/ops/cpu_ops.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu_twins.h"
 

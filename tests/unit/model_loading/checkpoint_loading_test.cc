@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/model/loader.h"
 #include "engine/model/safetensors.h"
+#include "engine/runtime/block_allocator.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/unit/model_loading/checkpoint_test_util.h"
@@ -215,8 +216,9 @@ TEST(LoadCheckpoint, GroupedQueryKvCacheRowsHoldKeysAndValuesOfEveryKvHead) {
   // Decoding one token at a time through the cache gives the same logits as one prefill.
   const std::vector<float> prefill = Logits(*loaded->model, kTokens);
   const Model& model = *loaded->model;
-  KvCache cache(model.config().num_hidden_layers, 2, 16, model.kv_row_dim());
-  std::vector<int32_t> table = *cache.allocator().Allocate(2);
+  KvRows cache(model.config().num_hidden_layers, 2, 16, model.kv_row_dim());
+  BlockAllocator cache_blocks(cache.num_blocks());
+  std::vector<int32_t> table = *cache_blocks.Allocate(2);
   const int vocab = model.config().vocab_size;
   for (size_t i = 0; i < kTokens.size(); ++i) {
     BatchSequence step{std::span<const int32_t>(&kTokens[i], 1), static_cast<int>(i), &table,

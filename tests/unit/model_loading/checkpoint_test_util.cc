@@ -6,7 +6,8 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
-#include "engine/runtime/kv_cache.h"
+#include "engine/model/kv_rows.h"
+#include "engine/runtime/block_allocator.h"
 #include "gtest/gtest.h"
 
 namespace moeserve::engine::testing {
@@ -186,8 +187,9 @@ void WriteShardedCheckpoint(const fs::path& folder, const nlohmann::json& config
 std::vector<float> Logits(const Model& model, const std::vector<int32_t>& tokens) {
   const int block_size = 16;
   const int blocks = (static_cast<int>(tokens.size()) + block_size - 1) / block_size;
-  KvCache cache(model.config().num_hidden_layers, blocks, block_size, model.kv_row_dim());
-  std::vector<int32_t> table = *cache.allocator().Allocate(blocks);
+  KvRows cache(model.config().num_hidden_layers, blocks, block_size, model.kv_row_dim());
+  BlockAllocator cache_blocks(cache.num_blocks());
+  std::vector<int32_t> table = *cache_blocks.Allocate(blocks);
   BatchSequence sequence{tokens, 0, &table, /*all_logits=*/true};
   return model.Forward({&sequence, 1}, cache);
 }

@@ -17,7 +17,7 @@
 #include <thread>
 #include <vector>
 
-#include "engine/parallel/in_process_communicator.h"
+#include "engine/comm/in_process_communicator.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -45,10 +45,10 @@ using ByteMatrix = std::vector<std::vector<int64_t>>;
 // Every rank sends bytes[rank][p] pattern bytes to each p and checks what it receives against
 // the pattern of each sender, in rank order.
 void CheckAllToAllV(int size, const ByteMatrix& bytes, int salt = 0) {
-  InProcessGroup group(size, 1, std::chrono::seconds(20));
+  comm::InProcessGroup group(size, 1, std::chrono::seconds(20));
   std::vector<std::string> failures(size);
   RunRanks(size, [&](int rank) {
-    Communicator& comm = group.communicator(rank);
+    comm::Communicator& comm = group.communicator(rank);
     std::vector<int64_t> send_bytes(bytes[rank]);
     std::vector<int64_t> recv_bytes(size);
     for (int p = 0; p < size; ++p) recv_bytes[p] = bytes[p][rank];
@@ -123,7 +123,7 @@ TEST_P(CommunicatorSizeTest, AllToAllVRandomSizes) {
 
 TEST_P(CommunicatorSizeTest, AllToAllCountsTransposes) {
   const int size = GetParam();
-  InProcessGroup group(size, 1, std::chrono::seconds(20));
+  comm::InProcessGroup group(size, 1, std::chrono::seconds(20));
   std::vector<std::vector<int64_t>> received(size, std::vector<int64_t>(size, -1));
   std::vector<absl::Status> statuses(size);
   RunRanks(size, [&](int rank) {
@@ -144,8 +144,8 @@ TEST_P(CommunicatorSizeTest, AllReduceInt64SumMaxMin) {
   auto value = [](int r, int i) -> int64_t {
     return (i % 2 == 0 ? 1 : -1) * (int64_t{1} << 40) + r * 17 - i * 1000 + (r % 3) * i;
   };
-  for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax, ReduceOp::kMin}) {
-    InProcessGroup group(size, 1, std::chrono::seconds(20));
+  for (comm::ReduceOp op : {comm::ReduceOp::kSum, comm::ReduceOp::kMax, comm::ReduceOp::kMin}) {
+    comm::InProcessGroup group(size, 1, std::chrono::seconds(20));
     std::vector<std::vector<int64_t>> results(size, std::vector<int64_t>(kCount));
     std::vector<absl::Status> statuses(size);
     RunRanks(size, [&](int rank) {
@@ -161,7 +161,7 @@ TEST_P(CommunicatorSizeTest, AllReduceInt64SumMaxMin) {
         max = std::max(max, value(r, i));
         min = std::min(min, value(r, i));
       }
-      expected[i] = op == ReduceOp::kSum ? sum : op == ReduceOp::kMax ? max : min;
+      expected[i] = op == comm::ReduceOp::kSum ? sum : op == comm::ReduceOp::kMax ? max : min;
     }
     for (int rank = 0; rank < size; ++rank) {
       ASSERT_TRUE(statuses[rank].ok()) << statuses[rank];
@@ -176,8 +176,8 @@ TEST_P(CommunicatorSizeTest, AllReduceFloatSumMaxMinIdenticalOnAllRanks) {
   auto value = [](int r, int i) -> float {
     return static_cast<float>(std::sin(0.7 * r + 1.3 * i) * 1000.0 + 1e-3 * (r + 1));
   };
-  for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax, ReduceOp::kMin}) {
-    InProcessGroup group(size, 1, std::chrono::seconds(20));
+  for (comm::ReduceOp op : {comm::ReduceOp::kSum, comm::ReduceOp::kMax, comm::ReduceOp::kMin}) {
+    comm::InProcessGroup group(size, 1, std::chrono::seconds(20));
     std::vector<std::vector<float>> results(size, std::vector<float>(kCount));
     std::vector<absl::Status> statuses(size);
     RunRanks(size, [&](int rank) {
@@ -194,10 +194,10 @@ TEST_P(CommunicatorSizeTest, AllReduceFloatSumMaxMinIdenticalOnAllRanks) {
         max = std::max(max, value(r, i));
         min = std::min(min, value(r, i));
       }
-      if (op == ReduceOp::kSum) {
+      if (op == comm::ReduceOp::kSum) {
         EXPECT_NEAR(results[0][i], sum, 1e-6 * size * 1000) << "element " << i;
       } else {
-        EXPECT_EQ(results[0][i], op == ReduceOp::kMax ? max : min) << "element " << i;
+        EXPECT_EQ(results[0][i], op == comm::ReduceOp::kMax ? max : min) << "element " << i;
       }
     }
     // Every rank must hold bit-identical results (ranks take decisions from them).
@@ -211,7 +211,7 @@ TEST_P(CommunicatorSizeTest, AllReduceFloatSumMaxMinIdenticalOnAllRanks) {
 TEST_P(CommunicatorSizeTest, AllGatherInRankOrder) {
   const int size = GetParam();
   constexpr int64_t kBytes = 13;
-  InProcessGroup group(size, 1, std::chrono::seconds(20));
+  comm::InProcessGroup group(size, 1, std::chrono::seconds(20));
   std::vector<std::vector<uint8_t>> received(size);
   std::vector<absl::Status> statuses(size);
   RunRanks(size, [&](int rank) {
@@ -233,7 +233,7 @@ TEST_P(CommunicatorSizeTest, AllGatherInRankOrder) {
 TEST_P(CommunicatorSizeTest, BroadcastFromEveryRoot) {
   const int size = GetParam();
   constexpr int64_t kBytes = 21;
-  InProcessGroup group(size, 1, std::chrono::seconds(20));
+  comm::InProcessGroup group(size, 1, std::chrono::seconds(20));
   // The last root first, so a non-zero root is exercised before root 0 (for size > 1).
   for (int root = size - 1; root >= 0; --root) {
     std::vector<std::vector<uint8_t>> data(size);
@@ -254,7 +254,7 @@ TEST_P(CommunicatorSizeTest, BroadcastFromEveryRoot) {
 
 TEST_P(CommunicatorSizeTest, BarrierHoldsEveryRankUntilTheLastArrives) {
   const int size = GetParam();
-  InProcessGroup group(size, 1, std::chrono::seconds(20));
+  comm::InProcessGroup group(size, 1, std::chrono::seconds(20));
   std::atomic<int> arrived{0};
   std::vector<int> seen_after(size, -1);
   std::vector<absl::Status> statuses(size);
@@ -274,10 +274,10 @@ TEST_P(CommunicatorSizeTest, BarrierHoldsEveryRankUntilTheLastArrives) {
 TEST_P(CommunicatorSizeTest, HundredsOfMixedCollectivesBackToBack) {
   const int size = GetParam();
   constexpr int kIterations = 250;
-  InProcessGroup group(size, 1, std::chrono::seconds(20));
+  comm::InProcessGroup group(size, 1, std::chrono::seconds(20));
   std::vector<std::string> failures(size);
   RunRanks(size, [&](int rank) {
-    Communicator& comm = group.communicator(rank);
+    comm::Communicator& comm = group.communicator(rank);
     auto fail = [&](const std::string& what, int iteration) {
       if (failures[rank].empty())
         failures[rank] = what + " at iteration " + std::to_string(iteration);
@@ -285,8 +285,8 @@ TEST_P(CommunicatorSizeTest, HundredsOfMixedCollectivesBackToBack) {
     for (int it = 0; it < kIterations && failures[rank].empty(); ++it) {
       // All-reduce: sum of (r + 1) * it over ranks, and the max rank.
       int64_t values[2] = {static_cast<int64_t>(rank + 1) * it, rank};
-      if (!comm.AllReduce(values, 1, ReduceOp::kSum).ok() ||
-          !comm.AllReduce(values + 1, 1, ReduceOp::kMax).ok()) {
+      if (!comm.AllReduce(values, 1, comm::ReduceOp::kSum).ok() ||
+          !comm.AllReduce(values + 1, 1, comm::ReduceOp::kMax).ok()) {
         fail("all-reduce failed", it);
         break;
       }
@@ -337,16 +337,16 @@ TEST_P(CommunicatorSizeTest, HundredsOfMixedCollectivesBackToBack) {
 TEST_P(CommunicatorSizeTest, TwoChannelsUsedConcurrentlyDoNotInterfere) {
   const int size = GetParam();
   constexpr int kIterations = 200;
-  InProcessGroup group(size, 2, std::chrono::seconds(20));
+  comm::InProcessGroup group(size, 2, std::chrono::seconds(20));
   std::vector<std::string> failures(2 * size);
   std::vector<std::thread> threads;
   for (int rank = 0; rank < size; ++rank) {
     // Channel 0: all-reduce sums. Channel 1: all-to-all-v of patterns and all-gathers.
     threads.emplace_back([&, rank] {
-      Communicator& comm = group.communicator(rank, 0);
+      comm::Communicator& comm = group.communicator(rank, 0);
       for (int it = 0; it < kIterations; ++it) {
         int64_t value = (rank + 1) * 1000 + it;
-        if (!comm.AllReduce(&value, 1, ReduceOp::kSum).ok()) {
+        if (!comm.AllReduce(&value, 1, comm::ReduceOp::kSum).ok()) {
           failures[2 * rank] = "channel 0 all-reduce failed";
           return;
         }
@@ -358,7 +358,7 @@ TEST_P(CommunicatorSizeTest, TwoChannelsUsedConcurrentlyDoNotInterfere) {
       }
     });
     threads.emplace_back([&, rank] {
-      Communicator& comm = group.communicator(rank, 1);
+      comm::Communicator& comm = group.communicator(rank, 1);
       EXPECT_EQ(comm.rank(), rank);
       EXPECT_EQ(comm.size(), size);
       for (int it = 0; it < kIterations; ++it) {
@@ -404,7 +404,7 @@ TEST_P(CommunicatorSizeTest, TwoChannelsUsedConcurrentlyDoNotInterfere) {
 
 TEST_P(CommunicatorSizeTest, CommunicatorsReportRankAndSize) {
   const int size = GetParam();
-  InProcessGroup group(size, 3);
+  comm::InProcessGroup group(size, 3);
   EXPECT_EQ(group.size(), size);
   for (int channel = 0; channel < 3; ++channel) {
     for (int rank = 0; rank < size; ++rank) {
@@ -428,7 +428,7 @@ INSTANTIATE_TEST_SUITE_P(Sizes, CommunicatorSizeTest, ::testing::Values(1, 2, 3,
 TEST(InProcessCommunicatorFailureTest, MissingRankMakesOthersFailWithUnavailable) {
   constexpr int kSize = 3;
   const auto timeout = std::chrono::milliseconds(200);
-  InProcessGroup group(kSize, 1, timeout);
+  comm::InProcessGroup group(kSize, 1, timeout);
   std::vector<absl::Status> statuses(kSize);
   std::vector<double> seconds(kSize, 0);
   // Rank 2 never calls.
@@ -437,7 +437,7 @@ TEST(InProcessCommunicatorFailureTest, MissingRankMakesOthersFailWithUnavailable
     threads.emplace_back([&, rank] {
       const auto start = Clock::now();
       int64_t value = 1;
-      statuses[rank] = group.communicator(rank).AllReduce(&value, 1, ReduceOp::kSum);
+      statuses[rank] = group.communicator(rank).AllReduce(&value, 1, comm::ReduceOp::kSum);
       seconds[rank] = std::chrono::duration<double>(Clock::now() - start).count();
     });
   }
@@ -456,7 +456,7 @@ TEST(InProcessCommunicatorFailureTest, MissingRankMakesOthersFailWithUnavailable
 
 TEST(InProcessCommunicatorFailureTest, MissingRankInAllToAllVFailsWithUnavailable) {
   constexpr int kSize = 2;
-  InProcessGroup group(kSize, 1, std::chrono::milliseconds(200));
+  comm::InProcessGroup group(kSize, 1, std::chrono::milliseconds(200));
   std::vector<int64_t> bytes = {4, 4};
   std::vector<uint8_t> send(8, 1), recv(8, 0);
   const auto start = Clock::now();
@@ -467,19 +467,21 @@ TEST(InProcessCommunicatorFailureTest, MissingRankInAllToAllVFailsWithUnavailabl
 
 TEST(InProcessCommunicatorFailureTest, EveryCollectiveFailsAfterAbort) {
   constexpr int kSize = 2;
-  InProcessGroup group(kSize, 2);  // the default, long timeout: no collective may wait on it
+  comm::InProcessGroup group(kSize, 2);  // the default, long timeout: no collective may wait on it
   group.Abort();
   const auto start = Clock::now();
   for (int channel = 0; channel < 2; ++channel) {
     for (int rank = 0; rank < kSize; ++rank) {
-      Communicator& comm = group.communicator(rank, channel);
+      comm::Communicator& comm = group.communicator(rank, channel);
       int64_t ints[2] = {1, 2};
       float floats[2] = {1, 2};
       std::vector<int64_t> bytes = {8, 8};
       std::vector<uint8_t> send(16, 1), recv(16, 0);
       std::vector<int64_t> counts_send = {1, 2}, counts_recv(2);
-      EXPECT_EQ(comm.AllReduce(ints, 2, ReduceOp::kSum).code(), absl::StatusCode::kUnavailable);
-      EXPECT_EQ(comm.AllReduce(floats, 2, ReduceOp::kMax).code(), absl::StatusCode::kUnavailable);
+      EXPECT_EQ(comm.AllReduce(ints, 2, comm::ReduceOp::kSum).code(),
+                absl::StatusCode::kUnavailable);
+      EXPECT_EQ(comm.AllReduce(floats, 2, comm::ReduceOp::kMax).code(),
+                absl::StatusCode::kUnavailable);
       EXPECT_EQ(comm.AllToAllV(send.data(), bytes, recv.data(), bytes).code(),
                 absl::StatusCode::kUnavailable);
       EXPECT_EQ(comm.AllToAllCounts(counts_send, counts_recv).code(),
@@ -496,7 +498,7 @@ TEST(InProcessCommunicatorFailureTest, EveryCollectiveFailsAfterAbort) {
 }
 
 TEST(InProcessCommunicatorFailureTest, AbortWakesARankWaitingInACollective) {
-  InProcessGroup group(2, 1);  // long default timeout: only Abort can end the wait
+  comm::InProcessGroup group(2, 1);  // long default timeout: only Abort can end the wait
   absl::Status status;
   const auto start = Clock::now();
   std::thread waiter([&] { status = group.communicator(0).Barrier(); });
@@ -509,7 +511,7 @@ TEST(InProcessCommunicatorFailureTest, AbortWakesARankWaitingInACollective) {
 
 TEST(InProcessCommunicatorFailureTest, MismatchedByteCountsGiveAnErrorNotACrash) {
   constexpr int kSize = 2;
-  InProcessGroup group(kSize, 1, std::chrono::seconds(20));
+  comm::InProcessGroup group(kSize, 1, std::chrono::seconds(20));
   std::vector<absl::Status> statuses(kSize);
   std::vector<std::vector<uint8_t>> recv(kSize);
   RunRanks(kSize, [&](int rank) {
@@ -532,7 +534,7 @@ TEST(InProcessCommunicatorFailureTest, MismatchedByteCountsGiveAnErrorNotACrash)
 }
 
 TEST(InProcessCommunicatorFailureTest, CountVectorsOfTheWrongLengthAreRejected) {
-  InProcessGroup group(3, 1, std::chrono::seconds(20));
+  comm::InProcessGroup group(3, 1, std::chrono::seconds(20));
   std::vector<int64_t> two = {1, 1}, three = {1, 1, 1};
   std::vector<uint8_t> send(3), recv(3);
   // Rejected before the collective starts, so the rank does not wait for the others.

@@ -14,7 +14,8 @@
 #include <vector>
 
 #include "engine/parallel/ep_group.h"
-#include "engine/parallel/group_logits.h"
+#include "engine/runtime/block_allocator.h"
+#include "engine/tools/group_logits.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "parallel_test_util.h"
@@ -153,12 +154,13 @@ GroupRun RunTwoSteps(ExpertParallelGroup& group, const Model& model,
   for (int rank = 0; rank < size; ++rank) {
     threads.emplace_back([&, rank] {
       const std::vector<TestSequence>& batch = per_rank[rank];
-      KvCache cache(model.config().num_hidden_layers, 64, 16, model.kv_row_dim());
+      KvRows cache(model.config().num_hidden_layers, 64, 16, model.kv_row_dim());
+      BlockAllocator cache_blocks(cache.num_blocks());
       std::vector<std::vector<int32_t>> tables;
       std::vector<std::vector<int32_t>> next(batch.size());
       for (const auto& seq : batch) {
         tables.push_back(
-            *cache.allocator().Allocate(cache.BlocksFor(static_cast<int>(seq.tokens.size()) + 1)));
+            *cache_blocks.Allocate(cache.BlocksFor(static_cast<int>(seq.tokens.size()) + 1)));
       }
       for (int step = 0; step < 2; ++step) {
         std::vector<BatchSequence> sequences;
@@ -199,11 +201,12 @@ GroupRun RunTwoSteps(ExpertParallelGroup& group, const Model& model,
 // Reference for one rank: the same two steps through Model::Forward with every expert.
 void ReferenceTwoSteps(const Model& model, const std::vector<TestSequence>& batch,
                        std::vector<float>* prefill, std::vector<float>* decode) {
-  KvCache cache(model.config().num_hidden_layers, 64, 16, model.kv_row_dim());
+  KvRows cache(model.config().num_hidden_layers, 64, 16, model.kv_row_dim());
+  BlockAllocator cache_blocks(cache.num_blocks());
   std::vector<std::vector<int32_t>> tables, next(batch.size());
   for (const auto& seq : batch) {
     tables.push_back(
-        *cache.allocator().Allocate(cache.BlocksFor(static_cast<int>(seq.tokens.size()) + 1)));
+        *cache_blocks.Allocate(cache.BlocksFor(static_cast<int>(seq.tokens.size()) + 1)));
   }
   std::vector<BatchSequence> first, second;
   for (size_t s = 0; s < batch.size(); ++s) {

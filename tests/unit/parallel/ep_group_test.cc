@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/runtime/block_allocator.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "parallel_test_util.h"
@@ -360,8 +361,9 @@ TEST(ExpertParallelGroupTest, OutputsDoNotChangeAcrossAPlacementSwitch) {
           return;
         }
         if (agreement->stop) return;
-        KvCache cache(c.num_hidden_layers, 1, 16, model.kv_row_dim());
-        std::vector<int32_t> table = *cache.allocator().Allocate(1);
+        KvRows cache(c.num_hidden_layers, 1, 16, model.kv_row_dim());
+        BlockAllocator cache_blocks(cache.num_blocks());
+        std::vector<int32_t> table = *cache_blocks.Allocate(1);
         BatchSequence sequence{tokens, 0, &table, true};
         auto logits = group->forward().Run({&sequence, 1}, cache, group->placement(rank),
                                            group->resources(rank), agreement->split);

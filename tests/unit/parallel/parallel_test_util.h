@@ -13,10 +13,11 @@
 #include <string>
 #include <vector>
 
+#include "engine/model/kv_rows.h"
 #include "engine/model/loader.h"
 #include "engine/model/model.h"
 #include "engine/placement/expert_placement.h"
-#include "engine/runtime/kv_cache.h"
+#include "engine/runtime/block_allocator.h"
 #include "gtest/gtest.h"
 
 namespace moeserve::engine::parallel::testing {
@@ -43,14 +44,14 @@ inline std::vector<float> ReferenceLogits(const Model& model,
   int blocks = 0;
   for (const auto& seq : batch)
     blocks += (static_cast<int>(seq.tokens.size()) + kBlockSize - 1) / kBlockSize;
-  KvCache cache(model.config().num_hidden_layers, std::max(blocks, 1), kBlockSize,
-                model.kv_row_dim());
+  KvRows cache(model.config().num_hidden_layers, std::max(blocks, 1), kBlockSize,
+               model.kv_row_dim());
+  BlockAllocator cache_blocks(cache.num_blocks());
   std::vector<std::vector<int32_t>> tables;
   tables.reserve(batch.size());
   std::vector<BatchSequence> sequences;
   for (const auto& seq : batch) {
-    tables.push_back(
-        *cache.allocator().Allocate(cache.BlocksFor(static_cast<int>(seq.tokens.size()))));
+    tables.push_back(*cache_blocks.Allocate(cache.BlocksFor(static_cast<int>(seq.tokens.size()))));
     sequences.push_back({seq.tokens, 0, &tables.back(), seq.all_logits});
   }
   return model.Forward(sequences, cache);

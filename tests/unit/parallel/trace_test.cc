@@ -16,7 +16,7 @@
 #include <tuple>
 #include <vector>
 
-#include "engine/parallel/group_logits.h"
+#include "engine/tools/group_logits.h"
 #include "engine/trace/trace_recorder.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"

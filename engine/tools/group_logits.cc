@@ -1,9 +1,10 @@
-#include "engine/parallel/group_logits.h"
+#include "engine/tools/group_logits.h"
 
 #include <cmath>
+#include <numeric>
 #include <thread>
 
-#include "engine/backend/cpu_ops.h"
+#include "engine/ops/cpu_ops.h"
 
 namespace moeserve::engine::parallel {
 
@@ -39,9 +40,8 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
   for (int rank = 0; rank < size; ++rank) {
     threads.emplace_back([&, rank] {
       cpu::ConfigureBlasThreads(1);
-      KvCache cache(model.config().num_hidden_layers, blocks, block_size, model.kv_row_dim(),
-                    backends[rank]->needs_host_kv_rows());
-      std::vector<int32_t> table = *cache.allocator().Allocate(blocks);
+      std::vector<int32_t> table(blocks);
+      std::iota(table.begin(), table.end(), 0);
       BatchSequence sequence{tokens, 0, &table, /*all_logits=*/true};
       ExpertParallelGroup& g = **group;
       absl::StatusOr<StepAgreement> agreement =
@@ -51,7 +51,7 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
         (void)g.Fail(rank, agreement.status());
         return;
       }
-      absl::Status forward = backends[rank]->Forward({&sequence, 1}, cache, g.placement(rank),
+      absl::Status forward = backends[rank]->Forward({&sequence, 1}, g.placement(rank),
                                                      g.resources(rank), agreement->split);
       absl::StatusOr<std::span<const float>> result =
           forward.ok() ? backends[rank]->Logits() : forward;

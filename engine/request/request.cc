@@ -1,4 +1,4 @@
-#include "engine/runtime/request.h"
+#include "engine/request/request.h"
 
 namespace moeserve::engine {
 

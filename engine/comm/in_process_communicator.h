@@ -12,9 +12,9 @@
 #include <mutex>
 #include <vector>
 
-#include "engine/parallel/communicator.h"
+#include "engine/comm/communicator.h"
 
-namespace moeserve::engine::parallel {
+namespace moeserve::engine::comm {
 
 class InProcessGroup {
  public:
@@ -37,4 +37,4 @@ class InProcessGroup {
   std::vector<std::unique_ptr<RankCommunicator>> communicators_;  // [channel * size + rank]
 };
 
-}  // namespace moeserve::engine::parallel
+}  // namespace moeserve::engine::comm

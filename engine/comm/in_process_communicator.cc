@@ -1,16 +1,11 @@
-#include "engine/parallel/in_process_communicator.h"
+#include "engine/comm/in_process_communicator.h"
 
 #include <cstring>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
 
-namespace moeserve::engine::parallel {
-
-absl::Status Communicator::AllToAllCounts(std::span<const int64_t> send, std::span<int64_t> recv) {
-  std::vector<int64_t> bytes(size(), sizeof(int64_t));
-  return AllToAllV(send.data(), bytes, recv.data(), bytes);
-}
+namespace moeserve::engine::comm {
 
 // Shared state of one channel: what each rank published for the current collective, and a
 // reusable barrier.
@@ -186,4 +181,4 @@ void InProcessGroup::Abort() {
   for (auto& channel : channels_) channel->Abort();
 }
 
-}  // namespace moeserve::engine::parallel
+}  // namespace moeserve::engine::comm

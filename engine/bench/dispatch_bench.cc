@@ -36,14 +36,14 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "engine/parallel/nccl_communicator.h"
+#include "engine/comm/nccl_communicator.h"
 #include "kernels/bench/dispatch_kernels.h"
 
 namespace moeserve::kernels::dispatch_bench {
 namespace {
 
-using engine::parallel::NcclCommunicator;
-using engine::parallel::NcclCommunicatorOptions;
+using engine::comm::NcclCommunicator;
+using engine::comm::NcclCommunicatorOptions;
 
 // ----------------------------------------------------------------------------------------------
 // Failure: a benchmark has nothing to recover; report and stop the whole process (other rank

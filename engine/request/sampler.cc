@@ -1,4 +1,4 @@
-#include "engine/runtime/sampler.h"
+#include "engine/request/sampler.h"
 
 #include <algorithm>
 #include <cmath>

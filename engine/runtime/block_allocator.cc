@@ -1,4 +1,4 @@
-#include "engine/runtime/kv_cache.h"
+#include "engine/runtime/block_allocator.h"
 
 namespace moeserve::engine {
 
@@ -23,13 +23,5 @@ void BlockAllocator::Free(const std::vector<int32_t>& blocks) {
     free_blocks_.push_back(block);
   }
 }
-
-KvCache::KvCache(int num_layers, int num_blocks, int block_size, int row_dim, bool host_rows)
-    : num_layers_(num_layers),
-      num_blocks_(num_blocks),
-      block_size_(block_size),
-      row_dim_(row_dim),
-      storage_(host_rows ? static_cast<size_t>(num_layers) * num_blocks * block_size * row_dim : 0),
-      allocator_(num_blocks) {}
 
 }  // namespace moeserve::engine

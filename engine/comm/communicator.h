@@ -16,7 +16,7 @@
 
 #include "absl/status/status.h"
 
-namespace moeserve::engine::parallel {
+namespace moeserve::engine::comm {
 
 enum class ReduceOp { kSum, kMax, kMin };
 
@@ -44,4 +44,4 @@ class Communicator {
   absl::Status AllToAllCounts(std::span<const int64_t> send, std::span<int64_t> recv);
 };
 
-}  // namespace moeserve::engine::parallel
+}  // namespace moeserve::engine::comm

@@ -2,14 +2,14 @@
 # Runs the NCCL communicator GPU test and moeserve-dispatch-bench on a GPU host and writes their
 # logs, the test's XML report and the Chrome traces into OUT_DIR.
 #
-#   kernels/bench/run_dispatch_bench.sh OUT_DIR
+#   engine/bench/run_dispatch_bench.sh OUT_DIR
 #       on the GPU host. Finds the binaries in $MOESERVE_BIN_DIR (a flat folder, e.g. a bundle
 #       made below), else in $MOESERVE_BUNDLE, else in the build tree $MOESERVE_BUILD_DIR
 #       (default: build). $MOESERVE_BUNDLE, if set, goes first on LD_LIBRARY_PATH (the libraries
 #       the host lacks: absl, ...). Extra benchmark flags: $DISPATCH_BENCH_ARGS.
 #       With 4 or more GPUs the benchmark also runs on 2 of them.
 #
-#   kernels/bench/run_dispatch_bench.sh --bundle BUNDLE_DIR [BUILD_DIR]
+#   engine/bench/run_dispatch_bench.sh --bundle BUNDLE_DIR [BUILD_DIR]
 #       on the build machine: copies both binaries and the shared libraries they need that a
 #       CUDA host does not provide (everything but glibc, libstdc++/libgcc, CUDA and NCCL).
 #
@@ -27,7 +27,7 @@ usage() {
 make_bundle() {
   local bundle_dir=$1 build_dir=${2:-${MOESERVE_BUILD_DIR:-build}}
   mkdir -p "$bundle_dir"
-  local binaries=("$build_dir/tests/gpu/$TEST_BINARY" "$build_dir/kernels/$BENCH_BINARY")
+  local binaries=("$build_dir/tests/gpu/$TEST_BINARY" "$build_dir/engine/$BENCH_BINARY")
   for binary in "${binaries[@]}"; do
     [[ -x $binary ]] || { echo "missing $binary (build it first)" >&2; exit 1; }
     cp -f "$binary" "$bundle_dir/"
@@ -78,7 +78,7 @@ if [[ -n ${MOESERVE_BUNDLE:-} ]]; then
   export LD_LIBRARY_PATH="$MOESERVE_BUNDLE${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 test_binary=$(find_binary "$TEST_BINARY" tests/gpu)
-bench_binary=$(find_binary "$BENCH_BINARY" kernels)
+bench_binary=$(find_binary "$BENCH_BINARY" engine)
 
 {
   date -u +%Y-%m-%dT%H:%M:%SZ

@@ -1,4 +1,4 @@
-#include "engine/backend/cpu_ops.h"
+#include "engine/ops/cpu_ops.h"
 
 #include <cblas.h>
 

@@ -37,9 +37,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "engine/parallel/communicator.h"
+#include "engine/comm/communicator.h"
 
-namespace moeserve::engine::parallel {
+namespace moeserve::engine::comm {
 
 struct NcclCommunicatorOptions {
   // How long any collective (and creation) may take before the group is declared failed.
@@ -49,44 +49,13 @@ struct NcclCommunicatorOptions {
   cudaStream_t stream = nullptr;
 };
 
-// Environment variables read by NcclCommunicator::CreateFromEnvironment.
-inline constexpr char kRankEnv[] = "MOESERVE_RANK";
-inline constexpr char kWorldSizeEnv[] = "MOESERVE_WORLD_SIZE";
-inline constexpr char kNcclIdFileEnv[] = "MOESERVE_NCCL_ID_FILE";
-// The NCCL unique id itself, as hex (256 characters); used instead of the file when set.
-inline constexpr char kNcclIdEnv[] = "MOESERVE_NCCL_ID";
-// The CUDA device of this rank; default: rank modulo the number of visible devices.
-inline constexpr char kCudaDeviceEnv[] = "MOESERVE_CUDA_DEVICE";
-
-// The NCCL unique id as text (hex), for flags and environment variables, and back.
-std::string EncodeNcclUniqueId(const ncclUniqueId& id);
-absl::StatusOr<ncclUniqueId> DecodeNcclUniqueId(std::string_view hex);
-
-// Rendezvous through a shared file. The writer (rank 0) writes to a temporary file beside
-// `path` and renames it, so readers never see a partial id. Readers poll until the file holds a
-// complete id or `timeout` passes (DEADLINE_EXCEEDED). The path must be fresh for each launch of
-// the group (e.g. contain the job id): a stale file from an earlier launch would be read as
-// the current id, and the ranks would then time out in creation.
-absl::Status WriteNcclUniqueIdFile(const std::string& path, const ncclUniqueId& id);
-absl::StatusOr<ncclUniqueId> ReadNcclUniqueIdFile(const std::string& path,
-                                                  std::chrono::milliseconds timeout);
-
 class CollectiveCompletion;
 
 class NcclCommunicator : public Communicator {
  public:
-  // One process per GPU: rank 0 creates the NCCL id and publishes it in `id_file`; the other
-  // ranks read it from there. Uses CUDA device `device`.
-  static absl::StatusOr<std::unique_ptr<NcclCommunicator>> CreateWithIdFile(
-      int rank, int world_size, int device, const std::string& id_file,
-      NcclCommunicatorOptions options = {});
   // One process per GPU, every rank given the same id (e.g. through a flag).
   static absl::StatusOr<std::unique_ptr<NcclCommunicator>> CreateWithId(
       int rank, int world_size, int device, const ncclUniqueId& id,
-      NcclCommunicatorOptions options = {});
-  // One process per GPU, configured by MOESERVE_RANK, MOESERVE_WORLD_SIZE and either
-  // MOESERVE_NCCL_ID or MOESERVE_NCCL_ID_FILE (and optionally MOESERVE_CUDA_DEVICE).
-  static absl::StatusOr<std::unique_ptr<NcclCommunicator>> CreateFromEnvironment(
       NcclCommunicatorOptions options = {});
   // One process driving several GPUs (tests, benchmarks): rank i uses devices[i]. Each
   // communicator gets its own stream (options.stream must be null).
@@ -208,4 +177,4 @@ class CollectiveCompletion {
   cudaEvent_t event_;
 };
 
-}  // namespace moeserve::engine::parallel
+}  // namespace moeserve::engine::comm
