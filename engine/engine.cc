@@ -1,18 +1,38 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <deque>
 #include <filesystem>
+#include <thread>
 
-#include "absl/status/status.h"
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/backend/backend_loader.h"
+#include "engine/backend/rank_backend.h"
+#include "engine/model/loader.h"
+#include "engine/model/model.h"
+#include "engine/parallel/ep_group.h"
+#include "engine/runtime/metrics.h"
+#include "engine/runtime/rank_worker.h"
+#include "engine/trace/trace_recorder.h"
 
 namespace moeserve::engine {
+namespace {
 
-absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::shared_ptr<const Model> model,
-                                                       std::shared_ptr<const Tokenizer> tokenizer,
-                                                       EngineOptions options,
-                                                       prometheus::Registry* registry) {
+double UnixNow() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+// Expert-load snapshots are kept once a second for this long (GetExpertLoad windows).
+constexpr size_t kMaxLoadSnapshots = 15 * 60;
+// The longest an update may wait for its commit.
+constexpr double kMaxPlacementTimeoutSeconds = 3600;
+
+// The options' own consistency, checked before anything is loaded.
+absl::Status ValidateOptions(const EngineOptions& options) {
   if (options.max_batch_tokens < 1 || options.max_running_requests < 1 || options.max_queue < 0 ||
       options.kv_block_size < 1) {
     return absl::InvalidArgumentError(
@@ -24,34 +44,95 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::shared_ptr<const Mod
     return absl::InvalidArgumentError(
         "engine: --ep/--decode-ep must be >= 1, --prefill-ep >= 0, --num-redundant-experts >= 0");
   }
-  if (options.backend.factory && p.prefill_ep > 0) {
-    // The prefill-to-decode KV handoff copies host rows; a GPU backend keeps its rows on the
-    // device.
-    return absl::InvalidArgumentError(absl::StrCat(
-        "engine: --prefill-ep/--decode-ep disaggregation runs on the CPU only; use --ep N with "
-        "--device ",
-        options.backend.name));
-  }
   if (!(p.collective_timeout_seconds > 0) || p.collective_timeout_seconds > 86400) {
     return absl::InvalidArgumentError(
         "engine: the collective timeout must be more than 0 and at most 86400 seconds");
   }
-  if (model->config().n_routed_experts == 0 && p.num_redundant_experts > 0) {
-    return absl::InvalidArgumentError("engine: the model has no routed experts to replicate");
+  if (options.device != "cpu" && p.prefill_ep > 0) {
+    // Two groups of one process would share the GPUs (rank r of each on GPU r).
+    return absl::InvalidArgumentError(absl::StrCat(
+        "engine: --prefill-ep/--decode-ep disaggregation runs on the CPU only; use --ep N with "
+        "--device ",
+        options.device));
   }
-  // Every running request decodes one token per step, so they must fit in one step.
-  options.max_running_requests = std::min(options.max_running_requests, options.max_batch_tokens);
-  auto engine = std::unique_ptr<Engine>(
-      new Engine(std::move(model), std::move(tokenizer), std::move(options), registry));
-  if (auto status = engine->Start(); !status.ok()) return status;
-  return engine;
+  return absl::OkStatus();
 }
 
-Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
-               EngineOptions options, prometheus::Registry* registry)
+}  // namespace
+
+class Engine::Impl {
+ public:
+  Impl(std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
+       EngineOptions options, RankBackendChoice backend, prometheus::Registry* registry);
+  ~Impl() { Shutdown(); }
+
+  absl::Status Start();
+  absl::StatusOr<std::shared_ptr<RequestStream>> Submit(GenerationInput input);
+  EngineStats Stats() const;
+  std::vector<GroupHealth> Health() const;
+  void SetGroupFailureListener(std::function<void(const GroupHealth&)> listener);
+  const ModelInfo& model_info() const { return model_info_; }
+  const LayoutInfo& layout() const { return layout_; }
+  absl::StatusOr<PlacementInfo> GetPlacement(const std::string& group) const;
+  absl::StatusOr<PlacementUpdateResult> UpdatePlacement(const PlacementUpdate& update);
+  absl::StatusOr<ExpertLoadWindow> ExpertLoad(const std::string& group, double since) const;
+  void StopAccepting();
+  void Shutdown();
+  absl::Status WriteTrace() const;
+
+ private:
+  struct WorkerGroup {
+    std::unique_ptr<parallel::ExpertParallelGroup> group;
+    std::vector<std::unique_ptr<RankWorker>> workers;
+  };
+  struct LoadSnapshot {
+    double unix_seconds;
+    std::vector<std::vector<std::vector<int64_t>>> per_group;  // [group][layer][expert]
+  };
+
+  absl::Status Validate(GenerationInput& input) const;
+  absl::StatusOr<WorkerGroup> BuildGroup(const std::string& name, int size, GroupRole role,
+                                         int trace_pid_offset);
+  // The group named `name` (empty: the entry group), or NOT_FOUND naming the groups.
+  absl::StatusOr<int> FindGroup(const std::string& name) const;
+  static RankWorker& LeastLoaded(const WorkerGroup& group);
+  void HandOff(std::unique_ptr<Sequence> sequence);
+  void PublishState();
+  void SnapshotLoadLoop();
+
+  std::shared_ptr<const Model> model_;
+  std::shared_ptr<const Tokenizer> tokenizer_;
+  EngineOptions options_;
+  RankBackendChoice backend_;
+  EngineMetrics metrics_;
+  prometheus::Registry* registry_;
+  std::unique_ptr<TraceRecorder> trace_;
+  std::atomic<bool> stop_requested_{false};
+  WorkerContext context_;
+  std::vector<WorkerGroup> groups_;  // entry group first; fixed after Start()
+  ModelInfo model_info_;
+  LayoutInfo layout_;
+
+  mutable absl::Mutex listener_mutex_;
+  std::function<void(const GroupHealth&)> failure_listener_ ABSL_GUARDED_BY(listener_mutex_);
+
+  absl::Mutex submit_mutex_;  // serializes rank choice and queue accounting
+  bool accepting_ ABSL_GUARDED_BY(submit_mutex_) = true;
+  bool shut_down_ ABSL_GUARDED_BY(submit_mutex_) = false;
+  std::atomic<uint64_t> next_request_number_{0};
+
+  mutable absl::Mutex snapshots_mutex_;
+  std::deque<LoadSnapshot> snapshots_ ABSL_GUARDED_BY(snapshots_mutex_);  // oldest first
+  std::atomic<bool> stop_snapshots_{false};
+  std::thread snapshot_thread_;
+};
+
+Engine::Impl::Impl(std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
+                   EngineOptions options, RankBackendChoice backend, prometheus::Registry* registry)
     : model_(std::move(model)),
       tokenizer_(std::move(tokenizer)),
       options_(std::move(options)),
+      backend_(std::move(backend)),
       metrics_(registry != nullptr ? EngineMetrics(*registry) : EngineMetrics()),
       registry_(registry) {
   context_.model = model_.get();
@@ -70,20 +151,35 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Tokeniz
     context_.trace_skip_steps = options_.parallel.trace_skip_steps;
     context_.trace_complete = [this] { (void)WriteTrace(); };
   }
+  const ModelConfig& c = model_->config();
+  model_info_ = {.name = c.name,
+                 .architecture = c.model_type,
+                 .vocab_size = c.vocab_size,
+                 .context_length = c.max_position_embeddings,
+                 .num_layers = c.num_hidden_layers,
+                 .num_dense_layers = c.num_hidden_layers - c.num_moe_layers(),
+                 .hidden_size = c.hidden_size,
+                 .num_routed_experts = c.n_routed_experts,
+                 .num_shared_experts = c.n_shared_experts,
+                 .num_experts_per_token = c.num_experts_per_tok,
+                 .num_expert_groups = c.n_group,
+                 .num_groups_per_token = c.topk_group,
+                 .has_tokenizer = tokenizer_ != nullptr,
+                 .eos_token_id = c.eos_token_id};
 }
 
-absl::StatusOr<Engine::WorkerGroup> Engine::BuildGroup(const std::string& name, int size,
-                                                       GroupRole role, int trace_pid_offset,
-                                                       prometheus::Registry* registry) {
+absl::StatusOr<Engine::Impl::WorkerGroup> Engine::Impl::BuildGroup(const std::string& name,
+                                                                   int size, GroupRole role,
+                                                                   int trace_pid_offset) {
   const ModelConfig& c = model_->config();
   const ParallelOptions& p = options_.parallel;
   const int num_logical = std::max(c.n_routed_experts, 1);
-  const int num_physical = num_logical + p.num_redundant_experts;
+  const PlacementShape shape{c.num_moe_layers(), num_logical, num_logical + p.num_redundant_experts,
+                             size};
   absl::StatusOr<ExpertPlacement> placement =
       p.placement_file.empty() ? absl::StatusOr<ExpertPlacement>(ExpertPlacement::Default(
-                                     c.num_moe_layers(), num_logical, num_physical))
-                               : ExpertPlacement::LoadJsonFile(p.placement_file, c.num_moe_layers(),
-                                                               num_logical, num_physical);
+                                     shape.num_layers, shape.num_logical, shape.num_physical))
+                               : ExpertPlacement::LoadJsonFile(p.placement_file, shape);
   if (!placement.ok()) return placement.status();
   parallel::GroupOptions group_options;
   group_options.name = name;
@@ -91,16 +187,16 @@ absl::StatusOr<Engine::WorkerGroup> Engine::BuildGroup(const std::string& name, 
   group_options.two_batch_overlap = p.two_batch_overlap;
   group_options.overlap_min_tokens = p.overlap_min_tokens;
   group_options.expert_load_metrics = p.expert_load_metrics;
-  group_options.stage_host_expert_weights = !options_.backend.factory;
+  group_options.stage_host_expert_weights = !backend_.factory;
   group_options.collective_timeout = std::chrono::milliseconds(
       static_cast<int64_t>(std::ceil(p.collective_timeout_seconds * 1000)));
   auto group = parallel::ExpertParallelGroup::Create(*model_, group_options, std::move(*placement),
-                                                     registry, trace_.get(), trace_pid_offset);
+                                                     registry_, trace_.get(), trace_pid_offset);
   if (!group.ok()) return group.status();
   (*group)->SetFailureListener([this, name](const absl::Status& failure) {
     std::function<void(const GroupHealth&)> listener;
     {
-      std::lock_guard lock(listener_mutex_);
+      absl::MutexLock lock(&listener_mutex_);
       listener = failure_listener_;
     }
     if (listener) listener({name, failure});
@@ -108,7 +204,7 @@ absl::StatusOr<Engine::WorkerGroup> Engine::BuildGroup(const std::string& name, 
   });
   const int64_t bytes_per_block = static_cast<int64_t>(c.num_hidden_layers) *
                                   options_.kv_block_size * model_->kv_row_dim() *
-                                  options_.backend.kv_element_bytes;
+                                  backend_.kv_element_bytes;
   const int64_t kv_blocks = options_.kv_cache_bytes / bytes_per_block;
   if (kv_blocks < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -119,35 +215,43 @@ absl::StatusOr<Engine::WorkerGroup> Engine::BuildGroup(const std::string& name, 
   result.group = std::move(*group);
   for (int rank = 0; rank < size; ++rank) {
     absl::StatusOr<std::unique_ptr<RankBackend>> backend =
-        MakeRankBackend(options_.backend.factory, {.model = model_.get(),
-                                                   .group = result.group.get(),
-                                                   .rank = rank,
-                                                   .kv_blocks = static_cast<int>(kv_blocks),
-                                                   .kv_block_size = options_.kv_block_size,
-                                                   .max_batch_tokens = options_.max_batch_tokens});
+        MakeRankBackend(backend_.factory, {.model = model_.get(),
+                                           .group = result.group.get(),
+                                           .rank = rank,
+                                           .kv_blocks = static_cast<int>(kv_blocks),
+                                           .kv_block_size = options_.kv_block_size,
+                                           .max_batch_tokens = options_.max_batch_tokens});
     if (!backend.ok()) return backend.status();
     result.workers.push_back(std::make_unique<RankWorker>(
         context_, *result.group, rank, role, static_cast<int>(kv_blocks), options_.kv_block_size,
         std::move(*backend)));
   }
+  layout_.kv_blocks_per_rank = static_cast<int>(kv_blocks);
   return result;
 }
 
-absl::Status Engine::Start() {
+absl::Status Engine::Impl::Start() {
   const ParallelOptions& p = options_.parallel;
   if (p.prefill_ep > 0) {
-    auto prefill = BuildGroup("prefill", p.prefill_ep, GroupRole::kPrefill, 0, registry_);
+    auto prefill = BuildGroup("prefill", p.prefill_ep, GroupRole::kPrefill, 0);
     if (!prefill.ok()) return prefill.status();
-    auto decode = BuildGroup("decode", p.decode_ep, GroupRole::kDecode, 1000, registry_);
+    auto decode = BuildGroup("decode", p.decode_ep, GroupRole::kDecode, 1000);
     if (!decode.ok()) return decode.status();
     groups_.push_back(std::move(*prefill));
     groups_.push_back(std::move(*decode));
   } else {
-    auto mixed = BuildGroup("mixed", p.decode_ep, GroupRole::kMixed, 0, registry_);
+    auto mixed = BuildGroup("mixed", p.decode_ep, GroupRole::kMixed, 0);
     if (!mixed.ok()) return mixed.status();
     groups_.push_back(std::move(*mixed));
   }
-  if (options_.injected_fault.has_value() && group(options_.injected_fault->group) == nullptr) {
+  layout_.prefill_ep = p.prefill_ep;
+  layout_.decode_ep = p.decode_ep;
+  layout_.num_redundant_experts = p.num_redundant_experts;
+  layout_.two_batch_overlap = p.two_batch_overlap;
+  layout_.device = backend_.device;
+  layout_.kv_block_size = options_.kv_block_size;
+  for (const auto& g : groups_) layout_.groups.push_back(g.group->name());
+  if (options_.injected_fault.has_value() && !FindGroup(options_.injected_fault->group).ok()) {
     return absl::InvalidArgumentError(absl::StrCat("--inject-fault names group `",
                                                    options_.injected_fault->group,
                                                    "`, which this layout does not have"));
@@ -156,36 +260,120 @@ absl::Status Engine::Start() {
     for (auto& worker : group.workers) worker->Start();
   }
   PublishState();
+  snapshot_thread_ = std::thread([this] { SnapshotLoadLoop(); });
   return absl::OkStatus();
 }
 
-Engine::~Engine() { Shutdown(); }
+void Engine::Impl::SnapshotLoadLoop() {
+  while (!stop_snapshots_.load()) {
+    LoadSnapshot snapshot{UnixNow(), {}};
+    for (const auto& g : groups_) snapshot.per_group.push_back(g.group->load().Snapshot());
+    {
+      absl::MutexLock lock(&snapshots_mutex_);
+      snapshots_.push_back(std::move(snapshot));
+      if (snapshots_.size() > kMaxLoadSnapshots) snapshots_.pop_front();
+    }
+    for (int i = 0; i < 10 && !stop_snapshots_.load(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+}
 
-std::vector<parallel::ExpertParallelGroup*> Engine::groups() const {
-  std::vector<parallel::ExpertParallelGroup*> result;
-  for (const auto& g : groups_) result.push_back(g.group.get());
+absl::StatusOr<int> Engine::Impl::FindGroup(const std::string& name) const {
+  std::string known;
+  for (size_t i = 0; i < groups_.size(); ++i) {
+    if (name.empty() || groups_[i].group->name() == name) return static_cast<int>(i);
+    absl::StrAppend(&known, known.empty() ? "" : ", ", groups_[i].group->name());
+  }
+  // Echo at most a short prefix of what the caller sent.
+  const std::string shown = name.size() > 64 ? name.substr(0, 64) + "..." : name;
+  return absl::NotFoundError(absl::StrCat("no group `", shown, "` (groups: ", known, ")"));
+}
+
+absl::StatusOr<PlacementInfo> Engine::Impl::GetPlacement(const std::string& name) const {
+  absl::StatusOr<int> index = FindGroup(name);
+  if (!index.ok()) return index.status();
+  const parallel::ExpertParallelGroup& group = *groups_[*index].group;
+  const std::shared_ptr<const ExpertPlacement> placement = group.committed_placement();
+  PlacementInfo info;
+  info.group = group.name();
+  info.version = placement->version();
+  info.ep_size = group.size();
+  info.num_logical_experts = placement->num_logical();
+  info.num_physical_experts = placement->num_physical();
+  info.num_expert_groups = model_->config().n_group;
+  for (int layer = 0; layer < placement->num_layers(); ++layer) {
+    info.phy2log.push_back(placement->phy2log(layer));
+  }
+  return info;
+}
+
+absl::StatusOr<PlacementUpdateResult> Engine::Impl::UpdatePlacement(const PlacementUpdate& update) {
+  absl::StatusOr<int> index = FindGroup(update.group);
+  if (!index.ok()) return index.status();
+  if (!(update.timeout_seconds > 0) || update.timeout_seconds > kMaxPlacementTimeoutSeconds) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "timeout_seconds must be more than 0 and at most ", kMaxPlacementTimeoutSeconds,
+        " (0 or unset: 60), got ", update.timeout_seconds));
+  }
+  parallel::ExpertParallelGroup& group = *groups_[*index].group;
+  absl::StatusOr<ExpertPlacement> placement =
+      ExpertPlacement::Create(update.phy2log, update.version, group.placement_shape());
+  if (!placement.ok()) return placement.status();
+  const auto start = std::chrono::steady_clock::now();
+  absl::Status status = group.UpdatePlacement(
+      std::move(*placement),
+      std::chrono::milliseconds(static_cast<int64_t>(std::ceil(update.timeout_seconds * 1000))));
+  if (!status.ok()) return status;
+  PlacementUpdateResult result;
+  result.committed_version = group.committed_placement()->version();
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return result;
 }
 
-parallel::ExpertParallelGroup* Engine::group(const std::string& name) const {
-  for (const auto& g : groups_) {
-    if (g.group->name() == name) return g.group.get();
+absl::StatusOr<ExpertLoadWindow> Engine::Impl::ExpertLoad(const std::string& name,
+                                                          double since) const {
+  absl::StatusOr<int> index = FindGroup(name);
+  if (!index.ok()) return index.status();
+  const parallel::ExpertParallelGroup& group = *groups_[*index].group;
+  const auto now = group.load().Snapshot();
+  std::vector<std::vector<int64_t>> base(now.size(),
+                                         std::vector<int64_t>(now.empty() ? 0 : now[0].size(), 0));
+  ExpertLoadWindow window;
+  window.group = group.name();
+  if (since > 0) {
+    absl::MutexLock lock(&snapshots_mutex_);
+    // The latest snapshot taken at or before `since` (or the oldest one kept).
+    for (const LoadSnapshot& snapshot : snapshots_) {
+      if (snapshot.unix_seconds > since && window.from_unix_seconds != 0) break;
+      base = snapshot.per_group[*index];
+      window.from_unix_seconds = snapshot.unix_seconds;
+    }
   }
-  return nullptr;
+  window.to_unix_seconds = UnixNow();
+  window.tokens = now;
+  for (size_t layer = 0; layer < now.size(); ++layer) {
+    for (size_t expert = 0; expert < now[layer].size(); ++expert) {
+      window.tokens[layer][expert] -= base[layer][expert];
+    }
+  }
+  return window;
 }
 
-void Engine::StopAccepting() {
-  std::lock_guard lock(submit_mutex_);
+void Engine::Impl::StopAccepting() {
+  absl::MutexLock lock(&submit_mutex_);
   accepting_ = false;
 }
 
-void Engine::Shutdown() {
+void Engine::Impl::Shutdown() {
   {
-    std::lock_guard lock(submit_mutex_);
+    absl::MutexLock lock(&submit_mutex_);
     accepting_ = false;
     if (shut_down_) return;
     shut_down_ = true;
   }
+  stop_snapshots_ = true;
+  if (snapshot_thread_.joinable()) snapshot_thread_.join();
   stop_requested_ = true;
   for (auto& group : groups_) group.group->NotifyWork();
   for (auto& group : groups_) {
@@ -199,25 +387,25 @@ void Engine::Shutdown() {
   if (trace_ != nullptr) (void)WriteTrace();
 }
 
-absl::Status Engine::WriteTrace() const {
+absl::Status Engine::Impl::WriteTrace() const {
   if (trace_ == nullptr) return absl::OkStatus();
   std::error_code error;
   std::filesystem::create_directories(options_.parallel.trace_dir, error);
   return trace_->WriteJson(options_.parallel.trace_dir + "/moeserve-trace.json");
 }
 
-std::vector<GroupHealth> Engine::Health() const {
+std::vector<GroupHealth> Engine::Impl::Health() const {
   std::vector<GroupHealth> result;
   for (const auto& g : groups_) result.push_back({g.group->name(), g.group->health()});
   return result;
 }
 
-void Engine::SetGroupFailureListener(std::function<void(const GroupHealth&)> listener) {
-  std::lock_guard lock(listener_mutex_);
+void Engine::Impl::SetGroupFailureListener(std::function<void(const GroupHealth&)> listener) {
+  absl::MutexLock lock(&listener_mutex_);
   failure_listener_ = std::move(listener);
 }
 
-EngineStats Engine::Stats() const {
+EngineStats Engine::Impl::Stats() const {
   EngineStats stats;
   for (const auto& group : groups_) {
     for (const auto& worker : group.workers) {
@@ -230,7 +418,7 @@ EngineStats Engine::Stats() const {
   return stats;
 }
 
-void Engine::PublishState() {
+void Engine::Impl::PublishState() {
   const EngineStats stats = Stats();
   metrics_.SetQueueState(
       stats.running, stats.waiting,
@@ -239,7 +427,7 @@ void Engine::PublishState() {
           : 0.0);
 }
 
-RankWorker& Engine::LeastLoaded(const WorkerGroup& group) {
+RankWorker& Engine::Impl::LeastLoaded(const WorkerGroup& group) {
   // Fewest running + queued sequences; ties go to the rank with more free KV blocks.
   RankWorker* best = group.workers.front().get();
   for (const auto& worker : group.workers) {
@@ -251,12 +439,12 @@ RankWorker& Engine::LeastLoaded(const WorkerGroup& group) {
   return *best;
 }
 
-void Engine::HandOff(std::unique_ptr<Sequence> sequence) {
+void Engine::Impl::HandOff(std::unique_ptr<Sequence> sequence) {
   LeastLoaded(groups_.back()).Enqueue(std::move(sequence));
 }
 
-absl::Status Engine::Validate(GenerationInput& in) const {
-  const ModelConfig& c = config();
+absl::Status Engine::Impl::Validate(GenerationInput& in) const {
+  const ModelConfig& c = model_->config();
   const int context = c.max_position_embeddings;
   if (in.request_id.size() > static_cast<size_t>(options_.max_request_id_bytes)) {
     return absl::InvalidArgumentError(
@@ -341,8 +529,7 @@ absl::Status Engine::Validate(GenerationInput& in) const {
       }
     }
   }
-  const int blocks_needed =
-      (prompt + in.max_tokens + options_.kv_block_size - 1) / options_.kv_block_size;
+  const int blocks_needed = BlocksFor(prompt + in.max_tokens, options_.kv_block_size);
   if (blocks_needed > smallest_rank_blocks) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt + max_tokens needs ", blocks_needed, " KV cache blocks but a rank's cache has ",
@@ -351,7 +538,7 @@ absl::Status Engine::Validate(GenerationInput& in) const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::shared_ptr<RequestStream>> Engine::Submit(GenerationInput input) {
+absl::StatusOr<std::shared_ptr<RequestStream>> Engine::Impl::Submit(GenerationInput input) {
   if (absl::Status status = Validate(input); !status.ok()) {
     metrics_.RequestFinished("invalid_argument");
     return status;
@@ -368,7 +555,7 @@ absl::StatusOr<std::shared_ptr<RequestStream>> Engine::Submit(GenerationInput in
   sequence->input = std::move(input);
   std::shared_ptr<RequestStream> stream = sequence->stream;
   {
-    std::lock_guard lock(submit_mutex_);
+    absl::MutexLock lock(&submit_mutex_);
     if (!accepting_) {
       metrics_.RequestFinished("unavailable");
       return absl::UnavailableError("the server is shutting down and accepts no new requests");
@@ -394,6 +581,85 @@ absl::StatusOr<std::shared_ptr<RequestStream>> Engine::Submit(GenerationInput in
   }
   PublishState();
   return stream;
+}
+
+// --- Engine ----------------------------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options,
+                                                       prometheus::Registry* registry) {
+  if (auto status = ValidateOptions(options); !status.ok()) return status;
+  if (auto status = CheckModelRunsOn(options.model, options.device); !status.ok()) return status;
+  // The backend before the model: a missing GPU backend is reported before a long load.
+  absl::StatusOr<RankBackendChoice> backend = ChooseRankBackend(options.device);
+  if (!backend.ok()) return backend.status();
+  absl::StatusOr<LoadedModel> loaded = LoadModel(options.model);
+  if (!loaded.ok()) return loaded.status();
+  return Start(std::move(loaded->model), std::move(loaded->tokenizer), std::move(options),
+               std::move(*backend), registry);
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWithModel(
+    std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
+    EngineOptions options, prometheus::Registry* registry) {
+  if (auto status = ValidateOptions(options); !status.ok()) return status;
+  absl::StatusOr<RankBackendChoice> backend = ChooseRankBackend(options.device);
+  if (!backend.ok()) return backend.status();
+  return Start(std::move(model), std::move(tokenizer), std::move(options), std::move(*backend),
+               registry);
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(std::shared_ptr<const Model> model,
+                                                      std::shared_ptr<const Tokenizer> tokenizer,
+                                                      EngineOptions options,
+                                                      RankBackendChoice backend,
+                                                      prometheus::Registry* registry) {
+  const ParallelOptions& p = options.parallel;
+  if (model->config().n_routed_experts == 0 && p.num_redundant_experts > 0) {
+    return absl::InvalidArgumentError("engine: the model has no routed experts to replicate");
+  }
+  // Every running request decodes one token per step, so they must fit in one step.
+  options.max_running_requests = std::min(options.max_running_requests, options.max_batch_tokens);
+  auto impl = std::make_unique<Impl>(std::move(model), std::move(tokenizer), std::move(options),
+                                     std::move(backend), registry);
+  if (auto status = impl->Start(); !status.ok()) return status;
+  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+}
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Engine::~Engine() = default;
+
+absl::StatusOr<std::shared_ptr<RequestStream>> Engine::Submit(GenerationInput input) {
+  return impl_->Submit(std::move(input));
+}
+EngineStats Engine::Stats() const { return impl_->Stats(); }
+std::vector<GroupHealth> Engine::Health() const { return impl_->Health(); }
+void Engine::SetGroupFailureListener(std::function<void(const GroupHealth&)> listener) {
+  impl_->SetGroupFailureListener(std::move(listener));
+}
+const ModelInfo& Engine::model_info() const { return impl_->model_info(); }
+const LayoutInfo& Engine::layout() const { return impl_->layout(); }
+absl::StatusOr<PlacementInfo> Engine::GetPlacement(const std::string& group) const {
+  return impl_->GetPlacement(group);
+}
+absl::StatusOr<PlacementUpdateResult> Engine::UpdatePlacement(const PlacementUpdate& update) {
+  return impl_->UpdatePlacement(update);
+}
+absl::StatusOr<ExpertLoadWindow> Engine::ExpertLoad(const std::string& group,
+                                                    double since_unix_seconds) const {
+  return impl_->ExpertLoad(group, since_unix_seconds);
+}
+void Engine::StopAccepting() { impl_->StopAccepting(); }
+void Engine::Shutdown() { impl_->Shutdown(); }
+absl::Status Engine::WriteTrace() const { return impl_->WriteTrace(); }
+
+absl::Status CheckModelRunsOn(const std::string& model, const std::string& device) {
+  if (device == "cuda" || !model.starts_with("builtin:")) return absl::OkStatus();
+  absl::StatusOr<ModelConfig> config = BuiltinModelConfig(model);
+  if (config.ok() && config->routed_experts_on_device) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("`", model, "` keeps its routed experts on GPUs only; use --device cuda"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace moeserve::engine

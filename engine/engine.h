@@ -1,31 +1,36 @@
-// engine::Engine — the serving engine behind the gRPC front end. It validates requests, routes
-// each to the least-loaded rank of its entry group, and runs expert-parallel worker groups:
-// one mixed group (--ep N), or a prefill group that computes prompts and hands their KV cache
-// to a decode group (--prefill-ep P --decode-ep D). Each rank runs continuous batching with
-// chunked prefill over its own paged KV cache (see runtime/rank_worker.h).
+// engine::Engine — the serving engine behind every front door, and the one engine header the
+// server includes. It loads the model, builds the expert-parallel worker groups (one mixed
+// group, or a prefill group that hands its prompts' KV cache to a decode group), validates and
+// routes requests to the least-loaded rank of the entry group, reports per-group health, and
+// applies live expert placements. Requests, their streams and sampling options are the public
+// types of engine/request/request.h; nothing here exposes model, parallel or runtime internals.
 //
-// The one entry point the server uses; no protobuf here. All public methods are thread-safe.
+// Also the engine-level functions behind `moeserve logits` and `moeserve export`.
+//
+// No protobuf here. All public methods of Engine are thread-safe.
 #pragma once
 
-#include <atomic>
-#include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "engine/backend/rank_backend.h"
-#include "engine/model/model.h"
-#include "engine/model/tokenizer.h"
-#include "engine/parallel/ep_group.h"
 #include "engine/request/request.h"
-#include "engine/runtime/metrics.h"
-#include "engine/runtime/rank_worker.h"
-#include "engine/trace/trace_recorder.h"
+#include "engine/runtime/injected_fault.h"
+
+namespace prometheus {
+class Registry;
+}
 
 namespace moeserve::engine {
+
+class Model;
+class Tokenizer;
+struct RankBackendChoice;
 
 struct ParallelOptions {
   int prefill_ep = 0;  // 0: one mixed group of decode_ep ranks
@@ -42,15 +47,12 @@ struct ParallelOptions {
   int trace_skip_steps = 0;         // working steps to let pass first (e.g. to reach decode)
 };
 
-// Where ranks compute. The CPU backend is built in; a GPU backend comes from a factory (the
-// engine library itself never depends on CUDA).
-struct BackendOptions {
-  RankBackendFactory factory;  // null: the CPU
-  int kv_element_bytes = 4;    // bytes per cached value (fp32 on the CPU, bf16 on GPUs)
-  std::string name = "cpu";    // for messages
-};
-
 struct EngineOptions {
+  // builtin:NAME or a Hugging Face checkpoint folder (engine/model/loader.h).
+  std::string model = "builtin:tiny";
+  // Where ranks compute: "cpu" (fp32) or "cuda" (bf16, rank r on GPU r; the GPU backend plugin
+  // is loaded on demand).
+  std::string device = "cpu";
   int max_batch_tokens = 256;           // tokens per rank per step; long prompts prefill in chunks
   int max_running_requests = 64;        // sequences per rank
   int max_queue = 256;                  // queued requests (all ranks) before RESOURCE_EXHAUSTED
@@ -63,9 +65,14 @@ struct EngineOptions {
   // for tests that need requests to stay in flight long enough to cancel them.
   double min_step_seconds = 0;
   ParallelOptions parallel;
-  BackendOptions backend;
-  // Tests of failure handling only: a fault injected into one rank.
   std::optional<InjectedFault> injected_fault;
+};
+
+struct EngineStats {
+  int running = 0;
+  int waiting = 0;
+  int kv_blocks_total = 0;
+  int kv_blocks_free = 0;
 };
 
 // The health of one expert-parallel group: OK while it serves; once it failed, UNAVAILABLE
@@ -76,20 +83,82 @@ struct GroupHealth {
   absl::Status status;
 };
 
-struct EngineStats {
-  int running = 0;
-  int waiting = 0;
-  int kv_blocks_total = 0;
-  int kv_blocks_free = 0;
+// What the model is, for clients (GetModelInfo, /v1/models).
+struct ModelInfo {
+  std::string name;
+  std::string architecture;  // the config's model_type
+  int vocab_size = 0;
+  int context_length = 0;
+  int num_layers = 0;
+  int num_dense_layers = 0;
+  int hidden_size = 0;
+  int num_routed_experts = 0;
+  int num_shared_experts = 0;
+  int num_experts_per_token = 0;
+  int num_expert_groups = 0;
+  int num_groups_per_token = 0;
+  bool has_tokenizer = false;
+  int eos_token_id = -1;
+};
+
+// How the engine runs the model.
+struct LayoutInfo {
+  int prefill_ep = 0;
+  int decode_ep = 1;
+  int num_redundant_experts = 0;
+  bool two_batch_overlap = false;
+  std::string device = "cpu";
+  int kv_block_size = 16;
+  int kv_blocks_per_rank = 0;
+  std::vector<std::string> groups;  // entry group first
+};
+
+// A group's committed expert placement: phy2log[moe layer][slot] is the logical expert slot
+// `slot` holds; slot s lives on rank s / (num_physical_experts / ep_size).
+struct PlacementInfo {
+  std::string group;
+  int64_t version = 0;
+  int ep_size = 1;
+  int num_logical_experts = 0;
+  int num_physical_experts = 0;
+  int num_expert_groups = 1;
+  std::vector<std::vector<int32_t>> phy2log;
+};
+
+// A new placement for a group, applied live: staged while the group serves, committed by all
+// its ranks at one step boundary.
+struct PlacementUpdate {
+  std::string group;  // empty: the entry group
+  int64_t version = 0;
+  std::vector<std::vector<int32_t>> phy2log;
+  double timeout_seconds = 60;  // how long to wait for the commit
+};
+
+struct PlacementUpdateResult {
+  int64_t committed_version = 0;
+  double seconds = 0;  // from the call to the commit
+};
+
+// Tokens each logical expert processed in a window: tokens[moe layer][expert].
+struct ExpertLoadWindow {
+  std::string group;
+  double from_unix_seconds = 0;  // 0: since start
+  double to_unix_seconds = 0;
+  std::vector<std::vector<int64_t>> tokens;
 };
 
 class Engine {
  public:
-  // `registry` may be null (no Prometheus series).
-  static absl::StatusOr<std::unique_ptr<Engine>> Create(std::shared_ptr<const Model> model,
-                                                        std::shared_ptr<const Tokenizer> tokenizer,
-                                                        EngineOptions options,
+  // Loads options.model, loads the device's backend and starts the groups. `registry` may be
+  // null (no Prometheus series). Errors name what to change (INVALID_ARGUMENT for a bad option
+  // or model, NOT_FOUND for a missing model, FAILED_PRECONDITION for a missing GPU backend).
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(EngineOptions options,
                                                         prometheus::Registry* registry = nullptr);
+  // The same over a model already loaded (tests that start many engines; options.model is
+  // ignored). `tokenizer` may be null.
+  static absl::StatusOr<std::unique_ptr<Engine>> CreateWithModel(
+      std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
+      EngineOptions options, prometheus::Registry* registry = nullptr);
   ~Engine();
 
   // Validates the request (INVALID_ARGUMENT with an actionable message), queues it on a rank
@@ -102,55 +171,69 @@ class Engine {
   // Every group's health, entry group first.
   std::vector<GroupHealth> Health() const;
   // Called once per group failure, from the thread that failed the group, after the failure is
-  // recorded (so Health() already shows it). Thread-safe; replaces any earlier listener.
+  // recorded (so Health() already shows it). Replaces any earlier listener.
   void SetGroupFailureListener(std::function<void(const GroupHealth&)> listener);
-  const ModelConfig& config() const { return model_->config(); }
-  bool has_tokenizer() const { return tokenizer_ != nullptr; }
-  const EngineOptions& options() const { return options_; }
-  // The groups, entry group first ("mixed", or "prefill" then "decode").
-  std::vector<parallel::ExpertParallelGroup*> groups() const;
-  parallel::ExpertParallelGroup* group(const std::string& name) const;
+
+  const ModelInfo& model_info() const;
+  const LayoutInfo& layout() const;
+
+  // The committed placement of `group` (empty: the entry group); NOT_FOUND naming the groups
+  // there are.
+  absl::StatusOr<PlacementInfo> GetPlacement(const std::string& group) const;
+  // Validates the update (shape, expert ids, a replica of every expert, slots dividing over the
+  // ranks, version, timeout) and applies it. INVALID_ARGUMENT for a malformed update,
+  // FAILED_PRECONDITION for a stale version or while another update is being applied,
+  // DEADLINE_EXCEEDED when it did not commit in time (it then never commits: an update that
+  // did not answer OK changed nothing).
+  absl::StatusOr<PlacementUpdateResult> UpdatePlacement(const PlacementUpdate& update);
+  // Tokens per (MoE layer, logical expert) that `group` processed since `since_unix_seconds`
+  // (0: since start), from per-second snapshots kept for 15 minutes.
+  absl::StatusOr<ExpertLoadWindow> ExpertLoad(const std::string& group,
+                                              double since_unix_seconds) const;
 
   // New submissions get UNAVAILABLE; queued and running requests continue.
   void StopAccepting();
   // Stops every rank at the same step; unfinished requests end with FinishReason::kAborted.
   void Shutdown();
-  // Writes the trace (if --trace-dir was given) now.
+  // Writes the trace (if a trace folder was given) now.
   absl::Status WriteTrace() const;
 
+  class Impl;
+
  private:
-  struct WorkerGroup {
-    std::unique_ptr<parallel::ExpertParallelGroup> group;
-    std::vector<std::unique_ptr<RankWorker>> workers;
-  };
-
-  Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
-         EngineOptions options, prometheus::Registry* registry);
-  absl::Status Start();
-  absl::Status Validate(GenerationInput& input) const;
-  absl::StatusOr<WorkerGroup> BuildGroup(const std::string& name, int size, GroupRole role,
-                                         int trace_pid_offset, prometheus::Registry* registry);
-  static RankWorker& LeastLoaded(const WorkerGroup& group);
-  void HandOff(std::unique_ptr<Sequence> sequence);
-  void PublishState();
-
-  std::shared_ptr<const Model> model_;
-  std::shared_ptr<const Tokenizer> tokenizer_;
-  EngineOptions options_;
-  EngineMetrics metrics_;
-  prometheus::Registry* registry_;
-  std::unique_ptr<TraceRecorder> trace_;
-  std::atomic<bool> stop_requested_{false};
-  WorkerContext context_;
-  std::vector<WorkerGroup> groups_;  // entry group first; fixed after Start()
-
-  mutable std::mutex listener_mutex_;
-  std::function<void(const GroupHealth&)> failure_listener_;  // guarded by listener_mutex_
-
-  std::mutex submit_mutex_;  // serializes rank choice and queue accounting
-  bool accepting_ = true;    // guarded by submit_mutex_
-  bool shut_down_ = false;   // guarded by submit_mutex_
-  std::atomic<uint64_t> next_request_number_{0};
+  explicit Engine(std::unique_ptr<Impl> impl);
+  static absl::StatusOr<std::unique_ptr<Engine>> Start(std::shared_ptr<const Model> model,
+                                                       std::shared_ptr<const Tokenizer> tokenizer,
+                                                       EngineOptions options,
+                                                       RankBackendChoice backend,
+                                                       prometheus::Registry* registry);
+  std::unique_ptr<Impl> impl_;
 };
+
+// Whether `model` can run on `device` without loading it: built-in models whose routed
+// experts exist on GPUs only are refused on the CPU (INVALID_ARGUMENT).
+absl::Status CheckModelRunsOn(const std::string& model, const std::string& device);
+
+// `moeserve logits`: one forward pass of `tokens`, with every token's logits.
+struct LogitsRequest {
+  std::string model = "builtin:tiny";
+  std::string device = "cpu";
+  std::vector<int32_t> tokens;
+  int ep = 1;  // ranks of the expert-parallel group (threads, or GPUs)
+  ParallelOptions parallel;
+};
+struct LogitsResult {
+  std::vector<float> logits;  // [tokens, vocab]
+  int num_tokens = 0;
+  int vocab_size = 0;
+  int ep = 1;
+  double max_rank_difference = 0;  // largest difference between ranks' copies (EP > 1)
+};
+// INVALID_ARGUMENT for a token out of the vocabulary, too many tokens or a bad layout.
+absl::StatusOr<LogitsResult> ComputeLogits(const LogitsRequest& request);
+
+// `moeserve export`: the model's config.json and model.safetensors (Hugging Face names) in
+// `out_dir`. Returns the number of tensors written.
+absl::StatusOr<int> ExportModel(const std::string& model, const std::string& out_dir);
 
 }  // namespace moeserve::engine

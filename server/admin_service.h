@@ -5,11 +5,7 @@
 #pragma once
 
 #include <atomic>
-#include <deque>
-#include <mutex>
 #include <string>
-#include <thread>
-#include <vector>
 
 #include "engine/engine.h"
 #include "moeserve/v1/admin.grpc.pb.h"
@@ -18,12 +14,10 @@ namespace moeserve::server {
 
 class AdminService final : public moeserve::v1::Admin::Service {
  public:
-  explicit AdminService(std::string token);
-  ~AdminService() override;
+  explicit AdminService(std::string token) : token_(std::move(token)) {}
 
-  // Makes the service live and starts keeping per-second expert-load snapshots for
-  // GetExpertLoad; `engine` must outlive the service.
-  void AttachEngine(engine::Engine* engine);
+  // Makes the service live; `engine` must outlive the service.
+  void AttachEngine(engine::Engine* engine) { engine_.store(engine); }
 
   grpc::Status GetExpertPlacement(grpc::ServerContext* context,
                                   const moeserve::v1::GetExpertPlacementRequest* request,
@@ -36,21 +30,11 @@ class AdminService final : public moeserve::v1::Admin::Service {
                              moeserve::v1::ExpertLoad* response) override;
 
  private:
-  struct LoadSnapshot {
-    double unix_seconds;
-    std::vector<std::vector<std::vector<int64_t>>> per_group;  // [group][layer][expert]
-  };
-  grpc::Status Authorize(const grpc::ServerContext& context) const;
-  grpc::Status FindGroup(const std::string& name, engine::parallel::ExpertParallelGroup** group,
-                         int* index) const;
-  void SnapshotLoop();
+  // OK with the engine, or UNAUTHENTICATED / UNAVAILABLE (still loading).
+  grpc::Status Authorize(const grpc::ServerContext& context, engine::Engine** engine) const;
 
   std::string token_;
   std::atomic<engine::Engine*> engine_{nullptr};
-  std::mutex snapshots_mutex_;
-  std::deque<LoadSnapshot> snapshots_;  // one per second, oldest first, at most 15 minutes
-  std::atomic<bool> stopping_{false};
-  std::thread snapshot_thread_;
 };
 
 // Reads the admin token (first line, surrounding whitespace trimmed); an empty token is an error.

@@ -13,19 +13,8 @@
 
 namespace moeserve::server {
 
-// What GetModelInfo reports about the parallel layout (decided by the serve command).
-struct ServingLayout {
-  int prefill_ep = 0;
-  int decode_ep = 1;
-  int num_redundant_experts = 0;
-  bool two_batch_overlap = false;
-  std::string device = "cpu";
-};
-
 class GenerationService final : public moeserve::v1::Generation::Service {
  public:
-  explicit GenerationService(ServingLayout layout) : layout_(std::move(layout)) {}
-
   // Makes the service live; `engine` must outlive the gRPC server.
   void AttachEngine(engine::Engine* engine) { engine_.store(engine); }
 
@@ -36,7 +25,6 @@ class GenerationService final : public moeserve::v1::Generation::Service {
                             moeserve::v1::ModelInfo* response) override;
 
  private:
-  ServingLayout layout_;
   std::atomic<engine::Engine*> engine_{nullptr};
 };
 

@@ -1,6 +1,4 @@
 // moeserve: the command-line entry point (serve, logits, export, plan).
-#include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -9,42 +7,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "engine/backend/backend_loader.h"
-#include "engine/model/loader.h"
+#include "engine/engine.h"
 #include "engine/pipeline/plan_command.h"
-#include "engine/runtime/block_allocator.h"
-#include "engine/tools/group_logits.h"
-#include "nlohmann/json.hpp"
 #include "server/npy_writer.h"
 #include "server/serve.h"
 
 namespace {
-
-// The backend `--device` names. The GPU backend is a plugin, loaded only when asked for.
-absl::StatusOr<moeserve::engine::BackendOptions> BackendFor(const std::string& device) {
-  moeserve::engine::BackendOptions backend;
-  if (device == "cpu") return backend;
-  if (device != "cuda") return absl::InvalidArgumentError("--device must be cpu or cuda");
-  absl::StatusOr<moeserve::engine::CudaBackend> cuda = moeserve::engine::LoadCudaBackend();
-  if (!cuda.ok()) return cuda.status();
-  backend.factory = std::move(cuda->factory);
-  backend.kv_element_bytes = 2;  // bf16 rows
-  backend.name = "cuda";
-  return backend;
-}
-
-// Built-in models whose routed experts exist on GPUs only are refused on the CPU before their
-// (large) host weights are generated.
-absl::Status CheckModelRunsOn(const std::string& model_spec, const std::string& device) {
-  if (device == "cuda" || !model_spec.starts_with("builtin:")) return absl::OkStatus();
-  absl::StatusOr<moeserve::engine::ModelConfig> config =
-      moeserve::engine::BuiltinModelConfig(model_spec);
-  if (config.ok() && config->routed_experts_on_device) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "`", model_spec, "` keeps its routed experts on GPUs only; use --device cuda"));
-  }
-  return absl::OkStatus();
-}
 
 void AddDeviceOption(CLI::App* command, std::string& device) {
   command
@@ -53,8 +21,6 @@ void AddDeviceOption(CLI::App* command, std::string& device) {
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda"}));
 }
-
-using moeserve::engine::LoadModel;
 
 // --inject-fault GROUP:RANK:STEP[:hang].
 absl::StatusOr<moeserve::engine::InjectedFault> ParseInjectedFault(const std::string& text) {
@@ -92,19 +58,8 @@ void AddExpertParallelOptions(CLI::App* command, moeserve::engine::ParallelOptio
       "Expert placement JSON: {\"version\": N, \"phy2log\": [[...] per MoE layer]}");
 }
 
-int RunLogits(const std::string& model_spec, const std::string& tokens_text,
-              const std::string& out_path, int ep,
-              const moeserve::engine::ParallelOptions& parallel, const std::string& device) {
-  if (auto status = CheckModelRunsOn(model_spec, device); !status.ok()) {
-    std::cerr << "moeserve logits: " << status.message() << "\n";
-    return 2;
-  }
-  auto backend = BackendFor(device);
-  if (!backend.ok()) {
-    std::cerr << "moeserve logits: " << backend.status().message() << "\n";
-    return 2;
-  }
-  std::vector<int32_t> tokens;
+int RunLogits(moeserve::engine::LogitsRequest request, const std::string& tokens_text,
+              const std::string& out_path) {
   for (absl::string_view piece : absl::StrSplit(tokens_text, ',', absl::SkipWhitespace())) {
     int32_t id = 0;
     if (!absl::SimpleAtoi(piece, &id)) {
@@ -112,108 +67,36 @@ int RunLogits(const std::string& model_spec, const std::string& tokens_text,
                 << "`\n";
       return 2;
     }
-    tokens.push_back(id);
+    request.tokens.push_back(id);
   }
-  if (tokens.empty()) {
-    std::cerr << "moeserve logits: --tokens is empty\n";
-    return 2;
+  absl::StatusOr<moeserve::engine::LogitsResult> result = moeserve::engine::ComputeLogits(request);
+  if (!result.ok()) {
+    std::cerr << "moeserve logits: " << result.status().message() << "\n";
+    return result.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
   }
-  auto loaded = LoadModel(model_spec);
-  if (!loaded.ok()) {
-    std::cerr << "moeserve logits: " << loaded.status().message() << "\n";
-    return 1;
-  }
-  const auto& config = loaded->model->config();
-  for (int32_t id : tokens) {
-    if (id < 0 || id >= config.vocab_size) {
-      std::cerr << "moeserve logits: token " << id << " is out of range (vocabulary of "
-                << config.vocab_size << ")\n";
-      return 2;
-    }
-  }
-  if (static_cast<int>(tokens.size()) > config.max_position_embeddings) {
-    std::cerr << "moeserve logits: " << tokens.size() << " tokens exceed the context length "
-              << config.max_position_embeddings << "\n";
-    return 2;
-  }
-  std::vector<float> logits;
-  if (ep <= 1 && parallel.num_redundant_experts == 0 && parallel.placement_file.empty() &&
-      !parallel.two_batch_overlap && !backend->factory) {
-    const int block_size = 16;
-    moeserve::engine::KvRows cache(config.num_hidden_layers,
-                                   (static_cast<int>(tokens.size()) + block_size - 1) / block_size,
-                                   block_size, loaded->model->kv_row_dim());
-    moeserve::engine::BlockAllocator cache_blocks(cache.num_blocks());
-    std::vector<int32_t> blocks = *cache_blocks.Allocate(cache.num_blocks());
-    moeserve::engine::BatchSequence sequence{tokens, 0, &blocks, /*all_logits=*/true};
-    logits = loaded->model->Forward({&sequence, 1}, cache);
-  } else {
-    const int num_logical = config.n_routed_experts;
-    const int num_physical = num_logical + parallel.num_redundant_experts;
-    auto placement =
-        parallel.placement_file.empty()
-            ? absl::StatusOr<moeserve::engine::ExpertPlacement>(
-                  moeserve::engine::ExpertPlacement::Default(config.num_moe_layers(), num_logical,
-                                                             num_physical))
-            : moeserve::engine::ExpertPlacement::LoadJsonFile(
-                  parallel.placement_file, config.num_moe_layers(), num_logical, num_physical);
-    if (!placement.ok()) {
-      std::cerr << "moeserve logits: " << placement.status().message() << "\n";
-      return 2;
-    }
-    moeserve::engine::parallel::GroupOptions options;
-    options.name = "logits";
-    options.size = ep;
-    options.two_batch_overlap = parallel.two_batch_overlap;
-    options.overlap_min_tokens = parallel.overlap_min_tokens;
-    auto result = moeserve::engine::parallel::ComputeGroupLogits(
-        *loaded->model, tokens, options, std::move(*placement), nullptr, backend->factory);
-    if (!result.ok()) {
-      std::cerr << "moeserve logits: " << result.status().message() << "\n";
-      return result.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-    }
-    logits = std::move(result->logits);
-    std::cerr << "moeserve logits: EP" << ep << ", max difference between ranks' copies "
+  if (result->ep > 1) {
+    std::cerr << "moeserve logits: EP" << result->ep << ", max difference between ranks' copies "
               << result->max_rank_difference << "\n";
   }
   auto status = moeserve::server::WriteNpyFloat32(
-      out_path, {static_cast<int64_t>(tokens.size()), config.vocab_size}, logits);
+      out_path, {result->num_tokens, result->vocab_size}, result->logits);
   if (!status.ok()) {
     std::cerr << "moeserve logits: " << status.message() << "\n";
     return 1;
   }
-  std::cout << "wrote " << tokens.size() << " x " << config.vocab_size << " float32 logits to "
-            << out_path << "\n";
+  std::cout << "wrote " << result->num_tokens << " x " << result->vocab_size
+            << " float32 logits to " << out_path << "\n";
   return 0;
 }
 
 int RunExport(const std::string& model_spec, const std::string& out_dir) {
-  if (auto status = CheckModelRunsOn(model_spec, "cpu"); !status.ok()) {
-    std::cerr << "moeserve export: " << status.message() << " (it has no checkpoint to export)\n";
-    return 2;
+  absl::StatusOr<int> tensors = moeserve::engine::ExportModel(model_spec, out_dir);
+  if (!tensors.ok()) {
+    std::cerr << "moeserve export: " << tensors.status().message() << "\n";
+    return tensors.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
   }
-  auto loaded = LoadModel(model_spec);
-  if (!loaded.ok()) {
-    std::cerr << "moeserve export: " << loaded.status().message() << "\n";
-    return 1;
-  }
-  std::error_code error;
-  std::filesystem::create_directories(out_dir, error);
-  if (error) {
-    std::cerr << "moeserve export: cannot create " << out_dir << ": " << error.message() << "\n";
-    return 1;
-  }
-  const auto& weights = loaded->model->weights();
-  std::ofstream(out_dir + "/config.json")
-      << moeserve::engine::ModelConfigToJson(weights.config()).dump(2) << "\n";
-  auto status =
-      moeserve::engine::WriteSafetensors(out_dir + "/model.safetensors", weights.tensors());
-  if (!status.ok()) {
-    std::cerr << "moeserve export: " << status.message() << "\n";
-    return 1;
-  }
-  std::cout << "wrote " << out_dir << "/config.json and model.safetensors ("
-            << weights.tensors().size() << " tensors)\n";
+  std::cout << "wrote " << out_dir << "/config.json and model.safetensors (" << *tensors
+            << " tensors)\n";
   return 0;
 }
 
@@ -230,8 +113,10 @@ int main(int argc, char** argv) {
   int64_t kv_cache_mib = serve.engine.kv_cache_bytes >> 20;  // per rank
   auto* serve_command = app.add_subcommand("serve", "Serve a model over gRPC");
   serve_command
-      ->add_option("--model", serve.model,
-                   "Model to serve: builtin:tiny, builtin:tiny-nolora, builtin:tiny-v2")
+      ->add_option(
+          "--model", serve.engine.model,
+          "Model to serve: builtin:tiny, builtin:tiny-nolora, builtin:tiny-v2, builtin:tiny-e256, "
+          "builtin:v3-bench (GPU only), or a Hugging Face checkpoint folder")
       ->capture_default_str();
   serve_command->add_option("--host", serve.host, "Address to listen on")->capture_default_str();
   serve_command->add_option("--port", serve.port, "gRPC port (0: pick a free one)")
@@ -322,18 +207,13 @@ int main(int argc, char** argv) {
   std::string serve_device = "cpu";
   AddDeviceOption(serve_command, serve_device);
   serve_command->callback([&] {
-    if (auto status = CheckModelRunsOn(serve.model, serve_device); !status.ok()) {
+    serve.engine.device = serve_device;
+    if (auto status = moeserve::engine::CheckModelRunsOn(serve.engine.model, serve_device);
+        !status.ok()) {
       std::cerr << "moeserve serve: " << status.message() << "\n";
       exit_code = 2;
       return;
     }
-    auto backend = BackendFor(serve_device);
-    if (!backend.ok()) {
-      std::cerr << "moeserve serve: " << backend.status().message() << "\n";
-      exit_code = 2;
-      return;
-    }
-    serve.engine.backend = *backend;
     if (!injected_fault.empty()) {
       auto fault = ParseInjectedFault(injected_fault);
       if (!fault.ok()) {
@@ -366,8 +246,12 @@ int main(int argc, char** argv) {
   std::string logits_device = "cpu";
   AddDeviceOption(logits_command, logits_device);
   logits_command->callback([&] {
-    exit_code = RunLogits(logits_model, logits_tokens, logits_out, logits_ep, logits_parallel,
-                          logits_device);
+    exit_code = RunLogits({.model = logits_model,
+                           .device = logits_device,
+                           .tokens = {},
+                           .ep = logits_ep,
+                           .parallel = logits_parallel},
+                          logits_tokens, logits_out);
   });
 
   std::string export_model = "builtin:tiny", export_dir;

@@ -9,7 +9,6 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "engine/model/loader.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server.h"
@@ -68,13 +67,7 @@ int RunServe(const ServeOptions& options) {
     metrics_address = absl::StrCat(options.host, ":", ports.empty() ? 0 : ports.front());
   }
 
-  const engine::ParallelOptions& parallel_options = options.engine.parallel;
-  GenerationService generation(
-      ServingLayout{.prefill_ep = parallel_options.prefill_ep,
-                    .decode_ep = parallel_options.decode_ep,
-                    .num_redundant_experts = parallel_options.num_redundant_experts,
-                    .two_batch_overlap = parallel_options.two_batch_overlap,
-                    .device = options.engine.backend.name});
+  GenerationService generation;
   std::unique_ptr<AdminService> admin;
   if (!options.admin_token_file.empty()) {
     absl::StatusOr<std::string> token = ReadAdminToken(options.admin_token_file);
@@ -106,14 +99,8 @@ int RunServe(const ServeOptions& options) {
     SetGroupHealth(*health, group, false);
   }
 
-  absl::StatusOr<engine::LoadedModel> loaded = engine::LoadModel(options.model);
-  if (!loaded.ok()) {
-    std::cerr << "moeserve: " << loaded.status().message() << "\n";
-    server->Shutdown();
-    return 1;
-  }
   absl::StatusOr<std::unique_ptr<engine::Engine>> engine =
-      engine::Engine::Create(loaded->model, loaded->tokenizer, options.engine, registry.get());
+      engine::Engine::Create(options.engine, registry.get());
   if (!engine.ok()) {
     std::cerr << "moeserve: " << engine.status().message() << "\n";
     server->Shutdown();
@@ -139,7 +126,7 @@ int RunServe(const ServeOptions& options) {
       parallel.prefill_ep > 0
           ? absl::StrCat("prefill EP", parallel.prefill_ep, " + decode EP", parallel.decode_ep)
           : absl::StrCat("EP", parallel.decode_ep);
-  std::cout << "moeserve: serving " << options.model << " on " << options.host << ":"
+  std::cout << "moeserve: serving " << options.engine.model << " on " << options.host << ":"
             << selected_port << " (metrics on " << metrics_address << ", " << layout << ", "
             << parallel.num_redundant_experts << " redundant experts, two-batch overlap "
             << (parallel.two_batch_overlap ? "on" : "off") << ", KV cache " << stats.kv_blocks_total

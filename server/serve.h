@@ -11,14 +11,13 @@
 namespace moeserve::server {
 
 struct ServeOptions {
-  std::string model = "builtin:tiny";
   std::string host = "127.0.0.1";
   int port = 50051;         // 0 picks a free port (printed on the ready line)
   int metrics_port = 9400;  // 0 picks a free port; -1 disables the exporter
   double shutdown_grace_seconds = 10.0;
   int max_receive_message_bytes = 16 << 20;
   std::string admin_token_file;  // empty: the Admin service is not served
-  engine::EngineOptions engine;
+  engine::EngineOptions engine;  // the model and device are engine.model and engine.device
 };
 
 // Returns the process exit code.

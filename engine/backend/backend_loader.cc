@@ -53,4 +53,19 @@ absl::StatusOr<CudaBackend> LoadCudaBackend() {
                    absl::StrJoin(failures, "; ")));
 }
 
+absl::StatusOr<RankBackendChoice> ChooseRankBackend(const std::string& device) {
+  RankBackendChoice choice;
+  if (device == "cpu") return choice;
+  if (device != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device must be cpu or cuda, got `", device, "`"));
+  }
+  absl::StatusOr<CudaBackend> cuda = LoadCudaBackend();
+  if (!cuda.ok()) return cuda.status();
+  choice.factory = std::move(cuda->factory);
+  choice.kv_element_bytes = 2;  // bf16 rows
+  choice.device = "cuda";
+  return choice;
+}
+
 }  // namespace moeserve::engine

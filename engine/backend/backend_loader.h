@@ -27,6 +27,16 @@ struct CudaBackend {
 // path. FAILED_PRECONDITION, naming the places searched and dlopen's reason, when none loads.
 absl::StatusOr<CudaBackend> LoadCudaBackend();
 
+// Where a group's ranks compute: the CPU backend is built in; a GPU backend comes from the
+// plugin's factory (the engine library itself never depends on CUDA).
+struct RankBackendChoice {
+  RankBackendFactory factory;  // null: the CPU
+  int kv_element_bytes = 4;    // bytes per cached value (fp32 on the CPU, bf16 on GPUs)
+  std::string device = "cpu";  // for messages
+};
+// The backend for `--device` `device` ("cpu" or "cuda", which loads the plugin).
+absl::StatusOr<RankBackendChoice> ChooseRankBackend(const std::string& device);
+
 // The plugin's entry point, extern "C" so that dlsym finds it by this name. Returns false when
 // no CUDA device is usable (`visible_devices` is then 0).
 inline constexpr char kCudaBackendEntryPoint[] = "moeserve_cuda_backend_v1";

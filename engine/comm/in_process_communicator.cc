@@ -177,6 +177,12 @@ Communicator& InProcessGroup::communicator(int rank, int channel) {
   return *communicators_[static_cast<size_t>(channel) * size_ + rank];
 }
 
+std::vector<int> InProcessGroup::local_ranks() const {
+  std::vector<int> ranks(size_);
+  std::iota(ranks.begin(), ranks.end(), 0);
+  return ranks;
+}
+
 void InProcessGroup::Abort() {
   for (auto& channel : channels_) channel->Abort();
 }

@@ -12,22 +12,24 @@
 #include <mutex>
 #include <vector>
 
-#include "engine/comm/communicator.h"
+#include "engine/comm/communicator_group.h"
 
 namespace moeserve::engine::comm {
 
-class InProcessGroup {
+class InProcessGroup : public CommunicatorGroup {
  public:
   // `timeout`: how long a collective waits for the slowest rank before failing.
   InProcessGroup(int size, int num_channels,
                  std::chrono::milliseconds timeout = std::chrono::seconds(120));
-  ~InProcessGroup();
+  ~InProcessGroup() override;
 
-  int size() const { return size_; }
-  Communicator& communicator(int rank, int channel = 0);
+  int size() const override { return size_; }
+  std::vector<int> local_ranks() const override;
+  int num_channels() const override { return static_cast<int>(channels_.size()); }
+  Communicator& communicator(int rank, int channel = 0) override;
 
   // Makes every pending and future collective fail with UNAVAILABLE (a rank died).
-  void Abort();
+  void Abort() override;
 
  private:
   class Channel;

@@ -1,32 +1,37 @@
-// ExpertParallelGroup: N ranks that step together — the in-process communicator group (two
-// channels: compute and communication), one communication thread per rank for two-batch
-// overlap, the group's metrics, expert-load counters, optional trace, and its placement.
+// ExpertParallelGroup: the ranks of one expert-parallel group that run in this process, and
+// what they share — the communicators (injected: in-process for ranks that are threads, or a
+// group spanning processes), one communication thread per rank for two-batch overlap, the
+// group's metrics, expert-load counters, optional trace, its placement, and its health.
 //
-// Per step, every rank calls Agree() with its local work; the one small all-reduce decides for
-// all of them whether to run, whether to split into two micro-batches, whether to stop, and at
-// which step a new placement is committed (all ranks switch at the same step boundary).
-// Thread-safe: rank threads call Agree()/placement(rank) for their own rank; UpdatePlacement()
-// may be called from any thread.
+// Per step, every rank calls Agree() with its local work; one small all-reduce decides for all
+// of them whether to run, whether to split into two micro-batches, whether to stop, and at
+// which step a new placement commits (all ranks switch at the same step boundary, in every
+// process). A new placement's slots are prepared in the background by each rank's ExpertStager
+// (host copies by default; a GPU backend registers its own) while the ranks keep serving.
+//
+// Thread-safe: rank threads call Agree()/placement(rank)/resources(rank) for their own rank;
+// UpdatePlacement(), Fail() and the accessors of shared state may be called from any thread.
 #pragma once
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "engine/comm/in_process_communicator.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/comm/communicator_group.h"
 #include "engine/model/model.h"
 #include "engine/parallel/communication_thread.h"
 #include "engine/parallel/ep_forward.h"
 #include "engine/parallel/parallel_metrics.h"
 #include "engine/placement/expert_load.h"
 #include "engine/placement/expert_placement.h"
+#include "engine/placement/expert_stager.h"
 #include "engine/placement/expert_weights.h"
 #include "engine/trace/trace_recorder.h"
 #include "prometheus/registry.h"
@@ -41,12 +46,22 @@ struct GroupOptions {
   // whole).
   int overlap_min_tokens = 32;
   bool expert_load_metrics = true;  // per (layer, expert) Prometheus series
+  // How long the default in-process communicators wait for the slowest rank.
   std::chrono::milliseconds collective_timeout = std::chrono::seconds(120);
-  // Stage each rank's own host copies of its slots' weights on placement updates (the CPU
-  // backend computes from them). A GPU backend uploads changed slots itself, so it turns this
-  // off and a new placement commits as soon as the ranks agree. Models whose routed experts
-  // exist on GPUs only (ModelConfig::routed_experts_on_device) need it off.
+  // Stage each rank's own host copies of its slots' weights (the CPU backend computes from
+  // them). A GPU backend registers its own stager instead (SetExpertStager), so it turns this
+  // off; models whose routed experts exist on GPUs only (ModelConfig::routed_experts_on_device)
+  // need it off.
   bool stage_host_expert_weights = true;
+};
+
+// What a group is built from that the caller may provide.
+struct GroupParts {
+  // The communicators of the local ranks, with two channels (compute, overlap). Null: an
+  // in-process group of options.size ranks, every rank local.
+  std::unique_ptr<comm::CommunicatorGroup> communicators;
+  // Where staged expert slots are read from. Null: the model's host weights.
+  std::unique_ptr<ExpertWeightSource> weight_source;
 };
 
 struct StepAgreement {
@@ -59,33 +74,45 @@ struct StepAgreement {
 
 class ExpertParallelGroup {
  public:
-  // `registry` and `trace` may be null. `placement` must divide over `options.size` ranks.
+  // `registry` and `trace` may be null. `placement` must fit the model and divide over
+  // `options.size` ranks.
   static absl::StatusOr<std::unique_ptr<ExpertParallelGroup>> Create(
       const Model& model, GroupOptions options, ExpertPlacement placement,
-      prometheus::Registry* registry, TraceRecorder* trace, int trace_pid_offset = 0);
+      prometheus::Registry* registry, TraceRecorder* trace, int trace_pid_offset = 0,
+      GroupParts parts = {});
+  ~ExpertParallelGroup();
 
   const std::string& name() const { return options_.name; }
   int size() const { return options_.size; }
+  const std::vector<int>& local_ranks() const { return local_ranks_; }
   const GroupOptions& options() const { return options_; }
   const ExpertParallelForward& forward() const { return forward_; }
   RankResources& resources(int rank) { return *resources_[rank]; }
   ParallelMetrics& metrics() { return metrics_; }
   ExpertLoadRecorder& load() { return load_; }
+  const ExpertLoadRecorder& load() const { return load_; }
+  // What placements of this group must fit.
+  PlacementShape placement_shape() const;
+
+  // A rank's own stager, replacing the host one (before the ranks start stepping). The stager
+  // must already hold the group's current placement.
+  void SetExpertStager(int rank, ExpertStager* stager);
 
   // The placement rank `rank` computes with (switches only inside Agree()).
   const ExpertPlacement& placement(int rank) const { return *rank_placement_[rank]; }
-  // The committed placement (any thread).
+  // The committed placement (any thread): committed once every local rank switched to it.
   std::shared_ptr<const ExpertPlacement> committed_placement() const;
 
   // Called by every rank, together, once per step.
   absl::StatusOr<StepAgreement> Agree(int rank, int64_t local_tokens, bool stop_requested);
 
-  // Stages `placement` (its version must exceed the committed one): a background thread copies
-  // the slots whose expert changed into each rank's weights while the ranks keep serving; then
-  // every rank commits it at the same step boundary. Returns once committed;
-  // FAILED_PRECONDITION for a stale version or while another update is in progress,
-  // INVALID_ARGUMENT for a wrong shape, DEADLINE_EXCEEDED after `timeout` (the update may still
-  // commit later).
+  // Applies `placement` (validated to fit placement_shape(); its version must exceed the
+  // committed one): a background thread stages the slots whose expert changed into each local
+  // rank's stager while the ranks keep serving, then every rank commits it at the same step
+  // boundary. Returns once committed. FAILED_PRECONDITION for a stale version or while another
+  // update is in progress; INVALID_ARGUMENT for a wrong shape; the staging error; UNAVAILABLE
+  // if the group fails meanwhile; DEADLINE_EXCEEDED after `timeout`, in which case the update
+  // is withdrawn and never commits (the call answers OK if it committed before it could be).
   absl::Status UpdatePlacement(ExpertPlacement placement, std::chrono::milliseconds timeout);
 
   // Wakes ranks idling in WaitForWork (new work or shutdown).
@@ -108,48 +135,51 @@ class ExpertParallelGroup {
 
  private:
   ExpertParallelGroup(const Model& model, GroupOptions options, ExpertPlacement placement,
-                      prometheus::Registry* registry);
+                      prometheus::Registry* registry, GroupParts parts);
 
- public:
-  ~ExpertParallelGroup();
-
- private:
-  absl::Status StageAll(const ExpertPlacement& placement,
-                        std::vector<std::shared_ptr<const RankExpertWeights>>& out) const;
+  // A placement being applied. Guarded by placement_mutex_ except `placement` (immutable).
+  struct PendingPlacement {
+    std::shared_ptr<const ExpertPlacement> placement;
+    bool staged = false;      // every local stager holds it
+    bool cancelled = false;   // withdrawn: ranks no longer vote for it
+    bool discarded = false;   // the stagers dropped it
+    int votes = 0;            // local ranks inside an Agree that voted for it
+    int committed_ranks = 0;  // local ranks that switched to it
+  };
+  // Stages `pending` into every local stager (the staging thread).
+  void Stage(std::shared_ptr<PendingPlacement> pending);
+  // Drops `pending` from the stagers once (the caller holds no lock).
+  void DiscardStaged(PendingPlacement& pending);
+  ExpertStager* stager(int rank) const;
 
   GroupOptions options_;
   ExpertParallelForward forward_;
-  comm::InProcessGroup communicators_;
+  std::unique_ptr<comm::CommunicatorGroup> communicators_;
+  std::vector<int> local_ranks_;
   ParallelMetrics metrics_;
   ExpertLoadRecorder load_;
-  std::vector<std::unique_ptr<CommunicationThread>> communication_threads_;
-  std::vector<std::unique_ptr<RankResources>> resources_;
-
-  mutable std::mutex placement_mutex_;
-  std::condition_variable placement_committed_;
-  std::shared_ptr<const ExpertPlacement> committed_;  // guarded by placement_mutex_
-  // A placement being applied, with each rank's weights once the staging thread has them. A
-  // rank keeps its own reference for the whole step, so an update that starts right after the
-  // commit (the caller returns once rank 0 committed) cannot change what a rank still
-  // switching reads.
-  struct PendingPlacement {
-    std::shared_ptr<const ExpertPlacement> placement;
-    std::vector<std::shared_ptr<const RankExpertWeights>> weights;  // guarded by placement_mutex_
-    std::atomic<bool> staged{false};                                // weights are complete
-  };
-  std::shared_ptr<PendingPlacement> pending_;  // guarded by placement_mutex_
-  absl::Status staging_error_;                 // guarded by placement_mutex_
-  std::thread staging_thread_;
-  std::vector<std::shared_ptr<const ExpertPlacement>> rank_placement_;  // each rank's own
-  std::vector<std::shared_ptr<const RankExpertWeights>> rank_weights_;  // each rank's own
   std::unique_ptr<ExpertWeightSource> weight_source_;
+  std::vector<std::unique_ptr<CommunicationThread>> communication_threads_;
+  std::vector<std::unique_ptr<RankResources>> resources_;               // [rank]; local ranks only
+  std::vector<std::unique_ptr<HostExpertStager>> host_stagers_;         // [rank]; when staging
+  std::vector<ExpertStager*> stagers_;                                  // [rank]; may be null
+  std::vector<std::shared_ptr<const ExpertPlacement>> rank_placement_;  // [rank]; each rank's own
 
-  std::mutex work_mutex_;
-  std::condition_variable work_available_;
-  uint64_t work_generation_ = 0;
+  // The fields of the pending placement (PendingPlacement) are guarded by it too.
+  mutable absl::Mutex placement_mutex_;
+  absl::CondVar placement_changed_;
+  std::shared_ptr<const ExpertPlacement> committed_ ABSL_GUARDED_BY(placement_mutex_);
+  std::shared_ptr<PendingPlacement> pending_ ABSL_GUARDED_BY(placement_mutex_);
+  absl::Status staging_error_ ABSL_GUARDED_BY(placement_mutex_);
+  std::thread staging_thread_;  // joined before the next one starts (UpdatePlacement callers)
+  absl::Mutex update_mutex_;    // one UpdatePlacement at a time starts or joins staging
 
-  mutable std::mutex health_mutex_;
-  absl::Status failure_;  // guarded by health_mutex_; OK while healthy
+  absl::Mutex work_mutex_;
+  absl::CondVar work_available_;
+  uint64_t work_generation_ ABSL_GUARDED_BY(work_mutex_) = 0;
+
+  mutable absl::Mutex health_mutex_;
+  absl::Status failure_ ABSL_GUARDED_BY(health_mutex_);  // OK while healthy
   std::atomic<bool> failed_{false};
   std::function<void(const absl::Status&)> failure_listener_;
 };

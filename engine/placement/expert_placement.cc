@@ -1,6 +1,7 @@
 #include "engine/placement/expert_placement.h"
 
 #include <fstream>
+#include <limits>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -56,9 +57,35 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::FromPhy2Log(
   return placement;
 }
 
+absl::StatusOr<ExpertPlacement> ExpertPlacement::Create(std::vector<std::vector<int32_t>> phy2log,
+                                                        int64_t version,
+                                                        const PlacementShape& shape) {
+  if (version < 0 || version == std::numeric_limits<int64_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "placement: version ", version, " is out of range: use 0 to ",
+        std::numeric_limits<int64_t>::max() - 1, " (each update needs a higher version)"));
+  }
+  if (static_cast<int>(phy2log.size()) != shape.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("placement: ", phy2log.size(),
+                                                   " layers given, the model has ",
+                                                   shape.num_layers, " MoE layers"));
+  }
+  for (size_t layer = 0; layer < phy2log.size(); ++layer) {
+    if (static_cast<int>(phy2log[layer].size()) != shape.num_physical) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("placement: layer ", layer, " has ", phy2log[layer].size(),
+                       " slots, expected ", shape.num_physical, " (routed + redundant experts)"));
+    }
+  }
+  absl::StatusOr<ExpertPlacement> placement =
+      FromPhy2Log(std::move(phy2log), shape.num_logical, version);
+  if (!placement.ok()) return placement.status();
+  if (auto s = placement->CheckRanks(shape.num_ranks); !s.ok()) return s;
+  return placement;
+}
+
 absl::StatusOr<ExpertPlacement> ExpertPlacement::FromJson(const nlohmann::json& json,
-                                                          int num_layers, int num_logical,
-                                                          int num_physical) {
+                                                          const PlacementShape& shape) {
   std::vector<std::vector<int32_t>> phy2log;
   int64_t version = 1;
   const auto malformed = [] {
@@ -79,38 +106,26 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::FromJson(const nlohmann::json& 
     for (const auto& expert : layer) {
       // get<int32_t>() would truncate 2.7 or wrap 2^32 + 1; refuse anything but a small integer.
       if (!expert.is_number_integer() || expert.get<int64_t>() < 0 ||
-          expert.get<int64_t>() >= num_logical) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("placement: phy2log layer ", phy2log.size() - 1, " slot ", slots.size(),
-                         " holds ", expert.dump(), ", not an expert id in [0, ", num_logical, ")"));
+          expert.get<int64_t>() >= shape.num_logical) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "placement: phy2log layer ", phy2log.size() - 1, " slot ", slots.size(), " holds ",
+            expert.dump(), ", not an expert id in [0, ", shape.num_logical, ")"));
       }
       slots.push_back(static_cast<int32_t>(expert.get<int64_t>()));
     }
   }
-  if (static_cast<int>(phy2log.size()) != num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "placement: ", phy2log.size(), " layers given, the model has ", num_layers, " MoE layers"));
-  }
-  for (size_t layer = 0; layer < phy2log.size(); ++layer) {
-    if (static_cast<int>(phy2log[layer].size()) != num_physical) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("placement: layer ", layer, " has ", phy2log[layer].size(),
-                       " slots, expected ", num_physical, " (routed + redundant experts)"));
-    }
-  }
-  return FromPhy2Log(std::move(phy2log), num_logical, version);
+  return Create(std::move(phy2log), version, shape);
 }
 
 absl::StatusOr<ExpertPlacement> ExpertPlacement::LoadJsonFile(const std::string& path,
-                                                              int num_layers, int num_logical,
-                                                              int num_physical) {
+                                                              const PlacementShape& shape) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat("placement: cannot read ", path));
   nlohmann::json json = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
   if (json.is_discarded()) {
     return absl::InvalidArgumentError(absl::StrCat("placement: ", path, " is not valid JSON"));
   }
-  return FromJson(json, num_layers, num_logical, num_physical);
+  return FromJson(json, shape);
 }
 
 ExpertPlacement ExpertPlacement::WithVersion(int64_t version) const {
@@ -144,6 +159,17 @@ std::span<const int32_t> ExpertPlacement::replicas(int layer, int expert) const 
 int32_t ExpertPlacement::ChooseSlot(int layer, int expert, uint64_t key) const {
   std::span<const int32_t> slots = replicas(layer, expert);
   return slots[key % slots.size()];
+}
+
+absl::Status ExpertPlacement::CheckShape(const PlacementShape& shape) const {
+  if (num_layers() != shape.num_layers || num_logical_ != shape.num_logical ||
+      num_physical_ != shape.num_physical) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement shape ", num_layers(), " layers x ", num_physical_, " slots of ",
+                     num_logical_, " experts does not match the group's ", shape.num_layers, " x ",
+                     shape.num_physical, " of ", shape.num_logical));
+  }
+  return CheckRanks(shape.num_ranks);
 }
 
 absl::Status ExpertPlacement::CheckRanks(int num_ranks) const {

@@ -17,8 +17,22 @@
 
 namespace moeserve::engine {
 
+// What a placement must fit: a group's MoE layers, logical experts, physical slots and ranks.
+struct PlacementShape {
+  int num_layers = 0;
+  int num_logical = 0;
+  int num_physical = 0;
+  int num_ranks = 1;
+};
+
 class ExpertPlacement {
  public:
+  // The one validation of a placement from outside (a file, the Admin API): phy2log has
+  // shape.num_layers layers of shape.num_physical slots, every slot holds an expert id in
+  // [0, num_logical), every expert has a replica, the slots divide over the ranks, and the
+  // version is in [0, INT64_MAX). INVALID_ARGUMENT naming the first problem otherwise.
+  static absl::StatusOr<ExpertPlacement> Create(std::vector<std::vector<int32_t>> phy2log,
+                                                int64_t version, const PlacementShape& shape);
   // Slot p holds expert p % num_logical: every expert once, then the first
   // (num_physical - num_logical) experts a second time. Used when no load is known.
   static ExpertPlacement Default(int num_layers, int num_logical, int num_physical);
@@ -27,10 +41,10 @@ class ExpertPlacement {
                                                      int num_logical, int64_t version);
   // Reads {"version": V, "phy2log": [[...], ...]} (also the output lines of
   // `moeserve-eplb rebalance`) and checks it against the expected shape.
-  static absl::StatusOr<ExpertPlacement> LoadJsonFile(const std::string& path, int num_layers,
-                                                      int num_logical, int num_physical);
-  static absl::StatusOr<ExpertPlacement> FromJson(const nlohmann::json& json, int num_layers,
-                                                  int num_logical, int num_physical);
+  static absl::StatusOr<ExpertPlacement> LoadJsonFile(const std::string& path,
+                                                      const PlacementShape& shape);
+  static absl::StatusOr<ExpertPlacement> FromJson(const nlohmann::json& json,
+                                                  const PlacementShape& shape);
 
   int num_layers() const { return static_cast<int>(phy2log_.size()); }
   int num_logical() const { return num_logical_; }
@@ -48,6 +62,8 @@ class ExpertPlacement {
 
   // Checks that the slots divide evenly over `num_ranks`.
   absl::Status CheckRanks(int num_ranks) const;
+  // Whether this placement fits `shape` (layers, logical experts, slots, ranks).
+  absl::Status CheckShape(const PlacementShape& shape) const;
 
  private:
   ExpertPlacement() = default;

@@ -22,22 +22,13 @@
 #include "engine/model/tokenizer.h"
 #include "engine/parallel/ep_group.h"
 #include "engine/runtime/block_allocator.h"
+#include "engine/runtime/injected_fault.h"
 #include "engine/runtime/metrics.h"
 #include "engine/runtime/sequence.h"
 
 namespace moeserve::engine {
 
 enum class GroupRole { kMixed, kPrefill, kDecode };
-
-// A failure injected into one rank for tests of failure handling (`serve --inject-fault`): at
-// its `step`-th working step (counted from 1) the rank fails its step, or, with `hang`, stops
-// arriving at collectives so that its peers' collectives time out.
-struct InjectedFault {
-  std::string group;
-  int rank = -1;
-  int step = 0;
-  bool hang = false;
-};
 
 // What every worker of an engine shares. Owned by the Engine; outlives the workers.
 struct WorkerContext {

@@ -6,18 +6,18 @@
 
 #include "engine/ops/cpu_ops.h"
 
-namespace moeserve::engine::parallel {
+namespace moeserve::engine::tools {
 
 absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<const int32_t> tokens,
-                                               const GroupOptions& options,
+                                               const parallel::GroupOptions& options,
                                                ExpertPlacement placement, TraceRecorder* trace,
                                                const RankBackendFactory& backend_factory) {
   // A GPU backend holds its slots' weights on its device; host copies would be waste (and do
   // not exist for experts generated on the GPU).
-  GroupOptions group_options = options;
+  parallel::GroupOptions group_options = options;
   if (backend_factory) group_options.stage_host_expert_weights = false;
-  auto group =
-      ExpertParallelGroup::Create(model, group_options, std::move(placement), nullptr, trace);
+  auto group = parallel::ExpertParallelGroup::Create(model, group_options, std::move(placement),
+                                                     nullptr, trace);
   if (!group.ok()) return group.status();
   const int size = options.size;
   const int block_size = 16;
@@ -43,8 +43,8 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
       std::vector<int32_t> table(blocks);
       std::iota(table.begin(), table.end(), 0);
       BatchSequence sequence{tokens, 0, &table, /*all_logits=*/true};
-      ExpertParallelGroup& g = **group;
-      absl::StatusOr<StepAgreement> agreement =
+      parallel::ExpertParallelGroup& g = **group;
+      absl::StatusOr<parallel::StepAgreement> agreement =
           g.Agree(rank, static_cast<int64_t>(tokens.size()), false);
       if (!agreement.ok()) {
         statuses[rank] = agreement.status();
@@ -80,4 +80,4 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
   return result;
 }
 
-}  // namespace moeserve::engine::parallel
+}  // namespace moeserve::engine::tools

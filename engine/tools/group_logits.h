@@ -12,18 +12,18 @@
 #include "engine/model/model.h"
 #include "engine/parallel/ep_group.h"
 
-namespace moeserve::engine::parallel {
+namespace moeserve::engine::tools {
 
 struct GroupLogits {
   std::vector<float> logits;         // [tokens, vocab] of rank 0
   double max_rank_difference = 0.0;  // max |rank r - rank 0| over ranks and values
-  ParallelMetrics::Totals communication;
+  parallel::ParallelMetrics::Totals communication;
 };
 
 absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<const int32_t> tokens,
-                                               const GroupOptions& options,
+                                               const parallel::GroupOptions& options,
                                                ExpertPlacement placement,
                                                TraceRecorder* trace = nullptr,
                                                const RankBackendFactory& backend_factory = {});
 
-}  // namespace moeserve::engine::parallel
+}  // namespace moeserve::engine::tools

@@ -104,8 +104,8 @@ absl::StatusOr<std::vector<float>> GroupLogits(const Model& model,
   options.overlap_min_tokens = 1;
   auto placement = ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts,
                                             c.n_routed_experts + redundant);
-  auto result = parallel::ComputeGroupLogits(model, tokens, options, std::move(placement), nullptr,
-                                             gpu ? MakeCudaBackendFactory() : nullptr);
+  auto result = tools::ComputeGroupLogits(model, tokens, options, std::move(placement), nullptr,
+                                          gpu ? MakeCudaBackendFactory() : nullptr);
   if (!result.ok()) return result.status();
   return std::move(result->logits);
 }

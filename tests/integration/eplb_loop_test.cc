@@ -10,6 +10,8 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <limits>
 #include <random>
 #include <thread>
 
@@ -118,6 +120,24 @@ TEST(AdminApi, AuthenticatesAndRefusesBadPlacementsWithoutChangingAnything) {
        grpc::StatusCode::INVALID_ARGUMENT, "no replica of expert 5"},
       {"stale version", [](auto& r) { r.set_version(0); }, grpc::StatusCode::FAILED_PRECONDITION,
        "stale"},
+      // A version no later update could exceed would block every update until a restart.
+      {"last version", [](auto& r) { r.set_version(std::numeric_limits<int64_t>::max()); },
+       grpc::StatusCode::INVALID_ARGUMENT, "out of range"},
+      // Regression: timeouts of inf or 1e10 answered DEADLINE_EXCEEDED at once and 1e-9 expired
+      // before the commit, yet the placement committed afterwards.
+      {"infinite timeout",
+       [](auto& r) { r.set_timeout_seconds(std::numeric_limits<double>::infinity()); },
+       grpc::StatusCode::INVALID_ARGUMENT, "timeout_seconds"},
+      {"huge timeout", [](auto& r) { r.set_timeout_seconds(1e10); },
+       grpc::StatusCode::INVALID_ARGUMENT, "timeout_seconds"},
+      {"negative timeout", [](auto& r) { r.set_timeout_seconds(-1); },
+       grpc::StatusCode::INVALID_ARGUMENT, "timeout_seconds"},
+      {"NaN timeout",
+       [](auto& r) { r.set_timeout_seconds(std::numeric_limits<double>::quiet_NaN()); },
+       grpc::StatusCode::INVALID_ARGUMENT, "timeout_seconds"},
+      // Regression: a 1 MB group name was echoed into the message (RESOURCE_EXHAUSTED).
+      {"unknown group", [](auto& r) { r.set_group(std::string(1 << 20, 'g')); },
+       grpc::StatusCode::NOT_FOUND, "(groups: mixed)"},
   };
   for (const Case& c : cases) {
     v1::UpdateExpertPlacementRequest request = RandomPlacement(current, 1, rng);
@@ -126,6 +146,20 @@ TEST(AdminApi, AuthenticatesAndRefusesBadPlacementsWithoutChangingAnything) {
     EXPECT_EQ(status.error_code(), c.code) << c.name;
     EXPECT_THAT(status.error_message(), HasSubstr(c.message)) << c.name;
     EXPECT_EQ(GetPlacement(*admin).version(), 0) << c.name;
+  }
+  // A timeout too short for the commit withdraws the update: it answers DEADLINE_EXCEEDED and
+  // never commits (or, if it committed first, answers OK).
+  {
+    v1::UpdateExpertPlacementRequest request = RandomPlacement(current, 2, rng);
+    request.set_timeout_seconds(1e-9);
+    const grpc::Status status = Update(*admin, request);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    if (status.ok()) {
+      EXPECT_EQ(GetPlacement(*admin).version(), 2);
+    } else {
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
+      EXPECT_EQ(GetPlacement(*admin).version(), 0);
+    }
   }
   // A good one commits.
   ASSERT_TRUE(Update(*admin, RandomPlacement(current, 3, rng)).ok());

@@ -96,7 +96,7 @@ class EngineTest : public ::testing::Test {
   static std::unique_ptr<Engine> MakeEngine(EngineOptions options,
                                             prometheus::Registry* registry = nullptr) {
     absl::StatusOr<std::unique_ptr<Engine>> engine =
-        Engine::Create(loaded_->model, loaded_->tokenizer, options, registry);
+        Engine::CreateWithModel(loaded_->model, loaded_->tokenizer, options, registry);
     EXPECT_TRUE(engine.ok()) << engine.status();
     return engine.ok() ? *std::move(engine) : nullptr;
   }
@@ -455,7 +455,7 @@ TEST_F(EngineTest, StopAcceptingIsUnavailable) {
 TEST_F(EngineTest, SubmitValidatesWithActionableMessages) {
   std::unique_ptr<Engine> engine = MakeEngine(SmallOptions());
   ASSERT_NE(engine, nullptr);
-  const int context = engine->config().max_position_embeddings;  // 4096
+  const int context = engine->model_info().context_length;  // 4096
   struct Case {
     std::string name;
     GenerationInput input;
@@ -562,10 +562,10 @@ TEST_F(EngineTest, RequestLargerThanTheWholeKvCacheIsRejected) {
 TEST_F(EngineTest, CreateRejectsBadOptions) {
   EngineOptions options = SmallOptions();
   options.max_batch_tokens = 0;
-  EXPECT_FALSE(Engine::Create(loaded_->model, loaded_->tokenizer, options).ok());
+  EXPECT_FALSE(Engine::CreateWithModel(loaded_->model, loaded_->tokenizer, options).ok());
   options = SmallOptions();
   options.kv_cache_bytes = 100;
-  const auto engine = Engine::Create(loaded_->model, loaded_->tokenizer, options);
+  const auto engine = Engine::CreateWithModel(loaded_->model, loaded_->tokenizer, options);
   ASSERT_FALSE(engine.ok());
   EXPECT_THAT(engine.status().message(), HasSubstr("holds no block"));
 }
@@ -575,7 +575,7 @@ TEST_F(EngineTest, ModelsWithGpuOnlyExpertsAreRefusedOnTheCpu) {
   config.routed_experts_on_device = true;
   auto model = std::make_shared<Model>(ModelWeights::Generate(config, 1));
   EXPECT_EQ(model->weights().layer(1).moe.experts[0].gate_proj, nullptr);
-  const auto engine = Engine::Create(model, loaded_->tokenizer, SmallOptions());
+  const auto engine = Engine::CreateWithModel(model, loaded_->tokenizer, SmallOptions());
   ASSERT_FALSE(engine.ok());
   EXPECT_EQ(engine.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(engine.status().message(), HasSubstr("--device cuda"));
@@ -584,19 +584,15 @@ TEST_F(EngineTest, ModelsWithGpuOnlyExpertsAreRefusedOnTheCpu) {
 TEST_F(EngineTest, DisaggregationIsRefusedWithAGpuBackend) {
   EngineOptions options = SmallOptions();
   options.parallel.prefill_ep = 1;
-  options.backend.name = "cuda";
-  options.backend.factory =
-      [](const RankBackendRequest&) -> absl::StatusOr<std::unique_ptr<RankBackend>> {
-    return absl::InternalError("not reached");
-  };
-  const auto engine = Engine::Create(loaded_->model, loaded_->tokenizer, options);
+  options.device = "cuda";  // refused before the GPU backend would be loaded
+  const auto engine = Engine::CreateWithModel(loaded_->model, loaded_->tokenizer, options);
   ASSERT_FALSE(engine.ok());
   EXPECT_THAT(engine.status().message(), HasSubstr("disaggregation runs on the CPU only"));
 }
 
 TEST_F(EngineTest, StopStringsNeedATokenizer) {
   absl::StatusOr<std::unique_ptr<Engine>> engine =
-      Engine::Create(loaded_->model, nullptr, SmallOptions());
+      Engine::CreateWithModel(loaded_->model, nullptr, SmallOptions());
   ASSERT_TRUE(engine.ok()) << engine.status();
   GenerationInput input = Greedy(PromptOf(5, 0), 3);
   input.stop = {"x"};

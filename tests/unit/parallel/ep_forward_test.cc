@@ -80,7 +80,8 @@ TEST_P(GroupLogitsInvarianceTest, MatchesSingleRankForward) {
   options.collective_timeout = std::chrono::seconds(30);
   ExpertPlacement placement = MakePlacement(model, c.placement, c.ep);
   ASSERT_TRUE(placement.CheckRanks(c.ep).ok());
-  absl::StatusOr<GroupLogits> result = ComputeGroupLogits(model, tokens, options, placement);
+  absl::StatusOr<tools::GroupLogits> result =
+      tools::ComputeGroupLogits(model, tokens, options, placement);
   ASSERT_TRUE(result.ok()) << result.status();
   ASSERT_EQ(result->logits.size(), reference.size());
   EXPECT_LE(RelativeError(result->logits, reference), kTolerance);
@@ -122,7 +123,7 @@ TEST(GroupLogitsTest, RejectsAPlacementThatDoesNotDivideOverTheRanks) {
   GroupOptions options;
   options.size = 8;
   const std::vector<int32_t> tokens = Tokens12();
-  auto result = ComputeGroupLogits(
+  auto result = tools::ComputeGroupLogits(
       model, tokens, options,
       ExpertPlacement::Default(model.config().num_moe_layers(), model.config().n_routed_experts,
                                model.config().n_routed_experts + 3));

@@ -284,9 +284,29 @@ TEST(ExpertParallelGroupTest, UpdateWithoutSteppingRanksTimesOut) {
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded) << status;
+  EXPECT_THAT(status.message(), HasSubstr("withdrawn"));
   EXPECT_GE(seconds, 0.1);
   EXPECT_LT(seconds, 5.0);
   EXPECT_EQ(group->placement(0).version(), 0);
+
+  // Regression: an update that answered DEADLINE_EXCEEDED used to stay pending and commit as
+  // soon as the ranks stepped again. An update that did not answer OK must change nothing.
+  {
+    IdleRanks ranks(*group);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    ranks.Stop();
+    EXPECT_TRUE(ranks.status().ok()) << ranks.status();
+    for (int rank = 0; rank < 2; ++rank) {
+      for (int64_t version : ranks.agreed(rank)) EXPECT_EQ(version, 0) << "rank " << rank;
+    }
+  }
+  EXPECT_EQ(group->committed_placement()->version(), 0);
+  EXPECT_EQ(group->placement(0).version(), 0);
+  // The withdrawn update does not block the next one, even with the same version.
+  IdleRanks ranks(*group);
+  status = group->UpdatePlacement(DefaultPlacement().WithVersion(1), std::chrono::seconds(10));
+  EXPECT_TRUE(status.ok()) << status;
+  EXPECT_EQ(group->committed_placement()->version(), 1);
 }
 
 // Two updates racing: rank 0 enters a step having seen version 1 staged, rank 1 enters the same

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <random>
@@ -171,23 +172,53 @@ TEST(ExpertPlacementTest, FromPhy2LogRejectsRaggedAndEmptyLayouts) {
   EXPECT_EQ(too_few.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(ExpertPlacementTest, CreateIsTheOneValidationOfAPlacementFromOutside) {
+  const PlacementShape shape{2, 3, 4, /*num_ranks=*/2};
+  auto good = ExpertPlacement::Create({{0, 1, 2, 1}, {2, 2, 1, 0}}, 7, shape);
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_EQ(good->version(), 7);
+  EXPECT_TRUE(good->CheckShape(shape).ok());
+  struct Case {
+    std::vector<std::vector<int32_t>> phy2log;
+    int64_t version;
+    PlacementShape shape;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {{{0, 1, 2, 1}}, 1, shape, "1 layers given, the model has 2"},
+      {{{0, 1, 2, 1}, {0, 1, 2}}, 1, shape, "layer 1 has 3 slots, expected 4"},
+      {{{0, 1, 2, 1}, {0, 1, 2, 3}}, 1, shape, "holds expert 3"},
+      {{{0, 1, 1, 1}, {0, 1, 2, 1}}, 1, shape, "no replica of expert 2"},
+      {{{0, 1, 2, 1}, {0, 1, 2, 1}}, 1, {2, 3, 4, 3}, "do not divide over 3 ranks"},
+      {{{0, 1, 2, 1}, {0, 1, 2, 1}}, -1, shape, "version -1 is out of range"},
+      // A version no later update could exceed would block every update until a restart.
+      {{{0, 1, 2, 1}, {0, 1, 2, 1}}, std::numeric_limits<int64_t>::max(), shape, "is out of range"},
+  };
+  for (const Case& c : cases) {
+    auto placement = ExpertPlacement::Create(c.phy2log, c.version, c.shape);
+    EXPECT_EQ(placement.status().code(), absl::StatusCode::kInvalidArgument) << c.message;
+    EXPECT_THAT(placement.status().message(), HasSubstr(c.message));
+  }
+  EXPECT_EQ(good->CheckShape({2, 3, 5, 1}).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(ExpertPlacementTest, FromJsonReadsVersionAndLayout) {
   nlohmann::json json = {{"version", 42}, {"phy2log", {{1, 0, 2, 1}, {2, 2, 1, 0}}}};
-  auto placement = ExpertPlacement::FromJson(json, 2, 3, 4);
+  auto placement = ExpertPlacement::FromJson(json, {2, 3, 4});
   ASSERT_TRUE(placement.ok()) << placement.status();
   EXPECT_EQ(placement->version(), 42);
   EXPECT_THAT(placement->phy2log(0), ElementsAreArray({1, 0, 2, 1}));
   EXPECT_THAT(placement->phy2log(1), ElementsAreArray({2, 2, 1, 0}));
   ExpectInverseMatchesPhy2Log(*placement);
   // Without a version the placement is version 1 (newer than the default placement's 0).
-  auto unversioned = ExpertPlacement::FromJson({{"phy2log", {{0, 1, 2}}}}, 1, 3, 3);
+  auto unversioned = ExpertPlacement::FromJson({{"phy2log", {{0, 1, 2}}}}, {1, 3, 3});
   ASSERT_TRUE(unversioned.ok()) << unversioned.status();
   EXPECT_EQ(unversioned->version(), 1);
 }
 
 TEST(ExpertPlacementTest, FromJsonRejectsTheWrongLayerCount) {
   nlohmann::json json = {{"version", 2}, {"phy2log", {{0, 1, 2, 3}}}};
-  auto placement = ExpertPlacement::FromJson(json, 2, 4, 4);
+  auto placement = ExpertPlacement::FromJson(json, {2, 4, 4});
   EXPECT_EQ(placement.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(placement.status().message(), HasSubstr("1 layers given"));
   EXPECT_THAT(placement.status().message(), HasSubstr("2 MoE layers"));
@@ -195,7 +226,7 @@ TEST(ExpertPlacementTest, FromJsonRejectsTheWrongLayerCount) {
 
 TEST(ExpertPlacementTest, FromJsonRejectsTheWrongSlotCount) {
   nlohmann::json json = {{"version", 2}, {"phy2log", {{0, 1, 2, 3}, {0, 1, 2, 3, 0}}}};
-  auto placement = ExpertPlacement::FromJson(json, 2, 4, 5);
+  auto placement = ExpertPlacement::FromJson(json, {2, 4, 5});
   EXPECT_EQ(placement.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(placement.status().message(), HasSubstr("layer 0 has 4 slots, expected 5"));
 }
@@ -213,7 +244,7 @@ TEST(ExpertPlacementTest, FromJsonRejectsMalformedDocuments) {
       {{"phy2log", {{0, 1, 2, 3}}}, {"version", "seven"}},  // version not a number
   };
   for (const auto& json : malformed) {
-    auto placement = ExpertPlacement::FromJson(json, 1, 4, 4);
+    auto placement = ExpertPlacement::FromJson(json, {1, 4, 4});
     EXPECT_EQ(placement.status().code(), absl::StatusCode::kInvalidArgument) << json.dump();
     EXPECT_THAT(placement.status().message(), HasSubstr("phy2log")) << json.dump();
   }
@@ -228,7 +259,7 @@ TEST(ExpertPlacementTest, FromJsonRejectsExpertIdsThatAreNotSmallIntegers) {
       {{"phy2log", {{0, 1, 2.7, 3}}}},
   };
   for (const auto& json : invalid) {
-    auto placement = ExpertPlacement::FromJson(json, 1, 4, 4);
+    auto placement = ExpertPlacement::FromJson(json, {1, 4, 4});
     EXPECT_EQ(placement.status().code(), absl::StatusCode::kInvalidArgument) << json.dump();
   }
 }
@@ -239,21 +270,21 @@ TEST(ExpertPlacementTest, LoadJsonFileReadsAFileAndReportsBadOnes) {
   std::filesystem::create_directories(dir);
   const auto good = dir / "good.json";
   std::ofstream(good) << R"({"version": 3, "phy2log": [[1, 0, 1], [0, 1, 0]]})";
-  auto placement = ExpertPlacement::LoadJsonFile(good.string(), 2, 2, 3);
+  auto placement = ExpertPlacement::LoadJsonFile(good.string(), {2, 2, 3});
   ASSERT_TRUE(placement.ok()) << placement.status();
   EXPECT_EQ(placement->version(), 3);
   EXPECT_THAT(placement->phy2log(1), ElementsAreArray({0, 1, 0}));
 
   const auto bad = dir / "bad.json";
   std::ofstream(bad) << R"({"version": 3, "phy2log": [[1, 0, 1], [0, 1,)";
-  auto truncated = ExpertPlacement::LoadJsonFile(bad.string(), 2, 2, 3);
+  auto truncated = ExpertPlacement::LoadJsonFile(bad.string(), {2, 2, 3});
   EXPECT_EQ(truncated.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(truncated.status().message(), HasSubstr("bad.json"));
 
-  auto missing = ExpertPlacement::LoadJsonFile((dir / "missing.json").string(), 2, 2, 3);
+  auto missing = ExpertPlacement::LoadJsonFile((dir / "missing.json").string(), {2, 2, 3});
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
   // Shape is checked against the model for files as well.
-  auto wrong_shape = ExpertPlacement::LoadJsonFile(good.string(), 2, 2, 4);
+  auto wrong_shape = ExpertPlacement::LoadJsonFile(good.string(), {2, 2, 4});
   EXPECT_EQ(wrong_shape.status().code(), absl::StatusCode::kInvalidArgument);
 }
 

@@ -175,7 +175,7 @@ GroupTrace TraceOfGroupLogits(int ep, bool overlap, int num_tokens) {
   options.overlap_min_tokens = 1;
   const ModelConfig& c = model.config();
   TraceRecorder recorder;
-  auto result = parallel::ComputeGroupLogits(
+  auto result = tools::ComputeGroupLogits(
       model, tokens, options,
       ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts, c.n_routed_experts),
       &recorder);
