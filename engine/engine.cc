@@ -15,6 +15,7 @@
 #include "engine/model/loader.h"
 #include "engine/model/model.h"
 #include "engine/parallel/ep_group.h"
+#include "engine/runtime/kv_transport.h"
 #include "engine/runtime/metrics.h"
 #include "engine/runtime/rank_worker.h"
 #include "engine/trace/trace_recorder.h"
@@ -108,6 +109,7 @@ class Engine::Impl {
   prometheus::Registry* registry_;
   std::unique_ptr<TraceRecorder> trace_;
   std::atomic<bool> stop_requested_{false};
+  std::unique_ptr<KvTransport> kv_transport_;
   WorkerContext context_;
   std::vector<WorkerGroup> groups_;  // entry group first; fixed after Start()
   ModelInfo model_info_;
@@ -142,7 +144,9 @@ Engine::Impl::Impl(std::shared_ptr<const Model> model, std::shared_ptr<const Tok
   context_.max_running_requests = options_.max_running_requests;
   context_.min_step_seconds = options_.min_step_seconds;
   context_.stop_requested = &stop_requested_;
-  context_.hand_off = [this](std::unique_ptr<Sequence> sequence) { HandOff(std::move(sequence)); };
+  kv_transport_ = std::make_unique<InProcessKvTransport>(
+      [this](std::unique_ptr<Sequence> sequence) { HandOff(std::move(sequence)); });
+  context_.kv_transport = kv_transport_.get();
   context_.publish_state = [this] { PublishState(); };
   context_.injected_fault = options_.injected_fault;
   if (!options_.parallel.trace_dir.empty()) {

@@ -1,8 +1,5 @@
 #include "engine/runtime/rank_worker.h"
 
-#include <algorithm>
-#include <cstring>
-
 #include "absl/strings/str_cat.h"
 #include "engine/ops/cpu_ops.h"
 
@@ -12,38 +9,6 @@ namespace {
 using Clock = Sequence::Clock;
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-
-const char* StatusLabel(FinishReason reason) {
-  switch (reason) {
-    case FinishReason::kLength:
-      return "length";
-    case FinishReason::kStop:
-      return "stop";
-    case FinishReason::kContextLength:
-      return "context_length";
-    case FinishReason::kCancelled:
-      return "cancelled";
-    case FinishReason::kAborted:
-      return "aborted";
-    case FinishReason::kNone:
-      break;
-  }
-  return "unknown";
-}
-
-// Length of the longest suffix of `text` that is a proper prefix of one of `stops`.
-size_t StopPrefixSuffix(const std::string& text, const std::vector<std::string>& stops) {
-  size_t best = 0;
-  for (const std::string& stop : stops) {
-    for (size_t k = std::min(text.size(), stop.size() - 1); k > best; --k) {
-      if (text.compare(text.size() - k, k, stop, 0, k) == 0) {
-        best = k;
-        break;
-      }
-    }
-  }
-  return best;
-}
 
 }  // namespace
 
@@ -55,11 +20,12 @@ RankWorker::RankWorker(const WorkerContext& context, parallel::ExpertParallelGro
       rank_(rank),
       role_(role),
       backend_(std::move(backend)),
-      allocator_(kv_blocks),
-      kv_block_size_(kv_block_size),
-      kv_blocks_total_(kv_blocks) {
-  kv_blocks_free_ = kv_blocks;
-}
+      scheduler_({.max_batch_tokens = context.max_batch_tokens,
+                  .max_running = context.max_running_requests,
+                  .kv_block_size = kv_block_size,
+                  .kv_blocks = kv_blocks}),
+      emitter_(context.tokenizer, context.model->config().eos_token_id,
+               context.model->config().max_position_embeddings, *context.metrics) {}
 
 RankWorker::~RankWorker() { Join(); }
 
@@ -72,133 +38,66 @@ void RankWorker::Join() {
 }
 
 void RankWorker::Enqueue(std::unique_ptr<Sequence> sequence) {
-  {
-    std::lock_guard lock(queue_mutex_);
-    if (!stopped_) {
-      queue_.push_back(std::move(sequence));
-      queued_count_ = static_cast<int>(queue_.size());
-    }
-  }
-  if (sequence == nullptr) {
+  std::unique_ptr<Sequence> refused = scheduler_.Enqueue(std::move(sequence));
+  if (refused == nullptr) {
     group_.NotifyWork();
     return;
   }
   // The rank's loop has ended; nothing would ever admit the sequence.
   if (absl::Status failure = group_.health(); !failure.ok()) {
-    FailSequence(*sequence, failure);
+    emitter_.Fail(*refused, failure);
   } else {
-    Finish(*sequence, FinishReason::kAborted, {});
+    emitter_.Finish(*refused, FinishReason::kAborted);
   }
 }
 
 void RankWorker::AbortQueued() {
-  std::deque<std::unique_ptr<Sequence>> queued;
-  {
-    std::lock_guard lock(queue_mutex_);
-    queued.swap(queue_);
-    queued_count_ = 0;
-  }
-  for (auto& seq : queued) Finish(*seq, FinishReason::kAborted, {});
+  for (auto& seq : scheduler_.Stop()) emitter_.Finish(*seq, FinishReason::kAborted);
+}
+
+void RankWorker::PublishState() const {
+  if (context_.publish_state) context_.publish_state();
 }
 
 void RankWorker::Loop() {
   cpu::ConfigureBlasThreads(1);
   while (Step()) {
   }
-  {
-    std::lock_guard lock(queue_mutex_);
-    stopped_ = true;
-  }
-  for (auto& seq : running_) Finish(*seq, FinishReason::kAborted, {});
-  running_.clear();
-  RefreshCounts();
-  if (context_.publish_state) context_.publish_state();
-}
-
-void RankWorker::RefreshCounts() {
-  running_count_ = static_cast<int>(running_.size());
-  kv_blocks_free_ = allocator_.num_free();
+  // Stopped (or failed, in which case nothing is left): whatever remains is aborted.
+  for (auto& seq : scheduler_.Stop()) emitter_.Finish(*seq, FinishReason::kAborted);
+  for (auto& seq : scheduler_.ReleaseAll()) emitter_.Finish(*seq, FinishReason::kAborted);
+  PublishState();
 }
 
 void RankWorker::Admit() {
-  std::lock_guard lock(queue_mutex_);
-  for (auto it = queue_.begin(); it != queue_.end();) {
-    if ((*it)->stream->cancelled()) {
-      Finish(**it, FinishReason::kCancelled, {});
-      it = queue_.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  // First come, first served: a sequence that does not fit blocks those behind it.
-  while (!queue_.empty() && running_.size() < static_cast<size_t>(context_.max_running_requests)) {
-    Sequence& next = *queue_.front();
-    const int needed = BlocksFor(next.prompt_length + next.input.max_tokens, kv_block_size_);
-    std::optional<std::vector<int32_t>> blocks = allocator_.Allocate(needed);
-    if (!blocks.has_value()) break;
-    next.blocks = std::move(*blocks);
-    if (!next.handoff_kv.empty()) {
+  std::vector<std::unique_ptr<Sequence>> cancelled;
+  const std::vector<Sequence*> admitted = scheduler_.Admit(cancelled);
+  for (auto& seq : cancelled) emitter_.Finish(*seq, FinishReason::kCancelled);
+  for (Sequence* seq : admitted) {
+    if (!seq->handoff_kv.empty()) {
       // Decode rank: write the prefill rank's KV rows into our blocks.
-      if (absl::Status imported = backend_->ImportKv(next.blocks, next.num_cached, next.handoff_kv);
-          !imported.ok()) {
-        FailSequence(next, imported);
-        queue_.pop_front();
+      absl::Status imported = backend_->ImportKv(seq->blocks, seq->num_cached, seq->handoff_kv);
+      if (!imported.ok()) {
+        std::unique_ptr<Sequence> owned = scheduler_.Release(seq);
+        emitter_.Fail(*seq, imported);
         continue;
       }
-      next.handoff_kv = {};
+      seq->handoff_kv = {};
     } else {
-      next.prefill_start = Clock::now();
-      context_.metrics->ObserveQueueTime(Seconds(next.prefill_start - next.arrival));
-      context_.metrics->AddPromptTokens(next.prompt_length);
-    }
-    running_.push_back(std::move(queue_.front()));
-    queue_.pop_front();
-  }
-  queued_count_ = static_cast<int>(queue_.size());
-}
-
-void RankWorker::DropCancelled() {
-  for (auto& seq : running_) {
-    if (seq->stream->cancelled()) {
-      Finish(*seq, FinishReason::kCancelled, {});
-      seq.reset();
+      seq->prefill_start = Clock::now();
+      context_.metrics->ObserveQueueTime(Seconds(seq->prefill_start - seq->arrival));
+      context_.metrics->AddPromptTokens(seq->prompt_length);
     }
   }
-  std::erase(running_, nullptr);
 }
 
 bool RankWorker::Step() {
   Admit();
-  DropCancelled();
-  RefreshCounts();
-  if (context_.publish_state) context_.publish_state();
-
-  // Decoding sequences take one token each; prefilling ones share what is left of the budget.
-  std::vector<BatchSequence> batch;
-  std::vector<Sequence*> members;
-  int budget = context_.max_batch_tokens;
-  for (auto& seq : running_) {
-    if (seq->num_cached >= seq->prompt_length) {
-      batch.push_back({std::span<const int32_t>(&seq->tokens[seq->num_cached], 1), seq->num_cached,
-                       &seq->blocks, false});
-      members.push_back(seq.get());
-      --budget;
-    }
-  }
-  for (auto& seq : running_) {
-    if (seq->num_cached < seq->prompt_length && budget > 0) {
-      const int chunk = std::min(seq->prompt_length - seq->num_cached, budget);
-      batch.push_back({std::span<const int32_t>(&seq->tokens[seq->num_cached], chunk),
-                       seq->num_cached, &seq->blocks, false});
-      members.push_back(seq.get());
-      budget -= chunk;
-    }
-  }
-  int64_t local_tokens = 0;
-  for (const auto& b : batch) local_tokens += static_cast<int64_t>(b.tokens.size());
+  PublishState();
+  const StepPlan plan = scheduler_.Plan();
 
   absl::StatusOr<parallel::StepAgreement> agreement =
-      group_.Agree(rank_, local_tokens, context_.stop_requested->load());
+      group_.Agree(rank_, plan.tokens, context_.stop_requested->load());
   if (!agreement.ok()) {
     FailGroup(agreement.status());
     return false;
@@ -208,9 +107,9 @@ bool RankWorker::Step() {
     group_.WaitForWork(std::chrono::milliseconds(50));
     return true;
   }
-
   ++working_steps_;
   if (!InjectFault()) return false;
+
   parallel::RankResources& resources = group_.resources(rank_);
   TraceRecorder* trace = resources.trace;
   const bool tracing = trace != nullptr && traced_candidates_++ >= context_.trace_skip_steps &&
@@ -222,21 +121,18 @@ bool RankWorker::Step() {
   {
     ScopedTraceEvent event(step_trace, resources.trace_pid, parallel::kTraceStepLane, "forward",
                            "step");
-    forward = backend_->Forward(batch, group_.placement(rank_), resources, agreement->split);
+    forward = backend_->Forward(plan.batch, group_.placement(rank_), resources, agreement->split);
   }
   resources.trace = trace;
   if (!forward.ok()) {
     FailGroup(forward);
     return false;
   }
-  // Rows whose prompt is now complete get their next token; a prefill that continues gets none.
-  std::vector<Sampler*> samplers(members.size(), nullptr);
-  for (size_t i = 0; i < members.size(); ++i) {
-    Sequence& seq = *members[i];
-    if (seq.num_cached + static_cast<int>(batch[i].tokens.size()) >=
-        static_cast<int>(seq.tokens.size())) {
-      samplers[i] = seq.sampler.get();
-    }
+  // Rows whose known tokens are now all cached get their next token; a prefill that continues
+  // gets none.
+  std::vector<Sampler*> samplers(plan.members.size(), nullptr);
+  for (size_t i = 0; i < plan.members.size(); ++i) {
+    if (plan.samples[i]) samplers[i] = plan.members[i]->sampler.get();
   }
   absl::StatusOr<std::vector<int32_t>> next_tokens;
   {
@@ -248,9 +144,9 @@ bool RankWorker::Step() {
     FailGroup(next_tokens.status());
     return false;
   }
-  if (local_tokens > 0) {
+  if (plan.tokens > 0) {
     context_.metrics->ObserveStep(Seconds(Clock::now() - step_start),
-                                  static_cast<int>(local_tokens));
+                                  static_cast<int>(plan.tokens));
   }
   if (context_.min_step_seconds > 0) {
     std::this_thread::sleep_until(step_start +
@@ -260,7 +156,7 @@ bool RankWorker::Step() {
   {
     ScopedTraceEvent event(step_trace, resources.trace_pid, parallel::kTraceStepLane, "emit",
                            "step");
-    AfterForward(batch, members, *next_tokens);
+    AfterForward(plan, *next_tokens);
   }
   if (tracing && ++traced_steps_ == context_.trace_steps && rank_ == 0 && context_.trace_complete) {
     context_.trace_complete();
@@ -268,121 +164,38 @@ bool RankWorker::Step() {
   return true;
 }
 
-void RankWorker::AfterForward(std::vector<BatchSequence>& batch, std::vector<Sequence*>& members,
-                              std::span<const int32_t> next_tokens) {
-  for (size_t i = 0; i < members.size(); ++i) {
-    Sequence& seq = *members[i];
-    seq.num_cached += static_cast<int>(batch[i].tokens.size());
+void RankWorker::AfterForward(const StepPlan& plan, std::span<const int32_t> next_tokens) {
+  scheduler_.Advance(plan);
+  for (size_t i = 0; i < plan.members.size(); ++i) {
     if (next_tokens[i] < 0) continue;  // prefill continues
-    Emit(seq, next_tokens[i]);
-    if (role_ == GroupRole::kPrefill && !seq.finished()) HandOff(seq);
+    Sequence& seq = *plan.members[i];
+    StreamEmitter::Emitted emitted = emitter_.Emit(seq, next_tokens[i]);
+    if (emitted.reason != FinishReason::kNone) {
+      Finish(seq, emitted.reason, std::move(emitted.last));
+    } else if (role_ == GroupRole::kPrefill) {
+      HandOff(seq);
+    }
   }
-  // Finished sequences left with Finish(); handed-off ones were moved to the decode group.
-  for (auto& seq : running_) {
-    if (seq != nullptr && seq->finished()) seq.reset();
-  }
-  std::erase(running_, nullptr);
-  RefreshCounts();
+  PublishState();
+}
+
+void RankWorker::Finish(Sequence& seq, FinishReason reason, GenerationOutput output) {
+  // The KV gauges show the blocks free before the client sees the last message.
+  std::unique_ptr<Sequence> owned = scheduler_.Release(&seq);
+  PublishState();
+  emitter_.Finish(seq, reason, std::move(output));
 }
 
 void RankWorker::HandOff(Sequence& seq) {
   // Copy the prompt's KV rows out, free our blocks, and pass the sequence on.
-  if (absl::Status exported = backend_->ExportKv(seq.blocks, seq.num_cached, seq.handoff_kv);
-      !exported.ok()) {
-    FailSequence(seq, exported);
+  std::vector<std::byte> rows;
+  absl::Status exported = backend_->ExportKv(seq.blocks, seq.num_cached, rows);
+  std::unique_ptr<Sequence> owned = scheduler_.Release(&seq);
+  if (!exported.ok()) {
+    emitter_.Fail(seq, exported);
     return;
   }
-  allocator_.Free(seq.blocks);
-  seq.blocks.clear();
-  for (auto& owned : running_) {
-    if (owned.get() == &seq) {
-      context_.hand_off(std::move(owned));  // leaves a null slot that AfterForward drops
-      break;
-    }
-  }
-}
-
-void RankWorker::Emit(Sequence& seq, int32_t token) {
-  const auto now = Clock::now();
-  if (seq.generated == 0) {
-    seq.first_token = now;
-    context_.metrics->ObserveTimeToFirstToken(Seconds(now - seq.arrival));
-  } else {
-    context_.metrics->ObserveInterTokenLatency(Seconds(now - seq.last_token));
-  }
-  seq.last_token = now;
-  seq.tokens.push_back(token);
-  ++seq.generated;
-  context_.metrics->AddGeneratedTokens(1);
-
-  const ModelConfig& config = context_.model->config();
-  GenerationOutput output;
-  output.token_ids.push_back(token);
-  FinishReason reason = FinishReason::kNone;
-  bool stopped_by_string = false;
-  const bool is_eos = token == config.eos_token_id && !seq.input.ignore_eos;
-  const bool is_stop_token =
-      std::find(seq.input.stop_token_ids.begin(), seq.input.stop_token_ids.end(), token) !=
-      seq.input.stop_token_ids.end();
-  if (context_.tokenizer != nullptr) {
-    seq.held_text += seq.decoder.Push(context_.tokenizer->TokenBytes(token));
-    // Stop strings: cut before the first match; otherwise hold back a suffix that could still
-    // grow into one.
-    size_t cut = std::string::npos;
-    for (const std::string& stop : seq.input.stop) cut = std::min(cut, seq.held_text.find(stop));
-    if (cut != std::string::npos) {
-      output.text = seq.held_text.substr(0, cut);
-      seq.held_text.clear();
-      reason = FinishReason::kStop;
-      stopped_by_string = true;
-    } else {
-      const size_t keep = StopPrefixSuffix(seq.held_text, seq.input.stop);
-      output.text = seq.held_text.substr(0, seq.held_text.size() - keep);
-      seq.held_text.erase(0, seq.held_text.size() - keep);
-    }
-  }
-  if (reason == FinishReason::kNone) {
-    if (is_eos || is_stop_token) {
-      reason = FinishReason::kStop;
-    } else if (seq.generated >= seq.input.max_tokens) {
-      reason = FinishReason::kLength;
-    } else if (static_cast<int>(seq.tokens.size()) >= config.max_position_embeddings) {
-      reason = FinishReason::kContextLength;
-    }
-  }
-  if (reason == FinishReason::kNone) {
-    seq.stream->Push(std::move(output));
-    return;
-  }
-  if (!stopped_by_string && context_.tokenizer != nullptr) {
-    output.text += seq.held_text + seq.decoder.Flush();
-  }
-  Finish(seq, reason, std::move(output));
-}
-
-void RankWorker::Finish(Sequence& seq, FinishReason reason, GenerationOutput output) {
-  const auto now = Clock::now();
-  output.finish_reason = reason;
-  output.usage.prompt_tokens = seq.prompt_length;
-  output.usage.completion_tokens = seq.generated;
-  if (seq.generated > 0) {
-    output.usage.time_to_first_token_seconds = Seconds(seq.first_token - seq.arrival);
-  }
-  output.usage.total_seconds = Seconds(now - seq.arrival);
-  if (seq.prefill_start != Clock::time_point{}) {
-    output.usage.queue_seconds = Seconds(seq.prefill_start - seq.arrival);
-  }
-  allocator_.Free(seq.blocks);
-  seq.blocks.clear();
-  // Stats and gauges show the blocks free before the client sees the last message.
-  kv_blocks_free_ = allocator_.num_free();
-  if (context_.publish_state) context_.publish_state();
-  context_.metrics->RequestFinished(StatusLabel(reason));
-  if (reason != FinishReason::kCancelled && reason != FinishReason::kAborted) {
-    context_.metrics->ObserveEndToEndLatency(output.usage.total_seconds);
-  }
-  seq.stream->Push(std::move(output));
-  seq.stream.reset();
+  context_.kv_transport->Send(std::move(owned), std::move(rows));
 }
 
 bool RankWorker::InjectFault() {
@@ -403,31 +216,11 @@ bool RankWorker::InjectFault() {
   return false;
 }
 
-void RankWorker::FailSequence(Sequence& seq, const absl::Status& failure) {
-  if (seq.finished()) return;
-  allocator_.Free(seq.blocks);
-  seq.blocks.clear();
-  GenerationOutput output;
-  output.status = failure;
-  context_.metrics->RequestFinished("unavailable");
-  seq.stream->Push(std::move(output));
-  seq.stream.reset();
-}
-
 void RankWorker::FailGroup(const absl::Status& status) {
   const absl::Status failure = group_.Fail(rank_, status);
-  for (auto& seq : running_) FailSequence(*seq, failure);
-  running_.clear();
-  std::deque<std::unique_ptr<Sequence>> queued;
-  {
-    std::lock_guard lock(queue_mutex_);
-    stopped_ = true;
-    queued.swap(queue_);
-    queued_count_ = 0;
-  }
-  for (auto& seq : queued) FailSequence(*seq, failure);
-  RefreshCounts();
-  if (context_.publish_state) context_.publish_state();
+  for (auto& seq : scheduler_.ReleaseAll()) emitter_.Fail(*seq, failure);
+  for (auto& seq : scheduler_.Stop()) emitter_.Fail(*seq, failure);
+  PublishState();
 }
 
 }  // namespace moeserve::engine

@@ -1,30 +1,32 @@
-// RankWorker: the thread of one rank of an expert-parallel group. It owns the rank's paged KV
-// cache and the sequences assigned to it (DP attention), and runs the step loop: admit queued
-// sequences (reserving KV blocks for prompt + max_tokens), agree with the other ranks, run the
-// rank's part of the forward step (an empty batch when idle but others work), sample, stream,
-// apply stop conditions, and — in a prefill group — hand finished prompts to a decode rank.
+// RankWorker: the thread of one rank of an expert-parallel group, tying the rank's parts
+// together. Each step: the Scheduler admits queued sequences (KV blocks reserved for
+// prompt + max_tokens) and plans the batch (chunked prefill within the token budget); the rank
+// agrees with its group; its RankBackend runs the rank's part of the forward step over the
+// rank's own KV rows (an empty batch when idle but others work); sampled tokens go through the
+// StreamEmitter; and in a prefill group a sequence whose prompt is done leaves through the
+// KvTransport to a decode rank. A failed step or collective fails the group: every request of
+// the rank ends UNAVAILABLE with the group's failure, and the rank stops taking new ones.
 //
-// Enqueue(), load() and the KV gauges are thread-safe; everything else runs on the worker's
-// own thread.
+// Enqueue(), AbortQueued() and the counters are thread-safe; everything else runs on the
+// worker's own thread.
 #pragma once
 
 #include <atomic>
-#include <deque>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
-#include <string>
 #include <thread>
 
 #include "engine/backend/rank_backend.h"
 #include "engine/model/model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/parallel/ep_group.h"
-#include "engine/runtime/block_allocator.h"
 #include "engine/runtime/injected_fault.h"
+#include "engine/runtime/kv_transport.h"
 #include "engine/runtime/metrics.h"
+#include "engine/runtime/scheduler.h"
 #include "engine/runtime/sequence.h"
+#include "engine/runtime/stream_emitter.h"
 
 namespace moeserve::engine {
 
@@ -39,8 +41,8 @@ struct WorkerContext {
   int max_running_requests = 64;
   double min_step_seconds = 0;
   std::atomic<bool>* stop_requested = nullptr;
-  // Called by prefill ranks with a prefilled sequence for the decode group.
-  std::function<void(std::unique_ptr<Sequence>)> hand_off;
+  // Where prefill ranks send prefilled sequences (prefill groups only).
+  KvTransport* kv_transport = nullptr;
   // Called after any change of queue/KV state, to refresh the aggregate gauges.
   std::function<void()> publish_state;
   // Trace: how many working steps to record (0 = none), after how many unrecorded ones;
@@ -53,7 +55,7 @@ struct WorkerContext {
 
 class RankWorker {
  public:
-  // `backend` computes the rank's forward steps (CPU or GPU).
+  // `backend` computes the rank's forward steps (CPU or GPU) over its `kv_blocks` blocks.
   RankWorker(const WorkerContext& context, parallel::ExpertParallelGroup& group, int rank,
              GroupRole role, int kv_blocks, int kv_block_size,
              std::unique_ptr<RankBackend> backend);
@@ -70,51 +72,39 @@ class RankWorker {
   void AbortQueued();
 
   // Running + queued sequences (for choosing the least loaded rank).
-  int load() const { return running_count_.load() + queued_count_.load(); }
-  int queued() const { return queued_count_.load(); }
-  int running() const { return running_count_.load(); }
-  int kv_blocks_free() const { return kv_blocks_free_.load(); }
-  int kv_blocks_total() const { return kv_blocks_total_; }
+  int load() const { return scheduler_.running() + scheduler_.queued(); }
+  int queued() const { return scheduler_.queued(); }
+  int running() const { return scheduler_.running(); }
+  int kv_blocks_free() const { return scheduler_.kv_blocks_free(); }
+  int kv_blocks_total() const { return scheduler_.kv_blocks_total(); }
 
  private:
   void Loop();
-  // Returns false when the group agreed to stop.
+  // Returns false when the rank stops (the group agreed to stop, or failed).
   bool Step();
+  // Admits what fits; writes handed-off KV rows of admitted decode sequences.
   void Admit();
-  void DropCancelled();
-  void AfterForward(std::vector<BatchSequence>& batch, std::vector<Sequence*>& members,
-                    std::span<const int32_t> next_tokens);
-  void Emit(Sequence& sequence, int32_t token);
+  void AfterForward(const StepPlan& plan, std::span<const int32_t> next_tokens);
   void HandOff(Sequence& sequence);
-  void Finish(Sequence& sequence, FinishReason reason, GenerationOutput output);
+  // Releases a running sequence's blocks, then pushes its last message.
+  void Finish(Sequence& sequence, FinishReason reason, GenerationOutput output = {});
   // Fails the group (ExpertParallelGroup::Fail, so that the other ranks stop at their next
   // collective instead of waiting for this one), ends every request of this rank with the
   // group's failure and stops taking new ones.
   void FailGroup(const absl::Status& status);
-  // Ends a sequence that never reached a step with the group's failure.
-  void FailSequence(Sequence& sequence, const absl::Status& failure);
   // The injected fault, when it is this rank's and this step's; returns false if the step must
   // not go on.
   bool InjectFault();
-  void RefreshCounts();
+  void PublishState() const;
 
   const WorkerContext& context_;
   parallel::ExpertParallelGroup& group_;
   int rank_;
   GroupRole role_;
   std::unique_ptr<RankBackend> backend_;
-  BlockAllocator allocator_;
-  int kv_block_size_;
-  int kv_blocks_total_;
+  Scheduler scheduler_;
+  StreamEmitter emitter_;
 
-  std::mutex queue_mutex_;
-  std::deque<std::unique_ptr<Sequence>> queue_;  // guarded by queue_mutex_
-  bool stopped_ = false;                         // guarded by queue_mutex_
-  std::atomic<int> queued_count_{0};
-  std::atomic<int> running_count_{0};
-  std::atomic<int> kv_blocks_free_{0};
-
-  std::vector<std::unique_ptr<Sequence>> running_;  // worker thread only
   int traced_steps_ = 0;
   int working_steps_ = 0;      // steps the group agreed had work (the same count on every rank)
   int traced_candidates_ = 0;  // working steps seen while a trace recorder is set
