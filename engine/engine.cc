@@ -12,6 +12,7 @@
 #include "absl/synchronization/mutex.h"
 #include "engine/backend/backend_loader.h"
 #include "engine/backend/rank_backend.h"
+#include "engine/model/builtin_models.h"
 #include "engine/model/loader.h"
 #include "engine/model/model.h"
 #include "engine/parallel/ep_group.h"

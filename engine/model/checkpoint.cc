@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "engine/model/architecture.h"
 #include "engine/model/safetensors.h"
 #include "nlohmann/json.hpp"
 
@@ -127,7 +128,7 @@ std::optional<int> LayerOf(const std::string& name) {
 // Mixtral spells the MoE block `block_sparse_moe` and its experts' matrices w1 (gate), w3 (up)
 // and w2 (down).
 std::string CanonicalName(const std::string& name, const ModelConfig& config) {
-  if (config.model_type != "mixtral") return name;
+  if (!ArchitectureOf(config).mixtral_tensor_names) return name;
   std::string out = absl::StrReplaceAll(name, {{".block_sparse_moe.", ".mlp."}});
   if (out.find(".mlp.experts.") == std::string::npos) return out;
   for (auto [from, to] :

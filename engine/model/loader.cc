@@ -6,8 +6,11 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "engine/model/architecture.h"
 #include "engine/model/bpe_tokenizer.h"
+#include "engine/model/builtin_models.h"
 #include "engine/model/checkpoint.h"
+#include "engine/model/hf_config.h"
 #include "nlohmann/json.hpp"
 
 namespace moeserve::engine {
@@ -50,7 +53,7 @@ absl::StatusOr<LoadedModel> LoadFolder(const fs::path& folder) {
   absl::StatusOr<ModelWeights> weights = ModelWeights::FromTensors(*config, *std::move(tensors));
   if (!weights.ok()) {
     std::string hint;
-    if (config->model_type == "mixtral") {
+    if (ArchitectureOf(*config).mixtral_tensor_names) {
       hint =
           " (Mixtral's `block_sparse_moe.experts.{i}.w1/w3/w2` are read as "
           "`mlp.experts.{i}.gate_proj/up_proj/down_proj`)";

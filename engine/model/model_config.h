@@ -1,8 +1,9 @@
 // ModelConfig: the shape and hyper-parameters of a Mixture-of-Experts model: DeepSeek-V3/V2
 // (multi-head latent attention), Qwen3-MoE and Mixtral (grouped-query attention).
 //
-// Owns parsing of a Hugging Face `config.json` and the definitions of the built-in models. A
-// config is parsed and validated once, at start-up; the rest of the engine trusts it.
+// A config is parsed (hf_config.h) or defined (builtin_models.h) and validated once, at
+// start-up; the rest of the engine trusts it. What distinguishes the model families is in
+// architecture.h.
 // Immutable after construction; safe to share between threads.
 #pragma once
 
@@ -11,7 +12,6 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "nlohmann/json_fwd.hpp"
 
 namespace moeserve::engine {
 
@@ -42,9 +42,6 @@ enum class AttentionType {
   kMultiHeadLatent,  // DeepSeek MLA: rows hold the compressed latent and the rope key
   kGroupedQuery,     // Qwen3-MoE, Mixtral: rows hold every key/value head's key and value
 };
-
-// The `model_type` values ParseModelConfig accepts, for messages.
-inline constexpr const char* kSupportedModelTypes = "deepseek_v3, deepseek_v2, qwen3_moe, mixtral";
 
 struct ModelConfig {
   std::string name;  // "builtin:tiny" or the model folder's name
@@ -112,15 +109,7 @@ struct ModelConfig {
 // Checks the invariants the engine relies on (positive sizes, divisibility, ranges).
 absl::Status ValidateModelConfig(const ModelConfig& config);
 
-// Parses a Hugging Face config.json object. Accepts rope settings under `rope_scaling` or
-// `rope_parameters`.
-absl::StatusOr<ModelConfig> ParseModelConfig(const nlohmann::json& json, std::string name);
-
-// Serializes to Hugging Face config.json keys (used when exporting the built-in weights).
-nlohmann::json ModelConfigToJson(const ModelConfig& config);
-
-// Built-in models: their names, and their configs.
-std::vector<std::string> BuiltinModelNames();
-absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name);
+// `field` must be > 0 (INVALID_ARGUMENT naming it otherwise).
+absl::Status CheckPositive(const char* field, int value);
 
 }  // namespace moeserve::engine

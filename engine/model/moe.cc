@@ -5,6 +5,7 @@
 #include <limits>
 #include <numeric>
 
+#include "engine/model/architecture.h"
 #include "engine/ops/cpu_ops.h"
 
 namespace moeserve::engine {
@@ -25,15 +26,16 @@ std::vector<int> TopKIndices(const float* values, int count, int k) {
 
 Routing RouteTokens(const ModelConfig& c, const float* gate_logits, int num_tokens,
                     const float* correction_bias) {
+  const RoutingRule rule = RoutingRuleOf(c);
   const int num_experts = c.n_routed_experts;
   const int top_k = c.num_experts_per_tok;
-  const int experts_per_group = num_experts / c.n_group;
+  const int experts_per_group = num_experts / rule.num_groups;
   Routing routing{num_tokens, top_k, std::vector<int32_t>(num_tokens * top_k),
                   std::vector<float>(num_tokens * top_k)};
-  std::vector<float> scores(num_experts), choice(num_experts), group_scores(c.n_group);
+  std::vector<float> scores(num_experts), choice(num_experts), group_scores(rule.num_groups);
   for (int t = 0; t < num_tokens; ++t) {
     const float* logits = gate_logits + static_cast<int64_t>(t) * num_experts;
-    if (c.scoring_func == ScoringFunction::kSigmoid) {
+    if (rule.sigmoid) {
       for (int e = 0; e < num_experts; ++e) scores[e] = 1.0f / (1.0f + std::exp(-logits[e]));
     } else {
       std::copy(logits, logits + num_experts, scores.begin());
@@ -42,19 +44,20 @@ Routing RouteTokens(const ModelConfig& c, const float* gate_logits, int num_toke
     for (int e = 0; e < num_experts; ++e) {
       choice[e] = scores[e] + (correction_bias != nullptr ? correction_bias[e] : 0.0f);
     }
-    if (c.topk_method != TopKMethod::kGreedy && c.n_group > 1) {
-      for (int g = 0; g < c.n_group; ++g) {
+    if (rule.group_limited) {
+      for (int g = 0; g < rule.num_groups; ++g) {
         const float* group = &choice[g * experts_per_group];
-        if (c.topk_method == TopKMethod::kNoAuxTc) {
+        if (rule.group_score_top2_sum) {
           auto best = TopKIndices(group, experts_per_group, 2);
           group_scores[g] = group[best[0]] + group[best[1]];
         } else {
           group_scores[g] = *std::max_element(group, group + experts_per_group);
         }
       }
-      std::vector<bool> group_chosen(c.n_group, false);
-      for (int g : TopKIndices(group_scores.data(), c.n_group, c.topk_group))
+      std::vector<bool> group_chosen(rule.num_groups, false);
+      for (int g : TopKIndices(group_scores.data(), rule.num_groups, rule.topk_groups)) {
         group_chosen[g] = true;
+      }
       for (int e = 0; e < num_experts; ++e) {
         if (!group_chosen[e / experts_per_group])
           choice[e] = -std::numeric_limits<float>::infinity();
@@ -63,18 +66,11 @@ Routing RouteTokens(const ModelConfig& c, const float* gate_logits, int num_toke
     const std::vector<int> chosen = TopKIndices(choice.data(), num_experts, top_k);
     float sum = 0.0f;
     for (int k = 0; k < top_k; ++k) sum += scores[chosen[k]];
-    // DeepSeek-V2 normalizes only more than one expert; the others always do when asked.
-    const bool normalize = c.norm_topk_prob && (top_k > 1 || c.model_type != "deepseek_v2");
     for (int k = 0; k < top_k; ++k) {
       float weight = scores[chosen[k]];
-      // DeepSeek-V3 normalizes then always scales; V2 scales only when it does not normalize.
-      // Qwen3-MoE and Mixtral have no scaling (the factor is 1).
-      if (normalize) weight /= (sum + 1e-20f);
-      if (!normalize || c.model_type == "deepseek_v3") {
-        weight *= static_cast<float>(c.routed_scaling_factor);
-      }
+      if (rule.normalize) weight /= (sum + 1e-20f);
       routing.experts[t * top_k + k] = chosen[k];
-      routing.weights[t * top_k + k] = weight;
+      routing.weights[t * top_k + k] = weight * rule.scaling;
     }
   }
   return routing;

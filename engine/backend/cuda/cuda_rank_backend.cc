@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/backend/cuda/device_array.h"
 #include "engine/backend/cuda/pinned_buffer.h"
+#include "engine/model/architecture.h"
 #include "engine/parallel/ep_forward.h"
 #include "kernels/cpu_twins.h"
 #include "kernels/expert_mlp.h"
@@ -97,7 +98,7 @@ constexpr int kHostLane = parallel::kTraceComputeLane;
 }  // namespace
 
 absl::Status CheckCudaSupport(const ModelConfig& config) {
-  if (!config.uses_mla()) {
+  if (!ArchitectureOf(config).runs_on_gpu) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the GPU backend runs DeepSeek's multi-head latent attention models (deepseek_v2/v3); `",
         config.model_type, "` uses grouped-query attention: serve it with --device cpu"));
@@ -755,19 +756,16 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   }
   RETURN_IF_ERROR(s.LoadSlots(placement));
 
-  // The gate kernel's options, mirroring RouteTokens on the CPU.
-  kernels::GateOptions& g = s.gate_options;
-  g.num_experts = std::max(c.n_routed_experts, 1);
-  g.top_k = std::max(c.num_experts_per_tok, 1);
-  const bool grouped = c.topk_method != TopKMethod::kGreedy && c.n_group > 1;
-  g.num_groups = grouped ? c.n_group : 1;
-  g.topk_groups = grouped ? c.topk_group : 1;
-  g.sigmoid = c.scoring_func == ScoringFunction::kSigmoid;
-  g.group_score_top2_sum = c.topk_method == TopKMethod::kNoAuxTc;
-  g.normalize = c.norm_topk_prob && (c.num_experts_per_tok > 1 || c.model_type != "deepseek_v2");
-  g.scaling = (!g.normalize || c.model_type == "deepseek_v3")
-                  ? static_cast<float>(c.routed_scaling_factor)
-                  : 1.0f;
+  // The gate kernel applies the same routing rule as RouteTokens on the CPU.
+  const RoutingRule rule = RoutingRuleOf(c);
+  s.gate_options = {.num_experts = rule.num_experts,
+                    .top_k = rule.top_k,
+                    .num_groups = rule.num_groups,
+                    .topk_groups = rule.topk_groups,
+                    .sigmoid = rule.sigmoid,
+                    .group_score_top2_sum = rule.group_score_top2_sum,
+                    .normalize = rule.normalize,
+                    .scaling = rule.scaling};
 
   // KV rows on the device, and the fixed-size scratch of a step.
   s.rows_per_layer = static_cast<int64_t>(options.kv_blocks) * options.kv_block_size;

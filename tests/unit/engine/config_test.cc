@@ -3,6 +3,9 @@
 #include <cmath>
 #include <string>
 
+#include "engine/model/architecture.h"
+#include "engine/model/builtin_models.h"
+#include "engine/model/hf_config.h"
 #include "engine/model/model_config.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -308,6 +311,66 @@ TEST(BuiltinModelConfig, UnknownNameListsAvailableOnes) {
   for (const std::string& name : BuiltinModelNames()) {
     EXPECT_THAT(config.status().message(), HasSubstr(name));
   }
+}
+
+}  // namespace
+}  // namespace moeserve::engine
+
+namespace moeserve::engine {
+namespace {
+
+TEST(Architecture, EveryFamilyIsFoundByItsModelTypeAndNothingElse) {
+  for (const char* type : {"deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral"}) {
+    const Architecture* architecture = FindArchitecture(type);
+    ASSERT_NE(architecture, nullptr) << type;
+    EXPECT_STREQ(architecture->model_type, type);
+  }
+  EXPECT_EQ(FindArchitecture("llama"), nullptr);
+  EXPECT_EQ(FindArchitecture(""), nullptr);
+  EXPECT_EQ(SupportedModelTypes(), "deepseek_v3, deepseek_v2, qwen3_moe, mixtral");
+  EXPECT_TRUE(FindArchitecture("deepseek_v3")->runs_on_gpu);
+  EXPECT_FALSE(FindArchitecture("qwen3_moe")->runs_on_gpu);
+  EXPECT_TRUE(FindArchitecture("mixtral")->mixtral_tensor_names);
+}
+
+TEST(Architecture, RoutingRulesCarryEachFamilysQuirks) {
+  // DeepSeek-V3: sigmoid, group scores of the two best, renormalize then scale.
+  ModelConfig v3 = *BuiltinModelConfig("builtin:tiny");
+  RoutingRule rule = RoutingRuleOf(v3);
+  EXPECT_TRUE(rule.sigmoid);
+  EXPECT_TRUE(rule.group_limited);
+  EXPECT_EQ(rule.num_groups, 8);
+  EXPECT_EQ(rule.topk_groups, 4);
+  EXPECT_TRUE(rule.group_score_top2_sum);
+  EXPECT_TRUE(rule.normalize);
+  EXPECT_FLOAT_EQ(rule.scaling, 2.5f);
+  // DeepSeek-V2 without renormalization: softmax, the group's best score, scaled instead.
+  ModelConfig v2 = *BuiltinModelConfig("builtin:tiny-v2");
+  v2.routed_scaling_factor = 16;
+  rule = RoutingRuleOf(v2);
+  EXPECT_FALSE(rule.sigmoid);
+  EXPECT_FALSE(rule.group_score_top2_sum);
+  EXPECT_FALSE(rule.normalize);
+  EXPECT_FLOAT_EQ(rule.scaling, 16.0f);
+  // DeepSeek-V2 renormalizing one expert: it does not (a single weight stays a score).
+  v2.norm_topk_prob = true;
+  v2.num_experts_per_tok = 1;
+  EXPECT_FALSE(RoutingRuleOf(v2).normalize);
+  v2.num_experts_per_tok = 2;
+  rule = RoutingRuleOf(v2);
+  EXPECT_TRUE(rule.normalize);
+  EXPECT_FLOAT_EQ(rule.scaling, 1.0f) << "V2 scales only instead of renormalizing";
+  // Qwen3-MoE with one expert per token still renormalizes when asked.
+  ModelConfig qwen = v3;
+  qwen.model_type = "qwen3_moe";
+  qwen.num_experts_per_tok = 1;
+  qwen.topk_method = TopKMethod::kGreedy;
+  qwen.routed_scaling_factor = 1.0;
+  rule = RoutingRuleOf(qwen);
+  EXPECT_TRUE(rule.normalize);
+  EXPECT_FALSE(rule.group_limited);
+  EXPECT_EQ(rule.num_groups, 1);
+  EXPECT_FLOAT_EQ(rule.scaling, 1.0f);
 }
 
 }  // namespace

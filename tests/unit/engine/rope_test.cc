@@ -6,6 +6,7 @@
 #include <numeric>
 #include <vector>
 
+#include "engine/model/builtin_models.h"
 #include "engine/model/model_config.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"

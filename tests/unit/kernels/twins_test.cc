@@ -3,6 +3,7 @@
 #include <random>
 #include <vector>
 
+#include "engine/model/builtin_models.h"
 #include "engine/model/model_config.h"
 #include "engine/model/moe.h"
 #include "engine/ops/cpu_ops.h"

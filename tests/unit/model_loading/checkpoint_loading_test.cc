@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "engine/model/hf_config.h"
 #include "engine/model/loader.h"
 #include "engine/model/safetensors.h"
 #include "engine/runtime/block_allocator.h"

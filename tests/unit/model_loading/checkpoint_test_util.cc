@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "engine/model/hf_config.h"
 #include "engine/model/kv_rows.h"
 #include "engine/runtime/block_allocator.h"
 #include "gtest/gtest.h"

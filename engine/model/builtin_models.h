@@ -1,0 +1,17 @@
+// The built-in models: DeepSeek-V3's and V2's architectures scaled down for tests and demos
+// (`builtin:tiny` and variants) and DeepSeek-V3's dimensions at reduced depth for GPU benchmarks
+// (`builtin:v3-bench`). Their weights are generated from a fixed seed (loader.h). Stateless.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model/model_config.h"
+
+namespace moeserve::engine {
+
+std::vector<std::string> BuiltinModelNames();
+absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name);
+
+}  // namespace moeserve::engine
