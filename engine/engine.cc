@@ -12,6 +12,7 @@
 #include "absl/synchronization/mutex.h"
 #include "engine/backend/backend_loader.h"
 #include "engine/backend/rank_backend.h"
+#include "engine/base/status_macros.h"
 #include "engine/model/builtin_models.h"
 #include "engine/model/loader.h"
 #include "engine/model/model.h"
@@ -296,9 +297,8 @@ absl::StatusOr<int> Engine::Impl::FindGroup(const std::string& name) const {
 }
 
 absl::StatusOr<PlacementInfo> Engine::Impl::GetPlacement(const std::string& name) const {
-  absl::StatusOr<int> index = FindGroup(name);
-  if (!index.ok()) return index.status();
-  const parallel::ExpertParallelGroup& group = *groups_[*index].group;
+  ASSIGN_OR_RETURN(const int index, FindGroup(name));
+  const parallel::ExpertParallelGroup& group = *groups_[index].group;
   const std::shared_ptr<const ExpertPlacement> placement = group.committed_placement();
   PlacementInfo info;
   info.group = group.name();
@@ -592,24 +592,21 @@ absl::StatusOr<std::shared_ptr<RequestStream>> Engine::Impl::Submit(GenerationIn
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options,
                                                        prometheus::Registry* registry) {
-  if (auto status = ValidateOptions(options); !status.ok()) return status;
-  if (auto status = CheckModelRunsOn(options.model, options.device); !status.ok()) return status;
+  RETURN_IF_ERROR(ValidateOptions(options));
+  RETURN_IF_ERROR(CheckModelRunsOn(options.model, options.device));
   // The backend before the model: a missing GPU backend is reported before a long load.
-  absl::StatusOr<RankBackendChoice> backend = ChooseRankBackend(options.device);
-  if (!backend.ok()) return backend.status();
-  absl::StatusOr<LoadedModel> loaded = LoadModel(options.model);
-  if (!loaded.ok()) return loaded.status();
-  return Start(std::move(loaded->model), std::move(loaded->tokenizer), std::move(options),
-               std::move(*backend), registry);
+  ASSIGN_OR_RETURN(RankBackendChoice backend, ChooseRankBackend(options.device));
+  ASSIGN_OR_RETURN(LoadedModel loaded, LoadModel(options.model));
+  return Start(std::move(loaded.model), std::move(loaded.tokenizer), std::move(options),
+               std::move(backend), registry);
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWithModel(
     std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
     EngineOptions options, prometheus::Registry* registry) {
-  if (auto status = ValidateOptions(options); !status.ok()) return status;
-  absl::StatusOr<RankBackendChoice> backend = ChooseRankBackend(options.device);
-  if (!backend.ok()) return backend.status();
-  return Start(std::move(model), std::move(tokenizer), std::move(options), std::move(*backend),
+  RETURN_IF_ERROR(ValidateOptions(options));
+  ASSIGN_OR_RETURN(RankBackendChoice backend, ChooseRankBackend(options.device));
+  return Start(std::move(model), std::move(tokenizer), std::move(options), std::move(backend),
                registry);
 }
 
@@ -626,7 +623,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(std::shared_ptr<const Mode
   options.max_running_requests = std::min(options.max_running_requests, options.max_batch_tokens);
   auto impl = std::make_unique<Impl>(std::move(model), std::move(tokenizer), std::move(options),
                                      std::move(backend), registry);
-  if (auto status = impl->Start(); !status.ok()) return status;
+  RETURN_IF_ERROR(impl->Start());
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 

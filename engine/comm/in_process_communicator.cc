@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
 
 namespace moeserve::engine::comm {
 
@@ -79,7 +80,7 @@ class InProcessGroup::RankCommunicator : public Communicator {
       return absl::InvalidArgumentError("AllToAllV: count vectors must have one entry per rank");
     }
     channel_.slots[rank_] = {send, send_bytes.data(), 0};
-    if (auto status = channel_.Arrive(); !status.ok()) return status;
+    RETURN_IF_ERROR(channel_.Arrive());
     absl::Status result;
     int64_t recv_offset = 0;
     for (int peer = 0; peer < size_; ++peer) {
@@ -97,7 +98,7 @@ class InProcessGroup::RankCommunicator : public Communicator {
       }
       recv_offset += recv_bytes[peer];
     }
-    if (auto status = channel_.Arrive(); !status.ok()) return status;
+    RETURN_IF_ERROR(channel_.Arrive());
     return result;
   }
 
@@ -110,7 +111,7 @@ class InProcessGroup::RankCommunicator : public Communicator {
 
   absl::Status AllGather(const void* send, int64_t bytes, void* recv) override {
     channel_.slots[rank_] = {send, nullptr, bytes};
-    if (auto status = channel_.Arrive(); !status.ok()) return status;
+    RETURN_IF_ERROR(channel_.Arrive());
     for (int peer = 0; peer < size_; ++peer) {
       std::memcpy(static_cast<char*>(recv) + peer * bytes, channel_.slots[peer].send, bytes);
     }
@@ -119,7 +120,7 @@ class InProcessGroup::RankCommunicator : public Communicator {
 
   absl::Status Broadcast(void* data, int64_t bytes, int root) override {
     channel_.slots[rank_] = {data, nullptr, bytes};
-    if (auto status = channel_.Arrive(); !status.ok()) return status;
+    RETURN_IF_ERROR(channel_.Arrive());
     if (rank_ != root) std::memcpy(data, channel_.slots[root].send, bytes);
     return channel_.Arrive();
   }
@@ -130,7 +131,7 @@ class InProcessGroup::RankCommunicator : public Communicator {
   template <typename T>
   absl::Status Reduce(T* values, int count, ReduceOp op) {
     channel_.slots[rank_] = {values, nullptr, count};
-    if (auto status = channel_.Arrive(); !status.ok()) return status;
+    RETURN_IF_ERROR(channel_.Arrive());
     // Every rank reduces in rank order, so all get bit-identical results.
     std::vector<T> result(static_cast<const T*>(channel_.slots[0].send),
                           static_cast<const T*>(channel_.slots[0].send) + count);
@@ -151,7 +152,7 @@ class InProcessGroup::RankCommunicator : public Communicator {
       }
     }
     // Peers may still be reading `values`: write only after everyone has read.
-    if (auto status = channel_.Arrive(); !status.ok()) return status;
+    RETURN_IF_ERROR(channel_.Arrive());
     std::copy(result.begin(), result.end(), values);
     return absl::OkStatus();
   }

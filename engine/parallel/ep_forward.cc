@@ -4,6 +4,7 @@
 #include <future>
 
 #include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
 #include "engine/model/moe.h"
 
 namespace moeserve::engine::parallel {
@@ -143,7 +144,7 @@ absl::Status ExpertParallelForward::Dispatch(int layer, MicroBatch& mb,
   }
 
   mb.recv_rows.assign(size, 0);
-  if (auto s = comm.AllToAllCounts(mb.send_rows, mb.recv_rows); !s.ok()) return s;
+  RETURN_IF_ERROR(comm.AllToAllCounts(mb.send_rows, mb.recv_rows));
   int64_t received = 0;
   for (int64_t rows : mb.recv_rows) received += rows;
   std::vector<int64_t> send_bytes(size), recv_bytes(size);
@@ -152,21 +153,15 @@ absl::Status ExpertParallelForward::Dispatch(int layer, MicroBatch& mb,
     recv_bytes[p] = mb.recv_rows[p] * static_cast<int64_t>(sizeof(int32_t));
   }
   mb.recv_slots.assign(received, 0);
-  if (auto s = comm.AllToAllV(send_slots.data(), send_bytes, mb.recv_slots.data(), recv_bytes);
-      !s.ok()) {
-    return s;
-  }
+  RETURN_IF_ERROR(comm.AllToAllV(send_slots.data(), send_bytes, mb.recv_slots.data(), recv_bytes));
   const int64_t row_bytes = static_cast<int64_t>(hidden) * sizeof(float);
   for (int p = 0; p < size; ++p) {
     send_bytes[p] = mb.send_rows[p] * row_bytes;
     recv_bytes[p] = mb.recv_rows[p] * row_bytes;
   }
   mb.recv_activations.assign(static_cast<size_t>(received) * hidden, 0.0f);
-  if (auto s = comm.AllToAllV(send_activations.data(), send_bytes, mb.recv_activations.data(),
-                              recv_bytes);
-      !s.ok()) {
-    return s;
-  }
+  RETURN_IF_ERROR(
+      comm.AllToAllV(send_activations.data(), send_bytes, mb.recv_activations.data(), recv_bytes));
   if (rank.metrics != nullptr) {
     rank.metrics->AddDispatch(assignments * (row_bytes + static_cast<int64_t>(sizeof(int32_t))),
                               SecondsSince(start));
@@ -226,10 +221,8 @@ absl::Status ExpertParallelForward::Combine(int layer, MicroBatch& mb, comm::Com
     recv_bytes[p] = mb.send_rows[p] * row_bytes;
   }
   std::vector<float> returned(mb.sent_assignment.size() * hidden);
-  if (auto s = comm.AllToAllV(mb.expert_results.data(), send_bytes, returned.data(), recv_bytes);
-      !s.ok()) {
-    return s;
-  }
+  RETURN_IF_ERROR(
+      comm.AllToAllV(mb.expert_results.data(), send_bytes, returned.data(), recv_bytes));
   mb.expert_outputs.assign(returned.size(), 0.0f);
   for (size_t row = 0; row < mb.sent_assignment.size(); ++row) {
     std::copy_n(&returned[row * hidden], hidden,
@@ -374,7 +367,7 @@ absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(std::span<const Ba
   if (!status.ok()) return status;
 
   if (rank.metrics != nullptr && !received_per_layer.empty()) {
-    if (auto s = PublishBalancedness(received_per_layer, rank); !s.ok()) return s;
+    RETURN_IF_ERROR(PublishBalancedness(received_per_layer, rank));
   }
 
   std::vector<float> logits;

@@ -10,11 +10,12 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
-#include "engine/backend/cuda/device_array.h"
 #include "engine/backend/cuda/pinned_buffer.h"
+#include "engine/base/status_macros.h"
 #include "engine/model/architecture.h"
 #include "engine/parallel/ep_forward.h"
 #include "kernels/cpu_twins.h"
+#include "kernels/device_array.h"
 #include "kernels/expert_mlp.h"
 #include "kernels/kernels.h"
 #include "kernels/mla.h"
@@ -26,11 +27,7 @@ namespace {
 using Bf16 = __nv_bfloat16;
 using kernels::CublasStatus;
 using kernels::CudaStatus;
-
-#define RETURN_IF_ERROR(expr)                          \
-  do {                                                 \
-    if (absl::Status _s = (expr); !_s.ok()) return _s; \
-  } while (0)
+using kernels::DeviceArray;
 
 // Host fp32 → device bf16 (round to nearest even, as the kernels' twins do).
 absl::Status UploadBf16(DeviceArray<Bf16>& out, std::span<const float> values,
