@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything moeserve needs to build, run and test on Debian 12: compiler, CMake,
 # Ninja, gRPC/protobuf, Abseil, prometheus-cpp, OpenBLAS, GoogleTest, CLI11, nlohmann-json,
-# libcurl, ICU (Unicode regexes for tokenizers), spdlog (logs), Prometheus (for the EPLB loop tests) and NumPy (for the reference checks).
+# libcurl, ICU (Unicode regexes for tokenizers), spdlog (logs), clang-16 (thread-safety analysis),
+# Prometheus (for the EPLB loop tests) and NumPy (for the reference checks).
 # Idempotent: does nothing when every package is already installed.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev grpc-proto
   libabsl-dev prometheus-cpp-dev libopenblas-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcurl4-openssl-dev curl libicu-dev libspdlog-dev
+  clang-16
   prometheus python3 python3-numpy python3-yaml python3-grpcio python3-grpc-tools
 )
 

@@ -3,7 +3,10 @@
 #include <cstring>
 #include <numeric>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "engine/base/status_macros.h"
 
 namespace moeserve::engine::comm {
@@ -24,31 +27,34 @@ class InProcessGroup::Channel {
   // Waits until every rank arrived; UNAVAILABLE on timeout or abort (and then the channel stays
   // broken, so no rank waits on it again).
   absl::Status Arrive() {
-    std::unique_lock lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     if (broken_) return Broken();
     const uint64_t generation = generation_;
     if (++arrived_ == size_) {
       arrived_ = 0;
       ++generation_;
-      all_arrived_.notify_all();
+      all_arrived_.SignalAll();
       return absl::OkStatus();
     }
-    if (!all_arrived_.wait_for(lock, timeout_,
-                               [&] { return generation_ != generation || broken_; })) {
-      broken_ = true;
-      all_arrived_.notify_all();
-      return absl::UnavailableError(
-          absl::StrCat("a rank of the expert-parallel group did not reach a collective within ",
-                       timeout_.count(), " ms; the group is failed"));
+    const absl::Time deadline = absl::Now() + absl::FromChrono(timeout_);
+    while (generation_ == generation && !broken_) {
+      if (all_arrived_.WaitWithDeadline(&mutex_, deadline) && generation_ == generation &&
+          !broken_) {
+        broken_ = true;
+        all_arrived_.SignalAll();
+        return absl::UnavailableError(
+            absl::StrCat("a rank of the expert-parallel group did not reach a collective within ",
+                         timeout_.count(), " ms; the group is failed"));
+      }
     }
     if (generation_ == generation) return Broken();
     return absl::OkStatus();
   }
 
   void Abort() {
-    std::lock_guard lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     broken_ = true;
-    all_arrived_.notify_all();
+    all_arrived_.SignalAll();
   }
 
   std::vector<Slot> slots;
@@ -59,11 +65,11 @@ class InProcessGroup::Channel {
   }
   int size_;
   std::chrono::milliseconds timeout_;
-  std::mutex mutex_;
-  std::condition_variable all_arrived_;
-  int arrived_ = 0;
-  uint64_t generation_ = 0;
-  bool broken_ = false;
+  absl::Mutex mutex_;
+  absl::CondVar all_arrived_;
+  int arrived_ ABSL_GUARDED_BY(mutex_) = 0;
+  uint64_t generation_ ABSL_GUARDED_BY(mutex_) = 0;
+  bool broken_ ABSL_GUARDED_BY(mutex_) = false;
 };
 
 class InProcessGroup::RankCommunicator : public Communicator {

@@ -28,7 +28,8 @@ absl::StatusOr<std::unique_ptr<ExpertParallelGroup>> ExpertParallelGroup::Create
   auto group = std::unique_ptr<ExpertParallelGroup>(new ExpertParallelGroup(
       model, std::move(options), std::move(placement), registry, std::move(parts)));
   // Each local rank starts with its own copies of its slots' weights.
-  const ExpertPlacement& initial = *group->committed_;
+  const std::shared_ptr<const ExpertPlacement> committed = group->committed_placement();
+  const ExpertPlacement& initial = *committed;
   for (int rank : group->local_ranks_) {
     HostExpertStager* host = group->host_stagers_[rank].get();
     if (host == nullptr) continue;
@@ -253,7 +254,7 @@ absl::Status ExpertParallelGroup::UpdatePlacement(ExpertPlacement placement,
   int64_t kept_version = 0;
   {
     absl::MutexLock lock(&placement_mutex_);
-    auto settled = [&] {
+    auto settled = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(placement_mutex_) {
       return committed_->version() >= version || !staging_error_.ok() || failed_.load();
     };
     while (!settled() && !placement_changed_.WaitWithDeadline(&placement_mutex_, deadline)) {

@@ -7,15 +7,15 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 
 namespace moeserve::engine {
 
@@ -74,9 +74,9 @@ class RequestStream {
  private:
   std::string request_id_;
   std::atomic<bool> cancelled_{false};
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<GenerationOutput> queue_;
+  absl::Mutex mutex_;
+  absl::CondVar ready_;
+  std::deque<GenerationOutput> queue_ ABSL_GUARDED_BY(mutex_);
 };
 
 }  // namespace moeserve::engine
