@@ -226,8 +226,13 @@ absl::StatusOr<Engine::Impl::WorkerGroup> Engine::Impl::BuildGroup(const std::st
                                            .rank = rank,
                                            .kv_blocks = static_cast<int>(kv_blocks),
                                            .kv_block_size = options_.kv_block_size,
-                                           .max_batch_tokens = options_.max_batch_tokens});
+                                           .max_batch_tokens = options_.max_batch_tokens,
+                                           .background_placement_staging =
+                                               p.background_placement_staging});
     if (!backend.ok()) return backend.status();
+    if (ExpertStager* stager = (*backend)->expert_stager(); stager != nullptr) {
+      result.group->SetExpertStager(rank, stager);
+    }
     result.workers.push_back(std::make_unique<RankWorker>(
         context_, *result.group, rank, role, static_cast<int>(kv_blocks), options_.kv_block_size,
         std::move(*backend)));

@@ -45,6 +45,10 @@ struct ParallelOptions {
   std::string trace_dir;            // empty: no trace
   int trace_steps = 16;             // working steps recorded per group
   int trace_skip_steps = 0;         // working steps to let pass first (e.g. to reach decode)
+  // GPU ranks stage a new placement's changed expert slots into spare device memory in the
+  // background and swap them in at the commit (false: written in place during the committing
+  // step, which then stalls, but needs no spare memory).
+  bool background_placement_staging = true;
 };
 
 struct EngineOptions {

@@ -183,6 +183,14 @@ int main(int argc, char** argv) {
       ->add_option("--inject-fault", injected_fault,
                    "GROUP:RANK:STEP[:hang] — fail (or hang) that rank at its STEP-th working step")
       ->group("");
+  std::string placement_staging = "background";
+  serve_command
+      ->add_option("--gpu-placement-staging", placement_staging,
+                   "How GPU ranks apply a new expert placement: background (stage the changed "
+                   "slots in spare GPU memory while serving, swap at the commit) or in-step "
+                   "(write them during the committing step: no spare memory, one slow step)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"background", "in-step"}));
   serve_command->add_flag("!--no-expert-metrics", serve.engine.parallel.expert_load_metrics,
                           "Do not export the per (layer, expert) token counters");
   serve_command
@@ -224,6 +232,7 @@ int main(int argc, char** argv) {
       serve.engine.injected_fault = *fault;
     }
     serve.engine.kv_cache_bytes = kv_cache_mib << 20;
+    serve.engine.parallel.background_placement_staging = placement_staging == "background";
     serve.engine.min_step_seconds = min_step_ms / 1000.0;
     exit_code = moeserve::server::RunServe(serve);
   });

@@ -18,6 +18,7 @@
 #include "engine/parallel/ep_forward.h"
 #include "engine/parallel/ep_group.h"
 #include "engine/placement/expert_placement.h"
+#include "engine/placement/expert_stager.h"
 #include "engine/request/sampler.h"
 
 namespace moeserve::engine {
@@ -59,6 +60,9 @@ class RankBackend {
                                 std::vector<std::byte>& rows) = 0;
   virtual absl::Status ImportKv(const std::vector<int32_t>& block_table, int num_tokens,
                                 std::span<const std::byte> rows) = 0;
+  // The backend's own stager of new placements' expert slots, which the rank's group uses
+  // instead of host copies (engine/placement/expert_stager.h); null: the group's host stager.
+  virtual ExpertStager* expert_stager() { return nullptr; }
 };
 
 // The CPU backend: the expert-parallel forward of engine/parallel/ over the model's fp32
@@ -100,6 +104,8 @@ struct RankBackendRequest {
   int kv_blocks = 0;
   int kv_block_size = 16;
   int max_batch_tokens = 256;
+  // A GPU backend stages new placements' slots in the background (off: in the committing step).
+  bool background_placement_staging = true;
 };
 using RankBackendFactory =
     std::function<absl::StatusOr<std::unique_ptr<RankBackend>>(const RankBackendRequest&)>;

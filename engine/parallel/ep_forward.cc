@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/base/status_macros.h"
 #include "engine/model/moe.h"
+#include "engine/parallel/overlap_schedule.h"
 
 namespace moeserve::engine::parallel {
 namespace {
@@ -256,6 +257,118 @@ absl::Status PublishBalancedness(std::span<const int64_t> received_per_layer, Ra
   return absl::OkStatus();
 }
 
+// The CPU's stages of the overlap schedule (overlap_schedule.h): exchanges run on the rank's
+// communication thread when overlapping, inline otherwise; the shared experts run while the
+// combine is in flight.
+class ExpertParallelForward::Stages : public MicroBatchStages {
+ public:
+  Stages(const ExpertParallelForward& forward, std::vector<MicroBatch>& micro_batches, KvRows& rows,
+         const ExpertPlacement& placement, RankResources& rank, bool overlap)
+      : forward_(forward),
+        model_(forward.model_),
+        rows_(rows),
+        micro_batches_(micro_batches),
+        placement_(placement),
+        rank_(rank),
+        overlap_(overlap),
+        dispatched_(micro_batches.size()),
+        combined_(micro_batches.size()),
+        received_per_layer_(forward.model_.config().num_moe_layers(), 0) {}
+
+  absl::Status Attention(int layer, int index) override {
+    MicroBatch& mb = micro_batches_[index];
+    {
+      ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kComputeLane,
+                             EventName("attention", layer, mb.index), "compute");
+      model_.AttentionBlock(layer, mb.spans, mb.num_tokens, rows_, mb.residual.data(),
+                            mb.normed.data());
+    }
+    if (model_.moe_index(layer) >= 0) {
+      ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kComputeLane,
+                             EventName("gate", layer, mb.index), "compute");
+      mb.routing = model_.Route(layer, mb.normed.data(), mb.num_tokens);
+    }
+    return absl::OkStatus();
+  }
+  absl::Status DenseMlp(int layer, int index) override {
+    MicroBatch& mb = micro_batches_[index];
+    model_.DenseBlock(layer, mb.normed.data(), mb.num_tokens, mb.residual.data());
+    return absl::OkStatus();
+  }
+  absl::Status StartDispatch(int layer, int index) override {
+    MicroBatch& mb = micro_batches_[index];
+    return Exchange(dispatched_[index], [this, layer, &mb](comm::Communicator& comm) {
+      return forward_.Dispatch(layer, mb, placement_, comm, rank_);
+    });
+  }
+  absl::Status Experts(int layer, int index) override {
+    MicroBatch& mb = micro_batches_[index];
+    if (auto s = Wait(dispatched_[index]); !s.ok()) return s;
+    forward_.RunLocalExperts(layer, mb, placement_, rank_);
+    received_per_layer_[model_.moe_index(layer)] += static_cast<int64_t>(mb.recv_slots.size());
+    return Exchange(combined_[index], [this, layer, &mb](comm::Communicator& comm) {
+      return forward_.Combine(layer, mb, comm, rank_);
+    });
+  }
+  absl::Status FinishMoe(int layer, int index) override {
+    MicroBatch& mb = micro_batches_[index];
+    std::vector<float> shared;
+    {
+      ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kComputeLane,
+                             EventName("shared experts", layer, mb.index), "compute");
+      shared = model_.SharedExperts(layer, mb.normed.data(), mb.num_tokens);
+    }
+    if (auto s = Wait(combined_[index]); !s.ok()) return s;
+    model_.FinishMoe(mb.routing, mb.expert_outputs.data(), shared.empty() ? nullptr : shared.data(),
+                     mb.num_tokens, mb.residual.data());
+    return absl::OkStatus();
+  }
+  absl::Status DrainExchanges() override {
+    // Exchanges use micro-batch memory: every one still queued is joined, even after an error.
+    absl::Status status;
+    for (auto* futures : {&dispatched_, &combined_}) {
+      for (auto& future : *futures) {
+        if (future.valid()) status.Update(future.get());
+      }
+    }
+    return status;
+  }
+
+  const std::vector<int64_t>& received_per_layer() const { return received_per_layer_; }
+
+ private:
+  using ExchangeFn = std::function<absl::Status(comm::Communicator&)>;
+  // On the communication thread (its result awaited later through `slot`), or inline.
+  absl::Status Exchange(std::future<absl::Status>& slot, ExchangeFn exchange) {
+    if (overlap_) {
+      slot = rank_.communication_thread->Submit(
+          [this, exchange = std::move(exchange)] { return exchange(*rank_.overlap); });
+      return absl::OkStatus();
+    }
+    const auto start = Clock::now();
+    absl::Status result = exchange(*rank_.compute);
+    if (rank_.metrics != nullptr) rank_.metrics->AddExposedWait(SecondsSince(start));
+    return result;
+  }
+  absl::Status Wait(std::future<absl::Status>& slot) {
+    if (!slot.valid()) return absl::OkStatus();
+    const auto start = Clock::now();
+    absl::Status result = slot.get();
+    if (rank_.metrics != nullptr) rank_.metrics->AddExposedWait(SecondsSince(start));
+    return result;
+  }
+
+  const ExpertParallelForward& forward_;
+  const Model& model_;
+  KvRows& rows_;
+  std::vector<MicroBatch>& micro_batches_;
+  const ExpertPlacement& placement_;
+  RankResources& rank_;
+  bool overlap_;
+  std::vector<std::future<absl::Status>> dispatched_, combined_;
+  std::vector<int64_t> received_per_layer_;
+};
+
 absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(std::span<const BatchSequence> batch,
                                                               KvRows& cache,
                                                               const ExpertPlacement& placement,
@@ -285,86 +398,14 @@ absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(std::span<const Ba
     model_.Embed(mb.sequences, mb.residual.data());
   }
 
-  // Every queued exchange is joined before returning, even on error: they use micro-batch memory.
-  std::vector<std::future<absl::Status>> in_flight;
-  absl::Status status;
-  auto wait = [&](std::future<absl::Status>& future) {
-    const auto start = Clock::now();
-    absl::Status result = future.get();
-    if (rank.metrics != nullptr) rank.metrics->AddExposedWait(SecondsSince(start));
-    return result;
-  };
-  auto exchange_inline = [&](auto&& exchange) {
-    const auto start = Clock::now();
-    absl::Status result = exchange(*rank.compute);
-    if (rank.metrics != nullptr) rank.metrics->AddExposedWait(SecondsSince(start));
-    return result;
-  };
-
-  std::vector<int64_t> received_per_layer(c.num_moe_layers(), 0);
-  for (int layer = 0; layer < c.num_hidden_layers && status.ok(); ++layer) {
-    const bool is_moe = model_.moe_index(layer) >= 0;
-    std::vector<std::future<absl::Status>> dispatched(micro_batches.size());
-    for (MicroBatch& mb : micro_batches) {
-      {
-        ScopedTraceEvent event(rank.trace, rank.trace_pid, kComputeLane,
-                               EventName("attention", layer, mb.index), "compute");
-        model_.AttentionBlock(layer, mb.spans, mb.num_tokens, cache, mb.residual.data(),
-                              mb.normed.data());
-      }
-      if (!is_moe) {
-        model_.DenseBlock(layer, mb.normed.data(), mb.num_tokens, mb.residual.data());
-        continue;
-      }
-      {
-        ScopedTraceEvent event(rank.trace, rank.trace_pid, kComputeLane,
-                               EventName("gate", layer, mb.index), "compute");
-        mb.routing = model_.Route(layer, mb.normed.data(), mb.num_tokens);
-      }
-      if (overlap) {
-        dispatched[mb.index] = rank.communication_thread->Submit([&, layer, mb_ptr = &mb] {
-          return Dispatch(layer, *mb_ptr, placement, *rank.overlap, rank);
-        });
-      } else {
-        status.Update(exchange_inline(
-            [&](comm::Communicator& comm) { return Dispatch(layer, mb, placement, comm, rank); }));
-      }
-    }
-    if (!is_moe) continue;
-    std::vector<std::future<absl::Status>> combined(micro_batches.size());
-    for (MicroBatch& mb : micro_batches) {
-      if (overlap) status.Update(wait(dispatched[mb.index]));
-      if (!status.ok()) break;
-      RunLocalExperts(layer, mb, placement, rank);
-      received_per_layer[model_.moe_index(layer)] += static_cast<int64_t>(mb.recv_slots.size());
-      if (overlap) {
-        combined[mb.index] = rank.communication_thread->Submit(
-            [&, layer, mb_ptr = &mb] { return Combine(layer, *mb_ptr, *rank.overlap, rank); });
-      } else {
-        status.Update(exchange_inline(
-            [&](comm::Communicator& comm) { return Combine(layer, mb, comm, rank); }));
-      }
-    }
-    for (MicroBatch& mb : micro_batches) {
-      if (!status.ok()) break;
-      std::vector<float> shared;
-      {
-        ScopedTraceEvent event(rank.trace, rank.trace_pid, kComputeLane,
-                               EventName("shared experts", layer, mb.index), "compute");
-        shared = model_.SharedExperts(layer, mb.normed.data(), mb.num_tokens);
-      }
-      if (overlap) status.Update(wait(combined[mb.index]));
-      if (!status.ok()) break;
-      model_.FinishMoe(mb.routing, mb.expert_outputs.data(),
-                       shared.empty() ? nullptr : shared.data(), mb.num_tokens, mb.residual.data());
-    }
-    for (auto& future : dispatched)
-      if (future.valid()) in_flight.push_back(std::move(future));
-    for (auto& future : combined)
-      if (future.valid()) in_flight.push_back(std::move(future));
+  Stages stages(*this, micro_batches, cache, placement, rank, overlap);
+  if (auto s = RunOverlapSchedule(
+          c.num_hidden_layers, [&](int layer) { return model_.moe_index(layer) >= 0; },
+          static_cast<int>(micro_batches.size()), stages);
+      !s.ok()) {
+    return s;
   }
-  for (auto& future : in_flight) future.wait();
-  if (!status.ok()) return status;
+  const std::vector<int64_t>& received_per_layer = stages.received_per_layer();
 
   if (rank.metrics != nullptr && !received_per_layer.empty()) {
     RETURN_IF_ERROR(PublishBalancedness(received_per_layer, rank));

@@ -60,6 +60,7 @@ RankBackendFactory MakeCudaBackendFactory() {
     options.kv_blocks = request.kv_blocks;
     options.kv_block_size = request.kv_block_size;
     options.max_batch_tokens = request.max_batch_tokens;
+    options.background_placement_staging = request.background_placement_staging;
     if (size > 1) {
       options.exchange = exchange->communicators[request.rank].get();
       options.exchange_owner = exchange;
