@@ -220,15 +220,14 @@ absl::StatusOr<Engine::Impl::WorkerGroup> Engine::Impl::BuildGroup(const std::st
   WorkerGroup result;
   result.group = std::move(*group);
   for (int rank = 0; rank < size; ++rank) {
-    absl::StatusOr<std::unique_ptr<RankBackend>> backend =
-        MakeRankBackend(backend_.factory, {.model = model_.get(),
-                                           .group = result.group.get(),
-                                           .rank = rank,
-                                           .kv_blocks = static_cast<int>(kv_blocks),
-                                           .kv_block_size = options_.kv_block_size,
-                                           .max_batch_tokens = options_.max_batch_tokens,
-                                           .background_placement_staging =
-                                               p.background_placement_staging});
+    absl::StatusOr<std::unique_ptr<RankBackend>> backend = MakeRankBackend(
+        backend_.factory, {.model = model_.get(),
+                           .group = result.group.get(),
+                           .rank = rank,
+                           .kv_blocks = static_cast<int>(kv_blocks),
+                           .kv_block_size = options_.kv_block_size,
+                           .max_batch_tokens = options_.max_batch_tokens,
+                           .background_placement_staging = p.background_placement_staging});
     if (!backend.ok()) return backend.status();
     if (ExpertStager* stager = (*backend)->expert_stager(); stager != nullptr) {
       result.group->SetExpertStager(rank, stager);

@@ -1,12 +1,13 @@
 // The GPU backend's output: final norm and LM head over the rows that need logits, the logits
 // on the host when asked, and next tokens ranked on the device (kernels/sampling.h) and
 // finished by each request's sampler.
+#include "kernels/sampling.h"
+
 #include <tuple>
 
 #include "engine/backend/cuda/rank_state.h"
 #include "engine/base/status_macros.h"
 #include "kernels/kernels.h"
-#include "kernels/sampling.h"
 
 namespace moeserve::engine::cuda {
 

@@ -69,7 +69,7 @@ absl::Status CudaRankBackend::State::LoadWeights() {
   const ModelConfig& c = config();
   const ModelWeights& weights = model->weights();
   const int hidden = c.hidden_size;
-  
+
   RETURN_IF_ERROR(UploadBf16(embed, weights.embed_tokens(),
                              static_cast<size_t>(c.vocab_size) * hidden, stream));
   RETURN_IF_ERROR(UploadBf16(final_norm, weights.final_norm(), hidden, stream));
