@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything moeserve needs to build, run and test on Debian 12: compiler, CMake,
 # Ninja, gRPC/protobuf, Abseil, prometheus-cpp, OpenBLAS, GoogleTest, CLI11, nlohmann-json,
-# libcurl, ICU (Unicode regexes for tokenizers), spdlog (logs), Prometheus (for the EPLB loop tests) and NumPy (for the reference checks).
+# libcurl, ICU (Unicode regexes for tokenizers), spdlog (logs), Prometheus (for the EPLB loop tests) and NumPy (for the reference checks),
+# cpp-httplib (the OpenAI HTTP front door), libpython3 and Jinja2 (chat templates, rendered by
+# Jinja2 itself in an embedded interpreter) and python3-venv (the real OpenAI and Triton clients
+# the tests drive the server with, installed from PyPI by scripts/python-venv.sh).
 # Idempotent: does nothing when every package is already installed.
 set -euo pipefail
 
@@ -11,6 +14,7 @@ PACKAGES=(
   libabsl-dev prometheus-cpp-dev libopenblas-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcurl4-openssl-dev curl libicu-dev libspdlog-dev
   prometheus python3 python3-numpy python3-yaml python3-grpcio python3-grpc-tools
+  libcpp-httplib-dev libpython3-dev python3-jinja2 python3-venv
 )
 
 missing=()
