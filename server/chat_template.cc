@@ -166,7 +166,7 @@ absl::StatusOr<std::string> ReadFile(const std::filesystem::path& path) {
 }
 
 // A special token in tokenizer_config.json: a string, or an object with "content".
-std::optional<std::string> TokenText(const nlohmann::json& value) {
+std::optional<std::string> TokenText(const nlohmann::ordered_json& value) {
   if (value.is_string()) return value.get<std::string>();
   if (value.is_object() && value.contains("content") && value["content"].is_string()) {
     return value["content"].get<std::string>();
@@ -174,8 +174,8 @@ std::optional<std::string> TokenText(const nlohmann::json& value) {
   return std::nullopt;
 }
 
-nlohmann::json SpecialTokens(const nlohmann::json& config) {
-  nlohmann::json tokens = nlohmann::json::object();
+nlohmann::ordered_json SpecialTokens(const nlohmann::ordered_json& config) {
+  nlohmann::ordered_json tokens = nlohmann::ordered_json::object();
   for (const char* name : {"bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                            "cls_token", "mask_token"}) {
     if (auto it = config.find(name); it != config.end()) {
@@ -183,8 +183,8 @@ nlohmann::json SpecialTokens(const nlohmann::json& config) {
     }
   }
   if (auto it = config.find("additional_special_tokens"); it != config.end() && it->is_array()) {
-    nlohmann::json list = nlohmann::json::array();
-    for (const nlohmann::json& token : *it) {
+    nlohmann::ordered_json list = nlohmann::ordered_json::array();
+    for (const nlohmann::ordered_json& token : *it) {
       if (auto text = TokenText(token)) list.push_back(*text);
     }
     tokens["additional_special_tokens"] = list;
@@ -194,12 +194,12 @@ nlohmann::json SpecialTokens(const nlohmann::json& config) {
 
 // tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} of which
 // "default" is the one apply_chat_template uses.
-std::optional<std::string> ConfigTemplate(const nlohmann::json& config) {
+std::optional<std::string> ConfigTemplate(const nlohmann::ordered_json& config) {
   auto it = config.find("chat_template");
   if (it == config.end()) return std::nullopt;
   if (it->is_string()) return it->get<std::string>();
   if (it->is_array()) {
-    for (const nlohmann::json& entry : *it) {
+    for (const nlohmann::ordered_json& entry : *it) {
       if (entry.is_object() && entry.contains("name") && entry["name"] == "default" &&
           entry.contains("template") && entry["template"].is_string()) {
         return entry["template"].get<std::string>();
@@ -229,7 +229,8 @@ absl::StatusOr<std::optional<ChatTemplateSource>> LoadChatTemplateSource(
     if (std::filesystem::exists(config_path)) {
       absl::StatusOr<std::string> text = ReadFile(config_path);
       if (!text.ok()) return text.status();
-      nlohmann::json config = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
+      nlohmann::ordered_json config =
+          nlohmann::ordered_json::parse(*text, nullptr, /*allow_exceptions=*/false);
       if (config.is_discarded() || !config.is_object()) {
         return absl::InvalidArgumentError(
             absl::StrCat(config_path.string(), " is not a JSON object"));
@@ -285,13 +286,13 @@ absl::StatusOr<std::unique_ptr<ChatTemplate>> ChatTemplate::Compile(ChatTemplate
   return std::unique_ptr<ChatTemplate>(new ChatTemplate(std::move(source), compiled));
 }
 
-absl::StatusOr<std::string> ChatTemplate::Render(const nlohmann::json& messages,
+absl::StatusOr<std::string> ChatTemplate::Render(const nlohmann::ordered_json& messages,
                                                  bool add_generation_prompt,
-                                                 const nlohmann::json& tools,
-                                                 const nlohmann::json& variables) const {
+                                                 const nlohmann::ordered_json& tools,
+                                                 const nlohmann::ordered_json& variables) const {
   // The variables apply_chat_template passes: the special tokens, then the caller's extras,
   // then the conversation itself.
-  nlohmann::json context = source_.special_tokens;
+  nlohmann::ordered_json context = source_.special_tokens;
   if (variables.is_object()) {
     for (const auto& [key, value] : variables.items()) context[key] = value;
   }
@@ -301,7 +302,7 @@ absl::StatusOr<std::string> ChatTemplate::Render(const nlohmann::json& messages,
   context["documents"] = nullptr;
   // Invalid UTF-8 cannot reach here (the JSON parser refuses it), so dump cannot throw.
   const std::string context_json =
-      context.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+      context.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
   Interpreter& interpreter = StartInterpreter();
   GilLock gil;
   PyObject* rendered =

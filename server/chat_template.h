@@ -29,7 +29,7 @@ struct ChatTemplateSource {
   std::string origin;  // where it came from, for logs and error messages
   // Variables every render sees: bos_token, eos_token, unk_token, pad_token, ... (strings) and
   // additional_special_tokens (a list), as the tokenizer config names them.
-  nlohmann::json special_tokens = nlohmann::json::object();
+  nlohmann::ordered_json special_tokens = nlohmann::ordered_json::object();
   // Whether tokenizing the rendering should add the beginning-of-sequence token. False for a
   // model's own template (it writes its special tokens itself, and transformers tokenizes the
   // rendering without adding any); true for the built-in template.
@@ -56,9 +56,12 @@ class ChatTemplate {
   // e.g. {"enable_thinking": false}; they override the special tokens, as in transformers).
   // INVALID_ARGUMENT with the template's message when it rejects the conversation
   // (raise_exception) or fails on it.
-  absl::StatusOr<std::string> Render(const nlohmann::json& messages, bool add_generation_prompt,
-                                     const nlohmann::json& tools,
-                                     const nlohmann::json& variables) const;
+  // JSON objects keep the order their keys came in: templates that print them (tojson) must
+  // print them as the client wrote them, as Python's dicts do.
+  absl::StatusOr<std::string> Render(const nlohmann::ordered_json& messages,
+                                     bool add_generation_prompt,
+                                     const nlohmann::ordered_json& tools,
+                                     const nlohmann::ordered_json& variables) const;
 
   const ChatTemplateSource& source() const { return source_; }
 

@@ -139,6 +139,17 @@ class OpenAiHttpServer::Exchange {
   std::optional<std::pair<int, engine::GenerationOutput>> Next(bool* abandoned) {
     *abandoned = false;
     while (true) {
+      // Checked every interval even while tokens flow: a non-streaming client that left would
+      // otherwise be noticed only when its whole response failed to send.
+      const auto now = std::chrono::steady_clock::now();
+      if (now - last_check_ >= kPollInterval) {
+        last_check_ = now;
+        if (PeerClosed(connection_fd_) || server_.cancel_all_.load()) {
+          CancelAll();
+          *abandoned = true;
+          return std::nullopt;
+        }
+      }
       int unfinished = 0;
       for (size_t k = 0; k < choices_.size(); ++k) {
         const size_t index = (next_ + k) % choices_.size();
@@ -154,11 +165,6 @@ class OpenAiHttpServer::Exchange {
         }
       }
       if (unfinished == 0) return std::nullopt;
-      if (PeerClosed(connection_fd_) || server_.cancel_all_.load()) {
-        CancelAll();
-        *abandoned = true;
-        return std::nullopt;
-      }
     }
   }
 
@@ -189,6 +195,7 @@ class OpenAiHttpServer::Exchange {
   int connection_fd_;
   std::vector<Choice> choices_;
   size_t next_ = 0;
+  std::chrono::steady_clock::time_point last_check_ = std::chrono::steady_clock::now();
 };
 
 OpenAiHttpServer::OpenAiHttpServer(OpenAiHttpOptions options,

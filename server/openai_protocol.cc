@@ -8,7 +8,8 @@
 namespace moeserve::server {
 namespace {
 
-using nlohmann::json;
+// Ordered: messages and tools reach the chat template with their keys in the client's order.
+using json = nlohmann::ordered_json;
 
 absl::Status Invalid(absl::string_view message) { return absl::InvalidArgumentError(message); }
 
