@@ -78,6 +78,15 @@ bool PeerClosed(int fd) {
   return poll(&probe, 1, 0) > 0 && (probe.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
 }
 
+// httplib::Server with its listening socket in reach: Debian's build listens with a backlog of
+// 5, so a burst of new connections (64 clients starting at once) overflows the accept queue and
+// the kernel drops SYNs, costing the unlucky clients a 1 s retransmit before their first token.
+class HttpServer : public httplib::Server {
+ public:
+  // Raises the accept queue to the system's limit (listen() on a listening socket resizes it).
+  void WidenBacklog() { ::listen(svr_sock_, SOMAXCONN); }
+};
+
 void SetError(httplib::Response& response, const absl::Status& status) {
   response.status = HttpStatusFor(status);
   response.set_content(ErrorBody(status), kJson);
@@ -202,7 +211,7 @@ OpenAiHttpServer::OpenAiHttpServer(OpenAiHttpOptions options,
                                    std::unique_ptr<ChatTemplate> chat_template)
     : options_(std::move(options)),
       chat_template_(std::move(chat_template)),
-      http_(std::make_unique<httplib::Server>()),
+      http_(std::make_unique<HttpServer>()),
       created_(UnixSeconds()) {}
 
 OpenAiHttpServer::~OpenAiHttpServer() { Stop(); }
@@ -229,6 +238,7 @@ absl::StatusOr<int> OpenAiHttpServer::Start() {
                                                options_.port,
                                                " (address in use or not available)"));
   }
+  static_cast<HttpServer*>(http_.get())->WidenBacklog();
   listener_ = std::thread([this] { http_->listen_after_bind(); });
   return port;
 }
