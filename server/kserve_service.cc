@@ -442,7 +442,7 @@ grpc::Status KServeService::ModelMetadata(grpc::ServerContext*,
                      "`; this server serves `", name, "` version ", kVersion));
   }
   response->set_name(name);
-  response->add_versions(kVersion);
+  response->add_versions(std::string(kVersion));
   response->set_platform("moeserve");
   auto add = [](auto* list, const char* tensor, const char* datatype, int64_t size) {
     auto* metadata = list->Add();
@@ -484,14 +484,14 @@ grpc::Status KServeService::ModelInfer(grpc::ServerContext* context,
   if (!stream.ok()) return ToGrpcStatus(stream.status());
   std::string text = generation->prefix;
   while (true) {
-    std::optional<engine::GenerationOutput> output = (*stream)->Next(kPollInterval);
-    if (!output.has_value()) {
-      if (context->IsCancelled()) {
-        (*stream)->Cancel();  // frees its KV blocks at the next step
-        return grpc::Status(grpc::StatusCode::CANCELLED, "the request was cancelled");
-      }
-      continue;
+    // Checked before every wait: nothing is written until the end, so a client that gave up
+    // is noticed only here, even while tokens flow.
+    if (context->IsCancelled()) {
+      (*stream)->Cancel();  // frees its KV blocks at the next step
+      return grpc::Status(grpc::StatusCode::CANCELLED, "the request was cancelled");
     }
+    std::optional<engine::GenerationOutput> output = (*stream)->Next(kPollInterval);
+    if (!output.has_value()) continue;
     if (absl::Status status = StatusOfOutput(*output); !status.ok()) return ToGrpcStatus(status);
     text += output->text;
     if (output->is_last()) {
@@ -564,14 +564,14 @@ grpc::Status KServeService::ModelStreamInfer(
                       request_stream = std::move(*submitted)]() mutable {
            std::string text = std::move(prefix);
            while (true) {
-             std::optional<engine::GenerationOutput> output = request_stream->Next(kPollInterval);
-             if (!output.has_value()) {
-               if (context->IsCancelled()) {
-                 request_stream->Cancel();
-                 break;
-               }
-               continue;
+             // Non-streaming requests write nothing until the end: look for a cancelled
+             // stream before every wait.
+             if (context->IsCancelled()) {
+               request_stream->Cancel();
+               break;
              }
+             std::optional<engine::GenerationOutput> output = request_stream->Next(kPollInterval);
+             if (!output.has_value()) continue;
              if (absl::Status status = StatusOfOutput(*output); !status.ok()) {
                write_error(id, status);
                break;

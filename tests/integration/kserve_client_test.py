@@ -167,10 +167,30 @@ def check_errors(client):
                                                                           [4])]))
 
 
+def check_cancel(server, client):
+    long_generation = generation("long", 3000, ignore_eos=("BOOL", [True]))
+    # A ModelInfer client that gives up: 3000 tokens at --min-step-ms 2 take 6 s or more.
+    assert server.wait_idle(30), "the server was busy before the test"
+    expect_status("DEADLINE_EXCEEDED", lambda: client.infer(MODEL, long_generation,
+                                                             client_timeout=0.5))
+    assert server.wait_idle(3), "an abandoned ModelInfer kept its request (and KV blocks)"
+    # A stream cancelled mid-generation.
+    responses = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer(MODEL, generation("long", 3000, stream=True,
+                                                ignore_eos=("BOOL", [True])))
+    for _ in range(3):
+        result, error = responses.get(timeout=60)
+        assert error is None, error
+    client.stop_stream(cancel_requests=True)
+    assert server.wait_idle(3), "a cancelled stream kept its request (and KV blocks)"
+
+
 def main():
     binary = sys.argv[1]
     tally = Tally()
-    server = Server(binary)
+    # Steps of at least 2 ms keep long requests in flight long enough to cancel them.
+    server = Server(binary, "--min-step-ms", "2")
     try:
         client = grpcclient.InferenceServerClient(server.grpc_address)
         tally.run("health and metadata", check_health_and_metadata, client)
@@ -178,6 +198,7 @@ def main():
         tally.run("decoupled streaming", check_stream, client)
         tally.run("sampling, seeds, stop words", check_sampling, client)
         tally.run("errors", check_errors, client)
+        tally.run("cancel frees the request", check_cancel, server, client)
         client.close()
     finally:
         server.stop()
