@@ -122,7 +122,10 @@ int main(int argc, char** argv) {
           "builtin:v3-bench (GPU only), or a Hugging Face checkpoint folder")
       ->capture_default_str();
   serve_command->add_option("--host", serve.host, "Address to listen on")->capture_default_str();
-  serve_command->add_option("--port", serve.port, "gRPC port (0: pick a free one)")
+  serve_command
+      ->add_option("--port", serve.port,
+                   "gRPC port: moeserve.v1.Generation and the KServe v2 inference service (0: "
+                   "pick a free one)")
       ->capture_default_str()
       ->check(CLI::Range(0, 65535));
   serve_command

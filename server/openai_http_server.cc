@@ -195,6 +195,9 @@ class OpenAiHttpServer::Exchange {
   }
 
   bool include_usage() const { return include_usage_; }
+  // Whether an abandoned exchange was given up by the server (shutdown past its grace period)
+  // rather than by its client.
+  bool server_stopping() const { return server_.cancel_all_.load(); }
 
  private:
   OpenAiHttpServer& server_;
@@ -340,7 +343,11 @@ void OpenAiHttpServer::RegisterRoutes() {
           if (output.is_last()) exchange->Finish(choice, output);
         }
         if (abandoned) {
-          return SetError(response, absl::CancelledError("the client went away"));
+          return SetError(response,
+                          exchange->server_stopping()
+                              ? absl::UnavailableError("the server stopped before the request "
+                                                       "finished")
+                              : absl::CancelledError("the client went away"));
         }
         std::vector<OpenAiChoiceResult> results;
         for (const Exchange::Choice& choice : exchange->choices()) {
@@ -383,7 +390,14 @@ void OpenAiHttpServer::RegisterRoutes() {
                 return false;
               }
             }
-            if (abandoned) return false;
+            if (abandoned) {
+              if (!exchange->server_stopping()) return false;  // nobody is listening
+              write(ErrorEvent(
+                  absl::UnavailableError("the server stopped before the request finished")));
+              write(kDoneEvent);
+              sink.done();
+              return true;
+            }
             if (exchange->include_usage()) write(UsageEvent(exchange->header(), exchange->Usage()));
             write(kDoneEvent);
             sink.done();

@@ -3,8 +3,8 @@
 Usage: openai_client_test.py MOESERVE_BINARY     (run with the venv of scripts/python-venv.sh)
 """
 import json
+import signal
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -269,6 +269,52 @@ def check_group_failure(binary):
         server.stop()
 
 
+def check_sigterm_drains(binary):
+    server = Server(binary, "--min-step-ms", "2")
+    try:
+        client = openai.OpenAI(base_url=server.http_url + "/v1", api_key="none", max_retries=0)
+        stream = iter(client.completions.create(model=MODEL, prompt="drain", max_tokens=300,
+                                                stream=True, extra_body={"ignore_eos": True}))
+        chunks = [next(stream)]
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.time() + 10
+        while not any("received SIGTERM" in line for line in server.output):
+            assert time.time() < deadline, "the server did not log the SIGTERM"
+            time.sleep(0.01)
+        # New requests are refused while the one in flight finishes.
+        expect_error(openai.InternalServerError, 503, lambda: client.completions.create(
+            model=MODEL, prompt="late", max_tokens=2))
+        chunks += list(stream)
+        assert chunks[-1].choices[0].finish_reason == "length", chunks[-1]
+        assert len(chunks) == 300, len(chunks)
+        client.close()
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        server.stop()
+
+
+def check_sigterm_past_grace(binary):
+    # A stream still running when the grace period ends gets a 503 error event, and the server
+    # exits instead of waiting for it.
+    server = Server(binary, "--min-step-ms", "2", "--shutdown-grace-seconds", "0.3")
+    try:
+        client = openai.OpenAI(base_url=server.http_url + "/v1", api_key="none", max_retries=0)
+        stream = iter(client.completions.create(model=MODEL, prompt="long", max_tokens=3000,
+                                                stream=True, extra_body={"ignore_eos": True}))
+        next(stream)
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            for _ in stream:
+                pass
+            raise AssertionError("the stream finished 3000 tokens within a 0.3 s grace")
+        except openai.APIError as error:
+            assert "stopped" in str(error), error
+        client.close()
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        server.stop()
+
+
 def main():
     binary = sys.argv[1]
     tally = Tally()
@@ -296,6 +342,8 @@ def main():
         server.stop()
     tally.run("429 when the queue is full", check_queue_full, binary)
     tally.run("503 after a group failure", check_group_failure, binary)
+    tally.run("SIGTERM drains streams in flight", check_sigterm_drains, binary)
+    tally.run("SIGTERM past the grace period", check_sigterm_past_grace, binary)
     return tally.finish()
 
 
