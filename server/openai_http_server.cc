@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -42,11 +43,21 @@ int PortOf(const sockaddr_storage& address) {
   return -1;
 }
 
+// The numeric host of a socket address, as httplib writes Request::remote_addr.
+std::string NumericHost(const sockaddr_storage& address, socklen_t size) {
+  char host[NI_MAXHOST];
+  if (getnameinfo(reinterpret_cast<const sockaddr*>(&address), size, host, sizeof(host), nullptr, 0,
+                  NI_NUMERICHOST) != 0) {
+    return "";
+  }
+  return host;
+}
+
 // cpp-httplib 0.11 gives a handler no handle on its connection, yet a server must notice a
 // client that went away while its request waits in the engine (non-streaming requests write
-// nothing until the end). The connection's socket is the one whose local port and peer port
-// are the request's; it stays open (owned by httplib) until the handler returns. -1 if not
-// found, which only loses early cancellation.
+// nothing until the end). The connection's socket is the one whose local port and peer
+// address and port are the request's; it stays open (owned by httplib) until the handler
+// returns. -1 if not found, which only loses early cancellation.
 int FindConnectionSocket(const httplib::Request& request) {
   DIR* fds = opendir("/proc/self/fd");
   if (fds == nullptr) return -1;
@@ -62,7 +73,8 @@ int FindConnectionSocket(const httplib::Request& request) {
       continue;
     }
     if (getpeername(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&peer), &peer_size) == 0 &&
-        PortOf(peer) == request.remote_port) {
+        PortOf(peer) == request.remote_port &&
+        NumericHost(peer, peer_size) == request.remote_addr) {
       found = static_cast<int>(fd);
       break;
     }
