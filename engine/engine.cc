@@ -471,7 +471,8 @@ absl::Status Engine::Impl::Validate(GenerationInput& in) const {
                                                      " bytes, far beyond the context length of ",
                                                      context, " tokens"));
     }
-    in.prompt_tokens = tokenizer_->Encode(*in.text);
+    in.prompt_tokens = in.add_special_tokens ? tokenizer_->Encode(*in.text)
+                                             : tokenizer_->EncodeWithoutBos(*in.text);
   } else if (in.prompt_tokens.empty()) {
     return absl::InvalidArgumentError(
         "the request has no input: set `text` or a non-empty `token_ids`");

@@ -111,7 +111,10 @@ int main(int argc, char** argv) {
 
   moeserve::server::ServeOptions serve;
   int64_t kv_cache_mib = serve.engine.kv_cache_bytes >> 20;  // per rank
-  auto* serve_command = app.add_subcommand("serve", "Serve a model over gRPC");
+  auto* serve_command = app.add_subcommand(
+      "serve",
+      "Serve a model: gRPC (moeserve.v1.Generation and the KServe v2 / Triton inference "
+      "protocol on --port) and the OpenAI API over HTTP (--http-port)");
   serve_command
       ->add_option(
           "--model", serve.engine.model,
@@ -119,7 +122,10 @@ int main(int argc, char** argv) {
           "builtin:v3-bench (GPU only), or a Hugging Face checkpoint folder")
       ->capture_default_str();
   serve_command->add_option("--host", serve.host, "Address to listen on")->capture_default_str();
-  serve_command->add_option("--port", serve.port, "gRPC port (0: pick a free one)")
+  serve_command
+      ->add_option("--port", serve.port,
+                   "gRPC port: moeserve.v1.Generation and the KServe v2 inference service (0: "
+                   "pick a free one)")
       ->capture_default_str()
       ->check(CLI::Range(0, 65535));
   serve_command
@@ -127,6 +133,22 @@ int main(int argc, char** argv) {
                    "Prometheus /metrics port (0: pick a free one, -1: off)")
       ->capture_default_str()
       ->check(CLI::Range(-1, 65535));
+  serve_command
+      ->add_option("--http-port", serve.http_port,
+                   "OpenAI-compatible HTTP port: /v1/completions, /v1/chat/completions, "
+                   "/v1/models, /health (0: pick a free one, -1: off)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, 65535));
+  serve_command
+      ->add_option("--chat-template", serve.chat_template_file,
+                   "Jinja chat template for /v1/chat/completions, instead of the model's own "
+                   "(tokenizer_config.json's chat_template)")
+      ->check(CLI::ExistingFile);
+  serve_command
+      ->add_option("--http-max-connections", serve.http_max_connections,
+                   "HTTP connections served at once (each holds a worker thread); more wait")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100000));
   serve_command
       ->add_option("--max-batch-tokens", serve.engine.max_batch_tokens,
                    "Tokens per forward step; longer prompts prefill in chunks")

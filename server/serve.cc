@@ -16,6 +16,9 @@
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
 #include "server/admin_service.h"
+#include "server/chat_template.h"
+#include "server/kserve_service.h"
+#include "server/openai_http_server.h"
 
 namespace moeserve::server {
 namespace {
@@ -49,6 +52,8 @@ int RunServe(const ServeOptions& options) {
   sigaddset(&shutdown_signals, SIGTERM);
   sigaddset(&shutdown_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &shutdown_signals, nullptr);
+  // A client that closes its connection mid-response must cost an error return, not the process.
+  signal(SIGPIPE, SIG_IGN);
 
   auto registry = std::make_shared<prometheus::Registry>();
   std::unique_ptr<prometheus::Exposer> exposer;
@@ -67,7 +72,44 @@ int RunServe(const ServeOptions& options) {
     metrics_address = absl::StrCat(options.host, ":", ports.empty() ? 0 : ports.front());
   }
 
+  // The OpenAI front door listens from the start, answering 503 until the model is loaded.
+  std::unique_ptr<OpenAiHttpServer> http;
+  std::string http_address = "off";
+  if (options.http_port >= 0) {
+    absl::StatusOr<std::optional<ChatTemplateSource>> source =
+        LoadChatTemplateSource(options.engine.model, options.chat_template_file);
+    if (!source.ok()) {
+      std::cerr << "moeserve: chat template: " << source.status().message() << "\n";
+      return 1;
+    }
+    std::unique_ptr<ChatTemplate> chat_template;
+    if (source->has_value()) {
+      absl::StatusOr<std::unique_ptr<ChatTemplate>> compiled =
+          ChatTemplate::Compile(std::move(**source));
+      if (!compiled.ok()) {
+        std::cerr << "moeserve: " << compiled.status().message() << "\n";
+        return 1;
+      }
+      chat_template = std::move(*compiled);
+    } else {
+      std::cerr << "moeserve: the model has no chat template; /v1/chat/completions answers 400 "
+                   "(give one with --chat-template FILE)\n";
+    }
+    http = std::make_unique<OpenAiHttpServer>(
+        OpenAiHttpOptions{.host = options.host,
+                          .port = options.http_port,
+                          .max_connections = options.http_max_connections},
+        std::move(chat_template));
+    absl::StatusOr<int> http_port = http->Start();
+    if (!http_port.ok()) {
+      std::cerr << "moeserve: " << http_port.status().message() << "\n";
+      return 1;
+    }
+    http_address = absl::StrCat(options.host, ":", *http_port);
+  }
+
   GenerationService generation;
+  KServeService kserve;
   std::unique_ptr<AdminService> admin;
   if (!options.admin_token_file.empty()) {
     absl::StatusOr<std::string> token = ReadAdminToken(options.admin_token_file);
@@ -85,6 +127,7 @@ int RunServe(const ServeOptions& options) {
                            grpc::InsecureServerCredentials(), &selected_port);
   builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   builder.RegisterService(&generation);
+  builder.RegisterService(&kserve);
   if (admin != nullptr) builder.RegisterService(admin.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || selected_port == 0) {
@@ -104,9 +147,12 @@ int RunServe(const ServeOptions& options) {
   if (!engine.ok()) {
     std::cerr << "moeserve: " << engine.status().message() << "\n";
     server->Shutdown();
+    if (http != nullptr) http->Stop();
     return 1;
   }
   generation.AttachEngine(engine->get());
+  kserve.AttachEngine(engine->get());
+  if (http != nullptr) http->AttachEngine(engine->get());
   if (admin != nullptr) admin->AttachEngine(engine->get());
   // A failed group can only recover by a restart: the server as a whole stops serving (so a
   // liveness probe on "" restarts the process) and so does the group's own name.
@@ -127,8 +173,9 @@ int RunServe(const ServeOptions& options) {
           ? absl::StrCat("prefill EP", parallel.prefill_ep, " + decode EP", parallel.decode_ep)
           : absl::StrCat("EP", parallel.decode_ep);
   std::cout << "moeserve: serving " << options.engine.model << " on " << options.host << ":"
-            << selected_port << " (metrics on " << metrics_address << ", " << layout << ", "
-            << parallel.num_redundant_experts << " redundant experts, two-batch overlap "
+            << selected_port << " (metrics on " << metrics_address << ", OpenAI HTTP on "
+            << http_address << ", " << layout << ", " << parallel.num_redundant_experts
+            << " redundant experts, two-batch overlap "
             << (parallel.two_batch_overlap ? "on" : "off") << ", KV cache " << stats.kv_blocks_total
             << " blocks of " << options.engine.kv_block_size << " tokens)" << std::endl;
 
@@ -147,7 +194,9 @@ int RunServe(const ServeOptions& options) {
       std::chrono::system_clock::now() +
       std::chrono::milliseconds(static_cast<int64_t>(options.shutdown_grace_seconds * 1000));
   server->Shutdown(deadline);
+  if (http != nullptr) http->Drain(deadline);
   server->Wait();
+  if (http != nullptr) http->Stop();
   admin.reset();
   (*engine)->Shutdown();
   std::cout << "moeserve: stopped" << std::endl;

@@ -15,6 +15,8 @@ class Tokenizer {
   virtual ~Tokenizer() = default;
   // Token ids of `text`, with the beginning-of-sequence token first when the model uses one.
   virtual std::vector<int32_t> Encode(std::string_view text) const = 0;
+  // The same without the beginning-of-sequence token.
+  virtual std::vector<int32_t> EncodeWithoutBos(std::string_view text) const = 0;
   // The raw bytes a token stands for (possibly an incomplete UTF-8 sequence); special tokens
   // decode to nothing.
   virtual std::string TokenBytes(int32_t token) const = 0;
@@ -25,6 +27,7 @@ class ByteTokenizer : public Tokenizer {
   ByteTokenizer(int32_t bos_token_id, int32_t eos_token_id)
       : bos_token_id_(bos_token_id), eos_token_id_(eos_token_id) {}
   std::vector<int32_t> Encode(std::string_view text) const override;
+  std::vector<int32_t> EncodeWithoutBos(std::string_view text) const override;
   std::string TokenBytes(int32_t token) const override;
 
  private:

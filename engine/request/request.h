@@ -36,6 +36,10 @@ struct GenerationInput {
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
+  // Whether tokenizing `text` puts the model's beginning-of-sequence token first (when it uses
+  // one). Off for text that already carries its special tokens as text, such as a rendered chat
+  // template (transformers tokenizes those with add_special_tokens=False).
+  bool add_special_tokens = true;
 };
 
 enum class FinishReason { kNone, kLength, kStop, kContextLength, kCancelled, kAborted };

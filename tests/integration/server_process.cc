@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <regex>
@@ -36,6 +37,10 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
                                    "0",
                                    "--metrics-port",
                                    metrics_port != nullptr ? metrics_port : "0"};
+  // Tests run side by side: never the fixed default HTTP port.
+  if (std::find(extra_args.begin(), extra_args.end(), "--http-port") == extra_args.end()) {
+    args.insert(args.end(), {"--http-port", "0"});
+  }
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   pid_ = fork();
   if (pid_ == 0) {
@@ -51,7 +56,8 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
   }
   close(pipe_fds[1]);
   output_fd_ = pipe_fds[0];
-  const std::regex ready(R"(serving \S+ on [0-9.]+:(\d+) \(metrics on (?:[0-9.]+:(\d+)|disabled))");
+  const std::regex ready(
+      R"(serving \S+ on [0-9.]+:(\d+) \(metrics on (?:[0-9.]+:(\d+)|disabled), OpenAI HTTP on (?:[0-9.]+:(\d+)|off))");
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < deadline) {
     ReadAvailable(100);
@@ -59,6 +65,7 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
     if (std::regex_search(output_, match, ready)) {
       port_ = std::stoi(match[1]);
       metrics_port_ = match[2].matched ? std::stoi(match[2]) : -1;
+      http_port_ = match[3].matched ? std::stoi(match[3]) : -1;
       return;
     }
     int status = 0;

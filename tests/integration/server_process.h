@@ -18,7 +18,8 @@ namespace moeserve::testing {
 
 class ServerProcess {
  public:
-  // Starts `moeserve serve --port 0 --metrics-port 0 <extra_args>`; fails the test (ADD_FAILURE)
+  // Starts `moeserve serve --port 0 --metrics-port 0 --http-port 0 <extra_args>` (extra_args may
+  // give their own --http-port); fails the test (ADD_FAILURE)
   // and leaves ok() false if it does not become ready within 60 s.
   // With expect_ready = false, a server that exits before becoming ready is not a failure
   // (tests of refused configurations).
@@ -28,6 +29,7 @@ class ServerProcess {
   bool ok() const { return port_ > 0; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   int metrics_port() const { return metrics_port_; }
+  int http_port() const { return http_port_; }  // -1 when HTTP is off
   pid_t pid() const { return pid_; }
   std::shared_ptr<grpc::Channel> channel() const;
 
@@ -43,6 +45,7 @@ class ServerProcess {
   int output_fd_ = -1;
   int port_ = 0;
   int metrics_port_ = 0;
+  int http_port_ = -1;
   bool exited_ = false;
   int exit_code_ = -1000;
   void RecordExit(int wait_status);
