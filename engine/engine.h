@@ -3,7 +3,7 @@
 // group, or a prefill group that hands its prompts' KV cache to a decode group), validates and
 // routes requests to the least-loaded rank of the entry group, reports per-group health, and
 // applies live expert placements. Requests, their streams and sampling options are the public
-// types of engine/request/request.h; nothing here exposes model, parallel or runtime internals.
+// types of engine/api/request.h; nothing here exposes model, parallel or runtime internals.
 //
 // Also the engine-level functions behind `moeserve logits` and `moeserve export`.
 //
@@ -19,7 +19,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "engine/request/request.h"
+#include "engine/api/request.h"
 #include "engine/runtime/injected_fault.h"
 
 namespace prometheus {

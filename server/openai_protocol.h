@@ -14,7 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "engine/request/request.h"
+#include "engine/api/request.h"
 #include "nlohmann/json.hpp"
 #include "server/chat_template.h"
 

@@ -19,7 +19,7 @@
 #include "engine/parallel/ep_group.h"
 #include "engine/placement/expert_placement.h"
 #include "engine/placement/expert_stager.h"
-#include "engine/request/sampler.h"
+#include "engine/sampling/sampler.h"
 
 namespace moeserve::engine {
 
@@ -39,7 +39,7 @@ class RankBackend {
   virtual absl::StatusOr<std::span<const float>> Logits() = 0;
   // The next token of each row of the last Forward() whose sampler is set (-1 for the others),
   // each sampler taking its draw. This one samples Logits() on the host; a GPU backend ranks
-  // each row's head on the device and copies only that (engine/request/sampler.h).
+  // each row's head on the device and copies only that (engine/sampling/sampler.h).
   virtual absl::StatusOr<std::vector<int32_t>> NextTokens(std::span<Sampler* const> samplers) {
     absl::StatusOr<std::span<const float>> logits = Logits();
     if (!logits.ok()) return logits.status();

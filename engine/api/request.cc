@@ -1,4 +1,4 @@
-#include "engine/request/request.h"
+#include "engine/api/request.h"
 
 #include "absl/time/time.h"
 

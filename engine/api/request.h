@@ -1,5 +1,5 @@
-// Request-level types shared by the engine and its callers: what a generation asks for, what
-// it streams back, and the per-request output channel.
+// The engine's public request types (those of the facade, engine/engine.h), shared with its
+// callers: what a generation asks for, what it streams back, and the per-request output channel.
 //
 // RequestStream is the only thread-safe type here: the engine's step loop pushes into it and
 // one consumer (a server handler) pops from it.
