@@ -83,14 +83,21 @@ int RunServe(const ServeOptions& options) {
       return 1;
     }
     std::unique_ptr<ChatTemplate> chat_template;
+    std::string chat_unavailable;
     if (source->has_value()) {
       absl::StatusOr<std::unique_ptr<ChatTemplate>> compiled =
           ChatTemplate::Compile(std::move(**source));
-      if (!compiled.ok()) {
+      if (compiled.status().code() == absl::StatusCode::kFailedPrecondition) {
+        // No Python runtime for templates here: everything but chat completions still serves.
+        chat_unavailable = std::string(compiled.status().message());
+        std::cerr << "moeserve: " << chat_unavailable
+                  << "; /v1/chat/completions answers 503, everything else serves\n";
+      } else if (!compiled.ok()) {
         std::cerr << "moeserve: " << compiled.status().message() << "\n";
         return 1;
+      } else {
+        chat_template = std::move(*compiled);
       }
-      chat_template = std::move(*compiled);
     } else {
       std::cerr << "moeserve: the model has no chat template; /v1/chat/completions answers 400 "
                    "(give one with --chat-template FILE)\n";
@@ -98,7 +105,8 @@ int RunServe(const ServeOptions& options) {
     http = std::make_unique<OpenAiHttpServer>(
         OpenAiHttpOptions{.host = options.host,
                           .port = options.http_port,
-                          .max_connections = options.http_max_connections},
+                          .max_connections = options.http_max_connections,
+                          .chat_unavailable = chat_unavailable},
         std::move(chat_template));
     absl::StatusOr<int> http_port = http->Start();
     if (!http_port.ok()) {
