@@ -16,8 +16,8 @@ import sys
 # Lowest first. A folder's layer is that of the longest listed prefix of its path.
 LAYERS = [
     ["kernels"],
-    ["kernels/bench", "engine/base"],
-    ["engine/api", "engine/trace", "engine/comm", "engine/ops", "engine/pipeline"],
+    ["kernels/bench", "engine/base", "engine/api"],
+    ["engine/trace", "engine/comm", "engine/ops", "engine/pipeline"],
     ["engine/model"],
     ["engine/sampling"],
     ["engine/placement"],
