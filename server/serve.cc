@@ -164,16 +164,19 @@ int RunServe(const ServeOptions& options) {
   if (admin != nullptr) admin->AttachEngine(engine->get());
   // A failed group can only recover by a restart: the server as a whole stops serving (so a
   // liveness probe on "" restarts the process) and so does the group's own name.
-  (*engine)->SetGroupFailureListener([health](const engine::GroupHealth& failed) {
-    SetServerHealth(*health, false);
-    SetGroupHealth(*health, failed.group, false);
-  });
-  bool all_healthy = true;
-  for (const engine::GroupHealth& group : (*engine)->Health()) {
-    SetGroupHealth(*health, group.group, group.status.ok());
-    all_healthy = all_healthy && group.status.ok();
-  }
-  SetServerHealth(*health, all_healthy);
+  // A failed group stops serving (in one process it can only recover by a restart, so the
+  // liveness probe on "" restarts the process); the server serves while every group does.
+  engine::Engine* serving_engine = engine->get();
+  auto publish_health = [health, serving_engine] {
+    bool all_healthy = true;
+    for (const engine::GroupHealth& group : serving_engine->Health()) {
+      SetGroupHealth(*health, group.group, group.status.ok());
+      all_healthy = all_healthy && group.status.ok();
+    }
+    SetServerHealth(*health, all_healthy);
+  };
+  (*engine)->SetHealthListener([publish_health](const engine::GroupHealth&) { publish_health(); });
+  publish_health();
   const engine::EngineStats stats = (*engine)->Stats();
   const engine::ParallelOptions& parallel = options.engine.parallel;
   const std::string layout =
