@@ -288,11 +288,16 @@ absl::Status LocalEngine::StartRankProcess() {
   gloo.timeout = timeout;
   gloo.hostname = rp.hostname;
   gloo.key_prefix = rp.rendezvous_prefix;
+  gloo.form_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(std::ceil(rp.form_timeout_seconds * 1000)));
   ASSIGN_OR_RETURN(std::unique_ptr<comm::GlooCommunicatorGroup> communicators,
                    comm::GlooCommunicatorGroup::Create(
-                       std::make_shared<comm::GlooStore>(rp.rendezvous, timeout), gloo));
+                       std::make_shared<comm::GlooStore>(rp.rendezvous, gloo.form_timeout), gloo));
   parallel::GroupParts parts;
   parts.communicators = std::move(communicators);
+  ASSIGN_OR_RETURN(parts.waker,
+                   comm::PeerWaker::Create(*rp.rendezvous, rp.rendezvous_prefix, rp.rank,
+                                           rp.group_size, rp.hostname, gloo.form_timeout));
   ASSIGN_OR_RETURN(WorkerGroup group,
                    BuildGroup(rp.group, rp.group_size, role, 0, std::move(parts), {rp.rank}));
   groups_.push_back(std::move(group));
@@ -482,6 +487,13 @@ void LocalEngine::SetHealthListener(std::function<void(const GroupHealth&)> list
 
 EngineStats LocalEngine::Stats() const {
   EngineStats stats;
+  if (!groups_.empty()) {
+    const parallel::ExpertParallelGroup& entry = *groups_.front().group;
+    const int rank = entry.local_ranks().front();
+    stats.steps = entry.steps(rank);
+    stats.placement_version = entry.committed_placement()->version();
+    stats.placement_commit_step = entry.placement_commit_step(rank);
+  }
   for (const auto& group : groups_) {
     for (const auto& worker : group.workers) {
       stats.running += worker->running();

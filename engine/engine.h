@@ -67,6 +67,8 @@ struct RankProcessOptions {
   std::string rendezvous_prefix;       // unique per formation of the group (name and epoch)
   std::string hostname = "127.0.0.1";  // this rank's address for its peers
   int cuda_device = -1;                // --device cuda: the GPU (-1: rank modulo visible)
+  // How long forming the group may wait for the other ranks (which may be loading models).
+  double form_timeout_seconds = 300;
   // A prefill group's way to its decode ranks (the decode rank each request names).
   std::shared_ptr<HandoffSender> handoff;
 };
@@ -99,6 +101,12 @@ struct EngineStats {
   int waiting = 0;
   int kv_blocks_total = 0;
   int kv_blocks_free = 0;
+  // The entry group's first local rank: collective steps so far, its placement's version and
+  // the step at which that placement committed (-1: the initial one). The same on every rank
+  // of a group, so a rank process's numbers show that its group committed together.
+  int64_t steps = 0;
+  int64_t placement_version = 0;
+  int64_t placement_commit_step = -1;
 };
 
 // The health of one expert-parallel group: OK while it serves; once it failed, UNAVAILABLE

@@ -179,7 +179,9 @@ absl::StatusOr<std::unique_ptr<GlooCommunicatorGroup>> GlooCommunicatorGroup::Cr
     std::shared_ptr<gloo::transport::Device> device = gloo::transport::tcp::CreateDevice(attr);
     for (int channel = 0; channel < options.num_channels; ++channel) {
       auto context = std::make_shared<gloo::rendezvous::Context>(options.rank, options.size);
-      context->setTimeout(options.timeout);
+      // Forming waits for the slowest rank's model to load; collectives set their own timeout.
+      context->setTimeout(options.form_timeout.count() > 0 ? options.form_timeout
+                                                           : options.timeout);
       gloo::rendezvous::PrefixStore prefixed(absl::StrCat(options.key_prefix, "/channel", channel),
                                              *store);
       context->connectFullMesh(prefixed, device);
@@ -187,10 +189,11 @@ absl::StatusOr<std::unique_ptr<GlooCommunicatorGroup>> GlooCommunicatorGroup::Cr
           std::make_unique<Channel>(std::move(context), group->options_, group->aborted_));
     }
   } catch (const std::exception& e) {
-    return absl::DeadlineExceededError(
-        absl::StrCat("rank ", options.rank, " of ", options.size, " (", options.key_prefix,
-                     "): the group did not form within ", options.timeout.count(),
-                     " ms — are all its ranks running and reachable? (", e.what(), ")"));
+    return absl::DeadlineExceededError(absl::StrCat(
+        "rank ", options.rank, " of ", options.size, " (", options.key_prefix,
+        "): the group did not form within ",
+        (options.form_timeout.count() > 0 ? options.form_timeout : options.timeout).count(),
+        " ms — are all its ranks running and reachable? (", e.what(), ")"));
   }
   return group;
 }

@@ -35,8 +35,10 @@ struct GlooGroupOptions {
   int size = 1;
   int rank = 0;
   int num_channels = 2;
-  // How long forming the group, and any collective, may take before the group fails.
+  // How long any collective may take before the group fails.
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
+  // How long forming the group may take (ranks may still be loading their models); 0: timeout.
+  std::chrono::milliseconds form_timeout = std::chrono::milliseconds(0);
   // The address this rank listens on for its peers (an IP or host name of this machine).
   std::string hostname = "127.0.0.1";
   // Prefix of this group's keys in the store (e.g. the group's name and epoch), so that groups

@@ -66,15 +66,23 @@ ExpertParallelGroup::ExpertParallelGroup(const Model& model, GroupOptions option
                                                             options_.collective_timeout);
   }
   if (weight_source_ == nullptr) weight_source_ = std::make_unique<ModelExpertWeightSource>(model);
+  waker_ = std::move(parts.waker);
+  if (waker_ != nullptr) waker_->Start([this] { NotifyLocalRanks(); });
   local_ranks_ = communicators_->local_ranks();
   committed_ = std::make_shared<const ExpertPlacement>(std::move(placement));
   rank_placement_.assign(options_.size, committed_);
+  progress_ = std::make_unique<Progress[]>(options_.size);
   resources_.resize(options_.size);
   host_stagers_.resize(options_.size);
   stagers_.assign(options_.size, nullptr);
   communication_threads_.resize(options_.size);
   const int slots_per_rank = committed_->num_physical() / options_.size;
   for (int rank : local_ranks_) {
+    for (int layer = 0; layer < committed_->num_layers(); ++layer) {
+      for (int slot = rank * slots_per_rank; slot < (rank + 1) * slots_per_rank; ++slot) {
+        load_.Expose(layer, committed_->phy2log(layer)[slot]);
+      }
+    }
     auto resources = std::make_unique<RankResources>();
     resources->compute = &communicators_->communicator(rank, 0);
     if (options_.two_batch_overlap) {
@@ -147,7 +155,9 @@ absl::StatusOr<StepAgreement> ExpertParallelGroup::Agree(int rank, int64_t local
   }
   const bool commit = reduced.ok() && vote && minima[0] == pending->placement->version() &&
                       pending->placement->version() > current;
+  const int64_t step = progress_[rank].steps.fetch_add(1) + 1;
   if (commit) {
+    progress_[rank].commit_step = step;
     rank_placement_[rank] = pending->placement;
     if (ExpertStager* own = stager(rank); own != nullptr) own->Commit(*pending->placement);
     if (HostExpertStager* host = host_stagers_[rank].get(); host != nullptr) {
@@ -297,6 +307,11 @@ absl::Status ExpertParallelGroup::UpdatePlacement(ExpertPlacement placement,
 }
 
 void ExpertParallelGroup::NotifyWork() {
+  NotifyLocalRanks();
+  if (waker_ != nullptr) waker_->WakePeers();
+}
+
+void ExpertParallelGroup::NotifyLocalRanks() {
   absl::MutexLock lock(&work_mutex_);
   ++work_generation_;
   work_available_.SignalAll();

@@ -25,6 +25,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "engine/comm/communicator_group.h"
+#include "engine/comm/peer_waker.h"
 #include "engine/model/model.h"
 #include "engine/parallel/communication_thread.h"
 #include "engine/parallel/ep_forward.h"
@@ -62,6 +63,8 @@ struct GroupParts {
   std::unique_ptr<comm::CommunicatorGroup> communicators;
   // Where staged expert slots are read from. Null: the model's host weights.
   std::unique_ptr<ExpertWeightSource> weight_source;
+  // Ranks in other processes: how to wake them when this one gets work. Null: all ranks local.
+  std::unique_ptr<comm::PeerWaker> waker;
 };
 
 struct StepAgreement {
@@ -105,6 +108,10 @@ class ExpertParallelGroup {
 
   // Called by every rank, together, once per step.
   absl::StatusOr<StepAgreement> Agree(int rank, int64_t local_tokens, bool stop_requested);
+  // Agreements rank `rank` took part in (the group's step count, the same on every rank), and
+  // the one at which its current placement committed (-1: the initial placement). Any thread.
+  int64_t steps(int rank) const { return progress_[rank].steps.load(); }
+  int64_t placement_commit_step(int rank) const { return progress_[rank].commit_step.load(); }
 
   // Applies `placement` (validated to fit placement_shape(); its version must exceed the
   // committed one): a background thread stages the slots whose expert changed into each local
@@ -115,7 +122,7 @@ class ExpertParallelGroup {
   // is withdrawn and never commits (the call answers OK if it committed before it could be).
   absl::Status UpdatePlacement(ExpertPlacement placement, std::chrono::milliseconds timeout);
 
-  // Wakes ranks idling in WaitForWork (new work or shutdown).
+  // Wakes ranks idling in WaitForWork (new work or shutdown), those of other processes too.
   void NotifyWork();
   void WaitForWork(std::chrono::milliseconds timeout);
 
@@ -164,6 +171,11 @@ class ExpertParallelGroup {
   std::vector<std::unique_ptr<HostExpertStager>> host_stagers_;         // [rank]; when staging
   std::vector<ExpertStager*> stagers_;                                  // [rank]; may be null
   std::vector<std::shared_ptr<const ExpertPlacement>> rank_placement_;  // [rank]; each rank's own
+  struct Progress {
+    std::atomic<int64_t> steps{0};
+    std::atomic<int64_t> commit_step{-1};
+  };
+  std::unique_ptr<Progress[]> progress_;  // [rank]
 
   // The fields of the pending placement (PendingPlacement) are guarded by it too.
   mutable absl::Mutex placement_mutex_;
@@ -174,6 +186,8 @@ class ExpertParallelGroup {
   std::thread staging_thread_;  // joined before the next one starts (UpdatePlacement callers)
   absl::Mutex update_mutex_;    // one UpdatePlacement at a time starts or joins staging
 
+  void NotifyLocalRanks();
+
   absl::Mutex work_mutex_;
   absl::CondVar work_available_;
   uint64_t work_generation_ ABSL_GUARDED_BY(work_mutex_) = 0;
@@ -182,6 +196,9 @@ class ExpertParallelGroup {
   absl::Status failure_ ABSL_GUARDED_BY(health_mutex_);  // OK while healthy
   std::atomic<bool> failed_{false};
   std::function<void(const absl::Status&)> failure_listener_;
+
+  // Last: destroyed first, as its receive thread wakes this group's ranks.
+  std::unique_ptr<comm::PeerWaker> waker_;
 };
 
 }  // namespace moeserve::engine::parallel

@@ -24,13 +24,14 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
   const int blocks = (static_cast<int>(tokens.size()) + block_size - 1) / block_size;
   std::vector<std::unique_ptr<RankBackend>> backends;
   for (int rank = 0; rank < size; ++rank) {
-    auto made =
-        MakeRankBackend(backend_factory, {.model = &model,
-                                          .group = group->get(),
-                                          .rank = rank,
-                                          .kv_blocks = blocks,
-                                          .kv_block_size = block_size,
-                                          .max_batch_tokens = static_cast<int>(tokens.size())});
+    RankBackendRequest request;
+    request.model = &model;
+    request.group = group->get();
+    request.rank = rank;
+    request.kv_blocks = blocks;
+    request.kv_block_size = block_size;
+    request.max_batch_tokens = static_cast<int>(tokens.size());
+    auto made = MakeRankBackend(backend_factory, request);
     if (!made.ok()) return made.status();
     backends.push_back(std::move(*made));
   }
