@@ -3,24 +3,12 @@
 #include <chrono>
 
 #include "server/status_conversion.h"
+#include "server/worker_conversion.h"
 
 namespace moeserve::server {
 namespace {
 
 constexpr auto kPollInterval = std::chrono::milliseconds(20);
-
-moeserve::v1::FinishReason ToProto(engine::FinishReason reason) {
-  switch (reason) {
-    case engine::FinishReason::kLength:
-      return moeserve::v1::FINISH_REASON_LENGTH;
-    case engine::FinishReason::kStop:
-      return moeserve::v1::FINISH_REASON_STOP;
-    case engine::FinishReason::kContextLength:
-      return moeserve::v1::FINISH_REASON_CONTEXT_LENGTH;
-    default:
-      return moeserve::v1::FINISH_REASON_UNSPECIFIED;
-  }
-}
 
 grpc::Status Unavailable() {
   return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading; retry shortly");
@@ -86,7 +74,7 @@ grpc::Status GenerationService::Generate(
     for (int32_t id : output->token_ids) response.add_token_ids(static_cast<uint32_t>(id));
     response.set_text(std::move(output->text));
     if (output->is_last()) {
-      response.set_finish_reason(ToProto(output->finish_reason));
+      response.set_finish_reason(ToFinishReasonProto(output->finish_reason));
       auto* usage = response.mutable_usage();
       usage->set_prompt_tokens(output->usage.prompt_tokens);
       usage->set_completion_tokens(output->usage.completion_tokens);
@@ -107,22 +95,7 @@ grpc::Status GenerationService::GetModelInfo(grpc::ServerContext*,
                                              moeserve::v1::ModelInfo* info) {
   engine::Engine* engine = engine_.load();
   if (engine == nullptr) return Unavailable();
-  const engine::ModelInfo& m = engine->model_info();
-  info->set_name(m.name);
-  info->set_architecture(m.architecture);
-  info->set_vocab_size(m.vocab_size);
-  info->set_context_length(m.context_length);
-  info->set_num_layers(m.num_layers);
-  info->set_num_dense_layers(m.num_dense_layers);
-  info->set_hidden_size(m.hidden_size);
-  info->set_num_routed_experts(m.num_routed_experts);
-  info->set_num_shared_experts(m.num_shared_experts);
-  info->set_num_experts_per_token(m.num_experts_per_token);
-  info->set_num_expert_groups(m.num_expert_groups);
-  info->set_num_groups_per_token(m.num_groups_per_token);
-  info->set_has_tokenizer(m.has_tokenizer);
-  info->set_eos_token_id(m.eos_token_id);
-  info->set_max_request_tokens(m.context_length);
+  ToModelInfoProto(engine->model_info(), info);
   const engine::LayoutInfo& l = engine->layout();
   auto* layout = info->mutable_layout();
   layout->set_prefill_ep(l.prefill_ep);

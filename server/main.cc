@@ -1,4 +1,5 @@
-// moeserve: the command-line entry point (serve, logits, export, plan).
+// moeserve: the command-line entry point (serve; rank, node and frontend for groups of rank
+// processes; logits, export, plan).
 #include <iostream>
 #include <string>
 #include <vector>
@@ -9,7 +10,11 @@
 #include "absl/strings/str_split.h"
 #include "engine/engine.h"
 #include "engine/pipeline/plan_command.h"
+#include "server/admin_service.h"
+#include "server/cluster_engine.h"
+#include "server/node_supervisor.h"
 #include "server/npy_writer.h"
+#include "server/rank_process.h"
 #include "server/serve.h"
 
 namespace {
@@ -56,6 +61,156 @@ void AddExpertParallelOptions(CLI::App* command, moeserve::engine::ParallelOptio
   command->add_option(
       "--placement", parallel.placement_file,
       "Expert placement JSON: {\"version\": N, \"phy2log\": [[...] per MoE layer]}");
+}
+
+// The engine flags `serve` and `rank` share (the model, batching, KV cache, expert parallelism).
+struct EngineFlags {
+  moeserve::engine::EngineOptions engine;
+  int64_t kv_cache_mib = engine.kv_cache_bytes >> 20;
+  double min_step_ms = 0;
+  std::string injected_fault;
+  std::string placement_staging = "background";
+};
+
+void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
+  moeserve::engine::EngineOptions& engine = flags.engine;
+  command
+      ->add_option(
+          "--model", engine.model,
+          "Model to serve: builtin:tiny, builtin:tiny-nolora, builtin:tiny-v2, builtin:tiny-e256, "
+          "builtin:v3-bench (GPU only), or a Hugging Face checkpoint folder")
+      ->capture_default_str();
+  AddDeviceOption(command, engine.device);
+  command
+      ->add_option("--max-batch-tokens", engine.max_batch_tokens,
+                   "Tokens per forward step; longer prompts prefill in chunks")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  command
+      ->add_option("--max-running-requests", engine.max_running_requests,
+                   "Requests decoded together in one batch")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  command
+      ->add_option("--max-queue", engine.max_queue,
+                   "Waiting requests before new ones get RESOURCE_EXHAUSTED")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  command->add_option("--kv-cache-mib", flags.kv_cache_mib, "KV cache size per rank in MiB")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  command
+      ->add_option("--min-step-ms", flags.min_step_ms,
+                   "Pace the engine to at least this many ms per step (demos, cancellation tests)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  AddExpertParallelOptions(command, engine.parallel);
+  command
+      ->add_option("--collective-timeout-seconds", engine.parallel.collective_timeout_seconds,
+                   "How long a rank waits for its slowest peer at a collective before the group "
+                   "fails (health NOT_SERVING, its requests UNAVAILABLE)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.001, 86400.0));
+  // Hidden: for tests of failure handling only.
+  command
+      ->add_option("--inject-fault", flags.injected_fault,
+                   "GROUP:RANK:STEP[:hang] — fail (or hang) that rank at its STEP-th working step")
+      ->group("");
+  command
+      ->add_option("--gpu-placement-staging", flags.placement_staging,
+                   "How GPU ranks apply a new expert placement: background (stage the changed "
+                   "slots in spare GPU memory while serving, swap at the commit) or in-step "
+                   "(write them during the committing step: no spare memory, one slow step)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"background", "in-step"}));
+  command->add_flag("!--no-expert-metrics", engine.parallel.expert_load_metrics,
+                    "Do not export the per (layer, expert) token counters");
+  command->add_option("--trace-dir", engine.parallel.trace_dir,
+                      "Write a Chrome trace (Perfetto) of working steps here (--trace-steps "
+                      "of them, after --trace-skip-steps)");
+  command
+      ->add_option("--trace-steps", engine.parallel.trace_steps,
+                   "Working steps per group to record with --trace-dir")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  command
+      ->add_option("--trace-skip-steps", engine.parallel.trace_skip_steps,
+                   "Working steps per group to let pass before recording (e.g. to trace decode "
+                   "under load rather than the first prefills)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+}
+
+// Completes `out` (whose group sizes the command set) from the flags; false (and exit code 2)
+// with a message for a combination that cannot run.
+bool ApplyEngineFlags(const std::string& command, const EngineFlags& flags,
+                      moeserve::engine::EngineOptions& out, int& exit_code) {
+  const moeserve::engine::ParallelOptions sizes = out.parallel;
+  out = flags.engine;
+  out.parallel.prefill_ep = sizes.prefill_ep;
+  out.parallel.decode_ep = sizes.decode_ep;
+  if (auto status = moeserve::engine::CheckModelRunsOn(out.model, out.device); !status.ok()) {
+    std::cerr << "moeserve " << command << ": " << status.message() << "\n";
+    exit_code = 2;
+    return false;
+  }
+  if (!flags.injected_fault.empty()) {
+    auto fault = ParseInjectedFault(flags.injected_fault);
+    if (!fault.ok()) {
+      std::cerr << "moeserve " << command << ": " << fault.status().message() << "\n";
+      exit_code = 2;
+      return false;
+    }
+    out.injected_fault = *fault;
+  }
+  out.kv_cache_bytes = flags.kv_cache_mib << 20;
+  out.parallel.background_placement_staging = flags.placement_staging == "background";
+  out.min_step_seconds = flags.min_step_ms / 1000.0;
+  return true;
+}
+
+// The front doors `serve` and `frontend` share: ports, HTTP, chat template, drain, Admin.
+void AddFrontDoorOptions(CLI::App* command, moeserve::server::ServeOptions& serve,
+                         int default_metrics_port) {
+  serve.metrics_port = default_metrics_port;
+  command->add_option("--host", serve.host, "Address to listen on")->capture_default_str();
+  command
+      ->add_option("--port", serve.port,
+                   "gRPC port: moeserve.v1.Generation and the KServe v2 inference service (0: "
+                   "pick a free one)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 65535));
+  command
+      ->add_option("--metrics-port", serve.metrics_port,
+                   "Prometheus /metrics port (0: pick a free one, -1: off)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, 65535));
+  command
+      ->add_option("--http-port", serve.http_port,
+                   "OpenAI-compatible HTTP port: /v1/completions, /v1/chat/completions, "
+                   "/v1/models, /health (0: pick a free one, -1: off)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, 65535));
+  command
+      ->add_option("--chat-template", serve.chat_template_file,
+                   "Jinja chat template for /v1/chat/completions, instead of the model's own "
+                   "(tokenizer_config.json's chat_template)")
+      ->check(CLI::ExistingFile);
+  command
+      ->add_option("--http-max-connections", serve.http_max_connections,
+                   "HTTP connections served at once (each holds a worker thread); more wait")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100000));
+  command
+      ->add_option("--shutdown-grace-seconds", serve.shutdown_grace_seconds,
+                   "On SIGTERM, how long in-flight streams may take to finish")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  command
+      ->add_option("--admin-token-file", serve.admin_token_file,
+                   "Serve the Admin API (placements, expert load), authenticated with the bearer "
+                   "token in this file; without it the Admin API is off")
+      ->check(CLI::ExistingFile);
 }
 
 int RunLogits(moeserve::engine::LogitsRequest request, const std::string& tokens_text,
@@ -109,75 +264,13 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   int exit_code = 0;
 
+  // serve
   moeserve::server::ServeOptions serve;
-  int64_t kv_cache_mib = serve.engine.kv_cache_bytes >> 20;  // per rank
   auto* serve_command = app.add_subcommand(
       "serve",
       "Serve a model: gRPC (moeserve.v1.Generation and the KServe v2 / Triton inference "
       "protocol on --port) and the OpenAI API over HTTP (--http-port)");
-  serve_command
-      ->add_option(
-          "--model", serve.engine.model,
-          "Model to serve: builtin:tiny, builtin:tiny-nolora, builtin:tiny-v2, builtin:tiny-e256, "
-          "builtin:v3-bench (GPU only), or a Hugging Face checkpoint folder")
-      ->capture_default_str();
-  serve_command->add_option("--host", serve.host, "Address to listen on")->capture_default_str();
-  serve_command
-      ->add_option("--port", serve.port,
-                   "gRPC port: moeserve.v1.Generation and the KServe v2 inference service (0: "
-                   "pick a free one)")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 65535));
-  serve_command
-      ->add_option("--metrics-port", serve.metrics_port,
-                   "Prometheus /metrics port (0: pick a free one, -1: off)")
-      ->capture_default_str()
-      ->check(CLI::Range(-1, 65535));
-  serve_command
-      ->add_option("--http-port", serve.http_port,
-                   "OpenAI-compatible HTTP port: /v1/completions, /v1/chat/completions, "
-                   "/v1/models, /health (0: pick a free one, -1: off)")
-      ->capture_default_str()
-      ->check(CLI::Range(-1, 65535));
-  serve_command
-      ->add_option("--chat-template", serve.chat_template_file,
-                   "Jinja chat template for /v1/chat/completions, instead of the model's own "
-                   "(tokenizer_config.json's chat_template)")
-      ->check(CLI::ExistingFile);
-  serve_command
-      ->add_option("--http-max-connections", serve.http_max_connections,
-                   "HTTP connections served at once (each holds a worker thread); more wait")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 100000));
-  serve_command
-      ->add_option("--max-batch-tokens", serve.engine.max_batch_tokens,
-                   "Tokens per forward step; longer prompts prefill in chunks")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  serve_command
-      ->add_option("--max-running-requests", serve.engine.max_running_requests,
-                   "Requests decoded together in one batch")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  serve_command
-      ->add_option("--max-queue", serve.engine.max_queue,
-                   "Waiting requests before new ones get RESOURCE_EXHAUSTED")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
-  serve_command->add_option("--kv-cache-mib", kv_cache_mib, "KV cache size per rank in MiB")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  double min_step_ms = 0;
-  serve_command
-      ->add_option("--min-step-ms", min_step_ms,
-                   "Pace the engine to at least this many ms per step (demos, cancellation tests)")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
-  serve_command
-      ->add_option("--shutdown-grace-seconds", serve.shutdown_grace_seconds,
-                   "On SIGTERM, how long in-flight streams may take to finish")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+  AddFrontDoorOptions(serve_command, serve, /*default_metrics_port=*/9400);
   serve_command
       ->add_option("--ep", serve.engine.parallel.decode_ep,
                    "Ranks of the one mixed expert-parallel group (without --prefill-ep)")
@@ -192,71 +285,177 @@ int main(int argc, char** argv) {
       ->add_option("--decode-ep", serve.engine.parallel.decode_ep,
                    "Ranks of the decode group (same as --ep)")
       ->check(CLI::PositiveNumber);
-  AddExpertParallelOptions(serve_command, serve.engine.parallel);
-  serve_command
-      ->add_option("--collective-timeout-seconds", serve.engine.parallel.collective_timeout_seconds,
-                   "How long a rank waits for its slowest peer at a collective before the group "
-                   "fails (health NOT_SERVING, its requests UNAVAILABLE)")
+  EngineFlags serve_engine;
+  AddEngineOptions(serve_command, serve_engine);
+  serve_command->callback([&] {
+    if (!ApplyEngineFlags("serve", serve_engine, serve.engine, exit_code)) return;
+    exit_code = moeserve::server::RunServe(serve);
+  });
+
+  // rank
+  moeserve::server::RankOptions rank;
+  auto* rank_command = app.add_subcommand(
+      "rank",
+      "Run one rank of an expert-parallel group whose ranks are processes (one per GPU, or CPU "
+      "ranks), for `moeserve frontend`; rank 0 is the group's leader");
+  rank_command
+      ->add_option("--group", rank.group,
+                   "The group: mixed (prefill and decode), prefill or decode")
       ->capture_default_str()
-      ->check(CLI::Range(0.001, 86400.0));
-  std::string injected_fault;
-  // Hidden: for tests of failure handling only.
-  serve_command
-      ->add_option("--inject-fault", injected_fault,
-                   "GROUP:RANK:STEP[:hang] — fail (or hang) that rank at its STEP-th working step")
-      ->group("");
-  std::string placement_staging = "background";
-  serve_command
-      ->add_option("--gpu-placement-staging", placement_staging,
-                   "How GPU ranks apply a new expert placement: background (stage the changed "
-                   "slots in spare GPU memory while serving, swap at the commit) or in-step "
-                   "(write them during the committing step: no spare memory, one slow step)")
+      ->check(CLI::IsMember({"mixed", "prefill", "decode"}));
+  rank_command->add_option("--group-size", rank.group_size, "Ranks in the group")
+      ->required()
+      ->check(CLI::Range(1, 1024));
+  rank_command->add_option("--rank", rank.rank, "This process's rank in the group")
+      ->required()
+      ->check(CLI::Range(0, 1023));
+  rank_command->add_option("--leader", rank.leader,
+                           "The leader's (rank 0's) worker address HOST:PORT (default: "
+                           "$LWS_LEADER_ADDRESS:--leader-port, or itself for rank 0)");
+  rank_command
+      ->add_option("--leader-port", rank.leader_port,
+                   "The leader's worker port, with $LWS_LEADER_ADDRESS")
       ->capture_default_str()
-      ->check(CLI::IsMember({"background", "in-step"}));
-  serve_command->add_flag("!--no-expert-metrics", serve.engine.parallel.expert_load_metrics,
-                          "Do not export the per (layer, expert) token counters");
-  serve_command
-      ->add_option("--admin-token-file", serve.admin_token_file,
-                   "Serve the Admin API (placements, expert load), authenticated with the bearer "
-                   "token in this file; without it the Admin API is off")
-      ->check(CLI::ExistingFile);
-  serve_command->add_option("--trace-dir", serve.engine.parallel.trace_dir,
-                            "Write a Chrome trace (Perfetto) of working steps here (--trace-steps "
-                            "of them, after --trace-skip-steps)");
-  serve_command
-      ->add_option("--trace-steps", serve.engine.parallel.trace_steps,
-                   "Working steps per group to record with --trace-dir")
+      ->check(CLI::Range(1, 65535));
+  rank_command->add_option("--host", rank.host, "Address to listen on")->capture_default_str();
+  rank_command->add_option("--advertise-host", rank.advertise_host,
+                           "Address the front end and the other ranks reach this rank at "
+                           "(default: --host)");
+  rank_command->add_option("--port", rank.port, "Worker API port (0: pick a free one)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  serve_command
-      ->add_option("--trace-skip-steps", serve.engine.parallel.trace_skip_steps,
-                   "Working steps per group to let pass before recording (e.g. to trace decode "
-                   "under load rather than the first prefills)")
+      ->check(CLI::Range(0, 65535));
+  rank_command
+      ->add_option("--metrics-port", rank.metrics_port,
+                   "Prometheus /metrics port (0: pick a free one, -1: off)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, 65535));
+  rank_command
+      ->add_option("--join-timeout-seconds", rank.join_timeout_seconds,
+                   "How long to wait for the leader and for the whole group to form (other "
+                   "ranks may still be loading their models)")
+      ->capture_default_str()
+      ->check(CLI::Range(1.0, 86400.0));
+  rank_command
+      ->add_option("--shutdown-grace-seconds", rank.shutdown_grace_seconds,
+                   "On SIGTERM, how long in-flight streams may take to finish")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  std::string serve_device = "cpu";
-  AddDeviceOption(serve_command, serve_device);
-  serve_command->callback([&] {
-    serve.engine.device = serve_device;
-    if (auto status = moeserve::engine::CheckModelRunsOn(serve.engine.model, serve_device);
-        !status.ok()) {
-      std::cerr << "moeserve serve: " << status.message() << "\n";
-      exit_code = 2;
-      return;
-    }
-    if (!injected_fault.empty()) {
-      auto fault = ParseInjectedFault(injected_fault);
-      if (!fault.ok()) {
-        std::cerr << "moeserve serve: " << fault.status().message() << "\n";
+  rank_command
+      ->add_option("--admin-token-file", rank.admin_token_file,
+                   "Serve the Admin API (placements, expert load) with the bearer token in this "
+                   "file; the front end needs it to apply placements")
+      ->check(CLI::ExistingFile);
+  rank_command
+      ->add_option("--cuda-device", rank.cuda_device,
+                   "With --device cuda: the GPU (-1: the rank modulo the visible GPUs)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, 1023));
+  EngineFlags rank_engine;
+  AddEngineOptions(rank_command, rank_engine);
+  rank_command->callback([&] {
+    if (!ApplyEngineFlags("rank", rank_engine, rank.engine, exit_code)) return;
+    exit_code = moeserve::server::RunRank(rank);
+  });
+
+  // node
+  moeserve::server::NodeOptions node;
+  auto* node_command = app.add_subcommand(
+      "node",
+      "Start and watch the rank processes of one node: `moeserve node --ranks-per-node 8 -- "
+      "--group decode --leader HOST:PORT --model ...` (the flags after -- go to every rank)");
+  node_command->add_option("--ranks-per-node", node.ranks_per_node, "Rank processes on this node")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 64));
+  node_command
+      ->add_option("--node-index", node.node_index,
+                   "This node's index in the group (default: $LWS_WORKER_INDEX, else 0)")
+      ->check(CLI::Range(0, 1023));
+  node_command
+      ->add_option("--num-nodes", node.num_nodes,
+                   "Nodes in the group (default: $LWS_GROUP_SIZE, else 1)")
+      ->check(CLI::Range(1, 1024));
+  node_command->add_option("--port", node.port, "Local rank i's worker port is --port + i")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 65535));
+  node_command
+      ->add_option("--metrics-port", node.metrics_port,
+                   "Local rank i's /metrics port is --metrics-port + i (-1: no metrics)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, 65535));
+  node_command
+      ->add_option("--health-interval-seconds", node.health_interval_seconds,
+                   "How often each rank's health is checked")
+      ->capture_default_str()
+      ->check(CLI::Range(0.05, 60.0));
+  node_command
+      ->add_option("--health-misses", node.health_misses,
+                   "Missed health checks in a row after which a rank counts as wedged")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000));
+  node_command
+      ->add_option("--shutdown-grace-seconds", node.shutdown_grace_seconds,
+                   "On SIGTERM, how long the ranks may drain before they are killed")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  node_command->add_option("rank-arguments", node.rank_arguments,
+                           "Flags for every rank (after --): --group, --leader, --model, ...");
+  node_command->callback([&] { exit_code = moeserve::server::RunNode(node); });
+
+  // frontend
+  moeserve::server::ServeOptions frontend;
+  moeserve::server::ClusterOptions cluster;
+  std::vector<std::string> frontend_groups;
+  std::string frontend_admin_token_file;
+  auto* frontend_command = app.add_subcommand(
+      "frontend",
+      "Serve the front doors (as serve does) over groups of rank processes: `--group "
+      "mixed=LEADER`, or `--group prefill=LEADER --group decode=LEADER`");
+  AddFrontDoorOptions(frontend_command, frontend, /*default_metrics_port=*/9400);
+  frontend_command
+      ->add_option("--group", frontend_groups,
+                   "NAME=HOST:PORT: a group and its leader's worker address")
+      ->required();
+  frontend_command
+      ->add_option("--poll-interval-seconds", cluster.poll_interval_seconds,
+                   "How often the groups' membership and load are read")
+      ->capture_default_str()
+      ->check(CLI::Range(0.01, 60.0));
+  frontend_command
+      ->add_option("--wait-for-groups-seconds", cluster.wait_for_groups_seconds,
+                   "How long to wait at start for the entry group to answer")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 86400.0));
+  frontend_command
+      ->add_option("--rank-admin-token-file", frontend_admin_token_file,
+                   "The ranks' Admin token, for placements and expert load (default: the "
+                   "--admin-token-file)")
+      ->check(CLI::ExistingFile);
+  frontend_command->callback([&] {
+    for (const std::string& text : frontend_groups) {
+      std::vector<std::string> parts = absl::StrSplit(text, absl::MaxSplits('=', 1));
+      if (parts.size() != 2 || parts[0].empty() || parts[1].empty()) {
+        std::cerr << "moeserve frontend: --group must be NAME=HOST:PORT, got `" << text << "`\n";
         exit_code = 2;
         return;
       }
-      serve.engine.injected_fault = *fault;
+      cluster.groups.emplace_back(parts[0], parts[1]);
+      frontend.groups.push_back(parts[0]);
     }
-    serve.engine.kv_cache_bytes = kv_cache_mib << 20;
-    serve.engine.parallel.background_placement_staging = placement_staging == "background";
-    serve.engine.min_step_seconds = min_step_ms / 1000.0;
-    exit_code = moeserve::server::RunServe(serve);
+    const std::string& token_file =
+        !frontend_admin_token_file.empty() ? frontend_admin_token_file : frontend.admin_token_file;
+    if (!token_file.empty()) {
+      absl::StatusOr<std::string> token = moeserve::server::ReadAdminToken(token_file);
+      if (!token.ok()) {
+        std::cerr << "moeserve frontend: " << token.status().message() << "\n";
+        exit_code = 2;
+        return;
+      }
+      cluster.admin_token = *token;
+    }
+    frontend.create_engine = [&cluster](prometheus::Registry* registry) {
+      return moeserve::server::CreateClusterEngine(cluster, registry);
+    };
+    exit_code = moeserve::server::RunServe(frontend);
   });
 
   std::string logits_model = "builtin:tiny", logits_tokens, logits_out;

@@ -258,6 +258,12 @@ absl::StatusOr<int> OpenAiHttpServer::Start() {
   return port;
 }
 
+void OpenAiHttpServer::SetChatTemplate(std::unique_ptr<ChatTemplate> chat_template,
+                                       std::string chat_unavailable) {
+  chat_template_ = std::move(chat_template);
+  options_.chat_unavailable = std::move(chat_unavailable);
+}
+
 void OpenAiHttpServer::AttachEngine(engine::Engine* engine) { engine_.store(engine); }
 
 void OpenAiHttpServer::Drain(std::chrono::system_clock::time_point deadline) {

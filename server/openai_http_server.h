@@ -49,6 +49,10 @@ class OpenAiHttpServer {
   // Binds and starts serving; returns the port (useful with port 0). UNAVAILABLE when the
   // address cannot be bound.
   absl::StatusOr<int> Start();
+  // Replaces the chat template given at construction (and why chats cannot be rendered, when
+  // they cannot): for a front end that learns the model's template with its engine. Before
+  // AttachEngine only.
+  void SetChatTemplate(std::unique_ptr<ChatTemplate> chat_template, std::string chat_unavailable);
   // Makes the endpoints live; `engine` must outlive Stop().
   void AttachEngine(engine::Engine* engine);
   // Waits until no request is in flight or `deadline` passes, then cancels what is left.

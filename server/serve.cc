@@ -28,9 +28,46 @@ namespace {
 // speaks for one expert-parallel group.
 constexpr char kGenerationService[] = "moeserve.v1.Generation";
 
-std::vector<std::string> GroupNames(const engine::ParallelOptions& parallel) {
-  if (parallel.prefill_ep > 0) return {"prefill", "decode"};
+std::vector<std::string> GroupNames(const ServeOptions& options) {
+  if (!options.groups.empty()) return options.groups;
+  if (options.engine.parallel.prefill_ep > 0) return {"prefill", "decode"};
   return {"mixed"};
+}
+
+// The OpenAI door's chat template from its source: null with a reason when templates cannot be
+// rendered here (no Python runtime: chats answer 503, everything else serves), or with a note
+// when there is none; an error for a template that does not compile.
+struct CompiledChatTemplate {
+  std::unique_ptr<ChatTemplate> compiled;
+  std::string unavailable;
+};
+absl::StatusOr<CompiledChatTemplate> CompileChatTemplate(std::optional<ChatTemplateSource> source) {
+  CompiledChatTemplate result;
+  if (!source.has_value()) {
+    std::cerr << "moeserve: the model has no chat template; /v1/chat/completions answers 400 "
+                 "(give one with --chat-template FILE)\n";
+    return result;
+  }
+  absl::StatusOr<std::unique_ptr<ChatTemplate>> compiled =
+      ChatTemplate::Compile(std::move(*source));
+  if (compiled.status().code() == absl::StatusCode::kFailedPrecondition) {
+    result.unavailable = std::string(compiled.status().message());
+    std::cerr << "moeserve: " << result.unavailable
+              << "; /v1/chat/completions answers 503, everything else serves\n";
+    return result;
+  }
+  if (!compiled.ok()) return compiled.status();
+  result.compiled = std::move(*compiled);
+  return result;
+}
+
+std::string LayoutText(const engine::LayoutInfo& layout) {
+  const std::string groups = layout.prefill_ep > 0 ? absl::StrCat("prefill EP", layout.prefill_ep,
+                                                                  " + decode EP", layout.decode_ep)
+                                                   : absl::StrCat("EP", layout.decode_ep);
+  return absl::StrCat(groups, ", ", layout.num_redundant_experts,
+                      " redundant experts, two-batch overlap ",
+                      layout.two_batch_overlap ? "on" : "off", ", ", layout.device);
 }
 
 void SetServerHealth(grpc::HealthCheckServiceInterface& health, bool serving) {
@@ -72,42 +109,35 @@ int RunServe(const ServeOptions& options) {
     metrics_address = absl::StrCat(options.host, ":", ports.empty() ? 0 : ports.front());
   }
 
-  // The OpenAI front door listens from the start, answering 503 until the model is loaded.
+  // The OpenAI front door listens from the start, answering 503 until the model is loaded. Its
+  // chat template is checked before the model loads; a front end without --chat-template uses
+  // the one its ranks report, once it reaches them.
   std::unique_ptr<OpenAiHttpServer> http;
   std::string http_address = "off";
+  const bool template_from_engine =
+      options.create_engine != nullptr && options.chat_template_file.empty();
   if (options.http_port >= 0) {
-    absl::StatusOr<std::optional<ChatTemplateSource>> source =
-        LoadChatTemplateSource(options.engine.model, options.chat_template_file);
-    if (!source.ok()) {
-      std::cerr << "moeserve: chat template: " << source.status().message() << "\n";
-      return 1;
-    }
-    std::unique_ptr<ChatTemplate> chat_template;
-    std::string chat_unavailable;
-    if (source->has_value()) {
-      absl::StatusOr<std::unique_ptr<ChatTemplate>> compiled =
-          ChatTemplate::Compile(std::move(**source));
-      if (compiled.status().code() == absl::StatusCode::kFailedPrecondition) {
-        // No Python runtime for templates here: everything but chat completions still serves.
-        chat_unavailable = std::string(compiled.status().message());
-        std::cerr << "moeserve: " << chat_unavailable
-                  << "; /v1/chat/completions answers 503, everything else serves\n";
-      } else if (!compiled.ok()) {
+    CompiledChatTemplate chat_template;
+    if (!template_from_engine) {
+      absl::StatusOr<std::optional<ChatTemplateSource>> source =
+          LoadChatTemplateSource(options.engine.model, options.chat_template_file);
+      if (!source.ok()) {
+        std::cerr << "moeserve: chat template: " << source.status().message() << "\n";
+        return 1;
+      }
+      absl::StatusOr<CompiledChatTemplate> compiled = CompileChatTemplate(std::move(*source));
+      if (!compiled.ok()) {
         std::cerr << "moeserve: " << compiled.status().message() << "\n";
         return 1;
-      } else {
-        chat_template = std::move(*compiled);
       }
-    } else {
-      std::cerr << "moeserve: the model has no chat template; /v1/chat/completions answers 400 "
-                   "(give one with --chat-template FILE)\n";
+      chat_template = std::move(*compiled);
     }
     http = std::make_unique<OpenAiHttpServer>(
         OpenAiHttpOptions{.host = options.host,
                           .port = options.http_port,
                           .max_connections = options.http_max_connections,
-                          .chat_unavailable = chat_unavailable},
-        std::move(chat_template));
+                          .chat_unavailable = chat_template.unavailable},
+        std::move(chat_template.compiled));
     absl::StatusOr<int> http_port = http->Start();
     if (!http_port.ok()) {
       std::cerr << "moeserve: " << http_port.status().message() << "\n";
@@ -146,26 +176,41 @@ int RunServe(const ServeOptions& options) {
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   // NOT_SERVING until the model is loaded.
   SetServerHealth(*health, false);
-  for (const std::string& group : GroupNames(options.engine.parallel)) {
-    SetGroupHealth(*health, group, false);
-  }
+  for (const std::string& group : GroupNames(options)) SetGroupHealth(*health, group, false);
 
-  absl::StatusOr<std::unique_ptr<engine::Engine>> engine =
-      engine::Engine::Create(options.engine, registry.get());
-  if (!engine.ok()) {
-    std::cerr << "moeserve: " << engine.status().message() << "\n";
+  absl::StatusOr<ServedEngine> served = [&]() -> absl::StatusOr<ServedEngine> {
+    if (options.create_engine != nullptr) return options.create_engine(registry.get());
+    absl::StatusOr<std::unique_ptr<engine::Engine>> local =
+        engine::Engine::Create(options.engine, registry.get());
+    if (!local.ok()) return local.status();
+    return ServedEngine{std::move(*local), std::nullopt};
+  }();
+  if (!served.ok()) {
+    std::cerr << "moeserve: " << served.status().message() << "\n";
     server->Shutdown();
     if (http != nullptr) http->Stop();
     return 1;
+  }
+  std::unique_ptr<engine::Engine>* engine = &served->engine;
+  if (http != nullptr && template_from_engine) {
+    absl::StatusOr<CompiledChatTemplate> compiled =
+        CompileChatTemplate(std::move(served->chat_template));
+    if (!compiled.ok()) {
+      // The groups serve a template this front end cannot compile: chats say why.
+      std::cerr << "moeserve: the ranks' chat template: " << compiled.status().message() << "\n";
+      http->SetChatTemplate(nullptr, absl::StrCat("the model's chat template does not compile: ",
+                                                  compiled.status().message()));
+    } else {
+      http->SetChatTemplate(std::move(compiled->compiled), compiled->unavailable);
+    }
   }
   generation.AttachEngine(engine->get());
   kserve.AttachEngine(engine->get());
   if (http != nullptr) http->AttachEngine(engine->get());
   if (admin != nullptr) admin->AttachEngine(engine->get());
-  // A failed group can only recover by a restart: the server as a whole stops serving (so a
-  // liveness probe on "" restarts the process) and so does the group's own name.
   // A failed group stops serving (in one process it can only recover by a restart, so the
-  // liveness probe on "" restarts the process); the server serves while every group does.
+  // liveness probe on "" restarts the process; a front end's group serves again once its rank
+  // processes re-formed it); the server serves while every group does.
   engine::Engine* serving_engine = engine->get();
   auto publish_health = [health, serving_engine] {
     bool all_healthy = true;
@@ -178,17 +223,13 @@ int RunServe(const ServeOptions& options) {
   (*engine)->SetHealthListener([publish_health](const engine::GroupHealth&) { publish_health(); });
   publish_health();
   const engine::EngineStats stats = (*engine)->Stats();
-  const engine::ParallelOptions& parallel = options.engine.parallel;
-  const std::string layout =
-      parallel.prefill_ep > 0
-          ? absl::StrCat("prefill EP", parallel.prefill_ep, " + decode EP", parallel.decode_ep)
-          : absl::StrCat("EP", parallel.decode_ep);
-  std::cout << "moeserve: serving " << options.engine.model << " on " << options.host << ":"
-            << selected_port << " (metrics on " << metrics_address << ", OpenAI HTTP on "
-            << http_address << ", " << layout << ", " << parallel.num_redundant_experts
-            << " redundant experts, two-batch overlap "
-            << (parallel.two_batch_overlap ? "on" : "off") << ", KV cache " << stats.kv_blocks_total
-            << " blocks of " << options.engine.kv_block_size << " tokens)" << std::endl;
+  const engine::LayoutInfo& layout = (*engine)->layout();
+  const std::string model =
+      options.create_engine != nullptr ? (*engine)->model_info().name : options.engine.model;
+  std::cout << "moeserve: serving " << model << " on " << options.host << ":" << selected_port
+            << " (metrics on " << metrics_address << ", OpenAI HTTP on " << http_address << ", "
+            << LayoutText(layout) << ", KV cache " << stats.kv_blocks_total << " blocks of "
+            << layout.kv_block_size << " tokens)" << std::endl;
 
   int signal_number = 0;
   sigwait(&shutdown_signals, &signal_number);
@@ -196,9 +237,7 @@ int RunServe(const ServeOptions& options) {
             << ", draining in-flight requests (grace " << options.shutdown_grace_seconds << " s)"
             << std::endl;
   SetServerHealth(*health, false);
-  for (const std::string& group : GroupNames(options.engine.parallel)) {
-    SetGroupHealth(*health, group, false);
-  }
+  for (const std::string& group : GroupNames(options)) SetGroupHealth(*health, group, false);
   (*engine)->StopAccepting();
   // Shutdown waits for in-flight streams until the deadline, then cancels what is left.
   const auto deadline =

@@ -1,4 +1,5 @@
-// absl::Status → grpc::Status. The only place server code maps engine errors onto gRPC codes.
+// absl::Status ↔ grpc::Status. The only place server code maps engine errors onto gRPC codes
+// (and, in the cluster front end, a rank's gRPC errors back).
 // Stateless; thread-safe.
 #pragma once
 
@@ -8,5 +9,6 @@
 namespace moeserve::server {
 
 grpc::Status ToGrpcStatus(const absl::Status& status);
+absl::Status FromGrpcStatus(const grpc::Status& status);
 
 }  // namespace moeserve::server

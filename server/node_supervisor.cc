@@ -1,0 +1,201 @@
+#include "server/node_supervisor.h"
+
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+
+extern char** environ;
+
+namespace moeserve::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int EnvironmentInt(const char* name, int fallback) {
+  const char* text = std::getenv(name);
+  int value = 0;
+  if (text == nullptr || !absl::SimpleAtoi(text, &value)) return fallback;
+  return value;
+}
+
+struct Child {
+  int rank = 0;
+  int port = 0;
+  pid_t pid = -1;
+  bool running = false;
+  int exit_code = 0;
+  int misses = 0;
+  bool answered = false;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health;
+};
+
+// Whether the rank answers its health check (SERVING or not: it is alive and not wedged).
+bool Answers(Child& child, std::chrono::milliseconds deadline) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + deadline);
+  grpc::health::v1::HealthCheckResponse response;
+  return child.health->Check(&context, {}, &response).ok();
+}
+
+std::string ExitDescription(int status) {
+  if (WIFEXITED(status)) return absl::StrCat("exited with code ", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return absl::StrCat("was killed by signal ", WTERMSIG(status));
+  return "ended";
+}
+
+}  // namespace
+
+int RunNode(const NodeOptions& options) {
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const int node_index =
+      options.node_index >= 0 ? options.node_index : EnvironmentInt("LWS_WORKER_INDEX", 0);
+  const int num_nodes =
+      options.num_nodes >= 1 ? options.num_nodes : EnvironmentInt("LWS_GROUP_SIZE", 1);
+  if (options.ranks_per_node < 1 || num_nodes < 1 || node_index < 0 || node_index >= num_nodes) {
+    std::cerr << "moeserve node: node " << node_index << " of " << num_nodes << " with "
+              << options.ranks_per_node << " ranks per node is not a valid layout\n";
+    return 1;
+  }
+  for (const std::string& argument : options.rank_arguments) {
+    for (const char* own : {"--rank", "--group-size", "--port", "--metrics-port"}) {
+      if (argument == own || argument.rfind(absl::StrCat(own, "="), 0) == 0) {
+        std::cerr << "moeserve node: " << own
+                  << " is the node's to set for each rank (give the node --port, "
+                     "--metrics-port, --ranks-per-node and --num-nodes instead)\n";
+        return 2;
+      }
+    }
+  }
+  const int group_size = options.ranks_per_node * num_nodes;
+  std::error_code error;
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe", error).string();
+  if (error) {
+    std::cerr << "moeserve node: cannot find its own executable: " << error.message() << "\n";
+    return 1;
+  }
+
+  // The ranks take signals normally (the supervisor's mask is not theirs).
+  posix_spawnattr_t attributes;
+  posix_spawnattr_init(&attributes);
+  sigset_t none;
+  sigemptyset(&none);
+  posix_spawnattr_setsigmask(&attributes, &none);
+  posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK);
+  std::vector<Child> children(options.ranks_per_node);
+  for (int local = 0; local < options.ranks_per_node; ++local) {
+    Child& child = children[local];
+    child.rank = node_index * options.ranks_per_node + local;
+    child.port = options.port + local;
+    std::vector<std::string> arguments = {
+        self,
+        "rank",
+        "--group-size",
+        std::to_string(group_size),
+        "--rank",
+        std::to_string(child.rank),
+        "--port",
+        std::to_string(child.port),
+        "--metrics-port",
+        std::to_string(options.metrics_port < 0 ? -1 : options.metrics_port + local)};
+    arguments.insert(arguments.end(), options.rank_arguments.begin(), options.rank_arguments.end());
+    std::vector<char*> argv;
+    for (std::string& argument : arguments) argv.push_back(argument.data());
+    argv.push_back(nullptr);
+    if (int e = posix_spawn(&child.pid, self.c_str(), nullptr, &attributes, argv.data(), environ);
+        e != 0) {
+      std::cerr << "moeserve node: cannot start rank " << child.rank << ": " << strerror(e) << "\n";
+      return 1;
+    }
+    child.running = true;
+    child.health = grpc::health::v1::Health::NewStub(grpc::CreateChannel(
+        absl::StrCat("127.0.0.1:", child.port), grpc::InsecureChannelCredentials()));
+  }
+  posix_spawnattr_destroy(&attributes);
+  std::cout << "moeserve node: node " << node_index << " of " << num_nodes << " started ranks "
+            << children.front().rank << ".." << children.back().rank << " of " << group_size
+            << std::endl;
+
+  int exit_code = 0;
+  std::string reason;
+  const auto interval =
+      std::chrono::milliseconds(static_cast<int64_t>(options.health_interval_seconds * 1000));
+  // A rank must answer within this long of starting (it listens before it loads its model).
+  const auto first_answer_deadline = Clock::now() + std::chrono::seconds(60);
+  auto next_check = Clock::now() + interval;
+  while (reason.empty()) {
+    siginfo_t info;
+    const timespec poll{0, 100 * 1000 * 1000};
+    const int signal_number = sigtimedwait(&signals, &info, &poll);
+    if (signal_number == SIGTERM || signal_number == SIGINT) {
+      reason = absl::StrCat("received ", signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
+      break;
+    }
+    for (Child& child : children) {
+      int status = 0;
+      if (child.running && waitpid(child.pid, &status, WNOHANG) == child.pid) {
+        child.running = false;
+        child.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        reason = absl::StrCat("rank ", child.rank, " ", ExitDescription(status));
+        exit_code = child.exit_code != 0 ? child.exit_code : 1;
+        break;
+      }
+    }
+    if (!reason.empty() || Clock::now() < next_check) continue;
+    next_check = Clock::now() + interval;
+    for (Child& child : children) {
+      if (Answers(child, std::min(interval, std::chrono::milliseconds(1000)))) {
+        child.answered = true;
+        child.misses = 0;
+      } else if (child.answered || Clock::now() > first_answer_deadline) {
+        if (++child.misses >= options.health_misses) {
+          reason = absl::StrCat("rank ", child.rank, " stopped answering its health check");
+          exit_code = 1;
+          break;
+        }
+      }
+    }
+  }
+  std::cerr << "moeserve node: " << reason << "; stopping the node's ranks" << std::endl;
+  for (Child& child : children) {
+    if (child.running) kill(child.pid, SIGTERM);
+  }
+  const auto give_up =
+      Clock::now() +
+      std::chrono::milliseconds(static_cast<int64_t>(options.shutdown_grace_seconds * 1000));
+  for (Child& child : children) {
+    while (child.running) {
+      int status = 0;
+      if (waitpid(child.pid, &status, WNOHANG) == child.pid) {
+        child.running = false;
+        break;
+      }
+      if (Clock::now() > give_up) {
+        kill(child.pid, SIGKILL);
+        waitpid(child.pid, &status, 0);
+        child.running = false;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+  std::cout << "moeserve node: stopped (exit code " << exit_code << ")" << std::endl;
+  return exit_code;
+}
+
+}  // namespace moeserve::server

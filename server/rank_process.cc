@@ -1,0 +1,214 @@
+#include "server/rank_process.h"
+
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <iostream>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/server.h"
+#include "grpcpp/server_builder.h"
+#include "prometheus/exposer.h"
+#include "prometheus/registry.h"
+#include "server/admin_service.h"
+#include "server/rendezvous.h"
+#include "server/worker_service.h"
+#include "spdlog/spdlog.h"
+
+namespace moeserve::server {
+namespace {
+
+constexpr int kExitFormation = 2;
+constexpr int kExitGroupFailed = 3;
+
+// The leader's worker address: --leader, else LWS_LEADER_ADDRESS (the LeaderWorkerSet's leader
+// pod) on --leader-port, else this process for rank 0.
+std::string LeaderAddress(const RankOptions& options, const std::string& self) {
+  if (!options.leader.empty()) return options.leader;
+  if (const char* lws = std::getenv("LWS_LEADER_ADDRESS"); lws != nullptr && *lws != '\0') {
+    return absl::StrCat(lws, ":", options.leader_port);
+  }
+  return options.rank == 0 ? self : "";
+}
+
+}  // namespace
+
+int RunRank(const RankOptions& options) {
+  // Shutdown signals are taken by the main thread only (sigtimedwait below).
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+  const std::string name = absl::StrCat("group `", options.group, "` rank ", options.rank);
+  if (options.group_size < 1 || options.rank < 0 || options.rank >= options.group_size) {
+    std::cerr << "moeserve rank: rank " << options.rank << " is outside a group of "
+              << options.group_size << "\n";
+    return 1;
+  }
+
+  auto registry = std::make_shared<prometheus::Registry>();
+  std::unique_ptr<prometheus::Exposer> exposer;
+  int metrics_port = -1;
+  if (options.metrics_port >= 0) {
+    try {
+      exposer = std::make_unique<prometheus::Exposer>(
+          absl::StrCat(options.host, ":", options.metrics_port));
+    } catch (const std::exception& e) {
+      std::cerr << "moeserve rank: cannot serve metrics on " << options.host << ":"
+                << options.metrics_port << ": " << e.what() << "\n";
+      return 1;
+    }
+    exposer->RegisterCollectable(registry);
+    const auto ports = exposer->GetListeningPorts();
+    metrics_port = ports.empty() ? 0 : ports.front();
+  }
+
+  // The worker API listens from the start (UNAVAILABLE until the engine is up); rank 0 also
+  // hosts the rendezvous, with a new epoch.
+  grpc::EnableDefaultHealthCheckService(true);
+  const std::string epoch_if_leader = NewEpoch();
+  std::unique_ptr<RendezvousService> rendezvous;
+  if (options.rank == 0) {
+    rendezvous =
+        std::make_unique<RendezvousService>(options.group, options.group_size, epoch_if_leader);
+  }
+  absl::StatusOr<std::optional<ChatTemplateSource>> chat_template =
+      LoadChatTemplateSource(options.engine.model, /*override_file=*/"");
+  if (!chat_template.ok()) {
+    std::cerr << "moeserve rank: chat template: " << chat_template.status().message() << "\n";
+    return 1;
+  }
+  RankIdentity identity{options.group, options.rank, options.group_size, ""};
+  auto worker = std::make_unique<WorkerService>(identity, std::move(*chat_template));
+  std::unique_ptr<AdminService> admin;
+  if (!options.admin_token_file.empty()) {
+    absl::StatusOr<std::string> token = ReadAdminToken(options.admin_token_file);
+    if (!token.ok()) {
+      std::cerr << "moeserve rank: " << token.status().message() << "\n";
+      return 1;
+    }
+    admin = std::make_unique<AdminService>(std::move(*token));
+  }
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
+                           grpc::InsecureServerCredentials(), &port);
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.SetMaxReceiveMessageSize(kWorkerMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kWorkerMaxMessageBytes);
+  builder.RegisterService(worker.get());
+  if (rendezvous != nullptr) builder.RegisterService(rendezvous.get());
+  if (admin != nullptr) builder.RegisterService(admin.get());
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    std::cerr << "moeserve rank: cannot listen on " << options.host << ":" << options.port
+              << " (address in use or not available)\n";
+    return 1;
+  }
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(false);
+  const std::string self = absl::StrCat(
+      options.advertise_host.empty() ? options.host : options.advertise_host, ":", port);
+  const std::string leader = LeaderAddress(options, self);
+  if (leader.empty()) {
+    std::cerr << "moeserve rank: " << name
+              << " needs its leader's address: --leader HOST:PORT or LWS_LEADER_ADDRESS\n";
+    return 1;
+  }
+  std::cout << "moeserve rank: " << name << " of " << options.group_size << " listening on " << self
+            << " (metrics on " << options.host << ":" << metrics_port << ", leader " << leader
+            << ")" << std::endl;
+
+  const auto join_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(options.join_timeout_seconds * 1000));
+  auto client = std::make_shared<RendezvousClient>(leader);
+  absl::StatusOr<std::string> epoch =
+      client->Join(options.group, options.group_size, options.rank, self, join_timeout);
+  if (!epoch.ok()) {
+    std::cerr << "moeserve rank: " << name << ": " << epoch.status().message() << "\n";
+    server->Shutdown();
+    return kExitFormation;
+  }
+  worker->SetEpoch(*epoch);
+
+  engine::EngineOptions engine_options = options.engine;
+  engine::RankProcessOptions& rank_process = engine_options.rank_process.emplace();
+  rank_process.group = options.group;
+  rank_process.group_size = options.group_size;
+  rank_process.rank = options.rank;
+  rank_process.rendezvous = client;
+  rank_process.rendezvous_prefix = absl::StrCat(options.group, "/", *epoch);
+  rank_process.hostname = options.advertise_host.empty() ? options.host : options.advertise_host;
+  rank_process.cuda_device = options.cuda_device;
+  rank_process.form_timeout_seconds = options.join_timeout_seconds;
+  if (options.group == "prefill") rank_process.handoff = std::make_shared<GrpcHandoffSender>();
+  absl::StatusOr<std::unique_ptr<engine::Engine>> engine =
+      engine::Engine::Create(engine_options, registry.get());
+  if (!engine.ok()) {
+    std::cerr << "moeserve rank: " << name << ": " << engine.status().message() << "\n";
+    server->Shutdown();
+    return engine.status().code() == absl::StatusCode::kDeadlineExceeded ? kExitFormation : 1;
+  }
+  // The group fails fast: once it failed, this process ends (the group is re-formed as a
+  // whole); the main loop below notices within its poll interval.
+  std::atomic<bool> group_failed{false};
+  (*engine)->SetHealthListener([&](const engine::GroupHealth& group) {
+    if (group.status.ok()) return;
+    health->SetServingStatus(false);
+    group_failed = true;
+  });
+  worker->AttachEngine(engine->get());
+  if (admin != nullptr) admin->AttachEngine(engine->get());
+  if (absl::Status ready = client->Ready(*epoch, options.rank); !ready.ok()) {
+    std::cerr << "moeserve rank: " << name << ": " << ready.message() << "\n";
+    server->Shutdown();
+    (*engine)->Shutdown();
+    return kExitFormation;
+  }
+  bool failed_already = false;
+  for (const engine::GroupHealth& group : (*engine)->Health()) failed_already |= !group.status.ok();
+  health->SetServingStatus(!failed_already);
+  std::cout << "moeserve rank: serving " << name << " of " << options.group_size << " (epoch "
+            << *epoch << ") on " << self << std::endl;
+
+  int exit_code = 0;
+  const timespec poll{0, 100 * 1000 * 1000};
+  while (true) {
+    siginfo_t info;
+    const int signal_number = sigtimedwait(&signals, &info, &poll);
+    if (signal_number == SIGTERM || signal_number == SIGINT) {
+      std::cout << "moeserve rank: " << name << " received "
+                << (signal_number == SIGTERM ? "SIGTERM" : "SIGINT")
+                << ", draining in-flight requests" << std::endl;
+      break;
+    }
+    if (group_failed.load() || failed_already) {
+      for (const engine::GroupHealth& group : (*engine)->Health()) {
+        if (!group.status.ok()) {
+          spdlog::error("{}: {}; exiting so that the group re-forms", name,
+                        std::string(group.status.message()));
+        }
+      }
+      exit_code = kExitGroupFailed;
+      break;
+    }
+  }
+  health->SetServingStatus(false);
+  (*engine)->StopAccepting();
+  // In-flight streams end (UNAVAILABLE after a failure) before the server closes.
+  const double grace = exit_code == 0 ? options.shutdown_grace_seconds : 1.0;
+  server->Shutdown(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(static_cast<int64_t>(grace * 1000)));
+  server->Wait();
+  (*engine)->Shutdown();
+  std::cout << "moeserve rank: " << name << " stopped" << std::endl;
+  return exit_code;
+}
+
+}  // namespace moeserve::server
