@@ -18,30 +18,16 @@
 
 namespace moeserve::testing {
 
-ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_ready) {
+ChildProcess::ChildProcess(std::vector<std::string> args) {
   int pipe_fds[2];
   if (pipe(pipe_fds) != 0) {
     ADD_FAILURE() << "pipe failed";
     return;
   }
   // MOESERVE_BINARY in the environment overrides the build's path (tests run from a copied
-  // build, e.g. on a GPU host); MOESERVE_TEST_METRICS_PORT=-1 turns /metrics off where the
-  // host's sandbox refuses the metrics web server.
+  // build, e.g. on a GPU host).
   const char* binary = std::getenv("MOESERVE_BINARY");
-  const char* metrics_port = std::getenv("MOESERVE_TEST_METRICS_PORT");
-  std::vector<std::string> args = {binary != nullptr ? binary : MOESERVE_BINARY,
-                                   "serve",
-                                   "--host",
-                                   "127.0.0.1",
-                                   "--port",
-                                   "0",
-                                   "--metrics-port",
-                                   metrics_port != nullptr ? metrics_port : "0"};
-  // Tests run side by side: never the fixed default HTTP port.
-  if (std::find(extra_args.begin(), extra_args.end(), "--http-port") == extra_args.end()) {
-    args.insert(args.end(), {"--http-port", "0"});
-  }
-  args.insert(args.end(), extra_args.begin(), extra_args.end());
+  args.insert(args.begin(), binary != nullptr ? binary : MOESERVE_BINARY);
   pid_ = fork();
   if (pid_ == 0) {
     dup2(pipe_fds[1], STDOUT_FILENO);
@@ -56,29 +42,9 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
   }
   close(pipe_fds[1]);
   output_fd_ = pipe_fds[0];
-  const std::regex ready(
-      R"(serving \S+ on [0-9.]+:(\d+) \(metrics on (?:[0-9.]+:(\d+)|disabled), OpenAI HTTP on (?:[0-9.]+:(\d+)|off))");
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (std::chrono::steady_clock::now() < deadline) {
-    ReadAvailable(100);
-    std::smatch match;
-    if (std::regex_search(output_, match, ready)) {
-      port_ = std::stoi(match[1]);
-      metrics_port_ = match[2].matched ? std::stoi(match[2]) : -1;
-      http_port_ = match[3].matched ? std::stoi(match[3]) : -1;
-      return;
-    }
-    int status = 0;
-    if (waitpid(pid_, &status, WNOHANG) == pid_) {
-      RecordExit(status);
-      ReadAvailable(100);
-      break;
-    }
-  }
-  if (expect_ready) ADD_FAILURE() << "moeserve did not become ready; output:\n" << output_;
 }
 
-ServerProcess::~ServerProcess() {
+ChildProcess::~ChildProcess() {
   if (!exited_ && pid_ > 0) {
     kill(pid_, SIGTERM);
     if (WaitForExit(30) == -1000) {
@@ -89,15 +55,33 @@ ServerProcess::~ServerProcess() {
   if (output_fd_ >= 0) close(output_fd_);
 }
 
-std::shared_ptr<grpc::Channel> ServerProcess::channel() const {
-  return grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
+std::vector<std::string> ChildProcess::WaitForOutput(const std::string& pattern,
+                                                     double timeout_seconds) {
+  const std::regex expression(pattern);
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+  while (true) {
+    ReadAvailable(50);
+    std::smatch match;
+    if (std::regex_search(output_, match, expression)) {
+      std::vector<std::string> groups;
+      for (const auto& group : match) groups.push_back(group.matched ? group.str() : "");
+      return groups;
+    }
+    if (exited_ || std::chrono::steady_clock::now() >= deadline) return {};
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      RecordExit(status);
+      ReadAvailable(100);
+    }
+  }
 }
 
-void ServerProcess::Signal(int signal_number) {
+void ChildProcess::Signal(int signal_number) {
   if (!exited_ && pid_ > 0) kill(pid_, signal_number);
 }
 
-void ServerProcess::RecordExit(int wait_status) {
+void ChildProcess::RecordExit(int wait_status) {
   exited_ = true;
   if (WIFEXITED(wait_status))
     exit_code_ = WEXITSTATUS(wait_status);
@@ -107,7 +91,7 @@ void ServerProcess::RecordExit(int wait_status) {
     exit_code_ = -999;
 }
 
-int ServerProcess::WaitForExit(double timeout_seconds) {
+int ChildProcess::WaitForExit(double timeout_seconds) {
   if (exited_) return exit_code_;
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
@@ -123,12 +107,12 @@ int ServerProcess::WaitForExit(double timeout_seconds) {
   return -1000;
 }
 
-std::string ServerProcess::output() {
+std::string ChildProcess::output() {
   ReadAvailable(0);
   return output_;
 }
 
-void ServerProcess::ReadAvailable(int timeout_ms) {
+void ChildProcess::ReadAvailable(int timeout_ms) {
   if (output_fd_ < 0) return;
   pollfd fd{output_fd_, POLLIN, 0};
   while (poll(&fd, 1, timeout_ms) > 0 && (fd.revents & POLLIN)) {
@@ -138,6 +122,51 @@ void ServerProcess::ReadAvailable(int timeout_ms) {
     output_.append(buffer, n);
     timeout_ms = 0;
   }
+}
+
+namespace {
+
+std::vector<std::string> ServerArguments(const std::string& subcommand,
+                                         std::vector<std::string> extra_args) {
+  // MOESERVE_TEST_METRICS_PORT=-1 turns /metrics off where the host's sandbox refuses the
+  // metrics web server.
+  const char* metrics_port = std::getenv("MOESERVE_TEST_METRICS_PORT");
+  std::vector<std::string> args = {subcommand,
+                                   "--host",
+                                   "127.0.0.1",
+                                   "--port",
+                                   "0",
+                                   "--metrics-port",
+                                   metrics_port != nullptr ? metrics_port : "0"};
+  // Tests run side by side: never the fixed default HTTP port.
+  if (std::find(extra_args.begin(), extra_args.end(), "--http-port") == extra_args.end()) {
+    args.insert(args.end(), {"--http-port", "0"});
+  }
+  args.insert(args.end(), extra_args.begin(), extra_args.end());
+  return args;
+}
+
+}  // namespace
+
+ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_ready,
+                             const std::string& subcommand)
+    : process_(ServerArguments(subcommand, std::move(extra_args))) {
+  const std::vector<std::string> ready = process_.WaitForOutput(
+      R"(serving \S+ on [0-9.]+:(\d+) \(metrics on (?:[0-9.]+:(\d+)|disabled), OpenAI HTTP on (?:[0-9.]+:(\d+)|off))",
+      60);
+  if (!ready.empty()) {
+    port_ = std::stoi(ready[1]);
+    metrics_port_ = !ready[2].empty() ? std::stoi(ready[2]) : -1;
+    http_port_ = !ready[3].empty() ? std::stoi(ready[3]) : -1;
+    return;
+  }
+  if (expect_ready) {
+    ADD_FAILURE() << "moeserve did not become ready; output:\n" << process_.output();
+  }
+}
+
+std::shared_ptr<grpc::Channel> ServerProcess::channel() const {
+  return grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
 }
 
 namespace {

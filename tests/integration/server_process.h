@@ -1,5 +1,6 @@
-// ServerProcess: starts the real `moeserve serve` binary on loopback with free ports, waits for
-// its ready line, and stops it (SIGTERM) when destroyed. Also small helpers to scrape /metrics.
+// ServerProcess: starts the real `moeserve serve` (or `frontend`) binary on loopback with free
+// ports, waits for its ready line, and stops it (SIGTERM) when destroyed; ChildProcess runs any
+// other subcommand (rank, node). Also small helpers to scrape /metrics.
 // Used by integration tests only; not thread-safe.
 #pragma once
 
@@ -16,23 +17,21 @@
 
 namespace moeserve::testing {
 
-class ServerProcess {
+// A child process of the real moeserve binary (any subcommand) whose stdout and stderr are
+// captured; killed (SIGTERM, then SIGKILL after 30 s) when destroyed.
+class ChildProcess {
  public:
-  // Starts `moeserve serve --port 0 --metrics-port 0 --http-port 0 <extra_args>` (extra_args may
-  // give their own --http-port); fails the test (ADD_FAILURE)
-  // and leaves ok() false if it does not become ready within 60 s.
-  // With expect_ready = false, a server that exits before becoming ready is not a failure
-  // (tests of refused configurations).
-  explicit ServerProcess(std::vector<std::string> extra_args, bool expect_ready = true);
-  ~ServerProcess();
+  // `args` follow the binary (MOESERVE_BINARY, or the build's).
+  explicit ChildProcess(std::vector<std::string> args);
+  ~ChildProcess();
+  ChildProcess(const ChildProcess&) = delete;
+  ChildProcess& operator=(const ChildProcess&) = delete;
 
-  bool ok() const { return port_ > 0; }
-  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
-  int metrics_port() const { return metrics_port_; }
-  int http_port() const { return http_port_; }  // -1 when HTTP is off
+  // Reads output until `pattern` matches it (the match's groups, whole match first) or
+  // `timeout_seconds` pass or the process exits (empty).
+  std::vector<std::string> WaitForOutput(const std::string& pattern, double timeout_seconds);
   pid_t pid() const { return pid_; }
-  std::shared_ptr<grpc::Channel> channel() const;
-
+  bool exited() const { return exited_; }
   // Sends a signal; WaitForExit returns the exit code (or -signal), -1000 on timeout.
   void Signal(int signal_number);
   int WaitForExit(double timeout_seconds);
@@ -41,15 +40,43 @@ class ServerProcess {
 
  private:
   void ReadAvailable(int timeout_ms);
+  void RecordExit(int wait_status);
   pid_t pid_ = -1;
   int output_fd_ = -1;
+  bool exited_ = false;
+  int exit_code_ = -1000;
+  std::string output_;
+};
+
+class ServerProcess {
+ public:
+  // Starts `moeserve serve --port 0 --metrics-port 0 --http-port 0 <extra_args>` (extra_args may
+  // give their own --http-port); fails the test (ADD_FAILURE)
+  // and leaves ok() false if it does not become ready within 60 s.
+  // With expect_ready = false, a server that exits before becoming ready is not a failure
+  // (tests of refused configurations). `subcommand` may be "frontend" (same front doors, same
+  // ready line).
+  explicit ServerProcess(std::vector<std::string> extra_args, bool expect_ready = true,
+                         const std::string& subcommand = "serve");
+
+  bool ok() const { return port_ > 0; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  int metrics_port() const { return metrics_port_; }
+  int http_port() const { return http_port_; }  // -1 when HTTP is off
+  pid_t pid() const { return process_.pid(); }
+  std::shared_ptr<grpc::Channel> channel() const;
+
+  // Sends a signal; WaitForExit returns the exit code (or -signal), -1000 on timeout.
+  void Signal(int signal_number) { process_.Signal(signal_number); }
+  int WaitForExit(double timeout_seconds) { return process_.WaitForExit(timeout_seconds); }
+  // Everything the process printed so far (stdout and stderr).
+  std::string output() { return process_.output(); }
+
+ private:
+  ChildProcess process_;
   int port_ = 0;
   int metrics_port_ = 0;
   int http_port_ = -1;
-  bool exited_ = false;
-  int exit_code_ = -1000;
-  void RecordExit(int wait_status);
-  std::string output_;
 };
 
 // Greedy generation of `max_tokens` tokens (ignoring <eos>) of `prompt`; the call's status in

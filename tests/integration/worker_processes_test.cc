@@ -1,0 +1,379 @@
+// Integration tests of expert-parallel groups whose ranks are processes, through the real
+// binaries on loopback: `moeserve rank` processes (CPU ranks over Gloo), `moeserve node`
+// supervisors that start them, and the `moeserve frontend` that serves the front doors over
+// them. A client of the front end must see exactly what a client of one `moeserve serve` process
+// sees — the same tokens, placements that commit at one step on every rank — and a group that
+// loses a rank must fail visibly (UNAVAILABLE, health, logs) while the front end stays up, then
+// serve again once its processes re-formed it under a new epoch.
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <regex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "moeserve/v1/admin.grpc.pb.h"
+#include "moeserve/v1/generation.grpc.pb.h"
+#include "moeserve/v1/worker.grpc.pb.h"
+#include "tests/integration/server_process.h"
+
+namespace moeserve::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using Clock = std::chrono::steady_clock;
+using HealthStatus = grpc::health::v1::HealthCheckResponse::ServingStatus;
+constexpr auto kServing = grpc::health::v1::HealthCheckResponse::SERVING;
+constexpr auto kNotServing = grpc::health::v1::HealthCheckResponse::NOT_SERVING;
+
+// `count` consecutive free TCP ports (a node's ranks listen on port + i).
+int FreePorts(int count) {
+  static std::mt19937 random(std::random_device{}());
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    const int base = 20000 + static_cast<int>(random() % 30000);
+    bool all_free = true;
+    for (int i = 0; i < count && all_free; ++i) {
+      const int fd = socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in address{};
+      address.sin_family = AF_INET;
+      address.sin_port = htons(static_cast<uint16_t>(base + i));
+      address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      all_free = bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0;
+      close(fd);
+    }
+    if (all_free) return base;
+  }
+  ADD_FAILURE() << "no free ports";
+  return 0;
+}
+
+std::string Address(int port) { return "127.0.0.1:" + std::to_string(port); }
+
+std::string WriteTokenFile() {
+  const std::string path = ::testing::TempDir() + "/admin-token-" + std::to_string(getpid());
+  std::ofstream(path) << "worker-processes-test-token-0123456789abcdef\n";
+  return path;
+}
+
+HealthStatus Health(ServerProcess& server, const std::string& service) {
+  auto stub = grpc::health::v1::Health::NewStub(server.channel());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  if (!stub->Check(&context, request, &response).ok()) {
+    return grpc::health::v1::HealthCheckResponse::SERVICE_UNKNOWN;
+  }
+  return response.status();
+}
+
+// Waits until `service` reports `wanted`; false after `seconds`.
+bool WaitForHealth(ServerProcess& server, const std::string& service, HealthStatus wanted,
+                   double seconds) {
+  const auto give_up =
+      Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+  while (Clock::now() < give_up) {
+    if (Health(server, service) == wanted) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
+v1::RankLoad Load(const std::string& address) {
+  auto stub = v1::Worker::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::RankLoad load;
+  EXPECT_TRUE(stub->GetLoad(&context, {}, &load).ok()) << address;
+  return load;
+}
+
+// One seeded, sampled generation (the sampler's state travels with a handed-over sequence).
+std::vector<uint32_t> SampledTokens(ServerProcess& server) {
+  auto stub = v1::Generation::NewStub(server.channel());
+  v1::GenerateRequest request;
+  request.set_text("sampled across processes");
+  request.set_max_tokens(24);
+  request.set_ignore_eos(true);
+  request.mutable_sampling()->set_temperature(0.9f);
+  request.mutable_sampling()->set_top_p(0.9f);
+  request.mutable_sampling()->set_seed(11);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto reader = stub->Generate(&context, request);
+  std::vector<uint32_t> tokens;
+  v1::GenerateResponse response;
+  while (reader->Read(&response)) {
+    tokens.insert(tokens.end(), response.token_ids().begin(), response.token_ids().end());
+  }
+  grpc::Status status = reader->Finish();
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  return tokens;
+}
+
+// The rank processes a node supervisor started (its children).
+std::vector<pid_t> Children(pid_t parent) {
+  std::ifstream file("/proc/" + std::to_string(parent) + "/task/" + std::to_string(parent) +
+                     "/children");
+  std::vector<pid_t> children;
+  for (pid_t pid; file >> pid;) children.push_back(pid);
+  return children;
+}
+
+// A group of rank processes started by `nodes` node supervisors of `ranks_per_node` ranks each,
+// the first node's first rank being the leader.
+class NodeGroup {
+ public:
+  NodeGroup(std::string group, int nodes, int ranks_per_node, std::vector<std::string> rank_args)
+      : group_(std::move(group)),
+        nodes_(nodes),
+        ranks_per_node_(ranks_per_node),
+        rank_args_(std::move(rank_args)) {
+    for (int node = 0; node < nodes_; ++node) base_ports_.push_back(FreePorts(ranks_per_node_));
+    Start();
+  }
+  void Start() {
+    processes_.clear();
+    for (int node = 0; node < nodes_; ++node) {
+      std::vector<std::string> args = {"node",
+                                       "--ranks-per-node",
+                                       std::to_string(ranks_per_node_),
+                                       "--num-nodes",
+                                       std::to_string(nodes_),
+                                       "--node-index",
+                                       std::to_string(node),
+                                       "--port",
+                                       std::to_string(base_ports_[node]),
+                                       "--health-interval-seconds",
+                                       "0.2",
+                                       "--",
+                                       "--group",
+                                       group_,
+                                       "--leader",
+                                       leader(),
+                                       "--join-timeout-seconds",
+                                       "60"};
+      args.insert(args.end(), rank_args_.begin(), rank_args_.end());
+      processes_.push_back(std::make_unique<ChildProcess>(args));
+    }
+  }
+  std::string leader() const { return Address(base_ports_.front()); }
+  std::vector<std::string> rank_addresses() const {
+    std::vector<std::string> addresses;
+    for (int node = 0; node < nodes_; ++node) {
+      for (int i = 0; i < ranks_per_node_; ++i) addresses.push_back(Address(base_ports_[node] + i));
+    }
+    return addresses;
+  }
+  ChildProcess& node(int index) { return *processes_[index]; }
+  // Waits until every rank printed its serving line.
+  bool WaitServing(double seconds) {
+    for (auto& process : processes_) {
+      const std::string pattern = "(serving group `" + group_ + "` rank \\d+[^\\n]*\\n[\\s\\S]*){" +
+                                  std::to_string(ranks_per_node_) + "}";
+      if (process->WaitForOutput(pattern, seconds).empty()) {
+        ADD_FAILURE() << "group `" << group_ << "` did not form:\n" << process->output();
+        return false;
+      }
+    }
+    return true;
+  }
+
+ private:
+  std::string group_;
+  int nodes_;
+  int ranks_per_node_;
+  std::vector<std::string> rank_args_;
+  std::vector<int> base_ports_;
+  std::vector<std::unique_ptr<ChildProcess>> processes_;
+};
+
+// A prefill group of two rank processes and a decode group of two nodes of two rank processes
+// each, behind one front end, serve exactly what one `serve --prefill-ep 2 --decode-ep 4`
+// process serves; a placement applied through the front end's Admin API commits at the same
+// step on every decode rank and changes no token.
+TEST(WorkerProcesses, DisaggregatedGroupsServeWhatOneProcessServes) {
+  const std::string token = WriteTokenFile();
+  const std::vector<std::string> rank_args = {"--admin-token-file", token};
+  NodeGroup prefill("prefill", 1, 2, rank_args);
+  NodeGroup decode("decode", 2, 2, rank_args);
+  ASSERT_TRUE(prefill.WaitServing(60));
+  ASSERT_TRUE(decode.WaitServing(60));
+  ServerProcess frontend(
+      {"--group", "prefill=" + prefill.leader(), "--group", "decode=" + decode.leader(),
+       "--admin-token-file", token, "--poll-interval-seconds", "0.1"},
+      true, "frontend");
+  ASSERT_TRUE(frontend.ok());
+  ASSERT_TRUE(WaitForHealth(frontend, "", kServing, 30));
+  EXPECT_EQ(Health(frontend, "moeserve.v1.Generation/prefill"), kServing);
+  EXPECT_EQ(Health(frontend, "moeserve.v1.Generation/decode"), kServing);
+
+  auto lengths = [](int i) { return static_cast<uint32_t>(24 + i % 4); };
+  const std::vector<std::vector<uint32_t>> cluster = ConcurrentGreedy(frontend, 6, lengths);
+  const std::vector<uint32_t> cluster_sampled = SampledTokens(frontend);
+  std::vector<std::vector<uint32_t>> single;
+  std::vector<uint32_t> single_sampled;
+  {
+    ServerProcess one({"--prefill-ep", "2", "--decode-ep", "4"});
+    ASSERT_TRUE(one.ok());
+    single = ConcurrentGreedy(one, 6, lengths);
+    single_sampled = SampledTokens(one);
+  }
+  EXPECT_EQ(cluster, single);
+  EXPECT_EQ(cluster_sampled, single_sampled);
+  EXPECT_EQ(cluster_sampled.size(), 24u);
+
+  // A new placement for the decode group (every layer's experts in reverse slot order).
+  auto admin = v1::Admin::NewStub(frontend.channel());
+  v1::ExpertPlacement current;
+  {
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", "Bearer worker-processes-test-token-0123456789abcdef");
+    v1::GetExpertPlacementRequest request;
+    request.set_group("decode");
+    grpc::Status status = admin->GetExpertPlacement(&context, request, &current);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(current.ep_size(), 4u);
+  }
+  v1::UpdateExpertPlacementRequest update;
+  update.set_group("decode");
+  update.set_version(current.version() + 1);
+  update.set_timeout_seconds(30);
+  for (const auto& layer : current.layers()) {
+    auto* reversed = update.add_layers();
+    for (int slot = layer.phy2log_size() - 1; slot >= 0; --slot) {
+      reversed->add_phy2log(layer.phy2log(slot));
+    }
+  }
+  {
+    // Applied under load: requests stream while the ranks stage and commit it; none fails and
+    // none changes a token (ConcurrentGreedy expects every status OK).
+    std::vector<std::vector<uint32_t>> under_load;
+    std::thread load([&] { under_load = ConcurrentGreedy(frontend, 6, lengths); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", "Bearer worker-processes-test-token-0123456789abcdef");
+    v1::UpdateExpertPlacementResponse response;
+    grpc::Status status = admin->UpdateExpertPlacement(&context, update, &response);
+    load.join();
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(response.committed_version(), update.version());
+    EXPECT_EQ(under_load, single);
+  }
+  std::set<int64_t> commit_steps;
+  for (const std::string& address : decode.rank_addresses()) {
+    const v1::RankLoad load = Load(address);
+    EXPECT_EQ(load.placement_version(), update.version()) << address;
+    commit_steps.insert(load.placement_commit_step());
+  }
+  EXPECT_EQ(commit_steps.size(), 1u) << "the decode ranks committed at different steps";
+  EXPECT_GE(*commit_steps.begin(), 0);
+  // Experts moved between processes; the tokens do not change.
+  EXPECT_EQ(ConcurrentGreedy(frontend, 6, lengths), single);
+}
+
+// A decode rank killed mid-stream fails its group: the stream ends UNAVAILABLE naming the
+// group, health turns NOT_SERVING for the server and the group, the front end stays up and
+// answers new requests UNAVAILABLE; the node supervisors exit, and once they are started again
+// the group re-forms under a new epoch and serves.
+TEST(WorkerProcesses, KilledRankFailsItsGroupUntilItReforms) {
+  NodeGroup decode("mixed", 2, 1, {"--min-step-ms", "20"});
+  ASSERT_TRUE(decode.WaitServing(60));
+  ServerProcess frontend({"--group", "mixed=" + decode.leader(), "--poll-interval-seconds", "0.1"},
+                         true, "frontend");
+  ASSERT_TRUE(frontend.ok());
+  ASSERT_TRUE(WaitForHealth(frontend, "", kServing, 30));
+
+  // A long generation, then rank 1's process dies.
+  auto stub = v1::Generation::NewStub(frontend.channel());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  v1::GenerateRequest request;
+  request.set_text("a long one");
+  request.set_max_tokens(2000);
+  request.set_ignore_eos(true);
+  auto reader = stub->Generate(&context, request);
+  v1::GenerateResponse response;
+  int tokens = 0;
+  while (tokens < 5 && reader->Read(&response)) tokens += response.token_ids_size();
+  ASSERT_GE(tokens, 5);
+  const std::vector<pid_t> ranks = Children(decode.node(1).pid());
+  ASSERT_EQ(ranks.size(), 1u);
+  const auto killed_at = Clock::now();
+  kill(ranks.front(), SIGKILL);
+  while (reader->Read(&response)) {
+  }
+  const grpc::Status status = reader->Finish();
+  const double seconds_to_fail = std::chrono::duration<double>(Clock::now() - killed_at).count();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("`mixed`"));
+  EXPECT_LT(seconds_to_fail, 10);
+  EXPECT_TRUE(WaitForHealth(frontend, "", kNotServing, 5));
+  EXPECT_EQ(Health(frontend, "moeserve.v1.Generation/mixed"), kNotServing);
+  {
+    grpc::Status refused;
+    GreedyTokens(*stub, "while down", 4, &refused);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_THAT(refused.error_message(), HasSubstr("`mixed`"));
+  }
+  // Both supervisors end: node 1 because its rank died, node 0 because its rank's group failed.
+  EXPECT_NE(decode.node(1).WaitForExit(20), 0);
+  EXPECT_EQ(decode.node(0).WaitForExit(20), 3) << decode.node(0).output();
+  EXPECT_THAT(decode.node(0).output(), HasSubstr("exiting so that the group re-forms"));
+  EXPECT_THAT(frontend.output(), HasSubstr("expert-parallel group `mixed`"));
+
+  // The orchestrator starts the nodes again: a new epoch, and the front end serves again.
+  decode.Start();
+  ASSERT_TRUE(decode.WaitServing(60));
+  ASSERT_TRUE(WaitForHealth(frontend, "", kServing, 30)) << frontend.output();
+  grpc::Status again;
+  EXPECT_EQ(GreedyTokens(*stub, "after re-forming", 6, &again).size(), 6u);
+  EXPECT_TRUE(again.ok()) << again.error_message();
+  const std::regex epoch_line("group `mixed` serves \\(epoch (\\S+),");
+  const std::string log = frontend.output();
+  std::set<std::string> epochs;
+  for (std::sregex_iterator it(log.begin(), log.end(), epoch_line), end; it != end; ++it) {
+    epochs.insert((*it)[1]);
+  }
+  EXPECT_EQ(epochs.size(), 2u) << log;
+}
+
+// A rank whose peers never come, or whose leader never answers, gives up with a message naming
+// the group and exits 2; a front end whose groups never answer exits 1.
+TEST(WorkerProcesses, MissingPeersEndWithAClearError) {
+  ChildProcess alone({"rank", "--group", "decode", "--group-size", "2", "--rank", "0", "--port",
+                      "0", "--metrics-port", "-1", "--join-timeout-seconds", "2"});
+  ChildProcess orphan({"rank", "--group", "decode", "--group-size", "2", "--rank", "1", "--port",
+                       "0", "--metrics-port", "-1", "--leader", Address(FreePorts(1)),
+                       "--join-timeout-seconds", "2"});
+  EXPECT_EQ(alone.WaitForExit(30), 2);
+  EXPECT_THAT(alone.output(), HasSubstr("did not form"));
+  EXPECT_EQ(orphan.WaitForExit(30), 2);
+  EXPECT_THAT(orphan.output(), HasSubstr(" rank 1"));
+
+  ServerProcess lonely(
+      {"--group", "mixed=" + Address(FreePorts(1)), "--wait-for-groups-seconds", "1"}, false,
+      "frontend");
+  EXPECT_FALSE(lonely.ok());
+  EXPECT_EQ(lonely.WaitForExit(30), 1);
+  EXPECT_THAT(lonely.output(), HasSubstr("did not answer"));
+
+  ChildProcess malformed({"frontend", "--group", "mixed", "--port", "0", "--metrics-port", "-1"});
+  EXPECT_EQ(malformed.WaitForExit(30), 2);
+  EXPECT_THAT(malformed.output(), HasSubstr("NAME=HOST:PORT"));
+}
+
+}  // namespace
+}  // namespace moeserve::testing
