@@ -467,7 +467,9 @@ absl::Status Engine::Impl::Validate(GenerationInput& in) const {
                                                      " bytes, far beyond the context length of ",
                                                      context, " tokens"));
     }
-    in.prompt_tokens = tokenizer_->Encode(*in.text);
+    absl::StatusOr<std::vector<int32_t>> tokens = tokenizer_->Encode(*in.text);
+    if (!tokens.ok()) return tokens.status();
+    in.prompt_tokens = *std::move(tokens);
   } else if (in.prompt_tokens.empty()) {
     return absl::InvalidArgumentError(
         "the request has no input: set `text` or a non-empty `token_ids`");
