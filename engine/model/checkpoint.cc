@@ -1,6 +1,7 @@
 #include "engine/model/checkpoint.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <optional>
 #include <set>
@@ -188,6 +189,20 @@ absl::StatusOr<Tensor> Dequantize(const std::string& name, const StoredTensor& s
   return tensor;
 }
 
+// Weights holding NaN or infinities would load silently and stream garbage. Checking costs one
+// pass over values the loader has just converted.
+absl::Status CheckFinite(const std::string& name, const StoredTensor& stored,
+                         const Tensor& tensor) {
+  for (size_t i = 0; i < tensor.data.size(); ++i) {
+    if (!std::isfinite(tensor.data[i])) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor `", name, "` in `", *stored.file, "` holds a value that is not finite (",
+          tensor.data[i], " at element ", i, "); the checkpoint is corrupt"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Insert(std::map<std::string, Tensor>& out, std::map<std::string, std::string>& source,
                     const std::string& name, const std::string& stored_name, Tensor tensor) {
   auto [it, inserted] = out.emplace(name, std::move(tensor));
@@ -300,6 +315,7 @@ absl::StatusOr<std::map<std::string, Tensor>> ReadCheckpointTensors(
     }
     absl::StatusOr<Tensor> value = Dequantize(name, tensor, stored, block_rows, block_cols);
     if (!value.ok()) return value.status();
+    if (auto s = CheckFinite(name, tensor, *value); !s.ok()) return s;
     if (tensor.entry->dtype == DType::kF8E4M3) used_scales.insert(name + std::string(kScaleSuffix));
     const std::string canonical = CanonicalName(name, config);
     if (IsFusedExperts(canonical, "gate_up_proj") || IsFusedExperts(canonical, "down_proj")) {

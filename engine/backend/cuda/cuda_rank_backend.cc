@@ -707,10 +707,14 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   RETURN_IF_ERROR(UploadBf16(s.final_norm, weights.final_norm(), hidden, stream));
   RETURN_IF_ERROR(
       UploadBf16(s.lm_head, weights.lm_head(), static_cast<size_t>(c.vocab_size) * hidden, stream));
-  RETURN_IF_ERROR(
-      s.rope_cos.Upload(model.rope().cos_table().data(), model.rope().cos_table().size(), stream));
-  RETURN_IF_ERROR(
-      s.rope_sin.Upload(model.rope().sin_table().data(), model.rope().sin_table().size(), stream));
+  // Rotations for every position this rank's KV cache can hold (no request reaches further).
+  std::vector<float> rope_cos, rope_sin;
+  model.rope().Table(static_cast<int>(std::min<int64_t>(
+                         c.max_position_embeddings,
+                         static_cast<int64_t>(options.kv_blocks) * options.kv_block_size)),
+                     rope_cos, rope_sin);
+  RETURN_IF_ERROR(s.rope_cos.Upload(rope_cos.data(), rope_cos.size(), stream));
+  RETURN_IF_ERROR(s.rope_sin.Upload(rope_sin.data(), rope_sin.size(), stream));
   const int heads = c.num_attention_heads;
   const int qk = c.qk_head_dim();
   const int row_dim = c.kv_lora_rank + c.qk_rope_head_dim;

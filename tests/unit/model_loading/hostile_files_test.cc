@@ -1,18 +1,22 @@
 // Model folders written by a hostile or careless hand: JSON nested a million levels deep in every
-// file the loader parses, and FIFOs in place of files. Each must end in a clear error naming the
-// file, never a crash or a hang.
+// file the loader parses, FIFOs in place of files, absurd sizes in config.json, and weights full
+// of NaN. Each must end in a clear error naming the file or tensor, never a crash, a hang or
+// gigabytes of memory.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <future>
+#include <limits>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/loader.h"
+#include "engine/model/rope.h"
 #include "engine/model/safetensors.h"
 #include "engine/placement/expert_placement.h"
 #include "gmock/gmock.h"
@@ -124,6 +128,84 @@ TEST(HostileFiles, FifosInPlaceOfFilesAreRefusedWithoutBlocking) {
     const absl::Status status = LoadWithin(folder, folder / name);
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
     EXPECT_THAT(status.message(), HasSubstr(absl::StrCat(name, "` is a FIFO, not a regular file")));
+  }
+}
+
+TEST(HostileFiles, AbsurdSizesInConfigAreRefusedBeforeAllocating) {
+  // Each of these used to allocate gigabytes (or abort) before any check.
+  const struct {
+    const char* field;
+    int64_t value;
+    const char* message;
+  } cases[] = {
+      {"num_hidden_layers", 1'000'000'000, "num_hidden_layers"},
+      {"n_routed_experts", 1'000'000'000, "n_routed_experts"},
+      {"max_position_embeddings", std::numeric_limits<int32_t>::max(), "max_position_embeddings"},
+      {"max_position_embeddings", 100'000'000, "max_position_embeddings"},
+      {"vocab_size", 1'000'000'000, "vocab_size"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(absl::StrCat(c.field, " = ", c.value));
+    const fs::path folder = ValidFolder(absl::StrCat("absurd_", c.field));
+    nlohmann::json config = SmallDeepSeekV3Json();
+    config[c.field] = c.value;
+    WriteText(folder / "config.json", config.dump());
+    const absl::Status status = LoadError(folder);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_THAT(status.message(), HasSubstr(c.message));
+  }
+}
+
+TEST(HostileFiles, MoreLayersOrExpertsThanTheWeightsHoldNameTheFirstMissingTensor) {
+  // Within the limits, but more than the checkpoint holds: the first missing tensor is named
+  // without listing the rest.
+  const fs::path folder = ValidFolder("more_layers");
+  nlohmann::json config = SmallDeepSeekV3Json();
+  config["num_hidden_layers"] = 4000;
+  WriteText(folder / "config.json", config.dump());
+  EXPECT_THAT(LoadError(folder).message(),
+              HasSubstr("missing tensor `model.layers.3.input_layernorm.weight`"));
+  config = SmallDeepSeekV3Json();
+  config["n_routed_experts"] = 60000;
+  config["n_group"] = 1;
+  config["topk_group"] = 1;
+  WriteText(folder / "config.json", config.dump());
+  EXPECT_THAT(
+      LoadError(folder).message(),
+      HasSubstr("`model.layers.1.mlp.gate.weight` has shape [8, 32], expected [60000, 32]"));
+}
+
+TEST(HostileFiles, RotaryTablesAreSizedLazily) {
+  // A context of 16M positions costs nothing until positions are used, and positions far past
+  // the precomputed ones rotate exactly as the formula says.
+  const int positions = 1 << 24;
+  RotaryEmbedding rope(4, positions, 10000.0, RopeScaling{});
+  EXPECT_LE(rope.precomputed_positions(), RotaryEmbedding::kMaxPrecomputedPositions);
+  const int position = positions - 1;
+  float vector[4] = {1.0f, 0.0f, 1.0f, 0.0f};
+  rope.Apply(vector, position);
+  for (int pair = 0; pair < 2; ++pair) {
+    const float angle =
+        static_cast<float>(position) * static_cast<float>(1.0 / std::pow(10000.0, 2.0 * pair / 4));
+    EXPECT_FLOAT_EQ(vector[2 * pair], static_cast<float>(std::cos(angle)));
+    EXPECT_FLOAT_EQ(vector[2 * pair + 1], static_cast<float>(std::sin(angle)));
+  }
+}
+
+TEST(HostileFiles, NonFiniteWeightsAreRefusedNamingTheTensor) {
+  const nlohmann::json config = SmallDeepSeekV3Json();
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                    -std::numeric_limits<float>::infinity()}) {
+    SCOPED_TRACE(bad);
+    auto weights = RandomWeights(config);
+    weights["model.layers.1.mlp.experts.3.down_proj.weight"].data[7] = bad;
+    const fs::path folder = MakeTempFolder("non_finite");
+    WriteCheckpoint(folder, config, Encode(weights, DType::kBF16));
+    const absl::Status status = LoadError(folder);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(status.message(),
+                HasSubstr("tensor `model.layers.1.mlp.experts.3.down_proj.weight`"));
+    EXPECT_THAT(status.message(), HasSubstr("not finite"));
   }
 }
 
