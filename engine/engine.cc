@@ -469,7 +469,7 @@ absl::Status Engine::Impl::Validate(GenerationInput& in) const {
     }
     absl::StatusOr<std::vector<int32_t>> tokens = tokenizer_->Encode(*in.text);
     if (!tokens.ok()) return tokens.status();
-    in.prompt_tokens = *std::move(tokens);
+    in.prompt_tokens.assign(tokens->begin(), tokens->end());
   } else if (in.prompt_tokens.empty()) {
     return absl::InvalidArgumentError(
         "the request has no input: set `text` or a non-empty `token_ids`");
@@ -477,9 +477,9 @@ absl::Status Engine::Impl::Validate(GenerationInput& in) const {
   const int prompt = static_cast<int>(in.prompt_tokens.size());
   for (int i = 0; i < prompt; ++i) {
     if (in.prompt_tokens[i] < 0 || in.prompt_tokens[i] >= c.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("token_ids[", i, "] = ", static_cast<uint32_t>(in.prompt_tokens[i]),
-                       " is out of range: the vocabulary has ", c.vocab_size, " tokens"));
+      return absl::InvalidArgumentError(absl::StrCat("token_ids[", i, "] = ", in.prompt_tokens[i],
+                                                     " is out of range: the vocabulary has ",
+                                                     c.vocab_size, " tokens"));
     }
   }
   if (prompt >= context) {
@@ -521,11 +521,11 @@ absl::Status Engine::Impl::Validate(GenerationInput& in) const {
   if (!in.stop.empty() && tokenizer_ == nullptr) {
     return absl::InvalidArgumentError("stop strings need a tokenizer; use stop_token_ids");
   }
-  for (int32_t id : in.stop_token_ids) {
+  for (int64_t id : in.stop_token_ids) {
     if (id < 0 || id >= c.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("stop_token_ids has ", static_cast<uint32_t>(id),
-                       ", out of range: the vocabulary has ", c.vocab_size, " tokens"));
+      return absl::InvalidArgumentError(absl::StrCat("stop_token_ids has ", id,
+                                                     ", out of range: the vocabulary has ",
+                                                     c.vocab_size, " tokens"));
     }
   }
   int smallest_rank_blocks = 0;
@@ -556,7 +556,8 @@ absl::StatusOr<std::shared_ptr<RequestStream>> Engine::Impl::Submit(GenerationIn
     input.request_id = absl::StrCat("req-", next_request_number_.fetch_add(1));
   }
   sequence->stream = std::make_shared<RequestStream>(input.request_id);
-  sequence->tokens = input.prompt_tokens;
+  // Validated: every id fits the vocabulary, so int32.
+  sequence->tokens.assign(input.prompt_tokens.begin(), input.prompt_tokens.end());
   sequence->prompt_length = static_cast<int>(input.prompt_tokens.size());
   sequence->sampler = std::make_unique<Sampler>(input.sampling);
   sequence->input = std::move(input);

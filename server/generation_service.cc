@@ -34,10 +34,7 @@ engine::GenerationInput ToGenerationInput(const moeserve::v1::GenerateRequest& r
   if (request.input_case() == moeserve::v1::GenerateRequest::kText) {
     input.text = request.text();
   } else if (request.input_case() == moeserve::v1::GenerateRequest::kTokenIds) {
-    for (uint32_t id : request.token_ids().ids()) {
-      // Ids beyond int32 map to -1, which the engine reports as out of range.
-      input.prompt_tokens.push_back(id > 0x7fffffffu ? -1 : static_cast<int32_t>(id));
-    }
+    input.prompt_tokens.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
   }
   const auto& sampling = request.sampling();
   input.sampling.temperature = sampling.temperature();
@@ -48,9 +45,7 @@ engine::GenerationInput ToGenerationInput(const moeserve::v1::GenerateRequest& r
   input.max_tokens =
       request.max_tokens() > 0x7fffffffu ? 0x7fffffff : static_cast<int>(request.max_tokens());
   input.stop.assign(request.stop().begin(), request.stop().end());
-  for (uint32_t id : request.stop_token_ids()) {
-    input.stop_token_ids.push_back(id > 0x7fffffffu ? -1 : static_cast<int32_t>(id));
-  }
+  input.stop_token_ids.assign(request.stop_token_ids().begin(), request.stop_token_ids().end());
   input.ignore_eos = request.ignore_eos();
   return input;
 }

@@ -26,15 +26,17 @@ struct SamplingOptions {
   std::optional<uint64_t> seed;
 };
 
-// A generation as submitted. Exactly one of `text` and `prompt_tokens` is used.
+// A generation as submitted. Exactly one of `text` and `prompt_tokens` is used. Token ids are
+// kept as wide as any front door sends them (proto uint32, JSON integers), so the engine's
+// range check reports the id the client sent.
 struct GenerationInput {
   std::string request_id;
   std::optional<std::string> text;
-  std::vector<int32_t> prompt_tokens;
+  std::vector<int64_t> prompt_tokens;
   SamplingOptions sampling;
   int max_tokens = 0;
   std::vector<std::string> stop;
-  std::vector<int32_t> stop_token_ids;
+  std::vector<int64_t> stop_token_ids;
   bool ignore_eos = false;
 };
 

@@ -70,7 +70,7 @@ std::vector<int32_t> PromptOf(int length, int salt) {
 
 GenerationInput Greedy(std::vector<int32_t> prompt, int max_tokens) {
   GenerationInput input;
-  input.prompt_tokens = std::move(prompt);
+  input.prompt_tokens.assign(prompt.begin(), prompt.end());
   input.max_tokens = max_tokens;
   input.ignore_eos = true;
   return input;
@@ -477,6 +477,15 @@ TEST_F(EngineTest, SubmitValidatesWithActionableMessages) {
       "token_ids[3] = 258 is out of range: the vocabulary has 258 tokens");
   add(
       "negative token id", [](GenerationInput& in) { in.prompt_tokens[0] = -1; }, "out of range");
+  add(
+      "token id 2^31", [](GenerationInput& in) { in.prompt_tokens[2] = int64_t{1} << 31; },
+      "token_ids[2] = 2147483648 is out of range");
+  add(
+      "token id 2^32 - 1", [](GenerationInput& in) { in.prompt_tokens[2] = 0xFFFFFFFFll; },
+      "token_ids[2] = 4294967295 is out of range");
+  add(
+      "stop token 2^31", [](GenerationInput& in) { in.stop_token_ids = {int64_t{1} << 31}; },
+      "stop_token_ids has 2147483648");
   add(
       "max_tokens 0", [](GenerationInput& in) { in.max_tokens = 0; },
       "max_tokens must be at least 1");
