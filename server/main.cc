@@ -118,10 +118,13 @@ int main(int argc, char** argv) {
           "Model to serve: builtin:tiny, builtin:tiny-nolora, builtin:tiny-v2, builtin:tiny-e256, "
           "builtin:v3-bench (GPU only), or a Hugging Face checkpoint folder")
       ->capture_default_str();
-  serve_command->add_option("--host", serve.host, "Address to listen on")->capture_default_str();
+  serve_command->add_option("--host", serve.host, "Address the gRPC port binds")
+      ->capture_default_str();
   serve_command->add_option("--port", serve.port, "gRPC port (0: pick a free one)")
       ->capture_default_str()
       ->check(CLI::Range(0, 65535));
+  serve_command->add_option("--metrics-host", serve.metrics_host,
+                            "Address the /metrics port (plain HTTP) binds (default: --host)");
   serve_command
       ->add_option("--metrics-port", serve.metrics_port,
                    "Prometheus /metrics port (0: pick a free one, -1: off)")
@@ -153,9 +156,10 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   serve_command
       ->add_option("--shutdown-grace-seconds", serve.shutdown_grace_seconds,
-                   "On SIGTERM, how long in-flight streams may take to finish")
+                   "On SIGTERM, SIGINT or SIGHUP, how long in-flight streams may take to finish "
+                   "(a second signal stops at once)")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0.0, 86400.0));
   serve_command
       ->add_option("--ep", serve.engine.parallel.decode_ep,
                    "Ranks of the one mixed expert-parallel group (without --prefill-ep)")
@@ -190,6 +194,18 @@ int main(int argc, char** argv) {
                    "Serve the Admin API (placements, expert load), authenticated with the bearer "
                    "token in this file; without it the Admin API is off")
       ->check(CLI::ExistingFile);
+  // Hidden: for tests of signals during start-up only.
+  serve_command
+      ->add_option("--inject-load-delay-seconds", serve.inject_load_delay_seconds,
+                   "Wait this long before loading the model")
+      ->group("");
+  serve_command->footer(
+      "Signals: SIGTERM, SIGINT or SIGHUP while the model loads stop before serving (exit 0). "
+      "Once serving, the first drains: health turns NOT_SERVING, new requests get UNAVAILABLE, "
+      "running streams get --shutdown-grace-seconds to finish, then the rest end with "
+      "UNAVAILABLE (exit 0). A second signal during the drain stops at once: running streams "
+      "end with UNAVAILABLE (exit 1). SIGUSR1 and SIGUSR2 are ignored. Exit 1 also when "
+      "start-up fails (a port in use, a bad file or model).");
   serve_command->add_option("--trace-dir", serve.engine.parallel.trace_dir,
                             "Write a Chrome trace (Perfetto) of working steps here (--trace-steps "
                             "of them, after --trace-skip-steps)");

@@ -1,24 +1,31 @@
-#include "server/serve.h"
-
-#include <signal.h>
-
+#include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <memory>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "base/metrics_listener.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
-#include "prometheus/exposer.h"
 #include "prometheus/registry.h"
 #include "server/admin_service.h"
+#include "server/serve.h"
+#include "server/shutdown_signals.h"
 
 namespace moeserve::server {
 namespace {
+
+using std::chrono::milliseconds;
+
+// Exit codes (documented in the README and `serve --help`).
+constexpr int kExitStopped = 0;        // drained, or stopped before serving
+constexpr int kExitStartFailed = 1;    // a listener, a file or the model failed
+constexpr int kExitStoppedAtOnce = 1;  // a second signal cut the drain short
 
 // The health service's names: "" and kGenerationService speak for the whole server (SERVING
 // once the model is loaded and while every group serves); "<kGenerationService>/<group>"
@@ -40,42 +47,60 @@ void SetGroupHealth(grpc::HealthCheckServiceInterface& health, const std::string
   health.SetServingStatus(absl::StrCat(kGenerationService, "/", group), serving);
 }
 
+int Fail(absl::string_view message) {
+  std::cerr << "moeserve: " << message << std::endl;
+  return kExitStartFailed;
+}
+
+// Settings every gRPC listener of the server shares.
+void ConfigureBuilder(grpc::ServerBuilder& builder, const ServeOptions& options) {
+  // gRPC sets SO_REUSEPORT by default, which lets a second server bind the same port and take
+  // half its new connections; with it off, the second server fails to start instead.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+}
+
+// Waits for `loading` while watching for stop signals. A stop signal ends the process before it
+// serves; the model load is not interruptible, and nothing is in flight yet.
+void WaitForLoad(const std::atomic<bool>& loaded, grpc::Server& server) {
+  while (!loaded.load()) {
+    const int signal_number = ShutdownSignals::Next(milliseconds(100));
+    if (signal_number == 0) continue;
+    std::cout << "moeserve: received " << ShutdownSignals::Name(signal_number)
+              << " while loading the model; stopping before serving" << std::endl;
+    server.Shutdown(std::chrono::system_clock::now());
+    std::fflush(nullptr);
+    // The loader thread is inside the model load; leave without waiting for it.
+    std::_Exit(kExitStopped);
+  }
+}
+
 }  // namespace
 
 int RunServe(const ServeOptions& options) {
-  // Block the shutdown signals in every thread; the main thread waits for them with sigwait.
-  sigset_t shutdown_signals;
-  sigemptyset(&shutdown_signals);
-  sigaddset(&shutdown_signals, SIGTERM);
-  sigaddset(&shutdown_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &shutdown_signals, nullptr);
+  if (absl::Status status = ShutdownSignals::Install(); !status.ok()) {
+    return Fail(status.message());
+  }
 
   auto registry = std::make_shared<prometheus::Registry>();
   std::unique_ptr<prometheus::Exposer> exposer;
   std::string metrics_address = "disabled";
   if (options.metrics_port >= 0) {
-    try {
-      exposer = std::make_unique<prometheus::Exposer>(
-          absl::StrCat(options.host, ":", options.metrics_port));
-    } catch (const std::exception& e) {
-      std::cerr << "moeserve: cannot serve metrics on " << options.host << ":"
-                << options.metrics_port << ": " << e.what() << "\n";
-      return 1;
-    }
+    const std::string host = options.metrics_host.empty() ? options.host : options.metrics_host;
+    absl::StatusOr<std::unique_ptr<prometheus::Exposer>> started =
+        base::StartMetricsListener(host, options.metrics_port);
+    if (!started.ok()) return Fail(started.status().message());
+    exposer = *std::move(started);
     exposer->RegisterCollectable(registry);
-    const auto ports = exposer->GetListeningPorts();
-    metrics_address = absl::StrCat(options.host, ":", ports.empty() ? 0 : ports.front());
+    metrics_address = absl::StrCat(host, ":", base::BoundPort(*exposer));
   }
 
   GenerationService generation;
   std::unique_ptr<AdminService> admin;
   if (!options.admin_token_file.empty()) {
     absl::StatusOr<std::string> token = ReadAdminToken(options.admin_token_file);
-    if (!token.ok()) {
-      std::cerr << "moeserve: " << token.status().message() << "\n";
-      return 1;
-    }
-    admin = std::make_unique<AdminService>(std::move(*token));
+    if (!token.ok()) return Fail(token.status().message());
+    admin = std::make_unique<AdminService>(*std::move(token));
   }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -83,15 +108,15 @@ int RunServe(const ServeOptions& options) {
   int selected_port = 0;
   builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
                            grpc::InsecureServerCredentials(), &selected_port);
-  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  ConfigureBuilder(builder, options);
   builder.RegisterService(&generation);
   if (admin != nullptr) builder.RegisterService(admin.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || selected_port == 0) {
-    std::cerr << "moeserve: cannot listen on " << options.host << ":" << options.port
-              << " (address in use or not available)\n";
-    return 1;
+    return Fail(absl::StrCat("cannot listen on ", options.host, ":", options.port,
+                             " (address in use or not available)"));
   }
+
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   // NOT_SERVING until the model is loaded.
   SetServerHealth(*health, false);
@@ -99,12 +124,24 @@ int RunServe(const ServeOptions& options) {
     SetGroupHealth(*health, group, false);
   }
 
+  std::cout << "moeserve: loading " << options.engine.model << " (listening on " << options.host
+            << ":" << selected_port << "; health NOT_SERVING until loaded)" << std::endl;
   absl::StatusOr<std::unique_ptr<engine::Engine>> engine =
-      engine::Engine::Create(options.engine, registry.get());
+      absl::UnavailableError("the model is loading");
+  std::atomic<bool> loaded{false};
+  std::thread loader([&] {
+    if (options.inject_load_delay_seconds > 0) {
+      std::this_thread::sleep_for(
+          milliseconds(static_cast<int64_t>(options.inject_load_delay_seconds * 1000)));
+    }
+    engine = engine::Engine::Create(options.engine, registry.get());
+    loaded = true;
+  });
+  WaitForLoad(loaded, *server);
+  loader.join();
   if (!engine.ok()) {
-    std::cerr << "moeserve: " << engine.status().message() << "\n";
     server->Shutdown();
-    return 1;
+    return Fail(engine.status().message());
   }
   generation.AttachEngine(engine->get());
   if (admin != nullptr) admin->AttachEngine(engine->get());
@@ -133,25 +170,52 @@ int RunServe(const ServeOptions& options) {
             << " blocks of " << options.engine.kv_block_size << " tokens)" << std::endl;
 
   int signal_number = 0;
-  sigwait(&shutdown_signals, &signal_number);
-  std::cout << "moeserve: received " << (signal_number == SIGTERM ? "SIGTERM" : "SIGINT")
-            << ", draining in-flight requests (grace " << options.shutdown_grace_seconds << " s)"
-            << std::endl;
+  while (signal_number == 0) signal_number = ShutdownSignals::Next(milliseconds(1000));
+  std::cout << "moeserve: received " << ShutdownSignals::Name(signal_number)
+            << ", draining in-flight requests (grace " << options.shutdown_grace_seconds
+            << " s; a second SIGTERM, SIGINT or SIGHUP stops at once)" << std::endl;
   SetServerHealth(*health, false);
   for (const std::string& group : GroupNames(options.engine.parallel)) {
     SetGroupHealth(*health, group, false);
   }
   (*engine)->StopAccepting();
-  // Shutdown waits for in-flight streams until the deadline, then cancels what is left.
-  const auto deadline =
-      std::chrono::system_clock::now() +
-      std::chrono::milliseconds(static_cast<int64_t>(options.shutdown_grace_seconds * 1000));
-  server->Shutdown(deadline);
+
+  // gRPC stops taking calls at once and waits for the running ones; the engine ends what is
+  // left at the end of the grace period (or at a second signal), so their clients get
+  // UNAVAILABLE with a message. gRPC's own deadline, a little later, only cancels handlers that
+  // still cannot finish (a client that stopped reading).
+  const auto grace = milliseconds(static_cast<int64_t>(options.shutdown_grace_seconds * 1000));
+  const auto grace_end = std::chrono::steady_clock::now() + grace;
+  std::atomic<bool> drained{false};
+  std::thread drain([&] {
+    const auto deadline = std::chrono::system_clock::now() + grace + std::chrono::seconds(5);
+    server->Shutdown(deadline);
+    drained = true;
+  });
+  int exit_code = kExitStopped;
+  while (!drained.load()) {
+    const auto left =
+        std::chrono::duration_cast<milliseconds>(grace_end - std::chrono::steady_clock::now());
+    if (left.count() <= 0) {
+      std::cout << "moeserve: the grace period is over; requests still running end with "
+                   "UNAVAILABLE"
+                << std::endl;
+      break;
+    }
+    const int second = ShutdownSignals::Next(std::min(left, milliseconds(100)));
+    if (second != 0) {
+      std::cout << "moeserve: received a second signal (" << ShutdownSignals::Name(second)
+                << "), stopping now; requests still running end with UNAVAILABLE" << std::endl;
+      exit_code = kExitStoppedAtOnce;
+      break;
+    }
+  }
+  (*engine)->Shutdown();
+  drain.join();
   server->Wait();
   admin.reset();
-  (*engine)->Shutdown();
   std::cout << "moeserve: stopped" << std::endl;
-  return 0;
+  return exit_code;
 }
 
 }  // namespace moeserve::server

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <regex>
@@ -17,7 +18,8 @@
 
 namespace moeserve::testing {
 
-ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_ready) {
+ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_ready,
+                             bool wait_for_ready) {
   int pipe_fds[2];
   if (pipe(pipe_fds) != 0) {
     ADD_FAILURE() << "pipe failed";
@@ -28,14 +30,16 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
   // host's sandbox refuses the metrics web server.
   const char* binary = std::getenv("MOESERVE_BINARY");
   const char* metrics_port = std::getenv("MOESERVE_TEST_METRICS_PORT");
-  std::vector<std::string> args = {binary != nullptr ? binary : MOESERVE_BINARY,
-                                   "serve",
-                                   "--host",
-                                   "127.0.0.1",
-                                   "--port",
-                                   "0",
-                                   "--metrics-port",
-                                   metrics_port != nullptr ? metrics_port : "0"};
+  std::vector<std::string> args = {binary != nullptr ? binary : MOESERVE_BINARY, "serve"};
+  const std::pair<const char*, std::string> defaults[] = {
+      {"--host", "127.0.0.1"},
+      {"--port", "0"},
+      {"--metrics-port", metrics_port != nullptr ? metrics_port : "0"}};
+  for (const auto& [flag, value] : defaults) {
+    if (std::find(extra_args.begin(), extra_args.end(), flag) != extra_args.end()) continue;
+    args.push_back(flag);
+    args.push_back(value);
+  }
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   pid_ = fork();
   if (pid_ == 0) {
@@ -51,7 +55,10 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
   }
   close(pipe_fds[1]);
   output_fd_ = pipe_fds[0];
-  const std::regex ready(R"(serving \S+ on [0-9.]+:(\d+) \(metrics on (?:[0-9.]+:(\d+)|disabled))");
+  if (!wait_for_ready) return;
+  const std::regex ready(
+      R"(serving \S+ on [0-9.]+:(\d+) \(metrics on (?:(?:https://)?[0-9.]+:(\d+)|disabled))");
+  const std::regex admin(R"(, admin [0-9.]+:(\d+)\))");
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < deadline) {
     ReadAvailable(100);
@@ -59,6 +66,7 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
     if (std::regex_search(output_, match, ready)) {
       port_ = std::stoi(match[1]);
       metrics_port_ = match[2].matched ? std::stoi(match[2]) : -1;
+      if (std::regex_search(output_, match, admin)) admin_port_ = std::stoi(match[1]);
       return;
     }
     int status = 0;
@@ -114,6 +122,23 @@ int ServerProcess::WaitForExit(double timeout_seconds) {
     }
   }
   return -1000;
+}
+
+bool ServerProcess::WaitForOutput(const std::string& text, double timeout_seconds) {
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+  while (std::chrono::steady_clock::now() < deadline) {
+    ReadAvailable(50);
+    if (output_.find(text) != std::string::npos) return true;
+    if (exited_) return false;
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      RecordExit(status);
+      ReadAvailable(0);
+      return output_.find(text) != std::string::npos;
+    }
+  }
+  return false;
 }
 
 std::string ServerProcess::output() {

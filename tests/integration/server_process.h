@@ -18,16 +18,24 @@ namespace moeserve::testing {
 
 class ServerProcess {
  public:
-  // Starts `moeserve serve --port 0 --metrics-port 0 <extra_args>`; fails the test (ADD_FAILURE)
-  // and leaves ok() false if it does not become ready within 60 s.
+  // Starts `moeserve serve --host 127.0.0.1 --port 0 --metrics-port 0 <extra_args>` (extra_args
+  // that name --host, --port or --metrics-port replace those); fails the test (ADD_FAILURE) and
+  // leaves ok() false if it does not become ready within 60 s.
   // With expect_ready = false, a server that exits before becoming ready is not a failure
-  // (tests of refused configurations).
-  explicit ServerProcess(std::vector<std::string> extra_args, bool expect_ready = true);
+  // (tests of refused configurations). With wait_for_ready = false the constructor returns once
+  // the process is started (tests of start-up; see WaitForOutput).
+  explicit ServerProcess(std::vector<std::string> extra_args, bool expect_ready = true,
+                         bool wait_for_ready = true);
   ~ServerProcess();
 
   bool ok() const { return port_ > 0; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  int port() const { return port_; }
   int metrics_port() const { return metrics_port_; }
+  // The Admin API's own port (--admin-port), 0 when it shares the gRPC port.
+  int admin_port() const { return admin_port_; }
+  // Waits until the output contains `text`; false after `timeout_seconds` or once it exited.
+  bool WaitForOutput(const std::string& text, double timeout_seconds);
   pid_t pid() const { return pid_; }
   std::shared_ptr<grpc::Channel> channel() const;
 
@@ -43,6 +51,7 @@ class ServerProcess {
   int output_fd_ = -1;
   int port_ = 0;
   int metrics_port_ = 0;
+  int admin_port_ = 0;
   bool exited_ = false;
   int exit_code_ = -1000;
   void RecordExit(int wait_status);
