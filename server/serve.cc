@@ -14,6 +14,7 @@
 #include "grpcpp/server_builder.h"
 #include "prometheus/registry.h"
 #include "server/admin_service.h"
+#include "server/request_parse_errors.h"
 #include "server/serve.h"
 #include "server/shutdown_signals.h"
 
@@ -58,6 +59,7 @@ void ConfigureBuilder(grpc::ServerBuilder& builder, const ServeOptions& options)
   // half its new connections; with it off, the second server fails to start instead.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  builder.experimental().SetInterceptorCreators(RequestParseErrorInterceptors());
 }
 
 // Waits for `loading` while watching for stop signals. A stop signal ends the process before it
