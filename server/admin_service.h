@@ -1,7 +1,7 @@
 // AdminService: the `moeserve.v1.Admin` gRPC service — read and replace a group's expert
 // placement (live: staged while serving, committed by all ranks at one step boundary) and read
 // its expert load. Every call must carry `authorization: Bearer <token>`; the token is read
-// once from --admin-token-file. Thread-safe.
+// once from --admin-token-file (server/admin_token.h). Thread-safe.
 #pragma once
 
 #include <atomic>
@@ -36,8 +36,5 @@ class AdminService final : public moeserve::v1::Admin::Service {
   std::string token_;
   std::atomic<engine::Engine*> engine_{nullptr};
 };
-
-// Reads the admin token (first line, surrounding whitespace trimmed); an empty token is an error.
-absl::StatusOr<std::string> ReadAdminToken(const std::string& path);
 
 }  // namespace moeserve::server

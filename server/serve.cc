@@ -14,6 +14,7 @@
 #include "grpcpp/server_builder.h"
 #include "prometheus/registry.h"
 #include "server/admin_service.h"
+#include "server/admin_token.h"
 #include "server/request_parse_errors.h"
 #include "server/serve.h"
 #include "server/shutdown_signals.h"

@@ -25,7 +25,7 @@ namespace moeserve::testing {
 namespace {
 
 using ::testing::HasSubstr;
-constexpr char kToken[] = "integration-test-token";
+constexpr char kToken[] = "5c1f8e3a9b7d2c6e0f4a8b1d3c5e7f9a";
 
 std::string TokenFile() {
   const std::string path =
