@@ -19,16 +19,18 @@ bool ConstantTimeEquals(const std::string& a, const std::string& b) {
 
 grpc::Status AdminService::Authorize(const grpc::ServerContext& context,
                                      engine::Engine** engine) const {
-  const auto& metadata = context.client_metadata();
-  auto it = metadata.find("authorization");
-  if (it == metadata.end()) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                        "missing `authorization: Bearer <token>` metadata");
-  }
-  const std::string value(it->second.data(), it->second.size());
-  constexpr std::string_view kPrefix = "Bearer ";
-  if (!value.starts_with(kPrefix) || !ConstantTimeEquals(value.substr(kPrefix.size()), token_)) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "invalid admin token");
+  if (token_.has_value()) {
+    const auto& metadata = context.client_metadata();
+    auto it = metadata.find("authorization");
+    if (it == metadata.end()) {
+      return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                          "missing `authorization: Bearer <token>` metadata");
+    }
+    const std::string value(it->second.data(), it->second.size());
+    constexpr std::string_view kPrefix = "Bearer ";
+    if (!value.starts_with(kPrefix) || !ConstantTimeEquals(value.substr(kPrefix.size()), *token_)) {
+      return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "invalid admin token");
+    }
   }
   *engine = engine_.load();
   if (*engine == nullptr) {

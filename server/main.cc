@@ -37,6 +37,18 @@ absl::StatusOr<moeserve::engine::InjectedFault> ParseInjectedFault(const std::st
   return fault;
 }
 
+// --[prefix]tls-cert, --[prefix]tls-key and --[prefix]tls-client-ca of one listener.
+void AddTlsServerOptions(CLI::App* command, const std::string& prefix, const std::string& what,
+                         moeserve::base::TlsServerFiles& files) {
+  command->add_option(
+      "--" + prefix + "tls-cert", files.cert,
+      "PEM certificate chain: serve " + what + " over TLS (with --" + prefix + "tls-key)");
+  command->add_option("--" + prefix + "tls-key", files.key,
+                      "PEM private key of --" + prefix + "tls-cert");
+  command->add_option("--" + prefix + "tls-client-ca", files.client_ca,
+                      "PEM CA bundle: " + what + " requires client certificates it signed");
+}
+
 // Flags shared by `serve` and `logits` that shape the expert-parallel layout.
 void AddExpertParallelOptions(CLI::App* command, moeserve::engine::ParallelOptions& parallel) {
   command
@@ -123,6 +135,7 @@ int main(int argc, char** argv) {
   serve_command->add_option("--port", serve.port, "gRPC port (0: pick a free one)")
       ->capture_default_str()
       ->check(CLI::Range(0, 65535));
+  AddTlsServerOptions(serve_command, "", "the gRPC port", serve.tls);
   serve_command->add_option("--metrics-host", serve.metrics_host,
                             "Address the /metrics port (plain HTTP) binds (default: --host)");
   serve_command
@@ -192,8 +205,21 @@ int main(int argc, char** argv) {
   serve_command
       ->add_option("--admin-token-file", serve.admin_token_file,
                    "Serve the Admin API (placements, expert load), authenticated with the bearer "
-                   "token in this file; without it the Admin API is off")
+                   "token in this file (at least 32 varied characters, not a placeholder: e.g. "
+                   "`openssl rand -hex 32`); without it or --admin-tls-client-ca the Admin API is "
+                   "off")
       ->check(CLI::ExistingFile);
+  serve_command->add_option("--admin-host", serve.admin_host,
+                            "Address the Admin API's own port binds (default: --host)");
+  serve_command
+      ->add_option("--admin-port", serve.admin_port,
+                   "Serve the Admin API on this port of its own, over TLS only (--admin-tls-cert/"
+                   "--admin-tls-key, default --tls-cert/--tls-key); clients authenticate with the "
+                   "token, a client certificate (--admin-tls-client-ca) or both (0: pick a free "
+                   "port; -1: on the gRPC port)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, 65535));
+  AddTlsServerOptions(serve_command, "admin-", "the Admin API's own port", serve.admin_tls);
   // Hidden: for tests of signals during start-up only.
   serve_command
       ->add_option("--inject-load-delay-seconds", serve.inject_load_delay_seconds,

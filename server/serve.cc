@@ -1,9 +1,12 @@
+#include "server/serve.h"
+
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -16,7 +19,6 @@
 #include "server/admin_service.h"
 #include "server/admin_token.h"
 #include "server/request_parse_errors.h"
-#include "server/serve.h"
 #include "server/shutdown_signals.h"
 
 namespace moeserve::server {
@@ -63,6 +65,52 @@ void ConfigureBuilder(grpc::ServerBuilder& builder, const ServeOptions& options)
   builder.experimental().SetInterceptorCreators(RequestParseErrorInterceptors());
 }
 
+// The Admin API's listener settings, checked before anything starts.
+struct AdminPlan {
+  bool enabled = false;
+  bool own_port = false;
+  std::string host;
+  base::TlsServerFiles tls;
+  std::optional<std::string> token;  // none: client certificates alone authenticate
+};
+
+absl::StatusOr<AdminPlan> PlanAdmin(const ServeOptions& options) {
+  AdminPlan plan;
+  plan.enabled = !options.admin_token_file.empty() || !options.admin_tls.client_ca.empty();
+  plan.own_port = options.admin_port >= 0;
+  if (!plan.enabled) {
+    if (plan.own_port) {
+      return absl::InvalidArgumentError(
+          "--admin-port needs the Admin API on: give --admin-token-file or --admin-tls-client-ca");
+    }
+    return plan;
+  }
+  if (!options.admin_token_file.empty()) {
+    absl::StatusOr<std::string> token = ReadAdminToken(options.admin_token_file);
+    if (!token.ok()) return token.status();
+    plan.token = *std::move(token);
+  }
+  if (!plan.own_port) {
+    if (options.admin_tls.enabled()) {
+      return absl::InvalidArgumentError(
+          "--admin-tls-* configure the Admin API's own port: add --admin-port");
+    }
+    return plan;
+  }
+  plan.host = options.admin_host.empty() ? options.host : options.admin_host;
+  plan.tls = options.admin_tls;
+  if (plan.tls.cert.empty() && plan.tls.key.empty()) {
+    plan.tls.cert = options.tls.cert;
+    plan.tls.key = options.tls.key;
+  }
+  if (plan.tls.cert.empty() || plan.tls.key.empty()) {
+    return absl::InvalidArgumentError(
+        "the Admin API's own port speaks TLS only: give --admin-tls-cert and --admin-tls-key (or "
+        "--tls-cert and --tls-key)");
+  }
+  return plan;
+}
+
 // Waits for `loading` while watching for stop signals. A stop signal ends the process before it
 // serves; the model load is not interruptible, and nothing is in flight yet.
 void WaitForLoad(const std::atomic<bool>& loaded, grpc::Server& server) {
@@ -98,26 +146,50 @@ int RunServe(const ServeOptions& options) {
     metrics_address = absl::StrCat(host, ":", base::BoundPort(*exposer));
   }
 
+  absl::StatusOr<AdminPlan> admin_plan = PlanAdmin(options);
+  if (!admin_plan.ok()) return Fail(admin_plan.status().message());
   GenerationService generation;
   std::unique_ptr<AdminService> admin;
-  if (!options.admin_token_file.empty()) {
-    absl::StatusOr<std::string> token = ReadAdminToken(options.admin_token_file);
-    if (!token.ok()) return Fail(token.status().message());
-    admin = std::make_unique<AdminService>(*std::move(token));
-  }
+  if (admin_plan->enabled) admin = std::make_unique<AdminService>(admin_plan->token);
+
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      base::MakeServerCredentials(options.tls);
+  if (!credentials.ok()) return Fail(absl::StrCat("--tls-*: ", credentials.status().message()));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int selected_port = 0;
-  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
-                           grpc::InsecureServerCredentials(), &selected_port);
+  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port), *credentials,
+                           &selected_port);
   ConfigureBuilder(builder, options);
   builder.RegisterService(&generation);
-  if (admin != nullptr) builder.RegisterService(admin.get());
+  if (admin != nullptr && !admin_plan->own_port) builder.RegisterService(admin.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || selected_port == 0) {
     return Fail(absl::StrCat("cannot listen on ", options.host, ":", options.port,
                              " (address in use or not available)"));
+  }
+
+  std::unique_ptr<grpc::Server> admin_server;
+  int admin_port = 0;
+  if (admin != nullptr && admin_plan->own_port) {
+    absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> admin_credentials =
+        base::MakeServerCredentials(admin_plan->tls);
+    if (!admin_credentials.ok()) {
+      server->Shutdown();
+      return Fail(absl::StrCat("--admin-tls-*: ", admin_credentials.status().message()));
+    }
+    grpc::ServerBuilder admin_builder;
+    admin_builder.AddListeningPort(absl::StrCat(admin_plan->host, ":", options.admin_port),
+                                   *admin_credentials, &admin_port);
+    ConfigureBuilder(admin_builder, options);
+    admin_builder.RegisterService(admin.get());
+    admin_server = admin_builder.BuildAndStart();
+    if (admin_server == nullptr || admin_port == 0) {
+      server->Shutdown();
+      return Fail(absl::StrCat("cannot listen for the Admin API on ", admin_plan->host, ":",
+                               options.admin_port, " (address in use or not available)"));
+    }
   }
 
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
@@ -144,6 +216,7 @@ int RunServe(const ServeOptions& options) {
   loader.join();
   if (!engine.ok()) {
     server->Shutdown();
+    if (admin_server != nullptr) admin_server->Shutdown();
     return Fail(engine.status().message());
   }
   generation.AttachEngine(engine->get());
@@ -166,11 +239,15 @@ int RunServe(const ServeOptions& options) {
       parallel.prefill_ep > 0
           ? absl::StrCat("prefill EP", parallel.prefill_ep, " + decode EP", parallel.decode_ep)
           : absl::StrCat("EP", parallel.decode_ep);
+  std::string admin_address = admin == nullptr ? "off" : "on the gRPC port";
+  if (admin_server != nullptr) admin_address = absl::StrCat(admin_plan->host, ":", admin_port);
   std::cout << "moeserve: serving " << options.engine.model << " on " << options.host << ":"
             << selected_port << " (metrics on " << metrics_address << ", " << layout << ", "
             << parallel.num_redundant_experts << " redundant experts, two-batch overlap "
             << (parallel.two_batch_overlap ? "on" : "off") << ", KV cache " << stats.kv_blocks_total
-            << " blocks of " << options.engine.kv_block_size << " tokens)" << std::endl;
+            << " blocks of " << options.engine.kv_block_size << " tokens, TLS "
+            << (options.tls.enabled() ? "on" : "off") << ", admin " << admin_address << ")"
+            << std::endl;
 
   int signal_number = 0;
   while (signal_number == 0) signal_number = ShutdownSignals::Next(milliseconds(1000));
@@ -193,6 +270,7 @@ int RunServe(const ServeOptions& options) {
   std::thread drain([&] {
     const auto deadline = std::chrono::system_clock::now() + grace + std::chrono::seconds(5);
     server->Shutdown(deadline);
+    if (admin_server != nullptr) admin_server->Shutdown(deadline);
     drained = true;
   });
   int exit_code = kExitStopped;

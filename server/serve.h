@@ -1,8 +1,11 @@
 // The `moeserve serve` process: loads the model, starts the gRPC server (Generation, health,
-// reflection, Admin), the Prometheus exposer, and stops on signals.
+// reflection, and Admin on the same port or its own), the Prometheus exposer, and stops on
+// signals.
 //
 // Listeners: every one binds the address its flag names and refuses a port another process holds
-// (SO_REUSEPORT is off, so two servers never split one port's connections).
+// (SO_REUSEPORT is off, so two servers never split one port's connections). The gRPC and Admin
+// ports speak TLS when given a certificate and key (optionally requiring client certificates);
+// /metrics is plain HTTP (base/metrics_listener.h says why).
 //
 // Signals (server/shutdown_signals.h): SIGTERM, SIGINT or SIGHUP while the model loads stop the
 // process before it serves (exit 0). Once serving, the first one drains: health turns
@@ -16,6 +19,7 @@
 
 #include <string>
 
+#include "base/tls_files.h"
 #include "engine/engine.h"
 #include "server/generation_service.h"
 
@@ -24,11 +28,19 @@ namespace moeserve::server {
 struct ServeOptions {
   std::string host = "127.0.0.1";
   int port = 50051;          // 0 picks a free port (printed on the ready line)
+  base::TlsServerFiles tls;  // the gRPC port; disabled: plaintext
   std::string metrics_host;  // empty: `host`
   int metrics_port = 9400;   // 0 picks a free port; -1 disables the exporter (HTTP)
   double shutdown_grace_seconds = 10.0;
   int max_receive_message_bytes = 16 << 20;
-  std::string admin_token_file;  // empty: the Admin service is not served
+  // The Admin API is served when a token file or an admin client CA is given: on the gRPC port
+  // (admin_port -1, token required) or on its own port, which requires TLS (admin_tls, or `tls`
+  // when admin_tls has no certificate) and authenticates by the token, by client certificates
+  // (admin_tls.client_ca), or both.
+  std::string admin_token_file;
+  std::string admin_host;  // empty: `host`
+  int admin_port = -1;     // -1: on the gRPC port; 0: a free port
+  base::TlsServerFiles admin_tls;
   // Test hook: waits this long before loading the model (tests of signals during loading).
   double inject_load_delay_seconds = 0;
   engine::EngineOptions engine;  // the model and device are engine.model and engine.device

@@ -15,7 +15,7 @@ import sys
 
 # Lowest first. A folder's layer is that of the longest listed prefix of its path.
 LAYERS = [
-    ["base"],  # helpers below everything: bounded JSON, regular files
+    ["base"],  # helpers below everything: bounded JSON, regular files, TLS credentials
     ["kernels"],
     ["kernels/bench", "engine/base"],
     ["engine/trace", "engine/comm", "engine/ops", "engine/pipeline"],
