@@ -1,9 +1,12 @@
 // TLS end to end with certificates made at test time: the gRPC port (server certificate, then
 // required client certificates), the Admin API on its own port (mTLS, or the token over TLS),
-// and the command-line and Python clients.
+// the command-line and Python clients, and the EPLB controller speaking TLS to its targets and
+// to a Prometheus that serves its API over HTTPS.
 #include <unistd.h>
 
+#include <atomic>
 #include <fstream>
+#include <thread>
 
 #include "base/tls_files.h"
 #include "gmock/gmock.h"
@@ -141,6 +144,50 @@ TEST(Tls, AdminApiOnItsOwnPortByClientCertificateOrTokenOverTls) {
                           /*expect_ready=*/false);
   EXPECT_EQ(plaintext.WaitForExit(30), 1);
   EXPECT_THAT(plaintext.output(), HasSubstr("the Admin API's own port speaks TLS only"));
+}
+
+TEST(Tls, ControllerSpeaksTlsToTargetsAndToPrometheus) {
+  const TestCertificates certs = MakeTestCertificates("controller");
+  ServerProcess server({"--ep", "2", "--num-redundant-experts", "4", "--tls-cert",
+                        certs.server_cert, "--tls-key", certs.server_key, "--admin-port", "0",
+                        "--admin-tls-client-ca", certs.ca});
+  ASSERT_TRUE(server.ok());
+  PrometheusProcess prometheus(server.metrics_port(),
+                               {.cert = certs.server_cert, .key = certs.server_key});
+
+  std::atomic<bool> stop{false};
+  std::thread traffic([&] {
+    auto stub = v1::Generation::NewStub(Channel(server.address(), certs.ca));
+    for (int i = 0; i < 2000 && !stop; ++i) {
+      grpc::Status status;
+      GreedyTokens(*stub, "traffic " + std::to_string(i % 13), 16, &status);
+    }
+  });
+  const std::string controller =
+      std::string(MOESERVE_EPLB_BINARY) + " controller --prometheus-url " + prometheus.url() +
+      " --prometheus-ca " + certs.ca +
+      " --targets 127.0.0.1:" + std::to_string(server.admin_port()) + " --tls-ca " + certs.ca +
+      " --tls-cert " + certs.client_cert + " --tls-key " + certs.client_key +
+      " --group mixed --window 20s --once --dry-run --min-improvement 0";
+  // Prometheus needs a few scrapes before increase() has data; retry, bounded.
+  CommandResult dry;
+  for (int attempt = 0; attempt < 90; ++attempt) {
+    dry = RunCommand(controller);
+    if (dry.exit_code == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  stop = true;
+  traffic.join();
+  EXPECT_EQ(dry.exit_code, 0) << dry.output;
+  EXPECT_THAT(dry.output, HasSubstr("group mixed: balancedness"));
+
+  // Without the client certificate the Admin port refuses the controller.
+  const CommandResult refused = RunCommand(
+      std::string(MOESERVE_EPLB_BINARY) + " controller --prometheus-url " + prometheus.url() +
+      " --prometheus-ca " + certs.ca +
+      " --targets 127.0.0.1:" + std::to_string(server.admin_port()) + " --tls-ca " + certs.ca +
+      " --admin-token-file " + WriteFile("controller-token", kToken) + " --once --dry-run");
+  EXPECT_NE(refused.exit_code, 0) << refused.output;
 }
 
 }  // namespace
