@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything moeserve needs to build, run and test on Debian 12: compiler, CMake,
 # Ninja, gRPC/protobuf, Abseil, prometheus-cpp, OpenBLAS, GoogleTest, CLI11, nlohmann-json,
-# libcurl, ICU (Unicode regexes for tokenizers), spdlog (logs), Prometheus (for the EPLB loop tests) and NumPy (for the reference checks).
+# libcurl, ICU (Unicode regexes for tokenizers), spdlog (logs), Prometheus (for the EPLB loop
+# tests), NumPy (for the reference checks), OpenSSL (certificates for the TLS tests) and clang-16
+# with libFuzzer and the sanitizer runtimes (the fuzz targets).
 # Idempotent: does nothing when every package is already installed.
 set -euo pipefail
 
@@ -11,6 +13,7 @@ PACKAGES=(
   libabsl-dev prometheus-cpp-dev libopenblas-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcurl4-openssl-dev curl libicu-dev libspdlog-dev
   prometheus python3 python3-numpy python3-yaml python3-grpcio python3-grpc-tools
+  openssl clang-16 libfuzzer-16-dev libclang-rt-16-dev
 )
 
 missing=()

@@ -238,7 +238,9 @@ std::vector<float> ToFloat32(const TensorEntry& tensor) {
   const uint8_t* bytes = tensor.data;
   switch (tensor.dtype) {
     case DType::kF32:
-      std::memcpy(out.data(), bytes, count * sizeof(float));
+      // An empty tensor's vector may have no storage, and memcpy from or to null is undefined
+      // even for zero bytes.
+      if (count > 0) std::memcpy(out.data(), bytes, count * sizeof(float));
       break;
     case DType::kBF16:
     case DType::kF16:
