@@ -1,5 +1,6 @@
 #include "server/serve.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
