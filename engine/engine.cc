@@ -12,14 +12,15 @@
 #include "absl/synchronization/mutex.h"
 #include "engine/backend/backend_loader.h"
 #include "engine/backend/rank_backend.h"
+#include "engine/base/status_macros.h"
 #include "engine/model/builtin_models.h"
 #include "engine/model/loader.h"
 #include "engine/model/model.h"
 #include "engine/parallel/ep_group.h"
-#include "engine/request/request_validation.h"
 #include "engine/runtime/kv_transport.h"
 #include "engine/runtime/metrics.h"
 #include "engine/runtime/rank_worker.h"
+#include "engine/runtime/request_validation.h"
 #include "engine/trace/trace_recorder.h"
 
 namespace moeserve::engine {
@@ -220,14 +221,18 @@ absl::StatusOr<Engine::Impl::WorkerGroup> Engine::Impl::BuildGroup(const std::st
   WorkerGroup result;
   result.group = std::move(*group);
   for (int rank = 0; rank < size; ++rank) {
-    absl::StatusOr<std::unique_ptr<RankBackend>> backend =
-        MakeRankBackend(backend_.factory, {.model = model_.get(),
-                                           .group = result.group.get(),
-                                           .rank = rank,
-                                           .kv_blocks = static_cast<int>(kv_blocks),
-                                           .kv_block_size = options_.kv_block_size,
-                                           .max_batch_tokens = options_.max_batch_tokens});
+    absl::StatusOr<std::unique_ptr<RankBackend>> backend = MakeRankBackend(
+        backend_.factory, {.model = model_.get(),
+                           .group = result.group.get(),
+                           .rank = rank,
+                           .kv_blocks = static_cast<int>(kv_blocks),
+                           .kv_block_size = options_.kv_block_size,
+                           .max_batch_tokens = options_.max_batch_tokens,
+                           .background_placement_staging = p.background_placement_staging});
     if (!backend.ok()) return backend.status();
+    if (ExpertStager* stager = (*backend)->expert_stager(); stager != nullptr) {
+      result.group->SetExpertStager(rank, stager);
+    }
     result.workers.push_back(std::make_unique<RankWorker>(
         context_, *result.group, rank, role, static_cast<int>(kv_blocks), options_.kv_block_size,
         std::move(*backend)));
@@ -297,9 +302,8 @@ absl::StatusOr<int> Engine::Impl::FindGroup(const std::string& name) const {
 }
 
 absl::StatusOr<PlacementInfo> Engine::Impl::GetPlacement(const std::string& name) const {
-  absl::StatusOr<int> index = FindGroup(name);
-  if (!index.ok()) return index.status();
-  const parallel::ExpertParallelGroup& group = *groups_[*index].group;
+  ASSIGN_OR_RETURN(const int index, FindGroup(name));
+  const parallel::ExpertParallelGroup& group = *groups_[index].group;
   const std::shared_ptr<const ExpertPlacement> placement = group.committed_placement();
   PlacementInfo info;
   info.group = group.name();
@@ -518,24 +522,21 @@ absl::StatusOr<std::shared_ptr<RequestStream>> Engine::Impl::Submit(GenerationIn
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options,
                                                        prometheus::Registry* registry) {
-  if (auto status = ValidateOptions(options); !status.ok()) return status;
-  if (auto status = CheckModelRunsOn(options.model, options.device); !status.ok()) return status;
+  RETURN_IF_ERROR(ValidateOptions(options));
+  RETURN_IF_ERROR(CheckModelRunsOn(options.model, options.device));
   // The backend before the model: a missing GPU backend is reported before a long load.
-  absl::StatusOr<RankBackendChoice> backend = ChooseRankBackend(options.device);
-  if (!backend.ok()) return backend.status();
-  absl::StatusOr<LoadedModel> loaded = LoadModel(options.model);
-  if (!loaded.ok()) return loaded.status();
-  return Start(std::move(loaded->model), std::move(loaded->tokenizer), std::move(options),
-               std::move(*backend), registry);
+  ASSIGN_OR_RETURN(RankBackendChoice backend, ChooseRankBackend(options.device));
+  ASSIGN_OR_RETURN(LoadedModel loaded, LoadModel(options.model));
+  return Start(std::move(loaded.model), std::move(loaded.tokenizer), std::move(options),
+               std::move(backend), registry);
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWithModel(
     std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
     EngineOptions options, prometheus::Registry* registry) {
-  if (auto status = ValidateOptions(options); !status.ok()) return status;
-  absl::StatusOr<RankBackendChoice> backend = ChooseRankBackend(options.device);
-  if (!backend.ok()) return backend.status();
-  return Start(std::move(model), std::move(tokenizer), std::move(options), std::move(*backend),
+  RETURN_IF_ERROR(ValidateOptions(options));
+  ASSIGN_OR_RETURN(RankBackendChoice backend, ChooseRankBackend(options.device));
+  return Start(std::move(model), std::move(tokenizer), std::move(options), std::move(backend),
                registry);
 }
 
@@ -552,7 +553,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(std::shared_ptr<const Mode
   options.max_running_requests = std::min(options.max_running_requests, options.max_batch_tokens);
   auto impl = std::make_unique<Impl>(std::move(model), std::move(tokenizer), std::move(options),
                                      std::move(backend), registry);
-  if (auto status = impl->Start(); !status.ok()) return status;
+  RETURN_IF_ERROR(impl->Start());
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 

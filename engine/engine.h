@@ -3,7 +3,7 @@
 // group, or a prefill group that hands its prompts' KV cache to a decode group), validates and
 // routes requests to the least-loaded rank of the entry group, reports per-group health, and
 // applies live expert placements. Requests, their streams and sampling options are the public
-// types of engine/request/request.h; nothing here exposes model, parallel or runtime internals.
+// types of engine/api/request.h; nothing here exposes model, parallel or runtime internals.
 //
 // Also the engine-level functions behind `moeserve logits` and `moeserve export`.
 //
@@ -19,7 +19,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "engine/request/request.h"
+#include "engine/api/request.h"
 #include "engine/runtime/injected_fault.h"
 
 namespace prometheus {
@@ -45,6 +45,10 @@ struct ParallelOptions {
   std::string trace_dir;            // empty: no trace
   int trace_steps = 16;             // working steps recorded per group
   int trace_skip_steps = 0;         // working steps to let pass first (e.g. to reach decode)
+  // GPU ranks stage a new placement's changed expert slots into spare device memory in the
+  // background and swap them in at the commit (false: written in place during the committing
+  // step, which then stalls, but needs no spare memory).
+  bool background_placement_staging = true;
 };
 
 struct EngineOptions {

@@ -8,21 +8,6 @@
 
 namespace moeserve::kernels {
 
-uint16_t FloatToBf16(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  if (std::isnan(value)) return 0x7fc0;
-  const uint32_t rounding = 0x7fff + ((bits >> 16) & 1);
-  return static_cast<uint16_t>((bits + rounding) >> 16);
-}
-
-float Bf16ToFloat(uint16_t value) {
-  const uint32_t bits = static_cast<uint32_t>(value) << 16;
-  float result;
-  std::memcpy(&result, &bits, sizeof(result));
-  return result;
-}
-
 void RmsNormTwin(const uint16_t* x, const uint16_t* weight, uint16_t* out, int rows, int dim,
                  float eps) {
   for (int r = 0; r < rows; ++r) {

@@ -7,13 +7,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/bf16.h"
 #include "kernels/logit_head.h"
 
 namespace moeserve::kernels {
-
-// bf16 <-> fp32 (round to nearest even, as __float2bfloat16 does).
-uint16_t FloatToBf16(float value);
-float Bf16ToFloat(uint16_t value);
 
 // out[r] = x[r] / rms(x[r]) * weight, bf16 in and out, fp32 accumulation.
 void RmsNormTwin(const uint16_t* x, const uint16_t* weight, uint16_t* out, int rows, int dim,

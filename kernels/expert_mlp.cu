@@ -22,19 +22,11 @@ absl::StatusOr<ExpertMlp> ExpertMlp::Create(int hidden, int intermediate, int ma
   if (auto s = CublasStatus(cublasSetStream(mlp.cublas_, stream), "cublasSetStream"); !s.ok())
     return s;
   const size_t rows = static_cast<size_t>(std::max(max_rows, 1));
-  if (auto s = CudaStatus(
-          cudaMalloc(&mlp.gate_up_, rows * 2 * intermediate * sizeof(__nv_bfloat16)), "cudaMalloc");
-      !s.ok())
+  if (auto s = mlp.gate_up_.Reserve(rows * 2 * intermediate); !s.ok()) return s;
+  if (auto s = mlp.activation_.Reserve(rows * intermediate); !s.ok()) return s;
+  if (auto s = mlp.device_pointers_.Reserve(3 * static_cast<size_t>(max_experts)); !s.ok()) {
     return s;
-  if (auto s = CudaStatus(cudaMalloc(&mlp.activation_, rows * intermediate * sizeof(__nv_bfloat16)),
-                          "cudaMalloc");
-      !s.ok())
-    return s;
-  if (auto s = CudaStatus(
-          cudaMalloc(&mlp.device_pointers_, 3 * static_cast<size_t>(max_experts) * sizeof(void*)),
-          "cudaMalloc");
-      !s.ok())
-    return s;
+  }
   if (auto s = CudaStatus(cudaEventCreateWithFlags(&mlp.fork_, cudaEventDisableTiming), "event");
       !s.ok()) {
     return s;
@@ -97,9 +89,6 @@ ExpertMlp& ExpertMlp::operator=(ExpertMlp&& other) noexcept {
 
 ExpertMlp::~ExpertMlp() {
   if (cublas_ != nullptr) cublasDestroy(cublas_);
-  cudaFree(gate_up_);
-  cudaFree(activation_);
-  cudaFree(device_pointers_);
   for (int i = 0; i < 2; ++i) {
     if (pinned_pointers_[i] != nullptr) cudaFreeHost(pinned_pointers_[i]);
     if (pointers_copied_[i] != nullptr) cudaEventDestroy(pointers_copied_[i]);
@@ -184,7 +173,7 @@ absl::Status ExpertMlp::Gemm(const __nv_bfloat16* a,
   }
   std::copy(host_pointers.begin(), host_pointers.end(), pinned_pointers_[slot]);
   if (auto s = CudaStatus(
-          cudaMemcpyAsync(device_pointers_, pinned_pointers_[slot],
+          cudaMemcpyAsync(device_pointers_.data(), pinned_pointers_[slot],
                           host_pointers.size() * sizeof(void*), cudaMemcpyHostToDevice, stream_),
           "cudaMemcpyAsync");
       !s.ok()) {
@@ -196,10 +185,10 @@ absl::Status ExpertMlp::Gemm(const __nv_bfloat16* a,
   }
   auto status = cublasGemmGroupedBatchedEx(
       cublas_, transa.data(), transb.data(), m_array.data(), n_array.data(), k_array.data(),
-      alphas.data(), reinterpret_cast<const void* const*>(device_pointers_), CUDA_R_16BF,
-      lda.data(), reinterpret_cast<const void* const*>(device_pointers_ + groups), CUDA_R_16BF,
-      ldb.data(), betas.data(), device_pointers_ + 2 * groups, CUDA_R_16BF, ldc.data(), groups,
-      group_size.data(), CUBLAS_COMPUTE_32F);
+      alphas.data(), reinterpret_cast<const void* const*>(device_pointers_.data()), CUDA_R_16BF,
+      lda.data(), reinterpret_cast<const void* const*>(device_pointers_.data() + groups),
+      CUDA_R_16BF, ldb.data(), betas.data(), device_pointers_.data() + 2 * groups, CUDA_R_16BF,
+      ldc.data(), groups, group_size.data(), CUBLAS_COMPUTE_32F);
   return CublasStatus(status, "cublasGemmGroupedBatchedEx");
 }
 
@@ -214,13 +203,15 @@ absl::Status ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t>& 
     return absl::InvalidArgumentError(
         "ExpertMlp::Run: rows or experts beyond the sizes it was made for");
   }
-  if (auto s = Gemm(x, gate_up_weights, offsets, gate_up_, 2 * intermediate_, hidden_, strategy);
+  if (auto s =
+          Gemm(x, gate_up_weights, offsets, gate_up_.data(), 2 * intermediate_, hidden_, strategy);
       !s.ok())
     return s;
-  if (auto s = SiluMul(gate_up_, activation_, static_cast<int>(rows), intermediate_, stream_);
+  if (auto s = SiluMul(gate_up_.data(), activation_.data(), static_cast<int>(rows), intermediate_,
+                       stream_);
       !s.ok())
     return s;
-  return Gemm(activation_, down_weights, offsets, y, hidden_, intermediate_, strategy);
+  return Gemm(activation_.data(), down_weights, offsets, y, hidden_, intermediate_, strategy);
 }
 
 }  // namespace moeserve::kernels

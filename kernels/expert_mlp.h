@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/device_array.h"
 
 namespace moeserve::kernels {
 
@@ -50,9 +51,9 @@ class ExpertMlp {
   int hidden_ = 0, intermediate_ = 0, max_rows_ = 0, max_experts_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
-  __nv_bfloat16* gate_up_ = nullptr;     // [max_rows, 2I]
-  __nv_bfloat16* activation_ = nullptr;  // [max_rows, I]
-  void** device_pointers_ = nullptr;     // 3 * max_experts pointer arrays for grouped GEMM
+  DeviceArray<__nv_bfloat16> gate_up_;     // [max_rows, 2I]
+  DeviceArray<__nv_bfloat16> activation_;  // [max_rows, I]
+  DeviceArray<void*> device_pointers_;     // 3 * max_experts pointer arrays for grouped GEMM
   // The grouped GEMM's pointer arrays travel from pinned host memory without synchronizing the
   // stream; two host copies alternate, and an event says when a copy's source may be rewritten.
   void** pinned_pointers_[2] = {};

@@ -1,6 +1,6 @@
 // Logit heads for sampling on the GPU: for each row of a step's logits, the few largest logits in
 // the sampler's order (descending, ties to the lower token id) and the summed weight of the set
-// top-k keeps. The host sampler (engine/request/sampler.h) finishes each row from these — greedy
+// top-k keeps. The host sampler (engine/sampling/sampler.h) finishes each row from these — greedy
 // needs the first entry only, top-k/top-p and the draw almost always stop inside the head — so a
 // step copies a few kilobytes to the host instead of every row's whole vocabulary (33 MB a step
 // at DeepSeek-V3's 129K vocabulary and 64 rows). Same conventions as kernels.h: raw device

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The README's run command: installs what is missing, builds, and serves the built-in model on
-# 127.0.0.1:50051 (metrics on :9400). Extra arguments go to `moeserve serve`.
+# The README's run command: installs what is missing, builds, and serves the built-in model
+# through all three front doors: gRPC (moeserve.v1.Generation and the KServe v2 inference
+# protocol) on 127.0.0.1:50051, the OpenAI API on http://127.0.0.1:8000, metrics on :9400.
+# Extra arguments go to `moeserve serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh

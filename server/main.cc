@@ -123,7 +123,10 @@ int main(int argc, char** argv) {
 
   moeserve::server::ServeOptions serve;
   int64_t kv_cache_mib = serve.engine.kv_cache_bytes >> 20;  // per rank
-  auto* serve_command = app.add_subcommand("serve", "Serve a model over gRPC");
+  auto* serve_command = app.add_subcommand(
+      "serve",
+      "Serve a model: gRPC (moeserve.v1.Generation and the KServe v2 / Triton inference "
+      "protocol on --port) and the OpenAI API over HTTP (--http-port)");
   serve_command
       ->add_option(
           "--model", serve.engine.model,
@@ -132,7 +135,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   serve_command->add_option("--host", serve.host, "Address the gRPC port binds")
       ->capture_default_str();
-  serve_command->add_option("--port", serve.port, "gRPC port (0: pick a free one)")
+  serve_command
+      ->add_option("--port", serve.port,
+                   "gRPC port: moeserve.v1.Generation and the KServe v2 inference service (0: "
+                   "pick a free one)")
       ->capture_default_str()
       ->check(CLI::Range(0, 65535));
   AddTlsServerOptions(serve_command, "", "the gRPC port", serve.tls);
@@ -143,6 +149,22 @@ int main(int argc, char** argv) {
                    "Prometheus /metrics port (0: pick a free one, -1: off)")
       ->capture_default_str()
       ->check(CLI::Range(-1, 65535));
+  serve_command
+      ->add_option("--http-port", serve.http_port,
+                   "OpenAI-compatible HTTP port: /v1/completions, /v1/chat/completions, "
+                   "/v1/models, /health (0: pick a free one, -1: off)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, 65535));
+  serve_command
+      ->add_option("--chat-template", serve.chat_template_file,
+                   "Jinja chat template for /v1/chat/completions, instead of the model's own "
+                   "(tokenizer_config.json's chat_template)")
+      ->check(CLI::ExistingFile);
+  serve_command
+      ->add_option("--http-max-connections", serve.http_max_connections,
+                   "HTTP connections served at once (each holds a worker thread); more wait")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100000));
   serve_command
       ->add_option("--max-batch-tokens", serve.engine.max_batch_tokens,
                    "Tokens per forward step; longer prompts prefill in chunks")
@@ -200,6 +222,14 @@ int main(int argc, char** argv) {
       ->add_option("--inject-fault", injected_fault,
                    "GROUP:RANK:STEP[:hang] — fail (or hang) that rank at its STEP-th working step")
       ->group("");
+  std::string placement_staging = "background";
+  serve_command
+      ->add_option("--gpu-placement-staging", placement_staging,
+                   "How GPU ranks apply a new expert placement: background (stage the changed "
+                   "slots in spare GPU memory while serving, swap at the commit) or in-step "
+                   "(write them during the committing step: no spare memory, one slow step)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"background", "in-step"}));
   serve_command->add_flag("!--no-expert-metrics", serve.engine.parallel.expert_load_metrics,
                           "Do not export the per (layer, expert) token counters");
   serve_command
@@ -266,6 +296,7 @@ int main(int argc, char** argv) {
       serve.engine.injected_fault = *fault;
     }
     serve.engine.kv_cache_bytes = kv_cache_mib << 20;
+    serve.engine.parallel.background_placement_staging = placement_staging == "background";
     serve.engine.min_step_seconds = min_step_ms / 1000.0;
     exit_code = moeserve::server::RunServe(serve);
   });

@@ -19,6 +19,9 @@
 #include "prometheus/registry.h"
 #include "server/admin_service.h"
 #include "server/admin_token.h"
+#include "server/chat_template.h"
+#include "server/kserve_service.h"
+#include "server/openai_http_server.h"
 #include "server/request_parse_errors.h"
 #include "server/shutdown_signals.h"
 
@@ -150,12 +153,49 @@ int RunServe(const ServeOptions& options) {
   absl::StatusOr<AdminPlan> admin_plan = PlanAdmin(options);
   if (!admin_plan.ok()) return Fail(admin_plan.status().message());
   GenerationService generation;
+  KServeService kserve;
   std::unique_ptr<AdminService> admin;
   if (admin_plan->enabled) admin = std::make_unique<AdminService>(admin_plan->token);
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       base::MakeServerCredentials(options.tls);
   if (!credentials.ok()) return Fail(absl::StrCat("--tls-*: ", credentials.status().message()));
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> admin_credentials =
+      grpc::InsecureServerCredentials();
+  if (admin_plan->own_port) {
+    admin_credentials = base::MakeServerCredentials(admin_plan->tls);
+    if (!admin_credentials.ok()) {
+      return Fail(absl::StrCat("--admin-tls-*: ", admin_credentials.status().message()));
+    }
+  }
+  // The OpenAI front door listens from the start, answering 503 until the model is loaded.
+  std::unique_ptr<OpenAiHttpServer> http;
+  std::string http_address = "off";
+  if (options.http_port >= 0) {
+    absl::StatusOr<std::optional<ChatTemplateSource>> source =
+        LoadChatTemplateSource(options.engine.model, options.chat_template_file);
+    if (!source.ok()) return Fail(absl::StrCat("chat template: ", source.status().message()));
+    std::unique_ptr<ChatTemplate> chat_template;
+    if (source->has_value()) {
+      absl::StatusOr<std::unique_ptr<ChatTemplate>> compiled =
+          ChatTemplate::Compile(std::move(**source));
+      if (!compiled.ok()) return Fail(compiled.status().message());
+      chat_template = std::move(*compiled);
+    } else {
+      std::cerr << "moeserve: the model has no chat template; /v1/chat/completions answers 400 "
+                   "(give one with --chat-template FILE)\n";
+    }
+    const std::string& host = options.host;
+    http = std::make_unique<OpenAiHttpServer>(
+        OpenAiHttpOptions{.host = host,
+                          .port = options.http_port,
+                          .max_connections = options.http_max_connections},
+        std::move(chat_template));
+    absl::StatusOr<int> http_port = http->Start();
+    if (!http_port.ok()) return Fail(http_port.status().message());
+    http_address = absl::StrCat(host, ":", *http_port);
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -164,6 +204,7 @@ int RunServe(const ServeOptions& options) {
                            &selected_port);
   ConfigureBuilder(builder, options);
   builder.RegisterService(&generation);
+  builder.RegisterService(&kserve);
   if (admin != nullptr && !admin_plan->own_port) builder.RegisterService(admin.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || selected_port == 0) {
@@ -174,12 +215,6 @@ int RunServe(const ServeOptions& options) {
   std::unique_ptr<grpc::Server> admin_server;
   int admin_port = 0;
   if (admin != nullptr && admin_plan->own_port) {
-    absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> admin_credentials =
-        base::MakeServerCredentials(admin_plan->tls);
-    if (!admin_credentials.ok()) {
-      server->Shutdown();
-      return Fail(absl::StrCat("--admin-tls-*: ", admin_credentials.status().message()));
-    }
     grpc::ServerBuilder admin_builder;
     admin_builder.AddListeningPort(absl::StrCat(admin_plan->host, ":", options.admin_port),
                                    *admin_credentials, &admin_port);
@@ -218,9 +253,12 @@ int RunServe(const ServeOptions& options) {
   if (!engine.ok()) {
     server->Shutdown();
     if (admin_server != nullptr) admin_server->Shutdown();
+    if (http != nullptr) http->Stop();
     return Fail(engine.status().message());
   }
   generation.AttachEngine(engine->get());
+  kserve.AttachEngine(engine->get());
+  if (http != nullptr) http->AttachEngine(engine->get());
   if (admin != nullptr) admin->AttachEngine(engine->get());
   // A failed group can only recover by a restart: the server as a whole stops serving (so a
   // liveness probe on "" restarts the process) and so does the group's own name.
@@ -243,8 +281,9 @@ int RunServe(const ServeOptions& options) {
   std::string admin_address = admin == nullptr ? "off" : "on the gRPC port";
   if (admin_server != nullptr) admin_address = absl::StrCat(admin_plan->host, ":", admin_port);
   std::cout << "moeserve: serving " << options.engine.model << " on " << options.host << ":"
-            << selected_port << " (metrics on " << metrics_address << ", " << layout << ", "
-            << parallel.num_redundant_experts << " redundant experts, two-batch overlap "
+            << selected_port << " (metrics on " << metrics_address << ", OpenAI HTTP on "
+            << http_address << ", " << layout << ", " << parallel.num_redundant_experts
+            << " redundant experts, two-batch overlap "
             << (parallel.two_batch_overlap ? "on" : "off") << ", KV cache " << stats.kv_blocks_total
             << " blocks of " << options.engine.kv_block_size << " tokens, TLS "
             << (options.tls.enabled() ? "on" : "off") << ", admin " << admin_address << ")"
@@ -272,6 +311,7 @@ int RunServe(const ServeOptions& options) {
     const auto deadline = std::chrono::system_clock::now() + grace + std::chrono::seconds(5);
     server->Shutdown(deadline);
     if (admin_server != nullptr) admin_server->Shutdown(deadline);
+    if (http != nullptr) http->Drain(deadline);
     drained = true;
   });
   int exit_code = kExitStopped;
@@ -295,6 +335,7 @@ int RunServe(const ServeOptions& options) {
   (*engine)->Shutdown();
   drain.join();
   server->Wait();
+  if (http != nullptr) http->Stop();
   admin.reset();
   std::cout << "moeserve: stopped" << std::endl;
   return exit_code;

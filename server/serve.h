@@ -1,11 +1,12 @@
-// The `moeserve serve` process: loads the model, starts the gRPC server (Generation, health,
-// reflection, and Admin on the same port or its own), the Prometheus exposer, and stops on
-// signals.
+// The `moeserve serve` process: loads the model, starts the gRPC server (Generation, the KServe
+// v2 inference service, health, reflection, and Admin on the same port or its own), the
+// OpenAI-compatible HTTP server and the Prometheus exposer, and stops on signals.
 //
 // Listeners: every one binds the address its flag names and refuses a port another process holds
 // (SO_REUSEPORT is off, so two servers never split one port's connections). The gRPC and Admin
 // ports speak TLS when given a certificate and key (optionally requiring client certificates);
-// /metrics is plain HTTP (base/metrics_listener.h says why).
+// /metrics and the OpenAI HTTP port are plain HTTP (base/metrics_listener.h says why for
+// /metrics).
 //
 // Signals (server/shutdown_signals.h): SIGTERM, SIGINT or SIGHUP while the model loads stop the
 // process before it serves (exit 0). Once serving, the first one drains: health turns
@@ -31,6 +32,9 @@ struct ServeOptions {
   base::TlsServerFiles tls;  // the gRPC port; disabled: plaintext
   std::string metrics_host;  // empty: `host`
   int metrics_port = 9400;   // 0 picks a free port; -1 disables the exporter (HTTP)
+  int http_port = 8000;      // OpenAI-compatible HTTP; 0 picks a free port; -1 turns it off
+  int http_max_connections = 256;
+  std::string chat_template_file;  // empty: the model's own template
   double shutdown_grace_seconds = 10.0;
   int max_receive_message_bytes = 16 << 20;
   // The Admin API is served when a token file or an admin client CA is given: on the gRPC port

@@ -4,8 +4,8 @@
 The folders form layers, lowest first. A folder may include its own headers and those of
 folders in lower layers, never a folder of its own layer or above (so no two folders include
 each other). Some folders are further restricted to an explicit list: server/ sees the engine
-only through its facade (engine/engine.h), the public request types and the plan tool; it, the
-clients and eplb/ may also use base/.
+only through its facade (engine/engine.h), its public request types (engine/api/) and the
+plan tool; it, the clients and eplb/ may also use base/.
 
 Usage: check_layering.py SOURCE_ROOT
 """
@@ -18,9 +18,9 @@ LAYERS = [
     ["base"],  # helpers below everything: bounded JSON, regular files, TLS credentials
     ["kernels"],
     ["kernels/bench", "engine/base"],
-    ["engine/trace", "engine/comm", "engine/ops", "engine/pipeline"],
+    ["engine/api", "engine/trace", "engine/comm", "engine/ops", "engine/pipeline"],
     ["engine/model"],
-    ["engine/request"],
+    ["engine/sampling"],
     ["engine/placement"],
     ["engine/parallel"],
     ["engine/backend"],
@@ -36,7 +36,7 @@ LAYERS = [
 
 # Folders that may include only these folders of the project (besides their own).
 ONLY = {
-    "server": {"base", "engine", "engine/request", "engine/pipeline"},
+    "server": {"base", "engine", "engine/api", "engine/pipeline"},
     "clients": {"base"},
     "eplb": {"base"},
 }

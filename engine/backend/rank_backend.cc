@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
 
 namespace moeserve::engine {
 namespace {
@@ -22,7 +23,7 @@ absl::Status CheckCovered(const KvRows& rows, const std::vector<int32_t>& block_
 
 absl::Status CpuRankBackend::ExportKv(const std::vector<int32_t>& block_table, int num_tokens,
                                       std::vector<std::byte>& out) {
-  if (auto s = CheckCovered(rows_, block_table, num_tokens); !s.ok()) return s;
+  RETURN_IF_ERROR(CheckCovered(rows_, block_table, num_tokens));
   const size_t row_bytes = sizeof(float) * rows_.row_dim();
   out.resize(static_cast<size_t>(rows_.num_layers()) * num_tokens * row_bytes);
   std::byte* at = out.data();
@@ -36,7 +37,7 @@ absl::Status CpuRankBackend::ExportKv(const std::vector<int32_t>& block_table, i
 
 absl::Status CpuRankBackend::ImportKv(const std::vector<int32_t>& block_table, int num_tokens,
                                       std::span<const std::byte> rows) {
-  if (auto s = CheckCovered(rows_, block_table, num_tokens); !s.ok()) return s;
+  RETURN_IF_ERROR(CheckCovered(rows_, block_table, num_tokens));
   const size_t row_bytes = sizeof(float) * rows_.row_dim();
   if (rows.size() != static_cast<size_t>(rows_.num_layers()) * num_tokens * row_bytes) {
     return absl::InternalError(absl::StrCat("KV handoff: ", rows.size(), " bytes for ", num_tokens,

@@ -18,7 +18,8 @@
 #include "engine/parallel/ep_forward.h"
 #include "engine/parallel/ep_group.h"
 #include "engine/placement/expert_placement.h"
-#include "engine/request/sampler.h"
+#include "engine/placement/expert_stager.h"
+#include "engine/sampling/sampler.h"
 
 namespace moeserve::engine {
 
@@ -38,7 +39,7 @@ class RankBackend {
   virtual absl::StatusOr<std::span<const float>> Logits() = 0;
   // The next token of each row of the last Forward() whose sampler is set (-1 for the others),
   // each sampler taking its draw. This one samples Logits() on the host; a GPU backend ranks
-  // each row's head on the device and copies only that (engine/request/sampler.h).
+  // each row's head on the device and copies only that (engine/sampling/sampler.h).
   virtual absl::StatusOr<std::vector<int32_t>> NextTokens(std::span<Sampler* const> samplers) {
     absl::StatusOr<std::span<const float>> logits = Logits();
     if (!logits.ok()) return logits.status();
@@ -59,6 +60,9 @@ class RankBackend {
                                 std::vector<std::byte>& rows) = 0;
   virtual absl::Status ImportKv(const std::vector<int32_t>& block_table, int num_tokens,
                                 std::span<const std::byte> rows) = 0;
+  // The backend's own stager of new placements' expert slots, which the rank's group uses
+  // instead of host copies (engine/placement/expert_stager.h); null: the group's host stager.
+  virtual ExpertStager* expert_stager() { return nullptr; }
 };
 
 // The CPU backend: the expert-parallel forward of engine/parallel/ over the model's fp32
@@ -100,6 +104,8 @@ struct RankBackendRequest {
   int kv_blocks = 0;
   int kv_block_size = 16;
   int max_batch_tokens = 256;
+  // A GPU backend stages new placements' slots in the background (off: in the committing step).
+  bool background_placement_staging = true;
 };
 using RankBackendFactory =
     std::function<absl::StatusOr<std::unique_ptr<RankBackend>>(const RankBackendRequest&)>;

@@ -38,6 +38,8 @@
 #include "absl/strings/str_format.h"
 #include "engine/comm/nccl_communicator.h"
 #include "kernels/bench/dispatch_kernels.h"
+#include "kernels/bf16.h"
+#include "kernels/device_array.h"
 
 namespace moeserve::kernels::dispatch_bench {
 namespace {
@@ -89,45 +91,9 @@ struct Config {
 // ----------------------------------------------------------------------------------------------
 // Memory
 
-class DeviceMemory {
- public:
-  DeviceMemory() = default;
-  explicit DeviceMemory(int64_t bytes) { Resize(bytes); }
-  ~DeviceMemory() {
-    if (data_ != nullptr) cudaFree(data_);
-  }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  void Resize(int64_t bytes) {
-    if (bytes <= bytes_) return;
-    if (data_ != nullptr) cudaFree(data_);
-    data_ = nullptr;
-    Check(cudaMalloc(&data_, std::max<int64_t>(bytes, 256)), "cudaMalloc");
-    bytes_ = bytes;
-  }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(data_);
-  }
-  int64_t bytes() const { return bytes_; }
-
- private:
-  void* data_ = nullptr;
-  int64_t bytes_ = 0;
-};
-
-uint16_t FloatToBf16(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest even
-  return static_cast<uint16_t>(bits >> 16);
-}
-float Bf16ToFloat(uint16_t value) {
-  const uint32_t bits = uint32_t{value} << 16;
-  float result;
-  std::memcpy(&result, &bits, sizeof(result));
-  return result;
-}
+// Benchmark buffers are byte arrays of the project's one device buffer type; they only grow.
+using DeviceMemory = kernels::DeviceArray<std::byte>;
+void Resize(DeviceMemory& memory, int64_t bytes) { Check(memory.Reserve(bytes), "cudaMalloc"); }
 
 // ----------------------------------------------------------------------------------------------
 // A rank's GPU state
@@ -217,17 +183,17 @@ void InitMicroBatch(const Config& config, Rank& rank, int num_tokens, uint32_t s
     }
   }
   const int64_t pairs = int64_t{num_tokens} * top_k;
-  batch.tokens.Resize(int64_t{num_tokens} * hidden * 2);
-  batch.expert_ids.Resize(pairs * 4);
-  batch.weights.Resize(pairs * 4);
-  batch.pair_rows.Resize(pairs * 4);
-  batch.send_counts.Resize(int64_t{rank.size} * batch.num_chunks * 8);
-  batch.recv_counts.Resize(int64_t{rank.size} * batch.num_chunks * 8);
-  batch.send_rows.Resize(pairs * hidden * 2);
-  batch.combine_rows.Resize(pairs * hidden * 2);
-  batch.out.Resize(int64_t{num_tokens} * hidden * 2);
-  Check(cudaMemcpy(batch.tokens.as<void>(), batch.host_tokens.data(), batch.tokens.bytes(),
-                   cudaMemcpyHostToDevice),
+  Resize(batch.tokens, int64_t{num_tokens} * hidden * 2);
+  Resize(batch.expert_ids, pairs * 4);
+  Resize(batch.weights, pairs * 4);
+  Resize(batch.pair_rows, pairs * 4);
+  Resize(batch.send_counts, int64_t{rank.size} * batch.num_chunks * 8);
+  Resize(batch.recv_counts, int64_t{rank.size} * batch.num_chunks * 8);
+  Resize(batch.send_rows, pairs * hidden * 2);
+  Resize(batch.combine_rows, pairs * hidden * 2);
+  Resize(batch.out, int64_t{num_tokens} * hidden * 2);
+  Check(cudaMemcpy(batch.tokens.as<void>(), batch.host_tokens.data(),
+                   batch.host_tokens.size() * sizeof(batch.host_tokens[0]), cudaMemcpyHostToDevice),
         "upload tokens");
   Check(cudaMemcpy(batch.expert_ids.as<void>(), batch.host_expert_ids.data(), pairs * 4,
                    cudaMemcpyHostToDevice),
@@ -290,7 +256,7 @@ void Dispatch(const Config& config, Rank& rank, MicroBatch& batch) {
   const int64_t capacity_rows = recv_total + rank.num_local_experts;
   if (batch.recv_rows.bytes() < capacity_rows * row_bytes) {
     Check(cudaStreamSynchronize(stream), "sync before growing buffers");
-    batch.recv_rows.Resize(capacity_rows * row_bytes);
+    Resize(batch.recv_rows, capacity_rows * row_bytes);
   }
   // 2. Permute and send chunk by chunk: chunk c+1 is permuted (pack stream) while chunk c is on
   //    the wire (communication stream).
@@ -486,11 +452,11 @@ void SharedExpert(const Config& config, Rank& rank, MicroBatch& batch) {
 
 void PrepareLayerBuffers(const Config& config, Rank& rank, MicroBatch& batch) {
   const int64_t capacity_rows = batch.total_recv_rows + rank.num_local_experts;
-  batch.attention_out.Resize(int64_t{batch.num_tokens} * config.attention_width * 2);
-  batch.expert_hidden.Resize(capacity_rows * 2 * config.expert_intermediate * 2);
-  batch.expert_out.Resize(capacity_rows * config.hidden * 2);
-  batch.shared_hidden.Resize(int64_t{batch.num_tokens} * 2 * config.expert_intermediate * 2);
-  batch.shared_out.Resize(int64_t{batch.num_tokens} * config.hidden * 2);
+  Resize(batch.attention_out, int64_t{batch.num_tokens} * config.attention_width * 2);
+  Resize(batch.expert_hidden, capacity_rows * 2 * config.expert_intermediate * 2);
+  Resize(batch.expert_out, capacity_rows * config.hidden * 2);
+  Resize(batch.shared_hidden, int64_t{batch.num_tokens} * 2 * config.expert_intermediate * 2);
+  Resize(batch.shared_out, int64_t{batch.num_tokens} * config.hidden * 2);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -717,7 +683,7 @@ void RunRank(Shared& shared, Rank& rank) {
   if (!config.skip_overlap) {
     const int hidden = config.hidden, intermediate = config.expert_intermediate;
     auto fill = [&](DeviceMemory& memory, int64_t elements, uint32_t seed) {
-      memory.Resize(elements * 2);
+      Resize(memory, elements * 2);
       Check(LaunchFillRandom(memory.as<uint16_t>(), elements, seed, 0.02f, rank.compute), "fill");
     };
     fill(rank.attention_weight, int64_t{hidden} * config.attention_width, 1);

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
-#include "engine/request/sampler.h"
+#include "engine/sampling/sampler.h"
 
 namespace {
 

@@ -3,7 +3,11 @@
 #include <cstring>
 #include <numeric>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "engine/base/status_macros.h"
 
 namespace moeserve::engine::comm {
 
@@ -23,31 +27,34 @@ class InProcessGroup::Channel {
   // Waits until every rank arrived; UNAVAILABLE on timeout or abort (and then the channel stays
   // broken, so no rank waits on it again).
   absl::Status Arrive() {
-    std::unique_lock lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     if (broken_) return Broken();
     const uint64_t generation = generation_;
     if (++arrived_ == size_) {
       arrived_ = 0;
       ++generation_;
-      all_arrived_.notify_all();
+      all_arrived_.SignalAll();
       return absl::OkStatus();
     }
-    if (!all_arrived_.wait_for(lock, timeout_,
-                               [&] { return generation_ != generation || broken_; })) {
-      broken_ = true;
-      all_arrived_.notify_all();
-      return absl::UnavailableError(
-          absl::StrCat("a rank of the expert-parallel group did not reach a collective within ",
-                       timeout_.count(), " ms; the group is failed"));
+    const absl::Time deadline = absl::Now() + absl::FromChrono(timeout_);
+    while (generation_ == generation && !broken_) {
+      if (all_arrived_.WaitWithDeadline(&mutex_, deadline) && generation_ == generation &&
+          !broken_) {
+        broken_ = true;
+        all_arrived_.SignalAll();
+        return absl::UnavailableError(
+            absl::StrCat("a rank of the expert-parallel group did not reach a collective within ",
+                         timeout_.count(), " ms; the group is failed"));
+      }
     }
     if (generation_ == generation) return Broken();
     return absl::OkStatus();
   }
 
   void Abort() {
-    std::lock_guard lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     broken_ = true;
-    all_arrived_.notify_all();
+    all_arrived_.SignalAll();
   }
 
   std::vector<Slot> slots;
@@ -58,11 +65,11 @@ class InProcessGroup::Channel {
   }
   int size_;
   std::chrono::milliseconds timeout_;
-  std::mutex mutex_;
-  std::condition_variable all_arrived_;
-  int arrived_ = 0;
-  uint64_t generation_ = 0;
-  bool broken_ = false;
+  absl::Mutex mutex_;
+  absl::CondVar all_arrived_;
+  int arrived_ ABSL_GUARDED_BY(mutex_) = 0;
+  uint64_t generation_ ABSL_GUARDED_BY(mutex_) = 0;
+  bool broken_ ABSL_GUARDED_BY(mutex_) = false;
 };
 
 class InProcessGroup::RankCommunicator : public Communicator {
@@ -79,7 +86,7 @@ class InProcessGroup::RankCommunicator : public Communicator {
       return absl::InvalidArgumentError("AllToAllV: count vectors must have one entry per rank");
     }
     channel_.slots[rank_] = {send, send_bytes.data(), 0};
-    if (auto status = channel_.Arrive(); !status.ok()) return status;
+    RETURN_IF_ERROR(channel_.Arrive());
     absl::Status result;
     int64_t recv_offset = 0;
     for (int peer = 0; peer < size_; ++peer) {
@@ -97,7 +104,7 @@ class InProcessGroup::RankCommunicator : public Communicator {
       }
       recv_offset += recv_bytes[peer];
     }
-    if (auto status = channel_.Arrive(); !status.ok()) return status;
+    RETURN_IF_ERROR(channel_.Arrive());
     return result;
   }
 
@@ -110,7 +117,7 @@ class InProcessGroup::RankCommunicator : public Communicator {
 
   absl::Status AllGather(const void* send, int64_t bytes, void* recv) override {
     channel_.slots[rank_] = {send, nullptr, bytes};
-    if (auto status = channel_.Arrive(); !status.ok()) return status;
+    RETURN_IF_ERROR(channel_.Arrive());
     for (int peer = 0; peer < size_; ++peer) {
       std::memcpy(static_cast<char*>(recv) + peer * bytes, channel_.slots[peer].send, bytes);
     }
@@ -119,7 +126,7 @@ class InProcessGroup::RankCommunicator : public Communicator {
 
   absl::Status Broadcast(void* data, int64_t bytes, int root) override {
     channel_.slots[rank_] = {data, nullptr, bytes};
-    if (auto status = channel_.Arrive(); !status.ok()) return status;
+    RETURN_IF_ERROR(channel_.Arrive());
     if (rank_ != root) std::memcpy(data, channel_.slots[root].send, bytes);
     return channel_.Arrive();
   }
@@ -130,7 +137,7 @@ class InProcessGroup::RankCommunicator : public Communicator {
   template <typename T>
   absl::Status Reduce(T* values, int count, ReduceOp op) {
     channel_.slots[rank_] = {values, nullptr, count};
-    if (auto status = channel_.Arrive(); !status.ok()) return status;
+    RETURN_IF_ERROR(channel_.Arrive());
     // Every rank reduces in rank order, so all get bit-identical results.
     std::vector<T> result(static_cast<const T*>(channel_.slots[0].send),
                           static_cast<const T*>(channel_.slots[0].send) + count);
@@ -151,7 +158,7 @@ class InProcessGroup::RankCommunicator : public Communicator {
       }
     }
     // Peers may still be reading `values`: write only after everyone has read.
-    if (auto status = channel_.Arrive(); !status.ok()) return status;
+    RETURN_IF_ERROR(channel_.Arrive());
     std::copy(result.begin(), result.end(), values);
     return absl::OkStatus();
   }

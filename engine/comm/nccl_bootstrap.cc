@@ -11,6 +11,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
 
 namespace moeserve::engine::comm {
 namespace {
@@ -110,7 +111,7 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> CreateNcclCommunicatorWithIdFi
       return absl::UnavailableError(
           absl::StrCat("ncclGetUniqueId failed: ", ncclGetErrorString(result)));
     }
-    if (auto status = WriteNcclUniqueIdFile(id_file, id); !status.ok()) return status;
+    RETURN_IF_ERROR(WriteNcclUniqueIdFile(id_file, id));
   } else {
     auto read = ReadNcclUniqueIdFile(id_file, options.timeout);
     if (!read.ok()) return read.status();

@@ -14,6 +14,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
 
 namespace moeserve::engine::comm {
 namespace {
@@ -367,7 +368,7 @@ absl::Status NcclCommunicator::AwaitCompletion(const char* what, cudaEvent_t eve
 }
 
 absl::Status NcclCommunicator::Synchronize() {
-  if (auto status = CheckUsable("Synchronize"); !status.ok()) return status;
+  RETURN_IF_ERROR(CheckUsable("Synchronize"));
   ScopedDevice scoped_device(device_);
   return AwaitCompletion("Synchronize", nullptr, Clock::now() + timeout_);
 }
@@ -389,7 +390,7 @@ absl::Status NcclCommunicator::EnqueueAllToAllV(const void* device_send,
       return absl::InvalidArgumentError("AllToAllV: byte counts must not be negative");
     }
   }
-  if (auto status = CheckUsable("AllToAllV"); !status.ok()) return status;
+  RETURN_IF_ERROR(CheckUsable("AllToAllV"));
   ScopedDevice scoped_device(device_);
   const auto deadline = Clock::now() + timeout_;
   const char* send = static_cast<const char*>(device_send);
@@ -421,7 +422,7 @@ absl::Status NcclCommunicator::EnqueueAllToAllV(const void* device_send,
 absl::Status NcclCommunicator::EnqueueAllReduceTyped(void* device_values, int count,
                                                      ncclDataType_t type, ReduceOp op) {
   if (count < 0) return absl::InvalidArgumentError("AllReduce: negative count");
-  if (auto status = CheckUsable("AllReduce"); !status.ok()) return status;
+  RETURN_IF_ERROR(CheckUsable("AllReduce"));
   if (count == 0) return absl::OkStatus();
   ScopedDevice scoped_device(device_);
   const auto deadline = Clock::now() + timeout_;
@@ -442,7 +443,7 @@ absl::Status NcclCommunicator::EnqueueAllReduce(float* device_values, int count,
 absl::Status NcclCommunicator::EnqueueAllGather(const void* device_send, int64_t bytes,
                                                 void* device_recv) {
   if (bytes < 0) return absl::InvalidArgumentError("AllGather: negative byte count");
-  if (auto status = CheckUsable("AllGather"); !status.ok()) return status;
+  RETURN_IF_ERROR(CheckUsable("AllGather"));
   if (bytes == 0) return absl::OkStatus();
   ScopedDevice scoped_device(device_);
   const auto deadline = Clock::now() + timeout_;
@@ -458,7 +459,7 @@ absl::Status NcclCommunicator::EnqueueBroadcast(void* device_data, int64_t bytes
     return absl::InvalidArgumentError(
         absl::StrCat("Broadcast: root ", root, " is outside the group of ", size_));
   }
-  if (auto status = CheckUsable("Broadcast"); !status.ok()) return status;
+  RETURN_IF_ERROR(CheckUsable("Broadcast"));
   if (bytes == 0) return absl::OkStatus();
   ScopedDevice scoped_device(device_);
   const auto deadline = Clock::now() + timeout_;
@@ -469,14 +470,14 @@ absl::Status NcclCommunicator::EnqueueBroadcast(void* device_data, int64_t bytes
 }
 
 absl::Status NcclCommunicator::WaitForEvent(cudaEvent_t event) {
-  if (auto status = CheckUsable("WaitForEvent"); !status.ok()) return status;
+  RETURN_IF_ERROR(CheckUsable("WaitForEvent"));
   ScopedDevice scoped_device(device_);
   MOESERVE_RETURN_IF_CUDA_ERROR("cudaStreamWaitEvent", cudaStreamWaitEvent(stream_, event, 0));
   return absl::OkStatus();
 }
 
 absl::StatusOr<CollectiveCompletion> NcclCommunicator::RecordCompletion() {
-  if (auto status = CheckUsable("RecordCompletion"); !status.ok()) return status;
+  RETURN_IF_ERROR(CheckUsable("RecordCompletion"));
   ScopedDevice scoped_device(device_);
   cudaEvent_t event = nullptr;
   MOESERVE_RETURN_IF_CUDA_ERROR("cudaEventCreateWithFlags",
@@ -508,7 +509,7 @@ absl::Status NcclCommunicator::EnsureScratch(int64_t bytes) {
 template <typename Enqueue>
 absl::Status NcclCommunicator::RunStaged(const char* what, std::span<StagedBuffer> buffers,
                                          Enqueue enqueue) {
-  if (auto status = CheckUsable(what); !status.ok()) return status;
+  RETURN_IF_ERROR(CheckUsable(what));
   ScopedDevice scoped_device(device_);
   constexpr int64_t kAlignment = 256;
   // Lay out one scratch region per buffer that has a host side.
@@ -523,7 +524,7 @@ absl::Status NcclCommunicator::RunStaged(const char* what, std::span<StagedBuffe
       scratch_needed += (buffer.bytes + kAlignment - 1) / kAlignment * kAlignment;
     }
   }
-  if (auto status = EnsureScratch(scratch_needed); !status.ok()) return status;
+  RETURN_IF_ERROR(EnsureScratch(scratch_needed));
   char* device_scratch = static_cast<char*>(device_scratch_);
   char* pinned_scratch = static_cast<char*>(pinned_scratch_);
   std::vector<void*> device_pointers(buffers.size());
@@ -546,7 +547,7 @@ absl::Status NcclCommunicator::RunStaged(const char* what, std::span<StagedBuffe
     MOESERVE_RETURN_IF_CUDA_ERROR("staging copy in", cudaMemcpyAsync(device_pointers[i], source,
                                                                      buffer.bytes, kind, stream_));
   }
-  if (auto status = enqueue(std::span<void* const>(device_pointers)); !status.ok()) return status;
+  RETURN_IF_ERROR(enqueue(std::span<void* const>(device_pointers)));
   std::vector<bool> copy_to_host(buffers.size(), false);
   for (size_t i = 0; i < buffers.size(); ++i) {
     const StagedBuffer& buffer = buffers[i];
@@ -557,9 +558,7 @@ absl::Status NcclCommunicator::RunStaged(const char* what, std::span<StagedBuffe
         "staging copy out",
         cudaMemcpyAsync(destination, device_pointers[i], buffer.bytes, cudaMemcpyDefault, stream_));
   }
-  if (auto status = AwaitCompletion(what, nullptr, Clock::now() + timeout_); !status.ok()) {
-    return status;
-  }
+  RETURN_IF_ERROR(AwaitCompletion(what, nullptr, Clock::now() + timeout_));
   for (size_t i = 0; i < buffers.size(); ++i) {
     if (copy_to_host[i]) std::memcpy(buffers[i].out, pinned_scratch + offsets[i], buffers[i].bytes);
   }
@@ -615,13 +614,10 @@ absl::Status NcclCommunicator::Broadcast(void* data, int64_t bytes, int root) {
 
 absl::Status NcclCommunicator::Barrier() {
   // A one-element all-reduce: it completes on a rank only once every rank has reached it.
-  if (auto status = CheckUsable("Barrier"); !status.ok()) return status;
+  RETURN_IF_ERROR(CheckUsable("Barrier"));
   ScopedDevice scoped_device(device_);
-  if (auto status = EnsureScratch(sizeof(int64_t)); !status.ok()) return status;
-  if (auto status = EnqueueAllReduce(static_cast<int64_t*>(device_scratch_), 1, ReduceOp::kSum);
-      !status.ok()) {
-    return status;
-  }
+  RETURN_IF_ERROR(EnsureScratch(sizeof(int64_t)));
+  RETURN_IF_ERROR(EnqueueAllReduce(static_cast<int64_t*>(device_scratch_), 1, ReduceOp::kSum));
   return AwaitCompletion("Barrier", nullptr, Clock::now() + timeout_);
 }
 
@@ -657,7 +653,7 @@ bool CollectiveCompletion::Ready() const {
 
 absl::Status CollectiveCompletion::Wait() {
   if (event_ == nullptr) return absl::FailedPreconditionError("moved-from CollectiveCompletion");
-  if (auto status = communicator_->CheckUsable("Wait"); !status.ok()) return status;
+  RETURN_IF_ERROR(communicator_->CheckUsable("Wait"));
   ScopedDevice scoped_device(communicator_->device_);
   return communicator_->AwaitCompletion("collective", event_,
                                         NcclCommunicator::Clock::now() + communicator_->timeout_);

@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace moeserve::engine {
@@ -363,7 +364,7 @@ absl::Status AddNormalizer(const nlohmann::json& normalizer, const icu::Normaliz
     if (list == normalizer.end() || !list->is_array())
       return Unsupported("normalizer Sequence without a list");
     for (const nlohmann::json& item : *list) {
-      if (auto status = AddNormalizer(item, out); !status.ok()) return status;
+      RETURN_IF_ERROR(AddNormalizer(item, out));
     }
     return absl::OkStatus();
   }
@@ -394,7 +395,7 @@ absl::Status AddPreTokenizer(const nlohmann::json& step, std::vector<SplitStep>&
     if (list == step.end() || !list->is_array())
       return Unsupported("pre_tokenizer Sequence without a list");
     for (const nlohmann::json& item : *list) {
-      if (auto s = AddPreTokenizer(item, splits, byte_level); !s.ok()) return s;
+      RETURN_IF_ERROR(AddPreTokenizer(item, splits, byte_level));
     }
     return absl::OkStatus();
   }
@@ -525,7 +526,7 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::CreateChecked(
     return absl::OkStatus();
   };
   for (const auto& [token, id] : vocab->items()) {
-    if (auto s = check_id(token, id); !s.ok()) return s;
+    RETURN_IF_ERROR(check_id(token, id));
     impl->vocab[token] = id.get<int32_t>();
     impl->token_of_id[id.get<int32_t>()] = token;
   }
@@ -566,9 +567,9 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::CreateChecked(
         return absl::InvalidArgumentError(
             absl::StrCat("tokenizer: malformed added token ", token.dump()));
       }
-      if (auto s = check_id(*content, token["id"]); !s.ok()) return s;
+      RETURN_IF_ERROR(check_id(*content, token["id"]));
       bool special = false;
-      if (auto s = ReadOptional(token, "special", &special, "added token"); !s.ok()) return s;
+      RETURN_IF_ERROR(ReadOptional(token, "special", &special, "added token"));
       impl->added_tokens.push_back({*content, token["id"].get<int32_t>(), special});
     }
     std::stable_sort(impl->added_tokens.begin(), impl->added_tokens.end(),
@@ -578,16 +579,11 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::CreateChecked(
     for (const AddedToken& token : impl->added_tokens) impl->added_by_id[token.id] = &token;
   }
 
-  if (auto s = AddNormalizer(json.value("normalizer", nlohmann::json()), &impl->normalizer);
-      !s.ok()) {
-    return s;
-  }
+  RETURN_IF_ERROR(AddNormalizer(json.value("normalizer", nlohmann::json()), &impl->normalizer));
   bool byte_level = false;
   const nlohmann::json pre_tokenizer = json.value("pre_tokenizer", nlohmann::json());
   if (!pre_tokenizer.is_null()) {
-    if (auto s = AddPreTokenizer(pre_tokenizer, impl->splits, &byte_level); !s.ok()) {
-      return s;
-    }
+    RETURN_IF_ERROR(AddPreTokenizer(pre_tokenizer, impl->splits, &byte_level));
   }
   if (!byte_level) {
     return Unsupported(

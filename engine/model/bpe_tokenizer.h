@@ -49,8 +49,7 @@ class BpeTokenizer : public Tokenizer {
   absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text) const override;
   std::string TokenBytes(int32_t token) const override;
 
-  // Token ids of `text` without the beginning-of-sequence token.
-  absl::StatusOr<std::vector<int32_t>> EncodeWithoutBos(std::string_view text) const;
+  absl::StatusOr<std::vector<int32_t>> EncodeWithoutBos(std::string_view text) const override;
   std::optional<int32_t> bos_token_id() const { return bos_token_id_; }
 
  private:

@@ -13,6 +13,7 @@
 #include "absl/strings/str_replace.h"
 #include "base/bounded_json.h"
 #include "base/regular_file.h"
+#include "engine/base/status_macros.h"
 #include "engine/model/architecture.h"
 #include "engine/model/safetensors.h"
 #include "nlohmann/json.hpp"
@@ -103,7 +104,7 @@ absl::StatusOr<std::vector<SafetensorsFile>> OpenFiles(const fs::path& folder) {
   std::vector<SafetensorsFile> files;
   std::error_code error;
   if (fs::exists(folder / kIndexFile, error)) {
-    if (auto status = OpenShards(folder, files); !status.ok()) return status;
+    RETURN_IF_ERROR(OpenShards(folder, files));
     return files;
   }
   if (!fs::exists(folder / kSingleFile, error)) {
@@ -238,17 +239,13 @@ absl::Status SplitFusedExperts(const std::string& stored_name, Tensor fused, boo
     if (gate_up) {
       Tensor gate{{inter, hidden}, std::vector<float>(base, base + matrix)};
       Tensor up{{inter, hidden}, std::vector<float>(base + matrix, base + 2 * matrix)};
-      if (auto s = Insert(out, source, expert + "gate_proj.weight", stored_name, std::move(gate));
-          !s.ok())
-        return s;
-      if (auto s = Insert(out, source, expert + "up_proj.weight", stored_name, std::move(up));
-          !s.ok())
-        return s;
+      RETURN_IF_ERROR(
+          Insert(out, source, expert + "gate_proj.weight", stored_name, std::move(gate)));
+      RETURN_IF_ERROR(Insert(out, source, expert + "up_proj.weight", stored_name, std::move(up)));
     } else {
       Tensor down{{hidden, inter}, std::vector<float>(base, base + matrix)};
-      if (auto s = Insert(out, source, expert + "down_proj.weight", stored_name, std::move(down));
-          !s.ok())
-        return s;
+      RETURN_IF_ERROR(
+          Insert(out, source, expert + "down_proj.weight", stored_name, std::move(down)));
     }
   }
   return absl::OkStatus();
@@ -279,8 +276,7 @@ absl::Status ReadBlockSize(const nlohmann::json& config_json, int* rows, int* co
 absl::StatusOr<std::map<std::string, Tensor>> ReadCheckpointTensors(
     const std::string& folder, const ModelConfig& config, const nlohmann::json& config_json) {
   int block_rows = 0, block_cols = 0;
-  if (auto status = ReadBlockSize(config_json, &block_rows, &block_cols); !status.ok())
-    return status;
+  RETURN_IF_ERROR(ReadBlockSize(config_json, &block_rows, &block_cols));
   int prediction_layers = 0;  // DeepSeek-V3's multi-token prediction modules follow the layers
   if (auto it = config_json.find("num_nextn_predict_layers");
       it != config_json.end() && it->is_number_integer()) {
@@ -320,13 +316,11 @@ absl::StatusOr<std::map<std::string, Tensor>> ReadCheckpointTensors(
     const std::string canonical = CanonicalName(name, config);
     if (IsFusedExperts(canonical, "gate_up_proj") || IsFusedExperts(canonical, "down_proj")) {
       const bool gate_up = IsFusedExperts(canonical, "gate_up_proj");
-      if (auto s = SplitFusedExperts(canonical, *std::move(value), gate_up, config, out, source);
-          !s.ok()) {
-        return s;
-      }
+      RETURN_IF_ERROR(
+          SplitFusedExperts(canonical, *std::move(value), gate_up, config, out, source));
       continue;
     }
-    if (auto s = Insert(out, source, canonical, name, *std::move(value)); !s.ok()) return s;
+    RETURN_IF_ERROR(Insert(out, source, canonical, name, *std::move(value)));
   }
   for (const auto& [name, tensor] : stored) {
     if (!name.ends_with(kScaleSuffix) || used_scales.contains(name)) continue;

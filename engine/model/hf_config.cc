@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
 #include "engine/model/architecture.h"
 #include "nlohmann/json.hpp"
 
@@ -195,10 +196,10 @@ absl::Status ReadEitherSpelling(const nlohmann::json& json, const char* key, con
   }
   int first = 0, second = 0;
   if (has_key) {
-    if (auto s = ReadField(json, key, &first, true); !s.ok()) return s;
+    RETURN_IF_ERROR(ReadField(json, key, &first, true));
   }
   if (has_other) {
-    if (auto s = ReadField(json, other, &second, true); !s.ok()) return s;
+    RETURN_IF_ERROR(ReadField(json, other, &second, true));
   }
   if (has_key && has_other && first != second) {
     return absl::InvalidArgumentError(absl::StrCat("config: `", key, "` (", first, ") and `", other,
@@ -269,22 +270,22 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const nlohmann::json& json, std::st
   if (!json.is_object()) return absl::InvalidArgumentError("config: expected a JSON object");
   ModelConfig c;
   c.name = std::move(name);
-  if (auto s = ReadField(json, "model_type", &c.model_type, true); !s.ok()) return s;
+  RETURN_IF_ERROR(ReadField(json, "model_type", &c.model_type, true));
   const Architecture* architecture = FindArchitecture(c.model_type);
   if (architecture == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat("config: unsupported model_type `", c.model_type,
                                                    "` (supported: ", SupportedModelTypes(), ")"));
   }
   const bool deepseek = architecture->attention == AttentionType::kMultiHeadLatent;
-  if (auto s = ReadCommonFields(json, c); !s.ok()) return s;
-  if (auto s = ParseRopeScaling(json, c); !s.ok()) return s;
+  RETURN_IF_ERROR(ReadCommonFields(json, c));
+  RETURN_IF_ERROR(ParseRopeScaling(json, c));
   if (deepseek) {
-    if (auto s = ReadDeepSeekFields(json, c); !s.ok()) return s;
+    RETURN_IF_ERROR(ReadDeepSeekFields(json, c));
   } else {
-    if (auto s = CheckPositive("num_attention_heads", c.num_attention_heads); !s.ok()) return s;
-    if (auto s = ReadGroupedQueryFields(json, c); !s.ok()) return s;
+    RETURN_IF_ERROR(CheckPositive("num_attention_heads", c.num_attention_heads));
+    RETURN_IF_ERROR(ReadGroupedQueryFields(json, c));
   }
-  if (auto s = ValidateModelConfig(c); !s.ok()) return s;
+  RETURN_IF_ERROR(ValidateModelConfig(c));
   return c;
 }
 

@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
 
 namespace moeserve::engine {
 namespace {
@@ -58,7 +59,7 @@ absl::Status ValidateAttention(const ModelConfig& c) {
              {"qk_nope_head_dim", c.qk_nope_head_dim},
              {"qk_rope_head_dim", c.qk_rope_head_dim},
              {"v_head_dim", c.v_head_dim}}) {
-      if (auto status = CheckPositive(field, value); !status.ok()) return status;
+      RETURN_IF_ERROR(CheckPositive(field, value));
     }
     if (c.qk_rope_head_dim % 2 != 0) {
       return absl::InvalidArgumentError("config: `qk_rope_head_dim` must be even");
@@ -70,8 +71,8 @@ absl::Status ValidateAttention(const ModelConfig& c) {
     }
     return absl::OkStatus();
   }
-  if (auto s = CheckPositive("num_key_value_heads", c.num_key_value_heads); !s.ok()) return s;
-  if (auto s = CheckPositive("head_dim", c.head_dim); !s.ok()) return s;
+  RETURN_IF_ERROR(CheckPositive("num_key_value_heads", c.num_key_value_heads));
+  RETURN_IF_ERROR(CheckPositive("head_dim", c.head_dim));
   if (c.head_dim % 2 != 0) return absl::InvalidArgumentError("config: `head_dim` must be even");
   if (c.num_attention_heads % c.num_key_value_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -132,9 +133,9 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
            {"num_attention_heads", c.num_attention_heads},
            {"max_position_embeddings", c.max_position_embeddings},
            {"moe_layer_freq", c.moe_layer_freq}}) {
-    if (auto status = CheckPositive(field, value); !status.ok()) return status;
+    RETURN_IF_ERROR(CheckPositive(field, value));
   }
-  if (auto status = ValidateAttention(c); !status.ok()) return status;
+  RETURN_IF_ERROR(ValidateAttention(c));
   if (c.first_k_dense_replace < 0 || c.first_k_dense_replace > c.num_hidden_layers) {
     return absl::InvalidArgumentError(
         "config: `first_k_dense_replace` must be in [0, num_hidden_layers]");
@@ -149,15 +150,15 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
     }
   }
   if (c.num_moe_layers() < c.num_hidden_layers) {
-    if (auto s = CheckPositive("intermediate_size", c.intermediate_size); !s.ok()) return s;
+    RETURN_IF_ERROR(CheckPositive("intermediate_size", c.intermediate_size));
   }
   if (c.n_routed_experts < 0) {
     return absl::InvalidArgumentError("config: the number of routed experts must be >= 0");
   }
   if (c.n_routed_experts > 0) {
-    if (auto s = CheckPositive("moe_intermediate_size", c.moe_intermediate_size); !s.ok()) return s;
-    if (auto s = CheckPositive("num_experts_per_tok", c.num_experts_per_tok); !s.ok()) return s;
-    if (auto s = CheckPositive("n_group", c.n_group); !s.ok()) return s;
+    RETURN_IF_ERROR(CheckPositive("moe_intermediate_size", c.moe_intermediate_size));
+    RETURN_IF_ERROR(CheckPositive("num_experts_per_tok", c.num_experts_per_tok));
+    RETURN_IF_ERROR(CheckPositive("n_group", c.n_group));
     if (c.num_experts_per_tok > c.n_routed_experts) {
       return absl::InvalidArgumentError("config: `num_experts_per_tok` exceeds `n_routed_experts`");
     }

@@ -13,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "base/bounded_json.h"
 #include "base/regular_file.h"
+#include "engine/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace moeserve::engine {
@@ -143,15 +144,6 @@ int DTypeSize(DType dtype) {
   return 1;
 }
 
-float Bf16ToFloat(uint16_t bits) { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
-
-uint16_t FloatToBf16(float value) {
-  const uint32_t bits = std::bit_cast<uint32_t>(value);
-  if (std::isnan(value)) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  const uint32_t rounding = 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>((bits + rounding) >> 16);
-}
-
 float HalfToFloat(uint16_t bits) {
   const float sign = (bits & 0x8000) != 0 ? -1.0f : 1.0f;
   const int exponent = (bits >> 10) & 0x1F;
@@ -223,9 +215,7 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::string& path) {
   for (const auto& [name, entry_json] : header.items()) {
     if (name == "__metadata__") continue;
     TensorEntry entry;
-    if (auto status = ParseEntry(path, name, entry_json, data, data_size, &entry); !status.ok()) {
-      return status;
-    }
+    RETURN_IF_ERROR(ParseEntry(path, name, entry_json, data, data_size, &entry));
     file.tensors_.emplace(name, std::move(entry));
   }
   file.mapping_ = std::move(mapping);

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/bf16.h"
 
 namespace moeserve::engine {
 
@@ -28,12 +29,12 @@ enum class DType { kF32, kBF16, kF16, kF8E4M3 };
 const char* DTypeName(DType dtype);
 int DTypeSize(DType dtype);
 
-// Exact conversions of one element to fp32.
-float Bf16ToFloat(uint16_t bits);
+// Exact conversions of one element to fp32 (bf16: kernels/bf16.h, the project's one bf16
+// conversion, also available here as Bf16ToFloat / FloatToBf16).
+using kernels::Bf16ToFloat;
+using kernels::FloatToBf16;
 float HalfToFloat(uint16_t bits);
 float Float8E4M3ToFloat(uint8_t bits);  // the "fn" variant: no infinities, 0x7F/0xFF are NaN
-// Rounds to the nearest BF16 (ties to even), for writers and tests.
-uint16_t FloatToBf16(float value);
 
 // One tensor's entry in a file: where its bytes are in the mapping.
 struct TensorEntry {

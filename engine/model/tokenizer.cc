@@ -36,6 +36,11 @@ absl::StatusOr<std::vector<int32_t>> ByteTokenizer::Encode(std::string_view text
   return ids;
 }
 
+absl::StatusOr<std::vector<int32_t>> ByteTokenizer::EncodeWithoutBos(std::string_view text) const {
+  return std::vector<int32_t>(reinterpret_cast<const unsigned char*>(text.data()),
+                              reinterpret_cast<const unsigned char*>(text.data()) + text.size());
+}
+
 std::string ByteTokenizer::TokenBytes(int32_t token) const {
   if (token >= 0 && token < 256) return std::string(1, static_cast<char>(token));
   return "";

@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace moeserve::engine {
@@ -228,7 +229,7 @@ absl::StatusOr<ModelWeights> ModelWeights::FromTensors(const ModelConfig& config
     }
   }
   weights.tensors_ = std::move(tensors);
-  if (auto status = weights.BindViews(); !status.ok()) return status;
+  RETURN_IF_ERROR(weights.BindViews());
   return weights;
 }
 

@@ -6,10 +6,9 @@ CommunicationThread::CommunicationThread() : thread_([this] { Run(); }) {}
 
 CommunicationThread::~CommunicationThread() {
   {
-    std::lock_guard lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     stopping_ = true;
   }
-  ready_.notify_one();
   thread_.join();
 }
 
@@ -17,10 +16,9 @@ std::future<absl::Status> CommunicationThread::Submit(std::function<absl::Status
   std::packaged_task<absl::Status()> task(std::move(work));
   std::future<absl::Status> result = task.get_future();
   {
-    std::lock_guard lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     queue_.push_back(std::move(task));
   }
-  ready_.notify_one();
   return result;
 }
 
@@ -28,8 +26,12 @@ void CommunicationThread::Run() {
   while (true) {
     std::packaged_task<absl::Status()> task;
     {
-      std::unique_lock lock(mutex_);
-      ready_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      absl::MutexLock lock(&mutex_);
+      mutex_.Await(absl::Condition(
+          +[](CommunicationThread* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mutex_) {
+            return self->stopping_ || !self->queue_.empty();
+          },
+          this));
       if (queue_.empty()) return;  // stopping with nothing left
       task = std::move(queue_.front());
       queue_.pop_front();

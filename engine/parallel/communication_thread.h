@@ -6,14 +6,14 @@
 // Submit() and the handles are called from the owning compute thread only.
 #pragma once
 
-#include <condition_variable>
 #include <deque>
 #include <functional>
 #include <future>
-#include <mutex>
 #include <thread>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 
 namespace moeserve::engine::parallel {
 
@@ -27,10 +27,9 @@ class CommunicationThread {
 
  private:
   void Run();
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<std::packaged_task<absl::Status()>> queue_;
-  bool stopping_ = false;
+  absl::Mutex mutex_;
+  std::deque<std::packaged_task<absl::Status()>> queue_ ABSL_GUARDED_BY(mutex_);
+  bool stopping_ ABSL_GUARDED_BY(mutex_) = false;
   std::thread thread_;
 };
 

@@ -4,7 +4,9 @@
 #include <future>
 
 #include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
 #include "engine/model/moe.h"
+#include "engine/parallel/overlap_schedule.h"
 
 namespace moeserve::engine::parallel {
 namespace {
@@ -143,7 +145,7 @@ absl::Status ExpertParallelForward::Dispatch(int layer, MicroBatch& mb,
   }
 
   mb.recv_rows.assign(size, 0);
-  if (auto s = comm.AllToAllCounts(mb.send_rows, mb.recv_rows); !s.ok()) return s;
+  RETURN_IF_ERROR(comm.AllToAllCounts(mb.send_rows, mb.recv_rows));
   int64_t received = 0;
   for (int64_t rows : mb.recv_rows) received += rows;
   std::vector<int64_t> send_bytes(size), recv_bytes(size);
@@ -152,21 +154,15 @@ absl::Status ExpertParallelForward::Dispatch(int layer, MicroBatch& mb,
     recv_bytes[p] = mb.recv_rows[p] * static_cast<int64_t>(sizeof(int32_t));
   }
   mb.recv_slots.assign(received, 0);
-  if (auto s = comm.AllToAllV(send_slots.data(), send_bytes, mb.recv_slots.data(), recv_bytes);
-      !s.ok()) {
-    return s;
-  }
+  RETURN_IF_ERROR(comm.AllToAllV(send_slots.data(), send_bytes, mb.recv_slots.data(), recv_bytes));
   const int64_t row_bytes = static_cast<int64_t>(hidden) * sizeof(float);
   for (int p = 0; p < size; ++p) {
     send_bytes[p] = mb.send_rows[p] * row_bytes;
     recv_bytes[p] = mb.recv_rows[p] * row_bytes;
   }
   mb.recv_activations.assign(static_cast<size_t>(received) * hidden, 0.0f);
-  if (auto s = comm.AllToAllV(send_activations.data(), send_bytes, mb.recv_activations.data(),
-                              recv_bytes);
-      !s.ok()) {
-    return s;
-  }
+  RETURN_IF_ERROR(
+      comm.AllToAllV(send_activations.data(), send_bytes, mb.recv_activations.data(), recv_bytes));
   if (rank.metrics != nullptr) {
     rank.metrics->AddDispatch(assignments * (row_bytes + static_cast<int64_t>(sizeof(int32_t))),
                               SecondsSince(start));
@@ -226,10 +222,8 @@ absl::Status ExpertParallelForward::Combine(int layer, MicroBatch& mb, comm::Com
     recv_bytes[p] = mb.send_rows[p] * row_bytes;
   }
   std::vector<float> returned(mb.sent_assignment.size() * hidden);
-  if (auto s = comm.AllToAllV(mb.expert_results.data(), send_bytes, returned.data(), recv_bytes);
-      !s.ok()) {
-    return s;
-  }
+  RETURN_IF_ERROR(
+      comm.AllToAllV(mb.expert_results.data(), send_bytes, returned.data(), recv_bytes));
   mb.expert_outputs.assign(returned.size(), 0.0f);
   for (size_t row = 0; row < mb.sent_assignment.size(); ++row) {
     std::copy_n(&returned[row * hidden], hidden,
@@ -263,6 +257,118 @@ absl::Status PublishBalancedness(std::span<const int64_t> received_per_layer, Ra
   return absl::OkStatus();
 }
 
+// The CPU's stages of the overlap schedule (overlap_schedule.h): exchanges run on the rank's
+// communication thread when overlapping, inline otherwise; the shared experts run while the
+// combine is in flight.
+class ExpertParallelForward::Stages : public MicroBatchStages {
+ public:
+  Stages(const ExpertParallelForward& forward, std::vector<MicroBatch>& micro_batches, KvRows& rows,
+         const ExpertPlacement& placement, RankResources& rank, bool overlap)
+      : forward_(forward),
+        model_(forward.model_),
+        rows_(rows),
+        micro_batches_(micro_batches),
+        placement_(placement),
+        rank_(rank),
+        overlap_(overlap),
+        dispatched_(micro_batches.size()),
+        combined_(micro_batches.size()),
+        received_per_layer_(forward.model_.config().num_moe_layers(), 0) {}
+
+  absl::Status Attention(int layer, int index) override {
+    MicroBatch& mb = micro_batches_[index];
+    {
+      ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kComputeLane,
+                             EventName("attention", layer, mb.index), "compute");
+      model_.AttentionBlock(layer, mb.spans, mb.num_tokens, rows_, mb.residual.data(),
+                            mb.normed.data());
+    }
+    if (model_.moe_index(layer) >= 0) {
+      ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kComputeLane,
+                             EventName("gate", layer, mb.index), "compute");
+      mb.routing = model_.Route(layer, mb.normed.data(), mb.num_tokens);
+    }
+    return absl::OkStatus();
+  }
+  absl::Status DenseMlp(int layer, int index) override {
+    MicroBatch& mb = micro_batches_[index];
+    model_.DenseBlock(layer, mb.normed.data(), mb.num_tokens, mb.residual.data());
+    return absl::OkStatus();
+  }
+  absl::Status StartDispatch(int layer, int index) override {
+    MicroBatch& mb = micro_batches_[index];
+    return Exchange(dispatched_[index], [this, layer, &mb](comm::Communicator& comm) {
+      return forward_.Dispatch(layer, mb, placement_, comm, rank_);
+    });
+  }
+  absl::Status Experts(int layer, int index) override {
+    MicroBatch& mb = micro_batches_[index];
+    if (auto s = Wait(dispatched_[index]); !s.ok()) return s;
+    forward_.RunLocalExperts(layer, mb, placement_, rank_);
+    received_per_layer_[model_.moe_index(layer)] += static_cast<int64_t>(mb.recv_slots.size());
+    return Exchange(combined_[index], [this, layer, &mb](comm::Communicator& comm) {
+      return forward_.Combine(layer, mb, comm, rank_);
+    });
+  }
+  absl::Status FinishMoe(int layer, int index) override {
+    MicroBatch& mb = micro_batches_[index];
+    std::vector<float> shared;
+    {
+      ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kComputeLane,
+                             EventName("shared experts", layer, mb.index), "compute");
+      shared = model_.SharedExperts(layer, mb.normed.data(), mb.num_tokens);
+    }
+    if (auto s = Wait(combined_[index]); !s.ok()) return s;
+    model_.FinishMoe(mb.routing, mb.expert_outputs.data(), shared.empty() ? nullptr : shared.data(),
+                     mb.num_tokens, mb.residual.data());
+    return absl::OkStatus();
+  }
+  absl::Status DrainExchanges() override {
+    // Exchanges use micro-batch memory: every one still queued is joined, even after an error.
+    absl::Status status;
+    for (auto* futures : {&dispatched_, &combined_}) {
+      for (auto& future : *futures) {
+        if (future.valid()) status.Update(future.get());
+      }
+    }
+    return status;
+  }
+
+  const std::vector<int64_t>& received_per_layer() const { return received_per_layer_; }
+
+ private:
+  using ExchangeFn = std::function<absl::Status(comm::Communicator&)>;
+  // On the communication thread (its result awaited later through `slot`), or inline.
+  absl::Status Exchange(std::future<absl::Status>& slot, ExchangeFn exchange) {
+    if (overlap_) {
+      slot = rank_.communication_thread->Submit(
+          [this, exchange = std::move(exchange)] { return exchange(*rank_.overlap); });
+      return absl::OkStatus();
+    }
+    const auto start = Clock::now();
+    absl::Status result = exchange(*rank_.compute);
+    if (rank_.metrics != nullptr) rank_.metrics->AddExposedWait(SecondsSince(start));
+    return result;
+  }
+  absl::Status Wait(std::future<absl::Status>& slot) {
+    if (!slot.valid()) return absl::OkStatus();
+    const auto start = Clock::now();
+    absl::Status result = slot.get();
+    if (rank_.metrics != nullptr) rank_.metrics->AddExposedWait(SecondsSince(start));
+    return result;
+  }
+
+  const ExpertParallelForward& forward_;
+  const Model& model_;
+  KvRows& rows_;
+  std::vector<MicroBatch>& micro_batches_;
+  const ExpertPlacement& placement_;
+  RankResources& rank_;
+  bool overlap_;
+  std::vector<std::future<absl::Status>> dispatched_, combined_;
+  std::vector<int64_t> received_per_layer_;
+};
+
 absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(std::span<const BatchSequence> batch,
                                                               KvRows& cache,
                                                               const ExpertPlacement& placement,
@@ -292,89 +398,17 @@ absl::StatusOr<std::vector<float>> ExpertParallelForward::Run(std::span<const Ba
     model_.Embed(mb.sequences, mb.residual.data());
   }
 
-  // Every queued exchange is joined before returning, even on error: they use micro-batch memory.
-  std::vector<std::future<absl::Status>> in_flight;
-  absl::Status status;
-  auto wait = [&](std::future<absl::Status>& future) {
-    const auto start = Clock::now();
-    absl::Status result = future.get();
-    if (rank.metrics != nullptr) rank.metrics->AddExposedWait(SecondsSince(start));
-    return result;
-  };
-  auto exchange_inline = [&](auto&& exchange) {
-    const auto start = Clock::now();
-    absl::Status result = exchange(*rank.compute);
-    if (rank.metrics != nullptr) rank.metrics->AddExposedWait(SecondsSince(start));
-    return result;
-  };
-
-  std::vector<int64_t> received_per_layer(c.num_moe_layers(), 0);
-  for (int layer = 0; layer < c.num_hidden_layers && status.ok(); ++layer) {
-    const bool is_moe = model_.moe_index(layer) >= 0;
-    std::vector<std::future<absl::Status>> dispatched(micro_batches.size());
-    for (MicroBatch& mb : micro_batches) {
-      {
-        ScopedTraceEvent event(rank.trace, rank.trace_pid, kComputeLane,
-                               EventName("attention", layer, mb.index), "compute");
-        model_.AttentionBlock(layer, mb.spans, mb.num_tokens, cache, mb.residual.data(),
-                              mb.normed.data());
-      }
-      if (!is_moe) {
-        model_.DenseBlock(layer, mb.normed.data(), mb.num_tokens, mb.residual.data());
-        continue;
-      }
-      {
-        ScopedTraceEvent event(rank.trace, rank.trace_pid, kComputeLane,
-                               EventName("gate", layer, mb.index), "compute");
-        mb.routing = model_.Route(layer, mb.normed.data(), mb.num_tokens);
-      }
-      if (overlap) {
-        dispatched[mb.index] = rank.communication_thread->Submit([&, layer, mb_ptr = &mb] {
-          return Dispatch(layer, *mb_ptr, placement, *rank.overlap, rank);
-        });
-      } else {
-        status.Update(exchange_inline(
-            [&](comm::Communicator& comm) { return Dispatch(layer, mb, placement, comm, rank); }));
-      }
-    }
-    if (!is_moe) continue;
-    std::vector<std::future<absl::Status>> combined(micro_batches.size());
-    for (MicroBatch& mb : micro_batches) {
-      if (overlap) status.Update(wait(dispatched[mb.index]));
-      if (!status.ok()) break;
-      RunLocalExperts(layer, mb, placement, rank);
-      received_per_layer[model_.moe_index(layer)] += static_cast<int64_t>(mb.recv_slots.size());
-      if (overlap) {
-        combined[mb.index] = rank.communication_thread->Submit(
-            [&, layer, mb_ptr = &mb] { return Combine(layer, *mb_ptr, *rank.overlap, rank); });
-      } else {
-        status.Update(exchange_inline(
-            [&](comm::Communicator& comm) { return Combine(layer, mb, comm, rank); }));
-      }
-    }
-    for (MicroBatch& mb : micro_batches) {
-      if (!status.ok()) break;
-      std::vector<float> shared;
-      {
-        ScopedTraceEvent event(rank.trace, rank.trace_pid, kComputeLane,
-                               EventName("shared experts", layer, mb.index), "compute");
-        shared = model_.SharedExperts(layer, mb.normed.data(), mb.num_tokens);
-      }
-      if (overlap) status.Update(wait(combined[mb.index]));
-      if (!status.ok()) break;
-      model_.FinishMoe(mb.routing, mb.expert_outputs.data(),
-                       shared.empty() ? nullptr : shared.data(), mb.num_tokens, mb.residual.data());
-    }
-    for (auto& future : dispatched)
-      if (future.valid()) in_flight.push_back(std::move(future));
-    for (auto& future : combined)
-      if (future.valid()) in_flight.push_back(std::move(future));
+  Stages stages(*this, micro_batches, cache, placement, rank, overlap);
+  if (auto s = RunOverlapSchedule(
+          c.num_hidden_layers, [&](int layer) { return model_.moe_index(layer) >= 0; },
+          static_cast<int>(micro_batches.size()), stages);
+      !s.ok()) {
+    return s;
   }
-  for (auto& future : in_flight) future.wait();
-  if (!status.ok()) return status;
+  const std::vector<int64_t>& received_per_layer = stages.received_per_layer();
 
   if (rank.metrics != nullptr && !received_per_layer.empty()) {
-    if (auto s = PublishBalancedness(received_per_layer, rank); !s.ok()) return s;
+    RETURN_IF_ERROR(PublishBalancedness(received_per_layer, rank));
   }
 
   std::vector<float> logits;

@@ -57,6 +57,7 @@ class ExpertParallelForward {
 
  private:
   struct MicroBatch;
+  class Stages;
   absl::Status Dispatch(int layer, MicroBatch& mb, const ExpertPlacement& placement,
                         comm::Communicator& comm, RankResources& rank) const;
   void RunLocalExperts(int layer, MicroBatch& mb, const ExpertPlacement& placement,

@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "engine/base/status_macros.h"
 #include "engine/comm/in_process_communicator.h"
 #include "spdlog/spdlog.h"
 
@@ -11,7 +12,7 @@ absl::StatusOr<std::unique_ptr<ExpertParallelGroup>> ExpertParallelGroup::Create
     const Model& model, GroupOptions options, ExpertPlacement placement,
     prometheus::Registry* registry, TraceRecorder* trace, int trace_pid_offset, GroupParts parts) {
   if (options.size < 1) return absl::InvalidArgumentError("an EP group needs at least 1 rank");
-  if (auto status = placement.CheckRanks(options.size); !status.ok()) return status;
+  RETURN_IF_ERROR(placement.CheckRanks(options.size));
   if (options.stage_host_expert_weights && model.config().routed_experts_on_device) {
     // Host staging copies experts from the model's weights, which such a model does not have.
     return absl::InvalidArgumentError(absl::StrCat(
@@ -27,11 +28,12 @@ absl::StatusOr<std::unique_ptr<ExpertParallelGroup>> ExpertParallelGroup::Create
   auto group = std::unique_ptr<ExpertParallelGroup>(new ExpertParallelGroup(
       model, std::move(options), std::move(placement), registry, std::move(parts)));
   // Each local rank starts with its own copies of its slots' weights.
-  const ExpertPlacement& initial = *group->committed_;
+  const std::shared_ptr<const ExpertPlacement> committed = group->committed_placement();
+  const ExpertPlacement& initial = *committed;
   for (int rank : group->local_ranks_) {
     HostExpertStager* host = group->host_stagers_[rank].get();
     if (host == nullptr) continue;
-    if (auto s = host->Stage(initial); !s.ok()) return s;
+    RETURN_IF_ERROR(host->Stage(initial));
     host->Commit(initial);
     group->resources(rank).expert_weights = host->current();
   }
@@ -216,7 +218,7 @@ void ExpertParallelGroup::DiscardStaged(PendingPlacement& pending) {
 
 absl::Status ExpertParallelGroup::UpdatePlacement(ExpertPlacement placement,
                                                   std::chrono::milliseconds timeout) {
-  if (auto s = placement.CheckShape(placement_shape()); !s.ok()) return s;
+  RETURN_IF_ERROR(placement.CheckShape(placement_shape()));
   if (!healthy()) return health();
   absl::MutexLock update_lock(&update_mutex_);
   std::shared_ptr<PendingPlacement> pending;
@@ -252,7 +254,7 @@ absl::Status ExpertParallelGroup::UpdatePlacement(ExpertPlacement placement,
   int64_t kept_version = 0;
   {
     absl::MutexLock lock(&placement_mutex_);
-    auto settled = [&] {
+    auto settled = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(placement_mutex_) {
       return committed_->version() >= version || !staging_error_.ok() || failed_.load();
     };
     while (!settled() && !placement_changed_.WaitWithDeadline(&placement_mutex_, deadline)) {

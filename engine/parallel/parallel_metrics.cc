@@ -54,7 +54,7 @@ void ParallelMetrics::SetHealthy(bool healthy) {
 }
 
 void ParallelMetrics::AddDispatch(int64_t bytes, double seconds) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   totals_.dispatch_bytes += bytes;
   totals_.dispatch_seconds += seconds;
   if (dispatch_bytes_ != nullptr) {
@@ -65,7 +65,7 @@ void ParallelMetrics::AddDispatch(int64_t bytes, double seconds) {
 }
 
 void ParallelMetrics::AddCombine(int64_t bytes, double seconds) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   totals_.combine_bytes += bytes;
   totals_.combine_seconds += seconds;
   if (combine_bytes_ != nullptr) {
@@ -76,7 +76,7 @@ void ParallelMetrics::AddCombine(int64_t bytes, double seconds) {
 }
 
 void ParallelMetrics::AddExposedWait(double seconds) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   totals_.exposed_seconds += seconds;
   if (exposed_seconds_ != nullptr) {
     exposed_seconds_->Increment(seconds);
@@ -85,18 +85,18 @@ void ParallelMetrics::AddExposedWait(double seconds) {
 }
 
 void ParallelMetrics::SetBalancedness(int moe_layer, double mean_over_max) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   balancedness_[moe_layer] = mean_over_max;
   if (!balancedness_gauges_.empty()) balancedness_gauges_[moe_layer]->Set(mean_over_max);
 }
 
 ParallelMetrics::Totals ParallelMetrics::totals() const {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return totals_;
 }
 
 std::vector<double> ParallelMetrics::balancedness() const {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return balancedness_;
 }
 

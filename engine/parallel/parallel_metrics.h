@@ -11,10 +11,11 @@
 // Thread-safe: every rank of the group records concurrently.
 #pragma once
 
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/registry.h"
@@ -48,9 +49,9 @@ class ParallelMetrics {
   std::vector<double> balancedness() const;
 
  private:
-  mutable std::mutex mutex_;
-  Totals totals_;
-  std::vector<double> balancedness_;
+  mutable absl::Mutex mutex_;
+  Totals totals_ ABSL_GUARDED_BY(mutex_);
+  std::vector<double> balancedness_ ABSL_GUARDED_BY(mutex_);
   prometheus::Counter* dispatch_bytes_ = nullptr;
   prometheus::Counter* combine_bytes_ = nullptr;
   prometheus::Counter* dispatch_seconds_ = nullptr;

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/bounded_json.h"
 #include "base/regular_file.h"
+#include "engine/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace moeserve::engine {
@@ -81,7 +82,7 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::Create(std::vector<std::vector<
   absl::StatusOr<ExpertPlacement> placement =
       FromPhy2Log(std::move(phy2log), shape.num_logical, version);
   if (!placement.ok()) return placement.status();
-  if (auto s = placement->CheckRanks(shape.num_ranks); !s.ok()) return s;
+  RETURN_IF_ERROR(placement->CheckRanks(shape.num_ranks));
   return placement;
 }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
 
 namespace moeserve::engine {
 
@@ -51,11 +52,8 @@ absl::StatusOr<std::shared_ptr<const RankExpertWeights>> RankExpertWeights::Stag
       buffer->gate_proj.resize(size);
       buffer->up_proj.resize(size);
       buffer->down_proj.resize(size);
-      if (auto status = source.CopyExpert(layer, expert, buffer->gate_proj.data(),
-                                          buffer->up_proj.data(), buffer->down_proj.data());
-          !status.ok()) {
-        return status;
-      }
+      RETURN_IF_ERROR(source.CopyExpert(layer, expert, buffer->gate_proj.data(),
+                                        buffer->up_proj.data(), buffer->down_proj.data()));
       buffer->view = MlpWeights{buffer->gate_proj.data(), buffer->up_proj.data(),
                                 buffer->down_proj.data(), source.intermediate_size()};
       staged->slots_[layer].push_back(std::move(buffer));

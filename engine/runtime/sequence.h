@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "engine/api/request.h"
 #include "engine/model/tokenizer.h"
-#include "engine/request/request.h"
-#include "engine/request/sampler.h"
+#include "engine/sampling/sampler.h"
 
 namespace moeserve::engine {
 

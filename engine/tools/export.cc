@@ -3,6 +3,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
 #include "engine/engine.h"
 #include "engine/model/hf_config.h"
 #include "engine/model/loader.h"
@@ -31,10 +32,7 @@ absl::StatusOr<int> ExportModel(const std::string& model_spec, const std::string
     if (!config)
       return absl::FailedPreconditionError(absl::StrCat("cannot write ", out_dir, "/config.json"));
   }
-  if (auto status = WriteSafetensors(out_dir + "/model.safetensors", weights.tensors());
-      !status.ok()) {
-    return status;
-  }
+  RETURN_IF_ERROR(WriteSafetensors(out_dir + "/model.safetensors", weights.tensors()));
   return static_cast<int>(weights.tensors().size());
 }
 

@@ -3,6 +3,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/backend_loader.h"
+#include "engine/base/status_macros.h"
 #include "engine/engine.h"
 #include "engine/model/kv_rows.h"
 #include "engine/model/loader.h"
@@ -11,14 +12,12 @@
 namespace moeserve::engine {
 
 absl::StatusOr<LogitsResult> ComputeLogits(const LogitsRequest& request) {
-  if (auto status = CheckModelRunsOn(request.model, request.device); !status.ok()) return status;
+  RETURN_IF_ERROR(CheckModelRunsOn(request.model, request.device));
   if (request.tokens.empty()) return absl::InvalidArgumentError("--tokens is empty");
   if (request.ep < 1) return absl::InvalidArgumentError("--ep must be at least 1");
-  absl::StatusOr<RankBackendChoice> backend = ChooseRankBackend(request.device);
-  if (!backend.ok()) return backend.status();
-  absl::StatusOr<LoadedModel> loaded = LoadModel(request.model);
-  if (!loaded.ok()) return loaded.status();
-  const Model& model = *loaded->model;
+  ASSIGN_OR_RETURN(const RankBackendChoice backend, ChooseRankBackend(request.device));
+  ASSIGN_OR_RETURN(const LoadedModel loaded, LoadModel(request.model));
+  const Model& model = *loaded.model;
   const ModelConfig& config = model.config();
   for (int32_t id : request.tokens) {
     if (id < 0 || id >= config.vocab_size) {
@@ -41,7 +40,7 @@ absl::StatusOr<LogitsResult> ComputeLogits(const LogitsRequest& request) {
   std::vector<int32_t> block_table(blocks);
   std::iota(block_table.begin(), block_table.end(), 0);
   if (request.ep == 1 && parallel.num_redundant_experts == 0 && parallel.placement_file.empty() &&
-      !parallel.two_batch_overlap && !backend->factory) {
+      !parallel.two_batch_overlap && !backend.factory) {
     // One rank on the CPU: the model's own forward pass, no group.
     KvRows rows(config.num_hidden_layers, blocks, block_size, model.kv_row_dim());
     BatchSequence sequence{request.tokens, 0, &block_table, /*all_logits=*/true};
@@ -63,7 +62,7 @@ absl::StatusOr<LogitsResult> ComputeLogits(const LogitsRequest& request) {
   options.two_batch_overlap = parallel.two_batch_overlap;
   options.overlap_min_tokens = parallel.overlap_min_tokens;
   absl::StatusOr<tools::GroupLogits> group_logits = tools::ComputeGroupLogits(
-      model, request.tokens, options, std::move(*placement), nullptr, backend->factory);
+      model, request.tokens, options, std::move(*placement), nullptr, backend.factory);
   if (!group_logits.ok()) return group_logits.status();
   result.logits = std::move(group_logits->logits);
   result.max_rank_difference = group_logits->max_rank_difference;

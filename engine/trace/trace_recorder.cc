@@ -8,12 +8,12 @@
 namespace moeserve::engine {
 
 void TraceRecorder::NameProcess(int pid, std::string name) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   process_names_[pid] = std::move(name);
 }
 
 void TraceRecorder::NameThread(int pid, int tid, std::string name) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   thread_names_[{pid, tid}] = std::move(name);
 }
 
@@ -21,19 +21,19 @@ void TraceRecorder::Complete(int pid, int tid, std::string name, std::string cat
                              Clock::time_point start, Clock::time_point end) {
   const double ts = std::chrono::duration<double, std::micro>(start - origin_).count();
   const double dur = std::chrono::duration<double, std::micro>(end - start).count();
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   events_.push_back({pid, tid, std::move(name), std::move(category), ts, dur});
 }
 
 size_t TraceRecorder::num_events() const {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return events_.size();
 }
 
 absl::Status TraceRecorder::WriteJson(const std::string& path) const {
   nlohmann::json events = nlohmann::json::array();
   {
-    std::lock_guard lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     for (const auto& [pid, name] : process_names_) {
       events.push_back({{"ph", "M"},
                         {"name", "process_name"},

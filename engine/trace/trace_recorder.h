@@ -12,7 +12,9 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 
 namespace moeserve::engine {
 
@@ -36,10 +38,10 @@ class TraceRecorder {
     double ts_us, dur_us;
   };
   Clock::time_point origin_;
-  mutable std::mutex mutex_;
-  std::vector<Event> events_;
-  std::map<int, std::string> process_names_;
-  std::map<std::pair<int, int>, std::string> thread_names_;
+  mutable absl::Mutex mutex_;
+  std::vector<Event> events_ ABSL_GUARDED_BY(mutex_);
+  std::map<int, std::string> process_names_ ABSL_GUARDED_BY(mutex_);
+  std::map<std::pair<int, int>, std::string> thread_names_ ABSL_GUARDED_BY(mutex_);
 };
 
 // Records one complete event from construction to destruction (no-op with a null recorder).

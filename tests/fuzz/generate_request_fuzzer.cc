@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <string>
 
-#include "engine/request/request_validation.h"
+#include "engine/runtime/request_validation.h"
 #include "google/protobuf/stubs/logging.h"
 #include "server/request_conversion.h"
 

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "engine/comm/nccl_bootstrap.h"
+#include "kernels/device_array.h"
 
 namespace moeserve::engine::parallel {
 namespace {
@@ -56,32 +57,26 @@ void OnEveryRank(Communicators& communicators,
   for (auto& thread : threads) thread.join();
 }
 
-// Device memory of the current GPU.
+// `bytes` of the current GPU's memory (the project's DeviceArray), with whole-buffer copies.
 class DeviceBuffer {
  public:
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    EXPECT_EQ(cudaMalloc(&data_, bytes == 0 ? 1 : bytes), cudaSuccess);
-  }
-  ~DeviceBuffer() { cudaFree(data_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) { EXPECT_TRUE(memory_.Reserve(bytes).ok()); }
   template <typename T>
   T* as() {
-    return static_cast<T*>(data_);
+    return memory_.as<T>();
   }
   void Upload(const void* host) {
-    ASSERT_EQ(cudaMemcpy(data_, host, bytes_, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(memory_.data(), host, bytes_, cudaMemcpyHostToDevice), cudaSuccess);
   }
   template <typename T>
   std::vector<T> Download() {
     std::vector<T> host(bytes_ / sizeof(T));
-    EXPECT_EQ(cudaMemcpy(host.data(), data_, bytes_, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_TRUE(memory_.Download(reinterpret_cast<std::byte*>(host.data()), bytes_, nullptr).ok());
     return host;
   }
 
  private:
-  void* data_ = nullptr;
+  kernels::DeviceArray<std::byte> memory_;
   size_t bytes_;
 };
 

@@ -12,7 +12,8 @@ import time
 
 def main():
     binary, root = sys.argv[1], sys.argv[2]
-    server = subprocess.Popen([binary, "serve", "--port", "0", "--metrics-port", "-1"],
+    server = subprocess.Popen([binary, "serve", "--port", "0", "--metrics-port", "-1",
+                               "--http-port", "-1"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     failures = []
     try:

@@ -31,10 +31,12 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
   const char* binary = std::getenv("MOESERVE_BINARY");
   const char* metrics_port = std::getenv("MOESERVE_TEST_METRICS_PORT");
   std::vector<std::string> args = {binary != nullptr ? binary : MOESERVE_BINARY, "serve"};
+  // Tests run side by side: never the fixed default ports.
   const std::pair<const char*, std::string> defaults[] = {
       {"--host", "127.0.0.1"},
       {"--port", "0"},
-      {"--metrics-port", metrics_port != nullptr ? metrics_port : "0"}};
+      {"--metrics-port", metrics_port != nullptr ? metrics_port : "0"},
+      {"--http-port", "0"}};
   for (const auto& [flag, value] : defaults) {
     if (std::find(extra_args.begin(), extra_args.end(), flag) != extra_args.end()) continue;
     args.push_back(flag);
@@ -57,7 +59,7 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
   output_fd_ = pipe_fds[0];
   if (!wait_for_ready) return;
   const std::regex ready(
-      R"(serving \S+ on [0-9.]+:(\d+) \(metrics on (?:(?:https://)?[0-9.]+:(\d+)|disabled))");
+      R"(serving \S+ on [0-9.]+:(\d+) \(metrics on (?:[0-9.]+:(\d+)|disabled), OpenAI HTTP on (?:[0-9.]+:(\d+)|off))");
   const std::regex admin(R"(, admin [0-9.]+:(\d+)\))");
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < deadline) {
@@ -66,6 +68,7 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
     if (std::regex_search(output_, match, ready)) {
       port_ = std::stoi(match[1]);
       metrics_port_ = match[2].matched ? std::stoi(match[2]) : -1;
+      http_port_ = match[3].matched ? std::stoi(match[3]) : -1;
       if (std::regex_search(output_, match, admin)) admin_port_ = std::stoi(match[1]);
       return;
     }

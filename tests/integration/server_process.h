@@ -18,9 +18,10 @@ namespace moeserve::testing {
 
 class ServerProcess {
  public:
-  // Starts `moeserve serve --host 127.0.0.1 --port 0 --metrics-port 0 <extra_args>` (extra_args
-  // that name --host, --port or --metrics-port replace those); fails the test (ADD_FAILURE) and
-  // leaves ok() false if it does not become ready within 60 s.
+  // Starts `moeserve serve --host 127.0.0.1 --port 0 --metrics-port 0 --http-port 0
+  // <extra_args>` (extra_args that name --host, --port, --metrics-port or --http-port replace
+  // those); fails the test (ADD_FAILURE) and leaves ok() false if it does not become ready
+  // within 60 s.
   // With expect_ready = false, a server that exits before becoming ready is not a failure
   // (tests of refused configurations). With wait_for_ready = false the constructor returns once
   // the process is started (tests of start-up; see WaitForOutput).
@@ -32,6 +33,7 @@ class ServerProcess {
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   int port() const { return port_; }
   int metrics_port() const { return metrics_port_; }
+  int http_port() const { return http_port_; }  // -1 when HTTP is off
   // The Admin API's own port (--admin-port), 0 when it shares the gRPC port.
   int admin_port() const { return admin_port_; }
   // Waits until the output contains `text`; false after `timeout_seconds` or once it exited.
@@ -52,6 +54,7 @@ class ServerProcess {
   int port_ = 0;
   int metrics_port_ = 0;
   int admin_port_ = 0;
+  int http_port_ = -1;
   bool exited_ = false;
   int exit_code_ = -1000;
   void RecordExit(int wait_status);

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/cuda/cuda_rank_backend.h"
+#include "engine/base/status_macros.h"
 #include "engine/comm/nccl_communicator.h"
 
 namespace moeserve::engine::cuda {
@@ -42,7 +43,7 @@ RankBackendFactory MakeCudaBackendFactory() {
           absl::StrCat("--device cuda: a group of ", size, " ranks needs ", size,
                        " GPUs (one per rank); ", visible, " visible"));
     }
-    if (auto s = CheckCudaSupport(request.model->config()); !s.ok()) return s;
+    RETURN_IF_ERROR(CheckCudaSupport(request.model->config()));
     std::shared_ptr<GroupExchange>& exchange = (*exchanges)[request.group];
     if (size > 1 && exchange == nullptr) {
       std::vector<int> devices(size);
@@ -59,6 +60,7 @@ RankBackendFactory MakeCudaBackendFactory() {
     options.kv_blocks = request.kv_blocks;
     options.kv_block_size = request.kv_block_size;
     options.max_batch_tokens = request.max_batch_tokens;
+    options.background_placement_staging = request.background_placement_staging;
     if (size > 1) {
       options.exchange = exchange->communicators[request.rank].get();
       options.exchange_owner = exchange;

@@ -17,8 +17,12 @@
 // its attention and gate, and one's combine while the other runs its experts; the compute
 // stream waits for an exchange (on the GPU, through an event) only where its result is used.
 //
-// A new placement is applied at the step that first uses it: the slots whose expert changed are
-// uploaded before that step's MoE layers run.
+// A new placement's changed slots are staged in the background (the backend's ExpertStager:
+// uploaded or generated into spare device buffers on a copy stream while the rank computes)
+// and swapped in by pointer at the step boundary where the group commits it, so the committing
+// step does no weight traffic. The spare buffers hold only the changed slots, until the commit.
+// Without background staging (CudaRankOptions), the changed slots are written in place at the
+// start of the committing step instead: no spare memory, but that step stalls.
 //
 // Not thread-safe: called by its rank's thread only.
 #pragma once
@@ -45,6 +49,8 @@ struct CudaRankOptions {
   // Activations exchange (dispatch/combine) of the group; null for a group of one rank.
   comm::NcclCommunicator* exchange = nullptr;
   std::shared_ptr<const void> exchange_owner;  // keeps `exchange` alive as long as the backend
+  // Stage new placements in the background (see above); off: in the committing step.
+  bool background_placement_staging = true;
 };
 
 class CudaRankBackend : public RankBackend {
@@ -68,11 +74,15 @@ class CudaRankBackend : public RankBackend {
                         std::vector<std::byte>& rows) override;
   absl::Status ImportKv(const std::vector<int32_t>& block_table, int num_tokens,
                         std::span<const std::byte> rows) override;
+  ExpertStager* expert_stager() override;
 
  private:
   struct State;
+  class GpuStages;
+  class SlotStager;
   explicit CudaRankBackend(std::unique_ptr<State> state);
   std::unique_ptr<State> state_;
+  std::unique_ptr<SlotStager> stager_;  // null without background staging
 };
 
 // Checks that a model can run on the GPU backend (INVALID_ARGUMENT with the reason otherwise).

@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
 
 namespace moeserve::engine::cuda {
 
@@ -42,7 +43,7 @@ class PinnedBuffer {
   // synchronized with the stream again.
   absl::Status CopyToDevice(void* device, const void* host, size_t bytes, cudaStream_t stream) {
     if (bytes == 0) return absl::OkStatus();
-    if (auto s = Reserve(bytes); !s.ok()) return s;
+    RETURN_IF_ERROR(Reserve(bytes));
     std::memcpy(data_, host, bytes);
     if (cudaError_t e = cudaMemcpyAsync(device, data_, bytes, cudaMemcpyHostToDevice, stream);
         e != cudaSuccess) {

@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "engine/model/loader.h"
-#include "engine/request/sampler.h"
 #include "engine/runtime/block_allocator.h"
+#include "engine/sampling/sampler.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "prometheus/registry.h"

@@ -1,6 +1,6 @@
 // Sampler: greedy, temperature, top-k, top-p and seeding. Distributions are checked
 // empirically against softmax probabilities computed here.
-#include "engine/request/sampler.h"
+#include "engine/sampling/sampler.h"
 
 #include <algorithm>
 #include <cmath>

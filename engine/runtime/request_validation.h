@@ -7,8 +7,8 @@
 #pragma once
 
 #include "absl/status/status.h"
+#include "engine/api/request.h"
 #include "engine/model/tokenizer.h"
-#include "engine/request/request.h"
 
 namespace moeserve::engine {
 

@@ -17,7 +17,7 @@
 #include <span>
 
 #include "absl/status/statusor.h"
-#include "engine/request/request.h"
+#include "engine/api/request.h"
 #include "kernels/logit_head.h"
 
 namespace moeserve::engine {

@@ -1,4 +1,4 @@
-#include "engine/request/request_validation.h"
+#include "engine/runtime/request_validation.h"
 
 #include <cmath>
 
@@ -25,7 +25,8 @@ absl::Status ValidateGenerationInput(GenerationInput& in, const RequestLimits& l
                                                      " bytes, far beyond the context length of ",
                                                      context, " tokens"));
     }
-    absl::StatusOr<std::vector<int32_t>> tokens = tokenizer->Encode(*in.text);
+    absl::StatusOr<std::vector<int32_t>> tokens =
+        in.add_special_tokens ? tokenizer->Encode(*in.text) : tokenizer->EncodeWithoutBos(*in.text);
     if (!tokens.ok()) return tokens.status();
     in.prompt_tokens.assign(tokens->begin(), tokens->end());
   } else if (in.prompt_tokens.empty()) {

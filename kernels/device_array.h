@@ -1,6 +1,8 @@
-// DeviceArray: an owning, growable, move-only buffer of T in the current CUDA device's memory.
-// Reserve() keeps the contents only when no reallocation is needed (a scratch buffer); Upload()
-// replaces them. Not thread-safe; used by the thread that drives its device.
+// DeviceArray: the one owning device-memory buffer of moeserve — a growable, move-only array of
+// T in the current CUDA device's memory, used by the kernels, the GPU backend, the benchmarks
+// and the GPU tests. Reserve() keeps the contents only when no reallocation is needed (a
+// scratch buffer); Upload() replaces them; Download() copies them out.
+// Not thread-safe; used by the thread that drives its device.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -11,7 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
-namespace moeserve::engine::cuda {
+namespace moeserve::kernels {
 
 template <typename T>
 class DeviceArray {
@@ -58,13 +60,34 @@ class DeviceArray {
     return absl::OkStatus();
   }
 
+  // Copies the first `count` elements out to `host` on `stream` and waits for them.
+  absl::Status Download(T* host, size_t count, cudaStream_t stream) const {
+    if (count > capacity_) {
+      return absl::OutOfRangeError(
+          absl::StrCat("GPU download of ", count, " elements from ", capacity_));
+    }
+    if (count == 0) return absl::OkStatus();
+    cudaError_t e = cudaMemcpyAsync(host, data_, count * sizeof(T), cudaMemcpyDeviceToHost, stream);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+    if (e != cudaSuccess) {
+      return absl::InternalError(absl::StrCat("GPU download: ", cudaGetErrorString(e)));
+    }
+    return absl::OkStatus();
+  }
+
   T* data() { return data_; }
   const T* data() const { return data_; }
+  // The memory as another element type (byte buffers that hold several kinds of data).
+  template <typename U>
+  U* as() const {
+    return reinterpret_cast<U*>(data_);
+  }
   size_t capacity() const { return capacity_; }
+  size_t bytes() const { return capacity_ * sizeof(T); }
 
  private:
   T* data_ = nullptr;
   size_t capacity_ = 0;
 };
 
-}  // namespace moeserve::engine::cuda
+}  // namespace moeserve::kernels

@@ -1,5 +1,5 @@
-// Request-level types shared by the engine and its callers: what a generation asks for, what
-// it streams back, and the per-request output channel.
+// The engine's public request types (those of the facade, engine/engine.h), shared with its
+// callers: what a generation asks for, what it streams back, and the per-request output channel.
 //
 // RequestStream is the only thread-safe type here: the engine's step loop pushes into it and
 // one consumer (a server handler) pops from it.
@@ -7,15 +7,15 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 
 namespace moeserve::engine {
 
@@ -38,6 +38,10 @@ struct GenerationInput {
   std::vector<std::string> stop;
   std::vector<int64_t> stop_token_ids;
   bool ignore_eos = false;
+  // Whether tokenizing `text` puts the model's beginning-of-sequence token first (when it uses
+  // one). Off for text that already carries its special tokens as text, such as a rendered chat
+  // template (transformers tokenizes those with add_special_tokens=False).
+  bool add_special_tokens = true;
 };
 
 enum class FinishReason { kNone, kLength, kStop, kContextLength, kCancelled, kAborted };
@@ -76,9 +80,9 @@ class RequestStream {
  private:
   std::string request_id_;
   std::atomic<bool> cancelled_{false};
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<GenerationOutput> queue_;
+  absl::Mutex mutex_;
+  absl::CondVar ready_;
+  std::deque<GenerationOutput> queue_ ABSL_GUARDED_BY(mutex_);
 };
 
 }  // namespace moeserve::engine

@@ -1,0 +1,246 @@
+// The GPU backend's MoE layer and exchange: the gate, the dispatch plan shared with the CPU,
+// activations to the ranks holding the chosen replicas over NCCL on the communication stream,
+// the local slots' experts as grouped GEMMs, the combine and the weighted sum.
+#include <cstring>
+
+#include "engine/backend/cuda/rank_state.h"
+#include "engine/base/status_macros.h"
+#include "kernels/kernels.h"
+#include "kernels/mla.h"
+
+namespace moeserve::engine::cuda {
+
+absl::Status CudaRankBackend::State::SynchronizeCompute(const char* what) {
+  for (comm::CollectiveCompletion& completion : awaited) RETURN_IF_ERROR(completion.Wait());
+  awaited.clear();
+  return CudaStatus(cudaStreamSynchronize(stream), what);
+}
+
+absl::Status CudaRankBackend::State::AwaitExchange(MicroBatchState& mb) {
+  if (!mb.in_flight.has_value()) return absl::OkStatus();
+  RETURN_IF_ERROR(mb.in_flight->MakeStreamWait(stream));
+  awaited.push_back(std::move(*mb.in_flight));
+  mb.in_flight.reset();
+  return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::DrainExchanges() {
+  absl::Status status;
+  for (MicroBatchState& mb : micro_batches) {
+    if (mb.in_flight.has_value()) status.Update(mb.in_flight->Wait());
+    mb.in_flight.reset();
+  }
+  for (comm::CollectiveCompletion& completion : awaited) status.Update(completion.Wait());
+  awaited.clear();
+  return status;
+}
+
+absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const Bf16* send_buffer,
+                                                     std::span<const int64_t> send_rows,
+                                                     Bf16* receive_buffer,
+                                                     std::span<const int64_t> receive_rows,
+                                                     bool dispatch) {
+  const int64_t row_bytes = static_cast<int64_t>(config().hidden_size) * sizeof(Bf16);
+  std::vector<int64_t> send_bytes(send_rows.size()), receive_bytes(receive_rows.size());
+  int64_t total = 0;
+  for (size_t p = 0; p < send_rows.size(); ++p) {
+    send_bytes[p] = send_rows[p] * row_bytes;
+    receive_bytes[p] = receive_rows[p] * row_bytes;
+    total += send_bytes[p];
+  }
+  comm::NcclCommunicator& nccl = *options.exchange;
+  TimedCollective timer;
+  if (!spare_timers.empty()) {
+    timer = spare_timers.back();
+    spare_timers.pop_back();
+  } else {
+    RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&timer.start), "exchange timer"));
+    RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&timer.stop), "exchange timer"));
+  }
+  timer.bytes = total;
+  timer.dispatch = dispatch;
+  timed.push_back(timer);
+  RETURN_IF_ERROR(CudaStatus(cudaEventRecord(produced, stream), "exchange event"));
+  RETURN_IF_ERROR(nccl.WaitForEvent(produced));
+  RETURN_IF_ERROR(CudaStatus(cudaEventRecord(timer.start, nccl.stream()), "exchange timer"));
+  RETURN_IF_ERROR(nccl.EnqueueAllToAllV(send_buffer, send_bytes, receive_buffer, receive_bytes));
+  RETURN_IF_ERROR(CudaStatus(cudaEventRecord(timer.stop, nccl.stream()), "exchange timer"));
+  absl::StatusOr<comm::CollectiveCompletion> done = nccl.RecordCompletion();
+  if (!done.ok()) return done.status();
+  mb.in_flight.emplace(std::move(*done));
+  return absl::OkStatus();
+}
+
+void CudaRankBackend::State::PublishExchangeTimes(parallel::RankResources& rank) {
+  for (TimedCollective& t : timed) {
+    float milliseconds = 0;
+    if (rank.metrics != nullptr &&
+        cudaEventElapsedTime(&milliseconds, t.start, t.stop) == cudaSuccess) {
+      if (t.dispatch) {
+        rank.metrics->AddDispatch(t.bytes, milliseconds / 1e3);
+      } else {
+        rank.metrics->AddCombine(t.bytes, milliseconds / 1e3);
+      }
+    }
+    spare_timers.push_back(t);
+  }
+  timed.clear();
+}
+
+absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState& mb,
+                                                     const ExpertPlacement& placement,
+                                                     parallel::RankResources& rank) {
+  const ModelConfig& c = config();
+  const DeviceLayer& w = layers[layer];
+  const int hidden = c.hidden_size;
+  const int top_k = c.num_experts_per_tok;
+  const int tokens = mb.tokens;
+  const int size = options.group_size;
+  const int assignments = tokens * top_k;
+
+  // Gate: fp32 logits, then scores, group limit and top-k in one kernel.
+  RETURN_IF_ERROR(Linear(mb.normed.data(), w.gate.data(), mb.gate_logits.data(), CUDA_R_32F, tokens,
+                         hidden, c.n_routed_experts));
+  if (tokens > 0) {
+    RETURN_IF_ERROR(kernels::GateTopK(
+        mb.gate_logits.data(), w.has_correction_bias ? w.correction_bias.data() : nullptr, tokens,
+        gate_options, mb.routing_experts.data(), mb.routing_weights.data(), stream));
+  }
+  if (w.has_shared) {
+    RETURN_IF_ERROR(shared_mlp->Run(mb.normed.data(), {0, tokens}, {w.shared.gate_up.data()},
+                                    {w.shared.down.data()}, mb.shared_out.data()));
+  }
+  std::vector<int32_t> experts(assignments);
+  if (assignments > 0) {
+    PinnedBuffer& host = mb.routing_host;
+    RETURN_IF_ERROR(host.Reserve(sizeof(int32_t) * assignments));
+    RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(host.data(), mb.routing_experts.data(),
+                                   sizeof(int32_t) * assignments, cudaMemcpyDeviceToHost, stream),
+                   "routing to host"));
+    {
+      ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane,
+                             EventName("routing wait", layer, mb), "gpu wait");
+      RETURN_IF_ERROR(SynchronizeCompute("routing to host"));
+    }
+    std::memcpy(experts.data(), host.data(), sizeof(int32_t) * assignments);
+  }
+
+  // Dispatch: the same replica choice and send order as the CPU backend.
+  mb.plan = parallel::PlanDispatch(experts, top_k, model->moe_index(layer), placement, options.rank,
+                                   size);
+  std::vector<int32_t> source_token(assignments);
+  for (int row = 0; row < assignments; ++row) {
+    source_token[row] = mb.plan.sent_assignment[row] / top_k;
+  }
+  RETURN_IF_ERROR(mb.send_source.Upload(source_token, stream));
+  RETURN_IF_ERROR(kernels::PermuteRows(mb.normed.data(), mb.send_source.device.data(),
+                                       mb.send.data(), assignments, hidden, stream));
+  mb.receive_rows.assign(size, 0);
+  std::vector<int32_t> received_slots;
+  if (size > 1) {
+    // Counts and slot ids are small and go through the host communicator; the activations go
+    // GPU to GPU.
+    ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane,
+                           EventName("counts exchange", layer, mb), "communication");
+    RETURN_IF_ERROR(rank.compute->AllToAllCounts(mb.plan.send_rows, mb.receive_rows));
+    int64_t total = 0;
+    for (int64_t rows : mb.receive_rows) total += rows;
+    received_slots.assign(total, 0);
+    std::vector<int64_t> send_bytes(size), receive_bytes(size);
+    for (int p = 0; p < size; ++p) {
+      send_bytes[p] = mb.plan.send_rows[p] * static_cast<int64_t>(sizeof(int32_t));
+      receive_bytes[p] = mb.receive_rows[p] * static_cast<int64_t>(sizeof(int32_t));
+    }
+    RETURN_IF_ERROR(rank.compute->AllToAllV(mb.plan.send_slots.data(), send_bytes,
+                                            received_slots.data(), receive_bytes));
+    if (total > max_received) {
+      return absl::InternalError(
+          absl::StrCat("rank received ", total, " rows, above ", max_received));
+    }
+    RETURN_IF_ERROR(EnqueueExchange(mb, mb.send.data(), mb.plan.send_rows, mb.received.data(),
+                                    mb.receive_rows, /*dispatch=*/true));
+    mb.received_rows = mb.received.data();
+  } else {
+    mb.receive_rows[0] = assignments;
+    received_slots = mb.plan.send_slots;
+    mb.received_rows = mb.send.data();
+  }
+
+  // Order the received rows by local slot (the experts' GEMM groups).
+  mb.received_count = static_cast<int64_t>(received_slots.size());
+  const int slots = static_cast<int>(w.slots.size());
+  mb.slot_offsets.assign(slots + 1, 0);
+  for (int32_t slot : received_slots) ++mb.slot_offsets[slot + 1];
+  for (int s = 0; s < slots; ++s) mb.slot_offsets[s + 1] += mb.slot_offsets[s];
+  std::vector<int32_t> by_slot(mb.received_count), back_to_received(mb.received_count);
+  std::vector<int64_t> cursor(mb.slot_offsets.begin(), mb.slot_offsets.end() - 1);
+  for (int64_t row = 0; row < mb.received_count; ++row) {
+    const int64_t at = cursor[received_slots[row]]++;
+    by_slot[at] = static_cast<int32_t>(row);
+    back_to_received[row] = static_cast<int32_t>(at);
+  }
+  RETURN_IF_ERROR(mb.slot_order.Upload(by_slot, stream));
+  RETURN_IF_ERROR(mb.received_order.Upload(back_to_received, stream));
+  std::vector<int32_t> position(assignments);
+  for (int row = 0; row < assignments; ++row) position[mb.plan.sent_assignment[row]] = row;
+  return mb.assignment_rows.Upload(position, stream);
+}
+
+absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchState& mb,
+                                                       parallel::RankResources& rank) {
+  const DeviceLayer& w = layers[layer];
+  const int hidden = config().hidden_size;
+  const int received = static_cast<int>(mb.received_count);
+  RETURN_IF_ERROR(AwaitExchange(mb));  // the dispatched rows
+  RETURN_IF_ERROR(kernels::PermuteRows(mb.received_rows, mb.slot_order.device.data(),
+                                       mb.expert_in.data(), received, hidden, stream));
+  std::vector<const Bf16*> gate_up, down;
+  for (const DeviceMlp& slot : w.slots) {
+    gate_up.push_back(slot.gate_up.data());
+    down.push_back(slot.down.data());
+  }
+  // Many slots with few rows each (decode) fill the GPU best as one grouped GEMM; slots with
+  // many rows each (prefill) run faster as one large GEMM apiece (docs/PERFORMANCE.md).
+  const int slots = static_cast<int>(w.slots.size());
+  int busy_slots = 0;
+  for (int s = 0; s < slots; ++s) busy_slots += mb.slot_offsets[s + 1] > mb.slot_offsets[s];
+  const bool small_groups = busy_slots > 0 && received / busy_slots < 512;
+  RETURN_IF_ERROR(routed_mlp->Run(mb.expert_in.data(), mb.slot_offsets, gate_up, down,
+                                  mb.expert_out.data(),
+                                  small_groups ? kernels::ExpertMlp::Strategy::kGroupedGemm
+                                               : kernels::ExpertMlp::Strategy::kPerExpertGemm));
+  RETURN_IF_ERROR(kernels::PermuteRows(mb.expert_out.data(), mb.received_order.device.data(),
+                                       mb.results.data(), received, hidden, stream));
+  if (rank.load != nullptr) {
+    const int moe_layer = model->moe_index(layer);
+    for (int s = 0; s < slots; ++s) {
+      if (mb.slot_offsets[s + 1] > mb.slot_offsets[s]) {
+        rank.load->Record(moe_layer, w.slot_expert[s], mb.slot_offsets[s + 1] - mb.slot_offsets[s]);
+      }
+    }
+  }
+  // Combine: results travel back along the reverse of the dispatch.
+  if (options.group_size > 1) {
+    RETURN_IF_ERROR(EnqueueExchange(mb, mb.results.data(), mb.receive_rows, mb.returned.data(),
+                                    mb.plan.send_rows, /*dispatch=*/false));
+    mb.returned_rows = mb.returned.data();
+  } else {
+    mb.returned_rows = mb.results.data();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::FinishMoe(MicroBatchState& mb) {
+  const ModelConfig& c = config();
+  const int hidden = c.hidden_size;
+  RETURN_IF_ERROR(AwaitExchange(mb));  // the combined rows
+  RETURN_IF_ERROR(kernels::WeightedUnpermute(
+      mb.returned_rows, mb.assignment_rows.device.data(), mb.routing_weights.data(),
+      c.n_shared_experts > 0 ? mb.shared_out.data() : nullptr, mb.moe_out.data(), mb.tokens,
+      c.num_experts_per_tok, hidden, stream));
+  return kernels::AddInPlace(mb.residual.data(), mb.moe_out.data(),
+                             static_cast<int64_t>(mb.tokens) * hidden, stream);
+}
+
+}  // namespace moeserve::engine::cuda

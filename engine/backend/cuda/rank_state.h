@@ -1,0 +1,240 @@
+// The GPU backend's state of one rank and the device structures it is built from. Internal to
+// engine/backend/cuda/: CudaRankBackend's implementation is split by job over weights.cc
+// (uploading and staging weights), attention.cc (token layout and MLA), moe_exchange.cc (gate,
+// dispatch, experts, combine on the communication stream), sampling.cc (LM head, logits,
+// next tokens) and cuda_rank_backend.cc (creation and the step).
+//
+// Not thread-safe: a rank's thread drives its State; only StageSlots runs on the group's
+// staging thread, on its own stream and its own staged buffers.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/backend/cuda/cuda_rank_backend.h"
+#include "engine/backend/cuda/pinned_buffer.h"
+#include "engine/comm/nccl_communicator.h"
+#include "engine/model/model.h"
+#include "engine/parallel/ep_forward.h"
+#include "kernels/cpu_twins.h"
+#include "kernels/device_array.h"
+#include "kernels/expert_mlp.h"
+#include "kernels/kernels.h"
+#include "kernels/logit_head.h"
+
+namespace moeserve::engine::cuda {
+
+using Bf16 = __nv_bfloat16;
+using kernels::CublasStatus;
+using kernels::CudaStatus;
+using kernels::DeviceArray;
+
+// A SwiGLU MLP's weights as ExpertMlp wants them: [2I, H] (gate rows, then up rows) and [H, I].
+struct DeviceMlp {
+  DeviceArray<Bf16> gate_up;
+  DeviceArray<Bf16> down;
+};
+
+struct DeviceLayer {
+  DeviceArray<Bf16> input_norm, post_attention_norm;
+  DeviceArray<Bf16> q_a, q_a_norm, q_b, q;  // q-LoRA pair, or the direct projection
+  DeviceArray<Bf16> kv_a, kv_a_norm, kv_b, o;
+  DeviceMlp dense;
+  DeviceArray<Bf16> gate;
+  DeviceArray<float> correction_bias;
+  bool has_correction_bias = false;
+  DeviceMlp shared;
+  bool has_shared = false;
+  std::vector<DeviceMlp> slots;      // this rank's placement slots (MoE layers)
+  std::vector<int32_t> slot_expert;  // the logical expert each slot holds (-1: none yet)
+};
+
+// Trace events of the backend go on the rank's compute lane (as the CPU backend's do). They
+// are host time: GPU work shows where the host waits for it.
+constexpr int kHostLane = parallel::kTraceComputeLane;
+
+// Host fp32 → device bf16 (kernels/bf16.h's rounding), waiting for the copy.
+absl::Status UploadBf16(DeviceArray<Bf16>& out, std::span<const float> values, cudaStream_t stream);
+absl::Status UploadBf16(DeviceArray<Bf16>& out, const float* values, size_t count,
+                        cudaStream_t stream);
+// A routed expert that exists on the GPU only (ModelConfig::routed_experts_on_device).
+absl::Status GenerateMlp(DeviceMlp& out, int layer, int expert, int intermediate, int hidden,
+                         cudaStream_t stream);
+// A SwiGLU MLP from the host's fp32 weights.
+absl::Status UploadMlp(DeviceMlp& out, const MlpWeights& mlp, int hidden, cudaStream_t stream);
+
+// An index array (row numbers) on its way to the device.
+struct DeviceIndex {
+  DeviceArray<int32_t> device;
+  PinnedBuffer staging;
+  absl::Status Upload(const std::vector<int32_t>& values, cudaStream_t stream) {
+    RETURN_IF_ERROR(device.Reserve(values.size()));
+    return staging.CopyToDevice(device.data(), values.data(), values.size() * sizeof(int32_t),
+                                stream);
+  }
+};
+
+// One micro-batch's activations and exchange state. With two-batch overlap a step has two,
+// and one's dispatch or combine runs on the communication stream while the other computes;
+// every buffer either side may touch while the other runs is the micro-batch's own.
+struct MicroBatchState {
+  std::vector<BatchSequence> sequences;
+  std::vector<bool> emits_logits;
+  std::vector<SequenceSpan> spans;
+  int tokens = 0;
+  int max_blocks = 1;
+  DeviceArray<int32_t> token_ids, positions, token_sequence, block_tables;
+  DeviceArray<int64_t> cache_rows;
+  DeviceArray<Bf16> residual, normed, q_compressed, q, q_absorbed, attended, values;
+  DeviceArray<float> kv_a, gate_logits, routing_weights;
+  DeviceArray<int32_t> routing_experts;
+  DeviceArray<Bf16> send, received, expert_in, expert_out, results, returned, moe_out, shared_out;
+  DeviceArray<Bf16> head_in;
+  DeviceIndex send_source, slot_order, received_order, assignment_rows, head_rows;
+  PinnedBuffer routing_host;  // the routing's way back to the host
+  // The current MoE layer's exchange.
+  parallel::DispatchPlan plan;
+  std::vector<int64_t> receive_rows;
+  std::vector<int64_t> slot_offsets;
+  int64_t received_count = 0;
+  const Bf16* received_rows = nullptr;  // where the dispatched rows are (send when alone)
+  const Bf16* returned_rows = nullptr;  // where the combined rows are
+  // The exchange in flight on the communication stream, until its consumer waits for it.
+  std::optional<comm::CollectiveCompletion> in_flight;
+};
+
+// GPU time of one collective on the communication stream, read once the step is done.
+struct TimedCollective {
+  cudaEvent_t start = nullptr, stop = nullptr;
+  int64_t bytes = 0;
+  bool dispatch = true;
+};
+
+struct CudaRankBackend::State {
+  const Model* model = nullptr;
+  CudaRankOptions options;
+  cudaStream_t stream = nullptr;  // compute
+  cublasHandle_t cublas = nullptr;
+
+  DeviceArray<Bf16> embed, final_norm, lm_head;
+  DeviceArray<float> rope_cos, rope_sin;
+  std::vector<DeviceLayer> layers;
+  int64_t placement_version = -1;
+  kernels::GateOptions gate_options;
+
+  DeviceArray<Bf16> kv_rows;  // [layers, blocks, block_size, latent + rope]
+  int64_t rows_per_layer = 0;
+
+  std::unique_ptr<kernels::ExpertMlp> dense_mlp, shared_mlp, routed_mlp;
+  MicroBatchState micro_batches[2];
+  int max_received = 0;
+
+  // Collectives the compute stream was made to wait for; the host waits for them (with the
+  // group timeout) before it blocks on the compute stream, so a dead peer fails the step
+  // instead of hanging it.
+  std::vector<comm::CollectiveCompletion> awaited;
+  // The step's logits, one row per batch row, kept on the device for NextTokens(); Logits()
+  // copies them to host_logits.
+  DeviceArray<float> step_logits;
+  size_t step_rows = 0;
+  PinnedBuffer host_logits;
+  // NextTokens(): each row's head request, and the heads and kept weights coming back.
+  DeviceArray<kernels::LogitHeadParams> head_params;
+  DeviceArray<int32_t> head_ids;
+  DeviceArray<float> head_values;
+  DeviceArray<double> kept_weight;
+  PinnedBuffer head_params_staging, head_results;
+  std::vector<TimedCollective> timed;  // this step's
+  std::vector<TimedCollective> spare_timers;
+  cudaEvent_t produced = nullptr;  // compute-stream work the exchange must wait for
+
+  // Slots staged for a placement that has not committed yet (StageSlots/CommitSlots).
+  struct StagedSlot {
+    int layer = 0;
+    int slot = 0;
+    int expert = -1;
+    DeviceMlp weights;
+  };
+  std::vector<StagedSlot> staged_slots;
+  int64_t staged_version = -1;
+  cudaStream_t copy_stream = nullptr;  // staging uploads, beside the compute stream
+
+  ~State() {
+    for (auto* list : {&timed, &spare_timers}) {
+      for (TimedCollective& t : *list) {
+        cudaEventDestroy(t.start);
+        cudaEventDestroy(t.stop);
+      }
+    }
+    awaited.clear();
+    if (produced != nullptr) cudaEventDestroy(produced);
+    if (cublas != nullptr) cublasDestroy(cublas);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+    if (copy_stream != nullptr) cudaStreamDestroy(copy_stream);
+  }
+
+  const ModelConfig& config() const { return model->config(); }
+  std::string EventName(const char* what, int layer, const MicroBatchState& mb) const {
+    return absl::StrCat(what, " L", layer, " mb", &mb - micro_batches);
+  }
+
+  // y[rows, out] = x[rows, in] · w[out, in]^T (+ beta * y); bf16 inputs, fp32 accumulation, y
+  // in bf16 or fp32.
+  absl::Status Linear(const Bf16* x, const Bf16* w, void* y, cudaDataType y_type, int rows, int in,
+                      int out, float beta = 0.0f) {
+    if (rows == 0) return absl::OkStatus();
+    const float alpha = 1.0f;
+    return CublasStatus(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &alpha, w,
+                                     CUDA_R_16BF, in, x, CUDA_R_16BF, in, &beta, y, y_type, out,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                        "linear");
+  }
+
+  absl::Status ReserveMicroBatch(MicroBatchState& mb);
+  // Uploads the dense weights (everything but the routed experts' slots) to the device.
+  absl::Status LoadWeights();
+  // Makes the slots hold `placement`'s experts now, in place (initial load; and placements
+  // that commit without staging).
+  absl::Status LoadSlots(const ExpertPlacement& placement);
+  // Background staging (staging thread): the slots `placement` changes, into spare buffers on
+  // copy_stream. CommitSlots (rank thread, between steps) swaps them in and frees the old ones.
+  absl::Status StageSlots(const ExpertPlacement& placement);
+  void CommitSlots(const ExpertPlacement& placement);
+  void DiscardStagedSlots();
+  absl::Status Prepare(MicroBatchState& mb, int block_size);
+  absl::Status Attention(int layer, MicroBatchState& mb);
+  // MoE in three phases, so that two micro-batches can interleave them: gate and dispatch,
+  // the local experts and combine, then the weighted sum into the residual.
+  absl::Status GateAndDispatch(int layer, MicroBatchState& mb, const ExpertPlacement& placement,
+                               parallel::RankResources& rank);
+  absl::Status ExpertsAndCombine(int layer, MicroBatchState& mb, parallel::RankResources& rank);
+  absl::Status FinishMoe(MicroBatchState& mb);
+  // The rows of a micro-batch that need logits (parallel::MicroBatchLogitRows).
+  static std::vector<int32_t> LogitRows(const MicroBatchState& mb);
+  // Final norm and LM head over `rows`, the logits (fp32) written to `out` on the device.
+  absl::Status Head(MicroBatchState& mb, const std::vector<int32_t>& rows, float* out);
+  // Puts an all-to-all of activations on the communication stream behind the compute stream's
+  // work so far, as mb.in_flight; AwaitExchange makes the compute stream wait for it (its
+  // consumer's work comes next), so the compute stream stays free until then.
+  absl::Status EnqueueExchange(MicroBatchState& mb, const Bf16* send_buffer,
+                               std::span<const int64_t> send_rows, Bf16* receive_buffer,
+                               std::span<const int64_t> receive_rows, bool dispatch);
+  absl::Status AwaitExchange(MicroBatchState& mb);
+  // Waits, on the host and with the group timeout, for every exchange still in flight.
+  absl::Status DrainExchanges();
+  // Waits for the compute stream on the host (after the awaited collectives, with timeouts).
+  absl::Status SynchronizeCompute(const char* what);
+  void PublishExchangeTimes(parallel::RankResources& rank);
+  // The KV handoff: rows of positions [0, num_tokens) between the device cache and `host`.
+  absl::Status CopyKvRows(const std::vector<int32_t>& block_table, int num_tokens, std::byte* host,
+                          bool to_host);
+};
+
+}  // namespace moeserve::engine::cuda

@@ -1,0 +1,213 @@
+// The GPU backend's weights: uploading a model's weights to a rank's device, the slots of its
+// placement, and staging a new placement's changed slots in the background.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "engine/backend/cuda/rank_state.h"
+#include "engine/base/status_macros.h"
+#include "engine/model/architecture.h"
+#include "kernels/bf16.h"
+#include "kernels/kernels.h"
+
+namespace moeserve::engine::cuda {
+
+// Host fp32 → device bf16 (round to nearest even, as the kernels' twins do).
+absl::Status UploadBf16(DeviceArray<Bf16>& out, std::span<const float> values,
+                        cudaStream_t stream) {
+  std::vector<uint16_t> converted(values.size());
+  for (size_t i = 0; i < values.size(); ++i) converted[i] = kernels::FloatToBf16(values[i]);
+  return out.Upload(reinterpret_cast<const Bf16*>(converted.data()), converted.size(), stream);
+}
+
+absl::Status UploadBf16(DeviceArray<Bf16>& out, const float* values, size_t count,
+                        cudaStream_t stream) {
+  return UploadBf16(out, std::span<const float>(values, count), stream);
+}
+
+// A routed expert that exists on the GPU only (ModelConfig::routed_experts_on_device): random
+// weights from a seed of (layer, expert), so every replica of an expert is the same expert.
+absl::Status GenerateMlp(DeviceMlp& out, int layer, int expert, int intermediate, int hidden,
+                         cudaStream_t stream) {
+  const size_t matrix = static_cast<size_t>(intermediate) * hidden;
+  RETURN_IF_ERROR(out.gate_up.Reserve(2 * matrix));
+  RETURN_IF_ERROR(out.down.Reserve(matrix));
+  const uint64_t seed = 0x6d6f657365727665ull ^ (static_cast<uint64_t>(layer) << 40) ^
+                        (static_cast<uint64_t>(expert) << 8);
+  // Standard deviation 1/sqrt(fan-in), as the host-generated matrices have.
+  RETURN_IF_ERROR(kernels::FillRandomBf16(out.gate_up.data(), static_cast<int64_t>(2 * matrix),
+                                          seed, 1.0f / std::sqrt(static_cast<float>(hidden)),
+                                          stream));
+  return kernels::FillRandomBf16(out.down.data(), static_cast<int64_t>(matrix), seed + 1,
+                                 1.0f / std::sqrt(static_cast<float>(intermediate)), stream);
+}
+
+absl::Status UploadMlp(DeviceMlp& out, const MlpWeights& mlp, int hidden, cudaStream_t stream) {
+  const size_t matrix = static_cast<size_t>(mlp.intermediate_size) * hidden;
+  std::vector<float> gate_up(2 * matrix);
+  std::copy_n(mlp.gate_proj, matrix, gate_up.begin());
+  std::copy_n(mlp.up_proj, matrix, gate_up.begin() + static_cast<std::ptrdiff_t>(matrix));
+  RETURN_IF_ERROR(UploadBf16(out.gate_up, gate_up, stream));
+  return UploadBf16(out.down, mlp.down_proj, matrix, stream);
+}
+
+absl::Status CheckCudaSupport(const ModelConfig& config) {
+  if (!ArchitectureOf(config).runs_on_gpu) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the GPU backend runs DeepSeek's multi-head latent attention models (deepseek_v2/v3); `",
+        config.model_type, "` uses grouped-query attention: serve it with --device cpu"));
+  }
+  if (config.kv_lora_rank > 1024) {
+    return absl::InvalidArgumentError("the GPU backend supports kv_lora_rank up to 1024");
+  }
+  if (config.n_routed_experts > 1024 || config.num_experts_per_tok > 32 || config.n_group > 32) {
+    return absl::InvalidArgumentError(
+        "the GPU backend's gate supports up to 1024 experts, 32 per token and 32 groups");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::LoadWeights() {
+  const ModelConfig& c = config();
+  const ModelWeights& weights = model->weights();
+  const int hidden = c.hidden_size;
+
+  RETURN_IF_ERROR(UploadBf16(embed, weights.embed_tokens(),
+                             static_cast<size_t>(c.vocab_size) * hidden, stream));
+  RETURN_IF_ERROR(UploadBf16(final_norm, weights.final_norm(), hidden, stream));
+  RETURN_IF_ERROR(
+      UploadBf16(lm_head, weights.lm_head(), static_cast<size_t>(c.vocab_size) * hidden, stream));
+  // Rotations for every position this rank's KV cache can hold (no request reaches further).
+  std::vector<float> cos_table, sin_table;
+  model->rope().Table(static_cast<int>(std::min<int64_t>(
+                          c.max_position_embeddings,
+                          static_cast<int64_t>(options.kv_blocks) * options.kv_block_size)),
+                      cos_table, sin_table);
+  RETURN_IF_ERROR(rope_cos.Upload(cos_table.data(), cos_table.size(), stream));
+  RETURN_IF_ERROR(rope_sin.Upload(sin_table.data(), sin_table.size(), stream));
+  const int heads = c.num_attention_heads;
+  const int qk = c.qk_head_dim();
+  const int row_dim = c.kv_lora_rank + c.qk_rope_head_dim;
+  layers.resize(c.num_hidden_layers);
+  for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
+    const LayerWeights& l = weights.layer(layer);
+    DeviceLayer& d = layers[layer];
+    const AttentionWeights& a = l.attention;
+    RETURN_IF_ERROR(UploadBf16(d.input_norm, l.input_layernorm, hidden, stream));
+    RETURN_IF_ERROR(UploadBf16(d.post_attention_norm, l.post_attention_layernorm, hidden, stream));
+    if (c.q_lora_rank > 0) {
+      RETURN_IF_ERROR(
+          UploadBf16(d.q_a, a.q_a_proj, static_cast<size_t>(c.q_lora_rank) * hidden, stream));
+      RETURN_IF_ERROR(UploadBf16(d.q_a_norm, a.q_a_layernorm, c.q_lora_rank, stream));
+      RETURN_IF_ERROR(
+          UploadBf16(d.q_b, a.q_b_proj, static_cast<size_t>(heads) * qk * c.q_lora_rank, stream));
+    } else {
+      RETURN_IF_ERROR(UploadBf16(d.q, a.q_proj, static_cast<size_t>(heads) * qk * hidden, stream));
+    }
+    RETURN_IF_ERROR(
+        UploadBf16(d.kv_a, a.kv_a_proj_with_mqa, static_cast<size_t>(row_dim) * hidden, stream));
+    RETURN_IF_ERROR(UploadBf16(d.kv_a_norm, a.kv_a_layernorm, c.kv_lora_rank, stream));
+    RETURN_IF_ERROR(UploadBf16(
+        d.kv_b, a.kv_b_proj,
+        static_cast<size_t>(heads) * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank, stream));
+    RETURN_IF_ERROR(
+        UploadBf16(d.o, a.o_proj, static_cast<size_t>(hidden) * heads * c.v_head_dim, stream));
+    if (!l.is_moe) {
+      RETURN_IF_ERROR(UploadMlp(d.dense, l.dense_mlp, hidden, stream));
+      continue;
+    }
+    RETURN_IF_ERROR(
+        UploadBf16(d.gate, l.moe.gate, static_cast<size_t>(c.n_routed_experts) * hidden, stream));
+    if (l.moe.e_score_correction_bias != nullptr) {
+      d.has_correction_bias = true;
+      RETURN_IF_ERROR(
+          d.correction_bias.Upload(l.moe.e_score_correction_bias, c.n_routed_experts, stream));
+    }
+    if (l.moe.has_shared) {
+      d.has_shared = true;
+      RETURN_IF_ERROR(UploadMlp(d.shared, l.moe.shared, hidden, stream));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::LoadSlots(const ExpertPlacement& placement) {
+  if (placement.version() == placement_version) return absl::OkStatus();
+  const ModelConfig& c = config();
+  const int slots_per_rank = placement.num_physical() / options.group_size;
+  const int first_slot = options.rank * slots_per_rank;
+  for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
+    const int moe_layer = model->moe_index(layer);
+    if (moe_layer < 0) continue;
+    DeviceLayer& d = layers[layer];
+    d.slots.resize(slots_per_rank);
+    d.slot_expert.resize(slots_per_rank, -1);
+    const MoeWeights& moe = model->weights().layer(layer).moe;
+    for (int slot = 0; slot < slots_per_rank; ++slot) {
+      const int expert = placement.phy2log(moe_layer)[first_slot + slot];
+      if (d.slot_expert[slot] == expert) continue;  // unchanged slots keep their weights
+      if (c.routed_experts_on_device) {
+        RETURN_IF_ERROR(GenerateMlp(d.slots[slot], layer, expert, c.moe_intermediate_size,
+                                    c.hidden_size, stream));
+      } else {
+        RETURN_IF_ERROR(UploadMlp(d.slots[slot], moe.experts[expert], c.hidden_size, stream));
+      }
+      d.slot_expert[slot] = expert;
+    }
+  }
+  placement_version = placement.version();
+  return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::StageSlots(const ExpertPlacement& placement) {
+  // The staging thread drives the same device on its own stream; the rank keeps computing on
+  // the compute stream with the current slots, which this never touches.
+  RETURN_IF_ERROR(CudaStatus(cudaSetDevice(options.device), "select GPU for staging"));
+  DiscardStagedSlots();
+  const ModelConfig& c = config();
+  const int slots_per_rank = placement.num_physical() / options.group_size;
+  const int first_slot = options.rank * slots_per_rank;
+  for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
+    const int moe_layer = model->moe_index(layer);
+    if (moe_layer < 0) continue;
+    const DeviceLayer& d = layers[layer];
+    for (int slot = 0; slot < slots_per_rank; ++slot) {
+      const int expert = placement.phy2log(moe_layer)[first_slot + slot];
+      if (d.slot_expert[slot] == expert) continue;  // unchanged slots keep their buffers
+      StagedSlot& staged = staged_slots.emplace_back();
+      staged.layer = layer;
+      staged.slot = slot;
+      staged.expert = expert;
+      if (c.routed_experts_on_device) {
+        RETURN_IF_ERROR(GenerateMlp(staged.weights, layer, expert, c.moe_intermediate_size,
+                                    c.hidden_size, copy_stream));
+      } else {
+        RETURN_IF_ERROR(UploadMlp(staged.weights, model->weights().layer(layer).moe.experts[expert],
+                                  c.hidden_size, copy_stream));
+      }
+    }
+  }
+  RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(copy_stream), "staged slots"));
+  staged_version = placement.version();
+  return absl::OkStatus();
+}
+
+void CudaRankBackend::State::CommitSlots(const ExpertPlacement& placement) {
+  if (staged_version != placement.version()) return;  // not staged: LoadSlots does it in-step
+  for (StagedSlot& staged : staged_slots) {
+    DeviceLayer& d = layers[staged.layer];
+    std::swap(d.slots[staged.slot], staged.weights);
+    d.slot_expert[staged.slot] = staged.expert;
+  }
+  placement_version = placement.version();
+  // The replaced buffers are free now: the step that used them has finished.
+  staged_slots.clear();
+  staged_version = -1;
+}
+
+void CudaRankBackend::State::DiscardStagedSlots() {
+  staged_slots.clear();
+  staged_version = -1;
+}
+
+}  // namespace moeserve::engine::cuda
