@@ -155,6 +155,8 @@ int main(int argc, char** argv) {
                    "/v1/models, /health (0: pick a free one, -1: off)")
       ->capture_default_str()
       ->check(CLI::Range(-1, 65535));
+  serve_command->add_option("--http-host", serve.http_host,
+                            "Address the OpenAI HTTP port (plain HTTP) binds (default: --host)");
   serve_command
       ->add_option("--chat-template", serve.chat_template_file,
                    "Jinja chat template for /v1/chat/completions, instead of the model's own "

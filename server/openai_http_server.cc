@@ -241,6 +241,12 @@ absl::StatusOr<int> OpenAiHttpServer::Start() {
   // An idle kept-alive connection holds a worker; 5 s also bounds how long Stop waits for one.
   http_->set_keep_alive_timeout(5);
   http_->set_payload_max_length(options_.max_body_bytes);
+  // cpp-httplib sets SO_REUSEPORT on Linux, which lets a second server bind the same port and
+  // take half its connections; SO_REUSEADDR alone still allows a restart over TIME_WAIT.
+  http_->set_socket_options([](socket_t socket) {
+    int yes = 1;
+    setsockopt(socket, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
   RegisterRoutes();
   int port = options_.port;
   if (port == 0) {

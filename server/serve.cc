@@ -185,7 +185,7 @@ int RunServe(const ServeOptions& options) {
       std::cerr << "moeserve: the model has no chat template; /v1/chat/completions answers 400 "
                    "(give one with --chat-template FILE)\n";
     }
-    const std::string& host = options.host;
+    const std::string host = options.http_host.empty() ? options.host : options.http_host;
     http = std::make_unique<OpenAiHttpServer>(
         OpenAiHttpOptions{.host = host,
                           .port = options.http_port,

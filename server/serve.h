@@ -32,6 +32,7 @@ struct ServeOptions {
   base::TlsServerFiles tls;  // the gRPC port; disabled: plaintext
   std::string metrics_host;  // empty: `host`
   int metrics_port = 9400;   // 0 picks a free port; -1 disables the exporter (HTTP)
+  std::string http_host;     // empty: `host`
   int http_port = 8000;      // OpenAI-compatible HTTP; 0 picks a free port; -1 turns it off
   int http_max_connections = 256;
   std::string chat_template_file;  // empty: the model's own template

@@ -71,6 +71,15 @@ TEST(Lifecycle, ASecondServerOnATakenPortFailsToStart) {
       second.output(),
       HasSubstr("cannot listen on 127.0.0.1:" + std::to_string(first.port()) + " (address in use"));
   EXPECT_TRUE(Serves(first));
+  // The same for the OpenAI HTTP port (cpp-httplib sets SO_REUSEPORT by default).
+  ASSERT_GT(first.http_port(), 0);
+  ServerProcess third({"--http-port", std::to_string(first.http_port()), "--metrics-port", "-1"},
+                      /*expect_ready=*/false);
+  EXPECT_FALSE(third.ok());
+  EXPECT_EQ(third.WaitForExit(30), 1);
+  EXPECT_THAT(third.output(), HasSubstr("cannot listen for HTTP on 127.0.0.1:" +
+                                        std::to_string(first.http_port())));
+  EXPECT_TRUE(Serves(first));
 }
 
 TEST(Lifecycle, ASignalWhileTheModelLoadsStopsBeforeServing) {
