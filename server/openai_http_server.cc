@@ -260,7 +260,10 @@ absl::StatusOr<int> OpenAiHttpServer::Start() {
                                                " (address in use or not available)"));
   }
   static_cast<HttpServer*>(http_.get())->WidenBacklog();
-  listener_ = std::thread([this] { http_->listen_after_bind(); });
+  listener_ = std::thread([this] {
+    http_->listen_after_bind();
+    listener_done_.store(true);
+  });
   return port;
 }
 
@@ -276,7 +279,13 @@ void OpenAiHttpServer::Drain(std::chrono::system_clock::time_point deadline) {
 void OpenAiHttpServer::Stop() {
   if (!listener_.joinable()) return;
   cancel_all_.store(true);
-  http_->stop();
+  // cpp-httplib's stop() closes the listening socket only once the listener thread has entered
+  // listen; called earlier (a start-up that fails right after Start) it does nothing and the
+  // join would wait forever in accept(). Repeat it until the listener has returned.
+  while (!listener_done_.load()) {
+    http_->stop();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   listener_.join();
 }
 
