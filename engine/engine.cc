@@ -13,6 +13,8 @@
 #include "engine/backend/backend_loader.h"
 #include "engine/backend/rank_backend.h"
 #include "engine/base/status_macros.h"
+#include "engine/comm/gloo_communicator.h"
+#include "engine/comm/gloo_store.h"
 #include "engine/model/builtin_models.h"
 #include "engine/model/loader.h"
 #include "engine/model/model.h"
@@ -21,6 +23,7 @@
 #include "engine/runtime/metrics.h"
 #include "engine/runtime/rank_worker.h"
 #include "engine/runtime/request_validation.h"
+#include "engine/runtime/sequence_handoff.h"
 #include "engine/trace/trace_recorder.h"
 
 namespace moeserve::engine {
@@ -64,25 +67,28 @@ absl::Status ValidateOptions(const EngineOptions& options) {
 
 }  // namespace
 
-class Engine::Impl {
+class LocalEngine final : public Engine {
  public:
-  Impl(std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
-       EngineOptions options, RankBackendChoice backend, prometheus::Registry* registry);
-  ~Impl() { Shutdown(); }
+  LocalEngine(std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
+              EngineOptions options, RankBackendChoice backend, prometheus::Registry* registry);
+  ~LocalEngine() override { Shutdown(); }
 
   absl::Status Start();
-  absl::StatusOr<std::shared_ptr<RequestStream>> Submit(GenerationInput input);
-  EngineStats Stats() const;
-  std::vector<GroupHealth> Health() const;
-  void SetGroupFailureListener(std::function<void(const GroupHealth&)> listener);
-  const ModelInfo& model_info() const { return model_info_; }
-  const LayoutInfo& layout() const { return layout_; }
-  absl::StatusOr<PlacementInfo> GetPlacement(const std::string& group) const;
-  absl::StatusOr<PlacementUpdateResult> UpdatePlacement(const PlacementUpdate& update);
-  absl::StatusOr<ExpertLoadWindow> ExpertLoad(const std::string& group, double since) const;
-  void StopAccepting();
-  void Shutdown();
-  absl::Status WriteTrace() const;
+  absl::StatusOr<std::shared_ptr<RequestStream>> Submit(GenerationInput input) override;
+  absl::StatusOr<std::shared_ptr<RequestStream>> AcceptHandoff(
+      const SequenceHandoff& handoff) override;
+  EngineStats Stats() const override;
+  std::vector<GroupHealth> Health() const override;
+  void SetHealthListener(std::function<void(const GroupHealth&)> listener) override;
+  const ModelInfo& model_info() const override { return model_info_; }
+  const LayoutInfo& layout() const override { return layout_; }
+  absl::StatusOr<PlacementInfo> GetPlacement(const std::string& group) const override;
+  absl::StatusOr<PlacementUpdateResult> UpdatePlacement(const PlacementUpdate& update) override;
+  absl::StatusOr<ExpertLoadWindow> ExpertLoad(const std::string& group,
+                                              double since) const override;
+  void StopAccepting() override;
+  void Shutdown() override;
+  absl::Status WriteTrace() const override;
 
  private:
   struct WorkerGroup {
@@ -95,8 +101,13 @@ class Engine::Impl {
   };
 
   absl::Status Validate(GenerationInput& input) const;
+  // A group of `size` ranks of which this process runs `local_ranks` (all: empty), over `parts`'
+  // communicators (default: in-process).
   absl::StatusOr<WorkerGroup> BuildGroup(const std::string& name, int size, GroupRole role,
-                                         int trace_pid_offset);
+                                         int trace_pid_offset, parallel::GroupParts parts = {},
+                                         std::vector<int> local_ranks = {});
+  // The one rank of a group of processes (options_.rank_process).
+  absl::Status StartRankProcess();
   // The group named `name` (empty: the entry group), or NOT_FOUND naming the groups.
   absl::StatusOr<int> FindGroup(const std::string& name) const;
   static RankWorker& LeastLoaded(const WorkerGroup& group);
@@ -132,8 +143,9 @@ class Engine::Impl {
   std::thread snapshot_thread_;
 };
 
-Engine::Impl::Impl(std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
-                   EngineOptions options, RankBackendChoice backend, prometheus::Registry* registry)
+LocalEngine::LocalEngine(std::shared_ptr<const Model> model,
+                         std::shared_ptr<const Tokenizer> tokenizer, EngineOptions options,
+                         RankBackendChoice backend, prometheus::Registry* registry)
     : model_(std::move(model)),
       tokenizer_(std::move(tokenizer)),
       options_(std::move(options)),
@@ -175,9 +187,11 @@ Engine::Impl::Impl(std::shared_ptr<const Model> model, std::shared_ptr<const Tok
                  .eos_token_id = c.eos_token_id};
 }
 
-absl::StatusOr<Engine::Impl::WorkerGroup> Engine::Impl::BuildGroup(const std::string& name,
-                                                                   int size, GroupRole role,
-                                                                   int trace_pid_offset) {
+absl::StatusOr<LocalEngine::WorkerGroup> LocalEngine::BuildGroup(const std::string& name, int size,
+                                                                 GroupRole role,
+                                                                 int trace_pid_offset,
+                                                                 parallel::GroupParts parts,
+                                                                 std::vector<int> local_ranks) {
   const ModelConfig& c = model_->config();
   const ParallelOptions& p = options_.parallel;
   const int num_logical = std::max(c.n_routed_experts, 1);
@@ -198,7 +212,8 @@ absl::StatusOr<Engine::Impl::WorkerGroup> Engine::Impl::BuildGroup(const std::st
   group_options.collective_timeout = std::chrono::milliseconds(
       static_cast<int64_t>(std::ceil(p.collective_timeout_seconds * 1000)));
   auto group = parallel::ExpertParallelGroup::Create(*model_, group_options, std::move(*placement),
-                                                     registry_, trace_.get(), trace_pid_offset);
+                                                     registry_, trace_.get(), trace_pid_offset,
+                                                     std::move(parts));
   if (!group.ok()) return group.status();
   (*group)->SetFailureListener([this, name](const absl::Status& failure) {
     std::function<void(const GroupHealth&)> listener;
@@ -220,15 +235,24 @@ absl::StatusOr<Engine::Impl::WorkerGroup> Engine::Impl::BuildGroup(const std::st
   }
   WorkerGroup result;
   result.group = std::move(*group);
-  for (int rank = 0; rank < size; ++rank) {
+  if (local_ranks.empty()) local_ranks = result.group->local_ranks();
+  for (int rank : local_ranks) {
     absl::StatusOr<std::unique_ptr<RankBackend>> backend = MakeRankBackend(
-        backend_.factory, {.model = model_.get(),
-                           .group = result.group.get(),
-                           .rank = rank,
-                           .kv_blocks = static_cast<int>(kv_blocks),
-                           .kv_block_size = options_.kv_block_size,
-                           .max_batch_tokens = options_.max_batch_tokens,
-                           .background_placement_staging = p.background_placement_staging});
+        backend_.factory,
+        {.model = model_.get(),
+         .group = result.group.get(),
+         .rank = rank,
+         .kv_blocks = static_cast<int>(kv_blocks),
+         .kv_block_size = options_.kv_block_size,
+         .max_batch_tokens = options_.max_batch_tokens,
+         .background_placement_staging = p.background_placement_staging,
+         .rendezvous =
+             options_.rank_process.has_value() ? options_.rank_process->rendezvous.get() : nullptr,
+         .rendezvous_prefix = options_.rank_process.has_value()
+                                  ? options_.rank_process->rendezvous_prefix
+                                  : std::string(),
+         .cuda_device =
+             options_.rank_process.has_value() ? options_.rank_process->cuda_device : -1});
     if (!backend.ok()) return backend.status();
     if (ExpertStager* stager = (*backend)->expert_stager(); stager != nullptr) {
       result.group->SetExpertStager(rank, stager);
@@ -241,9 +265,46 @@ absl::StatusOr<Engine::Impl::WorkerGroup> Engine::Impl::BuildGroup(const std::st
   return result;
 }
 
-absl::Status Engine::Impl::Start() {
+absl::Status LocalEngine::StartRankProcess() {
+  const RankProcessOptions& rp = *options_.rank_process;
+  GroupRole role = GroupRole::kMixed;
+  if (rp.group == "prefill") role = GroupRole::kPrefill;
+  if (rp.group == "decode") role = GroupRole::kDecode;
+  if (rp.rendezvous == nullptr) {
+    return absl::InvalidArgumentError("engine: a rank process needs its group's rendezvous");
+  }
+  if (role == GroupRole::kPrefill) {
+    if (rp.handoff == nullptr) {
+      return absl::InvalidArgumentError("engine: a prefill rank process needs a handoff sender");
+    }
+    kv_transport_ = std::make_unique<RemoteKvTransport>(rp.handoff);
+    context_.kv_transport = kv_transport_.get();
+  }
+  const auto timeout = std::chrono::milliseconds(
+      static_cast<int64_t>(std::ceil(options_.parallel.collective_timeout_seconds * 1000)));
+  comm::GlooGroupOptions gloo;
+  gloo.size = rp.group_size;
+  gloo.rank = rp.rank;
+  gloo.num_channels = 2;
+  gloo.timeout = timeout;
+  gloo.hostname = rp.hostname;
+  gloo.key_prefix = rp.rendezvous_prefix;
+  ASSIGN_OR_RETURN(std::unique_ptr<comm::GlooCommunicatorGroup> communicators,
+                   comm::GlooCommunicatorGroup::Create(
+                       std::make_shared<comm::GlooStore>(rp.rendezvous, timeout), gloo));
+  parallel::GroupParts parts;
+  parts.communicators = std::move(communicators);
+  ASSIGN_OR_RETURN(WorkerGroup group,
+                   BuildGroup(rp.group, rp.group_size, role, 0, std::move(parts), {rp.rank}));
+  groups_.push_back(std::move(group));
+  return absl::OkStatus();
+}
+
+absl::Status LocalEngine::Start() {
   const ParallelOptions& p = options_.parallel;
-  if (p.prefill_ep > 0) {
+  if (options_.rank_process.has_value()) {
+    RETURN_IF_ERROR(StartRankProcess());
+  } else if (p.prefill_ep > 0) {
     auto prefill = BuildGroup("prefill", p.prefill_ep, GroupRole::kPrefill, 0);
     if (!prefill.ok()) return prefill.status();
     auto decode = BuildGroup("decode", p.decode_ep, GroupRole::kDecode, 1000);
@@ -257,6 +318,11 @@ absl::Status Engine::Impl::Start() {
   }
   layout_.prefill_ep = p.prefill_ep;
   layout_.decode_ep = p.decode_ep;
+  if (options_.rank_process.has_value()) {
+    const RankProcessOptions& rp = *options_.rank_process;
+    layout_.prefill_ep = rp.group == "prefill" ? rp.group_size : 0;
+    layout_.decode_ep = rp.group == "prefill" ? 0 : rp.group_size;
+  }
   layout_.num_redundant_experts = p.num_redundant_experts;
   layout_.two_batch_overlap = p.two_batch_overlap;
   layout_.device = backend_.device;
@@ -275,7 +341,7 @@ absl::Status Engine::Impl::Start() {
   return absl::OkStatus();
 }
 
-void Engine::Impl::SnapshotLoadLoop() {
+void LocalEngine::SnapshotLoadLoop() {
   while (!stop_snapshots_.load()) {
     LoadSnapshot snapshot{UnixNow(), {}};
     for (const auto& g : groups_) snapshot.per_group.push_back(g.group->load().Snapshot());
@@ -290,7 +356,7 @@ void Engine::Impl::SnapshotLoadLoop() {
   }
 }
 
-absl::StatusOr<int> Engine::Impl::FindGroup(const std::string& name) const {
+absl::StatusOr<int> LocalEngine::FindGroup(const std::string& name) const {
   std::string known;
   for (size_t i = 0; i < groups_.size(); ++i) {
     if (name.empty() || groups_[i].group->name() == name) return static_cast<int>(i);
@@ -301,7 +367,7 @@ absl::StatusOr<int> Engine::Impl::FindGroup(const std::string& name) const {
   return absl::NotFoundError(absl::StrCat("no group `", shown, "` (groups: ", known, ")"));
 }
 
-absl::StatusOr<PlacementInfo> Engine::Impl::GetPlacement(const std::string& name) const {
+absl::StatusOr<PlacementInfo> LocalEngine::GetPlacement(const std::string& name) const {
   ASSIGN_OR_RETURN(const int index, FindGroup(name));
   const parallel::ExpertParallelGroup& group = *groups_[index].group;
   const std::shared_ptr<const ExpertPlacement> placement = group.committed_placement();
@@ -318,7 +384,7 @@ absl::StatusOr<PlacementInfo> Engine::Impl::GetPlacement(const std::string& name
   return info;
 }
 
-absl::StatusOr<PlacementUpdateResult> Engine::Impl::UpdatePlacement(const PlacementUpdate& update) {
+absl::StatusOr<PlacementUpdateResult> LocalEngine::UpdatePlacement(const PlacementUpdate& update) {
   absl::StatusOr<int> index = FindGroup(update.group);
   if (!index.ok()) return index.status();
   if (!(update.timeout_seconds > 0) || update.timeout_seconds > kMaxPlacementTimeoutSeconds) {
@@ -341,8 +407,8 @@ absl::StatusOr<PlacementUpdateResult> Engine::Impl::UpdatePlacement(const Placem
   return result;
 }
 
-absl::StatusOr<ExpertLoadWindow> Engine::Impl::ExpertLoad(const std::string& name,
-                                                          double since) const {
+absl::StatusOr<ExpertLoadWindow> LocalEngine::ExpertLoad(const std::string& name,
+                                                         double since) const {
   absl::StatusOr<int> index = FindGroup(name);
   if (!index.ok()) return index.status();
   const parallel::ExpertParallelGroup& group = *groups_[*index].group;
@@ -370,12 +436,12 @@ absl::StatusOr<ExpertLoadWindow> Engine::Impl::ExpertLoad(const std::string& nam
   return window;
 }
 
-void Engine::Impl::StopAccepting() {
+void LocalEngine::StopAccepting() {
   absl::MutexLock lock(&submit_mutex_);
   accepting_ = false;
 }
 
-void Engine::Impl::Shutdown() {
+void LocalEngine::Shutdown() {
   {
     absl::MutexLock lock(&submit_mutex_);
     accepting_ = false;
@@ -397,25 +463,25 @@ void Engine::Impl::Shutdown() {
   if (trace_ != nullptr) (void)WriteTrace();
 }
 
-absl::Status Engine::Impl::WriteTrace() const {
+absl::Status LocalEngine::WriteTrace() const {
   if (trace_ == nullptr) return absl::OkStatus();
   std::error_code error;
   std::filesystem::create_directories(options_.parallel.trace_dir, error);
   return trace_->WriteJson(options_.parallel.trace_dir + "/moeserve-trace.json");
 }
 
-std::vector<GroupHealth> Engine::Impl::Health() const {
+std::vector<GroupHealth> LocalEngine::Health() const {
   std::vector<GroupHealth> result;
   for (const auto& g : groups_) result.push_back({g.group->name(), g.group->health()});
   return result;
 }
 
-void Engine::Impl::SetGroupFailureListener(std::function<void(const GroupHealth&)> listener) {
+void LocalEngine::SetHealthListener(std::function<void(const GroupHealth&)> listener) {
   absl::MutexLock lock(&listener_mutex_);
   failure_listener_ = std::move(listener);
 }
 
-EngineStats Engine::Impl::Stats() const {
+EngineStats LocalEngine::Stats() const {
   EngineStats stats;
   for (const auto& group : groups_) {
     for (const auto& worker : group.workers) {
@@ -428,7 +494,7 @@ EngineStats Engine::Impl::Stats() const {
   return stats;
 }
 
-void Engine::Impl::PublishState() {
+void LocalEngine::PublishState() {
   const EngineStats stats = Stats();
   metrics_.SetQueueState(
       stats.running, stats.waiting,
@@ -437,7 +503,7 @@ void Engine::Impl::PublishState() {
           : 0.0);
 }
 
-RankWorker& Engine::Impl::LeastLoaded(const WorkerGroup& group) {
+RankWorker& LocalEngine::LeastLoaded(const WorkerGroup& group) {
   // Fewest running + queued sequences; ties go to the rank with more free KV blocks.
   RankWorker* best = group.workers.front().get();
   for (const auto& worker : group.workers) {
@@ -449,11 +515,11 @@ RankWorker& Engine::Impl::LeastLoaded(const WorkerGroup& group) {
   return *best;
 }
 
-void Engine::Impl::HandOff(std::unique_ptr<Sequence> sequence) {
+void LocalEngine::HandOff(std::unique_ptr<Sequence> sequence) {
   LeastLoaded(groups_.back()).Enqueue(std::move(sequence));
 }
 
-absl::Status Engine::Impl::Validate(GenerationInput& in) const {
+absl::Status LocalEngine::Validate(GenerationInput& in) const {
   const ModelConfig& c = model_->config();
   RequestLimits limits;
   limits.vocab_size = c.vocab_size;
@@ -472,7 +538,37 @@ absl::Status Engine::Impl::Validate(GenerationInput& in) const {
   return ValidateGenerationInput(in, limits, tokenizer_.get());
 }
 
-absl::StatusOr<std::shared_ptr<RequestStream>> Engine::Impl::Submit(GenerationInput input) {
+absl::StatusOr<std::shared_ptr<RequestStream>> LocalEngine::AcceptHandoff(
+    const SequenceHandoff& handoff) {
+  if (!options_.rank_process.has_value() || options_.rank_process->group != "decode") {
+    return absl::UnimplementedError("this engine takes no handoffs (not a decode rank process)");
+  }
+  if (absl::Status health = groups_.front().group->health(); !health.ok()) {
+    metrics_.RequestFinished("unavailable");
+    return health;
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<Sequence> sequence, FromHandoff(handoff));
+  const int blocks =
+      BlocksFor(sequence->prompt_length + sequence->input.max_tokens, options_.kv_block_size);
+  if (blocks > groups_.front().workers.front()->kv_blocks_total()) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the handed-off sequence needs ", blocks, " KV blocks; this decode rank has ",
+                     groups_.front().workers.front()->kv_blocks_total()));
+  }
+  std::shared_ptr<RequestStream> stream = sequence->stream;
+  LeastLoaded(groups_.front()).Enqueue(std::move(sequence));
+  PublishState();
+  return stream;
+}
+
+absl::StatusOr<std::shared_ptr<RequestStream>> LocalEngine::Submit(GenerationInput input) {
+  if (options_.rank_process.has_value() && options_.rank_process->group == "prefill" &&
+      !input.handoff.has_value()) {
+    metrics_.RequestFinished("invalid_argument");
+    return absl::InvalidArgumentError(
+        "a prefill rank takes requests with a handoff route only: send requests through the "
+        "front end (moeserve frontend)");
+  }
   if (absl::Status status = Validate(input); !status.ok()) {
     metrics_.RequestFinished("invalid_argument");
     return status;
@@ -520,6 +616,27 @@ absl::StatusOr<std::shared_ptr<RequestStream>> Engine::Impl::Submit(GenerationIn
 
 // --- Engine ----------------------------------------------------------------------------------
 
+namespace {
+
+absl::StatusOr<std::unique_ptr<Engine>> StartLocalEngine(std::shared_ptr<const Model> model,
+                                                         std::shared_ptr<const Tokenizer> tokenizer,
+                                                         EngineOptions options,
+                                                         RankBackendChoice backend,
+                                                         prometheus::Registry* registry) {
+  const ParallelOptions& p = options.parallel;
+  if (model->config().n_routed_experts == 0 && p.num_redundant_experts > 0) {
+    return absl::InvalidArgumentError("engine: the model has no routed experts to replicate");
+  }
+  // Every running request decodes one token per step, so they must fit in one step.
+  options.max_running_requests = std::min(options.max_running_requests, options.max_batch_tokens);
+  auto engine = std::make_unique<LocalEngine>(std::move(model), std::move(tokenizer),
+                                              std::move(options), std::move(backend), registry);
+  RETURN_IF_ERROR(engine->Start());
+  return std::unique_ptr<Engine>(std::move(engine));
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options,
                                                        prometheus::Registry* registry) {
   RETURN_IF_ERROR(ValidateOptions(options));
@@ -527,8 +644,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options,
   // The backend before the model: a missing GPU backend is reported before a long load.
   ASSIGN_OR_RETURN(RankBackendChoice backend, ChooseRankBackend(options.device));
   ASSIGN_OR_RETURN(LoadedModel loaded, LoadModel(options.model));
-  return Start(std::move(loaded.model), std::move(loaded.tokenizer), std::move(options),
-               std::move(backend), registry);
+  return StartLocalEngine(std::move(loaded.model), std::move(loaded.tokenizer), std::move(options),
+                          std::move(backend), registry);
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWithModel(
@@ -536,53 +653,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWithModel(
     EngineOptions options, prometheus::Registry* registry) {
   RETURN_IF_ERROR(ValidateOptions(options));
   ASSIGN_OR_RETURN(RankBackendChoice backend, ChooseRankBackend(options.device));
-  return Start(std::move(model), std::move(tokenizer), std::move(options), std::move(backend),
-               registry);
+  return StartLocalEngine(std::move(model), std::move(tokenizer), std::move(options),
+                          std::move(backend), registry);
 }
-
-absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(std::shared_ptr<const Model> model,
-                                                      std::shared_ptr<const Tokenizer> tokenizer,
-                                                      EngineOptions options,
-                                                      RankBackendChoice backend,
-                                                      prometheus::Registry* registry) {
-  const ParallelOptions& p = options.parallel;
-  if (model->config().n_routed_experts == 0 && p.num_redundant_experts > 0) {
-    return absl::InvalidArgumentError("engine: the model has no routed experts to replicate");
-  }
-  // Every running request decodes one token per step, so they must fit in one step.
-  options.max_running_requests = std::min(options.max_running_requests, options.max_batch_tokens);
-  auto impl = std::make_unique<Impl>(std::move(model), std::move(tokenizer), std::move(options),
-                                     std::move(backend), registry);
-  RETURN_IF_ERROR(impl->Start());
-  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
-}
-
-Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-Engine::~Engine() = default;
-
-absl::StatusOr<std::shared_ptr<RequestStream>> Engine::Submit(GenerationInput input) {
-  return impl_->Submit(std::move(input));
-}
-EngineStats Engine::Stats() const { return impl_->Stats(); }
-std::vector<GroupHealth> Engine::Health() const { return impl_->Health(); }
-void Engine::SetGroupFailureListener(std::function<void(const GroupHealth&)> listener) {
-  impl_->SetGroupFailureListener(std::move(listener));
-}
-const ModelInfo& Engine::model_info() const { return impl_->model_info(); }
-const LayoutInfo& Engine::layout() const { return impl_->layout(); }
-absl::StatusOr<PlacementInfo> Engine::GetPlacement(const std::string& group) const {
-  return impl_->GetPlacement(group);
-}
-absl::StatusOr<PlacementUpdateResult> Engine::UpdatePlacement(const PlacementUpdate& update) {
-  return impl_->UpdatePlacement(update);
-}
-absl::StatusOr<ExpertLoadWindow> Engine::ExpertLoad(const std::string& group,
-                                                    double since_unix_seconds) const {
-  return impl_->ExpertLoad(group, since_unix_seconds);
-}
-void Engine::StopAccepting() { impl_->StopAccepting(); }
-void Engine::Shutdown() { impl_->Shutdown(); }
-absl::Status Engine::WriteTrace() const { return impl_->WriteTrace(); }
 
 absl::Status CheckModelRunsOn(const std::string& model, const std::string& device) {
   if (device == "cuda" || !model.starts_with("builtin:")) return absl::OkStatus();

@@ -1,13 +1,17 @@
 // engine::Engine — the serving engine behind every front door, and the one engine header the
-// server includes. It loads the model, builds the expert-parallel worker groups (one mixed
-// group, or a prefill group that hands its prompts' KV cache to a decode group), validates and
-// routes requests to the least-loaded rank of the entry group, reports per-group health, and
-// applies live expert placements. Requests, their streams and sampling options are the public
-// types of engine/api/request.h; nothing here exposes model, parallel or runtime internals.
+// server includes: an interface with two implementations. Engine::Create makes the local one:
+// it loads the model, builds the expert-parallel worker groups (one mixed group, or a prefill
+// group that hands its prompts' KV cache to a decode group), validates and routes requests to
+// the least-loaded rank of the entry group, reports per-group health, and applies live expert
+// placements; with RankProcessOptions it runs just one rank of a group whose ranks are
+// processes (`moeserve rank`). The cluster front end (`moeserve frontend`, server/) implements
+// the same interface over the rank processes, so every front door serves either way. Requests,
+// their streams and sampling options are the public types of engine/api/; nothing here exposes
+// model, parallel or runtime internals.
 //
 // Also the engine-level functions behind `moeserve logits` and `moeserve export`.
 //
-// No protobuf here. All public methods of Engine are thread-safe.
+// No protobuf here. All methods of an Engine are thread-safe.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +23,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/api/handoff.h"
+#include "engine/api/key_value_store.h"
 #include "engine/api/request.h"
 #include "engine/runtime/injected_fault.h"
 
@@ -30,7 +36,6 @@ namespace moeserve::engine {
 
 class Model;
 class Tokenizer;
-struct RankBackendChoice;
 
 struct ParallelOptions {
   int prefill_ep = 0;  // 0: one mixed group of decode_ep ranks
@@ -49,6 +54,21 @@ struct ParallelOptions {
   // background and swap them in at the commit (false: written in place during the committing
   // step, which then stalls, but needs no spare memory).
   bool background_placement_staging = true;
+};
+
+// One rank of a group whose ranks are processes (`moeserve rank`): the engine runs only this
+// rank, and the group's collectives go over Gloo (CPU) or NCCL (GPU) between the processes,
+// which meet through `rendezvous` (the group leader's key-value service).
+struct RankProcessOptions {
+  std::string group = "mixed";  // the group's name (mixed, prefill or decode)
+  int group_size = 1;
+  int rank = 0;
+  std::shared_ptr<KeyValueStore> rendezvous;
+  std::string rendezvous_prefix;       // unique per formation of the group (name and epoch)
+  std::string hostname = "127.0.0.1";  // this rank's address for its peers
+  int cuda_device = -1;                // --device cuda: the GPU (-1: rank modulo visible)
+  // A prefill group's way to its decode ranks (the decode rank each request names).
+  std::shared_ptr<HandoffSender> handoff;
 };
 
 struct EngineOptions {
@@ -70,6 +90,8 @@ struct EngineOptions {
   double min_step_seconds = 0;
   ParallelOptions parallel;
   std::optional<InjectedFault> injected_fault;
+  // Set: run one rank of a group of processes (parallel.prefill_ep/decode_ep are then unused).
+  std::optional<RankProcessOptions> rank_process;
 };
 
 struct EngineStats {
@@ -80,8 +102,8 @@ struct EngineStats {
 };
 
 // The health of one expert-parallel group: OK while it serves; once it failed, UNAVAILABLE
-// naming the group and the first failure's reason. A failed group stays failed (recovery is a
-// restart of the process).
+// naming the group and the reason. In one process a failed group stays failed (recovery is a
+// restart); a cluster front end sees a group serve again once it re-formed.
 struct GroupHealth {
   std::string group;
   absl::Status status;
@@ -155,7 +177,8 @@ class Engine {
  public:
   // Loads options.model, loads the device's backend and starts the groups. `registry` may be
   // null (no Prometheus series). Errors name what to change (INVALID_ARGUMENT for a bad option
-  // or model, NOT_FOUND for a missing model, FAILED_PRECONDITION for a missing GPU backend).
+  // or model, NOT_FOUND for a missing model, FAILED_PRECONDITION for a missing GPU backend,
+  // DEADLINE_EXCEEDED when a rank process's peers do not come).
   static absl::StatusOr<std::unique_ptr<Engine>> Create(EngineOptions options,
                                                         prometheus::Registry* registry = nullptr);
   // The same over a model already loaded (tests that start many engines; options.model is
@@ -163,55 +186,51 @@ class Engine {
   static absl::StatusOr<std::unique_ptr<Engine>> CreateWithModel(
       std::shared_ptr<const Model> model, std::shared_ptr<const Tokenizer> tokenizer,
       EngineOptions options, prometheus::Registry* registry = nullptr);
-  ~Engine();
+  virtual ~Engine() = default;
 
   // Validates the request (INVALID_ARGUMENT with an actionable message), queues it on a rank
   // (RESOURCE_EXHAUSTED when the queue is full; UNAVAILABLE once stopped, or when a group the
   // request needs has failed) and returns its stream. If the group fails while the request is
   // in flight, its stream ends with UNAVAILABLE and the group's failure.
-  absl::StatusOr<std::shared_ptr<RequestStream>> Submit(GenerationInput input);
+  virtual absl::StatusOr<std::shared_ptr<RequestStream>> Submit(GenerationInput input) = 0;
+  // A decode rank process: continues a sequence a prefill rank process prefilled
+  // (engine/api/handoff.h). UNIMPLEMENTED elsewhere.
+  virtual absl::StatusOr<std::shared_ptr<RequestStream>> AcceptHandoff(
+      const SequenceHandoff& handoff) {
+    (void)handoff;
+    return absl::UnimplementedError("this engine takes no handoffs (not a decode rank process)");
+  }
 
-  EngineStats Stats() const;
+  virtual EngineStats Stats() const = 0;
   // Every group's health, entry group first.
-  std::vector<GroupHealth> Health() const;
-  // Called once per group failure, from the thread that failed the group, after the failure is
-  // recorded (so Health() already shows it). Replaces any earlier listener.
-  void SetGroupFailureListener(std::function<void(const GroupHealth&)> listener);
+  virtual std::vector<GroupHealth> Health() const = 0;
+  // Called on every change of a group's health (it failed, or serves again), from the thread
+  // that saw it, after Health() shows it. Replaces any earlier listener.
+  virtual void SetHealthListener(std::function<void(const GroupHealth&)> listener) = 0;
 
-  const ModelInfo& model_info() const;
-  const LayoutInfo& layout() const;
+  virtual const ModelInfo& model_info() const = 0;
+  virtual const LayoutInfo& layout() const = 0;
 
   // The committed placement of `group` (empty: the entry group); NOT_FOUND naming the groups
   // there are.
-  absl::StatusOr<PlacementInfo> GetPlacement(const std::string& group) const;
+  virtual absl::StatusOr<PlacementInfo> GetPlacement(const std::string& group) const = 0;
   // Validates the update (shape, expert ids, a replica of every expert, slots dividing over the
   // ranks, version, timeout) and applies it. INVALID_ARGUMENT for a malformed update,
   // FAILED_PRECONDITION for a stale version or while another update is being applied,
   // DEADLINE_EXCEEDED when it did not commit in time (it then never commits: an update that
   // did not answer OK changed nothing).
-  absl::StatusOr<PlacementUpdateResult> UpdatePlacement(const PlacementUpdate& update);
+  virtual absl::StatusOr<PlacementUpdateResult> UpdatePlacement(const PlacementUpdate& update) = 0;
   // Tokens per (MoE layer, logical expert) that `group` processed since `since_unix_seconds`
   // (0: since start), from per-second snapshots kept for 15 minutes.
-  absl::StatusOr<ExpertLoadWindow> ExpertLoad(const std::string& group,
-                                              double since_unix_seconds) const;
+  virtual absl::StatusOr<ExpertLoadWindow> ExpertLoad(const std::string& group,
+                                                      double since_unix_seconds) const = 0;
 
   // New submissions get UNAVAILABLE; queued and running requests continue.
-  void StopAccepting();
+  virtual void StopAccepting() = 0;
   // Stops every rank at the same step; unfinished requests end with FinishReason::kAborted.
-  void Shutdown();
+  virtual void Shutdown() = 0;
   // Writes the trace (if a trace folder was given) now.
-  absl::Status WriteTrace() const;
-
-  class Impl;
-
- private:
-  explicit Engine(std::unique_ptr<Impl> impl);
-  static absl::StatusOr<std::unique_ptr<Engine>> Start(std::shared_ptr<const Model> model,
-                                                       std::shared_ptr<const Tokenizer> tokenizer,
-                                                       EngineOptions options,
-                                                       RankBackendChoice backend,
-                                                       prometheus::Registry* registry);
-  std::unique_ptr<Impl> impl_;
+  virtual absl::Status WriteTrace() const = 0;
 };
 
 // Whether `model` can run on `device` without loading it: built-in models whose routed

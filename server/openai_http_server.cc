@@ -337,6 +337,7 @@ void OpenAiHttpServer::RegisterRoutes() {
       OpenAiModel model{.name = info.name,
                         .context_length = info.context_length,
                         .chat_template = chat_template_.get(),
+                        .chat_unavailable = options_.chat_unavailable,
                         .max_choices = options_.max_choices};
       OpenAiResponseHeader header{.id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", RandomHex()),
                                   .created = UnixSeconds(),

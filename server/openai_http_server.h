@@ -36,6 +36,8 @@ struct OpenAiHttpOptions {
   int max_connections = 256;
   int max_choices = 16;  // n × prompts per request
   size_t max_body_bytes = 16 << 20;
+  // Set when chat templates cannot be rendered here (OpenAiModel::chat_unavailable).
+  std::string chat_unavailable;
 };
 
 class OpenAiHttpServer {

@@ -173,6 +173,9 @@ absl::StatusOr<engine::GenerationInput> ChatPrompt(const json& body, const OpenA
   if (it == body.end() || !it->is_array() || it->empty()) {
     return Invalid("`messages` must be a non-empty list of {\"role\", \"content\"} objects");
   }
+  if (model.chat_template == nullptr && !model.chat_unavailable.empty()) {
+    return absl::UnavailableError(model.chat_unavailable);
+  }
   if (model.chat_template == nullptr) {
     return absl::InvalidArgumentError(
         "this model has no chat template (tokenizer_config.json has no chat_template): start "

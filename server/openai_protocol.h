@@ -25,6 +25,9 @@ struct OpenAiModel {
   std::string name;  // the `model` clients must send (the engine's model name)
   int context_length = 0;
   const ChatTemplate* chat_template = nullptr;  // null: chat completions are refused
+  // Why chat templates cannot be rendered on this server (its embedded Python would not start);
+  // chat completions then get 503 with this reason. Empty: the model just has no template.
+  std::string chat_unavailable;
   int max_choices = 16;                         // bound on n × prompts
 };
 

@@ -176,11 +176,20 @@ int RunServe(const ServeOptions& options) {
         LoadChatTemplateSource(options.engine.model, options.chat_template_file);
     if (!source.ok()) return Fail(absl::StrCat("chat template: ", source.status().message()));
     std::unique_ptr<ChatTemplate> chat_template;
+    std::string chat_unavailable;
     if (source->has_value()) {
       absl::StatusOr<std::unique_ptr<ChatTemplate>> compiled =
           ChatTemplate::Compile(std::move(**source));
-      if (!compiled.ok()) return Fail(compiled.status().message());
-      chat_template = std::move(*compiled);
+      if (compiled.status().code() == absl::StatusCode::kFailedPrecondition) {
+        // No Python runtime for templates here: everything but chat completions still serves.
+        chat_unavailable = std::string(compiled.status().message());
+        std::cerr << "moeserve: " << chat_unavailable
+                  << "; /v1/chat/completions answers 503, everything else serves\n";
+      } else if (!compiled.ok()) {
+        return Fail(compiled.status().message());
+      } else {
+        chat_template = std::move(*compiled);
+      }
     } else {
       std::cerr << "moeserve: the model has no chat template; /v1/chat/completions answers 400 "
                    "(give one with --chat-template FILE)\n";
@@ -189,7 +198,8 @@ int RunServe(const ServeOptions& options) {
     http = std::make_unique<OpenAiHttpServer>(
         OpenAiHttpOptions{.host = host,
                           .port = options.http_port,
-                          .max_connections = options.http_max_connections},
+                          .max_connections = options.http_max_connections,
+                          .chat_unavailable = chat_unavailable},
         std::move(chat_template));
     absl::StatusOr<int> http_port = http->Start();
     if (!http_port.ok()) return Fail(http_port.status().message());
@@ -262,16 +272,19 @@ int RunServe(const ServeOptions& options) {
   if (admin != nullptr) admin->AttachEngine(engine->get());
   // A failed group can only recover by a restart: the server as a whole stops serving (so a
   // liveness probe on "" restarts the process) and so does the group's own name.
-  (*engine)->SetGroupFailureListener([health](const engine::GroupHealth& failed) {
-    SetServerHealth(*health, false);
-    SetGroupHealth(*health, failed.group, false);
-  });
-  bool all_healthy = true;
-  for (const engine::GroupHealth& group : (*engine)->Health()) {
-    SetGroupHealth(*health, group.group, group.status.ok());
-    all_healthy = all_healthy && group.status.ok();
-  }
-  SetServerHealth(*health, all_healthy);
+  // A failed group stops serving (in one process it can only recover by a restart, so the
+  // liveness probe on "" restarts the process); the server serves while every group does.
+  engine::Engine* serving_engine = engine->get();
+  auto publish_health = [health, serving_engine] {
+    bool all_healthy = true;
+    for (const engine::GroupHealth& group : serving_engine->Health()) {
+      SetGroupHealth(*health, group.group, group.status.ok());
+      all_healthy = all_healthy && group.status.ok();
+    }
+    SetServerHealth(*health, all_healthy);
+  };
+  (*engine)->SetHealthListener([publish_health](const engine::GroupHealth&) { publish_health(); });
+  publish_health();
   const engine::EngineStats stats = (*engine)->Stats();
   const engine::ParallelOptions& parallel = options.engine.parallel;
   const std::string layout =

@@ -17,8 +17,8 @@ import sys
 LAYERS = [
     ["base"],  # helpers below everything: bounded JSON, regular files, TLS credentials
     ["kernels"],
-    ["kernels/bench", "engine/base"],
-    ["engine/api", "engine/trace", "engine/comm", "engine/ops", "engine/pipeline"],
+    ["kernels/bench", "engine/base", "engine/api"],
+    ["engine/trace", "engine/comm", "engine/ops", "engine/pipeline"],
     ["engine/model"],
     ["engine/sampling"],
     ["engine/placement"],

@@ -26,6 +26,13 @@ struct SamplingOptions {
   std::optional<uint64_t> seed;
 };
 
+// Where a prefill rank process sends a prefilled sequence (set by the cluster front end on the
+// requests it sends to a prefill group's rank; engine/api/handoff.h).
+struct HandoffRoute {
+  std::string target;  // the decode rank's worker address
+  std::string id;      // the id its awaiting stream is registered under
+};
+
 // A generation as submitted. Exactly one of `text` and `prompt_tokens` is used. Token ids are
 // kept as wide as any front door sends them (proto uint32, JSON integers), so the engine's
 // range check reports the id the client sent.
@@ -38,6 +45,7 @@ struct GenerationInput {
   std::vector<std::string> stop;
   std::vector<int64_t> stop_token_ids;
   bool ignore_eos = false;
+  std::optional<HandoffRoute> handoff;
   // Whether tokenizing `text` puts the model's beginning-of-sequence token first (when it uses
   // one). Off for text that already carries its special tokens as text, such as a rendered chat
   // template (transformers tokenizes those with add_special_tokens=False).
@@ -61,7 +69,12 @@ struct GenerationOutput {
   FinishReason finish_reason = FinishReason::kNone;  // set on the last message
   Usage usage;                                       // set on the last message
   absl::Status status;                               // non-OK: the request failed
-  bool is_last() const { return finish_reason != FinishReason::kNone || !status.ok(); }
+  // The last message of a prefill rank's stream whose sequence went on to a decode rank in
+  // another process (the stream continues there).
+  bool handed_off = false;
+  bool is_last() const {
+    return finish_reason != FinishReason::kNone || !status.ok() || handed_off;
+  }
 };
 
 class RequestStream {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/api/key_value_store.h"
 #include "engine/model/kv_rows.h"
 #include "engine/model/model.h"
 #include "engine/parallel/ep_forward.h"
@@ -106,6 +107,11 @@ struct RankBackendRequest {
   int max_batch_tokens = 256;
   // A GPU backend stages new placements' slots in the background (off: in the committing step).
   bool background_placement_staging = true;
+  // A rank that is a process of its own: where its group's ranks meet (a GPU group publishes
+  // its NCCL id there), unique per formation; and its GPU (-1: rank modulo the visible ones).
+  KeyValueStore* rendezvous = nullptr;
+  std::string rendezvous_prefix;
+  int cuda_device = -1;
 };
 using RankBackendFactory =
     std::function<absl::StatusOr<std::unique_ptr<RankBackend>>(const RankBackendRequest&)>;

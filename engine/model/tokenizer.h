@@ -48,6 +48,9 @@ class Utf8StreamDecoder {
   std::string Push(std::string_view bytes);
   // Releases whatever is held back (as U+FFFD) at the end of the stream.
   std::string Flush();
+  // The bytes held back, to continue the stream elsewhere (disaggregated serving).
+  const std::string& pending() const { return pending_; }
+  void set_pending(std::string pending) { pending_ = std::move(pending); }
 
  private:
   std::string pending_;

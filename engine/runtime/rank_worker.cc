@@ -195,7 +195,11 @@ void RankWorker::HandOff(Sequence& seq) {
     emitter_.Fail(seq, exported);
     return;
   }
-  context_.kv_transport->Send(std::move(owned), std::move(rows));
+  if (absl::Status sent = context_.kv_transport->Send(owned, std::move(rows)); !sent.ok()) {
+    emitter_.Fail(seq, sent);
+    return;
+  }
+  if (owned != nullptr) emitter_.HandedOff(*owned);  // it went on in another process
 }
 
 bool RankWorker::InjectFault() {

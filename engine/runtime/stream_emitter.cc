@@ -133,4 +133,13 @@ void StreamEmitter::Fail(Sequence& seq, const absl::Status& failure) const {
   seq.stream.reset();
 }
 
+void StreamEmitter::HandedOff(Sequence& seq) const {
+  if (seq.finished()) return;
+  GenerationOutput output;
+  output.handed_off = true;
+  metrics_.RequestFinished("handed_off");
+  seq.stream->Push(std::move(output));
+  seq.stream.reset();
+}
+
 }  // namespace moeserve::engine

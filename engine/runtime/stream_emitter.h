@@ -40,6 +40,8 @@ class StreamEmitter {
   void Finish(Sequence& sequence, FinishReason reason, GenerationOutput output = {}) const;
   // Ends the stream with `failure` (a non-OK status) instead of a last message.
   void Fail(Sequence& sequence, const absl::Status& failure) const;
+  // Ends this process's stream of a sequence that went on to a decode rank in another process.
+  void HandedOff(Sequence& sequence) const;
 
  private:
   const Tokenizer* tokenizer_;

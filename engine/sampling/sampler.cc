@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <sstream>
 #include <vector>
 
 namespace moeserve::engine {
@@ -157,6 +158,21 @@ int32_t Sampler::PickFromRow(std::span<const float> logits, double draw) const {
   }
   return order[*WalkCandidates(options_, keep_limit, total, draw, sort_through,
                                [&](int i) { return weight[order[i]]; })];
+}
+
+std::string Sampler::SaveState() const {
+  std::ostringstream out;
+  out << rng_;
+  return out.str();
+}
+
+absl::Status Sampler::RestoreState(const std::string& state) {
+  std::istringstream in(state);
+  std::mt19937_64 restored;
+  in >> restored;
+  if (in.fail()) return absl::InvalidArgumentError("sampler state does not parse");
+  rng_ = restored;
+  return absl::OkStatus();
 }
 
 }  // namespace moeserve::engine

@@ -15,6 +15,7 @@
 #include <optional>
 #include <random>
 #include <span>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "engine/api/request.h"
@@ -27,6 +28,9 @@ class Sampler {
   // A missing seed draws one from the system's entropy.
   explicit Sampler(const SamplingOptions& options);
   int32_t Sample(std::span<const float> logits);
+  // The random stream's state, to continue it in another process (disaggregated serving).
+  std::string SaveState() const;
+  absl::Status RestoreState(const std::string& state);
 
   // --- Sampling from a row's head, for logits that are not on the host ---
   // What this request needs ranked of a row of `vocab` logits (greedy: the largest only).

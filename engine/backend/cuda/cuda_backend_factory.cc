@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/backend/cuda/cuda_rank_backend.h"
 #include "engine/base/status_macros.h"
+#include "engine/comm/nccl_bootstrap.h"
 #include "engine/comm/nccl_communicator.h"
 
 namespace moeserve::engine::cuda {
@@ -30,6 +31,64 @@ int VisibleCudaDevices() {
   return count;
 }
 
+namespace {
+
+CudaRankOptions RankOptions(const RankBackendRequest& request, int device) {
+  CudaRankOptions options;
+  options.device = device;
+  options.rank = request.rank;
+  options.group_size = request.group->size();
+  options.kv_blocks = request.kv_blocks;
+  options.kv_block_size = request.kv_block_size;
+  options.max_batch_tokens = request.max_batch_tokens;
+  options.background_placement_staging = request.background_placement_staging;
+  return options;
+}
+
+// A rank that is a process of its own: its GPU, and an NCCL communicator with the group's other
+// processes, formed through the group's rendezvous (rank 0 publishes the NCCL id).
+absl::StatusOr<std::unique_ptr<RankBackend>> CreateProcessRank(const RankBackendRequest& request,
+                                                               int visible) {
+  const int size = request.group->size();
+  if (visible < 1) return absl::FailedPreconditionError("--device cuda: no GPU is visible");
+  const int device = request.cuda_device >= 0 ? request.cuda_device : request.rank % visible;
+  if (device >= visible) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--device cuda: GPU ", device, " is not visible (", visible, " visible)"));
+  }
+  CudaRankOptions options = RankOptions(request, device);
+  if (size > 1) {
+    if (request.rendezvous == nullptr) {
+      return absl::InvalidArgumentError("a GPU rank process needs its group's rendezvous");
+    }
+    const std::string key = request.rendezvous_prefix + "/nccl-id";
+    const std::chrono::milliseconds timeout = request.group->options().collective_timeout;
+    ncclUniqueId id{};
+    if (request.rank == 0) {
+      if (ncclResult_t result = ncclGetUniqueId(&id); result != ncclSuccess) {
+        return absl::UnavailableError(
+            absl::StrCat("ncclGetUniqueId failed: ", ncclGetErrorString(result)));
+      }
+      RETURN_IF_ERROR(request.rendezvous->Set(key, comm::EncodeNcclUniqueId(id)));
+    } else {
+      ASSIGN_OR_RETURN(std::string hex, request.rendezvous->Get(key, timeout));
+      ASSIGN_OR_RETURN(id, comm::DecodeNcclUniqueId(hex));
+    }
+    comm::NcclCommunicatorOptions nccl;
+    nccl.timeout = timeout;
+    ASSIGN_OR_RETURN(std::shared_ptr<comm::NcclCommunicator> exchange,
+                     comm::NcclCommunicator::CreateWithId(request.rank, size, device, id, nccl));
+    options.exchange = exchange.get();
+    options.exchange_owner = exchange;
+  }
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<CudaRankBackend> backend,
+      CudaRankBackend::Create(*request.model, request.group->placement(request.rank), options));
+  return std::unique_ptr<RankBackend>(std::move(backend));
+}
+
+}  // namespace
+
 RankBackendFactory MakeCudaBackendFactory() {
   // Exchanges of the groups being built, by group; a rank takes its communicator from there.
   auto exchanges = std::make_shared<
@@ -38,12 +97,15 @@ RankBackendFactory MakeCudaBackendFactory() {
              const RankBackendRequest& request) -> absl::StatusOr<std::unique_ptr<RankBackend>> {
     const int size = request.group->size();
     const int visible = VisibleCudaDevices();
+    RETURN_IF_ERROR(CheckCudaSupport(request.model->config()));
+    if (request.group->local_ranks().size() < static_cast<size_t>(size)) {
+      return CreateProcessRank(request, visible);
+    }
     if (size > visible) {
       return absl::FailedPreconditionError(
           absl::StrCat("--device cuda: a group of ", size, " ranks needs ", size,
                        " GPUs (one per rank); ", visible, " visible"));
     }
-    RETURN_IF_ERROR(CheckCudaSupport(request.model->config()));
     std::shared_ptr<GroupExchange>& exchange = (*exchanges)[request.group];
     if (size > 1 && exchange == nullptr) {
       std::vector<int> devices(size);
@@ -53,14 +115,7 @@ RankBackendFactory MakeCudaBackendFactory() {
       exchange = std::make_shared<GroupExchange>();
       exchange->communicators = std::move(*communicators);
     }
-    CudaRankOptions options;
-    options.device = request.rank;
-    options.rank = request.rank;
-    options.group_size = size;
-    options.kv_blocks = request.kv_blocks;
-    options.kv_block_size = request.kv_block_size;
-    options.max_batch_tokens = request.max_batch_tokens;
-    options.background_placement_staging = request.background_placement_staging;
+    CudaRankOptions options = RankOptions(request, request.rank);
     if (size > 1) {
       options.exchange = exchange->communicators[request.rank].get();
       options.exchange_owner = exchange;

@@ -164,6 +164,10 @@ struct CudaRankBackend::State {
   };
   std::vector<StagedSlot> staged_slots;
   int64_t staged_version = -1;
+  // Buffers of slots replaced by earlier commits, reused by the next staging: the spare memory
+  // stays at the largest update's changed slots, and no commit frees or allocates (cudaFree
+  // would wait for the whole device in the committing step).
+  std::vector<DeviceMlp> spare_slots;
   cudaStream_t copy_stream = nullptr;  // staging uploads, beside the compute stream
 
   ~State() {

@@ -175,6 +175,10 @@ absl::Status CudaRankBackend::State::StageSlots(const ExpertPlacement& placement
       const int expert = placement.phy2log(moe_layer)[first_slot + slot];
       if (d.slot_expert[slot] == expert) continue;  // unchanged slots keep their buffers
       StagedSlot& staged = staged_slots.emplace_back();
+      if (!spare_slots.empty()) {
+        staged.weights = std::move(spare_slots.back());
+        spare_slots.pop_back();
+      }
       staged.layer = layer;
       staged.slot = slot;
       staged.expert = expert;
@@ -200,12 +204,12 @@ void CudaRankBackend::State::CommitSlots(const ExpertPlacement& placement) {
     d.slot_expert[staged.slot] = staged.expert;
   }
   placement_version = placement.version();
-  // The replaced buffers are free now: the step that used them has finished.
-  staged_slots.clear();
-  staged_version = -1;
+  // The replaced buffers (the step that used them has finished) are the next staging's spares.
+  DiscardStagedSlots();
 }
 
 void CudaRankBackend::State::DiscardStagedSlots() {
+  for (StagedSlot& staged : staged_slots) spare_slots.push_back(std::move(staged.weights));
   staged_slots.clear();
   staged_version = -1;
 }

@@ -61,6 +61,19 @@ TEST(OpenAiProtocol, FieldsMapOntoTheEngineInput) {
   EXPECT_THAT(newer.status().message(), HasSubstr("--chat-template"));
 }
 
+TEST(OpenAiProtocol, ChatIsUnavailableWhereTemplatesCannotBeRendered) {
+  // A host without the Python runtime for templates still serves completions; chat answers
+  // 503 with the reason instead of the server refusing to start.
+  OpenAiModel model = kModel;
+  model.chat_unavailable = "cannot start the embedded Python for chat templates: no stdlib";
+  auto chat = ParseOpenAiRequest(true, R"({"messages": [{"role": "user", "content": "x"}]})",
+                                 model, "c");
+  ASSERT_FALSE(chat.ok());
+  EXPECT_EQ(chat.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(chat.status().message(), HasSubstr("no stdlib"));
+  EXPECT_TRUE(ParseOpenAiRequest(false, R"({"prompt": "x"})", model, "c").ok());
+}
+
 TEST(OpenAiProtocol, BatchedPromptsComeInOpenAisOrder) {
   auto request = Completion(R"({"prompt": ["a", "b"], "n": 2, "max_tokens": 1})");
   ASSERT_TRUE(request.ok());
