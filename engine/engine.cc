@@ -22,6 +22,7 @@
 #include "engine/runtime/kv_transport.h"
 #include "engine/runtime/metrics.h"
 #include "engine/runtime/rank_worker.h"
+#include "engine/runtime/request_validation.h"
 #include "engine/runtime/sequence_handoff.h"
 #include "engine/trace/trace_recorder.h"
 
@@ -532,98 +533,21 @@ void LocalEngine::HandOff(std::unique_ptr<Sequence> sequence) {
 
 absl::Status LocalEngine::Validate(GenerationInput& in) const {
   const ModelConfig& c = model_->config();
-  const int context = c.max_position_embeddings;
-  if (in.request_id.size() > static_cast<size_t>(options_.max_request_id_bytes)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("request_id is longer than ", options_.max_request_id_bytes, " bytes"));
-  }
-  if (in.text.has_value()) {
-    if (in.text->empty()) return absl::InvalidArgumentError("text is empty: give a prompt");
-    if (tokenizer_ == nullptr) {
-      return absl::InvalidArgumentError(
-          "this model has no tokenizer: send token_ids instead of text");
-    }
-    // No tokenizer produces fewer tokens than bytes/8; refuse absurd sizes before tokenizing.
-    if (in.text->size() > static_cast<size_t>(context) * 8) {
-      return absl::InvalidArgumentError(absl::StrCat("text is ", in.text->size(),
-                                                     " bytes, far beyond the context length of ",
-                                                     context, " tokens"));
-    }
-    in.prompt_tokens = in.add_special_tokens ? tokenizer_->Encode(*in.text)
-                                             : tokenizer_->EncodeWithoutBos(*in.text);
-  } else if (in.prompt_tokens.empty()) {
-    return absl::InvalidArgumentError(
-        "the request has no input: set `text` or a non-empty `token_ids`");
-  }
-  const int prompt = static_cast<int>(in.prompt_tokens.size());
-  for (int i = 0; i < prompt; ++i) {
-    if (in.prompt_tokens[i] < 0 || in.prompt_tokens[i] >= c.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("token_ids[", i, "] = ", static_cast<uint32_t>(in.prompt_tokens[i]),
-                       " is out of range: the vocabulary has ", c.vocab_size, " tokens"));
-    }
-  }
-  if (prompt >= context) {
-    return absl::InvalidArgumentError(absl::StrCat("the prompt has ", prompt,
-                                                   " tokens; the context length is ", context,
-                                                   " (prompt + max_tokens must fit)"));
-  }
-  if (in.max_tokens < 1) return absl::InvalidArgumentError("max_tokens must be at least 1");
-  if (in.max_tokens > context) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_tokens = ", in.max_tokens, " exceeds the context length of ", context));
-  }
-  if (prompt + in.max_tokens > context) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("prompt (", prompt, " tokens) + max_tokens (", in.max_tokens,
-                     ") = ", prompt + in.max_tokens, " exceeds the context length of ", context,
-                     "; lower max_tokens to at most ", context - prompt));
-  }
-  const SamplingOptions& s = in.sampling;
-  if (!std::isfinite(s.temperature) || s.temperature < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("sampling.temperature must be a finite number >= 0, got ", s.temperature));
-  }
-  if (!std::isfinite(s.top_p) || s.top_p < 0 || s.top_p > 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("sampling.top_p must be in [0, 1], got ", s.top_p));
-  }
-  if (s.top_k < 0) return absl::InvalidArgumentError("sampling.top_k must be >= 0");
-  if (in.stop.size() > static_cast<size_t>(options_.max_stop_strings)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("at most ", options_.max_stop_strings, " stop strings are allowed"));
-  }
-  for (const std::string& stop : in.stop) {
-    if (stop.empty() || stop.size() > static_cast<size_t>(options_.max_stop_string_bytes)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "stop strings must be 1 to ", options_.max_stop_string_bytes, " bytes long"));
-    }
-  }
-  if (!in.stop.empty() && tokenizer_ == nullptr) {
-    return absl::InvalidArgumentError("stop strings need a tokenizer; use stop_token_ids");
-  }
-  for (int32_t id : in.stop_token_ids) {
-    if (id < 0 || id >= c.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("stop_token_ids has ", static_cast<uint32_t>(id),
-                       ", out of range: the vocabulary has ", c.vocab_size, " tokens"));
-    }
-  }
-  int smallest_rank_blocks = 0;
+  RequestLimits limits;
+  limits.vocab_size = c.vocab_size;
+  limits.context_length = c.max_position_embeddings;
+  limits.max_request_id_bytes = options_.max_request_id_bytes;
+  limits.max_stop_strings = options_.max_stop_strings;
+  limits.max_stop_string_bytes = options_.max_stop_string_bytes;
+  limits.kv_block_size = options_.kv_block_size;
   for (const auto& group : groups_) {
     for (const auto& worker : group.workers) {
-      if (smallest_rank_blocks == 0 || worker->kv_blocks_total() < smallest_rank_blocks) {
-        smallest_rank_blocks = worker->kv_blocks_total();
+      if (limits.kv_blocks_per_rank == 0 || worker->kv_blocks_total() < limits.kv_blocks_per_rank) {
+        limits.kv_blocks_per_rank = worker->kv_blocks_total();
       }
     }
   }
-  const int blocks_needed = BlocksFor(prompt + in.max_tokens, options_.kv_block_size);
-  if (blocks_needed > smallest_rank_blocks) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "prompt + max_tokens needs ", blocks_needed, " KV cache blocks but a rank's cache has ",
-        smallest_rank_blocks, "; lower max_tokens or raise --kv-cache-mib"));
-  }
-  return absl::OkStatus();
+  return ValidateGenerationInput(in, limits, tokenizer_.get());
 }
 
 absl::StatusOr<std::shared_ptr<RequestStream>> LocalEngine::AcceptHandoff(
@@ -667,7 +591,8 @@ absl::StatusOr<std::shared_ptr<RequestStream>> LocalEngine::Submit(GenerationInp
     input.request_id = absl::StrCat("req-", next_request_number_.fetch_add(1));
   }
   sequence->stream = std::make_shared<RequestStream>(input.request_id);
-  sequence->tokens = input.prompt_tokens;
+  // Validated: every id fits the vocabulary, so int32.
+  sequence->tokens.assign(input.prompt_tokens.begin(), input.prompt_tokens.end());
   sequence->prompt_length = static_cast<int>(input.prompt_tokens.size());
   sequence->sampler = std::make_unique<Sampler>(input.sampling);
   sequence->input = std::move(input);

@@ -7,7 +7,9 @@
 #include <functional>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "base/bounded_json.h"
 #include "eplb/balancedness.h"
 #include "grpcpp/grpcpp.h"
 #include "moeserve/v1/admin.grpc.pb.h"
@@ -17,9 +19,30 @@
 namespace moeserve::eplb {
 namespace {
 
+// Prometheus answers a few kilobytes per (layer, expert) series at most; anything larger is not
+// an answer to our query, and is not buffered.
+constexpr size_t kMaxPrometheusAnswerBytes = 64 << 20;
+
 size_t AppendBody(char* data, size_t size, size_t count, void* out) {
-  static_cast<std::string*>(out)->append(data, size * count);
+  auto* body = static_cast<std::string*>(out);
+  if (body->size() + size * count > kMaxPrometheusAnswerBytes) return 0;  // curl aborts
+  body->append(data, size * count);
   return size * count;
+}
+
+// A label value that is a plain decimal integer ("12"; not "1abc", "+1", " 1" or "1e0").
+bool StrictIndex(const nlohmann::json& labels, const char* name, int* index) {
+  auto it = labels.find(name);
+  if (it == labels.end() || !it->is_string()) return false;
+  const std::string& text = it->get_ref<const std::string&>();
+  if (text.empty() || text.size() > 9) return false;
+  int result = 0;
+  for (char c : text) {
+    if (c < '0' || c > '9') return false;
+    result = result * 10 + (c - '0');
+  }
+  *index = result;
+  return true;
 }
 
 bool IsTransient(const absl::Status& status) {
@@ -29,8 +52,8 @@ bool IsTransient(const absl::Status& status) {
 
 class PrometheusLoadSource : public LoadSource {
  public:
-  PrometheusLoadSource(std::string base_url, std::string metric)
-      : base_url_(std::move(base_url)), metric_(std::move(metric)) {
+  PrometheusLoadSource(std::string base_url, PrometheusTls tls, std::string metric)
+      : base_url_(std::move(base_url)), tls_(std::move(tls)), metric_(std::move(metric)) {
     while (!base_url_.empty() && base_url_.back() == '/') base_url_.pop_back();
   }
 
@@ -49,6 +72,10 @@ class PrometheusLoadSource : public LoadSource {
     curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, AppendBody);
     curl_easy_setopt(curl, CURLOPT_WRITEDATA, &body);
     curl_easy_setopt(curl, CURLOPT_TIMEOUT, 30L);
+    curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
+    if (!tls_.ca.empty()) curl_easy_setopt(curl, CURLOPT_CAINFO, tls_.ca.c_str());
+    if (!tls_.cert.empty()) curl_easy_setopt(curl, CURLOPT_SSLCERT, tls_.cert.c_str());
+    if (!tls_.key.empty()) curl_easy_setopt(curl, CURLOPT_SSLKEY, tls_.key.c_str());
     const CURLcode code = curl_easy_perform(curl);
     long http_status = 0;
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &http_status);
@@ -60,46 +87,16 @@ class PrometheusLoadSource : public LoadSource {
     if (http_status >= 500) {
       return absl::UnavailableError(absl::StrCat("Prometheus answered HTTP ", http_status));
     }
-    nlohmann::json response = nlohmann::json::parse(body, nullptr, false);
-    if (response.is_discarded() || response.value("status", "") != "success") {
+    if (http_status != 200) {
       return absl::InvalidArgumentError(
           absl::StrCat("Prometheus query failed (HTTP ", http_status, "): ", body.substr(0, 300)));
     }
-    LoadMatrix load(num_layers, std::vector<float>(num_experts, 0.0f));
-    std::vector<std::vector<bool>> seen(num_layers, std::vector<bool>(num_experts, false));
-    int series = 0;
-    try {
-      for (const auto& sample : response.at("data").at("result")) {
-        const int layer = std::stoi(sample.at("metric").at("layer").get<std::string>());
-        const int expert = std::stoi(sample.at("metric").at("expert").get<std::string>());
-        const double value = std::stod(sample.at("value").at(1).get<std::string>());
-        if (layer < 0 || layer >= num_layers || expert < 0 || expert >= num_experts) {
-          return absl::FailedPreconditionError(
-              absl::StrCat("Prometheus has series for layer ", layer, " expert ", expert,
-                           ", outside the model's ", num_layers, " x ", num_experts));
-        }
-        if (!std::isfinite(value) || value < 0) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "non-finite or negative load ", value, " for layer ", layer, " expert ", expert));
-        }
-        load[layer][expert] = static_cast<float>(value);
-        if (!seen[layer][expert]) ++series;
-        seen[layer][expert] = true;
-      }
-    } catch (const std::exception& e) {
-      return absl::InvalidArgumentError(absl::StrCat("unexpected Prometheus answer: ", e.what()));
-    }
-    if (series != num_layers * num_experts) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("partial data: Prometheus has ", series, " of ", num_layers * num_experts,
-                       " (layer, expert) series for group `", group,
-                       "` over the window; not rebalancing on it"));
-    }
-    return load;
+    return ParsePrometheusLoad(body, group, num_layers, num_experts);
   }
 
  private:
   std::string base_url_;
+  PrometheusTls tls_;
   std::string metric_;
 };
 
@@ -110,11 +107,11 @@ absl::Status FromGrpc(const grpc::Status& status) {
 
 class AdminPlacementTarget : public PlacementTarget {
  public:
-  AdminPlacementTarget(const std::string& address, std::string token)
+  AdminPlacementTarget(const std::string& address, std::shared_ptr<grpc::Channel> channel,
+                       std::string token)
       : address_(address),
         token_(std::move(token)),
-        stub_(moeserve::v1::Admin::NewStub(
-            grpc::CreateChannel(address, grpc::InsecureChannelCredentials()))) {}
+        stub_(moeserve::v1::Admin::NewStub(std::move(channel))) {}
 
   std::string name() const override { return address_; }
 
@@ -160,7 +157,7 @@ class AdminPlacementTarget : public PlacementTarget {
 
  private:
   void Prepare(grpc::ClientContext& context, int deadline_seconds) {
-    context.AddMetadata("authorization", "Bearer " + token_);
+    if (!token_.empty()) context.AddMetadata("authorization", "Bearer " + token_);
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(deadline_seconds));
   }
   std::string address_;
@@ -174,13 +171,76 @@ double UnixNow() {
 
 }  // namespace
 
-std::unique_ptr<LoadSource> MakePrometheusLoadSource(std::string base_url, std::string metric) {
-  return std::make_unique<PrometheusLoadSource>(std::move(base_url), std::move(metric));
+std::unique_ptr<LoadSource> MakePrometheusLoadSource(std::string base_url, PrometheusTls tls,
+                                                     std::string metric) {
+  return std::make_unique<PrometheusLoadSource>(std::move(base_url), std::move(tls),
+                                                std::move(metric));
+}
+
+absl::StatusOr<LoadMatrix> ParsePrometheusLoad(std::string_view body, const std::string& group,
+                                               int num_layers, int num_experts) {
+  absl::StatusOr<nlohmann::json> parsed = base::ParseBoundedJson(body);
+  if (!parsed.ok() || !parsed->is_object() || parsed->value("status", "") != "success") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Prometheus query failed: ",
+                     std::string(body.substr(0, std::min<size_t>(300, body.size())))));
+  }
+  const nlohmann::json& response = *parsed;
+  auto data = response.find("data");
+  if (data == response.end() || !data->is_object() || !data->contains("result") ||
+      !(*data)["result"].is_array()) {
+    return absl::InvalidArgumentError("unexpected Prometheus answer: no `data.result` array");
+  }
+  LoadMatrix load(num_layers, std::vector<float>(num_experts, 0.0f));
+  std::vector<std::vector<bool>> seen(num_layers, std::vector<bool>(num_experts, false));
+  int series = 0;
+  for (const nlohmann::json& sample : (*data)["result"]) {
+    if (!sample.is_object() || !sample.contains("metric") || !sample["metric"].is_object() ||
+        !sample.contains("value") || !sample["value"].is_array() || sample["value"].size() != 2 ||
+        !sample["value"][1].is_string()) {
+      return absl::InvalidArgumentError(
+          "unexpected Prometheus answer: a series without `metric` labels or a [time, value]");
+    }
+    const nlohmann::json& labels = sample["metric"];
+    int layer = 0, expert = 0;
+    if (!StrictIndex(labels, "layer", &layer) || !StrictIndex(labels, "expert", &expert)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unexpected Prometheus answer: series labels ", labels.dump().substr(0, 200),
+                       " need `layer` and `expert` as plain decimal integers"));
+    }
+    const std::string& text = sample["value"][1].get_ref<const std::string&>();
+    double value = 0;
+    if (!absl::SimpleAtod(text, &value) || !std::isfinite(value) || value < 0) {
+      return absl::FailedPreconditionError(absl::StrCat("load `", text.substr(0, 40),
+                                                        "` for layer ", layer, " expert ", expert,
+                                                        " is not a finite count >= 0"));
+    }
+    if (layer >= num_layers || expert >= num_experts) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("Prometheus has series for layer ", layer, " expert ", expert,
+                       ", outside the model's ", num_layers, " x ", num_experts));
+    }
+    if (seen[layer][expert]) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "Prometheus has two series for layer ", layer, " expert ", expert, " of group `", group,
+          "` (are two targets exporting the same group under different labels?)"));
+    }
+    load[layer][expert] = static_cast<float>(value);
+    seen[layer][expert] = true;
+    ++series;
+  }
+  if (series != num_layers * num_experts) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "partial data: Prometheus has ", series, " of ", num_layers * num_experts,
+        " (layer, expert) series for group `", group, "` over the window; not rebalancing on it"));
+  }
+  return load;
 }
 
 std::unique_ptr<PlacementTarget> MakeAdminPlacementTarget(const std::string& address,
+                                                          std::shared_ptr<grpc::Channel> channel,
                                                           std::string token) {
-  return std::make_unique<AdminPlacementTarget>(address, std::move(token));
+  return std::make_unique<AdminPlacementTarget>(address, std::move(channel), std::move(token));
 }
 
 Controller::Controller(ControllerOptions options, LoadSource& load_source,

@@ -13,10 +13,12 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "eplb/rebalance.h"
+#include "grpcpp/channel.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/registry.h"
@@ -53,12 +55,32 @@ class PlacementTarget {
                               const std::vector<std::vector<int>>& phy2log) = 0;
 };
 
+// How the controller reaches Prometheus over HTTPS (curl's options); empty fields: the system's
+// CA roots and no client certificate.
+struct PrometheusTls {
+  std::string ca;    // PEM CA bundle that signed Prometheus' certificate
+  std::string cert;  // PEM client certificate, for a Prometheus that requires one
+  std::string key;   // its private key
+};
+
 // Queries `<url>/api/v1/query` with
 // sum by (layer, expert) (increase(<metric>{group="<group>"}[<window>s])).
 std::unique_ptr<LoadSource> MakePrometheusLoadSource(
-    std::string base_url, std::string metric = "moeserve_expert_tokens_total");
-// The Admin API of one moeserve server at `address`, with a bearer token.
+    std::string base_url, PrometheusTls tls = {},
+    std::string metric = "moeserve_expert_tokens_total");
+
+// The load matrix in a Prometheus instant-query answer (`body`, JSON) to the query above.
+// Strict: every series must carry `layer` and `expert` labels that are plain decimal integers
+// inside the model's shape, a finite non-negative value, and appear once; all num_layers x
+// num_experts series must be there. FAILED_PRECONDITION for partial or out-of-shape data,
+// INVALID_ARGUMENT for an answer that is not what the query returns.
+absl::StatusOr<LoadMatrix> ParsePrometheusLoad(std::string_view body, const std::string& group,
+                                               int num_layers, int num_experts);
+
+// The Admin API of one moeserve server over `channel`, with a bearer token (empty: none, for a
+// port that authenticates by client certificate).
 std::unique_ptr<PlacementTarget> MakeAdminPlacementTarget(const std::string& address,
+                                                          std::shared_ptr<grpc::Channel> channel,
                                                           std::string token);
 
 struct ControllerOptions {

@@ -3,8 +3,10 @@
 //   controller  close the loop: Prometheus expert load in, placements pushed to the servers
 // Owns only argument parsing, file handling and exit codes; the work lives in eplb/.
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cmath>
 #include <csignal>
 #include <cstring>
 #include <fstream>
@@ -13,7 +15,13 @@
 #include <thread>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "base/metrics_listener.h"
+#include "base/regular_file.h"
+#include "base/tls_files.h"
 #include "eplb/controller.h"
 #include "eplb/rebalance_tool.h"
 #include "prometheus/exposer.h"
@@ -108,18 +116,23 @@ int RunRebalance(const RebalanceArguments& arguments) {
 
 struct ControllerArguments {
   std::string prometheus_url;
+  moeserve::eplb::PrometheusTls prometheus_tls;
   std::string targets;
+  moeserve::base::TlsClientFiles targets_tls;
   std::string admin_token_file;
-  std::string window = "5m";
-  std::string interval = "60s";
+  double window_seconds = 300;
+  double interval_seconds = 60;
+  std::string metrics_host = "127.0.0.1";
   int metrics_port = -1;
   bool once = false;
   moeserve::eplb::ControllerOptions options;
 };
 
-// "90", "90s", "5m", "1h" → seconds; negative on error.
-double ParseDuration(const std::string& text) {
-  if (text.empty()) return -1;
+// "90", "90s", "5m", "1h" → seconds: finite, at least 1 s and at most 30 days (Prometheus
+// ranges and sleeps stay meaningful). Anything else is an error naming the flag.
+std::string ParseDuration(const std::string& text, double* seconds) {
+  const std::string error = "takes a duration like 90s, 5m or 1h, from 1s to 30 days";
+  if (text.empty()) return error;
   double scale = 1;
   std::string number = text;
   switch (text.back()) {
@@ -137,14 +150,30 @@ double ParseDuration(const std::string& text) {
     default:
       break;
   }
-  try {
-    size_t used = 0;
-    const double value = std::stod(number, &used);
-    if (used != number.size() || !(value > 0)) return -1;
-    return value * scale;
-  } catch (const std::exception&) {
-    return -1;
+  // Digits and one decimal point only: no "inf", "nan", signs, exponents or spaces.
+  if (number.empty() || number.find_first_not_of("0123456789.") != std::string::npos ||
+      std::count(number.begin(), number.end(), '.') > 1 || number == ".") {
+    return error;
   }
+  const double value = std::stod(number) * scale;
+  if (!(value >= 1 && value <= 30 * 86400.0)) return error;
+  *seconds = value;
+  return "";
+}
+
+// A CLI11 check that a double is a finite number in [low, high] (CLI::Range lets NaN through).
+CLI::Validator FiniteIn(double low, double high) {
+  return CLI::Validator(
+      [low, high](std::string& text) -> std::string {
+        double value = 0;
+        if (!absl::SimpleAtod(text, &value) || !std::isfinite(value) || value < low ||
+            value > high) {
+          return "must be a finite number in [" + absl::StrCat(low) + ", " + absl::StrCat(high) +
+                 "], got " + text;
+        }
+        return "";
+      },
+      "FLOAT in [" + absl::StrCat(low) + ", " + absl::StrCat(high) + "]");
 }
 
 void AddControllerCommand(CLI::App& app, ControllerArguments& arguments) {
@@ -155,76 +184,148 @@ void AddControllerCommand(CLI::App& app, ControllerArguments& arguments) {
       "balancedness (mean/max GPU load) improves by more than --min-improvement.");
   controller
       ->add_option("--prometheus-url", arguments.prometheus_url,
-                   "Prometheus base URL, e.g. http://127.0.0.1:9090")
+                   "Prometheus base URL, e.g. http://127.0.0.1:9090 or https://…")
       ->required();
+  controller->add_option("--prometheus-ca", arguments.prometheus_tls.ca,
+                         "PEM CA bundle that signed an https Prometheus' certificate (default: "
+                         "the system's roots)");
+  controller->add_option("--prometheus-cert", arguments.prometheus_tls.cert,
+                         "PEM client certificate for a Prometheus that requires one");
+  controller->add_option("--prometheus-key", arguments.prometheus_tls.key,
+                         "PEM private key of --prometheus-cert");
   controller
       ->add_option("--group", arguments.options.group,
                    "The EP group to balance: mixed, prefill or decode")
-      ->capture_default_str();
-  controller->add_option("--window", arguments.window, "Load window (e.g. 90s, 5m)")
-      ->capture_default_str();
-  controller->add_option("--interval", arguments.interval, "Time between cycles")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::IsMember({"mixed", "prefill", "decode"}));
+  controller
+      ->add_option_function<std::string>(
+          "--window",
+          [&arguments](const std::string& text) {
+            if (std::string error = ParseDuration(text, &arguments.window_seconds);
+                !error.empty()) {
+              throw CLI::ValidationError("--window", error + ", got " + text);
+            }
+          },
+          "Load window (e.g. 90s, 5m; 1s to 30 days)")
+      ->default_str("5m");
+  controller
+      ->add_option_function<std::string>(
+          "--interval",
+          [&arguments](const std::string& text) {
+            if (std::string error = ParseDuration(text, &arguments.interval_seconds);
+                !error.empty()) {
+              throw CLI::ValidationError("--interval", error + ", got " + text);
+            }
+          },
+          "Time between cycles (1s to 30 days)")
+      ->default_str("60s");
   controller
       ->add_option("--targets", arguments.targets,
-                   "Comma-separated host:port of the servers (Admin API) of the group")
+                   "Comma-separated host:port of the servers' Admin API (the gRPC port, or "
+                   "--admin-port) of the group")
       ->required();
+  controller->add_flag("--tls", arguments.targets_tls.enabled,
+                       "Speak TLS to the targets (implied by --tls-ca/--tls-cert)");
+  controller->add_option("--tls-ca", arguments.targets_tls.ca,
+                         "PEM CA bundle that signed the targets' certificates (default: the "
+                         "system's roots)");
+  controller->add_option("--tls-cert", arguments.targets_tls.cert,
+                         "PEM client certificate for targets that require one (mTLS)");
+  controller->add_option("--tls-key", arguments.targets_tls.key, "PEM private key of --tls-cert");
+  controller->add_option("--tls-server-name", arguments.targets_tls.server_name,
+                         "Name the targets' certificates carry, when --targets uses addresses");
   controller
       ->add_option("--num-nodes", arguments.options.num_nodes,
                    "Nodes the group spans (hierarchical policy when expert groups divide "
                    "by nodes)")
-      ->capture_default_str();
-  controller->add_option("--num-gpus", arguments.options.num_gpus,
-                         "GPUs (ranks) of the group; 0 = as the servers report");
-  controller->add_option("--num-replicas", arguments.options.num_replicas,
-                         "Physical expert slots per layer; 0 = as the servers report");
+      ->capture_default_str()
+      ->check(CLI::Range(1, 65536));
+  controller
+      ->add_option("--num-gpus", arguments.options.num_gpus,
+                   "GPUs (ranks) of the group; 0 = as the servers report")
+      ->check(CLI::Range(0, 1 << 20));
+  controller
+      ->add_option("--num-replicas", arguments.options.num_replicas,
+                   "Physical expert slots per layer; 0 = as the servers report")
+      ->check(CLI::Range(0, 1 << 20));
   controller
       ->add_option("--min-improvement", arguments.options.min_improvement,
                    "Balancedness gain (0..1) needed to push")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(FiniteIn(0, 1));
+  controller->add_option(
+      "--admin-token-file", arguments.admin_token_file,
+      "File with the servers' admin bearer token (optional when the targets' Admin "
+      "port authenticates by client certificate)");
   controller
-      ->add_option("--admin-token-file", arguments.admin_token_file,
-                   "File with the servers' admin bearer token")
-      ->required();
+      ->add_option("--metrics-host", arguments.metrics_host,
+                   "Address the controller's /metrics port binds")
+      ->capture_default_str();
   controller
       ->add_option("--metrics-port", arguments.metrics_port,
-                   "Serve the controller's own Prometheus metrics on this port (-1: off)")
-      ->capture_default_str();
+                   "Serve the controller's own Prometheus metrics (plain HTTP) on this port "
+                   "(-1: off)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, 65535));
   controller->add_flag("--once", arguments.once, "Run one cycle and exit (0: success)");
   controller->add_flag("--dry-run", arguments.options.dry_run,
                        "Print the plan instead of pushing it");
+  controller->footer(
+      "Exit status: 0 stopped by SIGTERM/SIGINT, or --once succeeded; 1 the --once cycle failed; "
+      "2 a file could not be read or a listener could not start; 100 and above: the command "
+      "line was invalid.");
 }
 
 std::atomic<bool> stop_requested{false};
 
 int RunController(ControllerArguments& arguments) {
-  arguments.options.window_seconds = ParseDuration(arguments.window);
-  const double interval = ParseDuration(arguments.interval);
-  if (arguments.options.window_seconds <= 0 || interval <= 0) {
-    std::cerr
-        << "moeserve-eplb controller: --window and --interval take durations like 90s or 5m\n";
-    return kExitIoError;
-  }
-  std::ifstream token_file(arguments.admin_token_file);
+  arguments.options.window_seconds = arguments.window_seconds;
   std::string token;
-  if (!token_file || !std::getline(token_file, token) || token.empty()) {
-    std::cerr << "moeserve-eplb controller: cannot read a token from " << arguments.admin_token_file
-              << "\n";
+  if (!arguments.admin_token_file.empty()) {
+    absl::StatusOr<std::string> text =
+        moeserve::base::ReadRegularFile(arguments.admin_token_file, 64 << 10);
+    if (!text.ok()) {
+      std::cerr << "moeserve-eplb controller: the admin token file: " << text.status().message()
+                << "\n";
+      return kExitIoError;
+    }
+    token = std::string(absl::StripAsciiWhitespace(text->substr(0, text->find('\n'))));
+    if (token.empty()) {
+      std::cerr << "moeserve-eplb controller: the admin token file " << arguments.admin_token_file
+                << " is empty\n";
+      return kExitIoError;
+    }
+  } else if (arguments.targets_tls.cert.empty()) {
+    std::cerr << "moeserve-eplb controller: give --admin-token-file, or --tls-cert/--tls-key for "
+                 "targets that authenticate by client certificate\n";
     return kExitIoError;
   }
-  while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back()))) token.pop_back();
   auto registry = std::make_shared<prometheus::Registry>();
   std::unique_ptr<prometheus::Exposer> exposer;
   if (arguments.metrics_port >= 0) {
-    exposer =
-        std::make_unique<prometheus::Exposer>("0.0.0.0:" + std::to_string(arguments.metrics_port));
+    absl::StatusOr<std::unique_ptr<prometheus::Exposer>> started =
+        moeserve::base::StartMetricsListener(arguments.metrics_host, arguments.metrics_port);
+    if (!started.ok()) {
+      std::cerr << "moeserve-eplb controller: " << started.status().message() << "\n";
+      return kExitIoError;
+    }
+    exposer = *std::move(started);
     exposer->RegisterCollectable(registry);
   }
-  auto load_source = moeserve::eplb::MakePrometheusLoadSource(arguments.prometheus_url);
+  auto load_source =
+      moeserve::eplb::MakePrometheusLoadSource(arguments.prometheus_url, arguments.prometheus_tls);
   std::vector<std::unique_ptr<moeserve::eplb::PlacementTarget>> owned_targets;
   std::vector<moeserve::eplb::PlacementTarget*> targets;
   for (absl::string_view address : absl::StrSplit(arguments.targets, ',', absl::SkipWhitespace())) {
-    owned_targets.push_back(moeserve::eplb::MakeAdminPlacementTarget(std::string(address), token));
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+        moeserve::base::MakeChannel(std::string(address), arguments.targets_tls);
+    if (!channel.ok()) {
+      std::cerr << "moeserve-eplb controller: --tls-*: " << channel.status().message() << "\n";
+      return kExitIoError;
+    }
+    owned_targets.push_back(
+        moeserve::eplb::MakeAdminPlacementTarget(std::string(address), *channel, token));
     targets.push_back(owned_targets.back().get());
   }
   moeserve::eplb::Controller controller(arguments.options, *load_source, targets, registry.get());
@@ -248,7 +349,7 @@ int RunController(ControllerArguments& arguments) {
       }
       if (arguments.once) return 0;
     }
-    for (double waited = 0; waited < interval && !stop_requested; waited += 0.1) {
+    for (double waited = 0; waited < arguments.interval_seconds && !stop_requested; waited += 0.1) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
     if (stop_requested) return 0;

@@ -10,6 +10,7 @@
 #include <system_error>
 
 #include "absl/strings/str_cat.h"
+#include "base/bounded_json.h"
 #include "nlohmann/json.hpp"
 
 namespace moeserve::eplb {
@@ -83,36 +84,6 @@ absl::Status ReadWeightField(const json& object, std::vector<std::vector<float>>
                                                        load, ", outside the float32 range"));
       }
       loads.push_back(static_cast<float>(load));
-    }
-  }
-  return absl::OkStatus();
-}
-
-// The JSON library recurses once per nesting level, so a line like "[[[[..." a million deep
-// would overflow the stack. Valid cases nest three levels (object, weight, row) plus whatever
-// the id holds; anything deeper than this is rejected before the library sees it.
-constexpr int kMaxNestingDepth = 64;
-
-absl::Status CheckNestingDepth(std::string_view line) {
-  int depth = 0;
-  bool in_string = false;
-  for (size_t i = 0; i < line.size(); ++i) {
-    const char character = line[i];
-    if (in_string) {
-      if (character == '\\') {
-        ++i;  // skip the escaped character, which may be a quote
-      } else if (character == '"') {
-        in_string = false;
-      }
-    } else if (character == '"') {
-      in_string = true;
-    } else if (character == '[' || character == '{') {
-      if (++depth > kMaxNestingDepth) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("invalid JSON: nested more than ", kMaxNestingDepth, " levels deep"));
-      }
-    } else if (character == ']' || character == '}') {
-      --depth;
     }
   }
   return absl::OkStatus();
@@ -354,7 +325,11 @@ bool TryParseCommonRebalanceCase(std::string_view line, RebalanceCase* rebalance
 
 absl::Status ParseRebalanceCaseGeneral(std::string_view line, RebalanceCase* rebalance_case) {
   rebalance_case->id_json = "null";
-  if (absl::Status status = CheckNestingDepth(line); !status.ok()) return status;
+  // Valid cases nest three levels (object, weight, row) plus whatever the id holds; a line like
+  // "[[[[..." a million deep is refused before the JSON library recurses through it.
+  if (absl::Status status = base::CheckJsonNesting(line); !status.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("invalid JSON: ", status.message()));
+  }
   json object;
   try {
     object = json::parse(line.begin(), line.end());

@@ -2,11 +2,12 @@
 # Installs everything moeserve needs to build, run and test on Debian 12: compiler, CMake,
 # Ninja, gRPC/protobuf, Abseil, prometheus-cpp, OpenBLAS, GoogleTest, CLI11, nlohmann-json,
 # libcurl, ICU (Unicode regexes for tokenizers), spdlog (logs), Gloo (collectives between CPU
-# rank processes), clang-16 (thread-safety analysis),
-# Prometheus (for the EPLB loop tests), NumPy (for the reference checks), cpp-httplib (the OpenAI
-# HTTP front door), libpython3 and Jinja2 (chat templates, rendered by Jinja2 itself in an
-# embedded interpreter) and python3-venv (the real OpenAI and Triton clients the tests drive the
-# server with, installed from PyPI by scripts/python-venv.sh).
+# rank processes), clang-16 (thread-safety analysis, and with libFuzzer and the sanitizer runtimes
+# the fuzz targets), Prometheus (for the EPLB loop tests), NumPy (for the reference checks),
+# cpp-httplib (the OpenAI HTTP front door), libpython3 and Jinja2 (chat templates, rendered by
+# Jinja2 itself in an embedded interpreter), python3-venv (the real OpenAI and Triton clients the
+# tests drive the server with, installed from PyPI by scripts/python-venv.sh) and OpenSSL
+# (certificates for the TLS tests).
 # Idempotent: does nothing when every package is already installed.
 set -euo pipefail
 
@@ -18,6 +19,7 @@ PACKAGES=(
   libgloo-dev clang-16
   prometheus python3 python3-numpy python3-yaml python3-grpcio python3-grpc-tools
   libcpp-httplib-dev libpython3-dev python3-jinja2 python3-venv
+  openssl libfuzzer-16-dev libclang-rt-16-dev
 )
 
 missing=()

@@ -1,11 +1,8 @@
 #include "server/admin_service.h"
 
 #include <chrono>
-#include <fstream>
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/strip.h"
 #include "server/status_conversion.h"
 
 namespace moeserve::server {
@@ -20,30 +17,20 @@ bool ConstantTimeEquals(const std::string& a, const std::string& b) {
 
 }  // namespace
 
-absl::StatusOr<std::string> ReadAdminToken(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read the admin token file ", path));
-  std::string token;
-  std::getline(in, token);
-  token = std::string(absl::StripAsciiWhitespace(token));
-  if (token.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("the admin token file ", path, " is empty"));
-  }
-  return token;
-}
-
 grpc::Status AdminService::Authorize(const grpc::ServerContext& context,
                                      engine::Engine** engine) const {
-  const auto& metadata = context.client_metadata();
-  auto it = metadata.find("authorization");
-  if (it == metadata.end()) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                        "missing `authorization: Bearer <token>` metadata");
-  }
-  const std::string value(it->second.data(), it->second.size());
-  constexpr std::string_view kPrefix = "Bearer ";
-  if (!value.starts_with(kPrefix) || !ConstantTimeEquals(value.substr(kPrefix.size()), token_)) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "invalid admin token");
+  if (token_.has_value()) {
+    const auto& metadata = context.client_metadata();
+    auto it = metadata.find("authorization");
+    if (it == metadata.end()) {
+      return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                          "missing `authorization: Bearer <token>` metadata");
+    }
+    const std::string value(it->second.data(), it->second.size());
+    constexpr std::string_view kPrefix = "Bearer ";
+    if (!value.starts_with(kPrefix) || !ConstantTimeEquals(value.substr(kPrefix.size()), *token_)) {
+      return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "invalid admin token");
+    }
   }
   *engine = engine_.load();
   if (*engine == nullptr) {

@@ -1,10 +1,12 @@
 // AdminService: the `moeserve.v1.Admin` gRPC service — read and replace a group's expert
 // placement (live: staged while serving, committed by all ranks at one step boundary) and read
-// its expert load. Every call must carry `authorization: Bearer <token>`; the token is read
-// once from --admin-token-file. Thread-safe.
+// its expert load. With a token (read once from --admin-token-file, server/admin_token.h) every
+// call must carry `authorization: Bearer <token>`; without one the service is served only on a
+// port that requires verified client certificates (server/serve.h). Thread-safe.
 #pragma once
 
 #include <atomic>
+#include <optional>
 #include <string>
 
 #include "engine/engine.h"
@@ -14,7 +16,8 @@ namespace moeserve::server {
 
 class AdminService final : public moeserve::v1::Admin::Service {
  public:
-  explicit AdminService(std::string token) : token_(std::move(token)) {}
+  // `token`: the bearer token every call must carry; none: the listener authenticates clients.
+  explicit AdminService(std::optional<std::string> token) : token_(std::move(token)) {}
 
   // Makes the service live; `engine` must outlive the service.
   void AttachEngine(engine::Engine* engine) { engine_.store(engine); }
@@ -33,11 +36,8 @@ class AdminService final : public moeserve::v1::Admin::Service {
   // OK with the engine, or UNAUTHENTICATED / UNAVAILABLE (still loading).
   grpc::Status Authorize(const grpc::ServerContext& context, engine::Engine** engine) const;
 
-  std::string token_;
+  std::optional<std::string> token_;
   std::atomic<engine::Engine*> engine_{nullptr};
 };
-
-// Reads the admin token (first line, surrounding whitespace trimmed); an empty token is an error.
-absl::StatusOr<std::string> ReadAdminToken(const std::string& path);
 
 }  // namespace moeserve::server

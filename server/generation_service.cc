@@ -2,6 +2,7 @@
 
 #include <chrono>
 
+#include "server/request_conversion.h"
 #include "server/status_conversion.h"
 #include "server/worker_conversion.h"
 
@@ -15,33 +16,6 @@ grpc::Status Unavailable() {
 }
 
 }  // namespace
-
-engine::GenerationInput ToGenerationInput(const moeserve::v1::GenerateRequest& request) {
-  engine::GenerationInput input;
-  input.request_id = request.request_id();
-  if (request.input_case() == moeserve::v1::GenerateRequest::kText) {
-    input.text = request.text();
-  } else if (request.input_case() == moeserve::v1::GenerateRequest::kTokenIds) {
-    for (uint32_t id : request.token_ids().ids()) {
-      // Ids beyond int32 map to -1, which the engine reports as out of range.
-      input.prompt_tokens.push_back(id > 0x7fffffffu ? -1 : static_cast<int32_t>(id));
-    }
-  }
-  const auto& sampling = request.sampling();
-  input.sampling.temperature = sampling.temperature();
-  input.sampling.top_p = sampling.top_p() == 0.0f ? 1.0f : sampling.top_p();
-  input.sampling.top_k =
-      sampling.top_k() > 0x7fffffffu ? 0x7fffffff : static_cast<int>(sampling.top_k());
-  if (sampling.has_seed()) input.sampling.seed = sampling.seed();
-  input.max_tokens =
-      request.max_tokens() > 0x7fffffffu ? 0x7fffffff : static_cast<int>(request.max_tokens());
-  input.stop.assign(request.stop().begin(), request.stop().end());
-  for (uint32_t id : request.stop_token_ids()) {
-    input.stop_token_ids.push_back(id > 0x7fffffffu ? -1 : static_cast<int32_t>(id));
-  }
-  input.ignore_eos = request.ignore_eos();
-  return input;
-}
 
 grpc::Status GenerationService::Generate(
     grpc::ServerContext* context, const moeserve::v1::GenerateRequest* request,

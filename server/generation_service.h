@@ -28,7 +28,4 @@ class GenerationService final : public moeserve::v1::Generation::Service {
   std::atomic<engine::Engine*> engine_{nullptr};
 };
 
-// Proto → engine input (no validation beyond what the types force; the engine validates).
-engine::GenerationInput ToGenerationInput(const moeserve::v1::GenerateRequest& request);
-
 }  // namespace moeserve::server

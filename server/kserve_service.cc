@@ -288,9 +288,8 @@ absl::StatusOr<Generation> ParseRequest(const inference::ModelInferRequest& requ
     } else if (name == "input_ids") {
       absl::StatusOr<std::vector<int64_t>> ids = IntegerValues(t);
       if (!ids.ok()) return ids.status();
-      for (int64_t id : *ids) {
-        input.prompt_tokens.push_back(id < 0 || id > INT32_MAX ? -1 : static_cast<int32_t>(id));
-      }
+      // As sent: the engine checks them against the vocabulary and reports the id.
+      input.prompt_tokens.assign(ids->begin(), ids->end());
       has_prompt = true;
     } else if (name == "max_tokens") {
       absl::StatusOr<int64_t> v = Single(t, IntegerValues(t));

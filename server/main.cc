@@ -8,9 +8,11 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "base/tls_files.h"
 #include "engine/engine.h"
 #include "engine/pipeline/plan_command.h"
 #include "server/admin_service.h"
+#include "server/admin_token.h"
 #include "server/cluster_engine.h"
 #include "server/node_supervisor.h"
 #include "server/npy_writer.h"
@@ -169,17 +171,32 @@ bool ApplyEngineFlags(const std::string& command, const EngineFlags& flags,
   return true;
 }
 
+// --[prefix]tls-cert, --[prefix]tls-key and --[prefix]tls-client-ca of one listener.
+void AddTlsServerOptions(CLI::App* command, const std::string& prefix, const std::string& what,
+                         moeserve::base::TlsServerFiles& files) {
+  command->add_option(
+      "--" + prefix + "tls-cert", files.cert,
+      "PEM certificate chain: serve " + what + " over TLS (with --" + prefix + "tls-key)");
+  command->add_option("--" + prefix + "tls-key", files.key,
+                      "PEM private key of --" + prefix + "tls-cert");
+  command->add_option("--" + prefix + "tls-client-ca", files.client_ca,
+                      "PEM CA bundle: " + what + " requires client certificates it signed");
+}
+
 // The front doors `serve` and `frontend` share: ports, HTTP, chat template, drain, Admin.
 void AddFrontDoorOptions(CLI::App* command, moeserve::server::ServeOptions& serve,
                          int default_metrics_port) {
   serve.metrics_port = default_metrics_port;
-  command->add_option("--host", serve.host, "Address to listen on")->capture_default_str();
+  command->add_option("--host", serve.host, "Address the gRPC port binds")->capture_default_str();
   command
       ->add_option("--port", serve.port,
                    "gRPC port: moeserve.v1.Generation and the KServe v2 inference service (0: "
                    "pick a free one)")
       ->capture_default_str()
       ->check(CLI::Range(0, 65535));
+  AddTlsServerOptions(command, "", "the gRPC port", serve.tls);
+  command->add_option("--metrics-host", serve.metrics_host,
+                      "Address the /metrics port (plain HTTP) binds (default: --host)");
   command
       ->add_option("--metrics-port", serve.metrics_port,
                    "Prometheus /metrics port (0: pick a free one, -1: off)")
@@ -191,6 +208,8 @@ void AddFrontDoorOptions(CLI::App* command, moeserve::server::ServeOptions& serv
                    "/v1/models, /health (0: pick a free one, -1: off)")
       ->capture_default_str()
       ->check(CLI::Range(-1, 65535));
+  command->add_option("--http-host", serve.http_host,
+                      "Address the OpenAI HTTP port (plain HTTP) binds (default: --host)");
   command
       ->add_option("--chat-template", serve.chat_template_file,
                    "Jinja chat template for /v1/chat/completions, instead of the model's own "
@@ -203,14 +222,40 @@ void AddFrontDoorOptions(CLI::App* command, moeserve::server::ServeOptions& serv
       ->check(CLI::Range(1, 100000));
   command
       ->add_option("--shutdown-grace-seconds", serve.shutdown_grace_seconds,
-                   "On SIGTERM, how long in-flight streams may take to finish")
+                   "On SIGTERM, SIGINT or SIGHUP, how long in-flight streams may take to finish "
+                   "(a second signal stops at once)")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0.0, 86400.0));
   command
       ->add_option("--admin-token-file", serve.admin_token_file,
                    "Serve the Admin API (placements, expert load), authenticated with the bearer "
-                   "token in this file; without it the Admin API is off")
+                   "token in this file (at least 32 varied characters, not a placeholder: e.g. "
+                   "`openssl rand -hex 32`); without it or --admin-tls-client-ca the Admin API is "
+                   "off")
       ->check(CLI::ExistingFile);
+  command->add_option("--admin-host", serve.admin_host,
+                      "Address the Admin API's own port binds (default: --host)");
+  command
+      ->add_option("--admin-port", serve.admin_port,
+                   "Serve the Admin API on this port of its own, over TLS only (--admin-tls-cert/"
+                   "--admin-tls-key, default --tls-cert/--tls-key); clients authenticate with the "
+                   "token, a client certificate (--admin-tls-client-ca) or both (0: pick a free "
+                   "port; -1: on the gRPC port)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, 65535));
+  AddTlsServerOptions(command, "admin-", "the Admin API's own port", serve.admin_tls);
+  // Hidden: for tests of signals during start-up only.
+  command
+      ->add_option("--inject-load-delay-seconds", serve.inject_load_delay_seconds,
+                   "Wait this long before loading the model")
+      ->group("");
+  command->footer(
+      "Signals: SIGTERM, SIGINT or SIGHUP while the model loads (or the groups are awaited) stop "
+      "before serving (exit 0). Once serving, the first drains: health turns NOT_SERVING, new "
+      "requests get UNAVAILABLE, running streams get --shutdown-grace-seconds to finish, then "
+      "the rest end with UNAVAILABLE (exit 0). A second signal during the drain stops at once: "
+      "running streams end with UNAVAILABLE (exit 1). SIGUSR1 and SIGUSR2 are ignored. Exit 1 "
+      "also when start-up fails (a port in use, a bad file or model).");
 }
 
 int RunLogits(moeserve::engine::LogitsRequest request, const std::string& tokens_text,

@@ -241,6 +241,12 @@ absl::StatusOr<int> OpenAiHttpServer::Start() {
   // An idle kept-alive connection holds a worker; 5 s also bounds how long Stop waits for one.
   http_->set_keep_alive_timeout(5);
   http_->set_payload_max_length(options_.max_body_bytes);
+  // cpp-httplib sets SO_REUSEPORT on Linux, which lets a second server bind the same port and
+  // take half its connections; SO_REUSEADDR alone still allows a restart over TIME_WAIT.
+  http_->set_socket_options([](socket_t socket) {
+    int yes = 1;
+    setsockopt(socket, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
   RegisterRoutes();
   int port = options_.port;
   if (port == 0) {
@@ -254,7 +260,10 @@ absl::StatusOr<int> OpenAiHttpServer::Start() {
                                                " (address in use or not available)"));
   }
   static_cast<HttpServer*>(http_.get())->WidenBacklog();
-  listener_ = std::thread([this] { http_->listen_after_bind(); });
+  listener_ = std::thread([this] {
+    http_->listen_after_bind();
+    listener_done_.store(true);
+  });
   return port;
 }
 
@@ -276,7 +285,13 @@ void OpenAiHttpServer::Drain(std::chrono::system_clock::time_point deadline) {
 void OpenAiHttpServer::Stop() {
   if (!listener_.joinable()) return;
   cancel_all_.store(true);
-  http_->stop();
+  // cpp-httplib's stop() closes the listening socket only once the listener thread has entered
+  // listen; called earlier (a start-up that fails right after Start) it does nothing and the
+  // join would wait forever in accept(). Repeat it until the listener has returned.
+  while (!listener_done_.load()) {
+    http_->stop();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   listener_.join();
 }
 

@@ -69,6 +69,7 @@ class OpenAiHttpServer {
   std::unique_ptr<ChatTemplate> chat_template_;
   std::unique_ptr<httplib::Server> http_;
   std::thread listener_;
+  std::atomic<bool> listener_done_{false};  // set when listen_after_bind returns
   std::atomic<engine::Engine*> engine_{nullptr};
   std::atomic<int> in_flight_{0};
   std::atomic<bool> cancel_all_{false};  // set by Drain once its deadline passed

@@ -93,18 +93,18 @@ absl::Status ReadBool(const json& body, const char* name, bool* value) {
   return absl::OkStatus();
 }
 
-// Token ids of a prompt given as numbers.
-absl::StatusOr<std::vector<int32_t>> TokenIds(const json& array, const char* where) {
-  std::vector<int32_t> ids;
+// Token ids of a prompt given as numbers, as sent: the engine checks them against the
+// vocabulary and reports the id. (An unsigned id beyond int64 is kept as INT64_MAX, still out of
+// range.)
+absl::StatusOr<std::vector<int64_t>> TokenIds(const json& array, const char* where) {
+  std::vector<int64_t> ids;
   ids.reserve(array.size());
   for (const json& id : array) {
     if (!id.is_number_integer()) {
       return Invalid(absl::StrCat(where, " must hold only integers (token ids) or be a string"));
     }
-    const int64_t value =
-        id.is_number_unsigned() && id.get<uint64_t>() > INT32_MAX ? -1 : id.get<int64_t>();
-    // Out-of-range ids map to -1, which the engine reports with the vocabulary size.
-    ids.push_back(value < 0 || value > INT32_MAX ? -1 : static_cast<int32_t>(value));
+    ids.push_back(id.is_number_unsigned() && id.get<uint64_t>() > INT64_MAX ? INT64_MAX
+                                                                            : id.get<int64_t>());
   }
   return ids;
 }
@@ -123,7 +123,7 @@ absl::StatusOr<std::vector<engine::GenerationInput>> CompletionPrompts(const jso
   if (it->is_string()) {
     add_text(*it);
   } else if (it->is_array() && !it->empty() && (*it)[0].is_number_integer()) {
-    absl::StatusOr<std::vector<int32_t>> ids = TokenIds(*it, "`prompt`");
+    absl::StatusOr<std::vector<int64_t>> ids = TokenIds(*it, "`prompt`");
     if (!ids.ok()) return ids.status();
     engine::GenerationInput input;
     input.prompt_tokens = std::move(*ids);
@@ -133,7 +133,7 @@ absl::StatusOr<std::vector<engine::GenerationInput>> CompletionPrompts(const jso
       if (item.is_string()) {
         add_text(item);
       } else if (item.is_array() && !item.empty()) {
-        absl::StatusOr<std::vector<int32_t>> ids = TokenIds(item, "each `prompt` list");
+        absl::StatusOr<std::vector<int64_t>> ids = TokenIds(item, "each `prompt` list");
         if (!ids.ok()) return ids.status();
         engine::GenerationInput input;
         input.prompt_tokens = std::move(*ids);

@@ -15,6 +15,7 @@
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
 #include "server/admin_service.h"
+#include "server/admin_token.h"
 #include "server/rendezvous.h"
 #include "server/worker_service.h"
 #include "spdlog/spdlog.h"

@@ -1,27 +1,40 @@
 #include "server/serve.h"
 
-#include <signal.h>
-
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "base/metrics_listener.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
-#include "prometheus/exposer.h"
 #include "prometheus/registry.h"
 #include "server/admin_service.h"
+#include "server/admin_token.h"
 #include "server/chat_template.h"
 #include "server/kserve_service.h"
 #include "server/openai_http_server.h"
+#include "server/request_parse_errors.h"
+#include "server/shutdown_signals.h"
 
 namespace moeserve::server {
 namespace {
+
+using std::chrono::milliseconds;
+
+// Exit codes (documented in the README and `serve --help`).
+constexpr int kExitStopped = 0;        // drained, or stopped before serving
+constexpr int kExitStartFailed = 1;    // a listener, a file or the model failed
+constexpr int kExitStoppedAtOnce = 1;  // a second signal cut the drain short
 
 // The health service's names: "" and kGenerationService speak for the whole server (SERVING
 // once the model is loaded and while every group serves); "<kGenerationService>/<group>"
@@ -80,35 +93,119 @@ void SetGroupHealth(grpc::HealthCheckServiceInterface& health, const std::string
   health.SetServingStatus(absl::StrCat(kGenerationService, "/", group), serving);
 }
 
+int Fail(absl::string_view message) {
+  std::cerr << "moeserve: " << message << std::endl;
+  return kExitStartFailed;
+}
+
+// Settings every gRPC listener of the server shares.
+void ConfigureBuilder(grpc::ServerBuilder& builder, const ServeOptions& options) {
+  // gRPC sets SO_REUSEPORT by default, which lets a second server bind the same port and take
+  // half its new connections; with it off, the second server fails to start instead.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  builder.experimental().SetInterceptorCreators(RequestParseErrorInterceptors());
+}
+
+// The Admin API's listener settings, checked before anything starts.
+struct AdminPlan {
+  bool enabled = false;
+  bool own_port = false;
+  std::string host;
+  base::TlsServerFiles tls;
+  std::optional<std::string> token;  // none: client certificates alone authenticate
+};
+
+absl::StatusOr<AdminPlan> PlanAdmin(const ServeOptions& options) {
+  AdminPlan plan;
+  plan.enabled = !options.admin_token_file.empty() || !options.admin_tls.client_ca.empty();
+  plan.own_port = options.admin_port >= 0;
+  if (!plan.enabled) {
+    if (plan.own_port) {
+      return absl::InvalidArgumentError(
+          "--admin-port needs the Admin API on: give --admin-token-file or --admin-tls-client-ca");
+    }
+    return plan;
+  }
+  if (!options.admin_token_file.empty()) {
+    absl::StatusOr<std::string> token = ReadAdminToken(options.admin_token_file);
+    if (!token.ok()) return token.status();
+    plan.token = *std::move(token);
+  }
+  if (!plan.own_port) {
+    if (options.admin_tls.enabled()) {
+      return absl::InvalidArgumentError(
+          "--admin-tls-* configure the Admin API's own port: add --admin-port");
+    }
+    return plan;
+  }
+  plan.host = options.admin_host.empty() ? options.host : options.admin_host;
+  plan.tls = options.admin_tls;
+  if (plan.tls.cert.empty() && plan.tls.key.empty()) {
+    plan.tls.cert = options.tls.cert;
+    plan.tls.key = options.tls.key;
+  }
+  if (plan.tls.cert.empty() || plan.tls.key.empty()) {
+    return absl::InvalidArgumentError(
+        "the Admin API's own port speaks TLS only: give --admin-tls-cert and --admin-tls-key (or "
+        "--tls-cert and --tls-key)");
+  }
+  return plan;
+}
+
+// Waits for `loading` while watching for stop signals. A stop signal ends the process before it
+// serves; the model load is not interruptible, and nothing is in flight yet.
+void WaitForLoad(const std::atomic<bool>& loaded, grpc::Server& server) {
+  while (!loaded.load()) {
+    const int signal_number = ShutdownSignals::Next(milliseconds(100));
+    if (signal_number == 0) continue;
+    std::cout << "moeserve: received " << ShutdownSignals::Name(signal_number)
+              << " while loading the model; stopping before serving" << std::endl;
+    server.Shutdown(std::chrono::system_clock::now());
+    std::fflush(nullptr);
+    // The loader thread is inside the model load; leave without waiting for it.
+    std::_Exit(kExitStopped);
+  }
+}
+
 }  // namespace
 
 int RunServe(const ServeOptions& options) {
-  // Block the shutdown signals in every thread; the main thread waits for them with sigwait.
-  sigset_t shutdown_signals;
-  sigemptyset(&shutdown_signals);
-  sigaddset(&shutdown_signals, SIGTERM);
-  sigaddset(&shutdown_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &shutdown_signals, nullptr);
-  // A client that closes its connection mid-response must cost an error return, not the process.
-  signal(SIGPIPE, SIG_IGN);
+  if (absl::Status status = ShutdownSignals::Install(); !status.ok()) {
+    return Fail(status.message());
+  }
 
   auto registry = std::make_shared<prometheus::Registry>();
   std::unique_ptr<prometheus::Exposer> exposer;
   std::string metrics_address = "disabled";
   if (options.metrics_port >= 0) {
-    try {
-      exposer = std::make_unique<prometheus::Exposer>(
-          absl::StrCat(options.host, ":", options.metrics_port));
-    } catch (const std::exception& e) {
-      std::cerr << "moeserve: cannot serve metrics on " << options.host << ":"
-                << options.metrics_port << ": " << e.what() << "\n";
-      return 1;
-    }
+    const std::string host = options.metrics_host.empty() ? options.host : options.metrics_host;
+    absl::StatusOr<std::unique_ptr<prometheus::Exposer>> started =
+        base::StartMetricsListener(host, options.metrics_port);
+    if (!started.ok()) return Fail(started.status().message());
+    exposer = *std::move(started);
     exposer->RegisterCollectable(registry);
-    const auto ports = exposer->GetListeningPorts();
-    metrics_address = absl::StrCat(options.host, ":", ports.empty() ? 0 : ports.front());
+    metrics_address = absl::StrCat(host, ":", base::BoundPort(*exposer));
   }
 
+  absl::StatusOr<AdminPlan> admin_plan = PlanAdmin(options);
+  if (!admin_plan.ok()) return Fail(admin_plan.status().message());
+  GenerationService generation;
+  KServeService kserve;
+  std::unique_ptr<AdminService> admin;
+  if (admin_plan->enabled) admin = std::make_unique<AdminService>(admin_plan->token);
+
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      base::MakeServerCredentials(options.tls);
+  if (!credentials.ok()) return Fail(absl::StrCat("--tls-*: ", credentials.status().message()));
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> admin_credentials =
+      grpc::InsecureServerCredentials();
+  if (admin_plan->own_port) {
+    admin_credentials = base::MakeServerCredentials(admin_plan->tls);
+    if (!admin_credentials.ok()) {
+      return Fail(absl::StrCat("--admin-tls-*: ", admin_credentials.status().message()));
+    }
+  }
   // The OpenAI front door listens from the start, answering 503 until the model is loaded. Its
   // chat template is checked before the model loads; a front end without --chat-template uses
   // the one its ranks report, once it reaches them.
@@ -121,75 +218,93 @@ int RunServe(const ServeOptions& options) {
     if (!template_from_engine) {
       absl::StatusOr<std::optional<ChatTemplateSource>> source =
           LoadChatTemplateSource(options.engine.model, options.chat_template_file);
-      if (!source.ok()) {
-        std::cerr << "moeserve: chat template: " << source.status().message() << "\n";
-        return 1;
-      }
+      if (!source.ok()) return Fail(absl::StrCat("chat template: ", source.status().message()));
       absl::StatusOr<CompiledChatTemplate> compiled = CompileChatTemplate(std::move(*source));
-      if (!compiled.ok()) {
-        std::cerr << "moeserve: " << compiled.status().message() << "\n";
-        return 1;
-      }
+      if (!compiled.ok()) return Fail(compiled.status().message());
       chat_template = std::move(*compiled);
     }
+    const std::string host = options.http_host.empty() ? options.host : options.http_host;
     http = std::make_unique<OpenAiHttpServer>(
-        OpenAiHttpOptions{.host = options.host,
+        OpenAiHttpOptions{.host = host,
                           .port = options.http_port,
                           .max_connections = options.http_max_connections,
                           .chat_unavailable = chat_template.unavailable},
         std::move(chat_template.compiled));
     absl::StatusOr<int> http_port = http->Start();
-    if (!http_port.ok()) {
-      std::cerr << "moeserve: " << http_port.status().message() << "\n";
-      return 1;
-    }
-    http_address = absl::StrCat(options.host, ":", *http_port);
+    if (!http_port.ok()) return Fail(http_port.status().message());
+    http_address = absl::StrCat(host, ":", *http_port);
   }
 
-  GenerationService generation;
-  KServeService kserve;
-  std::unique_ptr<AdminService> admin;
-  if (!options.admin_token_file.empty()) {
-    absl::StatusOr<std::string> token = ReadAdminToken(options.admin_token_file);
-    if (!token.ok()) {
-      std::cerr << "moeserve: " << token.status().message() << "\n";
-      return 1;
-    }
-    admin = std::make_unique<AdminService>(std::move(*token));
-  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int selected_port = 0;
-  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
-                           grpc::InsecureServerCredentials(), &selected_port);
-  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port), *credentials,
+                           &selected_port);
+  ConfigureBuilder(builder, options);
   builder.RegisterService(&generation);
   builder.RegisterService(&kserve);
-  if (admin != nullptr) builder.RegisterService(admin.get());
+  if (admin != nullptr && !admin_plan->own_port) builder.RegisterService(admin.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || selected_port == 0) {
-    std::cerr << "moeserve: cannot listen on " << options.host << ":" << options.port
-              << " (address in use or not available)\n";
-    return 1;
+    return Fail(absl::StrCat("cannot listen on ", options.host, ":", options.port,
+                             " (address in use or not available)"));
   }
+
+  std::unique_ptr<grpc::Server> admin_server;
+  int admin_port = 0;
+  if (admin != nullptr && admin_plan->own_port) {
+    grpc::ServerBuilder admin_builder;
+    admin_builder.AddListeningPort(absl::StrCat(admin_plan->host, ":", options.admin_port),
+                                   *admin_credentials, &admin_port);
+    ConfigureBuilder(admin_builder, options);
+    admin_builder.RegisterService(admin.get());
+    admin_server = admin_builder.BuildAndStart();
+    if (admin_server == nullptr || admin_port == 0) {
+      server->Shutdown();
+      return Fail(absl::StrCat("cannot listen for the Admin API on ", admin_plan->host, ":",
+                               options.admin_port, " (address in use or not available)"));
+    }
+  }
+
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   // NOT_SERVING until the model is loaded.
   SetServerHealth(*health, false);
   for (const std::string& group : GroupNames(options)) SetGroupHealth(*health, group, false);
 
-  absl::StatusOr<ServedEngine> served = [&]() -> absl::StatusOr<ServedEngine> {
-    if (options.create_engine != nullptr) return options.create_engine(registry.get());
-    absl::StatusOr<std::unique_ptr<engine::Engine>> local =
-        engine::Engine::Create(options.engine, registry.get());
-    if (!local.ok()) return local.status();
-    return ServedEngine{std::move(*local), std::nullopt};
-  }();
+  const std::string what_loads =
+      options.create_engine != nullptr
+          ? absl::StrCat("the groups ", absl::StrJoin(GroupNames(options), ", "))
+          : options.engine.model;
+  std::cout << "moeserve: loading " << what_loads << " (listening on " << options.host << ":"
+            << selected_port << "; health NOT_SERVING until loaded)" << std::endl;
+  absl::StatusOr<ServedEngine> served = absl::UnavailableError("the model is loading");
+  std::atomic<bool> loaded{false};
+  std::thread loader([&] {
+    if (options.inject_load_delay_seconds > 0) {
+      std::this_thread::sleep_for(
+          milliseconds(static_cast<int64_t>(options.inject_load_delay_seconds * 1000)));
+    }
+    if (options.create_engine != nullptr) {
+      served = options.create_engine(registry.get());
+    } else {
+      absl::StatusOr<std::unique_ptr<engine::Engine>> local =
+          engine::Engine::Create(options.engine, registry.get());
+      if (local.ok()) {
+        served = ServedEngine{std::move(*local), std::nullopt};
+      } else {
+        served = local.status();
+      }
+    }
+    loaded = true;
+  });
+  WaitForLoad(loaded, *server);
+  loader.join();
   if (!served.ok()) {
-    std::cerr << "moeserve: " << served.status().message() << "\n";
     server->Shutdown();
+    if (admin_server != nullptr) admin_server->Shutdown();
     if (http != nullptr) http->Stop();
-    return 1;
+    return Fail(served.status().message());
   }
   std::unique_ptr<engine::Engine>* engine = &served->engine;
   if (http != nullptr && template_from_engine) {
@@ -226,31 +341,62 @@ int RunServe(const ServeOptions& options) {
   const engine::LayoutInfo& layout = (*engine)->layout();
   const std::string model =
       options.create_engine != nullptr ? (*engine)->model_info().name : options.engine.model;
+  std::string admin_address = admin == nullptr ? "off" : "on the gRPC port";
+  if (admin_server != nullptr) admin_address = absl::StrCat(admin_plan->host, ":", admin_port);
   std::cout << "moeserve: serving " << model << " on " << options.host << ":" << selected_port
             << " (metrics on " << metrics_address << ", OpenAI HTTP on " << http_address << ", "
             << LayoutText(layout) << ", KV cache " << stats.kv_blocks_total << " blocks of "
-            << layout.kv_block_size << " tokens)" << std::endl;
+            << layout.kv_block_size << " tokens, TLS " << (options.tls.enabled() ? "on" : "off")
+            << ", admin " << admin_address << ")" << std::endl;
 
   int signal_number = 0;
-  sigwait(&shutdown_signals, &signal_number);
-  std::cout << "moeserve: received " << (signal_number == SIGTERM ? "SIGTERM" : "SIGINT")
-            << ", draining in-flight requests (grace " << options.shutdown_grace_seconds << " s)"
-            << std::endl;
+  while (signal_number == 0) signal_number = ShutdownSignals::Next(milliseconds(1000));
+  std::cout << "moeserve: received " << ShutdownSignals::Name(signal_number)
+            << ", draining in-flight requests (grace " << options.shutdown_grace_seconds
+            << " s; a second SIGTERM, SIGINT or SIGHUP stops at once)" << std::endl;
   SetServerHealth(*health, false);
   for (const std::string& group : GroupNames(options)) SetGroupHealth(*health, group, false);
   (*engine)->StopAccepting();
-  // Shutdown waits for in-flight streams until the deadline, then cancels what is left.
-  const auto deadline =
-      std::chrono::system_clock::now() +
-      std::chrono::milliseconds(static_cast<int64_t>(options.shutdown_grace_seconds * 1000));
-  server->Shutdown(deadline);
-  if (http != nullptr) http->Drain(deadline);
+
+  // gRPC stops taking calls at once and waits for the running ones; the engine ends what is
+  // left at the end of the grace period (or at a second signal), so their clients get
+  // UNAVAILABLE with a message. gRPC's own deadline, a little later, only cancels handlers that
+  // still cannot finish (a client that stopped reading).
+  const auto grace = milliseconds(static_cast<int64_t>(options.shutdown_grace_seconds * 1000));
+  const auto grace_end = std::chrono::steady_clock::now() + grace;
+  std::atomic<bool> drained{false};
+  std::thread drain([&] {
+    const auto deadline = std::chrono::system_clock::now() + grace + std::chrono::seconds(5);
+    server->Shutdown(deadline);
+    if (admin_server != nullptr) admin_server->Shutdown(deadline);
+    if (http != nullptr) http->Drain(deadline);
+    drained = true;
+  });
+  int exit_code = kExitStopped;
+  while (!drained.load()) {
+    const auto left =
+        std::chrono::duration_cast<milliseconds>(grace_end - std::chrono::steady_clock::now());
+    if (left.count() <= 0) {
+      std::cout << "moeserve: the grace period is over; requests still running end with "
+                   "UNAVAILABLE"
+                << std::endl;
+      break;
+    }
+    const int second = ShutdownSignals::Next(std::min(left, milliseconds(100)));
+    if (second != 0) {
+      std::cout << "moeserve: received a second signal (" << ShutdownSignals::Name(second)
+                << "), stopping now; requests still running end with UNAVAILABLE" << std::endl;
+      exit_code = kExitStoppedAtOnce;
+      break;
+    }
+  }
+  (*engine)->Shutdown();
+  drain.join();
   server->Wait();
   if (http != nullptr) http->Stop();
   admin.reset();
-  (*engine)->Shutdown();
   std::cout << "moeserve: stopped" << std::endl;
-  return 0;
+  return exit_code;
 }
 
 }  // namespace moeserve::server

@@ -1,12 +1,14 @@
 // moeserve-cli: a command-line client of the moeserve gRPC API (generate, info, health).
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "base/tls_files.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "moeserve/v1/generation.grpc.pb.h"
@@ -31,8 +33,17 @@ int ReportError(const grpc::Status& status) {
   return 1;
 }
 
-std::shared_ptr<grpc::Channel> Connect(const std::string& address) {
-  return grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+// The channel to the server: plaintext, or TLS per the --tls* flags. Exits the process with a
+// message when a TLS file cannot be used.
+std::shared_ptr<grpc::Channel> Connect(const std::string& address,
+                                       const moeserve::base::TlsClientFiles& tls) {
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+      moeserve::base::MakeChannel(address, tls);
+  if (!channel.ok()) {
+    std::cerr << "error: --tls-*: " << channel.status().message() << "\n";
+    std::exit(2);
+  }
+  return *channel;
 }
 
 }  // namespace
@@ -45,6 +56,17 @@ int main(int argc, char** argv) {
   app.add_option("--addr", address, "Server address host:port")->capture_default_str();
   app.add_option("--timeout", timeout_seconds, "Deadline of the call in seconds")
       ->capture_default_str();
+  moeserve::base::TlsClientFiles tls;
+  app.add_flag("--tls", tls.enabled,
+               "Speak TLS, trusting the system's CA roots (implied by --tls-ca/--tls-cert)");
+  app.add_option("--tls-ca", tls.ca, "PEM CA bundle that signed the server's certificate");
+  app.add_option("--tls-cert", tls.cert,
+                 "PEM client certificate, for a server that requires one (mTLS)");
+  app.add_option("--tls-key", tls.key, "PEM private key of --tls-cert");
+  app.add_option("--tls-server-name", tls.server_name,
+                 "Name the server's certificate carries, when --addr is an IP address");
+  // Global flags may also follow the subcommand (`moeserve-cli info --addr host:port`).
+  app.fallthrough();
   int exit_code = 0;
 
   auto* generate = app.add_subcommand("generate", "Stream a generation to stdout");
@@ -84,7 +106,7 @@ int main(int argc, char** argv) {
     for (uint32_t id : stop_token_ids) request.add_stop_token_ids(id);
     request.set_ignore_eos(ignore_eos);
 
-    auto stub = moeserve::v1::Generation::NewStub(Connect(address));
+    auto stub = moeserve::v1::Generation::NewStub(Connect(address, tls));
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() +
                          std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
@@ -126,7 +148,7 @@ int main(int argc, char** argv) {
 
   auto* info = app.add_subcommand("info", "Print the served model and its layout");
   info->callback([&] {
-    auto stub = moeserve::v1::Generation::NewStub(Connect(address));
+    auto stub = moeserve::v1::Generation::NewStub(Connect(address, tls));
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
     moeserve::v1::ModelInfo model_info;
@@ -140,7 +162,7 @@ int main(int argc, char** argv) {
 
   auto* health = app.add_subcommand("health", "Check grpc.health.v1 (exit 0 when SERVING)");
   health->callback([&] {
-    auto stub = grpc::health::v1::Health::NewStub(Connect(address));
+    auto stub = grpc::health::v1::Health::NewStub(Connect(address, tls));
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
     grpc::health::v1::HealthCheckRequest request;

@@ -6,6 +6,9 @@ protobuf-compiler protobuf-compiler-grpc`, which scripts/install-deps.sh install
 /usr/bin/python3, which sees Debian's Python modules).
 
     /usr/bin/python3 clients/python/generate.py --addr 127.0.0.1:50051 --text "hello" --max-tokens 16
+
+Over TLS: --tls-ca CA.pem (and --tls-cert/--tls-key for a server that requires client
+certificates; --tls-server-name when --addr is an IP address the certificate does not name).
 """
 import argparse
 import os
@@ -38,6 +41,20 @@ def load_stubs():
     return generation_pb2, generation_pb2_grpc
 
 
+def make_channel(grpc, args):
+    """A plaintext channel, or a TLS one when any --tls* flag is given."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return grpc.insecure_channel(args.addr)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        sys.exit("error: --tls-cert and --tls-key go together")
+    read = lambda path: open(path, "rb").read() if path else None
+    credentials = grpc.ssl_channel_credentials(root_certificates=read(args.tls_ca),
+                                               private_key=read(args.tls_key),
+                                               certificate_chain=read(args.tls_cert))
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    return grpc.secure_channel(args.addr, credentials, options=options)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--addr", default="127.0.0.1:50051")
@@ -45,11 +62,16 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's CA roots")
+    parser.add_argument("--tls-ca", help="PEM CA bundle that signed the server's certificate")
+    parser.add_argument("--tls-cert", help="PEM client certificate (mTLS)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-server-name", help="name the server's certificate carries")
     args = parser.parse_args()
 
     import grpc
     pb, pb_grpc = load_stubs()
-    stub = pb_grpc.GenerationStub(grpc.insecure_channel(args.addr))
+    stub = pb_grpc.GenerationStub(make_channel(grpc, args))
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     print(f"model {info.name} ({info.architecture}), {info.num_routed_experts} experts, "
           f"top-{info.num_experts_per_token}", file=sys.stderr)

@@ -33,15 +33,17 @@ struct HandoffRoute {
   std::string id;      // the id its awaiting stream is registered under
 };
 
-// A generation as submitted. Exactly one of `text` and `prompt_tokens` is used.
+// A generation as submitted. Exactly one of `text` and `prompt_tokens` is used. Token ids are
+// kept as wide as any front door sends them (proto uint32, JSON integers), so the engine's
+// range check reports the id the client sent.
 struct GenerationInput {
   std::string request_id;
   std::optional<std::string> text;
-  std::vector<int32_t> prompt_tokens;
+  std::vector<int64_t> prompt_tokens;
   SamplingOptions sampling;
   int max_tokens = 0;
   std::vector<std::string> stop;
-  std::vector<int32_t> stop_token_ids;
+  std::vector<int64_t> stop_token_ids;
   bool ignore_eos = false;
   std::optional<HandoffRoute> handoff;
   // Whether tokenizing `text` puts the model's beginning-of-sequence token first (when it uses

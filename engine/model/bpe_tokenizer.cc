@@ -85,6 +85,22 @@ struct AddedToken {
   bool special = false;
 };
 
+// The regex work one Encode may still do, in ICU time units (10,000 backtracking steps each).
+// ICU calls RegexWorkCallback once per unit of every match; it stops the match once the text's
+// budget is spent.
+struct RegexBudget {
+  int64_t units_left = 0;
+  bool exhausted = false;
+};
+
+UBool U_CALLCONV RegexWorkCallback(const void* context, int32_t /*units_of_this_match*/) {
+  // ICU passes back the pointer it was given; the budget belongs to the running Encode call.
+  auto* budget = static_cast<RegexBudget*>(const_cast<void*>(context));
+  if (--budget->units_left >= 0) return true;
+  budget->exhausted = true;
+  return false;
+}
+
 }  // namespace
 
 struct BpeTokenizer::Impl {
@@ -100,12 +116,15 @@ struct BpeTokenizer::Impl {
   std::optional<int32_t> unknown_id;
   bool ignore_merges = false;
 
-  std::vector<std::string> PreTokenize(const std::string& text) const;
+  absl::StatusOr<std::vector<std::string>> PreTokenize(const std::string& text,
+                                                       RegexBudget& budget) const;
   void EncodeWord(const std::string& word, std::vector<int32_t>& ids) const;
-  void EncodePlain(const std::string& text, std::vector<int32_t>& ids) const;
+  absl::Status EncodePlain(const std::string& text, std::vector<int32_t>& ids,
+                           RegexBudget& budget) const;
 };
 
-std::vector<std::string> BpeTokenizer::Impl::PreTokenize(const std::string& text) const {
+absl::StatusOr<std::vector<std::string>> BpeTokenizer::Impl::PreTokenize(
+    const std::string& text, RegexBudget& budget) const {
   std::vector<std::string> pieces = {text};
   // Const method, local copies: each step rewrites `pieces`.
   for (const SplitStep& step : splits) {
@@ -120,9 +139,13 @@ std::vector<std::string> BpeTokenizer::Impl::PreTokenize(const std::string& text
       const icu::UnicodeString unicode = icu::UnicodeString::fromUTF8(piece);
       UErrorCode status = U_ZERO_ERROR;
       std::unique_ptr<icu::RegexMatcher> matcher(step.pattern->matcher(unicode, status));
+      // ICU counts work units only while a time limit is set; the callback does the bounding,
+      // across every match of this Encode call.
+      if (U_SUCCESS(status)) matcher->setTimeLimit(std::numeric_limits<int32_t>::max(), status);
+      if (U_SUCCESS(status)) matcher->setMatchCallback(&RegexWorkCallback, &budget, status);
       if (U_FAILURE(status)) {
-        next.push_back(piece);
-        continue;
+        return absl::InternalError(
+            absl::StrCat("tokenizer: cannot run the pre-tokenizer regex: ", u_errorName(status)));
       }
       auto substring = [&](int32_t begin, int32_t end) {
         std::string out;
@@ -143,6 +166,15 @@ std::vector<std::string> BpeTokenizer::Impl::PreTokenize(const std::string& text
         parts.push_back(substring(begin, end));
         is_match.push_back(true);
         position = end;
+      }
+      if (budget.exhausted) {
+        return absl::InvalidArgumentError(
+            "the text needs more work to tokenize than the server allows one request (the "
+            "tokenizer's pre-tokenizer regex backtracks heavily on it); shorten or change it");
+      }
+      if (U_FAILURE(status)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the tokenizer's pre-tokenizer regex failed on the text: ", u_errorName(status)));
       }
       if (position < unicode.length()) {
         parts.push_back(substring(position, unicode.length()));
@@ -213,7 +245,8 @@ void BpeTokenizer::Impl::EncodeWord(const std::string& word, std::vector<int32_t
   }
 }
 
-void BpeTokenizer::Impl::EncodePlain(const std::string& raw, std::vector<int32_t>& ids) const {
+absl::Status BpeTokenizer::Impl::EncodePlain(const std::string& raw, std::vector<int32_t>& ids,
+                                             RegexBudget& budget) const {
   std::string text = raw;
   if (normalizer != nullptr) {
     UErrorCode status = U_ZERO_ERROR;
@@ -224,18 +257,23 @@ void BpeTokenizer::Impl::EncodePlain(const std::string& raw, std::vector<int32_t
       normalized.toUTF8String(text);
     }
   }
-  for (std::string& piece : PreTokenize(text)) {
+  absl::StatusOr<std::vector<std::string>> pieces = PreTokenize(text, budget);
+  if (!pieces.ok()) return pieces.status();
+  for (std::string& piece : *pieces) {
     if (piece.empty()) continue;
     std::string word;
     for (unsigned char byte : piece) word += byte_alphabet[byte];
     EncodeWord(word, ids);
   }
+  return absl::OkStatus();
 }
 
 BpeTokenizer::BpeTokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 BpeTokenizer::~BpeTokenizer() = default;
 
-std::vector<int32_t> BpeTokenizer::EncodeWithoutBos(std::string_view text) const {
+absl::StatusOr<std::vector<int32_t>> BpeTokenizer::EncodeWithoutBos(std::string_view text) const {
+  RegexBudget budget{kRegexWorkUnitsBase +
+                     static_cast<int64_t>(text.size()) / kRegexBytesPerWorkUnit};
   std::vector<int32_t> ids;
   std::string plain;
   size_t i = 0;
@@ -251,21 +289,24 @@ std::vector<int32_t> BpeTokenizer::EncodeWithoutBos(std::string_view text) const
       plain.push_back(text[i++]);
       continue;
     }
-    if (!plain.empty()) impl_->EncodePlain(plain, ids);
+    if (!plain.empty()) {
+      if (absl::Status s = impl_->EncodePlain(plain, ids, budget); !s.ok()) return s;
+    }
     plain.clear();
     ids.push_back(match->id);
     i += match->content.size();
   }
-  if (!plain.empty()) impl_->EncodePlain(plain, ids);
+  if (!plain.empty()) {
+    if (absl::Status s = impl_->EncodePlain(plain, ids, budget); !s.ok()) return s;
+  }
   return ids;
 }
 
-std::vector<int32_t> BpeTokenizer::Encode(std::string_view text) const {
-  std::vector<int32_t> ids;
-  if (bos_token_id_) ids.push_back(*bos_token_id_);
-  std::vector<int32_t> rest = EncodeWithoutBos(text);
-  ids.insert(ids.end(), rest.begin(), rest.end());
-  return ids;
+absl::StatusOr<std::vector<int32_t>> BpeTokenizer::Encode(std::string_view text) const {
+  absl::StatusOr<std::vector<int32_t>> rest = EncodeWithoutBos(text);
+  if (!rest.ok() || !bos_token_id_) return rest;
+  rest->insert(rest->begin(), *bos_token_id_);
+  return rest;
 }
 
 std::string BpeTokenizer::TokenBytes(int32_t token) const {
@@ -287,6 +328,33 @@ std::string BpeTokenizer::TokenBytes(int32_t token) const {
 }
 
 namespace {
+
+// Optional fields of tokenizer.json's components: absent or null leaves `out` at its default; a
+// value of another type is refused naming the field (json::value() would throw instead).
+absl::Status ReadOptional(const nlohmann::json& object, const char* key, bool* out,
+                          absl::string_view component) {
+  auto it = object.find(key);
+  if (it == object.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_boolean()) {
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer: ", component, " `", key,
+                                                   "` must be true or false, got ",
+                                                   it->dump().substr(0, 64)));
+  }
+  *out = it->get<bool>();
+  return absl::OkStatus();
+}
+
+absl::Status ReadOptional(const nlohmann::json& object, const char* key, std::string* out,
+                          absl::string_view component) {
+  auto it = object.find(key);
+  if (it == object.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_string()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tokenizer: ", component, " `", key, "` must be a string, got ", it->dump().substr(0, 64)));
+  }
+  *out = it->get<std::string>();
+  return absl::OkStatus();
+}
 
 absl::Status AddNormalizer(const nlohmann::json& normalizer, const icu::Normalizer2** out) {
   if (normalizer.is_null()) return absl::OkStatus();
@@ -334,8 +402,14 @@ absl::Status AddPreTokenizer(const nlohmann::json& step, std::vector<SplitStep>&
   if (type == "ByteLevel") {
     *byte_level = true;
     SplitStep byte_level_step;
-    byte_level_step.add_prefix_space = step.value("add_prefix_space", false);
-    if (step.value("use_regex", true)) {
+    bool use_regex = true;
+    if (auto s = ReadOptional(step, "add_prefix_space", &byte_level_step.add_prefix_space,
+                              "pre_tokenizer ByteLevel");
+        !s.ok())
+      return s;
+    if (auto s = ReadOptional(step, "use_regex", &use_regex, "pre_tokenizer ByteLevel"); !s.ok())
+      return s;
+    if (use_regex) {
       absl::StatusOr<std::unique_ptr<icu::RegexPattern>> pattern =
           CompileRegex(kGpt2Pattern, false);
       if (!pattern.ok()) return pattern.status();
@@ -345,7 +419,10 @@ absl::Status AddPreTokenizer(const nlohmann::json& step, std::vector<SplitStep>&
     return absl::OkStatus();
   }
   if (type == "Digits") {
-    const bool individual = step.value("individual_digits", false);
+    bool individual = false;
+    if (auto s = ReadOptional(step, "individual_digits", &individual, "pre_tokenizer Digits");
+        !s.ok())
+      return s;
     absl::StatusOr<std::unique_ptr<icu::RegexPattern>> pattern =
         CompileRegex(individual ? R"(\p{N})" : R"(\p{N}+)", false);
     if (!pattern.ok()) return pattern.status();
@@ -353,8 +430,12 @@ absl::Status AddPreTokenizer(const nlohmann::json& step, std::vector<SplitStep>&
     return absl::OkStatus();
   }
   if (type == "Split") {
-    if (step.value("invert", false)) return Unsupported("pre_tokenizer Split with `invert`");
-    const std::string behavior = step.value("behavior", "Isolated");
+    bool invert = false;
+    std::string behavior = "Isolated";
+    if (auto s = ReadOptional(step, "invert", &invert, "pre_tokenizer Split"); !s.ok()) return s;
+    if (invert) return Unsupported("pre_tokenizer Split with `invert`");
+    if (auto s = ReadOptional(step, "behavior", &behavior, "pre_tokenizer Split"); !s.ok())
+      return s;
     SplitBehavior split_behavior;
     if (behavior == "Isolated")
       split_behavior = SplitBehavior::kIsolated;
@@ -398,6 +479,18 @@ std::optional<std::string> TokenContent(const nlohmann::json& token) {
 
 absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Create(
     const nlohmann::json& json, const nlohmann::json& tokenizer_config, const ModelConfig& config) {
+  // Fields are read with their types checked; this catches what a check missed, so a malformed
+  // file is refused rather than ending the process.
+  try {
+    return CreateChecked(json, tokenizer_config, config);
+  } catch (const nlohmann::json::exception& error) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokenizer: malformed tokenizer.json: ", error.what()));
+  }
+}
+
+absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::CreateChecked(
+    const nlohmann::json& json, const nlohmann::json& tokenizer_config, const ModelConfig& config) {
   if (!json.is_object()) return absl::InvalidArgumentError("tokenizer: expected a JSON object");
   auto impl = std::make_unique<Impl>();
   for (int byte = 0; byte < 256; ++byte) impl->byte_of_character[impl->byte_alphabet[byte]] = byte;
@@ -405,7 +498,9 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Create(
   const nlohmann::json model = json.value("model", nlohmann::json());
   if (TypeOf(model) != "BPE")
     return Unsupported(absl::StrCat("model `", TypeOf(model), "` (only BPE)"));
-  if (model.value("byte_fallback", false)) {
+  bool byte_fallback = false;
+  if (auto s = ReadOptional(model, "byte_fallback", &byte_fallback, "model"); !s.ok()) return s;
+  if (byte_fallback) {
     return Unsupported(
         "BPE with byte_fallback (SentencePiece-style); only byte-level BPE is supported");
   }
@@ -415,7 +510,8 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Create(
       return Unsupported(absl::StrCat("BPE `", key, "`"));
     }
   }
-  impl->ignore_merges = model.value("ignore_merges", false);
+  if (auto s = ReadOptional(model, "ignore_merges", &impl->ignore_merges, "model"); !s.ok())
+    return s;
   auto vocab = model.find("vocab");
   if (vocab == model.end() || !vocab->is_object()) {
     return absl::InvalidArgumentError("tokenizer: `model.vocab` must be an object");
@@ -472,8 +568,9 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Create(
             absl::StrCat("tokenizer: malformed added token ", token.dump()));
       }
       RETURN_IF_ERROR(check_id(*content, token["id"]));
-      impl->added_tokens.push_back(
-          {*content, token["id"].get<int32_t>(), token.value("special", false)});
+      bool special = false;
+      RETURN_IF_ERROR(ReadOptional(token, "special", &special, "added token"));
+      impl->added_tokens.push_back({*content, token["id"].get<int32_t>(), special});
     }
     std::stable_sort(impl->added_tokens.begin(), impl->added_tokens.end(),
                      [](const AddedToken& a, const AddedToken& b) {
@@ -517,12 +614,21 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Create(
   } else if (const nlohmann::json post = json.value("post_processor", nlohmann::json());
              TypeOf(post) == "TemplateProcessing") {
     const nlohmann::json single = post.value("single", nlohmann::json::array());
-    if (single.is_array() && !single.empty() && single[0].contains("SpecialToken")) {
+    if (single.is_array() && !single.empty() && single[0].is_object() &&
+        single[0].contains("SpecialToken")) {
       const nlohmann::json& special = single[0]["SpecialToken"];
-      const std::string name = special.value("id", "");
-      const nlohmann::json ids = post.value("special_tokens", nlohmann::json::object())
-                                     .value(name, nlohmann::json::object())
-                                     .value("ids", nlohmann::json::array());
+      std::string name;
+      if (special.is_object()) {
+        if (auto s = ReadOptional(special, "id", &name, "post_processor SpecialToken"); !s.ok())
+          return s;
+      }
+      // special_tokens[name].ids, where each level may be missing or of the wrong kind.
+      nlohmann::json ids = nlohmann::json::array();
+      if (auto tokens = post.find("special_tokens"); tokens != post.end() && tokens->is_object()) {
+        if (auto entry = tokens->find(name); entry != tokens->end() && entry->is_object()) {
+          if (auto list = entry->find("ids"); list != entry->end()) ids = *list;
+        }
+      }
       if (ids.is_array() && ids.size() == 1 && ids[0].is_number_integer()) {
         bos = ids[0].get<int32_t>();
       } else {

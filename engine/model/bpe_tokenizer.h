@@ -9,7 +9,10 @@
 // starts with a special token. Decoding maps a token back to its raw bytes.
 //
 // Built once by LoadModel; Encode and TokenBytes are const and safe to call from many threads.
-// Regexes run on ICU (Unicode properties such as \p{L} and \p{N}).
+// Regexes run on ICU (Unicode properties such as \p{L} and \p{N}). A regex can backtrack for
+// minutes on a short text, so the regex work of one Encode is bounded (kRegexWorkUnitsBase +
+// one unit per kRegexBytesPerWorkUnit bytes of text, a unit being 10,000 backtracking steps of
+// ICU's matcher); beyond it Encode fails instead of stalling its caller.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +32,13 @@ namespace moeserve::engine {
 
 class BpeTokenizer : public Tokenizer {
  public:
+  // The regex work one Encode may do (see above). Ordinary pre-tokenizer patterns need one
+  // unit per 1.5 KB (Qwen's) to 2.5 KB (GPT-2's) of text, a tenth of the bound or less; a
+  // pattern that backtracks without end is stopped after about 0.25 ms per unit, well under a
+  // second for a 10 KB text.
+  static constexpr int64_t kRegexWorkUnitsBase = 100;
+  static constexpr int64_t kRegexBytesPerWorkUnit = 128;
+
   // INVALID_ARGUMENT for malformed files, components other than the ones listed above, or token
   // ids outside the model's vocabulary. `tokenizer_config` may be an empty object.
   static absl::StatusOr<std::unique_ptr<BpeTokenizer>> Create(
@@ -36,15 +46,18 @@ class BpeTokenizer : public Tokenizer {
       const ModelConfig& config);
   ~BpeTokenizer() override;
 
-  std::vector<int32_t> Encode(std::string_view text) const override;
+  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text) const override;
   std::string TokenBytes(int32_t token) const override;
 
-  std::vector<int32_t> EncodeWithoutBos(std::string_view text) const override;
+  absl::StatusOr<std::vector<int32_t>> EncodeWithoutBos(std::string_view text) const override;
   std::optional<int32_t> bos_token_id() const { return bos_token_id_; }
 
  private:
   struct Impl;
   explicit BpeTokenizer(std::unique_ptr<Impl> impl);
+  static absl::StatusOr<std::unique_ptr<BpeTokenizer>> CreateChecked(
+      const nlohmann::json& tokenizer_json, const nlohmann::json& tokenizer_config,
+      const ModelConfig& config);
 
   std::unique_ptr<Impl> impl_;
   std::optional<int32_t> bos_token_id_;

@@ -1,17 +1,18 @@
 #include "engine/model/checkpoint.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <optional>
 #include <set>
-#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "base/bounded_json.h"
+#include "base/regular_file.h"
 #include "engine/base/status_macros.h"
 #include "engine/model/architecture.h"
 #include "engine/model/safetensors.h"
@@ -26,6 +27,8 @@ constexpr char kSingleFile[] = "model.safetensors";
 constexpr char kIndexFile[] = "model.safetensors.index.json";
 constexpr char kScaleSuffix[] = "_scale_inv";
 constexpr size_t kScaleSuffixLength = sizeof(kScaleSuffix) - 1;
+// An index lists one line per tensor; DeepSeek-V3's is 9 MB.
+constexpr uint64_t kMaxIndexBytes = 256ull << 20;
 
 // A stored tensor and the file it came from (for messages).
 struct StoredTensor {
@@ -36,15 +39,16 @@ struct StoredTensor {
 // Opens the index's shards and checks that the index and the shards agree.
 absl::Status OpenShards(const fs::path& folder, std::vector<SafetensorsFile>& files) {
   const fs::path index_path = folder / kIndexFile;
-  std::ifstream in(index_path);
-  std::stringstream text;
-  text << in.rdbuf();
-  const nlohmann::json index = nlohmann::json::parse(text.str(), nullptr, false);
   auto bad_index = [&](absl::string_view what) {
     return absl::InvalidArgumentError(
         absl::StrCat("bad index `", index_path.string(), "`: ", what));
   };
-  if (index.is_discarded() || !index.is_object()) return bad_index("not a JSON object");
+  absl::StatusOr<std::string> text = base::ReadRegularFile(index_path.string(), kMaxIndexBytes);
+  if (!text.ok()) return text.status();
+  absl::StatusOr<nlohmann::json> parsed = base::ParseBoundedJson(*text);
+  if (!parsed.ok()) return bad_index(absl::StrCat("not valid JSON: ", parsed.status().message()));
+  const nlohmann::json& index = *parsed;
+  if (!index.is_object()) return bad_index("not a JSON object");
   auto weight_map = index.find("weight_map");
   if (weight_map == index.end() || !weight_map->is_object() || weight_map->empty()) {
     return bad_index("needs a non-empty `weight_map` object (tensor name -> shard file)");
@@ -186,6 +190,20 @@ absl::StatusOr<Tensor> Dequantize(const std::string& name, const StoredTensor& s
   return tensor;
 }
 
+// Weights holding NaN or infinities would load silently and stream garbage. Checking costs one
+// pass over values the loader has just converted.
+absl::Status CheckFinite(const std::string& name, const StoredTensor& stored,
+                         const Tensor& tensor) {
+  for (size_t i = 0; i < tensor.data.size(); ++i) {
+    if (!std::isfinite(tensor.data[i])) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor `", name, "` in `", *stored.file, "` holds a value that is not finite (",
+          tensor.data[i], " at element ", i, "); the checkpoint is corrupt"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Insert(std::map<std::string, Tensor>& out, std::map<std::string, std::string>& source,
                     const std::string& name, const std::string& stored_name, Tensor tensor) {
   auto [it, inserted] = out.emplace(name, std::move(tensor));
@@ -293,6 +311,7 @@ absl::StatusOr<std::map<std::string, Tensor>> ReadCheckpointTensors(
     }
     absl::StatusOr<Tensor> value = Dequantize(name, tensor, stored, block_rows, block_cols);
     if (!value.ok()) return value.status();
+    if (auto s = CheckFinite(name, tensor, *value); !s.ok()) return s;
     if (tensor.entry->dtype == DType::kF8E4M3) used_scales.insert(name + std::string(kScaleSuffix));
     const std::string canonical = CanonicalName(name, config);
     if (IsFusedExperts(canonical, "gate_up_proj") || IsFusedExperts(canonical, "down_proj")) {

@@ -74,6 +74,18 @@ absl::Status ParseRopeScaling(const nlohmann::json& json, ModelConfig& config) {
   number("mscale_all_dim", &yarn.mscale_all_dim);
   double original = config.max_position_embeddings;
   number("original_max_position_embeddings", &original);
+  // Converting a double outside int's range is undefined; refuse it (and non-finite factors).
+  if (!(original >= 1 && original <= kMaxConfigPositions)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: rope `original_max_position_embeddings` must be in [1, ",
+                     kMaxConfigPositions, "]"));
+  }
+  for (double value :
+       {yarn.factor, yarn.beta_fast, yarn.beta_slow, yarn.mscale, yarn.mscale_all_dim}) {
+    if (!std::isfinite(value)) {
+      return absl::InvalidArgumentError("config: rope scaling values must be finite numbers");
+    }
+  }
   yarn.original_max_position_embeddings = static_cast<int>(original);
   return absl::OkStatus();
 }

@@ -1,11 +1,11 @@
 #include "engine/model/loader.h"
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "base/bounded_json.h"
+#include "base/regular_file.h"
 #include "engine/model/architecture.h"
 #include "engine/model/bpe_tokenizer.h"
 #include "engine/model/builtin_models.h"
@@ -18,14 +18,18 @@ namespace {
 
 namespace fs = std::filesystem;
 
-absl::StatusOr<nlohmann::json> ReadJsonFile(const fs::path& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read `", path.string(), "`"));
-  std::stringstream text;
-  text << in.rdbuf();
-  nlohmann::json json = nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-  if (json.is_discarded()) {
-    return absl::InvalidArgumentError(absl::StrCat("`", path.string(), "` is not valid JSON"));
+// The largest config.json, tokenizer_config.json and tokenizer.json accepted: far above any
+// published model's (DeepSeek-V3's tokenizer.json is 8 MB), far below what would exhaust memory.
+constexpr uint64_t kMaxConfigBytes = 16ull << 20;
+constexpr uint64_t kMaxTokenizerBytes = 512ull << 20;
+
+absl::StatusOr<nlohmann::json> ReadJsonFile(const fs::path& path, uint64_t max_bytes) {
+  absl::StatusOr<std::string> text = base::ReadRegularFile(path.string(), max_bytes);
+  if (!text.ok()) return text.status();
+  absl::StatusOr<nlohmann::json> json = base::ParseBoundedJson(*text);
+  if (!json.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("`", path.string(), "` is not valid JSON: ", json.status().message()));
   }
   return json;
 }
@@ -40,7 +44,7 @@ absl::StatusOr<LoadedModel> LoadFolder(const fs::path& folder) {
   if (!fs::exists(config_path, error)) {
     return absl::NotFoundError(absl::StrCat("no config.json in `", folder.string(), "`"));
   }
-  absl::StatusOr<nlohmann::json> config_json = ReadJsonFile(config_path);
+  absl::StatusOr<nlohmann::json> config_json = ReadJsonFile(config_path, kMaxConfigBytes);
   if (!config_json.ok()) return config_json.status();
   const std::string name = folder.filename().empty() ? folder.parent_path().filename().string()
                                                      : folder.filename().string();
@@ -66,12 +70,13 @@ absl::StatusOr<LoadedModel> LoadFolder(const fs::path& folder) {
   loaded.model = std::make_shared<Model>(*std::move(weights));
   const fs::path tokenizer_path = folder / "tokenizer.json";
   if (fs::exists(tokenizer_path, error)) {
-    absl::StatusOr<nlohmann::json> tokenizer_json = ReadJsonFile(tokenizer_path);
+    absl::StatusOr<nlohmann::json> tokenizer_json =
+        ReadJsonFile(tokenizer_path, kMaxTokenizerBytes);
     if (!tokenizer_json.ok()) return tokenizer_json.status();
     nlohmann::json tokenizer_config = nlohmann::json::object();
     const fs::path tokenizer_config_path = folder / "tokenizer_config.json";
     if (fs::exists(tokenizer_config_path, error)) {
-      absl::StatusOr<nlohmann::json> json = ReadJsonFile(tokenizer_config_path);
+      absl::StatusOr<nlohmann::json> json = ReadJsonFile(tokenizer_config_path, kMaxConfigBytes);
       if (!json.ok()) return json.status();
       tokenizer_config = *std::move(json);
     }

@@ -1,6 +1,8 @@
 #include "engine/model/model_config.h"
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -82,7 +84,48 @@ absl::Status ValidateAttention(const ModelConfig& c) {
 
 }  // namespace
 
+namespace {
+
+absl::Status ValidateLimits(const ModelConfig& c) {
+  for (auto [field, value, limit] : std::initializer_list<std::tuple<const char*, int, int>>{
+           {"num_hidden_layers", c.num_hidden_layers, kMaxConfigLayers},
+           {"n_routed_experts", c.n_routed_experts, kMaxConfigRoutedExperts},
+           {"n_shared_experts", c.n_shared_experts, kMaxConfigRoutedExperts},
+           {"num_experts_per_tok", c.num_experts_per_tok, kMaxConfigRoutedExperts},
+           {"n_group", c.n_group, kMaxConfigRoutedExperts},
+           {"max_position_embeddings", c.max_position_embeddings, kMaxConfigPositions},
+           {"vocab_size", c.vocab_size, kMaxConfigVocabulary},
+           {"hidden_size", c.hidden_size, kMaxConfigDimension},
+           {"intermediate_size", c.intermediate_size, kMaxConfigDimension},
+           {"moe_intermediate_size", c.moe_intermediate_size, kMaxConfigDimension},
+           {"q_lora_rank", c.q_lora_rank, kMaxConfigDimension},
+           {"kv_lora_rank", c.kv_lora_rank, kMaxConfigDimension},
+           {"qk_nope_head_dim", c.qk_nope_head_dim, kMaxConfigDimension},
+           {"qk_rope_head_dim", c.qk_rope_head_dim, kMaxConfigDimension},
+           {"v_head_dim", c.v_head_dim, kMaxConfigDimension},
+           {"head_dim", c.head_dim, kMaxConfigDimension},
+           {"num_attention_heads", c.num_attention_heads, kMaxConfigHeads},
+           {"num_key_value_heads", c.num_key_value_heads, kMaxConfigHeads}}) {
+    if (value > limit) {
+      return absl::InvalidArgumentError(absl::StrCat("config: `", field, "` = ", value,
+                                                     " is beyond what moeserve serves (at most ",
+                                                     limit, ")"));
+    }
+  }
+  // Sizes multiplied together below must stay inside int64 and each shared expert's width
+  // inside int.
+  if (static_cast<int64_t>(c.moe_intermediate_size) * std::max(c.n_shared_experts, 1) >
+      kMaxConfigDimension) {
+    return absl::InvalidArgumentError(
+        "config: `moe_intermediate_size` x `n_shared_experts` is beyond what moeserve serves");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status ValidateModelConfig(const ModelConfig& c) {
+  if (auto status = ValidateLimits(c); !status.ok()) return status;
   for (auto [field, value] : std::initializer_list<std::pair<const char*, int>>{
            {"vocab_size", c.vocab_size},
            {"hidden_size", c.hidden_size},
@@ -147,7 +190,11 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
       c.eos_token_id >= c.vocab_size) {
     return absl::InvalidArgumentError("config: bos/eos token ids must be < vocab_size");
   }
-  if (!(c.rms_norm_eps > 0) || !std::isfinite(c.routed_scaling_factor)) {
+  if (!(c.rope_theta > 0) || !std::isfinite(c.rope_theta)) {
+    return absl::InvalidArgumentError("config: `rope_theta` must be a finite number > 0");
+  }
+  if (!(c.rms_norm_eps > 0) || !std::isfinite(c.rms_norm_eps) ||
+      !std::isfinite(c.routed_scaling_factor)) {
     return absl::InvalidArgumentError("config: `rms_norm_eps` and scaling factors must be finite");
   }
   return absl::OkStatus();

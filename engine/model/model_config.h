@@ -106,7 +106,19 @@ struct ModelConfig {
   double attention_softmax_scale() const;
 };
 
-// Checks the invariants the engine relies on (positive sizes, divisibility, ranges).
+// Upper bounds on what a config may say, far above any published model (DeepSeek-V3: 61 layers,
+// 256 experts, 163,840 positions, a vocabulary of 129,280, hidden size 7,168). They keep a typo
+// or a hostile config.json from sizing anything absurd before the weights are checked against
+// it, and keep sums of positions and tokens inside `int`.
+inline constexpr int kMaxConfigLayers = 4096;
+inline constexpr int kMaxConfigRoutedExperts = 65536;
+inline constexpr int kMaxConfigPositions = 1 << 24;
+inline constexpr int kMaxConfigVocabulary = 1 << 24;
+inline constexpr int kMaxConfigDimension = 1 << 20;  // hidden, intermediate, LoRA and head sizes
+inline constexpr int kMaxConfigHeads = 4096;
+
+// Checks the invariants the engine relies on (positive sizes within the bounds above,
+// divisibility, ranges).
 absl::Status ValidateModelConfig(const ModelConfig& config);
 
 // `field` must be > 0 (INVALID_ARGUMENT naming it otherwise).

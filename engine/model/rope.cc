@@ -56,23 +56,43 @@ RotaryEmbedding::RotaryEmbedding(int rotary_dim, int max_positions, double theta
     for (int i = 0; i < half; ++i)
       inverse_frequencies_[i] = 1.0 / std::pow(theta, 2.0 * i / rotary_dim);
   }
-  cos_.resize(static_cast<size_t>(max_positions) * half);
-  sin_.resize(cos_.size());
-  for (int position = 0; position < max_positions; ++position) {
+  precomputed_positions_ = std::min(max_positions, kMaxPrecomputedPositions);
+  Table(precomputed_positions_, cos_, sin_);
+}
+
+void RotaryEmbedding::Rotation(int position, int pair, float* cos, float* sin) const {
+  // Angles are formed in float32, as the reference computes position * inv_freq.
+  const float angle = static_cast<float>(position) * static_cast<float>(inverse_frequencies_[pair]);
+  *cos = static_cast<float>(std::cos(angle) * magnitude_scale_);
+  *sin = static_cast<float>(std::sin(angle) * magnitude_scale_);
+}
+
+void RotaryEmbedding::Table(int positions, std::vector<float>& cos, std::vector<float>& sin) const {
+  const int half = rotary_dim_ / 2;
+  cos.resize(static_cast<size_t>(positions) * half);
+  sin.resize(cos.size());
+  for (int position = 0; position < positions; ++position) {
     for (int i = 0; i < half; ++i) {
-      // Angles are formed in float32, as the reference computes position * inv_freq.
-      const float angle =
-          static_cast<float>(position) * static_cast<float>(inverse_frequencies_[i]);
-      cos_[position * half + i] = static_cast<float>(std::cos(angle) * magnitude_scale_);
-      sin_[position * half + i] = static_cast<float>(std::sin(angle) * magnitude_scale_);
+      const size_t at = static_cast<size_t>(position) * half + i;
+      Rotation(position, i, &cos[at], &sin[at]);
     }
   }
 }
 
 void RotaryEmbedding::Apply(float* vector, int position) const {
   const int half = rotary_dim_ / 2;
-  const float* cos = &cos_[static_cast<size_t>(position) * half];
-  const float* sin = &sin_[static_cast<size_t>(position) * half];
+  const float* cos;
+  const float* sin;
+  std::vector<float> computed;  // [cos..., sin...] of a position past the precomputed ones
+  if (position < precomputed_positions_) {
+    cos = &cos_[static_cast<size_t>(position) * half];
+    sin = &sin_[static_cast<size_t>(position) * half];
+  } else {
+    computed.resize(2 * static_cast<size_t>(half));
+    for (int i = 0; i < half; ++i) Rotation(position, i, &computed[i], &computed[half + i]);
+    cos = computed.data();
+    sin = computed.data() + half;
+  }
   const int first_stride = interleaved_ ? 2 : 1;  // where pair i's first element is
   const int partner_offset = interleaved_ ? 1 : half;
   for (int i = 0; i < half; ++i) {

@@ -1,8 +1,10 @@
 // Rotary position embedding (RoPE), plain or YaRN-scaled, in DeepSeek's interleaved layout or the
 // rotate-half layout of Llama-style checkpoints (Qwen3-MoE, Mixtral).
 //
-// Owns the precomputed cos/sin table for every position up to the context length. Immutable
-// after construction; safe to share between threads.
+// Owns a cos/sin table precomputed for the first positions (at most kMaxPrecomputedPositions);
+// positions past it are computed when applied, with the same formula, so a context of millions
+// of positions costs nothing until it is used. Immutable after construction; safe to share
+// between threads.
 #pragma once
 
 #include <vector>
@@ -13,6 +15,9 @@ namespace moeserve::engine {
 
 class RotaryEmbedding {
  public:
+  // 65,536 positions of DeepSeek-V3's 32 rope pairs take 16 MB.
+  static constexpr int kMaxPrecomputedPositions = 1 << 16;
+
   // `rotary_dim` must be even; positions range over [0, max_positions).
   RotaryEmbedding(int rotary_dim, int max_positions, double theta, const RopeScaling& scaling,
                   bool interleaved = true);
@@ -30,18 +35,23 @@ class RotaryEmbedding {
   const std::vector<double>& inverse_frequencies() const { return inverse_frequencies_; }
   // YaRN's cos/sin magnitude, 1 for plain RoPE.
   double magnitude_scale() const { return magnitude_scale_; }
-  // The rotation table, [max_positions, rotary_dim / 2], magnitude scale included (the GPU
-  // backend copies it to the device).
-  const std::vector<float>& cos_table() const { return cos_; }
-  const std::vector<float>& sin_table() const { return sin_; }
+  int precomputed_positions() const { return precomputed_positions_; }
+  // The rotation table of positions [0, positions), [positions, rotary_dim / 2], magnitude
+  // scale included: the precomputed rows, then rows computed now (the GPU backend copies the
+  // positions its KV cache can hold to the device).
+  void Table(int positions, std::vector<float>& cos, std::vector<float>& sin) const;
 
  private:
+  // cos and sin of pair i at `position`, magnitude scale included.
+  void Rotation(int position, int pair, float* cos, float* sin) const;
+
   int rotary_dim_;
   int max_positions_;
   bool interleaved_;
   std::vector<double> inverse_frequencies_;
   double magnitude_scale_ = 1.0;
-  std::vector<float> cos_;  // [max_positions, rotary_dim / 2]
+  int precomputed_positions_ = 0;
+  std::vector<float> cos_;  // [precomputed_positions, rotary_dim / 2]
   std::vector<float> sin_;
 };
 

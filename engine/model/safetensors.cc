@@ -1,9 +1,6 @@
 #include "engine/model/safetensors.h"
 
-#include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <bit>
 #include <cerrno>
@@ -14,6 +11,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/bounded_json.h"
+#include "base/regular_file.h"
 #include "engine/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -173,28 +172,18 @@ int64_t TensorEntry::num_elements() const {
 }
 
 absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    const int error = errno;
-    if (error == ENOENT)
-      return absl::NotFoundError(absl::StrCat("safetensors `", path, "` not found"));
-    return absl::InvalidArgumentError(
-        absl::StrCat("safetensors `", path, "`: cannot open: ", std::strerror(error)));
+  absl::StatusOr<base::RegularFile> opened = base::RegularFile::Open(path);
+  if (!opened.ok()) {
+    return absl::Status(opened.status().code(),
+                        absl::StrCat("safetensors ", opened.status().message()));
   }
-  struct stat info {};
-  if (fstat(fd, &info) != 0 || !S_ISREG(info.st_mode)) {
-    ::close(fd);
-    return Invalid(path, "not a regular file");
-  }
-  const uint64_t size = static_cast<uint64_t>(info.st_size);
+  const uint64_t size = opened->size();
   if (size < 8) {
-    ::close(fd);
     return Invalid(path, absl::StrCat("only ", size,
                                       " bytes, less than the 8-byte header length "
                                       "(truncated or not a safetensors file)"));
   }
-  void* address = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
+  void* address = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, opened->fd(), 0);
   if (address == MAP_FAILED)
     return Invalid(path, absl::StrCat("mmap failed: ", std::strerror(errno)));
   auto mapping = std::make_shared<Mapping>();
@@ -208,9 +197,15 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::string& path) {
                                       " bytes (truncated or not a safetensors file)"));
   }
   const char* header_begin = reinterpret_cast<const char*>(mapping->data + 8);
-  nlohmann::json header = nlohmann::json::parse(header_begin, header_begin + header_size, nullptr,
-                                                /*allow_exceptions=*/false);
-  if (header.is_discarded() || !header.is_object()) {
+  absl::StatusOr<nlohmann::json> parsed =
+      base::ParseBoundedJson(std::string_view(header_begin, header_size));
+  if (!parsed.ok()) {
+    return Invalid(path, absl::StrCat("the header is not a JSON object (corrupt or not a "
+                                      "safetensors file): ",
+                                      parsed.status().message()));
+  }
+  const nlohmann::json& header = *parsed;
+  if (!header.is_object()) {
     return Invalid(path, "the header is not a JSON object (corrupt or not a safetensors file)");
   }
   SafetensorsFile file;
@@ -233,7 +228,9 @@ std::vector<float> ToFloat32(const TensorEntry& tensor) {
   const uint8_t* bytes = tensor.data;
   switch (tensor.dtype) {
     case DType::kF32:
-      std::memcpy(out.data(), bytes, count * sizeof(float));
+      // An empty tensor's vector may have no storage, and memcpy from or to null is undefined
+      // even for zero bytes.
+      if (count > 0) std::memcpy(out.data(), bytes, count * sizeof(float));
       break;
     case DType::kBF16:
     case DType::kF16:

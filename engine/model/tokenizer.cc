@@ -28,7 +28,7 @@ bool ValidContinuation(unsigned char lead, int index, unsigned char byte) {
 
 }  // namespace
 
-std::vector<int32_t> ByteTokenizer::Encode(std::string_view text) const {
+absl::StatusOr<std::vector<int32_t>> ByteTokenizer::Encode(std::string_view text) const {
   std::vector<int32_t> ids;
   ids.reserve(text.size() + 1);
   ids.push_back(bos_token_id_);
@@ -36,7 +36,7 @@ std::vector<int32_t> ByteTokenizer::Encode(std::string_view text) const {
   return ids;
 }
 
-std::vector<int32_t> ByteTokenizer::EncodeWithoutBos(std::string_view text) const {
+absl::StatusOr<std::vector<int32_t>> ByteTokenizer::EncodeWithoutBos(std::string_view text) const {
   return std::vector<int32_t>(reinterpret_cast<const unsigned char*>(text.data()),
                               reinterpret_cast<const unsigned char*>(text.data()) + text.size());
 }

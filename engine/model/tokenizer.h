@@ -8,15 +8,19 @@
 #include <string_view>
 #include <vector>
 
+#include "absl/status/statusor.h"
+
 namespace moeserve::engine {
 
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
   // Token ids of `text`, with the beginning-of-sequence token first when the model uses one.
-  virtual std::vector<int32_t> Encode(std::string_view text) const = 0;
+  // INVALID_ARGUMENT when tokenizing `text` would take more work than the tokenizer allows one
+  // text (a pre-tokenizer regex that backtracks without end on it).
+  virtual absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text) const = 0;
   // The same without the beginning-of-sequence token.
-  virtual std::vector<int32_t> EncodeWithoutBos(std::string_view text) const = 0;
+  virtual absl::StatusOr<std::vector<int32_t>> EncodeWithoutBos(std::string_view text) const = 0;
   // The raw bytes a token stands for (possibly an incomplete UTF-8 sequence); special tokens
   // decode to nothing.
   virtual std::string TokenBytes(int32_t token) const = 0;
@@ -26,8 +30,8 @@ class ByteTokenizer : public Tokenizer {
  public:
   ByteTokenizer(int32_t bos_token_id, int32_t eos_token_id)
       : bos_token_id_(bos_token_id), eos_token_id_(eos_token_id) {}
-  std::vector<int32_t> Encode(std::string_view text) const override;
-  std::vector<int32_t> EncodeWithoutBos(std::string_view text) const override;
+  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text) const override;
+  absl::StatusOr<std::vector<int32_t>> EncodeWithoutBos(std::string_view text) const override;
   std::string TokenBytes(int32_t token) const override;
 
  private:

@@ -22,11 +22,14 @@ using Shape = std::vector<int64_t>;
 
 std::string LayerPrefix(int layer) { return absl::StrCat("model.layers.", layer, "."); }
 
-void AddMlp(std::vector<std::pair<std::string, Shape>>& out, const std::string& prefix,
-            int64_t hidden, int64_t intermediate) {
-  out.push_back({prefix + "gate_proj.weight", {intermediate, hidden}});
-  out.push_back({prefix + "up_proj.weight", {intermediate, hidden}});
-  out.push_back({prefix + "down_proj.weight", {hidden, intermediate}});
+// Where expected tensors go: a list, or a visitor that may stop the walk.
+using TensorSink = std::function<bool(const std::string&, const Shape&)>;
+
+bool AddMlp(const TensorSink& out, const std::string& prefix, int64_t hidden,
+            int64_t intermediate) {
+  return out(prefix + "gate_proj.weight", {intermediate, hidden}) &&
+         out(prefix + "up_proj.weight", {intermediate, hidden}) &&
+         out(prefix + "down_proj.weight", {hidden, intermediate});
 }
 
 // FNV-1a: a stable hash of a tensor's name, so each tensor's random stream does not depend on
@@ -37,41 +40,41 @@ uint64_t StableHash(const std::string& text) {
   return hash;
 }
 
-void AddAttention(std::vector<std::pair<std::string, Shape>>& out, const ModelConfig& c,
-                  const std::string& a) {
+bool AddAttention(const TensorSink& out, const ModelConfig& c, const std::string& a) {
   const int64_t hidden = c.hidden_size;
   const int64_t heads = c.num_attention_heads;
   if (!c.uses_mla()) {
     const int64_t q_dim = heads * c.head_dim;
     const int64_t kv_dim = static_cast<int64_t>(c.num_key_value_heads) * c.head_dim;
-    out.push_back({a + "q_proj.weight", {q_dim, hidden}});
-    out.push_back({a + "k_proj.weight", {kv_dim, hidden}});
-    out.push_back({a + "v_proj.weight", {kv_dim, hidden}});
-    out.push_back({a + "o_proj.weight", {hidden, q_dim}});
-    if (c.attention_bias) {
-      out.push_back({a + "q_proj.bias", {q_dim}});
-      out.push_back({a + "k_proj.bias", {kv_dim}});
-      out.push_back({a + "v_proj.bias", {kv_dim}});
-      out.push_back({a + "o_proj.bias", {hidden}});
+    if (!out(a + "q_proj.weight", {q_dim, hidden}) || !out(a + "k_proj.weight", {kv_dim, hidden}) ||
+        !out(a + "v_proj.weight", {kv_dim, hidden}) || !out(a + "o_proj.weight", {hidden, q_dim})) {
+      return false;
     }
-    if (c.qk_norm) {
-      out.push_back({a + "q_norm.weight", {c.head_dim}});
-      out.push_back({a + "k_norm.weight", {c.head_dim}});
+    if (c.attention_bias &&
+        (!out(a + "q_proj.bias", {q_dim}) || !out(a + "k_proj.bias", {kv_dim}) ||
+         !out(a + "v_proj.bias", {kv_dim}) || !out(a + "o_proj.bias", {hidden}))) {
+      return false;
     }
-    return;
+    if (c.qk_norm &&
+        (!out(a + "q_norm.weight", {c.head_dim}) || !out(a + "k_norm.weight", {c.head_dim}))) {
+      return false;
+    }
+    return true;
   }
   if (c.q_lora_rank > 0) {
-    out.push_back({a + "q_a_proj.weight", {c.q_lora_rank, hidden}});
-    out.push_back({a + "q_a_layernorm.weight", {c.q_lora_rank}});
-    out.push_back({a + "q_b_proj.weight", {heads * c.qk_head_dim(), c.q_lora_rank}});
-  } else {
-    out.push_back({a + "q_proj.weight", {heads * c.qk_head_dim(), hidden}});
+    if (!out(a + "q_a_proj.weight", {c.q_lora_rank, hidden}) ||
+        !out(a + "q_a_layernorm.weight", {c.q_lora_rank}) ||
+        !out(a + "q_b_proj.weight", {heads * c.qk_head_dim(), c.q_lora_rank})) {
+      return false;
+    }
+  } else if (!out(a + "q_proj.weight", {heads * c.qk_head_dim(), hidden})) {
+    return false;
   }
-  out.push_back({a + "kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, hidden}});
-  out.push_back({a + "kv_a_layernorm.weight", {c.kv_lora_rank}});
-  out.push_back(
-      {a + "kv_b_proj.weight", {heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}});
-  out.push_back({a + "o_proj.weight", {hidden, heads * c.v_head_dim}});
+  return out(a + "kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, hidden}) &&
+         out(a + "kv_a_layernorm.weight", {c.kv_lora_rank}) &&
+         out(a + "kv_b_proj.weight",
+             {heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}) &&
+         out(a + "o_proj.weight", {hidden, heads * c.v_head_dim});
 }
 
 }  // namespace
@@ -82,33 +85,47 @@ int64_t Tensor::num_elements() const {
   return n;
 }
 
-std::vector<std::pair<std::string, Shape>> ExpectedTensors(const ModelConfig& c) {
-  std::vector<std::pair<std::string, Shape>> out;
+void ForEachExpectedTensor(const ModelConfig& c, const TensorSink& out) {
   const int64_t hidden = c.hidden_size;
-  out.push_back({"model.embed_tokens.weight", {c.vocab_size, hidden}});
+  if (!out("model.embed_tokens.weight", {c.vocab_size, hidden})) return;
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
     const std::string p = LayerPrefix(layer);
-    out.push_back({p + "input_layernorm.weight", {hidden}});
-    out.push_back({p + "post_attention_layernorm.weight", {hidden}});
-    AddAttention(out, c, p + "self_attn.");
+    if (!out(p + "input_layernorm.weight", {hidden}) ||
+        !out(p + "post_attention_layernorm.weight", {hidden}) ||
+        !AddAttention(out, c, p + "self_attn.")) {
+      return;
+    }
     if (c.is_moe_layer(layer)) {
-      out.push_back({p + "mlp.gate.weight", {c.n_routed_experts, hidden}});
-      if (c.uses_mla() && c.topk_method == TopKMethod::kNoAuxTc) {
-        out.push_back({p + "mlp.gate.e_score_correction_bias", {c.n_routed_experts}});
+      if (!out(p + "mlp.gate.weight", {c.n_routed_experts, hidden})) return;
+      if (c.uses_mla() && c.topk_method == TopKMethod::kNoAuxTc &&
+          !out(p + "mlp.gate.e_score_correction_bias", {c.n_routed_experts})) {
+        return;
       }
       for (int e = 0; e < c.n_routed_experts; ++e) {
-        AddMlp(out, absl::StrCat(p, "mlp.experts.", e, "."), hidden, c.moe_intermediate_size);
+        if (!AddMlp(out, absl::StrCat(p, "mlp.experts.", e, "."), hidden,
+                    c.moe_intermediate_size)) {
+          return;
+        }
       }
-      if (c.n_shared_experts > 0) {
-        AddMlp(out, p + "mlp.shared_experts.", hidden,
-               static_cast<int64_t>(c.moe_intermediate_size) * c.n_shared_experts);
+      if (c.n_shared_experts > 0 &&
+          !AddMlp(out, p + "mlp.shared_experts.", hidden,
+                  static_cast<int64_t>(c.moe_intermediate_size) * c.n_shared_experts)) {
+        return;
       }
-    } else {
-      AddMlp(out, p + "mlp.", hidden, c.intermediate_size);
+    } else if (!AddMlp(out, p + "mlp.", hidden, c.intermediate_size)) {
+      return;
     }
   }
-  out.push_back({"model.norm.weight", {hidden}});
-  if (!c.tie_word_embeddings) out.push_back({"lm_head.weight", {c.vocab_size, hidden}});
+  if (!out("model.norm.weight", {hidden})) return;
+  if (!c.tie_word_embeddings) out("lm_head.weight", {c.vocab_size, hidden});
+}
+
+std::vector<std::pair<std::string, Shape>> ExpectedTensors(const ModelConfig& c) {
+  std::vector<std::pair<std::string, Shape>> out;
+  ForEachExpectedTensor(c, [&](const std::string& name, const Shape& shape) {
+    out.emplace_back(name, shape);
+    return true;
+  });
   return out;
 }
 
@@ -178,22 +195,37 @@ absl::StatusOr<ModelWeights> ModelWeights::FromTensors(const ModelConfig& config
                                                        std::map<std::string, Tensor> tensors) {
   ModelWeights weights;
   weights.config_ = config;
-  std::set<std::string> expected_names;
-  for (auto& [name, shape] : ExpectedTensors(config)) {
-    expected_names.insert(name);
+  // Walks the expected tensors and stops at the first problem, so a config that describes far
+  // more tensors than are stored costs no more than the stored ones.
+  absl::Status problem;
+  size_t matched = 0;
+  ForEachExpectedTensor(config, [&](const std::string& name, const Shape& shape) {
     auto it = tensors.find(name);
     if (it == tensors.end()) {
-      return absl::InvalidArgumentError(absl::StrCat("weights: missing tensor `", name, "`"));
+      problem = absl::InvalidArgumentError(absl::StrCat("weights: missing tensor `", name, "`"));
+      return false;
     }
     if (it->second.shape != shape) {
-      return absl::InvalidArgumentError(absl::StrCat(
+      problem = absl::InvalidArgumentError(absl::StrCat(
           "weights: tensor `", name, "` has shape [", absl::StrJoin(it->second.shape, ", "),
           "], expected [", absl::StrJoin(shape, ", "), "]"));
+      return false;
     }
-  }
-  for (auto& [name, tensor] : tensors) {
-    if (!expected_names.contains(name)) {
-      return absl::InvalidArgumentError(absl::StrCat("weights: unexpected tensor `", name, "`"));
+    ++matched;
+    return true;
+  });
+  if (!problem.ok()) return problem;
+  if (matched != tensors.size()) {
+    // Every expected tensor is there, so some stored one was not expected: name it.
+    std::set<std::string> expected_names;
+    ForEachExpectedTensor(config, [&](const std::string& name, const Shape&) {
+      expected_names.insert(name);
+      return true;
+    });
+    for (auto& [name, tensor] : tensors) {
+      if (!expected_names.contains(name)) {
+        return absl::InvalidArgumentError(absl::StrCat("weights: unexpected tensor `", name, "`"));
+      }
     }
   }
   weights.tensors_ = std::move(tensors);

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -103,6 +104,11 @@ class ModelWeights {
 // The tensor names and shapes a config needs, in a stable order.
 std::vector<std::pair<std::string, std::vector<int64_t>>> ExpectedTensors(
     const ModelConfig& config);
+// The same one at a time, without building the list (a config may describe far more tensors
+// than a checkpoint holds); stops early when `visit` returns false.
+void ForEachExpectedTensor(
+    const ModelConfig& config,
+    const std::function<bool(const std::string& name, const std::vector<int64_t>& shape)>& visit);
 
 // Writes tensors as a float32 safetensors file.
 absl::Status WriteSafetensors(const std::string& path,

@@ -1,10 +1,11 @@
 #include "engine/placement/expert_placement.h"
 
-#include <fstream>
 #include <limits>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "base/bounded_json.h"
+#include "base/regular_file.h"
 #include "engine/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -120,13 +121,18 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::FromJson(const nlohmann::json& 
 
 absl::StatusOr<ExpertPlacement> ExpertPlacement::LoadJsonFile(const std::string& path,
                                                               const PlacementShape& shape) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("placement: cannot read ", path));
-  nlohmann::json json = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-  if (json.is_discarded()) {
-    return absl::InvalidArgumentError(absl::StrCat("placement: ", path, " is not valid JSON"));
+  // A placement is a few integers per expert slot; DeepSeek-V3's is well under a megabyte.
+  constexpr uint64_t kMaxPlacementFileBytes = 64ull << 20;
+  absl::StatusOr<std::string> text = base::ReadRegularFile(path, kMaxPlacementFileBytes);
+  if (!text.ok()) {
+    return absl::Status(text.status().code(), absl::StrCat("placement: ", text.status().message()));
   }
-  return FromJson(json, shape);
+  absl::StatusOr<nlohmann::json> json = base::ParseBoundedJson(*text);
+  if (!json.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement: ", path, " is not valid JSON: ", json.status().message()));
+  }
+  return FromJson(*json, shape);
 }
 
 ExpertPlacement ExpertPlacement::WithVersion(int64_t version) const {

@@ -44,23 +44,53 @@ std::vector<Sequence*> Scheduler::Admit(std::vector<std::unique_ptr<Sequence>>& 
         ++it;
       }
     }
-    // First come, first served: a sequence that does not fit blocks those behind it.
-    while (!queue_.empty() && running_.size() < static_cast<size_t>(limits_.max_running)) {
-      Sequence& next = *queue_.front();
+    // Arrival order, except that the first sequence whose blocks do not fit yet lets later ones
+    // that fit pass it, up to max_overtakes times; after that admission waits for it, so the
+    // blocks freed by finishing sequences go to it.
+    Sequence* waiting_for_blocks = nullptr;
+    for (auto it = queue_.begin();
+         it != queue_.end() && running_.size() < static_cast<size_t>(limits_.max_running);) {
+      if (waiting_for_blocks != nullptr &&
+          waiting_for_blocks->times_overtaken >= limits_.max_overtakes) {
+        break;
+      }
+      Sequence& next = **it;
       const int needed =
           BlocksFor(next.prompt_length + next.input.max_tokens, limits_.kv_block_size);
       std::optional<std::vector<int32_t>> blocks = allocator_.Allocate(needed);
-      if (!blocks.has_value()) break;
+      if (!blocks.has_value()) {
+        if (waiting_for_blocks == nullptr) waiting_for_blocks = &next;
+        ++it;
+        continue;
+      }
+      if (waiting_for_blocks != nullptr) ++waiting_for_blocks->times_overtaken;
       next.blocks = std::move(*blocks);
       admitted.push_back(&next);
-      running_.push_back(std::move(queue_.front()));
-      queue_.pop_front();
+      running_.push_back(std::move(*it));
+      it = queue_.erase(it);
     }
     queued_count_ = static_cast<int>(queue_.size());
   }
   RefreshCounts();
   return admitted;
 }
+
+namespace {
+
+// The most tokens each prefill may take so that all of them fit `budget` and no prefill that
+// is capped gets less than one that is not (the water level of max-min fair shares).
+int FairShareLevel(std::vector<int> remaining, int budget) {
+  std::sort(remaining.begin(), remaining.end());
+  int64_t served = 0;  // tokens of the prefills below the level, served in full
+  for (size_t i = 0; i < remaining.size(); ++i) {
+    const int64_t level = (budget - served) / static_cast<int64_t>(remaining.size() - i);
+    if (level < remaining[i]) return static_cast<int>(level);
+    served += remaining[i];
+  }
+  return remaining.empty() ? 0 : remaining.back();
+}
+
+}  // namespace
 
 StepPlan Scheduler::Plan() const {
   // Decoding sequences take one token each; prefilling ones share what is left of the budget.
@@ -74,13 +104,34 @@ StepPlan Scheduler::Plan() const {
     plan.tokens += count;
     budget -= count;
   };
+  std::vector<Sequence*> prefilling;
+  std::vector<int> remaining;
   for (const auto& seq : running_) {
-    if (seq->num_cached >= seq->prompt_length) add(*seq, 1);
-  }
-  for (const auto& seq : running_) {
-    if (seq->num_cached < seq->prompt_length && budget > 0) {
-      add(*seq, std::min(seq->prompt_length - seq->num_cached, budget));
+    if (seq->num_cached >= seq->prompt_length) {
+      add(*seq, 1);
+    } else {
+      prefilling.push_back(seq.get());
+      remaining.push_back(seq->prompt_length - seq->num_cached);
     }
+  }
+  if (prefilling.empty() || budget <= 0) return plan;
+  // Max-min fair shares: a prompt shorter than the level is served whole, the others get the
+  // level, and the tokens the division leaves go one each to the oldest prefills.
+  const int level = FairShareLevel(remaining, budget);
+  std::vector<int> grant(prefilling.size());
+  int left = budget;
+  for (size_t i = 0; i < prefilling.size(); ++i) {
+    grant[i] = std::min(remaining[i], level);
+    left -= grant[i];
+  }
+  for (size_t i = 0; i < prefilling.size() && left > 0; ++i) {
+    if (grant[i] < remaining[i]) {
+      ++grant[i];
+      --left;
+    }
+  }
+  for (size_t i = 0; i < prefilling.size(); ++i) {
+    if (grant[i] > 0) add(*prefilling[i], grant[i]);
   }
   return plan;
 }

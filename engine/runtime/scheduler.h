@@ -1,10 +1,15 @@
 // Scheduler: which of one rank's sequences run in its next step, and with how many tokens.
 //
-// - Admission, first come first served: a queued sequence enters only once the KV blocks for
-//   its prompt + max_tokens are reserved (so it never runs out mid-stream) and fewer than
-//   max_running sequences run; one that does not fit waits, and so do those behind it.
-// - Chunked prefill within a token budget: every decoding sequence takes one token, then
-//   prefilling sequences share what is left of max_batch_tokens in admission order.
+// - Admission in arrival order: a queued sequence enters only once the KV blocks for its
+//   prompt + max_tokens are reserved (so it never runs out mid-stream) and fewer than
+//   max_running sequences run. The first one whose blocks do not fit yet lets later ones that
+//   do fit pass it, at most max_overtakes times; then admission waits for it. So a short request
+//   does not wait behind long ones for blocks it does not need, and a long one is not starved.
+// - Chunked prefill within a token budget: every decoding sequence takes one token, then the
+//   prefilling sequences share what is left of max_batch_tokens in max-min fair shares (a
+//   prompt shorter than its share is served whole, the others get equal chunks; tokens left by
+//   the division go to the oldest). A short prompt admitted after long ones finishes its prefill
+//   in its first steps instead of after theirs.
 // - Cancellation: a cancelled sequence leaves the queue or the running set at the next
 //   admission, and its blocks return to the allocator.
 //
@@ -33,6 +38,8 @@ struct SchedulerLimits {
   int max_running = 64;        // sequences admitted at once
   int kv_block_size = 16;      // tokens per KV block
   int kv_blocks = 0;           // blocks of the rank's cache
+  // How many later sequences may be admitted past one whose blocks do not fit yet.
+  int max_overtakes = 64;
 };
 
 // The next step of a rank: one batch row per member; members[i] runs batch[i].

@@ -28,6 +28,9 @@ struct Sequence {
   Utf8StreamDecoder decoder;
   std::string held_text;  // text that may still become a stop string
   int generated = 0;
+  // How often the scheduler admitted a later sequence while this one waited for its KV blocks
+  // (engine/runtime/scheduler.h bounds it).
+  int times_overtaken = 0;
   Clock::time_point arrival, prefill_start, first_token, last_token;
   // Prefill → decode handoff: the cached KV rows (RankBackend::ExportKv's layout), written into
   // the decode rank's cache when it admits the sequence.

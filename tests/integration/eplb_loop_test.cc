@@ -1,10 +1,6 @@
 // Integration tests of the EPLB loop: the Admin API (auth, validation, load), live placement
 // updates under load that change no output, and the external controller closing the loop
 // through a real Prometheus server scraping a real moeserve.
-#include <netinet/in.h>
-#include <signal.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -19,13 +15,14 @@
 #include "gtest/gtest.h"
 #include "moeserve/v1/admin.grpc.pb.h"
 #include "moeserve/v1/generation.grpc.pb.h"
+#include "tests/integration/external_processes.h"
 #include "tests/integration/server_process.h"
 
 namespace moeserve::testing {
 namespace {
 
 using ::testing::HasSubstr;
-constexpr char kToken[] = "integration-test-token";
+constexpr char kToken[] = "5c1f8e3a9b7d2c6e0f4a8b1d3c5e7f9a";
 
 std::string TokenFile() {
   const std::string path =
@@ -249,73 +246,6 @@ TEST(LivePlacementUpdates, UnderContinuousLoadNoRequestFailsAndNoOutputChanges) 
   EXPECT_GE(completed, 40);
 }
 
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address));
-  socklen_t length = sizeof(address);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length);
-  close(fd);
-  return ntohs(address.sin_port);
-}
-
-// A real Prometheus on loopback, scraping one target every second.
-class PrometheusProcess {
- public:
-  explicit PrometheusProcess(int target_port) : port_(FreePort()) {
-    dir_ = ::testing::TempDir() + "/moeserve-prometheus-" + std::to_string(getpid());
-    std::filesystem::remove_all(dir_);
-    std::filesystem::create_directories(dir_ + "/data");
-    std::ofstream(dir_ + "/prometheus.yml")
-        << "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        << "scrape_configs:\n  - job_name: moeserve\n    static_configs:\n"
-        << "      - targets: ['127.0.0.1:" << target_port << "']\n";
-    pid_ = fork();
-    if (pid_ == 0) {
-      const std::string config = "--config.file=" + dir_ + "/prometheus.yml";
-      const std::string storage = "--storage.tsdb.path=" + dir_ + "/data";
-      const std::string listen = "--web.listen-address=127.0.0.1:" + std::to_string(port_);
-      const std::string log = dir_ + "/prometheus.log";
-      freopen(log.c_str(), "w", stdout);
-      freopen(log.c_str(), "w", stderr);
-      execl(PROMETHEUS_BINARY, PROMETHEUS_BINARY, config.c_str(), storage.c_str(), listen.c_str(),
-            static_cast<char*>(nullptr));
-      _exit(127);
-    }
-  }
-  ~PrometheusProcess() {
-    kill(pid_, SIGTERM);
-    waitpid(pid_, nullptr, 0);
-    std::filesystem::remove_all(dir_);
-  }
-  std::string url() const { return "http://127.0.0.1:" + std::to_string(port_); }
-  int port() const { return port_; }
-
- private:
-  int port_;
-  pid_t pid_;
-  std::string dir_;
-};
-
-struct CommandResult {
-  int exit_code;
-  std::string output;
-};
-
-CommandResult RunCommand(const std::string& command) {
-  CommandResult result{-1, ""};
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  if (pipe == nullptr) return result;
-  char buffer[4096];
-  while (size_t n = fread(buffer, 1, sizeof(buffer), pipe)) result.output.append(buffer, n);
-  const int status = pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
-
-// Mean of the server's per-layer balancedness gauges, sampled while traffic runs.
 double SampleBalancedness(int metrics_port, int samples) {
   double sum = 0;
   int count = 0;

@@ -77,6 +77,21 @@ std::vector<std::string> ChildProcess::WaitForOutput(const std::string& pattern,
   }
 }
 
+bool ChildProcess::WaitForText(const std::string& text, double timeout_seconds) {
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+  while (true) {
+    ReadAvailable(50);
+    if (output_.find(text) != std::string::npos) return true;
+    if (exited_ || std::chrono::steady_clock::now() >= deadline) return false;
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      RecordExit(status);
+      ReadAvailable(100);
+    }
+  }
+}
+
 void ChildProcess::Signal(int signal_number) {
   if (!exited_ && pid_ > 0) kill(pid_, signal_number);
 }
@@ -131,16 +146,17 @@ std::vector<std::string> ServerArguments(const std::string& subcommand,
   // MOESERVE_TEST_METRICS_PORT=-1 turns /metrics off where the host's sandbox refuses the
   // metrics web server.
   const char* metrics_port = std::getenv("MOESERVE_TEST_METRICS_PORT");
-  std::vector<std::string> args = {subcommand,
-                                   "--host",
-                                   "127.0.0.1",
-                                   "--port",
-                                   "0",
-                                   "--metrics-port",
-                                   metrics_port != nullptr ? metrics_port : "0"};
-  // Tests run side by side: never the fixed default HTTP port.
-  if (std::find(extra_args.begin(), extra_args.end(), "--http-port") == extra_args.end()) {
-    args.insert(args.end(), {"--http-port", "0"});
+  std::vector<std::string> args = {subcommand};
+  // Tests run side by side: never the fixed default ports.
+  const std::pair<const char*, std::string> defaults[] = {
+      {"--host", "127.0.0.1"},
+      {"--port", "0"},
+      {"--metrics-port", metrics_port != nullptr ? metrics_port : "0"},
+      {"--http-port", "0"}};
+  for (const auto& [flag, value] : defaults) {
+    if (std::find(extra_args.begin(), extra_args.end(), flag) != extra_args.end()) continue;
+    args.push_back(flag);
+    args.push_back(value);
   }
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   return args;
@@ -149,8 +165,9 @@ std::vector<std::string> ServerArguments(const std::string& subcommand,
 }  // namespace
 
 ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_ready,
-                             const std::string& subcommand)
+                             bool wait_for_ready, const std::string& subcommand)
     : process_(ServerArguments(subcommand, std::move(extra_args))) {
+  if (!wait_for_ready) return;
   const std::vector<std::string> ready = process_.WaitForOutput(
       R"(serving \S+ on [0-9.]+:(\d+) \(metrics on (?:[0-9.]+:(\d+)|disabled), OpenAI HTTP on (?:[0-9.]+:(\d+)|off))",
       60);
@@ -158,6 +175,9 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
     port_ = std::stoi(ready[1]);
     metrics_port_ = !ready[2].empty() ? std::stoi(ready[2]) : -1;
     http_port_ = !ready[3].empty() ? std::stoi(ready[3]) : -1;
+    const std::vector<std::string> admin =
+        process_.WaitForOutput(R"(, admin [0-9.]+:(\d+)\))", 0);
+    if (!admin.empty()) admin_port_ = std::stoi(admin[1]);
     return;
   }
   if (expect_ready) {

@@ -30,6 +30,8 @@ class ChildProcess {
   // Reads output until `pattern` matches it (the match's groups, whole match first) or
   // `timeout_seconds` pass or the process exits (empty).
   std::vector<std::string> WaitForOutput(const std::string& pattern, double timeout_seconds);
+  // Waits until the output contains `text`; false after `timeout_seconds` or once it exited.
+  bool WaitForText(const std::string& text, double timeout_seconds);
   pid_t pid() const { return pid_; }
   bool exited() const { return exited_; }
   // Sends a signal; WaitForExit returns the exit code (or -signal), -1000 on timeout.
@@ -50,19 +52,24 @@ class ChildProcess {
 
 class ServerProcess {
  public:
-  // Starts `moeserve serve --port 0 --metrics-port 0 --http-port 0 <extra_args>` (extra_args may
-  // give their own --http-port); fails the test (ADD_FAILURE)
-  // and leaves ok() false if it does not become ready within 60 s.
+  // Starts `moeserve <subcommand> --host 127.0.0.1 --port 0 --metrics-port 0 --http-port 0
+  // <extra_args>` (extra_args that name --host, --port, --metrics-port or --http-port replace
+  // those); fails the test (ADD_FAILURE) and leaves ok() false if it does not become ready
+  // within 60 s.
   // With expect_ready = false, a server that exits before becoming ready is not a failure
-  // (tests of refused configurations). `subcommand` may be "frontend" (same front doors, same
-  // ready line).
+  // (tests of refused configurations). With wait_for_ready = false the constructor returns once
+  // the process is started (tests of start-up; see WaitForOutput). `subcommand` may be
+  // "frontend" (same front doors, same ready line).
   explicit ServerProcess(std::vector<std::string> extra_args, bool expect_ready = true,
-                         const std::string& subcommand = "serve");
+                         bool wait_for_ready = true, const std::string& subcommand = "serve");
 
   bool ok() const { return port_ > 0; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   int metrics_port() const { return metrics_port_; }
+  int port() const { return port_; }
   int http_port() const { return http_port_; }  // -1 when HTTP is off
+  // The Admin API's own port (--admin-port), 0 when it shares the gRPC port.
+  int admin_port() const { return admin_port_; }
   pid_t pid() const { return process_.pid(); }
   std::shared_ptr<grpc::Channel> channel() const;
 
@@ -71,11 +78,16 @@ class ServerProcess {
   int WaitForExit(double timeout_seconds) { return process_.WaitForExit(timeout_seconds); }
   // Everything the process printed so far (stdout and stderr).
   std::string output() { return process_.output(); }
+  // Waits until the output contains `text`; false after `timeout_seconds` or once it exited.
+  bool WaitForOutput(const std::string& text, double timeout_seconds) {
+    return process_.WaitForText(text, timeout_seconds);
+  }
 
  private:
   ChildProcess process_;
   int port_ = 0;
   int metrics_port_ = 0;
+  int admin_port_ = 0;
   int http_port_ = -1;
 };
 

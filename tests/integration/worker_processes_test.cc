@@ -62,7 +62,7 @@ std::string Address(int port) { return "127.0.0.1:" + std::to_string(port); }
 
 std::string WriteTokenFile() {
   const std::string path = ::testing::TempDir() + "/admin-token-" + std::to_string(getpid());
-  std::ofstream(path) << "worker-processes-test-token-0123456789abcdef\n";
+  std::ofstream(path) << "3f9c1a7be2d54086c1e9b7a2f4d6083e5b1c9d7a\n";
   return path;
 }
 
@@ -214,7 +214,7 @@ TEST(WorkerProcesses, DisaggregatedGroupsServeWhatOneProcessServes) {
   ServerProcess frontend(
       {"--group", "prefill=" + prefill.leader(), "--group", "decode=" + decode.leader(),
        "--admin-token-file", token, "--poll-interval-seconds", "0.1"},
-      true, "frontend");
+      true, true, "frontend");
   ASSERT_TRUE(frontend.ok());
   ASSERT_TRUE(WaitForHealth(frontend, "", kServing, 30));
   EXPECT_EQ(Health(frontend, "moeserve.v1.Generation/prefill"), kServing);
@@ -240,7 +240,7 @@ TEST(WorkerProcesses, DisaggregatedGroupsServeWhatOneProcessServes) {
   v1::ExpertPlacement current;
   {
     grpc::ClientContext context;
-    context.AddMetadata("authorization", "Bearer worker-processes-test-token-0123456789abcdef");
+    context.AddMetadata("authorization", "Bearer 3f9c1a7be2d54086c1e9b7a2f4d6083e5b1c9d7a");
     v1::GetExpertPlacementRequest request;
     request.set_group("decode");
     grpc::Status status = admin->GetExpertPlacement(&context, request, &current);
@@ -264,7 +264,7 @@ TEST(WorkerProcesses, DisaggregatedGroupsServeWhatOneProcessServes) {
     std::thread load([&] { under_load = ConcurrentGreedy(frontend, 6, lengths); });
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     grpc::ClientContext context;
-    context.AddMetadata("authorization", "Bearer worker-processes-test-token-0123456789abcdef");
+    context.AddMetadata("authorization", "Bearer 3f9c1a7be2d54086c1e9b7a2f4d6083e5b1c9d7a");
     v1::UpdateExpertPlacementResponse response;
     grpc::Status status = admin->UpdateExpertPlacement(&context, update, &response);
     load.join();
@@ -292,7 +292,7 @@ TEST(WorkerProcesses, KilledRankFailsItsGroupUntilItReforms) {
   NodeGroup decode("mixed", 2, 1, {"--min-step-ms", "20"});
   ASSERT_TRUE(decode.WaitServing(60));
   ServerProcess frontend({"--group", "mixed=" + decode.leader(), "--poll-interval-seconds", "0.1"},
-                         true, "frontend");
+                         true, true, "frontend");
   ASSERT_TRUE(frontend.ok());
   ASSERT_TRUE(WaitForHealth(frontend, "", kServing, 30));
 
@@ -364,7 +364,7 @@ TEST(WorkerProcesses, MissingPeersEndWithAClearError) {
   EXPECT_THAT(orphan.output(), HasSubstr(" rank 1"));
 
   ServerProcess lonely(
-      {"--group", "mixed=" + Address(FreePorts(1)), "--wait-for-groups-seconds", "1"}, false,
+      {"--group", "mixed=" + Address(FreePorts(1)), "--wait-for-groups-seconds", "1"}, false, true,
       "frontend");
   EXPECT_FALSE(lonely.ok());
   EXPECT_EQ(lonely.WaitForExit(30), 1);

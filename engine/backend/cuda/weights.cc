@@ -1,6 +1,8 @@
 // The GPU backend's weights: uploading a model's weights to a rank's device, the slots of its
 // placement, and staging a new placement's changed slots in the background.
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "engine/backend/cuda/rank_state.h"
 #include "engine/base/status_macros.h"
@@ -75,10 +77,14 @@ absl::Status CudaRankBackend::State::LoadWeights() {
   RETURN_IF_ERROR(UploadBf16(final_norm, weights.final_norm(), hidden, stream));
   RETURN_IF_ERROR(
       UploadBf16(lm_head, weights.lm_head(), static_cast<size_t>(c.vocab_size) * hidden, stream));
-  RETURN_IF_ERROR(
-      rope_cos.Upload(model->rope().cos_table().data(), model->rope().cos_table().size(), stream));
-  RETURN_IF_ERROR(
-      rope_sin.Upload(model->rope().sin_table().data(), model->rope().sin_table().size(), stream));
+  // Rotations for every position this rank's KV cache can hold (no request reaches further).
+  std::vector<float> cos_table, sin_table;
+  model->rope().Table(static_cast<int>(std::min<int64_t>(
+                          c.max_position_embeddings,
+                          static_cast<int64_t>(options.kv_blocks) * options.kv_block_size)),
+                      cos_table, sin_table);
+  RETURN_IF_ERROR(rope_cos.Upload(cos_table.data(), cos_table.size(), stream));
+  RETURN_IF_ERROR(rope_sin.Upload(sin_table.data(), sin_table.size(), stream));
   const int heads = c.num_attention_heads;
   const int qk = c.qk_head_dim();
   const int row_dim = c.kv_lora_rank + c.qk_rope_head_dim;

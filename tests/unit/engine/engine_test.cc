@@ -3,6 +3,7 @@
 // decode through Model::Forward (no scheduler) and across batch shapes.
 #include "engine/engine.h"
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -70,7 +71,7 @@ std::vector<int32_t> PromptOf(int length, int salt) {
 
 GenerationInput Greedy(std::vector<int32_t> prompt, int max_tokens) {
   GenerationInput input;
-  input.prompt_tokens = std::move(prompt);
+  input.prompt_tokens.assign(prompt.begin(), prompt.end());
   input.max_tokens = max_tokens;
   input.ignore_eos = true;
   return input;
@@ -416,6 +417,44 @@ TEST_F(EngineTest, CancellingAWaitingStreamEndsIt) {
   EXPECT_EQ(FreeBlocksSoon(*engine), engine->Stats().kv_blocks_total);
 }
 
+TEST_F(EngineTest, AShortRequestIsNotStarvedBehindLongOnes) {
+  // The KV cache holds two long requests at a time; six are queued before a short one. The short
+  // one used to wait for four of them to finish (first come, first served on blocks, then
+  // prefill in admission order); now it passes the ones whose blocks do not fit and its prompt
+  // gets a fair share of each step, so it finishes first.
+  EngineOptions options = SmallOptions();
+  options.min_step_seconds = 0.002;
+  options.kv_cache_bytes = 150 * 20480;  // 150 blocks of 16 rows of builtin:tiny
+  std::unique_ptr<Engine> engine = MakeEngine(options);
+  ASSERT_NE(engine, nullptr);
+  ASSERT_EQ(engine->Stats().kv_blocks_total, 150);
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (int i = 0; i < 6; ++i) {
+    absl::StatusOr<std::shared_ptr<RequestStream>> stream =
+        engine->Submit(Greedy(PromptOf(1000, i), 100));  // 69 blocks each
+    ASSERT_TRUE(stream.ok()) << stream.status();
+    streams.push_back(*stream);
+  }
+  absl::StatusOr<std::shared_ptr<RequestStream>> short_stream =
+      engine->Submit(Greedy(PromptOf(32, 9), 8));
+  ASSERT_TRUE(short_stream.ok());
+  streams.push_back(*short_stream);
+  std::atomic<int> next_to_finish{0};
+  std::vector<int> finished_as(streams.size(), -1);
+  std::vector<std::thread> drains;
+  for (size_t i = 0; i < streams.size(); ++i) {
+    drains.emplace_back([&, i] {
+      const Collected collected = Drain(*streams[i], std::chrono::seconds(300));
+      EXPECT_FALSE(collected.timed_out);
+      EXPECT_EQ(collected.reason, FinishReason::kLength);
+      finished_as[i] = next_to_finish++;
+    });
+  }
+  for (auto& drain : drains) drain.join();
+  EXPECT_EQ(finished_as.back(), 0)
+      << "the short request finished after " << finished_as.back() << " long ones";
+}
+
 TEST_F(EngineTest, ShutdownAbortsUnfinishedRequests) {
   EngineOptions options = SmallOptions();
   options.min_step_seconds = 0.01;
@@ -477,6 +516,15 @@ TEST_F(EngineTest, SubmitValidatesWithActionableMessages) {
       "token_ids[3] = 258 is out of range: the vocabulary has 258 tokens");
   add(
       "negative token id", [](GenerationInput& in) { in.prompt_tokens[0] = -1; }, "out of range");
+  add(
+      "token id 2^31", [](GenerationInput& in) { in.prompt_tokens[2] = int64_t{1} << 31; },
+      "token_ids[2] = 2147483648 is out of range");
+  add(
+      "token id 2^32 - 1", [](GenerationInput& in) { in.prompt_tokens[2] = 0xFFFFFFFFll; },
+      "token_ids[2] = 4294967295 is out of range");
+  add(
+      "stop token 2^31", [](GenerationInput& in) { in.stop_token_ids = {int64_t{1} << 31}; },
+      "stop_token_ids has 2147483648");
   add(
       "max_tokens 0", [](GenerationInput& in) { in.max_tokens = 0; },
       "max_tokens must be at least 1");

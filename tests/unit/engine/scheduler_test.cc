@@ -1,6 +1,7 @@
-// Scheduler without a model: first-come-first-served admission with KV blocks reserved for
-// prompt + max_tokens, the running limit, chunked prefill within the token budget (decoding
-// sequences first, one token each), cancellation of queued and running sequences, release of
+// Scheduler without a model: admission in arrival order with KV blocks reserved for
+// prompt + max_tokens, bounded overtaking of a sequence whose blocks do not fit yet, the running
+// limit, chunked prefill within the token budget (decoding sequences first, one token each;
+// prefills in max-min fair shares), cancellation of queued and running sequences, release of
 // blocks, and stopping.
 #include "engine/runtime/scheduler.h"
 
@@ -67,13 +68,50 @@ TEST(Scheduler, AdmitsFirstComeFirstServedWhileTheirBlocksFit) {
   EXPECT_EQ(scheduler.kv_blocks_free(), 2);
 }
 
-TEST(Scheduler, ASequenceThatDoesNotFitWaitsAndSoDoThoseBehindIt) {
+TEST(Scheduler, AShortSequencePassesOneWhoseBlocksDoNotFitYet) {
+  // A 32-token request used to wait, for its whole deadline, behind 4000-token requests whose
+  // KV reservations did not fit.
   Scheduler scheduler(Limits(/*kv_blocks=*/6));
   ASSERT_EQ(scheduler.Enqueue(MakeSequence(40, 24, 0)), nullptr);  // 4 blocks
-  ASSERT_EQ(scheduler.Enqueue(MakeSequence(80, 16, 1)), nullptr);  // 6 blocks: does not fit now
-  ASSERT_EQ(scheduler.Enqueue(MakeSequence(8, 8, 2)), nullptr);    // 1 block: would fit
-  EXPECT_EQ(Admit(scheduler).size(), 1u);
-  EXPECT_EQ(scheduler.queued(), 2) << "first come, first served: no overtaking";
+  auto large = MakeSequence(80, 16, 1);                            // 6 blocks: not now
+  Sequence* large_ptr = large.get();
+  ASSERT_EQ(scheduler.Enqueue(std::move(large)), nullptr);
+  auto small = MakeSequence(8, 8, 2);  // 1 block
+  Sequence* small_ptr = small.get();
+  ASSERT_EQ(scheduler.Enqueue(std::move(small)), nullptr);
+  const std::vector<Sequence*> admitted = Admit(scheduler);
+  ASSERT_EQ(admitted.size(), 2u);
+  EXPECT_EQ(admitted[1], small_ptr);
+  EXPECT_EQ(scheduler.queued(), 1);
+  EXPECT_EQ(large_ptr->times_overtaken, 1);
+}
+
+TEST(Scheduler, OvertakingIsBoundedSoALargeSequenceIsNotStarved) {
+  // One block stays taken, so the large sequence (all 8 blocks) never fits while small ones
+  // keep coming; after max_overtakes of them admission waits for it.
+  SchedulerLimits limits = Limits(/*kv_blocks=*/8, 64, /*max_running=*/100);
+  limits.max_overtakes = 3;
+  Scheduler scheduler(limits);
+  auto holder = MakeSequence(8, 8, 0);
+  Sequence* holder_ptr = holder.get();
+  ASSERT_EQ(scheduler.Enqueue(std::move(holder)), nullptr);
+  ASSERT_EQ(Admit(scheduler).size(), 1u);
+  auto large = MakeSequence(100, 28, 1);  // 8 blocks
+  Sequence* large_ptr = large.get();
+  ASSERT_EQ(scheduler.Enqueue(std::move(large)), nullptr);
+  std::vector<Sequence*> small;
+  for (int i = 0; i < 5; ++i) {
+    auto seq = MakeSequence(8, 8, 10 + i);
+    small.push_back(seq.get());
+    ASSERT_EQ(scheduler.Enqueue(std::move(seq)), nullptr);
+  }
+  EXPECT_THAT(Admit(scheduler), ::testing::ElementsAre(small[0], small[1], small[2]));
+  EXPECT_EQ(large_ptr->times_overtaken, 3);
+  EXPECT_TRUE(Admit(scheduler).empty()) << "the fourth small one waits for the large one";
+  // As the running ones finish, their blocks go to the large sequence first.
+  for (Sequence* done : {holder_ptr, small[0], small[1], small[2]}) scheduler.Release(done);
+  EXPECT_THAT(Admit(scheduler), ::testing::ElementsAre(large_ptr));
+  EXPECT_EQ(scheduler.queued(), 2);
 }
 
 TEST(Scheduler, RunningSequencesAreLimited) {
@@ -127,6 +165,47 @@ TEST(Scheduler, DecodingSequencesGoFirstAndPrefillsShareTheRestInChunks) {
   EXPECT_EQ(plan.batch[1].tokens.size(), 7u);
   EXPECT_TRUE(plan.samples[1]) << "the last chunk completes the prompt";
   EXPECT_EQ(plan.tokens, 8);
+}
+
+TEST(Scheduler, PrefillsShareTheBudgetSoAShortPromptIsNotStuckBehindLongOnes) {
+  // Three long prompts admitted first, then a short one: the short prompt completes its prefill
+  // in the first step, and the long ones share what is left equally (max-min fair shares).
+  Scheduler scheduler(Limits(/*kv_blocks=*/1000, /*max_batch_tokens=*/100));
+  std::vector<Sequence*> longs;
+  for (int i = 0; i < 3; ++i) {
+    auto seq = MakeSequence(1000, 8, i);
+    longs.push_back(seq.get());
+    ASSERT_EQ(scheduler.Enqueue(std::move(seq)), nullptr);
+  }
+  auto short_seq = MakeSequence(10, 8, 9);
+  Sequence* short_prompt = short_seq.get();
+  ASSERT_EQ(scheduler.Enqueue(std::move(short_seq)), nullptr);
+  ASSERT_EQ(Admit(scheduler).size(), 4u);
+  const StepPlan plan = scheduler.Plan();
+  ASSERT_EQ(plan.members.size(), 4u);
+  EXPECT_EQ(plan.tokens, 100);
+  for (size_t i = 0; i < plan.members.size(); ++i) {
+    if (plan.members[i] == short_prompt) {
+      EXPECT_EQ(plan.batch[i].tokens.size(), 10u) << "the whole short prompt, in one step";
+      EXPECT_TRUE(plan.samples[i]);
+    } else {
+      EXPECT_EQ(plan.batch[i].tokens.size(), 30u) << "the rest, shared equally";
+    }
+  }
+}
+
+TEST(Scheduler, WithMorePrefillsThanBudgetTheOldestGoFirst) {
+  Scheduler scheduler(Limits(/*kv_blocks=*/1000, /*max_batch_tokens=*/3));
+  std::vector<Sequence*> sequences;
+  for (int i = 0; i < 5; ++i) {
+    auto seq = MakeSequence(20, 4, i);
+    sequences.push_back(seq.get());
+    ASSERT_EQ(scheduler.Enqueue(std::move(seq)), nullptr);
+  }
+  ASSERT_EQ(Admit(scheduler).size(), 5u);
+  const StepPlan plan = scheduler.Plan();
+  EXPECT_THAT(plan.members, ::testing::ElementsAre(sequences[0], sequences[1], sequences[2]));
+  EXPECT_EQ(plan.tokens, 3);
 }
 
 TEST(Scheduler, CancelledSequencesLeaveAtTheNextAdmissionWithTheirBlocks) {

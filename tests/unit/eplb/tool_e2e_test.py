@@ -51,6 +51,47 @@ def check_plan(result, case):
                   f"layer {layer} expert {expert}: log2phy {row} disagrees with phy2log")
 
 
+def controller(tool, token_file, *arguments):
+    """The controller for one cycle against addresses where nothing listens."""
+    return run(tool, "controller", "--prometheus-url", "http://127.0.0.1:1", "--targets",
+               "127.0.0.1:1", "--admin-token-file", token_file, "--once", *arguments)
+
+
+def check_controller_refuses_bad_flags(tool):
+    """Values that used to be accepted: an infinite window (a PromQL range of -2^63 s), a NaN
+    threshold (every comparison false, so it always pushed), and their relatives."""
+    with tempfile.TemporaryDirectory() as directory:
+        token_file = os.path.join(directory, "token")
+        with open(token_file, "w") as token:
+            token.write("0f3a9c2e7b5d1f8a4c6e0b2d9f7a5c3e\n")
+        for flag, value in [("--window", "inf"), ("--window", "nan"), ("--window", "1e9"),
+                            ("--window", "-5m"), ("--window", "0s"), ("--window", "31000h"),
+                            ("--interval", "inf"), ("--interval", "0.1s"),
+                            ("--min-improvement", "nan"), ("--min-improvement", "inf"),
+                            ("--min-improvement", "-0.1"), ("--min-improvement", "1.5"),
+                            ("--num-nodes", "0"), ("--num-gpus", "-1"), ("--metrics-port", "70000")]:
+            completed = controller(tool, token_file, flag, value)
+            check(completed.returncode >= 100 and flag in completed.stderr,
+                  f"controller {flag} {value} must be refused as a bad command line: "
+                  f"{completed.returncode} {completed.stderr}")
+
+
+def check_controller_metrics_port_taken(tool):
+    """A --metrics-port another process holds is a message and exit 2, not SIGABRT."""
+    import socket
+    with tempfile.TemporaryDirectory() as directory, socket.socket() as holder:
+        token_file = os.path.join(directory, "token")
+        with open(token_file, "w") as token:
+            token.write("0f3a9c2e7b5d1f8a4c6e0b2d9f7a5c3e\n")
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        completed = controller(tool, token_file, "--metrics-host", "127.0.0.1", "--metrics-port",
+                               str(port))
+        check(completed.returncode == 2 and "cannot serve metrics on 127.0.0.1:" in completed.stderr,
+              f"metrics port in use: {completed.returncode} {completed.stderr}")
+
+
 def main():
     tool = sys.argv[1]
     with tempfile.TemporaryDirectory() as directory:
@@ -124,6 +165,9 @@ def main():
     completed = run(tool, "rebalance", "--help")
     check(completed.returncode == 0 and "--summary" in completed.stdout
           and "Exit status" in completed.stdout, "rebalance --help documents flags and exits")
+
+    check_controller_refuses_bad_flags(tool)
+    check_controller_metrics_port_taken(tool)
 
     if failures:
         print(f"{len(failures)} check(s) failed", file=sys.stderr)

@@ -5,7 +5,9 @@
 #include "engine/model/bpe_tokenizer.h"
 
 #include <filesystem>
+#include <functional>
 
+#include "absl/strings/str_cat.h"
 #include "engine/model/loader.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -101,15 +103,15 @@ TEST(BpeTokenizer, MergesApplyInRankOrder) {
   ASSERT_NE(tokenizer, nullptr);
   // "hello" | " world": h e l l o → h e ll o (rank 0) → he ll o (1) → hell o (2) → hello (3);
   // Ġ w o r l d → Ġw (4) → or (5) → Ġwor (6) → ld (7) → Ġworld (8).
-  EXPECT_THAT(tokenizer->EncodeWithoutBos("hello world"), ElementsAre(259, 264));
+  EXPECT_THAT(*tokenizer->EncodeWithoutBos("hello world"), ElementsAre(259, 264));
   // Equal ranks merge leftmost first: l l l → ll l.
-  EXPECT_THAT(tokenizer->EncodeWithoutBos("lll"), ElementsAre(256, 'l'));
+  EXPECT_THAT(*tokenizer->EncodeWithoutBos("lll"), ElementsAre(256, 'l'));
   // No merges apply across pre-tokenizer pieces: Qwen's pattern isolates every digit, so "34"
   // stays two tokens, while inside one piece the merge "3 4" would apply.
-  EXPECT_THAT(tokenizer->EncodeWithoutBos("1345"), ElementsAre('1', '3', '4', '5'));
+  EXPECT_THAT(*tokenizer->EncodeWithoutBos("1345"), ElementsAre('1', '3', '4', '5'));
   // No bos unless asked for: Qwen's tokenizer_config has none.
   EXPECT_EQ(tokenizer->bos_token_id(), std::nullopt);
-  EXPECT_THAT(tokenizer->Encode("hello"), ElementsAre(259));
+  EXPECT_THAT(*tokenizer->Encode("hello"), ElementsAre(259));
 }
 
 TEST(BpeTokenizer, ByteLevelRegexAndPrefixSpace) {
@@ -118,9 +120,9 @@ TEST(BpeTokenizer, ByteLevelRegexAndPrefixSpace) {
   auto tokenizer =
       Make(TokenizerJson({{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", true}}));
   ASSERT_NE(tokenizer, nullptr);
-  EXPECT_THAT(tokenizer->EncodeWithoutBos("1345"), ElementsAre(' ', '1', 265, '5'));
+  EXPECT_THAT(*tokenizer->EncodeWithoutBos("1345"), ElementsAre(' ', '1', 265, '5'));
   // The prefix space makes "world" at the start encode like " world".
-  EXPECT_THAT(tokenizer->EncodeWithoutBos("world"), ElementsAre(264));
+  EXPECT_THAT(*tokenizer->EncodeWithoutBos("world"), ElementsAre(264));
 }
 
 TEST(BpeTokenizer, DeepSeekV3StylePreTokenizer) {
@@ -141,16 +143,16 @@ TEST(BpeTokenizer, DeepSeekV3StylePreTokenizer) {
   auto tokenizer = Make(TokenizerJson(pre));
   ASSERT_NE(tokenizer, nullptr);
   // "12345" → "123" | "45": the 3 and the 4 are in different pieces, so "3 4" does not merge.
-  EXPECT_THAT(tokenizer->EncodeWithoutBos("12345"), ElementsAre('1', '2', '3', '4', '5'));
+  EXPECT_THAT(*tokenizer->EncodeWithoutBos("12345"), ElementsAre('1', '2', '3', '4', '5'));
   // "234": one piece, "3 4" merges.
-  EXPECT_THAT(tokenizer->EncodeWithoutBos("234"), ElementsAre('2', 265));
-  EXPECT_THAT(tokenizer->EncodeWithoutBos("hello world"), ElementsAre(259, 264));
+  EXPECT_THAT(*tokenizer->EncodeWithoutBos("234"), ElementsAre('2', 265));
+  EXPECT_THAT(*tokenizer->EncodeWithoutBos("hello world"), ElementsAre(259, 264));
 }
 
 TEST(BpeTokenizer, AddedTokensAreCutOutFirstAndSpecialOnesDecodeToNothing) {
   auto tokenizer = Make(TokenizerJson(QwenPreTokenizer()));
   ASSERT_NE(tokenizer, nullptr);
-  EXPECT_THAT(tokenizer->EncodeWithoutBos("<|user|>hello[sep] world"),
+  EXPECT_THAT(*tokenizer->EncodeWithoutBos("<|user|>hello[sep] world"),
               ElementsAre(271, 259, 272, 264));
   EXPECT_EQ(tokenizer->TokenBytes(271), "");
   EXPECT_EQ(tokenizer->TokenBytes(272), "[sep]");
@@ -162,11 +164,13 @@ TEST(BpeTokenizer, NfcNormalizationAndByteRoundTrip) {
   auto tokenizer = Make(TokenizerJson(QwenPreTokenizer()));
   ASSERT_NE(tokenizer, nullptr);
   // "e" + U+0301 (combining acute) is "é" (U+00E9, bytes C3 A9) after NFC.
-  EXPECT_THAT(tokenizer->EncodeWithoutBos("e\xCC\x81"), ElementsAre(0xC3, 0xA9));
+  EXPECT_THAT(*tokenizer->EncodeWithoutBos("e\xCC\x81"), ElementsAre(0xC3, 0xA9));
   // Decoding gives back the bytes of (already normalized) text, whatever its script.
   const std::string text = "héllo wörld\n\t  日本語 🙂 it's 2024!! ";
   std::string decoded;
-  for (int32_t id : tokenizer->EncodeWithoutBos(text)) decoded += tokenizer->TokenBytes(id);
+  const absl::StatusOr<std::vector<int32_t>> ids = tokenizer->EncodeWithoutBos(text);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  for (int32_t id : *ids) decoded += tokenizer->TokenBytes(id);
   EXPECT_EQ(decoded, text);
 }
 
@@ -174,9 +178,9 @@ TEST(BpeTokenizer, BeginningOfSequenceFromTokenizerConfigOrTemplate) {
   const nlohmann::json json = TokenizerJson(QwenPreTokenizer());
   auto from_config = Make(json, {{"add_bos_token", true}, {"bos_token", {{"content", "<|bos|>"}}}});
   ASSERT_NE(from_config, nullptr);
-  EXPECT_THAT(from_config->Encode("hello"), ElementsAre(270, 259));
+  EXPECT_THAT(*from_config->Encode("hello"), ElementsAre(270, 259));
   auto disabled = Make(json, {{"add_bos_token", false}, {"bos_token", "<|bos|>"}});
-  EXPECT_THAT(disabled->Encode("hello"), ElementsAre(259));
+  EXPECT_THAT(*disabled->Encode("hello"), ElementsAre(259));
 
   nlohmann::json templated = json;
   templated["post_processor"] = {
@@ -188,7 +192,7 @@ TEST(BpeTokenizer, BeginningOfSequenceFromTokenizerConfigOrTemplate) {
        {{"<|bos|>", {{"id", "<|bos|>"}, {"ids", {270}}, {"tokens", {"<|bos|>"}}}}}}};
   auto from_template = Make(templated);
   ASSERT_NE(from_template, nullptr);
-  EXPECT_THAT(from_template->Encode("hello"), ElementsAre(270, 259));
+  EXPECT_THAT(*from_template->Encode("hello"), ElementsAre(270, 259));
 }
 
 TEST(BpeTokenizer, MergesAsPairs) {
@@ -201,7 +205,7 @@ TEST(BpeTokenizer, MergesAsPairs) {
   json["model"]["merges"] = pairs;  // the newer [["a", "b"], ...] spelling
   auto tokenizer = Make(json);
   ASSERT_NE(tokenizer, nullptr);
-  EXPECT_THAT(tokenizer->EncodeWithoutBos("hello world"), ElementsAre(259, 264));
+  EXPECT_THAT(*tokenizer->EncodeWithoutBos("hello world"), ElementsAre(259, 264));
 }
 
 absl::Status CreateError(const nlohmann::json& json) {
@@ -240,6 +244,93 @@ TEST(BpeTokenizer, RefusesWhatItCannotEncodeFaithfully) {
   EXPECT_THAT(CreateError(nlohmann::json::array()).message(), HasSubstr("JSON object"));
 }
 
+TEST(BpeTokenizer, WronglyTypedOptionalFieldsAreRefusedNamingTheField) {
+  // Each of these used to end the process with an uncaught exception.
+  const nlohmann::json good = TokenizerJson(QwenPreTokenizer());
+  const struct {
+    const char* what;
+    std::function<void(nlohmann::json&)> change;
+    const char* message;
+  } cases[] = {
+      {"byte_fallback", [](nlohmann::json& j) { j["model"]["byte_fallback"] = "no"; },
+       "model `byte_fallback` must be true or false, got \"no\""},
+      {"ignore_merges", [](nlohmann::json& j) { j["model"]["ignore_merges"] = 1; },
+       "`ignore_merges` must be true or false"},
+      {"special", [](nlohmann::json& j) { j["added_tokens"][0]["special"] = "yes"; },
+       "added token `special`"},
+      {"add_prefix_space",
+       [](nlohmann::json& j) { j["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"] = 0; },
+       "ByteLevel `add_prefix_space`"},
+      {"use_regex",
+       [](nlohmann::json& j) { j["pre_tokenizer"]["pretokenizers"][1]["use_regex"] = "false"; },
+       "ByteLevel `use_regex`"},
+      {"behavior",
+       [](nlohmann::json& j) { j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = 3; },
+       "Split `behavior` must be a string"},
+      {"invert",
+       [](nlohmann::json& j) { j["pre_tokenizer"]["pretokenizers"][0]["invert"] = nullptr; },
+       ""},  // null is the same as absent
+      {"individual_digits",
+       [](nlohmann::json& j) {
+         j["pre_tokenizer"]["pretokenizers"][0] = {{"type", "Digits"}, {"individual_digits", "1"}};
+       },
+       "Digits `individual_digits`"},
+      {"post_processor",
+       [](nlohmann::json& j) {
+         j["post_processor"] = {{"type", "TemplateProcessing"},
+                                {"single", {{{"SpecialToken", {{"id", 7}}}}}},
+                                {"special_tokens", "none"}};
+       },
+       "SpecialToken `id` must be a string"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.what);
+    nlohmann::json json = good;
+    c.change(json);
+    absl::StatusOr<std::unique_ptr<BpeTokenizer>> tokenizer =
+        BpeTokenizer::Create(json, nlohmann::json::object(), Config());
+    if (std::string(c.message).empty()) {
+      EXPECT_TRUE(tokenizer.ok()) << tokenizer.status();
+      continue;
+    }
+    ASSERT_FALSE(tokenizer.ok());
+    EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(tokenizer.status().message(), HasSubstr(c.message));
+  }
+}
+
+TEST(BpeTokenizer, ABacktrackingPreTokenizerRegexIsBoundedPerText) {
+  // `(a+)+$` backtracks exponentially on "aaa…ab": unbounded, one request of 40 bytes would
+  // take longer than the universe has existed.
+  nlohmann::json json = TokenizerJson(QwenPreTokenizer());
+  json["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(a+)+$";
+  auto tokenizer = Make(json);
+  ASSERT_NE(tokenizer, nullptr);
+  const absl::StatusOr<std::vector<int32_t>> ids = tokenizer->Encode(std::string(40, 'a') + "b");
+  ASSERT_FALSE(ids.ok());
+  EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(ids.status().message(), HasSubstr("more work to tokenize than the server allows"));
+  // The same tokenizer still encodes texts its regex handles without backtracking.
+  EXPECT_TRUE(tokenizer->Encode("hello world").ok());
+}
+
+TEST(BpeTokenizer, LongOrdinaryTextsStayWithinTheRegexBound) {
+  // Qwen's and GPT-2's patterns on a megabyte of mixed text: the bound is far above what they
+  // need, so no ordinary request is refused.
+  std::string text;
+  for (int i = 0; text.size() < (1 << 20); ++i) {
+    text += absl::StrCat("Hello, world! It's 2024-05-", i % 31, "; naïve café \t\n  ", i, " ");
+  }
+  auto qwen = Make(TokenizerJson(QwenPreTokenizer()));
+  ASSERT_NE(qwen, nullptr);
+  const absl::StatusOr<std::vector<int32_t>> qwen_ids = qwen->Encode(text);
+  EXPECT_TRUE(qwen_ids.ok()) << qwen_ids.status();
+  auto gpt2 = Make(TokenizerJson({{"type", "ByteLevel"}, {"use_regex", true}}));
+  ASSERT_NE(gpt2, nullptr);
+  const absl::StatusOr<std::vector<int32_t>> gpt2_ids = gpt2->Encode(text);
+  EXPECT_TRUE(gpt2_ids.ok()) << gpt2_ids.status();
+}
+
 TEST(BpeTokenizer, LoadModelReadsTokenizerJsonBesideTheWeights) {
   nlohmann::json config = testing::SmallQwen3MoeJson();
   config["vocab_size"] = 300;
@@ -251,7 +342,7 @@ TEST(BpeTokenizer, LoadModelReadsTokenizerJsonBesideTheWeights) {
   absl::StatusOr<LoadedModel> loaded = LoadModel(folder.string());
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   ASSERT_NE(loaded->tokenizer, nullptr);
-  EXPECT_THAT(loaded->tokenizer->Encode("hello world"), ElementsAre(259, 264));
+  EXPECT_THAT(*loaded->tokenizer->Encode("hello world"), ElementsAre(259, 264));
 
   testing::WriteText(folder / "tokenizer.json", "{broken");
   absl::StatusOr<LoadedModel> broken = LoadModel(folder.string());
