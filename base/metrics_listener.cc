@@ -1,25 +1,114 @@
 #include "base/metrics_listener.h"
 
+#include <sys/socket.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "httplib.h"
+#include "prometheus/text_serializer.h"
 
 namespace moeserve::base {
+namespace {
 
-absl::StatusOr<std::unique_ptr<prometheus::Exposer>> StartMetricsListener(const std::string& host,
-                                                                          int port) {
-  const std::string address = absl::StrCat(host, ":", port);
-  try {
-    return std::make_unique<prometheus::Exposer>(address);
-  } catch (const std::exception& error) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot serve metrics on ", address, " (address in use or not available): ", error.what()));
+class HttpMetricsListener : public MetricsListener {
+ public:
+  HttpMetricsListener() {
+    // Scrapes are rare and small: two threads serve them (a second scraper, or a slow one,
+    // does not stall the first).
+    server_.new_task_queue = [] { return new httplib::ThreadPool(2); };
+    server_.set_socket_options([](socket_t socket) {
+      int yes = 1;
+      setsockopt(socket, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    });
+    server_.set_read_timeout(10, 0);
+    server_.set_write_timeout(10, 0);
+    server_.Get("/metrics", [this](const httplib::Request&, httplib::Response& response) {
+      response.set_content(Serialize(), "text/plain; version=0.0.4; charset=utf-8");
+    });
+    server_.Get("/", [](const httplib::Request&, httplib::Response& response) {
+      response.set_content("moeserve metrics: GET /metrics\n", "text/plain");
+    });
   }
-}
 
-int BoundPort(const prometheus::Exposer& exposer) {
-  const std::vector<int> ports = exposer.GetListeningPorts();
-  return ports.empty() ? 0 : ports.front();
+  ~HttpMetricsListener() override {
+    if (!thread_.joinable()) return;
+    // cpp-httplib's stop() closes the listening socket only once the listener thread is inside
+    // listen; called earlier (a process that fails right after starting this) it does nothing
+    // and the join would wait in accept() forever. Repeat it until the listener has returned.
+    while (!listener_done_.load()) {
+      server_.stop();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    thread_.join();
+  }
+
+  absl::Status Listen(const std::string& host, int port) {
+    const std::string address = absl::StrCat(host, ":", port);
+    if (port == 0) {
+      port_ = server_.bind_to_any_port(host);
+    } else {
+      port_ = server_.bind_to_port(host, port) ? port : -1;
+    }
+    if (port_ <= 0) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot serve metrics on ", address, " (address in use or not available)"));
+    }
+    thread_ = std::thread([this] {
+      server_.listen_after_bind();
+      listener_done_.store(true);
+    });
+    return absl::OkStatus();
+  }
+
+  void RegisterCollectable(const std::weak_ptr<prometheus::Collectable>& collectable) override {
+    absl::MutexLock lock(&mutex_);
+    collectables_.push_back(collectable);
+  }
+
+  int port() const override { return port_; }
+
+ private:
+  std::string Serialize() {
+    std::vector<std::shared_ptr<prometheus::Collectable>> live;
+    {
+      absl::MutexLock lock(&mutex_);
+      std::erase_if(collectables_, [](const auto& weak) { return weak.expired(); });
+      for (const auto& weak : collectables_) {
+        if (std::shared_ptr<prometheus::Collectable> collectable = weak.lock()) {
+          live.push_back(std::move(collectable));
+        }
+      }
+    }
+    std::vector<prometheus::MetricFamily> families;
+    for (const auto& collectable : live) {
+      std::vector<prometheus::MetricFamily> collected = collectable->Collect();
+      families.insert(families.end(), std::make_move_iterator(collected.begin()),
+                      std::make_move_iterator(collected.end()));
+    }
+    return prometheus::TextSerializer().Serialize(families);
+  }
+
+  httplib::Server server_;
+  std::thread thread_;
+  std::atomic<bool> listener_done_{false};
+  int port_ = -1;
+  absl::Mutex mutex_;
+  std::vector<std::weak_ptr<prometheus::Collectable>> collectables_ ABSL_GUARDED_BY(mutex_);
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<MetricsListener>> MetricsListener::Start(const std::string& host,
+                                                                        int port) {
+  auto listener = std::make_unique<HttpMetricsListener>();
+  if (absl::Status status = listener->Listen(host, port); !status.ok()) return status;
+  return listener;
 }
 
 }  // namespace moeserve::base

@@ -1,26 +1,36 @@
-// The Prometheus /metrics listener of moeserve's processes (the server and the EPLB
-// controller): a prometheus-cpp exposer bound to the address its flags name.
+// The Prometheus /metrics listener of moeserve's processes (the server, the rank processes and
+// the EPLB controller): an HTTP endpoint that serializes the registries handed to it in the text
+// exposition format on every scrape.
 //
-// prometheus-cpp reports a port in use by throwing; StartMetricsListener turns that into a
-// status with a message, so no process aborts on it. Plain HTTP only: the civetweb that
-// prometheus-cpp embeds on Debian 12 loads OpenSSL 1.1 functions by name and calls a null
-// pointer under OpenSSL 3 on the first HTTPS connection, so /metrics binds a private address
-// (loopback, the pod network) instead. The exposer is thread-safe.
+// Why not prometheus-cpp's own exposer: it embeds civetweb, whose worker threads get a fixed
+// 100 KiB stack, and glibc carves every thread's static TLS (OpenBLAS alone takes 60 KiB) out of
+// that stack, so a scrape overflowed it and killed the process. cpp-httplib's threads have the
+// default stack. Plain HTTP only: /metrics binds a private address (loopback, the pod network).
+// SO_REUSEPORT is off, so a second process cannot bind a taken port and split its scrapes.
+//
+// Thread-safe: RegisterCollectable may be called while scrapes are served; destruction stops the
+// listener and waits for the scrape in progress.
 #pragma once
 
 #include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "prometheus/exposer.h"
+#include "prometheus/collectable.h"
 
 namespace moeserve::base {
 
-// UNAVAILABLE naming the address when it cannot be bound. Port 0 picks a free port (BoundPort).
-absl::StatusOr<std::unique_ptr<prometheus::Exposer>> StartMetricsListener(const std::string& host,
-                                                                          int port);
+class MetricsListener {
+ public:
+  // Listens on host:port (port 0 picks a free one); UNAVAILABLE naming the address when it
+  // cannot be bound.
+  static absl::StatusOr<std::unique_ptr<MetricsListener>> Start(const std::string& host, int port);
+  virtual ~MetricsListener() = default;
 
-// The port the exposer listens on (useful after port 0).
-int BoundPort(const prometheus::Exposer& exposer);
+  // Adds a registry to what /metrics shows; it is dropped once it expires.
+  virtual void RegisterCollectable(const std::weak_ptr<prometheus::Collectable>& collectable) = 0;
+  // The port listened on (the chosen one after port 0).
+  virtual int port() const = 0;
+};
 
 }  // namespace moeserve::base

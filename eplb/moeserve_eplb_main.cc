@@ -24,7 +24,6 @@
 #include "base/tls_files.h"
 #include "eplb/controller.h"
 #include "eplb/rebalance_tool.h"
-#include "prometheus/exposer.h"
 
 namespace {
 
@@ -302,16 +301,16 @@ int RunController(ControllerArguments& arguments) {
     return kExitIoError;
   }
   auto registry = std::make_shared<prometheus::Registry>();
-  std::unique_ptr<prometheus::Exposer> exposer;
+  std::unique_ptr<moeserve::base::MetricsListener> metrics;
   if (arguments.metrics_port >= 0) {
-    absl::StatusOr<std::unique_ptr<prometheus::Exposer>> started =
-        moeserve::base::StartMetricsListener(arguments.metrics_host, arguments.metrics_port);
+    absl::StatusOr<std::unique_ptr<moeserve::base::MetricsListener>> started =
+        moeserve::base::MetricsListener::Start(arguments.metrics_host, arguments.metrics_port);
     if (!started.ok()) {
       std::cerr << "moeserve-eplb controller: " << started.status().message() << "\n";
       return kExitIoError;
     }
-    exposer = *std::move(started);
-    exposer->RegisterCollectable(registry);
+    metrics = *std::move(started);
+    metrics->RegisterCollectable(registry);
   }
   auto load_source =
       moeserve::eplb::MakePrometheusLoadSource(arguments.prometheus_url, arguments.prometheus_tls);

@@ -9,10 +9,10 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "base/metrics_listener.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
-#include "prometheus/exposer.h"
 #include "prometheus/registry.h"
 #include "server/admin_service.h"
 #include "server/admin_token.h"
@@ -54,20 +54,18 @@ int RunRank(const RankOptions& options) {
   }
 
   auto registry = std::make_shared<prometheus::Registry>();
-  std::unique_ptr<prometheus::Exposer> exposer;
+  std::unique_ptr<base::MetricsListener> metrics;
   int metrics_port = -1;
   if (options.metrics_port >= 0) {
-    try {
-      exposer = std::make_unique<prometheus::Exposer>(
-          absl::StrCat(options.host, ":", options.metrics_port));
-    } catch (const std::exception& e) {
-      std::cerr << "moeserve rank: cannot serve metrics on " << options.host << ":"
-                << options.metrics_port << ": " << e.what() << "\n";
+    absl::StatusOr<std::unique_ptr<base::MetricsListener>> started =
+        base::MetricsListener::Start(options.host, options.metrics_port);
+    if (!started.ok()) {
+      std::cerr << "moeserve rank: " << started.status().message() << "\n";
       return 1;
     }
-    exposer->RegisterCollectable(registry);
-    const auto ports = exposer->GetListeningPorts();
-    metrics_port = ports.empty() ? 0 : ports.front();
+    metrics = *std::move(started);
+    metrics->RegisterCollectable(registry);
+    metrics_port = metrics->port();
   }
 
   // The worker API listens from the start (UNAVAILABLE until the engine is up); rank 0 also

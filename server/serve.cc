@@ -176,16 +176,16 @@ int RunServe(const ServeOptions& options) {
   }
 
   auto registry = std::make_shared<prometheus::Registry>();
-  std::unique_ptr<prometheus::Exposer> exposer;
+  std::unique_ptr<base::MetricsListener> metrics;
   std::string metrics_address = "disabled";
   if (options.metrics_port >= 0) {
     const std::string host = options.metrics_host.empty() ? options.host : options.metrics_host;
-    absl::StatusOr<std::unique_ptr<prometheus::Exposer>> started =
-        base::StartMetricsListener(host, options.metrics_port);
+    absl::StatusOr<std::unique_ptr<base::MetricsListener>> started =
+        base::MetricsListener::Start(host, options.metrics_port);
     if (!started.ok()) return Fail(started.status().message());
-    exposer = *std::move(started);
-    exposer->RegisterCollectable(registry);
-    metrics_address = absl::StrCat(host, ":", base::BoundPort(*exposer));
+    metrics = *std::move(started);
+    metrics->RegisterCollectable(registry);
+    metrics_address = absl::StrCat(host, ":", metrics->port());
   }
 
   absl::StatusOr<AdminPlan> admin_plan = PlanAdmin(options);
