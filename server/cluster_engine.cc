@@ -227,6 +227,9 @@ absl::Status ClusterEngine::Start() {
     if (group->name != "prefill") layout_.decode_ep = size;
     layout_.groups.push_back(group->name);
   }
+  // Once more now that the model is known, so that the first Stats() (the ready line) counts
+  // the groups' KV blocks.
+  for (const auto& group : groups_) Poll(*group);
   poller_ = std::thread([this] { PollLoop(); });
   watcher_ = std::thread([this] { WatchCancellations(); });
   return absl::OkStatus();

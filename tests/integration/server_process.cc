@@ -18,7 +18,7 @@
 
 namespace moeserve::testing {
 
-ChildProcess::ChildProcess(std::vector<std::string> args) {
+ChildProcess::ChildProcess(std::vector<std::string> args, std::vector<std::string> environment) {
   int pipe_fds[2];
   if (pipe(pipe_fds) != 0) {
     ADD_FAILURE() << "pipe failed";
@@ -30,6 +30,7 @@ ChildProcess::ChildProcess(std::vector<std::string> args) {
   args.insert(args.begin(), binary != nullptr ? binary : MOESERVE_BINARY);
   pid_ = fork();
   if (pid_ == 0) {
+    for (std::string& variable : environment) putenv(variable.data());
     dup2(pipe_fds[1], STDOUT_FILENO);
     dup2(pipe_fds[1], STDERR_FILENO);
     close(pipe_fds[0]);
@@ -175,8 +176,7 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
     port_ = std::stoi(ready[1]);
     metrics_port_ = !ready[2].empty() ? std::stoi(ready[2]) : -1;
     http_port_ = !ready[3].empty() ? std::stoi(ready[3]) : -1;
-    const std::vector<std::string> admin =
-        process_.WaitForOutput(R"(, admin [0-9.]+:(\d+)\))", 0);
+    const std::vector<std::string> admin = process_.WaitForOutput(R"(, admin [0-9.]+:(\d+)\))", 0);
     if (!admin.empty()) admin_port_ = std::stoi(admin[1]);
     return;
   }

@@ -21,8 +21,9 @@ namespace moeserve::testing {
 // captured; killed (SIGTERM, then SIGKILL after 30 s) when destroyed.
 class ChildProcess {
  public:
-  // `args` follow the binary (MOESERVE_BINARY, or the build's).
-  explicit ChildProcess(std::vector<std::string> args);
+  // `args` follow the binary (MOESERVE_BINARY, or the build's); `environment` (NAME=VALUE)
+  // is added to the child's.
+  explicit ChildProcess(std::vector<std::string> args, std::vector<std::string> environment = {});
   ~ChildProcess();
   ChildProcess(const ChildProcess&) = delete;
   ChildProcess& operator=(const ChildProcess&) = delete;

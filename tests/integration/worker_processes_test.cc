@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <memory>
 #include <random>
@@ -136,11 +137,15 @@ std::vector<pid_t> Children(pid_t parent) {
 // the first node's first rank being the leader.
 class NodeGroup {
  public:
-  NodeGroup(std::string group, int nodes, int ranks_per_node, std::vector<std::string> rank_args)
+  // With `nccl_host_per_node`, each node's processes get an NCCL_HOSTID of their own, so that
+  // NCCL treats the nodes as separate hosts even on one machine (and one GPU).
+  NodeGroup(std::string group, int nodes, int ranks_per_node, std::vector<std::string> rank_args,
+            bool nccl_host_per_node = false)
       : group_(std::move(group)),
         nodes_(nodes),
         ranks_per_node_(ranks_per_node),
-        rank_args_(std::move(rank_args)) {
+        rank_args_(std::move(rank_args)),
+        nccl_host_per_node_(nccl_host_per_node) {
     for (int node = 0; node < nodes_; ++node) base_ports_.push_back(FreePorts(ranks_per_node_));
     Start();
   }
@@ -166,7 +171,11 @@ class NodeGroup {
                                        "--join-timeout-seconds",
                                        "60"};
       args.insert(args.end(), rank_args_.begin(), rank_args_.end());
-      processes_.push_back(std::make_unique<ChildProcess>(args));
+      std::vector<std::string> environment;
+      if (nccl_host_per_node_) {
+        environment.push_back("NCCL_HOSTID=moeserve-test-node-" + std::to_string(node));
+      }
+      processes_.push_back(std::make_unique<ChildProcess>(args, environment));
     }
   }
   std::string leader() const { return Address(base_ports_.front()); }
@@ -196,6 +205,7 @@ class NodeGroup {
   int nodes_;
   int ranks_per_node_;
   std::vector<std::string> rank_args_;
+  bool nccl_host_per_node_;
   std::vector<int> base_ports_;
   std::vector<std::unique_ptr<ChildProcess>> processes_;
 };
@@ -348,6 +358,47 @@ TEST(WorkerProcesses, KilledRankFailsItsGroupUntilItReforms) {
     epochs.insert((*it)[1]);
   }
   EXPECT_EQ(epochs.size(), 2u) << log;
+}
+
+// GPU ranks as processes, on one GPU: two "nodes" of one rank each, which NCCL treats as two
+// hosts (their own NCCL_HOSTID, sockets over loopback), serve the tokens one GPU process serves,
+// and a killed rank fails the group cleanly. Runs where MOESERVE_TEST_CUDA_RANK_PROCESSES=1 (a
+// GPU host, with the NCCL socket settings in the environment); skipped elsewhere.
+TEST(WorkerProcesses, GpuRanksOnOneGpuServeWhatOneGpuProcessServes) {
+  const char* enabled = std::getenv("MOESERVE_TEST_CUDA_RANK_PROCESSES");
+  if (enabled == nullptr || std::string(enabled) != "1") {
+    GTEST_SKIP() << "set MOESERVE_TEST_CUDA_RANK_PROCESSES=1 on a GPU host";
+  }
+  const std::vector<std::string> gpu = {"--device", "cuda", "--kv-cache-mib", "256"};
+  std::vector<std::string> rank_args = gpu;
+  rank_args.insert(rank_args.end(), {"--cuda-device", "0", "--collective-timeout-seconds", "10"});
+  NodeGroup group("mixed", 2, 1, rank_args, /*nccl_host_per_node=*/true);
+  ASSERT_TRUE(group.WaitServing(120));
+  ServerProcess frontend({"--group", "mixed=" + group.leader(), "--poll-interval-seconds", "0.1"},
+                         true, true, "frontend");
+  ASSERT_TRUE(frontend.ok());
+  ASSERT_TRUE(WaitForHealth(frontend, "", kServing, 30));
+  auto lengths = [](int i) { return static_cast<uint32_t>(24 + i % 4); };
+  const std::vector<std::vector<uint32_t>> cluster = ConcurrentGreedy(frontend, 6, lengths);
+  const std::vector<uint32_t> cluster_sampled = SampledTokens(frontend);
+  {
+    std::vector<std::string> one_args = gpu;
+    one_args.insert(one_args.end(), {"--ep", "1"});
+    ServerProcess one(one_args);
+    ASSERT_TRUE(one.ok());
+    EXPECT_EQ(cluster, ConcurrentGreedy(one, 6, lengths));
+    EXPECT_EQ(cluster_sampled, SampledTokens(one));
+  }
+
+  const std::vector<pid_t> ranks = Children(group.node(1).pid());
+  ASSERT_EQ(ranks.size(), 1u);
+  kill(ranks.front(), SIGKILL);
+  EXPECT_TRUE(WaitForHealth(frontend, "moeserve.v1.Generation/mixed", kNotServing, 15));
+  auto stub = v1::Generation::NewStub(frontend.channel());
+  grpc::Status refused;
+  GreedyTokens(*stub, "while down", 4, &refused);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(group.node(0).WaitForExit(30), 3) << group.node(0).output();
 }
 
 // A rank whose peers never come, or whose leader never answers, gives up with a message naming
