@@ -49,6 +49,16 @@ bool Answers(Child& child, std::chrono::milliseconds deadline) {
   return child.health->Check(&context, {}, &response).ok();
 }
 
+// Whether `pid` exits within `timeout` (its wait status in `status`).
+bool ExitsWithin(pid_t pid, std::chrono::milliseconds timeout, int* status) {
+  const auto give_up = Clock::now() + timeout;
+  while (Clock::now() < give_up) {
+    if (waitpid(pid, status, WNOHANG) == pid) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
 std::string ExitDescription(int status) {
   if (WIFEXITED(status)) return absl::StrCat("exited with code ", WEXITSTATUS(status));
   if (WIFSIGNALED(status)) return absl::StrCat("was killed by signal ", WTERMSIG(status));
@@ -164,8 +174,18 @@ int RunNode(const NodeOptions& options) {
         child.misses = 0;
       } else if (child.answered || Clock::now() > first_answer_deadline) {
         if (++child.misses >= options.health_misses) {
-          reason = absl::StrCat("rank ", child.rank, " stopped answering its health check");
-          exit_code = 1;
+          // A rank whose group failed stops answering while it tears down (freeing a GPU
+          // takes a while) and then exits 3: report that exit rather than a wedged rank.
+          int status = 0;
+          if (ExitsWithin(child.pid, std::chrono::seconds(5), &status)) {
+            child.running = false;
+            child.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+            reason = absl::StrCat("rank ", child.rank, " ", ExitDescription(status));
+            exit_code = child.exit_code != 0 ? child.exit_code : 1;
+          } else {
+            reason = absl::StrCat("rank ", child.rank, " stopped answering its health check");
+            exit_code = 1;
+          }
           break;
         }
       }

@@ -121,8 +121,9 @@ int RunRank(const RankOptions& options) {
     return 1;
   }
   std::cout << "moeserve rank: " << name << " of " << options.group_size << " listening on " << self
-            << " (metrics on " << options.host << ":" << metrics_port << ", leader " << leader
-            << ")" << std::endl;
+            << " (metrics "
+            << (metrics_port >= 0 ? absl::StrCat("on ", options.host, ":", metrics_port) : "off")
+            << ", leader " << leader << ")" << std::endl;
 
   const auto join_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(options.join_timeout_seconds * 1000));

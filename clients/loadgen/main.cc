@@ -347,11 +347,20 @@ int main(int argc, char** argv) {
   }
   moeserve::v1::ModelInfo info;
   {
-    grpc::ClientContext context;
+    // The server listens before its model is loaded (UNAVAILABLE until then): wait for it
+    // within the same connect timeout.
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(connect_timeout);
     auto stub = moeserve::v1::Generation::NewStub(channel);
-    if (auto status = stub->GetModelInfo(&context, {}, &info); !status.ok()) {
-      std::cerr << "moeserve-loadgen: GetModelInfo: " << status.error_message() << "\n";
-      return 1;
+    while (true) {
+      grpc::ClientContext context;
+      const grpc::Status status = stub->GetModelInfo(&context, {}, &info);
+      if (status.ok()) break;
+      if (status.error_code() != grpc::StatusCode::UNAVAILABLE ||
+          std::chrono::steady_clock::now() > give_up) {
+        std::cerr << "moeserve-loadgen: GetModelInfo: " << status.error_message() << "\n";
+        return 1;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
     }
   }
   // Any id below the vocabulary size is a valid prompt token.
