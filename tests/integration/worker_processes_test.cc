@@ -360,35 +360,49 @@ TEST(WorkerProcesses, KilledRankFailsItsGroupUntilItReforms) {
   EXPECT_EQ(epochs.size(), 2u) << log;
 }
 
+// The GPU tests run where MOESERVE_TEST_CUDA_RANK_PROCESSES=1 (a GPU host, with the NCCL
+// socket settings in the environment).
+bool CudaRankProcessesEnabled() {
+  const char* enabled = std::getenv("MOESERVE_TEST_CUDA_RANK_PROCESSES");
+  return enabled != nullptr && std::string(enabled) == "1";
+}
+
+const std::vector<std::string> kGpuArgs = {"--device", "cuda", "--kv-cache-mib", "256"};
+
+// Rank flags for GPU rank processes that all share GPU 0.
+std::vector<std::string> GpuRankArgs(std::vector<std::string> more) {
+  std::vector<std::string> args = kGpuArgs;
+  args.insert(args.end(), {"--cuda-device", "0"});
+  args.insert(args.end(), more.begin(), more.end());
+  return args;
+}
+
+// The front end's greedy and seeded tokens equal those of one `serve --device cuda --ep 1`.
+void ExpectTokensOfOneGpuProcess(ServerProcess& frontend) {
+  auto lengths = [](int i) { return static_cast<uint32_t>(24 + i % 4); };
+  const std::vector<std::vector<uint32_t>> cluster = ConcurrentGreedy(frontend, 6, lengths);
+  const std::vector<uint32_t> cluster_sampled = SampledTokens(frontend);
+  std::vector<std::string> one_args = kGpuArgs;
+  one_args.insert(one_args.end(), {"--ep", "1"});
+  ServerProcess one(one_args);
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(cluster, ConcurrentGreedy(one, 6, lengths));
+  EXPECT_EQ(cluster_sampled, SampledTokens(one));
+}
+
 // GPU ranks as processes, on one GPU: two "nodes" of one rank each, which NCCL treats as two
 // hosts (their own NCCL_HOSTID, sockets over loopback), serve the tokens one GPU process serves,
-// and a killed rank fails the group cleanly. Runs where MOESERVE_TEST_CUDA_RANK_PROCESSES=1 (a
-// GPU host, with the NCCL socket settings in the environment); skipped elsewhere.
+// and a killed rank fails the group cleanly.
 TEST(WorkerProcesses, GpuRanksOnOneGpuServeWhatOneGpuProcessServes) {
-  const char* enabled = std::getenv("MOESERVE_TEST_CUDA_RANK_PROCESSES");
-  if (enabled == nullptr || std::string(enabled) != "1") {
-    GTEST_SKIP() << "set MOESERVE_TEST_CUDA_RANK_PROCESSES=1 on a GPU host";
-  }
-  const std::vector<std::string> gpu = {"--device", "cuda", "--kv-cache-mib", "256"};
-  std::vector<std::string> rank_args = gpu;
-  rank_args.insert(rank_args.end(), {"--cuda-device", "0", "--collective-timeout-seconds", "10"});
-  NodeGroup group("mixed", 2, 1, rank_args, /*nccl_host_per_node=*/true);
+  if (!CudaRankProcessesEnabled()) GTEST_SKIP() << "not a GPU host (see above)";
+  NodeGroup group("mixed", 2, 1, GpuRankArgs({"--collective-timeout-seconds", "10"}),
+                  /*nccl_host_per_node=*/true);
   ASSERT_TRUE(group.WaitServing(120));
   ServerProcess frontend({"--group", "mixed=" + group.leader(), "--poll-interval-seconds", "0.1"},
                          true, true, "frontend");
   ASSERT_TRUE(frontend.ok());
   ASSERT_TRUE(WaitForHealth(frontend, "", kServing, 30));
-  auto lengths = [](int i) { return static_cast<uint32_t>(24 + i % 4); };
-  const std::vector<std::vector<uint32_t>> cluster = ConcurrentGreedy(frontend, 6, lengths);
-  const std::vector<uint32_t> cluster_sampled = SampledTokens(frontend);
-  {
-    std::vector<std::string> one_args = gpu;
-    one_args.insert(one_args.end(), {"--ep", "1"});
-    ServerProcess one(one_args);
-    ASSERT_TRUE(one.ok());
-    EXPECT_EQ(cluster, ConcurrentGreedy(one, 6, lengths));
-    EXPECT_EQ(cluster_sampled, SampledTokens(one));
-  }
+  ExpectTokensOfOneGpuProcess(frontend);
 
   const std::vector<pid_t> ranks = Children(group.node(1).pid());
   ASSERT_EQ(ranks.size(), 1u);
@@ -399,6 +413,23 @@ TEST(WorkerProcesses, GpuRanksOnOneGpuServeWhatOneGpuProcessServes) {
   GreedyTokens(*stub, "while down", 4, &refused);
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_EQ(group.node(0).WaitForExit(30), 3) << group.node(0).output();
+}
+
+// GPU prefill and decode groups as processes (one rank each, on one GPU, as two NCCL hosts): the
+// prefilled sequence's KV rows leave the prefill GPU and enter the decode GPU through the
+// Worker API, and the tokens are those of one GPU process.
+TEST(WorkerProcesses, GpuPrefillHandsOffToGpuDecodeAcrossProcesses) {
+  if (!CudaRankProcessesEnabled()) GTEST_SKIP() << "not a GPU host (see above)";
+  NodeGroup prefill("prefill", 1, 1, GpuRankArgs({}), /*nccl_host_per_node=*/true);
+  NodeGroup decode("decode", 1, 1, GpuRankArgs({}), /*nccl_host_per_node=*/true);
+  ASSERT_TRUE(prefill.WaitServing(120));
+  ASSERT_TRUE(decode.WaitServing(120));
+  ServerProcess frontend({"--group", "prefill=" + prefill.leader(), "--group",
+                          "decode=" + decode.leader(), "--poll-interval-seconds", "0.1"},
+                         true, true, "frontend");
+  ASSERT_TRUE(frontend.ok());
+  ASSERT_TRUE(WaitForHealth(frontend, "", kServing, 30));
+  ExpectTokensOfOneGpuProcess(frontend);
 }
 
 // A rank whose peers never come, or whose leader never answers, gives up with a message naming
