@@ -4,12 +4,11 @@
 
 #include "server/request_conversion.h"
 #include "server/status_conversion.h"
+#include "server/stream_relay.h"
 #include "server/worker_conversion.h"
 
 namespace moeserve::server {
 namespace {
-
-constexpr auto kPollInterval = std::chrono::milliseconds(20);
 
 grpc::Status Unavailable() {
   return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading; retry shortly");
@@ -25,43 +24,26 @@ grpc::Status GenerationService::Generate(
   absl::StatusOr<std::shared_ptr<engine::RequestStream>> stream =
       engine->Submit(ToGenerationInput(*request));
   if (!stream.ok()) return ToGrpcStatus(stream.status());
-  while (true) {
-    std::optional<engine::GenerationOutput> output = (*stream)->Next(kPollInterval);
-    if (!output.has_value()) {
-      if (context->IsCancelled()) {
-        // Client cancellation or deadline: stop the work and free its KV blocks.
-        (*stream)->Cancel();
-        return grpc::Status(grpc::StatusCode::CANCELLED, "the request was cancelled");
-      }
-      continue;
-    }
-    if (!output->status.ok()) return ToGrpcStatus(output->status);
-    if (output->finish_reason == engine::FinishReason::kCancelled) {
-      return grpc::Status(grpc::StatusCode::CANCELLED, "the request was cancelled");
-    }
-    if (output->finish_reason == engine::FinishReason::kAborted) {
-      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                          "the server stopped before the request finished");
-    }
-    moeserve::v1::GenerateResponse response;
-    response.set_request_id((*stream)->request_id());
-    for (int32_t id : output->token_ids) response.add_token_ids(static_cast<uint32_t>(id));
-    response.set_text(std::move(output->text));
-    if (output->is_last()) {
-      response.set_finish_reason(ToFinishReasonProto(output->finish_reason));
-      auto* usage = response.mutable_usage();
-      usage->set_prompt_tokens(output->usage.prompt_tokens);
-      usage->set_completion_tokens(output->usage.completion_tokens);
-      usage->set_time_to_first_token_seconds(output->usage.time_to_first_token_seconds);
-      usage->set_total_seconds(output->usage.total_seconds);
-      usage->set_queue_seconds(output->usage.queue_seconds);
-    }
-    if (!writer->Write(response)) {
-      (*stream)->Cancel();
-      return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
-    }
-    if (output->is_last()) return grpc::Status::OK;
-  }
+  const std::string request_id = (*stream)->request_id();
+  return RelayStream(
+      context, **stream, writer,
+      [&request_id](engine::GenerationOutput& output) {
+        moeserve::v1::GenerateResponse response;
+        response.set_request_id(request_id);
+        for (int32_t id : output.token_ids) response.add_token_ids(static_cast<uint32_t>(id));
+        response.set_text(std::move(output.text));
+        if (output.is_last()) {
+          response.set_finish_reason(ToFinishReasonProto(output.finish_reason));
+          auto* usage = response.mutable_usage();
+          usage->set_prompt_tokens(output.usage.prompt_tokens);
+          usage->set_completion_tokens(output.usage.completion_tokens);
+          usage->set_time_to_first_token_seconds(output.usage.time_to_first_token_seconds);
+          usage->set_total_seconds(output.usage.total_seconds);
+          usage->set_queue_seconds(output.usage.queue_seconds);
+        }
+        return response;
+      },
+      "the server", "the client");
 }
 
 grpc::Status GenerationService::GetModelInfo(grpc::ServerContext*,

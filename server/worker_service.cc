@@ -5,12 +5,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/status_conversion.h"
+#include "server/stream_relay.h"
 #include "server/worker_conversion.h"
 
 namespace moeserve::server {
 namespace {
 
-constexpr auto kPollInterval = std::chrono::milliseconds(20);
 // How long a handed-over sequence waits for its front end's call before it is cancelled.
 constexpr absl::Duration kUnclaimedArrival = absl::Seconds(60);
 
@@ -46,34 +46,6 @@ WorkerService::~WorkerService() {
   for (auto& [id, arrival] : arrivals_) arrival.stream->Cancel();
 }
 
-grpc::Status WorkerService::Relay(
-    grpc::ServerContext* context, engine::RequestStream& stream,
-    grpc::ServerWriter<moeserve::v1::WorkerGenerateResponse>* writer) {
-  while (true) {
-    std::optional<engine::GenerationOutput> output = stream.Next(kPollInterval);
-    if (!output.has_value()) {
-      if (context->IsCancelled()) {
-        stream.Cancel();  // the front end gave up: stop the work and free the KV blocks
-        return grpc::Status(grpc::StatusCode::CANCELLED, "the request was cancelled");
-      }
-      continue;
-    }
-    if (!output->status.ok()) return ToGrpcStatus(output->status);
-    if (output->finish_reason == engine::FinishReason::kCancelled) {
-      return grpc::Status(grpc::StatusCode::CANCELLED, "the request was cancelled");
-    }
-    if (output->finish_reason == engine::FinishReason::kAborted) {
-      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                          "the rank stopped before the request finished");
-    }
-    if (!writer->Write(ToWorkerResponse(*output))) {
-      stream.Cancel();
-      return grpc::Status(grpc::StatusCode::CANCELLED, "the front end went away");
-    }
-    if (output->is_last()) return grpc::Status::OK;
-  }
-}
-
 grpc::Status WorkerService::Generate(
     grpc::ServerContext* context, const moeserve::v1::WorkerGenerateRequest* request,
     grpc::ServerWriter<moeserve::v1::WorkerGenerateResponse>* writer) {
@@ -82,7 +54,7 @@ grpc::Status WorkerService::Generate(
   absl::StatusOr<std::shared_ptr<engine::RequestStream>> stream =
       engine->Submit(FromWorkerRequest(*request));
   if (!stream.ok()) return ToGrpcStatus(stream.status());
-  return Relay(context, **stream, writer);
+  return RelayStream(context, **stream, writer, ToWorkerResponse, "the rank", "the front end");
 }
 
 grpc::Status WorkerService::Handoff(grpc::ServerContext*,
@@ -140,7 +112,7 @@ grpc::Status WorkerService::AwaitHandoff(
     return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                         "no sequence arrived from the prefill group in time");
   }
-  return Relay(context, *stream, writer);
+  return RelayStream(context, *stream, writer, ToWorkerResponse, "the rank", "the front end");
 }
 
 grpc::Status WorkerService::GetLoad(grpc::ServerContext*, const moeserve::v1::GetLoadRequest*,

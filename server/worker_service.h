@@ -59,8 +59,6 @@ class WorkerService final : public moeserve::v1::Worker::Service {
     std::shared_ptr<engine::RequestStream> stream;
     absl::Time arrived;
   };
-  grpc::Status Relay(grpc::ServerContext* context, engine::RequestStream& stream,
-                     grpc::ServerWriter<moeserve::v1::WorkerGenerateResponse>* writer);
   // Cancels arrivals nobody awaited (their front end went away).
   void ExpireArrivals() ABSL_EXCLUSIVE_LOCKS_REQUIRED(arrivals_mutex_);
 

@@ -23,18 +23,6 @@ using ::testing::HasSubstr;
 using Clock = std::chrono::steady_clock;
 using HealthStatus = grpc::health::v1::HealthCheckResponse::ServingStatus;
 
-HealthStatus Health(ServerProcess& server, const std::string& service) {
-  auto stub = grpc::health::v1::Health::NewStub(server.channel());
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  grpc::health::v1::HealthCheckRequest request;
-  request.set_service(service);
-  grpc::health::v1::HealthCheckResponse response;
-  grpc::Status status = stub->Check(&context, request, &response);
-  if (!status.ok()) return grpc::health::v1::HealthCheckResponse::SERVICE_UNKNOWN;
-  return response.status();
-}
-
 struct Outcome {
   grpc::Status status;
   int tokens = 0;
@@ -153,8 +141,7 @@ void ExpectGroupFailureIsVisible(ServerProcess& server, const std::string& group
 }
 
 TEST(GroupFailure, AFailedRankStepFailsItsGroupVisibly) {
-  ServerProcess server(
-      {"--ep", "2", "--min-step-ms", "20", "--inject-fault", "mixed:1:40"});
+  ServerProcess server({"--ep", "2", "--min-step-ms", "20", "--inject-fault", "mixed:1:40"});
   ExpectGroupFailureIsVisible(server, "mixed", {}, "rank 1: injected fault at step 40");
 }
 

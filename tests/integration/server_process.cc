@@ -231,6 +231,20 @@ std::vector<std::vector<uint32_t>> ConcurrentGreedy(
   return results;
 }
 
+grpc::health::v1::HealthCheckResponse::ServingStatus Health(ServerProcess& server,
+                                                            const std::string& service) {
+  auto stub = grpc::health::v1::Health::NewStub(server.channel());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  if (!stub->Check(&context, request, &response).ok()) {
+    return grpc::health::v1::HealthCheckResponse::SERVICE_UNKNOWN;
+  }
+  return response.status();
+}
+
 std::string ScrapeMetrics(int port) {
   std::string body;
   CURL* curl = curl_easy_init();

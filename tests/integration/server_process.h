@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "moeserve/v1/generation.grpc.pb.h"
 
@@ -104,6 +105,11 @@ std::vector<std::vector<uint32_t>> ConcurrentGreedy(ServerProcess& server, int c
                                                     const std::function<uint32_t(int)>& max_tokens);
 
 // GET http://127.0.0.1:port/metrics; empty on failure.
+// The server's grpc.health.v1 status for `service` ("" for the whole server); SERVICE_UNKNOWN
+// when the check itself fails.
+grpc::health::v1::HealthCheckResponse::ServingStatus Health(ServerProcess& server,
+                                                            const std::string& service);
+
 std::string ScrapeMetrics(int port);
 // The value of the first sample whose line starts with `series` (e.g. `moeserve_running_requests`
 // or `moeserve_requests_total{status="length"}`); -1 when absent.

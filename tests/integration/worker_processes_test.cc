@@ -67,19 +67,6 @@ std::string WriteTokenFile() {
   return path;
 }
 
-HealthStatus Health(ServerProcess& server, const std::string& service) {
-  auto stub = grpc::health::v1::Health::NewStub(server.channel());
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  grpc::health::v1::HealthCheckRequest request;
-  request.set_service(service);
-  grpc::health::v1::HealthCheckResponse response;
-  if (!stub->Check(&context, request, &response).ok()) {
-    return grpc::health::v1::HealthCheckResponse::SERVICE_UNKNOWN;
-  }
-  return response.status();
-}
-
 // Waits until `service` reports `wanted`; false after `seconds`.
 bool WaitForHealth(ServerProcess& server, const std::string& service, HealthStatus wanted,
                    double seconds) {
