@@ -8,6 +8,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "grpcpp/grpcpp.h"
 #include "moeserve/v1/admin.grpc.pb.h"
@@ -227,9 +228,24 @@ absl::Status ClusterEngine::Start() {
     if (group->name != "prefill") layout_.decode_ep = size;
     layout_.groups.push_back(group->name);
   }
-  // Once more now that the model is known, so that the first Stats() (the ready line) counts
-  // the groups' KV blocks.
-  for (const auto& group : groups_) Poll(*group);
+  // Within the same budget, wait for every group to serve (its ranks may still be loading or
+  // forming), so that the ready line means what it says and the first Stats() counts the
+  // groups' KV blocks. A group that has not formed by then is reported, and served once it has.
+  while (true) {
+    for (const auto& group : groups_) Poll(*group);
+    std::vector<std::string> waiting;
+    for (const auto& group : groups_) {
+      absl::MutexLock lock(&mutex_);
+      if (!group->health.ok()) waiting.push_back(group->name);
+    }
+    if (waiting.empty()) break;
+    if (Clock::now() >= give_up) {
+      spdlog::warn("the front end starts while group(s) {} have not formed yet",
+                   absl::StrJoin(waiting, ", "));
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
   poller_ = std::thread([this] { PollLoop(); });
   watcher_ = std::thread([this] { WatchCancellations(); });
   return absl::OkStatus();
