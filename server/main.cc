@@ -467,7 +467,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.01, 60.0));
   frontend_command
       ->add_option("--wait-for-groups-seconds", cluster.wait_for_groups_seconds,
-                   "How long to wait at start for the entry group to answer")
+                   "How long to wait at start for the groups to answer and form")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 86400.0));
   frontend_command
