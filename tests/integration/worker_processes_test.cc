@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
@@ -133,7 +134,10 @@ class NodeGroup {
         ranks_per_node_(ranks_per_node),
         rank_args_(std::move(rank_args)),
         nccl_host_per_node_(nccl_host_per_node) {
-    for (int node = 0; node < nodes_; ++node) base_ports_.push_back(FreePorts(ranks_per_node_));
+    for (int node = 0; node < nodes_; ++node) {
+      base_ports_.push_back(FreePorts(ranks_per_node_));
+      metrics_ports_.push_back(FreePorts(ranks_per_node_));
+    }
     Start();
   }
   void Start() {
@@ -148,6 +152,8 @@ class NodeGroup {
                                        std::to_string(node),
                                        "--port",
                                        std::to_string(base_ports_[node]),
+                                       "--metrics-port",
+                                       std::to_string(metrics_ports_[node]),
                                        "--health-interval-seconds",
                                        "0.2",
                                        "--",
@@ -173,6 +179,14 @@ class NodeGroup {
     }
     return addresses;
   }
+  // Each rank's /metrics port, in rank order.
+  std::vector<int> metrics_ports() const {
+    std::vector<int> ports;
+    for (int node = 0; node < nodes_; ++node) {
+      for (int i = 0; i < ranks_per_node_; ++i) ports.push_back(metrics_ports_[node] + i);
+    }
+    return ports;
+  }
   ChildProcess& node(int index) { return *processes_[index]; }
   // Waits until every rank printed its serving line.
   bool WaitServing(double seconds) {
@@ -194,6 +208,7 @@ class NodeGroup {
   std::vector<std::string> rank_args_;
   bool nccl_host_per_node_;
   std::vector<int> base_ports_;
+  std::vector<int> metrics_ports_;
   std::vector<std::unique_ptr<ChildProcess>> processes_;
 };
 
@@ -231,6 +246,41 @@ TEST(WorkerProcesses, DisaggregatedGroupsServeWhatOneProcessServes) {
   EXPECT_EQ(cluster, single);
   EXPECT_EQ(cluster_sampled, single_sampled);
   EXPECT_EQ(cluster_sampled.size(), 24u);
+
+  // Each decode rank exports the expert-load series of the experts its slots hold: together
+  // every (layer, expert) once, each rank an equal share.
+  {
+    const std::regex series(R"(moeserve_expert_tokens_total\{[^}]*group="decode"[^}]*\})");
+    const std::regex layer_expert(
+        R"re(layer="(\d+)"[^}]*expert="(\d+)"|expert="(\d+)"[^}]*layer="(\d+)")re");
+    std::set<std::pair<int, int>> all;
+    size_t total = 0;
+    std::set<size_t> per_rank;
+    for (int port : decode.metrics_ports()) {
+      const std::string text = ScrapeMetrics(port);
+      size_t count = 0;
+      for (std::sregex_iterator it(text.begin(), text.end(), series), end; it != end; ++it) {
+        const std::string labels = it->str();
+        std::smatch match;
+        ASSERT_TRUE(std::regex_search(labels, match, layer_expert)) << labels;
+        const bool layer_first = match[1].matched;
+        all.insert({std::stoi(layer_first ? match[1] : match[4]),
+                    std::stoi(layer_first ? match[2] : match[3])});
+        ++count;
+      }
+      EXPECT_GT(count, 0u) << "rank metrics on port " << port;
+      per_rank.insert(count);
+      total += count;
+    }
+    EXPECT_EQ(per_rank.size(), 1u) << "the decode ranks export unequal shares";
+    EXPECT_EQ(total, all.size()) << "an expert's series is exported by two ranks";
+    int layers = 0, experts = 0;
+    for (const auto& [layer, expert] : all) {
+      layers = std::max(layers, layer + 1);
+      experts = std::max(experts, expert + 1);
+    }
+    EXPECT_EQ(all.size(), static_cast<size_t>(layers * experts)) << "some experts are missing";
+  }
 
   // A new placement for the decode group (every layer's experts in reverse slot order).
   auto admin = v1::Admin::NewStub(frontend.channel());
