@@ -77,6 +77,10 @@ TestCertificates MakeTestCertificates(const std::string& name) {
 }
 
 PrometheusProcess::PrometheusProcess(int target_port, const PrometheusTlsOptions& tls)
+    : PrometheusProcess(std::vector<int>{target_port}, tls) {}
+
+PrometheusProcess::PrometheusProcess(const std::vector<int>& target_ports,
+                                     const PrometheusTlsOptions& tls)
     : port_(FreePort()), https_(!tls.cert.empty()) {
   dir_ = ::testing::TempDir() + "/moeserve-prometheus-" + std::to_string(getpid()) + "-" +
          std::to_string(port_);
@@ -85,7 +89,11 @@ PrometheusProcess::PrometheusProcess(int target_port, const PrometheusTlsOptions
   std::ofstream config(dir_ + "/prometheus.yml");
   config << "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
          << "scrape_configs:\n  - job_name: moeserve\n    static_configs:\n"
-         << "      - targets: ['127.0.0.1:" << target_port << "']\n";
+         << "      - targets: [";
+  for (size_t i = 0; i < target_ports.size(); ++i) {
+    config << (i > 0 ? ", " : "") << "'127.0.0.1:" << target_ports[i] << "'";
+  }
+  config << "]\n";
   config.close();
   std::string web_config;
   if (https_) {

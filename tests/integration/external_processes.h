@@ -6,6 +6,7 @@
 #include <sys/types.h>
 
 #include <string>
+#include <vector>
 
 namespace moeserve::testing {
 
@@ -35,10 +36,12 @@ struct PrometheusTlsOptions {
   std::string cert, key;
 };
 
-// A real Prometheus on loopback, scraping one target every second.
+// A real Prometheus on loopback, scraping its targets (loopback ports) every second.
 class PrometheusProcess {
  public:
   explicit PrometheusProcess(int target_port, const PrometheusTlsOptions& tls = {});
+  explicit PrometheusProcess(const std::vector<int>& target_ports,
+                             const PrometheusTlsOptions& tls = {});
   ~PrometheusProcess();
   std::string url() const;
   int port() const { return port_; }

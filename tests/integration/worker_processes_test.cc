@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
@@ -28,6 +29,7 @@
 #include "moeserve/v1/admin.grpc.pb.h"
 #include "moeserve/v1/generation.grpc.pb.h"
 #include "moeserve/v1/worker.grpc.pb.h"
+#include "tests/integration/external_processes.h"
 #include "tests/integration/server_process.h"
 
 namespace moeserve::testing {
@@ -329,6 +331,63 @@ TEST(WorkerProcesses, DisaggregatedGroupsServeWhatOneProcessServes) {
   EXPECT_GE(*commit_steps.begin(), 0);
   // Experts moved between processes; the tokens do not change.
   EXPECT_EQ(ConcurrentGreedy(frontend, 6, lengths), single);
+}
+
+// The EPLB loop over rank processes: Prometheus scrapes every rank's own expert-load series, the
+// controller reads them and pushes a placement through the front end's Admin API, and every
+// rank commits it at the same step while traffic runs; no request fails.
+TEST(WorkerProcesses, EplbControllerRebalancesRankProcessesThroughTheFrontEnd) {
+  const std::string token = WriteTokenFile();
+  NodeGroup group("mixed", 2, 2, {"--admin-token-file", token, "--num-redundant-experts", "16"});
+  ASSERT_TRUE(group.WaitServing(60));
+  ServerProcess frontend({"--group", "mixed=" + group.leader(), "--admin-token-file", token,
+                          "--poll-interval-seconds", "0.1"},
+                         true, true, "frontend");
+  ASSERT_TRUE(frontend.ok());
+  ASSERT_TRUE(WaitForHealth(frontend, "", kServing, 30));
+  PrometheusProcess prometheus(group.metrics_ports());
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> failed{0}, completed{0};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 2; ++c) {
+    clients.emplace_back([&, c] {
+      auto stub = v1::Generation::NewStub(frontend.channel());
+      for (int i = 0; i < 2000 && !stop; ++i) {
+        grpc::Status status;
+        GreedyTokens(*stub, "traffic " + std::to_string(c) + " request " + std::to_string(i % 17),
+                     16, &status);
+        if (!status.ok()) ++failed;
+        ++completed;
+      }
+    });
+  }
+  const std::string controller =
+      std::string(MOESERVE_EPLB_BINARY) + " controller --prometheus-url " + prometheus.url() +
+      " --targets " + frontend.address() + " --admin-token-file " + token +
+      " --group mixed --window 20s --once --min-improvement 0.02";
+  // Prometheus needs a few scrapes of every rank before the controller has whole data.
+  CommandResult dry;
+  for (int attempt = 0; attempt < 90; ++attempt) {
+    dry = RunCommand(controller + " --dry-run");
+    if (dry.exit_code == 0 && dry.output.find("would push") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  ASSERT_THAT(dry.output, HasSubstr("dry run: would push version 1")) << dry.output;
+  const CommandResult run = RunCommand(controller);
+  EXPECT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("pushed version 1"));
+  std::set<int64_t> commit_steps;
+  for (const std::string& address : group.rank_addresses()) {
+    const v1::RankLoad load = Load(address);
+    EXPECT_EQ(load.placement_version(), 1) << address;
+    commit_steps.insert(load.placement_commit_step());
+  }
+  EXPECT_EQ(commit_steps.size(), 1u) << "the ranks committed at different steps";
+  stop = true;
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(failed, 0);
+  EXPECT_GT(completed, 0);
 }
 
 // A decode rank killed mid-stream fails its group: the stream ends UNAVAILABLE naming the
