@@ -19,6 +19,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "base/build_info.h"
 #include "base/metrics_listener.h"
 #include "base/regular_file.h"
 #include "base/tls_files.h"
@@ -301,6 +302,7 @@ int RunController(ControllerArguments& arguments) {
     return kExitIoError;
   }
   auto registry = std::make_shared<prometheus::Registry>();
+  moeserve::base::RegisterBuildInfo(*registry, "eplb-controller");
   std::unique_ptr<moeserve::base::MetricsListener> metrics;
   if (arguments.metrics_port >= 0) {
     absl::StatusOr<std::unique_ptr<moeserve::base::MetricsListener>> started =
@@ -363,6 +365,7 @@ int main(int argc, char** argv) {
       "moeserve-eplb: expert-parallelism load balancer for moeserve. Replicates hot experts "
       "into redundant slots and packs the replicas so that GPU loads even out.",
       "moeserve-eplb");
+  app.set_version_flag("--version", moeserve::base::Version());
   app.require_subcommand(1);
   RebalanceArguments rebalance_arguments;
   AddRebalanceCommand(app, rebalance_arguments);

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/build_info.h"
 #include "nlohmann/json.hpp"
 #include "server/status_conversion.h"
 
@@ -424,7 +425,7 @@ grpc::Status KServeService::ServerMetadata(grpc::ServerContext*,
                                            const inference::ServerMetadataRequest*,
                                            inference::ServerMetadataResponse* response) {
   response->set_name("moeserve");
-  response->set_version(MOESERVE_VERSION);
+  response->set_version(base::Version());
   return grpc::Status::OK;
 }
 

@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "base/build_info.h"
 #include "base/tls_files.h"
 #include "engine/engine.h"
 #include "engine/pipeline/plan_command.h"
@@ -306,6 +307,7 @@ int main(int argc, char** argv) {
   CLI::App app{
       "moeserve: serves DeepSeek-style Mixture-of-Experts models over gRPC with expert "
       "parallelism"};
+  app.set_version_flag("--version", moeserve::base::Version());
   app.require_subcommand(1);
   int exit_code = 0;
 

@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "base/build_info.h"
 #include "base/metrics_listener.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server.h"
@@ -54,6 +55,7 @@ int RunRank(const RankOptions& options) {
   }
 
   auto registry = std::make_shared<prometheus::Registry>();
+  base::RegisterBuildInfo(*registry, "rank");
   std::unique_ptr<base::MetricsListener> metrics;
   int metrics_port = -1;
   if (options.metrics_port >= 0) {

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/build_info.h"
 #include "base/metrics_listener.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -176,6 +177,7 @@ int RunServe(const ServeOptions& options) {
   }
 
   auto registry = std::make_shared<prometheus::Registry>();
+  base::RegisterBuildInfo(*registry, options.create_engine != nullptr ? "frontend" : "server");
   std::unique_ptr<base::MetricsListener> metrics;
   std::string metrics_address = "disabled";
   if (options.metrics_port >= 0) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "base/build_info.h"
 #include "base/tls_files.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -50,6 +51,7 @@ std::shared_ptr<grpc::Channel> Connect(const std::string& address,
 
 int main(int argc, char** argv) {
   CLI::App app{"moeserve-cli: talk to a moeserve server"};
+  app.set_version_flag("--version", moeserve::base::Version());
   app.require_subcommand(1);
   std::string address = "127.0.0.1:50051";
   double timeout_seconds = 300;

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "base/build_info.h"
 #include "curl/curl.h"
 #include "grpcpp/grpcpp.h"
 #include "inference/grpc_service.grpc.pb.h"
@@ -289,6 +290,7 @@ int main(int argc, char** argv) {
   CLI::App app{
       "moeserve-loadgen: closed-loop load on a moeserve server; prints throughput and "
       "latency percentiles per concurrency level"};
+  app.set_version_flag("--version", moeserve::base::Version());
   std::string target = "127.0.0.1:50051";
   std::vector<int> concurrency = {1, 8, 32};
   int requests = 0;

@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <regex>
 #include <thread>
 
 #include "gmock/gmock.h"
@@ -101,6 +102,19 @@ TEST_F(GenerationTest, HealthIsServing) {
   grpc::health::v1::HealthCheckResponse response;
   ASSERT_TRUE(health->Check(&context, {}, &response).ok());
   EXPECT_EQ(response.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+}
+
+// `--version` prints the version that /metrics reports as moeserve_build_info.
+TEST_F(GenerationTest, VersionFlagAndBuildInfoAgree) {
+  ChildProcess version({"--version"});
+  ASSERT_EQ(version.WaitForExit(30), 0);
+  std::smatch match;
+  const std::string printed = version.output();
+  ASSERT_TRUE(std::regex_search(printed, match, std::regex(R"(^(\d+\.\d+\.\d+)\s*$)"))) << printed;
+  EXPECT_EQ(
+      MetricValue(ScrapeMetrics(server_->metrics_port()),
+                  "moeserve_build_info{component=\"server\",version=\"" + match[1].str() + "\"}"),
+      1);
 }
 
 TEST_F(GenerationTest, ReflectionListsTheGenerationService) {

@@ -271,6 +271,7 @@ TEST(WorkerProcesses, DisaggregatedGroupsServeWhatOneProcessServes) {
         ++count;
       }
       EXPECT_GT(count, 0u) << "rank metrics on port " << port;
+      EXPECT_THAT(text, HasSubstr("moeserve_build_info{component=\"rank\""));
       per_rank.insert(count);
       total += count;
     }
