@@ -28,7 +28,7 @@ struct OpenAiModel {
   // Why chat templates cannot be rendered on this server (its embedded Python would not start);
   // chat completions then get 503 with this reason. Empty: the model just has no template.
   std::string chat_unavailable;
-  int max_choices = 16;                         // bound on n × prompts
+  int max_choices = 16;  // bound on n × prompts
 };
 
 // A parsed request: one engine input per choice, choice i of prompt p at index p * n + i

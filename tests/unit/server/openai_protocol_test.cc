@@ -66,8 +66,8 @@ TEST(OpenAiProtocol, ChatIsUnavailableWhereTemplatesCannotBeRendered) {
   // 503 with the reason instead of the server refusing to start.
   OpenAiModel model = kModel;
   model.chat_unavailable = "cannot start the embedded Python for chat templates: no stdlib";
-  auto chat = ParseOpenAiRequest(true, R"({"messages": [{"role": "user", "content": "x"}]})",
-                                 model, "c");
+  auto chat =
+      ParseOpenAiRequest(true, R"({"messages": [{"role": "user", "content": "x"}]})", model, "c");
   ASSERT_FALSE(chat.ok());
   EXPECT_EQ(chat.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(chat.status().message(), HasSubstr("no stdlib"));
