@@ -1,16 +1,11 @@
 #include "base/metrics_listener.h"
 
-#include <sys/socket.h>
-
-#include <atomic>
-#include <chrono>
-#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "httplib.h"
+#include "base/http_listener.h"
 #include "prometheus/text_serializer.h"
 
 namespace moeserve::base {
@@ -22,10 +17,6 @@ class HttpMetricsListener : public MetricsListener {
     // Scrapes are rare and small: two threads serve them (a second scraper, or a slow one,
     // does not stall the first).
     server_.new_task_queue = [] { return new httplib::ThreadPool(2); };
-    server_.set_socket_options([](socket_t socket) {
-      int yes = 1;
-      setsockopt(socket, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-    });
     server_.set_read_timeout(10, 0);
     server_.set_write_timeout(10, 0);
     server_.Get("/metrics", [this](const httplib::Request&, httplib::Response& response) {
@@ -36,33 +27,11 @@ class HttpMetricsListener : public MetricsListener {
     });
   }
 
-  ~HttpMetricsListener() override {
-    if (!thread_.joinable()) return;
-    // cpp-httplib's stop() closes the listening socket only once the listener thread is inside
-    // listen; called earlier (a process that fails right after starting this) it does nothing
-    // and the join would wait in accept() forever. Repeat it until the listener has returned.
-    while (!listener_done_.load()) {
-      server_.stop();
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    thread_.join();
-  }
-
   absl::Status Listen(const std::string& host, int port) {
-    const std::string address = absl::StrCat(host, ":", port);
-    if (port == 0) {
-      port_ = server_.bind_to_any_port(host);
-    } else {
-      port_ = server_.bind_to_port(host, port) ? port : -1;
-    }
-    if (port_ <= 0) {
-      return absl::UnavailableError(
-          absl::StrCat("cannot serve metrics on ", address, " (address in use or not available)"));
-    }
-    thread_ = std::thread([this] {
-      server_.listen_after_bind();
-      listener_done_.store(true);
-    });
+    absl::StatusOr<int> bound = listener_.Bind(host, port, "cannot serve metrics");
+    if (!bound.ok()) return bound.status();
+    port_ = *bound;
+    listener_.Start();
     return absl::OkStatus();
   }
 
@@ -95,8 +64,7 @@ class HttpMetricsListener : public MetricsListener {
   }
 
   httplib::Server server_;
-  std::thread thread_;
-  std::atomic<bool> listener_done_{false};
+  HttpListener listener_{server_};  // after server_: stops it before it goes
   int port_ = -1;
   absl::Mutex mutex_;
   std::vector<std::weak_ptr<prometheus::Collectable>> collectables_ ABSL_GUARDED_BY(mutex_);

@@ -3,13 +3,13 @@
 #include <algorithm>
 #include <atomic>
 #include <list>
-#include <random>
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
+#include "base/random_id.h"
 #include "grpcpp/grpcpp.h"
 #include "moeserve/v1/admin.grpc.pb.h"
 #include "moeserve/v1/worker.grpc.pb.h"
@@ -69,11 +69,6 @@ struct ActiveCall {
     if (context != nullptr) context->TryCancel();
   }
 };
-
-std::string RandomId() {
-  static thread_local std::mt19937_64 random(std::random_device{}());
-  return absl::StrCat(absl::Hex(random(), absl::kZeroPad16));
-}
 
 class ClusterEngine final : public engine::Engine {
  public:
@@ -428,9 +423,9 @@ absl::StatusOr<std::shared_ptr<engine::RequestStream>> ClusterEngine::Submit(
     }
     decode_rank = *picked;
     decode_group = decode.name;
-    input.handoff = engine::HandoffRoute{decode_rank->address, RandomId()};
+    input.handoff = engine::HandoffRoute{decode_rank->address, base::RandomHexId()};
   }
-  if (input.request_id.empty()) input.request_id = absl::StrCat("req-", RandomId());
+  if (input.request_id.empty()) input.request_id = absl::StrCat("req-", base::RandomHexId());
   auto call = std::make_shared<ActiveCall>();
   call->stream = std::make_shared<engine::RequestStream>(input.request_id);
   std::shared_ptr<engine::RequestStream> stream = call->stream;

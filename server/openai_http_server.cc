@@ -9,10 +9,11 @@
 
 #include <cstdlib>
 #include <iostream>
-#include <random>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "base/http_listener.h"
+#include "base/random_id.h"
 #include "httplib.h"
 #include "server/openai_protocol.h"
 
@@ -26,11 +27,6 @@ int64_t UnixSeconds() {
   return std::chrono::duration_cast<std::chrono::seconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
-}
-
-std::string RandomHex() {
-  thread_local std::mt19937_64 rng(std::random_device{}());
-  return absl::StrCat(absl::Hex(rng(), absl::kZeroPad16));
 }
 
 int PortOf(const sockaddr_storage& address) {
@@ -227,6 +223,7 @@ OpenAiHttpServer::OpenAiHttpServer(OpenAiHttpOptions options,
     : options_(std::move(options)),
       chat_template_(std::move(chat_template)),
       http_(std::make_unique<HttpServer>()),
+      listener_(std::make_unique<base::HttpListener>(*http_)),
       created_(UnixSeconds()) {}
 
 OpenAiHttpServer::~OpenAiHttpServer() { Stop(); }
@@ -241,30 +238,13 @@ absl::StatusOr<int> OpenAiHttpServer::Start() {
   // An idle kept-alive connection holds a worker; 5 s also bounds how long Stop waits for one.
   http_->set_keep_alive_timeout(5);
   http_->set_payload_max_length(options_.max_body_bytes);
-  // cpp-httplib sets SO_REUSEPORT on Linux, which lets a second server bind the same port and
-  // take half its connections; SO_REUSEADDR alone still allows a restart over TIME_WAIT.
-  http_->set_socket_options([](socket_t socket) {
-    int yes = 1;
-    setsockopt(socket, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-  });
   RegisterRoutes();
-  int port = options_.port;
-  if (port == 0) {
-    port = http_->bind_to_any_port(options_.host);
-  } else if (!http_->bind_to_port(options_.host, port)) {
-    port = -1;
-  }
-  if (port <= 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen for HTTP on ", options_.host, ":",
-                                               options_.port,
-                                               " (address in use or not available)"));
-  }
+  absl::StatusOr<int> port =
+      listener_->Bind(options_.host, options_.port, "cannot listen for HTTP");
+  if (!port.ok()) return port.status();
   static_cast<HttpServer*>(http_.get())->WidenBacklog();
-  listener_ = std::thread([this] {
-    http_->listen_after_bind();
-    listener_done_.store(true);
-  });
-  return port;
+  listener_->Start();
+  return *port;
 }
 
 void OpenAiHttpServer::SetChatTemplate(std::unique_ptr<ChatTemplate> chat_template,
@@ -283,16 +263,8 @@ void OpenAiHttpServer::Drain(std::chrono::system_clock::time_point deadline) {
 }
 
 void OpenAiHttpServer::Stop() {
-  if (!listener_.joinable()) return;
   cancel_all_.store(true);
-  // cpp-httplib's stop() closes the listening socket only once the listener thread has entered
-  // listen; called earlier (a start-up that fails right after Start) it does nothing and the
-  // join would wait forever in accept(). Repeat it until the listener has returned.
-  while (!listener_done_.load()) {
-    http_->stop();
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  listener_.join();
+  listener_->Stop();
 }
 
 void OpenAiHttpServer::RegisterRoutes() {
@@ -345,10 +317,11 @@ void OpenAiHttpServer::RegisterRoutes() {
                         .chat_template = chat_template_.get(),
                         .chat_unavailable = options_.chat_unavailable,
                         .max_choices = options_.max_choices};
-      OpenAiResponseHeader header{.id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", RandomHex()),
-                                  .created = UnixSeconds(),
-                                  .model = info.name,
-                                  .chat = chat};
+      OpenAiResponseHeader header{
+          .id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", base::RandomHexId()),
+          .created = UnixSeconds(),
+          .model = info.name,
+          .chat = chat};
       absl::StatusOr<OpenAiRequest> parsed =
           ParseOpenAiRequest(chat, request.body, model, header.id);
       if (!parsed.ok()) return SetError(response, parsed.status());

@@ -18,11 +18,14 @@
 #include <chrono>
 #include <memory>
 #include <string>
-#include <thread>
 
 #include "absl/status/statusor.h"
 #include "engine/engine.h"
 #include "server/chat_template.h"
+
+namespace moeserve::base {
+class HttpListener;
+}
 
 namespace httplib {
 class Server;
@@ -68,8 +71,7 @@ class OpenAiHttpServer {
   OpenAiHttpOptions options_;
   std::unique_ptr<ChatTemplate> chat_template_;
   std::unique_ptr<httplib::Server> http_;
-  std::thread listener_;
-  std::atomic<bool> listener_done_{false};  // set when listen_after_bind returns
+  std::unique_ptr<base::HttpListener> listener_;  // after http_: stops it before it goes
   std::atomic<engine::Engine*> engine_{nullptr};
   std::atomic<int> in_flight_{0};
   std::atomic<bool> cancel_all_{false};  // set by Drain once its deadline passed
