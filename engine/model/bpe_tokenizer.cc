@@ -5,85 +5,109 @@
 #include <unicode/unistr.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
-#include <map>
+#include <unordered_set>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "engine/base/status_macros.h"
+#include "engine/model/bpe_model.h"
+#include "engine/model/token_decoder.h"
+#include "engine/model/tokenizer_json.h"
 #include "nlohmann/json.hpp"
 
 namespace moeserve::engine {
 namespace {
 
+using tokenizer_json::CompileRegex;
+using tokenizer_json::MetaspaceOptions;
+using tokenizer_json::ReadOptional;
+using tokenizer_json::TypeOf;
+using tokenizer_json::Unsupported;
+
 // GPT-2's pre-tokenizer regex, which ByteLevel applies when `use_regex` is true.
 constexpr char kGpt2Pattern[] =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
-absl::Status Unsupported(absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat("tokenizer: unsupported ", what));
-}
-
-std::string TypeOf(const nlohmann::json& component) {
-  if (!component.is_object()) return "";
-  auto it = component.find("type");
-  return it != component.end() && it->is_string() ? it->get<std::string>() : "";
-}
-
-// Byte-level BPE spells every byte as a printable character: bytes that are printable Latin-1
-// keep their code point, the others (controls, space, a few more) take 256, 257, … in order.
-std::vector<std::string> ByteAlphabet() {
-  std::vector<std::string> alphabet(256);
-  int next = 256;
-  for (int byte = 0; byte < 256; ++byte) {
-    const bool printable =
-        (byte >= 33 && byte <= 126) || (byte >= 161 && byte <= 172) || byte >= 174;
-    const UChar32 code_point = printable ? byte : next++;
-    icu::UnicodeString(code_point).toUTF8String(alphabet[byte]);
-  }
-  return alphabet;
-}
-
-// Splits UTF-8 text into its characters (each as UTF-8 bytes).
-std::vector<std::string> Utf8Characters(const std::string& text) {
-  std::vector<std::string> characters;
-  for (size_t i = 0; i < text.size();) {
-    const auto lead = static_cast<unsigned char>(text[i]);
-    size_t length = lead < 0x80 ? 1 : lead < 0xE0 ? 2 : lead < 0xF0 ? 3 : 4;
-    length = std::min(length, text.size() - i);
-    characters.push_back(text.substr(i, length));
-    i += length;
-  }
-  return characters;
-}
+// One step of the normalizer: a Unicode normalization, a prefix put before non-empty text, or
+// every match of a pattern replaced by literal content.
+struct NormalizerStep {
+  enum class Kind { kUnicode, kPrepend, kReplace };
+  Kind kind = Kind::kUnicode;
+  const icu::Normalizer2* unicode = nullptr;  // kUnicode
+  std::string text;                           // kPrepend: the prefix; kReplace: the content
+  std::string literal;                        // kReplace with a String pattern
+  std::unique_ptr<icu::RegexPattern> regex;   // kReplace with a Regex pattern
+};
 
 enum class SplitBehavior { kIsolated, kRemoved, kMergedWithPrevious, kMergedWithNext };
 
+// One step of the pre-tokenizer: a regex split (Split, Digits, ByteLevel's GPT-2 regex) or
+// Metaspace.
 struct SplitStep {
-  std::unique_ptr<icu::RegexPattern> pattern;  // null: only the prefix space below
+  std::unique_ptr<icu::RegexPattern> pattern;  // null: no regex split
   SplitBehavior behavior = SplitBehavior::kIsolated;
   bool add_prefix_space = false;  // ByteLevel's: each piece starts with a space before splitting
+  std::optional<MetaspaceOptions> metaspace;  // set: this step is Metaspace
 };
 
-absl::StatusOr<std::unique_ptr<icu::RegexPattern>> CompileRegex(const std::string& regex,
-                                                                bool literal) {
-  UErrorCode status = U_ZERO_ERROR;
-  UParseError parse_error;
-  std::unique_ptr<icu::RegexPattern> pattern(icu::RegexPattern::compile(
-      icu::UnicodeString::fromUTF8(regex), literal ? UREGEX_LITERAL : 0, parse_error, status));
-  if (U_FAILURE(status)) {
-    return absl::InvalidArgumentError(absl::StrCat("tokenizer: cannot compile the regex `", regex,
-                                                   "`: ", u_errorName(status), " at offset ",
-                                                   parse_error.offset));
-  }
-  return pattern;
-}
+// A piece of text on its way through the pre-tokenizer; `at_text_start` when it begins at the
+// start of the text given to Encode (Metaspace's "first" prepend scheme asks).
+struct Piece {
+  std::string text;
+  bool at_text_start = false;
+};
 
 struct AddedToken {
   std::string content;
+  // What is matched: the content itself, or, for tokens marked `normalized`, the content after
+  // the normalizer (so Mixtral's Prepend turns "[INST]" into "▁[INST]").
+  std::string match;
   int32_t id = 0;
   bool special = false;
+  bool normalized = false;
 };
+
+// Added tokens by the first byte of what they match, longest first: the longest token that
+// starts at a position wins, and the scan tries only tokens that can start there.
+using AddedTokenIndex = std::array<std::vector<const AddedToken*>, 256>;
+
+// A stretch of text between added tokens, or one added token.
+struct Segment {
+  std::string_view text;
+  const AddedToken* token = nullptr;
+  size_t offset = 0;  // in the text that was split
+};
+
+std::vector<Segment> SplitOnAddedTokens(std::string_view text, const AddedTokenIndex& index) {
+  std::vector<Segment> segments;
+  size_t plain_begin = 0;
+  size_t i = 0;
+  while (i < text.size()) {
+    const AddedToken* match = nullptr;
+    for (const AddedToken* token : index[static_cast<unsigned char>(text[i])]) {
+      if (text.substr(i).starts_with(token->match)) {
+        match = token;
+        break;
+      }
+    }
+    if (match == nullptr) {
+      ++i;
+      continue;
+    }
+    if (i > plain_begin) {
+      segments.push_back({text.substr(plain_begin, i - plain_begin), nullptr, plain_begin});
+    }
+    segments.push_back({text.substr(i, match->match.size()), match, i});
+    i += match->match.size();
+    plain_begin = i;
+  }
+  if (plain_begin < text.size()) {
+    segments.push_back({text.substr(plain_begin), nullptr, plain_begin});
+  }
+  return segments;
+}
 
 // The regex work one Encode may still do, in ICU time units (10,000 backtracking steps each).
 // ICU calls RegexWorkCallback once per unit of every match; it stops the match once the text's
@@ -101,169 +125,233 @@ UBool U_CALLCONV RegexWorkCallback(const void* context, int32_t /*units_of_this_
   return false;
 }
 
+// The non-empty matches of `pattern` in `text`, as [begin, end) UTF-16 offsets, within the
+// budget.
+absl::StatusOr<std::vector<std::pair<int32_t, int32_t>>> FindMatches(
+    const icu::RegexPattern& pattern, const icu::UnicodeString& text, RegexBudget& budget) {
+  UErrorCode status = U_ZERO_ERROR;
+  std::unique_ptr<icu::RegexMatcher> matcher(pattern.matcher(text, status));
+  // ICU counts work units only while a time limit is set; the callback does the bounding,
+  // across every match of this Encode call.
+  if (U_SUCCESS(status)) matcher->setTimeLimit(std::numeric_limits<int32_t>::max(), status);
+  if (U_SUCCESS(status)) matcher->setMatchCallback(&RegexWorkCallback, &budget, status);
+  if (U_FAILURE(status)) {
+    return absl::InternalError(
+        absl::StrCat("tokenizer: cannot run a tokenizer regex: ", u_errorName(status)));
+  }
+  std::vector<std::pair<int32_t, int32_t>> matches;
+  while (matcher->find(status) && U_SUCCESS(status)) {
+    const int32_t begin = matcher->start(status);
+    const int32_t end = matcher->end(status);
+    if (end > begin) matches.emplace_back(begin, end);  // empty matches split nothing
+  }
+  if (budget.exhausted) {
+    return absl::InvalidArgumentError(
+        "the text needs more work to tokenize than the server allows one request (the "
+        "tokenizer's pre-tokenizer regex backtracks heavily on it); shorten or change it");
+  }
+  if (U_FAILURE(status)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the tokenizer's regex failed on the text: ", u_errorName(status)));
+  }
+  return matches;
+}
+
+std::string Utf8Of(const icu::UnicodeString& text, int32_t begin, int32_t end) {
+  std::string out;
+  text.tempSubStringBetween(begin, end).toUTF8String(out);
+  return out;
+}
+
+void ReplaceLiteral(std::string& text, std::string_view pattern, std::string_view content) {
+  if (pattern.empty()) return;
+  std::string out;
+  size_t from = 0;
+  for (size_t at = text.find(pattern); at != std::string::npos; at = text.find(pattern, from)) {
+    out.append(text, from, at - from).append(content);
+    from = at + pattern.size();
+  }
+  if (from == 0) return;
+  out.append(text, from);
+  text = std::move(out);
+}
+
+// Metaspace on one piece: spaces become the replacement character, one is put in front as the
+// prepend scheme says, and with `split` the piece is cut before each replacement character.
+void ApplyMetaspace(const MetaspaceOptions& options, Piece piece, std::vector<Piece>& out) {
+  ReplaceLiteral(piece.text, " ", options.replacement);
+  const bool prepend =
+      !piece.text.empty() && !piece.text.starts_with(options.replacement) &&
+      (options.prepend_scheme == MetaspaceOptions::PrependScheme::kAlways ||
+       (options.prepend_scheme == MetaspaceOptions::PrependScheme::kFirst && piece.at_text_start));
+  if (prepend) piece.text.insert(0, options.replacement);
+  if (!options.split) {
+    out.push_back(std::move(piece));
+    return;
+  }
+  // Each replacement character starts a new piece (the library's MergedWithNext).
+  const std::string& mark = options.replacement;
+  size_t begin = 0;
+  for (size_t at = piece.text.find(mark, 1); at != std::string::npos;
+       at = piece.text.find(mark, at + mark.size())) {
+    out.push_back({piece.text.substr(begin, at - begin), piece.at_text_start && begin == 0});
+    begin = at;
+  }
+  if (begin < piece.text.size()) {
+    out.push_back({piece.text.substr(begin), piece.at_text_start && begin == 0});
+  }
+}
+
 }  // namespace
 
 struct BpeTokenizer::Impl {
-  std::vector<std::string> byte_alphabet = ByteAlphabet();
-  std::unordered_map<std::string, uint8_t> byte_of_character;
-  std::unordered_map<std::string, int32_t> vocab;
-  std::unordered_map<int32_t, std::string> token_of_id;
-  std::unordered_map<std::string, int> merge_rank;  // "left\0right" -> rank
-  std::vector<AddedToken> added_tokens;             // longest first
+  BpeModel model;
+  TokenDecoder decoder;
+  std::vector<std::unique_ptr<AddedToken>> added_tokens;
   std::unordered_map<int32_t, const AddedToken*> added_by_id;
-  const icu::Normalizer2* normalizer = nullptr;  // null: none
-  std::vector<SplitStep> splits;                 // applied in order
-  std::optional<int32_t> unknown_id;
-  bool ignore_merges = false;
+  std::unordered_set<std::string> special_contents;
+  AddedTokenIndex raw_added_tokens;         // matched in the text as given
+  AddedTokenIndex normalized_added_tokens;  // matched in the normalized text
+  std::vector<NormalizerStep> normalizer;   // applied in order
+  std::vector<SplitStep> splits;            // applied in order
+  bool byte_level = false;                  // pieces are spelled in the byte-level alphabet
 
-  absl::StatusOr<std::vector<std::string>> PreTokenize(const std::string& text,
-                                                       RegexBudget& budget) const;
-  void EncodeWord(const std::string& word, std::vector<int32_t>& ids) const;
-  absl::Status EncodePlain(const std::string& text, std::vector<int32_t>& ids,
-                           RegexBudget& budget) const;
+  Impl(BpeModel model, TokenDecoder decoder)
+      : model(std::move(model)), decoder(std::move(decoder)) {}
+
+  absl::StatusOr<std::string> Normalize(std::string text, RegexBudget& budget) const;
+  absl::StatusOr<std::vector<Piece>> PreTokenize(Piece piece, RegexBudget& budget) const;
+  absl::Status EncodeStretch(std::string_view text, bool at_text_start, std::vector<int32_t>& ids,
+                             RegexBudget& budget) const;
 };
 
-absl::StatusOr<std::vector<std::string>> BpeTokenizer::Impl::PreTokenize(
-    const std::string& text, RegexBudget& budget) const {
-  std::vector<std::string> pieces = {text};
-  // Const method, local copies: each step rewrites `pieces`.
+absl::StatusOr<std::string> BpeTokenizer::Impl::Normalize(std::string text,
+                                                          RegexBudget& budget) const {
+  for (const NormalizerStep& step : normalizer) {
+    switch (step.kind) {
+      case NormalizerStep::Kind::kUnicode: {
+        UErrorCode status = U_ZERO_ERROR;
+        const icu::UnicodeString normalized =
+            step.unicode->normalize(icu::UnicodeString::fromUTF8(text), status);
+        if (U_SUCCESS(status)) {
+          text.clear();
+          normalized.toUTF8String(text);
+        }
+        break;
+      }
+      case NormalizerStep::Kind::kPrepend:
+        if (!text.empty()) text.insert(0, step.text);
+        break;
+      case NormalizerStep::Kind::kReplace:
+        if (step.regex == nullptr) {
+          ReplaceLiteral(text, step.literal, step.text);
+          break;
+        }
+        {
+          const icu::UnicodeString unicode = icu::UnicodeString::fromUTF8(text);
+          ASSIGN_OR_RETURN(const auto matches, FindMatches(*step.regex, unicode, budget));
+          std::string out;
+          int32_t position = 0;
+          for (const auto& [begin, end] : matches) {
+            out += Utf8Of(unicode, position, begin);
+            out += step.text;
+            position = end;
+          }
+          out += Utf8Of(unicode, position, unicode.length());
+          text = std::move(out);
+        }
+        break;
+    }
+  }
+  return text;
+}
+
+absl::StatusOr<std::vector<Piece>> BpeTokenizer::Impl::PreTokenize(Piece whole,
+                                                                   RegexBudget& budget) const {
+  std::vector<Piece> pieces;
+  pieces.push_back(std::move(whole));
+  // Each step rewrites `pieces`.
   for (const SplitStep& step : splits) {
-    std::vector<std::string> next;
-    for (std::string& piece : pieces) {
-      if (step.add_prefix_space && (piece.empty() || piece[0] != ' '))
-        piece.insert(piece.begin(), ' ');
-      if (step.pattern == nullptr) {
-        next.push_back(piece);
+    std::vector<Piece> next;
+    for (Piece& piece : pieces) {
+      if (step.metaspace) {
+        ApplyMetaspace(*step.metaspace, std::move(piece), next);
         continue;
       }
-      const icu::UnicodeString unicode = icu::UnicodeString::fromUTF8(piece);
-      UErrorCode status = U_ZERO_ERROR;
-      std::unique_ptr<icu::RegexMatcher> matcher(step.pattern->matcher(unicode, status));
-      // ICU counts work units only while a time limit is set; the callback does the bounding,
-      // across every match of this Encode call.
-      if (U_SUCCESS(status)) matcher->setTimeLimit(std::numeric_limits<int32_t>::max(), status);
-      if (U_SUCCESS(status)) matcher->setMatchCallback(&RegexWorkCallback, &budget, status);
-      if (U_FAILURE(status)) {
-        return absl::InternalError(
-            absl::StrCat("tokenizer: cannot run the pre-tokenizer regex: ", u_errorName(status)));
+      if (step.add_prefix_space && (piece.text.empty() || piece.text[0] != ' '))
+        piece.text.insert(piece.text.begin(), ' ');
+      if (step.pattern == nullptr) {
+        next.push_back(std::move(piece));
+        continue;
       }
-      auto substring = [&](int32_t begin, int32_t end) {
-        std::string out;
-        unicode.tempSubStringBetween(begin, end).toUTF8String(out);
-        return out;
+      const icu::UnicodeString unicode = icu::UnicodeString::fromUTF8(piece.text);
+      ASSIGN_OR_RETURN(const auto matches, FindMatches(*step.pattern, unicode, budget));
+      struct Part {
+        int32_t begin, end;
+        bool is_match;
       };
-      std::vector<std::string> parts;  // alternating: gap, match, gap, match, ..., gap
-      std::vector<bool> is_match;
+      std::vector<Part> parts;  // alternating: gap, match, gap, match, ..., gap
       int32_t position = 0;
-      while (matcher->find(status) && U_SUCCESS(status)) {
-        const int32_t begin = matcher->start(status);
-        const int32_t end = matcher->end(status);
-        if (end == begin) continue;  // empty matches split nothing
-        if (begin > position) {
-          parts.push_back(substring(position, begin));
-          is_match.push_back(false);
-        }
-        parts.push_back(substring(begin, end));
-        is_match.push_back(true);
+      for (const auto& [begin, end] : matches) {
+        if (begin > position) parts.push_back({position, begin, false});
+        parts.push_back({begin, end, true});
         position = end;
       }
-      if (budget.exhausted) {
-        return absl::InvalidArgumentError(
-            "the text needs more work to tokenize than the server allows one request (the "
-            "tokenizer's pre-tokenizer regex backtracks heavily on it); shorten or change it");
-      }
-      if (U_FAILURE(status)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "the tokenizer's pre-tokenizer regex failed on the text: ", u_errorName(status)));
-      }
-      if (position < unicode.length()) {
-        parts.push_back(substring(position, unicode.length()));
-        is_match.push_back(false);
-      }
-      std::vector<std::string> merged;
+      if (position < unicode.length()) parts.push_back({position, unicode.length(), false});
+      std::vector<Part> merged;
       for (size_t i = 0; i < parts.size(); ++i) {
         switch (step.behavior) {
           case SplitBehavior::kIsolated:
             merged.push_back(parts[i]);
             break;
           case SplitBehavior::kRemoved:
-            if (!is_match[i]) merged.push_back(parts[i]);
+            if (!parts[i].is_match) merged.push_back(parts[i]);
             break;
           case SplitBehavior::kMergedWithPrevious:
-            if (is_match[i] && !merged.empty() && !is_match[i - 1])
-              merged.back() += parts[i];
+            if (parts[i].is_match && !merged.empty() && !parts[i - 1].is_match)
+              merged.back().end = parts[i].end;
             else
               merged.push_back(parts[i]);
             break;
           case SplitBehavior::kMergedWithNext:
-            if (i > 0 && is_match[i - 1] && !is_match[i])
-              merged.back() += parts[i];
+            if (i > 0 && parts[i - 1].is_match && !parts[i].is_match)
+              merged.back().end = parts[i].end;
             else
               merged.push_back(parts[i]);
             break;
         }
       }
-      for (std::string& part : merged) next.push_back(std::move(part));
+      for (const Part& part : merged) {
+        next.push_back(
+            {Utf8Of(unicode, part.begin, part.end), piece.at_text_start && part.begin == 0});
+      }
     }
     pieces = std::move(next);
   }
   return pieces;
 }
 
-void BpeTokenizer::Impl::EncodeWord(const std::string& word, std::vector<int32_t>& ids) const {
-  if (ignore_merges) {
-    if (auto it = vocab.find(word); it != vocab.end()) {
-      ids.push_back(it->second);
-      return;
+absl::Status BpeTokenizer::Impl::EncodeStretch(std::string_view raw, bool at_text_start,
+                                               std::vector<int32_t>& ids,
+                                               RegexBudget& budget) const {
+  ASSIGN_OR_RETURN(const std::string text, Normalize(std::string(raw), budget));
+  for (const Segment& segment : SplitOnAddedTokens(text, normalized_added_tokens)) {
+    if (segment.token != nullptr) {
+      ids.push_back(segment.token->id);
+      continue;
     }
-  }
-  std::vector<std::string> symbols = Utf8Characters(word);
-  // Repeatedly merge the adjacent pair with the best (lowest) rank, leftmost first.
-  std::string key;
-  while (symbols.size() > 1) {
-    int best_rank = std::numeric_limits<int>::max();
-    size_t best = 0;
-    for (size_t i = 0; i + 1 < symbols.size(); ++i) {
-      key.assign(symbols[i]).push_back('\0');
-      key += symbols[i + 1];
-      auto it = merge_rank.find(key);
-      if (it != merge_rank.end() && it->second < best_rank) {
-        best_rank = it->second;
-        best = i;
+    ASSIGN_OR_RETURN(
+        std::vector<Piece> pieces,
+        PreTokenize({std::string(segment.text), at_text_start && segment.offset == 0}, budget));
+    for (const Piece& piece : pieces) {
+      if (!byte_level) {
+        model.EncodeWord(piece.text, ids);
+        continue;
       }
+      std::string word;
+      for (unsigned char byte : piece.text) word += tokenizer_json::ByteLevelCharacter(byte);
+      model.EncodeWord(word, ids);
     }
-    if (best_rank == std::numeric_limits<int>::max()) break;
-    symbols[best] += symbols[best + 1];
-    symbols.erase(symbols.begin() + static_cast<std::ptrdiff_t>(best) + 1);
-  }
-  for (const std::string& symbol : symbols) {
-    if (auto it = vocab.find(symbol); it != vocab.end()) {
-      ids.push_back(it->second);
-    } else if (unknown_id) {
-      ids.push_back(*unknown_id);
-    }
-  }
-}
-
-absl::Status BpeTokenizer::Impl::EncodePlain(const std::string& raw, std::vector<int32_t>& ids,
-                                             RegexBudget& budget) const {
-  std::string text = raw;
-  if (normalizer != nullptr) {
-    UErrorCode status = U_ZERO_ERROR;
-    const icu::UnicodeString normalized =
-        normalizer->normalize(icu::UnicodeString::fromUTF8(raw), status);
-    if (U_SUCCESS(status)) {
-      text.clear();
-      normalized.toUTF8String(text);
-    }
-  }
-  absl::StatusOr<std::vector<std::string>> pieces = PreTokenize(text, budget);
-  if (!pieces.ok()) return pieces.status();
-  for (std::string& piece : *pieces) {
-    if (piece.empty()) continue;
-    std::string word;
-    for (unsigned char byte : piece) word += byte_alphabet[byte];
-    EncodeWord(word, ids);
   }
   return absl::OkStatus();
 }
@@ -275,29 +363,12 @@ absl::StatusOr<std::vector<int32_t>> BpeTokenizer::EncodeWithoutBos(std::string_
   RegexBudget budget{kRegexWorkUnitsBase +
                      static_cast<int64_t>(text.size()) / kRegexBytesPerWorkUnit};
   std::vector<int32_t> ids;
-  std::string plain;
-  size_t i = 0;
-  while (i < text.size()) {
-    const AddedToken* match = nullptr;
-    for (const AddedToken& token : impl_->added_tokens) {  // longest first
-      if (text.substr(i).starts_with(token.content)) {
-        match = &token;
-        break;
-      }
-    }
-    if (match == nullptr) {
-      plain.push_back(text[i++]);
+  for (const Segment& segment : SplitOnAddedTokens(text, impl_->raw_added_tokens)) {
+    if (segment.token != nullptr) {
+      ids.push_back(segment.token->id);
       continue;
     }
-    if (!plain.empty()) {
-      if (absl::Status s = impl_->EncodePlain(plain, ids, budget); !s.ok()) return s;
-    }
-    plain.clear();
-    ids.push_back(match->id);
-    i += match->content.size();
-  }
-  if (!plain.empty()) {
-    if (absl::Status s = impl_->EncodePlain(plain, ids, budget); !s.ok()) return s;
+    RETURN_IF_ERROR(impl_->EncodeStretch(segment.text, segment.offset == 0, ids, budget));
   }
   return ids;
 }
@@ -311,52 +382,33 @@ absl::StatusOr<std::vector<int32_t>> BpeTokenizer::Encode(std::string_view text)
 
 std::string BpeTokenizer::TokenBytes(int32_t token) const {
   if (auto it = impl_->added_by_id.find(token); it != impl_->added_by_id.end()) {
-    return it->second->special ? "" : it->second->content;
+    return it->second->special ? "" : impl_->decoder.TokenBytes(it->second->content);
   }
-  auto it = impl_->token_of_id.find(token);
-  if (it == impl_->token_of_id.end()) return "";
-  std::string bytes;
-  for (const std::string& character : Utf8Characters(it->second)) {
-    auto byte = impl_->byte_of_character.find(character);
-    if (byte != impl_->byte_of_character.end()) {
-      bytes.push_back(static_cast<char>(byte->second));
+  const std::string* text = impl_->model.TokenOf(token);
+  if (text == nullptr || impl_->special_contents.contains(*text)) return "";
+  return impl_->decoder.TokenBytes(*text);
+}
+
+std::string BpeTokenizer::Decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const {
+  std::vector<std::string> tokens;
+  tokens.reserve(ids.size());
+  for (int32_t id : ids) {
+    const std::string* text = nullptr;
+    if (auto it = impl_->added_by_id.find(id); it != impl_->added_by_id.end()) {
+      text = &it->second->content;
     } else {
-      bytes += character;  // not part of the byte alphabet: keep its UTF-8 spelling
+      text = impl_->model.TokenOf(id);
     }
+    if (text == nullptr) continue;
+    if (skip_special_tokens && impl_->special_contents.contains(*text)) continue;
+    tokens.push_back(*text);
   }
-  return bytes;
+  return impl_->decoder.Decode(std::move(tokens));
 }
 
 namespace {
 
-// Optional fields of tokenizer.json's components: absent or null leaves `out` at its default; a
-// value of another type is refused naming the field (json::value() would throw instead).
-absl::Status ReadOptional(const nlohmann::json& object, const char* key, bool* out,
-                          absl::string_view component) {
-  auto it = object.find(key);
-  if (it == object.end() || it->is_null()) return absl::OkStatus();
-  if (!it->is_boolean()) {
-    return absl::InvalidArgumentError(absl::StrCat("tokenizer: ", component, " `", key,
-                                                   "` must be true or false, got ",
-                                                   it->dump().substr(0, 64)));
-  }
-  *out = it->get<bool>();
-  return absl::OkStatus();
-}
-
-absl::Status ReadOptional(const nlohmann::json& object, const char* key, std::string* out,
-                          absl::string_view component) {
-  auto it = object.find(key);
-  if (it == object.end() || it->is_null()) return absl::OkStatus();
-  if (!it->is_string()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tokenizer: ", component, " `", key, "` must be a string, got ", it->dump().substr(0, 64)));
-  }
-  *out = it->get<std::string>();
-  return absl::OkStatus();
-}
-
-absl::Status AddNormalizer(const nlohmann::json& normalizer, const icu::Normalizer2** out) {
+absl::Status AddNormalizer(const nlohmann::json& normalizer, std::vector<NormalizerStep>& steps) {
   if (normalizer.is_null()) return absl::OkStatus();
   const std::string type = TypeOf(normalizer);
   if (type == "Sequence") {
@@ -364,28 +416,48 @@ absl::Status AddNormalizer(const nlohmann::json& normalizer, const icu::Normaliz
     if (list == normalizer.end() || !list->is_array())
       return Unsupported("normalizer Sequence without a list");
     for (const nlohmann::json& item : *list) {
-      RETURN_IF_ERROR(AddNormalizer(item, out));
+      RETURN_IF_ERROR(AddNormalizer(item, steps));
     }
     return absl::OkStatus();
   }
-  if (*out != nullptr) return Unsupported("normalizer: more than one Unicode normalization");
+  NormalizerStep step;
+  if (type == "Prepend") {
+    step.kind = NormalizerStep::Kind::kPrepend;
+    RETURN_IF_ERROR(ReadOptional(normalizer, "prepend", &step.text, "normalizer Prepend"));
+    steps.push_back(std::move(step));
+    return absl::OkStatus();
+  }
+  if (type == "Replace") {
+    step.kind = NormalizerStep::Kind::kReplace;
+    ASSIGN_OR_RETURN(const tokenizer_json::Pattern pattern,
+                     tokenizer_json::ReadPattern(normalizer, "normalizer Replace"));
+    if (pattern.literal) {
+      step.literal = pattern.text;
+    } else {
+      ASSIGN_OR_RETURN(step.regex, CompileRegex(pattern.text, false));
+    }
+    RETURN_IF_ERROR(ReadOptional(normalizer, "content", &step.text, "normalizer Replace"));
+    steps.push_back(std::move(step));
+    return absl::OkStatus();
+  }
   UErrorCode status = U_ZERO_ERROR;
   if (type == "NFC")
-    *out = icu::Normalizer2::getNFCInstance(status);
+    step.unicode = icu::Normalizer2::getNFCInstance(status);
   else if (type == "NFD")
-    *out = icu::Normalizer2::getNFDInstance(status);
+    step.unicode = icu::Normalizer2::getNFDInstance(status);
   else if (type == "NFKC")
-    *out = icu::Normalizer2::getNFKCInstance(status);
+    step.unicode = icu::Normalizer2::getNFKCInstance(status);
   else if (type == "NFKD")
-    *out = icu::Normalizer2::getNFKDInstance(status);
+    step.unicode = icu::Normalizer2::getNFKDInstance(status);
   else
-    return Unsupported(
-        absl::StrCat("normalizer `", type, "` (supported: NFC, NFD, NFKC, NFKD, Sequence)"));
+    return Unsupported(absl::StrCat(
+        "normalizer `", type, "` (supported: NFC, NFD, NFKC, NFKD, Prepend, Replace, Sequence)"));
   if (U_FAILURE(status)) return absl::InternalError("tokenizer: ICU normalizer unavailable");
+  steps.push_back(std::move(step));
   return absl::OkStatus();
 }
 
-// Flattens the pre-tokenizer into split steps. Byte-level BPE needs a ByteLevel step, last.
+// Flattens the pre-tokenizer into split steps. A ByteLevel step must be the last.
 absl::Status AddPreTokenizer(const nlohmann::json& step, std::vector<SplitStep>& splits,
                              bool* byte_level) {
   const std::string type = TypeOf(step);
@@ -403,67 +475,55 @@ absl::Status AddPreTokenizer(const nlohmann::json& step, std::vector<SplitStep>&
     *byte_level = true;
     SplitStep byte_level_step;
     bool use_regex = true;
-    if (auto s = ReadOptional(step, "add_prefix_space", &byte_level_step.add_prefix_space,
-                              "pre_tokenizer ByteLevel");
-        !s.ok())
-      return s;
-    if (auto s = ReadOptional(step, "use_regex", &use_regex, "pre_tokenizer ByteLevel"); !s.ok())
-      return s;
+    RETURN_IF_ERROR(ReadOptional(step, "add_prefix_space", &byte_level_step.add_prefix_space,
+                                 "pre_tokenizer ByteLevel"));
+    RETURN_IF_ERROR(ReadOptional(step, "use_regex", &use_regex, "pre_tokenizer ByteLevel"));
     if (use_regex) {
-      absl::StatusOr<std::unique_ptr<icu::RegexPattern>> pattern =
-          CompileRegex(kGpt2Pattern, false);
-      if (!pattern.ok()) return pattern.status();
-      byte_level_step.pattern = *std::move(pattern);
+      ASSIGN_OR_RETURN(byte_level_step.pattern, CompileRegex(kGpt2Pattern, false));
     }
     splits.push_back(std::move(byte_level_step));
     return absl::OkStatus();
   }
+  if (type == "Metaspace") {
+    SplitStep metaspace_step;
+    ASSIGN_OR_RETURN(metaspace_step.metaspace,
+                     tokenizer_json::ReadMetaspace(step, "pre_tokenizer"));
+    splits.push_back(std::move(metaspace_step));
+    return absl::OkStatus();
+  }
   if (type == "Digits") {
     bool individual = false;
-    if (auto s = ReadOptional(step, "individual_digits", &individual, "pre_tokenizer Digits");
-        !s.ok())
-      return s;
-    absl::StatusOr<std::unique_ptr<icu::RegexPattern>> pattern =
-        CompileRegex(individual ? R"(\p{N})" : R"(\p{N}+)", false);
-    if (!pattern.ok()) return pattern.status();
-    splits.push_back({*std::move(pattern), SplitBehavior::kIsolated, false});
+    RETURN_IF_ERROR(ReadOptional(step, "individual_digits", &individual, "pre_tokenizer Digits"));
+    SplitStep digits;
+    ASSIGN_OR_RETURN(digits.pattern, CompileRegex(individual ? R"(\p{N})" : R"(\p{N}+)", false));
+    splits.push_back(std::move(digits));
     return absl::OkStatus();
   }
   if (type == "Split") {
     bool invert = false;
     std::string behavior = "Isolated";
-    if (auto s = ReadOptional(step, "invert", &invert, "pre_tokenizer Split"); !s.ok()) return s;
+    RETURN_IF_ERROR(ReadOptional(step, "invert", &invert, "pre_tokenizer Split"));
     if (invert) return Unsupported("pre_tokenizer Split with `invert`");
-    if (auto s = ReadOptional(step, "behavior", &behavior, "pre_tokenizer Split"); !s.ok())
-      return s;
-    SplitBehavior split_behavior;
+    RETURN_IF_ERROR(ReadOptional(step, "behavior", &behavior, "pre_tokenizer Split"));
+    SplitStep split;
     if (behavior == "Isolated")
-      split_behavior = SplitBehavior::kIsolated;
+      split.behavior = SplitBehavior::kIsolated;
     else if (behavior == "Removed")
-      split_behavior = SplitBehavior::kRemoved;
+      split.behavior = SplitBehavior::kRemoved;
     else if (behavior == "MergedWithPrevious")
-      split_behavior = SplitBehavior::kMergedWithPrevious;
+      split.behavior = SplitBehavior::kMergedWithPrevious;
     else if (behavior == "MergedWithNext")
-      split_behavior = SplitBehavior::kMergedWithNext;
+      split.behavior = SplitBehavior::kMergedWithNext;
     else
       return Unsupported(absl::StrCat("pre_tokenizer Split behavior `", behavior, "`"));
-    auto pattern_json = step.find("pattern");
-    if (pattern_json == step.end() || !pattern_json->is_object()) {
-      return Unsupported("pre_tokenizer Split without a pattern");
-    }
-    const bool literal = pattern_json->contains("String");
-    const nlohmann::json& text =
-        literal ? (*pattern_json)["String"] : pattern_json->value("Regex", nlohmann::json());
-    if (!text.is_string())
-      return Unsupported("pre_tokenizer Split pattern (needs Regex or String)");
-    absl::StatusOr<std::unique_ptr<icu::RegexPattern>> pattern =
-        CompileRegex(text.get<std::string>(), literal);
-    if (!pattern.ok()) return pattern.status();
-    splits.push_back({*std::move(pattern), split_behavior, false});
+    ASSIGN_OR_RETURN(const tokenizer_json::Pattern pattern,
+                     tokenizer_json::ReadPattern(step, "pre_tokenizer Split"));
+    ASSIGN_OR_RETURN(split.pattern, CompileRegex(pattern.text, pattern.literal));
+    splits.push_back(std::move(split));
     return absl::OkStatus();
   }
-  return Unsupported(
-      absl::StrCat("pre_tokenizer `", type, "` (supported: ByteLevel, Split, Digits, Sequence)"));
+  return Unsupported(absl::StrCat("pre_tokenizer `", type,
+                                  "` (supported: ByteLevel, Metaspace, Split, Digits, Sequence)"));
 }
 
 // The content of a token given as a string or as {"content": ...}.
@@ -492,30 +552,31 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Create(
 absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::CreateChecked(
     const nlohmann::json& json, const nlohmann::json& tokenizer_config, const ModelConfig& config) {
   if (!json.is_object()) return absl::InvalidArgumentError("tokenizer: expected a JSON object");
-  auto impl = std::make_unique<Impl>();
-  for (int byte = 0; byte < 256; ++byte) impl->byte_of_character[impl->byte_alphabet[byte]] = byte;
+  const nlohmann::json model_json = json.value("model", nlohmann::json());
+  if (TypeOf(model_json) != "BPE")
+    return Unsupported(absl::StrCat("model `", TypeOf(model_json), "` (only BPE)"));
+  ASSIGN_OR_RETURN(BpeModel model, BpeModel::Create(model_json, config.vocab_size));
 
-  const nlohmann::json model = json.value("model", nlohmann::json());
-  if (TypeOf(model) != "BPE")
-    return Unsupported(absl::StrCat("model `", TypeOf(model), "` (only BPE)"));
-  bool byte_fallback = false;
-  if (auto s = ReadOptional(model, "byte_fallback", &byte_fallback, "model"); !s.ok()) return s;
-  if (byte_fallback) {
-    return Unsupported(
-        "BPE with byte_fallback (SentencePiece-style); only byte-level BPE is supported");
+  std::vector<NormalizerStep> normalizer;
+  RETURN_IF_ERROR(AddNormalizer(json.value("normalizer", nlohmann::json()), normalizer));
+  std::vector<SplitStep> splits;
+  bool byte_level = false;
+  const nlohmann::json pre_tokenizer = json.value("pre_tokenizer", nlohmann::json());
+  if (!pre_tokenizer.is_null()) {
+    RETURN_IF_ERROR(AddPreTokenizer(pre_tokenizer, splits, &byte_level));
   }
-  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
-    auto it = model.find(key);
-    if (it != model.end() && it->is_string() && !it->get<std::string>().empty()) {
-      return Unsupported(absl::StrCat("BPE `", key, "`"));
-    }
+  const nlohmann::json decoder_json = json.value("decoder", nlohmann::json());
+  TokenDecoder decoder = TokenDecoder::ByteLevel();
+  // A byte-level file without a decoder still means its bytes (moeserve always decoded those so).
+  if (!decoder_json.is_null() || !byte_level) {
+    ASSIGN_OR_RETURN(decoder, TokenDecoder::Create(decoder_json));
   }
-  if (auto s = ReadOptional(model, "ignore_merges", &impl->ignore_merges, "model"); !s.ok())
-    return s;
-  auto vocab = model.find("vocab");
-  if (vocab == model.end() || !vocab->is_object()) {
-    return absl::InvalidArgumentError("tokenizer: `model.vocab` must be an object");
-  }
+
+  auto impl = std::make_unique<Impl>(std::move(model), std::move(decoder));
+  impl->normalizer = std::move(normalizer);
+  impl->splits = std::move(splits);
+  impl->byte_level = byte_level;
+
   auto check_id = [&](const std::string& token, const nlohmann::json& id) -> absl::Status {
     if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
         id.get<int64_t>() >= config.vocab_size) {
@@ -525,41 +586,6 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::CreateChecked(
     }
     return absl::OkStatus();
   };
-  for (const auto& [token, id] : vocab->items()) {
-    RETURN_IF_ERROR(check_id(token, id));
-    impl->vocab[token] = id.get<int32_t>();
-    impl->token_of_id[id.get<int32_t>()] = token;
-  }
-  auto merges = model.find("merges");
-  if (merges == model.end() || !merges->is_array()) {
-    return absl::InvalidArgumentError("tokenizer: `model.merges` must be an array");
-  }
-  int rank = 0;
-  for (const nlohmann::json& merge : *merges) {
-    std::string left, right;
-    if (merge.is_string()) {  // "left right"
-      const std::string text = merge.get<std::string>();
-      const size_t space = text.find(' ', 1);
-      if (space == std::string::npos) {
-        return absl::InvalidArgumentError(absl::StrCat("tokenizer: malformed merge `", text, "`"));
-      }
-      left = text.substr(0, space);
-      right = text.substr(space + 1);
-    } else if (merge.is_array() && merge.size() == 2 && merge[0].is_string() &&
-               merge[1].is_string()) {
-      left = merge[0].get<std::string>();
-      right = merge[1].get<std::string>();
-    } else {
-      return absl::InvalidArgumentError(absl::StrCat("tokenizer: malformed merge ", merge.dump()));
-    }
-    impl->merge_rank.emplace(left + '\0' + right, rank++);
-  }
-  if (auto unknown = model.find("unk_token"); unknown != model.end() && unknown->is_string()) {
-    if (auto it = impl->vocab.find(unknown->get<std::string>()); it != impl->vocab.end()) {
-      impl->unknown_id = it->second;
-    }
-  }
-
   if (auto added = json.find("added_tokens"); added != json.end() && added->is_array()) {
     for (const nlohmann::json& token : *added) {
       std::optional<std::string> content = TokenContent(token);
@@ -568,37 +594,45 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::CreateChecked(
             absl::StrCat("tokenizer: malformed added token ", token.dump()));
       }
       RETURN_IF_ERROR(check_id(*content, token["id"]));
-      bool special = false;
-      RETURN_IF_ERROR(ReadOptional(token, "special", &special, "added token"));
-      impl->added_tokens.push_back({*content, token["id"].get<int32_t>(), special});
+      auto entry = std::make_unique<AddedToken>();
+      entry->content = *content;
+      entry->id = token["id"].get<int32_t>();
+      RETURN_IF_ERROR(ReadOptional(token, "special", &entry->special, "added token"));
+      RETURN_IF_ERROR(ReadOptional(token, "normalized", &entry->normalized, "added token"));
+      entry->match = entry->content;
+      if (entry->normalized) {
+        // The library matches such tokens in normalized text, so it normalizes them too. No
+        // regex in a normalizer backtracks far on a token, so a fixed budget suffices.
+        RegexBudget budget{kRegexWorkUnitsBase};
+        ASSIGN_OR_RETURN(entry->match, impl->Normalize(entry->content, budget));
+        if (entry->match.empty()) entry->match = entry->content;
+      }
+      if (entry->special) impl->special_contents.insert(entry->content);
+      impl->added_by_id[entry->id] = entry.get();
+      impl->added_tokens.push_back(std::move(entry));
     }
-    std::stable_sort(impl->added_tokens.begin(), impl->added_tokens.end(),
-                     [](const AddedToken& a, const AddedToken& b) {
-                       return a.content.size() > b.content.size();
-                     });
-    for (const AddedToken& token : impl->added_tokens) impl->added_by_id[token.id] = &token;
-  }
-
-  RETURN_IF_ERROR(AddNormalizer(json.value("normalizer", nlohmann::json()), &impl->normalizer));
-  bool byte_level = false;
-  const nlohmann::json pre_tokenizer = json.value("pre_tokenizer", nlohmann::json());
-  if (!pre_tokenizer.is_null()) {
-    RETURN_IF_ERROR(AddPreTokenizer(pre_tokenizer, impl->splits, &byte_level));
-  }
-  if (!byte_level) {
-    return Unsupported(
-        "tokenizer without a ByteLevel pre-tokenizer; only byte-level BPE (as DeepSeek "
-        "and Qwen ship) is supported");
+    for (const auto& token : impl->added_tokens) {
+      AddedTokenIndex& index =
+          token->normalized ? impl->normalized_added_tokens : impl->raw_added_tokens;
+      index[static_cast<unsigned char>(token->match[0])].push_back(token.get());
+    }
+    for (AddedTokenIndex* index : {&impl->raw_added_tokens, &impl->normalized_added_tokens}) {
+      for (auto& tokens : *index) {
+        std::stable_sort(tokens.begin(), tokens.end(),
+                         [](const AddedToken* a, const AddedToken* b) {
+                           return a->match.size() > b->match.size();
+                         });
+      }
+    }
   }
 
   // Beginning of sequence: tokenizer_config.json's add_bos_token decides when it is given;
   // otherwise a post-processor template that starts with a special token.
   auto find_id = [&](const std::string& content) -> std::optional<int32_t> {
-    for (const AddedToken& token : impl->added_tokens) {
-      if (token.content == content) return token.id;
+    for (const auto& token : impl->added_tokens) {
+      if (token->content == content) return token->id;
     }
-    if (auto it = impl->vocab.find(content); it != impl->vocab.end()) return it->second;
-    return std::nullopt;
+    return impl->model.IdOf(content);
   };
   std::optional<int32_t> bos;
   auto add_bos = tokenizer_config.is_object() ? tokenizer_config.find("add_bos_token")
@@ -619,8 +653,7 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::CreateChecked(
       const nlohmann::json& special = single[0]["SpecialToken"];
       std::string name;
       if (special.is_object()) {
-        if (auto s = ReadOptional(special, "id", &name, "post_processor SpecialToken"); !s.ok())
-          return s;
+        RETURN_IF_ERROR(ReadOptional(special, "id", &name, "post_processor SpecialToken"));
       }
       // special_tokens[name].ids, where each level may be missing or of the wrong kind.
       nlohmann::json ids = nlohmann::json::array();

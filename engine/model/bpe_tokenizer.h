@@ -1,15 +1,18 @@
-// BpeTokenizer: the byte-level BPE tokenizers that DeepSeek and Qwen ship as `tokenizer.json`
-// (Hugging Face `tokenizers` format).
+// BpeTokenizer: the BPE tokenizers models ship as `tokenizer.json` (Hugging Face `tokenizers`
+// format): byte-level BPE as DeepSeek and Qwen ship it, and SentencePiece-style BPE with byte
+// fallback and "▁" for spaces as Mixtral, Mistral and Llama 2 ship it.
 //
-// Encoding: added/special tokens are cut out of the text first (longest match); every other
-// stretch is normalized (none, or NFC/NFD/NFKC/NFKD), split by the pre-tokenizer (Split regexes
-// with Unicode classes, Digits, ByteLevel with its GPT-2 regex), mapped byte by byte onto the
-// byte-level alphabet, and merged with the ranked BPE merges. A beginning-of-sequence token is
-// put first when tokenizer_config.json says `add_bos_token` or the post-processor's template
-// starts with a special token. Decoding maps a token back to its raw bytes.
+// Encoding is the library's pipeline: added/special tokens are cut out of the text first
+// (longest match; those marked `normalized` are matched in the normalized text); every other
+// stretch is normalized (NFC, NFD, NFKC, NFKD, Prepend, Replace, in sequence), split by the
+// pre-tokenizer (Split regexes with Unicode classes, Digits, ByteLevel with its GPT-2 regex,
+// Metaspace), and each piece is encoded by the BPE model (bpe_model.h: ranked merges, byte
+// fallback, the unknown token). A beginning-of-sequence token is put first when
+// tokenizer_config.json says `add_bos_token` or the post-processor's template starts with a
+// special token. Decoding follows the file's decoder (token_decoder.h).
 //
-// Built once by LoadModel; Encode and TokenBytes are const and safe to call from many threads.
-// Regexes run on ICU (Unicode properties such as \p{L} and \p{N}). A regex can backtrack for
+// Built once by LoadModel; every method is const and safe to call from many threads. Regexes
+// run on ICU (Unicode properties such as \p{L} and \p{N}). A regex can backtrack for
 // minutes on a short text, so the regex work of one Encode is bounded (kRegexWorkUnitsBase +
 // one unit per kRegexBytesPerWorkUnit bytes of text, a unit being 10,000 backtracking steps of
 // ICU's matcher); beyond it Encode fails instead of stalling its caller.
@@ -51,6 +54,11 @@ class BpeTokenizer : public Tokenizer {
 
   absl::StatusOr<std::vector<int32_t>> EncodeWithoutBos(std::string_view text) const override;
   std::optional<int32_t> bos_token_id() const { return bos_token_id_; }
+
+  // The text of `ids` as the library's decode(ids, skip_special_tokens) gives it: unlike the
+  // concatenated TokenBytes, the decoder's start-of-text rules apply (Mixtral's Strip drops the
+  // first token's leading space) and invalid UTF-8 becomes U+FFFD. Unknown ids are left out.
+  std::string Decode(const std::vector<int32_t>& ids, bool skip_special_tokens = true) const;
 
  private:
   struct Impl;

@@ -221,14 +221,18 @@ TEST(BpeTokenizer, RefusesWhatItCannotEncodeFaithfully) {
   json["model"]["type"] = "WordPiece";
   EXPECT_THAT(CreateError(json).message(), HasSubstr("unsupported model `WordPiece`"));
   json = good;
-  json["model"]["byte_fallback"] = true;
-  EXPECT_THAT(CreateError(json).message(), HasSubstr("byte_fallback"));
-  json = good;
   json["pre_tokenizer"] = {{"type", "Whitespace"}};
   EXPECT_THAT(CreateError(json).message(), HasSubstr("pre_tokenizer `Whitespace`"));
   json = good;
-  json["pre_tokenizer"] = nullptr;
-  EXPECT_THAT(CreateError(json).message(), HasSubstr("only byte-level BPE"));
+  json["decoder"] = {{"type", "WordPiece"}};
+  EXPECT_THAT(CreateError(json).message(), HasSubstr("decoder `WordPiece`"));
+  json = good;
+  json["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "_"}, {"prepend_scheme", "x"}};
+  EXPECT_THAT(CreateError(json).message(), HasSubstr("prepend_scheme `x`"));
+  json = good;
+  json["model"]["merges"].push_back("he xyz");  // the library refuses such a file too
+  EXPECT_THAT(CreateError(json).message(),
+              HasSubstr("needs `xyz`, which is not in the vocabulary"));
   json = good;
   json["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(unclosed";
   EXPECT_THAT(CreateError(json).message(), HasSubstr("cannot compile the regex"));
