@@ -60,6 +60,11 @@ def main():
         if os.path.exists(path):
             for index, text in enumerate(texts):
                 write("tokenizer", f"{folder}_{index}", open(path).read() + "\0" + text)
+    # SentencePiece-style files (byte fallback, Metaspace) whose vocabulary fits the fuzzer's 512.
+    for layout in ["mixtral_320", "metaspace_never"]:
+        path = os.path.join(ROOT, "tests", "fixtures", "sentencepiece", layout, "tokenizer.json")
+        for index, text in enumerate(texts):
+            write("tokenizer", f"{layout}_{index}", open(path).read() + "\0" + text)
     vocab = {chr(33 + i): i for i in range(64)}
     byte_level = {"model": {"type": "BPE", "vocab": vocab, "merges": ["! \""]},
                   "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}
