@@ -15,9 +15,13 @@ import os
 import re
 import sys
 
-import jsonschema
-import kubernetes_validate
 import yaml
+
+try:  # from build/deploy-venv (scripts/deploy-venv.sh); --write-prometheus-rule needs neither
+    import jsonschema
+    import kubernetes_validate
+except ImportError:
+    jsonschema = kubernetes_validate = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deploy_common  # noqa: E402
@@ -321,6 +325,8 @@ def main():
             f.write(expected_prometheus_rule())
         print(f"wrote {PROMETHEUS_RULE}")
         return
+    if kubernetes_validate is None:
+        sys.exit("check_manifests.py: run it with build/deploy-venv/bin/python (scripts/deploy-venv.sh)")
     kubectl = sys.argv[1]
     version = deploy_common.project_version()
     schemas = {}
