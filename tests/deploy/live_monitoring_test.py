@@ -7,7 +7,8 @@ deploy/prometheus/prometheus.yml: its Kubernetes discovery is swapped for static
 carry the __meta_kubernetes_* labels discovery would give (namespace, pod, container, port
 name, pod labels), so the shipped relabelling rules produce the labels, and it loads the
 shipped rules.yml. Load runs through the front end until the controller has pushed a
-placement; then every dashboard panel query, template variable and annotation (variables
+placement; then the health services the probes ask answer by name, and every dashboard panel
+query, template variable and annotation (variables
 substituted; panels whose description starts with [dcgm] need the GPU exporter and are
 skipped) and every rule is evaluated through Prometheus' HTTP API: each must return data with
 the labels its legend, annotation or alert text uses. Alerts are evaluated with their
@@ -150,6 +151,20 @@ class Prometheus:
             return False
 
 
+def health(address, service):
+    """grpc.health.v1 Check, as a Kubernetes gRPC probe asks it: the status name, or the error."""
+    import grpc  # Debian's python3-grpcio (scripts/install-deps.sh)
+    request = b"\x0a" + bytes([len(service)]) + service.encode() if service else b""
+    with grpc.insecure_channel(address) as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        try:
+            response = check(request, timeout=5)
+        except grpc.RpcError as error:
+            return error.code().name
+    status = response[1] if len(response) >= 2 and response[0] == 0x08 else 0
+    return {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}.get(status, str(status))
+
+
 def template_labels(text):
     return set(re.findall(r"\{\{\s*\$?(?:labels\.)?([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}", text or ""))
 
@@ -236,6 +251,23 @@ def main():
             failures.append("the EPLB controller pushed no placement:\n" + cluster.log("moeserve-eplb-controller"))
         time.sleep(3)  # a last scrape and rule evaluation after the load
         end = time.time()
+
+        # What the manifests' probes ask: the front end's gRPC port and each node's first rank
+        # (the node's --port) answer `readiness` and `liveness` by name.
+        probes = [(f"127.0.0.1:{frontend_port}", service) for service in
+                  ("readiness", "liveness", "", "moeserve.v1.Generation", "moeserve.v1.Generation/prefill",
+                   "moeserve.v1.Generation/decode")]
+        probes += [(f"127.0.0.1:{port}", service) for port in (prefill_port, decode_port, decode_port + 1)
+                   for service in ("readiness", "liveness")]
+        for address, service in probes:
+            checks += 1
+            status = health(address, service)
+            if status != "SERVING":
+                failures.append(f"health {service!r} on {address}: {status}, expected SERVING")
+        checks += 1
+        status = health(f"127.0.0.1:{frontend_port}", "no-such-service")
+        if status != "NOT_FOUND":
+            failures.append(f"health 'no-such-service' answered {status}, expected NOT_FOUND")
 
         # The scrape produced the labels the rules and dashboards rely on.
         up = prometheus.instant('up{job="moeserve"}')
