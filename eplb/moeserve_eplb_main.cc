@@ -20,11 +20,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "base/build_info.h"
+#include "base/logging.h"
 #include "base/metrics_listener.h"
 #include "base/regular_file.h"
 #include "base/tls_files.h"
 #include "eplb/controller.h"
 #include "eplb/rebalance_tool.h"
+#include "spdlog/spdlog.h"
 
 namespace {
 
@@ -286,19 +288,20 @@ int RunController(ControllerArguments& arguments) {
     absl::StatusOr<std::string> text =
         moeserve::base::ReadRegularFile(arguments.admin_token_file, 64 << 10);
     if (!text.ok()) {
-      std::cerr << "moeserve-eplb controller: the admin token file: " << text.status().message()
-                << "\n";
+      spdlog::error("moeserve-eplb controller: the admin token file: {}",
+                    std::string(text.status().message()));
       return kExitIoError;
     }
     token = std::string(absl::StripAsciiWhitespace(text->substr(0, text->find('\n'))));
     if (token.empty()) {
-      std::cerr << "moeserve-eplb controller: the admin token file " << arguments.admin_token_file
-                << " is empty\n";
+      spdlog::error("moeserve-eplb controller: the admin token file {} is empty",
+                    arguments.admin_token_file);
       return kExitIoError;
     }
   } else if (arguments.targets_tls.cert.empty()) {
-    std::cerr << "moeserve-eplb controller: give --admin-token-file, or --tls-cert/--tls-key for "
-                 "targets that authenticate by client certificate\n";
+    spdlog::error(
+        "moeserve-eplb controller: give --admin-token-file, or --tls-cert/--tls-key for targets "
+        "that authenticate by client certificate");
     return kExitIoError;
   }
   auto registry = std::make_shared<prometheus::Registry>();
@@ -308,7 +311,7 @@ int RunController(ControllerArguments& arguments) {
     absl::StatusOr<std::unique_ptr<moeserve::base::MetricsListener>> started =
         moeserve::base::MetricsListener::Start(arguments.metrics_host, arguments.metrics_port);
     if (!started.ok()) {
-      std::cerr << "moeserve-eplb controller: " << started.status().message() << "\n";
+      spdlog::error("moeserve-eplb controller: {}", std::string(started.status().message()));
       return kExitIoError;
     }
     metrics = *std::move(started);
@@ -322,7 +325,8 @@ int RunController(ControllerArguments& arguments) {
     absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
         moeserve::base::MakeChannel(std::string(address), arguments.targets_tls);
     if (!channel.ok()) {
-      std::cerr << "moeserve-eplb controller: --tls-*: " << channel.status().message() << "\n";
+      spdlog::error("moeserve-eplb controller: --tls-*: {}",
+                    std::string(channel.status().message()));
       return kExitIoError;
     }
     owned_targets.push_back(
@@ -335,18 +339,20 @@ int RunController(ControllerArguments& arguments) {
   while (true) {
     auto report = controller.RunCycle();
     if (!report.ok()) {
-      std::cerr << "moeserve-eplb controller: cycle failed: " << report.status().message() << "\n";
+      spdlog::error("moeserve-eplb controller: cycle failed: {}",
+                    std::string(report.status().message()));
       if (arguments.once) return 1;
     } else {
-      std::cout << "moeserve-eplb controller: group " << arguments.options.group
-                << ": balancedness " << report->balancedness_before << " -> "
-                << report->balancedness_after << "; " << report->reason << std::endl;
+      spdlog::info("moeserve-eplb controller: group {}: balancedness {} -> {}; {}",
+                   arguments.options.group, report->balancedness_before, report->balancedness_after,
+                   report->reason);
       if (arguments.options.dry_run && !report->phy2log.empty()) {
         for (size_t layer = 0; layer < report->phy2log.size(); ++layer) {
           std::cout << "layer " << layer << " phy2log:";
           for (int expert : report->phy2log[layer]) std::cout << " " << expert;
           std::cout << "\n";
         }
+        std::cout << std::flush;
       }
       if (arguments.once) return 0;
     }
@@ -367,12 +373,33 @@ int main(int argc, char** argv) {
       "moeserve-eplb");
   app.set_version_flag("--version", moeserve::base::Version());
   app.require_subcommand(1);
+  app.fallthrough();
+  moeserve::base::LogOptions log_options;
+  moeserve::base::AddLoggingOptions(app, log_options);
+  bool check_flags = false;
+  app.add_flag("--check-flags", check_flags,
+               "Parse and validate the command's flags, print `flags accepted` and exit 0 "
+               "without starting anything (non-zero with the reason otherwise)");
+  app.parse_complete_callback([&] {
+    const std::string component = app.get_subcommands().empty()
+                                      ? std::string("moeserve-eplb")
+                                      : "eplb-" + app.get_subcommands().front()->get_name();
+    if (absl::Status status = moeserve::base::ConfigureLogging(log_options, component);
+        !status.ok()) {
+      throw CLI::ValidationError("--log-level/--log-format", std::string(status.message()));
+    }
+  });
   RebalanceArguments rebalance_arguments;
   AddRebalanceCommand(app, rebalance_arguments);
   ControllerArguments controller_arguments;
   AddControllerCommand(app, controller_arguments);
 
   CLI11_PARSE(app, argc, argv);
+  if (check_flags) {
+    std::cout << "moeserve-eplb " << app.get_subcommands().front()->get_name()
+              << ": flags accepted\n";
+    return 0;
+  }
 
   if (app.got_subcommand("rebalance")) return RunRebalance(rebalance_arguments);
   if (app.got_subcommand("controller")) return RunController(controller_arguments);
