@@ -9,7 +9,8 @@
 // their streams and sampling options are the public types of engine/api/; nothing here exposes
 // model, parallel or runtime internals.
 //
-// Also the engine-level functions behind `moeserve logits` and `moeserve export`.
+// Also the engine-level functions behind `moeserve logits` and `moeserve export`, and the
+// `moeserve plan memory` command (engine/tools/plan_memory.h).
 //
 // No protobuf here. All methods of an Engine are thread-safe.
 #pragma once
@@ -30,6 +31,9 @@
 
 namespace prometheus {
 class Registry;
+}
+namespace CLI {
+class App;
 }
 
 namespace moeserve::engine {
@@ -266,5 +270,11 @@ absl::StatusOr<LogitsResult> ComputeLogits(const LogitsRequest& request);
 // `moeserve export`: the model's config.json and model.safetensors (Hugging Face names) in
 // `out_dir`. Returns the number of tensors written.
 absl::StatusOr<int> ExportModel(const std::string& model, const std::string& out_dir);
+
+// Adds `memory` to the `plan` subcommand: the per-GPU weights, KV cache and tokens of an
+// expert-parallel layout, from a config.json (engine/tools/plan_memory.h). Its callback prints
+// the plan and sets `exit_code` to 1 when the layout does not fit, 2 for bad arguments; it
+// leaves `exit_code` alone when it fits. `exit_code` must outlive the parse.
+void RegisterPlanMemoryCommand(CLI::App& plan_command, int& exit_code);
 
 }  // namespace moeserve::engine

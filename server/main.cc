@@ -542,6 +542,7 @@ int main(int argc, char** argv) {
   auto* plan_command = app.add_subcommand("plan", "Plan parallel layouts (pipeline schedules)");
   plan_command->require_subcommand(1);
   moeserve::engine::pipeline::RegisterPlanPipelineCommand(*plan_command, exit_code);
+  moeserve::engine::RegisterPlanMemoryCommand(*plan_command, exit_code);
 
   try {
     app.parse(argc, argv);

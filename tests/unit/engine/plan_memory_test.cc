@@ -1,0 +1,229 @@
+// `moeserve plan memory`: parameter counts and bytes of the published configs in
+// tests/fixtures/configs/ (DeepSeek-V3, DeepSeek-V2, Qwen3-235B-A22B, Qwen3-30B-A3B, Mixtral
+// 8x22B) against the published totals and against sums worked out by hand in the comments, the
+// per-GPU layout arithmetic, and what does and does not fit.
+#include "engine/tools/plan_memory.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "engine/model/hf_config.h"
+#include "engine/model/model_size.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace moeserve::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+using ::testing::HasSubstr;
+
+const fs::path kConfigs = fs::path(MOESERVE_SOURCE_DIR) / "tests" / "fixtures" / "configs";
+constexpr int64_t kGiB = int64_t{1} << 30;
+
+ModelConfig Config(const std::string& name) {
+  std::ifstream in(kConfigs / (name + ".json"));
+  std::stringstream text;
+  text << in.rdbuf();
+  absl::StatusOr<ModelConfig> config = ParseModelConfig(nlohmann::json::parse(text.str()), name);
+  EXPECT_TRUE(config.ok()) << name << ": " << config.status();
+  return config.ok() ? *config : ModelConfig();
+}
+
+const WeightFormat kBf16;
+const WeightFormat kFp8 = [] {
+  WeightFormat format;
+  format.kind = WeightFormat::Kind::kFp8BlockScaled;
+  return format;
+}();
+
+double Relative(int64_t value, double published) { return std::abs(value - published) / published; }
+
+TEST(ModelSize, ParameterCountsMatchThePublishedOnes) {
+  // DeepSeek-V3: 671B total, 37B activated (its paper and model card; the main model, without
+  // the 14B multi-token-prediction module moeserve does not load). By hand: embeddings and LM
+  // head 2 x 129,280 x 7,168 = 1,853,358,080; per layer MLA 187,107,328 + norms 14,336, x 61 =
+  // 11,414,421,504; 3 dense MLPs 3 x 396,361,728 = 1,189,085,184; 58 MoE layers x (256 + 1
+  // shared) x 44,040,192 + router 1,835,008 + bias 256 = 656,569,547,264; final norm 7,168.
+  const ModelSize v3 = ComputeModelSize(Config("deepseek-v3"), kBf16);
+  EXPECT_EQ(v3.total_parameters, 671'026'419'200);
+  EXPECT_LT(Relative(v3.total_parameters, 671e9), 0.005);
+  // Active: the published 37B leaves out the embedding lookup; counted here it is 37.55B.
+  EXPECT_EQ(v3.active_parameters, 671'026'419'200 - 58LL * 248 * 44'040'192);
+  EXPECT_LT(Relative(v3.active_parameters, 37e9), 0.02);
+  EXPECT_EQ(v3.num_moe_layers, 58);
+  EXPECT_EQ(v3.routed_expert_parameters, 3LL * 7168 * 2048);
+
+  const ModelSize v2 = ComputeModelSize(Config("deepseek-v2"), kBf16);  // 236B, 21B active
+  EXPECT_LT(Relative(v2.total_parameters, 236e9), 0.005);
+  EXPECT_LT(Relative(v2.active_parameters, 21e9), 0.02);
+
+  // Qwen3-235B-A22B: per layer attention 71,303,424 (q, k, v, o and the q/k norms), norms 8,192,
+  // router 524,288, 128 experts x 18,874,368; x 94, plus 2 x 622,329,856 and 4,096.
+  const ModelSize qwen235 = ComputeModelSize(Config("qwen3-235b-a22b"), kBf16);
+  EXPECT_EQ(qwen235.total_parameters, 235'093'634'560);
+  EXPECT_LT(Relative(qwen235.total_parameters, 235e9), 0.005);
+  EXPECT_LT(Relative(qwen235.active_parameters, 22e9), 0.01);
+
+  const ModelSize qwen30 = ComputeModelSize(Config("qwen3-30b-a3b"), kBf16);  // 30.5B, 3.3B
+  EXPECT_EQ(qwen30.total_parameters, 30'532'122'624);
+  EXPECT_LT(Relative(qwen30.total_parameters, 30.5e9), 0.005);
+  EXPECT_LT(Relative(qwen30.active_parameters, 3.3e9), 0.02);
+
+  // Mixtral 8x22B: 141B total, 39B active (Mistral's announcement).
+  const ModelSize mixtral = ComputeModelSize(Config("mixtral-8x22b"), kBf16);
+  EXPECT_EQ(mixtral.total_parameters, 140'620'634'112);
+  EXPECT_LT(Relative(mixtral.total_parameters, 141e9), 0.005);
+  EXPECT_LT(Relative(mixtral.active_parameters, 39e9), 0.005);
+}
+
+TEST(ModelSize, Fp8CountsOneBytePerQuantizedParameterPlusBlockScales) {
+  const ModelSize v3 = ComputeModelSize(Config("deepseek-v3"), kFp8);
+  // One routed expert of one layer: 3 x 7,168 x 2,048 bytes, and 3 matrices of 16 x 56 fp32
+  // scales.
+  EXPECT_EQ(v3.routed_expert_bytes, 44'040'192 + 3 * 16 * 56 * 4);
+  // Dense, by hand: embeddings and LM head in bf16 3,706,716,160; per layer the five MLA
+  // matrices 187,105,280 + their scales 45,792 + q_a/kv_a norms 4,096 + layer norms 28,672, x 61
+  // = 11,418,214,240; 3 dense MLPs x (396,361,728 + 96,768) = 1,189,375,488; 58 MoE layers x
+  // (router 3,670,016 + bias 512 + shared expert 44,050,944) = 2,767,845,376; final norm 14,336.
+  EXPECT_EQ(v3.dense_bytes, 19'082'165'600);
+  // In bf16 every parameter is two bytes.
+  const ModelSize bf16 = ComputeModelSize(Config("deepseek-v3"), kBf16);
+  EXPECT_EQ(bf16.dense_bytes, 2 * bf16.dense_parameters);
+  EXPECT_EQ(bf16.routed_expert_bytes, 2 * bf16.routed_expert_parameters);
+  // What DeepSeek-V3's FP8 checkpoint quantizes and what it keeps in bf16.
+  EXPECT_TRUE(IsBlockQuantized("model.layers.3.mlp.experts.7.down_proj.weight", {7168, 2048}));
+  EXPECT_TRUE(IsBlockQuantized("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", {576, 7168}));
+  EXPECT_FALSE(IsBlockQuantized("model.layers.3.mlp.gate.weight", {256, 7168}));
+  EXPECT_FALSE(IsBlockQuantized("model.embed_tokens.weight", {129280, 7168}));
+  EXPECT_FALSE(IsBlockQuantized("lm_head.weight", {129280, 7168}));
+  EXPECT_FALSE(IsBlockQuantized("model.layers.0.input_layernorm.weight", {7168}));
+}
+
+TEST(ModelSize, KvCacheBytesPerToken) {
+  // MLA: (kv_lora_rank 512 + rope 64) x 61 layers x 2 bytes.
+  EXPECT_EQ(KvCacheBytesPerToken(Config("deepseek-v3"), 2), 576 * 61 * 2);
+  // GQA: 2 x 4 KV heads x 128 x 94 layers x 2 bytes; Mixtral 2 x 8 x 128 x 56 x 2.
+  EXPECT_EQ(KvCacheBytesPerToken(Config("qwen3-235b-a22b"), 2), 2 * 4 * 128 * 94 * 2);
+  EXPECT_EQ(KvCacheBytesPerToken(Config("mixtral-8x22b"), 2), 2 * 8 * 128 * 56 * 2);
+  EXPECT_EQ(KvCacheBytesPerToken(Config("qwen3-30b-a3b"), 4), 2 * 4 * 128 * 48 * 4);
+}
+
+PlanMemoryOptions Options(const std::string& config, int ep, double gpu_memory_gib) {
+  PlanMemoryOptions options;
+  options.model = (kConfigs / (config + ".json")).string();
+  options.ep = ep;
+  options.gpu_memory_gib = gpu_memory_gib;
+  return options;
+}
+
+TEST(PlanMemory, DeepSeekV3Fp8OnEightH200s) {
+  absl::StatusOr<MemoryPlan> plan = PlanMemory(Options("deepseek-v3", 8, 139));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->weight_dtype, "fp8");  // from the config's quantization_config
+  EXPECT_EQ(plan->expert_slots_per_gpu, 32);
+  EXPECT_EQ(plan->dense_bytes, 19'082'165'600);
+  EXPECT_EQ(plan->expert_bytes, 32LL * 58 * 44'050'944);
+  // 139 GiB - weights - the 4 GiB reserve, in tokens of 70,272 bytes.
+  const int64_t kv = 135 * kGiB - 19'082'165'600 - 32LL * 58 * 44'050'944;
+  EXPECT_EQ(plan->kv_bytes, kv);
+  EXPECT_EQ(plan->tokens_per_gpu, kv / 70'272);
+  EXPECT_EQ(plan->required_tokens_per_gpu, 163'840);  // one request of the full context
+  EXPECT_TRUE(plan->fits);
+  EXPECT_EQ(plan->smallest_fitting_ep, 8);
+  const std::string report = FormatMemoryPlan(*plan);
+  EXPECT_THAT(report, HasSubstr("671.03 B parameters, 37.55 B active per token"));
+  EXPECT_THAT(report, HasSubstr("32 expert slots per GPU in each MoE layer ((256 + 0) / 8)"));
+  EXPECT_THAT(report, HasSubstr("70,272 bytes per token in bf16"));
+}
+
+TEST(PlanMemory, RedundantExpertsAddSlots) {
+  PlanMemoryOptions options = Options("deepseek-v3", 16, 78);
+  options.num_redundant_experts = 32;
+  absl::StatusOr<MemoryPlan> plan = PlanMemory(options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->expert_slots_per_gpu, 18);  // (256 + 32) / 16
+  EXPECT_EQ(plan->expert_bytes, 18LL * 58 * 44'050'944);
+}
+
+TEST(PlanMemory, NamesWhatDoesNotFit) {
+  // DeepSeek-V3 in bf16 on 8 x 139 GiB: 1.25 TiB of weights.
+  PlanMemoryOptions bf16 = Options("deepseek-v3", 8, 139);
+  bf16.dtype = "bf16";
+  absl::StatusOr<MemoryPlan> plan = PlanMemory(bf16);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_FALSE(plan->fits);
+  EXPECT_THAT(plan->does_not_fit, HasSubstr("the weights do not fit"));
+  EXPECT_EQ(plan->smallest_fitting_ep, 16);
+  EXPECT_THAT(FormatMemoryPlan(*plan), HasSubstr("DOES NOT FIT: the weights do not fit"));
+
+  // The weights fit, but not the KV cache that was asked for.
+  PlanMemoryOptions kv = Options("mixtral-8x22b", 8, 78);
+  kv.max_tokens_per_gpu = 10'000'000;
+  plan = PlanMemory(kv);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_FALSE(plan->fits);
+  EXPECT_THAT(plan->does_not_fit, HasSubstr("the KV cache does not fit"));
+  EXPECT_THAT(plan->does_not_fit, HasSubstr("fewer than the 10,000,000 required"));
+  EXPECT_EQ(plan->smallest_fitting_ep, 0);
+}
+
+TEST(PlanMemory, RefusesBadOptions) {
+  auto error = [](const PlanMemoryOptions& options) {
+    absl::StatusOr<MemoryPlan> plan = PlanMemory(options);
+    EXPECT_FALSE(plan.ok());
+    return plan.ok() ? std::string() : std::string(plan.status().message());
+  };
+  EXPECT_THAT(error(Options("deepseek-v3", 7, 139)),
+              HasSubstr("the 256 expert slots (256 routed + 0 redundant) do not divide over "
+                        "--ep 7"));
+  EXPECT_THAT(error(Options("deepseek-v3", 0, 139)), HasSubstr("--ep"));
+  EXPECT_THAT(error(Options("deepseek-v3", 8, 0)), HasSubstr("--gpu-memory-gib"));
+  PlanMemoryOptions dtype = Options("deepseek-v3", 8, 139);
+  dtype.dtype = "int4";
+  EXPECT_THAT(error(dtype), HasSubstr("--dtype must be fp8 or bf16"));
+  PlanMemoryOptions kv_dtype = Options("deepseek-v3", 8, 139);
+  kv_dtype.kv_dtype = "fp16";
+  EXPECT_THAT(error(kv_dtype), HasSubstr("--kv-dtype"));
+  EXPECT_THAT(error(Options("no-such-model", 8, 139)), HasSubstr("no config.json"));
+}
+
+TEST(PlanMemory, ReadsACheckpointFolderAndSizesConfigsMoeserveWouldNotServe) {
+  // A checkpoint folder: its config.json, FP8 because of its quantization_config.
+  PlanMemoryOptions folder;
+  folder.model = (kConfigs.parent_path() / "hf" / "deepseek_v3_fp8").string();
+  folder.ep = 4;
+  folder.gpu_memory_gib = 1;
+  folder.reserve_gib = 0;
+  absl::StatusOr<MemoryPlan> plan = PlanMemory(folder);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->weight_dtype, "fp8");
+  EXPECT_EQ(plan->config.name, "deepseek_v3_fp8");
+  EXPECT_TRUE(plan->fits);
+
+  // A rope type moeserve does not implement changes no size: the plan is made, with a note.
+  const fs::path dir = fs::path(::testing::TempDir()) / "plan_memory_llama3_rope";
+  fs::create_directories(dir);
+  std::ifstream in(kConfigs / "qwen3-30b-a3b.json");
+  std::stringstream text;
+  text << in.rdbuf();
+  nlohmann::json json = nlohmann::json::parse(text.str());
+  json["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}};
+  std::ofstream(dir / "config.json") << json.dump();
+  PlanMemoryOptions relaxed;
+  relaxed.model = dir.string();
+  relaxed.ep = 1;
+  relaxed.gpu_memory_gib = 78;
+  plan = PlanMemory(relaxed);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_THAT(plan->serving_note, HasSubstr("unsupported rope type `llama3`"));
+  EXPECT_EQ(plan->size.total_parameters, 30'532'122'624);
+  EXPECT_THAT(FormatMemoryPlan(*plan), HasSubstr("note     moeserve would refuse to serve"));
+}
+
+}  // namespace
+}  // namespace moeserve::engine
