@@ -1,11 +1,14 @@
 #include "base/metrics_listener.h"
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "base/http_listener.h"
+#include "base/process_metrics.h"
 #include "prometheus/text_serializer.h"
 
 namespace moeserve::base {
@@ -13,7 +16,8 @@ namespace {
 
 class HttpMetricsListener : public MetricsListener {
  public:
-  HttpMetricsListener() {
+  explicit HttpMetricsListener(std::vector<std::pair<std::string, std::string>> constant_labels)
+      : constant_labels_(std::move(constant_labels)) {
     // Scrapes are rare and small: two threads serve them (a second scraper, or a slow one,
     // does not stall the first).
     server_.new_task_queue = [] { return new httplib::ThreadPool(2); };
@@ -60,21 +64,42 @@ class HttpMetricsListener : public MetricsListener {
       families.insert(families.end(), std::make_move_iterator(collected.begin()),
                       std::make_move_iterator(collected.end()));
     }
+    std::vector<prometheus::MetricFamily> process = process_metrics_->Collect();
+    families.insert(families.end(), std::make_move_iterator(process.begin()),
+                    std::make_move_iterator(process.end()));
+    AddConstantLabels(families);
     return prometheus::TextSerializer().Serialize(families);
+  }
+
+  // Adds the listener's constant labels to every series that does not have them already.
+  void AddConstantLabels(std::vector<prometheus::MetricFamily>& families) const {
+    if (constant_labels_.empty()) return;
+    for (prometheus::MetricFamily& family : families) {
+      for (prometheus::ClientMetric& metric : family.metric) {
+        for (const auto& [name, value] : constant_labels_) {
+          const bool present = std::any_of(metric.label.begin(), metric.label.end(),
+                                           [&](const auto& label) { return label.name == name; });
+          if (!present) metric.label.push_back({name, value});
+        }
+      }
+    }
   }
 
   httplib::Server server_;
   HttpListener listener_{server_};  // after server_: stops it before it goes
   int port_ = -1;
+  const std::vector<std::pair<std::string, std::string>> constant_labels_;
+  const std::shared_ptr<prometheus::Collectable> process_metrics_ = NewProcessMetrics();
   absl::Mutex mutex_;
   std::vector<std::weak_ptr<prometheus::Collectable>> collectables_ ABSL_GUARDED_BY(mutex_);
 };
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<MetricsListener>> MetricsListener::Start(const std::string& host,
-                                                                        int port) {
-  auto listener = std::make_unique<HttpMetricsListener>();
+absl::StatusOr<std::unique_ptr<MetricsListener>> MetricsListener::Start(
+    const std::string& host, int port,
+    std::vector<std::pair<std::string, std::string>> constant_labels) {
+  auto listener = std::make_unique<HttpMetricsListener>(std::move(constant_labels));
   if (absl::Status status = listener->Listen(host, port); !status.ok()) return status;
   return listener;
 }

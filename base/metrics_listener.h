@@ -14,6 +14,8 @@
 
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "prometheus/collectable.h"
@@ -23,8 +25,12 @@ namespace moeserve::base {
 class MetricsListener {
  public:
   // Listens on host:port (port 0 picks a free one); UNAVAILABLE naming the address when it
-  // cannot be bound.
-  static absl::StatusOr<std::unique_ptr<MetricsListener>> Start(const std::string& host, int port);
+  // cannot be bound. Every series shown gets `constant_labels` it does not already carry (a
+  // rank process's `group` and `rank`); the process_* series (process_metrics.h) are always
+  // shown.
+  static absl::StatusOr<std::unique_ptr<MetricsListener>> Start(
+      const std::string& host, int port,
+      std::vector<std::pair<std::string, std::string>> constant_labels = {});
   virtual ~MetricsListener() = default;
 
   // Adds a registry to what /metrics shows; it is dropped once it expires.

@@ -501,6 +501,8 @@ EngineStats LocalEngine::Stats() const {
       stats.waiting += worker->queued();
       stats.kv_blocks_total += worker->kv_blocks_total();
       stats.kv_blocks_free += worker->kv_blocks_free();
+      stats.seconds_since_progress =
+          std::max(stats.seconds_since_progress, worker->seconds_since_progress());
     }
   }
   return stats;

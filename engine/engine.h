@@ -111,6 +111,9 @@ struct EngineStats {
   int64_t steps = 0;
   int64_t placement_version = 0;
   int64_t placement_commit_step = -1;
+  // The longest any local rank's loop has gone without coming round (0 without rank loops):
+  // growing past a few seconds while a group is healthy means a wedged process.
+  double seconds_since_progress = 0;
 };
 
 // The health of one expert-parallel group: OK while it serves; once it failed, UNAVAILABLE

@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "base/bounded_json.h"
+#include "base/load_progress.h"
 #include "base/regular_file.h"
 #include "engine/base/status_macros.h"
 #include "engine/model/architecture.h"
@@ -297,10 +298,16 @@ absl::StatusOr<std::map<std::string, Tensor>> ReadCheckpointTensors(
     }
   }
 
+  uint64_t total_bytes = 0;
+  for (const auto& [name, tensor] : stored) total_bytes += tensor.entry->num_bytes;
+  base::LoadProgress& progress = base::LoadProgress::Global();
+  progress.Begin(folder, total_bytes);
+
   std::map<std::string, Tensor> out;
   std::map<std::string, std::string> source;  // canonical name -> stored name
   std::set<std::string> used_scales;
   for (const auto& [name, tensor] : stored) {
+    progress.Advance(tensor.entry->num_bytes);
     if (name.ends_with(kScaleSuffix)) continue;  // read with its weight
     if (name.ends_with("rotary_emb.inv_freq")) continue;
     if (config.tie_word_embeddings && name == "lm_head.weight") continue;
@@ -334,6 +341,7 @@ absl::StatusOr<std::map<std::string, Tensor>> ReadCheckpointTensors(
         "unexpected tensor `", name, "`: block scales for `", weight,
         stored.contains(weight) ? "`, which is not an FP8 tensor" : "`, which is not stored"));
   }
+  progress.Finish();
   return out;
 }
 

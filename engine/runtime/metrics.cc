@@ -13,6 +13,13 @@ prometheus::Histogram* NewHistogram(prometheus::Registry& registry, const std::s
       {}, LatencyBuckets());
 }
 
+// Token counts: powers of two from 1 to 128 Ki.
+prometheus::Histogram::BucketBoundaries LengthBuckets() {
+  prometheus::Histogram::BucketBoundaries buckets;
+  for (double bound = 1; bound <= 131072; bound *= 2) buckets.push_back(bound);
+  return buckets;
+}
+
 }  // namespace
 
 EngineMetrics::EngineMetrics(prometheus::Registry& registry) {
@@ -38,8 +45,26 @@ EngineMetrics::EngineMetrics(prometheus::Registry& registry) {
                                      "Time from arrival to the last token");
   queue_time_ = NewHistogram(registry, "moeserve_queue_time_seconds",
                              "Time from arrival to the start of prefill");
-  step_time_ = NewHistogram(registry, "moeserve_step_duration_seconds",
-                            "Duration of one engine forward step");
+  time_per_output_token_ =
+      NewHistogram(registry, "moeserve_time_per_output_token_seconds",
+                   "Per finished request: time from its first to its last token over the tokens "
+                   "after the first (TPOT)");
+  prompt_length_ = &prometheus::BuildHistogram()
+                        .Name("moeserve_prompt_length_tokens")
+                        .Help("Prompt length of finished requests, in tokens")
+                        .Register(registry)
+                        .Add({}, LengthBuckets());
+  output_length_ = &prometheus::BuildHistogram()
+                        .Name("moeserve_output_length_tokens")
+                        .Help("Generated tokens of finished requests")
+                        .Register(registry)
+                        .Add({}, LengthBuckets());
+  step_time_ = &prometheus::BuildHistogram()
+                    .Name("moeserve_step_duration_seconds")
+                    .Help(
+                        "Duration of one forward step of a rank, by group and phase (prefill: "
+                        "every row prefills; decode: every row decodes; mixed)")
+                    .Register(registry);
   step_tokens_ = &prometheus::BuildCounter()
                       .Name("moeserve_step_tokens_total")
                       .Help("Tokens processed by forward steps (prefill and decode)")
@@ -83,8 +108,18 @@ void EngineMetrics::ObserveEndToEndLatency(double s) {
 void EngineMetrics::ObserveQueueTime(double s) {
   if (queue_time_ != nullptr) queue_time_->Observe(s);
 }
-void EngineMetrics::ObserveStep(double seconds, int tokens) {
-  if (step_time_ != nullptr) step_time_->Observe(seconds);
+void EngineMetrics::ObserveFinishedRequest(int prompt_tokens, int output_tokens,
+                                           double time_per_output_token_seconds) {
+  if (prompt_length_ == nullptr) return;
+  prompt_length_->Observe(prompt_tokens);
+  output_length_->Observe(output_tokens);
+  if (output_tokens >= 2) time_per_output_token_->Observe(time_per_output_token_seconds);
+}
+void EngineMetrics::ObserveStep(double seconds, int tokens, const std::string& group,
+                                const std::string& phase) {
+  if (step_time_ != nullptr) {
+    step_time_->Add({{"group", group}, {"phase", phase}}, LatencyBuckets()).Observe(seconds);
+  }
   if (step_tokens_ != nullptr) step_tokens_->Increment(tokens);
 }
 void EngineMetrics::SetQueueState(int running, int waiting, double kv_cache_usage_ratio) {

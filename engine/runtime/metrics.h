@@ -29,7 +29,13 @@ class EngineMetrics {
   void ObserveInterTokenLatency(double seconds);
   void ObserveEndToEndLatency(double seconds);
   void ObserveQueueTime(double seconds);
-  void ObserveStep(double seconds, int tokens);
+  // A finished request (stop, length or context_length): its prompt and output lengths and,
+  // with two or more output tokens, its time per output token after the first.
+  void ObserveFinishedRequest(int prompt_tokens, int output_tokens,
+                              double time_per_output_token_seconds);
+  // One forward step of `group`; `phase` is prefill (every row prefills), decode (every row
+  // decodes) or mixed.
+  void ObserveStep(double seconds, int tokens, const std::string& group, const std::string& phase);
   void SetQueueState(int running, int waiting, double kv_cache_usage_ratio);
 
  private:
@@ -40,7 +46,10 @@ class EngineMetrics {
   prometheus::Histogram* inter_token_latency_ = nullptr;
   prometheus::Histogram* end_to_end_latency_ = nullptr;
   prometheus::Histogram* queue_time_ = nullptr;
-  prometheus::Histogram* step_time_ = nullptr;
+  prometheus::Histogram* time_per_output_token_ = nullptr;
+  prometheus::Histogram* prompt_length_ = nullptr;
+  prometheus::Histogram* output_length_ = nullptr;
+  prometheus::Family<prometheus::Histogram>* step_time_ = nullptr;
   prometheus::Counter* step_tokens_ = nullptr;
   prometheus::Gauge* running_ = nullptr;
   prometheus::Gauge* waiting_ = nullptr;

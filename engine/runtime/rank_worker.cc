@@ -59,10 +59,40 @@ void RankWorker::PublishState() const {
   if (context_.publish_state) context_.publish_state();
 }
 
+namespace {
+
+// "prefill" when every row of the step prefills, "decode" when every row decodes, else "mixed".
+const char* StepPhase(const StepPlan& plan) {
+  bool prefills = false, decodes = false;
+  for (size_t i = 0; i < plan.batch.size(); ++i) {
+    if (plan.batch[i].start_position >= plan.members[i]->prompt_length) {
+      decodes = true;
+    } else {
+      prefills = true;
+    }
+  }
+  if (prefills && decodes) return "mixed";
+  return prefills ? "prefill" : "decode";
+}
+
+}  // namespace
+
+double RankWorker::seconds_since_progress() const {
+  const int64_t last = last_round_nanos_.load(std::memory_order_relaxed);
+  if (last == 0) return 0;
+  const int64_t now = Clock::now().time_since_epoch() / std::chrono::nanoseconds(1);
+  return static_cast<double>(now - last) / 1e9;
+}
+
 void RankWorker::Loop() {
   cpu::ConfigureBlasThreads(1);
-  while (Step()) {
-  }
+  auto mark_round = [this] {
+    last_round_nanos_.store(Clock::now().time_since_epoch() / std::chrono::nanoseconds(1),
+                            std::memory_order_relaxed);
+  };
+  mark_round();
+  while (Step()) mark_round();
+  last_round_nanos_.store(0, std::memory_order_relaxed);
   // Stopped (or failed, in which case nothing is left): whatever remains is aborted.
   for (auto& seq : scheduler_.Stop()) emitter_.Finish(*seq, FinishReason::kAborted);
   for (auto& seq : scheduler_.ReleaseAll()) emitter_.Finish(*seq, FinishReason::kAborted);
@@ -145,8 +175,8 @@ bool RankWorker::Step() {
     return false;
   }
   if (plan.tokens > 0) {
-    context_.metrics->ObserveStep(Seconds(Clock::now() - step_start),
-                                  static_cast<int>(plan.tokens));
+    context_.metrics->ObserveStep(Seconds(Clock::now() - step_start), static_cast<int>(plan.tokens),
+                                  group_.name(), StepPhase(plan));
   }
   if (context_.min_step_seconds > 0) {
     std::this_thread::sleep_until(step_start +

@@ -77,6 +77,10 @@ class RankWorker {
   int running() const { return scheduler_.running(); }
   int kv_blocks_free() const { return scheduler_.kv_blocks_free(); }
   int kv_blocks_total() const { return scheduler_.kv_blocks_total(); }
+  // How long since the rank's loop last came round (an idle loop comes round every 50 ms, a
+  // working one once per step); 0 once the loop has ended. For liveness: a loop stuck outside
+  // a collective (whose own timeout fails the group) keeps this growing.
+  double seconds_since_progress() const;
 
  private:
   void Loop();
@@ -108,6 +112,8 @@ class RankWorker {
   int traced_steps_ = 0;
   int working_steps_ = 0;      // steps the group agreed had work (the same count on every rank)
   int traced_candidates_ = 0;  // working steps seen while a trace recorder is set
+  // steady_clock nanoseconds at the start of the loop's latest round; 0 when not looping.
+  std::atomic<int64_t> last_round_nanos_{0};
   std::thread thread_;
 };
 

@@ -4,6 +4,8 @@
 #include <string>
 #include <vector>
 
+#include "spdlog/spdlog.h"
+
 namespace moeserve::engine {
 namespace {
 
@@ -119,6 +121,17 @@ void StreamEmitter::Finish(Sequence& seq, FinishReason reason, GenerationOutput 
   metrics_.RequestFinished(StatusLabel(reason));
   if (reason != FinishReason::kCancelled && reason != FinishReason::kAborted) {
     metrics_.ObserveEndToEndLatency(output.usage.total_seconds);
+    const double time_per_output_token =
+        seq.generated >= 2 ? Seconds(seq.last_token - seq.first_token) / (seq.generated - 1) : 0;
+    metrics_.ObserveFinishedRequest(seq.prompt_length, seq.generated, time_per_output_token);
+  }
+  if (spdlog::should_log(spdlog::level::debug)) {
+    spdlog::debug(
+        "request {} finished: {}, prompt {} tokens, output {} tokens, queue {:.1f} ms, first "
+        "token {:.1f} ms, total {:.1f} ms",
+        seq.input.request_id, StatusLabel(reason), seq.prompt_length, seq.generated,
+        output.usage.queue_seconds * 1e3, output.usage.time_to_first_token_seconds * 1e3,
+        output.usage.total_seconds * 1e3);
   }
   seq.stream->Push(std::move(output));
   seq.stream.reset();
@@ -129,6 +142,7 @@ void StreamEmitter::Fail(Sequence& seq, const absl::Status& failure) const {
   GenerationOutput output;
   output.status = failure;
   metrics_.RequestFinished("unavailable");
+  spdlog::debug("request {} failed: {}", seq.input.request_id, std::string(failure.message()));
   seq.stream->Push(std::move(output));
   seq.stream.reset();
 }
