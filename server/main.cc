@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "base/build_info.h"
+#include "base/logging.h"
 #include "base/tls_files.h"
 #include "engine/engine.h"
 #include "engine/pipeline/plan_command.h"
@@ -19,6 +20,7 @@
 #include "server/npy_writer.h"
 #include "server/rank_process.h"
 #include "server/serve.h"
+#include "spdlog/spdlog.h"
 
 namespace {
 
@@ -301,6 +303,35 @@ int RunExport(const std::string& model_spec, const std::string& out_dir) {
   return 0;
 }
 
+// --liveness-stall-seconds of `serve` and `rank`.
+void AddLivenessOption(CLI::App* command, double& stall_seconds) {
+  command
+      ->add_option("--liveness-stall-seconds", stall_seconds,
+                   "Health `liveness` turns NOT_SERVING (so that a liveness probe restarts the "
+                   "process) when a rank loop has not come round for this long; must exceed "
+                   "--collective-timeout-seconds")
+      ->capture_default_str()
+      ->check(CLI::Range(1.0, 86400.0));
+}
+
+// The liveness stall must outlast a collective's timeout: a rank waiting for a slow peer is
+// not wedged, and its group fails (visibly) at the timeout.
+bool CheckLivenessStall(const std::string& command, double stall_seconds,
+                        const moeserve::engine::EngineOptions& engine, int& exit_code) {
+  if (stall_seconds > engine.parallel.collective_timeout_seconds) return true;
+  std::cerr << "moeserve " << command << ": --liveness-stall-seconds (" << stall_seconds
+            << ") must exceed --collective-timeout-seconds ("
+            << engine.parallel.collective_timeout_seconds << ")\n";
+  exit_code = 2;
+  return false;
+}
+
+// With --check-flags a command stops once its flags have parsed and validated.
+bool StopAfterFlagCheck(bool check_flags, const std::string& command) {
+  if (check_flags) std::cout << "moeserve " << command << ": flags accepted\n";
+  return check_flags;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -309,7 +340,25 @@ int main(int argc, char** argv) {
       "parallelism"};
   app.set_version_flag("--version", moeserve::base::Version());
   app.require_subcommand(1);
+  // The top-level options may also follow the subcommand (`moeserve serve --log-level debug`).
+  app.fallthrough();
   int exit_code = 0;
+  moeserve::base::LogOptions log_options;
+  moeserve::base::AddLoggingOptions(app, log_options);
+  bool check_flags = false;
+  app.add_flag("--check-flags", check_flags,
+               "Parse and validate the command's flags, print `flags accepted` and exit 0 "
+               "without starting anything (non-zero with the reason otherwise); `node` checks its "
+               "ranks' flags too. For deployment checks.");
+  app.parse_complete_callback([&] {
+    const std::string component = app.get_subcommands().empty()
+                                      ? std::string("moeserve")
+                                      : app.get_subcommands().front()->get_name();
+    if (absl::Status status = moeserve::base::ConfigureLogging(log_options, component);
+        !status.ok()) {
+      throw CLI::ValidationError("--log-level/--log-format", std::string(status.message()));
+    }
+  });
 
   // serve
   moeserve::server::ServeOptions serve;
@@ -334,8 +383,11 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   EngineFlags serve_engine;
   AddEngineOptions(serve_command, serve_engine);
+  AddLivenessOption(serve_command, serve.liveness_stall_seconds);
   serve_command->callback([&] {
     if (!ApplyEngineFlags("serve", serve_engine, serve.engine, exit_code)) return;
+    if (!CheckLivenessStall("serve", serve.liveness_stall_seconds, serve.engine, exit_code)) return;
+    if (StopAfterFlagCheck(check_flags, "serve")) return;
     exit_code = moeserve::server::RunServe(serve);
   });
 
@@ -399,8 +451,11 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(-1, 1023));
   EngineFlags rank_engine;
   AddEngineOptions(rank_command, rank_engine);
+  AddLivenessOption(rank_command, rank.liveness_stall_seconds);
   rank_command->callback([&] {
     if (!ApplyEngineFlags("rank", rank_engine, rank.engine, exit_code)) return;
+    if (!CheckLivenessStall("rank", rank.liveness_stall_seconds, rank.engine, exit_code)) return;
+    if (StopAfterFlagCheck(check_flags, "rank")) return;
     exit_code = moeserve::server::RunRank(rank);
   });
 
@@ -446,7 +501,10 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   node_command->add_option("rank-arguments", node.rank_arguments,
                            "Flags for every rank (after --): --group, --leader, --model, ...");
-  node_command->callback([&] { exit_code = moeserve::server::RunNode(node); });
+  node_command->callback([&] {
+    node.check_flags = check_flags;
+    exit_code = moeserve::server::RunNode(node);
+  });
 
   // frontend
   moeserve::server::ServeOptions frontend;
@@ -488,6 +546,7 @@ int main(int argc, char** argv) {
       cluster.groups.emplace_back(parts[0], parts[1]);
       frontend.groups.push_back(parts[0]);
     }
+    if (StopAfterFlagCheck(check_flags, "frontend")) return;
     const std::string& token_file =
         !frontend_admin_token_file.empty() ? frontend_admin_token_file : frontend.admin_token_file;
     if (!token_file.empty()) {

@@ -15,6 +15,8 @@
 #include "absl/strings/str_cat.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "server/process_health.h"
+#include "spdlog/spdlog.h"
 
 extern char** environ;
 
@@ -41,12 +43,16 @@ struct Child {
   std::unique_ptr<grpc::health::v1::Health::Stub> health;
 };
 
-// Whether the rank answers its health check (SERVING or not: it is alive and not wedged).
+// Whether the rank answers that it is live (health `liveness` SERVING: loading or serving, not
+// wedged; see process_health.h).
 bool Answers(Child& child, std::chrono::milliseconds deadline) {
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + deadline);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(kLivenessService);
   grpc::health::v1::HealthCheckResponse response;
-  return child.health->Check(&context, {}, &response).ok();
+  return child.health->Check(&context, request, &response).ok() &&
+         response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
 }
 
 // Whether `pid` exits within `timeout` (its wait status in `status`).
@@ -65,6 +71,48 @@ std::string ExitDescription(int status) {
   return "ended";
 }
 
+// `moeserve rank` and its flags for local rank `local` (the flags the node sets, then the
+// node's rank arguments).
+std::vector<std::string> RankCommand(const std::string& self, const NodeOptions& options,
+                                     int group_size, int rank, int local, bool check_flags) {
+  std::vector<std::string> arguments = {self};
+  if (check_flags) arguments.push_back("--check-flags");
+  const std::vector<std::string> own = {
+      "rank",
+      "--group-size",
+      std::to_string(group_size),
+      "--rank",
+      std::to_string(rank),
+      "--port",
+      std::to_string(options.port + local),
+      "--metrics-port",
+      std::to_string(options.metrics_port < 0 ? -1 : options.metrics_port + local)};
+  arguments.insert(arguments.end(), own.begin(), own.end());
+  arguments.insert(arguments.end(), options.rank_arguments.begin(), options.rank_arguments.end());
+  return arguments;
+}
+
+// Runs `moeserve --check-flags rank ...` for the node's first rank; its exit code.
+int CheckRankFlags(const std::string& self, const NodeOptions& options, int group_size,
+                   int node_index) {
+  std::vector<std::string> arguments =
+      RankCommand(self, options, group_size, node_index * options.ranks_per_node, 0, true);
+  std::vector<char*> argv;
+  for (std::string& argument : arguments) argv.push_back(argument.data());
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  if (int e = posix_spawn(&pid, self.c_str(), nullptr, nullptr, argv.data(), environ); e != 0) {
+    spdlog::error("moeserve node: cannot check the ranks' flags: {}", strerror(e));
+    return 1;
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+  std::cout << "moeserve node: flags accepted\n";
+  return 0;
+}
+
 }  // namespace
 
 int RunNode(const NodeOptions& options) {
@@ -78,16 +126,17 @@ int RunNode(const NodeOptions& options) {
   const int num_nodes =
       options.num_nodes >= 1 ? options.num_nodes : EnvironmentInt("LWS_GROUP_SIZE", 1);
   if (options.ranks_per_node < 1 || num_nodes < 1 || node_index < 0 || node_index >= num_nodes) {
-    std::cerr << "moeserve node: node " << node_index << " of " << num_nodes << " with "
-              << options.ranks_per_node << " ranks per node is not a valid layout\n";
+    spdlog::error("moeserve node: node {} of {} with {} ranks per node is not a valid layout",
+                  node_index, num_nodes, options.ranks_per_node);
     return 1;
   }
   for (const std::string& argument : options.rank_arguments) {
     for (const char* own : {"--rank", "--group-size", "--port", "--metrics-port"}) {
       if (argument == own || argument.rfind(absl::StrCat(own, "="), 0) == 0) {
-        std::cerr << "moeserve node: " << own
-                  << " is the node's to set for each rank (give the node --port, "
-                     "--metrics-port, --ranks-per-node and --num-nodes instead)\n";
+        spdlog::error(
+            "moeserve node: {} is the node's to set for each rank (give the node --port, "
+            "--metrics-port, --ranks-per-node and --num-nodes instead)",
+            own);
         return 2;
       }
     }
@@ -96,9 +145,11 @@ int RunNode(const NodeOptions& options) {
   std::error_code error;
   const std::string self = std::filesystem::read_symlink("/proc/self/exe", error).string();
   if (error) {
-    std::cerr << "moeserve node: cannot find its own executable: " << error.message() << "\n";
+    spdlog::error("moeserve node: cannot find its own executable: {}",
+                  std::string(error.message()));
     return 1;
   }
+  if (options.check_flags) return CheckRankFlags(self, options, group_size, node_index);
 
   // The ranks take signals normally (the supervisor's mask is not theirs).
   posix_spawnattr_t attributes;
@@ -112,24 +163,14 @@ int RunNode(const NodeOptions& options) {
     Child& child = children[local];
     child.rank = node_index * options.ranks_per_node + local;
     child.port = options.port + local;
-    std::vector<std::string> arguments = {
-        self,
-        "rank",
-        "--group-size",
-        std::to_string(group_size),
-        "--rank",
-        std::to_string(child.rank),
-        "--port",
-        std::to_string(child.port),
-        "--metrics-port",
-        std::to_string(options.metrics_port < 0 ? -1 : options.metrics_port + local)};
-    arguments.insert(arguments.end(), options.rank_arguments.begin(), options.rank_arguments.end());
+    std::vector<std::string> arguments =
+        RankCommand(self, options, group_size, child.rank, local, /*check_flags=*/false);
     std::vector<char*> argv;
     for (std::string& argument : arguments) argv.push_back(argument.data());
     argv.push_back(nullptr);
     if (int e = posix_spawn(&child.pid, self.c_str(), nullptr, &attributes, argv.data(), environ);
         e != 0) {
-      std::cerr << "moeserve node: cannot start rank " << child.rank << ": " << strerror(e) << "\n";
+      spdlog::error("moeserve node: cannot start rank {}: {}", child.rank, strerror(e));
       return 1;
     }
     child.running = true;
@@ -137,9 +178,8 @@ int RunNode(const NodeOptions& options) {
         absl::StrCat("127.0.0.1:", child.port), grpc::InsecureChannelCredentials()));
   }
   posix_spawnattr_destroy(&attributes);
-  std::cout << "moeserve node: node " << node_index << " of " << num_nodes << " started ranks "
-            << children.front().rank << ".." << children.back().rank << " of " << group_size
-            << std::endl;
+  spdlog::info("moeserve node: node {} of {} started ranks {}..{} of {}", node_index, num_nodes,
+               children.front().rank, children.back().rank, group_size);
 
   int exit_code = 0;
   std::string reason;
@@ -191,7 +231,11 @@ int RunNode(const NodeOptions& options) {
       }
     }
   }
-  std::cerr << "moeserve node: " << reason << "; stopping the node's ranks" << std::endl;
+  if (exit_code == 0) {
+    spdlog::info("moeserve node: {}; stopping the node's ranks", reason);
+  } else {
+    spdlog::error("moeserve node: {}; stopping the node's ranks", reason);
+  }
   for (Child& child : children) {
     if (child.running) kill(child.pid, SIGTERM);
   }
@@ -214,7 +258,7 @@ int RunNode(const NodeOptions& options) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
   }
-  std::cout << "moeserve node: stopped (exit code " << exit_code << ")" << std::endl;
+  spdlog::info("moeserve node: stopped (exit code {})", exit_code);
   return exit_code;
 }
 

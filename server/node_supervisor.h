@@ -26,12 +26,16 @@ struct NodeOptions {
   double health_interval_seconds = 1;
   int health_misses = 3;
   double shutdown_grace_seconds = 15;
+  // Only check the flags: the node's, then its first rank's (`moeserve --check-flags rank ...`);
+  // nothing starts.
+  bool check_flags = false;
   // Everything else a rank needs (`moeserve rank` flags: --group, --leader, --model, ...).
   std::vector<std::string> rank_arguments;
 };
 
 // Returns the process exit code: 0 after SIGTERM/SIGINT, the failed rank's exit code (or 1)
-// when a rank ended or stopped answering, 2 for rank flags that are the node's to set.
+// when a rank ended or stopped answering (its health `liveness` unanswered or NOT_SERVING), 2
+// for rank flags that are the node's to set.
 int RunNode(const NodeOptions& options);
 
 }  // namespace moeserve::server

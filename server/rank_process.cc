@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/build_info.h"
+#include "base/load_progress.h"
 #include "base/metrics_listener.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server.h"
@@ -17,6 +18,7 @@
 #include "prometheus/registry.h"
 #include "server/admin_service.h"
 #include "server/admin_token.h"
+#include "server/process_health.h"
 #include "server/rendezvous.h"
 #include "server/worker_service.h"
 #include "spdlog/spdlog.h"
@@ -49,24 +51,28 @@ int RunRank(const RankOptions& options) {
   signal(SIGPIPE, SIG_IGN);
   const std::string name = absl::StrCat("group `", options.group, "` rank ", options.rank);
   if (options.group_size < 1 || options.rank < 0 || options.rank >= options.group_size) {
-    std::cerr << "moeserve rank: rank " << options.rank << " is outside a group of "
-              << options.group_size << "\n";
+    spdlog::error("moeserve rank: rank {} is outside a group of {}", options.rank,
+                  options.group_size);
     return 1;
   }
 
   auto registry = std::make_shared<prometheus::Registry>();
   base::RegisterBuildInfo(*registry, "rank");
+  const std::shared_ptr<prometheus::Collectable> load_progress =
+      base::LoadProgress::NewCollectable();
   std::unique_ptr<base::MetricsListener> metrics;
   int metrics_port = -1;
   if (options.metrics_port >= 0) {
-    absl::StatusOr<std::unique_ptr<base::MetricsListener>> started =
-        base::MetricsListener::Start(options.host, options.metrics_port);
+    absl::StatusOr<std::unique_ptr<base::MetricsListener>> started = base::MetricsListener::Start(
+        options.host, options.metrics_port,
+        {{"group", options.group}, {"rank", std::to_string(options.rank)}});
     if (!started.ok()) {
-      std::cerr << "moeserve rank: " << started.status().message() << "\n";
+      spdlog::error("moeserve rank: {}", std::string(started.status().message()));
       return 1;
     }
     metrics = *std::move(started);
     metrics->RegisterCollectable(registry);
+    metrics->RegisterCollectable(load_progress);
     metrics_port = metrics->port();
   }
 
@@ -82,7 +88,8 @@ int RunRank(const RankOptions& options) {
   absl::StatusOr<std::optional<ChatTemplateSource>> chat_template =
       LoadChatTemplateSource(options.engine.model, /*override_file=*/"");
   if (!chat_template.ok()) {
-    std::cerr << "moeserve rank: chat template: " << chat_template.status().message() << "\n";
+    spdlog::error("moeserve rank: chat template: {}",
+                  std::string(chat_template.status().message()));
     return 1;
   }
   RankIdentity identity{options.group, options.rank, options.group_size, ""};
@@ -91,7 +98,7 @@ int RunRank(const RankOptions& options) {
   if (!options.admin_token_file.empty()) {
     absl::StatusOr<std::string> token = ReadAdminToken(options.admin_token_file);
     if (!token.ok()) {
-      std::cerr << "moeserve rank: " << token.status().message() << "\n";
+      spdlog::error("moeserve rank: {}", std::string(token.status().message()));
       return 1;
     }
     admin = std::make_unique<AdminService>(std::move(*token));
@@ -108,24 +115,24 @@ int RunRank(const RankOptions& options) {
   if (admin != nullptr) builder.RegisterService(admin.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
-    std::cerr << "moeserve rank: cannot listen on " << options.host << ":" << options.port
-              << " (address in use or not available)\n";
+    spdlog::error("moeserve rank: cannot listen on {}:{} (address in use or not available)",
+                  options.host, options.port);
     return 1;
   }
-  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  health->SetServingStatus(false);
+  ProcessHealth health(*server->GetHealthCheckService(), registry.get(), {options.group});
   const std::string self = absl::StrCat(
       options.advertise_host.empty() ? options.host : options.advertise_host, ":", port);
   const std::string leader = LeaderAddress(options, self);
   if (leader.empty()) {
-    std::cerr << "moeserve rank: " << name
-              << " needs its leader's address: --leader HOST:PORT or LWS_LEADER_ADDRESS\n";
+    spdlog::error(
+        "moeserve rank: {} needs its leader's address: --leader HOST:PORT or LWS_LEADER_ADDRESS",
+        name);
     return 1;
   }
-  std::cout << "moeserve rank: " << name << " of " << options.group_size << " listening on " << self
-            << " (metrics "
-            << (metrics_port >= 0 ? absl::StrCat("on ", options.host, ":", metrics_port) : "off")
-            << ", leader " << leader << ")" << std::endl;
+  spdlog::info("moeserve rank: {} of {} listening on {} (metrics {}, leader {})", name,
+               options.group_size, self,
+               metrics_port >= 0 ? absl::StrCat("on ", options.host, ":", metrics_port) : "off",
+               leader);
 
   const auto join_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(options.join_timeout_seconds * 1000));
@@ -133,7 +140,7 @@ int RunRank(const RankOptions& options) {
   absl::StatusOr<std::string> epoch =
       client->Join(options.group, options.group_size, options.rank, self, join_timeout);
   if (!epoch.ok()) {
-    std::cerr << "moeserve rank: " << name << ": " << epoch.status().message() << "\n";
+    spdlog::error("moeserve rank: {}: {}", name, std::string(epoch.status().message()));
     server->Shutdown();
     return kExitFormation;
   }
@@ -153,31 +160,34 @@ int RunRank(const RankOptions& options) {
   absl::StatusOr<std::unique_ptr<engine::Engine>> engine =
       engine::Engine::Create(engine_options, registry.get());
   if (!engine.ok()) {
-    std::cerr << "moeserve rank: " << name << ": " << engine.status().message() << "\n";
+    spdlog::error("moeserve rank: {}: {}", name, std::string(engine.status().message()));
     server->Shutdown();
     return engine.status().code() == absl::StatusCode::kDeadlineExceeded ? kExitFormation : 1;
   }
+  base::LoadProgress::Global().Finish();
   // The group fails fast: once it failed, this process ends (the group is re-formed as a
   // whole); the main loop below notices within its poll interval.
   std::atomic<bool> group_failed{false};
   (*engine)->SetHealthListener([&](const engine::GroupHealth& group) {
     if (group.status.ok()) return;
-    health->SetServingStatus(false);
+    health.SetNotReady();
     group_failed = true;
   });
   worker->AttachEngine(engine->get());
   if (admin != nullptr) admin->AttachEngine(engine->get());
   if (absl::Status ready = client->Ready(*epoch, options.rank); !ready.ok()) {
-    std::cerr << "moeserve rank: " << name << ": " << ready.message() << "\n";
+    spdlog::error("moeserve rank: {}: {}", name, std::string(ready.message()));
     server->Shutdown();
     (*engine)->Shutdown();
     return kExitFormation;
   }
   bool failed_already = false;
   for (const engine::GroupHealth& group : (*engine)->Health()) failed_already |= !group.status.ok();
-  health->SetServingStatus(!failed_already);
-  std::cout << "moeserve rank: serving " << name << " of " << options.group_size << " (epoch "
-            << *epoch << ") on " << self << std::endl;
+  health.PublishFrom(**engine);
+  health.WatchLiveness(
+      **engine, {.stall_seconds = options.liveness_stall_seconds, .group_failure_is_fatal = false});
+  spdlog::info("moeserve rank: serving {} of {} (epoch {}) on {}", name, options.group_size, *epoch,
+               self);
 
   int exit_code = 0;
   const timespec poll{0, 100 * 1000 * 1000};
@@ -185,9 +195,8 @@ int RunRank(const RankOptions& options) {
     siginfo_t info;
     const int signal_number = sigtimedwait(&signals, &info, &poll);
     if (signal_number == SIGTERM || signal_number == SIGINT) {
-      std::cout << "moeserve rank: " << name << " received "
-                << (signal_number == SIGTERM ? "SIGTERM" : "SIGINT")
-                << ", draining in-flight requests" << std::endl;
+      spdlog::info("moeserve rank: {} received {}, draining in-flight requests", name,
+                   signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
       break;
     }
     if (group_failed.load() || failed_already) {
@@ -201,7 +210,8 @@ int RunRank(const RankOptions& options) {
       break;
     }
   }
-  health->SetServingStatus(false);
+  health.SetNotReady();
+  health.StopWatching();
   (*engine)->StopAccepting();
   // In-flight streams end (UNAVAILABLE after a failure) before the server closes.
   const double grace = exit_code == 0 ? options.shutdown_grace_seconds : 1.0;
@@ -209,7 +219,7 @@ int RunRank(const RankOptions& options) {
                    std::chrono::milliseconds(static_cast<int64_t>(grace * 1000)));
   server->Wait();
   (*engine)->Shutdown();
-  std::cout << "moeserve rank: " << name << " stopped" << std::endl;
+  spdlog::info("moeserve rank: {} stopped", name);
   return exit_code;
 }
 

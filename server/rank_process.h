@@ -33,6 +33,8 @@ struct RankOptions {
   int metrics_port = 0;               // 0 picks a free one, -1: off
   double join_timeout_seconds = 300;  // to reach the leader and form the group
   double shutdown_grace_seconds = 10;
+  // Health `liveness` turns NOT_SERVING when the rank's loop stalls this long.
+  double liveness_stall_seconds = 120;
   std::string admin_token_file;
   int cuda_device = -1;
   engine::EngineOptions engine;

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/build_info.h"
+#include "base/load_progress.h"
 #include "base/metrics_listener.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -24,8 +25,10 @@
 #include "server/chat_template.h"
 #include "server/kserve_service.h"
 #include "server/openai_http_server.h"
+#include "server/process_health.h"
 #include "server/request_parse_errors.h"
 #include "server/shutdown_signals.h"
+#include "spdlog/spdlog.h"
 
 namespace moeserve::server {
 namespace {
@@ -36,11 +39,6 @@ using std::chrono::milliseconds;
 constexpr int kExitStopped = 0;        // drained, or stopped before serving
 constexpr int kExitStartFailed = 1;    // a listener, a file or the model failed
 constexpr int kExitStoppedAtOnce = 1;  // a second signal cut the drain short
-
-// The health service's names: "" and kGenerationService speak for the whole server (SERVING
-// once the model is loaded and while every group serves); "<kGenerationService>/<group>"
-// speaks for one expert-parallel group.
-constexpr char kGenerationService[] = "moeserve.v1.Generation";
 
 std::vector<std::string> GroupNames(const ServeOptions& options) {
   if (!options.groups.empty()) return options.groups;
@@ -58,16 +56,17 @@ struct CompiledChatTemplate {
 absl::StatusOr<CompiledChatTemplate> CompileChatTemplate(std::optional<ChatTemplateSource> source) {
   CompiledChatTemplate result;
   if (!source.has_value()) {
-    std::cerr << "moeserve: the model has no chat template; /v1/chat/completions answers 400 "
-                 "(give one with --chat-template FILE)\n";
+    spdlog::warn(
+        "moeserve: the model has no chat template; /v1/chat/completions answers 400 (give one "
+        "with --chat-template FILE)");
     return result;
   }
   absl::StatusOr<std::unique_ptr<ChatTemplate>> compiled =
       ChatTemplate::Compile(std::move(*source));
   if (compiled.status().code() == absl::StatusCode::kFailedPrecondition) {
     result.unavailable = std::string(compiled.status().message());
-    std::cerr << "moeserve: " << result.unavailable
-              << "; /v1/chat/completions answers 503, everything else serves\n";
+    spdlog::warn("moeserve: {}; /v1/chat/completions answers 503, everything else serves",
+                 result.unavailable);
     return result;
   }
   if (!compiled.ok()) return compiled.status();
@@ -84,18 +83,8 @@ std::string LayoutText(const engine::LayoutInfo& layout) {
                       layout.two_batch_overlap ? "on" : "off", ", ", layout.device);
 }
 
-void SetServerHealth(grpc::HealthCheckServiceInterface& health, bool serving) {
-  health.SetServingStatus("", serving);
-  health.SetServingStatus(kGenerationService, serving);
-}
-
-void SetGroupHealth(grpc::HealthCheckServiceInterface& health, const std::string& group,
-                    bool serving) {
-  health.SetServingStatus(absl::StrCat(kGenerationService, "/", group), serving);
-}
-
 int Fail(absl::string_view message) {
-  std::cerr << "moeserve: " << message << std::endl;
+  spdlog::error("moeserve: {}", std::string(message));
   return kExitStartFailed;
 }
 
@@ -160,8 +149,8 @@ void WaitForLoad(const std::atomic<bool>& loaded, grpc::Server& server) {
   while (!loaded.load()) {
     const int signal_number = ShutdownSignals::Next(milliseconds(100));
     if (signal_number == 0) continue;
-    std::cout << "moeserve: received " << ShutdownSignals::Name(signal_number)
-              << " while loading the model; stopping before serving" << std::endl;
+    spdlog::info("moeserve: received {} while loading the model; stopping before serving",
+                 ShutdownSignals::Name(signal_number));
     server.Shutdown(std::chrono::system_clock::now());
     std::fflush(nullptr);
     // The loader thread is inside the model load; leave without waiting for it.
@@ -177,6 +166,8 @@ int RunServe(const ServeOptions& options) {
   }
 
   auto registry = std::make_shared<prometheus::Registry>();
+  const std::shared_ptr<prometheus::Collectable> load_progress =
+      base::LoadProgress::NewCollectable();
   base::RegisterBuildInfo(*registry, options.create_engine != nullptr ? "frontend" : "server");
   std::unique_ptr<base::MetricsListener> metrics;
   std::string metrics_address = "disabled";
@@ -187,6 +178,7 @@ int RunServe(const ServeOptions& options) {
     if (!started.ok()) return Fail(started.status().message());
     metrics = *std::move(started);
     metrics->RegisterCollectable(registry);
+    metrics->RegisterCollectable(load_progress);
     metrics_address = absl::StrCat(host, ":", metrics->port());
   }
 
@@ -269,17 +261,16 @@ int RunServe(const ServeOptions& options) {
     }
   }
 
-  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  // NOT_SERVING until the model is loaded.
-  SetServerHealth(*health, false);
-  for (const std::string& group : GroupNames(options)) SetGroupHealth(*health, group, false);
+  // NOT_SERVING until the model is loaded (liveness SERVING: loading is progress).
+  ProcessHealth health(*server->GetHealthCheckService(), registry.get(), GroupNames(options));
 
   const std::string what_loads =
       options.create_engine != nullptr
           ? absl::StrCat("the groups ", absl::StrJoin(GroupNames(options), ", "))
           : options.engine.model;
-  std::cout << "moeserve: loading " << what_loads << " (listening on " << options.host << ":"
-            << selected_port << "; health NOT_SERVING until loaded)" << std::endl;
+  spdlog::info(
+      "moeserve: loading {} (listening on {}:{}, metrics on {}; health NOT_SERVING until loaded)",
+      what_loads, options.host, selected_port, metrics_address);
   absl::StatusOr<ServedEngine> served = absl::UnavailableError("the model is loading");
   std::atomic<bool> loaded{false};
   std::thread loader([&] {
@@ -308,13 +299,15 @@ int RunServe(const ServeOptions& options) {
     if (http != nullptr) http->Stop();
     return Fail(served.status().message());
   }
+  base::LoadProgress::Global().Finish();
   std::unique_ptr<engine::Engine>* engine = &served->engine;
   if (http != nullptr && template_from_engine) {
     absl::StatusOr<CompiledChatTemplate> compiled =
         CompileChatTemplate(std::move(served->chat_template));
     if (!compiled.ok()) {
       // The groups serve a template this front end cannot compile: chats say why.
-      std::cerr << "moeserve: the ranks' chat template: " << compiled.status().message() << "\n";
+      spdlog::error("moeserve: the ranks' chat template: {}",
+                    std::string(compiled.status().message()));
       http->SetChatTemplate(nullptr, absl::StrCat("the model's chat template does not compile: ",
                                                   compiled.status().message()));
     } else {
@@ -325,39 +318,37 @@ int RunServe(const ServeOptions& options) {
   kserve.AttachEngine(engine->get());
   if (http != nullptr) http->AttachEngine(engine->get());
   if (admin != nullptr) admin->AttachEngine(engine->get());
-  // A failed group stops serving (in one process it can only recover by a restart, so the
-  // liveness probe on "" restarts the process; a front end's group serves again once its rank
-  // processes re-formed it); the server serves while every group does.
+  // A failed group stops serving; the server serves while every group does. In one process a
+  // failed group comes back only with a restart, so it also ends liveness; a front end's group
+  // serves again once its rank processes re-formed it.
   engine::Engine* serving_engine = engine->get();
-  auto publish_health = [health, serving_engine] {
-    bool all_healthy = true;
-    for (const engine::GroupHealth& group : serving_engine->Health()) {
-      SetGroupHealth(*health, group.group, group.status.ok());
-      all_healthy = all_healthy && group.status.ok();
-    }
-    SetServerHealth(*health, all_healthy);
-  };
-  (*engine)->SetHealthListener([publish_health](const engine::GroupHealth&) { publish_health(); });
-  publish_health();
+  (*engine)->SetHealthListener([&health, serving_engine](const engine::GroupHealth&) {
+    health.PublishFrom(*serving_engine);
+  });
+  health.PublishFrom(*serving_engine);
+  health.WatchLiveness(*serving_engine,
+                       {.stall_seconds = options.liveness_stall_seconds,
+                        .group_failure_is_fatal = options.create_engine == nullptr});
   const engine::EngineStats stats = (*engine)->Stats();
   const engine::LayoutInfo& layout = (*engine)->layout();
   const std::string model =
       options.create_engine != nullptr ? (*engine)->model_info().name : options.engine.model;
   std::string admin_address = admin == nullptr ? "off" : "on the gRPC port";
   if (admin_server != nullptr) admin_address = absl::StrCat(admin_plan->host, ":", admin_port);
-  std::cout << "moeserve: serving " << model << " on " << options.host << ":" << selected_port
-            << " (metrics on " << metrics_address << ", OpenAI HTTP on " << http_address << ", "
-            << LayoutText(layout) << ", KV cache " << stats.kv_blocks_total << " blocks of "
-            << layout.kv_block_size << " tokens, TLS " << (options.tls.enabled() ? "on" : "off")
-            << ", admin " << admin_address << ")" << std::endl;
+  spdlog::info(
+      "moeserve: serving {} on {}:{} (metrics on {}, OpenAI HTTP on {}, {}, KV cache {} blocks of "
+      "{} tokens, TLS {}, admin {})",
+      model, options.host, selected_port, metrics_address, http_address, LayoutText(layout),
+      stats.kv_blocks_total, layout.kv_block_size, options.tls.enabled() ? "on" : "off",
+      admin_address);
 
   int signal_number = 0;
   while (signal_number == 0) signal_number = ShutdownSignals::Next(milliseconds(1000));
-  std::cout << "moeserve: received " << ShutdownSignals::Name(signal_number)
-            << ", draining in-flight requests (grace " << options.shutdown_grace_seconds
-            << " s; a second SIGTERM, SIGINT or SIGHUP stops at once)" << std::endl;
-  SetServerHealth(*health, false);
-  for (const std::string& group : GroupNames(options)) SetGroupHealth(*health, group, false);
+  spdlog::info(
+      "moeserve: received {}, draining in-flight requests (grace {} s; a second SIGTERM, SIGINT "
+      "or SIGHUP stops at once)",
+      ShutdownSignals::Name(signal_number), options.shutdown_grace_seconds);
+  health.SetNotReady();
   (*engine)->StopAccepting();
 
   // gRPC stops taking calls at once and waits for the running ones; the engine ends what is
@@ -379,25 +370,27 @@ int RunServe(const ServeOptions& options) {
     const auto left =
         std::chrono::duration_cast<milliseconds>(grace_end - std::chrono::steady_clock::now());
     if (left.count() <= 0) {
-      std::cout << "moeserve: the grace period is over; requests still running end with "
-                   "UNAVAILABLE"
-                << std::endl;
+      spdlog::info(
+          "moeserve: the grace period is over; requests still running end with UNAVAILABLE");
       break;
     }
     const int second = ShutdownSignals::Next(std::min(left, milliseconds(100)));
     if (second != 0) {
-      std::cout << "moeserve: received a second signal (" << ShutdownSignals::Name(second)
-                << "), stopping now; requests still running end with UNAVAILABLE" << std::endl;
+      spdlog::info(
+          "moeserve: received a second signal ({}), stopping now; requests still running end "
+          "with UNAVAILABLE",
+          ShutdownSignals::Name(second));
       exit_code = kExitStoppedAtOnce;
       break;
     }
   }
+  health.StopWatching();
   (*engine)->Shutdown();
   drain.join();
   server->Wait();
   if (http != nullptr) http->Stop();
   admin.reset();
-  std::cout << "moeserve: stopped" << std::endl;
+  spdlog::info("moeserve: stopped");
   return exit_code;
 }
 

@@ -56,6 +56,8 @@ struct ServeOptions {
   int http_max_connections = 256;
   std::string chat_template_file;  // empty: the model's own template
   double shutdown_grace_seconds = 10.0;
+  // Health `liveness` turns NOT_SERVING when a rank loop stalls this long (see process_health.h).
+  double liveness_stall_seconds = 120;
   int max_receive_message_bytes = 16 << 20;
   // The Admin API is served when a token file or an admin client CA is given: on the gRPC port
   // (admin_port -1, token required) or on its own port, which requires TLS (admin_tls, or `tls`

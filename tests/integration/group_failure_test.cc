@@ -107,6 +107,14 @@ void ExpectGroupFailureIsVisible(ServerProcess& server, const std::string& group
   EXPECT_EQ(Health(server, "moeserve.v1.Generation"),
             grpc::health::v1::HealthCheckResponse::NOT_SERVING);
   EXPECT_EQ(Health(server, group_service), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Health(server, "readiness"), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  // In one process nothing but a restart brings the group back: liveness ends too (the watch
+  // looks once a second).
+  const Clock::time_point not_live = WaitNotServing(server, "liveness");
+  EXPECT_LT(not_live - first_end, std::chrono::seconds(3));
+  EXPECT_THAT(server.output(),
+              HasSubstr("liveness NOT_SERVING: only a restart brings back the failed group `" +
+                        group + "`"));
   for (const std::string& healthy : healthy_groups) {
     EXPECT_EQ(Health(server, "moeserve.v1.Generation/" + healthy),
               grpc::health::v1::HealthCheckResponse::SERVING)

@@ -185,6 +185,16 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args, bool expect_re
   }
 }
 
+bool ServerProcess::WaitForLoading(double timeout_seconds) {
+  const std::vector<std::string> loading = process_.WaitForOutput(
+      R"(loading \S+ \(listening on [0-9.]+:(\d+), metrics on (?:[0-9.]+:(\d+)|disabled);)",
+      timeout_seconds);
+  if (loading.empty()) return false;
+  port_ = std::stoi(loading[1]);
+  metrics_port_ = !loading[2].empty() ? std::stoi(loading[2]) : -1;
+  return true;
+}
+
 std::shared_ptr<grpc::Channel> ServerProcess::channel() const {
   return grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
 }

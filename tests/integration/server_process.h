@@ -65,6 +65,10 @@ class ServerProcess {
   explicit ServerProcess(std::vector<std::string> extra_args, bool expect_ready = true,
                          bool wait_for_ready = true, const std::string& subcommand = "serve");
 
+  // With wait_for_ready = false: waits for the line that says the model is loading and takes
+  // the gRPC and metrics ports from it (the server answers health checks and scrapes while it
+  // loads); false after `timeout_seconds`.
+  bool WaitForLoading(double timeout_seconds);
   bool ok() const { return port_ > 0; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   int metrics_port() const { return metrics_port_; }
@@ -104,12 +108,12 @@ std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub, const std::string
 std::vector<std::vector<uint32_t>> ConcurrentGreedy(ServerProcess& server, int count,
                                                     const std::function<uint32_t(int)>& max_tokens);
 
-// GET http://127.0.0.1:port/metrics; empty on failure.
 // The server's grpc.health.v1 status for `service` ("" for the whole server); SERVICE_UNKNOWN
 // when the check itself fails.
 grpc::health::v1::HealthCheckResponse::ServingStatus Health(ServerProcess& server,
                                                             const std::string& service);
 
+// GET http://127.0.0.1:port/metrics; empty on failure.
 std::string ScrapeMetrics(int port);
 // The value of the first sample whose line starts with `series` (e.g. `moeserve_running_requests`
 // or `moeserve_requests_total{status="length"}`); -1 when absent.

@@ -272,6 +272,9 @@ TEST(WorkerProcesses, DisaggregatedGroupsServeWhatOneProcessServes) {
       }
       EXPECT_GT(count, 0u) << "rank metrics on port " << port;
       EXPECT_THAT(text, HasSubstr("moeserve_build_info{component=\"rank\""));
+      // Every series of a rank process names its group and rank (dashboards' per-rank views).
+      EXPECT_THAT(
+          text, ::testing::ContainsRegex("process_threads\\{group=\"decode\",rank=\"[0-9]+\"\\}"));
       per_rank.insert(count);
       total += count;
     }
