@@ -260,12 +260,13 @@ std::string FormatMemoryPlan(const MemoryPlan& plan) {
                                   ") values x ", c.num_hidden_layers, " layers")
                    : absl::StrCat("GQA, 2 x ", c.num_key_value_heads, " heads x ", c.head_dim,
                                   " values x ", c.num_hidden_layers, " layers");
-  row("KV cache", Gib(plan.kv_bytes),
-      absl::StrFormat("%s per token in %s: %s", WithCommas(plan.kv_bytes_per_token) + " bytes",
-                      plan.kv_dtype, kv_shape));
+  const std::string per_token = absl::StrFormat(
+      "%s bytes per token in %s: %s", WithCommas(plan.kv_bytes_per_token), plan.kv_dtype, kv_shape);
+  row("KV cache", plan.kv_bytes >= 0 ? Gib(plan.kv_bytes) : "none",
+      plan.kv_bytes >= 0 ? per_token : absl::StrCat("over by ", Gib(-plan.kv_bytes)));
   row("tokens that fit", WithCommas(plan.tokens_per_gpu),
       absl::StrCat("per GPU; ", WithCommas(plan.tokens_per_gpu * plan.ep), " over the ", plan.ep,
-                   " GPUs"));
+                   plan.ep == 1 ? " GPU" : " GPUs"));
   if (plan.fits) {
     out << "fits     " << WithCommas(plan.tokens_per_gpu)
         << " tokens per GPU >= " << WithCommas(plan.required_tokens_per_gpu) << " required\n";
