@@ -254,7 +254,7 @@ std::string FormatMemoryPlan(const MemoryPlan& plan) {
       Gib(plan.expert_bytes),
       absl::StrFormat("%.2f MiB per expert and layer", s.routed_expert_bytes / 1048576.0));
   row("reserve", Gib(plan.reserve_bytes),
-      "--reserve-gib: activations, workspaces, CUDA context, staging");
+      "--reserve-gib: activations, workspaces, NCCL buffers, staging");
   const std::string kv_shape =
       c.uses_mla() ? absl::StrCat("MLA, (", c.kv_lora_rank, " + ", c.qk_rope_head_dim,
                                   ") values x ", c.num_hidden_layers, " layers")

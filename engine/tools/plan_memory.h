@@ -31,8 +31,8 @@ struct PlanMemoryOptions {
   std::string kv_dtype = "bf16";  // bf16 (moeserve's GPU cache) | fp32 (its CPU cache) | fp8
   // KV cache tokens each GPU must hold; 0: one request of the model's full context length.
   int64_t max_tokens_per_gpu = 0;
-  // Kept free per GPU for activations, cuBLAS and NCCL workspaces, the CUDA context and
-  // placement staging.
+  // Kept free per GPU for activations, cuBLAS workspaces, NCCL buffers and placement staging
+  // (the CUDA context is outside gpu_memory_gib, which is what a process can allocate).
   double reserve_gib = 4;
 };
 
