@@ -8,13 +8,5 @@
 #   scripts/deploy-venv.sh [VENV_DIR]      (default: $MOESERVE_BUILD_DIR/deploy-venv)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-venv=${1:-$root/${MOESERVE_BUILD_DIR:-build}/deploy-venv}
-requirements=$root/tests/deploy/requirements.txt
-stamp=$venv/.moeserve-requirements
-if [[ -x $venv/bin/python ]] && cmp -s "$requirements" "$stamp"; then
-  exit 0
-fi
-echo "deploy-venv: installing $(grep -v '^#' "$requirements" | xargs) into $venv"
-/usr/bin/python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
-cp "$requirements" "$stamp"
+exec "$root/scripts/python-venv.sh" "${1:-$root/${MOESERVE_BUILD_DIR:-build}/deploy-venv}" \
+  "$root/tests/deploy/requirements.txt"

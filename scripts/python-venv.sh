@@ -5,16 +5,18 @@
 # scripts/install-deps.sh. Idempotent: does nothing when the environment already holds exactly
 # these requirements.
 #
-#   scripts/python-venv.sh [VENV_DIR]      (default: $MOESERVE_BUILD_DIR/venv, i.e. build/venv)
+#   scripts/python-venv.sh [VENV_DIR [REQUIREMENTS]]
+#     (defaults: $MOESERVE_BUILD_DIR/venv, i.e. build/venv, and tests/python/requirements.txt;
+#     scripts/deploy-venv.sh gives the deployment checks' own)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-$root/${MOESERVE_BUILD_DIR:-build}/venv}
-requirements=$root/tests/python/requirements.txt
+requirements=${2:-$root/tests/python/requirements.txt}
 stamp=$venv/.moeserve-requirements
 if [[ -x $venv/bin/python ]] && cmp -s "$requirements" "$stamp"; then
   exit 0
 fi
-echo "python-venv: installing $(grep -v '^#' "$requirements" | xargs) into $venv"
+echo "$(basename "$0" .sh): installing $(grep -v '^#' "$requirements" | xargs) into $venv"
 /usr/bin/python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
 cp "$requirements" "$stamp"
