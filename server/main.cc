@@ -598,7 +598,8 @@ int main(int argc, char** argv) {
   export_command->add_option("--out", export_dir, "Output folder")->required();
   export_command->callback([&] { exit_code = RunExport(export_model, export_dir); });
 
-  auto* plan_command = app.add_subcommand("plan", "Plan parallel layouts (pipeline schedules)");
+  auto* plan_command = app.add_subcommand(
+      "plan", "Plan deployments: memory per GPU of an expert-parallel layout, pipeline schedules");
   plan_command->require_subcommand(1);
   moeserve::engine::pipeline::RegisterPlanPipelineCommand(*plan_command, exit_code);
   moeserve::engine::RegisterPlanMemoryCommand(*plan_command, exit_code);
