@@ -1,0 +1,184 @@
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/fp8_expert_mlp.h"
+#include "kernels/fp8_quantize.h"
+#include "kernels/kernels.h"
+
+namespace moeserve::kernels {
+
+absl::StatusOr<Fp8ExpertMlp> Fp8ExpertMlp::Create(int hidden, int intermediate, int max_rows,
+                                                  int max_experts, cudaStream_t stream) {
+  if (hidden <= 0 || intermediate <= 0 || hidden % kFp8BlockSize != 0 ||
+      intermediate % kFp8BlockSize != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Fp8ExpertMlp: hidden (", hidden, ") and intermediate (", intermediate,
+                     ") must be positive multiples of 128, the FP8 scale blocks"));
+  }
+  if (max_experts <= 0 || max_experts > kMaxFp8RowGroups || max_rows < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Fp8ExpertMlp: ", max_experts, " experts; at most ", kMaxFp8RowGroups));
+  }
+  Fp8ExpertMlp mlp;
+  mlp.hidden_ = hidden;
+  mlp.intermediate_ = intermediate;
+  mlp.max_rows_ = max_rows;
+  mlp.max_experts_ = max_experts;
+  mlp.stream_ = stream;
+  // Each expert pads its rows by at most 3.
+  const size_t padded = static_cast<size_t>(max_rows) + 3 * static_cast<size_t>(max_experts);
+  for (auto s : {mlp.x_values_.Reserve(padded * hidden),
+                 mlp.x_scales_.Reserve(padded * (hidden / kFp8BlockSize)),
+                 mlp.gate_up_.Reserve(padded * 2 * intermediate),
+                 mlp.act_values_.Reserve(padded * intermediate),
+                 mlp.act_scales_.Reserve(padded * (intermediate / kFp8BlockSize)),
+                 mlp.y_padded_.Reserve(padded * hidden)}) {
+    if (!s.ok()) return s;
+  }
+  auto main_gemm = Fp8BlockGemm::Create(stream);
+  if (!main_gemm.ok()) return main_gemm.status();
+  mlp.gemms_.push_back(std::move(*main_gemm));
+  if (auto s = CudaStatus(cudaEventCreateWithFlags(&mlp.fork_, cudaEventDisableTiming), "event");
+      !s.ok()) {
+    return s;
+  }
+  for (int i = 0; i < kSideStreams; ++i) {
+    if (auto s = CudaStatus(cudaStreamCreateWithFlags(&mlp.side_streams_[i], cudaStreamNonBlocking),
+                            "cudaStreamCreate");
+        !s.ok()) {
+      return s;
+    }
+    if (auto s =
+            CudaStatus(cudaEventCreateWithFlags(&mlp.joins_[i], cudaEventDisableTiming), "event");
+        !s.ok()) {
+      return s;
+    }
+    auto side_gemm = Fp8BlockGemm::Create(mlp.side_streams_[i]);
+    if (!side_gemm.ok()) return side_gemm.status();
+    mlp.gemms_.push_back(std::move(*side_gemm));
+  }
+  return mlp;
+}
+
+Fp8ExpertMlp::Fp8ExpertMlp(Fp8ExpertMlp&& other) noexcept { *this = std::move(other); }
+
+Fp8ExpertMlp& Fp8ExpertMlp::operator=(Fp8ExpertMlp&& other) noexcept {
+  std::swap(hidden_, other.hidden_);
+  std::swap(intermediate_, other.intermediate_);
+  std::swap(max_rows_, other.max_rows_);
+  std::swap(max_experts_, other.max_experts_);
+  std::swap(stream_, other.stream_);
+  std::swap(gemms_, other.gemms_);
+  std::swap(side_streams_, other.side_streams_);
+  std::swap(fork_, other.fork_);
+  std::swap(joins_, other.joins_);
+  std::swap(x_values_, other.x_values_);
+  std::swap(x_scales_, other.x_scales_);
+  std::swap(gate_up_, other.gate_up_);
+  std::swap(act_values_, other.act_values_);
+  std::swap(act_scales_, other.act_scales_);
+  std::swap(y_padded_, other.y_padded_);
+  return *this;
+}
+
+Fp8ExpertMlp::~Fp8ExpertMlp() { Release(); }
+
+void Fp8ExpertMlp::Release() {
+  gemms_.clear();  // before their streams go
+  for (int i = 0; i < kSideStreams; ++i) {
+    if (side_streams_[i] != nullptr) cudaStreamDestroy(side_streams_[i]);
+    if (joins_[i] != nullptr) cudaEventDestroy(joins_[i]);
+  }
+  if (fork_ != nullptr) cudaEventDestroy(fork_);
+}
+
+absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
+                               const std::vector<Fp8Weight>& gate_up,
+                               const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
+                               Strategy strategy) {
+  const int experts = static_cast<int>(gate_up.size());
+  if (offsets.size() != gate_up.size() + 1 || down.size() != gate_up.size() ||
+      experts > max_experts_ || offsets.back() > max_rows_) {
+    return absl::InvalidArgumentError(
+        "Fp8ExpertMlp::Run: rows or experts beyond the sizes it was made for");
+  }
+  auto made = MakeFp8RowGroups(offsets);
+  if (!made.ok()) return made.status();
+  const Fp8RowGroups& groups = *made;
+  const int hidden_blocks = hidden_ / kFp8BlockSize;
+  const int inter_blocks = intermediate_ / kFp8BlockSize;
+  if (auto s = QuantizeActivationGroupsFp8(x, groups, hidden_, x_values_.data(), x_scales_.data(),
+                                           stream_);
+      !s.ok()) {
+    return s;
+  }
+  const bool concurrent = strategy == Strategy::kConcurrentGemm;
+  auto fork = [&]() -> absl::Status {
+    if (!concurrent) return absl::OkStatus();
+    if (auto s = CudaStatus(cudaEventRecord(fork_, stream_), "cudaEventRecord"); !s.ok()) return s;
+    for (int i = 0; i < kSideStreams; ++i) cudaStreamWaitEvent(side_streams_[i], fork_, 0);
+    return absl::OkStatus();
+  };
+  auto join = [&]() -> absl::Status {
+    if (!concurrent) return absl::OkStatus();
+    for (int i = 0; i < kSideStreams; ++i) {
+      if (auto s = CudaStatus(cudaEventRecord(joins_[i], side_streams_[i]), "cudaEventRecord");
+          !s.ok()) {
+        return s;
+      }
+      cudaStreamWaitEvent(stream_, joins_[i], 0);
+    }
+    return absl::OkStatus();
+  };
+  // The GEMM object (and so the stream) of the launched-th non-empty expert.
+  auto gemm_for = [&](int launched) -> Fp8BlockGemm& {
+    return concurrent ? gemms_[1 + launched % kSideStreams] : gemms_[0];
+  };
+
+  if (auto s = fork(); !s.ok()) return s;
+  int launched = 0;
+  for (int e = 0; e < experts; ++e) {
+    const int64_t rows = groups.rows(e);
+    if (rows == 0) continue;
+    const int64_t start = groups.padded_start[e];
+    if (auto s = gemm_for(launched++)
+                     .Run(x_values_.data() + start * hidden_,
+                          x_scales_.data() + start * hidden_blocks, rows, gate_up[e],
+                          2 * intermediate_, hidden_, gate_up_.data() + start * 2 * intermediate_);
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (auto s = join(); !s.ok()) return s;
+  if (auto s = SiluMulQuantizeFp8(gate_up_.data(), groups, intermediate_, act_values_.data(),
+                                  act_scales_.data(), stream_);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = fork(); !s.ok()) return s;
+  launched = 0;
+  bool any_unaligned = false;
+  for (int e = 0; e < experts; ++e) {
+    const int64_t rows = groups.rows(e);
+    if (rows == 0) continue;
+    const int64_t start = groups.padded_start[e];
+    // A GEMM writes whole groups of 4 rows: an expert with a multiple of 4 rows writes straight
+    // into Y; another would overwrite its neighbour's first rows, so it goes through y_padded_.
+    const bool aligned = rows % kFp8RowAlignment == 0;
+    any_unaligned |= !aligned;
+    __nv_bfloat16* out = aligned ? y + groups.source_start[e] * static_cast<int64_t>(hidden_)
+                                 : y_padded_.data() + start * hidden_;
+    if (auto s = gemm_for(launched++)
+                     .Run(act_values_.data() + start * intermediate_,
+                          act_scales_.data() + start * inter_blocks, rows, down[e], hidden_,
+                          intermediate_, out);
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (auto s = join(); !s.ok()) return s;
+  if (!any_unaligned) return absl::OkStatus();
+  return CopyUnalignedGroupRows(y_padded_.data(), groups, hidden_, y, stream_);
+}
+
+}  // namespace moeserve::kernels

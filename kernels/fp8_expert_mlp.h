@@ -1,0 +1,63 @@
+// Fp8ExpertMlp: the routed experts' SwiGLU MLP in DeepSeek-V3's FP8 recipe — the FP8 twin of
+// ExpertMlp (expert_mlp.h), with rows already grouped by expert:
+//   quantize X per 1 x 128 tile                     (one kernel over all experts' rows)
+//   gate_up[rows of e] = X_q[rows of e] · W_gate_up(e)^T   (block-scaled FP8 GEMM, bf16 out)
+//   act = bf16(silu(gate) * up), quantized per 1 x 128     (one fused kernel)
+//   Y[rows of e] = act_q[rows of e] · W_down(e)^T           (block-scaled FP8 GEMM, bf16 out)
+// Weights e4m3 with 128 x 128 block scales (fp8.h), bf16 in and out, fp32 accumulation. Inside,
+// each expert's rows are padded to a multiple of 4 (fp8.h); an expert whose row count is not one
+// writes its down projection to a scratch buffer, copied to Y at the end.
+// One instance per stream; not thread-safe.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/device_array.h"
+#include "kernels/fp8_gemm.h"
+
+namespace moeserve::kernels {
+
+class Fp8ExpertMlp {
+ public:
+  enum class Strategy {
+    kPerExpertGemm,   // the experts' GEMMs one after another on the stream
+    kConcurrentGemm,  // spread over side streams (small experts fill the GPU side by side)
+  };
+  // hidden and intermediate multiples of 128; max_experts <= kMaxFp8RowGroups (fp8_quantize.h).
+  static absl::StatusOr<Fp8ExpertMlp> Create(int hidden, int intermediate, int max_rows,
+                                             int max_experts, cudaStream_t stream);
+  Fp8ExpertMlp(Fp8ExpertMlp&&) noexcept;
+  Fp8ExpertMlp& operator=(Fp8ExpertMlp&&) noexcept;
+  ~Fp8ExpertMlp();
+
+  // `offsets` (host, experts + 1 entries) splits X [offsets.back(), hidden] by expert;
+  // gate_up[e] is [2I, H] (gate rows then up rows), down[e] is [H, I], both on the device.
+  absl::Status Run(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
+                   const std::vector<Fp8Weight>& gate_up, const std::vector<Fp8Weight>& down,
+                   __nv_bfloat16* y, Strategy strategy = Strategy::kPerExpertGemm);
+
+ private:
+  static constexpr int kSideStreams = 4;
+  Fp8ExpertMlp() = default;
+  void Release();
+
+  int hidden_ = 0, intermediate_ = 0, max_rows_ = 0, max_experts_ = 0;
+  cudaStream_t stream_ = nullptr;
+  std::vector<Fp8BlockGemm> gemms_;  // [0] on stream_, then one per side stream
+  cudaStream_t side_streams_[kSideStreams] = {};
+  cudaEvent_t fork_ = nullptr;
+  cudaEvent_t joins_[kSideStreams] = {};
+  DeviceArray<__nv_fp8_e4m3> x_values_;    // [padded rows, H]
+  DeviceArray<float> x_scales_;            // padded rows * H / 128
+  DeviceArray<__nv_bfloat16> gate_up_;     // [padded rows, 2I]
+  DeviceArray<__nv_fp8_e4m3> act_values_;  // [padded rows, I]
+  DeviceArray<float> act_scales_;          // padded rows * I / 128
+  DeviceArray<__nv_bfloat16> y_padded_;    // [padded rows, H], for experts of unaligned rows
+};
+
+}  // namespace moeserve::kernels
