@@ -1,0 +1,387 @@
+// DeepSeek-V3's block-scaled FP8 recipe on the GPU (kernels/fp8_*.h) against its CPU twins
+// (kernels/fp8_twins.h): quantization bit for bit, the cuBLASLt block-scaled GEMM and the FP8
+// expert MLP within tolerances derived below. Skipped where no GPU is present.
+//
+// Tolerances. The GPU and the twin quantize the activations identically (asserted bit for bit),
+// so the GEMM sees the same e4m3 operands and scales on both sides; what differs is the order of
+// the fp32 sums and the bf16 rounding of the output (2^-9 of a value), hence max |diff| / max
+// |ref| < 1e-2. In the MLP the GPU's bf16 gate/up outputs may differ from the twin's in the last
+// bit, and a changed bf16 input can move an activation to the neighbouring e4m3 value (1/8 of
+// its magnitude at most) or change a tile's amax; such changes are rare and average out over the
+// 128..2048-long dot products, hence max |diff| / max |ref| < 3e-2 and rms relative < 1e-2.
+// Against the same MLP without activation quantization (bf16 activations, the same dequantized
+// weights), the difference is the recipe's own error: e4m3 keeps 3 mantissa bits, a relative
+// rounding error of at most 2^-4 and about 2.5% rms per element; the MLP quantizes twice (x,
+// then the SwiGLU output), so we expect 3-5% rms and assert < 8%.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/bf16.h"
+#include "kernels/fp8.h"
+#include "kernels/fp8_expert_mlp.h"
+#include "kernels/fp8_gemm.h"
+#include "kernels/fp8_quantize.h"
+#include "kernels/fp8_twins.h"
+
+namespace moeserve::kernels {
+namespace {
+
+bool HaveGpu() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+#define REQUIRE_GPU() \
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU"
+
+// Device copies freed at the end of the test.
+class DeviceMemory {
+ public:
+  ~DeviceMemory() {
+    for (void* p : owned_) cudaFree(p);
+  }
+  template <typename T>
+  T* Upload(const std::vector<T>& host) {
+    T* device = Allocate<T>(host.size());
+    EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice),
+              cudaSuccess);
+    return device;
+  }
+  template <typename T>
+  T* Allocate(size_t count) {
+    void* device = nullptr;
+    EXPECT_EQ(cudaMalloc(&device, count * sizeof(T) + 16), cudaSuccess);
+    EXPECT_EQ(cudaMemset(device, 0xff, count * sizeof(T) + 16), cudaSuccess);  // no stale zeros
+    owned_.push_back(device);
+    return static_cast<T*>(device);
+  }
+
+ private:
+  std::vector<void*> owned_;
+};
+
+template <typename T, typename D>
+std::vector<T> Download(const D* device, size_t count) {
+  std::vector<T> host(count);
+  EXPECT_EQ(cudaMemcpy(host.data(), device, count * sizeof(T), cudaMemcpyDeviceToHost),
+            cudaSuccess);
+  return host;
+}
+
+std::vector<uint16_t> RandomBf16(size_t count, unsigned seed, float scale) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<uint16_t> values(count);
+  for (auto& v : values) v = FloatToBf16(normal(rng));
+  return values;
+}
+
+struct Errors {
+  double max_over_max = 0;  // max |a - b| / max |b|
+  double rms_relative = 0;  // sqrt(sum (a - b)^2 / sum b^2)
+};
+
+Errors Compare(const std::vector<float>& actual, const std::vector<float>& expected) {
+  double diff = 0, scale = 0, squared_diff = 0, squared = 0;
+  for (size_t i = 0; i < actual.size(); ++i) {
+    const double d = std::fabs(static_cast<double>(actual[i]) - expected[i]);
+    diff = std::max(diff, d);
+    scale = std::max(scale, std::fabs(static_cast<double>(expected[i])));
+    squared_diff += d * d;
+    squared += static_cast<double>(expected[i]) * expected[i];
+  }
+  return {scale > 0 ? diff / scale : diff, squared > 0 ? std::sqrt(squared_diff / squared) : 0};
+}
+
+std::vector<float> Bf16Floats(const std::vector<uint16_t>& values, size_t count) {
+  std::vector<float> floats(count);
+  for (size_t i = 0; i < count; ++i) floats[i] = Bf16ToFloat(values[i]);
+  return floats;
+}
+
+const __nv_bfloat16* AsBf16(const uint16_t* p) { return reinterpret_cast<const __nv_bfloat16*>(p); }
+__nv_bfloat16* AsBf16(uint16_t* p) { return reinterpret_cast<__nv_bfloat16*>(p); }
+__nv_fp8_e4m3* AsFp8(uint8_t* p) { return reinterpret_cast<__nv_fp8_e4m3*>(p); }
+
+// A block-scaled weight quantized on the host, and its device copy.
+struct TestWeight {
+  std::vector<uint8_t> values;
+  std::vector<float> scales;
+  Fp8Weight device;
+
+  Fp8WeightTwin twin() const { return {values.data(), scales.data()}; }
+};
+
+TestWeight MakeWeight(int out, int in, unsigned seed, float scale, DeviceMemory& memory) {
+  const auto bf16 = RandomBf16(static_cast<size_t>(out) * in, seed, scale);
+  TestWeight w;
+  w.values.resize(bf16.size());
+  w.scales.resize(WeightScaleCount(out, in));
+  QuantizeWeightBlocksFp8Twin(bf16.data(), out, in, w.values.data(), w.scales.data());
+  w.device.values = AsFp8(memory.Upload(w.values));
+  w.device.scales = memory.Upload(w.scales);
+  return w;
+}
+
+__global__ void ConvertKernel(const float* in, uint8_t* out, int count) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < count) out[i] = __nv_cvt_float_to_fp8(in[i], __NV_SATFINITE, __NV_E4M3);
+}
+
+TEST(Fp8Host, EveryE4m3ValueRoundTrips) {
+  for (int bits = 0; bits < 256; ++bits) {
+    if ((bits & 0x7f) == 0x7f) continue;  // NaN
+    const float value = E4m3ToFloat(static_cast<uint8_t>(bits));
+    EXPECT_EQ(FloatToE4m3(value), bits) << value;
+  }
+  EXPECT_EQ(E4m3ToFloat(0x7e), 448.0f);
+  EXPECT_EQ(FloatToE4m3(1e9f), 0x7e);  // saturates
+  EXPECT_EQ(FloatToE4m3(-500), 0xfe);
+}
+
+// The host conversion is the GPU's cvt.rn.satfinite: every value, the midpoints between
+// neighbours (ties to even), values just beside them, subnormals and out-of-range ones.
+TEST(Fp8Kernels, HostConversionEqualsTheGpus) {
+  REQUIRE_GPU();
+  std::vector<float> inputs;
+  for (int bits = 0; bits < 0x7f; ++bits) {
+    const float a = E4m3ToFloat(static_cast<uint8_t>(bits));
+    const float b = E4m3ToFloat(static_cast<uint8_t>(bits + 1));
+    for (float v : {a, (a + b) / 2, std::nextafter((a + b) / 2, 0.0f),
+                    std::nextafter((a + b) / 2, 1e30f), a * 0.999f + b * 0.001f}) {
+      inputs.push_back(v);
+      inputs.push_back(-v);
+    }
+  }
+  for (float v : {448.0f, 455.9f, 464.0f, 470.0f, 1e6f, 1e-12f, 0.0f}) inputs.push_back(v);
+  DeviceMemory memory;
+  float* in = memory.Upload(inputs);
+  uint8_t* out = memory.Allocate<uint8_t>(inputs.size());
+  ConvertKernel<<<(inputs.size() + 255) / 256, 256>>>(in, out, static_cast<int>(inputs.size()));
+  const auto gpu = Download<uint8_t>(out, inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    ASSERT_EQ(gpu[i], FloatToE4m3(inputs[i])) << "value " << inputs[i];
+  }
+}
+
+TEST(Fp8Kernels, ActivationQuantizationMatchesTwinBitForBit) {
+  REQUIRE_GPU();
+  const int cols = 7168;
+  for (int rows : {1, 3, 4, 130}) {
+    auto x = RandomBf16(static_cast<size_t>(rows) * cols, 7 + rows, 1.0f);
+    // An all-zero tile, and one with a single huge value, take the edge paths.
+    std::fill(x.begin(), x.begin() + 128, uint16_t{0});
+    x[x.size() - 300] = FloatToBf16(3e4f);
+    const int64_t padded = Fp8PaddedRows(rows);
+    std::vector<uint8_t> values(padded * cols);
+    std::vector<float> scales(ActivationScaleCount(rows, cols));
+    QuantizeActivationsFp8Twin(x.data(), rows, cols, values.data(), scales.data());
+    DeviceMemory memory;
+    uint8_t* device_values = memory.Allocate<uint8_t>(values.size());
+    float* device_scales = memory.Allocate<float>(scales.size());
+    ASSERT_TRUE(QuantizeActivationsFp8(AsBf16(memory.Upload(x)), rows, cols, AsFp8(device_values),
+                                       device_scales, nullptr)
+                    .ok());
+    EXPECT_EQ(Download<uint8_t>(device_values, values.size()), values) << rows << " rows";
+    EXPECT_EQ(Download<float>(device_scales, scales.size()), scales) << rows << " rows";
+  }
+}
+
+TEST(Fp8Kernels, GroupedQuantizationPadsEachGroupOnItsOwn) {
+  REQUIRE_GPU();
+  const int cols = 256;
+  const std::vector<int64_t> offsets = {0, 1, 1, 6, 10, 139};
+  auto groups = MakeFp8RowGroups(offsets);
+  ASSERT_TRUE(groups.ok()) << groups.status();
+  EXPECT_EQ(groups->padded_rows(), 4 + 0 + 8 + 4 + 132);
+  const auto x = RandomBf16(static_cast<size_t>(offsets.back()) * cols, 3, 2.0f);
+  DeviceMemory memory;
+  uint8_t* values = memory.Allocate<uint8_t>(groups->padded_rows() * cols);
+  float* scales = memory.Allocate<float>(groups->padded_rows() * 2);
+  ASSERT_TRUE(QuantizeActivationGroupsFp8(AsBf16(memory.Upload(x)), *groups, cols, AsFp8(values),
+                                          scales, nullptr)
+                  .ok());
+  const auto all_values = Download<uint8_t>(values, groups->padded_rows() * cols);
+  const auto all_scales = Download<float>(scales, groups->padded_rows() * 2);
+  for (int g = 0; g < groups->count; ++g) {
+    const int rows = static_cast<int>(groups->rows(g));
+    if (rows == 0) continue;
+    std::vector<uint8_t> expected_values(Fp8PaddedRows(rows) * cols);
+    std::vector<float> expected_scales(ActivationScaleCount(rows, cols));
+    QuantizeActivationsFp8Twin(x.data() + offsets[g] * cols, rows, cols, expected_values.data(),
+                               expected_scales.data());
+    const int64_t start = groups->padded_start[g];
+    EXPECT_TRUE(std::equal(expected_values.begin(), expected_values.end(),
+                           all_values.begin() + start * cols))
+        << "group " << g;
+    EXPECT_TRUE(
+        std::equal(expected_scales.begin(), expected_scales.end(), all_scales.begin() + start * 2))
+        << "group " << g;
+  }
+}
+
+TEST(Fp8Kernels, WeightBlockQuantizationMatchesTwin) {
+  REQUIRE_GPU();
+  const int out = 320, in = 384;  // a partial row block; 3 column blocks, scale stride 4
+  const auto w = RandomBf16(static_cast<size_t>(out) * in, 5, 0.02f);
+  std::vector<uint8_t> values(w.size());
+  std::vector<float> scales(WeightScaleCount(out, in));
+  QuantizeWeightBlocksFp8Twin(w.data(), out, in, values.data(), scales.data());
+  DeviceMemory memory;
+  uint8_t* device_values = memory.Allocate<uint8_t>(values.size());
+  float* device_scales = memory.Allocate<float>(scales.size());
+  ASSERT_TRUE(QuantizeWeightBlocksFp8(AsBf16(memory.Upload(w)), out, in, AsFp8(device_values),
+                                      device_scales, nullptr)
+                  .ok());
+  EXPECT_EQ(Download<uint8_t>(device_values, values.size()), values);
+  EXPECT_EQ(Download<float>(device_scales, scales.size()), scales);
+}
+
+TEST(Fp8Kernels, BlockScaledGemmMatchesTwin) {
+  REQUIRE_GPU();
+  auto gemm = Fp8BlockGemm::Create(nullptr);
+  ASSERT_TRUE(gemm.ok()) << gemm.status();
+  struct Shape {
+    int rows, n, k;
+  };
+  // DeepSeek-V3's hidden size as k, decode-like and prefill-like rows (1 and 3 are padded to 4,
+  // 130 to 132), and a k of 2 blocks whose weight scales carry padding.
+  for (const Shape shape : {Shape{1, 512, 7168}, Shape{3, 512, 7168}, Shape{128, 512, 7168},
+                            Shape{130, 384, 7168}, Shape{37, 256, 256}}) {
+    SCOPED_TRACE(testing::Message() << shape.rows << " x " << shape.n << " x " << shape.k);
+    DeviceMemory memory;
+    const TestWeight w = MakeWeight(shape.n, shape.k, 11, 0.02f, memory);
+    const auto x = RandomBf16(static_cast<size_t>(shape.rows) * shape.k, 13, 1.0f);
+    const int64_t padded = Fp8PaddedRows(shape.rows);
+    std::vector<uint8_t> x_values(padded * shape.k);
+    std::vector<float> x_scales(ActivationScaleCount(shape.rows, shape.k));
+    QuantizeActivationsFp8Twin(x.data(), shape.rows, shape.k, x_values.data(), x_scales.data());
+    std::vector<uint16_t> expected(static_cast<size_t>(shape.rows) * shape.n);
+    Fp8GemmTwin(x_values.data(), x_scales.data(), shape.rows, w.twin(), shape.n, shape.k,
+                expected.data());
+
+    uint8_t* device_values = memory.Allocate<uint8_t>(x_values.size());
+    float* device_scales = memory.Allocate<float>(x_scales.size());
+    ASSERT_TRUE(QuantizeActivationsFp8(AsBf16(memory.Upload(x)), shape.rows, shape.k,
+                                       AsFp8(device_values), device_scales, nullptr)
+                    .ok());
+    uint16_t* y = memory.Allocate<uint16_t>(padded * shape.n);
+    const absl::Status status = gemm->Run(AsFp8(device_values), device_scales, shape.rows, w.device,
+                                          shape.n, shape.k, AsBf16(y));
+    ASSERT_TRUE(status.ok()) << status;
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto result = Download<uint16_t>(y, padded * shape.n);
+    const Errors errors =
+        Compare(Bf16Floats(result, expected.size()), Bf16Floats(expected, expected.size()));
+    std::printf("FP8 GEMM %d x %d x %d vs twin: max/max %.2e, rms %.2e\n", shape.rows, shape.n,
+                shape.k, errors.max_over_max, errors.rms_relative);
+    EXPECT_LT(errors.max_over_max, 1e-2);
+    for (size_t i = expected.size(); i < result.size(); ++i) {
+      ASSERT_EQ(Bf16ToFloat(result[i]), 0.0f) << "padding row value " << i;
+    }
+  }
+}
+
+// The MLP without activation quantization, on the same dequantized weights: bf16 activations,
+// fp32 accumulation (what the bf16 path computes if its weights were the FP8 ones).
+std::vector<float> UnquantizedMlp(const std::vector<uint16_t>& x,
+                                  const std::vector<int64_t>& offsets,
+                                  const std::vector<TestWeight>& gate_up,
+                                  const std::vector<TestWeight>& down, int hidden, int inter) {
+  std::vector<float> y(static_cast<size_t>(offsets.back()) * hidden);
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    const auto wgu = DequantizeWeightFp8Twin(gate_up[e].values.data(), gate_up[e].scales.data(),
+                                             2 * inter, hidden);
+    const auto wd =
+        DequantizeWeightFp8Twin(down[e].values.data(), down[e].scales.data(), hidden, inter);
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+      std::vector<float> h(2 * inter), act(inter);
+      for (int j = 0; j < 2 * inter; ++j) {
+        float sum = 0;
+        for (int i = 0; i < hidden; ++i) {
+          sum += Bf16ToFloat(x[r * hidden + i]) * wgu[static_cast<size_t>(j) * hidden + i];
+        }
+        h[j] = Bf16ToFloat(FloatToBf16(sum));
+      }
+      for (int i = 0; i < inter; ++i) {
+        act[i] = Bf16ToFloat(FloatToBf16(h[i] / (1.0f + std::exp(-h[i])) * h[inter + i]));
+      }
+      for (int j = 0; j < hidden; ++j) {
+        float sum = 0;
+        for (int i = 0; i < inter; ++i) sum += act[i] * wd[static_cast<size_t>(j) * inter + i];
+        y[r * hidden + j] = Bf16ToFloat(FloatToBf16(sum));
+      }
+    }
+  }
+  return y;
+}
+
+void CheckExpertMlp(int hidden, int inter, const std::vector<int64_t>& offsets) {
+  const int experts = static_cast<int>(offsets.size()) - 1;
+  const int rows = static_cast<int>(offsets.back());
+  DeviceMemory memory;
+  std::vector<TestWeight> gate_up, down;
+  std::vector<Fp8WeightTwin> gate_up_twin, down_twin;
+  std::vector<Fp8Weight> gate_up_device, down_device;
+  for (int e = 0; e < experts; ++e) {
+    gate_up.push_back(MakeWeight(2 * inter, hidden, 100 + e, 0.03f, memory));
+    down.push_back(MakeWeight(hidden, inter, 200 + e, 0.04f, memory));
+  }
+  for (int e = 0; e < experts; ++e) {
+    gate_up_twin.push_back(gate_up[e].twin());
+    down_twin.push_back(down[e].twin());
+    gate_up_device.push_back(gate_up[e].device);
+    down_device.push_back(down[e].device);
+  }
+  const auto x = RandomBf16(static_cast<size_t>(rows) * hidden, 17, 1.0f);
+  std::vector<uint16_t> expected(x.size());
+  Fp8ExpertMlpTwin(x.data(), offsets, gate_up_twin, down_twin, hidden, inter, expected.data());
+  const auto expected_floats = Bf16Floats(expected, expected.size());
+  const auto unquantized = UnquantizedMlp(x, offsets, gate_up, down, hidden, inter);
+
+  const uint16_t* device_x = memory.Upload(x);
+  uint16_t* device_y = memory.Allocate<uint16_t>(x.size());
+  auto mlp = Fp8ExpertMlp::Create(hidden, inter, rows, experts, nullptr);
+  ASSERT_TRUE(mlp.ok()) << mlp.status();
+  for (auto strategy :
+       {Fp8ExpertMlp::Strategy::kPerExpertGemm, Fp8ExpertMlp::Strategy::kConcurrentGemm}) {
+    ASSERT_EQ(cudaMemset(device_y, 0xff, x.size() * 2), cudaSuccess);  // NaNs unless written
+    const absl::Status status = mlp->Run(AsBf16(device_x), offsets, gate_up_device, down_device,
+                                         AsBf16(device_y), strategy);
+    ASSERT_TRUE(status.ok()) << status;
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto result = Bf16Floats(Download<uint16_t>(device_y, x.size()), x.size());
+    const Errors twin = Compare(result, expected_floats);
+    const Errors recipe = Compare(result, unquantized);
+    const Errors twin_recipe = Compare(expected_floats, unquantized);
+    std::printf(
+        "FP8 expert MLP H=%d I=%d rows=%d strategy %d: vs twin max/max %.2e rms %.2e; vs "
+        "unquantized activations max/max %.2e rms %.2e (twin: %.2e, %.2e)\n",
+        hidden, inter, rows, static_cast<int>(strategy), twin.max_over_max, twin.rms_relative,
+        recipe.max_over_max, recipe.rms_relative, twin_recipe.max_over_max,
+        twin_recipe.rms_relative);
+    EXPECT_LT(twin.max_over_max, 3e-2);
+    EXPECT_LT(twin.rms_relative, 1e-2);
+    EXPECT_LT(recipe.rms_relative, 8e-2);
+  }
+}
+
+TEST(Fp8Kernels, ExpertMlpMatchesTwinWithBothStrategies) {
+  REQUIRE_GPU();
+  // One row, an empty expert, 5 and 7 rows (padded), 130 rows (more than a tile), 4 rows.
+  CheckExpertMlp(1024, 256, {0, 1, 1, 6, 136, 143, 147});
+}
+
+TEST(Fp8Kernels, ExpertMlpAtDeepSeekV3SizesMatchesTwin) {
+  REQUIRE_GPU();
+  CheckExpertMlp(7168, 2048, {0, 1, 4, 12});  // decode-like: 1, 3 and 8 rows
+}
+
+}  // namespace
+}  // namespace moeserve::kernels
