@@ -41,7 +41,7 @@ constexpr std::array<Architecture, 4> kArchitectures = {{
      .scales_after_normalizing = false,
      .qk_norm = true,
      .mixtral_tensor_names = false,
-     .runs_on_gpu = false},
+     .runs_on_gpu = true},
     {.family = ModelFamily::kMixtral,
      .model_type = "mixtral",
      .hf_class = "MixtralForCausalLM",
@@ -52,7 +52,7 @@ constexpr std::array<Architecture, 4> kArchitectures = {{
      .scales_after_normalizing = false,
      .qk_norm = false,
      .mixtral_tensor_names = true,
-     .runs_on_gpu = false},
+     .runs_on_gpu = true},
 }};
 
 }  // namespace

@@ -35,7 +35,7 @@ struct Architecture {
   bool qk_norm;
   // Mixtral's tensor names: `block_sparse_moe.experts.N.w1/w3/w2` for gate/up/down.
   bool mixtral_tensor_names;
-  // The GPU backend runs it (multi-head latent attention models).
+  // The GPU backend runs it (MLA and grouped-query attention models alike).
   bool runs_on_gpu;
 };
 

@@ -1,7 +1,9 @@
 // The GPU backend's attention: a micro-batch's token layout (ids, positions, cache rows, block
-// tables) and multi-head latent attention over the paged bf16 latent cache.
+// tables), multi-head latent attention over the paged bf16 latent cache (DeepSeek) and
+// grouped-query attention over the paged bf16 key/value cache (Qwen3-MoE, Mixtral).
 #include "engine/backend/cuda/rank_state.h"
 #include "engine/base/status_macros.h"
+#include "kernels/gqa_attention.h"
 #include "kernels/kernels.h"
 #include "kernels/mla.h"
 
@@ -45,6 +47,41 @@ absl::Status CudaRankBackend::State::Prepare(MicroBatchState& mb, int block_size
 }
 
 absl::Status CudaRankBackend::State::Attention(int layer, MicroBatchState& mb) {
+  return config().uses_mla() ? MultiHeadLatentAttention(layer, mb)
+                             : GroupedQueryAttention(layer, mb);
+}
+
+absl::Status CudaRankBackend::State::GroupedQueryAttention(int layer, MicroBatchState& mb) {
+  const ModelConfig& c = config();
+  const DeviceLayer& w = layers[layer];
+  const int tokens = mb.tokens;
+  const int hidden = c.hidden_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const kernels::GqaShape shape{c.num_attention_heads, c.num_key_value_heads, c.head_dim};
+
+  RETURN_IF_ERROR(kernels::RmsNorm(mb.residual.data(), w.input_norm.data(), mb.normed.data(),
+                                   tokens, hidden, eps, stream));
+  // The projection stays fp32 until the norms and rotations are done (one rounding to bf16, as
+  // MLA's latent).
+  RETURN_IF_ERROR(Linear(mb.normed.data(), w.qkv.data(), mb.qkv.data(), CUDA_R_32F, tokens, hidden,
+                         shape.projection_dim()));
+  Bf16* layer_rows = kv_rows.data() + layer * rows_per_layer * shape.row_dim();
+  RETURN_IF_ERROR(kernels::GqaWriteCache(
+      mb.qkv.data(), w.has_qk_norm ? w.q_norm.data() : nullptr,
+      w.has_qk_norm ? w.k_norm.data() : nullptr, eps, mb.positions.data(), mb.cache_rows.data(),
+      rope_cos.data(), rope_sin.data(), mb.q.data(), layer_rows, tokens, shape, stream));
+  RETURN_IF_ERROR(kernels::GqaPagedAttention(
+      mb.q.data(), layer_rows, mb.block_tables.data(), mb.max_blocks, mb.token_sequence.data(),
+      mb.positions.data(), mb.values.data(), tokens, shape, options.kv_block_size,
+      static_cast<float>(c.attention_softmax_scale()), stream));
+  // residual += o_proj(attended), then the post-attention norm.
+  RETURN_IF_ERROR(Linear(mb.values.data(), w.o.data(), mb.residual.data(), CUDA_R_16BF, tokens,
+                         shape.heads * shape.head_dim, hidden, 1.0f));
+  return kernels::RmsNorm(mb.residual.data(), w.post_attention_norm.data(), mb.normed.data(),
+                          tokens, hidden, eps, stream);
+}
+
+absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBatchState& mb) {
   const ModelConfig& c = config();
   const DeviceLayer& w = layers[layer];
   const int tokens = mb.tokens;

@@ -89,11 +89,11 @@ absl::StatusOr<std::unique_ptr<RankBackend>> CreateProcessRank(const RankBackend
 
 }  // namespace
 
-RankBackendFactory MakeCudaBackendFactory() {
+RankBackendFactory MakeCudaBackendFactory(CudaBackendFactoryOptions factory_options) {
   // Exchanges of the groups being built, by group; a rank takes its communicator from there.
   auto exchanges = std::make_shared<
       std::map<const parallel::ExpertParallelGroup*, std::shared_ptr<GroupExchange>>>();
-  return [exchanges](
+  return [exchanges, factory_options](
              const RankBackendRequest& request) -> absl::StatusOr<std::unique_ptr<RankBackend>> {
     const int size = request.group->size();
     const int visible = VisibleCudaDevices();
@@ -101,10 +101,18 @@ RankBackendFactory MakeCudaBackendFactory() {
     if (request.group->local_ranks().size() < static_cast<size_t>(size)) {
       return CreateProcessRank(request, visible);
     }
-    if (size > visible) {
+    const bool sharing = size > visible && factory_options.ranks_share_gpus && visible > 0;
+    if (size > visible && !sharing) {
       return absl::FailedPreconditionError(
           absl::StrCat("--device cuda: a group of ", size, " ranks needs ", size,
                        " GPUs (one per rank); ", visible, " visible"));
+    }
+    if (sharing) {
+      // No NCCL between ranks on one GPU: CudaRankOptions::exchange stays null.
+      auto backend = CudaRankBackend::Create(*request.model, request.group->placement(request.rank),
+                                             RankOptions(request, request.rank % visible));
+      if (!backend.ok()) return backend.status();
+      return std::unique_ptr<RankBackend>(std::move(*backend));
     }
     std::shared_ptr<GroupExchange>& exchange = (*exchanges)[request.group];
     if (size > 1 && exchange == nullptr) {

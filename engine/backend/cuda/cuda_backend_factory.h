@@ -11,8 +11,17 @@
 
 namespace moeserve::engine::cuda {
 
-// FAILED_PRECONDITION (from the factory) when a group needs more GPUs than are visible.
-RankBackendFactory MakeCudaBackendFactory();
+struct CudaBackendFactoryOptions {
+  // A group of more ranks than visible GPUs shares them (rank r on GPU r % visible), and its
+  // ranks exchange activations through pinned host memory instead of NCCL (which puts one rank
+  // on a GPU). Slow, but the same math: for tests of expert parallelism on one GPU. The server
+  // never asks for it.
+  bool ranks_share_gpus = false;
+};
+
+// FAILED_PRECONDITION (from the factory) when a group needs more GPUs than are visible (unless
+// its ranks may share them).
+RankBackendFactory MakeCudaBackendFactory(CudaBackendFactoryOptions options = {});
 
 // Visible CUDA devices (0 when there is no driver or no GPU).
 int VisibleCudaDevices();

@@ -16,16 +16,23 @@ absl::Status CudaRankBackend::State::ReserveMicroBatch(MicroBatchState& mb) {
   const size_t t = std::max(options.max_batch_tokens, 1);
   const size_t h = c.hidden_size;
   const size_t heads = c.num_attention_heads;
-  const size_t row_dim = c.kv_lora_rank + c.qk_rope_head_dim;
   const size_t top_k = std::max(c.num_experts_per_tok, 1);
   RETURN_IF_ERROR(mb.residual.Reserve(t * h));
   RETURN_IF_ERROR(mb.normed.Reserve(t * h));
-  RETURN_IF_ERROR(mb.q_compressed.Reserve(t * std::max(c.q_lora_rank, 1)));
-  RETURN_IF_ERROR(mb.q.Reserve(t * heads * c.qk_head_dim()));
-  RETURN_IF_ERROR(mb.kv_a.Reserve(t * row_dim));
-  RETURN_IF_ERROR(mb.q_absorbed.Reserve(t * heads * row_dim));
-  RETURN_IF_ERROR(mb.attended.Reserve(t * heads * c.kv_lora_rank));
-  RETURN_IF_ERROR(mb.values.Reserve(t * heads * c.v_head_dim));
+  if (c.uses_mla()) {
+    const size_t row_dim = c.kv_lora_rank + c.qk_rope_head_dim;
+    RETURN_IF_ERROR(mb.q_compressed.Reserve(t * std::max(c.q_lora_rank, 1)));
+    RETURN_IF_ERROR(mb.q.Reserve(t * heads * c.qk_head_dim()));
+    RETURN_IF_ERROR(mb.kv_a.Reserve(t * row_dim));
+    RETURN_IF_ERROR(mb.q_absorbed.Reserve(t * heads * row_dim));
+    RETURN_IF_ERROR(mb.attended.Reserve(t * heads * c.kv_lora_rank));
+    RETURN_IF_ERROR(mb.values.Reserve(t * heads * c.v_head_dim));
+  } else {
+    const size_t projection = (heads + 2 * static_cast<size_t>(c.num_key_value_heads)) * c.head_dim;
+    RETURN_IF_ERROR(mb.qkv.Reserve(t * projection));
+    RETURN_IF_ERROR(mb.q.Reserve(t * heads * c.head_dim));
+    RETURN_IF_ERROR(mb.values.Reserve(t * heads * c.head_dim));
+  }
   RETURN_IF_ERROR(mb.gate_logits.Reserve(t * std::max(c.n_routed_experts, 1)));
   RETURN_IF_ERROR(mb.routing_experts.Reserve(t * top_k));
   RETURN_IF_ERROR(mb.routing_weights.Reserve(t * top_k));
@@ -82,7 +89,7 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
 
   // KV rows on the device, and the fixed-size scratch of a step.
   const int hidden = c.hidden_size;
-  const int row_dim = c.kv_lora_rank + c.qk_rope_head_dim;
+  const int row_dim = s.kv_row_dim();
   const cudaStream_t stream = s.stream;
   s.rows_per_layer = static_cast<int64_t>(options.kv_blocks) * options.kv_block_size;
   RETURN_IF_ERROR(
@@ -264,7 +271,7 @@ absl::Status CudaRankBackend::State::CopyKvRows(const std::vector<int32_t>& bloc
   State& s = *this;
   const ModelConfig& c = s.config();
   const int block_size = s.options.kv_block_size;
-  const size_t row_bytes = sizeof(Bf16) * (c.kv_lora_rank + c.qk_rope_head_dim);
+  const size_t row_bytes = sizeof(Bf16) * s.kv_row_dim();
   if (num_tokens < 0 ||
       (num_tokens + block_size - 1) / block_size > static_cast<int>(block_table.size())) {
     return absl::InternalError("KV handoff: the block table does not cover the tokens");
@@ -292,7 +299,7 @@ absl::Status CudaRankBackend::ExportKv(const std::vector<int32_t>& block_table, 
                                        std::vector<std::byte>& rows) {
   const ModelConfig& c = state_->config();
   rows.resize(static_cast<size_t>(c.num_hidden_layers) * std::max(num_tokens, 0) *
-              (c.kv_lora_rank + c.qk_rope_head_dim) * sizeof(Bf16));
+              state_->kv_row_dim() * sizeof(Bf16));
   return state_->CopyKvRows(block_table, num_tokens, rows.data(), /*to_host=*/true);
 }
 
@@ -300,7 +307,7 @@ absl::Status CudaRankBackend::ImportKv(const std::vector<int32_t>& block_table, 
                                        std::span<const std::byte> rows) {
   const ModelConfig& c = state_->config();
   if (rows.size() != static_cast<size_t>(c.num_hidden_layers) * std::max(num_tokens, 0) *
-                         (c.kv_lora_rank + c.qk_rope_head_dim) * sizeof(Bf16)) {
+                         state_->kv_row_dim() * sizeof(Bf16)) {
     return absl::InternalError("KV handoff: the rows do not match the tokens");
   }
   return state_->CopyKvRows(block_table, num_tokens, const_cast<std::byte*>(rows.data()),

@@ -1,21 +1,25 @@
 // CudaRankBackend: one rank's part of a forward step on one GPU — DeepSeek's MLA models (V2/V3)
-// in bf16 with fp32 accumulation. It owns the rank's device copies of the weights (dense
-// weights in full; routed experts only for the rank's placement slots), the paged latent KV
-// cache rows in device memory (the rank's block allocator decides which blocks a sequence owns),
-// cuBLAS, and the scratch activations of a step.
+// and the grouped-query attention models (Qwen3-MoE, Mixtral) in bf16 with fp32 accumulation.
+// It owns the rank's device copies of the weights (dense weights in full; routed experts only
+// for the rank's placement slots), the paged KV cache rows in device memory (the rank's block
+// allocator decides which blocks a sequence owns), cuBLAS, and the scratch activations of a
+// step.
 //
-// A step: embedding → per layer [RMSNorm → MLA (q-LoRA, latent cache write with RoPE, absorbed
-// attention over the paged cache, output projection) → RMSNorm → dense MLP, or MoE (gate GEMM
-// and group-limited top-k in one kernel; dispatch to the ranks holding the chosen replicas;
-// the local slots' SwiGLU as grouped GEMMs; combine and the weighted sum with the shared
-// expert)] → final norm → LM head. The logits stay on the device: the sampler gets each row's
-// head, ranked there (kernels/sampling.h), unless a caller asks for the whole rows.
-// The dispatch plan (which replica serves each token) is computed on the host with the same
-// rule as the CPU backend, so both send each token to the same replica. Counts and slot ids go
-// through the group's host communicator; activations go GPU to GPU through NCCL on the
-// communication stream. With two micro-batches, one's dispatch runs while the other computes
-// its attention and gate, and one's combine while the other runs its experts; the compute
-// stream waits for an exchange (on the GPU, through an event) only where its result is used.
+// A step: embedding → per layer [RMSNorm → attention → RMSNorm → dense MLP, or MoE (gate GEMM
+// and top-k in one kernel; dispatch to the ranks holding the chosen replicas; the local slots'
+// SwiGLU as grouped GEMMs; combine and the weighted sum with the shared expert, if any)] →
+// final norm → LM head. Attention is MLA (q-LoRA, latent cache write with RoPE, absorbed
+// attention over the paged latent cache, output projection) or GQA (one fused q/k/v GEMM,
+// Qwen3's per-head q/k norms and rotate-half RoPE with the cache write, paged attention of each
+// query group over its key/value head, output projection); the MoE part is the same for both. The
+// logits stay on the device: the sampler gets each row's head, ranked there (kernels/sampling.h),
+// unless a caller asks for the whole rows. The dispatch plan (which replica serves each token) is
+// computed on the host with the same rule as the CPU backend, so both send each token to the same
+// replica. Counts and slot ids go through the group's host communicator; activations go GPU to GPU
+// through NCCL on the communication stream. With two micro-batches, one's dispatch runs while the
+// other computes its attention and gate, and one's combine while the other runs its experts; the
+// compute stream waits for an exchange (on the GPU, through an event) only where its result is
+// used.
 //
 // A new placement's changed slots are staged in the background (the backend's ExpertStager:
 // uploaded or generated into spare device buffers on a copy stream while the rank computes)
@@ -46,7 +50,10 @@ struct CudaRankOptions {
   int kv_blocks = 0;
   int kv_block_size = 16;
   int max_batch_tokens = 256;  // tokens per step on this rank
-  // Activations exchange (dispatch/combine) of the group; null for a group of one rank.
+  // Activations exchange (dispatch/combine) of the group. Null for a group of one rank, and for
+  // ranks that share a GPU (NCCL puts one rank on a GPU): their activations go through pinned
+  // host memory and the group's host communicator instead, which is slow but exact (tests of
+  // expert parallelism on one GPU).
   comm::NcclCommunicator* exchange = nullptr;
   std::shared_ptr<const void> exchange_owner;  // keeps `exchange` alive as long as the backend
   // Stage new placements in the background (see above); off: in the committing step.
@@ -56,7 +63,7 @@ struct CudaRankOptions {
 class CudaRankBackend : public RankBackend {
  public:
   // Uploads the weights (and the slots of `placement` for this rank) to options.device.
-  // INVALID_ARGUMENT for models the GPU backend does not run (grouped-query attention).
+  // INVALID_ARGUMENT for models the GPU backend does not run (CheckCudaSupport).
   static absl::StatusOr<std::unique_ptr<CudaRankBackend>> Create(const Model& model,
                                                                  const ExpertPlacement& placement,
                                                                  const CudaRankOptions& options);

@@ -39,7 +39,7 @@ absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const 
                                                      std::span<const int64_t> send_rows,
                                                      Bf16* receive_buffer,
                                                      std::span<const int64_t> receive_rows,
-                                                     bool dispatch) {
+                                                     bool dispatch, parallel::RankResources& rank) {
   const int64_t row_bytes = static_cast<int64_t>(config().hidden_size) * sizeof(Bf16);
   std::vector<int64_t> send_bytes(send_rows.size()), receive_bytes(receive_rows.size());
   int64_t total = 0;
@@ -47,6 +47,9 @@ absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const 
     send_bytes[p] = send_rows[p] * row_bytes;
     receive_bytes[p] = receive_rows[p] * row_bytes;
     total += send_bytes[p];
+  }
+  if (options.exchange == nullptr) {
+    return ExchangeThroughHost(mb, send_buffer, send_bytes, receive_buffer, receive_bytes, rank);
   }
   comm::NcclCommunicator& nccl = *options.exchange;
   TimedCollective timer;
@@ -69,6 +72,27 @@ absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const 
   if (!done.ok()) return done.status();
   mb.in_flight.emplace(std::move(*done));
   return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::ExchangeThroughHost(
+    MicroBatchState& mb, const Bf16* send_buffer, std::span<const int64_t> send_bytes,
+    Bf16* receive_buffer, std::span<const int64_t> receive_bytes, parallel::RankResources& rank) {
+  int64_t send_total = 0, receive_total = 0;
+  for (int64_t bytes : send_bytes) send_total += bytes;
+  for (int64_t bytes : receive_bytes) receive_total += bytes;
+  RETURN_IF_ERROR(mb.host_send.Reserve(std::max<int64_t>(send_total, 1)));
+  RETURN_IF_ERROR(mb.host_receive.Reserve(std::max<int64_t>(receive_total, 1)));
+  RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(mb.host_send.data(), send_buffer, send_total, cudaMemcpyDeviceToHost, stream),
+      "exchange rows to host"));
+  RETURN_IF_ERROR(SynchronizeCompute("exchange rows to host"));
+  RETURN_IF_ERROR(rank.compute->AllToAllV(mb.host_send.data(), send_bytes, mb.host_receive.data(),
+                                          receive_bytes));
+  RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(receive_buffer, mb.host_receive.data(), receive_total,
+                                             cudaMemcpyHostToDevice, stream),
+                             "exchange rows to device"));
+  // The pinned buffer is reused by this micro-batch's next exchange.
+  return SynchronizeCompute("exchange rows to device");
 }
 
 void CudaRankBackend::State::PublishExchangeTimes(parallel::RankResources& rank) {
@@ -159,7 +183,7 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
           absl::StrCat("rank received ", total, " rows, above ", max_received));
     }
     RETURN_IF_ERROR(EnqueueExchange(mb, mb.send.data(), mb.plan.send_rows, mb.received.data(),
-                                    mb.receive_rows, /*dispatch=*/true));
+                                    mb.receive_rows, /*dispatch=*/true, rank));
     mb.received_rows = mb.received.data();
   } else {
     mb.receive_rows[0] = assignments;
@@ -223,7 +247,7 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
   // Combine: results travel back along the reverse of the dispatch.
   if (options.group_size > 1) {
     RETURN_IF_ERROR(EnqueueExchange(mb, mb.results.data(), mb.receive_rows, mb.returned.data(),
-                                    mb.plan.send_rows, /*dispatch=*/false));
+                                    mb.plan.send_rows, /*dispatch=*/false, rank));
     mb.returned_rows = mb.returned.data();
   } else {
     mb.returned_rows = mb.results.data();

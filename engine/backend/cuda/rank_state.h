@@ -1,8 +1,8 @@
 // The GPU backend's state of one rank and the device structures it is built from. Internal to
 // engine/backend/cuda/: CudaRankBackend's implementation is split by job over weights.cc
-// (uploading and staging weights), attention.cc (token layout and MLA), moe_exchange.cc (gate,
-// dispatch, experts, combine on the communication stream), sampling.cc (LM head, logits,
-// next tokens) and cuda_rank_backend.cc (creation and the step).
+// (uploading and staging weights), attention.cc (token layout, MLA and grouped-query
+// attention), moe_exchange.cc (gate, dispatch, experts, combine on the communication stream),
+// sampling.cc (LM head, logits, next tokens) and cuda_rank_backend.cc (creation and the step).
 //
 // Not thread-safe: a rank's thread drives its State; only StageSlots runs on the group's
 // staging thread, on its own stream and its own staged buffers.
@@ -44,8 +44,14 @@ struct DeviceMlp {
 
 struct DeviceLayer {
   DeviceArray<Bf16> input_norm, post_attention_norm;
+  // MLA.
   DeviceArray<Bf16> q_a, q_a_norm, q_b, q;  // q-LoRA pair, or the direct projection
-  DeviceArray<Bf16> kv_a, kv_a_norm, kv_b, o;
+  DeviceArray<Bf16> kv_a, kv_a_norm, kv_b;
+  // Grouped-query attention: q, k and v projections stacked into one [(heads + 2 * kv_heads) *
+  // head_dim, hidden] matrix (one GEMM), and Qwen3's per-head norms (empty for Mixtral).
+  DeviceArray<Bf16> qkv, q_norm, k_norm;
+  bool has_qk_norm = false;
+  DeviceArray<Bf16> o;  // output projection (both)
   DeviceMlp dense;
   DeviceArray<Bf16> gate;
   DeviceArray<float> correction_bias;
@@ -92,13 +98,17 @@ struct MicroBatchState {
   int max_blocks = 1;
   DeviceArray<int32_t> token_ids, positions, token_sequence, block_tables;
   DeviceArray<int64_t> cache_rows;
+  // q: MLA's queries, or GQA's rotated queries; values: either's attention output before o_proj.
   DeviceArray<Bf16> residual, normed, q_compressed, q, q_absorbed, attended, values;
   DeviceArray<float> kv_a, gate_logits, routing_weights;
+  DeviceArray<float> qkv;  // GQA: the fused q/k/v projection, fp32
   DeviceArray<int32_t> routing_experts;
   DeviceArray<Bf16> send, received, expert_in, expert_out, results, returned, moe_out, shared_out;
   DeviceArray<Bf16> head_in;
   DeviceIndex send_source, slot_order, received_order, assignment_rows, head_rows;
   PinnedBuffer routing_host;  // the routing's way back to the host
+  // Ranks sharing a GPU exchange activations through these and the host communicator.
+  PinnedBuffer host_send, host_receive;
   // The current MoE layer's exchange.
   parallel::DispatchPlan plan;
   std::vector<int64_t> receive_rows;
@@ -129,8 +139,11 @@ struct CudaRankBackend::State {
   int64_t placement_version = -1;
   kernels::GateOptions gate_options;
 
-  DeviceArray<Bf16> kv_rows;  // [layers, blocks, block_size, latent + rope]
+  // [layers, blocks, block_size, row_dim]; a row is MLA's latent + rope key, or GQA's keys and
+  // values of every key/value head (Model::kv_row_dim()).
+  DeviceArray<Bf16> kv_rows;
   int64_t rows_per_layer = 0;
+  int kv_row_dim() const { return model->kv_row_dim(); }
 
   std::unique_ptr<kernels::ExpertMlp> dense_mlp, shared_mlp, routed_mlp;
   MicroBatchState micro_batches[2];
@@ -204,6 +217,8 @@ struct CudaRankBackend::State {
   absl::Status ReserveMicroBatch(MicroBatchState& mb);
   // Uploads the dense weights (everything but the routed experts' slots) to the device.
   absl::Status LoadWeights();
+  absl::Status UploadMlaWeights(const AttentionWeights& weights, DeviceLayer& layer);
+  absl::Status UploadGroupedQueryWeights(const AttentionWeights& weights, DeviceLayer& layer);
   // Makes the slots hold `placement`'s experts now, in place (initial load; and placements
   // that commit without staging).
   absl::Status LoadSlots(const ExpertPlacement& placement);
@@ -213,7 +228,10 @@ struct CudaRankBackend::State {
   void CommitSlots(const ExpertPlacement& placement);
   void DiscardStagedSlots();
   absl::Status Prepare(MicroBatchState& mb, int block_size);
+  // residual += attention(input_norm(residual)); normed = post_attention_norm(residual).
   absl::Status Attention(int layer, MicroBatchState& mb);
+  absl::Status MultiHeadLatentAttention(int layer, MicroBatchState& mb);
+  absl::Status GroupedQueryAttention(int layer, MicroBatchState& mb);
   // MoE in three phases, so that two micro-batches can interleave them: gate and dispatch,
   // the local experts and combine, then the weighted sum into the residual.
   absl::Status GateAndDispatch(int layer, MicroBatchState& mb, const ExpertPlacement& placement,
@@ -229,7 +247,14 @@ struct CudaRankBackend::State {
   // consumer's work comes next), so the compute stream stays free until then.
   absl::Status EnqueueExchange(MicroBatchState& mb, const Bf16* send_buffer,
                                std::span<const int64_t> send_rows, Bf16* receive_buffer,
-                               std::span<const int64_t> receive_rows, bool dispatch);
+                               std::span<const int64_t> receive_rows, bool dispatch,
+                               parallel::RankResources& rank);
+  // The same exchange for ranks without an NCCL communicator between them (ranks that share a
+  // GPU): through pinned host memory and the group's host communicator, synchronously.
+  absl::Status ExchangeThroughHost(MicroBatchState& mb, const Bf16* send_buffer,
+                                   std::span<const int64_t> send_bytes, Bf16* receive_buffer,
+                                   std::span<const int64_t> receive_bytes,
+                                   parallel::RankResources& rank);
   absl::Status AwaitExchange(MicroBatchState& mb);
   // Waits, on the host and with the group timeout, for every exchange still in flight.
   absl::Status DrainExchanges();

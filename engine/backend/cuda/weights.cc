@@ -8,6 +8,7 @@
 #include "engine/base/status_macros.h"
 #include "engine/model/architecture.h"
 #include "kernels/bf16.h"
+#include "kernels/gqa_attention.h"
 #include "kernels/kernels.h"
 
 namespace moeserve::engine::cuda {
@@ -53,18 +54,78 @@ absl::Status UploadMlp(DeviceMlp& out, const MlpWeights& mlp, int hidden, cudaSt
 
 absl::Status CheckCudaSupport(const ModelConfig& config) {
   if (!ArchitectureOf(config).runs_on_gpu) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the GPU backend runs DeepSeek's multi-head latent attention models (deepseek_v2/v3); `",
-        config.model_type, "` uses grouped-query attention: serve it with --device cpu"));
+    return absl::InvalidArgumentError(absl::StrCat("the GPU backend does not run `",
+                                                   config.model_type,
+                                                   "` models: serve it with --device cpu"));
   }
-  if (config.kv_lora_rank > 1024) {
+  if (config.uses_mla() && config.kv_lora_rank > 1024) {
     return absl::InvalidArgumentError("the GPU backend supports kv_lora_rank up to 1024");
+  }
+  if (!config.uses_mla()) {
+    // No published Qwen3-MoE or Mixtral checkpoint has attention biases; the CPU engine runs
+    // them.
+    if (config.attention_bias) {
+      return absl::InvalidArgumentError(
+          "the GPU backend does not run attention biases (`attention_bias`: true): serve this "
+          "model with --device cpu");
+    }
+    absl::Status shape = kernels::CheckGqaShape(
+        {config.num_attention_heads, config.num_key_value_heads, config.head_dim});
+    if (!shape.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the GPU backend's grouped-query attention cannot run this model: ", shape.message(),
+          "; serve it with --device cpu"));
+    }
   }
   if (config.n_routed_experts > 1024 || config.num_experts_per_tok > 32 || config.n_group > 32) {
     return absl::InvalidArgumentError(
         "the GPU backend's gate supports up to 1024 experts, 32 per token and 32 groups");
   }
   return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::UploadMlaWeights(const AttentionWeights& a, DeviceLayer& d) {
+  const ModelConfig& c = config();
+  const int hidden = c.hidden_size;
+  const int heads = c.num_attention_heads;
+  const int qk = c.qk_head_dim();
+  const int row_dim = c.kv_lora_rank + c.qk_rope_head_dim;
+  if (c.q_lora_rank > 0) {
+    RETURN_IF_ERROR(
+        UploadBf16(d.q_a, a.q_a_proj, static_cast<size_t>(c.q_lora_rank) * hidden, stream));
+    RETURN_IF_ERROR(UploadBf16(d.q_a_norm, a.q_a_layernorm, c.q_lora_rank, stream));
+    RETURN_IF_ERROR(
+        UploadBf16(d.q_b, a.q_b_proj, static_cast<size_t>(heads) * qk * c.q_lora_rank, stream));
+  } else {
+    RETURN_IF_ERROR(UploadBf16(d.q, a.q_proj, static_cast<size_t>(heads) * qk * hidden, stream));
+  }
+  RETURN_IF_ERROR(
+      UploadBf16(d.kv_a, a.kv_a_proj_with_mqa, static_cast<size_t>(row_dim) * hidden, stream));
+  RETURN_IF_ERROR(UploadBf16(d.kv_a_norm, a.kv_a_layernorm, c.kv_lora_rank, stream));
+  RETURN_IF_ERROR(UploadBf16(
+      d.kv_b, a.kv_b_proj,
+      static_cast<size_t>(heads) * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank, stream));
+  return UploadBf16(d.o, a.o_proj, static_cast<size_t>(hidden) * heads * c.v_head_dim, stream);
+}
+
+absl::Status CudaRankBackend::State::UploadGroupedQueryWeights(const AttentionWeights& a,
+                                                               DeviceLayer& d) {
+  const ModelConfig& c = config();
+  const size_t hidden = c.hidden_size;
+  const size_t q_rows = static_cast<size_t>(c.num_attention_heads) * c.head_dim;
+  const size_t kv_rows = static_cast<size_t>(c.num_key_value_heads) * c.head_dim;
+  // q, k and v stacked: one GEMM gives a token's whole projection (kernels/gqa_twins.h).
+  std::vector<float> stacked((q_rows + 2 * kv_rows) * hidden);
+  std::copy_n(a.q_proj, q_rows * hidden, stacked.begin());
+  std::copy_n(a.k_proj, kv_rows * hidden, stacked.begin() + q_rows * hidden);
+  std::copy_n(a.v_proj, kv_rows * hidden, stacked.begin() + (q_rows + kv_rows) * hidden);
+  RETURN_IF_ERROR(UploadBf16(d.qkv, stacked, stream));
+  d.has_qk_norm = c.qk_norm;
+  if (c.qk_norm) {
+    RETURN_IF_ERROR(UploadBf16(d.q_norm, a.q_norm, c.head_dim, stream));
+    RETURN_IF_ERROR(UploadBf16(d.k_norm, a.k_norm, c.head_dim, stream));
+  }
+  return UploadBf16(d.o, a.o_proj, hidden * q_rows, stream);
 }
 
 absl::Status CudaRankBackend::State::LoadWeights() {
@@ -85,33 +146,14 @@ absl::Status CudaRankBackend::State::LoadWeights() {
                       cos_table, sin_table);
   RETURN_IF_ERROR(rope_cos.Upload(cos_table.data(), cos_table.size(), stream));
   RETURN_IF_ERROR(rope_sin.Upload(sin_table.data(), sin_table.size(), stream));
-  const int heads = c.num_attention_heads;
-  const int qk = c.qk_head_dim();
-  const int row_dim = c.kv_lora_rank + c.qk_rope_head_dim;
   layers.resize(c.num_hidden_layers);
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
     const LayerWeights& l = weights.layer(layer);
     DeviceLayer& d = layers[layer];
-    const AttentionWeights& a = l.attention;
     RETURN_IF_ERROR(UploadBf16(d.input_norm, l.input_layernorm, hidden, stream));
     RETURN_IF_ERROR(UploadBf16(d.post_attention_norm, l.post_attention_layernorm, hidden, stream));
-    if (c.q_lora_rank > 0) {
-      RETURN_IF_ERROR(
-          UploadBf16(d.q_a, a.q_a_proj, static_cast<size_t>(c.q_lora_rank) * hidden, stream));
-      RETURN_IF_ERROR(UploadBf16(d.q_a_norm, a.q_a_layernorm, c.q_lora_rank, stream));
-      RETURN_IF_ERROR(
-          UploadBf16(d.q_b, a.q_b_proj, static_cast<size_t>(heads) * qk * c.q_lora_rank, stream));
-    } else {
-      RETURN_IF_ERROR(UploadBf16(d.q, a.q_proj, static_cast<size_t>(heads) * qk * hidden, stream));
-    }
-    RETURN_IF_ERROR(
-        UploadBf16(d.kv_a, a.kv_a_proj_with_mqa, static_cast<size_t>(row_dim) * hidden, stream));
-    RETURN_IF_ERROR(UploadBf16(d.kv_a_norm, a.kv_a_layernorm, c.kv_lora_rank, stream));
-    RETURN_IF_ERROR(UploadBf16(
-        d.kv_b, a.kv_b_proj,
-        static_cast<size_t>(heads) * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank, stream));
-    RETURN_IF_ERROR(
-        UploadBf16(d.o, a.o_proj, static_cast<size_t>(hidden) * heads * c.v_head_dim, stream));
+    RETURN_IF_ERROR(c.uses_mla() ? UploadMlaWeights(l.attention, d)
+                                 : UploadGroupedQueryWeights(l.attention, d));
     if (!l.is_moe) {
       RETURN_IF_ERROR(UploadMlp(d.dense, l.dense_mlp, hidden, stream));
       continue;

@@ -329,7 +329,8 @@ TEST(Architecture, EveryFamilyIsFoundByItsModelTypeAndNothingElse) {
   EXPECT_EQ(FindArchitecture(""), nullptr);
   EXPECT_EQ(SupportedModelTypes(), "deepseek_v3, deepseek_v2, qwen3_moe, mixtral");
   EXPECT_TRUE(FindArchitecture("deepseek_v3")->runs_on_gpu);
-  EXPECT_FALSE(FindArchitecture("qwen3_moe")->runs_on_gpu);
+  EXPECT_TRUE(FindArchitecture("qwen3_moe")->runs_on_gpu);
+  EXPECT_TRUE(FindArchitecture("mixtral")->runs_on_gpu);
   EXPECT_TRUE(FindArchitecture("mixtral")->mixtral_tensor_names);
 }
 
