@@ -6,9 +6,50 @@
 namespace moeserve::engine {
 
 std::vector<std::string> BuiltinModelNames() {
-  return {"builtin:tiny", "builtin:tiny-nolora", "builtin:tiny-v2", "builtin:tiny-e256",
-          "builtin:v3-bench"};
+  return {"builtin:tiny",      "builtin:tiny-nolora", "builtin:tiny-v2",
+          "builtin:tiny-e256", "builtin:v3-bench",    "builtin:qwen3-30b-bench"};
 }
+
+namespace {
+
+// Qwen3-30B-A3B's dimensions at full depth, for GPU benchmarks (its published config.json is
+// tests/fixtures/configs/qwen3-30b-a3b.json): hidden 2048, 48 layers, all MoE; grouped-query
+// attention with 32 query heads and 4 key/value heads of 128, per-head q/k RMSNorm and
+// rotate-half RoPE (theta 1e6); 128 routed experts of 768, 8 per token (softmax over all,
+// renormalized), no shared expert; vocabulary 151936. Random weights; the routed experts (about
+// 58 GB in bf16) are generated on the GPU that holds them. Token ids only (no tokenizer).
+ModelConfig Qwen3BenchConfig(const std::string& name) {
+  ModelConfig c;
+  c.name = name;
+  c.model_type = "qwen3_moe";
+  c.attention_type = AttentionType::kGroupedQuery;
+  c.vocab_size = 151936;
+  c.bos_token_id = 151643;
+  c.eos_token_id = 151645;
+  c.hidden_size = 2048;
+  c.intermediate_size = 6144;  // dense layers (none: mlp_only_layers is empty)
+  c.moe_intermediate_size = 768;
+  c.num_hidden_layers = 48;
+  c.decoder_sparse_step = 1;
+  c.num_attention_heads = 32;
+  c.num_key_value_heads = 4;
+  c.head_dim = 128;
+  c.qk_norm = true;
+  c.rope_interleaved = false;
+  c.n_routed_experts = 128;
+  c.num_experts_per_tok = 8;
+  c.scoring_func = ScoringFunction::kSoftmax;
+  c.topk_method = TopKMethod::kGreedy;
+  c.norm_topk_prob = true;
+  c.routed_scaling_factor = 1.0;
+  c.max_position_embeddings = 40960;
+  c.rope_theta = 1000000.0;
+  c.rms_norm_eps = 1e-6;
+  c.routed_experts_on_device = true;
+  return c;
+}
+
+}  // namespace
 
 absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name) {
   // DeepSeek-V3's architecture scaled down: MLA with q-LoRA, YaRN, 1 dense layer then MoE
@@ -94,6 +135,7 @@ absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name) {
     c.routed_experts_on_device = true;
     return c;
   }
+  if (name == "builtin:qwen3-30b-bench") return Qwen3BenchConfig(name);
   if (name == "builtin:tiny-v2") {
     // DeepSeek-V2-style routing: softmax scores, group score = the group's best expert.
     c.model_type = "deepseek_v2";

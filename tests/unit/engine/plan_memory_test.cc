@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "engine/model/builtin_models.h"
 #include "engine/model/hf_config.h"
 #include "engine/model/model_size.h"
 #include "gmock/gmock.h"
@@ -42,6 +43,31 @@ const WeightFormat kFp8 = [] {
 }();
 
 double Relative(int64_t value, double published) { return std::abs(value - published) / published; }
+
+// builtin:qwen3-30b-bench (the GPU serving benchmark's model) is Qwen3-30B-A3B as published:
+// the same parameters, layer kinds, routing, attention and KV cache per token.
+TEST(ModelSize, Qwen3BenchBuiltinIsQwen3_30B_A3BAtFullSize) {
+  const ModelConfig published = Config("qwen3-30b-a3b");
+  absl::StatusOr<ModelConfig> bench = BuiltinModelConfig("builtin:qwen3-30b-bench");
+  ASSERT_TRUE(bench.ok()) << bench.status();
+  const ModelSize published_size = ComputeModelSize(published, kBf16);
+  const ModelSize bench_size = ComputeModelSize(*bench, kBf16);
+  EXPECT_EQ(bench_size.total_parameters, published_size.total_parameters);
+  EXPECT_EQ(bench_size.active_parameters, published_size.active_parameters);
+  EXPECT_EQ(KvCacheBytesPerToken(*bench, 2), KvCacheBytesPerToken(published, 2));
+  EXPECT_EQ(bench->model_type, published.model_type);
+  EXPECT_EQ(bench->attention_type, published.attention_type);
+  EXPECT_EQ(bench->num_moe_layers(), published.num_moe_layers());
+  EXPECT_EQ(bench->qk_norm, published.qk_norm);
+  EXPECT_EQ(bench->rope_interleaved, published.rope_interleaved);
+  EXPECT_EQ(bench->rope_theta, published.rope_theta);
+  EXPECT_EQ(bench->scoring_func, published.scoring_func);
+  EXPECT_EQ(bench->norm_topk_prob, published.norm_topk_prob);
+  EXPECT_EQ(bench->num_experts_per_tok, published.num_experts_per_tok);
+  EXPECT_EQ(bench->n_shared_experts, published.n_shared_experts);
+  EXPECT_EQ(bench->eos_token_id, published.eos_token_id);
+  EXPECT_TRUE(bench->routed_experts_on_device);
+}
 
 TEST(ModelSize, ParameterCountsMatchThePublishedOnes) {
   // DeepSeek-V3: 671B total, 37B activated (its paper and model card; the main model, without
