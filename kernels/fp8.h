@@ -44,13 +44,14 @@ inline constexpr int64_t ActivationScaleCount(int64_t rows, int64_t cols) {
 }
 
 // fp32 -> e4m3 (OCP "e4m3fn": bias 7, no infinities, 0x7f / 0xff are NaN), round to nearest
-// even, finite values beyond +-448 saturate to +-448 — what the GPU's cvt.rn.satfinite does.
+// even, finite values beyond +-448 saturate to +-448, and every NaN becomes 0x7f (the sign is
+// dropped) — what the GPU's cvt.rn.satfinite does, bit for bit (tests/gpu/fp8_kernels_test.cu).
 inline uint8_t FloatToE4m3(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80u);
   const uint32_t magnitude = bits & 0x7fffffffu;
-  if (magnitude > 0x7f800000u) return sign | 0x7f;  // NaN
+  if (magnitude > 0x7f800000u) return 0x7f;  // NaN, either sign
   const float absolute = std::fabs(value);
   if (absolute >= kE4m3Max) return sign | 0x7e;  // 448 = 1.75 * 2^8, also for +-inf
   if (absolute < 0.015625f) {
