@@ -1,24 +1,36 @@
-// moeserve-expert-bench: the routed experts' SwiGLU MLP (ExpertMlp) at DeepSeek-V3 shapes
-// (hidden 7168, expert intermediate 2048, bf16) on one GPU, against the card's limits measured in
-// the same run: floor = max(flops / dense bf16 GEMM rate, bytes / device copy bandwidth).
-// Layouts: EP32 prefill (9 local experts x ~14.5K tokens), EP128 decode (3 x ~340), and one GPU
-// holding all 256 experts with 128 tokens routed top-8. Prints a markdown table.
+// moeserve-expert-bench: the routed experts' SwiGLU MLP at DeepSeek-V3 shapes (hidden 7168,
+// expert intermediate 2048) on one GPU, in bf16 (ExpertMlp) and in DeepSeek-V3's block-scaled
+// FP8 recipe (Fp8ExpertMlp), against the card's limits measured in the same run: floor =
+// max(flops / dense GEMM rate, bytes / device copy bandwidth), with the bf16 rate for bf16 and
+// the block-scaled FP8 rate for FP8. Layouts: EP32 prefill (9 local experts x ~14.5K tokens),
+// EP128 decode (3 x ~340), and one GPU holding all 256 experts with 128 tokens routed top-8.
+// The FP8 weights are the bf16 ones quantized per 128 x 128 block, so the two outputs are
+// compared too. Prints what cuBLASLt offers for block-scaled FP8, then two markdown tables.
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "kernels/bf16.h"
 #include "kernels/expert_mlp.h"
+#include "kernels/fp8_expert_mlp.h"
+#include "kernels/fp8_gemm.h"
+#include "kernels/fp8_quantize.h"
 #include "kernels/kernels.h"
 
 namespace {
 
 using moeserve::kernels::ExpertMlp;
+using moeserve::kernels::Fp8BlockGemm;
+using moeserve::kernels::Fp8ExpertMlp;
+using moeserve::kernels::Fp8Weight;
 
 #define CHECK_CUDA(call)                                                             \
   do {                                                                               \
@@ -111,6 +123,139 @@ double CopyGBps(cudaStream_t stream) {
   return 2.0 * bytes / (ms * 1e-3) / 1e9;  // read + write
 }
 
+void ExitOnError(const absl::Status& status) {
+  if (!status.ok()) {
+    std::fprintf(stderr, "%s\n", status.ToString().c_str());
+    std::exit(1);
+  }
+}
+
+// A bf16 [out, in] weight quantized on the device to e4m3 with 128 x 128 block scales.
+Fp8Weight QuantizeWeight(const __nv_bfloat16* w, int out, int in, std::vector<void*>& owned) {
+  __nv_fp8_e4m3* values = nullptr;
+  float* scales = nullptr;
+  CHECK_CUDA(cudaMalloc(&values, static_cast<size_t>(out) * in));
+  CHECK_CUDA(cudaMalloc(&scales, moeserve::kernels::WeightScaleCount(out, in) * sizeof(float)));
+  ExitOnError(moeserve::kernels::QuantizeWeightBlocksFp8(w, out, in, values, scales, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  owned.push_back(values);
+  owned.push_back(scales);
+  return {values, scales};
+}
+
+// What cuBLASLt's heuristic says about block-scaled FP8 GEMMs on this device, for our operand
+// roles (A = weight with 128x128 scales, B = activations with 1x128 scales) and the swapped ones,
+// at the gate/up shape (n 4096, k 7168) and several activation row counts.
+void PrintBlockScaledSupport() {
+  cublasLtHandle_t handle;
+  cublasLtCreate(&handle);
+  struct Modes {
+    const char* name;
+    int32_t a, b;
+  };
+  const Modes modes[] = {
+      {"A 128x128 (weight), B 1x128 (activations)", CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
+       CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F},
+      {"A 1x128, B 128x128", CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
+       CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F},
+      {"A 1x128, B 1x128", CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
+       CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F},
+  };
+  const int n = 4096, k = 7168;
+  // The heuristic refuses (INVALID_VALUE) a block-scaled descriptor without scale pointers; any
+  // 16-byte aligned device buffer will do for the question.
+  void* scales = nullptr;
+  CHECK_CUDA(cudaMalloc(&scales, 1 << 20));
+  std::printf("cuBLASLt %zu block-scaled FP8 heuristic (TN, n %d, k %d):\n", cublasLtGetVersion(),
+              n, k);
+  for (const Modes& m : modes) {
+    std::printf("  %s:", m.name);
+    for (int rows : {1, 3, 4, 340, 14500}) {
+      cublasLtMatmulDesc_t desc;
+      cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+      const cublasOperation_t t = CUBLAS_OP_T, nt = CUBLAS_OP_N;
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof(t));
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof(nt));
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &m.a, sizeof(m.a));
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &m.b, sizeof(m.b));
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scales,
+                                     sizeof(scales));
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scales,
+                                     sizeof(scales));
+      cublasLtMatrixLayout_t a, b, d;
+      cublasLtMatrixLayoutCreate(&a, CUDA_R_8F_E4M3, k, n, k);
+      cublasLtMatrixLayoutCreate(&b, CUDA_R_8F_E4M3, k, rows, k);
+      cublasLtMatrixLayoutCreate(&d, CUDA_R_16BF, n, rows, n);
+      cublasLtMatmulPreference_t preference;
+      cublasLtMatmulPreferenceCreate(&preference);
+      const size_t workspace = Fp8BlockGemm::kDefaultWorkspaceBytes;
+      cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                           &workspace, sizeof(workspace));
+      cublasLtMatmulHeuristicResult_t results[8];
+      int found = 0;
+      const cublasStatus_t status =
+          cublasLtMatmulAlgoGetHeuristic(handle, desc, a, b, d, d, preference, 8, results, &found);
+      std::printf(" rows %d: %s (%d)%s", rows, cublasLtGetStatusName(status), found,
+                  rows == 14500 ? "\n" : ";");
+      cublasLtMatmulPreferenceDestroy(preference);
+      cublasLtMatrixLayoutDestroy(a);
+      cublasLtMatrixLayoutDestroy(b);
+      cublasLtMatrixLayoutDestroy(d);
+      cublasLtMatmulDescDestroy(desc);
+    }
+  }
+  cudaFree(scales);
+  cublasLtDestroy(handle);
+}
+
+// Block-scaled FP8 GEMM rate at 8192^3 (our Fp8BlockGemm, activation quantization excluded).
+double BlockScaledFp8Tflops(cudaStream_t stream) {
+  const int n = 8192;
+  std::vector<void*> owned;
+  __nv_bfloat16* w = RandomBf16(static_cast<size_t>(n) * n, 4, 0.02f);
+  __nv_bfloat16* x = RandomBf16(static_cast<size_t>(n) * n, 5, 1.0f);
+  const Fp8Weight weight = QuantizeWeight(w, n, n, owned);
+  __nv_fp8_e4m3* x_values = nullptr;
+  float* x_scales = nullptr;
+  __nv_bfloat16* y = nullptr;
+  CHECK_CUDA(cudaMalloc(&x_values, static_cast<size_t>(n) * n));
+  CHECK_CUDA(cudaMalloc(&x_scales, moeserve::kernels::ActivationScaleCount(n, n) * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&y, static_cast<size_t>(n) * n * sizeof(__nv_bfloat16)));
+  ExitOnError(moeserve::kernels::QuantizeActivationsFp8(x, n, n, x_values, x_scales, stream));
+  auto gemm = Fp8BlockGemm::Create(stream);
+  ExitOnError(gemm.status());
+  const double ms =
+      MedianMs([&] { ExitOnError(gemm->Run(x_values, x_scales, n, weight, n, n, y)); }, 10, stream);
+  for (void* p : owned) cudaFree(p);
+  cudaFree(w);
+  cudaFree(x);
+  cudaFree(x_values);
+  cudaFree(x_scales);
+  cudaFree(y);
+  return 2.0 * n * n * n / (ms * 1e-3) / 1e12;
+}
+
+// sqrt(sum (a - b)^2 / sum b^2) over the first and last row of every expert.
+double SampledRelativeRms(const __nv_bfloat16* a, const __nv_bfloat16* b,
+                          const std::vector<int64_t>& offsets, int hidden) {
+  double squared_diff = 0, squared = 0;
+  std::vector<uint16_t> row_a(hidden), row_b(hidden);
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;
+    for (int64_t row : {offsets[e], offsets[e + 1] - 1}) {
+      CHECK_CUDA(cudaMemcpy(row_a.data(), a + row * hidden, hidden * 2, cudaMemcpyDeviceToHost));
+      CHECK_CUDA(cudaMemcpy(row_b.data(), b + row * hidden, hidden * 2, cudaMemcpyDeviceToHost));
+      for (int i = 0; i < hidden; ++i) {
+        const double va = moeserve::kernels::Bf16ToFloat(row_a[i]);
+        const double vb = moeserve::kernels::Bf16ToFloat(row_b[i]);
+        squared_diff += (va - vb) * (va - vb);
+        squared += vb * vb;
+      }
+    }
+  }
+  return squared > 0 ? std::sqrt(squared_diff / squared) : 0;
+}
+
 struct Layout {
   std::string name;
   std::vector<int64_t> rows_per_expert;
@@ -126,6 +271,8 @@ int main() {
   CHECK_CUDA(cudaStreamCreate(&stream));
   const double tflops = DenseTflops(stream);
   const double copy = CopyGBps(stream);
+  PrintBlockScaledSupport();
+  const double fp8_tflops = BlockScaledFp8Tflops(stream);
 
   std::vector<Layout> layouts = {
       {"EP32 prefill: 9 experts x 14.5K tokens", std::vector<int64_t>(9, 14500)},
@@ -144,8 +291,11 @@ int main() {
     layouts.push_back({"1 GPU, 256 experts, 128 tokens top-8", rows});
   }
 
-  std::printf("GPU: %s; dense bf16 GEMM %.0f TFLOP/s; device copy %.0f GB/s\n", properties.name,
-              tflops, copy);
+  std::printf(
+      "GPU: %s; dense bf16 GEMM %.0f TFLOP/s; block-scaled FP8 GEMM %.0f TFLOP/s; device copy %.0f "
+      "GB/s\n",
+      properties.name, tflops, fp8_tflops, copy);
+  std::vector<std::string> fp8_lines;
   std::printf(
       "| layout | rows | TFLOP | GB moved | floor ms | per-expert GEMM ms | %% of floor | grouped "
       "GEMM ms | %% of floor | concurrent GEMM ms | %% of floor |\n");
@@ -199,9 +349,90 @@ int main() {
         layout.name.c_str(), static_cast<long long>(rows), flops / 1e12, bytes / 1e9, floor_ms,
         ms[0], 100 * floor_ms / ms[0], ms[1], 100 * floor_ms / ms[1], ms[2],
         100 * floor_ms / ms[2]);
+
+    // FP8: the same weights quantized per 128 x 128 block, the same input.
+    std::vector<void*> fp8_owned;
+    std::vector<Fp8Weight> fp8_gate_up, fp8_down;
+    for (int e = 0; e < experts; ++e) {
+      fp8_gate_up.push_back(QuantizeWeight(gate_up[e], 2 * kIntermediate, kHidden, fp8_owned));
+      fp8_down.push_back(QuantizeWeight(down[e], kHidden, kIntermediate, fp8_owned));
+    }
+    __nv_bfloat16* y_fp8 = nullptr;
+    CHECK_CUDA(cudaMalloc(&y_fp8, static_cast<size_t>(rows) * kHidden * sizeof(__nv_bfloat16)));
+    auto fp8 =
+        Fp8ExpertMlp::Create(kHidden, kIntermediate, static_cast<int>(rows), experts, stream);
+    ExitOnError(fp8.status());
+    double fp8_ms[2];
+    const Fp8ExpertMlp::Strategy fp8_strategies[2] = {Fp8ExpertMlp::Strategy::kPerExpertGemm,
+                                                      Fp8ExpertMlp::Strategy::kConcurrentGemm};
+    for (int s = 0; s < 2; ++s) {
+      fp8_ms[s] = MedianMs(
+          [&] {
+            ExitOnError(fp8->Run(x, offsets, fp8_gate_up, fp8_down, y_fp8, fp8_strategies[s]));
+          },
+          10, stream);
+    }
+    // The two quantization kernels alone (activation traffic that bf16 does not have).
+    double quantize_ms = 0;
+    {
+      auto groups = moeserve::kernels::MakeFp8RowGroups(offsets);
+      ExitOnError(groups.status());
+      const size_t padded = groups->padded_rows();
+      __nv_fp8_e4m3* values = nullptr;
+      float* scales = nullptr;
+      __nv_bfloat16* gate_up_rows = nullptr;
+      CHECK_CUDA(cudaMalloc(&values, padded * kHidden));
+      CHECK_CUDA(cudaMalloc(&scales, padded * (kHidden / 128) * sizeof(float)));
+      CHECK_CUDA(cudaMalloc(&gate_up_rows, padded * 2 * kIntermediate * sizeof(__nv_bfloat16)));
+      CHECK_CUDA(cudaMemset(gate_up_rows, 0, padded * 2 * kIntermediate * sizeof(__nv_bfloat16)));
+      quantize_ms = MedianMs(
+          [&] {
+            ExitOnError(moeserve::kernels::QuantizeActivationGroupsFp8(x, *groups, kHidden, values,
+                                                                       scales, stream));
+            ExitOnError(moeserve::kernels::SiluMulQuantizeFp8(gate_up_rows, *groups, kIntermediate,
+                                                              values, scales, stream));
+          },
+          10, stream);
+      cudaFree(values);
+      cudaFree(scales);
+      cudaFree(gate_up_rows);
+    }
+    ExitOnError(mlp->Run(x, offsets, gate_up, down, y, ExpertMlp::Strategy::kPerExpertGemm));
+    ExitOnError(fp8->Run(x, offsets, fp8_gate_up, fp8_down, y_fp8));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    const double difference = SampledRelativeRms(y_fp8, y, offsets, kHidden);
+    // Bytes of the FP8 path: e4m3 weights (+ their scales), bf16 x in and y out, e4m3 x written
+    // and read, bf16 gate_up written and read, e4m3 act written and read.
+    const double weight_bytes_fp8 =
+        active * 3.0 * kHidden * kIntermediate * (1.0 + 4.0 / (128.0 * 128.0));
+    const double bytes_fp8 =
+        weight_bytes_fp8 + rows * (kHidden * 2.0 * 2 + kHidden * 1.0 * 2 +
+                                   2 * kIntermediate * 2.0 * 2 + kIntermediate * 1.0 * 2);
+    const double bytes_floor_fp8 = bytes_fp8 / (copy * 1e9) * 1e3;
+    const double floor_fp8 = std::max(flops / (fp8_tflops * 1e12), bytes_fp8 / (copy * 1e9)) * 1e3;
+    const double best_bf16 = std::min({ms[0], ms[1], ms[2]});
+    const double best_fp8 = std::min(fp8_ms[0], fp8_ms[1]);
+    char line[512];
+    std::snprintf(line, sizeof(line),
+                  "| %s | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | **%.2fx** | %.0f%% | "
+                  "%.3f | %.1e |",
+                  layout.name.c_str(), bytes_floor_fp8, floor_fp8, ms[0], ms[1], ms[2], fp8_ms[0],
+                  fp8_ms[1], best_bf16 / best_fp8, 100 * floor_fp8 / best_fp8, quantize_ms,
+                  difference);
+    fp8_lines.push_back(line);
+    for (void* p : fp8_owned) cudaFree(p);
+    cudaFree(y_fp8);
     for (auto* p : owned) cudaFree(p);
     cudaFree(x);
     cudaFree(y);
   }
+  std::printf(
+      "\n| layout | FP8 bytes floor ms | FP8 floor ms | bf16 per-expert ms | bf16 grouped ms | "
+      "bf16 "
+      "concurrent ms | FP8 per-expert ms | FP8 concurrent ms | FP8 speed-up vs best bf16 | best "
+      "FP8 %% of floor | quantize kernels ms | FP8 vs bf16 rms diff |\n");
+  std::printf(
+      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  for (const std::string& line : fp8_lines) std::printf("%s\n", line.c_str());
   return 0;
 }
