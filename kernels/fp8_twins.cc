@@ -23,8 +23,9 @@ void QuantizeActivationsFp8Twin(const uint16_t* x, int rows, int cols, uint8_t* 
       const float scale = amax / kE4m3Max;
       scales[b * padded + r] = scale;
       if (amax == 0) continue;  // the values stay zero
+      const float inverse = kE4m3Max / amax;
       uint8_t* out = values + static_cast<int64_t>(r) * cols + b * kFp8BlockSize;
-      for (int i = 0; i < kFp8BlockSize; ++i) out[i] = FloatToE4m3(Bf16ToFloat(tile[i]) / scale);
+      for (int i = 0; i < kFp8BlockSize; ++i) out[i] = FloatToE4m3(Bf16ToFloat(tile[i]) * inverse);
     }
   }
 }
@@ -43,12 +44,12 @@ void QuantizeWeightBlocksFp8Twin(const uint16_t* w, int out, int in, uint8_t* va
           amax = std::max(amax, std::fabs(Bf16ToFloat(w[static_cast<int64_t>(r) * in + c])));
         }
       }
-      const float scale = amax / kE4m3Max;
+      const float scale = amax / kE4m3Max, inverse = kE4m3Max / amax;
       scales[ob * stride + ib] = scale;
       for (int r = ob * kFp8BlockSize; r < row_end; ++r) {
         for (int c = ib * kFp8BlockSize; c < col_end; ++c) {
           const int64_t i = static_cast<int64_t>(r) * in + c;
-          values[i] = amax == 0 ? uint8_t{0} : FloatToE4m3(Bf16ToFloat(w[i]) / scale);
+          values[i] = amax == 0 ? uint8_t{0} : FloatToE4m3(Bf16ToFloat(w[i]) * inverse);
         }
       }
     }

@@ -11,7 +11,7 @@ namespace moeserve::kernels {
 
 // x bf16 [rows, cols] -> e4m3 values [Fp8PaddedRows(rows), cols] (padding rows zero) and the 1 x
 // 128 scales in the activation layout of fp8.h: scale = amax / 448 of the tile (0 for an all-zero
-// tile), value = e4m3(x / scale). cols % 128 == 0.
+// tile), value = e4m3(x * (448 / amax)). cols % 128 == 0.
 void QuantizeActivationsFp8Twin(const uint16_t* x, int rows, int cols, uint8_t* values,
                                 float* scales);
 
