@@ -27,7 +27,7 @@ namespace {
 void AddDeviceOption(CLI::App* command, std::string& device) {
   command
       ->add_option("--device", device,
-                   "Where ranks compute: cpu (fp32), or cuda (bf16; rank r on GPU r, MLA models)")
+                   "Where ranks compute: cpu (fp32), or cuda (bf16; rank r on GPU r)")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda"}));
 }
@@ -83,7 +83,8 @@ void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
       ->add_option(
           "--model", engine.model,
           "Model to serve: builtin:tiny, builtin:tiny-nolora, builtin:tiny-v2, builtin:tiny-e256, "
-          "builtin:v3-bench (GPU only), or a Hugging Face checkpoint folder")
+          "builtin:v3-bench or builtin:qwen3-30b-bench (GPU only), or a Hugging Face checkpoint "
+          "folder")
       ->capture_default_str();
   AddDeviceOption(command, engine.device);
   command
