@@ -1,10 +1,12 @@
 #include "engine/model/checkpoint.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <optional>
 #include <set>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
@@ -25,6 +27,8 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr char kSingleFile[] = "model.safetensors";
+// Threads that read and convert a checkpoint's tensors (at most one per core).
+constexpr size_t kMaxLoadThreads = 16;
 constexpr char kIndexFile[] = "model.safetensors.index.json";
 constexpr char kScaleSuffix[] = "_scale_inv";
 constexpr size_t kScaleSuffixLength = sizeof(kScaleSuffix) - 1;
@@ -298,17 +302,12 @@ absl::StatusOr<std::map<std::string, Tensor>> ReadCheckpointTensors(
     }
   }
 
-  uint64_t total_bytes = 0;
-  for (const auto& [name, tensor] : stored) total_bytes += tensor.entry->num_bytes;
-  base::LoadProgress& progress = base::LoadProgress::Global();
-  progress.Begin(folder, total_bytes);
-
-  std::map<std::string, Tensor> out;
-  std::map<std::string, std::string> source;  // canonical name -> stored name
-  std::set<std::string> used_scales;
-  for (const auto& [name, tensor] : stored) {
-    progress.Advance(tensor.entry->num_bytes);
-    if (name.ends_with(kScaleSuffix)) continue;  // read with its weight
+  // Which stored tensors become weights; the rest are scales (read with their weight), rotary
+  // caches, a tied head or the multi-token-prediction module.
+  std::vector<const std::pair<const std::string, StoredTensor>*> wanted;
+  for (const auto& item : stored) {
+    const std::string& name = item.first;
+    if (name.ends_with(kScaleSuffix)) continue;
     if (name.ends_with("rotary_emb.inv_freq")) continue;
     if (config.tie_word_embeddings && name == "lm_head.weight") continue;
     if (std::optional<int> layer = LayerOf(name);
@@ -316,9 +315,47 @@ absl::StatusOr<std::map<std::string, Tensor>> ReadCheckpointTensors(
         *layer < config.num_hidden_layers + prediction_layers) {
       continue;
     }
-    absl::StatusOr<Tensor> value = Dequantize(name, tensor, stored, block_rows, block_cols);
+    wanted.push_back(&item);
+  }
+  uint64_t total_bytes = 0;
+  for (const auto* item : wanted) total_bytes += item->second.entry->num_bytes;
+  base::LoadProgress& progress = base::LoadProgress::Global();
+  progress.Begin(folder, total_bytes);
+
+  // Reading, dequantizing and checking run on several threads: the pages of the shards fault
+  // in in parallel and the conversions are independent. The results are taken in name order,
+  // so the first error reported does not depend on the threads.
+  std::vector<std::optional<absl::StatusOr<Tensor>>> converted(wanted.size());
+  {
+    std::atomic<size_t> next{0};
+    auto convert = [&] {
+      for (size_t i = next++; i < wanted.size(); i = next++) {
+        const auto& [name, tensor] = *wanted[i];
+        absl::StatusOr<Tensor> value = Dequantize(name, tensor, stored, block_rows, block_cols);
+        if (value.ok()) {
+          if (absl::Status finite = CheckFinite(name, tensor, *value); !finite.ok()) {
+            value = finite;
+          }
+        }
+        progress.Advance(tensor.entry->num_bytes);
+        converted[i] = std::move(value);
+      }
+    };
+    const size_t threads = std::clamp<size_t>(std::thread::hardware_concurrency(), 1,
+                                              std::min<size_t>(kMaxLoadThreads, wanted.size()));
+    std::vector<std::thread> workers;
+    for (size_t t = 1; t < threads; ++t) workers.emplace_back(convert);
+    convert();
+    for (std::thread& worker : workers) worker.join();
+  }
+
+  std::map<std::string, Tensor> out;
+  std::map<std::string, std::string> source;  // canonical name -> stored name
+  std::set<std::string> used_scales;
+  for (size_t i = 0; i < wanted.size(); ++i) {
+    const auto& [name, tensor] = *wanted[i];
+    absl::StatusOr<Tensor>& value = *converted[i];
     if (!value.ok()) return value.status();
-    if (auto s = CheckFinite(name, tensor, *value); !s.ok()) return s;
     if (tensor.entry->dtype == DType::kF8E4M3) used_scales.insert(name + std::string(kScaleSuffix));
     const std::string canonical = CanonicalName(name, config);
     if (IsFusedExperts(canonical, "gate_up_proj") || IsFusedExperts(canonical, "down_proj")) {
