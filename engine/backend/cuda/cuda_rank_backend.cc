@@ -1,6 +1,7 @@
 #include "engine/backend/cuda/cuda_rank_backend.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "engine/backend/cuda/rank_state.h"
 #include "engine/base/status_macros.h"
@@ -8,6 +9,7 @@
 #include "engine/parallel/overlap_schedule.h"
 #include "kernels/kernels.h"
 #include "kernels/mla.h"
+#include "spdlog/spdlog.h"
 
 namespace moeserve::engine::cuda {
 
@@ -73,8 +75,19 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   RETURN_IF_ERROR(
       CudaStatus(cudaEventCreateWithFlags(&s.produced, cudaEventDisableTiming), "exchange event"));
 
+  // How long a rank's weights take to reach its GPU is part of every (re)start; say it.
+  const auto upload_start = std::chrono::steady_clock::now();
   RETURN_IF_ERROR(s.LoadWeights());
   RETURN_IF_ERROR(s.LoadSlots(placement));
+  RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(s.stream), "weight upload"));
+  size_t free_bytes = 0, total_bytes = 0;
+  RETURN_IF_ERROR(CudaStatus(cudaMemGetInfo(&free_bytes, &total_bytes), "device memory"));
+  spdlog::info(
+      "moeserve: GPU {} holds its weights after {:.1f} s ({:.1f} of {:.1f} GiB in use)",
+      options.device,
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - upload_start).count(),
+      static_cast<double>(total_bytes - free_bytes) / (1 << 30),
+      static_cast<double>(total_bytes) / (1 << 30));
 
   // The gate kernel applies the same routing rule as RouteTokens on the CPU.
   const RoutingRule rule = RoutingRuleOf(c);

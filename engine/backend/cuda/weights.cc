@@ -2,6 +2,7 @@
 // placement, and staging a new placement's changed slots in the background.
 #include <algorithm>
 #include <cmath>
+#include <thread>
 #include <vector>
 
 #include "engine/backend/cuda/rank_state.h"
@@ -13,11 +14,28 @@
 
 namespace moeserve::engine::cuda {
 
-// Host fp32 → device bf16 (round to nearest even, as the kernels' twins do).
+// Host fp32 → device bf16 (round to nearest even, as the kernels' twins do). A large tensor (an
+// embedding, a dense MLP) is converted on several threads: on one, converting a checkpoint's
+// weights took most of a GPU rank's start-up.
 absl::Status UploadBf16(DeviceArray<Bf16>& out, std::span<const float> values,
                         cudaStream_t stream) {
+  constexpr size_t kValuesPerThread = size_t{1} << 22;
+  constexpr size_t kMaxThreads = 16;
   std::vector<uint16_t> converted(values.size());
-  for (size_t i = 0; i < values.size(); ++i) converted[i] = kernels::FloatToBf16(values[i]);
+  auto convert = [&](size_t begin, size_t end) {
+    for (size_t i = begin; i < end; ++i) converted[i] = kernels::FloatToBf16(values[i]);
+  };
+  const size_t threads =
+      std::clamp<size_t>(std::min<size_t>(std::thread::hardware_concurrency(), kMaxThreads), 1,
+                         std::max<size_t>(1, values.size() / kValuesPerThread));
+  const size_t share = (values.size() + threads - 1) / threads;
+  std::vector<std::thread> helpers;
+  for (size_t t = 1; t < threads; ++t) {
+    helpers.emplace_back(convert, std::min(values.size(), t * share),
+                         std::min(values.size(), (t + 1) * share));
+  }
+  convert(0, std::min(values.size(), share));
+  for (std::thread& helper : helpers) helper.join();
   return out.Upload(reinterpret_cast<const Bf16*>(converted.data()), converted.size(), stream);
 }
 
