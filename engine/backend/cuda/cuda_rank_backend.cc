@@ -77,8 +77,12 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
 
   // How long a rank's weights take to reach its GPU is part of every (re)start; say it.
   const auto upload_start = std::chrono::steady_clock::now();
-  RETURN_IF_ERROR(s.LoadWeights());
-  RETURN_IF_ERROR(s.LoadSlots(placement));
+  const absl::Status loaded = [&] {
+    RETURN_IF_ERROR(s.LoadWeights());
+    return s.LoadSlots(placement);
+  }();
+  ReleaseUploadStaging();
+  RETURN_IF_ERROR(loaded);
   RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(s.stream), "weight upload"));
   size_t free_bytes = 0, total_bytes = 0;
   RETURN_IF_ERROR(CudaStatus(cudaMemGetInfo(&free_bytes, &total_bytes), "device memory"));
@@ -203,7 +207,9 @@ class CudaRankBackend::SlotStager : public ExpertStager {
  public:
   explicit SlotStager(State& state) : state_(state) {}
   absl::Status Stage(const ExpertPlacement& placement) override {
-    return state_.StageSlots(placement);
+    absl::Status staged = state_.StageSlots(placement);
+    ReleaseUploadStaging();  // the staging thread's conversion buffer
+    return staged;
   }
   void Commit(const ExpertPlacement& placement) override { state_.CommitSlots(placement); }
   void Discard() override { state_.DiscardStagedSlots(); }

@@ -66,10 +66,13 @@ struct DeviceLayer {
 // are host time: GPU work shows where the host waits for it.
 constexpr int kHostLane = parallel::kTraceComputeLane;
 
-// Host fp32 → device bf16 (kernels/bf16.h's rounding), waiting for the copy.
+// Host fp32 → device bf16 (kernels/bf16.h's rounding), waiting for the copy. The conversion
+// goes through a buffer of the calling thread's that is kept between uploads;
+// ReleaseUploadStaging() frees it (after a batch of uploads).
 absl::Status UploadBf16(DeviceArray<Bf16>& out, std::span<const float> values, cudaStream_t stream);
 absl::Status UploadBf16(DeviceArray<Bf16>& out, const float* values, size_t count,
                         cudaStream_t stream);
+void ReleaseUploadStaging();
 // A routed expert that exists on the GPU only (ModelConfig::routed_experts_on_device).
 absl::Status GenerateMlp(DeviceMlp& out, int layer, int expert, int intermediate, int hidden,
                          cudaStream_t stream);

@@ -14,16 +14,20 @@
 
 namespace moeserve::engine::cuda {
 
-// Host fp32 → device bf16 (round to nearest even, as the kernels' twins do). A large tensor (an
-// embedding, a dense MLP) is converted on several threads: on one, converting a checkpoint's
-// weights took most of a GPU rank's start-up.
-absl::Status UploadBf16(DeviceArray<Bf16>& out, std::span<const float> values,
-                        cudaStream_t stream) {
+namespace {
+
+// The bf16 copy a thread's uploads are converted into. It is kept between uploads: a fresh
+// buffer per tensor cost a page fault per 4 KiB page every time (most of a checkpoint's upload
+// time); ReleaseUploadStaging() gives it back once a rank's weights are on the device.
+thread_local std::vector<uint16_t> upload_staging;
+
+// Converts `values` to bf16 into `out` (round to nearest even, as the kernels' twins do); a
+// large span on several threads.
+void ConvertToBf16(std::span<const float> values, uint16_t* out) {
   constexpr size_t kValuesPerThread = size_t{1} << 22;
   constexpr size_t kMaxThreads = 16;
-  std::vector<uint16_t> converted(values.size());
   auto convert = [&](size_t begin, size_t end) {
-    for (size_t i = begin; i < end; ++i) converted[i] = kernels::FloatToBf16(values[i]);
+    for (size_t i = begin; i < end; ++i) out[i] = kernels::FloatToBf16(values[i]);
   };
   const size_t threads =
       std::clamp<size_t>(std::min<size_t>(std::thread::hardware_concurrency(), kMaxThreads), 1,
@@ -36,7 +40,30 @@ absl::Status UploadBf16(DeviceArray<Bf16>& out, std::span<const float> values,
   }
   convert(0, std::min(values.size(), share));
   for (std::thread& helper : helpers) helper.join();
-  return out.Upload(reinterpret_cast<const Bf16*>(converted.data()), converted.size(), stream);
+}
+
+// Uploads the concatenation of `parts` as one bf16 array.
+absl::Status UploadBf16Parts(DeviceArray<Bf16>& out,
+                             std::initializer_list<std::span<const float>> parts,
+                             cudaStream_t stream) {
+  size_t total = 0;
+  for (std::span<const float> part : parts) total += part.size();
+  if (upload_staging.size() < total) upload_staging.resize(total);
+  size_t offset = 0;
+  for (std::span<const float> part : parts) {
+    ConvertToBf16(part, upload_staging.data() + offset);
+    offset += part.size();
+  }
+  return out.Upload(reinterpret_cast<const Bf16*>(upload_staging.data()), total, stream);
+}
+
+}  // namespace
+
+void ReleaseUploadStaging() { std::vector<uint16_t>().swap(upload_staging); }
+
+absl::Status UploadBf16(DeviceArray<Bf16>& out, std::span<const float> values,
+                        cudaStream_t stream) {
+  return UploadBf16Parts(out, {values}, stream);
 }
 
 absl::Status UploadBf16(DeviceArray<Bf16>& out, const float* values, size_t count,
@@ -63,10 +90,10 @@ absl::Status GenerateMlp(DeviceMlp& out, int layer, int expert, int intermediate
 
 absl::Status UploadMlp(DeviceMlp& out, const MlpWeights& mlp, int hidden, cudaStream_t stream) {
   const size_t matrix = static_cast<size_t>(mlp.intermediate_size) * hidden;
-  std::vector<float> gate_up(2 * matrix);
-  std::copy_n(mlp.gate_proj, matrix, gate_up.begin());
-  std::copy_n(mlp.up_proj, matrix, gate_up.begin() + static_cast<std::ptrdiff_t>(matrix));
-  RETURN_IF_ERROR(UploadBf16(out.gate_up, gate_up, stream));
+  RETURN_IF_ERROR(UploadBf16Parts(
+      out.gate_up,
+      {std::span<const float>(mlp.gate_proj, matrix), std::span<const float>(mlp.up_proj, matrix)},
+      stream));
   return UploadBf16(out.down, mlp.down_proj, matrix, stream);
 }
 
