@@ -25,6 +25,8 @@
 #include "gtest/gtest.h"
 #include "kernels/bf16.h"
 #include "kernels/gqa_attention.h"
+#include "tests/gpu/device_copies.h"
+#include "tests/gpu/logit_agreement.h"
 #include "tests/integration/server_process.h"
 
 namespace moeserve::engine::cuda {
@@ -34,6 +36,8 @@ using kernels::Bf16ToFloat;
 using kernels::FloatToBf16;
 using kernels::GqaShape;
 using ::testing::HasSubstr;
+using testing::ToDevice;
+using testing::ToHost;
 
 #define REQUIRE_GPUS(n) \
   if (VisibleCudaDevices() < (n)) GTEST_SKIP() << "needs " << (n) << " GPU(s)"
@@ -42,23 +46,6 @@ const std::string kQwen3Fixture = std::string(MOESERVE_SOURCE_DIR) + "/tests/fix
 const std::string kMixtralFixture = std::string(MOESERVE_SOURCE_DIR) + "/tests/fixtures/hf/mixtral";
 
 // --- The kernels against their twins ---------------------------------------------------------
-
-template <typename T>
-T* ToDevice(const std::vector<T>& host) {
-  T* device = nullptr;
-  EXPECT_EQ(cudaMalloc(&device, host.size() * sizeof(T) + 16), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice),
-            cudaSuccess);
-  return device;
-}
-
-template <typename T>
-std::vector<T> ToHost(const T* device, size_t count) {
-  std::vector<T> host(count);
-  EXPECT_EQ(cudaMemcpy(host.data(), device, count * sizeof(T), cudaMemcpyDeviceToHost),
-            cudaSuccess);
-  return host;
-}
 
 __nv_bfloat16* Bf(uint16_t* p) { return reinterpret_cast<__nv_bfloat16*>(p); }
 
@@ -212,60 +199,6 @@ std::vector<int32_t> Prompt(int length) {
   return tokens;
 }
 
-struct Agreement {
-  double relative_error = 0;    // max |gpu - cpu| / max |cpu|
-  double median_row_error = 0;  // median over positions of that ratio within the row
-  double argmax_agreement = 0;
-};
-
-Agreement Compare(const std::vector<float>& gpu, const std::vector<float>& cpu, int vocab) {
-  Agreement result;
-  double diff = 0, scale = 0;
-  for (size_t i = 0; i < cpu.size(); ++i) {
-    diff = std::max(diff, static_cast<double>(std::fabs(gpu[i] - cpu[i])));
-    scale = std::max(scale, static_cast<double>(std::fabs(cpu[i])));
-  }
-  result.relative_error = diff / scale;
-  const size_t rows = cpu.size() / vocab;
-  std::vector<double> row_errors;
-  int same = 0;
-  for (size_t r = 0; r < rows; ++r) {
-    double row_diff = 0, row_scale = 0;
-    for (size_t i = r * vocab; i < (r + 1) * vocab; ++i) {
-      row_diff = std::max(row_diff, static_cast<double>(std::fabs(gpu[i] - cpu[i])));
-      row_scale = std::max(row_scale, static_cast<double>(std::fabs(cpu[i])));
-    }
-    row_errors.push_back(row_diff / row_scale);
-    auto argmax = [&](const std::vector<float>& v) {
-      return std::max_element(v.begin() + r * vocab, v.begin() + (r + 1) * vocab) - v.begin();
-    };
-    same += argmax(gpu) == argmax(cpu) ? 1 : 0;
-  }
-  std::sort(row_errors.begin(), row_errors.end());
-  result.median_row_error = row_errors[row_errors.size() / 2];
-  result.argmax_agreement = static_cast<double>(same) / rows;
-  return result;
-}
-
-absl::StatusOr<std::vector<float>> GroupLogits(const Model& model,
-                                               const std::vector<int32_t>& tokens, int ep,
-                                               int redundant, bool gpu, bool overlap = false) {
-  const ModelConfig& c = model.config();
-  parallel::GroupOptions options;
-  options.name = "test";
-  options.size = ep;
-  options.two_batch_overlap = overlap;
-  options.overlap_min_tokens = 1;
-  auto placement = ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts,
-                                            c.n_routed_experts + redundant);
-  // With fewer GPUs than ranks, the ranks share them (exchanging through host memory).
-  auto result =
-      tools::ComputeGroupLogits(model, tokens, options, std::move(placement), nullptr,
-                                gpu ? MakeCudaBackendFactory({.ranks_share_gpus = true}) : nullptr);
-  if (!result.ok()) return result.status();
-  return std::move(result->logits);
-}
-
 // The bf16 tolerances of the MLA models (tests/gpu/cuda_backend_test.cc). Qwen3-MoE renormalizes
 // its top-2 of 8 weights, so a token whose two best experts nearly tie can flip its choice
 // under bf16 rounding of the gate input and move a lot, as with DeepSeek-V3's routing: held to
@@ -293,16 +226,21 @@ TEST(CudaBackendGqa, LogitsMatchTheCpuWithinTheBf16Tolerance) {
     ASSERT_TRUE(loaded.ok()) << loaded.status();
     const Model& model = *loaded->model;
     const std::string name = model.config().model_type;
-    auto cpu = GroupLogits(model, tokens, 1, 0, false);
+    auto cpu = testing::GroupLogits(model, tokens, 1, 0, false, /*overlap=*/false,
+                                    /*ranks_share_gpus=*/true);
     ASSERT_TRUE(cpu.ok()) << cpu.status();
-    auto gpu_single = GroupLogits(model, tokens, 1, 0, true);
+    auto gpu_single = testing::GroupLogits(model, tokens, 1, 0, true, /*overlap=*/false,
+                                           /*ranks_share_gpus=*/true);
     ASSERT_TRUE(gpu_single.ok()) << name << ": " << gpu_single.status();
     for (int ep : {1, 2}) {
       for (auto [redundant, overlap] : {std::pair{0, false}, {ep, false}, {ep, true}}) {
-        auto gpu = GroupLogits(model, tokens, ep, redundant, true, overlap);
+        auto gpu = testing::GroupLogits(model, tokens, ep, redundant, true, overlap,
+                                        /*ranks_share_gpus=*/true);
         ASSERT_TRUE(gpu.ok()) << name << " EP" << ep << ": " << gpu.status();
-        const Agreement a = Compare(*gpu, *cpu, model.config().vocab_size);
-        const Agreement self = Compare(*gpu, *gpu_single, model.config().vocab_size);
+        const testing::LogitAgreement a =
+            testing::CompareLogits(*gpu, *cpu, model.config().vocab_size);
+        const testing::LogitAgreement self =
+            testing::CompareLogits(*gpu, *gpu_single, model.config().vocab_size);
         std::printf(
             "%s EP%d redundant %d%s%s: vs CPU relative error max %.2e, median position %.2e, "
             "same argmax %.1f%%; vs GPU EP1 %.2e\n",
@@ -366,7 +304,7 @@ TEST(CudaBackendGqa, ChunkedPrefillAndDecodeMatchOnePass) {
     for (int i = 37; i < 45; ++i) chunks.push_back(1);
     const std::vector<float> stepwise = run_in_chunks(chunks);
     ASSERT_EQ(one_pass.size(), stepwise.size());
-    const Agreement a = Compare(stepwise, one_pass, c.vocab_size);
+    const testing::LogitAgreement a = testing::CompareLogits(stepwise, one_pass, c.vocab_size);
     std::printf("%s chunked vs one pass: relative error %.2e, same argmax %.1f%%\n",
                 c.model_type.c_str(), a.relative_error, 100 * a.argmax_agreement);
     EXPECT_LT(a.relative_error, 1e-2) << c.model_type;

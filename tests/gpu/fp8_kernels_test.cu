@@ -28,17 +28,10 @@
 #include "kernels/fp8_gemm.h"
 #include "kernels/fp8_quantize.h"
 #include "kernels/fp8_twins.h"
+#include "tests/gpu/device_copies.h"
 
 namespace moeserve::kernels {
 namespace {
-
-bool HaveGpu() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
-
-#define REQUIRE_GPU() \
-  if (!HaveGpu()) GTEST_SKIP() << "no GPU"
 
 // Device copies freed at the end of the test.
 class DeviceMemory {
@@ -258,7 +251,7 @@ TEST(Fp8Kernels, BlockScaledGemmMatchesTwin) {
   // 130 to 132), and a k of 2 blocks whose weight scales carry padding.
   for (const Shape shape : {Shape{1, 512, 7168}, Shape{3, 512, 7168}, Shape{128, 512, 7168},
                             Shape{130, 384, 7168}, Shape{37, 256, 256}}) {
-    SCOPED_TRACE(testing::Message() << shape.rows << " x " << shape.n << " x " << shape.k);
+    SCOPED_TRACE(::testing::Message() << shape.rows << " x " << shape.n << " x " << shape.k);
     DeviceMemory memory;
     const TestWeight w = MakeWeight(shape.n, shape.k, 11, 0.02f, memory);
     const auto x = RandomBf16(static_cast<size_t>(shape.rows) * shape.k, 13, 1.0f);

@@ -12,34 +12,13 @@
 #include "kernels/kernels.h"
 #include "kernels/mla.h"
 #include "kernels/sampling.h"
+#include "tests/gpu/device_copies.h"
 
 namespace moeserve::kernels {
 namespace {
 
-bool HaveGpu() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
-
-#define REQUIRE_GPU() \
-  if (!HaveGpu()) GTEST_SKIP() << "no GPU"
-
-template <typename T>
-T* ToDevice(const std::vector<T>& host) {
-  T* device = nullptr;
-  EXPECT_EQ(cudaMalloc(&device, host.size() * sizeof(T) + 1), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice),
-            cudaSuccess);
-  return device;
-}
-
-template <typename T>
-std::vector<T> ToHost(const T* device, size_t count) {
-  std::vector<T> host(count);
-  EXPECT_EQ(cudaMemcpy(host.data(), device, count * sizeof(T), cudaMemcpyDeviceToHost),
-            cudaSuccess);
-  return host;
-}
+using testing::ToDevice;
+using testing::ToHost;
 
 std::vector<uint16_t> RandomBf16(size_t count, unsigned seed, float scale = 1.0f) {
   std::mt19937 rng(seed);
