@@ -29,7 +29,16 @@ def run_snippet(server, language, code):
     code = code.replace("127.0.0.1:50051", server.grpc_address)
     command = ["bash", "-euo", "pipefail", "-c", code] if language == "sh" else [sys.executable,
                                                                                  "-c", code]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as timeout:
+        # Say what the snippet had received and what the server was doing, so that a hang can
+        # be told apart from a slow machine.
+        raise AssertionError(
+            f"the snippet did not finish in 120 s; it printed:\n{timeout.stdout}\n{timeout.stderr}\n"
+            f"server: running {server.metric('moeserve_running_requests')}, waiting "
+            f"{server.metric('moeserve_waiting_requests')}; its last lines:\n"
+            + "".join(server.output[-20:])) from None
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     assert done.stdout.strip(), "the snippet printed nothing"
     return done.stdout
