@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "engine/base/status_macros.h"
 #include "engine/model/bpe_model.h"
 #include "engine/model/token_decoder.h"
@@ -163,23 +164,10 @@ std::string Utf8Of(const icu::UnicodeString& text, int32_t begin, int32_t end) {
   return out;
 }
 
-void ReplaceLiteral(std::string& text, std::string_view pattern, std::string_view content) {
-  if (pattern.empty()) return;
-  std::string out;
-  size_t from = 0;
-  for (size_t at = text.find(pattern); at != std::string::npos; at = text.find(pattern, from)) {
-    out.append(text, from, at - from).append(content);
-    from = at + pattern.size();
-  }
-  if (from == 0) return;
-  out.append(text, from);
-  text = std::move(out);
-}
-
 // Metaspace on one piece: spaces become the replacement character, one is put in front as the
 // prepend scheme says, and with `split` the piece is cut before each replacement character.
 void ApplyMetaspace(const MetaspaceOptions& options, Piece piece, std::vector<Piece>& out) {
-  ReplaceLiteral(piece.text, " ", options.replacement);
+  absl::StrReplaceAll({{" ", options.replacement}}, &piece.text);
   const bool prepend =
       !piece.text.empty() && !piece.text.starts_with(options.replacement) &&
       (options.prepend_scheme == MetaspaceOptions::PrependScheme::kAlways ||
@@ -244,7 +232,7 @@ absl::StatusOr<std::string> BpeTokenizer::Impl::Normalize(std::string text,
         break;
       case NormalizerStep::Kind::kReplace:
         if (step.regex == nullptr) {
-          ReplaceLiteral(text, step.literal, step.text);
+          absl::StrReplaceAll({{step.literal, step.text}}, &text);
           break;
         }
         {

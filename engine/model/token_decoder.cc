@@ -5,6 +5,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "engine/base/status_macros.h"
 #include "engine/model/tokenizer.h"
 #include "engine/model/tokenizer_json.h"
@@ -62,18 +63,6 @@ std::string LossyUtf8(std::string_view bytes) {
   Utf8StreamDecoder decoder;
   std::string text = decoder.Push(bytes);
   return text + decoder.Flush();
-}
-
-void ReplaceAll(std::string& text, std::string_view pattern, std::string_view content) {
-  std::string out;
-  size_t from = 0;
-  for (size_t at = text.find(pattern); at != std::string::npos; at = text.find(pattern, from)) {
-    out.append(text, from, at - from).append(content);
-    from = at + pattern.size();
-  }
-  if (from == 0) return;
-  out.append(text, from);
-  text = std::move(out);
 }
 
 // Removes up to `start` leading and `stop` trailing copies of the character `strip`.
@@ -197,7 +186,8 @@ std::string TokenDecoder::Decode(std::vector<std::string> tokens) const {
         break;
       }
       case Step::Kind::kReplace:
-        for (std::string& token : tokens) ReplaceAll(token, step.pattern, step.content);
+        for (std::string& token : tokens)
+          absl::StrReplaceAll({{step.pattern, step.content}}, &token);
         break;
       case Step::Kind::kByteFallback: {
         std::vector<std::string> out;
@@ -256,7 +246,7 @@ std::string TokenDecoder::TokenBytes(std::string_view token) const {
         fused = true;
         break;
       case Step::Kind::kReplace:
-        ReplaceAll(text, step.pattern, step.content);
+        absl::StrReplaceAll({{step.pattern, step.content}}, &text);
         break;
       case Step::Kind::kByteFallback:
         if (std::optional<uint8_t> byte = FallbackByte(text)) {
