@@ -55,6 +55,7 @@ void LoadProgress::Begin(const std::string& what, uint64_t total_bytes) {
 
 void LoadProgress::Advance(uint64_t bytes) {
   absl::MutexLock lock(&mutex_);
+  if (finished_) return;  // later reads (a placement's new experts) are not the load
   done_bytes_ = std::min(total_bytes_, done_bytes_ + bytes);
   if (absl::Now() - last_line_ >= kLineInterval) LogLocked(/*last=*/false);
 }

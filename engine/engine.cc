@@ -246,6 +246,7 @@ absl::StatusOr<LocalEngine::WorkerGroup> LocalEngine::BuildGroup(const std::stri
          .kv_block_size = options_.kv_block_size,
          .max_batch_tokens = options_.max_batch_tokens,
          .background_placement_staging = p.background_placement_staging,
+         .keep_fp8_experts = options_.gpu_fp8_experts,
          .rendezvous =
              options_.rank_process.has_value() ? options_.rank_process->rendezvous.get() : nullptr,
          .rendezvous_prefix = options_.rank_process.has_value()
@@ -638,6 +639,11 @@ absl::StatusOr<std::unique_ptr<Engine>> StartLocalEngine(std::shared_ptr<const M
                                                          RankBackendChoice backend,
                                                          prometheus::Registry* registry) {
   const ParallelOptions& p = options.parallel;
+  if (!backend.factory && !model->has_host_weights()) {
+    return absl::FailedPreconditionError(
+        "engine: the model's weights are not in host memory (loaded for a GPU backend); the CPU "
+        "engine cannot run it");
+  }
   if (model->config().n_routed_experts == 0 && p.num_redundant_experts > 0) {
     return absl::InvalidArgumentError("engine: the model has no routed experts to replicate");
   }
@@ -657,7 +663,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options,
   RETURN_IF_ERROR(CheckModelRunsOn(options.model, options.device));
   // The backend before the model: a missing GPU backend is reported before a long load.
   ASSIGN_OR_RETURN(RankBackendChoice backend, ChooseRankBackend(options.device));
-  ASSIGN_OR_RETURN(LoadedModel loaded, LoadModel(options.model));
+  // A GPU backend reads each rank's share of a checkpoint straight from the mapped files; only
+  // the CPU engine needs the weights in host memory.
+  LoadOptions load_options;
+  load_options.host_weights = !backend.factory;
+  ASSIGN_OR_RETURN(LoadedModel loaded, LoadModel(options.model, load_options));
   return StartLocalEngine(std::move(loaded.model), std::move(loaded.tokenizer), std::move(options),
                           std::move(backend), registry);
 }

@@ -95,6 +95,9 @@ struct EngineOptions {
   // for tests that need requests to stay in flight long enough to cancel them.
   double min_step_seconds = 0;
   ParallelOptions parallel;
+  // --device cuda: an FP8 checkpoint's routed experts stay FP8 on the GPUs (block-scaled FP8
+  // GEMMs on Hopper; half the bytes of bf16); false: dequantized to bf16.
+  bool gpu_fp8_experts = true;
   std::optional<InjectedFault> injected_fault;
   // Set: run one rank of a group of processes (parallel.prefill_ep/decode_ep are then unused).
   std::optional<RankProcessOptions> rank_process;
@@ -259,6 +262,7 @@ struct LogitsRequest {
   std::vector<int32_t> tokens;
   int ep = 1;  // ranks of the expert-parallel group (threads, or GPUs)
   ParallelOptions parallel;
+  bool gpu_fp8_experts = true;  // as EngineOptions::gpu_fp8_experts
 };
 struct LogitsResult {
   std::vector<float> logits;  // [tokens, vocab]

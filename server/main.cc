@@ -47,6 +47,17 @@ absl::StatusOr<moeserve::engine::InjectedFault> ParseInjectedFault(const std::st
   return fault;
 }
 
+// --gpu-expert-weights (serve, rank, logits).
+void AddGpuExpertWeightsOption(CLI::App* command, std::string& value) {
+  command
+      ->add_option("--gpu-expert-weights", value,
+                   "How GPU ranks hold the routed experts of an FP8 checkpoint (DeepSeek-V3): "
+                   "as-stored (e4m3 with 128x128 block scales, FP8 GEMMs on Hopper GPUs; half "
+                   "the memory and bytes of bf16) or bf16 (dequantized)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"as-stored", "bf16"}));
+}
+
 // Flags shared by `serve` and `logits` that shape the expert-parallel layout.
 void AddExpertParallelOptions(CLI::App* command, moeserve::engine::ParallelOptions& parallel) {
   command
@@ -75,6 +86,7 @@ struct EngineFlags {
   double min_step_ms = 0;
   std::string injected_fault;
   std::string placement_staging = "background";
+  std::string gpu_expert_weights = "as-stored";
 };
 
 void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
@@ -129,6 +141,7 @@ void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
                    "(write them during the committing step: no spare memory, one slow step)")
       ->capture_default_str()
       ->check(CLI::IsMember({"background", "in-step"}));
+  AddGpuExpertWeightsOption(command, flags.gpu_expert_weights);
   command->add_flag("!--no-expert-metrics", engine.parallel.expert_load_metrics,
                     "Do not export the per (layer, expert) token counters");
   command->add_option("--trace-dir", engine.parallel.trace_dir,
@@ -171,6 +184,7 @@ bool ApplyEngineFlags(const std::string& command, const EngineFlags& flags,
   }
   out.kv_cache_bytes = flags.kv_cache_mib << 20;
   out.parallel.background_placement_staging = flags.placement_staging == "background";
+  out.gpu_fp8_experts = flags.gpu_expert_weights == "as-stored";
   out.min_step_seconds = flags.min_step_ms / 1000.0;
   return true;
 }
@@ -582,12 +596,15 @@ int main(int argc, char** argv) {
   AddExpertParallelOptions(logits_command, logits_parallel);
   std::string logits_device = "cpu";
   AddDeviceOption(logits_command, logits_device);
+  std::string logits_expert_weights = "as-stored";
+  AddGpuExpertWeightsOption(logits_command, logits_expert_weights);
   logits_command->callback([&] {
     exit_code = RunLogits({.model = logits_model,
                            .device = logits_device,
                            .tokens = {},
                            .ep = logits_ep,
-                           .parallel = logits_parallel},
+                           .parallel = logits_parallel,
+                           .gpu_fp8_experts = logits_expert_weights == "as-stored"},
                           logits_tokens, logits_out);
   });
 

@@ -107,6 +107,8 @@ struct RankBackendRequest {
   int max_batch_tokens = 256;
   // A GPU backend stages new placements' slots in the background (off: in the committing step).
   bool background_placement_staging = true;
+  // A GPU backend keeps an FP8 checkpoint's routed experts in FP8 (off: dequantized to bf16).
+  bool keep_fp8_experts = true;
   // A rank that is a process of its own: where its group's ranks meet (a GPU group publishes
   // its NCCL id there), unique per formation; and its GPU (-1: rank modulo the visible ones).
   KeyValueStore* rendezvous = nullptr;

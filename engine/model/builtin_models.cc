@@ -6,8 +6,8 @@
 namespace moeserve::engine {
 
 std::vector<std::string> BuiltinModelNames() {
-  return {"builtin:tiny",      "builtin:tiny-nolora", "builtin:tiny-v2",
-          "builtin:tiny-e256", "builtin:v3-bench",    "builtin:qwen3-30b-bench"};
+  return {"builtin:tiny",     "builtin:tiny-nolora",  "builtin:tiny-v2",        "builtin:tiny-e256",
+          "builtin:v3-bench", "builtin:v3-bench-fp8", "builtin:qwen3-30b-bench"};
 }
 
 namespace {
@@ -106,7 +106,7 @@ absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name) {
     c.moe_intermediate_size = 32;
     return c;
   }
-  if (name == "builtin:v3-bench") {
+  if (name == "builtin:v3-bench" || name == "builtin:v3-bench-fp8") {
     // DeepSeek-V3's dimensions at reduced depth, for GPU benchmarks: hidden 7168, 128 MLA heads
     // (q-LoRA 1536, latent 512, rope 64), 256 routed experts of 2048 (8 per token, 8 groups of
     // which 4) plus one shared, vocabulary 129280; 4 layers, the first 2 dense. The routed
@@ -133,6 +133,9 @@ absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name) {
     c.rope_scaling.original_max_position_embeddings = 4096;
     c.rope_scaling.mscale_all_dim = 1.0;
     c.routed_experts_on_device = true;
+    // The -fp8 sibling keeps its routed experts in FP8 on the GPU (11.3 GB per MoE layer), as
+    // a DeepSeek-V3 checkpoint's are served; the dense weights are the same.
+    c.routed_experts_fp8 = name == "builtin:v3-bench-fp8";
     return c;
   }
   if (name == "builtin:qwen3-30b-bench") return Qwen3BenchConfig(name);

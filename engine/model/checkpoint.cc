@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <optional>
 #include <set>
@@ -156,106 +157,6 @@ bool IsFusedExperts(const std::string& name, absl::string_view which) {
   return false;
 }
 
-// The fp32 value of a stored tensor, dequantizing FP8 with its block scales.
-absl::StatusOr<Tensor> Dequantize(const std::string& name, const StoredTensor& stored,
-                                  const std::map<std::string, StoredTensor>& all, int block_rows,
-                                  int block_cols) {
-  Tensor tensor{stored.entry->shape, ToFloat32(*stored.entry)};
-  if (stored.entry->dtype != DType::kF8E4M3) return tensor;
-  auto scale_it = all.find(name + std::string(kScaleSuffix));
-  if (scale_it == all.end()) {
-    return absl::InvalidArgumentError(absl::StrCat("FP8 tensor `", name, "` in `", *stored.file,
-                                                   "` has no `", name, kScaleSuffix,
-                                                   "` block scales"));
-  }
-  if (tensor.shape.size() != 2) {
-    return absl::InvalidArgumentError(absl::StrCat("FP8 tensor `", name,
-                                                   "` must be 2-D for block scales, has shape [",
-                                                   absl::StrJoin(tensor.shape, ", "), "]"));
-  }
-  const int64_t rows = tensor.shape[0];
-  const int64_t cols = tensor.shape[1];
-  const int64_t scale_rows = (rows + block_rows - 1) / block_rows;
-  const int64_t scale_cols = (cols + block_cols - 1) / block_cols;
-  const TensorEntry& scale_entry = *scale_it->second.entry;
-  if (scale_entry.shape != std::vector<int64_t>{scale_rows, scale_cols} ||
-      scale_entry.dtype == DType::kF8E4M3) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "`", name, kScaleSuffix, "` has shape [", absl::StrJoin(scale_entry.shape, ", "),
-        "] and dtype ", DTypeName(scale_entry.dtype), "; expected [", scale_rows, ", ", scale_cols,
-        "] floats (", block_rows, "x", block_cols, " blocks of a [", rows, ", ", cols,
-        "] weight)"));
-  }
-  const std::vector<float> scales = ToFloat32(scale_entry);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* scale_row = &scales[(r / block_rows) * scale_cols];
-    float* row = &tensor.data[r * cols];
-    for (int64_t c = 0; c < cols; ++c) row[c] *= scale_row[c / block_cols];
-  }
-  return tensor;
-}
-
-// Weights holding NaN or infinities would load silently and stream garbage. Checking costs one
-// pass over values the loader has just converted.
-absl::Status CheckFinite(const std::string& name, const StoredTensor& stored,
-                         const Tensor& tensor) {
-  for (size_t i = 0; i < tensor.data.size(); ++i) {
-    if (!std::isfinite(tensor.data[i])) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tensor `", name, "` in `", *stored.file, "` holds a value that is not finite (",
-          tensor.data[i], " at element ", i, "); the checkpoint is corrupt"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-absl::Status Insert(std::map<std::string, Tensor>& out, std::map<std::string, std::string>& source,
-                    const std::string& name, const std::string& stored_name, Tensor tensor) {
-  auto [it, inserted] = out.emplace(name, std::move(tensor));
-  if (!inserted) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor `", name, "` is stored twice (as `",
-                                                   source[name], "` and `", stored_name, "`)"));
-  }
-  source[name] = stored_name;
-  return absl::OkStatus();
-}
-
-// Splits a fused [experts, rows, cols] tensor into per-expert matrices. `gate_up` fuses the gate
-// projection (first half of the rows) with the up projection (second half).
-absl::Status SplitFusedExperts(const std::string& stored_name, Tensor fused, bool gate_up,
-                               const ModelConfig& config, std::map<std::string, Tensor>& out,
-                               std::map<std::string, std::string>& source) {
-  const int64_t experts = config.n_routed_experts;
-  const int64_t hidden = config.hidden_size;
-  const int64_t inter = config.moe_intermediate_size;
-  const std::vector<int64_t> expected = gate_up ? std::vector<int64_t>{experts, 2 * inter, hidden}
-                                                : std::vector<int64_t>{experts, hidden, inter};
-  if (fused.shape != expected) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "fused expert tensor `", stored_name, "` has shape [", absl::StrJoin(fused.shape, ", "),
-        "], expected [", absl::StrJoin(expected, ", "), "]"));
-  }
-  const std::string prefix =
-      stored_name.substr(0, stored_name.find(".experts.") + 9);  // "….experts."
-  const int64_t matrix = hidden * inter;
-  for (int64_t e = 0; e < experts; ++e) {
-    const float* base = fused.data.data() + e * (gate_up ? 2 : 1) * matrix;
-    const std::string expert = absl::StrCat(prefix, e, ".");
-    if (gate_up) {
-      Tensor gate{{inter, hidden}, std::vector<float>(base, base + matrix)};
-      Tensor up{{inter, hidden}, std::vector<float>(base + matrix, base + 2 * matrix)};
-      RETURN_IF_ERROR(
-          Insert(out, source, expert + "gate_proj.weight", stored_name, std::move(gate)));
-      RETURN_IF_ERROR(Insert(out, source, expert + "up_proj.weight", stored_name, std::move(up)));
-    } else {
-      Tensor down{{hidden, inter}, std::vector<float>(base, base + matrix)};
-      RETURN_IF_ERROR(
-          Insert(out, source, expert + "down_proj.weight", stored_name, std::move(down)));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::Status ReadBlockSize(const nlohmann::json& config_json, int* rows, int* cols) {
   *rows = 128;
   *cols = 128;
@@ -276,12 +177,24 @@ absl::Status ReadBlockSize(const nlohmann::json& config_json, int* rows, int* co
   return absl::OkStatus();
 }
 
+// Whether a stored tensor is one the engine does not run: scales (read with their weight),
+// rotary caches, a tied head, the multi-token-prediction module.
+bool IsLeftOut(const std::string& name, const ModelConfig& config, int prediction_layers) {
+  if (name.ends_with("rotary_emb.inv_freq")) return true;
+  if (config.tie_word_embeddings && name == "lm_head.weight") return true;
+  std::optional<int> layer = LayerOf(name);
+  return layer && *layer >= config.num_hidden_layers &&
+         *layer < config.num_hidden_layers + prediction_layers;
+}
+
 }  // namespace
 
-absl::StatusOr<std::map<std::string, Tensor>> ReadCheckpointTensors(
+absl::StatusOr<std::shared_ptr<const Checkpoint>> Checkpoint::Open(
     const std::string& folder, const ModelConfig& config, const nlohmann::json& config_json) {
-  int block_rows = 0, block_cols = 0;
-  RETURN_IF_ERROR(ReadBlockSize(config_json, &block_rows, &block_cols));
+  auto checkpoint = std::shared_ptr<Checkpoint>(new Checkpoint());
+  checkpoint->folder_ = folder;
+  RETURN_IF_ERROR(ReadBlockSize(config_json, &checkpoint->block_rows_, &checkpoint->block_cols_));
+  const int block_rows = checkpoint->block_rows_, block_cols = checkpoint->block_cols_;
   int prediction_layers = 0;  // DeepSeek-V3's multi-token prediction modules follow the layers
   if (auto it = config_json.find("num_nextn_predict_layers");
       it != config_json.end() && it->is_number_integer()) {
@@ -289,9 +202,10 @@ absl::StatusOr<std::map<std::string, Tensor>> ReadCheckpointTensors(
   }
   absl::StatusOr<std::vector<SafetensorsFile>> files = OpenFiles(folder);
   if (!files.ok()) return files.status();
+  checkpoint->files_ = *std::move(files);
 
   std::map<std::string, StoredTensor> stored;
-  for (const SafetensorsFile& file : *files) {
+  for (const SafetensorsFile& file : checkpoint->files_) {
     for (const auto& [name, entry] : file.tensors()) {
       if (stored.contains(name)) {
         return absl::InvalidArgumentError(absl::StrCat("tensor `", name, "` is stored in both `",
@@ -302,82 +216,255 @@ absl::StatusOr<std::map<std::string, Tensor>> ReadCheckpointTensors(
     }
   }
 
-  // Which stored tensors become weights; the rest are scales (read with their weight), rotary
-  // caches, a tied head or the multi-token-prediction module.
-  std::vector<const std::pair<const std::string, StoredTensor>*> wanted;
-  for (const auto& item : stored) {
-    const std::string& name = item.first;
-    if (name.ends_with(kScaleSuffix)) continue;
-    if (name.ends_with("rotary_emb.inv_freq")) continue;
-    if (config.tie_word_embeddings && name == "lm_head.weight") continue;
-    if (std::optional<int> layer = LayerOf(name);
-        layer && *layer >= config.num_hidden_layers &&
-        *layer < config.num_hidden_layers + prediction_layers) {
-      continue;
+  std::map<std::string, Entry>& entries = checkpoint->entries_;
+  auto insert = [&](const std::string& name, Entry entry) -> absl::Status {
+    auto [it, inserted] = entries.emplace(name, entry);
+    if (!inserted) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor `", name, "` is stored twice (as `",
+                                                     it->second.stored_name, "` and `",
+                                                     entry.stored_name, "`)"));
     }
-    wanted.push_back(&item);
-  }
-  uint64_t total_bytes = 0;
-  for (const auto* item : wanted) total_bytes += item->second.entry->num_bytes;
-  base::LoadProgress& progress = base::LoadProgress::Global();
-  progress.Begin(folder, total_bytes);
-
-  // Reading, dequantizing and checking run on several threads: the pages of the shards fault
-  // in in parallel and the conversions are independent. The results are taken in name order,
-  // so the first error reported does not depend on the threads.
-  std::vector<std::optional<absl::StatusOr<Tensor>>> converted(wanted.size());
-  {
-    std::atomic<size_t> next{0};
-    auto convert = [&] {
-      for (size_t i = next++; i < wanted.size(); i = next++) {
-        const auto& [name, tensor] = *wanted[i];
-        absl::StatusOr<Tensor> value = Dequantize(name, tensor, stored, block_rows, block_cols);
-        if (value.ok()) {
-          if (absl::Status finite = CheckFinite(name, tensor, *value); !finite.ok()) {
-            value = finite;
-          }
-        }
-        progress.Advance(tensor.entry->num_bytes);
-        converted[i] = std::move(value);
-      }
-    };
-    const size_t threads = std::clamp<size_t>(std::thread::hardware_concurrency(), 1,
-                                              std::min<size_t>(kMaxLoadThreads, wanted.size()));
-    std::vector<std::thread> workers;
-    for (size_t t = 1; t < threads; ++t) workers.emplace_back(convert);
-    convert();
-    for (std::thread& worker : workers) worker.join();
-  }
-
-  std::map<std::string, Tensor> out;
-  std::map<std::string, std::string> source;  // canonical name -> stored name
+    return absl::OkStatus();
+  };
   std::set<std::string> used_scales;
-  for (size_t i = 0; i < wanted.size(); ++i) {
-    const auto& [name, tensor] = *wanted[i];
-    absl::StatusOr<Tensor>& value = *converted[i];
-    if (!value.ok()) return value.status();
-    if (tensor.entry->dtype == DType::kF8E4M3) used_scales.insert(name + std::string(kScaleSuffix));
+  for (const auto& [name, tensor] : stored) {
+    if (name.ends_with(kScaleSuffix) || IsLeftOut(name, config, prediction_layers)) continue;
+    Entry entry{tensor.entry->shape, name, tensor.entry, tensor.file};
+    if (tensor.entry->dtype == DType::kF8E4M3) {
+      const std::string scale_name = name + std::string(kScaleSuffix);
+      auto scale_it = stored.find(scale_name);
+      if (scale_it == stored.end()) {
+        return absl::InvalidArgumentError(absl::StrCat("FP8 tensor `", name, "` in `", *tensor.file,
+                                                       "` has no `", scale_name, "` block scales"));
+      }
+      const std::vector<int64_t>& shape = tensor.entry->shape;
+      if (shape.size() != 2) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("FP8 tensor `", name, "` must be 2-D for block scales, has shape [",
+                         absl::StrJoin(shape, ", "), "]"));
+      }
+      const int64_t scale_rows = (shape[0] + block_rows - 1) / block_rows;
+      const int64_t scale_cols = (shape[1] + block_cols - 1) / block_cols;
+      const TensorEntry& scales = *scale_it->second.entry;
+      if (scales.shape != std::vector<int64_t>{scale_rows, scale_cols} ||
+          scales.dtype == DType::kF8E4M3) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "`", scale_name, "` has shape [", absl::StrJoin(scales.shape, ", "), "] and dtype ",
+            DTypeName(scales.dtype), "; expected [", scale_rows, ", ", scale_cols, "] floats (",
+            block_rows, "x", block_cols, " blocks of a [", shape[0], ", ", shape[1], "] weight)"));
+      }
+      entry.scales = &scales;
+      used_scales.insert(scale_name);
+    }
     const std::string canonical = CanonicalName(name, config);
-    if (IsFusedExperts(canonical, "gate_up_proj") || IsFusedExperts(canonical, "down_proj")) {
-      const bool gate_up = IsFusedExperts(canonical, "gate_up_proj");
-      RETURN_IF_ERROR(
-          SplitFusedExperts(canonical, *std::move(value), gate_up, config, out, source));
+    const bool gate_up = IsFusedExperts(canonical, "gate_up_proj");
+    if (!gate_up && !IsFusedExperts(canonical, "down_proj")) {
+      RETURN_IF_ERROR(insert(canonical, std::move(entry)));
       continue;
     }
-    RETURN_IF_ERROR(Insert(out, source, canonical, name, *std::move(value)));
+    // A fused [experts, rows, cols] tensor holds every expert's matrix; `gate_up` fuses the
+    // gate projection (first half of the rows) with the up projection (second half).
+    const int64_t experts = config.n_routed_experts;
+    const int64_t hidden = config.hidden_size;
+    const int64_t inter = config.moe_intermediate_size;
+    const std::vector<int64_t> expected = gate_up ? std::vector<int64_t>{experts, 2 * inter, hidden}
+                                                  : std::vector<int64_t>{experts, hidden, inter};
+    if (entry.shape != expected) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "fused expert tensor `", canonical, "` has shape [", absl::StrJoin(entry.shape, ", "),
+          "], expected [", absl::StrJoin(expected, ", "), "]"));
+    }
+    const std::string prefix = canonical.substr(0, canonical.find(".experts.") + 9);
+    const int64_t matrix = hidden * inter;
+    for (int64_t e = 0; e < experts; ++e) {
+      const std::string expert = absl::StrCat(prefix, e, ".");
+      Entry part = entry;
+      part.first = e * (gate_up ? 2 : 1) * matrix;
+      if (gate_up) {
+        part.shape = {inter, hidden};
+        RETURN_IF_ERROR(insert(expert + "gate_proj.weight", part));
+        part.first += matrix;
+        RETURN_IF_ERROR(insert(expert + "up_proj.weight", part));
+      } else {
+        part.shape = {hidden, inter};
+        RETURN_IF_ERROR(insert(expert + "down_proj.weight", part));
+      }
+    }
   }
   for (const auto& [name, tensor] : stored) {
     if (!name.ends_with(kScaleSuffix) || used_scales.contains(name)) continue;
+    if (IsLeftOut(name, config, prediction_layers)) continue;
     const std::string weight = name.substr(0, name.size() - kScaleSuffixLength);
-    if (std::optional<int> layer = LayerOf(name);
-        layer && *layer >= config.num_hidden_layers &&
-        *layer < config.num_hidden_layers + prediction_layers) {
-      continue;
-    }
     return absl::InvalidArgumentError(absl::StrCat(
         "unexpected tensor `", name, "`: block scales for `", weight,
         stored.contains(weight) ? "`, which is not an FP8 tensor" : "`, which is not stored"));
   }
+  for (const auto& [name, entry] : entries) {
+    checkpoint->total_stored_bytes_ += checkpoint->StoredBytes(name);
+  }
+  return std::shared_ptr<const Checkpoint>(std::move(checkpoint));
+}
+
+std::map<std::string, std::vector<int64_t>> Checkpoint::shapes() const {
+  std::map<std::string, std::vector<int64_t>> out;
+  for (const auto& [name, entry] : entries_) out.emplace(name, entry.shape);
+  return out;
+}
+
+uint64_t Checkpoint::StoredBytes(const std::string& name) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) return 0;
+  return static_cast<uint64_t>(NumElements(it->second.shape)) * DTypeSize(it->second.stored->dtype);
+}
+
+const std::vector<int64_t>* Checkpoint::Shape(const std::string& name) const {
+  auto it = entries_.find(name);
+  return it == entries_.end() ? nullptr : &it->second.shape;
+}
+
+absl::StatusOr<const Checkpoint::Entry*> Checkpoint::Find(const std::string& name, int64_t first,
+                                                          size_t count) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("checkpoint `", folder_, "` holds no tensor `", name, "`"));
+  }
+  const int64_t size = NumElements(it->second.shape);
+  if (first < 0 || first > size || static_cast<int64_t>(count) > size - first) {
+    return absl::OutOfRangeError(absl::StrCat("elements [", first, ", ", first + count,
+                                              ") are outside tensor `", name, "` of ", size));
+  }
+  return &it->second;
+}
+
+template <typename Store>
+absl::Status Checkpoint::Read(const std::string& name, int64_t first, size_t count,
+                              Store store) const {
+  ASSIGN_OR_RETURN(const Entry* entry, Find(name, first, count));
+  const TensorEntry& stored = *entry->stored;
+  const int64_t begin = entry->first + first;  // in the stored tensor
+  // Converted a run at a time, through a small buffer that stays in the cache.
+  constexpr int64_t kRun = 4096;
+  float values[kRun];
+  std::vector<float> scale_row;
+  const int64_t cols = stored.shape.empty() ? 1 : stored.shape.back();
+  for (int64_t done = 0; done < static_cast<int64_t>(count);) {
+    const int64_t index = begin + done;
+    int64_t run = std::min<int64_t>(kRun, static_cast<int64_t>(count) - done);
+    if (entry->scales != nullptr) run = std::min(run, cols - index % cols);  // within one row
+    ToFloat32(stored, index, std::span<float>(values, run));
+    if (entry->scales != nullptr) {
+      // weight = fp8 * scale_inv of its (row / block_rows, col / block_cols) block.
+      const int64_t scale_cols = entry->scales->shape[1];
+      scale_row.resize(scale_cols);
+      ToFloat32(*entry->scales, (index / cols) / block_rows_ * scale_cols, scale_row);
+      const int64_t col = index % cols;
+      for (int64_t i = 0; i < run; ++i) values[i] *= scale_row[(col + i) / block_cols_];
+    }
+    for (int64_t i = 0; i < run; ++i) {
+      // Weights holding NaN or infinities would load silently and stream garbage.
+      if (!std::isfinite(values[i])) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensor `", entry->stored_name, "` in `", *entry->file,
+                         "` holds a value that is not finite (", values[i], " at element ",
+                         index + i, "); the checkpoint is corrupt"));
+      }
+      store(done + i, values[i]);
+    }
+    done += run;
+  }
+  const size_t element_size = DTypeSize(stored.dtype);
+  ReleaseMappedPages(stored.data + begin * element_size, count * element_size);
+  return absl::OkStatus();
+}
+
+absl::Status Checkpoint::ReadFloat(const std::string& name, int64_t first,
+                                   std::span<float> out) const {
+  return Read(name, first, out.size(), [&](int64_t i, float value) { out[i] = value; });
+}
+
+absl::Status Checkpoint::ReadBf16(const std::string& name, int64_t first,
+                                  std::span<uint16_t> out) const {
+  return Read(name, first, out.size(),
+              [&](int64_t i, float value) { out[i] = FloatToBf16(value); });
+}
+
+bool Checkpoint::StoredAsFp8Blocks(const std::string& name) const {
+  auto it = entries_.find(name);
+  return it != entries_.end() && it->second.scales != nullptr && it->second.first == 0 &&
+         block_rows_ == 128 && block_cols_ == 128;
+}
+
+absl::Status Checkpoint::ReadFp8Codes(const std::string& name, int64_t first,
+                                      std::span<uint8_t> out) const {
+  if (!StoredAsFp8Blocks(name)) return TensorSource::ReadFp8Codes(name, first, out);
+  ASSIGN_OR_RETURN(const Entry* entry, Find(name, first, out.size()));
+  // Codes are read as they are: each is checked when its tensor is read as values, and the
+  // one NaN code (0x7f/0xff) is refused here as ReadFloat would.
+  const uint8_t* codes = entry->stored->data + first;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if ((codes[i] & 0x7f) == 0x7f) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor `", entry->stored_name, "` in `", *entry->file,
+                       "` holds a value that is not finite (nan at element ", first + i,
+                       "); the checkpoint is corrupt"));
+    }
+  }
+  if (!out.empty()) std::memcpy(out.data(), codes, out.size());
+  ReleaseMappedPages(codes, out.size());
+  return absl::OkStatus();
+}
+
+absl::Status Checkpoint::ReadFp8Scales(const std::string& name, std::span<float> out) const {
+  if (!StoredAsFp8Blocks(name)) return TensorSource::ReadFp8Scales(name, out);
+  const TensorEntry& scales = *entries_.at(name).scales;
+  const int64_t count = NumElements(scales.shape);
+  if (static_cast<int64_t>(out.size()) != count) {
+    return absl::OutOfRangeError(
+        absl::StrCat("`", name, "` has ", count, " block scales, not ", out.size()));
+  }
+  ToFloat32(scales, 0, out);
+  for (int64_t i = 0; i < count; ++i) {
+    if (!std::isfinite(out[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the block scales of `", name, "` hold a value that is not finite (", out[i],
+                       " at element ", i, "); the checkpoint is corrupt"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::map<std::string, Tensor>> ReadCheckpointTensors(
+    const std::string& folder, const ModelConfig& config, const nlohmann::json& config_json) {
+  ASSIGN_OR_RETURN(std::shared_ptr<const Checkpoint> checkpoint,
+                   Checkpoint::Open(folder, config, config_json));
+  std::map<std::string, Tensor> out;
+  for (auto& [name, shape] : checkpoint->shapes()) out.emplace(name, Tensor{shape, {}});
+  std::vector<std::pair<const std::string*, Tensor*>> jobs;
+  for (auto& [name, tensor] : out) jobs.emplace_back(&name, &tensor);
+  base::LoadProgress& progress = base::LoadProgress::Global();
+  progress.Begin(folder, checkpoint->total_stored_bytes());
+
+  // Reading, dequantizing and checking run on several threads: the pages of the shards fault
+  // in in parallel and the conversions are independent. The results are taken in name order,
+  // so the first error reported does not depend on the threads.
+  std::vector<absl::Status> results(jobs.size());
+  std::atomic<size_t> next{0};
+  auto convert = [&] {
+    for (size_t i = next++; i < jobs.size(); i = next++) {
+      auto [name, tensor] = jobs[i];
+      tensor->data.resize(tensor->num_elements());
+      results[i] = checkpoint->ReadFloat(*name, 0, tensor->data);
+      progress.Advance(checkpoint->StoredBytes(*name));
+    }
+  };
+  const size_t threads = std::max<size_t>(
+      1, std::min<size_t>({std::thread::hardware_concurrency(), kMaxLoadThreads, jobs.size()}));
+  std::vector<std::thread> workers;
+  for (size_t t = 1; t < threads; ++t) workers.emplace_back(convert);
+  convert();
+  for (std::thread& worker : workers) worker.join();
+  for (const absl::Status& status : results) RETURN_IF_ERROR(status);
   progress.Finish();
   return out;
 }

@@ -38,7 +38,7 @@ absl::Status InFile(const absl::Status& status, const fs::path& path) {
   return absl::Status(status.code(), absl::StrCat(path.string(), ": ", status.message()));
 }
 
-absl::StatusOr<LoadedModel> LoadFolder(const fs::path& folder) {
+absl::StatusOr<LoadedModel> LoadFolder(const fs::path& folder, const LoadOptions& options) {
   const fs::path config_path = folder / "config.json";
   std::error_code error;
   if (!fs::exists(config_path, error)) {
@@ -51,23 +51,33 @@ absl::StatusOr<LoadedModel> LoadFolder(const fs::path& folder) {
   absl::StatusOr<ModelConfig> config = ParseModelConfig(*config_json, name);
   if (!config.ok()) return InFile(config.status(), config_path);
 
-  absl::StatusOr<std::map<std::string, Tensor>> tensors =
-      ReadCheckpointTensors(folder.string(), *config, *config_json);
-  if (!tensors.ok()) return tensors.status();
-  absl::StatusOr<ModelWeights> weights = ModelWeights::FromTensors(*config, *std::move(tensors));
-  if (!weights.ok()) {
+  auto with_hint = [&](const absl::Status& status) {
     std::string hint;
     if (ArchitectureOf(*config).mixtral_tensor_names) {
       hint =
           " (Mixtral's `block_sparse_moe.experts.{i}.w1/w3/w2` are read as "
           "`mlp.experts.{i}.gate_proj/up_proj/down_proj`)";
     }
-    return absl::InvalidArgumentError(
-        absl::StrCat(folder.string(), ": ", weights.status().message(), hint));
-  }
-
+    return absl::InvalidArgumentError(absl::StrCat(folder.string(), ": ", status.message(), hint));
+  };
   LoadedModel loaded;
-  loaded.model = std::make_shared<Model>(*std::move(weights));
+  if (options.host_weights) {
+    absl::StatusOr<std::map<std::string, Tensor>> tensors =
+        ReadCheckpointTensors(folder.string(), *config, *config_json);
+    if (!tensors.ok()) return tensors.status();
+    absl::StatusOr<ModelWeights> weights = ModelWeights::FromTensors(*config, *std::move(tensors));
+    if (!weights.ok()) return with_hint(weights.status());
+    loaded.model = std::make_shared<Model>(*std::move(weights));
+  } else {
+    absl::StatusOr<std::shared_ptr<const Checkpoint>> checkpoint =
+        Checkpoint::Open(folder.string(), *config, *config_json);
+    if (!checkpoint.ok()) return checkpoint.status();
+    if (absl::Status names = CheckExpectedTensors(*config, (*checkpoint)->shapes()); !names.ok()) {
+      return with_hint(names);
+    }
+    loaded.model =
+        std::make_shared<Model>(ModelWeights::ConfigOnly(*config), *std::move(checkpoint));
+  }
   const fs::path tokenizer_path = folder / "tokenizer.json";
   if (fs::exists(tokenizer_path, error)) {
     absl::StatusOr<nlohmann::json> tokenizer_json =
@@ -90,7 +100,7 @@ absl::StatusOr<LoadedModel> LoadFolder(const fs::path& folder) {
 
 }  // namespace
 
-absl::StatusOr<LoadedModel> LoadModel(const std::string& model_spec) {
+absl::StatusOr<LoadedModel> LoadModel(const std::string& model_spec, const LoadOptions& options) {
   if (model_spec.starts_with("builtin:")) {
     absl::StatusOr<ModelConfig> config = BuiltinModelConfig(model_spec);
     if (!config.ok()) return config.status();
@@ -110,7 +120,7 @@ absl::StatusOr<LoadedModel> LoadModel(const std::string& model_spec) {
         absl::StrCat("model `", model_spec,
                      "` is neither a checkpoint folder nor a built-in model (builtin:tiny, ...)"));
   }
-  return LoadFolder(fs::path(model_spec));
+  return LoadFolder(fs::path(model_spec), options);
 }
 
 }  // namespace moeserve::engine

@@ -21,12 +21,21 @@ struct LoadedModel {
   std::shared_ptr<const Tokenizer> tokenizer;  // null when the model has none
 };
 
+struct LoadOptions {
+  // Read a checkpoint's weights into host memory as fp32 (the CPU engine computes from them).
+  // Off: the checkpoint is opened and checked against the config, and its tensors stay in the
+  // mapped files for a GPU backend to read each rank's share of (Model::tensor_source()), so
+  // host memory does not grow with the model. Built-in models are generated either way.
+  bool host_weights = true;
+};
+
 // The fixed seed of the built-in models' weights.
 inline constexpr uint64_t kBuiltinWeightSeed = 20250227;
 
 // NOT_FOUND: no such folder, or a file the model needs is missing. INVALID_ARGUMENT: anything
 // malformed (config, weights, index, tokenizer), with a message naming the file and the field or
 // tensor.
-absl::StatusOr<LoadedModel> LoadModel(const std::string& model_spec);
+absl::StatusOr<LoadedModel> LoadModel(const std::string& model_spec,
+                                      const LoadOptions& options = {});
 
 }  // namespace moeserve::engine

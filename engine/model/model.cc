@@ -6,8 +6,11 @@
 
 namespace moeserve::engine {
 
-Model::Model(ModelWeights weights)
+Model::Model(ModelWeights weights) : Model(std::move(weights), nullptr) {}
+
+Model::Model(ModelWeights weights, std::shared_ptr<const TensorSource> source)
     : weights_(std::move(weights)),
+      source_(std::move(source)),
       rope_(weights_.config()),
       attention_(weights_.config(), rope_),
       grouped_query_attention_(weights_.config(), rope_) {

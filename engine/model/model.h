@@ -34,9 +34,19 @@ struct BatchSequence {
 class Model {
  public:
   explicit Model(ModelWeights weights);
+  // A model whose weights stay in `source` (a checkpoint read on demand) and are not in host
+  // memory: `weights` holds only the config. Only a GPU backend, which reads what each rank
+  // holds from the source, runs it; Forward() and the pieces below need host weights.
+  Model(ModelWeights weights, std::shared_ptr<const TensorSource> source);
 
   const ModelConfig& config() const { return weights_.config(); }
   const ModelWeights& weights() const { return weights_; }
+  // Where the weights are read from by name: the checkpoint, or the host weights.
+  const TensorSource& tensor_source() const {
+    return source_ != nullptr ? *source_ : static_cast<const TensorSource&>(weights_);
+  }
+  // Whether the weights are in host memory (the CPU engine can run the model).
+  bool has_host_weights() const { return source_ == nullptr; }
   const RotaryEmbedding& rope() const { return rope_; }
   // Floats per KV cache row: MLA's latent + rope key, or GQA's keys + values of every KV head.
   int kv_row_dim() const {
@@ -74,6 +84,7 @@ class Model {
 
  private:
   ModelWeights weights_;
+  std::shared_ptr<const TensorSource> source_;  // null: the host weights
   RotaryEmbedding rope_;
   MlaAttention attention_;
   GroupedQueryAttention grouped_query_attention_;

@@ -93,6 +93,9 @@ struct ModelConfig {
   // that hold them and never exist on the host (at DeepSeek-V3's size they would not fit), so
   // such a model runs with --device cuda only.
   bool routed_experts_on_device = false;
+  // With routed_experts_on_device: the generated experts are FP8 (e4m3, 128x128 block scales),
+  // as DeepSeek-V3's checkpoint stores them (builtin:v3-bench-fp8).
+  bool routed_experts_fp8 = false;
   int bos_token_id = 0;
   int eos_token_id = 1;
 

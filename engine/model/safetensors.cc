@@ -1,7 +1,9 @@
 #include "engine/model/safetensors.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
+#include <array>
 #include <bit>
 #include <cerrno>
 #include <cmath>
@@ -223,9 +225,14 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::string& path) {
 }
 
 std::vector<float> ToFloat32(const TensorEntry& tensor) {
-  const size_t count = tensor.num_bytes / static_cast<size_t>(DTypeSize(tensor.dtype));
-  std::vector<float> out(count);
-  const uint8_t* bytes = tensor.data;
+  std::vector<float> out(tensor.num_bytes / static_cast<size_t>(DTypeSize(tensor.dtype)));
+  ToFloat32(tensor, 0, out);
+  return out;
+}
+
+void ToFloat32(const TensorEntry& tensor, int64_t first, std::span<float> out) {
+  const size_t count = out.size();
+  const uint8_t* bytes = tensor.data + static_cast<size_t>(first) * DTypeSize(tensor.dtype);
   switch (tensor.dtype) {
     case DType::kF32:
       // An empty tensor's vector may have no storage, and memcpy from or to null is undefined
@@ -240,13 +247,23 @@ std::vector<float> ToFloat32(const TensorEntry& tensor) {
       }
       break;
     case DType::kF8E4M3: {
-      float table[256];
-      for (int b = 0; b < 256; ++b) table[b] = Float8E4M3ToFloat(static_cast<uint8_t>(b));
+      static const std::array<float, 256> table = [] {
+        std::array<float, 256> values;
+        for (int b = 0; b < 256; ++b) values[b] = Float8E4M3ToFloat(static_cast<uint8_t>(b));
+        return values;
+      }();
       for (size_t i = 0; i < count; ++i) out[i] = table[bytes[i]];
       break;
     }
   }
-  return out;
+}
+
+void ReleaseMappedPages(const uint8_t* begin, size_t bytes) {
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t first = (reinterpret_cast<uintptr_t>(begin) + page - 1) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(begin) + bytes) / page * page;
+  // Advice only: a failure leaves the pages resident, which is still correct.
+  if (end > first) madvise(reinterpret_cast<void*>(first), end - first, MADV_DONTNEED);
 }
 
 std::string EncodeSafetensors(const std::vector<EncodedTensor>& tensors) {

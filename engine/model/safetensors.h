@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -64,6 +65,15 @@ class SafetensorsFile {
 
 // The tensor's elements converted to fp32 (exact for every supported dtype).
 std::vector<float> ToFloat32(const TensorEntry& tensor);
+// Elements [first, first + out.size()) of the tensor converted to fp32; the caller keeps the
+// range inside the tensor.
+void ToFloat32(const TensorEntry& tensor, int64_t first, std::span<float> out);
+
+// Hands the whole pages inside [begin, begin + bytes) of a file's mapping back to the kernel:
+// the process's resident memory drops by them, and a later read faults them in again from the
+// page cache or the file. Readers that stream a large checkpoint call it on what they have
+// converted, so their resident memory does not grow with the model.
+void ReleaseMappedPages(const uint8_t* begin, size_t bytes);
 
 // A tensor to encode: raw little-endian bytes of `dtype` elements.
 struct EncodedTensor {

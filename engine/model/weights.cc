@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/base/status_macros.h"
+#include "kernels/bf16.h"
 #include "nlohmann/json.hpp"
 
 namespace moeserve::engine {
@@ -191,46 +192,100 @@ ModelWeights ModelWeights::Generate(const ModelConfig& config, uint64_t seed) {
   return weights;
 }
 
-absl::StatusOr<ModelWeights> ModelWeights::FromTensors(const ModelConfig& config,
-                                                       std::map<std::string, Tensor> tensors) {
-  ModelWeights weights;
-  weights.config_ = config;
+absl::Status CheckExpectedTensors(const ModelConfig& config,
+                                  const std::map<std::string, Shape>& shapes) {
   // Walks the expected tensors and stops at the first problem, so a config that describes far
   // more tensors than are stored costs no more than the stored ones.
   absl::Status problem;
   size_t matched = 0;
   ForEachExpectedTensor(config, [&](const std::string& name, const Shape& shape) {
-    auto it = tensors.find(name);
-    if (it == tensors.end()) {
+    auto it = shapes.find(name);
+    if (it == shapes.end()) {
       problem = absl::InvalidArgumentError(absl::StrCat("weights: missing tensor `", name, "`"));
       return false;
     }
-    if (it->second.shape != shape) {
-      problem = absl::InvalidArgumentError(absl::StrCat(
-          "weights: tensor `", name, "` has shape [", absl::StrJoin(it->second.shape, ", "),
-          "], expected [", absl::StrJoin(shape, ", "), "]"));
+    if (it->second != shape) {
+      problem = absl::InvalidArgumentError(
+          absl::StrCat("weights: tensor `", name, "` has shape [", absl::StrJoin(it->second, ", "),
+                       "], expected [", absl::StrJoin(shape, ", "), "]"));
       return false;
     }
     ++matched;
     return true;
   });
   if (!problem.ok()) return problem;
-  if (matched != tensors.size()) {
-    // Every expected tensor is there, so some stored one was not expected: name it.
-    std::set<std::string> expected_names;
-    ForEachExpectedTensor(config, [&](const std::string& name, const Shape&) {
-      expected_names.insert(name);
-      return true;
-    });
-    for (auto& [name, tensor] : tensors) {
-      if (!expected_names.contains(name)) {
-        return absl::InvalidArgumentError(absl::StrCat("weights: unexpected tensor `", name, "`"));
-      }
+  if (matched == shapes.size()) return absl::OkStatus();
+  // Every expected tensor is there, so some stored one was not expected: name it.
+  std::set<std::string> expected_names;
+  ForEachExpectedTensor(config, [&](const std::string& name, const Shape&) {
+    expected_names.insert(name);
+    return true;
+  });
+  for (const auto& [name, shape] : shapes) {
+    if (!expected_names.contains(name)) {
+      return absl::InvalidArgumentError(absl::StrCat("weights: unexpected tensor `", name, "`"));
     }
   }
+  return absl::OkStatus();
+}
+
+std::string LmHeadTensorName(const ModelConfig& config) {
+  return config.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+}
+
+absl::StatusOr<ModelWeights> ModelWeights::FromTensors(const ModelConfig& config,
+                                                       std::map<std::string, Tensor> tensors) {
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (const auto& [name, tensor] : tensors) shapes.emplace(name, tensor.shape);
+  RETURN_IF_ERROR(CheckExpectedTensors(config, shapes));
+  ModelWeights weights;
+  weights.config_ = config;
   weights.tensors_ = std::move(tensors);
   RETURN_IF_ERROR(weights.BindViews());
   return weights;
+}
+
+ModelWeights ModelWeights::ConfigOnly(const ModelConfig& config) {
+  ModelWeights weights;
+  weights.config_ = config;
+  absl::Status status = weights.BindViews();
+  (void)status;  // with no tensors every view is null, which is not an error
+  return weights;
+}
+
+const std::vector<int64_t>* ModelWeights::Shape(const std::string& name) const {
+  auto it = tensors_.find(name);
+  return it == tensors_.end() ? nullptr : &it->second.shape;
+}
+
+absl::Status ModelWeights::ReadFloat(const std::string& name, int64_t first,
+                                     std::span<float> out) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) {
+    return absl::NotFoundError(absl::StrCat("the model holds no tensor `", name, "`"));
+  }
+  const std::vector<float>& data = it->second.data;
+  if (first < 0 || first > static_cast<int64_t>(data.size()) ||
+      out.size() > data.size() - static_cast<size_t>(first)) {
+    return absl::OutOfRangeError(absl::StrCat("elements [", first, ", ", first + out.size(),
+                                              ") are outside tensor `", name, "` of ",
+                                              data.size()));
+  }
+  std::copy_n(data.begin() + first, out.size(), out.begin());
+  return absl::OkStatus();
+}
+
+absl::Status ModelWeights::ReadBf16(const std::string& name, int64_t first,
+                                    std::span<uint16_t> out) const {
+  // Through a small buffer: the range may be a large share of a large tensor.
+  constexpr size_t kRun = 4096;
+  float values[kRun];
+  for (size_t done = 0; done < out.size(); done += kRun) {
+    const size_t run = std::min(kRun, out.size() - done);
+    RETURN_IF_ERROR(ReadFloat(name, first + static_cast<int64_t>(done), std::span(values, run)));
+    for (size_t i = 0; i < run; ++i) out[done + i] = kernels::FloatToBf16(values[i]);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status ModelWeights::BindViews() {

@@ -15,6 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/model/model_config.h"
+#include "engine/model/tensor_source.h"
 
 namespace moeserve::engine {
 
@@ -70,7 +71,8 @@ struct LayerWeights {
   MoeWeights moe;
 };
 
-class ModelWeights {
+// Also a TensorSource over its own tensors (the GPU backend uploads built-in models from it).
+class ModelWeights final : public TensorSource {
  public:
   // Deterministic random weights for a config (the built-in models).
   static ModelWeights Generate(const ModelConfig& config, uint64_t seed);
@@ -78,6 +80,10 @@ class ModelWeights {
   // and that no unexpected tensor is left over.
   static absl::StatusOr<ModelWeights> FromTensors(const ModelConfig& config,
                                                   std::map<std::string, Tensor> tensors);
+
+  // No tensors, only the config: a model whose weights are read from its checkpoint by the
+  // backend that computes with them (every view is null).
+  static ModelWeights ConfigOnly(const ModelConfig& config);
 
   ModelWeights(ModelWeights&&) = default;
   ModelWeights& operator=(ModelWeights&&) = default;
@@ -88,6 +94,12 @@ class ModelWeights {
   const float* lm_head() const { return lm_head_; }
   const LayerWeights& layer(int index) const { return layers_[index]; }
   const std::map<std::string, Tensor>& tensors() const { return tensors_; }
+
+  const std::vector<int64_t>* Shape(const std::string& name) const override;
+  absl::Status ReadFloat(const std::string& name, int64_t first,
+                         std::span<float> out) const override;
+  absl::Status ReadBf16(const std::string& name, int64_t first,
+                        std::span<uint16_t> out) const override;
 
  private:
   ModelWeights() = default;
@@ -109,6 +121,14 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> ExpectedTensors(
 void ForEachExpectedTensor(
     const ModelConfig& config,
     const std::function<bool(const std::string& name, const std::vector<int64_t>& shape)>& visit);
+
+// Checks that `shapes` holds exactly the tensors the config needs, with their shapes:
+// INVALID_ARGUMENT naming the first missing or misshapen tensor, or an unexpected one.
+absl::Status CheckExpectedTensors(const ModelConfig& config,
+                                  const std::map<std::string, std::vector<int64_t>>& shapes);
+
+// The LM head's tensor: the embedding's when the config ties them.
+std::string LmHeadTensorName(const ModelConfig& config);
 
 // Writes tensors as a float32 safetensors file.
 absl::Status WriteSafetensors(const std::string& path,

@@ -16,7 +16,9 @@ absl::StatusOr<LogitsResult> ComputeLogits(const LogitsRequest& request) {
   if (request.tokens.empty()) return absl::InvalidArgumentError("--tokens is empty");
   if (request.ep < 1) return absl::InvalidArgumentError("--ep must be at least 1");
   ASSIGN_OR_RETURN(const RankBackendChoice backend, ChooseRankBackend(request.device));
-  ASSIGN_OR_RETURN(const LoadedModel loaded, LoadModel(request.model));
+  LoadOptions load_options;
+  load_options.host_weights = !backend.factory;  // a GPU backend reads its share itself
+  ASSIGN_OR_RETURN(const LoadedModel loaded, LoadModel(request.model, load_options));
   const Model& model = *loaded.model;
   const ModelConfig& config = model.config();
   for (int32_t id : request.tokens) {
@@ -61,8 +63,16 @@ absl::StatusOr<LogitsResult> ComputeLogits(const LogitsRequest& request) {
   options.size = request.ep;
   options.two_batch_overlap = parallel.two_batch_overlap;
   options.overlap_min_tokens = parallel.overlap_min_tokens;
+  RankBackendFactory factory = backend.factory;
+  if (factory && !request.gpu_fp8_experts) {
+    factory = [inner = backend.factory](const RankBackendRequest& rank_request) {
+      RankBackendRequest bf16 = rank_request;
+      bf16.keep_fp8_experts = false;
+      return inner(bf16);
+    };
+  }
   absl::StatusOr<tools::GroupLogits> group_logits = tools::ComputeGroupLogits(
-      model, request.tokens, options, std::move(*placement), nullptr, backend.factory);
+      model, request.tokens, options, std::move(*placement), nullptr, factory);
   if (!group_logits.ok()) return group_logits.status();
   result.logits = std::move(group_logits->logits);
   result.max_rank_difference = group_logits->max_rank_difference;

@@ -42,6 +42,7 @@ CudaRankOptions RankOptions(const RankBackendRequest& request, int device) {
   options.kv_block_size = request.kv_block_size;
   options.max_batch_tokens = request.max_batch_tokens;
   options.background_placement_staging = request.background_placement_staging;
+  options.keep_fp8_experts = request.keep_fp8_experts;
   return options;
 }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 
+#include "base/load_progress.h"
 #include "engine/backend/cuda/rank_state.h"
 #include "engine/base/status_macros.h"
 #include "engine/model/architecture.h"
@@ -57,6 +58,44 @@ CudaRankBackend::~CudaRankBackend() {
   state_.reset();
 }
 
+namespace {
+
+// Whether the routed experts run in FP8: builtin:v3-bench-fp8's always (an error where the GPU
+// cannot), an FP8 checkpoint's unless options say bf16 (dequantized, with a log line where the
+// GPU or the shapes cannot run FP8).
+absl::StatusOr<bool> ServeExpertsInFp8(const Model& model, const CudaRankOptions& options) {
+  const ModelConfig& c = model.config();
+  if (c.n_routed_experts == 0) return false;
+  bool stored_fp8 = c.routed_experts_fp8;
+  if (!c.routed_experts_on_device) {
+    const int first_moe_layer = c.first_k_dense_replace;
+    const std::string expert = absl::StrCat("model.layers.", first_moe_layer, ".mlp.experts.0.");
+    const TensorSource& source = model.tensor_source();
+    stored_fp8 = source.StoredAsFp8Blocks(expert + "gate_proj.weight") &&
+                 source.StoredAsFp8Blocks(expert + "up_proj.weight") &&
+                 source.StoredAsFp8Blocks(expert + "down_proj.weight");
+  }
+  if (!stored_fp8 || (!c.routed_experts_fp8 && !options.keep_fp8_experts)) return false;
+  cudaDeviceProp properties{};
+  RETURN_IF_ERROR(CudaStatus(cudaGetDeviceProperties(&properties, options.device), "GPU"));
+  std::string problem;
+  if (properties.major != 9) {
+    problem = absl::StrCat("block-scaled FP8 GEMMs need a Hopper GPU (compute capability 9.x); ",
+                           properties.name, " is ", properties.major, ".", properties.minor);
+  } else if (c.hidden_size % kernels::kFp8BlockSize != 0 ||
+             c.moe_intermediate_size % kernels::kFp8BlockSize != 0) {
+    problem = "the experts' widths are not multiples of 128";
+  }
+  if (problem.empty()) return true;
+  if (c.routed_experts_fp8) {
+    return absl::FailedPreconditionError(absl::StrCat("`", c.name, "` cannot run: ", problem));
+  }
+  spdlog::info("moeserve: GPU {} serves the FP8 experts in bf16: {}", options.device, problem);
+  return false;
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
     const Model& model, const ExpertPlacement& placement, const CudaRankOptions& options) {
   const ModelConfig& c = model.config();
@@ -77,12 +116,16 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
 
   // How long a rank's weights take to reach its GPU is part of every (re)start; say it.
   const auto upload_start = std::chrono::steady_clock::now();
-  const absl::Status loaded = [&] {
-    RETURN_IF_ERROR(s.LoadWeights());
-    return s.LoadSlots(placement);
-  }();
-  ReleaseUploadStaging();
-  RETURN_IF_ERROR(loaded);
+  ASSIGN_OR_RETURN(s.fp8_experts, ServeExpertsInFp8(model, options));
+  base::LoadProgress& progress = base::LoadProgress::Global();
+  progress.Begin(absl::StrCat(c.name, " onto GPU ", options.device),
+                 RankUploadBytes(c, placement.num_physical() / options.group_size, s.fp8_experts));
+  {
+    WeightUploader uploader(model.tensor_source(), s.stream);
+    RETURN_IF_ERROR(s.LoadWeights(uploader));
+  }
+  RETURN_IF_ERROR(s.LoadSlots(placement));
+  progress.Finish();
   RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(s.stream), "weight upload"));
   size_t free_bytes = 0, total_bytes = 0;
   RETURN_IF_ERROR(CudaStatus(cudaMemGetInfo(&free_bytes, &total_bytes), "device memory"));
@@ -128,8 +171,15 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
     const int slots = placement.num_physical() / options.group_size;
     RETURN_IF_ERROR(make_mlp(std::max(c.moe_intermediate_size * c.n_shared_experts, 1), max_tokens,
                              1, s.shared_mlp));
-    RETURN_IF_ERROR(
-        make_mlp(std::max(c.moe_intermediate_size, 1), s.max_received, slots, s.routed_mlp));
+    if (s.fp8_experts) {
+      ASSIGN_OR_RETURN(kernels::Fp8ExpertMlp fp8_mlp,
+                       kernels::Fp8ExpertMlp::Create(hidden, c.moe_intermediate_size,
+                                                     s.max_received, slots, stream));
+      s.routed_fp8_mlp = std::make_unique<kernels::Fp8ExpertMlp>(std::move(fp8_mlp));
+    } else {
+      RETURN_IF_ERROR(
+          make_mlp(std::max(c.moe_intermediate_size, 1), s.max_received, slots, s.routed_mlp));
+    }
   }
   for (MicroBatchState& mb : s.micro_batches) RETURN_IF_ERROR(s.ReserveMicroBatch(mb));
   // A step has at most a row of logits per token.
@@ -207,9 +257,7 @@ class CudaRankBackend::SlotStager : public ExpertStager {
  public:
   explicit SlotStager(State& state) : state_(state) {}
   absl::Status Stage(const ExpertPlacement& placement) override {
-    absl::Status staged = state_.StageSlots(placement);
-    ReleaseUploadStaging();  // the staging thread's conversion buffer
-    return staged;
+    return state_.StageSlots(placement);
   }
   void Commit(const ExpertPlacement& placement) override { state_.CommitSlots(placement); }
   void Discard() override { state_.DiscardStagedSlots(); }

@@ -58,6 +58,9 @@ struct CudaRankOptions {
   std::shared_ptr<const void> exchange_owner;  // keeps `exchange` alive as long as the backend
   // Stage new placements in the background (see above); off: in the committing step.
   bool background_placement_staging = true;
+  // An FP8 checkpoint's routed experts stay FP8 on the GPU (block-scaled FP8 GEMMs, Hopper);
+  // off: dequantized to bf16 like the rest.
+  bool keep_fp8_experts = true;
 };
 
 class CudaRankBackend : public RankBackend {

@@ -219,21 +219,34 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
   RETURN_IF_ERROR(AwaitExchange(mb));  // the dispatched rows
   RETURN_IF_ERROR(kernels::PermuteRows(mb.received_rows, mb.slot_order.device.data(),
                                        mb.expert_in.data(), received, hidden, stream));
-  std::vector<const Bf16*> gate_up, down;
-  for (const DeviceMlp& slot : w.slots) {
-    gate_up.push_back(slot.gate_up.data());
-    down.push_back(slot.down.data());
-  }
-  // Many slots with few rows each (decode) fill the GPU best as one grouped GEMM; slots with
-  // many rows each (prefill) run faster as one large GEMM apiece (docs/PERFORMANCE.md).
+  // Many slots with few rows each (decode) fill the GPU best as one grouped GEMM (FP8: GEMMs
+  // spread over side streams); slots with many rows each (prefill) run faster as one large GEMM
+  // apiece (docs/PERFORMANCE.md).
   const int slots = static_cast<int>(w.slots.size());
   int busy_slots = 0;
   for (int s = 0; s < slots; ++s) busy_slots += mb.slot_offsets[s + 1] > mb.slot_offsets[s];
   const bool small_groups = busy_slots > 0 && received / busy_slots < 512;
-  RETURN_IF_ERROR(routed_mlp->Run(mb.expert_in.data(), mb.slot_offsets, gate_up, down,
-                                  mb.expert_out.data(),
-                                  small_groups ? kernels::ExpertMlp::Strategy::kGroupedGemm
-                                               : kernels::ExpertMlp::Strategy::kPerExpertGemm));
+  if (fp8_experts) {
+    std::vector<kernels::Fp8Weight> gate_up, down;
+    for (const DeviceMlp& slot : w.slots) {
+      gate_up.push_back({slot.gate_up_fp8.data(), slot.gate_up_scales.data()});
+      down.push_back({slot.down_fp8.data(), slot.down_scales.data()});
+    }
+    RETURN_IF_ERROR(routed_fp8_mlp->Run(
+        mb.expert_in.data(), mb.slot_offsets, gate_up, down, mb.expert_out.data(),
+        small_groups ? kernels::Fp8ExpertMlp::Strategy::kConcurrentGemm
+                     : kernels::Fp8ExpertMlp::Strategy::kPerExpertGemm));
+  } else {
+    std::vector<const Bf16*> gate_up, down;
+    for (const DeviceMlp& slot : w.slots) {
+      gate_up.push_back(slot.gate_up.data());
+      down.push_back(slot.down.data());
+    }
+    RETURN_IF_ERROR(routed_mlp->Run(mb.expert_in.data(), mb.slot_offsets, gate_up, down,
+                                    mb.expert_out.data(),
+                                    small_groups ? kernels::ExpertMlp::Strategy::kGroupedGemm
+                                                 : kernels::ExpertMlp::Strategy::kPerExpertGemm));
+  }
   RETURN_IF_ERROR(kernels::PermuteRows(mb.expert_out.data(), mb.received_order.device.data(),
                                        mb.results.data(), received, hidden, stream));
   if (rank.load != nullptr) {

@@ -20,12 +20,14 @@
 #include "absl/strings/str_cat.h"
 #include "engine/backend/cuda/cuda_rank_backend.h"
 #include "engine/backend/cuda/pinned_buffer.h"
+#include "engine/backend/cuda/weight_uploader.h"
 #include "engine/comm/nccl_communicator.h"
 #include "engine/model/model.h"
 #include "engine/parallel/ep_forward.h"
 #include "kernels/cpu_twins.h"
 #include "kernels/device_array.h"
 #include "kernels/expert_mlp.h"
+#include "kernels/fp8_expert_mlp.h"
 #include "kernels/kernels.h"
 #include "kernels/logit_head.h"
 
@@ -37,9 +39,13 @@ using kernels::CudaStatus;
 using kernels::DeviceArray;
 
 // A SwiGLU MLP's weights as ExpertMlp wants them: [2I, H] (gate rows, then up rows) and [H, I].
+// Routed experts served in FP8 (State::fp8_experts) hold e4m3 codes and 128x128 block scales
+// (kernels/fp8.h) instead, as Fp8ExpertMlp wants them.
 struct DeviceMlp {
   DeviceArray<Bf16> gate_up;
   DeviceArray<Bf16> down;
+  DeviceArray<__nv_fp8_e4m3> gate_up_fp8, down_fp8;
+  DeviceArray<float> gate_up_scales, down_scales;
 };
 
 struct DeviceLayer {
@@ -66,18 +72,17 @@ struct DeviceLayer {
 // are host time: GPU work shows where the host waits for it.
 constexpr int kHostLane = parallel::kTraceComputeLane;
 
-// Host fp32 → device bf16 (kernels/bf16.h's rounding), waiting for the copy. The conversion
-// goes through a buffer of the calling thread's that is kept between uploads;
-// ReleaseUploadStaging() frees it (after a batch of uploads).
-absl::Status UploadBf16(DeviceArray<Bf16>& out, std::span<const float> values, cudaStream_t stream);
-absl::Status UploadBf16(DeviceArray<Bf16>& out, const float* values, size_t count,
-                        cudaStream_t stream);
-void ReleaseUploadStaging();
-// A routed expert that exists on the GPU only (ModelConfig::routed_experts_on_device).
+// A routed expert that exists on the GPU only (ModelConfig::routed_experts_on_device): bf16, or
+// FP8 (quantized from the same bf16 values through `scratch`).
 absl::Status GenerateMlp(DeviceMlp& out, int layer, int expert, int intermediate, int hidden,
-                         cudaStream_t stream);
-// A SwiGLU MLP from the host's fp32 weights.
-absl::Status UploadMlp(DeviceMlp& out, const MlpWeights& mlp, int hidden, cudaStream_t stream);
+                         bool fp8, DeviceArray<Bf16>& scratch, cudaStream_t stream);
+// A SwiGLU MLP's tensors `prefix` + gate_proj/up_proj/down_proj.weight, in bf16 or as stored
+// in FP8.
+absl::Status UploadMlp(WeightUploader& uploader, DeviceMlp& out, const std::string& prefix,
+                       bool fp8);
+// The bytes a rank uploads at start-up: the dense weights in bf16 and its slots' experts in
+// bf16 or FP8.
+uint64_t RankUploadBytes(const ModelConfig& config, int slots_per_rank, bool fp8_experts);
 
 // An index array (row numbers) on its way to the device.
 struct DeviceIndex {
@@ -149,6 +154,10 @@ struct CudaRankBackend::State {
   int kv_row_dim() const { return model->kv_row_dim(); }
 
   std::unique_ptr<kernels::ExpertMlp> dense_mlp, shared_mlp, routed_mlp;
+  // The routed experts in FP8 (an FP8 checkpoint's, or builtin:v3-bench-fp8's): their slots
+  // hold e4m3 weights and run through routed_fp8_mlp instead of routed_mlp.
+  bool fp8_experts = false;
+  std::unique_ptr<kernels::Fp8ExpertMlp> routed_fp8_mlp;
   MicroBatchState micro_batches[2];
   int max_received = 0;
 
@@ -219,9 +228,9 @@ struct CudaRankBackend::State {
 
   absl::Status ReserveMicroBatch(MicroBatchState& mb);
   // Uploads the dense weights (everything but the routed experts' slots) to the device.
-  absl::Status LoadWeights();
-  absl::Status UploadMlaWeights(const AttentionWeights& weights, DeviceLayer& layer);
-  absl::Status UploadGroupedQueryWeights(const AttentionWeights& weights, DeviceLayer& layer);
+  absl::Status LoadWeights(WeightUploader& uploader);
+  absl::Status UploadMlaWeights(WeightUploader& uploader, int layer, DeviceLayer& d);
+  absl::Status UploadGroupedQueryWeights(WeightUploader& uploader, int layer, DeviceLayer& d);
   // Makes the slots hold `placement`'s experts now, in place (initial load; and placements
   // that commit without staging).
   absl::Status LoadSlots(const ExpertPlacement& placement);

@@ -9,6 +9,8 @@
 #include "engine/base/status_macros.h"
 #include "engine/model/architecture.h"
 #include "kernels/bf16.h"
+#include "kernels/fp8.h"
+#include "kernels/fp8_quantize.h"
 #include "kernels/gqa_attention.h"
 #include "kernels/kernels.h"
 
@@ -16,85 +18,75 @@ namespace moeserve::engine::cuda {
 
 namespace {
 
-// The bf16 copy a thread's uploads are converted into. It is kept between uploads: a fresh
-// buffer per tensor cost a page fault per 4 KiB page every time (most of a checkpoint's upload
-// time); ReleaseUploadStaging() gives it back once a rank's weights are on the device.
-thread_local std::vector<uint16_t> upload_staging;
-
-// Converts `values` to bf16 into `out` (round to nearest even, as the kernels' twins do); a
-// large span on several threads.
-void ConvertToBf16(std::span<const float> values, uint16_t* out) {
-  constexpr size_t kValuesPerThread = size_t{1} << 22;
-  constexpr size_t kMaxThreads = 16;
-  auto convert = [&](size_t begin, size_t end) {
-    for (size_t i = begin; i < end; ++i) out[i] = kernels::FloatToBf16(values[i]);
-  };
-  const size_t threads =
-      std::clamp<size_t>(std::min<size_t>(std::thread::hardware_concurrency(), kMaxThreads), 1,
-                         std::max<size_t>(1, values.size() / kValuesPerThread));
-  const size_t share = (values.size() + threads - 1) / threads;
-  std::vector<std::thread> helpers;
-  for (size_t t = 1; t < threads; ++t) {
-    helpers.emplace_back(convert, std::min(values.size(), t * share),
-                         std::min(values.size(), (t + 1) * share));
-  }
-  convert(0, std::min(values.size(), share));
-  for (std::thread& helper : helpers) helper.join();
+std::string LayerTensor(int layer, absl::string_view name) {
+  return absl::StrCat("model.layers.", layer, ".", name);
 }
 
-// Uploads the concatenation of `parts` as one bf16 array.
-absl::Status UploadBf16Parts(DeviceArray<Bf16>& out,
-                             std::initializer_list<std::span<const float>> parts,
-                             cudaStream_t stream) {
-  size_t total = 0;
-  for (std::span<const float> part : parts) total += part.size();
-  if (upload_staging.size() < total) upload_staging.resize(total);
-  size_t offset = 0;
-  for (std::span<const float> part : parts) {
-    ConvertToBf16(part, upload_staging.data() + offset);
-    offset += part.size();
-  }
-  return out.Upload(reinterpret_cast<const Bf16*>(upload_staging.data()), total, stream);
+std::string ExpertPrefix(int layer, int expert) {
+  return absl::StrCat("model.layers.", layer, ".mlp.experts.", expert, ".");
 }
 
 }  // namespace
 
-void ReleaseUploadStaging() { std::vector<uint16_t>().swap(upload_staging); }
-
-absl::Status UploadBf16(DeviceArray<Bf16>& out, std::span<const float> values,
-                        cudaStream_t stream) {
-  return UploadBf16Parts(out, {values}, stream);
-}
-
-absl::Status UploadBf16(DeviceArray<Bf16>& out, const float* values, size_t count,
-                        cudaStream_t stream) {
-  return UploadBf16(out, std::span<const float>(values, count), stream);
-}
-
 // A routed expert that exists on the GPU only (ModelConfig::routed_experts_on_device): random
 // weights from a seed of (layer, expert), so every replica of an expert is the same expert.
 absl::Status GenerateMlp(DeviceMlp& out, int layer, int expert, int intermediate, int hidden,
-                         cudaStream_t stream) {
+                         bool fp8, DeviceArray<Bf16>& scratch, cudaStream_t stream) {
   const size_t matrix = static_cast<size_t>(intermediate) * hidden;
-  RETURN_IF_ERROR(out.gate_up.Reserve(2 * matrix));
-  RETURN_IF_ERROR(out.down.Reserve(matrix));
   const uint64_t seed = 0x6d6f657365727665ull ^ (static_cast<uint64_t>(layer) << 40) ^
                         (static_cast<uint64_t>(expert) << 8);
   // Standard deviation 1/sqrt(fan-in), as the host-generated matrices have.
-  RETURN_IF_ERROR(kernels::FillRandomBf16(out.gate_up.data(), static_cast<int64_t>(2 * matrix),
-                                          seed, 1.0f / std::sqrt(static_cast<float>(hidden)),
-                                          stream));
-  return kernels::FillRandomBf16(out.down.data(), static_cast<int64_t>(matrix), seed + 1,
-                                 1.0f / std::sqrt(static_cast<float>(intermediate)), stream);
+  const float gate_up_std = 1.0f / std::sqrt(static_cast<float>(hidden));
+  const float down_std = 1.0f / std::sqrt(static_cast<float>(intermediate));
+  if (!fp8) {
+    RETURN_IF_ERROR(out.gate_up.Reserve(2 * matrix));
+    RETURN_IF_ERROR(out.down.Reserve(matrix));
+    RETURN_IF_ERROR(kernels::FillRandomBf16(out.gate_up.data(), static_cast<int64_t>(2 * matrix),
+                                            seed, gate_up_std, stream));
+    return kernels::FillRandomBf16(out.down.data(), static_cast<int64_t>(matrix), seed + 1,
+                                   down_std, stream);
+  }
+  // The same bf16 values, quantized as a checkpoint's would be (128x128 blocks).
+  RETURN_IF_ERROR(scratch.Reserve(2 * matrix));
+  RETURN_IF_ERROR(out.gate_up_fp8.Reserve(2 * matrix));
+  RETURN_IF_ERROR(out.gate_up_scales.Reserve(kernels::WeightScaleCount(2 * intermediate, hidden)));
+  RETURN_IF_ERROR(kernels::FillRandomBf16(scratch.data(), static_cast<int64_t>(2 * matrix), seed,
+                                          gate_up_std, stream));
+  RETURN_IF_ERROR(kernels::QuantizeWeightBlocksFp8(scratch.data(), 2 * intermediate, hidden,
+                                                   out.gate_up_fp8.data(),
+                                                   out.gate_up_scales.data(), stream));
+  RETURN_IF_ERROR(out.down_fp8.Reserve(matrix));
+  RETURN_IF_ERROR(out.down_scales.Reserve(kernels::WeightScaleCount(hidden, intermediate)));
+  RETURN_IF_ERROR(kernels::FillRandomBf16(scratch.data(), static_cast<int64_t>(matrix), seed + 1,
+                                          down_std, stream));
+  return kernels::QuantizeWeightBlocksFp8(scratch.data(), hidden, intermediate, out.down_fp8.data(),
+                                          out.down_scales.data(), stream);
 }
 
-absl::Status UploadMlp(DeviceMlp& out, const MlpWeights& mlp, int hidden, cudaStream_t stream) {
-  const size_t matrix = static_cast<size_t>(mlp.intermediate_size) * hidden;
-  RETURN_IF_ERROR(UploadBf16Parts(
-      out.gate_up,
-      {std::span<const float>(mlp.gate_proj, matrix), std::span<const float>(mlp.up_proj, matrix)},
-      stream));
-  return UploadBf16(out.down, mlp.down_proj, matrix, stream);
+absl::Status UploadMlp(WeightUploader& uploader, DeviceMlp& out, const std::string& prefix,
+                       bool fp8) {
+  const std::string gate = prefix + "gate_proj.weight", up = prefix + "up_proj.weight",
+                    down = prefix + "down_proj.weight";
+  if (fp8) {
+    RETURN_IF_ERROR(uploader.UploadFp8(out.gate_up_fp8, out.gate_up_scales, {gate, up}));
+    return uploader.UploadFp8(out.down_fp8, out.down_scales, {down});
+  }
+  RETURN_IF_ERROR(uploader.Upload(out.gate_up, {gate, up}));
+  return uploader.Upload(out.down, {down});
+}
+
+uint64_t RankUploadBytes(const ModelConfig& config, int slots_per_rank, bool fp8_experts) {
+  uint64_t elements = 0;
+  ForEachExpectedTensor(config, [&](const std::string& name, const std::vector<int64_t>& shape) {
+    if (name.find(".mlp.experts.") == std::string::npos) elements += NumElements(shape);
+    return true;
+  });
+  uint64_t bytes = elements * sizeof(uint16_t);
+  if (!config.routed_experts_on_device) {
+    bytes += static_cast<uint64_t>(config.num_moe_layers()) * slots_per_rank * 3 *
+             config.hidden_size * config.moe_intermediate_size * (fp8_experts ? 1 : 2);
+  }
+  return bytes;
 }
 
 absl::Status CheckCudaSupport(const ModelConfig& config) {
@@ -129,60 +121,45 @@ absl::Status CheckCudaSupport(const ModelConfig& config) {
   return absl::OkStatus();
 }
 
-absl::Status CudaRankBackend::State::UploadMlaWeights(const AttentionWeights& a, DeviceLayer& d) {
-  const ModelConfig& c = config();
-  const int hidden = c.hidden_size;
-  const int heads = c.num_attention_heads;
-  const int qk = c.qk_head_dim();
-  const int row_dim = c.kv_lora_rank + c.qk_rope_head_dim;
-  if (c.q_lora_rank > 0) {
-    RETURN_IF_ERROR(
-        UploadBf16(d.q_a, a.q_a_proj, static_cast<size_t>(c.q_lora_rank) * hidden, stream));
-    RETURN_IF_ERROR(UploadBf16(d.q_a_norm, a.q_a_layernorm, c.q_lora_rank, stream));
-    RETURN_IF_ERROR(
-        UploadBf16(d.q_b, a.q_b_proj, static_cast<size_t>(heads) * qk * c.q_lora_rank, stream));
+absl::Status CudaRankBackend::State::UploadMlaWeights(WeightUploader& uploader, int layer,
+                                                      DeviceLayer& d) {
+  auto attention = [&](absl::string_view name) {
+    return LayerTensor(layer, absl::StrCat("self_attn.", name, ".weight"));
+  };
+  if (config().q_lora_rank > 0) {
+    RETURN_IF_ERROR(uploader.Upload(d.q_a, {attention("q_a_proj")}));
+    RETURN_IF_ERROR(uploader.Upload(d.q_a_norm, {attention("q_a_layernorm")}));
+    RETURN_IF_ERROR(uploader.Upload(d.q_b, {attention("q_b_proj")}));
   } else {
-    RETURN_IF_ERROR(UploadBf16(d.q, a.q_proj, static_cast<size_t>(heads) * qk * hidden, stream));
+    RETURN_IF_ERROR(uploader.Upload(d.q, {attention("q_proj")}));
   }
-  RETURN_IF_ERROR(
-      UploadBf16(d.kv_a, a.kv_a_proj_with_mqa, static_cast<size_t>(row_dim) * hidden, stream));
-  RETURN_IF_ERROR(UploadBf16(d.kv_a_norm, a.kv_a_layernorm, c.kv_lora_rank, stream));
-  RETURN_IF_ERROR(UploadBf16(
-      d.kv_b, a.kv_b_proj,
-      static_cast<size_t>(heads) * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank, stream));
-  return UploadBf16(d.o, a.o_proj, static_cast<size_t>(hidden) * heads * c.v_head_dim, stream);
+  RETURN_IF_ERROR(uploader.Upload(d.kv_a, {attention("kv_a_proj_with_mqa")}));
+  RETURN_IF_ERROR(uploader.Upload(d.kv_a_norm, {attention("kv_a_layernorm")}));
+  RETURN_IF_ERROR(uploader.Upload(d.kv_b, {attention("kv_b_proj")}));
+  return uploader.Upload(d.o, {attention("o_proj")});
 }
 
-absl::Status CudaRankBackend::State::UploadGroupedQueryWeights(const AttentionWeights& a,
+absl::Status CudaRankBackend::State::UploadGroupedQueryWeights(WeightUploader& uploader, int layer,
                                                                DeviceLayer& d) {
-  const ModelConfig& c = config();
-  const size_t hidden = c.hidden_size;
-  const size_t q_rows = static_cast<size_t>(c.num_attention_heads) * c.head_dim;
-  const size_t kv_rows = static_cast<size_t>(c.num_key_value_heads) * c.head_dim;
+  auto attention = [&](absl::string_view name) {
+    return LayerTensor(layer, absl::StrCat("self_attn.", name, ".weight"));
+  };
   // q, k and v stacked: one GEMM gives a token's whole projection (kernels/gqa_twins.h).
-  std::vector<float> stacked((q_rows + 2 * kv_rows) * hidden);
-  std::copy_n(a.q_proj, q_rows * hidden, stacked.begin());
-  std::copy_n(a.k_proj, kv_rows * hidden, stacked.begin() + q_rows * hidden);
-  std::copy_n(a.v_proj, kv_rows * hidden, stacked.begin() + (q_rows + kv_rows) * hidden);
-  RETURN_IF_ERROR(UploadBf16(d.qkv, stacked, stream));
-  d.has_qk_norm = c.qk_norm;
-  if (c.qk_norm) {
-    RETURN_IF_ERROR(UploadBf16(d.q_norm, a.q_norm, c.head_dim, stream));
-    RETURN_IF_ERROR(UploadBf16(d.k_norm, a.k_norm, c.head_dim, stream));
+  RETURN_IF_ERROR(
+      uploader.Upload(d.qkv, {attention("q_proj"), attention("k_proj"), attention("v_proj")}));
+  d.has_qk_norm = config().qk_norm;
+  if (config().qk_norm) {
+    RETURN_IF_ERROR(uploader.Upload(d.q_norm, {attention("q_norm")}));
+    RETURN_IF_ERROR(uploader.Upload(d.k_norm, {attention("k_norm")}));
   }
-  return UploadBf16(d.o, a.o_proj, hidden * q_rows, stream);
+  return uploader.Upload(d.o, {attention("o_proj")});
 }
 
-absl::Status CudaRankBackend::State::LoadWeights() {
+absl::Status CudaRankBackend::State::LoadWeights(WeightUploader& uploader) {
   const ModelConfig& c = config();
-  const ModelWeights& weights = model->weights();
-  const int hidden = c.hidden_size;
-
-  RETURN_IF_ERROR(UploadBf16(embed, weights.embed_tokens(),
-                             static_cast<size_t>(c.vocab_size) * hidden, stream));
-  RETURN_IF_ERROR(UploadBf16(final_norm, weights.final_norm(), hidden, stream));
-  RETURN_IF_ERROR(
-      UploadBf16(lm_head, weights.lm_head(), static_cast<size_t>(c.vocab_size) * hidden, stream));
+  RETURN_IF_ERROR(uploader.Upload(embed, {"model.embed_tokens.weight"}));
+  RETURN_IF_ERROR(uploader.Upload(final_norm, {"model.norm.weight"}));
+  RETURN_IF_ERROR(uploader.Upload(lm_head, {LmHeadTensorName(c)}));
   // Rotations for every position this rank's KV cache can hold (no request reaches further).
   std::vector<float> cos_table, sin_table;
   model->rope().Table(static_cast<int>(std::min<int64_t>(
@@ -193,26 +170,26 @@ absl::Status CudaRankBackend::State::LoadWeights() {
   RETURN_IF_ERROR(rope_sin.Upload(sin_table.data(), sin_table.size(), stream));
   layers.resize(c.num_hidden_layers);
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
-    const LayerWeights& l = weights.layer(layer);
     DeviceLayer& d = layers[layer];
-    RETURN_IF_ERROR(UploadBf16(d.input_norm, l.input_layernorm, hidden, stream));
-    RETURN_IF_ERROR(UploadBf16(d.post_attention_norm, l.post_attention_layernorm, hidden, stream));
-    RETURN_IF_ERROR(c.uses_mla() ? UploadMlaWeights(l.attention, d)
-                                 : UploadGroupedQueryWeights(l.attention, d));
-    if (!l.is_moe) {
-      RETURN_IF_ERROR(UploadMlp(d.dense, l.dense_mlp, hidden, stream));
+    RETURN_IF_ERROR(uploader.Upload(d.input_norm, {LayerTensor(layer, "input_layernorm.weight")}));
+    RETURN_IF_ERROR(uploader.Upload(d.post_attention_norm,
+                                    {LayerTensor(layer, "post_attention_layernorm.weight")}));
+    RETURN_IF_ERROR(c.uses_mla() ? UploadMlaWeights(uploader, layer, d)
+                                 : UploadGroupedQueryWeights(uploader, layer, d));
+    if (model->moe_index(layer) < 0) {
+      RETURN_IF_ERROR(UploadMlp(uploader, d.dense, LayerTensor(layer, "mlp."), /*fp8=*/false));
       continue;
     }
-    RETURN_IF_ERROR(
-        UploadBf16(d.gate, l.moe.gate, static_cast<size_t>(c.n_routed_experts) * hidden, stream));
-    if (l.moe.e_score_correction_bias != nullptr) {
+    RETURN_IF_ERROR(uploader.Upload(d.gate, {LayerTensor(layer, "mlp.gate.weight")}));
+    const std::string bias = LayerTensor(layer, "mlp.gate.e_score_correction_bias");
+    if (model->tensor_source().Shape(bias) != nullptr) {
       d.has_correction_bias = true;
-      RETURN_IF_ERROR(
-          d.correction_bias.Upload(l.moe.e_score_correction_bias, c.n_routed_experts, stream));
+      RETURN_IF_ERROR(uploader.UploadFloat(d.correction_bias, bias));
     }
-    if (l.moe.has_shared) {
+    if (c.n_shared_experts > 0) {
       d.has_shared = true;
-      RETURN_IF_ERROR(UploadMlp(d.shared, l.moe.shared, hidden, stream));
+      RETURN_IF_ERROR(UploadMlp(uploader, d.shared, LayerTensor(layer, "mlp.shared_experts."),
+                                /*fp8=*/false));
     }
   }
   return absl::OkStatus();
@@ -220,6 +197,8 @@ absl::Status CudaRankBackend::State::LoadWeights() {
 
 absl::Status CudaRankBackend::State::LoadSlots(const ExpertPlacement& placement) {
   if (placement.version() == placement_version) return absl::OkStatus();
+  WeightUploader uploader(model->tensor_source(), stream);
+  DeviceArray<Bf16> generate_scratch;
   const ModelConfig& c = config();
   const int slots_per_rank = placement.num_physical() / options.group_size;
   const int first_slot = options.rank * slots_per_rank;
@@ -229,15 +208,15 @@ absl::Status CudaRankBackend::State::LoadSlots(const ExpertPlacement& placement)
     DeviceLayer& d = layers[layer];
     d.slots.resize(slots_per_rank);
     d.slot_expert.resize(slots_per_rank, -1);
-    const MoeWeights& moe = model->weights().layer(layer).moe;
     for (int slot = 0; slot < slots_per_rank; ++slot) {
       const int expert = placement.phy2log(moe_layer)[first_slot + slot];
       if (d.slot_expert[slot] == expert) continue;  // unchanged slots keep their weights
       if (c.routed_experts_on_device) {
         RETURN_IF_ERROR(GenerateMlp(d.slots[slot], layer, expert, c.moe_intermediate_size,
-                                    c.hidden_size, stream));
+                                    c.hidden_size, fp8_experts, generate_scratch, stream));
       } else {
-        RETURN_IF_ERROR(UploadMlp(d.slots[slot], moe.experts[expert], c.hidden_size, stream));
+        RETURN_IF_ERROR(
+            UploadMlp(uploader, d.slots[slot], ExpertPrefix(layer, expert), fp8_experts));
       }
       d.slot_expert[slot] = expert;
     }
@@ -251,6 +230,8 @@ absl::Status CudaRankBackend::State::StageSlots(const ExpertPlacement& placement
   // the compute stream with the current slots, which this never touches.
   RETURN_IF_ERROR(CudaStatus(cudaSetDevice(options.device), "select GPU for staging"));
   DiscardStagedSlots();
+  WeightUploader uploader(model->tensor_source(), copy_stream);
+  DeviceArray<Bf16> generate_scratch;
   const ModelConfig& c = config();
   const int slots_per_rank = placement.num_physical() / options.group_size;
   const int first_slot = options.rank * slots_per_rank;
@@ -271,10 +252,10 @@ absl::Status CudaRankBackend::State::StageSlots(const ExpertPlacement& placement
       staged.expert = expert;
       if (c.routed_experts_on_device) {
         RETURN_IF_ERROR(GenerateMlp(staged.weights, layer, expert, c.moe_intermediate_size,
-                                    c.hidden_size, copy_stream));
+                                    c.hidden_size, fp8_experts, generate_scratch, copy_stream));
       } else {
-        RETURN_IF_ERROR(UploadMlp(staged.weights, model->weights().layer(layer).moe.experts[expert],
-                                  c.hidden_size, copy_stream));
+        RETURN_IF_ERROR(
+            UploadMlp(uploader, staged.weights, ExpertPrefix(layer, expert), fp8_experts));
       }
     }
   }

@@ -203,6 +203,7 @@ TEST(LoadCheckpoint, ShardsFusedExpertsAndMixtralNamesLoadTheSameWeights) {
     absl::StatusOr<LoadedModel> loaded = LoadModel(folder.string());
     ASSERT_TRUE(loaded.ok()) << loaded.status();
     EXPECT_EQ(loaded->model->config().model_type, "mixtral");
+    ExpectOnDemandReadsMatch(folder, *loaded->model);
     ExpectBitIdentical(Logits(*loaded->model, kTokens), DirectLogits(config, weights));
   }
 }
@@ -240,10 +241,18 @@ absl::Status LoadError(const fs::path& folder) {
   return loaded.ok() ? absl::OkStatus() : loaded.status();
 }
 
+// The same error whether the weights are read into host memory or left in the files for a GPU
+// backend (every check but a value's finiteness happens before any value is read).
 void ExpectError(const fs::path& folder, absl::StatusCode code, const std::string& message) {
   const absl::Status status = LoadError(folder);
   EXPECT_EQ(status.code(), code) << status;
   EXPECT_THAT(status.message(), HasSubstr(message));
+  LoadOptions on_demand;
+  on_demand.host_weights = false;
+  absl::StatusOr<LoadedModel> opened = LoadModel(folder.string(), on_demand);
+  ASSERT_FALSE(opened.ok()) << "opened without host weights: " << folder;
+  EXPECT_EQ(opened.status().code(), code) << opened.status();
+  EXPECT_THAT(opened.status().message(), HasSubstr(message));
 }
 
 fs::path ValidFolder(const std::string& name,

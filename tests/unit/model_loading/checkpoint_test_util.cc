@@ -1,6 +1,8 @@
 #include "tests/unit/model_loading/checkpoint_test_util.h"
 
+#include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -10,6 +12,7 @@
 #include "engine/model/kv_rows.h"
 #include "engine/runtime/block_allocator.h"
 #include "gtest/gtest.h"
+#include "kernels/fp8.h"
 
 namespace moeserve::engine::testing {
 
@@ -195,10 +198,75 @@ std::vector<float> Logits(const Model& model, const std::vector<int32_t>& tokens
   return model.Forward({&sequence, 1}, cache);
 }
 
+Fp8BlockWeight QuantizeFp8Blocks(const std::string& name, const Tensor& weight) {
+  constexpr int64_t kBlock = kernels::kFp8BlockSize;
+  const int64_t rows = weight.shape[0], cols = weight.shape[1];
+  const int64_t block_rows = (rows + kBlock - 1) / kBlock,
+                block_cols = (cols + kBlock - 1) / kBlock;
+  std::vector<float> scales(block_rows * block_cols, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      float& scale = scales[(r / kBlock) * block_cols + c / kBlock];
+      scale = std::max(scale, std::abs(weight.data[r * cols + c]) / kernels::kE4m3Max);
+    }
+  }
+  for (float& scale : scales) {
+    if (scale == 0.0f) scale = 1.0f;
+  }
+  Fp8BlockWeight out{{name, DType::kF8E4M3, weight.shape, std::string(rows * cols, '\0')},
+                     {name + "_scale_inv", DType::kF32, {block_rows, block_cols}, {}},
+                     {weight.shape, std::vector<float>(rows * cols)}};
+  out.scales.bytes.assign(reinterpret_cast<const char*>(scales.data()),
+                          scales.size() * sizeof(float));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const float scale = scales[(r / kBlock) * block_cols + c / kBlock];
+      const uint8_t code = kernels::FloatToE4m3(weight.data[r * cols + c] / scale);
+      out.codes.bytes[r * cols + c] = static_cast<char>(code);
+      out.dequantized.data[r * cols + c] = Float8E4M3ToFloat(code) * scale;
+    }
+  }
+  return out;
+}
+
+void ExpectOnDemandReadsMatch(const fs::path& folder, const Model& host_model) {
+  LoadOptions on_demand;
+  on_demand.host_weights = false;
+  absl::StatusOr<LoadedModel> opened = LoadModel(folder.string(), on_demand);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const Model& model = *opened->model;
+  EXPECT_FALSE(model.has_host_weights());
+  EXPECT_EQ(model.weights().tensors().size(), 0u);
+  const TensorSource& source = model.tensor_source();
+  const TensorSource& host = host_model.tensor_source();
+  for (const auto& [name, tensor] : host_model.weights().tensors()) {
+    SCOPED_TRACE(name);
+    const std::vector<int64_t>* shape = source.Shape(name);
+    ASSERT_NE(shape, nullptr);
+    EXPECT_EQ(*shape, tensor.shape);
+    std::vector<float> values(tensor.data.size());
+    ASSERT_TRUE(source.ReadFloat(name, 0, values).ok());
+    EXPECT_EQ(std::memcmp(values.data(), tensor.data.data(), values.size() * sizeof(float)), 0);
+    // bf16 in three uneven ranges, from the checkpoint and from the host copy alike.
+    const int64_t size = static_cast<int64_t>(values.size());
+    for (auto [first, end] :
+         {std::pair<int64_t, int64_t>{0, size / 3}, {size / 3, size - 1}, {size - 1, size}}) {
+      std::vector<uint16_t> from_file(end - first), from_host(end - first);
+      ASSERT_TRUE(source.ReadBf16(name, first, from_file).ok());
+      ASSERT_TRUE(host.ReadBf16(name, first, from_host).ok());
+      for (int64_t i = first; i < end; ++i) {
+        ASSERT_EQ(from_file[i - first], FloatToBf16(tensor.data[i])) << "element " << i;
+      }
+      EXPECT_EQ(from_file, from_host);
+    }
+  }
+}
+
 absl::StatusOr<std::vector<float>> LoadAndRun(const fs::path& folder,
                                               const std::vector<int32_t>& tokens) {
   absl::StatusOr<LoadedModel> loaded = LoadModel(folder.string());
   if (!loaded.ok()) return loaded.status();
+  ExpectOnDemandReadsMatch(folder, *loaded->model);
   return Logits(*loaded->model, tokens);
 }
 

@@ -36,6 +36,16 @@ std::vector<EncodedTensor> Encode(const std::map<std::string, Tensor>& tensors, 
 // The float values a reader gets back from Encode(tensors, dtype).
 std::map<std::string, Tensor> RoundTo(const std::map<std::string, Tensor>& tensors, DType dtype);
 
+// A [rows, cols] weight quantized as DeepSeek-V3's checkpoint stores it: e4m3 codes `name` and
+// fp32 scales `name`_scale_inv, one per 128x128 block (scale = the block's max |value| / 448).
+// `dequantized` is what a reader gets back (code * scale).
+struct Fp8BlockWeight {
+  EncodedTensor codes;
+  EncodedTensor scales;
+  Tensor dequantized;
+};
+Fp8BlockWeight QuantizeFp8Blocks(const std::string& name, const Tensor& weight);
+
 // Writes config.json and model.safetensors.
 void WriteCheckpoint(const std::filesystem::path& folder, const nlohmann::json& config_json,
                      const std::vector<EncodedTensor>& tensors);
@@ -43,8 +53,13 @@ void WriteCheckpoint(const std::filesystem::path& folder, const nlohmann::json& 
 void WriteShardedCheckpoint(const std::filesystem::path& folder, const nlohmann::json& config_json,
                             const std::vector<EncodedTensor>& tensors, int num_shards);
 
+// Opens `folder` without host weights and checks that every tensor read on demand (fp32 and
+// bf16, whole and in ranges) equals `host_model`'s copy of it.
+void ExpectOnDemandReadsMatch(const std::filesystem::path& folder, const Model& host_model);
+
 // Logits [tokens, vocab] of one forward pass over `tokens` (all positions).
 std::vector<float> Logits(const Model& model, const std::vector<int32_t>& tokens);
+// Loads `folder` (and checks ExpectOnDemandReadsMatch) and runs it.
 absl::StatusOr<std::vector<float>> LoadAndRun(const std::filesystem::path& folder,
                                               const std::vector<int32_t>& tokens);
 

@@ -1,0 +1,139 @@
+// FP8 experts in serving: a DeepSeek-V3-style checkpoint whose routed experts are stored as e4m3
+// with 128x128 block scales keeps them in FP8 on the GPU (block-scaled FP8 GEMMs, activations
+// quantized per 1x128 tile). Its logits stay within the FP8 tolerance of the fp32 CPU engine on
+// the same (dequantized) weights, on one rank and on two with redundant slots; the bf16 path
+// (--gpu-expert-weights bf16) is the reference for how much of the difference FP8 adds. Also
+// builtin:v3-bench-fp8 against builtin:v3-bench (the same experts, quantized) in one process.
+#include <cuda_runtime_api.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "engine/backend/cuda/cuda_backend_factory.h"
+#include "engine/model/loader.h"
+#include "gtest/gtest.h"
+#include "tests/gpu/logit_agreement.h"
+#include "tests/unit/model_loading/checkpoint_test_util.h"
+
+namespace moeserve::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+#define REQUIRE_HOPPER()                                                      \
+  do {                                                                        \
+    if (cuda::VisibleCudaDevices() < 1) GTEST_SKIP() << "no GPU";             \
+    cudaDeviceProp properties{};                                              \
+    cudaGetDeviceProperties(&properties, 0);                                  \
+    if (properties.major != 9) GTEST_SKIP() << "FP8 GEMMs need a Hopper GPU"; \
+  } while (0)
+
+std::vector<int32_t> Prompt(int length, int vocab) {
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < length; ++i) tokens.push_back((i * 37 + 11) % vocab);
+  return tokens;
+}
+
+// The logits of a group on the GPU, the experts in FP8 (as stored) or dequantized to bf16.
+absl::StatusOr<std::vector<float>> GpuLogits(const Model& model, const std::vector<int32_t>& tokens,
+                                             int ep, int redundant, bool fp8_experts) {
+  const ModelConfig& c = model.config();
+  parallel::GroupOptions options;
+  options.name = "fp8";
+  options.size = ep;
+  RankBackendFactory factory = cuda::MakeCudaBackendFactory({.ranks_share_gpus = true});
+  RankBackendFactory chosen = [factory, fp8_experts](const RankBackendRequest& request) {
+    RankBackendRequest copy = request;
+    copy.keep_fp8_experts = fp8_experts;
+    return factory(copy);
+  };
+  auto result =
+      tools::ComputeGroupLogits(model, tokens, options,
+                                ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts,
+                                                         c.n_routed_experts + redundant),
+                                nullptr, chosen);
+  if (!result.ok()) return result.status();
+  return std::move(result->logits);
+}
+
+TEST(CudaBackendFp8, Fp8ExpertsStayWithinTheFp8ToleranceOfTheCpu) {
+  REQUIRE_HOPPER();
+  // DeepSeek-V3's architecture small, but with expert widths FP8 GEMMs take (multiples of 128).
+  nlohmann::json config = testing::SmallDeepSeekV3Json();
+  config["vocab_size"] = 512;
+  config["hidden_size"] = 256;
+  config["intermediate_size"] = 512;
+  config["moe_intermediate_size"] = 128;
+  config["quantization_config"] = {
+      {"quant_method", "fp8"}, {"fmt", "e4m3"}, {"weight_block_size", {128, 128}}};
+  std::vector<EncodedTensor> stored;
+  for (const auto& [name, tensor] : testing::RandomWeights(config, 11)) {
+    if (name.find(".mlp.experts.") != std::string::npos) {
+      testing::Fp8BlockWeight fp8 = testing::QuantizeFp8Blocks(name, tensor);
+      stored.push_back(fp8.codes);
+      stored.push_back(fp8.scales);
+    } else {
+      stored.push_back(testing::Encode({{name, tensor}}, DType::kBF16)[0]);
+    }
+  }
+  const fs::path folder = testing::MakeTempFolder("fp8_serving");
+  testing::WriteCheckpoint(folder, config, stored);
+  auto host = LoadModel(folder.string());
+  ASSERT_TRUE(host.ok()) << host.status();
+  LoadOptions on_demand;
+  on_demand.host_weights = false;
+  auto opened = LoadModel(folder.string(), on_demand);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const int vocab = host->model->config().vocab_size;
+  const std::vector<int32_t> tokens = Prompt(48, vocab);
+  auto cpu = moeserve::testing::GroupLogits(*host->model, tokens, 1, 0, /*gpu=*/false);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  for (auto [ep, redundant] : {std::pair{1, 0}, {2, 2}}) {
+    auto fp8 = GpuLogits(*opened->model, tokens, ep, redundant, true);
+    ASSERT_TRUE(fp8.ok()) << fp8.status();
+    auto bf16 = GpuLogits(*opened->model, tokens, ep, redundant, false);
+    ASSERT_TRUE(bf16.ok()) << bf16.status();
+    const moeserve::testing::LogitAgreement fp8_vs_cpu =
+        moeserve::testing::CompareLogits(*fp8, *cpu, vocab);
+    const moeserve::testing::LogitAgreement bf16_vs_cpu =
+        moeserve::testing::CompareLogits(*bf16, *cpu, vocab);
+    std::printf(
+        "EP%d redundant %d: FP8 experts vs CPU relative error max %.2e, median position %.2e, "
+        "same argmax %.1f%%; bf16 experts vs CPU max %.2e, median %.2e, same argmax %.1f%%\n",
+        ep, redundant, fp8_vs_cpu.relative_error, fp8_vs_cpu.median_row_error,
+        100 * fp8_vs_cpu.argmax_agreement, bf16_vs_cpu.relative_error, bf16_vs_cpu.median_row_error,
+        100 * bf16_vs_cpu.argmax_agreement);
+    // The FP8 path ran (its activations are quantized: the logits are not the bf16 ones).
+    EXPECT_NE(*fp8, *bf16);
+    EXPECT_LT(fp8_vs_cpu.relative_error, 0.6) << "EP" << ep;
+    EXPECT_LT(fp8_vs_cpu.median_row_error, 0.1) << "EP" << ep;
+    EXPECT_GE(fp8_vs_cpu.argmax_agreement, 0.8) << "EP" << ep;
+  }
+}
+
+TEST(CudaBackendFp8, BenchModelInFp8AgreesWithItsBf16Sibling) {
+  REQUIRE_HOPPER();
+  // One MoE layer's worth of both siblings would not fit one GPU together with the other's;
+  // they run one after the other.
+  const std::vector<int32_t> tokens = Prompt(24, 129280);
+  std::vector<float> logits[2];
+  int index = 0;
+  for (const char* name : {"builtin:v3-bench", "builtin:v3-bench-fp8"}) {
+    auto loaded = LoadModel(name);
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    auto result = GpuLogits(*loaded->model, tokens, 1, 0, true);
+    ASSERT_TRUE(result.ok()) << name << ": " << result.status();
+    logits[index++] = *std::move(result);
+  }
+  const moeserve::testing::LogitAgreement a =
+      moeserve::testing::CompareLogits(logits[1], logits[0], 129280);
+  std::printf("v3-bench-fp8 vs v3-bench: relative error max %.2e, median %.2e, argmax %.1f%%\n",
+              a.relative_error, a.median_row_error, 100 * a.argmax_agreement);
+  EXPECT_NE(logits[0], logits[1]);
+  EXPECT_LT(a.median_row_error, 0.1);
+  EXPECT_GE(a.argmax_agreement, 0.8);
+}
+
+}  // namespace
+}  // namespace moeserve::engine
