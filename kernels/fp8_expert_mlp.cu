@@ -32,7 +32,8 @@ absl::StatusOr<Fp8ExpertMlp> Fp8ExpertMlp::Create(int hidden, int intermediate, 
                  mlp.gate_up_.Reserve(padded * 2 * intermediate),
                  mlp.act_values_.Reserve(padded * intermediate),
                  mlp.act_scales_.Reserve(padded * (intermediate / kFp8BlockSize)),
-                 mlp.y_padded_.Reserve(padded * hidden)}) {
+                 mlp.y_padded_.Reserve(padded * hidden),
+                 mlp.act_.Reserve(static_cast<size_t>(max_rows) * intermediate)}) {
     if (!s.ok()) return s;
   }
   auto main_gemm = Fp8BlockGemm::Create(stream);
@@ -75,6 +76,8 @@ Fp8ExpertMlp& Fp8ExpertMlp::operator=(Fp8ExpertMlp&& other) noexcept {
   std::swap(x_values_, other.x_values_);
   std::swap(x_scales_, other.x_scales_);
   std::swap(gate_up_, other.gate_up_);
+  std::swap(act_, other.act_);
+  std::swap(weight_only_groups_, other.weight_only_groups_);
   std::swap(act_values_, other.act_values_);
   std::swap(act_scales_, other.act_scales_);
   std::swap(y_padded_, other.y_padded_);
@@ -102,6 +105,7 @@ absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t
     return absl::InvalidArgumentError(
         "Fp8ExpertMlp::Run: rows or experts beyond the sizes it was made for");
   }
+  if (strategy == Strategy::kWeightOnly) return RunWeightOnly(x, offsets, gate_up, down, y);
   auto made = MakeFp8RowGroups(offsets);
   if (!made.ok()) return made.status();
   const Fp8RowGroups& groups = *made;
@@ -179,6 +183,36 @@ absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t
   if (auto s = join(); !s.ok()) return s;
   if (!any_unaligned) return absl::OkStatus();
   return CopyUnalignedGroupRows(y_padded_.data(), groups, hidden_, y, stream_);
+}
+
+absl::Status Fp8ExpertMlp::RunWeightOnly(const __nv_bfloat16* x,
+                                         const std::vector<int64_t>& offsets,
+                                         const std::vector<Fp8Weight>& gate_up,
+                                         const std::vector<Fp8Weight>& down, __nv_bfloat16* y) {
+  if (weight_only_groups_ == nullptr) weight_only_groups_ = std::make_unique<Fp8WeightOnlyGroups>();
+  Fp8WeightOnlyGroups& groups = *weight_only_groups_;
+  auto describe = [&](const std::vector<Fp8Weight>& weights) {
+    groups.count = 0;
+    for (size_t e = 0; e < weights.size(); ++e) {
+      const int rows = static_cast<int>(offsets[e + 1] - offsets[e]);
+      if (rows == 0) continue;
+      groups.group[groups.count++] = {weights[e].values, weights[e].scales,
+                                      static_cast<int>(offsets[e]), rows};
+    }
+  };
+  // The rows are not padded here: gate_up_ and act_ hold them as x does.
+  describe(gate_up);
+  if (auto s =
+          Fp8WeightOnlyGroupedGemm(x, groups, 2 * intermediate_, hidden_, gate_up_.data(), stream_);
+      !s.ok()) {
+    return s;
+  }
+  const int rows = static_cast<int>(offsets.back());
+  if (auto s = SiluMul(gate_up_.data(), act_.data(), rows, intermediate_, stream_); !s.ok()) {
+    return s;
+  }
+  describe(down);
+  return Fp8WeightOnlyGroupedGemm(act_.data(), groups, hidden_, intermediate_, y, stream_);
 }
 
 }  // namespace moeserve::kernels

@@ -14,11 +14,13 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "kernels/device_array.h"
 #include "kernels/fp8_gemm.h"
+#include "kernels/fp8_weight_only_gemm.h"
 
 namespace moeserve::kernels {
 
@@ -27,6 +29,9 @@ class Fp8ExpertMlp {
   enum class Strategy {
     kPerExpertGemm,   // the experts' GEMMs one after another on the stream
     kConcurrentGemm,  // spread over side streams (small experts fill the GPU side by side)
+    // Decode: every expert's projection in one launch, the weights dequantized in registers
+    // and the activations left in bf16 (fp8_weight_only_gemm.h); for few rows per expert.
+    kWeightOnly,
   };
   // hidden and intermediate multiples of 128; max_experts <= kMaxFp8RowGroups (fp8_quantize.h).
   static absl::StatusOr<Fp8ExpertMlp> Create(int hidden, int intermediate, int max_rows,
@@ -44,6 +49,9 @@ class Fp8ExpertMlp {
  private:
   static constexpr int kSideStreams = 4;
   Fp8ExpertMlp() = default;
+  absl::Status RunWeightOnly(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
+                             const std::vector<Fp8Weight>& gate_up,
+                             const std::vector<Fp8Weight>& down, __nv_bfloat16* y);
   void Release();
 
   int hidden_ = 0, intermediate_ = 0, max_rows_ = 0, max_experts_ = 0;
@@ -58,6 +66,8 @@ class Fp8ExpertMlp {
   DeviceArray<__nv_fp8_e4m3> act_values_;  // [padded rows, I]
   DeviceArray<float> act_scales_;          // padded rows * I / 128
   DeviceArray<__nv_bfloat16> y_padded_;    // [padded rows, H], for experts of unaligned rows
+  DeviceArray<__nv_bfloat16> act_;         // [rows, I] (kWeightOnly)
+  std::unique_ptr<Fp8WeightOnlyGroups> weight_only_groups_;  // a launch's groups (kWeightOnly)
 };
 
 }  // namespace moeserve::kernels

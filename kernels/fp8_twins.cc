@@ -93,6 +93,60 @@ void Fp8GemmTwin(const uint8_t* x_values, const float* x_scales, int rows, Fp8We
   }
 }
 
+namespace {
+
+// act [rows, inter] = bf16(silu(gate) * up) of gate_up [rows, 2 * inter] (gate, then up).
+void SiluMulRows(const uint16_t* gate_up, int rows, int intermediate, uint16_t* act) {
+  for (int r = 0; r < rows; ++r) {
+    for (int i = 0; i < intermediate; ++i) {
+      const float g = Bf16ToFloat(gate_up[static_cast<size_t>(r) * 2 * intermediate + i]);
+      const float u =
+          Bf16ToFloat(gate_up[static_cast<size_t>(r) * 2 * intermediate + intermediate + i]);
+      act[static_cast<size_t>(r) * intermediate + i] = FloatToBf16(g / (1.0f + std::exp(-g)) * u);
+    }
+  }
+}
+
+}  // namespace
+
+void Fp8WeightOnlyGemmTwin(const uint16_t* x, int rows, Fp8WeightTwin w, int n, int k,
+                           uint16_t* y) {
+  const int blocks = Fp8Blocks(k);
+  const int stride = WeightScaleStride(k);
+  std::vector<float> xf(static_cast<size_t>(rows) * k), wf(static_cast<size_t>(n) * k);
+  for (size_t i = 0; i < xf.size(); ++i) xf[i] = Bf16ToFloat(x[i]);
+  for (size_t i = 0; i < wf.size(); ++i) wf[i] = E4m3ToFloat(w.values[i]);
+  for (int r = 0; r < rows; ++r) {
+    for (int j = 0; j < n; ++j) {
+      float sum = 0;
+      for (int b = 0; b < blocks; ++b) {
+        float block_sum = 0;
+        const float* xr = xf.data() + static_cast<int64_t>(r) * k + b * kFp8BlockSize;
+        const float* wr = wf.data() + static_cast<int64_t>(j) * k + b * kFp8BlockSize;
+        for (int i = 0; i < kFp8BlockSize; ++i) block_sum += xr[i] * wr[i];
+        sum += block_sum * w.scales[(j / kFp8BlockSize) * stride + b];
+      }
+      y[static_cast<int64_t>(r) * n + j] = FloatToBf16(sum);
+    }
+  }
+}
+
+void Fp8WeightOnlyExpertMlpTwin(const uint16_t* x, const std::vector<int64_t>& offsets,
+                                const std::vector<Fp8WeightTwin>& gate_up,
+                                const std::vector<Fp8WeightTwin>& down, int hidden,
+                                int intermediate, uint16_t* y) {
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    const int rows = static_cast<int>(offsets[e + 1] - offsets[e]);
+    if (rows == 0) continue;
+    std::vector<uint16_t> h(static_cast<size_t>(rows) * 2 * intermediate),
+        act(static_cast<size_t>(rows) * intermediate);
+    Fp8WeightOnlyGemmTwin(x + offsets[e] * hidden, rows, gate_up[e], 2 * intermediate, hidden,
+                          h.data());
+    SiluMulRows(h.data(), rows, intermediate, act.data());
+    Fp8WeightOnlyGemmTwin(act.data(), rows, down[e], hidden, intermediate, y + offsets[e] * hidden);
+  }
+}
+
 void Fp8ExpertMlpTwin(const uint16_t* x, const std::vector<int64_t>& offsets,
                       const std::vector<Fp8WeightTwin>& gate_up,
                       const std::vector<Fp8WeightTwin>& down, int hidden, int intermediate,
@@ -110,14 +164,7 @@ void Fp8ExpertMlpTwin(const uint16_t* x, const std::vector<int64_t>& offsets,
         act(static_cast<size_t>(rows) * intermediate);
     Fp8GemmTwin(x_values.data(), x_scales.data(), rows, gate_up[e], 2 * intermediate, hidden,
                 h.data());
-    for (int r = 0; r < rows; ++r) {
-      for (int i = 0; i < intermediate; ++i) {
-        const float g = Bf16ToFloat(h[static_cast<size_t>(r) * 2 * intermediate + i]);
-        const float u =
-            Bf16ToFloat(h[static_cast<size_t>(r) * 2 * intermediate + intermediate + i]);
-        act[static_cast<size_t>(r) * intermediate + i] = FloatToBf16(g / (1.0f + std::exp(-g)) * u);
-      }
-    }
+    SiluMulRows(h.data(), rows, intermediate, act.data());
     QuantizeActivationsFp8Twin(act.data(), rows, intermediate, act_values.data(),
                                act_scales.data());
     Fp8GemmTwin(act_values.data(), act_scales.data(), rows, down[e], hidden, intermediate,

@@ -43,4 +43,16 @@ void Fp8ExpertMlpTwin(const uint16_t* x, const std::vector<int64_t>& offsets,
                       const std::vector<Fp8WeightTwin>& down, int hidden, int intermediate,
                       uint16_t* y);
 
+// y bf16 [rows, n] = x bf16 [rows, k] · dequant(w)^T without quantizing x (the decode path,
+// fp8_weight_only_gemm.h): per 128-column block b, scale_w(n / 128, b) * sum of x * e4m3, in
+// fp32.
+void Fp8WeightOnlyGemmTwin(const uint16_t* x, int rows, Fp8WeightTwin w, int n, int k, uint16_t* y);
+
+// The experts' MLP of the decode path: the same as Fp8ExpertMlpTwin with the weight-only
+// products (x and act stay bf16).
+void Fp8WeightOnlyExpertMlpTwin(const uint16_t* x, const std::vector<int64_t>& offsets,
+                                const std::vector<Fp8WeightTwin>& gate_up,
+                                const std::vector<Fp8WeightTwin>& down, int hidden,
+                                int intermediate, uint16_t* y);
+
 }  // namespace moeserve::kernels

@@ -232,10 +232,20 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
       gate_up.push_back({slot.gate_up_fp8.data(), slot.gate_up_scales.data()});
       down.push_back({slot.down_fp8.data(), slot.down_scales.data()});
     }
-    RETURN_IF_ERROR(routed_fp8_mlp->Run(
-        mb.expert_in.data(), mb.slot_offsets, gate_up, down, mb.expert_out.data(),
-        small_groups ? kernels::Fp8ExpertMlp::Strategy::kConcurrentGemm
-                     : kernels::Fp8ExpertMlp::Strategy::kPerExpertGemm));
+    // With at most 2 rows per slot (light decode) one launch per projection reads each FP8
+    // weight once; from 3 rows on, the recipe's block-scaled GEMMs on side streams are faster
+    // (measured on an H100: docs/PERFORMANCE.md).
+    int64_t largest = 0;
+    for (int s = 0; s < slots; ++s) {
+      largest = std::max(largest, mb.slot_offsets[s + 1] - mb.slot_offsets[s]);
+    }
+    constexpr int64_t kWeightOnlyMaxRows = 2;
+    const auto strategy = largest <= kWeightOnlyMaxRows
+                              ? kernels::Fp8ExpertMlp::Strategy::kWeightOnly
+                          : small_groups ? kernels::Fp8ExpertMlp::Strategy::kConcurrentGemm
+                                         : kernels::Fp8ExpertMlp::Strategy::kPerExpertGemm;
+    RETURN_IF_ERROR(routed_fp8_mlp->Run(mb.expert_in.data(), mb.slot_offsets, gate_up, down,
+                                        mb.expert_out.data(), strategy));
   } else {
     std::vector<const Bf16*> gate_up, down;
     for (const DeviceMlp& slot : w.slots) {
