@@ -69,14 +69,17 @@ std::vector<float> DequantizeWeightFp8Twin(const uint8_t* values, const float* s
   return w;
 }
 
-void Fp8GemmTwin(const uint8_t* x_values, const float* x_scales, int rows, Fp8WeightTwin w, int n,
-                 int k, uint16_t* y) {
+namespace {
+
+// y [rows, n] = bf16 of sum over 128-column blocks b of x_scale(r, b) * (w's scale of (j / 128,
+// b)) * (the block's sum of x * w), with x [rows, k] already as floats and w's e4m3 codes
+// decoded once: the block structure of the GPU kernels.
+template <typename XScale>
+void BlockScaledProducts(const std::vector<float>& x, int rows, Fp8WeightTwin w, int n, int k,
+                         XScale x_scale, uint16_t* y) {
   const int blocks = Fp8Blocks(k);
-  const int64_t padded = Fp8PaddedRows(rows);
   const int stride = WeightScaleStride(k);
-  // Decode the e4m3 operands once; the sums below follow the block structure of the GPU kernel.
-  std::vector<float> x(static_cast<size_t>(rows) * k), wf(static_cast<size_t>(n) * k);
-  for (size_t i = 0; i < x.size(); ++i) x[i] = E4m3ToFloat(x_values[i]);
+  std::vector<float> wf(static_cast<size_t>(n) * k);
   for (size_t i = 0; i < wf.size(); ++i) wf[i] = E4m3ToFloat(w.values[i]);
   for (int r = 0; r < rows; ++r) {
     for (int j = 0; j < n; ++j) {
@@ -86,14 +89,12 @@ void Fp8GemmTwin(const uint8_t* x_values, const float* x_scales, int rows, Fp8We
         const float* xr = x.data() + static_cast<int64_t>(r) * k + b * kFp8BlockSize;
         const float* wr = wf.data() + static_cast<int64_t>(j) * k + b * kFp8BlockSize;
         for (int i = 0; i < kFp8BlockSize; ++i) block_sum += xr[i] * wr[i];
-        sum += block_sum * x_scales[b * padded + r] * w.scales[(j / kFp8BlockSize) * stride + b];
+        sum += block_sum * x_scale(r, b) * w.scales[(j / kFp8BlockSize) * stride + b];
       }
       y[static_cast<int64_t>(r) * n + j] = FloatToBf16(sum);
     }
   }
 }
-
-namespace {
 
 // act [rows, inter] = bf16(silu(gate) * up) of gate_up [rows, 2 * inter] (gate, then up).
 void SiluMulRows(const uint16_t* gate_up, int rows, int intermediate, uint16_t* act) {
@@ -109,26 +110,21 @@ void SiluMulRows(const uint16_t* gate_up, int rows, int intermediate, uint16_t* 
 
 }  // namespace
 
+void Fp8GemmTwin(const uint8_t* x_values, const float* x_scales, int rows, Fp8WeightTwin w, int n,
+                 int k, uint16_t* y) {
+  const int64_t padded = Fp8PaddedRows(rows);
+  std::vector<float> x(static_cast<size_t>(rows) * k);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = E4m3ToFloat(x_values[i]);
+  BlockScaledProducts(
+      x, rows, w, n, k, [&](int r, int b) { return x_scales[b * padded + r]; }, y);
+}
+
 void Fp8WeightOnlyGemmTwin(const uint16_t* x, int rows, Fp8WeightTwin w, int n, int k,
                            uint16_t* y) {
-  const int blocks = Fp8Blocks(k);
-  const int stride = WeightScaleStride(k);
-  std::vector<float> xf(static_cast<size_t>(rows) * k), wf(static_cast<size_t>(n) * k);
+  std::vector<float> xf(static_cast<size_t>(rows) * k);
   for (size_t i = 0; i < xf.size(); ++i) xf[i] = Bf16ToFloat(x[i]);
-  for (size_t i = 0; i < wf.size(); ++i) wf[i] = E4m3ToFloat(w.values[i]);
-  for (int r = 0; r < rows; ++r) {
-    for (int j = 0; j < n; ++j) {
-      float sum = 0;
-      for (int b = 0; b < blocks; ++b) {
-        float block_sum = 0;
-        const float* xr = xf.data() + static_cast<int64_t>(r) * k + b * kFp8BlockSize;
-        const float* wr = wf.data() + static_cast<int64_t>(j) * k + b * kFp8BlockSize;
-        for (int i = 0; i < kFp8BlockSize; ++i) block_sum += xr[i] * wr[i];
-        sum += block_sum * w.scales[(j / kFp8BlockSize) * stride + b];
-      }
-      y[static_cast<int64_t>(r) * n + j] = FloatToBf16(sum);
-    }
-  }
+  BlockScaledProducts(
+      xf, rows, w, n, k, [](int, int) { return 1.0f; }, y);
 }
 
 void Fp8WeightOnlyExpertMlpTwin(const uint16_t* x, const std::vector<int64_t>& offsets,
