@@ -331,7 +331,8 @@ absl::StatusOr<const Checkpoint::Entry*> Checkpoint::Find(const std::string& nam
   }
   const int64_t size = NumElements(it->second.shape);
   if (first < 0 || first > size || static_cast<int64_t>(count) > size - first) {
-    return absl::OutOfRangeError(absl::StrCat("elements [", first, ", ", first + count,
+    return absl::OutOfRangeError(absl::StrCat("elements [", first, ", ",
+                                              first + static_cast<int64_t>(count),
                                               ") are outside tensor `", name, "` of ", size));
   }
   return &it->second;
@@ -397,25 +398,26 @@ bool Checkpoint::StoredAsFp8Blocks(const std::string& name) const {
 
 absl::Status Checkpoint::ReadFp8Codes(const std::string& name, int64_t first,
                                       std::span<uint8_t> out) const {
-  if (!StoredAsFp8Blocks(name)) return TensorSource::ReadFp8Codes(name, first, out);
   ASSIGN_OR_RETURN(const Entry* entry, Find(name, first, out.size()));
-  // Codes are read as they are: each is checked when its tensor is read as values, and the
-  // one NaN code (0x7f/0xff) is refused here as ReadFloat would.
+  if (!StoredAsFp8Blocks(name)) return TensorSource::ReadFp8Codes(name, first, out);
+  // The codes as stored; the one NaN code (0x7f/0xff) is refused, as ReadFloat would, in the
+  // copy (what is used is what is checked).
   const uint8_t* codes = entry->stored->data + first;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if ((codes[i] & 0x7f) == 0x7f) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tensor `", entry->stored_name, "` in `", *entry->file,
-                       "` holds a value that is not finite (nan at element ", first + i,
-                       "); the checkpoint is corrupt"));
-    }
-  }
   if (!out.empty()) std::memcpy(out.data(), codes, out.size());
   ReleaseMappedPages(codes, out.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    if ((out[i] & 0x7f) == 0x7f) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor `", entry->stored_name, "` in `", *entry->file,
+                       "` holds a value that is not finite (nan at element ",
+                       first + static_cast<int64_t>(i), "); the checkpoint is corrupt"));
+    }
+  }
   return absl::OkStatus();
 }
 
 absl::Status Checkpoint::ReadFp8Scales(const std::string& name, std::span<float> out) const {
+  RETURN_IF_ERROR(Find(name, 0, 0).status());
   if (!StoredAsFp8Blocks(name)) return TensorSource::ReadFp8Scales(name, out);
   const TensorEntry& scales = *entries_.at(name).scales;
   const int64_t count = NumElements(scales.shape);

@@ -45,6 +45,10 @@ class Checkpoint final : public TensorSource {
                                                                 const ModelConfig& config,
                                                                 const nlohmann::json& config_json);
 
+  // Entries point into files_: the object stays where Open made it.
+  Checkpoint(const Checkpoint&) = delete;
+  Checkpoint& operator=(const Checkpoint&) = delete;
+
   const std::string& folder() const { return folder_; }
   // Every canonical tensor's shape, by name.
   std::map<std::string, std::vector<int64_t>> shapes() const;

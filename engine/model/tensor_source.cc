@@ -1,6 +1,7 @@
 #include "engine/model/tensor_source.h"
 
 #include <algorithm>
+#include <system_error>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -51,8 +52,16 @@ absl::Status ReadInParallel(int64_t count,
     results[t] = read(begin, std::min(count, begin + share));
   };
   std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(run, t);
+  int64_t started = 1;
+  for (; started < threads; ++started) {
+    try {
+      helpers.emplace_back(run, started);
+    } catch (const std::system_error&) {
+      break;  // no more threads (a pids limit): the caller's thread reads the rest
+    }
+  }
   run(0);
+  for (int64_t t = started; t < threads; ++t) run(t);
   for (std::thread& helper : helpers) helper.join();
   for (const absl::Status& status : results) {
     if (!status.ok()) return status;

@@ -267,9 +267,9 @@ absl::Status ModelWeights::ReadFloat(const std::string& name, int64_t first,
   const std::vector<float>& data = it->second.data;
   if (first < 0 || first > static_cast<int64_t>(data.size()) ||
       out.size() > data.size() - static_cast<size_t>(first)) {
-    return absl::OutOfRangeError(absl::StrCat("elements [", first, ", ", first + out.size(),
-                                              ") are outside tensor `", name, "` of ",
-                                              data.size()));
+    return absl::OutOfRangeError(
+        absl::StrCat("elements [", first, ", ", first + static_cast<int64_t>(out.size()),
+                     ") are outside tensor `", name, "` of ", data.size()));
   }
   std::copy_n(data.begin() + first, out.size(), out.begin());
   return absl::OkStatus();

@@ -3,11 +3,13 @@
 #include <algorithm>
 #include <chrono>
 
+#include "absl/cleanup/cleanup.h"
 #include "base/load_progress.h"
 #include "engine/backend/cuda/rank_state.h"
 #include "engine/base/status_macros.h"
 #include "engine/model/architecture.h"
 #include "engine/parallel/overlap_schedule.h"
+#include "kernels/fp8_quantize.h"
 #include "kernels/kernels.h"
 #include "kernels/mla.h"
 #include "spdlog/spdlog.h"
@@ -63,12 +65,16 @@ namespace {
 // Whether the routed experts run in FP8: builtin:v3-bench-fp8's always (an error where the GPU
 // cannot), an FP8 checkpoint's unless options say bf16 (dequantized, with a log line where the
 // GPU or the shapes cannot run FP8).
-absl::StatusOr<bool> ServeExpertsInFp8(const Model& model, const CudaRankOptions& options) {
+absl::StatusOr<bool> ServeExpertsInFp8(const Model& model, const CudaRankOptions& options,
+                                       int slots_per_rank) {
   const ModelConfig& c = model.config();
-  if (c.n_routed_experts == 0) return false;
+  int first_moe_layer = 0;
+  while (first_moe_layer < c.num_hidden_layers && model.moe_index(first_moe_layer) < 0) {
+    ++first_moe_layer;
+  }
+  if (c.n_routed_experts == 0 || first_moe_layer == c.num_hidden_layers) return false;
   bool stored_fp8 = c.routed_experts_fp8;
   if (!c.routed_experts_on_device) {
-    const int first_moe_layer = c.first_k_dense_replace;
     const std::string expert = absl::StrCat("model.layers.", first_moe_layer, ".mlp.experts.0.");
     const TensorSource& source = model.tensor_source();
     stored_fp8 = source.StoredAsFp8Blocks(expert + "gate_proj.weight") &&
@@ -85,6 +91,9 @@ absl::StatusOr<bool> ServeExpertsInFp8(const Model& model, const CudaRankOptions
   } else if (c.hidden_size % kernels::kFp8BlockSize != 0 ||
              c.moe_intermediate_size % kernels::kFp8BlockSize != 0) {
     problem = "the experts' widths are not multiples of 128";
+  } else if (slots_per_rank > kernels::kMaxFp8RowGroups) {
+    problem = absl::StrCat(slots_per_rank, " expert slots per GPU, more than the FP8 path's ",
+                           kernels::kMaxFp8RowGroups);
   }
   if (problem.empty()) return true;
   if (c.routed_experts_fp8) {
@@ -116,16 +125,18 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
 
   // How long a rank's weights take to reach its GPU is part of every (re)start; say it.
   const auto upload_start = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(s.fp8_experts, ServeExpertsInFp8(model, options));
+  const int slots_per_rank = placement.num_physical() / options.group_size;
+  ASSIGN_OR_RETURN(s.fp8_experts, ServeExpertsInFp8(model, options, slots_per_rank));
   base::LoadProgress& progress = base::LoadProgress::Global();
   progress.Begin(absl::StrCat(c.name, " onto GPU ", options.device),
-                 RankUploadBytes(c, placement.num_physical() / options.group_size, s.fp8_experts));
+                 RankUploadBytes(c, slots_per_rank, s.fp8_experts));
   {
+    // A failed load ends the progress too (the rank's error says why).
+    absl::Cleanup finish_progress = [&progress] { progress.Finish(); };
     WeightUploader uploader(model.tensor_source(), s.stream);
     RETURN_IF_ERROR(s.LoadWeights(uploader));
+    RETURN_IF_ERROR(s.LoadSlots(placement));
   }
-  RETURN_IF_ERROR(s.LoadSlots(placement));
-  progress.Finish();
   RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(s.stream), "weight upload"));
   size_t free_bytes = 0, total_bytes = 0;
   RETURN_IF_ERROR(CudaStatus(cudaMemGetInfo(&free_bytes, &total_bytes), "device memory"));

@@ -26,8 +26,9 @@ WeightUploader::WeightUploader(const TensorSource& source, cudaStream_t stream)
     : source_(source), stream_(stream) {}
 
 WeightUploader::~WeightUploader() {
-  // The chunks' last copies must be done before their memory goes.
-  if (uploaded_bytes_ > 0) cudaStreamSynchronize(stream_);
+  // The chunks' last copies must be done before their memory goes (a chunk in use has an
+  // event, whether or not its copy was counted).
+  if (copied_[0] != nullptr || copied_[1] != nullptr) cudaStreamSynchronize(stream_);
   for (cudaEvent_t event : copied_) {
     if (event != nullptr) cudaEventDestroy(event);
   }
@@ -42,9 +43,10 @@ absl::Status WeightUploader::CopyThroughChunks(
     const int c = next_chunk_;
     next_chunk_ = (next_chunk_ + 1) % kChunks;
     if (copied_[c] == nullptr) {
+      // The chunk first: an event exists only for a chunk that does.
+      RETURN_IF_ERROR(chunks_[c].Reserve(kChunkBytes));
       RETURN_IF_ERROR(kernels::CudaStatus(
           cudaEventCreateWithFlags(&copied_[c], cudaEventDisableTiming), "upload event"));
-      RETURN_IF_ERROR(chunks_[c].Reserve(kChunkBytes));
     } else {
       // The chunk's previous copy must have left it before it is refilled.
       RETURN_IF_ERROR(kernels::CudaStatus(cudaEventSynchronize(copied_[c]), "weight upload"));

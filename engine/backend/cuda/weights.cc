@@ -81,6 +81,9 @@ uint64_t RankUploadBytes(const ModelConfig& config, int slots_per_rank, bool fp8
     if (name.find(".mlp.experts.") == std::string::npos) elements += NumElements(shape);
     return true;
   });
+  // A tied LM head is the embedding, uploaded a second time.
+  if (config.tie_word_embeddings)
+    elements += static_cast<uint64_t>(config.vocab_size) * config.hidden_size;
   uint64_t bytes = elements * sizeof(uint16_t);
   if (!config.routed_experts_on_device) {
     bytes += static_cast<uint64_t>(config.num_moe_layers()) * slots_per_rank * 3 *

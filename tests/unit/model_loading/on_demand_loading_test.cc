@@ -125,7 +125,12 @@ TEST(OnDemandLoading, Fp8BlockWeightsAreReadAsStored) {
   std::vector<float> values(256 * 160);
   ASSERT_TRUE(source.ReadFloat(name, 0, values).ok());
   EXPECT_EQ(values, fp8.dequantized.data);
-  // A tensor stored otherwise, and the host weights, have no FP8 form.
+  // An unknown name is NOT_FOUND; a tensor stored otherwise, and the host weights, have no FP8
+  // form.
+  EXPECT_EQ(source.ReadFp8Codes("model.layers.0.mlp.nothing.weight", 0, tail).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(source.ReadFp8Scales("model.layers.0.mlp.nothing.weight", scales).code(),
+            absl::StatusCode::kNotFound);
   EXPECT_EQ(source.ReadFp8Codes("model.norm.weight", 0, tail).code(),
             absl::StatusCode::kFailedPrecondition);
   absl::StatusOr<LoadedModel> host = LoadModel(folder.string());
