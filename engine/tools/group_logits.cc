@@ -81,4 +81,12 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
   return result;
 }
 
+RankBackendFactory WithFp8ExpertsDequantized(RankBackendFactory factory) {
+  return [inner = std::move(factory)](const RankBackendRequest& request) {
+    RankBackendRequest bf16 = request;
+    bf16.keep_fp8_experts = false;
+    return inner(bf16);
+  };
+}
+
 }  // namespace moeserve::engine::tools

@@ -26,4 +26,8 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
                                                TraceRecorder* trace = nullptr,
                                                const RankBackendFactory& backend_factory = {});
 
+// `factory` with every rank's request asking for FP8 checkpoints' weights dequantized to bf16
+// (RankBackendRequest::keep_fp8_experts off): `logits --gpu-expert-weights bf16` and tests.
+RankBackendFactory WithFp8ExpertsDequantized(RankBackendFactory factory);
+
 }  // namespace moeserve::engine::tools

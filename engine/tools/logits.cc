@@ -65,11 +65,7 @@ absl::StatusOr<LogitsResult> ComputeLogits(const LogitsRequest& request) {
   options.overlap_min_tokens = parallel.overlap_min_tokens;
   RankBackendFactory factory = backend.factory;
   if (factory && !request.gpu_fp8_experts) {
-    factory = [inner = backend.factory](const RankBackendRequest& rank_request) {
-      RankBackendRequest bf16 = rank_request;
-      bf16.keep_fp8_experts = false;
-      return inner(bf16);
-    };
+    factory = tools::WithFp8ExpertsDequantized(std::move(factory));
   }
   absl::StatusOr<tools::GroupLogits> group_logits = tools::ComputeGroupLogits(
       model, request.tokens, options, std::move(*placement), nullptr, factory);

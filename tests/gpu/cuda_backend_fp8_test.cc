@@ -35,26 +35,12 @@ std::vector<int32_t> Prompt(int length, int vocab) {
   return tokens;
 }
 
-// The logits of a group on the GPU, the experts in FP8 (as stored) or dequantized to bf16.
+// The logits of a group on the GPU (ranks sharing it), the experts in FP8 (as stored) or
+// dequantized to bf16.
 absl::StatusOr<std::vector<float>> GpuLogits(const Model& model, const std::vector<int32_t>& tokens,
                                              int ep, int redundant, bool fp8_experts) {
-  const ModelConfig& c = model.config();
-  parallel::GroupOptions options;
-  options.name = "fp8";
-  options.size = ep;
-  RankBackendFactory factory = cuda::MakeCudaBackendFactory({.ranks_share_gpus = true});
-  RankBackendFactory chosen = [factory, fp8_experts](const RankBackendRequest& request) {
-    RankBackendRequest copy = request;
-    copy.keep_fp8_experts = fp8_experts;
-    return factory(copy);
-  };
-  auto result =
-      tools::ComputeGroupLogits(model, tokens, options,
-                                ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts,
-                                                         c.n_routed_experts + redundant),
-                                nullptr, chosen);
-  if (!result.ok()) return result.status();
-  return std::move(result->logits);
+  return moeserve::testing::GroupLogits(model, tokens, ep, redundant, /*gpu=*/true,
+                                        /*overlap=*/false, /*ranks_share_gpus=*/true, fp8_experts);
 }
 
 TEST(CudaBackendFp8, Fp8ExpertsStayWithinTheFp8ToleranceOfTheCpu) {
