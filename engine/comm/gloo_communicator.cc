@@ -9,10 +9,12 @@
 #include <gloo/rendezvous/prefix_store.h>
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
+#include <signal.h>
 
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <mutex>
 
 #include "absl/strings/str_cat.h"
 
@@ -165,6 +167,24 @@ class GlooCommunicatorGroup::Channel : public Communicator {
   absl::Status failure_;
 };
 
+namespace {
+
+// Gloo's TCP transport writes to its peers' sockets without MSG_NOSIGNAL, so a write to a peer
+// that just died raises SIGPIPE, whose default action ends this process before the failed write
+// can become the UNAVAILABLE status the group promises. Ignoring it (only where nobody installed
+// a handler) turns the broken pipe into EPIPE, which Gloo reports as an exception.
+void IgnoreBrokenPipes() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction current {};
+    if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
+      signal(SIGPIPE, SIG_IGN);
+    }
+  });
+}
+
+}  // namespace
+
 GlooCommunicatorGroup::GlooCommunicatorGroup(GlooGroupOptions options)
     : options_(std::move(options)), aborted_(std::make_shared<std::atomic<bool>>(false)) {}
 
@@ -177,6 +197,7 @@ absl::StatusOr<std::unique_ptr<GlooCommunicatorGroup>> GlooCommunicatorGroup::Cr
     return absl::InvalidArgumentError(absl::StrCat("rank ", options.rank, " is outside a group of ",
                                                    options.size, " (or no channels)"));
   }
+  IgnoreBrokenPipes();
   auto group = std::unique_ptr<GlooCommunicatorGroup>(new GlooCommunicatorGroup(options));
   try {
     gloo::transport::tcp::attr attr;

@@ -10,7 +10,8 @@
 // timeout fails Create with DEADLINE_EXCEEDED naming the group; a peer that dies later surfaces
 // at once as a connection error (UNAVAILABLE), and a peer that hangs as a timeout of the
 // collective. After any failure every later collective fails too: the group is done and its
-// processes exit (the orchestrator re-forms it).
+// processes exit (the orchestrator re-forms it). Forming a group ignores SIGPIPE in this process
+// (unless a handler is installed) so that a peer's death is a status, not the end of the process.
 //
 // Thread rules: each (rank, channel) communicator is used by one thread at a time; Abort() may
 // be called from any thread.
