@@ -37,8 +37,9 @@ namespace parallel = moeserve::engine::parallel;
 struct Result {
   double step_ms = 0;
   double agreement_us = 0;
-  double communication_ms = 0;  // dispatch + combine, per step and rank
-  double exposed_ms = 0;        // of which the compute thread waited for, per step and rank
+  double communication_ms = 0;             // dispatch + combine, per step and rank
+  double dispatch_kb = 0, combine_kb = 0;  // KiB sent per token (context fill included)
+  double exposed_ms = 0;  // of which the compute thread waited for, per step and rank
   double hidden = 0;
 };
 
@@ -151,6 +152,13 @@ Result Summarize(const Setup& setup, const std::vector<RankTimes>& ranks,
   // Totals include the untimed context fill for decode; they are per rank and summed.
   const double per = 1000.0 / (setup.steps + (setup.prefill ? 0 : 1)) / setup.ep;
   result.communication_ms = totals.communication_seconds() * per;
+  // Bytes per token need no fill correction: every token the group ran was exchanged alike.
+  const double tokens =
+      static_cast<double>(setup.ep) *
+      (setup.prefill ? static_cast<double>(setup.batch) * setup.steps
+                     : static_cast<double>(setup.batch) * (setup.context + setup.steps));
+  result.dispatch_kb = static_cast<double>(totals.dispatch_bytes) / tokens / 1024;
+  result.combine_kb = static_cast<double>(totals.combine_bytes) / tokens / 1024;
   result.exposed_ms = totals.exposed_seconds * per;
   result.hidden = totals.overlap_ratio();
   return result;
@@ -207,7 +215,8 @@ Result MeasureProcesses(const std::string& model_spec, const Setup& setup) {
       const std::string line =
           std::to_string(times.agreement_seconds) + " " + std::to_string(times.step_seconds) + " " +
           std::to_string(totals.dispatch_seconds) + " " + std::to_string(totals.combine_seconds) +
-          " " + std::to_string(totals.exposed_seconds) + "\n";
+          " " + std::to_string(totals.exposed_seconds) + " " +
+          std::to_string(totals.dispatch_bytes) + " " + std::to_string(totals.combine_bytes) + "\n";
       if (write(fds[1], line.data(), line.size()) != static_cast<ssize_t>(line.size())) _exit(3);
       close(fds[1]);
       // The peers may still be in their last collective: leave without tearing the group down.
@@ -226,13 +235,17 @@ Result MeasureProcesses(const std::string& model_spec, const Setup& setup) {
     while ((n = read(pipes[rank], buffer, sizeof(buffer))) > 0) text.append(buffer, n);
     close(pipes[rank]);
     double dispatch = 0, combine = 0, exposed = 0;
-    if (std::sscanf(text.c_str(), "%lf %lf %lf %lf %lf", &ranks[rank].agreement_seconds,
-                    &ranks[rank].step_seconds, &dispatch, &combine, &exposed) != 5) {
+    long long dispatch_bytes = 0, combine_bytes = 0;
+    if (std::sscanf(text.c_str(), "%lf %lf %lf %lf %lf %lld %lld", &ranks[rank].agreement_seconds,
+                    &ranks[rank].step_seconds, &dispatch, &combine, &exposed, &dispatch_bytes,
+                    &combine_bytes) != 7) {
       Die(absl::InternalError("a rank process failed (its error is above)"));
     }
     totals.dispatch_seconds += dispatch;
     totals.combine_seconds += combine;
     totals.exposed_seconds += exposed;
+    totals.dispatch_bytes += dispatch_bytes;
+    totals.combine_bytes += combine_bytes;
   }
   for (pid_t pid : children) waitpid(pid, nullptr, 0);
   std::filesystem::remove_all(store_dir);
@@ -277,8 +290,8 @@ int main(int argc, char** argv) {
               std::thread::hardware_concurrency());
   std::printf(
       "| EP | ranks | overlap | agreement us | step ms | dispatch+combine ms/step/rank | exposed "
-      "ms/step/rank | hidden |\n");
-  std::printf("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
+      "ms/step/rank | hidden | dispatch KiB/token | combine KiB/token |\n");
+  std::printf("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (int ep : eps) {
     for (const std::string& kind : rank_kinds) {
       for (const std::string& overlap : overlap_modes) {
@@ -286,9 +299,9 @@ int main(int argc, char** argv) {
         setup.overlap = overlap == "on";
         const Result r = kind == "threads" ? MeasureThreads(*loaded->model, setup)
                                            : MeasureProcesses(model_spec, setup);
-        std::printf("| %d | %s | %s | %.1f | %.2f | %.3f | %.3f | %.0f%% |\n", ep, kind.c_str(),
-                    overlap.c_str(), r.agreement_us, r.step_ms, r.communication_ms, r.exposed_ms,
-                    100.0 * r.hidden);
+        std::printf("| %d | %s | %s | %.1f | %.2f | %.3f | %.3f | %.0f%% | %.2f | %.2f |\n", ep,
+                    kind.c_str(), overlap.c_str(), r.agreement_us, r.step_ms, r.communication_ms,
+                    r.exposed_ms, 100.0 * r.hidden, r.dispatch_kb, r.combine_kb);
         std::fflush(stdout);
       }
     }

@@ -34,13 +34,15 @@ struct ExpertParallelForward::MicroBatch {
   int num_tokens = 0;
   std::vector<float> residual, normed;
   Routing routing;
-  // Dispatch/combine state of the current layer.
-  std::vector<int32_t> sent_assignment;       // (token * top_k + k) of each sent row, in send order
-  std::vector<int64_t> send_rows, recv_rows;  // rows per peer
-  std::vector<int32_t> recv_slots;            // local slot of each received row
-  std::vector<float> recv_activations;        // [received rows, hidden]
-  std::vector<float> expert_results;          // [received rows, hidden]
-  std::vector<float> expert_outputs;          // [assignments, hidden] in (token, k) order
+  // Dispatch/combine state of the current layer (DispatchPlan's rows and entries).
+  std::vector<int32_t> sent_assignment;  // (token * top_k + k) of each sent entry, in send order
+  std::vector<int64_t> send_entries,
+      recv_entries;                      // entries per peer (results come back per entry)
+  std::vector<int32_t> recv_slots;       // local slot of each received entry
+  std::vector<int32_t> recv_entry_rows;  // its row in recv_activations
+  std::vector<float> recv_activations;   // [received rows, hidden]
+  std::vector<float> expert_results;     // [received entries, hidden]
+  std::vector<float> expert_outputs;     // [assignments, hidden] in (token, k) order
 };
 
 std::vector<std::vector<BatchPiece>> SplitIntoMicroBatches(std::span<const BatchSequence> batch,
@@ -95,29 +97,87 @@ std::vector<int> MicroBatchLogitRows(std::span<const BatchSequence> sequences,
 DispatchPlan PlanDispatch(std::span<const int32_t> experts, int top_k, int moe_layer,
                           const ExpertPlacement& placement, int rank, int size) {
   const int assignments = static_cast<int>(experts.size());
+  const int tokens = top_k > 0 ? assignments / top_k : 0;
   const int slots_per_rank = placement.num_physical() / size;
   std::vector<int32_t> slot_of(assignments);
   DispatchPlan plan;
   plan.send_rows.assign(size, 0);
+  plan.send_entries.assign(size, 0);
+  // The last token counted for each destination: a token's entries are consecutive, so a
+  // destination gets a new row exactly when the token changes.
+  std::vector<int32_t> last_token(size, -1);
   for (int a = 0; a < assignments; ++a) {
     // Spread a hot expert's tokens over its replicas: consecutive tokens take consecutive
     // replicas (the token index, not the assignment index, whose residue modulo a replica count
     // that divides top_k would repeat), and ranks start at different replicas.
     const uint64_t key = static_cast<uint64_t>(a / top_k) + static_cast<uint64_t>(rank);
     slot_of[a] = placement.ChooseSlot(moe_layer, experts[a], key);
-    ++plan.send_rows[slot_of[a] / slots_per_rank];
-  }
-  std::vector<int64_t> cursor(size, 0);
-  for (int p = 1; p < size; ++p) cursor[p] = cursor[p - 1] + plan.send_rows[p - 1];
-  plan.sent_assignment.assign(assignments, 0);
-  plan.send_slots.assign(assignments, 0);
-  for (int a = 0; a < assignments; ++a) {
     const int dest = slot_of[a] / slots_per_rank;
-    const int64_t row = cursor[dest]++;
-    plan.sent_assignment[row] = a;
-    plan.send_slots[row] = slot_of[a] % slots_per_rank;
+    ++plan.send_entries[dest];
+    if (last_token[dest] != a / top_k) {
+      last_token[dest] = a / top_k;
+      ++plan.send_rows[dest];
+    }
+  }
+  std::vector<int64_t> entry_cursor(size, 0), row_cursor(size, 0);
+  for (int p = 1; p < size; ++p) {
+    entry_cursor[p] = entry_cursor[p - 1] + plan.send_entries[p - 1];
+    row_cursor[p] = row_cursor[p - 1] + plan.send_rows[p - 1];
+  }
+  const std::vector<int64_t> first_row = row_cursor;
+  plan.sent_assignment.assign(assignments, 0);
+  plan.entries.assign(assignments, {});
+  plan.sent_token.assign(row_cursor[size - 1] + plan.send_rows[size - 1], 0);
+  for (int token = 0; token < tokens; ++token) {
+    for (int k = 0; k < top_k; ++k) {
+      const int a = token * top_k + k;
+      const int dest = slot_of[a] / slots_per_rank;
+      // This token's row at `dest` is the one most recently opened there, or a new one.
+      const bool opens_row =
+          row_cursor[dest] == first_row[dest] || plan.sent_token[row_cursor[dest] - 1] != token;
+      if (opens_row) plan.sent_token[row_cursor[dest]++] = token;
+      const int64_t entry = entry_cursor[dest]++;
+      plan.sent_assignment[entry] = a;
+      plan.entries[entry] = {slot_of[a] % slots_per_rank,
+                             static_cast<int32_t>(row_cursor[dest] - 1 - first_row[dest])};
+    }
   }
   return plan;
+}
+
+absl::StatusOr<ReceivedEntries> ReadReceivedEntries(std::span<const DispatchEntry> entries,
+                                                    std::span<const int64_t> entries_per_source,
+                                                    int slots_per_rank) {
+  ReceivedEntries received;
+  received.rows_per_source.assign(entries_per_source.size(), 0);
+  received.slot.resize(entries.size());
+  received.row.resize(entries.size());
+  int64_t entry = 0, rows_before = 0;
+  for (size_t source = 0; source < entries_per_source.size(); ++source) {
+    int64_t rows = 0;  // rows of this source seen so far
+    for (int64_t i = 0; i < entries_per_source[source]; ++i, ++entry) {
+      if (entry >= static_cast<int64_t>(entries.size())) {
+        return absl::InternalError("dispatch: fewer entries received than counted");
+      }
+      const DispatchEntry& e = entries[entry];
+      // A source numbers its rows 0, 1, ...: an entry reuses the current row or opens the next.
+      if (e.slot < 0 || e.slot >= slots_per_rank || e.row < rows - 1 || e.row > rows ||
+          (rows == 0 && e.row != 0)) {
+        return absl::InternalError(absl::StrCat("dispatch: malformed entry (slot ", e.slot,
+                                                ", row ", e.row, ") from rank ", source, " with ",
+                                                slots_per_rank, " slots per rank"));
+      }
+      if (e.row == rows) ++rows;
+      received.slot[entry] = e.slot;
+      received.row[entry] = static_cast<int32_t>(rows_before + e.row);
+    }
+    received.rows_per_source[source] = rows;
+    rows_before += rows;
+  }
+  if (entry != static_cast<int64_t>(entries.size())) {
+    return absl::InternalError("dispatch: more entries received than counted");
+  }
+  return received;
 }
 
 absl::Status ExpertParallelForward::Dispatch(int layer, MicroBatch& mb,
@@ -134,37 +194,44 @@ absl::Status ExpertParallelForward::Dispatch(int layer, MicroBatch& mb,
 
   DispatchPlan plan =
       PlanDispatch(routing.experts, routing.top_k, moe_layer, placement, comm.rank(), size);
-  mb.send_rows = std::move(plan.send_rows);
+  mb.send_entries = std::move(plan.send_entries);
   mb.sent_assignment = std::move(plan.sent_assignment);
-  const std::vector<int32_t>& send_slots = plan.send_slots;
-  std::vector<float> send_activations(static_cast<size_t>(assignments) * hidden);
-  for (int row = 0; row < assignments; ++row) {
-    const int token = mb.sent_assignment[row] / routing.top_k;
-    std::copy_n(&mb.normed[static_cast<size_t>(token) * hidden], hidden,
+  const int64_t sent_rows = static_cast<int64_t>(plan.sent_token.size());
+  std::vector<float> send_activations(static_cast<size_t>(sent_rows) * hidden);
+  for (int64_t row = 0; row < sent_rows; ++row) {
+    std::copy_n(&mb.normed[static_cast<size_t>(plan.sent_token[row]) * hidden], hidden,
                 &send_activations[static_cast<size_t>(row) * hidden]);
   }
 
-  mb.recv_rows.assign(size, 0);
-  RETURN_IF_ERROR(comm.AllToAllCounts(mb.send_rows, mb.recv_rows));
+  mb.recv_entries.assign(size, 0);
+  RETURN_IF_ERROR(comm.AllToAllCounts(mb.send_entries, mb.recv_entries));
   int64_t received = 0;
-  for (int64_t rows : mb.recv_rows) received += rows;
+  for (int64_t entries : mb.recv_entries) received += entries;
+  constexpr int64_t kEntryBytes = sizeof(DispatchEntry);
   std::vector<int64_t> send_bytes(size), recv_bytes(size);
   for (int p = 0; p < size; ++p) {
-    send_bytes[p] = mb.send_rows[p] * static_cast<int64_t>(sizeof(int32_t));
-    recv_bytes[p] = mb.recv_rows[p] * static_cast<int64_t>(sizeof(int32_t));
+    send_bytes[p] = mb.send_entries[p] * kEntryBytes;
+    recv_bytes[p] = mb.recv_entries[p] * kEntryBytes;
   }
-  mb.recv_slots.assign(received, 0);
-  RETURN_IF_ERROR(comm.AllToAllV(send_slots.data(), send_bytes, mb.recv_slots.data(), recv_bytes));
+  std::vector<DispatchEntry> entries(received);
+  RETURN_IF_ERROR(comm.AllToAllV(plan.entries.data(), send_bytes, entries.data(), recv_bytes));
+  const int slots_per_rank = placement.num_physical() / size;
+  ASSIGN_OR_RETURN(ReceivedEntries read,
+                   ReadReceivedEntries(entries, mb.recv_entries, slots_per_rank));
+  mb.recv_slots = std::move(read.slot);
+  mb.recv_entry_rows = std::move(read.row);
   const int64_t row_bytes = static_cast<int64_t>(hidden) * sizeof(float);
+  int64_t received_rows = 0;
   for (int p = 0; p < size; ++p) {
-    send_bytes[p] = mb.send_rows[p] * row_bytes;
-    recv_bytes[p] = mb.recv_rows[p] * row_bytes;
+    send_bytes[p] = plan.send_rows[p] * row_bytes;
+    recv_bytes[p] = read.rows_per_source[p] * row_bytes;
+    received_rows += read.rows_per_source[p];
   }
-  mb.recv_activations.assign(static_cast<size_t>(received) * hidden, 0.0f);
+  mb.recv_activations.assign(static_cast<size_t>(received_rows) * hidden, 0.0f);
   RETURN_IF_ERROR(
       comm.AllToAllV(send_activations.data(), send_bytes, mb.recv_activations.data(), recv_bytes));
   if (rank.metrics != nullptr) {
-    rank.metrics->AddDispatch(assignments * (row_bytes + static_cast<int64_t>(sizeof(int32_t))),
+    rank.metrics->AddDispatch(sent_rows * row_bytes + assignments * kEntryBytes,
                               SecondsSince(start));
   }
   return absl::OkStatus();
@@ -196,7 +263,8 @@ void ExpertParallelForward::RunLocalExperts(int layer, MicroBatch& mb,
     gathered.resize(rows.size() * hidden);
     result.resize(rows.size() * hidden);
     for (size_t i = 0; i < rows.size(); ++i) {
-      std::copy_n(&mb.recv_activations[rows[i] * hidden], hidden, &gathered[i * hidden]);
+      std::copy_n(&mb.recv_activations[static_cast<size_t>(mb.recv_entry_rows[rows[i]]) * hidden],
+                  hidden, &gathered[i * hidden]);
     }
     RunMlp(mlp, gathered.data(), static_cast<int64_t>(rows.size()), hidden, result.data());
     for (size_t i = 0; i < rows.size(); ++i) {
@@ -218,8 +286,8 @@ absl::Status ExpertParallelForward::Combine(int layer, MicroBatch& mb, comm::Com
   // Results travel back along the reverse of the dispatch: what we received, we return.
   std::vector<int64_t> send_bytes(size), recv_bytes(size);
   for (int p = 0; p < size; ++p) {
-    send_bytes[p] = mb.recv_rows[p] * row_bytes;
-    recv_bytes[p] = mb.send_rows[p] * row_bytes;
+    send_bytes[p] = mb.recv_entries[p] * row_bytes;
+    recv_bytes[p] = mb.send_entries[p] * row_bytes;
   }
   std::vector<float> returned(mb.sent_assignment.size() * hidden);
   RETURN_IF_ERROR(

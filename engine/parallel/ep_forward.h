@@ -1,9 +1,10 @@
 // ExpertParallelForward: one rank's part of a forward step of an expert-parallel group. The
 // rank runs attention for its own sequences (DP attention) and the experts in its slots
-// [rank*S, (rank+1)*S) for everyone: after the gate, each (token, expert) pair is dispatched to
-// the rank holding the chosen replica (counts, slot ids, then activations through all-to-all-v),
-// experts run grouped by slot, results come back (combine) and are summed in each token's own
-// top-k order — so outputs do not depend on the EP size or the placement.
+// [rank*S, (rank+1)*S) for everyone: after the gate, each token's activations are dispatched
+// once to every rank holding one of its chosen replicas (entry counts, entries, then activations
+// through all-to-all-v; see DispatchPlan), experts run grouped by slot, results come back (combine)
+// and are summed in each token's own top-k order — so outputs do not depend on the EP size or the
+// placement.
 //
 // With two micro-batches, one micro-batch's dispatch/combine runs on the rank's communication
 // thread while the other computes. Every rank of the group must call Run() for every step, with
@@ -68,16 +69,44 @@ class ExpertParallelForward {
   const Model& model_;
 };
 
-// Where each (token, expert) assignment of a rank's batch goes: the replica slot it uses, and
-// the send order (grouped by destination rank, assignment order within a rank). Shared by the
-// CPU and GPU forward passes so that both choose the same replicas.
+// One (token, expert) assignment as its destination rank reads it: the destination-local slot
+// whose expert runs it, and which of the rows the sender sent to that destination holds the
+// token's activations. Sent as raw bytes between ranks.
+struct DispatchEntry {
+  int32_t slot = 0;
+  int32_t row = 0;
+};
+
+// Where a rank's batch goes in one MoE layer. A token's activations travel once to each rank
+// that holds one of its chosen replicas (one row per destination, however many of its experts
+// are there); every (token, expert) assignment travels as an entry naming its row, and its result
+// comes back as a row of its own, so the token's top-k sum is still taken by its own rank, in
+// top-k order. Shared by the CPU and GPU forward passes so that both choose the same replicas.
+// Send order: grouped by destination; tokens in order within a destination, and a token's
+// entries in top-k order. `experts` holds each token's top_k chosen experts (tokens x top_k).
 struct DispatchPlan {
-  std::vector<int64_t> send_rows;        // rows per destination rank
-  std::vector<int32_t> sent_assignment;  // (token * top_k + k) of each sent row, in send order
-  std::vector<int32_t> send_slots;       // destination-local slot of each sent row
+  std::vector<int64_t> send_rows;        // activation rows per destination rank
+  std::vector<int64_t> send_entries;     // entries (assignments) per destination rank
+  std::vector<int32_t> sent_token;       // token of each sent activation row, in send order
+  std::vector<int32_t> sent_assignment;  // (token * top_k + k) of each entry, in send order
+  std::vector<DispatchEntry> entries;    // each entry, in send order
 };
 DispatchPlan PlanDispatch(std::span<const int32_t> experts, int top_k, int moe_layer,
                           const ExpertPlacement& placement, int rank, int size);
+
+// What a rank received in a dispatch, read from the entries every source sent (concatenated in
+// source order, entries_per_source of each): per entry its local slot and the index of its row
+// among all received rows, and how many rows each source sent. INTERNAL when the entries are
+// not a plan's (a slot outside [0, slots_per_rank), rows not numbered 0, 1, ... in order), so a
+// corrupt exchange fails the step instead of reading out of bounds.
+struct ReceivedEntries {
+  std::vector<int64_t> rows_per_source;
+  std::vector<int32_t> slot;  // per entry
+  std::vector<int32_t> row;   // per entry, into all received rows
+};
+absl::StatusOr<ReceivedEntries> ReadReceivedEntries(std::span<const DispatchEntry> entries,
+                                                    std::span<const int64_t> entries_per_source,
+                                                    int slots_per_rank);
 
 // Publishes each MoE layer's rank balancedness (mean over max of the rows every rank's experts
 // processed this step) into rank.metrics: an all-gather on rank.compute that every rank of the

@@ -150,64 +150,75 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
     std::memcpy(experts.data(), host.data(), sizeof(int32_t) * assignments);
   }
 
-  // Dispatch: the same replica choice and send order as the CPU backend.
+  // Dispatch: the same replica choice and send order as the CPU backend; a token's activations
+  // go once to each rank that runs one of its experts.
   mb.plan = parallel::PlanDispatch(experts, top_k, model->moe_index(layer), placement, options.rank,
                                    size);
-  std::vector<int32_t> source_token(assignments);
-  for (int row = 0; row < assignments; ++row) {
-    source_token[row] = mb.plan.sent_assignment[row] / top_k;
-  }
-  RETURN_IF_ERROR(mb.send_source.Upload(source_token, stream));
-  RETURN_IF_ERROR(kernels::PermuteRows(mb.normed.data(), mb.send_source.device.data(),
-                                       mb.send.data(), assignments, hidden, stream));
-  mb.receive_rows.assign(size, 0);
-  std::vector<int32_t> received_slots;
+  const int slots = static_cast<int>(w.slots.size());
+  mb.receive_entries.assign(size, 0);
+  std::vector<int32_t> entry_slot, entry_row;  // per received entry
   if (size > 1) {
-    // Counts and slot ids are small and go through the host communicator; the activations go
-    // GPU to GPU.
+    const int sent_rows = static_cast<int>(mb.plan.sent_token.size());
+    RETURN_IF_ERROR(mb.send_source.Upload(mb.plan.sent_token, stream));
+    RETURN_IF_ERROR(kernels::PermuteRows(mb.normed.data(), mb.send_source.device.data(),
+                                         mb.send.data(), sent_rows, hidden, stream));
+    // Entry counts and entries are small and go through the host communicator; the activations
+    // go GPU to GPU.
     ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane,
                            EventName("counts exchange", layer, mb), "communication");
-    RETURN_IF_ERROR(rank.compute->AllToAllCounts(mb.plan.send_rows, mb.receive_rows));
+    RETURN_IF_ERROR(rank.compute->AllToAllCounts(mb.plan.send_entries, mb.receive_entries));
     int64_t total = 0;
-    for (int64_t rows : mb.receive_rows) total += rows;
-    received_slots.assign(total, 0);
-    std::vector<int64_t> send_bytes(size), receive_bytes(size);
-    for (int p = 0; p < size; ++p) {
-      send_bytes[p] = mb.plan.send_rows[p] * static_cast<int64_t>(sizeof(int32_t));
-      receive_bytes[p] = mb.receive_rows[p] * static_cast<int64_t>(sizeof(int32_t));
-    }
-    RETURN_IF_ERROR(rank.compute->AllToAllV(mb.plan.send_slots.data(), send_bytes,
-                                            received_slots.data(), receive_bytes));
+    for (int64_t entries : mb.receive_entries) total += entries;
     if (total > max_received) {
       return absl::InternalError(
-          absl::StrCat("rank received ", total, " rows, above ", max_received));
+          absl::StrCat("rank received ", total, " entries, above ", max_received));
     }
+    std::vector<parallel::DispatchEntry> received_entries(total);
+    constexpr int64_t kEntryBytes = sizeof(parallel::DispatchEntry);
+    std::vector<int64_t> send_bytes(size), receive_bytes(size);
+    for (int p = 0; p < size; ++p) {
+      send_bytes[p] = mb.plan.send_entries[p] * kEntryBytes;
+      receive_bytes[p] = mb.receive_entries[p] * kEntryBytes;
+    }
+    RETURN_IF_ERROR(rank.compute->AllToAllV(mb.plan.entries.data(), send_bytes,
+                                            received_entries.data(), receive_bytes));
+    ASSIGN_OR_RETURN(parallel::ReceivedEntries read,
+                     parallel::ReadReceivedEntries(received_entries, mb.receive_entries, slots));
+    entry_slot = std::move(read.slot);
+    entry_row = std::move(read.row);
     RETURN_IF_ERROR(EnqueueExchange(mb, mb.send.data(), mb.plan.send_rows, mb.received.data(),
-                                    mb.receive_rows, /*dispatch=*/true, rank));
+                                    read.rows_per_source, /*dispatch=*/true, rank));
     mb.received_rows = mb.received.data();
   } else {
-    mb.receive_rows[0] = assignments;
-    received_slots = mb.plan.send_slots;
-    mb.received_rows = mb.send.data();
+    // Alone, every token is one row to ourselves, in token order: the normed activations are
+    // the received rows as they are.
+    mb.receive_entries[0] = assignments;
+    entry_slot.resize(assignments);
+    entry_row.resize(assignments);
+    for (int e = 0; e < assignments; ++e) {
+      entry_slot[e] = mb.plan.entries[e].slot;
+      entry_row[e] = mb.plan.sent_token[mb.plan.entries[e].row];
+    }
+    mb.received_rows = mb.normed.data();
   }
 
-  // Order the received rows by local slot (the experts' GEMM groups).
-  mb.received_count = static_cast<int64_t>(received_slots.size());
-  const int slots = static_cast<int>(w.slots.size());
+  // Order the received entries by local slot (the experts' GEMM groups); each reads its row.
+  mb.received_count = static_cast<int64_t>(entry_slot.size());
   mb.slot_offsets.assign(slots + 1, 0);
-  for (int32_t slot : received_slots) ++mb.slot_offsets[slot + 1];
+  for (int32_t slot : entry_slot) ++mb.slot_offsets[slot + 1];
   for (int s = 0; s < slots; ++s) mb.slot_offsets[s + 1] += mb.slot_offsets[s];
-  std::vector<int32_t> by_slot(mb.received_count), back_to_received(mb.received_count);
+  std::vector<int32_t> row_by_slot(mb.received_count), back_to_received(mb.received_count);
   std::vector<int64_t> cursor(mb.slot_offsets.begin(), mb.slot_offsets.end() - 1);
-  for (int64_t row = 0; row < mb.received_count; ++row) {
-    const int64_t at = cursor[received_slots[row]]++;
-    by_slot[at] = static_cast<int32_t>(row);
-    back_to_received[row] = static_cast<int32_t>(at);
+  for (int64_t entry = 0; entry < mb.received_count; ++entry) {
+    const int64_t at = cursor[entry_slot[entry]]++;
+    row_by_slot[at] = entry_row[entry];
+    back_to_received[entry] = static_cast<int32_t>(at);
   }
-  RETURN_IF_ERROR(mb.slot_order.Upload(by_slot, stream));
+  RETURN_IF_ERROR(mb.slot_order.Upload(row_by_slot, stream));
   RETURN_IF_ERROR(mb.received_order.Upload(back_to_received, stream));
   std::vector<int32_t> position(assignments);
-  for (int row = 0; row < assignments; ++row) position[mb.plan.sent_assignment[row]] = row;
+  for (int entry = 0; entry < assignments; ++entry)
+    position[mb.plan.sent_assignment[entry]] = entry;
   return mb.assignment_rows.Upload(position, stream);
 }
 
@@ -267,10 +278,10 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
       }
     }
   }
-  // Combine: results travel back along the reverse of the dispatch.
+  // Combine: each entry's result goes back to the rank that sent the entry.
   if (options.group_size > 1) {
-    RETURN_IF_ERROR(EnqueueExchange(mb, mb.results.data(), mb.receive_rows, mb.returned.data(),
-                                    mb.plan.send_rows, /*dispatch=*/false, rank));
+    RETURN_IF_ERROR(EnqueueExchange(mb, mb.results.data(), mb.receive_entries, mb.returned.data(),
+                                    mb.plan.send_entries, /*dispatch=*/false, rank));
     mb.returned_rows = mb.returned.data();
   } else {
     mb.returned_rows = mb.results.data();

@@ -119,10 +119,12 @@ struct MicroBatchState {
   PinnedBuffer host_send, host_receive;
   // The current MoE layer's exchange.
   parallel::DispatchPlan plan;
-  std::vector<int64_t> receive_rows;
+  std::vector<int64_t> receive_entries;  // per source rank; the combine sends back as many rows
   std::vector<int64_t> slot_offsets;
   int64_t received_count = 0;
-  const Bf16* received_rows = nullptr;  // where the dispatched rows are (send when alone)
+  // Where the dispatched rows are: `received`, or `normed` itself when alone (so nothing may
+  // write this micro-batch's `normed` between its dispatch and its experts).
+  const Bf16* received_rows = nullptr;
   const Bf16* returned_rows = nullptr;  // where the combined rows are
   // The exchange in flight on the communication stream, until its consumer waits for it.
   std::optional<comm::CollectiveCompletion> in_flight;

@@ -3,14 +3,17 @@
 // ExpertParallelForward are compared with Model::Forward on one rank (relative error
 // max|diff| / max|reference| <= 1e-5) for EP 1, 2, 3, 4 and 8, with and without two micro-batches,
 // with default, redundant and random placements. The expert-load recorder counts every
-// (token, expert) assignment exactly once.
+// (token, expert) assignment exactly once. The dispatch plan sends a token's activations once per
+// destination rank, and a malformed exchange fails instead of reading out of bounds.
 #include "engine/parallel/ep_forward.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "engine/parallel/ep_group.h"
@@ -93,8 +96,15 @@ TEST_P(GroupLogitsInvarianceTest, MatchesSingleRankForward) {
   const int64_t assignments = static_cast<int64_t>(c.ep) * tokens.size() *
                               model.config().num_experts_per_tok * model.config().num_moe_layers();
   const int64_t row_bytes = model.config().hidden_size * static_cast<int64_t>(sizeof(float));
-  EXPECT_LE(traffic.dispatch_bytes, assignments * (row_bytes + 4));
-  EXPECT_LE(traffic.combine_bytes, assignments * row_bytes);
+  // A token's activations go once to each rank holding one of its experts: at most
+  // min(top_k, EP) rows per token, plus one entry per assignment.
+  const int64_t entry_bytes = sizeof(DispatchEntry);
+  const int64_t row_bound = assignments / model.config().num_experts_per_tok *
+                            std::min(model.config().num_experts_per_tok, c.ep);
+  EXPECT_LE(traffic.dispatch_bytes, row_bound * row_bytes + assignments * entry_bytes);
+  if (c.ep == 1)
+    EXPECT_EQ(traffic.dispatch_bytes, row_bound * row_bytes + assignments * entry_bytes);
+  EXPECT_EQ(traffic.combine_bytes, assignments * row_bytes);
   if (c.ep > 1) {
     EXPECT_GT(traffic.dispatch_bytes, 0);
     EXPECT_GT(traffic.combine_bytes, 0);
@@ -117,6 +127,67 @@ std::vector<InvarianceCase> AllCases() {
 
 INSTANTIATE_TEST_SUITE_P(Layouts, GroupLogitsInvarianceTest, ::testing::ValuesIn(AllCases()),
                          CaseName);
+
+// --- The dispatch plan: one activation row per (token, destination), one entry per assignment.
+
+// 8 experts in 8 slots over 4 ranks (2 each); 3 tokens with top-3.
+struct SmallPlan {
+  ExpertPlacement placement = ExpertPlacement::Default(1, 8, 8);
+  std::vector<int32_t> experts = {0, 1, 5, /**/ 7, 2, 3, /**/ 4, 0, 6};
+  DispatchPlan plan = PlanDispatch(experts, /*top_k=*/3, /*moe_layer=*/0, placement, 0, 4);
+};
+
+std::vector<std::pair<int32_t, int32_t>> Pairs(std::span<const DispatchEntry> entries) {
+  std::vector<std::pair<int32_t, int32_t>> pairs;
+  for (const DispatchEntry& e : entries) pairs.emplace_back(e.slot, e.row);
+  return pairs;
+}
+
+TEST(DispatchPlanTest, ATokenSendsOneRowToEachRankHoldingItsExperts) {
+  const DispatchPlan plan = SmallPlan().plan;
+  // Rank 0 holds experts 0 and 1 (tokens 0 and 2), rank 1 experts 2 and 3 (token 1), rank 2
+  // experts 4 and 5 (tokens 0 and 2), rank 3 experts 6 and 7 (tokens 1 and 2).
+  EXPECT_THAT(plan.send_rows, ::testing::ElementsAre(2, 1, 2, 2));
+  EXPECT_THAT(plan.sent_token, ::testing::ElementsAre(0, 2, /**/ 1, /**/ 0, 2, /**/ 1, 2));
+  EXPECT_THAT(plan.send_entries, ::testing::ElementsAre(3, 2, 2, 2));
+  // Entries by destination, tokens in order, a token's entries in top-k order.
+  EXPECT_THAT(plan.sent_assignment,
+              ::testing::ElementsAre(0, 1, 7, /**/ 4, 5, /**/ 2, 6, /**/ 3, 8));
+  using P = std::pair<int32_t, int32_t>;  // (destination-local slot, row at that destination)
+  EXPECT_THAT(Pairs(plan.entries), ::testing::ElementsAre(P{0, 0}, P{1, 0}, P{0, 1},  //
+                                                          P{0, 0}, P{1, 0},           //
+                                                          P{1, 0}, P{0, 1},           //
+                                                          P{1, 0}, P{0, 1}));
+}
+
+TEST(DispatchPlanTest, ReceivedEntriesNameTheirRowsAmongAllReceivedRows) {
+  const DispatchPlan plan = SmallPlan().plan;
+  // Read as if one rank had received every destination's entries from four sources.
+  absl::StatusOr<ReceivedEntries> read = ReadReceivedEntries(plan.entries, plan.send_entries, 2);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_THAT(read->rows_per_source, ::testing::ElementsAreArray(plan.send_rows));
+  EXPECT_THAT(read->slot, ::testing::ElementsAre(0, 1, 0, 0, 1, 1, 0, 1, 0));
+  EXPECT_THAT(read->row, ::testing::ElementsAre(0, 0, 1, 2, 2, 3, 4, 5, 6));
+
+  const std::vector<int64_t> nothing = {0, 0};
+  read = ReadReceivedEntries({}, nothing, 2);
+  ASSERT_TRUE(read.ok());
+  EXPECT_THAT(read->rows_per_source, ::testing::ElementsAre(0, 0));
+}
+
+TEST(DispatchPlanTest, MalformedEntriesFailInsteadOfReadingOutOfBounds) {
+  const std::vector<int64_t> one_source = {2};
+  auto code = [&](std::vector<DispatchEntry> entries, std::span<const int64_t> counts) {
+    return ReadReceivedEntries(entries, counts, 2).status().code();
+  };
+  EXPECT_EQ(code({{0, 0}, {2, 0}}, one_source), absl::StatusCode::kInternal);   // slot too big
+  EXPECT_EQ(code({{-1, 0}, {0, 0}}, one_source), absl::StatusCode::kInternal);  // negative slot
+  EXPECT_EQ(code({{0, 1}, {1, 1}}, one_source), absl::StatusCode::kInternal);   // starts at row 1
+  EXPECT_EQ(code({{0, 0}, {1, 2}}, one_source), absl::StatusCode::kInternal);   // skips row 1
+  EXPECT_EQ(code({{0, 0}, {1, 0}, {1, 1}}, one_source), absl::StatusCode::kInternal);  // extra
+  EXPECT_EQ(code({{0, 0}}, one_source), absl::StatusCode::kInternal);                  // missing
+  EXPECT_EQ(code({{0, 0}, {1, 1}}, one_source), absl::StatusCode::kOk);
+}
 
 TEST(GroupLogitsTest, RejectsAPlacementThatDoesNotDivideOverTheRanks) {
   const Model& model = TinyModel();
