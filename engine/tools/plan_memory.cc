@@ -107,7 +107,6 @@ absl::StatusOr<ModelConfig> ParseForSizing(const nlohmann::json& json, const std
 void Evaluate(MemoryPlan& plan) {
   const int physical = plan.config.n_routed_experts + plan.num_redundant_experts;
   plan.expert_slots_per_gpu = physical / plan.ep;
-  plan.dense_bytes = plan.size.dense_bytes;
   plan.expert_bytes = static_cast<int64_t>(plan.expert_slots_per_gpu) * plan.size.num_moe_layers *
                       plan.size.routed_expert_bytes;
   const int64_t weights = plan.dense_bytes + plan.expert_bytes;
@@ -196,6 +195,10 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanMemoryOptions& options) {
         " GPUs; every GPU holds the same number of slots"));
   }
   plan.size = ComputeModelSize(plan.config, plan.format);
+  plan.stored_dense_bytes = plan.size.dense_bytes;
+  // The GPU backend runs the dense projections (attention, dense MLPs, shared experts) in bf16
+  // and converts FP8 ones on upload; only the routed experts stay FP8 (docs/gpu-backend.md).
+  plan.dense_bytes = ComputeModelSize(plan.config, WeightFormat{}).dense_bytes;
   plan.ep = options.ep;
   plan.num_redundant_experts = options.num_redundant_experts;
   plan.gpu_bytes = static_cast<int64_t>(options.gpu_memory_gib * kGiB);
@@ -234,7 +237,8 @@ std::string FormatMemoryPlan(const MemoryPlan& plan) {
   if (plan.format.kind == WeightFormat::Kind::kFp8BlockScaled) {
     out << "weights  fp8, " << Gib(all_weights) << " in all: e4m3 projection matrices with an fp32 "
         << "scale per " << plan.format.block_rows << "x" << plan.format.block_cols << " block;\n"
-        << "         embeddings, LM head, routers and norms in bf16\n";
+        << "         embeddings, LM head, routers and norms in bf16; served with the routed\n"
+        << "         experts in fp8 and the dense weights in bf16\n";
   } else {
     out << "weights  bf16, " << Gib(all_weights) << " in all\n";
   }
@@ -248,7 +252,11 @@ std::string FormatMemoryPlan(const MemoryPlan& plan) {
     out << absl::StrFormat("  %-34s %12s   %s\n", what, value, note);
   };
   row("dense weights (on every GPU)", Gib(plan.dense_bytes),
-      "embeddings, attention, dense MLPs, shared experts, routers, norms");
+      plan.stored_dense_bytes != plan.dense_bytes
+          ? absl::StrCat("in bf16 (", Gib(plan.stored_dense_bytes),
+                         " as stored): embeddings, attention, dense MLPs, shared experts, "
+                         "routers, norms")
+          : "embeddings, attention, dense MLPs, shared experts, routers, norms");
   row(absl::StrCat("routed experts (", plan.expert_slots_per_gpu, " x ", s.num_moe_layers,
                    " layers)"),
       Gib(plan.expert_bytes),
@@ -300,7 +308,7 @@ void RegisterPlanMemoryCommand(CLI::App& plan_command, int& exit_code) {
   memory
       ->add_option("--dtype", options->dtype,
                    "Weights: fp8 (DeepSeek-V3's e4m3 with 128x128 block scales) or bf16 "
-                   "(default: the checkpoint's)")
+                   "(default: the checkpoint's); dense weights count as bf16, as GPUs hold them")
       ->type_name("fp8|bf16");
   memory
       ->add_option("--num-redundant-experts", options->num_redundant_experts,

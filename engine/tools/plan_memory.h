@@ -2,6 +2,8 @@
 // config.json alone. Per GPU: the dense weights every rank holds (DP attention replicates them),
 // the routed experts of its (n_routed + redundant) / EP slots in every MoE layer, a reserve for
 // activations and workspaces, and what is left for the KV cache, in bytes and in tokens.
+// Weights are counted as moeserve's GPU backend holds them: routed experts in the checkpoint's
+// format (FP8 stays FP8), dense weights in bf16 even when the checkpoint stores them in FP8.
 //
 // Owns the command's options, their validation, the arithmetic over ModelSize
 // (engine/model/model_size.h), the report and the exit codes: 0 when the layout fits, 1 when it
@@ -50,8 +52,9 @@ struct MemoryPlan {
   int expert_slots_per_gpu = 0;  // per MoE layer
   int64_t gpu_bytes = 0;
   int64_t reserve_bytes = 0;
-  int64_t dense_bytes = 0;   // per GPU
-  int64_t expert_bytes = 0;  // per GPU
+  int64_t dense_bytes = 0;         // per GPU, as served (bf16)
+  int64_t stored_dense_bytes = 0;  // per GPU, in the weight format (size.dense_bytes)
+  int64_t expert_bytes = 0;        // per GPU
   int64_t kv_bytes_per_token = 0;
   int64_t kv_bytes = 0;  // per GPU, what is left (negative: over by that much)
   int64_t tokens_per_gpu = 0;

@@ -25,8 +25,15 @@ run_plan(0 --model ${CONFIGS}/deepseek-v3.json --ep 8 --gpu-memory-gib 139)
 expect("${output}" "671\\.03 B parameters, 37\\.55 B active per token")
 expect("${output}" "weights  fp8, ")
 expect("${output}" "routed experts \\(32 x 58 layers\\) +76\\.14 GiB")
-expect("${output}" "tokens that fit +627,766 +per GPU")
-expect("${output}" "\nfits +627,766 tokens per GPU >= 163,840 required\n")
+expect("${output}" "dense weights \\(on every GPU\\) +31\\.88 GiB +in bf16 \\(17\\.77 GiB as stored\\)")
+expect("${output}" "tokens that fit +412,131 +per GPU")
+expect("${output}" "\nfits +412,131 tokens per GPU >= 163,840 required\n")
+
+# On 16 H100s its weights fit (dense weights in bf16 as served), but one full-context request does
+# not.
+run_plan(1 --model ${CONFIGS}/deepseek-v3.json --ep 16 --gpu-memory-gib 78)
+expect("${errors}" "the KV cache does not fit: the 4\\.04 GiB left per GPU hold 61,793 tokens")
+expect("${output}" "fewest GPUs that fit with these settings: EP32")
 
 # The same in bf16: the weights do not fit; exit 1 and the reason on stderr.
 run_plan(1 --model ${CONFIGS}/deepseek-v3.json --ep 8 --gpu-memory-gib 139 --dtype bf16)

@@ -152,10 +152,13 @@ TEST(PlanMemory, DeepSeekV3Fp8OnEightH200s) {
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_EQ(plan->weight_dtype, "fp8");  // from the config's quantization_config
   EXPECT_EQ(plan->expert_slots_per_gpu, 32);
-  EXPECT_EQ(plan->dense_bytes, 19'082'165'600);
+  // The dense weights as the GPU backend holds them (bf16), and as the checkpoint stores them.
+  const int64_t dense_bf16 = ComputeModelSize(Config("deepseek-v3"), WeightFormat{}).dense_bytes;
+  EXPECT_EQ(plan->dense_bytes, dense_bf16);
+  EXPECT_EQ(plan->stored_dense_bytes, 19'082'165'600);
   EXPECT_EQ(plan->expert_bytes, 32LL * 58 * 44'050'944);
   // 139 GiB - weights - the 4 GiB reserve, in tokens of 70,272 bytes.
-  const int64_t kv = 135 * kGiB - 19'082'165'600 - 32LL * 58 * 44'050'944;
+  const int64_t kv = 135 * kGiB - dense_bf16 - 32LL * 58 * 44'050'944;
   EXPECT_EQ(plan->kv_bytes, kv);
   EXPECT_EQ(plan->tokens_per_gpu, kv / 70'272);
   EXPECT_EQ(plan->required_tokens_per_gpu, 163'840);  // one request of the full context
@@ -165,6 +168,7 @@ TEST(PlanMemory, DeepSeekV3Fp8OnEightH200s) {
   EXPECT_THAT(report, HasSubstr("671.03 B parameters, 37.55 B active per token"));
   EXPECT_THAT(report, HasSubstr("32 expert slots per GPU in each MoE layer ((256 + 0) / 8)"));
   EXPECT_THAT(report, HasSubstr("70,272 bytes per token in bf16"));
+  EXPECT_THAT(report, HasSubstr("31.88 GiB   in bf16 (17.77 GiB as stored)"));
 }
 
 TEST(PlanMemory, RedundantExpertsAddSlots) {
