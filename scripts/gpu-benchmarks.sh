@@ -7,19 +7,28 @@
 #   serving   `moeserve serve --model builtin:v3-bench --device cuda --ep N` for N = 1, 2, 4, 8
 #             (those that fit the visible GPUs) under moeserve-loadgen: output tokens/s per
 #             GPU, TTFT and inter-token latency percentiles at several concurrency levels
+#   processes the same load on the same EP group run three ways, one after the other: one
+#             process (`serve --ep N`), one process per GPU (`moeserve node` with N ranks and
+#             `moeserve frontend`), and one process per GPU as 2 "nodes" of N/2 (each node's
+#             ranks with their own NCCL_HOSTID, NCCL between the nodes over sockets)
 #
-#   scripts/gpu-benchmarks.sh OUT_DIR [experts] [dispatch] [serving]     (default: all three)
+#   scripts/gpu-benchmarks.sh OUT_DIR [experts] [dispatch] [serving] [processes]
+#                                                        (default: experts dispatch serving)
 #
 # Binaries come from $MOESERVE_BIN_DIR (a flat folder, e.g. a bundle made with
 # engine/bench/run_dispatch_bench.sh --bundle) or the build tree $MOESERVE_BUILD_DIR (default:
-# build). Serving flags: $SERVING_CONCURRENCY (default "1 8 32 64"), $SERVING_PROMPT_TOKENS
-# (128), $SERVING_MAX_TOKENS (128), $SERVING_EP (default "1 2 4 8"; a layout of 2 or more GPUs
-# also runs with --two-batch-overlap unless $SERVING_OVERLAP is 0), $SERVING_TRACE_STEPS
-# (default none: with K, each server writes a Chrome trace of K working steps after
-# $SERVING_TRACE_SKIP, default 300, into OUT_DIR/trace-LAYOUT/). NVLink multicast stays off.
+# build). Serving flags: $SERVING_CONCURRENCY (default "1 8 32 64"; "8 64" for processes),
+# $SERVING_PROMPT_TOKENS (128), $SERVING_MAX_TOKENS (128), $SERVING_EP (default "1 2 4 8";
+# "2 4 8" for processes; a layout of 2 or more GPUs also runs with --two-batch-overlap unless
+# $SERVING_OVERLAP is 0), $SERVING_TRACE_STEPS (default none: with K, each server writes a Chrome
+# trace of K working steps after $SERVING_TRACE_SKIP, default 300, into OUT_DIR/trace-LAYOUT/),
+# $SERVING_MODEL (builtin:v3-bench), $SERVING_DEVICE (cuda; cpu runs the same layouts on the
+# CPU, where $BENCH_GPUS stands for the GPU count), $SERVING_KV_MIB (8192); the processes part
+# listens on ports from $BENCH_BASE_PORT (50300); the load generator waits up to
+# $BENCH_CONNECT_TIMEOUT seconds (900) for a server to load. NVLink multicast stays off.
 set -euo pipefail
 
-[[ $# -ge 1 ]] || { sed -n '2,19p' "$0" >&2; exit 2; }
+[[ $# -ge 1 ]] || { sed -n '2,29p' "$0" >&2; exit 2; }
 out=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 parts=("$@")
@@ -32,8 +41,43 @@ find_binary() {  # name subdir
   if [[ -n ${MOESERVE_BIN_DIR:-} ]]; then echo "$MOESERVE_BIN_DIR/$1"; else echo "$build/$2/$1"; fi
 }
 
-gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+device=${SERVING_DEVICE:-cuda}
+model=${SERVING_MODEL:-builtin:v3-bench}
+if [[ $device == cuda ]]; then
+  gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+  card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+else
+  gpus=${BENCH_GPUS:-1}
+  card="CPU ($(nproc) cores)"
+fi
+engine_flags=(--model "$model" --device "$device" --kv-cache-mib "${SERVING_KV_MIB:-8192}"
+  --max-batch-tokens 1024 --max-running-requests 128)
+
+# run_load NAME PORT GPUS LABEL CONCURRENCY...: moeserve-loadgen against 127.0.0.1:PORT (which
+# may still be loading) into OUT/serving-NAME.md; appends its table (its header only the first
+# time, as $header says) to the summary.
+run_load() {
+  local name=$1 port=$2 gpus_used=$3 label=$4
+  shift 4
+  if ! "$(find_binary moeserve-loadgen clients)" --target "127.0.0.1:$port" \
+    --connect-timeout "${BENCH_CONNECT_TIMEOUT:-900}" \
+    --gpus "$gpus_used" --label "$label" --concurrency "$@" \
+    --prompt-tokens "${SERVING_PROMPT_TOKENS:-128}" \
+    --max-tokens "${SERVING_MAX_TOKENS:-128}" >"$out/serving-$name.md" 2>&1; then
+    echo "$name: load generator failed (see serving-$name.md and the logs)" >&2
+    return 0
+  fi
+  local skip=1
+  (( header )) || skip=3
+  header=0
+  tail -n +"$skip" "$out/serving-$name.md" | tee -a "$out/summary.md"
+}
+
+# stop PID...: SIGTERM, then wait (node supervisors stop their ranks).
+stop() {
+  kill -TERM "$@" 2>/dev/null || true
+  wait "$@" 2>/dev/null || true
+}
 echo "# moeserve GPU benchmarks: $gpus x $card, $(date -u +%Y-%m-%d)" | tee "$out/summary.md"
 
 for part in "${parts[@]}"; do
@@ -53,9 +97,8 @@ for part in "${parts[@]}"; do
       "$root/engine/bench/run_dispatch_bench.sh" "$out/dispatch" | tee -a "$out/summary.md"
       ;;
     serving)
-      echo "## Serving builtin:v3-bench" | tee -a "$out/summary.md"
+      echo "## Serving $model" | tee -a "$out/summary.md"
       server=$(find_binary moeserve server)
-      loadgen=$(find_binary moeserve-loadgen clients)
       header=1
       for ep in ${SERVING_EP:-1 2 4 8}; do
         (( ep <= gpus )) || continue
@@ -70,9 +113,8 @@ for part in "${parts[@]}"; do
               --trace-skip-steps "${SERVING_TRACE_SKIP:-300}")
           fi
           # shellcheck disable=SC2086
-          "$server" serve --model builtin:v3-bench --device cuda --ep "$ep" $overlap "${trace[@]}" \
-            --host 127.0.0.1 --port "$port" --metrics-port -1 --kv-cache-mib 8192 \
-            --max-batch-tokens 1024 --max-running-requests 128 >"$out/serve-$name.log" 2>&1 &
+          "$server" serve "${engine_flags[@]}" --ep "$ep" $overlap "${trace[@]}" \
+            --host 127.0.0.1 --port "$port" --metrics-port -1 >"$out/serve-$name.log" 2>&1 &
           pid=$!
           # Wait for the server's ready line (it generates and uploads the weights first); give
           # up if it exits.
@@ -85,20 +127,61 @@ for part in "${parts[@]}"; do
             sleep 1
           done
           # shellcheck disable=SC2086
-          if ! "$loadgen" --target "127.0.0.1:$port" --connect-timeout 600 --gpus "$ep" \
-            --label "EP$ep${overlap:+ + overlap} ($ep x $card)" \
-            --concurrency ${SERVING_CONCURRENCY:-1 8 32 64} \
-            --prompt-tokens "${SERVING_PROMPT_TOKENS:-128}" \
-            --max-tokens "${SERVING_MAX_TOKENS:-128}" >"$out/serving-$name.md" 2>&1; then
-            echo "$name: load generator failed (see serving-$name.md, serve-$name.log)" >&2
-          fi
-          kill -TERM "$pid" 2>/dev/null || true
-          wait "$pid" || true
-          if (( header )); then cat "$out/serving-$name.md"; header=0;
-          else tail -n +3 "$out/serving-$name.md"; fi | tee -a "$out/summary.md"
+          run_load "$name" "$port" "$ep" "EP$ep${overlap:+ + overlap} ($ep x $card)" \
+            ${SERVING_CONCURRENCY:-1 8 32 64}
+          stop "$pid"
         done
       done
       ;;
-    *) echo "unknown part $part (experts, dispatch, serving)" >&2; exit 2 ;;
+    processes)
+      echo "## One process against one process per GPU ($model)" | tee -a "$out/summary.md"
+      server=$(find_binary moeserve server)
+      header=1
+      for ep in ${SERVING_EP:-2 4 8}; do
+        (( ep >= 2 && ep <= gpus && ep % 2 == 0 )) || continue
+        for layout in threads processes two-nodes; do
+          name="$layout-ep$ep"
+          port=$((${BENCH_BASE_PORT:-50300} + 40 * ep))
+          leader=$((port + 1))  # rank i of the group listens on leader + i
+          pids=()
+          case $layout in
+            threads)
+              "$server" serve "${engine_flags[@]}" --ep "$ep" --host 127.0.0.1 --port "$port" \
+                --metrics-port -1 --http-port -1 >"$out/$name.log" 2>&1 &
+              pids+=($!)
+              label="EP$ep, one process"
+              ;;
+            processes|two-nodes)
+              nodes=1
+              [[ $layout == two-nodes ]] && nodes=2
+              per_node=$((ep / nodes))
+              for ((node = 0; node < nodes; ++node)); do
+                env_for_node=()
+                if [[ $layout == two-nodes ]]; then
+                  # Two hosts to NCCL: no P2P or shared memory between the halves, sockets
+                  # on loopback instead of a network.
+                  env_for_node=(NCCL_HOSTID="moeserve-bench-node$node" NCCL_NET=Socket
+                    NCCL_SOCKET_IFNAME=lo NCCL_IB_DISABLE=1)
+                fi
+                env "${env_for_node[@]}" "$server" node --ranks-per-node "$per_node" \
+                  --num-nodes "$nodes" --node-index "$node" --port $((leader + node * per_node)) \
+                  -- --group mixed --leader "127.0.0.1:$leader" "${engine_flags[@]}" \
+                  >"$out/$name-node$node.log" 2>&1 &
+                pids+=($!)
+              done
+              "$server" frontend --port "$port" --http-port -1 --metrics-port -1 \
+                --group "mixed=127.0.0.1:$leader" >"$out/$name-frontend.log" 2>&1 &
+              pids+=($!)
+              label="EP$ep, a process per rank"
+              [[ $layout == two-nodes ]] && label="EP$ep, a process per rank, 2 nodes"
+              ;;
+          esac
+          # shellcheck disable=SC2086
+          run_load "$name" "$port" "$ep" "$label ($ep x $card)" ${SERVING_CONCURRENCY:-8 64}
+          stop "${pids[@]}"
+        done
+      done
+      ;;
+    *) echo "unknown part $part (experts, dispatch, serving, processes)" >&2; exit 2 ;;
   esac
 done
