@@ -71,7 +71,15 @@ def main():
 
     import grpc
     pb, pb_grpc = load_stubs()
-    stub = pb_grpc.GenerationStub(make_channel(grpc, args))
+    # Closed before the interpreter shuts down: grpcio closing a channel left open during
+    # shutdown can hang the process after its work is done.
+    with make_channel(grpc, args) as channel:
+        return generate(pb, pb_grpc.GenerationStub(channel), args)
+
+
+def generate(pb, stub, args):
+    """Prints the model's description, then streams one generation; returns its token ids."""
+    import grpc
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     print(f"model {info.name} ({info.architecture}), {info.num_routed_experts} experts, "
           f"top-{info.num_experts_per_token}", file=sys.stderr)
