@@ -97,50 +97,43 @@ std::vector<int> MicroBatchLogitRows(std::span<const BatchSequence> sequences,
 DispatchPlan PlanDispatch(std::span<const int32_t> experts, int top_k, int moe_layer,
                           const ExpertPlacement& placement, int rank, int size) {
   const int assignments = static_cast<int>(experts.size());
-  const int tokens = top_k > 0 ? assignments / top_k : 0;
   const int slots_per_rank = placement.num_physical() / size;
-  std::vector<int32_t> slot_of(assignments);
+  std::vector<int32_t> slot_of(assignments), row_of(assignments);  // row: within its destination
   DispatchPlan plan;
   plan.send_rows.assign(size, 0);
   plan.send_entries.assign(size, 0);
-  // The last token counted for each destination: a token's entries are consecutive, so a
+  // The last token counted for each destination: a token's assignments are consecutive, so a
   // destination gets a new row exactly when the token changes.
   std::vector<int32_t> last_token(size, -1);
   for (int a = 0; a < assignments; ++a) {
+    const int token = a / top_k;
     // Spread a hot expert's tokens over its replicas: consecutive tokens take consecutive
     // replicas (the token index, not the assignment index, whose residue modulo a replica count
     // that divides top_k would repeat), and ranks start at different replicas.
-    const uint64_t key = static_cast<uint64_t>(a / top_k) + static_cast<uint64_t>(rank);
+    const uint64_t key = static_cast<uint64_t>(token) + static_cast<uint64_t>(rank);
     slot_of[a] = placement.ChooseSlot(moe_layer, experts[a], key);
     const int dest = slot_of[a] / slots_per_rank;
     ++plan.send_entries[dest];
-    if (last_token[dest] != a / top_k) {
-      last_token[dest] = a / top_k;
+    if (last_token[dest] != token) {
+      last_token[dest] = token;
       ++plan.send_rows[dest];
     }
+    row_of[a] = static_cast<int32_t>(plan.send_rows[dest] - 1);
   }
-  std::vector<int64_t> entry_cursor(size, 0), row_cursor(size, 0);
+  std::vector<int64_t> next_entry(size, 0), first_row(size, 0);
   for (int p = 1; p < size; ++p) {
-    entry_cursor[p] = entry_cursor[p - 1] + plan.send_entries[p - 1];
-    row_cursor[p] = row_cursor[p - 1] + plan.send_rows[p - 1];
+    next_entry[p] = next_entry[p - 1] + plan.send_entries[p - 1];
+    first_row[p] = first_row[p - 1] + plan.send_rows[p - 1];
   }
-  const std::vector<int64_t> first_row = row_cursor;
   plan.sent_assignment.assign(assignments, 0);
   plan.entries.assign(assignments, {});
-  plan.sent_token.assign(row_cursor[size - 1] + plan.send_rows[size - 1], 0);
-  for (int token = 0; token < tokens; ++token) {
-    for (int k = 0; k < top_k; ++k) {
-      const int a = token * top_k + k;
-      const int dest = slot_of[a] / slots_per_rank;
-      // This token's row at `dest` is the one most recently opened there, or a new one.
-      const bool opens_row =
-          row_cursor[dest] == first_row[dest] || plan.sent_token[row_cursor[dest] - 1] != token;
-      if (opens_row) plan.sent_token[row_cursor[dest]++] = token;
-      const int64_t entry = entry_cursor[dest]++;
-      plan.sent_assignment[entry] = a;
-      plan.entries[entry] = {slot_of[a] % slots_per_rank,
-                             static_cast<int32_t>(row_cursor[dest] - 1 - first_row[dest])};
-    }
+  plan.sent_token.assign(first_row[size - 1] + plan.send_rows[size - 1], 0);
+  for (int a = 0; a < assignments; ++a) {
+    const int dest = slot_of[a] / slots_per_rank;
+    plan.sent_token[first_row[dest] + row_of[a]] = a / top_k;
+    const int64_t entry = next_entry[dest]++;
+    plan.sent_assignment[entry] = a;
+    plan.entries[entry] = {slot_of[a] % slots_per_rank, row_of[a]};
   }
   return plan;
 }

@@ -195,7 +195,6 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanMemoryOptions& options) {
         " GPUs; every GPU holds the same number of slots"));
   }
   plan.size = ComputeModelSize(plan.config, plan.format);
-  plan.stored_dense_bytes = plan.size.dense_bytes;
   // The GPU backend runs the dense projections (attention, dense MLPs, shared experts) in bf16
   // and converts FP8 ones on upload; only the routed experts stay FP8 (docs/gpu-backend.md).
   plan.dense_bytes = ComputeModelSize(plan.config, WeightFormat{}).dense_bytes;
@@ -252,8 +251,8 @@ std::string FormatMemoryPlan(const MemoryPlan& plan) {
     out << absl::StrFormat("  %-34s %12s   %s\n", what, value, note);
   };
   row("dense weights (on every GPU)", Gib(plan.dense_bytes),
-      plan.stored_dense_bytes != plan.dense_bytes
-          ? absl::StrCat("in bf16 (", Gib(plan.stored_dense_bytes),
+      s.dense_bytes != plan.dense_bytes
+          ? absl::StrCat("in bf16 (", Gib(s.dense_bytes),
                          " as stored): embeddings, attention, dense MLPs, shared experts, "
                          "routers, norms")
           : "embeddings, attention, dense MLPs, shared experts, routers, norms");

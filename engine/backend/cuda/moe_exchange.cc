@@ -155,8 +155,11 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
   mb.plan = parallel::PlanDispatch(experts, top_k, model->moe_index(layer), placement, options.rank,
                                    size);
   const int slots = static_cast<int>(w.slots.size());
-  mb.receive_entries.assign(size, 0);
-  std::vector<int32_t> entry_slot, entry_row;  // per received entry
+  // Alone, what a rank sends is what it receives: every token is one row to itself, in token
+  // order, so the normed activations are the received rows as they are.
+  mb.receive_entries = mb.plan.send_entries;
+  std::span<const parallel::DispatchEntry> entries = mb.plan.entries;
+  std::vector<parallel::DispatchEntry> received_entries;
   if (size > 1) {
     const int sent_rows = static_cast<int>(mb.plan.sent_token.size());
     RETURN_IF_ERROR(mb.send_source.Upload(mb.plan.sent_token, stream));
@@ -168,12 +171,12 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
                            EventName("counts exchange", layer, mb), "communication");
     RETURN_IF_ERROR(rank.compute->AllToAllCounts(mb.plan.send_entries, mb.receive_entries));
     int64_t total = 0;
-    for (int64_t entries : mb.receive_entries) total += entries;
+    for (int64_t count : mb.receive_entries) total += count;
     if (total > max_received) {
       return absl::InternalError(
           absl::StrCat("rank received ", total, " entries, above ", max_received));
     }
-    std::vector<parallel::DispatchEntry> received_entries(total);
+    received_entries.resize(total);
     constexpr int64_t kEntryBytes = sizeof(parallel::DispatchEntry);
     std::vector<int64_t> send_bytes(size), receive_bytes(size);
     for (int p = 0; p < size; ++p) {
@@ -182,23 +185,17 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
     }
     RETURN_IF_ERROR(rank.compute->AllToAllV(mb.plan.entries.data(), send_bytes,
                                             received_entries.data(), receive_bytes));
-    ASSIGN_OR_RETURN(parallel::ReceivedEntries read,
-                     parallel::ReadReceivedEntries(received_entries, mb.receive_entries, slots));
-    entry_slot = std::move(read.slot);
-    entry_row = std::move(read.row);
+    entries = received_entries;
+  }
+  ASSIGN_OR_RETURN(parallel::ReceivedEntries read,
+                   parallel::ReadReceivedEntries(entries, mb.receive_entries, slots));
+  const std::vector<int32_t>& entry_slot = read.slot;
+  const std::vector<int32_t>& entry_row = read.row;  // into the received rows
+  if (size > 1) {
     RETURN_IF_ERROR(EnqueueExchange(mb, mb.send.data(), mb.plan.send_rows, mb.received.data(),
                                     read.rows_per_source, /*dispatch=*/true, rank));
     mb.received_rows = mb.received.data();
   } else {
-    // Alone, every token is one row to ourselves, in token order: the normed activations are
-    // the received rows as they are.
-    mb.receive_entries[0] = assignments;
-    entry_slot.resize(assignments);
-    entry_row.resize(assignments);
-    for (int e = 0; e < assignments; ++e) {
-      entry_slot[e] = mb.plan.entries[e].slot;
-      entry_row[e] = mb.plan.sent_token[mb.plan.entries[e].row];
-    }
     mb.received_rows = mb.normed.data();
   }
 

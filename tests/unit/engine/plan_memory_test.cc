@@ -155,7 +155,7 @@ TEST(PlanMemory, DeepSeekV3Fp8OnEightH200s) {
   // The dense weights as the GPU backend holds them (bf16), and as the checkpoint stores them.
   const int64_t dense_bf16 = ComputeModelSize(Config("deepseek-v3"), WeightFormat{}).dense_bytes;
   EXPECT_EQ(plan->dense_bytes, dense_bf16);
-  EXPECT_EQ(plan->stored_dense_bytes, 19'082'165'600);
+  EXPECT_EQ(plan->size.dense_bytes, 19'082'165'600);
   EXPECT_EQ(plan->expert_bytes, 32LL * 58 * 44'050'944);
   // 139 GiB - weights - the 4 GiB reserve, in tokens of 70,272 bytes.
   const int64_t kv = 135 * kGiB - dense_bf16 - 32LL * 58 * 44'050'944;
