@@ -162,6 +162,29 @@ void GroupedLinearTwin(const uint16_t* x, const std::vector<const uint16_t*>& we
   }
 }
 
+void PlanSlotsTwin(const int32_t* experts, int tokens, int top_k, const int32_t* replica_begin,
+                   const int32_t* replica_slots, int slots, int32_t* offsets, int32_t* source_rows,
+                   int32_t* positions, int32_t* load) {
+  const int pairs = tokens * top_k;
+  std::vector<int32_t> slot_of(pairs);
+  std::vector<int32_t> next(slots + 1, 0);
+  for (int p = 0; p < pairs; ++p) {
+    const int32_t begin = replica_begin[experts[p]];
+    const int32_t replicas = replica_begin[experts[p] + 1] - begin;
+    slot_of[p] = replica_slots[begin + (p / top_k) % replicas];
+    ++next[slot_of[p] + 1];
+  }
+  for (int s = 0; s < slots; ++s) {
+    if (load != nullptr) load[s] += next[s + 1];
+    next[s + 1] += next[s];
+  }
+  std::copy(next.begin(), next.end(), offsets);
+  for (int p = 0; p < pairs; ++p) {
+    positions[p] = next[slot_of[p]]++;
+    source_rows[positions[p]] = p / top_k;
+  }
+}
+
 void FillRandomBf16Twin(uint16_t* out, int64_t count, uint64_t seed, float scale) {
   for (int64_t i = 0; i < count; ++i) out[i] = FloatToBf16(RandomUniformValue(seed, i, scale));
 }

@@ -51,6 +51,15 @@ void WeightedUnpermuteTwin(const uint16_t* expert_rows, const int32_t* position,
 void GroupedLinearTwin(const uint16_t* x, const std::vector<const uint16_t*>& weights,
                        const std::vector<int64_t>& offsets, uint16_t* y, int n, int k);
 
+// Twin of PlanSlots (device_moe.h), with the rows of a slot in pair order (the kernel's order
+// inside a slot may differ; nothing it computes depends on it): pair p = t * top_k + j of expert
+// e is served by slot replica_slots[replica_begin[e] + t % count(e)]; offsets [slots + 1],
+// source_rows (the token of each grouped row), positions (the grouped row of each pair), and
+// load[s] += rows of slot s.
+void PlanSlotsTwin(const int32_t* experts, int tokens, int top_k, const int32_t* replica_begin,
+                   const int32_t* replica_slots, int slots, int32_t* offsets, int32_t* source_rows,
+                   int32_t* positions, int32_t* load);
+
 // Twin of FillRandomBf16.
 void FillRandomBf16Twin(uint16_t* out, int64_t count, uint64_t seed, float scale);
 // The value FillRandomBf16 puts at index i, before bf16 rounding (host and device share it).

@@ -87,6 +87,7 @@ struct EngineFlags {
   std::string injected_fault;
   std::string placement_staging = "background";
   std::string gpu_expert_weights = "as-stored";
+  std::string gpu_moe_plan = "device";
 };
 
 void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
@@ -142,6 +143,14 @@ void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
       ->capture_default_str()
       ->check(CLI::IsMember({"background", "in-step"}));
   AddGpuExpertWeightsOption(command, flags.gpu_expert_weights);
+  command
+      ->add_option("--gpu-moe-plan", flags.gpu_moe_plan,
+                   "Where a GPU alone in its group (EP1) plans a decode step's experts: device "
+                   "(routing, grouping and grouped GEMMs on the GPU, no host round trip per MoE "
+                   "layer) or host (the routing goes to the host, which groups the rows for "
+                   "cuBLAS, as for prefill steps and larger groups)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"device", "host"}));
   command->add_flag("!--no-expert-metrics", engine.parallel.expert_load_metrics,
                     "Do not export the per (layer, expert) token counters");
   command->add_option("--trace-dir", engine.parallel.trace_dir,
@@ -185,6 +194,7 @@ bool ApplyEngineFlags(const std::string& command, const EngineFlags& flags,
   out.kv_cache_bytes = flags.kv_cache_mib << 20;
   out.parallel.background_placement_staging = flags.placement_staging == "background";
   out.gpu_fp8_experts = flags.gpu_expert_weights == "as-stored";
+  out.gpu_device_planned_moe = flags.gpu_moe_plan == "device";
   out.min_step_seconds = flags.min_step_ms / 1000.0;
   return true;
 }

@@ -5,7 +5,11 @@
 // the block-scaled FP8 rate for FP8. Layouts: EP32 prefill (9 local experts x ~14.5K tokens),
 // EP128 decode (3 x ~340), and one GPU holding all 256 experts with 128 tokens routed top-8.
 // The FP8 weights are the bf16 ones quantized per 128 x 128 block, so the two outputs are
-// compared too. Prints what cuBLASLt offers for block-scaled FP8, then two markdown tables.
+// compared too. Prints what cuBLASLt offers for block-scaled FP8, then two markdown tables, then
+// a third for decode on one GPU holding all 256 experts (1 to 128 tokens routed top-8): the
+// host-planned paths (ExpertMlp, Fp8ExpertMlp: rows grouped by the host) against the
+// device-planned one (kernels/device_moe.h: the plan and tensor-core grouped GEMMs, no host
+// round trip; its time includes the plan).
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -19,6 +23,7 @@
 #include <vector>
 
 #include "kernels/bf16.h"
+#include "kernels/device_moe.h"
 #include "kernels/expert_mlp.h"
 #include "kernels/fp8_expert_mlp.h"
 #include "kernels/fp8_gemm.h"
@@ -261,6 +266,150 @@ struct Layout {
   std::vector<int64_t> rows_per_expert;
 };
 
+// Bytes the bf16 MLP moves: the active experts' weights, bf16 x in and y out, gate_up written
+// and read, the activation written and read.
+double Bf16Bytes(int active, int64_t rows) {
+  return active * 3.0 * kHidden * kIntermediate * 2 +
+         rows * (kHidden * 2.0 * 2 + 2 * kIntermediate * 2.0 * 2 + kIntermediate * 2.0 * 2);
+}
+
+// Bytes of the FP8 recipe: e4m3 weights (+ their scales), bf16 x in and y out, e4m3 x written
+// and read, bf16 gate_up written and read, e4m3 act written and read.
+double Fp8Bytes(int active, int64_t rows) {
+  return active * 3.0 * kHidden * kIntermediate * (1.0 + 4.0 / (128.0 * 128.0)) +
+         rows * (kHidden * 2.0 * 2 + kHidden * 1.0 * 2 + 2 * kIntermediate * 2.0 * 2 +
+                 kIntermediate * 1.0 * 2);
+}
+
+// A copy of `host` in device memory, kept in `owned`.
+template <typename T>
+T* DeviceCopy(const std::vector<T>& host, std::vector<void*>& owned) {
+  void* device = nullptr;
+  CHECK_CUDA(cudaMalloc(&device, std::max<size_t>(host.size(), 1) * sizeof(T)));
+  CHECK_CUDA(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  owned.push_back(device);
+  return static_cast<T*>(device);
+}
+
+// Decode on one GPU holding all 256 experts (see the top of the file). The host-planned rows
+// come grouped already (their plan and permutation are not timed); the device path starts from
+// the tokens' rows and the routing.
+void DecodeTable(cudaStream_t stream, double copy) {
+  namespace k = moeserve::kernels;
+  constexpr int kExperts = 256, kTopK = 8, kMaxTokens = 128;
+  std::vector<void*> owned;
+  std::vector<const __nv_bfloat16*> gate_up, down;
+  std::vector<Fp8Weight> fp8_gate_up, fp8_down;
+  for (int e = 0; e < kExperts; ++e) {
+    __nv_bfloat16* w = RandomBf16(static_cast<size_t>(2) * kIntermediate * kHidden, 100 + e, 0.01f);
+    gate_up.push_back(w);
+    fp8_gate_up.push_back(QuantizeWeight(w, 2 * kIntermediate, kHidden, owned));
+    owned.push_back(w);
+    w = RandomBf16(static_cast<size_t>(kHidden) * kIntermediate, 900 + e, 0.02f);
+    down.push_back(w);
+    fp8_down.push_back(QuantizeWeight(w, kHidden, kIntermediate, owned));
+    owned.push_back(w);
+  }
+  const k::DeviceSlotWeights device_gate_up{.bf16 = DeviceCopy(gate_up, owned)};
+  const k::DeviceSlotWeights device_down{.bf16 = DeviceCopy(down, owned)};
+  const k::DeviceSlotWeights device_gate_up_fp8{.fp8 = DeviceCopy(fp8_gate_up, owned)};
+  const k::DeviceSlotWeights device_down_fp8{.fp8 = DeviceCopy(fp8_down, owned)};
+  std::vector<int32_t> identity(kExperts + 1);
+  for (int e = 0; e <= kExperts; ++e) identity[e] = e;
+  const k::DeviceReplicaTable table{DeviceCopy(identity, owned), DeviceCopy(identity, owned),
+                                    kExperts};
+  const int max_pairs = kMaxTokens * kTopK;
+  __nv_bfloat16* x = RandomBf16(static_cast<size_t>(max_pairs) * kHidden, 7, 1.0f);
+  __nv_bfloat16* y = RandomBf16(static_cast<size_t>(max_pairs) * kHidden, 8, 1.0f);
+  owned.push_back(x);
+  owned.push_back(y);
+  int32_t* plan_arrays = nullptr;  // offsets, source rows, positions
+  CHECK_CUDA(cudaMalloc(&plan_arrays, sizeof(int32_t) * (kExperts + 1 + 2 * max_pairs)));
+  owned.push_back(plan_arrays);
+  int32_t* offsets = plan_arrays;
+  int32_t* source_rows = offsets + kExperts + 1;
+  int32_t* positions = source_rows + max_pairs;
+  auto mlp = ExpertMlp::Create(kHidden, kIntermediate, max_pairs, kExperts, stream);
+  auto fp8 = Fp8ExpertMlp::Create(kHidden, kIntermediate, max_pairs, kExperts, stream);
+  auto device_mlp = k::DeviceExpertMlp::Create(kHidden, kIntermediate, max_pairs, stream);
+  ExitOnError(mlp.status());
+  ExitOnError(fp8.status());
+  ExitOnError(device_mlp.status());
+
+  std::printf(
+      "\n| tokens | experts read | bf16 floor ms | bf16 host-planned ms | bf16 device-planned ms "
+      "| %% of floor | FP8 floor ms | FP8 host-planned ms | FP8 device-planned ms | %% of floor | "
+      "FP8 device vs bf16 device |\n");
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  std::mt19937 rng(42);
+  for (int tokens : {1, 8, 64, kMaxTokens}) {
+    std::vector<int32_t> routed;
+    std::vector<int64_t> host_offsets(kExperts + 1, 0);
+    std::vector<int> order(kExperts);
+    for (int t = 0; t < tokens; ++t) {
+      for (int e = 0; e < kExperts; ++e) order[e] = e;
+      std::shuffle(order.begin(), order.end(), rng);
+      for (int j = 0; j < kTopK; ++j) {
+        routed.push_back(order[j]);
+        ++host_offsets[order[j] + 1];
+      }
+    }
+    int active = 0;
+    for (int e = 0; e < kExperts; ++e) {
+      active += host_offsets[e + 1] > 0;
+      host_offsets[e + 1] += host_offsets[e];
+    }
+    const int pairs = tokens * kTopK;
+    const int32_t* device_routed = DeviceCopy(routed, owned);
+    const double host_bf16 =
+        std::min(MedianMs(
+                     [&] {
+                       ExitOnError(mlp->Run(x, host_offsets, gate_up, down, y,
+                                            ExpertMlp::Strategy::kGroupedGemm));
+                     },
+                     10, stream),
+                 MedianMs(
+                     [&] {
+                       ExitOnError(mlp->Run(x, host_offsets, gate_up, down, y,
+                                            ExpertMlp::Strategy::kConcurrentGemm));
+                     },
+                     10, stream));
+    const double host_fp8 =
+        std::min(MedianMs(
+                     [&] {
+                       ExitOnError(fp8->Run(x, host_offsets, fp8_gate_up, fp8_down, y,
+                                            Fp8ExpertMlp::Strategy::kConcurrentGemm));
+                     },
+                     10, stream),
+                 MedianMs(
+                     [&] {
+                       ExitOnError(fp8->Run(x, host_offsets, fp8_gate_up, fp8_down, y,
+                                            Fp8ExpertMlp::Strategy::kWeightOnly));
+                     },
+                     10, stream));
+    auto device_ms = [&](const k::DeviceSlotWeights& first, const k::DeviceSlotWeights& second) {
+      return MedianMs(
+          [&] {
+            ExitOnError(k::PlanSlots(device_routed, tokens, kTopK, table, kExperts, offsets,
+                                     source_rows, positions, nullptr, stream));
+            ExitOnError(
+                device_mlp->Run(x, {offsets, source_rows, kExperts}, pairs, first, second, y));
+          },
+          10, stream);
+    };
+    const double device_bf16 = device_ms(device_gate_up, device_down);
+    const double device_fp8 = device_ms(device_gate_up_fp8, device_down_fp8);
+    const double floor_bf16 = Bf16Bytes(active, pairs) / (copy * 1e9) * 1e3;
+    const double floor_fp8 = Fp8Bytes(active, pairs) / (copy * 1e9) * 1e3;
+    std::printf(
+        "| %d | %d | %.3f | %.3f | **%.3f** | %.0f%% | %.3f | %.3f | **%.3f** | %.0f%% | %.2fx |\n",
+        tokens, active, floor_bf16, host_bf16, device_bf16, 100 * floor_bf16 / device_bf16,
+        floor_fp8, host_fp8, device_fp8, 100 * floor_fp8 / device_fp8, device_bf16 / device_fp8);
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  for (void* p : owned) cudaFree(p);
+}
+
 }  // namespace
 
 int main() {
@@ -324,9 +473,7 @@ int main() {
     const double flops = 2.0 * rows * 3.0 * kHidden * kIntermediate;
     int active = 0;
     for (int64_t r : layout.rows_per_expert) active += r > 0;
-    const double bytes =
-        active * 3.0 * kHidden * kIntermediate * 2 +
-        rows * (kHidden * 2.0 * 2 + 2 * kIntermediate * 2.0 * 2 + kIntermediate * 2.0 * 2);
+    const double bytes = Bf16Bytes(active, rows);
     const double floor_ms = std::max(flops / (tflops * 1e12), bytes / (copy * 1e9)) * 1e3;
     double ms[3];
     const ExpertMlp::Strategy strategies[3] = {ExpertMlp::Strategy::kPerExpertGemm,
@@ -405,13 +552,7 @@ int main() {
     ExitOnError(fp8->Run(x, offsets, fp8_gate_up, fp8_down, y_fp8));
     CHECK_CUDA(cudaDeviceSynchronize());
     const double difference = SampledRelativeRms(y_fp8, y, offsets, kHidden);
-    // Bytes of the FP8 path: e4m3 weights (+ their scales), bf16 x in and y out, e4m3 x written
-    // and read, bf16 gate_up written and read, e4m3 act written and read.
-    const double weight_bytes_fp8 =
-        active * 3.0 * kHidden * kIntermediate * (1.0 + 4.0 / (128.0 * 128.0));
-    const double bytes_fp8 =
-        weight_bytes_fp8 + rows * (kHidden * 2.0 * 2 + kHidden * 1.0 * 2 +
-                                   2 * kIntermediate * 2.0 * 2 + kIntermediate * 1.0 * 2);
+    const double bytes_fp8 = Fp8Bytes(active, rows);
     const double bytes_floor_fp8 = bytes_fp8 / (copy * 1e9) * 1e3;
     const double floor_fp8 = std::max(flops / (fp8_tflops * 1e12), bytes_fp8 / (copy * 1e9)) * 1e3;
     const double best_bf16 = std::min({ms[0], ms[1], ms[2]});
@@ -442,5 +583,6 @@ int main() {
       "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
       "|\n");
   for (const std::string& line : fp8_lines) std::printf("%s\n", line.c_str());
+  DecodeTable(stream, copy);
   return 0;
 }

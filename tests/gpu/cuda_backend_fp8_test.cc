@@ -43,9 +43,10 @@ absl::StatusOr<std::vector<float>> GpuLogits(const Model& model, const std::vect
                                         /*overlap=*/false, /*ranks_share_gpus=*/true, fp8_experts);
 }
 
-TEST(CudaBackendFp8, Fp8ExpertsStayWithinTheFp8ToleranceOfTheCpu) {
-  REQUIRE_HOPPER();
-  // DeepSeek-V3's architecture small, but with expert widths FP8 GEMMs take (multiples of 128).
+// A DeepSeek-V3-style checkpoint, small, with expert widths FP8 GEMMs take (multiples of 128),
+// its routed experts stored in FP8 with 128 x 128 block scales; written under a new temporary
+// folder named after `folder_name`.
+fs::path WriteSmallFp8Checkpoint(const std::string& folder_name) {
   nlohmann::json config = testing::SmallDeepSeekV3Json();
   config["vocab_size"] = 512;
   config["hidden_size"] = 256;
@@ -63,8 +64,14 @@ TEST(CudaBackendFp8, Fp8ExpertsStayWithinTheFp8ToleranceOfTheCpu) {
       stored.push_back(testing::Encode({{name, tensor}}, DType::kBF16)[0]);
     }
   }
-  const fs::path folder = testing::MakeTempFolder("fp8_serving");
+  const fs::path folder = testing::MakeTempFolder(folder_name);
   testing::WriteCheckpoint(folder, config, stored);
+  return folder;
+}
+
+TEST(CudaBackendFp8, Fp8ExpertsStayWithinTheFp8ToleranceOfTheCpu) {
+  REQUIRE_HOPPER();
+  const fs::path folder = WriteSmallFp8Checkpoint("fp8_serving");
   auto host = LoadModel(folder.string());
   ASSERT_TRUE(host.ok()) << host.status();
   LoadOptions on_demand;
@@ -119,6 +126,48 @@ TEST(CudaBackendFp8, BenchModelInFp8AgreesWithItsBf16Sibling) {
   EXPECT_NE(logits[0], logits[1]);
   EXPECT_LT(a.median_row_error, 0.1);
   EXPECT_GE(a.argmax_agreement, 0.8);
+}
+
+// A decode-sized step on a GPU alone plans its experts on the device (kernels/device_moe.h).
+// Two tokens keep every slot at two rows or fewer, where the host-planned FP8 path runs the same
+// products (weight-only, bf16 activations): the two paths then differ only in the order of their
+// fp32 sums and bf16 roundings, within the GPU's EP-invariance tolerance, in bf16 and FP8, with
+// and without redundant replicas.
+TEST(CudaBackendFp8, DevicePlannedDecodeAgreesWithTheHostPlannedPath) {
+  REQUIRE_HOPPER();
+  const fs::path folder = WriteSmallFp8Checkpoint("device_plan");
+  LoadOptions on_demand;
+  on_demand.host_weights = false;
+  auto opened = LoadModel(folder.string(), on_demand);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const Model& model = *opened->model;
+  const int vocab = model.config().vocab_size;
+  const std::vector<int32_t> tokens = Prompt(2, vocab);
+  auto host_planned = [](RankBackendFactory inner) -> RankBackendFactory {
+    return [inner = std::move(inner)](const RankBackendRequest& request) {
+      RankBackendRequest host = request;
+      host.device_planned_moe = false;
+      return inner(host);
+    };
+  };
+  for (bool fp8 : {true, false}) {
+    for (int redundant : {0, 4}) {
+      RankBackendFactory device = cuda::MakeCudaBackendFactory({});
+      if (!fp8) device = tools::WithFp8ExpertsDequantized(std::move(device));
+      RankBackendFactory host = host_planned(device);
+      auto on_device = moeserve::testing::GroupLogitsFrom(device, model, tokens, 1, redundant);
+      ASSERT_TRUE(on_device.ok()) << on_device.status();
+      auto on_host = moeserve::testing::GroupLogitsFrom(host, model, tokens, 1, redundant);
+      ASSERT_TRUE(on_host.ok()) << on_host.status();
+      const moeserve::testing::LogitAgreement a =
+          moeserve::testing::CompareLogits(*on_device, *on_host, vocab);
+      std::printf("%s experts, redundant %d: device-planned vs host-planned relative error %.2e\n",
+                  fp8 ? "FP8" : "bf16", redundant, a.relative_error);
+      EXPECT_NE(*on_device, *on_host) << "the device path did not run";
+      EXPECT_LT(a.relative_error, 1e-2) << (fp8 ? "FP8" : "bf16") << ", redundant " << redundant;
+      EXPECT_EQ(a.argmax_agreement, 1.0);
+    }
+  }
 }
 
 }  // namespace

@@ -38,6 +38,7 @@ using kernels::Bf16ToFloat;
 using kernels::FloatToBf16;
 using kernels::GqaShape;
 using ::testing::HasSubstr;
+using testing::RelativeError;
 using testing::ToDevice;
 using testing::ToHost;
 
@@ -62,16 +63,6 @@ std::vector<uint16_t> ToBf16(const std::vector<float>& values) {
   std::vector<uint16_t> out(values.size());
   for (size_t i = 0; i < values.size(); ++i) out[i] = FloatToBf16(values[i]);
   return out;
-}
-
-// max |a - b| / max |b| over bf16 arrays.
-double RelativeError(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
-  double diff = 0, scale = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, static_cast<double>(std::fabs(Bf16ToFloat(a[i]) - Bf16ToFloat(b[i]))));
-    scale = std::max(scale, static_cast<double>(std::fabs(Bf16ToFloat(b[i]))));
-  }
-  return scale > 0 ? diff / scale : diff;
 }
 
 struct KernelCase {

@@ -33,31 +33,8 @@
 namespace moeserve::kernels {
 namespace {
 
-// Device copies freed at the end of the test.
-class DeviceMemory {
- public:
-  ~DeviceMemory() {
-    for (void* p : owned_) cudaFree(p);
-  }
-  template <typename T>
-  T* Upload(const std::vector<T>& host) {
-    T* device = Allocate<T>(host.size());
-    EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice),
-              cudaSuccess);
-    return device;
-  }
-  template <typename T>
-  T* Allocate(size_t count) {
-    void* device = nullptr;
-    EXPECT_EQ(cudaMalloc(&device, count * sizeof(T) + 16), cudaSuccess);
-    EXPECT_EQ(cudaMemset(device, 0xff, count * sizeof(T) + 16), cudaSuccess);  // no stale zeros
-    owned_.push_back(device);
-    return static_cast<T*>(device);
-  }
-
- private:
-  std::vector<void*> owned_;
-};
+using testing::DeviceMemory;
+using testing::RandomBf16;
 
 template <typename T, typename D>
 std::vector<T> Download(const D* device, size_t count) {
@@ -65,14 +42,6 @@ std::vector<T> Download(const D* device, size_t count) {
   EXPECT_EQ(cudaMemcpy(host.data(), device, count * sizeof(T), cudaMemcpyDeviceToHost),
             cudaSuccess);
   return host;
-}
-
-std::vector<uint16_t> RandomBf16(size_t count, unsigned seed, float scale) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<uint16_t> values(count);
-  for (auto& v : values) v = FloatToBf16(normal(rng));
-  return values;
 }
 
 struct Errors {

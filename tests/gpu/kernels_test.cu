@@ -17,26 +17,10 @@
 namespace moeserve::kernels {
 namespace {
 
+using testing::RandomBf16;
+using testing::RelativeError;
 using testing::ToDevice;
 using testing::ToHost;
-
-std::vector<uint16_t> RandomBf16(size_t count, unsigned seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<uint16_t> values(count);
-  for (auto& v : values) v = FloatToBf16(normal(rng));
-  return values;
-}
-
-// max |a - b| / max |b| over bf16 arrays.
-double RelativeError(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
-  double diff = 0, scale = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, static_cast<double>(std::fabs(Bf16ToFloat(a[i]) - Bf16ToFloat(b[i]))));
-    scale = std::max(scale, static_cast<double>(std::fabs(Bf16ToFloat(b[i]))));
-  }
-  return scale > 0 ? diff / scale : diff;
-}
 
 __nv_bfloat16* Bf(uint16_t* p) { return reinterpret_cast<__nv_bfloat16*>(p); }
 

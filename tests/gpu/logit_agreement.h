@@ -50,6 +50,27 @@ inline LogitAgreement CompareLogits(const std::vector<float>& gpu, const std::ve
   return result;
 }
 
+// The logits of `tokens` from a group of `ep` ranks with `redundant` extra expert slots, made by
+// `factory` (empty: the CPU backend).
+inline absl::StatusOr<std::vector<float>> GroupLogitsFrom(const engine::RankBackendFactory& factory,
+                                                          const engine::Model& model,
+                                                          const std::vector<int32_t>& tokens,
+                                                          int ep, int redundant,
+                                                          bool overlap = false) {
+  const engine::ModelConfig& c = model.config();
+  engine::parallel::GroupOptions options;
+  options.name = "test";
+  options.size = ep;
+  options.two_batch_overlap = overlap;
+  options.overlap_min_tokens = 1;
+  auto placement = engine::ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts,
+                                                    c.n_routed_experts + redundant);
+  auto result = engine::tools::ComputeGroupLogits(model, tokens, options, std::move(placement),
+                                                  nullptr, factory);
+  if (!result.ok()) return result.status();
+  return std::move(result->logits);
+}
+
 // The logits of `tokens` from a group of `ep` ranks with `redundant` extra expert slots, on the
 // GPU backend (`gpu`) or the CPU one. With `ranks_share_gpus`, ranks beyond the visible GPUs
 // share them, exchanging through host memory (tests on one GPU). Without `fp8_experts`, an FP8
@@ -59,21 +80,10 @@ inline absl::StatusOr<std::vector<float>> GroupLogits(const engine::Model& model
                                                       int redundant, bool gpu, bool overlap = false,
                                                       bool ranks_share_gpus = false,
                                                       bool fp8_experts = true) {
-  const engine::ModelConfig& c = model.config();
-  engine::parallel::GroupOptions options;
-  options.name = "test";
-  options.size = ep;
-  options.two_batch_overlap = overlap;
-  options.overlap_min_tokens = 1;
-  auto placement = engine::ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts,
-                                                    c.n_routed_experts + redundant);
   engine::RankBackendFactory factory;
   if (gpu) factory = engine::cuda::MakeCudaBackendFactory({.ranks_share_gpus = ranks_share_gpus});
   if (gpu && !fp8_experts) factory = engine::tools::WithFp8ExpertsDequantized(std::move(factory));
-  auto result = engine::tools::ComputeGroupLogits(model, tokens, options, std::move(placement),
-                                                  nullptr, factory);
-  if (!result.ok()) return result.status();
-  return std::move(result->logits);
+  return GroupLogitsFrom(factory, model, tokens, ep, redundant, overlap);
 }
 
 }  // namespace moeserve::testing

@@ -103,7 +103,48 @@ absl::StatusOr<bool> ServeExpertsInFp8(const Model& model, const CudaRankOptions
   return false;
 }
 
+// A decode step of more (token, expert) pairs than this many per local slot plans on the host:
+// the device path reads a slot's weights once per 16 of its rows, cuBLAS once for all of them.
+constexpr int kDevicePlanPairsPerSlot = 4;
+
 }  // namespace
+
+// Whether this rank plans decode steps on the device (CudaRankOptions::device_planned_moe), and
+// if so the buffers it needs.
+absl::Status CudaRankBackend::State::PrepareDevicePlan(int slots_per_rank) {
+  State& s = *this;
+  const ModelConfig& c = s.config();
+  int major = 0;
+  RETURN_IF_ERROR(CudaStatus(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options.device), "GPU"));
+  const int top_k = std::max(c.num_experts_per_tok, 1);
+  s.device_plan_possible =
+      options.device_planned_moe && options.group_size == 1 && c.n_routed_experts > 0 &&
+      major >= 8 && slots_per_rank <= kernels::kMaxPlannedSlots &&
+      kernels::DeviceGroupedGemmSupports(2 * c.moe_intermediate_size, c.hidden_size) &&
+      kernels::DeviceGroupedGemmSupports(c.hidden_size, c.moe_intermediate_size);
+  if (!s.device_plan_possible) return absl::OkStatus();
+  s.device_plan_max_pairs =
+      std::min({kernels::kMaxPlannedPairs, std::max(options.max_batch_tokens, 1) * top_k,
+                kDevicePlanPairsPerSlot * slots_per_rank});
+  ASSIGN_OR_RETURN(kernels::DeviceExpertMlp mlp,
+                   kernels::DeviceExpertMlp::Create(c.hidden_size, c.moe_intermediate_size,
+                                                    s.device_plan_max_pairs, s.stream));
+  s.device_mlp = std::make_unique<kernels::DeviceExpertMlp>(std::move(mlp));
+  for (MicroBatchState& mb : s.micro_batches) {
+    RETURN_IF_ERROR(mb.plan_offsets.Reserve(slots_per_rank + 1));
+    RETURN_IF_ERROR(mb.plan_source_rows.Reserve(s.device_plan_max_pairs));
+    RETURN_IF_ERROR(mb.plan_positions.Reserve(s.device_plan_max_pairs));
+  }
+  s.slot_rows_count = static_cast<size_t>(c.num_moe_layers()) * slots_per_rank;
+  RETURN_IF_ERROR(s.slot_rows.Reserve(s.slot_rows_count));
+  RETURN_IF_ERROR(CudaStatus(
+      cudaMemsetAsync(s.slot_rows.data(), 0, s.slot_rows_count * sizeof(int32_t), s.stream),
+      "slot rows"));
+  spdlog::info("moeserve: GPU {} plans the experts of steps up to {} tokens on the device",
+               options.device, s.device_plan_max_pairs / top_k);
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
     const Model& model, const ExpertPlacement& placement, const CudaRankOptions& options) {
@@ -193,6 +234,7 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
     }
   }
   for (MicroBatchState& mb : s.micro_batches) RETURN_IF_ERROR(s.ReserveMicroBatch(mb));
+  RETURN_IF_ERROR(s.PrepareDevicePlan(slots_per_rank));
   // A step has at most a row of logits per token.
   RETURN_IF_ERROR(s.step_logits.Reserve(static_cast<size_t>(max_tokens) * c.vocab_size));
   auto backend = std::unique_ptr<CudaRankBackend>(new CudaRankBackend(std::move(state)));
@@ -287,6 +329,9 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
   s.step_rows = 0;  // no logits to read until this step has them all
   RETURN_IF_ERROR(CudaStatus(cudaSetDevice(s.options.device), "select GPU"));
   RETURN_IF_ERROR(s.LoadSlots(placement));
+  if (s.device_plan_possible && s.device_plan_tables_version != s.placement_version) {
+    RETURN_IF_ERROR(s.BuildDevicePlanTables(placement));
+  }
   // Two micro-batches split the batch as the CPU backend does; every rank of the group splits
   // (the step agreement decides), so their exchanges pair up.
   std::vector<std::vector<parallel::BatchPiece>> parts;
@@ -338,6 +383,7 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
   }
   // The step's staging buffers are rewritten by the next Forward(): it must have run.
   RETURN_IF_ERROR(s.SynchronizeCompute("LM head"));
+  RETURN_IF_ERROR(s.RecordDevicePlannedLoad(rank));
   s.step_rows = total_rows;
   return absl::OkStatus();
 }

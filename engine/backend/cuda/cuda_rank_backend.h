@@ -61,6 +61,10 @@ struct CudaRankOptions {
   // An FP8 checkpoint's routed experts stay FP8 on the GPU (block-scaled FP8 GEMMs, Hopper);
   // off: dequantized to bf16 like the rest.
   bool keep_fp8_experts = true;
+  // Alone in its group (group_size 1), a step of few tokens (decode) routes, groups and runs
+  // its experts on the GPU (kernels/device_moe.h) with no host round trip per MoE layer; off:
+  // the host plans every MoE layer, as it does for groups and prefill steps.
+  bool device_planned_moe = true;
 };
 
 class CudaRankBackend : public RankBackend {

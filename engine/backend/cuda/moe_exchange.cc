@@ -1,6 +1,8 @@
 // The GPU backend's MoE layer and exchange: the gate, the dispatch plan shared with the CPU,
 // activations to the ranks holding the chosen replicas over NCCL on the communication stream,
-// the local slots' experts as grouped GEMMs, the combine and the weighted sum.
+// the local slots' experts as grouped GEMMs, the combine and the weighted sum. A rank alone in
+// its group plans decode steps on the device instead (kernels/device_moe.h): the same replica
+// rule, no host round trip.
 #include <cstring>
 
 #include "engine/backend/cuda/rank_state.h"
@@ -134,6 +136,21 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
     RETURN_IF_ERROR(shared_mlp->Run(mb.normed.data(), {0, tokens}, {w.shared.gate_up.data()},
                                     {w.shared.down.data()}, mb.shared_out.data()));
   }
+  mb.device_planned = UsesDevicePlan(mb);
+  if (mb.device_planned) {
+    const int moe_layer = model->moe_index(layer);
+    const int slots = static_cast<int>(w.slots.size());
+    const DevicePlanTables& t = device_plan_tables[moe_layer];
+    RETURN_IF_ERROR(kernels::PlanSlots(
+        mb.routing_experts.data(), tokens, top_k,
+        {t.replica_begin.data(), t.replica_slots.data(), c.n_routed_experts}, slots,
+        mb.plan_offsets.data(), mb.plan_source_rows.data(), mb.plan_positions.data(),
+        rank.load != nullptr ? slot_rows.data() + static_cast<int64_t>(moe_layer) * slots : nullptr,
+        stream));
+    slot_rows_written |= rank.load != nullptr;
+    mb.received_count = assignments;
+    return absl::OkStatus();
+  }
   std::vector<int32_t> experts(assignments);
   if (assignments > 0) {
     PinnedBuffer& host = mb.routing_host;
@@ -224,6 +241,23 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
   const DeviceLayer& w = layers[layer];
   const int hidden = config().hidden_size;
   const int received = static_cast<int>(mb.received_count);
+  if (mb.device_planned) {
+    const DevicePlanTables& t = device_plan_tables[model->moe_index(layer)];
+    kernels::DeviceSlotWeights gate_up, down;
+    if (fp8_experts) {
+      gate_up.fp8 = t.gate_up_fp8.data();
+      down.fp8 = t.down_fp8.data();
+    } else {
+      gate_up.bf16 = t.gate_up.data();
+      down.bf16 = t.down.data();
+    }
+    const kernels::DeviceSlotPlan plan{mb.plan_offsets.data(), mb.plan_source_rows.data(),
+                                       static_cast<int>(w.slots.size())};
+    RETURN_IF_ERROR(
+        device_mlp->Run(mb.normed.data(), plan, received, gate_up, down, mb.expert_out.data()));
+    mb.returned_rows = mb.expert_out.data();
+    return absl::OkStatus();
+  }
   RETURN_IF_ERROR(AwaitExchange(mb));  // the dispatched rows
   RETURN_IF_ERROR(kernels::PermuteRows(mb.received_rows, mb.slot_order.device.data(),
                                        mb.expert_in.data(), received, hidden, stream));
@@ -291,11 +325,80 @@ absl::Status CudaRankBackend::State::FinishMoe(MicroBatchState& mb) {
   const int hidden = c.hidden_size;
   RETURN_IF_ERROR(AwaitExchange(mb));  // the combined rows
   RETURN_IF_ERROR(kernels::WeightedUnpermute(
-      mb.returned_rows, mb.assignment_rows.device.data(), mb.routing_weights.data(),
-      c.n_shared_experts > 0 ? mb.shared_out.data() : nullptr, mb.moe_out.data(), mb.tokens,
-      c.num_experts_per_tok, hidden, stream));
+      mb.returned_rows,
+      mb.device_planned ? mb.plan_positions.data() : mb.assignment_rows.device.data(),
+      mb.routing_weights.data(), c.n_shared_experts > 0 ? mb.shared_out.data() : nullptr,
+      mb.moe_out.data(), mb.tokens, c.num_experts_per_tok, hidden, stream));
   return kernels::AddInPlace(mb.residual.data(), mb.moe_out.data(),
                              static_cast<int64_t>(mb.tokens) * hidden, stream);
+}
+
+bool CudaRankBackend::State::UsesDevicePlan(const MicroBatchState& mb) const {
+  return device_plan_possible && mb.tokens > 0 &&
+         static_cast<int64_t>(mb.tokens) * config().num_experts_per_tok <= device_plan_max_pairs;
+}
+
+absl::Status CudaRankBackend::State::BuildDevicePlanTables(const ExpertPlacement& placement) {
+  const ModelConfig& c = config();
+  device_plan_tables.resize(c.num_moe_layers());
+  for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
+    const int moe_layer = model->moe_index(layer);
+    if (moe_layer < 0) continue;
+    DevicePlanTables& t = device_plan_tables[moe_layer];
+    // A group of one: the placement's slot ids are this rank's.
+    std::vector<int32_t> begin(c.n_routed_experts + 1, 0), replica_slots;
+    for (int e = 0; e < c.n_routed_experts; ++e) {
+      for (int32_t slot : placement.replicas(moe_layer, e)) replica_slots.push_back(slot);
+      begin[e + 1] = static_cast<int32_t>(replica_slots.size());
+    }
+    RETURN_IF_ERROR(t.replica_begin.Upload(begin.data(), begin.size(), stream));
+    RETURN_IF_ERROR(t.replica_slots.Upload(replica_slots.data(), replica_slots.size(), stream));
+    const std::vector<DeviceMlp>& slots = layers[layer].slots;
+    if (fp8_experts) {
+      std::vector<kernels::Fp8Weight> gate_up, down;
+      for (const DeviceMlp& slot : slots) {
+        gate_up.push_back({slot.gate_up_fp8.data(), slot.gate_up_scales.data()});
+        down.push_back({slot.down_fp8.data(), slot.down_scales.data()});
+      }
+      RETURN_IF_ERROR(t.gate_up_fp8.Upload(gate_up.data(), gate_up.size(), stream));
+      RETURN_IF_ERROR(t.down_fp8.Upload(down.data(), down.size(), stream));
+    } else {
+      std::vector<const Bf16*> gate_up, down;
+      for (const DeviceMlp& slot : slots) {
+        gate_up.push_back(slot.gate_up.data());
+        down.push_back(slot.down.data());
+      }
+      RETURN_IF_ERROR(t.gate_up.Upload(gate_up.data(), gate_up.size(), stream));
+      RETURN_IF_ERROR(t.down.Upload(down.data(), down.size(), stream));
+    }
+  }
+  device_plan_tables_version = placement.version();
+  return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::RecordDevicePlannedLoad(parallel::RankResources& rank) {
+  if (!slot_rows_written || rank.load == nullptr) return absl::OkStatus();
+  slot_rows_written = false;
+  const ModelConfig& c = config();
+  const size_t bytes = slot_rows_count * sizeof(int32_t);
+  RETURN_IF_ERROR(slot_rows_host.Reserve(bytes));
+  RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(slot_rows_host.data(), slot_rows.data(), bytes,
+                                             cudaMemcpyDeviceToHost, stream),
+                             "slot rows to host"));
+  RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(slot_rows.data(), 0, bytes, stream), "slot rows"));
+  RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "slot rows to host"));
+  const auto* rows = static_cast<const int32_t*>(slot_rows_host.data());
+  for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
+    const int moe_layer = model->moe_index(layer);
+    if (moe_layer < 0) continue;
+    const DeviceLayer& w = layers[layer];
+    const int slots = static_cast<int>(w.slots.size());
+    for (int s = 0; s < slots; ++s) {
+      const int32_t served = rows[static_cast<int64_t>(moe_layer) * slots + s];
+      if (served > 0) rank.load->Record(moe_layer, w.slot_expert[s], served);
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace moeserve::engine::cuda

@@ -26,6 +26,7 @@
 #include "engine/parallel/ep_forward.h"
 #include "kernels/cpu_twins.h"
 #include "kernels/device_array.h"
+#include "kernels/device_moe.h"
 #include "kernels/expert_mlp.h"
 #include "kernels/fp8_expert_mlp.h"
 #include "kernels/kernels.h"
@@ -117,6 +118,10 @@ struct MicroBatchState {
   PinnedBuffer routing_host;  // the routing's way back to the host
   // Ranks sharing a GPU exchange activations through these and the host communicator.
   PinnedBuffer host_send, host_receive;
+  // The current MoE layer planned on the device (State::UsesDevicePlan): its slots' row groups
+  // (kernels/device_moe.h) and each pair's grouped row, for the weighted sum.
+  bool device_planned = false;
+  DeviceArray<int32_t> plan_offsets, plan_source_rows, plan_positions;
   // The current MoE layer's exchange.
   parallel::DispatchPlan plan;
   std::vector<int64_t> receive_entries;  // per source rank; the combine sends back as many rows
@@ -128,6 +133,14 @@ struct MicroBatchState {
   const Bf16* returned_rows = nullptr;  // where the combined rows are
   // The exchange in flight on the communication stream, until its consumer waits for it.
   std::optional<comm::CollectiveCompletion> in_flight;
+};
+
+// What the device plan of one MoE layer reads (kernels/device_moe.h), rebuilt from the slots
+// whenever the placement changes: where each expert's replicas are, and the slots' weights.
+struct DevicePlanTables {
+  DeviceArray<int32_t> replica_begin, replica_slots;
+  DeviceArray<const Bf16*> gate_up, down;                 // bf16 experts
+  DeviceArray<kernels::Fp8Weight> gate_up_fp8, down_fp8;  // FP8 experts
 };
 
 // GPU time of one collective on the communication stream, read once the step is done.
@@ -162,6 +175,21 @@ struct CudaRankBackend::State {
   std::unique_ptr<kernels::Fp8ExpertMlp> routed_fp8_mlp;
   MicroBatchState micro_batches[2];
   int max_received = 0;
+
+  // Decode steps planned on the device (CudaRankOptions::device_planned_moe): whether this rank
+  // can (alone in its group, widths the kernels take), the tables by MoE layer and the
+  // placement version they were built for, the experts' MLP, and the rows each slot served this
+  // step ([MoE layers, slots], added up on the device, read by the host once per step for the
+  // expert-load metrics).
+  bool device_plan_possible = false;
+  int device_plan_max_pairs = 0;  // a step with more (token, expert) pairs plans on the host
+  std::vector<DevicePlanTables> device_plan_tables;
+  int64_t device_plan_tables_version = -1;
+  std::unique_ptr<kernels::DeviceExpertMlp> device_mlp;
+  DeviceArray<int32_t> slot_rows;
+  size_t slot_rows_count = 0;
+  PinnedBuffer slot_rows_host;
+  bool slot_rows_written = false;  // since the host last read them
 
   // Collectives the compute stream was made to wait for; the host waits for them (with the
   // group timeout) before it blocks on the compute stream, so a dead peer fails the step
@@ -250,6 +278,15 @@ struct CudaRankBackend::State {
   // the local experts and combine, then the weighted sum into the residual.
   absl::Status GateAndDispatch(int layer, MicroBatchState& mb, const ExpertPlacement& placement,
                                parallel::RankResources& rank);
+  // Decides device_plan_possible and, if so, makes the device plan's buffers.
+  absl::Status PrepareDevicePlan(int slots_per_rank);
+  // Whether this micro-batch's MoE layers plan on the device (few tokens, a rank alone).
+  bool UsesDevicePlan(const MicroBatchState& mb) const;
+  // Rebuilds device_plan_tables from the slots (after LoadSlots or a commit).
+  absl::Status BuildDevicePlanTables(const ExpertPlacement& placement);
+  // Once a step's GPU work is done: the rows each slot served on the device path, to the
+  // expert-load metrics.
+  absl::Status RecordDevicePlannedLoad(parallel::RankResources& rank);
   absl::Status ExpertsAndCombine(int layer, MicroBatchState& mb, parallel::RankResources& rank);
   absl::Status FinishMoe(MicroBatchState& mb);
   // The rows of a micro-batch that need logits (parallel::MicroBatchLogitRows).

@@ -1,5 +1,6 @@
 // The CUDA kernels' CPU twins against the engine's fp32 CPU implementation: the twins are the
 // reference the GPU kernels are tested against, so they must agree with the model code.
+#include <algorithm>
 #include <random>
 #include <vector>
 
@@ -7,6 +8,8 @@
 #include "engine/model/model_config.h"
 #include "engine/model/moe.h"
 #include "engine/ops/cpu_ops.h"
+#include "engine/parallel/ep_forward.h"
+#include "engine/placement/expert_placement.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu_twins.h"
 
@@ -90,6 +93,53 @@ TEST(KernelTwins, UnpermuteTwinCombinesLikeTheEngine) {
   for (size_t i = 0; i < reference.size(); ++i) {
     EXPECT_NEAR(Bf16ToFloat(out[i]), reference[i], 1e-2 * std::max(1.0f, std::fabs(reference[i])));
   }
+}
+
+// The device plan's twin serves every (token, expert) pair from the slot the host's dispatch
+// plan picks for a group of one rank, hot experts' replicas included, and groups the rows so
+// that WeightedUnpermute finds each pair's row.
+TEST(KernelTwins, PlanSlotsTwinPicksTheDispatchPlansSlots) {
+  const int experts = 16, slots = 24, tokens = 37, top_k = 4, layer = 1;
+  // Default placement: experts 0..7 have a second replica in slots 16..23.
+  const engine::ExpertPlacement placement =
+      engine::ExpertPlacement::Default(/*num_layers=*/2, experts, slots);
+  std::mt19937 rng(11);
+  std::vector<int32_t> routed(tokens * top_k);
+  for (int t = 0; t < tokens; ++t) {
+    std::vector<int32_t> all(experts);
+    for (int e = 0; e < experts; ++e) all[e] = e;
+    std::shuffle(all.begin(), all.end(), rng);
+    for (int j = 0; j < top_k; ++j) routed[t * top_k + j] = all[j];
+  }
+  std::vector<int32_t> begin(experts + 1, 0), replica_slots;
+  for (int e = 0; e < experts; ++e) {
+    for (int32_t slot : placement.replicas(layer, e)) replica_slots.push_back(slot);
+    begin[e + 1] = static_cast<int32_t>(replica_slots.size());
+  }
+  std::vector<int32_t> offsets(slots + 1), source_rows(tokens * top_k), positions(tokens * top_k);
+  std::vector<int32_t> load(slots, 1);  // adds to what is there
+  PlanSlotsTwin(routed.data(), tokens, top_k, begin.data(), replica_slots.data(), slots,
+                offsets.data(), source_rows.data(), positions.data(), load.data());
+
+  const engine::parallel::DispatchPlan plan =
+      engine::parallel::PlanDispatch(routed, top_k, layer, placement, /*rank=*/0, /*size=*/1);
+  EXPECT_EQ(offsets[0], 0);
+  EXPECT_EQ(offsets[slots], tokens * top_k);
+  std::vector<int> rows_of_slot(slots, 0);
+  for (int64_t entry = 0; entry < static_cast<int64_t>(plan.entries.size()); ++entry) {
+    const int pair = plan.sent_assignment[entry];
+    const int slot = plan.entries[entry].slot;  // the slot the host plan serves this pair from
+    ++rows_of_slot[slot];
+    EXPECT_GE(positions[pair], offsets[slot]) << "pair " << pair;
+    EXPECT_LT(positions[pair], offsets[slot + 1]) << "pair " << pair;
+    EXPECT_EQ(source_rows[positions[pair]], pair / top_k);
+  }
+  for (int s = 0; s < slots; ++s) {
+    EXPECT_EQ(offsets[s + 1] - offsets[s], rows_of_slot[s]) << "slot " << s;
+    EXPECT_EQ(load[s], 1 + rows_of_slot[s]) << "slot " << s;
+  }
+  // A hot expert's tokens alternate between its two replicas.
+  EXPECT_GT(rows_of_slot[16], 0);
 }
 
 TEST(KernelTwins, FillRandomIsDeterministicWithTheRequestedSpread) {

@@ -102,8 +102,9 @@ TEST_P(GroupLogitsInvarianceTest, MatchesSingleRankForward) {
   const int64_t row_bound = assignments / model.config().num_experts_per_tok *
                             std::min(model.config().num_experts_per_tok, c.ep);
   EXPECT_LE(traffic.dispatch_bytes, row_bound * row_bytes + assignments * entry_bytes);
-  if (c.ep == 1)
+  if (c.ep == 1) {
     EXPECT_EQ(traffic.dispatch_bytes, row_bound * row_bytes + assignments * entry_bytes);
+  }
   EXPECT_EQ(traffic.combine_bytes, assignments * row_bytes);
   if (c.ep > 1) {
     EXPECT_GT(traffic.dispatch_bytes, 0);
