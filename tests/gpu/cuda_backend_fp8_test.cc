@@ -132,7 +132,7 @@ TEST(CudaBackendFp8, BenchModelInFp8AgreesWithItsBf16Sibling) {
 // Two tokens keep every slot at two rows or fewer, where the host-planned FP8 path runs the same
 // products (weight-only, bf16 activations): the two paths then differ only in the order of their
 // fp32 sums and bf16 roundings, within the GPU's EP-invariance tolerance, in bf16 and FP8, with
-// and without redundant replicas.
+// and without redundant replicas, in one micro-batch and in two.
 TEST(CudaBackendFp8, DevicePlannedDecodeAgreesWithTheHostPlannedPath) {
   REQUIRE_HOPPER();
   const fs::path folder = WriteSmallFp8Checkpoint("device_plan");
@@ -151,18 +151,20 @@ TEST(CudaBackendFp8, DevicePlannedDecodeAgreesWithTheHostPlannedPath) {
     };
   };
   for (bool fp8 : {true, false}) {
-    for (int redundant : {0, 4}) {
+    for (auto [redundant, overlap] : {std::pair{0, false}, {4, false}, {4, true}}) {
       RankBackendFactory device = cuda::MakeCudaBackendFactory({});
       if (!fp8) device = tools::WithFp8ExpertsDequantized(std::move(device));
       RankBackendFactory host = host_planned(device);
-      auto on_device = moeserve::testing::GroupLogitsFrom(device, model, tokens, 1, redundant);
+      auto on_device =
+          moeserve::testing::GroupLogitsFrom(device, model, tokens, 1, redundant, overlap);
       ASSERT_TRUE(on_device.ok()) << on_device.status();
-      auto on_host = moeserve::testing::GroupLogitsFrom(host, model, tokens, 1, redundant);
+      auto on_host = moeserve::testing::GroupLogitsFrom(host, model, tokens, 1, redundant, overlap);
       ASSERT_TRUE(on_host.ok()) << on_host.status();
       const moeserve::testing::LogitAgreement a =
           moeserve::testing::CompareLogits(*on_device, *on_host, vocab);
-      std::printf("%s experts, redundant %d: device-planned vs host-planned relative error %.2e\n",
-                  fp8 ? "FP8" : "bf16", redundant, a.relative_error);
+      std::printf(
+          "%s experts, redundant %d%s: device-planned vs host-planned relative error %.2e\n",
+          fp8 ? "FP8" : "bf16", redundant, overlap ? ", two micro-batches" : "", a.relative_error);
       EXPECT_NE(*on_device, *on_host) << "the device path did not run";
       EXPECT_LT(a.relative_error, 1e-2) << (fp8 ? "FP8" : "bf16") << ", redundant " << redundant;
       EXPECT_EQ(a.argmax_agreement, 1.0);

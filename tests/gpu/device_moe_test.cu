@@ -223,7 +223,8 @@ TEST(DeviceMoe, GroupedGemmMatchesWeightOnlyTwinInFp8) {
 }
 
 // A row's result is the same bits whether it is alone in its slot or shares it with 30 others
-// at any place: what makes logits independent of the batch's routing and of the EP layout.
+// at any place, in bf16 and in FP8: what makes logits independent of the batch's routing and of
+// the EP layout.
 TEST(DeviceMoe, ARowsResultDoesNotDependOnItsSlotMates) {
   REQUIRE_GPU();
   const int n = 256, k = 512, x_rows = 31;
@@ -231,25 +232,33 @@ TEST(DeviceMoe, ARowsResultDoesNotDependOnItsSlotMates) {
   const auto x = RandomBf16(static_cast<size_t>(x_rows) * k, 4);
   const __nv_bfloat16* dx = Bf(memory.Upload(x));
   const auto weight = RandomBf16(static_cast<size_t>(n) * k, 8, 0.05f);
-  const DeviceSlotWeights w{
+  std::vector<uint8_t> values(weight.size());
+  std::vector<float> scales(WeightScaleCount(n, k));
+  QuantizeWeightBlocksFp8Twin(weight.data(), n, k, values.data(), scales.data());
+  const DeviceSlotWeights bf16{
       .bf16 = memory.Upload(std::vector<const __nv_bfloat16*>{Bf(memory.Upload(weight))})};
-  auto run = [&](const std::vector<int32_t>& source_rows) {
-    uint16_t* y = memory.Allocate<uint16_t>(source_rows.size() * n);
-    const DeviceSlotPlan plan{
-        memory.Upload(std::vector<int32_t>{0, static_cast<int32_t>(source_rows.size())}),
-        memory.Upload(source_rows), 1};
-    EXPECT_TRUE(DeviceGroupedGemm(dx, plan, w, n, k, Bf(y), nullptr).ok());
-    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    return ToHost(y, source_rows.size() * n);
-  };
-  std::vector<int32_t> all(x_rows);
-  std::iota(all.rbegin(), all.rend(), 0);  // row 30 first, row 0 last
-  const auto together = run(all);
-  for (int row : {0, 7, 30}) {
-    const auto alone = run({row});
-    const size_t at = static_cast<size_t>(x_rows - 1 - row) * n;
-    EXPECT_EQ(0, std::memcmp(alone.data(), together.data() + at, n * sizeof(uint16_t)))
-        << "row " << row;
+  const DeviceSlotWeights fp8{
+      .fp8 = memory.Upload(std::vector<Fp8Weight>{
+          {reinterpret_cast<const __nv_fp8_e4m3*>(memory.Upload(values)), memory.Upload(scales)}})};
+  for (const DeviceSlotWeights& w : {bf16, fp8}) {
+    SCOPED_TRACE(w.bf16 != nullptr ? "bf16" : "FP8");
+    auto run = [&](const std::vector<int32_t>& source_rows) {
+      uint16_t* y = memory.Allocate<uint16_t>(source_rows.size() * n);
+      const std::vector<int32_t> offsets = {0, static_cast<int32_t>(source_rows.size())};
+      const DeviceSlotPlan plan{memory.Upload(offsets), memory.Upload(source_rows), 1};
+      EXPECT_TRUE(DeviceGroupedGemm(dx, plan, w, n, k, Bf(y), nullptr).ok());
+      EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      return ToHost(y, source_rows.size() * n);
+    };
+    std::vector<int32_t> all(x_rows);
+    std::iota(all.rbegin(), all.rend(), 0);  // row 30 first, row 0 last
+    const auto together = run(all);
+    for (int row : {0, 7, 30}) {
+      const auto alone = run({row});
+      const size_t at = static_cast<size_t>(x_rows - 1 - row) * n;
+      EXPECT_EQ(0, std::memcmp(alone.data(), together.data() + at, n * sizeof(uint16_t)))
+          << "row " << row;
+    }
   }
 }
 

@@ -332,6 +332,14 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
   if (s.device_plan_possible && s.device_plan_tables_version != s.placement_version) {
     RETURN_IF_ERROR(s.BuildDevicePlanTables(placement));
   }
+  if (s.slot_rows_written) {
+    // A step that failed after planning on the device left its counts: they belong to no
+    // step's metrics (and maybe to slots a commit has changed since).
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemsetAsync(s.slot_rows.data(), 0, s.slot_rows_count * sizeof(int32_t), s.stream),
+        "slot rows"));
+    s.slot_rows_written = false;
+  }
   // Two micro-batches split the batch as the CPU backend does; every rank of the group splits
   // (the step agreement decides), so their exchanges pair up.
   std::vector<std::vector<parallel::BatchPiece>> parts;
