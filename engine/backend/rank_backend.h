@@ -110,7 +110,7 @@ struct RankBackendRequest {
   // A GPU backend keeps an FP8 checkpoint's routed experts in FP8 (off: dequantized to bf16).
   bool keep_fp8_experts = true;
   // A GPU backend alone in its group plans decode steps' experts on the device (off: the host).
-  bool device_planned_moe = true;
+  bool device_planned_moe = false;
   // A rank that is a process of its own: where its group's ranks meet (a GPU group publishes
   // its NCCL id there), unique per formation; and its GPU (-1: rank modulo the visible ones).
   KeyValueStore* rendezvous = nullptr;

@@ -51,12 +51,13 @@ inline LogitAgreement CompareLogits(const std::vector<float>& gpu, const std::ve
 }
 
 // The logits of `tokens` from a group of `ep` ranks with `redundant` extra expert slots, made by
-// `factory` (empty: the CPU backend).
+// `factory` (empty: the CPU backend); the ranks' trace events go to `trace` if given.
 inline absl::StatusOr<std::vector<float>> GroupLogitsFrom(const engine::RankBackendFactory& factory,
                                                           const engine::Model& model,
                                                           const std::vector<int32_t>& tokens,
                                                           int ep, int redundant,
-                                                          bool overlap = false) {
+                                                          bool overlap = false,
+                                                          engine::TraceRecorder* trace = nullptr) {
   const engine::ModelConfig& c = model.config();
   engine::parallel::GroupOptions options;
   options.name = "test";
@@ -66,7 +67,7 @@ inline absl::StatusOr<std::vector<float>> GroupLogitsFrom(const engine::RankBack
   auto placement = engine::ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts,
                                                     c.n_routed_experts + redundant);
   auto result = engine::tools::ComputeGroupLogits(model, tokens, options, std::move(placement),
-                                                  nullptr, factory);
+                                                  trace, factory);
   if (!result.ok()) return result.status();
   return std::move(result->logits);
 }

@@ -64,7 +64,7 @@ struct CudaRankOptions {
   // Alone in its group (group_size 1), a step of few tokens (decode) routes, groups and runs
   // its experts on the GPU (kernels/device_moe.h) with no host round trip per MoE layer; off:
   // the host plans every MoE layer, as it does for groups and prefill steps.
-  bool device_planned_moe = true;
+  bool device_planned_moe = false;
 };
 
 class CudaRankBackend : public RankBackend {
