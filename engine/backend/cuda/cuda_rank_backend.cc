@@ -138,9 +138,7 @@ absl::Status CudaRankBackend::State::PrepareDevicePlan(int slots_per_rank) {
   }
   s.slot_rows_count = static_cast<size_t>(c.num_moe_layers()) * slots_per_rank;
   RETURN_IF_ERROR(s.slot_rows.Reserve(s.slot_rows_count));
-  RETURN_IF_ERROR(CudaStatus(
-      cudaMemsetAsync(s.slot_rows.data(), 0, s.slot_rows_count * sizeof(int32_t), s.stream),
-      "slot rows"));
+  RETURN_IF_ERROR(s.ClearSlotRows());
   spdlog::info("moeserve: GPU {} plans the experts of steps up to {} tokens on the device",
                options.device, s.device_plan_max_pairs / top_k);
   return absl::OkStatus();
@@ -335,10 +333,7 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
   if (s.slot_rows_written) {
     // A step that failed after planning on the device left its counts: they belong to no
     // step's metrics (and maybe to slots a commit has changed since).
-    RETURN_IF_ERROR(CudaStatus(
-        cudaMemsetAsync(s.slot_rows.data(), 0, s.slot_rows_count * sizeof(int32_t), s.stream),
-        "slot rows"));
-    s.slot_rows_written = false;
+    RETURN_IF_ERROR(s.ClearSlotRows());
   }
   // Two micro-batches split the batch as the CPU backend does; every rank of the group splits
   // (the step agreement decides), so their exchanges pair up.

@@ -376,16 +376,21 @@ absl::Status CudaRankBackend::State::BuildDevicePlanTables(const ExpertPlacement
   return absl::OkStatus();
 }
 
+absl::Status CudaRankBackend::State::ClearSlotRows() {
+  slot_rows_written = false;
+  return CudaStatus(cudaMemsetAsync(slot_rows.data(), 0, slot_rows_count * sizeof(int32_t), stream),
+                    "slot rows");
+}
+
 absl::Status CudaRankBackend::State::RecordDevicePlannedLoad(parallel::RankResources& rank) {
   if (!slot_rows_written || rank.load == nullptr) return absl::OkStatus();
-  slot_rows_written = false;
   const ModelConfig& c = config();
   const size_t bytes = slot_rows_count * sizeof(int32_t);
   RETURN_IF_ERROR(slot_rows_host.Reserve(bytes));
   RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(slot_rows_host.data(), slot_rows.data(), bytes,
                                              cudaMemcpyDeviceToHost, stream),
                              "slot rows to host"));
-  RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(slot_rows.data(), 0, bytes, stream), "slot rows"));
+  RETURN_IF_ERROR(ClearSlotRows());
   RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "slot rows to host"));
   const auto* rows = static_cast<const int32_t*>(slot_rows_host.data());
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {

@@ -287,6 +287,8 @@ struct CudaRankBackend::State {
   // Once a step's GPU work is done: the rows each slot served on the device path, to the
   // expert-load metrics.
   absl::Status RecordDevicePlannedLoad(parallel::RankResources& rank);
+  // Zeroes the slots' row counts (on the stream) and marks them unwritten.
+  absl::Status ClearSlotRows();
   absl::Status ExpertsAndCombine(int layer, MicroBatchState& mb, parallel::RankResources& rank);
   absl::Status FinishMoe(MicroBatchState& mb);
   // The rows of a micro-batch that need logits (parallel::MicroBatchLogitRows).
