@@ -155,6 +155,20 @@ struct GemmShape {
   int n, k;
 };
 
+// DeviceGroupedGemm over grouping `g` of x's rows against the twins' `expected`.
+void ExpectGemmMatches(DeviceMemory& memory, const std::vector<uint16_t>& x, const Grouping& g,
+                       const DeviceSlotWeights& weights, GemmShape shape,
+                       const std::vector<uint16_t>& expected) {
+  uint16_t* y = memory.Allocate<uint16_t>(expected.size());
+  const DeviceSlotPlan plan{memory.Upload(g.offsets), memory.Upload(g.source_rows),
+                            static_cast<int>(g.offsets.size()) - 1};
+  ASSERT_TRUE(
+      DeviceGroupedGemm(Bf(memory.Upload(x)), plan, weights, shape.n, shape.k, Bf(y), nullptr)
+          .ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_LT(RelativeError(ToHost(y, expected.size()), expected), 1e-2);
+}
+
 TEST(DeviceMoe, GroupedGemmMatchesTwinInBf16) {
   REQUIRE_GPU();
   // A partial column block (264 = 2 x 128 + 8), and DeepSeek-V3's gate/up width.
@@ -177,14 +191,7 @@ TEST(DeviceMoe, GroupedGemmMatchesTwinInBf16) {
     std::vector<uint16_t> expected(g.source_rows.size() * shape.n);
     GroupedLinearTwin(Gather(x, g.source_rows, shape.k).data(), host_weights, g.offsets64,
                       expected.data(), shape.n, shape.k);
-    uint16_t* y = memory.Allocate<uint16_t>(expected.size());
-    const DeviceSlotPlan plan{memory.Upload(g.offsets), memory.Upload(g.source_rows),
-                              static_cast<int>(slot_rows.size())};
-    const DeviceSlotWeights w{.bf16 = memory.Upload(device_weights)};
-    ASSERT_TRUE(
-        DeviceGroupedGemm(Bf(memory.Upload(x)), plan, w, shape.n, shape.k, Bf(y), nullptr).ok());
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_LT(RelativeError(ToHost(y, expected.size()), expected), 1e-2);
+    ExpectGemmMatches(memory, x, g, {.bf16 = memory.Upload(device_weights)}, shape, expected);
   }
 }
 
@@ -211,14 +218,7 @@ TEST(DeviceMoe, GroupedGemmMatchesWeightOnlyTwinInFp8) {
       device_weights.push_back(
           {reinterpret_cast<const __nv_fp8_e4m3*>(memory.Upload(values)), memory.Upload(scales)});
     }
-    uint16_t* y = memory.Allocate<uint16_t>(expected.size());
-    const DeviceSlotPlan plan{memory.Upload(g.offsets), memory.Upload(g.source_rows),
-                              static_cast<int>(slot_rows.size())};
-    const DeviceSlotWeights w{.fp8 = memory.Upload(device_weights)};
-    ASSERT_TRUE(
-        DeviceGroupedGemm(Bf(memory.Upload(x)), plan, w, shape.n, shape.k, Bf(y), nullptr).ok());
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_LT(RelativeError(ToHost(y, expected.size()), expected), 1e-2);
+    ExpectGemmMatches(memory, x, g, {.fp8 = memory.Upload(device_weights)}, shape, expected);
   }
 }
 

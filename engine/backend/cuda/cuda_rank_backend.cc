@@ -112,35 +112,34 @@ constexpr int kDevicePlanPairsPerSlot = 4;
 // Whether this rank plans decode steps on the device (CudaRankOptions::device_planned_moe), and
 // if so the buffers it needs.
 absl::Status CudaRankBackend::State::PrepareDevicePlan(int slots_per_rank) {
-  State& s = *this;
-  const ModelConfig& c = s.config();
+  const ModelConfig& c = config();
   int major = 0;
   RETURN_IF_ERROR(CudaStatus(
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options.device), "GPU"));
   const int top_k = std::max(c.num_experts_per_tok, 1);
-  s.device_plan_possible =
+  device_plan_possible =
       options.device_planned_moe && options.group_size == 1 && c.n_routed_experts > 0 &&
       major >= 8 && slots_per_rank <= kernels::kMaxPlannedSlots &&
       kernels::DeviceGroupedGemmSupports(2 * c.moe_intermediate_size, c.hidden_size) &&
       kernels::DeviceGroupedGemmSupports(c.hidden_size, c.moe_intermediate_size);
-  if (!s.device_plan_possible) return absl::OkStatus();
-  s.device_plan_max_pairs =
+  if (!device_plan_possible) return absl::OkStatus();
+  device_plan_max_pairs =
       std::min({kernels::kMaxPlannedPairs, std::max(options.max_batch_tokens, 1) * top_k,
                 kDevicePlanPairsPerSlot * slots_per_rank});
   ASSIGN_OR_RETURN(kernels::DeviceExpertMlp mlp,
                    kernels::DeviceExpertMlp::Create(c.hidden_size, c.moe_intermediate_size,
-                                                    s.device_plan_max_pairs, s.stream));
-  s.device_mlp = std::make_unique<kernels::DeviceExpertMlp>(std::move(mlp));
-  for (MicroBatchState& mb : s.micro_batches) {
+                                                    device_plan_max_pairs, stream));
+  device_mlp = std::make_unique<kernels::DeviceExpertMlp>(std::move(mlp));
+  for (MicroBatchState& mb : micro_batches) {
     RETURN_IF_ERROR(mb.plan_offsets.Reserve(slots_per_rank + 1));
-    RETURN_IF_ERROR(mb.plan_source_rows.Reserve(s.device_plan_max_pairs));
-    RETURN_IF_ERROR(mb.plan_positions.Reserve(s.device_plan_max_pairs));
+    RETURN_IF_ERROR(mb.plan_source_rows.Reserve(device_plan_max_pairs));
+    RETURN_IF_ERROR(mb.plan_positions.Reserve(device_plan_max_pairs));
   }
-  s.slot_rows_count = static_cast<size_t>(c.num_moe_layers()) * slots_per_rank;
-  RETURN_IF_ERROR(s.slot_rows.Reserve(s.slot_rows_count));
-  RETURN_IF_ERROR(s.ClearSlotRows());
+  slot_rows_count = static_cast<size_t>(c.num_moe_layers()) * slots_per_rank;
+  RETURN_IF_ERROR(slot_rows.Reserve(slot_rows_count));
+  RETURN_IF_ERROR(ClearSlotRows());
   spdlog::info("moeserve: GPU {} plans the experts of steps up to {} tokens on the device",
-               options.device, s.device_plan_max_pairs / top_k);
+               options.device, device_plan_max_pairs / top_k);
   return absl::OkStatus();
 }
 

@@ -11,6 +11,28 @@
 #include "kernels/mla.h"
 
 namespace moeserve::engine::cuda {
+namespace {
+
+// A layer's slots' weights as the expert MLPs take them: pointers per slot, bf16 or FP8.
+struct SlotWeightPointers {
+  std::vector<const Bf16*> gate_up, down;
+  std::vector<kernels::Fp8Weight> gate_up_fp8, down_fp8;
+};
+SlotWeightPointers SlotWeights(const std::vector<DeviceMlp>& slots, bool fp8) {
+  SlotWeightPointers p;
+  for (const DeviceMlp& slot : slots) {
+    if (fp8) {
+      p.gate_up_fp8.push_back({slot.gate_up_fp8.data(), slot.gate_up_scales.data()});
+      p.down_fp8.push_back({slot.down_fp8.data(), slot.down_scales.data()});
+    } else {
+      p.gate_up.push_back(slot.gate_up.data());
+      p.down.push_back(slot.down.data());
+    }
+  }
+  return p;
+}
+
+}  // namespace
 
 absl::Status CudaRankBackend::State::SynchronizeCompute(const char* what) {
   for (comm::CollectiveCompletion& completion : awaited) RETURN_IF_ERROR(completion.Wait());
@@ -269,11 +291,7 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
   for (int s = 0; s < slots; ++s) busy_slots += mb.slot_offsets[s + 1] > mb.slot_offsets[s];
   const bool small_groups = busy_slots > 0 && received / busy_slots < 512;
   if (fp8_experts) {
-    std::vector<kernels::Fp8Weight> gate_up, down;
-    for (const DeviceMlp& slot : w.slots) {
-      gate_up.push_back({slot.gate_up_fp8.data(), slot.gate_up_scales.data()});
-      down.push_back({slot.down_fp8.data(), slot.down_scales.data()});
-    }
+    const SlotWeightPointers weights = SlotWeights(w.slots, /*fp8=*/true);
     // With at most 2 rows per slot (light decode) one launch per projection reads each FP8
     // weight once; from 3 rows on, the recipe's block-scaled GEMMs on side streams are faster
     // (measured on an H100: docs/PERFORMANCE.md).
@@ -286,16 +304,12 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
                               ? kernels::Fp8ExpertMlp::Strategy::kWeightOnly
                           : small_groups ? kernels::Fp8ExpertMlp::Strategy::kConcurrentGemm
                                          : kernels::Fp8ExpertMlp::Strategy::kPerExpertGemm;
-    RETURN_IF_ERROR(routed_fp8_mlp->Run(mb.expert_in.data(), mb.slot_offsets, gate_up, down,
-                                        mb.expert_out.data(), strategy));
+    RETURN_IF_ERROR(routed_fp8_mlp->Run(mb.expert_in.data(), mb.slot_offsets, weights.gate_up_fp8,
+                                        weights.down_fp8, mb.expert_out.data(), strategy));
   } else {
-    std::vector<const Bf16*> gate_up, down;
-    for (const DeviceMlp& slot : w.slots) {
-      gate_up.push_back(slot.gate_up.data());
-      down.push_back(slot.down.data());
-    }
-    RETURN_IF_ERROR(routed_mlp->Run(mb.expert_in.data(), mb.slot_offsets, gate_up, down,
-                                    mb.expert_out.data(),
+    const SlotWeightPointers weights = SlotWeights(w.slots, /*fp8=*/false);
+    RETURN_IF_ERROR(routed_mlp->Run(mb.expert_in.data(), mb.slot_offsets, weights.gate_up,
+                                    weights.down, mb.expert_out.data(),
                                     small_groups ? kernels::ExpertMlp::Strategy::kGroupedGemm
                                                  : kernels::ExpertMlp::Strategy::kPerExpertGemm));
   }
@@ -353,23 +367,13 @@ absl::Status CudaRankBackend::State::BuildDevicePlanTables(const ExpertPlacement
     }
     RETURN_IF_ERROR(t.replica_begin.Upload(begin.data(), begin.size(), stream));
     RETURN_IF_ERROR(t.replica_slots.Upload(replica_slots.data(), replica_slots.size(), stream));
-    const std::vector<DeviceMlp>& slots = layers[layer].slots;
+    const SlotWeightPointers w = SlotWeights(layers[layer].slots, fp8_experts);
     if (fp8_experts) {
-      std::vector<kernels::Fp8Weight> gate_up, down;
-      for (const DeviceMlp& slot : slots) {
-        gate_up.push_back({slot.gate_up_fp8.data(), slot.gate_up_scales.data()});
-        down.push_back({slot.down_fp8.data(), slot.down_scales.data()});
-      }
-      RETURN_IF_ERROR(t.gate_up_fp8.Upload(gate_up.data(), gate_up.size(), stream));
-      RETURN_IF_ERROR(t.down_fp8.Upload(down.data(), down.size(), stream));
+      RETURN_IF_ERROR(t.gate_up_fp8.Upload(w.gate_up_fp8.data(), w.gate_up_fp8.size(), stream));
+      RETURN_IF_ERROR(t.down_fp8.Upload(w.down_fp8.data(), w.down_fp8.size(), stream));
     } else {
-      std::vector<const Bf16*> gate_up, down;
-      for (const DeviceMlp& slot : slots) {
-        gate_up.push_back(slot.gate_up.data());
-        down.push_back(slot.down.data());
-      }
-      RETURN_IF_ERROR(t.gate_up.Upload(gate_up.data(), gate_up.size(), stream));
-      RETURN_IF_ERROR(t.down.Upload(down.data(), down.size(), stream));
+      RETURN_IF_ERROR(t.gate_up.Upload(w.gate_up.data(), w.gate_up.size(), stream));
+      RETURN_IF_ERROR(t.down.Upload(w.down.data(), w.down.size(), stream));
     }
   }
   device_plan_tables_version = placement.version();
