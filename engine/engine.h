@@ -99,10 +99,9 @@ struct EngineOptions {
   // GEMMs on Hopper; half the bytes of bf16); false: dequantized to bf16.
   bool gpu_fp8_experts = true;
   // --device cuda, a GPU alone in its group: a decode step's experts are routed, grouped and run
-  // on the GPU (kernels/device_moe.h), no host round trip per MoE layer; false (the default while
-  // its grouped GEMM is slower than cuBLAS's: docs/PERFORMANCE.md): the host groups the rows of
-  // every MoE layer, as for prefill steps and larger groups.
-  bool gpu_device_planned_moe = false;
+  // on the GPU (kernels/device_moe.h), no host round trip per MoE layer; false: the host groups
+  // the rows of every MoE layer, as for prefill steps and larger groups.
+  bool gpu_device_planned_moe = true;
   std::optional<InjectedFault> injected_fault;
   // Set: run one rank of a group of processes (parallel.prefill_ep/decode_ep are then unused).
   std::optional<RankProcessOptions> rank_process;

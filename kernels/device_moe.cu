@@ -2,6 +2,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/device_moe.h"
@@ -72,22 +73,35 @@ __global__ void __launch_bounds__(kPlanThreads)
 
 // --- DeviceGroupedGemm ---
 //
-// A block of 4 warps covers 128 output columns of one slot; a warp owns 4 tiles of 8 columns
-// and runs mma.sync m16n8k16 over 16 rows (one pass; a slot with more rows takes more passes).
-// k advances 128 at a time (one FP8 scale block): per step a lane loads 4 chunks of 8 k values
-// of each weight row it feeds (its tile column g = lane / 4) and of its two activation rows
-// (g and g + 8), all 16-byte loads, so a weight row is read in contiguous runs. Which k values
-// a lane's chunk holds is a permutation of the step's k, the same for the activations and the
-// weights; the fragment layout of mma then pairs them as a dot product needs (A: row g, k
-// 2t, 2t+1 in register 0 and 2t+8, 2t+9 in register 2; B: column g, k 2t, 2t+1 and 2t+8,
-// 2t+9; t = lane % 4): chunk word 0 and 1 feed one mma, words 2 and 3 the next.
+// A block of 4 warps computes 128 output columns of one slot (one FP8 scale row) for up to 16
+// of the slot's rows at a time (a pass). The weights are the mma's A operand: a warp owns 32
+// weight rows (two m16 tiles) and the pass's grouped rows are the n8 tiles of B, so a decode
+// slot of 1 to 8 rows runs one n tile and wastes at most 7/8 of the tensor work, not 15/16.
+// k advances 128 per step (one scale block). Weights and activations reach shared memory
+// through a ring of kStages cp.async stages, so every warp keeps several steps' bytes in flight
+// without holding them in registers: the kernel streams the weights at the memory's pace.
+//
+// Which k values a lane feeds the mma is a permutation of the step's k, the same for weights and
+// activations, so each k value still meets its partner once: for bf16 a lane's chunk c (16
+// bytes) holds k [32c + 8t, 32c + 8t + 8) (t = lane % 4); for FP8 a lane reads 16 codes
+// [64h + 16t, +16), its chunks 2h and 2h + 1. Words 0 and 1 of a chunk feed one mma, words 2
+// and 3 the next (A: rows g and g + 8, g = lane / 4; B: column g). Shared rows are stored with
+// their 16-byte units swizzled by row parity so the 8 lanes of a quarter warp, which read rows
+// g and g + 1, hit 32 different banks.
 constexpr int kGemmWarps = 4;
-constexpr int kTiles = 4;
-constexpr int kWarpColumns = 8 * kTiles;
-constexpr int kBlockColumns = kGemmWarps * kWarpColumns;
-constexpr int kPassRows = 16;
+constexpr int kGemmThreads = kGemmWarps * kWarpSize;
+constexpr int kWarpRows = 32;  // weight rows (output columns) per warp: two m16 tiles
+constexpr int kMTiles = kWarpRows / 16;
+constexpr int kBlockColumns = kGemmWarps * kWarpRows;
+constexpr int kPassRows = 16;  // grouped rows per pass: two n8 tiles
+constexpr int kNTiles = kPassRows / 8;
 constexpr int kStepK = 128;
-constexpr int kChunks = 4;  // per lane and step: 4 x 8 values x 4 lanes of a group = 128
+constexpr int kUnitBytes = 16;
+constexpr int kXRowBytes = kStepK * 2;  // a step of one bf16 activation row
+constexpr int kXStageBytes = kPassRows * kXRowBytes;
+constexpr int kScaleSlotBytes = 16;  // a stage's FP8 scale (4 bytes, kept 16-byte aligned)
+static_assert(kBlockColumns == kFp8BlockSize, "a block's columns share one FP8 scale row");
+static_assert(kBlockColumns == kGemmThreads, "a thread copies one weight row's units per stage");
 
 __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                     uint32_t a3, uint32_t b0, uint32_t b1) {
@@ -102,158 +116,370 @@ __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uin
 #endif
 }
 
-__device__ __forceinline__ uint4 LoadStreaming(const void* address) {
-  return __ldg(reinterpret_cast<const uint4*>(address));
+// Copies `bytes` (16, or 4 for a scale; 0 fills the 16 bytes with zeros) from global to shared
+// memory without passing through registers; completes at CpAsyncWait.
+__device__ __forceinline__ void CpAsync16(void* shared, const void* global, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global),
+               "r"(bytes));
+#endif
+}
+__device__ __forceinline__ void CpAsync4(void* shared, const void* global) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(address), "l"(global));
+#endif
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
 }
 
-// bf16 weights: chunk c of lane t is k values [32c + 8t, 32c + 8t + 8) of the step.
-struct Bf16Operand {
-  const __nv_bfloat16* const* slots;
-  static constexpr bool kScaled = false;
-  __device__ static int ChunkOffset(int c, int t) { return 32 * c + 8 * t; }
-  struct Slot {
-    const __nv_bfloat16* weight;
-    __device__ void Load(int row, int k, int k0, int t, uint4 (&out)[kChunks]) const {
-      const __nv_bfloat16* at = weight + static_cast<int64_t>(row) * k + k0;
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) out[c] = LoadStreaming(at + ChunkOffset(c, t));
-    }
-  };
-  __device__ Slot Get(int slot) const { return {slots[slot]}; }
+__device__ __forceinline__ uint4 LoadShared(const char* base, int row, int row_bytes, int unit,
+                                            int swizzle) {
+  return *reinterpret_cast<const uint4*>(base + row * row_bytes +
+                                         (unit ^ ((row & 1) * swizzle)) * kUnitBytes);
+}
+
+// Two e4m3 codes at bits [8, 16) and [24, 32) of `spread` as a bf16 pair. Sign, exponent and
+// mantissa are moved into bf16's fields, which reads as the value times 2^-120 (exponent bias 7
+// against 127; e4m3's subnormals land on bf16's subnormals exactly); one multiply by 2^120 makes
+// the exact value. Integer operations and one bf16 multiply instead of four conversions: the
+// conversions' lower throughput would bound the kernel. (e4m3's NaN codes, absent from
+// checkpoints, become 480.)
+__device__ __forceinline__ uint32_t WidenSpreadPair(uint32_t spread) {
+  const uint32_t bits = (spread & 0x80008000u) | ((spread >> 4) & 0x07f007f0u);
+  const __nv_bfloat162 scaled = *reinterpret_cast<const __nv_bfloat162*>(&bits);
+  const __nv_bfloat162 value =
+      __hmul2(scaled, __nv_bfloat162(__ushort_as_bfloat16(0x7b80), __ushort_as_bfloat16(0x7b80)));
+  return *reinterpret_cast<const uint32_t*>(&value);
+}
+
+// Eight e4m3 codes (two words, code i in byte i) as eight bf16 in order.
+__device__ __forceinline__ uint4 Widen(uint32_t low, uint32_t high) {
+  return make_uint4(
+      WidenSpreadPair(__byte_perm(low, 0, 0x1404)), WidenSpreadPair(__byte_perm(low, 0, 0x3424)),
+      WidenSpreadPair(__byte_perm(high, 0, 0x1404)), WidenSpreadPair(__byte_perm(high, 0, 0x3424)));
+}
+
+// The sums of one pass: [m tile][n tile][mma register].
+using PassSums = float[kMTiles][kNTiles][4];
+
+// Where a warp reads its fragments of one stage.
+struct StageView {
+  const char* weights;      // [kBlockColumns][kRowBytes], units swizzled
+  const char* activations;  // [kPassRows][kXRowBytes], units swizzled
+  int warp_row;             // the warp's first weight row in the block
+  int g, t;
+  int rows;    // valid grouped rows of the pass (activation rows beyond it read as zeros)
+  int ntiles;  // n tiles holding valid rows
 };
 
-// Two e4m3 values (bits [shift, shift + 16) of `word`) as a bf16 pair; exact (e4m3 has 3
-// mantissa bits and exponents bf16 covers).
-__device__ __forceinline__ uint32_t WidenPair(uint32_t word, int shift) {
-  const auto two = static_cast<__nv_fp8x2_storage_t>((word >> shift) & 0xffffu);
-  const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(two, __NV_E4M3);
-  const float2 values = __half22float2(*reinterpret_cast<const __half2*>(&raw));
-  const __nv_bfloat162 pair = __floats2bfloat162_rn(values.x, values.y);
-  return *reinterpret_cast<const uint32_t*>(&pair);
-}
-
-// Eight e4m3 values (two words) as a chunk of eight bf16.
-__device__ __forceinline__ uint4 Widen(uint32_t low, uint32_t high) {
-  return make_uint4(WidenPair(low, 0), WidenPair(low, 16), WidenPair(high, 0), WidenPair(high, 16));
-}
-
-// e4m3 weights: a lane loads 16 codes per 64 k values, [64h + 16t, 64h + 16t + 16), which are
-// its chunks 2h and 2h + 1; the step's sums are scaled by the block's scale once.
-struct Fp8Operand {
-  const Fp8Weight* slots;
-  int scale_stride;
-  static constexpr bool kScaled = true;
-  __device__ static int ChunkOffset(int c, int t) { return 64 * (c / 2) + 16 * t + 8 * (c % 2); }
-  struct Slot {
-    const uint8_t* values;
-    const float* scales;
-    int scale_stride;
-    __device__ void Load(int row, int k, int k0, int t, uint4 (&out)[kChunks]) const {
-      const uint8_t* at = values + static_cast<int64_t>(row) * k + k0 + 16 * t;
+template <int kChunkCount>
+__device__ __forceinline__ void MmaTiles(const uint4 (&a_low)[kChunkCount],
+                                         const uint4 (&a_high)[kChunkCount],
+                                         const uint4 (&b)[kNTiles][kChunkCount], int ntiles,
+                                         float (&sums)[kNTiles][4]) {
 #pragma unroll
-      for (int h = 0; h < kChunks / 2; ++h) {
-        const uint4 codes = LoadStreaming(at + 64 * h);
-        out[2 * h] = Widen(codes.x, codes.y);
-        out[2 * h + 1] = Widen(codes.z, codes.w);
+  for (int c = 0; c < kChunkCount; ++c) {
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+      if (j >= ntiles) continue;
+      Mma(sums[j], a_low[c].x, a_high[c].x, a_low[c].y, a_high[c].y, b[j][c].x, b[j][c].y);
+      Mma(sums[j], a_low[c].z, a_high[c].z, a_low[c].w, a_high[c].w, b[j][c].z, b[j][c].w);
+    }
+  }
+}
+
+// bf16 weights: chunk c of a lane is unit 4c + t of a 256-byte row.
+struct Bf16Operand {
+  const __nv_bfloat16* const* slots;
+  static constexpr int kRowBytes = kStepK * 2;
+  static constexpr int kStages = 3;  // 2 blocks of 108 KiB per SM, 128 KiB in flight
+  static constexpr bool kScaled = false;
+  static constexpr int kXSwizzle = 4;
+  struct Slot {
+    const char* weight;
+    int64_t row_bytes;
+    __device__ const char* Row(int row, int k0) const { return weight + row * row_bytes + 2 * k0; }
+  };
+  __device__ Slot Get(int slot, int k) const {
+    return {reinterpret_cast<const char*>(slots[slot]), 2 * static_cast<int64_t>(k)};
+  }
+  __device__ static void Step(const StageView& v, PassSums& sums) {
+    uint4 b[kNTiles][4];
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+      const int row = 8 * j + v.g;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        b[j][c] = row < v.rows ? LoadShared(v.activations, row, kXRowBytes, 4 * c + v.t, kXSwizzle)
+                               : make_uint4(0, 0, 0, 0);
       }
     }
-    __device__ float Scale(int row, int k0) const {
-      return __ldg(scales + (row / kFp8BlockSize) * scale_stride + k0 / kFp8BlockSize);
+#pragma unroll
+    for (int i = 0; i < kMTiles; ++i) {
+      const int row = v.warp_row + 16 * i + v.g;
+      uint4 low[4], high[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        low[c] = LoadShared(v.weights, row, kRowBytes, 4 * c + v.t, 4);
+        high[c] = LoadShared(v.weights, row + 8, kRowBytes, 4 * c + v.t, 4);
+      }
+      MmaTiles(low, high, b, v.ntiles, sums[i]);
     }
-  };
-  __device__ Slot Get(int slot) const {
-    const Fp8Weight w = slots[slot];
-    return {reinterpret_cast<const uint8_t*>(w.values), w.scales, scale_stride};
   }
 };
 
-template <int kTileCount>
-__device__ __forceinline__ void MmaStep(const uint4 (&low)[kChunks], const uint4 (&high)[kChunks],
-                                        const uint4 (&w)[kTileCount][kChunks],
-                                        float (&sums)[kTileCount][4]) {
+// e4m3 weights: a lane's 16 codes [64h + 16t, +16) are unit 4h + t of a 128-byte row; the
+// matching activations are units 8h + 2t and 8h + 2t + 1.
+struct Fp8Operand {
+  const Fp8Weight* slots;
+  int scale_stride;
+  static constexpr int kRowBytes = kStepK;
+  static constexpr int kStages = 5;  // 2 blocks of 100 KiB per SM, 128 KiB in flight
+  static constexpr bool kScaled = true;
+  static constexpr int kXSwizzle = 1;
+  struct Slot {
+    const char* values;
+    const float* scales;
+    int64_t row_bytes;
+    int scale_stride;
+    __device__ const char* Row(int row, int k0) const { return values + row * row_bytes + k0; }
+    __device__ const float* Scale(int row, int k0) const {
+      return scales + (row / kFp8BlockSize) * scale_stride + k0 / kFp8BlockSize;
+    }
+  };
+  __device__ Slot Get(int slot, int k) const {
+    const Fp8Weight w = slots[slot];
+    return {reinterpret_cast<const char*>(w.values), w.scales, k, scale_stride};
+  }
+  __device__ static void Step(const StageView& v, PassSums& sums) {
 #pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
+    for (int h = 0; h < 2; ++h) {
+      uint4 b[kNTiles][2];
 #pragma unroll
-    for (int j = 0; j < kTileCount; ++j) {
-      Mma(sums[j], low[c].x, high[c].x, low[c].y, high[c].y, w[j][c].x, w[j][c].y);
-      Mma(sums[j], low[c].z, high[c].z, low[c].w, high[c].w, w[j][c].z, w[j][c].w);
+      for (int j = 0; j < kNTiles; ++j) {
+        const int row = 8 * j + v.g;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          b[j][half] = row < v.rows ? LoadShared(v.activations, row, kXRowBytes,
+                                                 8 * h + 2 * v.t + half, kXSwizzle)
+                                    : make_uint4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kMTiles; ++i) {
+        const int row = v.warp_row + 16 * i + v.g;
+        const uint4 codes_low = LoadShared(v.weights, row, kRowBytes, 4 * h + v.t, 4);
+        const uint4 codes_high = LoadShared(v.weights, row + 8, kRowBytes, 4 * h + v.t, 4);
+        const uint4 low[2] = {Widen(codes_low.x, codes_low.y), Widen(codes_low.z, codes_low.w)};
+        const uint4 high[2] = {Widen(codes_high.x, codes_high.y),
+                               Widen(codes_high.z, codes_high.w)};
+        MmaTiles(low, high, b, v.ntiles, sums[i]);
+      }
+    }
+  }
+};
+
+template <class Operand>
+constexpr int StageBytes() {
+  return kBlockColumns * Operand::kRowBytes + kXStageBytes + kScaleSlotBytes;
+}
+template <class Operand>
+constexpr int GemmSharedBytes() {
+  return Operand::kStages * StageBytes<Operand>();
+}
+
+// The slot of the `wanted`-th slot with rows (in slot order), or -1: blocks are launched for
+// at most as many slots as the step has rows, not for every slot of the layer.
+__device__ int FindBusySlot(const int32_t* __restrict__ offsets, int slots, int wanted) {
+  __shared__ int warp_totals[kGemmWarps];
+  __shared__ int found;
+  const int per_thread = (slots + kGemmThreads - 1) / kGemmThreads;
+  const int first = min(static_cast<int>(threadIdx.x) * per_thread, slots);
+  const int last = min(first + per_thread, slots);
+  int busy = 0;
+  for (int s = first; s < last; ++s) busy += offsets[s + 1] > offsets[s];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  int inclusive = busy;
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += before;
+  }
+  if (lane == kWarpSize - 1) warp_totals[warp] = inclusive;
+  if (threadIdx.x == 0) found = -1;
+  __syncthreads();
+  int seen = inclusive - busy;
+  for (int w = 0; w < warp; ++w) seen += warp_totals[w];
+  if (wanted >= seen && wanted < seen + busy) {
+    for (int s = first; s < last; ++s) {
+      if (offsets[s + 1] > offsets[s] && seen++ == wanted) found = s;
+    }
+  }
+  __syncthreads();
+  return found;
+}
+
+template <class Operand>
+__global__ void __launch_bounds__(kGemmThreads)
+    DeviceGroupedGemmKernel(const __nv_bfloat16* __restrict__ x, DeviceSlotPlan plan,
+                            Operand operand, int n, int k, __nv_bfloat16* __restrict__ y) {
+  extern __shared__ __align__(16) char stages[];
+  const int slot = static_cast<int>(gridDim.y) == plan.slots
+                       ? static_cast<int>(blockIdx.y)
+                       : FindBusySlot(plan.offsets, plan.slots, blockIdx.y);
+  if (slot < 0) return;
+  const int begin = plan.offsets[slot], end = plan.offsets[slot + 1];
+  if (begin >= end) return;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int block_column = blockIdx.x * kBlockColumns;
+  const typename Operand::Slot weights = operand.Get(slot, k);
+  const int steps = k / kStepK;
+  constexpr int kRowUnits = Operand::kRowBytes / kUnitBytes;
+  constexpr int kXRowUnits = kXRowBytes / kUnitBytes;
+  const bool warp_computes = block_column + warp * kWarpRows < n;
+  StageView view{nullptr, nullptr, warp * kWarpRows, lane / 4, lane % 4, 0, 0};
+
+  for (int pass = begin; pass < end; pass += kPassRows) {
+    const int rows = min(kPassRows, end - pass);
+    view.rows = rows;
+    view.ntiles = (rows + 7) / 8;
+    // This thread's activation copies: units threadIdx.x + kGemmThreads * m of the stage.
+    const __nv_bfloat16* x_rows[kXStageBytes / kUnitBytes / kGemmThreads];
+#pragma unroll
+    for (int m = 0; m < kXStageBytes / kUnitBytes / kGemmThreads; ++m) {
+      const int r = (threadIdx.x + kGemmThreads * m) / kXRowUnits;
+      const int source = r >= rows                     ? -1
+                         : plan.source_rows != nullptr ? plan.source_rows[pass + r]
+                                                       : pass + r;
+      x_rows[m] = source < 0 ? nullptr : x + static_cast<int64_t>(source) * k;
+    }
+    auto load_stage = [&](int step) {
+      char* stage = stages + (step % Operand::kStages) * StageBytes<Operand>();
+      const int k0 = step * kStepK;
+#pragma unroll
+      for (int m = 0; m < kRowUnits; ++m) {
+        const int unit = threadIdx.x + kGemmThreads * m;
+        const int r = unit / kRowUnits, u = unit % kRowUnits;
+        const bool inside = block_column + r < n;
+        const char* from = weights.Row(inside ? block_column + r : 0, k0) + u * kUnitBytes;
+        CpAsync16(stage + r * Operand::kRowBytes + (u ^ ((r & 1) * 4)) * kUnitBytes, from,
+                  inside ? kUnitBytes : 0);
+      }
+      char* activations = stage + kBlockColumns * Operand::kRowBytes;
+#pragma unroll
+      for (int m = 0; m < kXStageBytes / kUnitBytes / kGemmThreads; ++m) {
+        if (x_rows[m] == nullptr) continue;
+        const int unit = threadIdx.x + kGemmThreads * m;
+        const int r = unit / kXRowUnits, u = unit % kXRowUnits;
+        CpAsync16(activations + r * kXRowBytes + (u ^ ((r & 1) * Operand::kXSwizzle)) * kUnitBytes,
+                  x_rows[m] + k0 + u * (kUnitBytes / 2), kUnitBytes);
+      }
+      if constexpr (Operand::kScaled) {
+        if (threadIdx.x == 0) CpAsync4(activations + kXStageBytes, weights.Scale(block_column, k0));
+      }
+    };
+
+    PassSums sums = {};
+#pragma unroll
+    for (int s = 0; s < Operand::kStages - 1; ++s) {
+      if (s < steps) load_stage(s);
+      CpAsyncCommit();  // empty groups keep the count of groups per step fixed
+    }
+    for (int step = 0; step < steps; ++step) {
+      CpAsyncWait<Operand::kStages - 2>();  // this step's stage has landed (for this thread)
+      __syncthreads();  // ... for every thread; and every warp is done with the oldest stage
+      if (step + Operand::kStages - 1 < steps) load_stage(step + Operand::kStages - 1);
+      CpAsyncCommit();
+      if (!warp_computes) continue;
+      const char* stage = stages + (step % Operand::kStages) * StageBytes<Operand>();
+      view.weights = stage;
+      view.activations = stage + kBlockColumns * Operand::kRowBytes;
+      if constexpr (Operand::kScaled) {
+        PassSums block = {};
+        Operand::Step(view, block);
+        const float scale = *reinterpret_cast<const float*>(view.activations + kXStageBytes);
+#pragma unroll
+        for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+          for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sums[i][j][e] = fmaf(block[i][j][e], scale, sums[i][j][e]);
+      } else {
+        Operand::Step(view, sums);
+      }
+    }
+    __syncthreads();  // the next pass's first stages overwrite this pass's last
+
+    // Lane (g, t) holds, per m tile i and half h, output column 16i + 8h + g for grouped rows
+    // 2t and 2t + 1 of each n tile. Neighbour lanes (g, g ^ 1) swap one value so each stores two
+    // adjacent columns of one row.
+    const int g = view.g, t = view.t;
+#pragma unroll
+    for (int i = 0; i < kMTiles; ++i) {
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float first = sums[i][j][2 * h], second = sums[i][j][2 * h + 1];
+          const bool odd = g & 1;
+          const float received = __shfl_xor_sync(0xffffffffu, odd ? first : second, 4);
+          const int row = 8 * j + 2 * t + (odd ? 1 : 0);
+          const int column = block_column + view.warp_row + 16 * i + 8 * h + (g & ~1);
+          if (warp_computes && row < rows && column < n) {
+            *reinterpret_cast<__nv_bfloat162*>(y + static_cast<int64_t>(pass + row) * n + column) =
+                odd ? __floats2bfloat162_rn(received, second)
+                    : __floats2bfloat162_rn(first, received);
+          }
+        }
+      }
     }
   }
 }
 
 template <class Operand>
-__global__ void __launch_bounds__(kGemmWarps* kWarpSize)
-    DeviceGroupedGemmKernel(const __nv_bfloat16* __restrict__ x, DeviceSlotPlan plan,
-                            Operand operand, int n, int k, __nv_bfloat16* __restrict__ y) {
-  const int slot = blockIdx.y;
-  const int begin = plan.offsets[slot], end = plan.offsets[slot + 1];
-  if (begin >= end) return;
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int g = lane / 4, t = lane % 4;
-  const int first_column = blockIdx.x * kBlockColumns + warp * kWarpColumns;
-  if (first_column >= n) return;
-  const typename Operand::Slot weights = operand.Get(slot);
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int pass = begin; pass < end; pass += kPassRows) {
-    const int rows = min(kPassRows, end - pass);
-    auto row_of = [&](int r) -> const __nv_bfloat16* {
-      if (r >= rows) return nullptr;
-      const int source = plan.source_rows != nullptr ? plan.source_rows[pass + r] : pass + r;
-      return x + static_cast<int64_t>(source) * k;
-    };
-    const __nv_bfloat16* x_low = row_of(g);
-    const __nv_bfloat16* x_high = row_of(g + 8);
-    float sums[kTiles][4] = {};
-    for (int k0 = 0; k0 < k; k0 += kStepK) {
-      uint4 w[kTiles][kChunks];
-#pragma unroll
-      for (int j = 0; j < kTiles; ++j) {
-        if (first_column + 8 * j < n) {
-          weights.Load(first_column + 8 * j + g, k, k0, t, w[j]);
-        } else {
-#pragma unroll
-          for (int c = 0; c < kChunks; ++c) w[j][c] = zero;
-        }
-      }
-      uint4 low[kChunks], high[kChunks];
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        const int at = k0 + Operand::ChunkOffset(c, t);
-        low[c] = x_low != nullptr ? *reinterpret_cast<const uint4*>(x_low + at) : zero;
-        high[c] = x_high != nullptr ? *reinterpret_cast<const uint4*>(x_high + at) : zero;
-      }
-      if constexpr (Operand::kScaled) {
-        float block[kTiles][4] = {};
-        MmaStep(low, high, w, block);
-#pragma unroll
-        for (int j = 0; j < kTiles; ++j) {
-          const float scale =
-              first_column + 8 * j < n ? weights.Scale(first_column + 8 * j, k0) : 0.0f;
-#pragma unroll
-          for (int i = 0; i < 4; ++i) sums[j][i] = fmaf(block[j][i], scale, sums[j][i]);
-        }
-      } else {
-        MmaStep(low, high, w, sums);
-      }
+absl::Status LaunchGroupedGemm(const __nv_bfloat16* x, const DeviceSlotPlan& plan, Operand operand,
+                               int n, int k, __nv_bfloat16* y, cudaStream_t stream) {
+  constexpr int kShared = GemmSharedBytes<Operand>();
+  // More than 48 KiB of shared memory per block must be allowed once per kernel and GPU.
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> allowed[kMaxDevices];
+  int device = 0;
+  if (auto s = CudaStatus(cudaGetDevice(&device), "DeviceGroupedGemm"); !s.ok()) return s;
+  if (device >= kMaxDevices || !allowed[device].load(std::memory_order_acquire)) {
+    if (auto s =
+            CudaStatus(cudaFuncSetAttribute(DeviceGroupedGemmKernel<Operand>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kShared),
+                       "DeviceGroupedGemm shared memory");
+        !s.ok()) {
+      return s;
     }
-    // Lane (g, t) holds columns 2t, 2t + 1 of each tile for rows g and g + 8.
-#pragma unroll
-    for (int j = 0; j < kTiles; ++j) {
-      const int column = first_column + 8 * j + 2 * t;
-      if (column >= n) continue;
-      if (g < rows) {
-        *reinterpret_cast<__nv_bfloat162*>(y + static_cast<int64_t>(pass + g) * n + column) =
-            __floats2bfloat162_rn(sums[j][0], sums[j][1]);
-      }
-      if (g + 8 < rows) {
-        *reinterpret_cast<__nv_bfloat162*>(y + static_cast<int64_t>(pass + g + 8) * n + column) =
-            __floats2bfloat162_rn(sums[j][2], sums[j][3]);
-      }
-    }
+    if (device < kMaxDevices) allowed[device].store(true, std::memory_order_release);
   }
+  const int busy_bound =
+      plan.busy_slot_bound >= 0 ? std::min(plan.slots, plan.busy_slot_bound) : plan.slots;
+  if (busy_bound == 0) return absl::OkStatus();
+  const dim3 grid((n + kBlockColumns - 1) / kBlockColumns, busy_bound);
+  DeviceGroupedGemmKernel<<<grid, kGemmThreads, kShared, stream>>>(x, plan, operand, n, k, y);
+  return CudaStatus(cudaGetLastError(), "DeviceGroupedGemm");
 }
 
 }  // namespace
+
+size_t DeviceGroupedGemmSharedBytes() {
+  return std::max(GemmSharedBytes<Bf16Operand>(), GemmSharedBytes<Fp8Operand>());
+}
 
 absl::Status PlanSlots(const int32_t* experts, int tokens, int top_k,
                        const DeviceReplicaTable& table, int slots, int32_t* offsets,
@@ -282,16 +508,10 @@ absl::Status DeviceGroupedGemm(const __nv_bfloat16* x, const DeviceSlotPlan& pla
                      " (a multiple of 128), ", plan.slots, " slots, one kind of weights"));
   }
   if (plan.slots == 0) return absl::OkStatus();
-  const dim3 grid((n + kBlockColumns - 1) / kBlockColumns, plan.slots);
-  const int threads = kGemmWarps * kWarpSize;
   if (weights.bf16 != nullptr) {
-    DeviceGroupedGemmKernel<<<grid, threads, 0, stream>>>(x, plan, Bf16Operand{weights.bf16}, n, k,
-                                                          y);
-  } else {
-    DeviceGroupedGemmKernel<<<grid, threads, 0, stream>>>(
-        x, plan, Fp8Operand{weights.fp8, WeightScaleStride(k)}, n, k, y);
+    return LaunchGroupedGemm(x, plan, Bf16Operand{weights.bf16}, n, k, y, stream);
   }
-  return CudaStatus(cudaGetLastError(), "DeviceGroupedGemm");
+  return LaunchGroupedGemm(x, plan, Fp8Operand{weights.fp8, WeightScaleStride(k)}, n, k, y, stream);
 }
 
 absl::StatusOr<DeviceExpertMlp> DeviceExpertMlp::Create(int hidden, int intermediate, int max_rows,
@@ -321,14 +541,16 @@ absl::Status DeviceExpertMlp::Run(const __nv_bfloat16* x, const DeviceSlotPlan& 
         absl::StrCat("DeviceExpertMlp::Run: ", rows, " rows, made for ", max_rows_));
   }
   if (rows == 0) return absl::OkStatus();
-  if (auto s =
-          DeviceGroupedGemm(x, plan, gate_up, 2 * intermediate_, hidden_, gate_up_.data(), stream_);
+  DeviceSlotPlan bounded = plan;
+  bounded.busy_slot_bound = rows;
+  if (auto s = DeviceGroupedGemm(x, bounded, gate_up, 2 * intermediate_, hidden_, gate_up_.data(),
+                                 stream_);
       !s.ok()) {
     return s;
   }
   if (auto s = SiluMul(gate_up_.data(), activation_.data(), rows, intermediate_, stream_); !s.ok())
     return s;
-  const DeviceSlotPlan grouped{plan.offsets, nullptr, plan.slots};  // activation rows in order
+  const DeviceSlotPlan grouped{plan.offsets, nullptr, plan.slots, rows};  // rows in order
   return DeviceGroupedGemm(activation_.data(), grouped, down, hidden_, intermediate_, y, stream_);
 }
 

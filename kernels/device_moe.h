@@ -8,8 +8,9 @@
 //   DeviceGroupedGemm y[r] = x[source(r)] · W_slot(r)^T for every grouped row r, on tensor cores
 //                    (mma.sync, bf16 in, fp32 accumulation, bf16 out). W is bf16, or e4m3 with
 //                    128 x 128 block scales (fp8.h), widened exactly to bf16 and scaled once per
-//                    128-column block in fp32. Blocks of slots without rows return at once, so
-//                    a step reads only the chosen experts' weights, each once per 16 rows.
+//                    128 x 128 block in fp32. Weights stream through a ring of shared-memory
+//                    stages (cp.async), so a step reads only the chosen experts' weights, each
+//                    once per 16 rows, at close to the memory's bandwidth.
 //   DeviceExpertMlp  both projections of the SwiGLU MLP with SiLU · up between them.
 // A row's result does not depend on which rows share its slot or where it sits among them (each
 // output's sum runs in the same order for every row), so the plan's order inside a slot, which
@@ -35,6 +36,9 @@ struct DeviceSlotPlan {
   const int32_t* offsets = nullptr;  // [slots + 1]: rows of slot s are [offsets[s], offsets[s+1])
   const int32_t* source_rows = nullptr;  // [rows]: the x row of each grouped row; null: row r
   int slots = 0;
+  // At least the number of slots with rows (e.g. the rows' total, tokens * top_k, known on the
+  // host), or -1: blocks are launched for that many busy slots, not for every slot.
+  int busy_slot_bound = -1;
 };
 
 // Where each expert's replicas are: slots replica_slots[replica_begin[e] .. replica_begin[e+1])
@@ -67,6 +71,10 @@ struct DeviceSlotWeights {
 absl::Status DeviceGroupedGemm(const __nv_bfloat16* x, const DeviceSlotPlan& plan,
                                const DeviceSlotWeights& weights, int n, int k, __nv_bfloat16* y,
                                cudaStream_t stream);
+
+// Shared memory a DeviceGroupedGemm block needs (above the default 48 KiB; the GPU's opt-in
+// maximum per block must reach it).
+size_t DeviceGroupedGemmSharedBytes();
 
 // Whether DeviceGroupedGemm takes these widths.
 inline bool DeviceGroupedGemmSupports(int n, int k) {

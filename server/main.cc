@@ -87,7 +87,7 @@ struct EngineFlags {
   std::string injected_fault;
   std::string placement_staging = "background";
   std::string gpu_expert_weights = "as-stored";
-  std::string gpu_moe_plan = "host";
+  std::string gpu_moe_plan = "device";
 };
 
 void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
@@ -145,11 +145,10 @@ void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
   AddGpuExpertWeightsOption(command, flags.gpu_expert_weights);
   command
       ->add_option("--gpu-moe-plan", flags.gpu_moe_plan,
-                   "Where a GPU alone in its group (EP1) plans a decode step's experts: host (the "
-                   "routing goes to the host, which groups the rows for cuBLAS, as for prefill "
-                   "steps and larger groups) or device (routing, grouping and grouped GEMMs on "
-                   "the GPU, no host round trip per MoE layer; slower today: "
-                   "docs/PERFORMANCE.md)")
+                   "Where a GPU alone in its group (EP1) plans a decode step's experts: device "
+                   "(routing, grouping and grouped GEMMs on the GPU, no host round trip per MoE "
+                   "layer) or host (the routing goes to the host, which groups the rows for "
+                   "cuBLAS, as for prefill steps and larger groups)")
       ->capture_default_str()
       ->check(CLI::IsMember({"device", "host"}));
   command->add_flag("!--no-expert-metrics", engine.parallel.expert_load_metrics,

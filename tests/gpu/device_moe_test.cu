@@ -155,18 +155,24 @@ struct GemmShape {
   int n, k;
 };
 
-// DeviceGroupedGemm over grouping `g` of x's rows against the twins' `expected`.
+// DeviceGroupedGemm over grouping `g` of x's rows against the twins' `expected`: with a block
+// per slot, and with blocks only for the busy slots (each finds its slot).
 void ExpectGemmMatches(DeviceMemory& memory, const std::vector<uint16_t>& x, const Grouping& g,
                        const DeviceSlotWeights& weights, GemmShape shape,
                        const std::vector<uint16_t>& expected) {
-  uint16_t* y = memory.Allocate<uint16_t>(expected.size());
-  const DeviceSlotPlan plan{memory.Upload(g.offsets), memory.Upload(g.source_rows),
-                            static_cast<int>(g.offsets.size()) - 1};
-  ASSERT_TRUE(
-      DeviceGroupedGemm(Bf(memory.Upload(x)), plan, weights, shape.n, shape.k, Bf(y), nullptr)
-          .ok());
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  EXPECT_LT(RelativeError(ToHost(y, expected.size()), expected), 1e-2);
+  int busy = 0;
+  for (size_t s = 0; s + 1 < g.offsets.size(); ++s) busy += g.offsets[s + 1] > g.offsets[s];
+  for (const int bound : {-1, busy}) {
+    SCOPED_TRACE(::testing::Message() << "busy slot bound " << bound);
+    uint16_t* y = memory.Allocate<uint16_t>(expected.size());
+    const DeviceSlotPlan plan{memory.Upload(g.offsets), memory.Upload(g.source_rows),
+                              static_cast<int>(g.offsets.size()) - 1, bound};
+    ASSERT_TRUE(
+        DeviceGroupedGemm(Bf(memory.Upload(x)), plan, weights, shape.n, shape.k, Bf(y), nullptr)
+            .ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_LT(RelativeError(ToHost(y, expected.size()), expected), 1e-2);
+  }
 }
 
 TEST(DeviceMoe, GroupedGemmMatchesTwinInBf16) {

@@ -113,13 +113,19 @@ constexpr int kDevicePlanPairsPerSlot = 4;
 // if so the buffers it needs.
 absl::Status CudaRankBackend::State::PrepareDevicePlan(int slots_per_rank) {
   const ModelConfig& c = config();
-  int major = 0;
+  int major = 0, shared_per_block = 0;
   RETURN_IF_ERROR(CudaStatus(
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options.device), "GPU"));
+  RETURN_IF_ERROR(
+      CudaStatus(cudaDeviceGetAttribute(&shared_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        options.device),
+                 "GPU"));
   const int top_k = std::max(c.num_experts_per_tok, 1);
   device_plan_possible =
       options.device_planned_moe && options.group_size == 1 && c.n_routed_experts > 0 &&
-      major >= 8 && slots_per_rank <= kernels::kMaxPlannedSlots &&
+      major >= 8 &&
+      static_cast<size_t>(shared_per_block) >= kernels::DeviceGroupedGemmSharedBytes() &&
+      slots_per_rank <= kernels::kMaxPlannedSlots &&
       kernels::DeviceGroupedGemmSupports(2 * c.moe_intermediate_size, c.hidden_size) &&
       kernels::DeviceGroupedGemmSupports(c.hidden_size, c.moe_intermediate_size);
   if (!device_plan_possible) return absl::OkStatus();
