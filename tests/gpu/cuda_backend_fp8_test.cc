@@ -155,7 +155,8 @@ TEST(CudaBackendFp8, DevicePlannedDecodeAgreesWithTheHostPlannedPath) {
       return inner(changed);
     };
   };
-  // The logits, and how many times a rank waited for a routing on the host.
+  // The logits, and how many times a rank waited for a routing on the host; the GPU lane of
+  // the trace (GpuStageTimer) holds the stages of every layer and the LM head.
   auto run = [&](const RankBackendFactory& factory, int redundant, bool overlap,
                  int& routing_waits) -> absl::StatusOr<std::vector<float>> {
     TraceRecorder trace;
@@ -165,11 +166,16 @@ TEST(CudaBackendFp8, DevicePlannedDecodeAgreesWithTheHostPlannedPath) {
     EXPECT_TRUE(trace.WriteJson(path.string()).ok());
     std::ifstream file(path);
     const std::string json((std::istreambuf_iterator<char>(file)), {});
-    routing_waits = 0;
-    for (size_t at = json.find("routing wait"); at != std::string::npos;
-         at = json.find("routing wait", at + 1)) {
-      ++routing_waits;
-    }
+    auto count = [&](const std::string& what) {
+      int found = 0;
+      for (size_t at = json.find(what); at != std::string::npos; at = json.find(what, at + 1)) {
+        ++found;
+      }
+      return found;
+    };
+    routing_waits = count("routing wait");
+    EXPECT_GE(count("\"cat\":\"gpu\""), model.config().num_hidden_layers + 1);
+    EXPECT_GE(count("GPU (compute stream)"), 1);
     return logits;
   };
   for (bool fp8 : {true, false}) {

@@ -264,22 +264,25 @@ class CudaRankBackend::GpuStages : public parallel::MicroBatchStages {
     MicroBatchState& mb = *micro_batches_[index];
     ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kHostLane,
                            s_.EventName("attention", layer, mb), "compute");
-    return s_.Attention(layer, mb);
+    RETURN_IF_ERROR(s_.Attention(layer, mb));
+    return s_.stage_timer.Mark(s_.EventName("attention", layer, mb));
   }
   absl::Status DenseMlp(int layer, int index) override {
     MicroBatchState& mb = *micro_batches_[index];
     const DeviceLayer& w = s_.layers[layer];
     RETURN_IF_ERROR(s_.dense_mlp->Run(mb.normed.data(), {0, mb.tokens}, {w.dense.gate_up.data()},
                                       {w.dense.down.data()}, mb.moe_out.data()));
-    return kernels::AddInPlace(mb.residual.data(), mb.moe_out.data(),
-                               static_cast<int64_t>(mb.tokens) * s_.config().hidden_size,
-                               s_.stream);
+    RETURN_IF_ERROR(kernels::AddInPlace(mb.residual.data(), mb.moe_out.data(),
+                                        static_cast<int64_t>(mb.tokens) * s_.config().hidden_size,
+                                        s_.stream));
+    return s_.stage_timer.Mark(s_.EventName("dense MLP", layer, mb));
   }
   absl::Status StartDispatch(int layer, int index) override {
     MicroBatchState& mb = *micro_batches_[index];
     ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kHostLane,
                            s_.EventName("gate and dispatch", layer, mb), "compute");
-    return s_.GateAndDispatch(layer, mb, placement_, rank_);
+    RETURN_IF_ERROR(s_.GateAndDispatch(layer, mb, placement_, rank_));
+    return s_.stage_timer.Mark(s_.EventName("gate and dispatch", layer, mb));
   }
   absl::Status Experts(int layer, int index) override {
     MicroBatchState& mb = *micro_batches_[index];
@@ -287,9 +290,13 @@ class CudaRankBackend::GpuStages : public parallel::MicroBatchStages {
                            s_.EventName("experts and combine", layer, mb), "compute");
     RETURN_IF_ERROR(s_.ExpertsAndCombine(layer, mb, rank_));
     received_per_layer_[s_.model->moe_index(layer)] += mb.received_count;
-    return absl::OkStatus();
+    return s_.stage_timer.Mark(s_.EventName("experts and combine", layer, mb));
   }
-  absl::Status FinishMoe(int, int index) override { return s_.FinishMoe(*micro_batches_[index]); }
+  absl::Status FinishMoe(int layer, int index) override {
+    MicroBatchState& mb = *micro_batches_[index];
+    RETURN_IF_ERROR(s_.FinishMoe(mb));
+    return s_.stage_timer.Mark(s_.EventName("weighted sum", layer, mb));
+  }
   absl::Status DrainExchanges() override {
     // Whatever happened, nothing may still be in flight into this step's buffers.
     ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kHostLane, "layers wait", "gpu wait");
@@ -364,6 +371,7 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
 
   // The shared two-batch-overlap schedule (parallel/overlap_schedule.h): one micro-batch's
   // exchange, on the communication stream, overlaps the other's compute.
+  RETURN_IF_ERROR(s.stage_timer.Begin(rank.trace, s.stream));
   GpuStages stages(s, micro_batches, placement, rank);
   RETURN_IF_ERROR(parallel::RunOverlapSchedule(
       c.num_hidden_layers, [&](int layer) { return s.model->moe_index(layer) >= 0; },
@@ -389,8 +397,10 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
     RETURN_IF_ERROR(s.Head(*micro_batches[i], rows[i], s.step_logits.data() + offset * vocab));
     offset += rows[i].size();
   }
+  RETURN_IF_ERROR(s.stage_timer.Mark("LM head"));
   // The step's staging buffers are rewritten by the next Forward(): it must have run.
   RETURN_IF_ERROR(s.SynchronizeCompute("LM head"));
+  s.stage_timer.Publish(rank.trace_pid, kGpuLane);
   RETURN_IF_ERROR(s.RecordDevicePlannedLoad(rank));
   s.step_rows = total_rows;
   return absl::OkStatus();

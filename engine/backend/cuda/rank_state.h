@@ -19,6 +19,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/cuda/cuda_rank_backend.h"
+#include "engine/backend/cuda/gpu_stage_timer.h"
 #include "engine/backend/cuda/pinned_buffer.h"
 #include "engine/backend/cuda/weight_uploader.h"
 #include "engine/comm/nccl_communicator.h"
@@ -72,6 +73,8 @@ struct DeviceLayer {
 // Trace events of the backend go on the rank's compute lane (as the CPU backend's do). They
 // are host time: GPU work shows where the host waits for it.
 constexpr int kHostLane = parallel::kTraceComputeLane;
+// The GPU time of a traced step's stages (GpuStageTimer) goes on a lane of its own.
+constexpr int kGpuLane = parallel::kTraceStepLane + 1;
 
 // A routed expert that exists on the GPU only (ModelConfig::routed_experts_on_device): bf16, or
 // FP8 (quantized from the same bf16 values through `scratch`).
@@ -224,6 +227,7 @@ struct CudaRankBackend::State {
   // would wait for the whole device in the committing step).
   std::vector<DeviceMlp> spare_slots;
   cudaStream_t copy_stream = nullptr;  // staging uploads, beside the compute stream
+  GpuStageTimer stage_timer;           // a traced step's GPU stages
 
   ~State() {
     for (auto* list : {&timed, &spare_timers}) {
