@@ -94,6 +94,9 @@ absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBa
   const int row_dim = latent + rope;
   const int hidden = c.hidden_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
+  // A traced step times MLA's pieces apart on the GPU lane; the stage's own mark, after this
+  // returns, then covers the output projection and the norm.
+  auto mark = [&](const char* piece) { return stage_timer.Mark(EventName(piece, layer, mb)); };
 
   RETURN_IF_ERROR(kernels::RmsNorm(mb.residual.data(), w.input_norm.data(), mb.normed.data(),
                                    tokens, hidden, eps, stream));
@@ -108,6 +111,7 @@ absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBa
     RETURN_IF_ERROR(
         Linear(mb.normed.data(), w.q.data(), mb.q.data(), CUDA_R_16BF, tokens, hidden, heads * qk));
   }
+  RETURN_IF_ERROR(mark("MLA queries"));
   RETURN_IF_ERROR(
       Linear(mb.normed.data(), w.kv_a.data(), mb.kv_a.data(), CUDA_R_32F, tokens, hidden, row_dim));
   Bf16* layer_rows = kv_rows.data() + layer * rows_per_layer * row_dim;
@@ -117,6 +121,7 @@ absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBa
   RETURN_IF_ERROR(kernels::MlaQueryRope(mb.q.data(), mb.positions.data(), rope_cos.data(),
                                         rope_sin.data(), mb.q_absorbed.data(), tokens, heads, nope,
                                         rope, latent, stream));
+  RETURN_IF_ERROR(mark("MLA latent and rope"));
   // Absorbed queries: q_absorbed[t, h, :latent] = q_nope[t, h] · W_UK(h), W_UK(h) = the head's
   // [nope, latent] rows of kv_b_proj; one strided batched GEMM over the heads.
   const float one = 1.0f, zero = 0.0f;
@@ -130,10 +135,12 @@ absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBa
                                    CUBLAS_GEMM_DEFAULT),
         "absorbed queries"));
   }
+  RETURN_IF_ERROR(mark("MLA absorbed queries"));
   RETURN_IF_ERROR(kernels::MlaPagedAttention(
       mb.q_absorbed.data(), layer_rows, mb.block_tables.data(), mb.max_blocks,
       mb.token_sequence.data(), mb.positions.data(), mb.attended.data(), tokens, heads, latent,
       rope, options.kv_block_size, static_cast<float>(c.attention_softmax_scale()), stream));
+  RETURN_IF_ERROR(mark("MLA paged attention"));
   // Values: out(h) = attended(h) · W_UV(h)^T, W_UV(h) = the head's [v, latent] rows.
   if (tokens > 0) {
     RETURN_IF_ERROR(CublasStatus(
@@ -144,6 +151,7 @@ absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBa
                                    heads * v, v, heads, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         "attention values"));
   }
+  RETURN_IF_ERROR(mark("MLA values"));
   // residual += o_proj(values), then the post-attention norm.
   RETURN_IF_ERROR(Linear(mb.values.data(), w.o.data(), mb.residual.data(), CUDA_R_16BF, tokens,
                          heads * v, hidden, 1.0f));
