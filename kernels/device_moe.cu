@@ -2,7 +2,6 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
-#include <atomic>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/device_moe.h"
@@ -452,20 +451,14 @@ template <class Operand>
 absl::Status LaunchGroupedGemm(const __nv_bfloat16* x, const DeviceSlotPlan& plan, Operand operand,
                                int n, int k, __nv_bfloat16* y, cudaStream_t stream) {
   constexpr int kShared = GemmSharedBytes<Operand>();
-  // More than 48 KiB of shared memory per block must be allowed once per kernel and GPU.
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> allowed[kMaxDevices];
-  int device = 0;
-  if (auto s = CudaStatus(cudaGetDevice(&device), "DeviceGroupedGemm"); !s.ok()) return s;
-  if (device >= kMaxDevices || !allowed[device].load(std::memory_order_acquire)) {
-    if (auto s =
-            CudaStatus(cudaFuncSetAttribute(DeviceGroupedGemmKernel<Operand>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kShared),
-                       "DeviceGroupedGemm shared memory");
-        !s.ok()) {
-      return s;
-    }
-    if (device < kMaxDevices) allowed[device].store(true, std::memory_order_release);
+  // Above 48 KiB of dynamic shared memory a kernel must opt in (per kernel and device; setting
+  // it again is cheap), as the attention kernels do.
+  if (auto s =
+          CudaStatus(cudaFuncSetAttribute(DeviceGroupedGemmKernel<Operand>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kShared),
+                     "DeviceGroupedGemm shared memory");
+      !s.ok()) {
+    return s;
   }
   const int busy_bound =
       plan.busy_slot_bound >= 0 ? std::min(plan.slots, plan.busy_slot_bound) : plan.slots;

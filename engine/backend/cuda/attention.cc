@@ -96,7 +96,7 @@ absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBa
   const float eps = static_cast<float>(c.rms_norm_eps);
   // A traced step times MLA's pieces apart on the GPU lane; the stage's own mark, after this
   // returns, then covers the output projection and the norm.
-  auto mark = [&](const char* piece) { return stage_timer.Mark(EventName(piece, layer, mb)); };
+  auto mark = [&](const char* piece) { return MarkStage(piece, layer, mb); };
 
   RETURN_IF_ERROR(kernels::RmsNorm(mb.residual.data(), w.input_norm.data(), mb.normed.data(),
                                    tokens, hidden, eps, stream));

@@ -265,7 +265,7 @@ class CudaRankBackend::GpuStages : public parallel::MicroBatchStages {
     ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kHostLane,
                            s_.EventName("attention", layer, mb), "compute");
     RETURN_IF_ERROR(s_.Attention(layer, mb));
-    return s_.stage_timer.Mark(s_.EventName("attention", layer, mb));
+    return s_.MarkStage("attention", layer, mb);
   }
   absl::Status DenseMlp(int layer, int index) override {
     MicroBatchState& mb = *micro_batches_[index];
@@ -275,14 +275,14 @@ class CudaRankBackend::GpuStages : public parallel::MicroBatchStages {
     RETURN_IF_ERROR(kernels::AddInPlace(mb.residual.data(), mb.moe_out.data(),
                                         static_cast<int64_t>(mb.tokens) * s_.config().hidden_size,
                                         s_.stream));
-    return s_.stage_timer.Mark(s_.EventName("dense MLP", layer, mb));
+    return s_.MarkStage("dense MLP", layer, mb);
   }
   absl::Status StartDispatch(int layer, int index) override {
     MicroBatchState& mb = *micro_batches_[index];
     ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kHostLane,
                            s_.EventName("gate and dispatch", layer, mb), "compute");
     RETURN_IF_ERROR(s_.GateAndDispatch(layer, mb, placement_, rank_));
-    return s_.stage_timer.Mark(s_.EventName("gate and dispatch", layer, mb));
+    return s_.MarkStage("gate and dispatch", layer, mb);
   }
   absl::Status Experts(int layer, int index) override {
     MicroBatchState& mb = *micro_batches_[index];
@@ -290,12 +290,12 @@ class CudaRankBackend::GpuStages : public parallel::MicroBatchStages {
                            s_.EventName("experts and combine", layer, mb), "compute");
     RETURN_IF_ERROR(s_.ExpertsAndCombine(layer, mb, rank_));
     received_per_layer_[s_.model->moe_index(layer)] += mb.received_count;
-    return s_.stage_timer.Mark(s_.EventName("experts and combine", layer, mb));
+    return s_.MarkStage("experts and combine", layer, mb);
   }
   absl::Status FinishMoe(int layer, int index) override {
     MicroBatchState& mb = *micro_batches_[index];
     RETURN_IF_ERROR(s_.FinishMoe(mb));
-    return s_.stage_timer.Mark(s_.EventName("weighted sum", layer, mb));
+    return s_.MarkStage("weighted sum", layer, mb);
   }
   absl::Status DrainExchanges() override {
     // Whatever happened, nothing may still be in flight into this step's buffers.

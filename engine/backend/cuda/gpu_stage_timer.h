@@ -29,6 +29,8 @@ class GpuStageTimer {
 
   // Starts a step on `stream`; enabled only when `trace` is set (else every call is a no-op).
   absl::Status Begin(TraceRecorder* trace, cudaStream_t stream);
+  // Whether this step is timed (Begin had a trace).
+  bool enabled() const { return trace_ != nullptr; }
   // The work enqueued on the stream since the last mark is the stage `name`.
   absl::Status Mark(std::string name);
   // After the stream has synchronized: the stages as trace events on lane `tid` of `pid`,

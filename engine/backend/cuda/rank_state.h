@@ -247,6 +247,10 @@ struct CudaRankBackend::State {
   std::string EventName(const char* what, int layer, const MicroBatchState& mb) const {
     return absl::StrCat(what, " L", layer, " mb", &mb - micro_batches);
   }
+  // Ends a GPU stage of a traced step (GpuStageTimer); names nothing in untraced steps.
+  absl::Status MarkStage(const char* what, int layer, const MicroBatchState& mb) {
+    return stage_timer.enabled() ? stage_timer.Mark(EventName(what, layer, mb)) : absl::OkStatus();
+  }
 
   // y[rows, out] = x[rows, in] · w[out, in]^T (+ beta * y); bf16 inputs, fp32 accumulation, y
   // in bf16 or fp32.
