@@ -8,6 +8,7 @@
 #include "kernels/fp8.h"
 #include "kernels/kernels.h"
 #include "kernels/reductions.cuh"
+#include "kernels/tensor_core.cuh"
 
 namespace moeserve::kernels {
 namespace {
@@ -101,48 +102,6 @@ constexpr int kXStageBytes = kPassRows * kXRowBytes;
 constexpr int kScaleSlotBytes = 16;  // a stage's FP8 scale (4 bytes, kept 16-byte aligned)
 static_assert(kBlockColumns == kFp8BlockSize, "a block's columns share one FP8 scale row");
 static_assert(kBlockColumns == kGemmThreads, "a thread copies one weight row's units per stage");
-
-__device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                    uint32_t a3, uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // bf16 mma needs compute capability 8.0; the backend never launches this there
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
-
-// Copies `bytes` (16, or 4 for a scale; 0 fills the 16 bytes with zeros) from global to shared
-// memory without passing through registers; completes at CpAsyncWait.
-__device__ __forceinline__ void CpAsync16(void* shared, const void* global, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();
-#else
-  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global),
-               "r"(bytes));
-#endif
-}
-__device__ __forceinline__ void CpAsync4(void* shared, const void* global) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(address), "l"(global));
-#endif
-}
-__device__ __forceinline__ void CpAsyncCommit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-template <int kPending>
-__device__ __forceinline__ void CpAsyncWait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-#endif
-}
 
 __device__ __forceinline__ uint4 LoadShared(const char* base, int row, int row_bytes, int unit,
                                             int swizzle) {
