@@ -96,8 +96,8 @@ void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
       ->add_option(
           "--model", engine.model,
           "Model to serve: builtin:tiny, builtin:tiny-nolora, builtin:tiny-v2, builtin:tiny-e256, "
-          "builtin:v3-bench or builtin:qwen3-30b-bench (GPU only), or a Hugging Face checkpoint "
-          "folder")
+          "builtin:v3-bench, builtin:v3-bench-fp8, builtin:v3-bench-fp8-deep or "
+          "builtin:qwen3-30b-bench (GPU only), or a Hugging Face checkpoint folder")
       ->capture_default_str();
   AddDeviceOption(command, engine.device);
   command

@@ -6,8 +6,14 @@
 namespace moeserve::engine {
 
 std::vector<std::string> BuiltinModelNames() {
-  return {"builtin:tiny",     "builtin:tiny-nolora",  "builtin:tiny-v2",        "builtin:tiny-e256",
-          "builtin:v3-bench", "builtin:v3-bench-fp8", "builtin:qwen3-30b-bench"};
+  return {"builtin:tiny",
+          "builtin:tiny-nolora",
+          "builtin:tiny-v2",
+          "builtin:tiny-e256",
+          "builtin:v3-bench",
+          "builtin:v3-bench-fp8",
+          "builtin:v3-bench-fp8-deep",
+          "builtin:qwen3-30b-bench"};
 }
 
 namespace {
@@ -106,7 +112,8 @@ absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name) {
     c.moe_intermediate_size = 32;
     return c;
   }
-  if (name == "builtin:v3-bench" || name == "builtin:v3-bench-fp8") {
+  if (name == "builtin:v3-bench" || name == "builtin:v3-bench-fp8" ||
+      name == "builtin:v3-bench-fp8-deep") {
     // DeepSeek-V3's dimensions at reduced depth, for GPU benchmarks: hidden 7168, 128 MLA heads
     // (q-LoRA 1536, latent 512, rope 64), 256 routed experts of 2048 (8 per token, 8 groups of
     // which 4) plus one shared, vocabulary 129280; 4 layers, the first 2 dense. The routed
@@ -135,7 +142,11 @@ absl::StatusOr<ModelConfig> BuiltinModelConfig(const std::string& name) {
     c.routed_experts_on_device = true;
     // The -fp8 sibling keeps its routed experts in FP8 on the GPU (11.3 GB per MoE layer), as
     // a DeepSeek-V3 checkpoint's are served; the dense weights are the same.
-    c.routed_experts_fp8 = name == "builtin:v3-bench-fp8";
+    c.routed_experts_fp8 = name != "builtin:v3-bench";
+    // The -fp8-deep sibling has 8 layers (6 MoE, 68 GB of FP8 experts: it fits one 80 GB GPU
+    // with a small KV cache), so that a decode step's time per MoE layer can be compared
+    // across depths.
+    if (name == "builtin:v3-bench-fp8-deep") c.num_hidden_layers = 8;
     return c;
   }
   if (name == "builtin:qwen3-30b-bench") return Qwen3BenchConfig(name);
