@@ -33,12 +33,16 @@ absl::Status MlaQueryRope(const __nv_bfloat16* q, const int32_t* positions, cons
 // Causal attention of each token's absorbed queries over its sequence's cached rows
 // 0..positions[t]: out[t, h] = softmax(scale * q_absorbed[t, h] · rows) · rows[:, :latent].
 // token_sequence[t] picks the block table (block_tables: [sequences, max_blocks]).
-// latent <= 1024.
+// latent <= 512; bf16 tensor cores (compute capability 8.0). With a workspace of
+// MlaPagedAttentionWorkspaceBytes(latent) (for the current device), a batch too small to fill
+// the GPU has its contexts split across blocks and merged; with none, each (token, 16 heads)
+// is one block. The workspace belongs to the stream until the work is done.
 absl::Status MlaPagedAttention(const __nv_bfloat16* q_absorbed, const __nv_bfloat16* cache,
                                const int32_t* block_tables, int max_blocks,
                                const int32_t* token_sequence, const int32_t* positions,
                                __nv_bfloat16* out, int tokens, int heads, int latent, int rope,
-                               int block_size, float scale, cudaStream_t stream);
+                               int block_size, float scale, float* workspace, cudaStream_t stream);
+size_t MlaPagedAttentionWorkspaceBytes(int latent);
 
 // y += x, elementwise over bf16 values (fp32 add, one rounding).
 absl::Status AddInPlace(__nv_bfloat16* y, const __nv_bfloat16* x, int64_t count,

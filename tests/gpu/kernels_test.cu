@@ -288,15 +288,65 @@ TEST(GpuKernels, MlaCacheWriteQueryRopeAndPagedAttentionMatchTwins) {
   MlaPagedAttentionTwin(q_absorbed.data(), cache.data(), tables.data(), max_blocks,
                         query_sequence.data(), query_positions.data(), expected.data(), tokens,
                         heads, latent, rope, block_size, scale);
-  uint16_t* d_out = ToDevice(std::vector<uint16_t>(expected.size(), 0));
-  // The twin's cache (not the kernel's) so that only attention is compared.
+  // The twin's cache (not the kernel's) so that only attention is compared. Without a workspace
+  // a block walks a token's whole context; with one, these 4 tokens (one block of heads each)
+  // cannot fill a GPU, so their contexts are split (up to 300 / 64 ways) and merged, and the
+  // prefill tokens' short contexts leave some splits without rows.
   uint16_t* d_twin_cache = ToDevice(cache);
-  ASSERT_TRUE(MlaPagedAttention(Bf(d_q_absorbed), Bf(d_twin_cache), d_tables, max_blocks,
-                                d_query_sequence, d_query_positions, Bf(d_out), tokens, heads,
-                                latent, rope, block_size, scale, nullptr)
-                  .ok());
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  EXPECT_LT(RelativeError(ToHost(d_out, expected.size()), expected), 1e-2);
+  float* d_workspace = nullptr;
+  ASSERT_EQ(cudaMalloc(&d_workspace, MlaPagedAttentionWorkspaceBytes(latent)), cudaSuccess);
+  for (float* workspace : {static_cast<float*>(nullptr), d_workspace}) {
+    SCOPED_TRACE(workspace == nullptr ? "whole contexts" : "split contexts");
+    uint16_t* d_out = ToDevice(std::vector<uint16_t>(expected.size(), 0));
+    ASSERT_TRUE(MlaPagedAttention(Bf(d_q_absorbed), Bf(d_twin_cache), d_tables, max_blocks,
+                                  d_query_sequence, d_query_positions, Bf(d_out), tokens, heads,
+                                  latent, rope, block_size, scale, workspace, nullptr)
+                    .ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_LT(RelativeError(ToHost(d_out, expected.size()), expected), 1e-2);
+  }
+}
+
+// Shapes off the fast path: a latent and rope that are not whole 16-byte units (rows loaded a
+// value at a time and padded), a head count that is not a multiple of 16, a context of one row;
+// and a row too wide for the kernel is refused.
+TEST(GpuKernels, MlaPagedAttentionTakesOddShapesAndRefusesWideLatents) {
+  REQUIRE_GPU();
+  const int latent = 36, rope = 6, heads = 3, block_size = 4, blocks = 12;
+  const int row_dim = latent + rope;
+  const std::vector<uint16_t> cache =
+      RandomBf16(static_cast<size_t>(blocks) * block_size * row_dim, 21);
+  std::vector<int32_t> tables = {5, 2, 7, 0, 9, 11, 1, 3, 4, 6, 8, 10};
+  const int max_blocks = 6;  // two sequences of up to 24 rows
+  const std::vector<int32_t> positions = {0, 23, 13};
+  const std::vector<int32_t> sequence = {0, 1, 0};
+  const int tokens = 3;
+  const std::vector<uint16_t> q =
+      RandomBf16(static_cast<size_t>(tokens) * heads * row_dim, 22, 0.2f);
+  std::vector<uint16_t> expected(static_cast<size_t>(tokens) * heads * latent);
+  MlaPagedAttentionTwin(q.data(), cache.data(), tables.data(), max_blocks, sequence.data(),
+                        positions.data(), expected.data(), tokens, heads, latent, rope, block_size,
+                        0.3f);
+  uint16_t* d_cache = ToDevice(cache);
+  uint16_t* d_q = ToDevice(q);
+  int32_t* d_tables = ToDevice(tables);
+  int32_t* d_positions = ToDevice(positions);
+  int32_t* d_sequence = ToDevice(sequence);
+  float* d_workspace = nullptr;
+  ASSERT_EQ(cudaMalloc(&d_workspace, MlaPagedAttentionWorkspaceBytes(latent)), cudaSuccess);
+  for (float* workspace : {static_cast<float*>(nullptr), d_workspace}) {
+    uint16_t* d_out = ToDevice(std::vector<uint16_t>(expected.size(), 0));
+    ASSERT_TRUE(MlaPagedAttention(Bf(d_q), Bf(d_cache), d_tables, max_blocks, d_sequence,
+                                  d_positions, Bf(d_out), tokens, heads, latent, rope, block_size,
+                                  0.3f, workspace, nullptr)
+                    .ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_LT(RelativeError(ToHost(d_out, expected.size()), expected), 1e-2);
+  }
+  const absl::Status wide =
+      MlaPagedAttention(Bf(d_q), Bf(d_cache), d_tables, max_blocks, d_sequence, d_positions,
+                        nullptr, tokens, heads, 1024, rope, block_size, 0.3f, nullptr, nullptr);
+  EXPECT_EQ(wide.code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(GpuKernels, FillRandomMatchesTwinAndHasTheRequestedSpread) {

@@ -139,7 +139,8 @@ absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBa
   RETURN_IF_ERROR(kernels::MlaPagedAttention(
       mb.q_absorbed.data(), layer_rows, mb.block_tables.data(), mb.max_blocks,
       mb.token_sequence.data(), mb.positions.data(), mb.attended.data(), tokens, heads, latent,
-      rope, options.kv_block_size, static_cast<float>(c.attention_softmax_scale()), stream));
+      rope, options.kv_block_size, static_cast<float>(c.attention_softmax_scale()),
+      attention_workspace.data(), stream));
   RETURN_IF_ERROR(mark("MLA paged attention"));
   // Values: out(h) = attended(h) · W_UV(h)^T, W_UV(h) = the head's [v, latent] rows.
   if (tokens > 0) {

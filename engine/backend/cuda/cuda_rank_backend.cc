@@ -209,6 +209,10 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   s.rows_per_layer = static_cast<int64_t>(options.kv_blocks) * options.kv_block_size;
   RETURN_IF_ERROR(
       s.kv_rows.Reserve(static_cast<size_t>(c.num_hidden_layers) * s.rows_per_layer * row_dim));
+  if (c.uses_mla()) {
+    RETURN_IF_ERROR(s.attention_workspace.Reserve(
+        kernels::MlaPagedAttentionWorkspaceBytes(c.kv_lora_rank) / sizeof(float)));
+  }
   const int max_tokens = std::max(options.max_batch_tokens, 1);
   const int top_k = std::max(c.num_experts_per_tok, 1);
   // Worst case of rows one rank receives: every rank's every assignment.

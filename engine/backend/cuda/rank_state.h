@@ -169,6 +169,8 @@ struct CudaRankBackend::State {
   // values of every key/value head (Model::kv_row_dim()).
   DeviceArray<Bf16> kv_rows;
   int64_t rows_per_layer = 0;
+  // MLA attention's split contexts (kernels::MlaPagedAttention), used on the compute stream.
+  DeviceArray<float> attention_workspace;
   int kv_row_dim() const { return model->kv_row_dim(); }
 
   std::unique_ptr<kernels::ExpertMlp> dense_mlp, shared_mlp, routed_mlp;

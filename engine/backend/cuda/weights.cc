@@ -98,8 +98,8 @@ absl::Status CheckCudaSupport(const ModelConfig& config) {
                                                    config.model_type,
                                                    "` models: serve it with --device cpu"));
   }
-  if (config.uses_mla() && config.kv_lora_rank > 1024) {
-    return absl::InvalidArgumentError("the GPU backend supports kv_lora_rank up to 1024");
+  if (config.uses_mla() && config.kv_lora_rank > 512) {
+    return absl::InvalidArgumentError("the GPU backend supports kv_lora_rank up to 512");
   }
   if (!config.uses_mla()) {
     // No published Qwen3-MoE or Mixtral checkpoint has attention biases; the CPU engine runs
