@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/bench/bench_timing.h"
 #include "kernels/bf16.h"
 #include "kernels/device_moe.h"
 #include "kernels/expert_mlp.h"
@@ -37,40 +38,11 @@ using moeserve::kernels::ExpertMlp;
 using moeserve::kernels::Fp8BlockGemm;
 using moeserve::kernels::Fp8ExpertMlp;
 using moeserve::kernels::Fp8Weight;
-
-#define CHECK_CUDA(call)                                                             \
-  do {                                                                               \
-    cudaError_t e = (call);                                                          \
-    if (e != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
+using moeserve::kernels::bench::CopyGBps;
+using moeserve::kernels::bench::MedianMs;
 
 constexpr int kHidden = 7168;
 constexpr int kIntermediate = 2048;
-
-template <typename F>
-double MedianMs(F&& body, int iterations, cudaStream_t stream) {
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  for (int i = 0; i < 3; ++i) body();  // warm-up
-  std::vector<float> times;
-  for (int i = 0; i < iterations; ++i) {
-    cudaEventRecord(start, stream);
-    body();
-    cudaEventRecord(stop, stream);
-    cudaEventSynchronize(stop);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, start, stop);
-    times.push_back(ms);
-  }
-  std::sort(times.begin(), times.end());
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return times[times.size() / 2];
-}
 
 // Uniform values with standard deviation `scale`, generated on the device (a counter hash), so
 // that tens of GB of weights do not pass through the host.
@@ -115,18 +87,6 @@ double DenseTflops(cudaStream_t stream) {
   cudaFree(b);
   cudaFree(c);
   return 2.0 * n * n * n / (ms * 1e-3) / 1e12;
-}
-
-double CopyGBps(cudaStream_t stream) {
-  const size_t bytes = size_t{2} << 30;
-  void *a, *b;
-  CHECK_CUDA(cudaMalloc(&a, bytes));
-  CHECK_CUDA(cudaMalloc(&b, bytes));
-  const double ms =
-      MedianMs([&] { cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream); }, 10, stream);
-  cudaFree(a);
-  cudaFree(b);
-  return 2.0 * bytes / (ms * 1e-3) / 1e9;  // read + write
 }
 
 void ExitOnError(const absl::Status& status) {
