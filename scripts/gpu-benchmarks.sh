@@ -2,6 +2,8 @@
 # Runs moeserve's GPU benchmarks on a GPU host, prints their tables and keeps their logs:
 #   experts   moeserve-expert-bench (expert SwiGLU at DeepSeek-V3 shapes against the card's
 #             measured limits) and the PyTorch baselines of kernels/bench/expert_bench_torch.py
+#   attention moeserve-attention-bench (MLA decode attention at DeepSeek-V3's shape against the
+#             copy bandwidth: sequences x context, whole and split contexts)
 #   dispatch  engine/bench/run_dispatch_bench.sh: dispatch/combine against raw NCCL
 #             all-to-all of the same bytes, two-batch overlap, Chrome traces
 #   serving   `moeserve serve --model builtin:v3-bench --device cuda --ep N` for N = 1, 2, 4, 8
@@ -12,8 +14,8 @@
 #             `moeserve frontend`), and one process per GPU as 2 "nodes" of N/2 (each node's
 #             ranks with their own NCCL_HOSTID, NCCL between the nodes over sockets)
 #
-#   scripts/gpu-benchmarks.sh OUT_DIR [experts] [dispatch] [serving] [processes]
-#                                                        (default: experts dispatch serving)
+#   scripts/gpu-benchmarks.sh OUT_DIR [experts] [attention] [dispatch] [serving] [processes]
+#                                              (default: experts attention dispatch serving)
 #
 # Binaries come from $MOESERVE_BIN_DIR (a flat folder, e.g. a bundle made with
 # engine/bench/run_dispatch_bench.sh --bundle) or the build tree $MOESERVE_BUILD_DIR (default:
@@ -28,11 +30,11 @@
 # $BENCH_CONNECT_TIMEOUT seconds (900) for a server to load. NVLink multicast stays off.
 set -euo pipefail
 
-[[ $# -ge 1 ]] || { sed -n '2,29p' "$0" >&2; exit 2; }
+[[ $# -ge 1 ]] || { sed -n '2,30p' "$0" >&2; exit 2; }
 out=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 parts=("$@")
-[[ ${#parts[@]} -gt 0 ]] || parts=(experts dispatch serving)
+[[ ${#parts[@]} -gt 0 ]] || parts=(experts attention dispatch serving)
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MOESERVE_BUILD_DIR:-$root/build}
 export NCCL_NVLS_ENABLE=0
@@ -91,6 +93,11 @@ for part in "${parts[@]}"; do
       else
         echo "(PyTorch not installed: no PyTorch baseline)" | tee -a "$out/summary.md"
       fi
+      ;;
+    attention)
+      echo "## MLA decode attention" | tee -a "$out/summary.md"
+      "$(find_binary moeserve-attention-bench kernels)" | tee "$out/attention.txt" |
+        tee -a "$out/summary.md"
       ;;
     dispatch)
       echo "## Dispatch / combine" | tee -a "$out/summary.md"
@@ -182,6 +189,6 @@ for part in "${parts[@]}"; do
         done
       done
       ;;
-    *) echo "unknown part $part (experts, dispatch, serving, processes)" >&2; exit 2 ;;
+    *) echo "unknown part $part (experts, attention, dispatch, serving, processes)" >&2; exit 2 ;;
   esac
 done
