@@ -8,12 +8,14 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "base/bounded_json.h"
 #include "base/regular_file.h"
 #include "engine/base/status_macros.h"
 #include "engine/engine.h"
+#include "engine/model/builtin_models.h"
 #include "engine/model/hf_config.h"
 #include "nlohmann/json.hpp"
 
@@ -135,7 +137,8 @@ void Evaluate(MemoryPlan& plan) {
 
 absl::StatusOr<MemoryPlan> PlanMemory(const PlanMemoryOptions& options) {
   if (options.model.empty()) {
-    return absl::InvalidArgumentError("--model is required: a checkpoint folder or a config.json");
+    return absl::InvalidArgumentError(
+        "--model is required: a checkpoint folder, a config.json or a built-in model");
   }
   if (options.ep < 1) return absl::InvalidArgumentError("--ep must be a positive integer");
   if (!(options.gpu_memory_gib > 0) || !std::isfinite(options.gpu_memory_gib) ||
@@ -166,13 +169,23 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanMemoryOptions& options) {
         absl::StrCat("--kv-dtype must be bf16, fp32 or fp8, got `", options.kv_dtype, "`"));
   }
 
-  ASSIGN_OR_RETURN(const auto config_and_name, ReadConfig(options.model));
-  const auto& [json, name] = config_and_name;
-  ASSIGN_OR_RETURN(plan.config, ParseForSizing(json, name, &plan.serving_note));
+  if (absl::StartsWith(options.model, "builtin:")) {
+    // A built-in model: its experts are stored as the GPU holds them (FP8 for the -fp8 ones).
+    ASSIGN_OR_RETURN(plan.config, BuiltinModelConfig(options.model));
+    plan.weight_dtype = "bf16";
+    if (plan.config.routed_experts_fp8) {
+      plan.format.kind = WeightFormat::Kind::kFp8BlockScaled;
+      plan.weight_dtype = "fp8";
+    }
+  } else {
+    ASSIGN_OR_RETURN(const auto config_and_name, ReadConfig(options.model));
+    const auto& [json, name] = config_and_name;
+    ASSIGN_OR_RETURN(plan.config, ParseForSizing(json, name, &plan.serving_note));
+    plan.format = CheckpointFormat(json, &plan.weight_dtype);
+  }
   if (plan.config.n_routed_experts <= 0) {
     return absl::InvalidArgumentError("the config has no routed experts to place");
   }
-  plan.format = CheckpointFormat(json, &plan.weight_dtype);
   if (options.dtype == "bf16") {
     plan.format = WeightFormat{};
     plan.weight_dtype = "bf16";
@@ -296,8 +309,10 @@ void RegisterPlanMemoryCommand(CLI::App& plan_command, int& exit_code) {
       "memory",
       "Size an expert-parallel layout from config.json: per GPU the dense weights, the routed "
       "experts, the KV cache and the tokens that fit; exits 0 when it fits, 1 when not");
-  memory->add_option("--model", options->model, "A checkpoint folder or its config.json")
-      ->type_name("DIR|CONFIG_JSON");
+  memory
+      ->add_option("--model", options->model,
+                   "A checkpoint folder, its config.json, or a built-in model (builtin:NAME)")
+      ->type_name("DIR|CONFIG_JSON|builtin:NAME");
   memory->add_option("--ep", options->ep, "GPUs in the expert-parallel group")->type_name("N");
   memory
       ->add_option("--gpu-memory-gib", options->gpu_memory_gib,

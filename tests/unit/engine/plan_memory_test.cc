@@ -222,6 +222,32 @@ TEST(PlanMemory, RefusesBadOptions) {
   EXPECT_THAT(error(Options("no-such-model", 8, 139)), HasSubstr("no config.json"));
 }
 
+// The built-in GPU benchmark models size as they are served: builtin:v3-bench-fp8-deep's six
+// MoE layers of FP8 experts (256 x 44,050,944 bytes each) fit one 78 GiB H100 with a few GiB
+// of KV cache; in bf16 they would not.
+TEST(PlanMemory, SizesBuiltinModels) {
+  PlanMemoryOptions deep;
+  deep.model = "builtin:v3-bench-fp8-deep";
+  deep.ep = 1;
+  deep.gpu_memory_gib = 78;
+  absl::StatusOr<MemoryPlan> plan = PlanMemory(deep);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->weight_dtype, "fp8");
+  EXPECT_EQ(plan->expert_bytes, 256LL * 6 * 44'050'944);
+  EXPECT_TRUE(plan->fits) << plan->does_not_fit;
+  EXPECT_GT(plan->kv_bytes, 2 * kGiB);
+  EXPECT_LT(plan->kv_bytes, 4 * kGiB);
+  deep.dtype = "bf16";
+  plan = PlanMemory(deep);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_FALSE(plan->fits);
+  EXPECT_THAT(plan->does_not_fit, HasSubstr("the weights do not fit"));
+
+  PlanMemoryOptions unknown = deep;
+  unknown.model = "builtin:huge";
+  EXPECT_THAT(PlanMemory(unknown).status().message(), HasSubstr("unknown built-in model"));
+}
+
 TEST(PlanMemory, ReadsACheckpointFolderAndSizesConfigsMoeserveWouldNotServe) {
   // A checkpoint folder: its config.json, FP8 because of its quantization_config.
   PlanMemoryOptions folder;
