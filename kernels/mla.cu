@@ -1,5 +1,4 @@
 #include <algorithm>
-#include <cfloat>
 
 #include "kernels/kernels.h"
 #include "kernels/mla.h"
@@ -80,18 +79,17 @@ constexpr int kAttentionWarps = 4;
 constexpr int kAttentionThreads = kAttentionWarps * kWarp;
 constexpr int kTileRows = 32;               // 8 per warp in the scores
 constexpr int kMaxOutputTilesPerWarp = 16;  // n8 tiles of outputs: latent <= 4 * 16 * 8
-constexpr int kMaxLatent = kAttentionWarps * kMaxOutputTilesPerWarp * 8;
+static_assert(kMaxMlaLatent == kAttentionWarps * kMaxOutputTilesPerWarp * 8);
 constexpr int kScoreStride = kTileRows + 4;
 constexpr int kProbabilityStride = kTileRows + 8;  // 80-byte rows: ldmatrix without conflicts
 constexpr int kMaxContextSplits = 16;
 constexpr int kMinTilesPerSplit = 2;
 
-// Shared row stride (bf16 values) for rows of `row_dim`: padded to whole k16 steps, then 8
+// A row padded to whole k16 steps of the mma, and its shared-memory stride (bf16 values): 8
 // more, so that consecutive rows start an odd number of 16-byte units apart and the 8 rows of
 // an ldmatrix hit different banks.
-__host__ __device__ constexpr int SharedRowStride(int row_dim) {
-  return (row_dim + 15) / 16 * 16 + 8;
-}
+__host__ __device__ constexpr int PaddedRowDim(int row_dim) { return (row_dim + 15) / 16 * 16; }
+__host__ __device__ constexpr int SharedRowStride(int row_dim) { return PaddedRowDim(row_dim) + 8; }
 
 size_t AttentionSharedBytes(int row_dim) {
   const size_t stride = SharedRowStride(row_dim);
@@ -108,7 +106,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
                             float scale, float* split_outputs, float* split_stats) {
   extern __shared__ __align__(16) unsigned char shared[];
   const int row_dim = latent + rope;
-  const int padded_dim = (row_dim + 15) / 16 * 16;
+  const int padded_dim = PaddedRowDim(row_dim);
   const int stride = SharedRowStride(row_dim);
   auto* queries = reinterpret_cast<__nv_bfloat16*>(shared);  // [kHeadsPerBlock, stride]
   __nv_bfloat16* tiles = queries + kHeadsPerBlock * stride;  // [2, kTileRows, stride]
@@ -149,31 +147,26 @@ __global__ void __launch_bounds__(kAttentionThreads)
   // Rows [start, start + kTileRows) into `tile`; rows past the context are zeros (their
   // probabilities are zero, and zero times a stray NaN would not be).
   const bool unit_rows = row_dim % 8 == 0;  // rows are whole 16-byte units
+  auto cache_row = [&](int position) {
+    return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
+  };
   auto load_tile = [&](int start, __nv_bfloat16* tile) {
     if (unit_rows) {
       const int units = row_dim / 8;
       for (int i = threadIdx.x; i < kTileRows * units; i += kAttentionThreads) {
         const int j = i / units;
         const int position = start + j;
-        const __nv_bfloat16* from = cache;
-        if (position < context) {
-          const int64_t row = static_cast<int64_t>(table[position / block_size]) * block_size +
-                              position % block_size;
-          from = cache + row * row_dim + (i % units) * 8;
-        }
+        const __nv_bfloat16* from =
+            position < context ? cache + cache_row(position) * row_dim + (i % units) * 8 : cache;
         CpAsync16(tile + j * stride + (i % units) * 8, from, position < context ? 16 : 0);
       }
     } else {
       for (int i = threadIdx.x; i < kTileRows * row_dim; i += kAttentionThreads) {
         const int j = i / row_dim;
         const int position = start + j;
-        __nv_bfloat16 value = __float2bfloat16(0.0f);
-        if (position < context) {
-          const int64_t row = static_cast<int64_t>(table[position / block_size]) * block_size +
-                              position % block_size;
-          value = cache[row * row_dim + i % row_dim];
-        }
-        tile[j * stride + i % row_dim] = value;
+        tile[j * stride + i % row_dim] = position < context
+                                             ? cache[cache_row(position) * row_dim + i % row_dim]
+                                             : __float2bfloat16(0.0f);
       }
     }
   };
@@ -449,7 +442,7 @@ absl::Status MlaPagedAttention(const __nv_bfloat16* q_absorbed, const __nv_bfloa
                                __nv_bfloat16* out, int tokens, int heads, int latent, int rope,
                                int block_size, float scale, float* workspace, cudaStream_t stream) {
   if (tokens == 0) return absl::OkStatus();
-  if (latent > kMaxLatent) {
+  if (latent > kMaxMlaLatent) {
     return absl::InvalidArgumentError("MlaPagedAttention: kv_lora_rank above 512");
   }
   const size_t shared_bytes = AttentionSharedBytes(latent + rope);

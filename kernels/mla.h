@@ -15,6 +15,9 @@
 
 namespace moeserve::kernels {
 
+// The widest latent (kv_lora_rank) MlaPagedAttention takes; DeepSeek-V2 and V3 use 512.
+inline constexpr int kMaxMlaLatent = 512;
+
 // Writes new tokens into the cache: row = [rmsnorm(kv[:latent]) * norm_weight,
 // rope(kv[latent:], position)] for kv = kv_a[t] (fp32 [tokens, latent + rope]); the row goes to
 // cache row index cache_rows[t]. cos/sin tables are [positions, rope / 2] (interleaved pairs).
@@ -33,7 +36,7 @@ absl::Status MlaQueryRope(const __nv_bfloat16* q, const int32_t* positions, cons
 // Causal attention of each token's absorbed queries over its sequence's cached rows
 // 0..positions[t]: out[t, h] = softmax(scale * q_absorbed[t, h] · rows) · rows[:, :latent].
 // token_sequence[t] picks the block table (block_tables: [sequences, max_blocks]).
-// latent <= 512; bf16 tensor cores (compute capability 8.0). With a workspace of
+// latent <= kMaxMlaLatent; bf16 tensor cores (compute capability 8.0). With a workspace of
 // MlaPagedAttentionWorkspaceBytes(latent) (for the current device), a batch too small to fill
 // the GPU has its contexts split across blocks and merged; with none, each (token, 16 heads)
 // is one block. The workspace belongs to the stream until the work is done.

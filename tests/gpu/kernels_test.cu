@@ -199,6 +199,28 @@ TEST(GpuKernels, ExpertMlpMatchesTwinWithEveryGemmStrategy) {
   }
 }
 
+// MlaPagedAttention on device inputs, with whole contexts per block (no workspace) and with a
+// workspace that lets it split contexts, against the twin's `expected` to bf16 rounding.
+void ExpectPagedAttentionMatchesTwin(const std::vector<uint16_t>& expected, uint16_t* d_q,
+                                     uint16_t* d_cache, const int32_t* d_tables, int max_blocks,
+                                     const int32_t* d_sequence, const int32_t* d_positions,
+                                     int tokens, int heads, int latent, int rope, int block_size,
+                                     float scale) {
+  float* d_workspace = nullptr;
+  ASSERT_EQ(cudaMalloc(&d_workspace, MlaPagedAttentionWorkspaceBytes(latent)), cudaSuccess);
+  for (float* workspace : {static_cast<float*>(nullptr), d_workspace}) {
+    SCOPED_TRACE(workspace == nullptr ? "whole contexts" : "split contexts");
+    uint16_t* d_out = ToDevice(std::vector<uint16_t>(expected.size(), 0));
+    ASSERT_TRUE(MlaPagedAttention(Bf(d_q), Bf(d_cache), d_tables, max_blocks, d_sequence,
+                                  d_positions, Bf(d_out), tokens, heads, latent, rope, block_size,
+                                  scale, workspace, nullptr)
+                    .ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_LT(RelativeError(ToHost(d_out, expected.size()), expected), 1e-2);
+  }
+  cudaFree(d_workspace);
+}
+
 // MLA at DeepSeek-V3's latent sizes (512 + 64) with two sequences whose blocks are scattered
 // through the cache, prefill-like (several new tokens) and decode-like (one token at a long
 // position).
@@ -293,18 +315,9 @@ TEST(GpuKernels, MlaCacheWriteQueryRopeAndPagedAttentionMatchTwins) {
   // cannot fill a GPU, so their contexts are split (up to 300 / 64 ways) and merged, and the
   // prefill tokens' short contexts leave some splits without rows.
   uint16_t* d_twin_cache = ToDevice(cache);
-  float* d_workspace = nullptr;
-  ASSERT_EQ(cudaMalloc(&d_workspace, MlaPagedAttentionWorkspaceBytes(latent)), cudaSuccess);
-  for (float* workspace : {static_cast<float*>(nullptr), d_workspace}) {
-    SCOPED_TRACE(workspace == nullptr ? "whole contexts" : "split contexts");
-    uint16_t* d_out = ToDevice(std::vector<uint16_t>(expected.size(), 0));
-    ASSERT_TRUE(MlaPagedAttention(Bf(d_q_absorbed), Bf(d_twin_cache), d_tables, max_blocks,
-                                  d_query_sequence, d_query_positions, Bf(d_out), tokens, heads,
-                                  latent, rope, block_size, scale, workspace, nullptr)
-                    .ok());
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_LT(RelativeError(ToHost(d_out, expected.size()), expected), 1e-2);
-  }
+  ExpectPagedAttentionMatchesTwin(expected, d_q_absorbed, d_twin_cache, d_tables, max_blocks,
+                                  d_query_sequence, d_query_positions, tokens, heads, latent, rope,
+                                  block_size, scale);
 }
 
 // Shapes off the fast path: a latent and rope that are not whole 16-byte units (rows loaded a
@@ -332,17 +345,8 @@ TEST(GpuKernels, MlaPagedAttentionTakesOddShapesAndRefusesWideLatents) {
   int32_t* d_tables = ToDevice(tables);
   int32_t* d_positions = ToDevice(positions);
   int32_t* d_sequence = ToDevice(sequence);
-  float* d_workspace = nullptr;
-  ASSERT_EQ(cudaMalloc(&d_workspace, MlaPagedAttentionWorkspaceBytes(latent)), cudaSuccess);
-  for (float* workspace : {static_cast<float*>(nullptr), d_workspace}) {
-    uint16_t* d_out = ToDevice(std::vector<uint16_t>(expected.size(), 0));
-    ASSERT_TRUE(MlaPagedAttention(Bf(d_q), Bf(d_cache), d_tables, max_blocks, d_sequence,
-                                  d_positions, Bf(d_out), tokens, heads, latent, rope, block_size,
-                                  0.3f, workspace, nullptr)
-                    .ok());
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_LT(RelativeError(ToHost(d_out, expected.size()), expected), 1e-2);
-  }
+  ExpectPagedAttentionMatchesTwin(expected, d_q, d_cache, d_tables, max_blocks, d_sequence,
+                                  d_positions, tokens, heads, latent, rope, block_size, 0.3f);
   const absl::Status wide =
       MlaPagedAttention(Bf(d_q), Bf(d_cache), d_tables, max_blocks, d_sequence, d_positions,
                         nullptr, tokens, heads, 1024, rope, block_size, 0.3f, nullptr, nullptr);

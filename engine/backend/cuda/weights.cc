@@ -13,6 +13,7 @@
 #include "kernels/fp8_quantize.h"
 #include "kernels/gqa_attention.h"
 #include "kernels/kernels.h"
+#include "kernels/mla.h"
 
 namespace moeserve::engine::cuda {
 
@@ -98,8 +99,9 @@ absl::Status CheckCudaSupport(const ModelConfig& config) {
                                                    config.model_type,
                                                    "` models: serve it with --device cpu"));
   }
-  if (config.uses_mla() && config.kv_lora_rank > 512) {
-    return absl::InvalidArgumentError("the GPU backend supports kv_lora_rank up to 512");
+  if (config.uses_mla() && config.kv_lora_rank > kernels::kMaxMlaLatent) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the GPU backend supports kv_lora_rank up to ", kernels::kMaxMlaLatent));
   }
   if (!config.uses_mla()) {
     // No published Qwen3-MoE or Mixtral checkpoint has attention biases; the CPU engine runs
