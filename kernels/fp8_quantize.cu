@@ -8,11 +8,19 @@
 namespace moeserve::kernels {
 namespace {
 
-// Tile kernels: one warp per (padded row, 128-column tile); each lane owns 4 consecutive
-// columns, so a warp reads its tile with one coalesced access and reduces the amax by shuffles.
+// Tile kernels. A warp quantizes a run of up to kTilesPerWarp consecutive 128-column tiles of one
+// padded row, two at a time: each half-warp owns a tile and each of its lanes 8 consecutive
+// columns (one 16-byte load), and the half-warp reduces the tile's amax by shuffles. A run's
+// loads are all issued before any value is used, so a warp keeps up to 2 KB in flight (4 KB for
+// SiLU · up, which reads gate and up): enough per SM to stream at the memory's bandwidth, where
+// one 256-byte tile per warp was not. The row's group is looked up once per run.
 constexpr int kTileThreads = 256;
-constexpr int kTilesPerBlock = kTileThreads / kWarpSize;
-static_assert(kFp8BlockSize == 4 * kWarpSize, "a lane quantizes 4 columns of a tile");
+constexpr int kWarpsPerBlock = kTileThreads / kWarpSize;
+constexpr int kHalfWarp = kWarpSize / 2;
+constexpr int kLaneColumns = 8;
+constexpr int kTilesPerWarp = 8;
+constexpr int kSteps = kTilesPerWarp / 2;
+static_assert(kFp8BlockSize == kLaneColumns * kHalfWarp, "a half-warp covers one tile");
 
 // The group of padded row `row`: the last g with padded_start[g] <= row.
 __device__ int GroupOfPaddedRow(const Fp8RowGroups& groups, int row) {
@@ -28,95 +36,152 @@ __device__ int GroupOfPaddedRow(const Fp8RowGroups& groups, int row) {
   return low;
 }
 
-// Quantizes one lane's 4 values of a tile whose warp-wide amax the lanes compute together, and
-// stores them (4 bytes) and, from lane 0, the tile's scale.
-__device__ void QuantizeLane(const float (&v)[4], __nv_fp8_e4m3* values_out, float* scale_out) {
-  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-  amax = WarpReduceMax(amax);
-  const float scale = amax / kE4m3Max;
-  uint32_t packed = 0;
+__device__ float HalfWarpReduceMax(float value) {
+  for (int offset = kHalfWarp / 2; offset > 0; offset /= 2)
+    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+
+__device__ void Bf16x8ToFloats(const uint4& raw, float (&v)[kLaneColumns]) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = __uint_as_float(words[i] << 16);  // a bf16 is the top half of its float
+    v[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+
+// Quantizes a lane's 8 values of a tile whose amax its half-warp computes together (every lane
+// of the warp must call it), stores them (8 bytes) where `store`, and, from the half-warp's first
+// lane, the tile's scale.
+__device__ void QuantizeLane(const float (&v)[kLaneColumns], bool store, __nv_fp8_e4m3* values_out,
+                             float* scale_out) {
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kLaneColumns; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  amax = HalfWarpReduceMax(amax);
+  if (!store) return;
+  uint32_t packed[2] = {0, 0};
   if (amax > 0) {
     // x * (448 / amax): one IEEE division per lane instead of one per value; the CPU twin uses
     // the same formula, so host and device stay bit-identical.
     const float inverse = kE4m3Max / amax;
-    const __nv_fp8x2_storage_t low = __nv_cvt_float2_to_fp8x2(
-        make_float2(v[0] * inverse, v[1] * inverse), __NV_SATFINITE, __NV_E4M3);
-    const __nv_fp8x2_storage_t high = __nv_cvt_float2_to_fp8x2(
-        make_float2(v[2] * inverse, v[3] * inverse), __NV_SATFINITE, __NV_E4M3);
-    packed = static_cast<uint32_t>(low) | (static_cast<uint32_t>(high) << 16);
+#pragma unroll
+    for (int word = 0; word < 2; ++word) {
+      const __nv_fp8x2_storage_t low = __nv_cvt_float2_to_fp8x2(
+          make_float2(v[4 * word] * inverse, v[4 * word + 1] * inverse), __NV_SATFINITE, __NV_E4M3);
+      const __nv_fp8x2_storage_t high = __nv_cvt_float2_to_fp8x2(
+          make_float2(v[4 * word + 2] * inverse, v[4 * word + 3] * inverse), __NV_SATFINITE,
+          __NV_E4M3);
+      packed[word] = static_cast<uint32_t>(low) | (static_cast<uint32_t>(high) << 16);
+    }
   }
-  *reinterpret_cast<uint32_t*>(values_out) = packed;
-  if (threadIdx.x % kWarpSize == 0) *scale_out = scale;
+  *reinterpret_cast<uint2*>(values_out) = make_uint2(packed[0], packed[1]);
+  if (threadIdx.x % kHalfWarp == 0) *scale_out = amax / kE4m3Max;
 }
 
-// Where a tile of padded row `row` and column block `block` lives, given its group.
-struct TilePlace {
-  int group;
-  int local_row;     // row within the group
-  int group_rows;    // the group's real rows
-  int64_t scale_at;  // index of the tile's scale
+// A warp's run of tiles: padded row `row`, tiles [first_tile, first_tile + kTilesPerWarp) of the
+// row's `blocks`, in its group's place.
+struct TileRun {
+  int row = 0, first_tile = 0;
+  int group = 0, local_row = 0;
+  bool real = false;       // a real row of its group, not padding
+  int64_t source_row = 0;  // the real row's index in the unpadded input
+  int64_t scale_base = 0;  // the row's scale of tile 0; tile b's is scale_base + b * padded rows
+  int padded_rows = 0;     // the group's
 };
 
-__device__ TilePlace PlaceTile(const Fp8RowGroups& groups, int row, int block, int blocks) {
-  TilePlace place;
-  place.group = GroupOfPaddedRow(groups, row);
-  const int start = groups.padded_start[place.group];
-  place.local_row = row - start;
-  place.group_rows = groups.source_start[place.group + 1] - groups.source_start[place.group];
-  const int padded_rows = groups.padded_start[place.group + 1] - start;
-  place.scale_at = static_cast<int64_t>(start) * blocks +
-                   static_cast<int64_t>(block) * padded_rows + place.local_row;
-  return place;
+// The warp's run, or false past the last one.
+__device__ bool FindRun(const Fp8RowGroups& groups, int blocks, TileRun& run) {
+  const int runs_per_row = (blocks + kTilesPerWarp - 1) / kTilesPerWarp;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  if (warp >= static_cast<int64_t>(groups.padded_start[groups.count]) * runs_per_row) return false;
+  run.row = static_cast<int>(warp / runs_per_row);
+  run.first_tile = static_cast<int>(warp % runs_per_row) * kTilesPerWarp;
+  run.group = GroupOfPaddedRow(groups, run.row);
+  const int start = groups.padded_start[run.group];
+  run.local_row = run.row - start;
+  run.real = run.local_row < groups.source_start[run.group + 1] - groups.source_start[run.group];
+  run.source_row = groups.source_start[run.group] + run.local_row;
+  run.padded_rows = groups.padded_start[run.group + 1] - start;
+  run.scale_base = static_cast<int64_t>(start) * blocks + run.local_row;
+  return true;
 }
 
-__device__ void LoadBf16x4(const __nv_bfloat16* source, float (&v)[4]) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(source);  // 8-byte aligned: cols % 128 == 0
-  const __nv_bfloat162 a = *reinterpret_cast<const __nv_bfloat162*>(&raw.x);
-  const __nv_bfloat162 b = *reinterpret_cast<const __nv_bfloat162*>(&raw.y);
-  v[0] = __low2float(a);
-  v[1] = __high2float(a);
-  v[2] = __low2float(b);
-  v[3] = __high2float(b);
+// Quantizes a run: `load(column, v)` gives a real row's 8 values from `column` on, having issued
+// its loads in `fetch(step)` beforehand (all steps' loads first).
+template <class Source>
+__device__ void QuantizeRun(const TileRun& run, int blocks, int cols, Source& source,
+                            __nv_fp8_e4m3* values, float* scales) {
+  const int half = (threadIdx.x % kWarpSize) / kHalfWarp;
+  const int lane_column = (threadIdx.x % kHalfWarp) * kLaneColumns;
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    const int tile = run.first_tile + 2 * step + half;
+    if (run.real && tile < blocks) source.Fetch(step, tile * kFp8BlockSize + lane_column);
+  }
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    const int tile = run.first_tile + 2 * step + half;
+    // Whole steps past the row's last tile are skipped by both halves alike.
+    if (run.first_tile + 2 * step >= blocks) break;
+    float v[kLaneColumns] = {};
+    if (run.real && tile < blocks) source.Values(step, v);
+    const int column = tile * kFp8BlockSize + lane_column;
+    QuantizeLane(v, tile < blocks, values + static_cast<int64_t>(run.row) * cols + column,
+                 scales + run.scale_base + static_cast<int64_t>(tile) * run.padded_rows);
+  }
 }
+
+// Plain activations: x [unpadded rows, cols].
+struct ActivationSource {
+  const __nv_bfloat16* row;
+  uint4 raw[kSteps];
+  __device__ void Fetch(int step, int column) {
+    raw[step] = *reinterpret_cast<const uint4*>(row + column);
+  }
+  __device__ void Values(int step, float (&v)[kLaneColumns]) const { Bf16x8ToFloats(raw[step], v); }
+};
+
+// SiLU(gate) · up from gate_up [padded rows, 2 * inter], rounded to bf16 as SiluMul
+// (kernels.cu) rounds it.
+struct SiluMulSource {
+  const __nv_bfloat16* row;
+  int inter;
+  uint4 gate[kSteps], up[kSteps];
+  __device__ void Fetch(int step, int column) {
+    gate[step] = *reinterpret_cast<const uint4*>(row + column);
+    up[step] = *reinterpret_cast<const uint4*>(row + inter + column);
+  }
+  __device__ void Values(int step, float (&v)[kLaneColumns]) const {
+    float g[kLaneColumns], u[kLaneColumns];
+    Bf16x8ToFloats(gate[step], g);
+    Bf16x8ToFloats(up[step], u);
+#pragma unroll
+    for (int i = 0; i < kLaneColumns; ++i) {
+      v[i] = __bfloat162float(__float2bfloat16(g[i] / (1.0f + __expf(-g[i])) * u[i]));
+    }
+  }
+};
 
 __global__ void __launch_bounds__(kTileThreads)
     QuantizeGroupsKernel(const __nv_bfloat16* x, const __grid_constant__ Fp8RowGroups groups,
                          int cols, __nv_fp8_e4m3* values, float* scales) {
   const int blocks = cols / kFp8BlockSize;
-  const int64_t tile = static_cast<int64_t>(blockIdx.x) * kTilesPerBlock + threadIdx.x / kWarpSize;
-  if (tile >= static_cast<int64_t>(groups.padded_start[groups.count]) * blocks) return;
-  const int row = static_cast<int>(tile / blocks), block = static_cast<int>(tile % blocks);
-  const TilePlace place = PlaceTile(groups, row, block, blocks);
-  const int column = block * kFp8BlockSize + (threadIdx.x % kWarpSize) * 4;
-  float v[4] = {0, 0, 0, 0};
-  if (place.local_row < place.group_rows) {
-    const int64_t source_row = groups.source_start[place.group] + place.local_row;
-    LoadBf16x4(x + source_row * cols + column, v);
-  }
-  QuantizeLane(v, values + static_cast<int64_t>(row) * cols + column, scales + place.scale_at);
+  TileRun run;
+  if (!FindRun(groups, blocks, run)) return;
+  ActivationSource source{x + run.source_row * cols};
+  QuantizeRun(run, blocks, cols, source, values, scales);
 }
 
 __global__ void __launch_bounds__(kTileThreads)
     SiluMulQuantizeKernel(const __nv_bfloat16* gate_up, const __grid_constant__ Fp8RowGroups groups,
                           int inter, __nv_fp8_e4m3* values, float* scales) {
   const int blocks = inter / kFp8BlockSize;
-  const int64_t tile = static_cast<int64_t>(blockIdx.x) * kTilesPerBlock + threadIdx.x / kWarpSize;
-  if (tile >= static_cast<int64_t>(groups.padded_start[groups.count]) * blocks) return;
-  const int row = static_cast<int>(tile / blocks), block = static_cast<int>(tile % blocks);
-  const TilePlace place = PlaceTile(groups, row, block, blocks);
-  const int column = block * kFp8BlockSize + (threadIdx.x % kWarpSize) * 4;
-  float v[4] = {0, 0, 0, 0};
-  if (place.local_row < place.group_rows) {
-    float gate[4], up[4];
-    const __nv_bfloat16* source = gate_up + static_cast<int64_t>(row) * 2 * inter + column;
-    LoadBf16x4(source, gate);
-    LoadBf16x4(source + inter, up);
-    for (int i = 0; i < 4; ++i) {
-      // The formula and bf16 rounding of SiluMul (kernels.cu).
-      v[i] = __bfloat162float(__float2bfloat16(gate[i] / (1.0f + __expf(-gate[i])) * up[i]));
-    }
-  }
-  QuantizeLane(v, values + static_cast<int64_t>(row) * inter + column, scales + place.scale_at);
+  TileRun run;
+  if (!FindRun(groups, blocks, run)) return;
+  SiluMulSource source{gate_up + static_cast<int64_t>(run.row) * 2 * inter, inter};
+  QuantizeRun(run, blocks, inter, source, values, scales);
 }
 
 // One block per padded row; rows of groups with a multiple of 4 rows, and padding rows, skip.
@@ -182,8 +247,9 @@ absl::Status CheckColumns(int cols, const char* what) {
 }
 
 int TileBlocks(const Fp8RowGroups& groups, int cols) {
-  const int64_t tiles = groups.padded_rows() * (cols / kFp8BlockSize);
-  return static_cast<int>((tiles + kTilesPerBlock - 1) / kTilesPerBlock);
+  const int64_t runs =
+      groups.padded_rows() * ((cols / kFp8BlockSize + kTilesPerWarp - 1) / kTilesPerWarp);
+  return static_cast<int>((runs + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
 
 }  // namespace
