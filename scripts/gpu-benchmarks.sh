@@ -4,6 +4,8 @@
 #             measured limits) and the PyTorch baselines of kernels/bench/expert_bench_torch.py
 #   attention moeserve-attention-bench (MLA decode attention at DeepSeek-V3's shape against the
 #             copy bandwidth: sequences x context, whole and split contexts)
+#   linear    moeserve-linear-bench (DeepSeek-V3's dense projections: bf16 against FP8, the
+#             weight-only kernel and the quantize + cuBLASLt recipe, by row count)
 #   dispatch  engine/bench/run_dispatch_bench.sh: dispatch/combine against raw NCCL
 #             all-to-all of the same bytes, two-batch overlap, Chrome traces
 #   serving   `moeserve serve --model builtin:v3-bench --device cuda --ep N` for N = 1, 2, 4, 8
@@ -14,8 +16,8 @@
 #             `moeserve frontend`), and one process per GPU as 2 "nodes" of N/2 (each node's
 #             ranks with their own NCCL_HOSTID, NCCL between the nodes over sockets)
 #
-#   scripts/gpu-benchmarks.sh OUT_DIR [experts] [attention] [dispatch] [serving] [processes]
-#                                              (default: experts attention dispatch serving)
+#   scripts/gpu-benchmarks.sh OUT_DIR [experts] [attention] [linear] [dispatch] [serving]
+#                             [processes]  (default: experts attention linear dispatch serving)
 #
 # Binaries come from $MOESERVE_BIN_DIR (a flat folder, e.g. a bundle made with
 # engine/bench/run_dispatch_bench.sh --bundle) or the build tree $MOESERVE_BUILD_DIR (default:
@@ -34,7 +36,7 @@ set -euo pipefail
 out=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 parts=("$@")
-[[ ${#parts[@]} -gt 0 ]] || parts=(experts attention dispatch serving)
+[[ ${#parts[@]} -gt 0 ]] || parts=(experts attention linear dispatch serving)
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MOESERVE_BUILD_DIR:-$root/build}
 export NCCL_NVLS_ENABLE=0
@@ -93,6 +95,11 @@ for part in "${parts[@]}"; do
       else
         echo "(PyTorch not installed: no PyTorch baseline)" | tee -a "$out/summary.md"
       fi
+      ;;
+    linear)
+      echo "## Dense projections, bf16 and FP8" | tee -a "$out/summary.md"
+      "$(find_binary moeserve-linear-bench kernels)" | tee "$out/linear.txt" |
+        tee -a "$out/summary.md"
       ;;
     attention)
       echo "## MLA decode attention" | tee -a "$out/summary.md"

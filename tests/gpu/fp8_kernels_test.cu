@@ -26,6 +26,7 @@
 #include "kernels/fp8.h"
 #include "kernels/fp8_expert_mlp.h"
 #include "kernels/fp8_gemm.h"
+#include "kernels/fp8_linear.h"
 #include "kernels/fp8_quantize.h"
 #include "kernels/fp8_twins.h"
 #include "tests/gpu/device_copies.h"
@@ -250,6 +251,56 @@ TEST(Fp8Kernels, BlockScaledGemmMatchesTwin) {
     EXPECT_LT(errors.max_over_max, 1e-2);
     for (size_t i = expected.size(); i < result.size(); ++i) {
       ASSERT_EQ(Bf16ToFloat(result[i]), 0.0f) << "padding row value " << i;
+    }
+  }
+}
+
+// Fp8Linear's two paths against their twins: the weight-only kernel (bf16 activations) up to its
+// row limit, the recipe (quantized activations, cuBLASLt) above it; rows that are and are not
+// whole groups of 4, and y += the product. The GEMM's tolerance (above) applies to both; the sum
+// adds one bf16 rounding of y's magnitude.
+TEST(Fp8Kernels, LinearTakesTheWeightOnlyKernelForFewRowsAndTheRecipeForMore) {
+  REQUIRE_GPU();
+  constexpr int kN = 384, kK = 1024, kMaxRows = 70;
+  auto linear = Fp8Linear::Create(kMaxRows, 2048, 512, nullptr, /*weight_only_max_rows=*/8);
+  ASSERT_TRUE(linear.ok()) << linear.status();
+  EXPECT_FALSE(linear->Run(nullptr, kMaxRows + 1, {}, kN, kK, nullptr).ok());
+  EXPECT_FALSE(linear->Run(nullptr, 1, {}, 640, kK, nullptr).ok());
+  EXPECT_FALSE(linear->Run(nullptr, 1, {}, kN, 100, nullptr).ok());
+  DeviceMemory memory;
+  const TestWeight w = MakeWeight(kN, kK, 21, 0.02f, memory);
+  for (const int rows : {1, 3, 8, 13, 64, 70}) {
+    for (const bool accumulate : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << rows << " rows, accumulate " << accumulate);
+      const auto x = RandomBf16(static_cast<size_t>(rows) * kK, 23 + rows, 1.0f);
+      const auto y0 = RandomBf16(static_cast<size_t>(rows) * kN, 29 + rows, 0.5f);
+      std::vector<uint16_t> product(static_cast<size_t>(rows) * kN);
+      if (rows <= linear->weight_only_max_rows()) {
+        Fp8WeightOnlyGemmTwin(x.data(), rows, w.twin(), kN, kK, product.data());
+      } else {
+        std::vector<uint8_t> x_values(Fp8PaddedRows(rows) * kK);
+        std::vector<float> x_scales(ActivationScaleCount(rows, kK));
+        QuantizeActivationsFp8Twin(x.data(), rows, kK, x_values.data(), x_scales.data());
+        Fp8GemmTwin(x_values.data(), x_scales.data(), rows, w.twin(), kN, kK, product.data());
+      }
+      std::vector<float> expected = Bf16Floats(product, product.size());
+      if (accumulate) {
+        for (size_t i = 0; i < expected.size(); ++i) expected[i] += Bf16ToFloat(y0[i]);
+      }
+      // y has exactly `rows` rows, with a guard row after them that must stay untouched.
+      std::vector<uint16_t> y_host = y0;
+      y_host.resize(y0.size() + kN, 0x3f80);  // 1.0
+      uint16_t* y = memory.Upload(y_host);
+      const absl::Status status =
+          linear->Run(AsBf16(memory.Upload(x)), rows, w.device, kN, kK, AsBf16(y), accumulate);
+      ASSERT_TRUE(status.ok()) << status;
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const auto result = Download<uint16_t>(y, y_host.size());
+      const Errors errors = Compare(Bf16Floats(result, expected.size()), expected);
+      EXPECT_LT(errors.max_over_max, 1e-2);
+      for (size_t i = expected.size(); i < result.size(); ++i) {
+        ASSERT_EQ(result[i], 0x3f80) << "guard row value " << i - expected.size();
+      }
     }
   }
 }
