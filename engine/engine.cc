@@ -247,6 +247,7 @@ absl::StatusOr<LocalEngine::WorkerGroup> LocalEngine::BuildGroup(const std::stri
          .max_batch_tokens = options_.max_batch_tokens,
          .background_placement_staging = p.background_placement_staging,
          .keep_fp8_experts = options_.gpu_fp8_experts,
+         .keep_fp8_dense = options_.gpu_fp8_dense,
          .device_planned_moe = options_.gpu_device_planned_moe,
          .rendezvous =
              options_.rank_process.has_value() ? options_.rank_process->rendezvous.get() : nullptr,

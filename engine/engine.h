@@ -98,6 +98,9 @@ struct EngineOptions {
   // --device cuda: an FP8 checkpoint's routed experts stay FP8 on the GPUs (block-scaled FP8
   // GEMMs on Hopper; half the bytes of bf16); false: dequantized to bf16.
   bool gpu_fp8_experts = true;
+  // --device cuda, with FP8 experts: the checkpoint's dense projections stay FP8 too
+  // (RankBackendRequest::keep_fp8_dense); false: bf16.
+  bool gpu_fp8_dense = false;
   // --device cuda, a GPU alone in its group: a decode step's experts are routed, grouped and run
   // on the GPU (kernels/device_moe.h), no host round trip per MoE layer; false: the host groups
   // the rows of every MoE layer, as for prefill steps and larger groups.
@@ -267,6 +270,7 @@ struct LogitsRequest {
   int ep = 1;  // ranks of the expert-parallel group (threads, or GPUs)
   ParallelOptions parallel;
   bool gpu_fp8_experts = true;  // as EngineOptions::gpu_fp8_experts
+  bool gpu_fp8_dense = false;   // as EngineOptions::gpu_fp8_dense
 };
 struct LogitsResult {
   std::vector<float> logits;  // [tokens, vocab]

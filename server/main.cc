@@ -58,6 +58,19 @@ void AddGpuExpertWeightsOption(CLI::App* command, std::string& value) {
       ->check(CLI::IsMember({"as-stored", "bf16"}));
 }
 
+// --gpu-dense-weights (serve, rank, logits).
+void AddGpuDenseWeightsOption(CLI::App* command, std::string& value) {
+  command
+      ->add_option("--gpu-dense-weights", value,
+                   "How GPU ranks hold the dense projections of an FP8 checkpoint whose experts "
+                   "stay FP8: bf16 (dequantized) or as-stored (e4m3 with DeepSeek-V3's "
+                   "activation quantization: the MLPs', shared experts', o and q-LoRA "
+                   "projections; about 13 GiB less per GPU for DeepSeek-V3, a larger error "
+                   "against bf16: docs/gpu-backend.md)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"as-stored", "bf16"}));
+}
+
 // Flags shared by `serve` and `logits` that shape the expert-parallel layout.
 void AddExpertParallelOptions(CLI::App* command, moeserve::engine::ParallelOptions& parallel) {
   command
@@ -87,6 +100,7 @@ struct EngineFlags {
   std::string injected_fault;
   std::string placement_staging = "background";
   std::string gpu_expert_weights = "as-stored";
+  std::string gpu_dense_weights = "bf16";
   std::string gpu_moe_plan = "device";
 };
 
@@ -143,6 +157,7 @@ void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
       ->capture_default_str()
       ->check(CLI::IsMember({"background", "in-step"}));
   AddGpuExpertWeightsOption(command, flags.gpu_expert_weights);
+  AddGpuDenseWeightsOption(command, flags.gpu_dense_weights);
   command
       ->add_option("--gpu-moe-plan", flags.gpu_moe_plan,
                    "Where a GPU alone in its group (EP1) plans a decode step's experts: device "
@@ -194,6 +209,7 @@ bool ApplyEngineFlags(const std::string& command, const EngineFlags& flags,
   out.kv_cache_bytes = flags.kv_cache_mib << 20;
   out.parallel.background_placement_staging = flags.placement_staging == "background";
   out.gpu_fp8_experts = flags.gpu_expert_weights == "as-stored";
+  out.gpu_fp8_dense = flags.gpu_dense_weights == "as-stored";
   out.gpu_device_planned_moe = flags.gpu_moe_plan == "device";
   out.min_step_seconds = flags.min_step_ms / 1000.0;
   return true;
@@ -608,13 +624,16 @@ int main(int argc, char** argv) {
   AddDeviceOption(logits_command, logits_device);
   std::string logits_expert_weights = "as-stored";
   AddGpuExpertWeightsOption(logits_command, logits_expert_weights);
+  std::string logits_dense_weights = "bf16";
+  AddGpuDenseWeightsOption(logits_command, logits_dense_weights);
   logits_command->callback([&] {
     exit_code = RunLogits({.model = logits_model,
                            .device = logits_device,
                            .tokens = {},
                            .ep = logits_ep,
                            .parallel = logits_parallel,
-                           .gpu_fp8_experts = logits_expert_weights == "as-stored"},
+                           .gpu_fp8_experts = logits_expert_weights == "as-stored",
+                           .gpu_fp8_dense = logits_dense_weights == "as-stored"},
                           logits_tokens, logits_out);
   });
 

@@ -109,6 +109,10 @@ struct RankBackendRequest {
   bool background_placement_staging = true;
   // A GPU backend keeps an FP8 checkpoint's routed experts in FP8 (off: dequantized to bf16).
   bool keep_fp8_experts = true;
+  // With FP8 experts, a GPU backend keeps the checkpoint's dense projections in FP8 too
+  // (DeepSeek-V3's recipe: activations quantized per 1 x 128; less memory, larger error); off:
+  // bf16.
+  bool keep_fp8_dense = false;
   // A GPU backend alone in its group plans decode steps' experts on the device (off: the host).
   bool device_planned_moe = false;
   // A rank that is a process of its own: where its group's ranks meet (a GPU group publishes

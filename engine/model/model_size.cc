@@ -23,6 +23,21 @@ int64_t BytesOf(const std::string& name, const std::vector<int64_t>& shape,
 
 }  // namespace
 
+bool GpuKeepsDenseInFp8(std::string_view tensor_name, const std::vector<int64_t>& shape, bool mla) {
+  if (shape.size() != 2 || shape[0] % 128 != 0 || shape[1] % 128 != 0) return false;
+  if (tensor_name.find(".mlp.experts.") != std::string_view::npos) return false;
+  for (std::string_view projection :
+       {"gate_proj.weight", "up_proj.weight", "down_proj.weight", "self_attn.o_proj.weight"}) {
+    if (tensor_name.ends_with(projection)) return true;
+  }
+  if (!mla) return false;
+  for (std::string_view projection :
+       {"self_attn.q_a_proj.weight", "self_attn.q_b_proj.weight", "self_attn.q_proj.weight"}) {
+    if (tensor_name.ends_with(projection)) return true;
+  }
+  return false;
+}
+
 bool IsBlockQuantized(std::string_view tensor_name, const std::vector<int64_t>& shape) {
   return shape.size() == 2 && tensor_name.ends_with(".weight") &&
          tensor_name != "model.embed_tokens.weight" && tensor_name != "lm_head.weight" &&

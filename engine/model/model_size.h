@@ -35,6 +35,13 @@ struct WeightFormat {
 // embeddings, the LM head and the MoE router.
 bool IsBlockQuantized(std::string_view tensor_name, const std::vector<int64_t>& shape);
 
+// Whether the GPU backend keeps this dense (not routed-expert) tensor in FP8 when it serves a
+// model's weights in FP8: the projections it runs through its FP8 linear path — the dense MLPs'
+// and shared experts' gate, up and down, attention's o, and MLA's q_a, q_b and q — where both
+// widths are whole 128 x 128 blocks. MLA's kv_a (576 rows) and kv_b (read head by head) and
+// grouped-query attention's stacked q, k and v stay bf16.
+bool GpuKeepsDenseInFp8(std::string_view tensor_name, const std::vector<int64_t>& shape, bool mla);
+
 struct ModelSize {
   int64_t total_parameters = 0;
   // Per token: everything but the routed experts a token is not sent to.

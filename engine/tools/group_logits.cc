@@ -81,11 +81,13 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
   return result;
 }
 
-RankBackendFactory WithFp8ExpertsDequantized(RankBackendFactory factory) {
-  return [inner = std::move(factory)](const RankBackendRequest& request) {
-    RankBackendRequest bf16 = request;
-    bf16.keep_fp8_experts = false;
-    return inner(bf16);
+RankBackendFactory WithGpuWeightFormats(RankBackendFactory factory, bool fp8_experts,
+                                        bool fp8_dense) {
+  return [inner = std::move(factory), fp8_experts, fp8_dense](const RankBackendRequest& request) {
+    RankBackendRequest formats = request;
+    formats.keep_fp8_experts = fp8_experts;
+    formats.keep_fp8_dense = fp8_dense;
+    return inner(formats);
   };
 }
 

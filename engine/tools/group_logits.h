@@ -26,8 +26,10 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
                                                TraceRecorder* trace = nullptr,
                                                const RankBackendFactory& backend_factory = {});
 
-// `factory` with every rank's request asking for FP8 checkpoints' weights dequantized to bf16
-// (RankBackendRequest::keep_fp8_experts off): `logits --gpu-expert-weights bf16` and tests.
-RankBackendFactory WithFp8ExpertsDequantized(RankBackendFactory factory);
+// `factory` with every rank's request asking for an FP8 checkpoint's experts and dense
+// projections in FP8 or dequantized to bf16 (RankBackendRequest::keep_fp8_experts and
+// keep_fp8_dense): `logits --gpu-expert-weights / --gpu-dense-weights` and tests.
+RankBackendFactory WithGpuWeightFormats(RankBackendFactory factory, bool fp8_experts,
+                                        bool fp8_dense);
 
 }  // namespace moeserve::engine::tools

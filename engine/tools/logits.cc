@@ -64,8 +64,9 @@ absl::StatusOr<LogitsResult> ComputeLogits(const LogitsRequest& request) {
   options.two_batch_overlap = parallel.two_batch_overlap;
   options.overlap_min_tokens = parallel.overlap_min_tokens;
   RankBackendFactory factory = backend.factory;
-  if (factory && !request.gpu_fp8_experts) {
-    factory = tools::WithFp8ExpertsDequantized(std::move(factory));
+  if (factory) {
+    factory = tools::WithGpuWeightFormats(std::move(factory), request.gpu_fp8_experts,
+                                          request.gpu_fp8_dense);
   }
   absl::StatusOr<tools::GroupLogits> group_logits = tools::ComputeGroupLogits(
       model, request.tokens, options, std::move(*placement), nullptr, factory);

@@ -75,15 +75,19 @@ inline absl::StatusOr<std::vector<float>> GroupLogitsFrom(const engine::RankBack
 // The logits of `tokens` from a group of `ep` ranks with `redundant` extra expert slots, on the
 // GPU backend (`gpu`) or the CPU one. With `ranks_share_gpus`, ranks beyond the visible GPUs
 // share them, exchanging through host memory (tests on one GPU). Without `fp8_experts`, an FP8
-// checkpoint's experts are dequantized to bf16 on the GPU.
+// checkpoint's experts are dequantized to bf16 on the GPU; with `fp8_dense` its dense projections
+// stay FP8 too.
 inline absl::StatusOr<std::vector<float>> GroupLogits(const engine::Model& model,
                                                       const std::vector<int32_t>& tokens, int ep,
                                                       int redundant, bool gpu, bool overlap = false,
                                                       bool ranks_share_gpus = false,
-                                                      bool fp8_experts = true) {
+                                                      bool fp8_experts = true,
+                                                      bool fp8_dense = false) {
   engine::RankBackendFactory factory;
   if (gpu) factory = engine::cuda::MakeCudaBackendFactory({.ranks_share_gpus = ranks_share_gpus});
-  if (gpu && !fp8_experts) factory = engine::tools::WithFp8ExpertsDequantized(std::move(factory));
+  if (gpu) {
+    factory = engine::tools::WithGpuWeightFormats(std::move(factory), fp8_experts, fp8_dense);
+  }
   return GroupLogitsFrom(factory, model, tokens, ep, redundant, overlap);
 }
 

@@ -75,8 +75,8 @@ absl::Status CudaRankBackend::State::GroupedQueryAttention(int layer, MicroBatch
       mb.positions.data(), mb.values.data(), tokens, shape, options.kv_block_size,
       static_cast<float>(c.attention_softmax_scale()), stream));
   // residual += o_proj(attended), then the post-attention norm.
-  RETURN_IF_ERROR(Linear(mb.values.data(), w.o.data(), mb.residual.data(), CUDA_R_16BF, tokens,
-                         shape.heads * shape.head_dim, hidden, 1.0f));
+  RETURN_IF_ERROR(Linear(mb.values.data(), w.o, mb.residual.data(), tokens,
+                         shape.heads * shape.head_dim, hidden, /*accumulate=*/true));
   return kernels::RmsNorm(mb.residual.data(), w.post_attention_norm.data(), mb.normed.data(),
                           tokens, hidden, eps, stream);
 }
@@ -101,15 +101,14 @@ absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBa
   RETURN_IF_ERROR(kernels::RmsNorm(mb.residual.data(), w.input_norm.data(), mb.normed.data(),
                                    tokens, hidden, eps, stream));
   if (c.q_lora_rank > 0) {
-    RETURN_IF_ERROR(Linear(mb.normed.data(), w.q_a.data(), mb.q_compressed.data(), CUDA_R_16BF,
-                           tokens, hidden, c.q_lora_rank));
+    RETURN_IF_ERROR(
+        Linear(mb.normed.data(), w.q_a, mb.q_compressed.data(), tokens, hidden, c.q_lora_rank));
     RETURN_IF_ERROR(kernels::RmsNorm(mb.q_compressed.data(), w.q_a_norm.data(),
                                      mb.q_compressed.data(), tokens, c.q_lora_rank, eps, stream));
-    RETURN_IF_ERROR(Linear(mb.q_compressed.data(), w.q_b.data(), mb.q.data(), CUDA_R_16BF, tokens,
-                           c.q_lora_rank, heads * qk));
-  } else {
     RETURN_IF_ERROR(
-        Linear(mb.normed.data(), w.q.data(), mb.q.data(), CUDA_R_16BF, tokens, hidden, heads * qk));
+        Linear(mb.q_compressed.data(), w.q_b, mb.q.data(), tokens, c.q_lora_rank, heads * qk));
+  } else {
+    RETURN_IF_ERROR(Linear(mb.normed.data(), w.q, mb.q.data(), tokens, hidden, heads * qk));
   }
   RETURN_IF_ERROR(mark("MLA queries"));
   RETURN_IF_ERROR(
@@ -154,8 +153,8 @@ absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBa
   }
   RETURN_IF_ERROR(mark("MLA values"));
   // residual += o_proj(values), then the post-attention norm.
-  RETURN_IF_ERROR(Linear(mb.values.data(), w.o.data(), mb.residual.data(), CUDA_R_16BF, tokens,
-                         heads * v, hidden, 1.0f));
+  RETURN_IF_ERROR(Linear(mb.values.data(), w.o, mb.residual.data(), tokens, heads * v, hidden,
+                         /*accumulate=*/true));
   return kernels::RmsNorm(mb.residual.data(), w.post_attention_norm.data(), mb.normed.data(),
                           tokens, hidden, eps, stream);
 }

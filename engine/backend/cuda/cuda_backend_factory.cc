@@ -43,6 +43,7 @@ CudaRankOptions RankOptions(const RankBackendRequest& request, int device) {
   options.max_batch_tokens = request.max_batch_tokens;
   options.background_placement_staging = request.background_placement_staging;
   options.keep_fp8_experts = request.keep_fp8_experts;
+  options.keep_fp8_dense = request.keep_fp8_dense;
   options.device_planned_moe = request.device_planned_moe;
   return options;
 }

@@ -171,9 +171,13 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   const auto upload_start = std::chrono::steady_clock::now();
   const int slots_per_rank = placement.num_physical() / options.group_size;
   ASSIGN_OR_RETURN(s.fp8_experts, ServeExpertsInFp8(model, options, slots_per_rank));
+  // The dense projections in FP8 where asked: the experts' conditions hold for them too (Hopper,
+  // FP8 as stored or a built-in FP8 model).
+  s.fp8_dense = s.fp8_experts && options.keep_fp8_dense;
   base::LoadProgress& progress = base::LoadProgress::Global();
-  progress.Begin(absl::StrCat(c.name, " onto GPU ", options.device),
-                 RankUploadBytes(c, slots_per_rank, s.fp8_experts));
+  progress.Begin(
+      absl::StrCat(c.name, " onto GPU ", options.device),
+      RankUploadBytes(c, model.tensor_source(), slots_per_rank, s.fp8_experts, s.fp8_dense));
   {
     // A failed load ends the progress too (the rank's error says why).
     absl::Cleanup finish_progress = [&progress] { progress.Finish(); };
@@ -251,6 +255,18 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   return backend;
 }
 
+absl::Status CudaRankBackend::State::RunMlp(const DeviceMlp& w, kernels::ExpertMlp& bf16_mlp,
+                                            const Bf16* x, int rows, int intermediate, Bf16* y) {
+  if (!w.gate_up.fp8 || !w.down.fp8) {
+    return bf16_mlp.Run(x, {0, rows}, {w.gate_up.bf16.data()}, {w.down.bf16.data()}, y);
+  }
+  const int hidden = config().hidden_size;
+  RETURN_IF_ERROR(Linear(x, w.gate_up, fp8_mlp_gate_up.data(), rows, hidden, 2 * intermediate));
+  RETURN_IF_ERROR(
+      kernels::SiluMul(fp8_mlp_gate_up.data(), fp8_mlp_act.data(), rows, intermediate, stream));
+  return Linear(fp8_mlp_act.data(), w.down, y, rows, intermediate, hidden);
+}
+
 // The GPU's stages of the overlap schedule. The host enqueues work; the compute stream waits for
 // an exchange (through an event) only where its result is used. The gate and the shared
 // experts run with the dispatch; the drain waits for both streams with the group timeout.
@@ -274,8 +290,8 @@ class CudaRankBackend::GpuStages : public parallel::MicroBatchStages {
   absl::Status DenseMlp(int layer, int index) override {
     MicroBatchState& mb = *micro_batches_[index];
     const DeviceLayer& w = s_.layers[layer];
-    RETURN_IF_ERROR(s_.dense_mlp->Run(mb.normed.data(), {0, mb.tokens}, {w.dense.gate_up.data()},
-                                      {w.dense.down.data()}, mb.moe_out.data()));
+    RETURN_IF_ERROR(s_.RunMlp(w.dense, *s_.dense_mlp, mb.normed.data(), mb.tokens,
+                              s_.config().intermediate_size, mb.moe_out.data()));
     RETURN_IF_ERROR(kernels::AddInPlace(mb.residual.data(), mb.moe_out.data(),
                                         static_cast<int64_t>(mb.tokens) * s_.config().hidden_size,
                                         s_.stream));

@@ -61,6 +61,9 @@ struct CudaRankOptions {
   // An FP8 checkpoint's routed experts stay FP8 on the GPU (block-scaled FP8 GEMMs, Hopper);
   // off: dequantized to bf16 like the rest.
   bool keep_fp8_experts = true;
+  // With FP8 experts, the checkpoint's dense projections whole in 128 x 128 blocks stay FP8 too
+  // (State::fp8_dense); off: bf16.
+  bool keep_fp8_dense = false;
   // Alone in its group (group_size 1), a step of few tokens (decode) routes, groups and runs
   // its experts on the GPU (kernels/device_moe.h) with no host round trip per MoE layer; off:
   // the host plans every MoE layer, as it does for groups and prefill steps.

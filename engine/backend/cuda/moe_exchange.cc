@@ -22,11 +22,11 @@ SlotWeightPointers SlotWeights(const std::vector<DeviceMlp>& slots, bool fp8) {
   SlotWeightPointers p;
   for (const DeviceMlp& slot : slots) {
     if (fp8) {
-      p.gate_up_fp8.push_back({slot.gate_up_fp8.data(), slot.gate_up_scales.data()});
-      p.down_fp8.push_back({slot.down_fp8.data(), slot.down_scales.data()});
+      p.gate_up_fp8.push_back(slot.gate_up.Fp8());
+      p.down_fp8.push_back(slot.down.Fp8());
     } else {
-      p.gate_up.push_back(slot.gate_up.data());
-      p.down.push_back(slot.down.data());
+      p.gate_up.push_back(slot.gate_up.bf16.data());
+      p.down.push_back(slot.down.bf16.data());
     }
   }
   return p;
@@ -155,8 +155,8 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
         gate_options, mb.routing_experts.data(), mb.routing_weights.data(), stream));
   }
   if (w.has_shared) {
-    RETURN_IF_ERROR(shared_mlp->Run(mb.normed.data(), {0, tokens}, {w.shared.gate_up.data()},
-                                    {w.shared.down.data()}, mb.shared_out.data()));
+    RETURN_IF_ERROR(RunMlp(w.shared, *shared_mlp, mb.normed.data(), tokens,
+                           c.moe_intermediate_size * c.n_shared_experts, mb.shared_out.data()));
   }
   mb.device_planned = UsesDevicePlan(mb);
   if (mb.device_planned) {

@@ -30,6 +30,7 @@
 #include "kernels/device_moe.h"
 #include "kernels/expert_mlp.h"
 #include "kernels/fp8_expert_mlp.h"
+#include "kernels/fp8_linear.h"
 #include "kernels/kernels.h"
 #include "kernels/logit_head.h"
 
@@ -40,26 +41,34 @@ using kernels::CublasStatus;
 using kernels::CudaStatus;
 using kernels::DeviceArray;
 
-// A SwiGLU MLP's weights as ExpertMlp wants them: [2I, H] (gate rows, then up rows) and [H, I].
-// Routed experts served in FP8 (State::fp8_experts) hold e4m3 codes and 128x128 block scales
-// (kernels/fp8.h) instead, as Fp8ExpertMlp wants them.
+// A projection's weight [out, in] on the device: bf16, or e4m3 codes with 128 x 128 block scales
+// (kernels/fp8.h) where the rank serves it in FP8 (State::fp8_dense, State::fp8_experts).
+struct DeviceLinear {
+  DeviceArray<Bf16> bf16;
+  DeviceArray<__nv_fp8_e4m3> codes;
+  DeviceArray<float> scales;
+  bool fp8 = false;
+  kernels::Fp8Weight Fp8() const { return {codes.data(), scales.data()}; }
+};
+
+// A SwiGLU MLP's weights: gate_up [2I, H] (gate rows, then up rows) and down [H, I], as ExpertMlp
+// (bf16) or Fp8ExpertMlp and Fp8Linear (FP8) take them.
 struct DeviceMlp {
-  DeviceArray<Bf16> gate_up;
-  DeviceArray<Bf16> down;
-  DeviceArray<__nv_fp8_e4m3> gate_up_fp8, down_fp8;
-  DeviceArray<float> gate_up_scales, down_scales;
+  DeviceLinear gate_up, down;
 };
 
 struct DeviceLayer {
   DeviceArray<Bf16> input_norm, post_attention_norm;
   // MLA.
-  DeviceArray<Bf16> q_a, q_a_norm, q_b, q;  // q-LoRA pair, or the direct projection
+  DeviceLinear q_a, q_b, q;  // q-LoRA pair, or the direct projection
+  DeviceArray<Bf16> q_a_norm;
+  // kv_a's 576 outputs are not whole FP8 blocks, and kv_b is read per head: both stay bf16.
   DeviceArray<Bf16> kv_a, kv_a_norm, kv_b;
   // Grouped-query attention: q, k and v projections stacked into one [(heads + 2 * kv_heads) *
   // head_dim, hidden] matrix (one GEMM), and Qwen3's per-head norms (empty for Mixtral).
   DeviceArray<Bf16> qkv, q_norm, k_norm;
   bool has_qk_norm = false;
-  DeviceArray<Bf16> o;  // output projection (both)
+  DeviceLinear o;  // output projection (both)
   DeviceMlp dense;
   DeviceArray<Bf16> gate;
   DeviceArray<float> correction_bias;
@@ -84,9 +93,11 @@ absl::Status GenerateMlp(DeviceMlp& out, int layer, int expert, int intermediate
 // in FP8.
 absl::Status UploadMlp(WeightUploader& uploader, DeviceMlp& out, const std::string& prefix,
                        bool fp8);
-// The bytes a rank uploads at start-up: the dense weights in bf16 and its slots' experts in
-// bf16 or FP8.
-uint64_t RankUploadBytes(const ModelConfig& config, int slots_per_rank, bool fp8_experts);
+// The bytes a rank uploads at start-up: its slots' experts in bf16 or (`fp8_experts`) FP8, and
+// the dense weights in bf16, or (`fp8_dense`) in FP8 where they are stored so and UploadLinear
+// keeps them.
+uint64_t RankUploadBytes(const ModelConfig& config, const TensorSource& source, int slots_per_rank,
+                         bool fp8_experts, bool fp8_dense);
 
 // An index array (row numbers) on its way to the device.
 struct DeviceIndex {
@@ -178,6 +189,14 @@ struct CudaRankBackend::State {
   // hold e4m3 weights and run through routed_fp8_mlp instead of routed_mlp.
   bool fp8_experts = false;
   std::unique_ptr<kernels::Fp8ExpertMlp> routed_fp8_mlp;
+  // The dense projections (attention's, the dense MLPs', the shared experts') in FP8 as well
+  // (with FP8 experts and CudaRankOptions::keep_fp8_dense), for every weight whose widths are
+  // whole FP8 blocks (an FP8 checkpoint's as stored, the built-in FP8 models' quantized on
+  // upload). They run through
+  // fp8_linear, the MLPs with fp8_mlp_gate_up and fp8_mlp_act as scratch.
+  bool fp8_dense = false;
+  std::unique_ptr<kernels::Fp8Linear> fp8_linear;
+  DeviceArray<Bf16> fp8_mlp_gate_up, fp8_mlp_act;
   MicroBatchState micro_batches[2];
   int max_received = 0;
 
@@ -266,11 +285,29 @@ struct CudaRankBackend::State {
                         "linear");
   }
 
+  // The same for a weight that may be FP8 (through fp8_linear), y bf16; `accumulate`: y += the
+  // product.
+  absl::Status Linear(const Bf16* x, const DeviceLinear& w, Bf16* y, int rows, int in, int out,
+                      bool accumulate = false) {
+    if (w.fp8) return fp8_linear->Run(x, rows, w.Fp8(), out, in, y, accumulate);
+    return Linear(x, w.bf16.data(), y, CUDA_R_16BF, rows, in, out, accumulate ? 1.0f : 0.0f);
+  }
+  // y [rows, H] = a dense MLP or shared experts (w, `intermediate` wide) of x [rows, H]:
+  // ExpertMlp `bf16_mlp` for bf16 weights, Fp8Linear and SiLU · up between for FP8 ones.
+  absl::Status RunMlp(const DeviceMlp& w, kernels::ExpertMlp& bf16_mlp, const Bf16* x, int rows,
+                      int intermediate, Bf16* y);
+
   absl::Status ReserveMicroBatch(MicroBatchState& mb);
   // Uploads the dense weights (everything but the routed experts' slots) to the device.
   absl::Status LoadWeights(WeightUploader& uploader);
   absl::Status UploadMlaWeights(WeightUploader& uploader, int layer, DeviceLayer& d);
   absl::Status UploadGroupedQueryWeights(WeightUploader& uploader, int layer, DeviceLayer& d);
+  // A dense projection (parts stacked by rows): FP8 where fp8_dense and its widths allow, bf16
+  // otherwise.
+  absl::Status UploadLinear(WeightUploader& uploader, DeviceLinear& out,
+                            std::initializer_list<std::string> names);
+  // Creates fp8_linear and the FP8 MLP scratch once any dense weight is FP8.
+  absl::Status PrepareFp8Dense();
   // Makes the slots hold `placement`'s experts now, in place (initial load; and placements
   // that commit without staging).
   absl::Status LoadSlots(const ExpertPlacement& placement);
