@@ -17,6 +17,8 @@
 #include "engine/engine.h"
 #include "engine/model/builtin_models.h"
 #include "engine/model/hf_config.h"
+#include "engine/model/model_size.h"
+#include "engine/model/weights.h"
 #include "nlohmann/json.hpp"
 
 namespace moeserve::engine {
@@ -36,6 +38,29 @@ std::string WithCommas(int64_t value) {
 }
 
 std::string Billions(int64_t parameters) { return absl::StrFormat("%.2f B", parameters / 1e9); }
+
+// The dense weights as the GPU backend holds them: bf16, but with FP8 weights (an MoE model's,
+// served with its experts in FP8) and `fp8_dense` (serve --gpu-dense-weights as-stored) the
+// projections it runs in FP8 stay so (GpuKeepsDenseInFp8, docs/gpu-backend.md).
+int64_t ServedDenseBytes(const ModelConfig& config, const WeightFormat& format, bool fp8_dense) {
+  const bool fp8 = fp8_dense && format.kind == WeightFormat::Kind::kFp8BlockScaled &&
+                   config.n_routed_experts > 0;
+  int64_t bytes = 0;
+  ForEachExpectedTensor(config, [&](const std::string& name, const std::vector<int64_t>& shape) {
+    if (name.find(".mlp.experts.") != std::string::npos) return true;
+    int64_t elements = 1;
+    for (int64_t d : shape) elements *= d;
+    if (fp8 && GpuKeepsDenseInFp8(name, shape, config.uses_mla())) {
+      const int64_t blocks = ((shape[0] + format.block_rows - 1) / format.block_rows) *
+                             ((shape[1] + format.block_cols - 1) / format.block_cols);
+      bytes += elements + 4 * blocks;
+    } else {
+      bytes += 2 * elements;
+    }
+    return true;
+  });
+  return bytes;
+}
 
 // The config.json of a folder, or the file itself.
 absl::StatusOr<std::pair<nlohmann::json, std::string>> ReadConfig(const std::string& model) {
@@ -208,9 +233,12 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanMemoryOptions& options) {
         " GPUs; every GPU holds the same number of slots"));
   }
   plan.size = ComputeModelSize(plan.config, plan.format);
-  // The GPU backend runs the dense projections (attention, dense MLPs, shared experts) in bf16
-  // and converts FP8 ones on upload; only the routed experts stay FP8 (docs/gpu-backend.md).
-  plan.dense_bytes = ComputeModelSize(plan.config, WeightFormat{}).dense_bytes;
+  if (options.gpu_dense_weights != "bf16" && options.gpu_dense_weights != "as-stored") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--gpu-dense-weights must be bf16 or as-stored, got `", options.gpu_dense_weights, "`"));
+  }
+  plan.dense_bytes =
+      ServedDenseBytes(plan.config, plan.format, options.gpu_dense_weights == "as-stored");
   plan.ep = options.ep;
   plan.num_redundant_experts = options.num_redundant_experts;
   plan.gpu_bytes = static_cast<int64_t>(options.gpu_memory_gib * kGiB);
@@ -250,7 +278,9 @@ std::string FormatMemoryPlan(const MemoryPlan& plan) {
     out << "weights  fp8, " << Gib(all_weights) << " in all: e4m3 projection matrices with an fp32 "
         << "scale per " << plan.format.block_rows << "x" << plan.format.block_cols << " block;\n"
         << "         embeddings, LM head, routers and norms in bf16; served with the routed\n"
-        << "         experts in fp8 and the dense weights in bf16\n";
+        << "         experts in fp8 and the dense weights in "
+        << (plan.dense_bytes < 2 * s.dense_parameters ? "fp8 where the GPU runs them so" : "bf16")
+        << "\n";
   } else {
     out << "weights  bf16, " << Gib(all_weights) << " in all\n";
   }
@@ -265,7 +295,7 @@ std::string FormatMemoryPlan(const MemoryPlan& plan) {
   };
   row("dense weights (on every GPU)", Gib(plan.dense_bytes),
       s.dense_bytes != plan.dense_bytes
-          ? absl::StrCat("in bf16 (", Gib(s.dense_bytes),
+          ? absl::StrCat("as served (", Gib(s.dense_bytes),
                          " as stored): embeddings, attention, dense MLPs, shared experts, "
                          "routers, norms")
           : "embeddings, attention, dense MLPs, shared experts, routers, norms");
@@ -322,8 +352,14 @@ void RegisterPlanMemoryCommand(CLI::App& plan_command, int& exit_code) {
   memory
       ->add_option("--dtype", options->dtype,
                    "Weights: fp8 (DeepSeek-V3's e4m3 with 128x128 block scales) or bf16 "
-                   "(default: the checkpoint's); dense weights count as bf16, as GPUs hold them")
+                   "(default: the checkpoint's); dense weights count as GPUs hold them "
+                   "(--gpu-dense-weights)")
       ->type_name("fp8|bf16");
+  memory
+      ->add_option("--gpu-dense-weights", options->gpu_dense_weights,
+                   "How GPUs hold an FP8 model's dense projections, as serve's option: bf16 "
+                   "(default) or as-stored (FP8 where the GPU backend runs them in FP8)")
+      ->type_name("bf16|as-stored");
   memory
       ->add_option("--num-redundant-experts", options->num_redundant_experts,
                    "Extra expert slots per MoE layer (EPLB replicas)")

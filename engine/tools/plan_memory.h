@@ -36,6 +36,9 @@ struct PlanMemoryOptions {
   // Kept free per GPU for activations, cuBLAS workspaces, NCCL buffers and placement staging
   // (the CUDA context is outside gpu_memory_gib, which is what a process can allocate).
   double reserve_gib = 4;
+  // How GPUs hold an FP8 model's dense projections (serve --gpu-dense-weights): bf16 |
+  // as-stored (those the GPU backend runs in FP8 stay so: GpuKeepsDenseInFp8).
+  std::string gpu_dense_weights = "bf16";
 };
 
 struct MemoryPlan {
@@ -52,7 +55,7 @@ struct MemoryPlan {
   int expert_slots_per_gpu = 0;  // per MoE layer
   int64_t gpu_bytes = 0;
   int64_t reserve_bytes = 0;
-  int64_t dense_bytes = 0;   // per GPU, as served (bf16; size.dense_bytes is as stored)
+  int64_t dense_bytes = 0;   // per GPU, as served (ServedDenseBytes; size.dense_bytes is as stored)
   int64_t expert_bytes = 0;  // per GPU
   int64_t kv_bytes_per_token = 0;
   int64_t kv_bytes = 0;  // per GPU, what is left (negative: over by that much)

@@ -25,7 +25,7 @@ run_plan(0 --model ${CONFIGS}/deepseek-v3.json --ep 8 --gpu-memory-gib 139)
 expect("${output}" "671\\.03 B parameters, 37\\.55 B active per token")
 expect("${output}" "weights  fp8, ")
 expect("${output}" "routed experts \\(32 x 58 layers\\) +76\\.14 GiB")
-expect("${output}" "dense weights \\(on every GPU\\) +31\\.88 GiB +in bf16 \\(17\\.77 GiB as stored\\)")
+expect("${output}" "dense weights \\(on every GPU\\) +31\\.88 GiB +as served \\(17\\.77 GiB as stored\\)")
 expect("${output}" "tokens that fit +412,131 +per GPU")
 expect("${output}" "\nfits +412,131 tokens per GPU >= 163,840 required\n")
 
@@ -34,6 +34,14 @@ expect("${output}" "\nfits +412,131 tokens per GPU >= 163,840 required\n")
 run_plan(1 --model ${CONFIGS}/deepseek-v3.json --ep 16 --gpu-memory-gib 78)
 expect("${errors}" "the KV cache does not fit: the 4\\.04 GiB left per GPU hold 61,793 tokens")
 expect("${output}" "fewest GPUs that fit with these settings: EP32")
+
+# With the dense projections in FP8 as well (--gpu-dense-weights as-stored), one full-context
+# request fits 16 H100s.
+run_plan(0 --model ${CONFIGS}/deepseek-v3.json --ep 16 --gpu-memory-gib 78
+         --gpu-dense-weights as-stored)
+expect("${output}" "dense weights \\(on every GPU\\) +18\\.96 GiB +as served \\(17\\.77 GiB as stored\\)")
+expect("${output}" "tokens that fit +259,285 +per GPU")
+run_plan(2 --model ${CONFIGS}/deepseek-v3.json --ep 16 --gpu-memory-gib 78 --gpu-dense-weights fp8)
 
 # The same in bf16: the weights do not fit; exit 1 and the reason on stderr.
 run_plan(1 --model ${CONFIGS}/deepseek-v3.json --ep 8 --gpu-memory-gib 139 --dtype bf16)

@@ -130,6 +130,28 @@ TEST(ModelSize, Fp8CountsOneBytePerQuantizedParameterPlusBlockScales) {
   EXPECT_FALSE(IsBlockQuantized("model.layers.0.input_layernorm.weight", {7168}));
 }
 
+// What the GPU backend keeps in FP8 among the dense weights: the projections it runs through
+// its FP8 linear path, in whole 128 x 128 blocks; never the routed experts (they have their own
+// path), MLA's kv_a (576 rows) or kv_b, GQA's q/k/v (stacked, fp32 out) or anything 1-D.
+TEST(ModelSize, GpuKeepsTheDenseProjectionsItRunsInFp8) {
+  const std::string layer = "model.layers.3.";
+  EXPECT_TRUE(GpuKeepsDenseInFp8(layer + "mlp.gate_proj.weight", {18432, 7168}, true));
+  EXPECT_TRUE(
+      GpuKeepsDenseInFp8(layer + "mlp.shared_experts.down_proj.weight", {7168, 2048}, true));
+  EXPECT_TRUE(GpuKeepsDenseInFp8(layer + "self_attn.o_proj.weight", {7168, 16384}, true));
+  EXPECT_TRUE(GpuKeepsDenseInFp8(layer + "self_attn.q_a_proj.weight", {1536, 7168}, true));
+  EXPECT_TRUE(GpuKeepsDenseInFp8(layer + "self_attn.q_b_proj.weight", {24576, 1536}, true));
+  EXPECT_TRUE(GpuKeepsDenseInFp8(layer + "self_attn.o_proj.weight", {4096, 8192}, false));
+  EXPECT_FALSE(GpuKeepsDenseInFp8(layer + "mlp.experts.7.down_proj.weight", {7168, 2048}, true));
+  EXPECT_FALSE(
+      GpuKeepsDenseInFp8(layer + "self_attn.kv_a_proj_with_mqa.weight", {576, 7168}, true));
+  EXPECT_FALSE(GpuKeepsDenseInFp8(layer + "self_attn.kv_b_proj.weight", {32768, 512}, true));
+  EXPECT_FALSE(GpuKeepsDenseInFp8(layer + "self_attn.q_proj.weight", {8192, 4096}, false));
+  EXPECT_FALSE(GpuKeepsDenseInFp8(layer + "self_attn.o_proj.weight", {7168, 100}, true));
+  EXPECT_FALSE(GpuKeepsDenseInFp8(layer + "mlp.gate.weight", {256, 7168}, true));
+  EXPECT_FALSE(GpuKeepsDenseInFp8("lm_head.weight", {129280, 7168}, true));
+}
+
 TEST(ModelSize, KvCacheBytesPerToken) {
   // MLA: (kv_lora_rank 512 + rope 64) x 61 layers x 2 bytes.
   EXPECT_EQ(KvCacheBytesPerToken(Config("deepseek-v3"), 2), 576 * 61 * 2);
@@ -152,7 +174,8 @@ TEST(PlanMemory, DeepSeekV3Fp8OnEightH200s) {
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_EQ(plan->weight_dtype, "fp8");  // from the config's quantization_config
   EXPECT_EQ(plan->expert_slots_per_gpu, 32);
-  // The dense weights as the GPU backend holds them (bf16), and as the checkpoint stores them.
+  // The dense weights as the GPU backend holds them (bf16 by default), and as the checkpoint
+  // stores them.
   const int64_t dense_bf16 = ComputeModelSize(Config("deepseek-v3"), WeightFormat{}).dense_bytes;
   EXPECT_EQ(plan->dense_bytes, dense_bf16);
   EXPECT_EQ(plan->size.dense_bytes, 19'082'165'600);
@@ -168,7 +191,41 @@ TEST(PlanMemory, DeepSeekV3Fp8OnEightH200s) {
   EXPECT_THAT(report, HasSubstr("671.03 B parameters, 37.55 B active per token"));
   EXPECT_THAT(report, HasSubstr("32 expert slots per GPU in each MoE layer ((256 + 0) / 8)"));
   EXPECT_THAT(report, HasSubstr("70,272 bytes per token in bf16"));
-  EXPECT_THAT(report, HasSubstr("31.88 GiB   in bf16 (17.77 GiB as stored)"));
+  EXPECT_THAT(report, HasSubstr("31.88 GiB   as served (17.77 GiB as stored)"));
+}
+
+// --gpu-dense-weights as-stored: bf16, less a byte a value (plus an fp32 scale per 128 x 128
+// block) for the projections the GPU runs in FP8 — each layer's q_a, q_b and o, the 3 dense
+// MLPs and the 58 MoE layers' shared experts. One full-context request then fits 16 H100s.
+TEST(PlanMemory, DenseProjectionsAsStoredFitDeepSeekV3OnSixteenH100s) {
+  PlanMemoryOptions options = Options("deepseek-v3", 16, 78);
+  absl::StatusOr<MemoryPlan> bf16 = PlanMemory(options);
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  EXPECT_FALSE(bf16->fits);
+  options.gpu_dense_weights = "as-stored";
+  absl::StatusOr<MemoryPlan> plan = PlanMemory(options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  auto fp8_saving = [](int64_t out, int64_t in) {
+    return out * in - 4 * ((out + 127) / 128) * ((in + 127) / 128);
+  };
+  const int64_t attention =
+      fp8_saving(1536, 7168) + fp8_saving(128 * 192, 1536) + fp8_saving(7168, 128 * 128);
+  const int64_t dense_mlp = 2 * fp8_saving(18432, 7168) + fp8_saving(7168, 18432);
+  const int64_t shared = 2 * fp8_saving(2048, 7168) + fp8_saving(7168, 2048);
+  EXPECT_EQ(plan->dense_bytes, bf16->dense_bytes - 61 * attention - 3 * dense_mlp - 58 * shared);
+  EXPECT_TRUE(plan->fits) << plan->does_not_fit;
+  EXPECT_EQ(plan->tokens_per_gpu, 259'285);
+  EXPECT_THAT(FormatMemoryPlan(*plan),
+              HasSubstr("dense weights in fp8 where the GPU runs them so"));
+  options.gpu_dense_weights = "fp8";
+  EXPECT_FALSE(PlanMemory(options).ok());
+  // A bf16 model has no FP8 projections to keep.
+  PlanMemoryOptions mixtral = Options("mixtral-8x22b", 8, 78);
+  absl::StatusOr<MemoryPlan> mixtral_bf16 = PlanMemory(mixtral);
+  mixtral.gpu_dense_weights = "as-stored";
+  absl::StatusOr<MemoryPlan> mixtral_as_stored = PlanMemory(mixtral);
+  ASSERT_TRUE(mixtral_bf16.ok() && mixtral_as_stored.ok());
+  EXPECT_EQ(mixtral_as_stored->dense_bytes, mixtral_bf16->dense_bytes);
 }
 
 TEST(PlanMemory, RedundantExpertsAddSlots) {
