@@ -16,6 +16,7 @@
 
 #include "absl/strings/match.h"
 #include "engine/backend/cuda/cuda_backend_factory.h"
+#include "engine/base/status_macros.h"
 #include "engine/model/loader.h"
 #include "engine/trace/trace_recorder.h"
 #include "gtest/gtest.h"
@@ -82,28 +83,42 @@ fs::path WriteSmallFp8Checkpoint(const std::string& folder_name) {
   return folder;
 }
 
-TEST(CudaBackendFp8, Fp8ExpertsStayWithinTheFp8ToleranceOfTheCpu) {
-  REQUIRE_HOPPER();
-  const fs::path folder = WriteSmallFp8Checkpoint("fp8_serving");
-  auto host = LoadModel(folder.string());
-  ASSERT_TRUE(host.ok()) << host.status();
+// The small FP8 checkpoint against the CPU: opened on demand for the GPU, 48 positions (a prefill:
+// the recipe's path), and the fp32 CPU engine's logits of them on the same dequantized weights.
+struct SmallFp8Case {
+  std::shared_ptr<const Model> gpu_model;
+  std::vector<int32_t> tokens;
+  std::vector<float> cpu;
+  int vocab = 0;
+};
+
+absl::StatusOr<SmallFp8Case> MakeSmallFp8Case(const std::string& folder_name) {
+  const fs::path folder = WriteSmallFp8Checkpoint(folder_name);
+  ASSIGN_OR_RETURN(LoadedModel host, LoadModel(folder.string()));
   LoadOptions on_demand;
   on_demand.host_weights = false;
-  auto opened = LoadModel(folder.string(), on_demand);
-  ASSERT_TRUE(opened.ok()) << opened.status();
-  const int vocab = host->model->config().vocab_size;
-  const std::vector<int32_t> tokens = Prompt(48, vocab);
-  auto cpu = moeserve::testing::GroupLogits(*host->model, tokens, 1, 0, /*gpu=*/false);
-  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  ASSIGN_OR_RETURN(LoadedModel opened, LoadModel(folder.string(), on_demand));
+  SmallFp8Case c;
+  c.gpu_model = opened.model;
+  c.vocab = host.model->config().vocab_size;
+  c.tokens = Prompt(48, c.vocab);
+  ASSIGN_OR_RETURN(c.cpu, moeserve::testing::GroupLogits(*host.model, c.tokens, 1, 0, false));
+  return c;
+}
+
+TEST(CudaBackendFp8, Fp8ExpertsStayWithinTheFp8ToleranceOfTheCpu) {
+  REQUIRE_HOPPER();
+  absl::StatusOr<SmallFp8Case> c = MakeSmallFp8Case("fp8_serving");
+  ASSERT_TRUE(c.ok()) << c.status();
   for (auto [ep, redundant] : {std::pair{1, 0}, {2, 2}}) {
-    auto fp8 = GpuLogits(*opened->model, tokens, ep, redundant, true);
+    auto fp8 = GpuLogits(*c->gpu_model, c->tokens, ep, redundant, true);
     ASSERT_TRUE(fp8.ok()) << fp8.status();
-    auto bf16 = GpuLogits(*opened->model, tokens, ep, redundant, false);
+    auto bf16 = GpuLogits(*c->gpu_model, c->tokens, ep, redundant, false);
     ASSERT_TRUE(bf16.ok()) << bf16.status();
     const moeserve::testing::LogitAgreement fp8_vs_cpu =
-        moeserve::testing::CompareLogits(*fp8, *cpu, vocab);
+        moeserve::testing::CompareLogits(*fp8, c->cpu, c->vocab);
     const moeserve::testing::LogitAgreement bf16_vs_cpu =
-        moeserve::testing::CompareLogits(*bf16, *cpu, vocab);
+        moeserve::testing::CompareLogits(*bf16, c->cpu, c->vocab);
     std::printf(
         "EP%d redundant %d: FP8 experts vs CPU relative error max %.2e, median position %.2e, "
         "same argmax %.1f%%; bf16 experts vs CPU max %.2e, median %.2e, same argmax %.1f%%\n",
@@ -124,24 +139,15 @@ TEST(CudaBackendFp8, Fp8ExpertsStayWithinTheFp8ToleranceOfTheCpu) {
 // median 6.8e-2, argmax 91.7% against the CPU (the experts alone: 0.41, 3.8e-2, 93.8%).
 TEST(CudaBackendFp8, Fp8DenseProjectionsStayWithinTheRecipesToleranceOfTheCpu) {
   REQUIRE_HOPPER();
-  const fs::path folder = WriteSmallFp8Checkpoint("fp8_dense");
-  auto host = LoadModel(folder.string());
-  ASSERT_TRUE(host.ok()) << host.status();
-  LoadOptions on_demand;
-  on_demand.host_weights = false;
-  auto opened = LoadModel(folder.string(), on_demand);
-  ASSERT_TRUE(opened.ok()) << opened.status();
-  const int vocab = host->model->config().vocab_size;
-  const std::vector<int32_t> tokens = Prompt(48, vocab);
-  auto cpu = moeserve::testing::GroupLogits(*host->model, tokens, 1, 0, /*gpu=*/false);
-  ASSERT_TRUE(cpu.ok()) << cpu.status();
-  auto experts_only = GpuLogits(*opened->model, tokens, 1, 0, true);
+  absl::StatusOr<SmallFp8Case> c = MakeSmallFp8Case("fp8_dense");
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto experts_only = GpuLogits(*c->gpu_model, c->tokens, 1, 0, true);
   ASSERT_TRUE(experts_only.ok()) << experts_only.status();
   for (auto [ep, redundant] : {std::pair{1, 0}, {2, 2}}) {
-    auto dense = GpuLogits(*opened->model, tokens, ep, redundant, true, /*fp8_dense=*/true);
+    auto dense = GpuLogits(*c->gpu_model, c->tokens, ep, redundant, true, /*fp8_dense=*/true);
     ASSERT_TRUE(dense.ok()) << dense.status();
     const moeserve::testing::LogitAgreement a =
-        moeserve::testing::CompareLogits(*dense, *cpu, vocab);
+        moeserve::testing::CompareLogits(*dense, c->cpu, c->vocab);
     std::printf(
         "EP%d redundant %d: FP8 experts and dense projections vs CPU relative error max "
         "%.2e, median position %.2e, same argmax %.1f%%\n",
