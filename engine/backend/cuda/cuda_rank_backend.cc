@@ -257,7 +257,7 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
 
 absl::Status CudaRankBackend::State::RunMlp(const DeviceMlp& w, kernels::ExpertMlp& bf16_mlp,
                                             const Bf16* x, int rows, int intermediate, Bf16* y) {
-  if (!w.gate_up.fp8 || !w.down.fp8) {
+  if (!w.gate_up.fp8 && !w.down.fp8) {
     return bf16_mlp.Run(x, {0, rows}, {w.gate_up.bf16.data()}, {w.down.bf16.data()}, y);
   }
   const int hidden = config().hidden_size;

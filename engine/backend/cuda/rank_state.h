@@ -192,8 +192,8 @@ struct CudaRankBackend::State {
   // The dense projections (attention's, the dense MLPs', the shared experts') in FP8 as well
   // (with FP8 experts and CudaRankOptions::keep_fp8_dense), for every weight whose widths are
   // whole FP8 blocks (an FP8 checkpoint's as stored, the built-in FP8 models' quantized on
-  // upload). They run through
-  // fp8_linear, the MLPs with fp8_mlp_gate_up and fp8_mlp_act as scratch.
+  // upload). They run through fp8_linear, the MLPs with fp8_mlp_gate_up and fp8_mlp_act as
+  // scratch.
   bool fp8_dense = false;
   std::unique_ptr<kernels::Fp8Linear> fp8_linear;
   DeviceArray<Bf16> fp8_mlp_gate_up, fp8_mlp_act;
@@ -293,7 +293,8 @@ struct CudaRankBackend::State {
     return Linear(x, w.bf16.data(), y, CUDA_R_16BF, rows, in, out, accumulate ? 1.0f : 0.0f);
   }
   // y [rows, H] = a dense MLP or shared experts (w, `intermediate` wide) of x [rows, H]:
-  // ExpertMlp `bf16_mlp` for bf16 weights, Fp8Linear and SiLU · up between for FP8 ones.
+  // ExpertMlp `bf16_mlp` for bf16 weights; where either is FP8, a Linear per projection (each in
+  // its own format) and SiLU · up between.
   absl::Status RunMlp(const DeviceMlp& w, kernels::ExpertMlp& bf16_mlp, const Bf16* x, int rows,
                       int intermediate, Bf16* y);
 
