@@ -84,7 +84,6 @@ __device__ void QuantizeLane(const float (&v)[kLaneColumns], bool store, __nv_fp
 // row's `blocks`, in its group's place.
 struct TileRun {
   int row = 0, first_tile = 0;
-  int group = 0, local_row = 0;
   bool real = false;       // a real row of its group, not padding
   int64_t source_row = 0;  // the real row's index in the unpadded input
   int64_t scale_base = 0;  // the row's scale of tile 0; tile b's is scale_base + b * padded rows
@@ -98,18 +97,18 @@ __device__ bool FindRun(const Fp8RowGroups& groups, int blocks, TileRun& run) {
   if (warp >= static_cast<int64_t>(groups.padded_start[groups.count]) * runs_per_row) return false;
   run.row = static_cast<int>(warp / runs_per_row);
   run.first_tile = static_cast<int>(warp % runs_per_row) * kTilesPerWarp;
-  run.group = GroupOfPaddedRow(groups, run.row);
-  const int start = groups.padded_start[run.group];
-  run.local_row = run.row - start;
-  run.real = run.local_row < groups.source_start[run.group + 1] - groups.source_start[run.group];
-  run.source_row = groups.source_start[run.group] + run.local_row;
-  run.padded_rows = groups.padded_start[run.group + 1] - start;
-  run.scale_base = static_cast<int64_t>(start) * blocks + run.local_row;
+  const int group = GroupOfPaddedRow(groups, run.row);
+  const int start = groups.padded_start[group];
+  const int local_row = run.row - start;
+  run.real = local_row < groups.source_start[group + 1] - groups.source_start[group];
+  run.source_row = groups.source_start[group] + local_row;
+  run.padded_rows = groups.padded_start[group + 1] - start;
+  run.scale_base = static_cast<int64_t>(start) * blocks + local_row;
   return true;
 }
 
-// Quantizes a run: `load(column, v)` gives a real row's 8 values from `column` on, having issued
-// its loads in `fetch(step)` beforehand (all steps' loads first).
+// Quantizes a run: the source's Fetch(step, column) issues a real row's loads of 8 values from
+// `column` on (every step's first), Values(step, v) then gives them as floats.
 template <class Source>
 __device__ void QuantizeRun(const TileRun& run, int blocks, int cols, Source& source,
                             __nv_fp8_e4m3* values, float* scales) {

@@ -38,6 +38,19 @@ bool GpuKeepsDenseInFp8(std::string_view tensor_name, const std::vector<int64_t>
   return false;
 }
 
+int64_t GpuDenseBytes(const ModelConfig& config, const WeightFormat& format, bool fp8_dense) {
+  const bool fp8 = fp8_dense && format.kind == WeightFormat::Kind::kFp8BlockScaled &&
+                   config.n_routed_experts > 0;
+  int64_t bytes = 0;
+  ForEachExpectedTensor(config, [&](const std::string& name, const std::vector<int64_t>& shape) {
+    if (name.find(".mlp.experts.") != std::string::npos) return true;
+    const bool stays_fp8 = fp8 && GpuKeepsDenseInFp8(name, shape, config.uses_mla());
+    bytes += BytesOf(name, shape, stays_fp8 ? format : WeightFormat{});
+    return true;
+  });
+  return bytes;
+}
+
 bool IsBlockQuantized(std::string_view tensor_name, const std::vector<int64_t>& shape) {
   return shape.size() == 2 && tensor_name.ends_with(".weight") &&
          tensor_name != "model.embed_tokens.weight" && tensor_name != "lm_head.weight" &&

@@ -42,6 +42,12 @@ bool IsBlockQuantized(std::string_view tensor_name, const std::vector<int64_t>& 
 // grouped-query attention's stacked q, k and v stay bf16.
 bool GpuKeepsDenseInFp8(std::string_view tensor_name, const std::vector<int64_t>& shape, bool mla);
 
+// The dense (not routed-expert) weights' bytes as the GPU backend holds them: bf16, but with
+// `fp8_dense` (serve --gpu-dense-weights as-stored) and an FP8 `format` the tensors
+// GpuKeepsDenseInFp8 names stay in it, scales included. Only MoE models serve their dense
+// projections in FP8 (they follow the experts).
+int64_t GpuDenseBytes(const ModelConfig& config, const WeightFormat& format, bool fp8_dense);
+
 struct ModelSize {
   int64_t total_parameters = 0;
   // Per token: everything but the routed experts a token is not sent to.

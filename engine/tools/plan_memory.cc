@@ -18,7 +18,6 @@
 #include "engine/model/builtin_models.h"
 #include "engine/model/hf_config.h"
 #include "engine/model/model_size.h"
-#include "engine/model/weights.h"
 #include "nlohmann/json.hpp"
 
 namespace moeserve::engine {
@@ -38,29 +37,6 @@ std::string WithCommas(int64_t value) {
 }
 
 std::string Billions(int64_t parameters) { return absl::StrFormat("%.2f B", parameters / 1e9); }
-
-// The dense weights as the GPU backend holds them: bf16, but with FP8 weights (an MoE model's,
-// served with its experts in FP8) and `fp8_dense` (serve --gpu-dense-weights as-stored) the
-// projections it runs in FP8 stay so (GpuKeepsDenseInFp8, docs/gpu-backend.md).
-int64_t ServedDenseBytes(const ModelConfig& config, const WeightFormat& format, bool fp8_dense) {
-  const bool fp8 = fp8_dense && format.kind == WeightFormat::Kind::kFp8BlockScaled &&
-                   config.n_routed_experts > 0;
-  int64_t bytes = 0;
-  ForEachExpectedTensor(config, [&](const std::string& name, const std::vector<int64_t>& shape) {
-    if (name.find(".mlp.experts.") != std::string::npos) return true;
-    int64_t elements = 1;
-    for (int64_t d : shape) elements *= d;
-    if (fp8 && GpuKeepsDenseInFp8(name, shape, config.uses_mla())) {
-      const int64_t blocks = ((shape[0] + format.block_rows - 1) / format.block_rows) *
-                             ((shape[1] + format.block_cols - 1) / format.block_cols);
-      bytes += elements + 4 * blocks;
-    } else {
-      bytes += 2 * elements;
-    }
-    return true;
-  });
-  return bytes;
-}
 
 // The config.json of a folder, or the file itself.
 absl::StatusOr<std::pair<nlohmann::json, std::string>> ReadConfig(const std::string& model) {
@@ -238,7 +214,7 @@ absl::StatusOr<MemoryPlan> PlanMemory(const PlanMemoryOptions& options) {
         "--gpu-dense-weights must be bf16 or as-stored, got `", options.gpu_dense_weights, "`"));
   }
   plan.dense_bytes =
-      ServedDenseBytes(plan.config, plan.format, options.gpu_dense_weights == "as-stored");
+      GpuDenseBytes(plan.config, plan.format, options.gpu_dense_weights == "as-stored");
   plan.ep = options.ep;
   plan.num_redundant_experts = options.num_redundant_experts;
   plan.gpu_bytes = static_cast<int64_t>(options.gpu_memory_gib * kGiB);

@@ -55,7 +55,7 @@ struct MemoryPlan {
   int expert_slots_per_gpu = 0;  // per MoE layer
   int64_t gpu_bytes = 0;
   int64_t reserve_bytes = 0;
-  int64_t dense_bytes = 0;   // per GPU, as served (ServedDenseBytes; size.dense_bytes is as stored)
+  int64_t dense_bytes = 0;   // per GPU, as served (GpuDenseBytes; size.dense_bytes is as stored)
   int64_t expert_bytes = 0;  // per GPU
   int64_t kv_bytes_per_token = 0;
   int64_t kv_bytes = 0;  // per GPU, what is left (negative: over by that much)

@@ -22,6 +22,7 @@
 namespace {
 
 using moeserve::kernels::bench::CopyGBps;
+using moeserve::kernels::bench::ExitOnError;
 using moeserve::kernels::bench::MedianMs;
 
 constexpr int kHeads = 128;
@@ -41,12 +42,7 @@ T* DeviceCopy(const std::vector<T>& values) {
 __nv_bfloat16* RandomBf16(size_t count, uint64_t seed, float scale) {
   __nv_bfloat16* device = nullptr;
   CHECK_CUDA(cudaMalloc(&device, count * sizeof(__nv_bfloat16)));
-  const absl::Status status =
-      moeserve::kernels::FillRandomBf16(device, count, seed, scale, nullptr);
-  if (!status.ok()) {
-    std::fprintf(stderr, "%s\n", status.ToString().c_str());
-    std::exit(1);
-  }
+  ExitOnError(moeserve::kernels::FillRandomBf16(device, count, seed, scale, nullptr));
   return device;
 }
 

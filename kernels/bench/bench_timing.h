@@ -1,5 +1,6 @@
-// Timing helpers of the GPU benchmarks (moeserve-expert-bench, moeserve-attention-bench): a
-// CUDA-call check that exits with the call's place, the median of timed runs on a stream, and
+// Timing helpers of the GPU benchmarks (moeserve-expert-bench, moeserve-attention-bench,
+// moeserve-linear-bench): a CUDA-call check that exits with the call's place, a status check that
+// exits with the status, the median of timed runs on a stream, and
 // the card's device-to-device copy bandwidth measured in the same run (the floor the benchmarks
 // set their memory-bound kernels against). Header-only; include from .cu files only.
 #pragma once
@@ -11,6 +12,8 @@
 #include <cstdlib>
 #include <vector>
 
+#include "absl/status/status.h"
+
 #define CHECK_CUDA(call)                                                             \
   do {                                                                               \
     cudaError_t e = (call);                                                          \
@@ -21,6 +24,14 @@
   } while (0)
 
 namespace moeserve::kernels::bench {
+
+// Exits with the status's message where it is not OK (a benchmark has no caller to report to).
+inline void ExitOnError(const absl::Status& status) {
+  if (!status.ok()) {
+    std::fprintf(stderr, "%s\n", status.ToString().c_str());
+    std::exit(1);
+  }
+}
 
 // Median milliseconds of `iterations` timed runs of `body` (enqueued on `stream`), after 3
 // untimed warm-up runs.

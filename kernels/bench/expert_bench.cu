@@ -39,6 +39,7 @@ using moeserve::kernels::Fp8BlockGemm;
 using moeserve::kernels::Fp8ExpertMlp;
 using moeserve::kernels::Fp8Weight;
 using moeserve::kernels::bench::CopyGBps;
+using moeserve::kernels::bench::ExitOnError;
 using moeserve::kernels::bench::MedianMs;
 
 constexpr int kHidden = 7168;
@@ -87,13 +88,6 @@ double DenseTflops(cudaStream_t stream) {
   cudaFree(b);
   cudaFree(c);
   return 2.0 * n * n * n / (ms * 1e-3) / 1e12;
-}
-
-void ExitOnError(const absl::Status& status) {
-  if (!status.ok()) {
-    std::fprintf(stderr, "%s\n", status.ToString().c_str());
-    std::exit(1);
-  }
 }
 
 // A bf16 [out, in] weight quantized on the device to e4m3 with 128 x 128 block scales.

@@ -28,14 +28,8 @@ namespace {
 using moeserve::kernels::Fp8Linear;
 using moeserve::kernels::Fp8Weight;
 using moeserve::kernels::bench::CopyGBps;
+using moeserve::kernels::bench::ExitOnError;
 using moeserve::kernels::bench::MedianMs;
-
-void Check(const absl::Status& status) {
-  if (!status.ok()) {
-    std::fprintf(stderr, "%s\n", status.ToString().c_str());
-    std::exit(1);
-  }
-}
 
 template <typename T>
 T* Allocate(size_t count) {
@@ -60,11 +54,11 @@ Weights MakeWeights(const Projection& p, int copies, cudaStream_t stream) {
   const size_t count = static_cast<size_t>(p.n) * p.k;
   for (int c = 0; c < copies; ++c) {
     __nv_bfloat16* bf16 = Allocate<__nv_bfloat16>(count);
-    Check(
+    ExitOnError(
         moeserve::kernels::FillRandomBf16(bf16, static_cast<int64_t>(count), 7 + c, 0.02f, stream));
     auto* values = Allocate<__nv_fp8_e4m3>(count);
     auto* scales = Allocate<float>(moeserve::kernels::WeightScaleCount(p.n, p.k));
-    Check(moeserve::kernels::QuantizeWeightBlocksFp8(bf16, p.n, p.k, values, scales, stream));
+    ExitOnError(moeserve::kernels::QuantizeWeightBlocksFp8(bf16, p.n, p.k, values, scales, stream));
     w.bf16.push_back(bf16);
     w.fp8.push_back({values, scales});
   }
@@ -101,11 +95,11 @@ int main() {
   const int max_rows = 256, max_dim = 36864;
   __nv_bfloat16* x = Allocate<__nv_bfloat16>(static_cast<size_t>(max_rows) * max_dim);
   __nv_bfloat16* y = Allocate<__nv_bfloat16>(static_cast<size_t>(max_rows) * max_dim);
-  Check(moeserve::kernels::FillRandomBf16(x, int64_t{max_rows} * max_dim, 3, 1.0f, stream));
+  ExitOnError(moeserve::kernels::FillRandomBf16(x, int64_t{max_rows} * max_dim, 3, 1.0f, stream));
   auto weight_only = Fp8Linear::Create(max_rows, max_dim, max_dim, stream, INT_MAX);
   auto recipe = Fp8Linear::Create(max_rows, max_dim, max_dim, stream, 0);
-  Check(weight_only.status());
-  Check(recipe.status());
+  ExitOnError(weight_only.status());
+  ExitOnError(recipe.status());
 
   std::printf("# moeserve-linear-bench on %s: copy bandwidth %.0f GB/s (read + write)\n\n",
               properties.name, copy_gbps);
@@ -135,7 +129,7 @@ int main() {
         return MedianMs(
                    [&] {
                      for (int c = 0; c < copies; ++c) {
-                       Check(linear.Run(x, rows, w.fp8[c], p.n, p.k, y));
+                       ExitOnError(linear.Run(x, rows, w.fp8[c], p.n, p.k, y));
                      }
                    },
                    10, stream) /
