@@ -98,21 +98,27 @@ void Fp8ExpertMlp::Release() {
 absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
                                const std::vector<Fp8Weight>& gate_up,
                                const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
-                               Strategy strategy) {
+                               Strategy strategy, const int32_t* x_rows) {
   const int experts = static_cast<int>(gate_up.size());
   if (offsets.size() != gate_up.size() + 1 || down.size() != gate_up.size() ||
       experts > max_experts_ || offsets.back() > max_rows_) {
     return absl::InvalidArgumentError(
         "Fp8ExpertMlp::Run: rows or experts beyond the sizes it was made for");
   }
-  if (strategy == Strategy::kWeightOnly) return RunWeightOnly(x, offsets, gate_up, down, y);
+  if (strategy == Strategy::kWeightOnly) {
+    if (x_rows != nullptr) {
+      return absl::InvalidArgumentError(
+          "Fp8ExpertMlp::Run: the weight-only strategy reads rows in expert order, not x_rows");
+    }
+    return RunWeightOnly(x, offsets, gate_up, down, y);
+  }
   auto made = MakeFp8RowGroups(offsets);
   if (!made.ok()) return made.status();
   const Fp8RowGroups& groups = *made;
   const int hidden_blocks = hidden_ / kFp8BlockSize;
   const int inter_blocks = intermediate_ / kFp8BlockSize;
   if (auto s = QuantizeActivationGroupsFp8(x, groups, hidden_, x_values_.data(), x_scales_.data(),
-                                           stream_);
+                                           stream_, x_rows);
       !s.ok()) {
     return s;
   }

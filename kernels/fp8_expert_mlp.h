@@ -42,9 +42,13 @@ class Fp8ExpertMlp {
 
   // `offsets` (host, experts + 1 entries) splits X [offsets.back(), hidden] by expert;
   // gate_up[e] is [2I, H] (gate rows then up rows), down[e] is [H, I], both on the device.
+  // With `x_rows` (device, offsets.back() entries), X's row i is x's row x_rows[i]: the permute
+  // into expert order happens inside the activation quantization, which reads each row where it
+  // is (the GEMM strategies only; kWeightOnly reads X's rows in order, INVALID_ARGUMENT).
   absl::Status Run(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
                    const std::vector<Fp8Weight>& gate_up, const std::vector<Fp8Weight>& down,
-                   __nv_bfloat16* y, Strategy strategy = Strategy::kPerExpertGemm);
+                   __nv_bfloat16* y, Strategy strategy = Strategy::kPerExpertGemm,
+                   const int32_t* x_rows = nullptr);
 
  private:
   static constexpr int kSideStreams = 4;

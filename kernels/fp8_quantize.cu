@@ -164,12 +164,16 @@ struct SiluMulSource {
 };
 
 __global__ void __launch_bounds__(kTileThreads)
-    QuantizeGroupsKernel(const __nv_bfloat16* x, const __grid_constant__ Fp8RowGroups groups,
-                         int cols, __nv_fp8_e4m3* values, float* scales) {
+    QuantizeGroupsKernel(const __nv_bfloat16* x, const int32_t* __restrict__ source_rows,
+                         const __grid_constant__ Fp8RowGroups groups, int cols,
+                         __nv_fp8_e4m3* values, float* scales) {
   const int blocks = cols / kFp8BlockSize;
   TileRun run;
   if (!FindRun(groups, blocks, run)) return;
-  ActivationSource source{x + run.source_row * cols};
+  // A padding row reads nothing, so its index is never looked up (it may lie past the list).
+  const int64_t row =
+      source_rows != nullptr && run.real ? source_rows[run.source_row] : run.source_row;
+  ActivationSource source{x + row * cols};
   QuantizeRun(run, blocks, cols, source, values, scales);
 }
 
@@ -284,11 +288,11 @@ absl::StatusOr<Fp8RowGroups> MakeFp8RowGroups(const std::vector<int64_t>& offset
 
 absl::Status QuantizeActivationGroupsFp8(const __nv_bfloat16* x, const Fp8RowGroups& groups,
                                          int cols, __nv_fp8_e4m3* values, float* scales,
-                                         cudaStream_t stream) {
+                                         cudaStream_t stream, const int32_t* source_rows) {
   if (auto s = CheckColumns(cols, "QuantizeActivationsFp8"); !s.ok()) return s;
   if (groups.padded_rows() == 0) return absl::OkStatus();
-  QuantizeGroupsKernel<<<TileBlocks(groups, cols), kTileThreads, 0, stream>>>(x, groups, cols,
-                                                                              values, scales);
+  QuantizeGroupsKernel<<<TileBlocks(groups, cols), kTileThreads, 0, stream>>>(
+      x, source_rows, groups, cols, values, scales);
   return LaunchError("QuantizeActivationsFp8");
 }
 

@@ -47,9 +47,13 @@ absl::Status QuantizeActivationsFp8(const __nv_bfloat16* x, int rows, int cols,
 
 // The same for grouped rows: x [groups.source_start[count], cols] unpadded -> values
 // [groups.padded_rows(), cols] and scales, each group in its own padded block.
+// With `source_rows` (device, groups.source_start[count] entries), grouped row i reads x row
+// source_rows[i] instead of row i: the permute into expert order and the quantization in one pass
+// over the activations (x may then hold fewer rows, or rows that several experts read). A tile's
+// quantization depends on its row only, so the result equals permuting first.
 absl::Status QuantizeActivationGroupsFp8(const __nv_bfloat16* x, const Fp8RowGroups& groups,
                                          int cols, __nv_fp8_e4m3* values, float* scales,
-                                         cudaStream_t stream);
+                                         cudaStream_t stream, const int32_t* source_rows = nullptr);
 
 // gate_up bf16 [groups.padded_rows(), 2 * inter] (gate then up, padded rows) -> act =
 // bf16(silu(gate) * up), quantized as above into values [groups.padded_rows(), inter] and scales.

@@ -193,6 +193,45 @@ TEST(Fp8Kernels, GroupedQuantizationPadsEachGroupOnItsOwn) {
   }
 }
 
+// The permute into expert order fused into the quantization: grouped row i read from x's row
+// source_rows[i] (rows read by several experts, and some by none) gives, bit for bit, what
+// quantizing the permuted rows gives, padding rows included.
+TEST(Fp8Kernels, GroupedQuantizationGathersRowsByIndex) {
+  REQUIRE_GPU();
+  const int cols = 384, tokens = 23;
+  const std::vector<int64_t> offsets = {0, 3, 3, 9, 40, 41};
+  auto groups = MakeFp8RowGroups(offsets);
+  ASSERT_TRUE(groups.ok()) << groups.status();
+  const int rows = static_cast<int>(offsets.back());
+  const auto x = RandomBf16(static_cast<size_t>(tokens) * cols, 5, 3.0f);
+  std::mt19937 rng(11);
+  std::vector<int32_t> source_rows(rows);
+  std::vector<uint16_t> permuted(static_cast<size_t>(rows) * cols);
+  for (int i = 0; i < rows; ++i) {
+    source_rows[i] = static_cast<int32_t>(rng() % (tokens - 3));  // the last 3 rows go unread
+    std::copy_n(x.begin() + static_cast<int64_t>(source_rows[i]) * cols, cols,
+                permuted.begin() + static_cast<int64_t>(i) * cols);
+  }
+  DeviceMemory memory;
+  const int64_t padded = groups->padded_rows();
+  const int64_t scale_count = padded * (cols / kFp8BlockSize);
+  uint8_t* gathered_values = memory.Allocate<uint8_t>(padded * cols);
+  float* gathered_scales = memory.Allocate<float>(scale_count);
+  uint8_t* values = memory.Allocate<uint8_t>(padded * cols);
+  float* scales = memory.Allocate<float>(scale_count);
+  ASSERT_EQ(cudaMemset(gathered_values, 0x55, padded * cols), cudaSuccess);
+  ASSERT_TRUE(QuantizeActivationGroupsFp8(AsBf16(memory.Upload(x)), *groups, cols,
+                                          AsFp8(gathered_values), gathered_scales, nullptr,
+                                          memory.Upload(source_rows))
+                  .ok());
+  ASSERT_TRUE(QuantizeActivationGroupsFp8(AsBf16(memory.Upload(permuted)), *groups, cols,
+                                          AsFp8(values), scales, nullptr)
+                  .ok());
+  EXPECT_EQ(Download<uint8_t>(gathered_values, padded * cols),
+            Download<uint8_t>(values, padded * cols));
+  EXPECT_EQ(Download<float>(gathered_scales, scale_count), Download<float>(scales, scale_count));
+}
+
 TEST(Fp8Kernels, WeightBlockQuantizationMatchesTwin) {
   REQUIRE_GPU();
   const int out = 320, in = 384;  // a partial row block; 3 column blocks, scale stride 4
@@ -394,6 +433,36 @@ void CheckExpertMlp(int hidden, int inter, const std::vector<int64_t>& offsets) 
     EXPECT_LT(twin.rms_relative, 1e-2);
     EXPECT_LT(recipe.rms_relative, weight_only ? 1e-2 : 8e-2);
   }
+
+  // The same rows read in place through x_rows (the permute fused into the quantization): the
+  // GEMM strategies give the same bits; the weight-only one refuses.
+  std::vector<int32_t> x_rows(rows);
+  for (int i = 0; i < rows; ++i) x_rows[i] = rows - 1 - i;
+  std::vector<uint16_t> reversed(x.size());
+  for (int i = 0; i < rows; ++i) {
+    std::copy_n(x.begin() + static_cast<int64_t>(i) * hidden, hidden,
+                reversed.begin() + static_cast<int64_t>(x_rows[i]) * hidden);
+  }
+  const int32_t* device_x_rows = memory.Upload(x_rows);
+  const uint16_t* device_reversed = memory.Upload(reversed);
+  uint16_t* device_gathered_y = memory.Allocate<uint16_t>(x.size());
+  for (auto strategy :
+       {Fp8ExpertMlp::Strategy::kPerExpertGemm, Fp8ExpertMlp::Strategy::kConcurrentGemm}) {
+    ASSERT_TRUE(
+        mlp->Run(AsBf16(device_x), offsets, gate_up_device, down_device, AsBf16(device_y), strategy)
+            .ok());
+    ASSERT_TRUE(mlp->Run(AsBf16(device_reversed), offsets, gate_up_device, down_device,
+                         AsBf16(device_gathered_y), strategy, device_x_rows)
+                    .ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(Download<uint16_t>(device_gathered_y, x.size()),
+              Download<uint16_t>(device_y, x.size()))
+        << "strategy " << static_cast<int>(strategy);
+  }
+  EXPECT_EQ(mlp->Run(AsBf16(device_reversed), offsets, gate_up_device, down_device,
+                     AsBf16(device_gathered_y), Fp8ExpertMlp::Strategy::kWeightOnly, device_x_rows)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(Fp8Kernels, ExpertMlpMatchesTwinWithEveryStrategy) {

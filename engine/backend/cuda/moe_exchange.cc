@@ -281,8 +281,12 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
     return absl::OkStatus();
   }
   RETURN_IF_ERROR(AwaitExchange(mb));  // the dispatched rows
-  RETURN_IF_ERROR(kernels::PermuteRows(mb.received_rows, mb.slot_order.device.data(),
-                                       mb.expert_in.data(), received, hidden, stream));
+  // The experts read the received rows in slot order: permuted into expert_in, or, for FP8's
+  // GEMMs, read in place by the activation quantization (one pass, no bf16 copy).
+  auto permute_to_slot_order = [&] {
+    return kernels::PermuteRows(mb.received_rows, mb.slot_order.device.data(), mb.expert_in.data(),
+                                received, hidden, stream);
+  };
   // Many slots with few rows each (decode) fill the GPU best as one grouped GEMM (FP8: GEMMs
   // spread over side streams); slots with many rows each (prefill) run faster as one large GEMM
   // apiece (docs/PERFORMANCE.md).
@@ -304,9 +308,17 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
                               ? kernels::Fp8ExpertMlp::Strategy::kWeightOnly
                           : small_groups ? kernels::Fp8ExpertMlp::Strategy::kConcurrentGemm
                                          : kernels::Fp8ExpertMlp::Strategy::kPerExpertGemm;
-    RETURN_IF_ERROR(routed_fp8_mlp->Run(mb.expert_in.data(), mb.slot_offsets, weights.gate_up_fp8,
-                                        weights.down_fp8, mb.expert_out.data(), strategy));
+    if (strategy == kernels::Fp8ExpertMlp::Strategy::kWeightOnly) {
+      RETURN_IF_ERROR(permute_to_slot_order());
+      RETURN_IF_ERROR(routed_fp8_mlp->Run(mb.expert_in.data(), mb.slot_offsets, weights.gate_up_fp8,
+                                          weights.down_fp8, mb.expert_out.data(), strategy));
+    } else {
+      RETURN_IF_ERROR(routed_fp8_mlp->Run(mb.received_rows, mb.slot_offsets, weights.gate_up_fp8,
+                                          weights.down_fp8, mb.expert_out.data(), strategy,
+                                          mb.slot_order.device.data()));
+    }
   } else {
+    RETURN_IF_ERROR(permute_to_slot_order());
     const SlotWeightPointers weights = SlotWeights(w.slots, /*fp8=*/false);
     RETURN_IF_ERROR(routed_mlp->Run(mb.expert_in.data(), mb.slot_offsets, weights.gate_up,
                                     weights.down, mb.expert_out.data(),
