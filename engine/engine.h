@@ -105,6 +105,9 @@ struct EngineOptions {
   // on the GPU (kernels/device_moe.h), no host round trip per MoE layer; false: the host groups
   // the rows of every MoE layer, as for prefill steps and larger groups.
   bool gpu_device_planned_moe = true;
+  // --device cuda: those device-planned decode steps run as CUDA graphs, one per step shape
+  // (engine/backend/cuda/step_graphs.h); false: kernel by kernel.
+  bool gpu_cuda_graphs = false;
   std::optional<InjectedFault> injected_fault;
   // Set: run one rank of a group of processes (parallel.prefill_ep/decode_ep are then unused).
   std::optional<RankProcessOptions> rank_process;

@@ -10,6 +10,12 @@ absl::Status CublasStatus(cublasStatus_t status, const char* what) {
   return absl::InternalError(absl::StrCat(what, ": cuBLAS status ", static_cast<int>(status)));
 }
 
+absl::Status GiveCublasWorkspace(cublasHandle_t handle, DeviceArray<uint8_t>& workspace) {
+  if (auto s = workspace.Reserve(kCublasWorkspaceBytes); !s.ok()) return s;
+  return CublasStatus(cublasSetWorkspace(handle, workspace.data(), kCublasWorkspaceBytes),
+                      "cublasSetWorkspace");
+}
+
 absl::StatusOr<ExpertMlp> ExpertMlp::Create(int hidden, int intermediate, int max_rows,
                                             int max_experts, cudaStream_t stream) {
   ExpertMlp mlp;
@@ -21,6 +27,8 @@ absl::StatusOr<ExpertMlp> ExpertMlp::Create(int hidden, int intermediate, int ma
   if (auto s = CublasStatus(cublasCreate(&mlp.cublas_), "cublasCreate"); !s.ok()) return s;
   if (auto s = CublasStatus(cublasSetStream(mlp.cublas_, stream), "cublasSetStream"); !s.ok())
     return s;
+  // After cublasSetStream, which resets a handle to the default pool.
+  if (auto s = GiveCublasWorkspace(mlp.cublas_, mlp.workspace_); !s.ok()) return s;
   const size_t rows = static_cast<size_t>(std::max(max_rows, 1));
   if (auto s = mlp.gate_up_.Reserve(rows * 2 * intermediate); !s.ok()) return s;
   if (auto s = mlp.activation_.Reserve(rows * intermediate); !s.ok()) return s;
@@ -74,6 +82,7 @@ ExpertMlp& ExpertMlp::operator=(ExpertMlp&& other) noexcept {
   std::swap(max_experts_, other.max_experts_);
   std::swap(stream_, other.stream_);
   std::swap(cublas_, other.cublas_);
+  std::swap(workspace_, other.workspace_);
   std::swap(gate_up_, other.gate_up_);
   std::swap(activation_, other.activation_);
   std::swap(device_pointers_, other.device_pointers_);

@@ -20,6 +20,12 @@ namespace moeserve::kernels {
 // A cuBLAS result as a status (INTERNAL naming `what` and the cuBLAS code on failure).
 absl::Status CublasStatus(cublasStatus_t status, const char* what);
 
+// Gives `handle` a workspace of its own, allocated into `workspace` (kCublasWorkspaceBytes), in
+// place of the default pool. A handle whose GEMMs are captured into CUDA graphs needs one:
+// without it, each capture would take workspace memory of its own.
+inline constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+absl::Status GiveCublasWorkspace(cublasHandle_t handle, DeviceArray<uint8_t>& workspace);
+
 class ExpertMlp {
  public:
   enum class Strategy {
@@ -51,6 +57,7 @@ class ExpertMlp {
   int hidden_ = 0, intermediate_ = 0, max_rows_ = 0, max_experts_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
+  DeviceArray<uint8_t> workspace_;         // cublas_'s (GiveCublasWorkspace)
   DeviceArray<__nv_bfloat16> gate_up_;     // [max_rows, 2I]
   DeviceArray<__nv_bfloat16> activation_;  // [max_rows, I]
   DeviceArray<void*> device_pointers_;     // 3 * max_experts pointer arrays for grouped GEMM

@@ -27,12 +27,13 @@
 # $SERVING_OVERLAP is 0), $SERVING_TRACE_STEPS (default none: with K, each server writes a Chrome
 # trace of K working steps after $SERVING_TRACE_SKIP, default 300, into OUT_DIR/trace-LAYOUT/),
 # $SERVING_MODEL (builtin:v3-bench), $SERVING_DEVICE (cuda; cpu runs the same layouts on the
-# CPU, where $BENCH_GPUS stands for the GPU count), $SERVING_KV_MIB (8192); the processes part
+# CPU, where $BENCH_GPUS stands for the GPU count), $SERVING_KV_MIB (8192), $SERVING_FLAGS (more
+# serve flags, e.g. "--gpu-cuda-graphs on"); the processes part
 # listens on ports from $BENCH_BASE_PORT (50300); the load generator waits up to
 # $BENCH_CONNECT_TIMEOUT seconds (900) for a server to load. NVLink multicast stays off.
 set -euo pipefail
 
-[[ $# -ge 1 ]] || { sed -n '2,30p' "$0" >&2; exit 2; }
+[[ $# -ge 1 ]] || { sed -n '2,33p' "$0" >&2; exit 2; }
 out=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 parts=("$@")
@@ -56,6 +57,8 @@ else
 fi
 engine_flags=(--model "$model" --device "$device" --kv-cache-mib "${SERVING_KV_MIB:-8192}"
   --max-batch-tokens 1024 --max-running-requests 128)
+# shellcheck disable=SC2206
+engine_flags+=(${SERVING_FLAGS:-})
 
 # run_load NAME PORT GPUS LABEL CONCURRENCY...: moeserve-loadgen against 127.0.0.1:PORT (which
 # may still be loading) into OUT/serving-NAME.md; appends its table (its header only the first

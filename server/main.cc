@@ -102,6 +102,7 @@ struct EngineFlags {
   std::string gpu_expert_weights = "as-stored";
   std::string gpu_dense_weights = "bf16";
   std::string gpu_moe_plan = "device";
+  std::string gpu_cuda_graphs = "off";
 };
 
 void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
@@ -166,6 +167,13 @@ void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
                    "cuBLAS, as for prefill steps and larger groups)")
       ->capture_default_str()
       ->check(CLI::IsMember({"device", "host"}));
+  command
+      ->add_option("--gpu-cuda-graphs", flags.gpu_cuda_graphs,
+                   "Whether a GPU alone in its group runs its device-planned decode steps as "
+                   "CUDA graphs: on (one graph captured per step shape, then one launch a step) "
+                   "or off (kernel by kernel)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on", "off"}));
   command->add_flag("!--no-expert-metrics", engine.parallel.expert_load_metrics,
                     "Do not export the per (layer, expert) token counters");
   command->add_option("--trace-dir", engine.parallel.trace_dir,
@@ -211,6 +219,7 @@ bool ApplyEngineFlags(const std::string& command, const EngineFlags& flags,
   out.gpu_fp8_experts = flags.gpu_expert_weights == "as-stored";
   out.gpu_fp8_dense = flags.gpu_dense_weights == "as-stored";
   out.gpu_device_planned_moe = flags.gpu_moe_plan == "device";
+  out.gpu_cuda_graphs = flags.gpu_cuda_graphs == "on";
   out.min_step_seconds = flags.min_step_ms / 1000.0;
   return true;
 }

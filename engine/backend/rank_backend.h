@@ -115,6 +115,8 @@ struct RankBackendRequest {
   bool keep_fp8_dense = false;
   // A GPU backend alone in its group plans decode steps' experts on the device (off: the host).
   bool device_planned_moe = false;
+  // A GPU backend runs those device-planned decode steps as CUDA graphs (off: kernel by kernel).
+  bool cuda_graphs = false;
   // A rank that is a process of its own: where its group's ranks meet (a GPU group publishes
   // its NCCL id there), unique per formation; and its GPU (-1: rank modulo the visible ones).
   KeyValueStore* rendezvous = nullptr;

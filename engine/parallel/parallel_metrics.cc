@@ -39,6 +39,11 @@ ParallelMetrics::ParallelMetrics(const std::string& group, int num_moe_layers,
                   .Register(*registry)
                   .Add({{"group", group}});
   healthy_->Set(1);
+  step_graph_captures_ =
+      GroupCounter(*registry, "moeserve_gpu_step_graph_captures_total",
+                   "GPU steps captured as CUDA graphs (one per step shape, per rank)", group);
+  step_graph_replays_ = GroupCounter(*registry, "moeserve_gpu_step_graph_replays_total",
+                                     "GPU steps run from a CUDA graph captured before", group);
   auto& family = prometheus::BuildGauge()
                      .Name("moeserve_expert_balancedness")
                      .Help("Mean over max of the tokens each rank's experts processed (last step)")
@@ -51,6 +56,13 @@ ParallelMetrics::ParallelMetrics(const std::string& group, int num_moe_layers,
 
 void ParallelMetrics::SetHealthy(bool healthy) {
   if (healthy_ != nullptr) healthy_->Set(healthy ? 1 : 0);
+}
+
+void ParallelMetrics::AddStepGraph(bool captured) {
+  absl::MutexLock lock(&mutex_);
+  ++(captured ? totals_.step_graph_captures : totals_.step_graph_replays);
+  prometheus::Counter* counter = captured ? step_graph_captures_ : step_graph_replays_;
+  if (counter != nullptr) counter->Increment();
 }
 
 void ParallelMetrics::AddDispatch(int64_t bytes, double seconds) {

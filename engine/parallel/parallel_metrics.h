@@ -6,6 +6,8 @@
 //   moeserve_overlap_ratio{group}      (share of communication time hidden behind compute)
 //   moeserve_expert_balancedness{group, layer}  (mean / max tokens per rank, last step)
 //   moeserve_group_healthy{group}      (1 while the group serves, 0 once it failed)
+//   moeserve_gpu_step_graph_captures_total / moeserve_gpu_step_graph_replays_total{group}
+//                                      (GPU steps captured as CUDA graphs, and run from one)
 // and kept in memory for benchmarks and tests.
 //
 // Thread-safe: every rank of the group records concurrently.
@@ -30,6 +32,8 @@ class ParallelMetrics {
     double dispatch_seconds = 0;
     double combine_seconds = 0;
     double exposed_seconds = 0;  // compute thread blocked waiting for communication
+    int64_t step_graph_captures = 0;
+    int64_t step_graph_replays = 0;
     double communication_seconds() const { return dispatch_seconds + combine_seconds; }
     // 1 when all communication ran while compute went on; 0 when compute always waited.
     double overlap_ratio() const {
@@ -45,6 +49,9 @@ class ParallelMetrics {
   void AddExposedWait(double seconds);
   void SetBalancedness(int moe_layer, double mean_over_max);
   void SetHealthy(bool healthy);
+  // A GPU step launched from a CUDA graph (engine/backend/cuda/step_graphs.h), `captured` for
+  // it first.
+  void AddStepGraph(bool captured);
   Totals totals() const;
   std::vector<double> balancedness() const;
 
@@ -59,6 +66,8 @@ class ParallelMetrics {
   prometheus::Counter* exposed_seconds_ = nullptr;
   prometheus::Gauge* overlap_ratio_ = nullptr;
   prometheus::Gauge* healthy_ = nullptr;
+  prometheus::Counter* step_graph_captures_ = nullptr;
+  prometheus::Counter* step_graph_replays_ = nullptr;
   std::vector<prometheus::Gauge*> balancedness_gauges_;
 };
 

@@ -6,6 +6,8 @@
 // slots; the bf16 path
 // (--gpu-expert-weights bf16) is the reference for how much of the difference FP8 adds. Also
 // builtin:v3-bench-fp8 against builtin:v3-bench (the same experts, quantized) in one process.
+// Decode steps planned on the device, kernel by kernel and as CUDA graphs, on the same
+// checkpoint (its widths are the device plan's).
 #include <cuda_runtime_api.h>
 
 #include <cstdio>
@@ -250,6 +252,103 @@ TEST(CudaBackendFp8, DevicePlannedDecodeAgreesWithTheHostPlannedPath) {
       EXPECT_EQ(a.argmax_agreement, 1.0);
     }
   }
+}
+
+// Decode steps as CUDA graphs (StepGraphs): three sequences decode 14 steps, with one of them
+// left out of every third step, on a backend that runs them as graphs and on one that runs them
+// kernel by kernel. A graph is its step's kernels with the same arguments, reading the step's
+// inputs from the buffers the host rewrites: the logits are the same bits at every step. The
+// first step of each shape (token count, power-of-two table width) captures, the others replay;
+// prefill steps go kernel by kernel.
+void CheckDecodeStepsAsCudaGraphs(const Model& model, bool fp8_experts) {
+  SCOPED_TRACE(fp8_experts ? "FP8 experts" : "bf16 experts");
+  const ModelConfig& c = model.config();
+  const int vocab = c.vocab_size;
+  parallel::GroupOptions options;
+  options.size = 1;
+  auto group = parallel::ExpertParallelGroup::Create(
+      model, options,
+      ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts, c.n_routed_experts), nullptr,
+      nullptr);
+  ASSERT_TRUE(group.ok()) << group.status();
+  auto make = [&](bool graphs) {
+    return cuda::MakeCudaBackendFactory({})({.model = &model,
+                                             .group = group->get(),
+                                             .rank = 0,
+                                             .kv_blocks = 16,
+                                             .kv_block_size = 16,
+                                             .max_batch_tokens = 64,
+                                             .keep_fp8_experts = fp8_experts,
+                                             .device_planned_moe = true,
+                                             .cuda_graphs = graphs});
+  };
+  auto with_graphs = make(true);
+  ASSERT_TRUE(with_graphs.ok()) << with_graphs.status();
+  auto without = make(false);
+  ASSERT_TRUE(without.ok()) << without.status();
+  // Prompts of 9, 20 and 30 tokens in 1, 2 and 2 blocks; each takes one more block as it grows.
+  const std::vector<int32_t> prompt = Prompt(30, vocab);
+  std::vector<std::vector<int32_t>> tables = {{0}, {5, 4}, {8, 7}};
+  std::vector<std::vector<int32_t>> tokens = {
+      {prompt.begin(), prompt.begin() + 9}, {prompt.begin(), prompt.begin() + 20}, prompt};
+  const parallel::ParallelMetrics::Totals before = (*group)->metrics().totals();
+  auto step = [&](const std::vector<BatchSequence>& batch) {
+    std::vector<float> logits[2];
+    for (int b = 0; b < 2; ++b) {
+      RankBackend& backend = b == 0 ? **with_graphs : **without;
+      const absl::Status forward =
+          backend.Forward(batch, (*group)->placement(0), (*group)->resources(0), false);
+      EXPECT_TRUE(forward.ok()) << forward;
+      auto result = forward.ok() ? backend.Logits() : forward;
+      EXPECT_TRUE(result.ok()) << result.status();
+      if (result.ok()) logits[b].assign(result->begin(), result->end());
+    }
+    EXPECT_EQ(logits[0], logits[1]);
+    return logits[1];
+  };
+  // Prefill, one sequence a step.
+  std::vector<int32_t> next(3);
+  for (int s = 0; s < 3; ++s) {
+    const std::vector<float> logits = step({{tokens[s], 0, &tables[s], false}});
+    next[s] = static_cast<int32_t>(std::max_element(logits.end() - vocab, logits.end()) -
+                                   (logits.end() - vocab));
+  }
+  for (int decode = 0; decode < 14; ++decode) {
+    std::vector<int> members = {0, 1, 2};
+    if (decode % 3 == 2) members = {0, 2};
+    std::vector<BatchSequence> batch;
+    for (int s : members) {
+      tokens[s].push_back(next[s]);
+      const int position = static_cast<int>(tokens[s].size()) - 1;
+      if (position / 16 >= static_cast<int>(tables[s].size())) tables[s].push_back(9 + s);
+      batch.push_back(
+          {std::span<const int32_t>(tokens[s]).subspan(position, 1), position, &tables[s], false});
+    }
+    const std::vector<float> logits = step(batch);
+    for (size_t i = 0; i < members.size(); ++i) {
+      const auto row = logits.begin() + static_cast<std::ptrdiff_t>(i) * vocab;
+      next[members[i]] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+    }
+  }
+  const parallel::ParallelMetrics::Totals after = (*group)->metrics().totals();
+  const int64_t captures = after.step_graph_captures - before.step_graph_captures;
+  const int64_t replays = after.step_graph_replays - before.step_graph_replays;
+  std::printf("step graphs: %lld captured, %lld replayed\n", static_cast<long long>(captures),
+              static_cast<long long>(replays));
+  // Shapes: 3 tokens at table width 2 (steps 0-1); from step 2 on, when the third sequence
+  // takes its third block, 2 and 3 tokens at width 4. Every decode step is a graph.
+  EXPECT_EQ(captures, 3);
+  EXPECT_EQ(replays, 11);
+}
+
+TEST(CudaBackendFp8, DecodeStepsAsCudaGraphsGiveTheKernelByKernelLogits) {
+  REQUIRE_HOPPER();
+  const fs::path folder = WriteSmallFp8Checkpoint("step_graphs");
+  LoadOptions on_demand;
+  on_demand.host_weights = false;
+  auto opened = LoadModel(folder.string(), on_demand);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  for (bool fp8 : {true, false}) CheckDecodeStepsAsCudaGraphs(*opened->model, fp8);
 }
 
 }  // namespace

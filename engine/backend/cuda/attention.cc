@@ -8,8 +8,17 @@
 #include "kernels/mla.h"
 
 namespace moeserve::engine::cuda {
+namespace {
 
-absl::Status CudaRankBackend::State::Prepare(MicroBatchState& mb, int block_size) {
+int BlockTableWidth(int blocks) {
+  int width = 1;
+  while (width < blocks) width *= 2;
+  return width;
+}
+
+}  // namespace
+
+absl::Status CudaRankBackend::State::UploadLayout(MicroBatchState& mb, int block_size) {
   // Token layout: ids, positions, owning sequence, cache rows and block tables.
   mb.spans = Model::Layout(mb.sequences, &mb.tokens);
   if (mb.tokens > options.max_batch_tokens) {
@@ -18,10 +27,14 @@ absl::Status CudaRankBackend::State::Prepare(MicroBatchState& mb, int block_size
   }
   std::vector<int32_t> ids, positions, token_sequence;
   std::vector<int64_t> cache_rows;
-  mb.max_blocks = 1;
+  int longest_table = 1;
   for (const BatchSequence& seq : mb.sequences) {
-    mb.max_blocks = std::max(mb.max_blocks, static_cast<int>(seq.block_table->size()));
+    longest_table = std::max(longest_table, static_cast<int>(seq.block_table->size()));
   }
+  // The tables' width goes up in powers of two, so that a step's shape (StepGraphs::Key) changes
+  // only when the longest context doubles. The attention kernels read a sequence's own blocks
+  // only; the width is the tables' stride and bounds how finely MLA splits a context.
+  mb.max_blocks = BlockTableWidth(longest_table);
   std::vector<int32_t> block_tables(mb.sequences.size() * mb.max_blocks, 0);
   for (size_t i = 0; i < mb.sequences.size(); ++i) {
     const BatchSequence& seq = mb.sequences[i];
@@ -41,7 +54,10 @@ absl::Status CudaRankBackend::State::Prepare(MicroBatchState& mb, int block_size
   RETURN_IF_ERROR(mb.positions.Upload(positions.data(), positions.size(), stream));
   RETURN_IF_ERROR(mb.token_sequence.Upload(token_sequence.data(), token_sequence.size(), stream));
   RETURN_IF_ERROR(mb.cache_rows.Upload(cache_rows.data(), cache_rows.size(), stream));
-  RETURN_IF_ERROR(mb.block_tables.Upload(block_tables.data(), block_tables.size(), stream));
+  return mb.block_tables.Upload(block_tables.data(), block_tables.size(), stream);
+}
+
+absl::Status CudaRankBackend::State::Embed(MicroBatchState& mb) {
   return kernels::Embedding(embed.data(), mb.token_ids.data(), mb.residual.data(), mb.tokens,
                             config().hidden_size, stream);
 }

@@ -24,6 +24,13 @@ absl::Status CudaRankBackend::State::ReserveMicroBatch(MicroBatchState& mb) {
   const size_t top_k = std::max(c.num_experts_per_tok, 1);
   RETURN_IF_ERROR(mb.residual.Reserve(t * h));
   RETURN_IF_ERROR(mb.normed.Reserve(t * h));
+  // The token layout's buffers at their largest up front, so that step graphs, which read them
+  // where they are, rarely see them move (block tables past 64 blocks a sequence still grow).
+  RETURN_IF_ERROR(mb.token_ids.Reserve(t));
+  RETURN_IF_ERROR(mb.positions.Reserve(t));
+  RETURN_IF_ERROR(mb.token_sequence.Reserve(t));
+  RETURN_IF_ERROR(mb.cache_rows.Reserve(t));
+  RETURN_IF_ERROR(mb.block_tables.Reserve(t * 64));
   if (c.uses_mla()) {
     const size_t row_dim = c.kv_lora_rank + c.qk_rope_head_dim;
     RETURN_IF_ERROR(mb.q_compressed.Reserve(t * std::max(c.q_lora_rank, 1)));
@@ -107,6 +114,10 @@ absl::StatusOr<bool> ServeExpertsInFp8(const Model& model, const CudaRankOptions
 // the device path reads a slot's weights once per 16 of its rows, cuBLAS once for all of them.
 constexpr int kDevicePlanPairsPerSlot = 4;
 
+// Step graphs kept (StepGraphs): a shape is a token count and a power-of-two table width, so a
+// serving rank meets a few dozen; each graph holds only its launches' parameters.
+constexpr int kStepGraphCapacity = 128;
+
 }  // namespace
 
 // Whether this rank plans decode steps on the device (CudaRankOptions::device_planned_moe), and
@@ -164,6 +175,7 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
       CudaStatus(cudaStreamCreateWithFlags(&s.copy_stream, cudaStreamNonBlocking), "copy stream"));
   RETURN_IF_ERROR(CublasStatus(cublasCreate(&s.cublas), "cuBLAS handle"));
   RETURN_IF_ERROR(CublasStatus(cublasSetStream(s.cublas, s.stream), "cuBLAS stream"));
+  RETURN_IF_ERROR(kernels::GiveCublasWorkspace(s.cublas, s.cublas_workspace));
   RETURN_IF_ERROR(
       CudaStatus(cudaEventCreateWithFlags(&s.produced, cudaEventDisableTiming), "exchange event"));
 
@@ -246,6 +258,11 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   }
   for (MicroBatchState& mb : s.micro_batches) RETURN_IF_ERROR(s.ReserveMicroBatch(mb));
   RETURN_IF_ERROR(s.PrepareDevicePlan(slots_per_rank));
+  if (options.cuda_graphs && s.device_plan_possible) {
+    s.step_graphs = std::make_unique<StepGraphs>(kStepGraphCapacity);
+    spdlog::info("moeserve: GPU {} runs device-planned decode steps as CUDA graphs",
+                 options.device);
+  }
   // A step has at most a row of logits per token.
   RETURN_IF_ERROR(s.step_logits.Reserve(static_cast<size_t>(max_tokens) * c.vocab_size));
   auto backend = std::unique_ptr<CudaRankBackend>(new CudaRankBackend(std::move(state)));
@@ -269,15 +286,18 @@ absl::Status CudaRankBackend::State::RunMlp(const DeviceMlp& w, kernels::ExpertM
 
 // The GPU's stages of the overlap schedule. The host enqueues work; the compute stream waits for
 // an exchange (through an event) only where its result is used. The gate and the shared
-// experts run with the dispatch; the drain waits for both streams with the group timeout.
+// experts run with the dispatch; the drain waits for both streams with the group timeout, except
+// while a step graph captures the stages (`capturing`: a device-planned step has no exchange,
+// and the graph's launch is what the host waits for).
 class CudaRankBackend::GpuStages : public parallel::MicroBatchStages {
  public:
   GpuStages(State& state, std::vector<MicroBatchState*>& micro_batches,
-            const ExpertPlacement& placement, parallel::RankResources& rank)
+            const ExpertPlacement& placement, parallel::RankResources& rank, bool capturing)
       : s_(state),
         micro_batches_(micro_batches),
         placement_(placement),
         rank_(rank),
+        capturing_(capturing),
         received_per_layer_(state.config().num_moe_layers(), 0) {}
 
   absl::Status Attention(int layer, int index) override {
@@ -321,7 +341,7 @@ class CudaRankBackend::GpuStages : public parallel::MicroBatchStages {
     // Whatever happened, nothing may still be in flight into this step's buffers.
     ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kHostLane, "layers wait", "gpu wait");
     absl::Status drained = s_.DrainExchanges();
-    drained.Update(CudaStatus(cudaStreamSynchronize(s_.stream), "step"));
+    if (!capturing_) drained.Update(CudaStatus(cudaStreamSynchronize(s_.stream), "step"));
     return drained;
   }
   const std::vector<int64_t>& received_per_layer() const { return received_per_layer_; }
@@ -331,6 +351,7 @@ class CudaRankBackend::GpuStages : public parallel::MicroBatchStages {
   std::vector<MicroBatchState*>& micro_batches_;
   const ExpertPlacement& placement_;
   parallel::RankResources& rank_;
+  const bool capturing_;
   std::vector<int64_t> received_per_layer_;
 };
 
@@ -385,24 +406,9 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
       mb.sequences.push_back(piece.sequence);
       mb.emits_logits.push_back(piece.emits_logits);
     }
-    RETURN_IF_ERROR(s.Prepare(mb, s.options.kv_block_size));
+    RETURN_IF_ERROR(s.UploadLayout(mb, s.options.kv_block_size));
     micro_batches.push_back(&mb);
   }
-
-  // The shared two-batch-overlap schedule (parallel/overlap_schedule.h): one micro-batch's
-  // exchange, on the communication stream, overlaps the other's compute.
-  RETURN_IF_ERROR(s.stage_timer.Begin(rank.trace, s.stream));
-  GpuStages stages(s, micro_batches, placement, rank);
-  RETURN_IF_ERROR(parallel::RunOverlapSchedule(
-      c.num_hidden_layers, [&](int layer) { return s.model->moe_index(layer) >= 0; },
-      static_cast<int>(micro_batches.size()), stages));
-  const std::vector<int64_t>& received_per_layer = stages.received_per_layer();
-  s.PublishExchangeTimes(rank);
-  if (rank.metrics != nullptr && !received_per_layer.empty()) {
-    RETURN_IF_ERROR(parallel::PublishBalancedness(received_per_layer, rank));
-  }
-  // The logits stay on the device: NextTokens() reads a few candidates of each row back,
-  // Logits() all of them.
   std::vector<std::vector<int32_t>> rows;
   size_t total_rows = 0;
   for (MicroBatchState* mb : micro_batches) {
@@ -410,20 +416,104 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
     total_rows += rows.back().size();
   }
   const size_t vocab = static_cast<size_t>(c.vocab_size);
-  ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "LM head", "compute");
   RETURN_IF_ERROR(s.step_logits.Reserve(total_rows * vocab));
-  size_t offset = 0;
-  for (size_t i = 0; i < micro_batches.size(); ++i) {
-    RETURN_IF_ERROR(s.Head(*micro_batches[i], rows[i], s.step_logits.data() + offset * vocab));
-    offset += rows[i].size();
+
+  // The whole step on the compute stream: embeddings, the layers (the shared two-batch-overlap
+  // schedule, parallel/overlap_schedule.h: one micro-batch's exchange, on the communication
+  // stream, overlaps the other's compute), then the LM head of the rows with logits, whose
+  // logits stay on the device (NextTokens() reads a few candidates of each row back, Logits()
+  // all of them). While a step graph captures it (`capturing`), nothing may wait for the GPU.
+  std::vector<int64_t> received_per_layer;
+  auto enqueue_step = [&](bool capturing) -> absl::Status {
+    for (MicroBatchState* mb : micro_batches) RETURN_IF_ERROR(s.Embed(*mb));
+    GpuStages stages(s, micro_batches, placement, rank, capturing);
+    RETURN_IF_ERROR(parallel::RunOverlapSchedule(
+        c.num_hidden_layers, [&](int layer) { return s.model->moe_index(layer) >= 0; },
+        static_cast<int>(micro_batches.size()), stages));
+    received_per_layer = stages.received_per_layer();
+    ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "LM head", "compute");
+    size_t offset = 0;
+    for (size_t i = 0; i < micro_batches.size(); ++i) {
+      RETURN_IF_ERROR(s.Head(*micro_batches[i], rows[i], s.step_logits.data() + offset * vocab));
+      offset += rows[i].size();
+    }
+    return s.stage_timer.Mark("LM head");
+  };
+
+  bool ran = false;
+  if (s.step_graphs != nullptr && micro_batches.size() == 1 && s.RunsAsGraph(*micro_batches[0])) {
+    // A graph step has no GPU stages of its own on the trace: its work is one launch.
+    RETURN_IF_ERROR(s.stage_timer.Begin(nullptr, s.stream));
+    MicroBatchState& mb = *micro_batches[0];
+    ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "step graph", "compute");
+    absl::StatusOr<bool> captured =
+        s.step_graphs->Launch({mb.tokens, mb.max_blocks}, s.GraphFingerprint(mb), s.stream,
+                              [&] { return enqueue_step(/*capturing=*/true); });
+    if (captured.ok()) {
+      ran = true;
+      if (rank.metrics != nullptr) rank.metrics->AddStepGraph(*captured);
+      if (!*captured) {
+        // A replay: what the capture's host side recorded, again.
+        received_per_layer.assign(c.num_moe_layers(),
+                                  static_cast<int64_t>(mb.tokens) * c.num_experts_per_tok);
+        s.slot_rows_written |= rank.load != nullptr;
+      }
+    } else {
+      // Nothing ran; the step goes kernel by kernel, and so do the next ones.
+      spdlog::warn("moeserve: GPU {} runs its steps without CUDA graphs from now on: {}",
+                   s.options.device, captured.status().ToString());
+      s.step_graphs.reset();
+      s.slot_rows_written = false;
+      RETURN_IF_ERROR(s.ClearSlotRows());
+    }
   }
-  RETURN_IF_ERROR(s.stage_timer.Mark("LM head"));
+  if (!ran) {
+    RETURN_IF_ERROR(s.stage_timer.Begin(rank.trace, s.stream));
+    RETURN_IF_ERROR(enqueue_step(/*capturing=*/false));
+  }
+  s.PublishExchangeTimes(rank);
+  if (rank.metrics != nullptr && !received_per_layer.empty()) {
+    RETURN_IF_ERROR(parallel::PublishBalancedness(received_per_layer, rank));
+  }
   // The step's staging buffers are rewritten by the next Forward(): it must have run.
   RETURN_IF_ERROR(s.SynchronizeCompute("LM head"));
   s.stage_timer.Publish(rank.trace_pid, kGpuLane);
   RETURN_IF_ERROR(s.RecordDevicePlannedLoad(rank));
   s.step_rows = total_rows;
   return absl::OkStatus();
+}
+
+bool CudaRankBackend::State::RunsAsGraph(const MicroBatchState& mb) const {
+  if (!UsesDevicePlan(mb)) return false;
+  for (size_t i = 0; i < mb.sequences.size(); ++i) {
+    if (mb.sequences[i].tokens.size() != 1 || !mb.emits_logits[i]) return false;
+  }
+  return true;
+}
+
+uint64_t CudaRankBackend::State::GraphFingerprint(const MicroBatchState& mb) const {
+  uint64_t hash = 14695981039346656037ull;  // FNV-1a over the addresses
+  auto add = [&](const void* pointer) {
+    hash ^= reinterpret_cast<uintptr_t>(pointer);
+    hash *= 1099511628211ull;
+  };
+  add(mb.token_ids.data());
+  add(mb.positions.data());
+  add(mb.token_sequence.data());
+  add(mb.cache_rows.data());
+  add(mb.block_tables.data());
+  add(attention_workspace.data());
+  add(step_logits.data());
+  add(slot_rows.data());
+  for (const DevicePlanTables& t : device_plan_tables) {
+    add(t.replica_begin.data());
+    add(t.replica_slots.data());
+    add(t.gate_up.data());
+    add(t.down.data());
+    add(t.gate_up_fp8.data());
+    add(t.down_fp8.data());
+  }
+  return hash;
 }
 
 // Copies the rows of positions [0, num_tokens) of `block_table` between the device cache and

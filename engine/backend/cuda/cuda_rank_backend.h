@@ -68,6 +68,9 @@ struct CudaRankOptions {
   // its experts on the GPU (kernels/device_moe.h) with no host round trip per MoE layer; off:
   // the host plans every MoE layer, as it does for groups and prefill steps.
   bool device_planned_moe = false;
+  // Decode steps planned on the device (above) run as CUDA graphs, one captured per step shape
+  // and replayed (step_graphs.h): one launch a step instead of about 15 a layer.
+  bool cuda_graphs = false;
 };
 
 class CudaRankBackend : public RankBackend {

@@ -21,6 +21,7 @@
 #include "engine/backend/cuda/cuda_rank_backend.h"
 #include "engine/backend/cuda/gpu_stage_timer.h"
 #include "engine/backend/cuda/pinned_buffer.h"
+#include "engine/backend/cuda/step_graphs.h"
 #include "engine/backend/cuda/weight_uploader.h"
 #include "engine/comm/nccl_communicator.h"
 #include "engine/model/model.h"
@@ -169,6 +170,7 @@ struct CudaRankBackend::State {
   CudaRankOptions options;
   cudaStream_t stream = nullptr;  // compute
   cublasHandle_t cublas = nullptr;
+  DeviceArray<uint8_t> cublas_workspace;  // cublas's own (kernels::GiveCublasWorkspace)
 
   DeviceArray<Bf16> embed, final_norm, lm_head;
   DeviceArray<float> rope_cos, rope_sin;
@@ -214,6 +216,9 @@ struct CudaRankBackend::State {
   size_t slot_rows_count = 0;
   PinnedBuffer slot_rows_host;
   bool slot_rows_written = false;  // since the host last read them
+  // Device-planned decode steps as CUDA graphs (CudaRankOptions::cuda_graphs; null: off, or
+  // turned off after a capture failed).
+  std::unique_ptr<StepGraphs> step_graphs;
 
   // Collectives the compute stream was made to wait for; the host waits for them (with the
   // group timeout) before it blocks on the compute stream, so a dead peer fails the step
@@ -317,7 +322,15 @@ struct CudaRankBackend::State {
   absl::Status StageSlots(const ExpertPlacement& placement);
   void CommitSlots(const ExpertPlacement& placement);
   void DiscardStagedSlots();
-  absl::Status Prepare(MicroBatchState& mb, int block_size);
+  // A micro-batch's token layout to the device (ids, positions, owning sequences, cache rows,
+  // block tables), into buffers a step's graph reads; then its embeddings.
+  absl::Status UploadLayout(MicroBatchState& mb, int block_size);
+  absl::Status Embed(MicroBatchState& mb);
+  // Whether this micro-batch's step can run as a graph (StepGraphs): a decode step (one token a
+  // sequence, every one with logits) planned on the device.
+  bool RunsAsGraph(const MicroBatchState& mb) const;
+  // The addresses of the buffers a step's graph reads, hashed (StepGraphs's fingerprint).
+  uint64_t GraphFingerprint(const MicroBatchState& mb) const;
   // residual += attention(input_norm(residual)); normed = post_attention_norm(residual).
   absl::Status Attention(int layer, MicroBatchState& mb);
   absl::Status MultiHeadLatentAttention(int layer, MicroBatchState& mb);

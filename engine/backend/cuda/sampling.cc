@@ -23,11 +23,20 @@ absl::Status CudaRankBackend::State::Head(MicroBatchState& mb, const std::vector
   const int hidden = c.hidden_size;
   if (rows.empty()) return absl::OkStatus();
   const int count = static_cast<int>(rows.size());
-  RETURN_IF_ERROR(mb.head_rows.Upload(rows, stream));
-  RETURN_IF_ERROR(kernels::PermuteRows(mb.residual.data(), mb.head_rows.device.data(),
-                                       mb.head_in.data(), count, hidden, stream));
-  RETURN_IF_ERROR(kernels::RmsNorm(mb.head_in.data(), final_norm.data(), mb.head_in.data(), count,
-                                   hidden, static_cast<float>(c.rms_norm_eps), stream));
+  // Every row in order (a decode step): the norm reads the residual where it is. Otherwise the
+  // rows are gathered first; that upload is why a step graph (which reads buffers, not host
+  // memory) takes decode steps only.
+  bool every_row_in_order = count == mb.tokens;
+  for (int i = 0; i < count && every_row_in_order; ++i) every_row_in_order = rows[i] == i;
+  const Bf16* head_rows = mb.residual.data();
+  if (!every_row_in_order) {
+    RETURN_IF_ERROR(mb.head_rows.Upload(rows, stream));
+    RETURN_IF_ERROR(kernels::PermuteRows(mb.residual.data(), mb.head_rows.device.data(),
+                                         mb.head_in.data(), count, hidden, stream));
+    head_rows = mb.head_in.data();
+  }
+  RETURN_IF_ERROR(kernels::RmsNorm(head_rows, final_norm.data(), mb.head_in.data(), count, hidden,
+                                   static_cast<float>(c.rms_norm_eps), stream));
   return Linear(mb.head_in.data(), lm_head.data(), out, CUDA_R_32F, count, hidden, c.vocab_size);
 }
 
