@@ -475,8 +475,11 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
   if (rank.metrics != nullptr && !received_per_layer.empty()) {
     RETURN_IF_ERROR(parallel::PublishBalancedness(received_per_layer, rank));
   }
-  // The step's staging buffers are rewritten by the next Forward(): it must have run.
-  RETURN_IF_ERROR(s.SynchronizeCompute("LM head"));
+  {
+    // The step's staging buffers are rewritten by the next Forward(): it must have run.
+    ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "step wait", "gpu wait");
+    RETURN_IF_ERROR(s.SynchronizeCompute("LM head"));
+  }
   s.stage_timer.Publish(rank.trace_pid, kGpuLane);
   RETURN_IF_ERROR(s.RecordDevicePlannedLoad(rank));
   s.step_rows = total_rows;
