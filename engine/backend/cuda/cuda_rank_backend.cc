@@ -475,6 +475,7 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
   if (rank.metrics != nullptr && !received_per_layer.empty()) {
     RETURN_IF_ERROR(parallel::PublishBalancedness(received_per_layer, rank));
   }
+  RETURN_IF_ERROR(s.ReadBackSlotRows(rank));
   {
     // The step's staging buffers are rewritten by the next Forward(): it must have run.
     ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "step wait", "gpu wait");

@@ -398,16 +398,23 @@ absl::Status CudaRankBackend::State::ClearSlotRows() {
                     "slot rows");
 }
 
-absl::Status CudaRankBackend::State::RecordDevicePlannedLoad(parallel::RankResources& rank) {
+absl::Status CudaRankBackend::State::ReadBackSlotRows(parallel::RankResources& rank) {
+  slot_rows_read_back = false;
   if (!slot_rows_written || rank.load == nullptr) return absl::OkStatus();
-  const ModelConfig& c = config();
   const size_t bytes = slot_rows_count * sizeof(int32_t);
   RETURN_IF_ERROR(slot_rows_host.Reserve(bytes));
   RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(slot_rows_host.data(), slot_rows.data(), bytes,
                                              cudaMemcpyDeviceToHost, stream),
                              "slot rows to host"));
   RETURN_IF_ERROR(ClearSlotRows());
-  RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "slot rows to host"));
+  slot_rows_read_back = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::RecordDevicePlannedLoad(parallel::RankResources& rank) {
+  if (!slot_rows_read_back) return absl::OkStatus();
+  slot_rows_read_back = false;
+  const ModelConfig& c = config();
   const auto* rows = static_cast<const int32_t*>(slot_rows_host.data());
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
     const int moe_layer = model->moe_index(layer);

@@ -215,7 +215,8 @@ struct CudaRankBackend::State {
   DeviceArray<int32_t> slot_rows;
   size_t slot_rows_count = 0;
   PinnedBuffer slot_rows_host;
-  bool slot_rows_written = false;  // since the host last read them
+  bool slot_rows_written = false;    // since the host last read them
+  bool slot_rows_read_back = false;  // ReadBackSlotRows copied them for this step
   // Device-planned decode steps as CUDA graphs (CudaRankOptions::cuda_graphs; null: off, or
   // turned off after a capture failed).
   std::unique_ptr<StepGraphs> step_graphs;
@@ -345,8 +346,10 @@ struct CudaRankBackend::State {
   bool UsesDevicePlan(const MicroBatchState& mb) const;
   // Rebuilds device_plan_tables from the slots (after LoadSlots or a commit).
   absl::Status BuildDevicePlanTables(const ExpertPlacement& placement);
-  // Once a step's GPU work is done: the rows each slot served on the device path, to the
-  // expert-load metrics.
+  // The rows each slot served on the device path this step: copied to slot_rows_host behind the
+  // step's work (and the counters zeroed), so that the step's one synchronization covers them;
+  // then, once it has run, added to the expert-load metrics.
+  absl::Status ReadBackSlotRows(parallel::RankResources& rank);
   absl::Status RecordDevicePlannedLoad(parallel::RankResources& rank);
   // Zeroes the slots' row counts (on the stream) and marks them unwritten.
   absl::Status ClearSlotRows();
