@@ -85,6 +85,14 @@ fs::path WriteSmallFp8Checkpoint(const std::string& folder_name) {
   return folder;
 }
 
+// The small FP8 checkpoint, written under `folder_name` and opened on demand, as the GPU
+// backend opens checkpoints (no host copy of the weights).
+absl::StatusOr<LoadedModel> OpenSmallFp8Checkpoint(const std::string& folder_name) {
+  LoadOptions on_demand;
+  on_demand.host_weights = false;
+  return LoadModel(WriteSmallFp8Checkpoint(folder_name).string(), on_demand);
+}
+
 // The small FP8 checkpoint against the CPU: opened on demand for the GPU, 48 positions (a prefill:
 // the recipe's path), and the fp32 CPU engine's logits of them on the same dequantized weights.
 struct SmallFp8Case {
@@ -193,10 +201,7 @@ TEST(CudaBackendFp8, BenchModelInFp8AgreesWithItsBf16Sibling) {
 // without redundant replicas, in one micro-batch and in two.
 TEST(CudaBackendFp8, DevicePlannedDecodeAgreesWithTheHostPlannedPath) {
   REQUIRE_HOPPER();
-  const fs::path folder = WriteSmallFp8Checkpoint("device_plan");
-  LoadOptions on_demand;
-  on_demand.host_weights = false;
-  auto opened = LoadModel(folder.string(), on_demand);
+  auto opened = OpenSmallFp8Checkpoint("device_plan");
   ASSERT_TRUE(opened.ok()) << opened.status();
   const Model& model = *opened->model;
   const int vocab = model.config().vocab_size;
@@ -215,7 +220,7 @@ TEST(CudaBackendFp8, DevicePlannedDecodeAgreesWithTheHostPlannedPath) {
     TraceRecorder trace;
     auto logits =
         moeserve::testing::GroupLogitsFrom(factory, model, tokens, 1, redundant, overlap, &trace);
-    const fs::path path = folder / "trace.json";
+    const fs::path path = fs::path(::testing::TempDir()) / "device_plan_trace.json";
     EXPECT_TRUE(trace.WriteJson(path.string()).ok());
     std::ifstream file(path);
     const std::string json((std::istreambuf_iterator<char>(file)), {});
@@ -343,10 +348,7 @@ void CheckDecodeStepsAsCudaGraphs(const Model& model, bool fp8_experts) {
 
 TEST(CudaBackendFp8, DecodeStepsAsCudaGraphsGiveTheKernelByKernelLogits) {
   REQUIRE_HOPPER();
-  const fs::path folder = WriteSmallFp8Checkpoint("step_graphs");
-  LoadOptions on_demand;
-  on_demand.host_weights = false;
-  auto opened = LoadModel(folder.string(), on_demand);
+  auto opened = OpenSmallFp8Checkpoint("step_graphs");
   ASSERT_TRUE(opened.ok()) << opened.status();
   for (bool fp8 : {true, false}) CheckDecodeStepsAsCudaGraphs(*opened->model, fp8);
 }
