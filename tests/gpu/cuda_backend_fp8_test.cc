@@ -271,6 +271,7 @@ void CheckDecodeStepsAsCudaGraphs(const Model& model, bool fp8_experts) {
   const int vocab = c.vocab_size;
   parallel::GroupOptions options;
   options.size = 1;
+  options.stage_host_expert_weights = false;  // the backends hold the experts (no host weights)
   auto group = parallel::ExpertParallelGroup::Create(
       model, options,
       ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts, c.n_routed_experts), nullptr,
