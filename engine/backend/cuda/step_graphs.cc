@@ -1,6 +1,5 @@
 #include "engine/backend/cuda/step_graphs.h"
 
-#include "absl/strings/str_cat.h"
 #include "kernels/kernels.h"
 
 namespace moeserve::engine::cuda {
@@ -21,7 +20,6 @@ absl::StatusOr<bool> StepGraphs::Launch(const Key& key, uint64_t fingerprint, cu
   for (auto it = graphs_.begin(); it != graphs_.end(); ++it) {
     if (!(it->key == key)) continue;
     graphs_.splice(graphs_.begin(), graphs_, it);  // most recently used first
-    ++counts_.replays;
     if (auto s = CudaStatus(cudaGraphLaunch(graphs_.front().exec, stream), "step graph launch");
         !s.ok()) {
       return s;
@@ -55,7 +53,6 @@ absl::StatusOr<bool> StepGraphs::Launch(const Key& key, uint64_t fingerprint, cu
     graphs_.pop_back();
   }
   graphs_.push_front({key, exec});
-  ++counts_.captures;
   if (auto s = CudaStatus(cudaGraphLaunch(exec, stream), "step graph launch"); !s.ok()) return s;
   return true;
 }

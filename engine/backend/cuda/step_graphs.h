@@ -33,11 +33,6 @@ class StepGraphs {
       return tokens == other.tokens && max_blocks == other.max_blocks;
     }
   };
-  struct Counts {
-    int64_t captures = 0;  // graphs captured (a first step of a shape, or after a drop)
-    int64_t replays = 0;   // steps launched from a graph captured before
-  };
-
   explicit StepGraphs(int capacity) : capacity_(capacity) {}
   StepGraphs(const StepGraphs&) = delete;
   StepGraphs& operator=(const StepGraphs&) = delete;
@@ -52,8 +47,6 @@ class StepGraphs {
                               absl::FunctionRef<absl::Status()> enqueue);
   // Drops every graph (the next step of each shape captures again).
   void Clear();
-  const Counts& counts() const { return counts_; }
-  size_t size() const { return graphs_.size(); }
 
  private:
   struct Entry {
@@ -63,7 +56,6 @@ class StepGraphs {
   int capacity_;
   uint64_t fingerprint_ = 0;
   std::list<Entry> graphs_;  // most recently used first
-  Counts counts_;
 };
 
 }  // namespace moeserve::engine::cuda
