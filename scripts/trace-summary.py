@@ -6,7 +6,10 @@ host lanes ("compute", "communication", "gpu wait", "step") and, on GPUs, the "g
 (each stage's time on the compute stream). Event names are grouped with their layer and
 micro-batch numbers replaced by '#'. Steps whose host waited for a routing ("routing wait":
 prefill steps, and every step of a group planned on the host) are reported apart from the
-others (decode steps planned on the device), since their stages differ.
+others (decode steps planned on the device), since their stages differ. Each kind also gets
+the host's own time per step: the forward less the host's waits for the GPU ("gpu wait"
+events), which is all a step's host work when it waits for each step's end (a CUDA-graph step,
+or a step whose GPU work outlasts the enqueueing).
 
 Usage: scripts/trace-summary.py TRACE.json [--top N]
 """
@@ -58,6 +61,13 @@ def summarize(events):
     return result
 
 
+def host_time(table):
+    """(forward ms, ms waiting for the GPU) per step, from a kind of step's table."""
+    forward = table.get("step: forward", (0, 0.0))[1]
+    waited = sum(ms for key, (_, ms) in table.items() if key.startswith("gpu wait: "))
+    return forward, waited
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trace", help="a trace written by --trace-dir (moeserve-trace.json)")
@@ -72,6 +82,10 @@ def main():
         sys.exit(f"trace-summary: {args.trace} holds no steps ('forward' events)")
     for kind, (count, table) in summary.items():
         print(f"{kind}: {count}")
+        forward, waited = host_time(table)
+        if forward > 0:
+            print(f"  host time {forward - waited:.3f} ms per step: forward {forward:.3f} ms less "
+                  f"{waited:.3f} ms waiting for the GPU ({100 * (forward - waited) / forward:.1f}%)")
         print(f"  {'event (lane: name)':56s} {'per step':>9s} {'ms per step':>12s}")
         for key, (per_step, ms) in sorted(table.items(), key=lambda kv: -kv[1][1])[:args.top]:
             print(f"  {key:56s} {per_step:9.2f} {ms:12.3f}")

@@ -49,6 +49,11 @@ class TraceSummaryTest(unittest.TestCase):
         prefill_count, prefill = summary["steps with routing waits"]
         self.assertEqual(prefill_count, 1)
         self.assertAlmostEqual(prefill["gpu wait: routing wait L# mb#"][1], 2.0)
+        # The host's own time: the forward less its waits for the GPU.
+        self.assertEqual(trace_summary.host_time(prefill), (3.0, 2.0))
+        forward, waited = trace_summary.host_time(decode)
+        self.assertAlmostEqual(forward, (1.0 + 1.0 + 0.5) / 3)
+        self.assertEqual(waited, 0.0)
 
     def test_command_prints_tables_and_refuses_bad_input(self):
         with tempfile.TemporaryDirectory() as folder:
@@ -59,6 +64,8 @@ class TraceSummaryTest(unittest.TestCase):
                                  check=True).stdout
             self.assertIn("steps without routing waits: 3", out)
             self.assertIn("gpu: attention L# mb#", out)
+            self.assertIn("host time 1.000 ms per step: forward 3.000 ms less 2.000 ms waiting "
+                          "for the GPU (33.3%)", out)
             empty = os.path.join(folder, "empty.json")
             with open(empty, "w") as f:
                 json.dump({"traceEvents": []}, f)
