@@ -185,6 +185,104 @@ void PlanSlotsTwin(const int32_t* experts, int tokens, int top_k, const int32_t*
   }
 }
 
+namespace {
+int32_t* TwinHeader(uint16_t* buffer, const ExchangeShape& shape, int p) {
+  return reinterpret_cast<int32_t*>(buffer +
+                                    static_cast<int64_t>(p) * shape.block_rows() * shape.hidden);
+}
+const int32_t* TwinHeader(const uint16_t* buffer, const ExchangeShape& shape, int p) {
+  return reinterpret_cast<const int32_t*>(buffer + static_cast<int64_t>(p) * shape.block_rows() *
+                                                       shape.hidden);
+}
+}  // namespace
+
+void PlanDestinationsTwin(const int32_t* experts, int tokens, int top_k,
+                          const int32_t* replica_begin, const int32_t* replica_slots,
+                          int slots_per_rank, int rank, const ExchangeShape& shape,
+                          uint16_t* dispatch, int32_t* dispatch_index, int32_t* positions) {
+  std::fill(dispatch_index, dispatch_index + shape.dispatch_rows(), -1);
+  std::vector<int32_t> rows(shape.ranks, 0), entries(shape.ranks, 0);
+  auto slot_of = [&](int token, int j) {
+    const int expert = experts[token * top_k + j];
+    const int32_t begin = replica_begin[expert];
+    const int32_t replicas = replica_begin[expert + 1] - begin;
+    return replica_slots[begin + (token + rank) % replicas];
+  };
+  for (int token = 0; token < tokens; ++token) {
+    std::vector<int32_t> row_here(shape.ranks, -1);
+    for (int j = 0; j < top_k; ++j) {
+      const int slot = slot_of(token, j);
+      const int p = slot / slots_per_rank;
+      if (row_here[p] < 0) {
+        row_here[p] = rows[p]++;
+        if (row_here[p] < shape.rows) dispatch_index[shape.DispatchRow(p, row_here[p])] = token;
+      }
+      const int entry = entries[p]++;
+      int32_t* header = TwinHeader(dispatch, shape, p);
+      if (row_here[p] < shape.rows && entry < shape.entries) {
+        header[ExchangeShape::kHeaderInts + 2 * entry] = slot % slots_per_rank;
+        header[ExchangeShape::kHeaderInts + 2 * entry + 1] = row_here[p];
+        positions[token * top_k + j] = p * shape.entries + entry;
+      } else {
+        positions[token * top_k + j] = 0;
+      }
+    }
+  }
+  int overflowed = 0;
+  for (int p = 0; p < shape.ranks; ++p) {
+    overflowed |= rows[p] > shape.rows || entries[p] > shape.entries;
+  }
+  for (int p = 0; p < shape.ranks; ++p) {
+    int32_t* header = TwinHeader(dispatch, shape, p);
+    header[0] = rows[p];
+    header[1] = entries[p];
+    header[2] = overflowed;
+    header[3] = 0;
+  }
+}
+
+void PlanReceivedTwin(const uint16_t* received, const ExchangeShape& shape, int slots,
+                      int32_t* offsets, int32_t* source_rows, int32_t* grouped_rows, int32_t* load,
+                      int32_t* overflow) {
+  const int pairs = shape.ranks * shape.entries;
+  std::vector<int32_t> slot_of(pairs, -1), next(slots + 1, 0);
+  bool bad = false;
+  for (int q = 0; q < pairs; ++q) {
+    const int p = q / shape.entries, e = q % shape.entries;
+    const int32_t* header = TwinHeader(received, shape, p);
+    const int rows = header[0], entries = header[1];
+    if (e == 0 && (header[2] != 0 || rows < 0 || rows > shape.rows || entries < 0 ||
+                   entries > shape.entries)) {
+      bad = true;
+    }
+    if (e >= std::min(entries, shape.entries)) continue;
+    const int slot = header[ExchangeShape::kHeaderInts + 2 * e];
+    const int row = header[ExchangeShape::kHeaderInts + 2 * e + 1];
+    if (slot < 0 || slot >= slots || row < 0 || row >= std::min(rows, shape.rows)) {
+      bad = true;
+      continue;
+    }
+    slot_of[q] = slot;
+    ++next[slot + 1];
+  }
+  for (int s = 0; s < slots; ++s) {
+    if (load != nullptr) load[s] += next[s + 1];
+    next[s + 1] += next[s];
+  }
+  std::copy(next.begin(), next.end(), offsets);
+  for (int q = 0; q < pairs; ++q) {
+    if (slot_of[q] < 0) {
+      grouped_rows[q] = -1;
+      continue;
+    }
+    const int p = q / shape.entries, e = q % shape.entries;
+    const int row = TwinHeader(received, shape, p)[ExchangeShape::kHeaderInts + 2 * e + 1];
+    grouped_rows[q] = next[slot_of[q]]++;
+    source_rows[grouped_rows[q]] = static_cast<int32_t>(shape.DispatchRow(p, row));
+  }
+  if (bad) *overflow = 1;
+}
+
 void FillRandomBf16Twin(uint16_t* out, int64_t count, uint64_t seed, float scale) {
   for (int64_t i = 0; i < count; ++i) out[i] = FloatToBf16(RandomUniformValue(seed, i, scale));
 }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/bf16.h"
+#include "kernels/exchange_shape.h"
 #include "kernels/logit_head.h"
 
 namespace moeserve::kernels {
@@ -59,6 +60,17 @@ void GroupedLinearTwin(const uint16_t* x, const std::vector<const uint16_t*>& we
 void PlanSlotsTwin(const int32_t* experts, int tokens, int top_k, const int32_t* replica_begin,
                    const int32_t* replica_slots, int slots, int32_t* offsets, int32_t* source_rows,
                    int32_t* positions, int32_t* load);
+
+// Twins of PlanDestinations and PlanReceived (device_exchange.h), on the same buffers in host
+// memory (bf16 rows as uint16_t, headers inside them); PlanReceivedTwin groups a slot's rows in
+// entry order (the kernel's order inside a slot may differ; nothing depends on it).
+void PlanDestinationsTwin(const int32_t* experts, int tokens, int top_k,
+                          const int32_t* replica_begin, const int32_t* replica_slots,
+                          int slots_per_rank, int rank, const ExchangeShape& shape,
+                          uint16_t* dispatch, int32_t* dispatch_index, int32_t* positions);
+void PlanReceivedTwin(const uint16_t* received, const ExchangeShape& shape, int slots,
+                      int32_t* offsets, int32_t* source_rows, int32_t* grouped_rows, int32_t* load,
+                      int32_t* overflow);
 
 // Twin of FillRandomBf16.
 void FillRandomBf16Twin(uint16_t* out, int64_t count, uint64_t seed, float scale);

@@ -8,6 +8,7 @@
 #include "kernels/fp8.h"
 #include "kernels/kernels.h"
 #include "kernels/reductions.cuh"
+#include "kernels/slot_groups.cuh"
 #include "kernels/tensor_core.cuh"
 
 namespace moeserve::kernels {
@@ -17,10 +18,6 @@ namespace {
 // counter, the slots' first rows from a scan by one warp. ---
 
 constexpr int kPlanThreads = 1024;
-constexpr int kSlotBits = 11;  // slots < 2^11 = kMaxPlannedSlots; the rank sits above
-constexpr int kSlotMask = (1 << kSlotBits) - 1;
-static_assert(kMaxPlannedSlots <= (1 << kSlotBits), "a slot id fits its bits");
-static_assert(kMaxPlannedPairs <= (1 << (31 - kSlotBits)), "a rank fits above the slot id");
 
 __global__ void __launch_bounds__(kPlanThreads)
     PlanSlotsKernel(const int32_t* __restrict__ experts, int pairs, int top_k,
@@ -41,28 +38,7 @@ __global__ void __launch_bounds__(kPlanThreads)
     packed[p] = slot | (rank << kSlotBits);
   }
   __syncthreads();
-  if (threadIdx.x < kWarpSize) {
-    // Lane l scans slots [l * chunk, (l + 1) * chunk); the lanes' sums are scanned by shuffles.
-    const int lane = threadIdx.x;
-    const int chunk = (slots + kWarpSize - 1) / kWarpSize;
-    const int first = min(lane * chunk, slots), last = min(first + chunk, slots);
-    int sum = 0;
-    for (int s = first; s < last; ++s) sum += counts[s];
-    int inclusive = sum;
-    for (int offset = 1; offset < kWarpSize; offset *= 2) {
-      const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
-      if (lane >= offset) inclusive += before;
-    }
-    int start = inclusive - sum;
-    for (int s = first; s < last; ++s) {
-      const int rows = counts[s];
-      if (load != nullptr) load[s] += rows;
-      offsets[s] = start;
-      counts[s] = start;
-      start += rows;
-    }
-    if (lane == kWarpSize - 1) offsets[slots] = inclusive;
-  }
+  ScanSlotCounts(counts, slots, offsets, load);
   __syncthreads();
   for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
     const int row = counts[packed[p] & kSlotMask] + (packed[p] >> kSlotBits);

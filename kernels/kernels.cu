@@ -53,9 +53,11 @@ __global__ void RopeKernel(float* vectors, const int32_t* positions, const float
 
 __global__ void CopyRowsKernel(const __nv_bfloat16* source, const int32_t* source_rows,
                                __nv_bfloat16* out, int hidden) {
-  const int row = blockIdx.x;
+  const int64_t row = blockIdx.x;
+  const int32_t from = source_rows[row];
+  if (from < 0) return;  // GatherRows: a row with no source keeps what it holds
   // 16-byte vectors when the row allows it.
-  const __nv_bfloat16* src = source + static_cast<size_t>(source_rows[row]) * hidden;
+  const __nv_bfloat16* src = source + static_cast<size_t>(from) * hidden;
   __nv_bfloat16* dst = out + static_cast<size_t>(row) * hidden;
   if (hidden % 8 == 0) {
     const int4* s = reinterpret_cast<const int4*>(src);
@@ -246,6 +248,14 @@ absl::Status PermuteRows(const __nv_bfloat16* x, const int32_t* source_rows, __n
   if (rows == 0) return absl::OkStatus();
   CopyRowsKernel<<<rows, 128, 0, stream>>>(x, source_rows, out, hidden);
   return LastError("PermuteRows");
+}
+
+absl::Status GatherRows(const __nv_bfloat16* x, const int32_t* source_rows, __nv_bfloat16* out,
+                        int64_t rows, int hidden, cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  if (rows > INT32_MAX) return absl::InvalidArgumentError("GatherRows: too many rows");
+  CopyRowsKernel<<<static_cast<unsigned>(rows), 128, 0, stream>>>(x, source_rows, out, hidden);
+  return LastError("GatherRows");
 }
 
 absl::Status FillRandomBf16(__nv_bfloat16* out, int64_t count, uint64_t seed, float scale,

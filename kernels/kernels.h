@@ -32,6 +32,10 @@ absl::Status GateTopK(const float* logits, const float* bias, int tokens,
                       cudaStream_t stream);
 absl::Status PermuteRows(const __nv_bfloat16* x, const int32_t* source_rows, __nv_bfloat16* out,
                          int rows, int hidden, cudaStream_t stream);
+// The same, except that a row whose source is negative is left as it is (the device-planned
+// exchange's unused and header rows, device_exchange.h).
+absl::Status GatherRows(const __nv_bfloat16* x, const int32_t* source_rows, __nv_bfloat16* out,
+                        int64_t rows, int hidden, cudaStream_t stream);
 // Deterministic random bf16 values, uniform with standard deviation `scale`: value i depends
 // only on (seed, i). Generates weights on the GPU that never exist on the host.
 absl::Status FillRandomBf16(__nv_bfloat16* out, int64_t count, uint64_t seed, float scale,

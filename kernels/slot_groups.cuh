@@ -1,0 +1,45 @@
+// Device helpers shared by the kernels that group (token, expert) rows by slot (device_moe.cu's
+// PlanSlots, device_exchange.cu's PlanReceived): a row's rank inside its slot comes from a
+// shared-memory counter, and a slot's rows and rank pack into one int.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/device_moe.h"
+#include "kernels/reductions.cuh"
+
+namespace moeserve::kernels {
+
+inline constexpr int kSlotBits = 11;  // slots < 2^11 = kMaxPlannedSlots; the rank sits above
+inline constexpr int kSlotMask = (1 << kSlotBits) - 1;
+static_assert(kMaxPlannedSlots <= (1 << kSlotBits), "a slot id fits its bits");
+static_assert(kMaxPlannedPairs <= (1 << (31 - kSlotBits)), "a rank fits above the slot id");
+
+// counts [slots] (shared memory, the rows of each slot) -> offsets [slots + 1] (each slot's
+// first row, then the total), counts[s] = offsets[s], and load[s] += rows (load may be null).
+// Run by the first warp of the block, between two __syncthreads().
+__device__ inline void ScanSlotCounts(int32_t* counts, int slots, int32_t* offsets, int32_t* load) {
+  if (threadIdx.x >= kWarpSize) return;
+  // Lane l scans slots [l * chunk, (l + 1) * chunk); the lanes' sums are scanned by shuffles.
+  const int lane = threadIdx.x;
+  const int chunk = (slots + kWarpSize - 1) / kWarpSize;
+  const int first = min(lane * chunk, slots), last = min(first + chunk, slots);
+  int sum = 0;
+  for (int s = first; s < last; ++s) sum += counts[s];
+  int inclusive = sum;
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += before;
+  }
+  int start = inclusive - sum;
+  for (int s = first; s < last; ++s) {
+    const int rows = counts[s];
+    if (load != nullptr) load[s] += rows;
+    offsets[s] = start;
+    counts[s] = start;
+    start += rows;
+  }
+  if (lane == kWarpSize - 1) offsets[slots] = inclusive;
+}
+
+}  // namespace moeserve::kernels
