@@ -249,6 +249,7 @@ absl::StatusOr<LocalEngine::WorkerGroup> LocalEngine::BuildGroup(const std::stri
          .keep_fp8_experts = options_.gpu_fp8_experts,
          .keep_fp8_dense = options_.gpu_fp8_dense,
          .device_planned_moe = options_.gpu_device_planned_moe,
+         .device_planned_exchange = options_.gpu_device_planned_exchange,
          .cuda_graphs = options_.gpu_cuda_graphs,
          .rendezvous =
              options_.rank_process.has_value() ? options_.rank_process->rendezvous.get() : nullptr,

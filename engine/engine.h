@@ -108,6 +108,9 @@ struct EngineOptions {
   // --device cuda: those device-planned decode steps run as CUDA graphs, one per step shape
   // (engine/backend/cuda/step_graphs.h); false: kernel by kernel.
   bool gpu_cuda_graphs = false;
+  // --device cuda, a group of several GPUs: with gpu_device_planned_moe, a decode step's
+  // exchange is planned on the GPUs too (kernels/device_exchange.h); false: on the host.
+  bool gpu_device_planned_exchange = false;
   std::optional<InjectedFault> injected_fault;
   // Set: run one rank of a group of processes (parallel.prefill_ep/decode_ep are then unused).
   std::optional<RankProcessOptions> rank_process;

@@ -103,6 +103,7 @@ struct EngineFlags {
   std::string gpu_dense_weights = "bf16";
   std::string gpu_moe_plan = "device";
   std::string gpu_cuda_graphs = "off";
+  std::string gpu_exchange_plan = "host";
 };
 
 void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
@@ -168,6 +169,14 @@ void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
       ->capture_default_str()
       ->check(CLI::IsMember({"device", "host"}));
   command
+      ->add_option("--gpu-exchange-plan", flags.gpu_exchange_plan,
+                   "Where a group of several GPUs plans a decode step's exchange: host (the "
+                   "routing, counts and entries go through the host at every MoE layer) or "
+                   "device (blocks of a fixed size planned and grouped on the GPUs, no host "
+                   "round trip; with --gpu-moe-plan device; every rank of a group the same)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"device", "host"}));
+  command
       ->add_option("--gpu-cuda-graphs", flags.gpu_cuda_graphs,
                    "Whether a GPU alone in its group runs its device-planned decode steps as "
                    "CUDA graphs: on (one graph captured per step shape, then one launch a step) "
@@ -214,12 +223,20 @@ bool ApplyEngineFlags(const std::string& command, const EngineFlags& flags,
     }
     out.injected_fault = *fault;
   }
+  if (flags.gpu_exchange_plan == "device" && flags.gpu_moe_plan != "device") {
+    std::cerr << "moeserve " << command
+              << ": --gpu-exchange-plan device needs --gpu-moe-plan device (the exchange is "
+                 "planned with the experts)\n";
+    exit_code = 2;
+    return false;
+  }
   out.kv_cache_bytes = flags.kv_cache_mib << 20;
   out.parallel.background_placement_staging = flags.placement_staging == "background";
   out.gpu_fp8_experts = flags.gpu_expert_weights == "as-stored";
   out.gpu_fp8_dense = flags.gpu_dense_weights == "as-stored";
   out.gpu_device_planned_moe = flags.gpu_moe_plan == "device";
   out.gpu_cuda_graphs = flags.gpu_cuda_graphs == "on";
+  out.gpu_device_planned_exchange = flags.gpu_exchange_plan == "device";
   out.min_step_seconds = flags.min_step_ms / 1000.0;
   return true;
 }

@@ -29,11 +29,12 @@ class RankBackend {
   virtual ~RankBackend() = default;
   // Runs the rank's batch (see ExpertParallelForward::Run for the contract: every rank of the
   // group calls it for every step) over the backend's own KV rows; the batch's block tables
-  // index them. Each batch row's logits (of its last token) stay with the backend until the
-  // next Forward().
+  // index them. `step` is the group's agreement for this step (two micro-batches or one; the
+  // largest batch of any rank, which sizes exchanges the whole group must agree on). Each batch
+  // row's logits (of its last token) stay with the backend until the next Forward().
   virtual absl::Status Forward(std::span<const BatchSequence> batch,
                                const ExpertPlacement& placement, parallel::RankResources& rank,
-                               bool two_micro_batches) = 0;
+                               const parallel::StepAgreement& step) = 0;
   // The last Forward()'s logits on the host, [rows, vocab], in memory the backend owns until
   // its next Forward() (a GPU backend copies them into pinned memory: at DeepSeek-V3's
   // vocabulary 64 rows are 33 MB).
@@ -75,9 +76,10 @@ class CpuRankBackend : public RankBackend {
       : forward_(forward),
         rows_(model.config().num_hidden_layers, kv_blocks, kv_block_size, model.kv_row_dim()) {}
   absl::Status Forward(std::span<const BatchSequence> batch, const ExpertPlacement& placement,
-                       parallel::RankResources& rank, bool two_micro_batches) override {
+                       parallel::RankResources& rank,
+                       const parallel::StepAgreement& step) override {
     absl::StatusOr<std::vector<float>> logits =
-        forward_.Run(batch, rows_, placement, rank, two_micro_batches);
+        forward_.Run(batch, rows_, placement, rank, step.split);
     if (!logits.ok()) return logits.status();
     logits_ = std::move(*logits);
     return absl::OkStatus();
@@ -113,8 +115,13 @@ struct RankBackendRequest {
   // (DeepSeek-V3's recipe: activations quantized per 1 x 128; less memory, larger error); off:
   // bf16.
   bool keep_fp8_dense = false;
-  // A GPU backend alone in its group plans decode steps' experts on the device (off: the host).
+  // A GPU backend plans decode steps' experts on the device (off: the host); in a group of
+  // several GPUs, with device_planned_exchange, their exchange too.
   bool device_planned_moe = false;
+  bool device_planned_exchange = false;
+  // The device-planned exchange's entries per destination GPU (0: sized from the batch; a
+  // number: fixed until it first overflows, CudaRankOptions::exchange_entries_capacity).
+  int exchange_entries_capacity = 0;
   // A GPU backend runs those device-planned decode steps as CUDA graphs (off: kernel by kernel).
   bool cuda_graphs = false;
   // A rank that is a process of its own: where its group's ranks meet (a GPU group publishes

@@ -44,6 +44,10 @@ ParallelMetrics::ParallelMetrics(const std::string& group, int num_moe_layers,
                    "GPU steps captured as CUDA graphs (one per step shape, per rank)", group);
   step_graph_replays_ = GroupCounter(*registry, "moeserve_gpu_step_graph_replays_total",
                                      "GPU steps run from a CUDA graph captured before", group);
+  exchange_overflows_ = GroupCounter(
+      *registry, "moeserve_gpu_exchange_overflow_steps_total",
+      "Steps redone with the host's plan because a device-planned exchange overflowed (per rank)",
+      group);
   auto& family = prometheus::BuildGauge()
                      .Name("moeserve_expert_balancedness")
                      .Help("Mean over max of the tokens each rank's experts processed (last step)")
@@ -63,6 +67,12 @@ void ParallelMetrics::AddStepGraph(bool captured) {
   ++(captured ? totals_.step_graph_captures : totals_.step_graph_replays);
   prometheus::Counter* counter = captured ? step_graph_captures_ : step_graph_replays_;
   if (counter != nullptr) counter->Increment();
+}
+
+void ParallelMetrics::AddExchangeOverflow() {
+  absl::MutexLock lock(&mutex_);
+  ++totals_.exchange_overflow_steps;
+  if (exchange_overflows_ != nullptr) exchange_overflows_->Increment();
 }
 
 void ParallelMetrics::AddDispatch(int64_t bytes, double seconds) {

@@ -8,6 +8,9 @@
 //   moeserve_group_healthy{group}      (1 while the group serves, 0 once it failed)
 //   moeserve_gpu_step_graph_captures_total / moeserve_gpu_step_graph_replays_total{group}
 //                                      (GPU steps captured as CUDA graphs, and run from one)
+//   moeserve_gpu_exchange_overflow_steps_total{group}
+//                                      (steps whose device-planned exchange overflowed its
+//                                       capacity and were redone with the host's plan)
 // and kept in memory for benchmarks and tests.
 //
 // Thread-safe: every rank of the group records concurrently.
@@ -34,6 +37,7 @@ class ParallelMetrics {
     double exposed_seconds = 0;  // compute thread blocked waiting for communication
     int64_t step_graph_captures = 0;
     int64_t step_graph_replays = 0;
+    int64_t exchange_overflow_steps = 0;
     double communication_seconds() const { return dispatch_seconds + combine_seconds; }
     // 1 when all communication ran while compute went on; 0 when compute always waited.
     double overlap_ratio() const {
@@ -52,6 +56,8 @@ class ParallelMetrics {
   // A GPU step launched from a CUDA graph (engine/backend/cuda/step_graphs.h), `captured` for
   // it first.
   void AddStepGraph(bool captured);
+  // A step redone because its device-planned exchange overflowed (per rank).
+  void AddExchangeOverflow();
   Totals totals() const;
   std::vector<double> balancedness() const;
 
@@ -68,6 +74,7 @@ class ParallelMetrics {
   prometheus::Gauge* healthy_ = nullptr;
   prometheus::Counter* step_graph_captures_ = nullptr;
   prometheus::Counter* step_graph_replays_ = nullptr;
+  prometheus::Counter* exchange_overflows_ = nullptr;
   std::vector<prometheus::Gauge*> balancedness_gauges_;
 };
 

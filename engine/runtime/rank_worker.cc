@@ -151,7 +151,7 @@ bool RankWorker::Step() {
   {
     ScopedTraceEvent event(step_trace, resources.trace_pid, parallel::kTraceStepLane, "forward",
                            "step");
-    forward = backend_->Forward(plan.batch, group_.placement(rank_), resources, agreement->split);
+    forward = backend_->Forward(plan.batch, group_.placement(rank_), resources, *agreement);
   }
   resources.trace = trace;
   if (!forward.ok()) {

@@ -52,8 +52,8 @@ absl::StatusOr<GroupLogits> ComputeGroupLogits(const Model& model, std::span<con
         (void)g.Fail(rank, agreement.status());
         return;
       }
-      absl::Status forward = backends[rank]->Forward({&sequence, 1}, g.placement(rank),
-                                                     g.resources(rank), agreement->split);
+      absl::Status forward =
+          backends[rank]->Forward({&sequence, 1}, g.placement(rank), g.resources(rank), *agreement);
       absl::StatusOr<std::span<const float>> result =
           forward.ok() ? backends[rank]->Logits() : forward;
       if (!result.ok()) {

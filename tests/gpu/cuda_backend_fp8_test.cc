@@ -14,6 +14,7 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -259,6 +260,93 @@ TEST(CudaBackendFp8, DevicePlannedDecodeAgreesWithTheHostPlannedPath) {
   }
 }
 
+// A group's decode step with its exchange planned on the device (kernels/device_exchange.h):
+// ranks sharing the GPU (the blocks go through host memory, the same bytes NCCL would move) give
+// the single GPU's device-planned logits bit for bit (a row's expert result does not depend on
+// which rows share its slot, nor on the replica of its expert), with redundant replicas and two
+// micro-batches, and no rank waits for a routing on the host. A capacity of one entry per GPU
+// overflows: the group redoes the step planned on the host (within the tolerance of the two
+// paths) and counts it.
+TEST(CudaBackendFp8, DevicePlannedExchangeGivesTheSingleGpusLogits) {
+  REQUIRE_HOPPER();
+  auto opened = OpenSmallFp8Checkpoint("device_exchange");
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const Model& model = *opened->model;
+  const int vocab = model.config().vocab_size;
+  const std::vector<int32_t> tokens = Prompt(2, vocab);
+  auto configured = [](bool fp8, int capacity) -> RankBackendFactory {
+    RankBackendFactory gpu = cuda::MakeCudaBackendFactory({.ranks_share_gpus = true});
+    gpu = tools::WithGpuWeightFormats(std::move(gpu), fp8, /*fp8_dense=*/false);
+    return [inner = std::move(gpu), capacity](const RankBackendRequest& request) {
+      RankBackendRequest changed = request;
+      changed.device_planned_moe = true;
+      changed.device_planned_exchange = true;
+      changed.exchange_entries_capacity = capacity;
+      return inner(changed);
+    };
+  };
+  struct Run {
+    std::vector<float> logits;
+    int routing_waits = 0;
+    int64_t overflows = 0;
+  };
+  auto run = [&](const RankBackendFactory& factory, int ep, int redundant,
+                 bool overlap) -> absl::StatusOr<Run> {
+    const ModelConfig& c = model.config();
+    parallel::GroupOptions options;
+    options.name = "test";
+    options.size = ep;
+    options.two_batch_overlap = overlap;
+    options.overlap_min_tokens = 1;
+    TraceRecorder trace;
+    ASSIGN_OR_RETURN(
+        tools::GroupLogits result,
+        tools::ComputeGroupLogits(model, tokens, options,
+                                  ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts,
+                                                           c.n_routed_experts + redundant),
+                                  &trace, factory));
+    const fs::path path = fs::path(::testing::TempDir()) / "device_exchange_trace.json";
+    EXPECT_TRUE(trace.WriteJson(path.string()).ok());
+    std::ifstream file(path);
+    const std::string json((std::istreambuf_iterator<char>(file)), {});
+    Run r;
+    for (size_t at = json.find("routing wait"); at != std::string::npos;
+         at = json.find("routing wait", at + 1)) {
+      ++r.routing_waits;
+    }
+    r.logits = std::move(result.logits);
+    r.overflows = result.communication.exchange_overflow_steps;
+    return r;
+  };
+  for (bool fp8 : {true, false}) {
+    SCOPED_TRACE(fp8 ? "FP8 experts" : "bf16 experts");
+    auto single = run(configured(fp8, 0), 1, 0, false);
+    ASSERT_TRUE(single.ok()) << single.status();
+    for (auto [ep, redundant, overlap] :
+         {std::tuple{2, 0, false}, {2, 2, false}, {4, 4, false}, {4, 4, true}}) {
+      SCOPED_TRACE(::testing::Message() << "EP" << ep << ", redundant " << redundant
+                                        << (overlap ? ", two micro-batches" : ""));
+      auto group = run(configured(fp8, 0), ep, redundant, overlap);
+      ASSERT_TRUE(group.ok()) << group.status();
+      EXPECT_EQ(group->logits, single->logits);
+      EXPECT_EQ(group->routing_waits, 0);
+      EXPECT_EQ(group->overflows, 0);
+    }
+    auto overflowed = run(configured(fp8, 1), 2, 0, false);
+    ASSERT_TRUE(overflowed.ok()) << overflowed.status();
+    const moeserve::testing::LogitAgreement a =
+        moeserve::testing::CompareLogits(overflowed->logits, single->logits, vocab);
+    std::printf(
+        "device exchange overflowed and redone on the host: %lld redos, relative error "
+        "%.2e against the single GPU\n",
+        static_cast<long long>(overflowed->overflows), a.relative_error);
+    EXPECT_EQ(overflowed->overflows, 2) << "one redo per rank";
+    EXPECT_GE(overflowed->routing_waits, 1) << "the redo plans on the host";
+    EXPECT_LT(a.relative_error, 1e-2);
+    EXPECT_EQ(a.argmax_agreement, 1.0);
+  }
+}
+
 // Decode steps as CUDA graphs (StepGraphs): three sequences decode 14 steps, with one of them
 // left out of every third step, on a backend that runs them as graphs and on one that runs them
 // kernel by kernel. A graph is its step's kernels with the same arguments, reading the step's
@@ -303,7 +391,7 @@ void CheckDecodeStepsAsCudaGraphs(const Model& model, bool fp8_experts) {
     for (int b = 0; b < 2; ++b) {
       RankBackend& backend = b == 0 ? **with_graphs : **without;
       const absl::Status forward =
-          backend.Forward(batch, (*group)->placement(0), (*group)->resources(0), false);
+          backend.Forward(batch, (*group)->placement(0), (*group)->resources(0), {});
       EXPECT_TRUE(forward.ok()) << forward;
       auto result = forward.ok() ? backend.Logits() : forward;
       EXPECT_TRUE(result.ok()) << result.status();

@@ -311,8 +311,8 @@ TEST(CudaBackendGqa, ChunkedPrefillAndDecodeMatchOnePass) {
       for (int size : chunk_sizes) {
         BatchSequence sequence{std::span<const int32_t>(tokens).subspan(start, size), start, &table,
                                true};
-        const absl::Status forward = (*backend)->Forward({&sequence, 1}, (*group)->placement(0),
-                                                         (*group)->resources(0), false);
+        const absl::Status forward =
+            (*backend)->Forward({&sequence, 1}, (*group)->placement(0), (*group)->resources(0), {});
         auto result = forward.ok() ? (*backend)->Logits() : forward;
         EXPECT_TRUE(result.ok()) << result.status();
         if (!result.ok()) return {};

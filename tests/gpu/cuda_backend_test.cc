@@ -122,7 +122,7 @@ class TinyOnOneGpu : public ::testing::Test {
                                      .max_batch_tokens = 64});
   }
   absl::Status Forward(RankBackend& backend, const BatchSequence& sequence) {
-    return backend.Forward({&sequence, 1}, group_->placement(0), group_->resources(0), false);
+    return backend.Forward({&sequence, 1}, group_->placement(0), group_->resources(0), {});
   }
   std::shared_ptr<const Model> model_;
   std::unique_ptr<parallel::ExpertParallelGroup> group_;

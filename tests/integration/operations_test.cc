@@ -236,6 +236,14 @@ TEST(CheckFlags, AcceptsValidCommandLinesAndRefusesBadOnesWithoutStarting) {
             0);
   EXPECT_THAT(output, HasSubstr("--bogus"));
   EXPECT_NE(RunToEnd({"--check-flags", "serve", "--log-level", "chatty"}, &output), 0);
+  // Options that only work together.
+  EXPECT_EQ(RunToEnd({"--check-flags", "serve", "--gpu-exchange-plan", "device"}, &output), 0)
+      << output;
+  EXPECT_EQ(RunToEnd({"--check-flags", "serve", "--gpu-exchange-plan", "device", "--gpu-moe-plan",
+                      "host"},
+                     &output),
+            2);
+  EXPECT_THAT(output, HasSubstr("--gpu-exchange-plan device needs --gpu-moe-plan device"));
 }
 
 }  // namespace

@@ -477,12 +477,15 @@ std::vector<std::string> GpuRankArgs(std::vector<std::string> more) {
   return args;
 }
 
-// The front end's greedy and seeded tokens equal those of one `serve --device cuda --ep 1`.
-void ExpectTokensOfOneGpuProcess(ServerProcess& frontend) {
+// The front end's greedy and seeded tokens equal those of one `serve --device cuda --ep 1`
+// (with `model_args`).
+void ExpectTokensOfOneGpuProcess(ServerProcess& frontend,
+                                 const std::vector<std::string>& model_args = {}) {
   auto lengths = [](int i) { return static_cast<uint32_t>(24 + i % 4); };
   const std::vector<std::vector<uint32_t>> cluster = ConcurrentGreedy(frontend, 6, lengths);
   const std::vector<uint32_t> cluster_sampled = SampledTokens(frontend);
   std::vector<std::string> one_args = kGpuArgs;
+  one_args.insert(one_args.end(), model_args.begin(), model_args.end());
   one_args.insert(one_args.end(), {"--ep", "1"});
   ServerProcess one(one_args);
   ASSERT_TRUE(one.ok());
@@ -513,6 +516,30 @@ TEST(WorkerProcesses, GpuRanksOnOneGpuServeWhatOneGpuProcessServes) {
   GreedyTokens(*stub, "while down", 4, &refused);
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_EQ(group.node(0).WaitForExit(30), 3) << group.node(0).output();
+}
+
+// The same two GPU rank processes with their decode steps' exchange planned on the GPUs
+// (--gpu-exchange-plan device: fixed-size blocks over NCCL, no host round trip), on a model
+// whose experts the device path runs (DeepSeek-V3's widths, FP8 experts: builtin:v3-bench-fp8): the
+// tokens are those of one GPU process, and no step overflowed.
+TEST(WorkerProcesses, GpuRanksPlanningTheExchangeOnTheGpuServeWhatOneGpuServes) {
+  if (!CudaRankProcessesEnabled()) GTEST_SKIP() << "not a GPU host (see above)";
+  // At most 64 tokens a step: every step, prefill too, is planned on the device in both the
+  // group and the single process, so both run the same expert kernel.
+  const std::vector<std::string> model = {"--model", "builtin:v3-bench-fp8", "--max-batch-tokens",
+                                          "64"};
+  std::vector<std::string> args = model;
+  args.insert(args.end(), {"--gpu-exchange-plan", "device"});
+  NodeGroup group("decode", 2, 1, GpuRankArgs(args), /*nccl_host_per_node=*/true);
+  ASSERT_TRUE(group.WaitServing(300));
+  ServerProcess frontend({"--group", "decode=" + group.leader(), "--poll-interval-seconds", "0.1"},
+                         true, true, "frontend");
+  ASSERT_TRUE(frontend.ok());
+  ASSERT_TRUE(WaitForHealth(frontend, "", kServing, 30));
+  ExpectTokensOfOneGpuProcess(frontend, model);
+  const std::string log = group.node(0).output() + group.node(1).output();
+  EXPECT_NE(log.find("plans the experts and the exchange"), std::string::npos) << log;
+  EXPECT_EQ(log.find("overflowed"), std::string::npos) << log;
 }
 
 // GPU prefill and decode groups as processes (one rank each, on one GPU, as two NCCL hosts): the

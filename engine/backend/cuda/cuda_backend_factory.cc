@@ -45,6 +45,8 @@ CudaRankOptions RankOptions(const RankBackendRequest& request, int device) {
   options.keep_fp8_experts = request.keep_fp8_experts;
   options.keep_fp8_dense = request.keep_fp8_dense;
   options.device_planned_moe = request.device_planned_moe;
+  options.device_planned_exchange = request.device_planned_exchange;
+  options.exchange_entries_capacity = request.exchange_entries_capacity;
   options.cuda_graphs = request.cuda_graphs;
   return options;
 }

@@ -133,8 +133,8 @@ absl::Status CudaRankBackend::State::PrepareDevicePlan(int slots_per_rank) {
                  "GPU"));
   const int top_k = std::max(c.num_experts_per_tok, 1);
   device_plan_possible =
-      options.device_planned_moe && options.group_size == 1 && c.n_routed_experts > 0 &&
-      major >= 8 &&
+      options.device_planned_moe && (options.group_size == 1 || options.device_planned_exchange) &&
+      c.n_routed_experts > 0 && major >= 8 &&
       static_cast<size_t>(shared_per_block) >= kernels::DeviceGroupedGemmSharedBytes() &&
       slots_per_rank <= kernels::kMaxPlannedSlots &&
       kernels::DeviceGroupedGemmSupports(2 * c.moe_intermediate_size, c.hidden_size) &&
@@ -143,9 +143,13 @@ absl::Status CudaRankBackend::State::PrepareDevicePlan(int slots_per_rank) {
   device_plan_max_pairs =
       std::min({kernels::kMaxPlannedPairs, std::max(options.max_batch_tokens, 1) * top_k,
                 kDevicePlanPairsPerSlot * slots_per_rank});
-  ASSIGN_OR_RETURN(kernels::DeviceExpertMlp mlp,
-                   kernels::DeviceExpertMlp::Create(c.hidden_size, c.moe_intermediate_size,
-                                                    device_plan_max_pairs, stream));
+  device_slots_per_rank = slots_per_rank;
+  // In a group, a rank's experts run over the exchange's capacity of received entries, which
+  // PlanStepExchange keeps within kMaxPlannedPairs.
+  const int mlp_rows = options.group_size > 1 ? kernels::kMaxPlannedPairs : device_plan_max_pairs;
+  ASSIGN_OR_RETURN(
+      kernels::DeviceExpertMlp mlp,
+      kernels::DeviceExpertMlp::Create(c.hidden_size, c.moe_intermediate_size, mlp_rows, stream));
   device_mlp = std::make_unique<kernels::DeviceExpertMlp>(std::move(mlp));
   for (MicroBatchState& mb : micro_batches) {
     RETURN_IF_ERROR(mb.plan_offsets.Reserve(slots_per_rank + 1));
@@ -155,8 +159,14 @@ absl::Status CudaRankBackend::State::PrepareDevicePlan(int slots_per_rank) {
   slot_rows_count = static_cast<size_t>(c.num_moe_layers()) * slots_per_rank;
   RETURN_IF_ERROR(slot_rows.Reserve(slot_rows_count));
   RETURN_IF_ERROR(ClearSlotRows());
-  spdlog::info("moeserve: GPU {} plans the experts of steps up to {} tokens on the device",
-               options.device, device_plan_max_pairs / top_k);
+  if (options.group_size > 1) {
+    exchange_fixed_entries = options.exchange_entries_capacity;
+    RETURN_IF_ERROR(exchange_overflow.Reserve(1));
+    RETURN_IF_ERROR(exchange_overflow_host.Reserve(sizeof(int32_t)));
+  }
+  spdlog::info("moeserve: GPU {} plans the experts{} of steps up to {} tokens on the device",
+               options.device, options.group_size > 1 ? " and the exchange" : "",
+               device_plan_max_pairs / top_k);
   return absl::OkStatus();
 }
 
@@ -258,7 +268,7 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   }
   for (MicroBatchState& mb : s.micro_batches) RETURN_IF_ERROR(s.ReserveMicroBatch(mb));
   RETURN_IF_ERROR(s.PrepareDevicePlan(slots_per_rank));
-  if (options.cuda_graphs && s.device_plan_possible) {
+  if (options.cuda_graphs && s.device_plan_possible && options.group_size == 1) {
     s.step_graphs = std::make_unique<StepGraphs>(kStepGraphCapacity);
     spdlog::info("moeserve: GPU {} runs device-planned decode steps as CUDA graphs",
                  options.device);
@@ -374,7 +384,8 @@ ExpertStager* CudaRankBackend::expert_stager() { return stager_.get(); }
 
 absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
                                       const ExpertPlacement& placement,
-                                      parallel::RankResources& rank, bool two_micro_batches) {
+                                      parallel::RankResources& rank,
+                                      const parallel::StepAgreement& step) {
   State& s = *state_;
   const ModelConfig& c = s.config();
   s.step_rows = 0;  // no logits to read until this step has them all
@@ -388,10 +399,11 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
     // step's metrics (and maybe to slots a commit has changed since).
     RETURN_IF_ERROR(s.ClearSlotRows());
   }
+  RETURN_IF_ERROR(s.PlanStepExchange(step));
   // Two micro-batches split the batch as the CPU backend does; every rank of the group splits
   // (the step agreement decides), so their exchanges pair up.
   std::vector<std::vector<parallel::BatchPiece>> parts;
-  if (two_micro_batches) {
+  if (step.split) {
     parts = parallel::SplitIntoMicroBatches(batch, 2);
   } else {
     parts.emplace_back();
@@ -440,49 +452,66 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
     return s.stage_timer.Mark("LM head");
   };
 
-  bool ran = false;
-  if (s.step_graphs != nullptr && micro_batches.size() == 1 && s.RunsAsGraph(*micro_batches[0])) {
-    // A graph step has no GPU stages of its own on the trace: its work is one launch.
-    RETURN_IF_ERROR(s.stage_timer.Begin(nullptr, s.stream));
-    MicroBatchState& mb = *micro_batches[0];
-    ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "step graph", "compute");
-    absl::StatusOr<bool> captured =
-        s.step_graphs->Launch({mb.tokens, mb.max_blocks}, s.GraphFingerprint(mb), s.stream,
-                              [&] { return enqueue_step(/*capturing=*/true); });
-    if (captured.ok()) {
-      ran = true;
-      if (rank.metrics != nullptr) rank.metrics->AddStepGraph(*captured);
-      if (!*captured) {
-        // A replay: what the capture's host side recorded, again.
-        received_per_layer.assign(c.num_moe_layers(),
-                                  static_cast<int64_t>(mb.tokens) * c.num_experts_per_tok);
-        s.slot_rows_written |= rank.load != nullptr;
+  // One attempt at the step: as a graph where it can, kernel by kernel otherwise, then the
+  // step's one wait for the GPU.
+  auto run_step = [&]() -> absl::Status {
+    bool ran = false;
+    if (s.step_graphs != nullptr && micro_batches.size() == 1 && s.RunsAsGraph(*micro_batches[0])) {
+      // A graph step has no GPU stages of its own on the trace: its work is one launch.
+      RETURN_IF_ERROR(s.stage_timer.Begin(nullptr, s.stream));
+      MicroBatchState& mb = *micro_batches[0];
+      ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "step graph", "compute");
+      absl::StatusOr<bool> captured =
+          s.step_graphs->Launch({mb.tokens, mb.max_blocks}, s.GraphFingerprint(mb), s.stream,
+                                [&] { return enqueue_step(/*capturing=*/true); });
+      if (captured.ok()) {
+        ran = true;
+        if (rank.metrics != nullptr) rank.metrics->AddStepGraph(*captured);
+        if (!*captured) {
+          // A replay: what the capture's host side recorded, again.
+          received_per_layer.assign(c.num_moe_layers(),
+                                    static_cast<int64_t>(mb.tokens) * c.num_experts_per_tok);
+          s.slot_rows_written |= rank.load != nullptr;
+        }
+      } else {
+        // Nothing ran; the step goes kernel by kernel, and so do the next ones.
+        spdlog::warn("moeserve: GPU {} runs its steps without CUDA graphs from now on: {}",
+                     s.options.device, captured.status().ToString());
+        s.step_graphs.reset();
+        s.slot_rows_written = false;
+        RETURN_IF_ERROR(s.ClearSlotRows());
       }
-    } else {
-      // Nothing ran; the step goes kernel by kernel, and so do the next ones.
-      spdlog::warn("moeserve: GPU {} runs its steps without CUDA graphs from now on: {}",
-                   s.options.device, captured.status().ToString());
-      s.step_graphs.reset();
-      s.slot_rows_written = false;
-      RETURN_IF_ERROR(s.ClearSlotRows());
     }
+    if (!ran) {
+      RETURN_IF_ERROR(s.stage_timer.Begin(rank.trace, s.stream));
+      if (s.step_exchange_on_device) RETURN_IF_ERROR(s.ClearExchangeOverflow());
+      RETURN_IF_ERROR(enqueue_step(/*capturing=*/false));
+      if (s.step_exchange_on_device) RETURN_IF_ERROR(s.ReadBackExchangeOverflow());
+    }
+    s.PublishExchangeTimes(rank);
+    RETURN_IF_ERROR(s.ReadBackSlotRows(rank));
+    {
+      // The step's staging buffers are rewritten by the next Forward(): it must have run.
+      ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "step wait", "gpu wait");
+      RETURN_IF_ERROR(s.SynchronizeCompute("LM head"));
+    }
+    s.stage_timer.Publish(rank.trace_pid, kGpuLane);
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(run_step());
+  if (s.step_exchange_on_device && s.ExchangeOverflowed()) {
+    // Every rank received every rank's headers, so the whole group saw the overflow and redoes
+    // the step together, planned on the host (its KV rows are written again, the same), and
+    // sizes the next steps' exchanges larger.
+    s.GrowExchangeAfterOverflow();
+    if (rank.metrics != nullptr) rank.metrics->AddExchangeOverflow();
+    s.slot_rows_read_back = false;  // the first attempt's counts
+    RETURN_IF_ERROR(run_step());
   }
-  if (!ran) {
-    RETURN_IF_ERROR(s.stage_timer.Begin(rank.trace, s.stream));
-    RETURN_IF_ERROR(enqueue_step(/*capturing=*/false));
-  }
-  s.PublishExchangeTimes(rank);
+  RETURN_IF_ERROR(s.RecordDevicePlannedLoad(rank, received_per_layer));
   if (rank.metrics != nullptr && !received_per_layer.empty()) {
     RETURN_IF_ERROR(parallel::PublishBalancedness(received_per_layer, rank));
   }
-  RETURN_IF_ERROR(s.ReadBackSlotRows(rank));
-  {
-    // The step's staging buffers are rewritten by the next Forward(): it must have run.
-    ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "step wait", "gpu wait");
-    RETURN_IF_ERROR(s.SynchronizeCompute("LM head"));
-  }
-  s.stage_timer.Publish(rank.trace_pid, kGpuLane);
-  RETURN_IF_ERROR(s.RecordDevicePlannedLoad(rank));
   s.step_rows = total_rows;
   return absl::OkStatus();
 }

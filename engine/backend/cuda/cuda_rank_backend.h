@@ -64,10 +64,19 @@ struct CudaRankOptions {
   // With FP8 experts, the checkpoint's dense projections whole in 128 x 128 blocks stay FP8 too
   // (State::fp8_dense); off: bf16.
   bool keep_fp8_dense = false;
-  // Alone in its group (group_size 1), a step of few tokens (decode) routes, groups and runs
-  // its experts on the GPU (kernels/device_moe.h) with no host round trip per MoE layer; off:
-  // the host plans every MoE layer, as it does for groups and prefill steps.
+  // A step of few tokens (decode) routes, groups and runs its experts on the GPU
+  // (kernels/device_moe.h) with no host round trip per MoE layer. Off: the host plans every
+  // MoE layer, as it does for prefill steps.
   bool device_planned_moe = false;
+  // In a group of several GPUs, with device_planned_moe: the exchange is planned on the GPUs
+  // too, in blocks of a fixed shape (kernels/device_exchange.h). Every rank of a group must
+  // have the same setting (and GPUs of one kind).
+  bool device_planned_exchange = false;
+  // The device-planned exchange's capacity of (token, expert) entries per destination GPU: 0
+  // sizes it from the group's largest batch (twice the even share, and some); a number fixes
+  // it until it first overflows (tests force overflows with it). A step that overflows is
+  // redone with the host's plan, and the capacity grows for the steps after it.
+  int exchange_entries_capacity = 0;
   // Decode steps planned on the device (above) run as CUDA graphs, one captured per step shape
   // and replayed (step_graphs.h): one launch a step instead of about 15 a layer.
   bool cuda_graphs = false;
@@ -82,9 +91,9 @@ class CudaRankBackend : public RankBackend {
                                                                  const CudaRankOptions& options);
   ~CudaRankBackend() override;
 
-  // `two_micro_batches` overlaps the exchanges with compute as described above.
+  // `step.split` overlaps the exchanges with compute as described above.
   absl::Status Forward(std::span<const BatchSequence> batch, const ExpertPlacement& placement,
-                       parallel::RankResources& rank, bool two_micro_batches) override;
+                       parallel::RankResources& rank, const parallel::StepAgreement& step) override;
   absl::StatusOr<std::span<const float>> Logits() override;
   // Ranks each sampled row's head on the device (kernels/sampling.h) and finishes it on the
   // host; only a row whose walk goes past its head is copied whole.

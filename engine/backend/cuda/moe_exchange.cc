@@ -1,14 +1,16 @@
 // The GPU backend's MoE layer and exchange: the gate, the dispatch plan shared with the CPU,
 // activations to the ranks holding the chosen replicas over NCCL on the communication stream,
-// the local slots' experts as grouped GEMMs, the combine and the weighted sum. A rank alone in
-// its group plans decode steps on the device instead (kernels/device_moe.h): the same replica
-// rule, no host round trip.
+// the local slots' experts as grouped GEMMs, the combine and the weighted sum. Decode steps are
+// planned on the device instead (kernels/device_moe.h; in a group, kernels/device_exchange.h):
+// the same replica rule, no host round trip.
+#include <cmath>
 #include <cstring>
 
 #include "engine/backend/cuda/rank_state.h"
 #include "engine/base/status_macros.h"
 #include "kernels/kernels.h"
 #include "kernels/mla.h"
+#include "spdlog/spdlog.h"
 
 namespace moeserve::engine::cuda {
 namespace {
@@ -159,6 +161,7 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
                            c.moe_intermediate_size * c.n_shared_experts, mb.shared_out.data()));
   }
   mb.device_planned = UsesDevicePlan(mb);
+  if (mb.device_planned && size > 1) return DispatchOnDevice(layer, mb, rank);
   if (mb.device_planned) {
     const int moe_layer = model->moe_index(layer);
     const int slots = static_cast<int>(w.slots.size());
@@ -263,6 +266,7 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
   const DeviceLayer& w = layers[layer];
   const int hidden = config().hidden_size;
   const int received = static_cast<int>(mb.received_count);
+  if (mb.device_planned && options.group_size > 1) return ExpertsOnDevice(layer, mb, rank);
   if (mb.device_planned) {
     const DevicePlanTables& t = device_plan_tables[model->moe_index(layer)];
     kernels::DeviceSlotWeights gate_up, down;
@@ -360,6 +364,7 @@ absl::Status CudaRankBackend::State::FinishMoe(MicroBatchState& mb) {
 }
 
 bool CudaRankBackend::State::UsesDevicePlan(const MicroBatchState& mb) const {
+  if (options.group_size > 1) return step_exchange_on_device;
   return device_plan_possible && mb.tokens > 0 &&
          static_cast<int64_t>(mb.tokens) * config().num_experts_per_tok <= device_plan_max_pairs;
 }
@@ -371,7 +376,8 @@ absl::Status CudaRankBackend::State::BuildDevicePlanTables(const ExpertPlacement
     const int moe_layer = model->moe_index(layer);
     if (moe_layer < 0) continue;
     DevicePlanTables& t = device_plan_tables[moe_layer];
-    // A group of one: the placement's slot ids are this rank's.
+    // The placement's slot ids: a group of one's own, or the group's (PlanDestinations finds
+    // the GPU of each); the weights are this rank's slots'.
     std::vector<int32_t> begin(c.n_routed_experts + 1, 0), replica_slots;
     for (int e = 0; e < c.n_routed_experts; ++e) {
       for (int32_t slot : placement.replicas(moe_layer, e)) replica_slots.push_back(slot);
@@ -392,6 +398,121 @@ absl::Status CudaRankBackend::State::BuildDevicePlanTables(const ExpertPlacement
   return absl::OkStatus();
 }
 
+kernels::ExchangeShape CudaRankBackend::State::ExchangeShapeFor(int64_t max_tokens) const {
+  const ModelConfig& c = config();
+  const int ranks = options.group_size;
+  const int64_t top_k = std::max(c.num_experts_per_tok, 1);
+  // Batches in powers of two, so that a shape (and its buffers) serves many steps.
+  int64_t tokens = 1;
+  while (tokens < max_tokens) tokens *= 2;
+  // A token sends a GPU at most one entry per expert of its top-k that the GPU holds.
+  const int64_t local_slots = std::max<int64_t>(device_slots_per_rank, 1);
+  const int64_t most = tokens * std::min(top_k, local_slots);
+  int64_t entries;
+  if (exchange_fixed_entries > 0) {
+    entries = exchange_fixed_entries;
+  } else {
+    // The even share with headroom, and a few entries more for small batches, whose shares
+    // vary most.
+    const double even_share = static_cast<double>(tokens * top_k) / ranks;
+    entries = static_cast<int64_t>(std::ceil(exchange_headroom * even_share)) + 8;
+  }
+  entries = std::min(entries, most);
+  return {ranks, static_cast<int>(std::min(tokens, entries)), static_cast<int>(entries),
+          c.hidden_size};
+}
+
+absl::Status CudaRankBackend::State::PlanStepExchange(const parallel::StepAgreement& step) {
+  step_exchange_on_device = false;
+  step_max_tokens = step.max_tokens;
+  if (options.group_size == 1 || !device_plan_possible || step.max_tokens <= 0) {
+    return absl::OkStatus();
+  }
+  const int64_t top_k = std::max(config().num_experts_per_tok, 1);
+  if (step.max_tokens * top_k > device_plan_max_pairs) return absl::OkStatus();
+  const kernels::ExchangeShape shape = ExchangeShapeFor(step.max_tokens);
+  if (shape.combine_rows() > kernels::kMaxPlannedPairs) return absl::OkStatus();
+  step_exchange_on_device = true;
+  if (shape == exchange_shape) return absl::OkStatus();
+  exchange_shape = shape;
+  const size_t hidden = config().hidden_size;
+  const size_t dispatch_rows = shape.dispatch_rows(), combine_rows = shape.combine_rows();
+  for (MicroBatchState& mb : micro_batches) {
+    RETURN_IF_ERROR(mb.send.Reserve(dispatch_rows * hidden));
+    RETURN_IF_ERROR(mb.received.Reserve(dispatch_rows * hidden));
+    RETURN_IF_ERROR(mb.expert_out.Reserve(combine_rows * hidden));
+    RETURN_IF_ERROR(mb.results.Reserve(combine_rows * hidden));
+    RETURN_IF_ERROR(mb.returned.Reserve(combine_rows * hidden));
+    RETURN_IF_ERROR(mb.dispatch_index.Reserve(dispatch_rows));
+    RETURN_IF_ERROR(mb.grouped_rows.Reserve(combine_rows));
+    RETURN_IF_ERROR(mb.plan_source_rows.Reserve(combine_rows));
+    RETURN_IF_ERROR(mb.peer_overflow.Reserve(shape.ranks));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::DispatchOnDevice(int layer, MicroBatchState& mb,
+                                                      parallel::RankResources& rank) {
+  const ModelConfig& c = config();
+  const kernels::ExchangeShape& shape = exchange_shape;
+  if (mb.tokens > step_max_tokens) {
+    // The shape was sized from the agreement's largest batch; a larger one is a bug.
+    return absl::InternalError(absl::StrCat("rank has ", mb.tokens,
+                                            " tokens, above the group's agreed ", step_max_tokens));
+  }
+  const DevicePlanTables& t = device_plan_tables[model->moe_index(layer)];
+  RETURN_IF_ERROR(kernels::PlanDestinations(
+      mb.routing_experts.data(), mb.tokens, c.num_experts_per_tok,
+      {t.replica_begin.data(), t.replica_slots.data(), c.n_routed_experts}, device_slots_per_rank,
+      options.rank, shape, mb.send.data(), mb.dispatch_index.data(), mb.plan_positions.data(),
+      mb.peer_overflow.data(), stream));
+  RETURN_IF_ERROR(kernels::GatherRows(mb.normed.data(), mb.dispatch_index.data(), mb.send.data(),
+                                      shape.dispatch_rows(), c.hidden_size, stream));
+  const std::vector<int64_t> blocks(shape.ranks, shape.block_rows());
+  RETURN_IF_ERROR(EnqueueExchange(mb, mb.send.data(), blocks, mb.received.data(), blocks,
+                                  /*dispatch=*/true, rank));
+  mb.received_rows = mb.received.data();
+  // What each slot received is counted on the device (slot_rows), read after the step.
+  mb.received_count = 0;
+  return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::ExpertsOnDevice(int layer, MicroBatchState& mb,
+                                                     parallel::RankResources& rank) {
+  const kernels::ExchangeShape& shape = exchange_shape;
+  const int moe_layer = model->moe_index(layer);
+  const DeviceLayer& w = layers[layer];
+  const int slots = static_cast<int>(w.slots.size());
+  const DevicePlanTables& t = device_plan_tables[moe_layer];
+  RETURN_IF_ERROR(AwaitExchange(mb));  // the dispatched blocks
+  RETURN_IF_ERROR(kernels::PlanReceived(mb.received.data(), shape, slots, mb.plan_offsets.data(),
+                                        mb.plan_source_rows.data(), mb.grouped_rows.data(),
+                                        slot_rows.data() + static_cast<int64_t>(moe_layer) * slots,
+                                        exchange_overflow.data(), stream));
+  slot_rows_written = true;
+  kernels::DeviceSlotWeights gate_up, down;
+  if (fp8_experts) {
+    gate_up.fp8 = t.gate_up_fp8.data();
+    down.fp8 = t.down_fp8.data();
+  } else {
+    gate_up.bf16 = t.gate_up.data();
+    down.bf16 = t.down.data();
+  }
+  const kernels::DeviceSlotPlan plan{mb.plan_offsets.data(), mb.plan_source_rows.data(), slots};
+  // The received entries' count is on the device: the MLP runs for the capacity's worth of
+  // rows, its blocks only for the slots with rows.
+  const int rows = static_cast<int>(shape.combine_rows());
+  RETURN_IF_ERROR(
+      device_mlp->Run(mb.received.data(), plan, rows, gate_up, down, mb.expert_out.data()));
+  RETURN_IF_ERROR(kernels::GatherRows(mb.expert_out.data(), mb.grouped_rows.data(),
+                                      mb.results.data(), rows, config().hidden_size, stream));
+  const std::vector<int64_t> entries(shape.ranks, shape.entries);
+  RETURN_IF_ERROR(EnqueueExchange(mb, mb.results.data(), entries, mb.returned.data(), entries,
+                                  /*dispatch=*/false, rank));
+  mb.returned_rows = mb.returned.data();
+  return absl::OkStatus();
+}
+
 absl::Status CudaRankBackend::State::ClearSlotRows() {
   slot_rows_written = false;
   return CudaStatus(cudaMemsetAsync(slot_rows.data(), 0, slot_rows_count * sizeof(int32_t), stream),
@@ -400,7 +521,9 @@ absl::Status CudaRankBackend::State::ClearSlotRows() {
 
 absl::Status CudaRankBackend::State::ReadBackSlotRows(parallel::RankResources& rank) {
   slot_rows_read_back = false;
-  if (!slot_rows_written || rank.load == nullptr) return absl::OkStatus();
+  if (!slot_rows_written || (rank.load == nullptr && !step_exchange_on_device)) {
+    return absl::OkStatus();
+  }
   const size_t bytes = slot_rows_count * sizeof(int32_t);
   RETURN_IF_ERROR(slot_rows_host.Reserve(bytes));
   RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(slot_rows_host.data(), slot_rows.data(), bytes,
@@ -411,11 +534,13 @@ absl::Status CudaRankBackend::State::ReadBackSlotRows(parallel::RankResources& r
   return absl::OkStatus();
 }
 
-absl::Status CudaRankBackend::State::RecordDevicePlannedLoad(parallel::RankResources& rank) {
+absl::Status CudaRankBackend::State::RecordDevicePlannedLoad(
+    parallel::RankResources& rank, std::vector<int64_t>& received_per_layer) {
   if (!slot_rows_read_back) return absl::OkStatus();
   slot_rows_read_back = false;
   const ModelConfig& c = config();
   const auto* rows = static_cast<const int32_t*>(slot_rows_host.data());
+  if (step_exchange_on_device) received_per_layer.assign(c.num_moe_layers(), 0);
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
     const int moe_layer = model->moe_index(layer);
     if (moe_layer < 0) continue;
@@ -423,10 +548,41 @@ absl::Status CudaRankBackend::State::RecordDevicePlannedLoad(parallel::RankResou
     const int slots = static_cast<int>(w.slots.size());
     for (int s = 0; s < slots; ++s) {
       const int32_t served = rows[static_cast<int64_t>(moe_layer) * slots + s];
-      if (served > 0) rank.load->Record(moe_layer, w.slot_expert[s], served);
+      if (served <= 0) continue;
+      if (rank.load != nullptr) rank.load->Record(moe_layer, w.slot_expert[s], served);
+      if (step_exchange_on_device) received_per_layer[moe_layer] += served;
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status CudaRankBackend::State::ClearExchangeOverflow() {
+  return CudaStatus(cudaMemsetAsync(exchange_overflow.data(), 0, sizeof(int32_t), stream),
+                    "exchange overflow");
+}
+
+absl::Status CudaRankBackend::State::ReadBackExchangeOverflow() {
+  *static_cast<int32_t*>(exchange_overflow_host.data()) = 0;
+  return CudaStatus(cudaMemcpyAsync(exchange_overflow_host.data(), exchange_overflow.data(),
+                                    sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
+                    "exchange overflow to host");
+}
+
+bool CudaRankBackend::State::ExchangeOverflowed() {
+  return *static_cast<int32_t*>(exchange_overflow_host.data()) != 0;
+}
+
+void CudaRankBackend::State::GrowExchangeAfterOverflow() {
+  const kernels::ExchangeShape overflowed = exchange_shape;
+  exchange_fixed_entries = 0;
+  exchange_headroom *= 2;
+  step_exchange_on_device = false;  // the redo plans on the host
+  // Logged once per growth: the capacity doubles, so a group logs a handful in its life.
+  spdlog::warn(
+      "moeserve: GPU {}'s device-planned exchange overflowed its capacity of {} rows and {} "
+      "entries per GPU; the step is redone planned on the host, and the capacity's headroom "
+      "over an even share is now {}x",
+      options.device, overflowed.rows, overflowed.entries, exchange_headroom);
 }
 
 }  // namespace moeserve::engine::cuda

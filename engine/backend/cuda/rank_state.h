@@ -28,6 +28,7 @@
 #include "engine/parallel/ep_forward.h"
 #include "kernels/cpu_twins.h"
 #include "kernels/device_array.h"
+#include "kernels/device_exchange.h"
 #include "kernels/device_moe.h"
 #include "kernels/expert_mlp.h"
 #include "kernels/fp8_expert_mlp.h"
@@ -137,6 +138,9 @@ struct MicroBatchState {
   // (kernels/device_moe.h) and each pair's grouped row, for the weighted sum.
   bool device_planned = false;
   DeviceArray<int32_t> plan_offsets, plan_source_rows, plan_positions;
+  // In a group, the device-planned exchange's (kernels/device_exchange.h): the token of each
+  // dispatch row, each received entry's grouped row, and the plan's per-destination overflow.
+  DeviceArray<int32_t> dispatch_index, grouped_rows, peer_overflow;
   // The current MoE layer's exchange.
   parallel::DispatchPlan plan;
   std::vector<int64_t> receive_entries;  // per source rank; the combine sends back as many rows
@@ -217,6 +221,19 @@ struct CudaRankBackend::State {
   PinnedBuffer slot_rows_host;
   bool slot_rows_written = false;    // since the host last read them
   bool slot_rows_read_back = false;  // ReadBackSlotRows copied them for this step
+  // The device-planned exchange of a group (CudaRankOptions::device_planned_moe, group_size >
+  // 1): whether this step uses it and its shape (every rank of the group decides the same from
+  // the step's agreement), the capacity's headroom over an even share (doubled after an
+  // overflow), a fixed capacity while one is set (CudaRankOptions), and the step's overflow
+  // mark (on the device, and its copy read after the step's one synchronization).
+  bool step_exchange_on_device = false;
+  int64_t step_max_tokens = 0;
+  int device_slots_per_rank = 0;
+  kernels::ExchangeShape exchange_shape;
+  double exchange_headroom = 2.0;
+  int exchange_fixed_entries = 0;
+  DeviceArray<int32_t> exchange_overflow;
+  PinnedBuffer exchange_overflow_host;
   // Device-planned decode steps as CUDA graphs (CudaRankOptions::cuda_graphs; null: off, or
   // turned off after a capture failed).
   std::unique_ptr<StepGraphs> step_graphs;
@@ -342,15 +359,36 @@ struct CudaRankBackend::State {
                                parallel::RankResources& rank);
   // Decides device_plan_possible and, if so, makes the device plan's buffers.
   absl::Status PrepareDevicePlan(int slots_per_rank);
-  // Whether this micro-batch's MoE layers plan on the device (few tokens, a rank alone).
+  // Whether this micro-batch's MoE layers plan on the device (few tokens; in a group, what
+  // PlanStepExchange decided for the whole step).
   bool UsesDevicePlan(const MicroBatchState& mb) const;
+  // In a group: whether this step's exchanges are planned on the device, from the group's
+  // agreement (the same answer on every rank), and their shape; reserves its buffers.
+  absl::Status PlanStepExchange(const parallel::StepAgreement& step);
+  // The exchange's shape for batches of up to `max_tokens` tokens a rank.
+  kernels::ExchangeShape ExchangeShapeFor(int64_t max_tokens) const;
+  // The device-planned exchange's halves: the dispatch (plan, rows into the blocks, the
+  // all-to-all) and, once it has arrived, the grouping by slot, the experts and the combine.
+  absl::Status DispatchOnDevice(int layer, MicroBatchState& mb, parallel::RankResources& rank);
+  absl::Status ExpertsOnDevice(int layer, MicroBatchState& mb, parallel::RankResources& rank);
   // Rebuilds device_plan_tables from the slots (after LoadSlots or a commit).
   absl::Status BuildDevicePlanTables(const ExpertPlacement& placement);
   // The rows each slot served on the device path this step: copied to slot_rows_host behind the
   // step's work (and the counters zeroed), so that the step's one synchronization covers them;
   // then, once it has run, added to the expert-load metrics.
+  // With the group's device-planned exchange the counts are read back whether or not a load
+  // recorder wants them: they are what each MoE layer received (`received_per_layer`, for the
+  // balancedness metric).
   absl::Status ReadBackSlotRows(parallel::RankResources& rank);
-  absl::Status RecordDevicePlannedLoad(parallel::RankResources& rank);
+  absl::Status RecordDevicePlannedLoad(parallel::RankResources& rank,
+                                       std::vector<int64_t>& received_per_layer);
+  // The device-planned exchange's overflow mark: zeroed before a step, copied to the host
+  // behind it, read after the step's synchronization; after an overflow, the step is redone
+  // planned on the host and the capacity grows.
+  absl::Status ClearExchangeOverflow();
+  absl::Status ReadBackExchangeOverflow();
+  bool ExchangeOverflowed();
+  void GrowExchangeAfterOverflow();
   // Zeroes the slots' row counts (on the stream) and marks them unwritten.
   absl::Status ClearSlotRows();
   absl::Status ExpertsAndCombine(int layer, MicroBatchState& mb, parallel::RankResources& rank);
