@@ -269,18 +269,10 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
   if (mb.device_planned && options.group_size > 1) return ExpertsOnDevice(layer, mb, rank);
   if (mb.device_planned) {
     const DevicePlanTables& t = device_plan_tables[model->moe_index(layer)];
-    kernels::DeviceSlotWeights gate_up, down;
-    if (fp8_experts) {
-      gate_up.fp8 = t.gate_up_fp8.data();
-      down.fp8 = t.down_fp8.data();
-    } else {
-      gate_up.bf16 = t.gate_up.data();
-      down.bf16 = t.down.data();
-    }
     const kernels::DeviceSlotPlan plan{mb.plan_offsets.data(), mb.plan_source_rows.data(),
                                        static_cast<int>(w.slots.size())};
-    RETURN_IF_ERROR(
-        device_mlp->Run(mb.normed.data(), plan, received, gate_up, down, mb.expert_out.data()));
+    RETURN_IF_ERROR(device_mlp->Run(mb.normed.data(), plan, received, t.GateUp(fp8_experts),
+                                    t.Down(fp8_experts), mb.expert_out.data()));
     mb.returned_rows = mb.expert_out.data();
     return absl::OkStatus();
   }
@@ -490,20 +482,12 @@ absl::Status CudaRankBackend::State::ExpertsOnDevice(int layer, MicroBatchState&
                                         slot_rows.data() + static_cast<int64_t>(moe_layer) * slots,
                                         exchange_overflow.data(), stream));
   slot_rows_written = true;
-  kernels::DeviceSlotWeights gate_up, down;
-  if (fp8_experts) {
-    gate_up.fp8 = t.gate_up_fp8.data();
-    down.fp8 = t.down_fp8.data();
-  } else {
-    gate_up.bf16 = t.gate_up.data();
-    down.bf16 = t.down.data();
-  }
   const kernels::DeviceSlotPlan plan{mb.plan_offsets.data(), mb.plan_source_rows.data(), slots};
   // The received entries' count is on the device: the MLP runs for the capacity's worth of
   // rows, its blocks only for the slots with rows.
   const int rows = static_cast<int>(shape.combine_rows());
-  RETURN_IF_ERROR(
-      device_mlp->Run(mb.received.data(), plan, rows, gate_up, down, mb.expert_out.data()));
+  RETURN_IF_ERROR(device_mlp->Run(mb.received.data(), plan, rows, t.GateUp(fp8_experts),
+                                  t.Down(fp8_experts), mb.expert_out.data()));
   RETURN_IF_ERROR(kernels::GatherRows(mb.expert_out.data(), mb.grouped_rows.data(),
                                       mb.results.data(), rows, config().hidden_size, stream));
   const std::vector<int64_t> entries(shape.ranks, shape.entries);

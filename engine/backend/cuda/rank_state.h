@@ -160,6 +160,15 @@ struct DevicePlanTables {
   DeviceArray<int32_t> replica_begin, replica_slots;
   DeviceArray<const Bf16*> gate_up, down;                 // bf16 experts
   DeviceArray<kernels::Fp8Weight> gate_up_fp8, down_fp8;  // FP8 experts
+  // The slots' projections as DeviceGroupedGemm reads them.
+  kernels::DeviceSlotWeights GateUp(bool fp8) const {
+    return fp8 ? kernels::DeviceSlotWeights{nullptr, gate_up_fp8.data()}
+               : kernels::DeviceSlotWeights{gate_up.data(), nullptr};
+  }
+  kernels::DeviceSlotWeights Down(bool fp8) const {
+    return fp8 ? kernels::DeviceSlotWeights{nullptr, down_fp8.data()}
+               : kernels::DeviceSlotWeights{down.data(), nullptr};
+  }
 };
 
 // GPU time of one collective on the communication stream, read once the step is done.
