@@ -12,6 +12,8 @@
 // A plain value; thread-safe.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace moeserve::kernels {
@@ -23,6 +25,26 @@ struct ExchangeShape {
   int hidden = 0;   // bf16 values per row
 
   static constexpr int kHeaderInts = 4;  // before the entries
+
+  // The shape for batches of up to `max_tokens` tokens a GPU (rounded up to a power of two, so
+  // that one shape serves many steps): entries `headroom` times an even share of the pairs plus
+  // 8 (small batches' shares vary most), or `fixed_entries` where positive; never more than a
+  // token can send one GPU (one entry per expert of its top-k the GPU holds); rows at most the
+  // tokens and the entries.
+  static ExchangeShape ForBatch(int ranks, int64_t max_tokens, int top_k, int slots_per_rank,
+                                int hidden, double headroom, int fixed_entries) {
+    int64_t tokens = 1;
+    while (tokens < max_tokens) tokens *= 2;
+    const int64_t most = tokens * std::min(std::max(top_k, 1), std::max(slots_per_rank, 1));
+    int64_t entries = fixed_entries;
+    if (entries <= 0) {
+      const double even_share = static_cast<double>(tokens) * top_k / std::max(ranks, 1);
+      entries = static_cast<int64_t>(std::ceil(headroom * even_share)) + 8;
+    }
+    entries = std::min(entries, most);
+    return {ranks, static_cast<int>(std::min(tokens, entries)), static_cast<int>(entries),
+            hidden};
+  }
   constexpr int64_t HeaderInts() const { return kHeaderInts + 2 * static_cast<int64_t>(entries); }
   constexpr int header_rows() const {
     const int64_t row_bytes = 2 * static_cast<int64_t>(hidden);

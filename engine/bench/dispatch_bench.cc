@@ -6,6 +6,10 @@
 //    destination, chunked grouped send/recv through NcclCommunicator) and combine (the reverse
 //    exchange and the weighted sum back into token order), each against a raw NCCL grouped
 //    send/recv — on a separate, plain NCCL communicator — of exactly the same per-peer bytes.
+//  * The exchange as serving plans it on the GPUs for decode steps (`--gpu-exchange-plan
+//    device`, kernels/device_exchange.h): one row per destination GPU and one per (token,
+//    expert) back, in blocks of a fixed shape, no host round trip; against raw NCCL of the rows
+//    it actually needs. Only where the shape fits the device plan (decode sizes).
 //  * Overlap: one MoE layer of two micro-batches with compute (cuBLAS bf16 GEMMs: attention
 //    projections, routed experts, shared expert) on a compute stream and dispatch/combine on the
 //    communication stream, run compute-only, communication-only, sequential and overlapped.
@@ -40,6 +44,8 @@
 #include "kernels/bench/dispatch_kernels.h"
 #include "kernels/bf16.h"
 #include "kernels/device_array.h"
+#include "kernels/device_exchange.h"
+#include "kernels/kernels.h"
 
 namespace moeserve::kernels::dispatch_bench {
 namespace {
@@ -254,7 +260,7 @@ void Dispatch(const Config& config, Rank& rank, MicroBatch& batch) {
   batch.total_recv_rows = recv_total;
   // Room for the experts' batched GEMMs, which round rows up to a multiple of local experts.
   const int64_t capacity_rows = recv_total + rank.num_local_experts;
-  if (batch.recv_rows.bytes() < capacity_rows * row_bytes) {
+  if (static_cast<int64_t>(batch.recv_rows.bytes()) < capacity_rows * row_bytes) {
     Check(cudaStreamSynchronize(stream), "sync before growing buffers");
     Resize(batch.recv_rows, capacity_rows * row_bytes);
   }
@@ -319,35 +325,45 @@ void Combine(const Config& config, Rank& rank, MicroBatch& batch, const DeviceMe
   if (chunks > 1) rank.Order(rank.pack, stream);
 }
 
-// The baseline: one grouped send/recv of the same per-peer bytes on a plain NCCL communicator,
-// from and to contiguous buffers (no counts, no permutation, no sums).
-void RawExchange(const Config& config, Rank& rank, MicroBatch& batch, bool combine_direction) {
-  const int64_t row_bytes = int64_t{config.hidden} * 2;
-  const char* send = combine_direction ? batch.recv_rows.as<char>() : batch.send_rows.as<char>();
-  char* recv = combine_direction ? batch.combine_rows.as<char>() : batch.recv_rows.as<char>();
+// One grouped send/recv of `to_peer` / `from_peer` rows per peer on the plain NCCL
+// communicator, from and to contiguous buffers: the baselines.
+void RawRows(Rank& rank, const void* send_buffer, const std::vector<int64_t>& to_peer,
+             void* recv_buffer, const std::vector<int64_t>& from_peer, int64_t row_bytes) {
+  const char* send = static_cast<const char*>(send_buffer);
+  char* recv = static_cast<char*>(recv_buffer);
   int64_t send_offset = 0, recv_offset = 0;
   Check(ncclGroupStart(), "ncclGroupStart");
   for (int peer = 0; peer < rank.size; ++peer) {
-    int64_t to_peer = 0, from_peer = 0;
-    for (int chunk = 0; chunk < batch.num_chunks; ++chunk) {
-      to_peer += batch.send_rows_of[chunk][peer];
-      from_peer += batch.recv_rows_of[chunk][peer];
-    }
-    if (combine_direction) std::swap(to_peer, from_peer);
-    if (to_peer > 0) {
-      Check(ncclSend(send + send_offset, to_peer * row_bytes, ncclInt8, peer, rank.raw_comm,
+    if (to_peer[peer] > 0) {
+      Check(ncclSend(send + send_offset, to_peer[peer] * row_bytes, ncclInt8, peer, rank.raw_comm,
                      rank.communication()),
             "ncclSend");
     }
-    if (from_peer > 0) {
-      Check(ncclRecv(recv + recv_offset, from_peer * row_bytes, ncclInt8, peer, rank.raw_comm,
+    if (from_peer[peer] > 0) {
+      Check(ncclRecv(recv + recv_offset, from_peer[peer] * row_bytes, ncclInt8, peer, rank.raw_comm,
                      rank.communication()),
             "ncclRecv");
     }
-    send_offset += to_peer * row_bytes;
-    recv_offset += from_peer * row_bytes;
+    send_offset += to_peer[peer] * row_bytes;
+    recv_offset += from_peer[peer] * row_bytes;
   }
   Check(ncclGroupEnd(), "ncclGroupEnd");
+}
+
+// The baseline: one grouped send/recv of the same per-peer bytes on a plain NCCL communicator,
+// from and to contiguous buffers (no counts, no permutation, no sums).
+void RawExchange(const Config& config, Rank& rank, MicroBatch& batch, bool combine_direction) {
+  const char* send = combine_direction ? batch.recv_rows.as<char>() : batch.send_rows.as<char>();
+  char* recv = combine_direction ? batch.combine_rows.as<char>() : batch.recv_rows.as<char>();
+  std::vector<int64_t> to_peer(rank.size, 0), from_peer(rank.size, 0);
+  for (int peer = 0; peer < rank.size; ++peer) {
+    for (int chunk = 0; chunk < batch.num_chunks; ++chunk) {
+      to_peer[peer] += batch.send_rows_of[chunk][peer];
+      from_peer[peer] += batch.recv_rows_of[chunk][peer];
+    }
+  }
+  if (combine_direction) std::swap(to_peer, from_peer);
+  RawRows(rank, send, to_peer, recv, from_peer, int64_t{config.hidden} * 2);
 }
 
 // Bytes of `rows_of` ([chunk][peer] row counts) that cross to other GPUs (all of them when the
@@ -369,15 +385,11 @@ int64_t CombineBytes(const Config& config, const Rank& rank, const MicroBatch& b
   return RemoteBytes(config, rank, batch, batch.recv_rows_of);
 }
 
-// Dispatch, send the rows straight back (an identity expert), combine: every token must come
-// back as x * sum(weights), summed in top-k order like the kernel does.
-int64_t VerifyRoundTrip(const Config& config, Rank& rank, MicroBatch& batch) {
-  Dispatch(config, rank, batch);
-  Combine(config, rank, batch, batch.recv_rows);
-  Check(rank.comm->Synchronize(), "round trip");
+// Every token of `out_device` must be x * sum(weights), summed in top-k order like the kernels
+// do (what a dispatch, identity experts and a combine give).
+int64_t CountMismatches(const Config& config, const MicroBatch& batch, const void* out_device) {
   std::vector<uint16_t> out(int64_t{batch.num_tokens} * config.hidden);
-  Check(cudaMemcpy(out.data(), batch.out.as<void>(), out.size() * 2, cudaMemcpyDeviceToHost),
-        "download");
+  Check(cudaMemcpy(out.data(), out_device, out.size() * 2, cudaMemcpyDeviceToHost), "download");
   int64_t mismatches = 0;
   for (int token = 0; token < batch.num_tokens; ++token) {
     for (int column = 0; column < config.hidden; ++column) {
@@ -394,6 +406,158 @@ int64_t VerifyRoundTrip(const Config& config, Rank& rank, MicroBatch& batch) {
     }
   }
   return mismatches;
+}
+
+// Dispatch, send the rows straight back (an identity expert), combine.
+int64_t VerifyRoundTrip(const Config& config, Rank& rank, MicroBatch& batch) {
+  Dispatch(config, rank, batch);
+  Combine(config, rank, batch, batch.recv_rows);
+  Check(rank.comm->Synchronize(), "round trip");
+  return CountMismatches(config, batch, batch.out.as<void>());
+}
+
+// ----------------------------------------------------------------------------------------------
+// The exchange planned on the GPUs (serving's --gpu-exchange-plan device): experts spread
+// evenly, one replica each (slot = expert, as RankOfExpert places them).
+
+struct DevicePlanned {
+  ExchangeShape shape;
+  int slots_per_rank = 0;
+  DeviceArray<int32_t> replica_begin, replica_slots, dispatch_index, positions, peer_overflow,
+      offsets, source_rows, grouped_rows, overflow;
+  DeviceArray<__nv_bfloat16> send, received, expert_out, results, returned, out;
+  // What the exchange actually needs, per peer: activation rows (dispatch) and entries
+  // (combine), sent and received; counted on the host by the plan's rule.
+  std::vector<int64_t> rows_to, rows_from, entries_to, entries_from;
+};
+
+// Sets `d` up for `batch`; false where the device plan does not take the shape (prefill sizes).
+bool PrepareDevicePlanned(const Config& config, Rank& rank, const MicroBatch& batch,
+                          DevicePlanned& d) {
+  const int ranks = rank.size, experts = config.num_experts, hidden = config.hidden;
+  if (experts % ranks != 0) return false;
+  d.slots_per_rank = experts / ranks;
+  d.shape = ExchangeShape::ForBatch(ranks, batch.num_tokens, config.top_k, d.slots_per_rank, hidden,
+                                    /*headroom=*/2.0, /*fixed_entries=*/0);
+  if (d.shape.combine_rows() > kMaxPlannedPairs || d.slots_per_rank > kMaxPlannedSlots) {
+    return false;
+  }
+  std::vector<int32_t> begin(experts + 1), slots(experts);
+  std::iota(begin.begin(), begin.end(), 0);
+  std::iota(slots.begin(), slots.end(), 0);
+  cudaStream_t stream = rank.communication();
+  Check(d.replica_begin.Upload(begin.data(), begin.size(), stream), "upload");
+  Check(d.replica_slots.Upload(slots.data(), slots.size(), stream), "upload");
+  const int64_t dispatch_rows = d.shape.dispatch_rows(), combine_rows = d.shape.combine_rows();
+  for (auto* array : {&d.dispatch_index, &d.source_rows, &d.grouped_rows}) {
+    Check(array->Reserve(std::max(dispatch_rows, combine_rows)), "cudaMalloc");
+  }
+  Check(d.positions.Reserve(int64_t{batch.num_tokens} * config.top_k), "cudaMalloc");
+  Check(d.peer_overflow.Reserve(ranks), "cudaMalloc");
+  Check(d.offsets.Reserve(d.slots_per_rank + 1), "cudaMalloc");
+  Check(d.overflow.Reserve(1), "cudaMalloc");
+  // The identity experts read source rows past the plan's total too: valid ones.
+  Check(cudaMemsetAsync(d.source_rows.data(), 0, combine_rows * 4, stream), "memset");
+  Check(cudaMemsetAsync(d.overflow.data(), 0, 4, stream), "memset");
+  for (auto* array : {&d.send, &d.received}) {
+    Check(array->Reserve(dispatch_rows * hidden), "cudaMalloc");
+  }
+  for (auto* array : {&d.expert_out, &d.results, &d.returned}) {
+    Check(array->Reserve(combine_rows * hidden), "cudaMalloc");
+  }
+  Check(d.out.Reserve(int64_t{batch.num_tokens} * hidden), "cudaMalloc");
+  // The rows and entries the plan sends each peer, then what each peer sends this rank.
+  d.rows_to.assign(ranks, 0);
+  d.entries_to.assign(ranks, 0);
+  for (int token = 0; token < batch.num_tokens; ++token) {
+    std::vector<bool> row(ranks, false);
+    for (int k = 0; k < config.top_k; ++k) {
+      const int peer =
+          RankOfExpert(batch.host_expert_ids[token * config.top_k + k], experts, ranks);
+      ++d.entries_to[peer];
+      if (!row[peer]) ++d.rows_to[peer];
+      row[peer] = true;
+    }
+  }
+  DeviceArray<int64_t> counts_out, counts_in;
+  std::vector<int64_t> out(2 * ranks), in(2 * ranks);
+  for (int p = 0; p < ranks; ++p) out[2 * p] = d.rows_to[p], out[2 * p + 1] = d.entries_to[p];
+  Check(counts_out.Upload(out.data(), out.size(), stream), "upload");
+  Check(counts_in.Reserve(in.size()), "cudaMalloc");
+  const std::vector<int64_t> pair_bytes(ranks, 16);
+  Check(rank.comm->EnqueueAllToAllV(counts_out.data(), pair_bytes, counts_in.data(), pair_bytes),
+        "counts");
+  Check(rank.comm->Synchronize(), "counts");
+  Check(counts_in.Download(in.data(), in.size(), stream), "download");
+  d.rows_from.assign(ranks, 0);
+  d.entries_from.assign(ranks, 0);
+  for (int p = 0; p < ranks; ++p) d.rows_from[p] = in[2 * p], d.entries_from[p] = in[2 * p + 1];
+  return true;
+}
+
+// Plan, rows into the blocks, the blocks' all-to-all, the receiver's grouping by slot.
+void DeviceDispatch(const Config& config, Rank& rank, MicroBatch& batch, DevicePlanned& d) {
+  cudaStream_t stream = rank.communication();
+  const auto* tokens = reinterpret_cast<const __nv_bfloat16*>(batch.tokens.as<void>());
+  Check(
+      PlanDestinations(batch.expert_ids.as<int32_t>(), batch.num_tokens, config.top_k,
+                       {d.replica_begin.data(), d.replica_slots.data(), config.num_experts},
+                       d.slots_per_rank, rank.rank, d.shape, d.send.data(), d.dispatch_index.data(),
+                       d.positions.data(), d.peer_overflow.data(), stream),
+      "PlanDestinations");
+  Check(GatherRows(tokens, d.dispatch_index.data(), d.send.data(), d.shape.dispatch_rows(),
+                   config.hidden, stream),
+        "GatherRows");
+  const std::vector<int64_t> blocks(rank.size, int64_t{d.shape.block_rows()} * config.hidden * 2);
+  Check(rank.comm->EnqueueAllToAllV(d.send.data(), blocks, d.received.data(), blocks),
+        "dispatch blocks");
+  Check(
+      PlanReceived(d.received.data(), d.shape, d.slots_per_rank, d.offsets.data(),
+                   d.source_rows.data(), d.grouped_rows.data(), nullptr, d.overflow.data(), stream),
+      "PlanReceived");
+}
+
+// Identity experts: each grouped row is its received row (untimed, between the two halves).
+void DeviceIdentityExperts(const Config& config, Rank& rank, DevicePlanned& d) {
+  Check(PermuteRows(d.received.data(), d.source_rows.data(), d.expert_out.data(),
+                    static_cast<int>(d.shape.combine_rows()), config.hidden, rank.communication()),
+        "identity experts");
+}
+
+// Results into the combine's blocks, their all-to-all, the weighted sum in top-k order.
+void DeviceCombine(const Config& config, Rank& rank, MicroBatch& batch, DevicePlanned& d) {
+  cudaStream_t stream = rank.communication();
+  Check(GatherRows(d.expert_out.data(), d.grouped_rows.data(), d.results.data(),
+                   d.shape.combine_rows(), config.hidden, stream),
+        "GatherRows");
+  const std::vector<int64_t> blocks(rank.size, int64_t{d.shape.entries} * config.hidden * 2);
+  Check(rank.comm->EnqueueAllToAllV(d.results.data(), blocks, d.returned.data(), blocks),
+        "combine blocks");
+  Check(WeightedUnpermute(d.returned.data(), d.positions.data(), batch.weights.as<float>(), nullptr,
+                          d.out.data(), batch.num_tokens, config.top_k, config.hidden, stream),
+        "WeightedUnpermute");
+}
+
+// The round trip through identity experts, checked; an overflow counts as every value wrong.
+int64_t VerifyDeviceRoundTrip(const Config& config, Rank& rank, MicroBatch& batch,
+                              DevicePlanned& d) {
+  DeviceDispatch(config, rank, batch, d);
+  DeviceIdentityExperts(config, rank, d);
+  DeviceCombine(config, rank, batch, d);
+  Check(rank.comm->Synchronize(), "round trip");
+  int32_t overflowed = 0;
+  Check(cudaMemcpy(&overflowed, d.overflow.data(), 4, cudaMemcpyDeviceToHost), "download");
+  if (overflowed != 0) return int64_t{batch.num_tokens} * config.hidden;
+  return CountMismatches(config, batch, d.out.data());
+}
+
+// Bytes this rank sends other GPUs (all of them when alone), of `rows` per peer.
+int64_t RemoteRowBytes(const Config& config, const Rank& rank, const std::vector<int64_t>& rows) {
+  int64_t total = 0;
+  for (int peer = 0; peer < rank.size; ++peer) {
+    if (peer != rank.rank || rank.size == 1) total += rows[peer];
+  }
+  return total * config.hidden * 2;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -614,6 +778,13 @@ struct SizeResult {
   int64_t mismatches = 0;
   double dispatch_ms = 0, raw_dispatch_ms = 0, combine_ms = 0, raw_combine_ms = 0;
   double compute_ms = 0, communication_ms = 0, sequential_ms = 0, overlapped_ms = 0;
+  // The exchange planned on the GPUs, where the shape allows it (bytes summed over ranks).
+  bool device_planned = false;
+  int64_t block_dispatch_bytes = 0, block_combine_bytes = 0;
+  int64_t needed_dispatch_bytes = 0, needed_combine_bytes = 0;
+  int64_t device_mismatches = 0;
+  double device_dispatch_ms = 0, device_raw_dispatch_ms = 0;
+  double device_combine_ms = 0, device_raw_combine_ms = 0;
 };
 
 struct Shared {
@@ -624,6 +795,9 @@ struct Shared {
   std::vector<std::vector<Span>> trace_spans;  // per rank
   std::vector<std::unique_ptr<Measurements>> measurements;
   std::vector<int64_t> dispatch_bytes, combine_bytes, mismatches;  // per rank
+  // The exchange planned on the GPUs, per rank: block bytes, needed bytes, mismatches.
+  std::vector<int64_t> block_dispatch_bytes, block_combine_bytes, needed_dispatch_bytes,
+      needed_combine_bytes, device_mismatches;
 
   Shared(const Config& c, int n)
       : config(c),
@@ -632,7 +806,12 @@ struct Shared {
         trace_spans(n),
         dispatch_bytes(n),
         combine_bytes(n),
-        mismatches(n) {}
+        mismatches(n),
+        block_dispatch_bytes(n),
+        block_combine_bytes(n),
+        needed_dispatch_bytes(n),
+        needed_combine_bytes(n),
+        device_mismatches(n) {}
 };
 
 // Runs `step` warmup + iterations times on every rank, each iteration after a barrier, and
@@ -720,6 +899,42 @@ void RunRank(Shared& shared, Rank& rank) {
     result.raw_combine_ms = Measure(shared, rank, 3, [&] {
       return TimeOnCommunicationStream(rank, [&] { RawExchange(config, rank, *whole, true); });
     });
+
+    // The same routing through the exchange planned on the GPUs (every rank decides alike).
+    DevicePlanned planned;
+    result.device_planned = PrepareDevicePlanned(config, rank, *whole, planned);
+    if (result.device_planned) {
+      const ExchangeShape& shape = planned.shape;
+      const int64_t row_bytes = int64_t{config.hidden} * 2;
+      shared.device_mismatches[rank.rank] = VerifyDeviceRoundTrip(config, rank, *whole, planned);
+      const int remote_peers = std::max(rank.size - 1, 1);
+      shared.block_dispatch_bytes[rank.rank] =
+          int64_t{remote_peers} * shape.block_rows() * row_bytes;
+      shared.block_combine_bytes[rank.rank] = int64_t{remote_peers} * shape.entries * row_bytes;
+      shared.needed_dispatch_bytes[rank.rank] = RemoteRowBytes(config, rank, planned.rows_to);
+      shared.needed_combine_bytes[rank.rank] = RemoteRowBytes(config, rank, planned.entries_from);
+      result.device_dispatch_ms = Measure(shared, rank, 0, [&] {
+        return TimeOnCommunicationStream(rank,
+                                         [&] { DeviceDispatch(config, rank, *whole, planned); });
+      });
+      result.device_raw_dispatch_ms = Measure(shared, rank, 1, [&] {
+        return TimeOnCommunicationStream(rank, [&] {
+          RawRows(rank, planned.send.data(), planned.rows_to, planned.received.data(),
+                  planned.rows_from, row_bytes);
+        });
+      });
+      DeviceIdentityExperts(config, rank, planned);
+      result.device_combine_ms = Measure(shared, rank, 2, [&] {
+        return TimeOnCommunicationStream(rank,
+                                         [&] { DeviceCombine(config, rank, *whole, planned); });
+      });
+      result.device_raw_combine_ms = Measure(shared, rank, 3, [&] {
+        return TimeOnCommunicationStream(rank, [&] {
+          RawRows(rank, planned.results.data(), planned.entries_from, planned.returned.data(),
+                  planned.entries_to, row_bytes);
+        });
+      });
+    }
     whole.reset();
 
     if (!config.skip_overlap) {
@@ -753,6 +968,11 @@ void RunRank(Shared& shared, Rank& rank) {
         result.dispatch_bytes += shared.dispatch_bytes[r];
         result.combine_bytes += shared.combine_bytes[r];
         result.mismatches += shared.mismatches[r];
+        result.block_dispatch_bytes += shared.block_dispatch_bytes[r];
+        result.block_combine_bytes += shared.block_combine_bytes[r];
+        result.needed_dispatch_bytes += shared.needed_dispatch_bytes[r];
+        result.needed_combine_bytes += shared.needed_combine_bytes[r];
+        result.device_mismatches += shared.device_mismatches[r];
       }
       shared.results.push_back(result);
     }
@@ -826,6 +1046,32 @@ void PrintTables(const Shared& shared, const std::string& gpu_name, int nccl_ver
         gbps(combine_bytes, r.combine_ms), gbps(combine_bytes, r.raw_combine_ms),
         100.0 * r.raw_combine_ms / r.combine_ms,
         r.mismatches == 0 ? "exact" : absl::StrCat(r.mismatches, " wrong").c_str());
+  }
+  std::printf(
+      "\nThe exchange as serving plans it on the GPUs for decode steps (--gpu-exchange-plan "
+      "device): fixed-size blocks (a header and one row per token per destination GPU; one row "
+      "per (token, expert) back), sized from the batch, no host round trip. Dispatch = plan, "
+      "rows into the blocks, all-to-all, grouping by slot; combine = results into the blocks, "
+      "all-to-all, weighted sum. raw = ncclSend/ncclRecv of only the rows needed (one per token "
+      "and destination; one per entry back). MB/GPU sent to other GPUs.\n\n");
+  std::printf(
+      "| tokens/GPU | block MB/GPU | needed MB/GPU | dispatch ms | raw ms | dispatch/raw | "
+      "combine block MB/GPU | needed MB/GPU | combine ms | raw ms | combine/raw | round trip |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+  for (const SizeResult& r : shared.results) {
+    if (!r.device_planned) {
+      std::printf("| %d | (a prefill size: planned on the host) |||||||||||\n", r.tokens);
+      continue;
+    }
+    std::printf(
+        "| %d | %.2f | %.2f | %.3f | %.3f | %.1f%% | %.2f | %.2f | %.3f | %.3f | %.1f%% | "
+        "%s |\n",
+        r.tokens, r.block_dispatch_bytes / 1e6 / n, r.needed_dispatch_bytes / 1e6 / n,
+        r.device_dispatch_ms, r.device_raw_dispatch_ms,
+        100.0 * r.device_raw_dispatch_ms / r.device_dispatch_ms, r.block_combine_bytes / 1e6 / n,
+        r.needed_combine_bytes / 1e6 / n, r.device_combine_ms, r.device_raw_combine_ms,
+        100.0 * r.device_raw_combine_ms / r.device_combine_ms,
+        r.device_mismatches == 0 ? "exact" : absl::StrCat(r.device_mismatches, " wrong").c_str());
   }
   if (config.skip_overlap) return;
   std::printf(
@@ -920,7 +1166,9 @@ int Main(int argc, char** argv) {
   }
   std::fflush(stdout);
   bool all_exact = true;
-  for (const SizeResult& r : shared.results) all_exact = all_exact && r.mismatches == 0;
+  for (const SizeResult& r : shared.results) {
+    all_exact = all_exact && r.mismatches == 0 && r.device_mismatches == 0;
+  }
 
   std::vector<std::thread> destroyers;  // tearing down a group waits for all of its ranks
   for (ncclComm_t comm : raw_comms) destroyers.emplace_back([comm] { ncclCommDestroy(comm); });

@@ -3,7 +3,6 @@
 // the local slots' experts as grouped GEMMs, the combine and the weighted sum. Decode steps are
 // planned on the device instead (kernels/device_moe.h; in a group, kernels/device_exchange.h):
 // the same replica rule, no host round trip.
-#include <cmath>
 #include <cstring>
 
 #include "engine/backend/cuda/rank_state.h"
@@ -392,26 +391,9 @@ absl::Status CudaRankBackend::State::BuildDevicePlanTables(const ExpertPlacement
 
 kernels::ExchangeShape CudaRankBackend::State::ExchangeShapeFor(int64_t max_tokens) const {
   const ModelConfig& c = config();
-  const int ranks = options.group_size;
-  const int64_t top_k = std::max(c.num_experts_per_tok, 1);
-  // Batches in powers of two, so that a shape (and its buffers) serves many steps.
-  int64_t tokens = 1;
-  while (tokens < max_tokens) tokens *= 2;
-  // A token sends a GPU at most one entry per expert of its top-k that the GPU holds.
-  const int64_t local_slots = std::max<int64_t>(device_slots_per_rank, 1);
-  const int64_t most = tokens * std::min(top_k, local_slots);
-  int64_t entries;
-  if (exchange_fixed_entries > 0) {
-    entries = exchange_fixed_entries;
-  } else {
-    // The even share with headroom, and a few entries more for small batches, whose shares
-    // vary most.
-    const double even_share = static_cast<double>(tokens * top_k) / ranks;
-    entries = static_cast<int64_t>(std::ceil(exchange_headroom * even_share)) + 8;
-  }
-  entries = std::min(entries, most);
-  return {ranks, static_cast<int>(std::min(tokens, entries)), static_cast<int>(entries),
-          c.hidden_size};
+  return kernels::ExchangeShape::ForBatch(options.group_size, max_tokens, c.num_experts_per_tok,
+                                          device_slots_per_rank, c.hidden_size, exchange_headroom,
+                                          exchange_fixed_entries);
 }
 
 absl::Status CudaRankBackend::State::PlanStepExchange(const parallel::StepAgreement& step) {

@@ -238,5 +238,26 @@ TEST(ExchangeTwins, AnOverflowOrACorruptEntryIsSeenByEveryRank) {
   EXPECT_EQ(group.overflow[0], 1) << "block 0 of rank 1 went to rank 0";
 }
 
+// The capacities: twice an even share plus 8, never more than a token can send one GPU, for a
+// batch rounded up to a power of two; a fixed capacity where one is set.
+TEST(ExchangeShape, SizesCapacitiesFromTheBatch) {
+  // DeepSeek-V3 over 8 GPUs (32 slots each), 100 tokens a GPU: 128 tokens x 8 / 8 GPUs = 128
+  // entries an even share, so 264 entries and 128 rows.
+  const ExchangeShape ep8 = ExchangeShape::ForBatch(8, 100, 8, 32, 7168, 2.0, 0);
+  EXPECT_EQ(ep8, (ExchangeShape{8, 128, 264, 7168}));
+  EXPECT_EQ(ep8.header_rows(), 1);  // (4 + 528) ints fit a 14 KB row
+  EXPECT_EQ(ep8.dispatch_rows(), 8 * 129);
+  EXPECT_EQ(ep8.combine_rows(), 8 * 264);
+  // One token: 8 + 2 entries, but at most its 8 experts.
+  EXPECT_EQ(ExchangeShape::ForBatch(8, 1, 8, 32, 7168, 2.0, 0), (ExchangeShape{8, 1, 8, 7168}));
+  // Two slots a GPU: a token sends it at most 2 entries.
+  EXPECT_EQ(ExchangeShape::ForBatch(4, 8, 4, 2, 256, 2.0, 0).entries, 16);
+  // Doubled headroom, and a fixed capacity.
+  EXPECT_EQ(ExchangeShape::ForBatch(8, 128, 8, 32, 7168, 4.0, 0).entries, 520);
+  EXPECT_EQ(ExchangeShape::ForBatch(8, 128, 8, 32, 7168, 2.0, 3), (ExchangeShape{8, 3, 3, 7168}));
+  // A header longer than a row takes several: (4 + 200) ints are 816 bytes, 6.4 rows of 128.
+  EXPECT_EQ((ExchangeShape{2, 4, 100, 64}).header_rows(), 7);
+}
+
 }  // namespace
 }  // namespace moeserve::kernels
