@@ -107,7 +107,7 @@ struct EngineOptions {
   bool gpu_device_planned_moe = true;
   // --device cuda: those device-planned decode steps run as CUDA graphs, one per step shape
   // (engine/backend/cuda/step_graphs.h); false: kernel by kernel.
-  bool gpu_cuda_graphs = false;
+  bool gpu_cuda_graphs = true;
   // --device cuda, a group of several GPUs: with gpu_device_planned_moe, a decode step's
   // exchange is planned on the GPUs too (kernels/device_exchange.h); false: on the host.
   bool gpu_device_planned_exchange = false;

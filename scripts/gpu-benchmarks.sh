@@ -28,7 +28,7 @@
 # trace of K working steps after $SERVING_TRACE_SKIP, default 300, into OUT_DIR/trace-LAYOUT/),
 # $SERVING_MODEL (builtin:v3-bench), $SERVING_DEVICE (cuda; cpu runs the same layouts on the
 # CPU, where $BENCH_GPUS stands for the GPU count), $SERVING_KV_MIB (8192), $SERVING_FLAGS (more
-# serve flags, e.g. "--gpu-cuda-graphs on"); the processes part
+# serve flags, e.g. "--gpu-cuda-graphs off"); the processes part
 # listens on ports from $BENCH_BASE_PORT (50300); the load generator waits up to
 # $BENCH_CONNECT_TIMEOUT seconds (900) for a server to load. NVLink multicast stays off.
 set -euo pipefail

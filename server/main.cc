@@ -102,7 +102,7 @@ struct EngineFlags {
   std::string gpu_expert_weights = "as-stored";
   std::string gpu_dense_weights = "bf16";
   std::string gpu_moe_plan = "device";
-  std::string gpu_cuda_graphs = "off";
+  std::string gpu_cuda_graphs = "on";
   std::string gpu_exchange_plan = "host";
 };
 

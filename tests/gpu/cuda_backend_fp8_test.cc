@@ -274,16 +274,18 @@ TEST(CudaBackendFp8, DevicePlannedExchangeGivesTheSingleGpusLogits) {
   const Model& model = *opened->model;
   const int vocab = model.config().vocab_size;
   const std::vector<int32_t> tokens = Prompt(2, vocab);
-  auto configured = [](bool fp8, int capacity) -> RankBackendFactory {
+  auto configured = [](bool fp8, int capacity,
+                       bool exchange_on_device = true) -> RankBackendFactory {
     RankBackendFactory gpu = cuda::MakeCudaBackendFactory({.ranks_share_gpus = true});
     gpu = tools::WithGpuWeightFormats(std::move(gpu), fp8, /*fp8_dense=*/false);
-    return [inner = std::move(gpu), capacity](const RankBackendRequest& request) {
-      RankBackendRequest changed = request;
-      changed.device_planned_moe = true;
-      changed.device_planned_exchange = true;
-      changed.exchange_entries_capacity = capacity;
-      return inner(changed);
-    };
+    return
+        [inner = std::move(gpu), capacity, exchange_on_device](const RankBackendRequest& request) {
+          RankBackendRequest changed = request;
+          changed.device_planned_moe = true;
+          changed.device_planned_exchange = exchange_on_device;
+          changed.exchange_entries_capacity = capacity;
+          return inner(changed);
+        };
   };
   struct Run {
     std::vector<float> logits;
@@ -332,18 +334,22 @@ TEST(CudaBackendFp8, DevicePlannedExchangeGivesTheSingleGpusLogits) {
       EXPECT_EQ(group->routing_waits, 0);
       EXPECT_EQ(group->overflows, 0);
     }
+    // The host-planned group: what the redo runs. Its experts take cuBLAS's (bf16) or the FP8
+    // recipe's (activations quantized per 1 x 128) path once a slot has more than 2 rows, so
+    // it differs from the single GPU's device path by their roundings.
+    auto host_planned = run(configured(fp8, 0, /*exchange_on_device=*/false), 2, 0, false);
+    ASSERT_TRUE(host_planned.ok()) << host_planned.status();
+    const moeserve::testing::LogitAgreement h =
+        moeserve::testing::CompareLogits(host_planned->logits, single->logits, vocab);
     auto overflowed = run(configured(fp8, 1), 2, 0, false);
     ASSERT_TRUE(overflowed.ok()) << overflowed.status();
-    const moeserve::testing::LogitAgreement a =
-        moeserve::testing::CompareLogits(overflowed->logits, single->logits, vocab);
     std::printf(
-        "device exchange overflowed and redone on the host: %lld redos, relative error "
-        "%.2e against the single GPU\n",
-        static_cast<long long>(overflowed->overflows), a.relative_error);
+        "device exchange overflowed and redone on the host: %lld redos; the host-planned group "
+        "against the single GPU: relative error %.2e, argmax agreement %.2f\n",
+        static_cast<long long>(overflowed->overflows), h.relative_error, h.argmax_agreement);
     EXPECT_EQ(overflowed->overflows, 2) << "one redo per rank";
     EXPECT_GE(overflowed->routing_waits, 1) << "the redo plans on the host";
-    EXPECT_LT(a.relative_error, 1e-2);
-    EXPECT_EQ(a.argmax_agreement, 1.0);
+    EXPECT_EQ(overflowed->logits, host_planned->logits) << "the redo is the host-planned step";
   }
 }
 

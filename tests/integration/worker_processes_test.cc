@@ -530,9 +530,9 @@ TEST(WorkerProcesses, GpuRanksPlanningTheExchangeOnTheGpuServeWhatOneGpuServes) 
                                           "64"};
   std::vector<std::string> args = model;
   args.insert(args.end(), {"--gpu-exchange-plan", "device"});
-  NodeGroup group("decode", 2, 1, GpuRankArgs(args), /*nccl_host_per_node=*/true);
+  NodeGroup group("mixed", 2, 1, GpuRankArgs(args), /*nccl_host_per_node=*/true);
   ASSERT_TRUE(group.WaitServing(300));
-  ServerProcess frontend({"--group", "decode=" + group.leader(), "--poll-interval-seconds", "0.1"},
+  ServerProcess frontend({"--group", "mixed=" + group.leader(), "--poll-interval-seconds", "0.1"},
                          true, true, "frontend");
   ASSERT_TRUE(frontend.ok());
   ASSERT_TRUE(WaitForHealth(frontend, "", kServing, 30));
