@@ -10,23 +10,14 @@
 #include "engine/parallel/ep_forward.h"
 #include "engine/placement/expert_placement.h"
 #include "kernels/cpu_twins.h"
+#include "tests/unit/kernels/random_routing.h"
 
 namespace moeserve::kernels {
 namespace {
 
 constexpr int kLayer = 1;
 
-std::vector<int32_t> RandomRouting(int tokens, int top_k, int experts, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> routed(tokens * top_k);
-  for (int t = 0; t < tokens; ++t) {
-    std::vector<int32_t> all(experts);
-    for (int e = 0; e < experts; ++e) all[e] = e;
-    std::shuffle(all.begin(), all.end(), rng);
-    for (int j = 0; j < top_k; ++j) routed[t * top_k + j] = all[j];
-  }
-  return routed;
-}
+using testing::RandomRouting;
 
 struct ReplicaTable {
   std::vector<int32_t> begin, slots;

@@ -12,6 +12,7 @@
 #include "engine/placement/expert_placement.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu_twins.h"
+#include "tests/unit/kernels/random_routing.h"
 
 namespace moeserve::kernels {
 namespace {
@@ -103,14 +104,7 @@ TEST(KernelTwins, PlanSlotsTwinPicksTheDispatchPlansSlots) {
   // Default placement: experts 0..7 have a second replica in slots 16..23.
   const engine::ExpertPlacement placement =
       engine::ExpertPlacement::Default(/*num_layers=*/2, experts, slots);
-  std::mt19937 rng(11);
-  std::vector<int32_t> routed(tokens * top_k);
-  for (int t = 0; t < tokens; ++t) {
-    std::vector<int32_t> all(experts);
-    for (int e = 0; e < experts; ++e) all[e] = e;
-    std::shuffle(all.begin(), all.end(), rng);
-    for (int j = 0; j < top_k; ++j) routed[t * top_k + j] = all[j];
-  }
+  const std::vector<int32_t> routed = testing::RandomRouting(tokens, top_k, experts, 11);
   std::vector<int32_t> begin(experts + 1, 0), replica_slots;
   for (int e = 0; e < experts; ++e) {
     for (int32_t slot : placement.replicas(layer, e)) replica_slots.push_back(slot);
