@@ -477,15 +477,12 @@ std::vector<std::string> GpuRankArgs(std::vector<std::string> more) {
   return args;
 }
 
-// The front end's greedy and seeded tokens equal those of one `serve --device cuda --ep 1`
-// (with `model_args`).
-void ExpectTokensOfOneGpuProcess(ServerProcess& frontend,
-                                 const std::vector<std::string>& model_args = {}) {
+// The front end's greedy and seeded tokens equal those of one `serve --device cuda --ep 1`.
+void ExpectTokensOfOneGpuProcess(ServerProcess& frontend) {
   auto lengths = [](int i) { return static_cast<uint32_t>(24 + i % 4); };
   const std::vector<std::vector<uint32_t>> cluster = ConcurrentGreedy(frontend, 6, lengths);
   const std::vector<uint32_t> cluster_sampled = SampledTokens(frontend);
   std::vector<std::string> one_args = kGpuArgs;
-  one_args.insert(one_args.end(), model_args.begin(), model_args.end());
   one_args.insert(one_args.end(), {"--ep", "1"});
   ServerProcess one(one_args);
   ASSERT_TRUE(one.ok());
@@ -518,6 +515,36 @@ TEST(WorkerProcesses, GpuRanksOnOneGpuServeWhatOneGpuProcessServes) {
   EXPECT_EQ(group.node(0).WaitForExit(30), 3) << group.node(0).output();
 }
 
+// Greedy tokens of `count` concurrent requests given as token ids (for models without a
+// tokenizer), each of its own prompt and length.
+std::vector<std::vector<uint32_t>> ConcurrentGreedyIds(ServerProcess& server, int count) {
+  std::vector<std::vector<uint32_t>> results(count);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < count; ++i) {
+    threads.emplace_back([&, i] {
+      auto stub = v1::Generation::NewStub(server.channel());
+      v1::GenerateRequest request;
+      for (int j = 0; j < 8 + 5 * i; ++j) {
+        request.mutable_token_ids()->add_ids(static_cast<uint32_t>((i * 131 + j * 37 + 11) % 5000));
+      }
+      request.set_max_tokens(static_cast<uint32_t>(16 + i % 4));
+      request.set_ignore_eos(true);
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+      auto reader = stub->Generate(&context, request);
+      v1::GenerateResponse response;
+      while (reader->Read(&response)) {
+        results[i].insert(results[i].end(), response.token_ids().begin(),
+                          response.token_ids().end());
+      }
+      const grpc::Status status = reader->Finish();
+      EXPECT_TRUE(status.ok()) << status.error_message();
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  return results;
+}
+
 // The same two GPU rank processes with their decode steps' exchange planned on the GPUs
 // (--gpu-exchange-plan device: fixed-size blocks over NCCL, no host round trip), on a model
 // whose experts the device path runs (DeepSeek-V3's widths, FP8 experts: builtin:v3-bench-fp8): the
@@ -536,7 +563,14 @@ TEST(WorkerProcesses, GpuRanksPlanningTheExchangeOnTheGpuServeWhatOneGpuServes) 
                          true, true, "frontend");
   ASSERT_TRUE(frontend.ok());
   ASSERT_TRUE(WaitForHealth(frontend, "", kServing, 30));
-  ExpectTokensOfOneGpuProcess(frontend, model);
+  const std::vector<std::vector<uint32_t>> cluster = ConcurrentGreedyIds(frontend, 6);
+  std::vector<std::string> one_args = kGpuArgs;
+  one_args.insert(one_args.end(), model.begin(), model.end());
+  one_args.insert(one_args.end(), {"--ep", "1"});
+  ServerProcess one(one_args);
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(cluster, ConcurrentGreedyIds(one, 6));
+  for (const auto& tokens : cluster) EXPECT_GE(tokens.size(), 16u);
   const std::string log = group.node(0).output() + group.node(1).output();
   EXPECT_NE(log.find("plans the experts and the exchange"), std::string::npos) << log;
   EXPECT_EQ(log.find("overflowed"), std::string::npos) << log;
