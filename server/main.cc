@@ -512,6 +512,11 @@ int main(int argc, char** argv) {
                    "file; the front end needs it to apply placements")
       ->check(CLI::ExistingFile);
   rank_command
+      ->add_option("--supervisor-pid", rank.supervisor_pid,
+                   "Set by `moeserve node` for the ranks it starts: the rank ends (SIGTERM) when "
+                   "that process does, however it ends")
+      ->check(CLI::NonNegativeNumber);
+  rank_command
       ->add_option("--cuda-device", rank.cuda_device,
                    "With --device cuda: the GPU (-1: the rank modulo the visible GPUs)")
       ->capture_default_str()

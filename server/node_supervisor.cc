@@ -78,15 +78,11 @@ std::vector<std::string> RankCommand(const std::string& self, const NodeOptions&
   std::vector<std::string> arguments = {self};
   if (check_flags) arguments.push_back("--check-flags");
   const std::vector<std::string> own = {
-      "rank",
-      "--group-size",
-      std::to_string(group_size),
-      "--rank",
-      std::to_string(rank),
-      "--port",
-      std::to_string(options.port + local),
-      "--metrics-port",
-      std::to_string(options.metrics_port < 0 ? -1 : options.metrics_port + local)};
+      "rank", "--group-size", std::to_string(group_size), "--rank", std::to_string(rank), "--port",
+      std::to_string(options.port + local), "--metrics-port",
+      std::to_string(options.metrics_port < 0 ? -1 : options.metrics_port + local),
+      // The rank ends with this supervisor, however it ends.
+      "--supervisor-pid", std::to_string(getpid())};
   arguments.insert(arguments.end(), own.begin(), own.end());
   arguments.insert(arguments.end(), options.rank_arguments.begin(), options.rank_arguments.end());
   return arguments;

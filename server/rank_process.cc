@@ -1,6 +1,8 @@
 #include "server/rank_process.h"
 
 #include <signal.h>
+#include <sys/prctl.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -54,6 +56,18 @@ int RunRank(const RankOptions& options) {
     spdlog::error("moeserve rank: rank {} is outside a group of {}", options.rank,
                   options.group_size);
     return 1;
+  }
+
+  if (options.supervisor_pid > 0) {
+    // A rank left behind by a supervisor that died (kill -9, OOM) would hold its GPU and ports
+    // and serve no group: the kernel sends it SIGTERM when the supervisor goes, and one that is
+    // already gone is noticed here.
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != options.supervisor_pid) {
+      spdlog::error("moeserve rank: {}'s node supervisor (pid {}) is gone", name,
+                    options.supervisor_pid);
+      return 1;
+    }
   }
 
   auto registry = std::make_shared<prometheus::Registry>();

@@ -37,6 +37,9 @@ struct RankOptions {
   double liveness_stall_seconds = 120;
   std::string admin_token_file;
   int cuda_device = -1;
+  // The node supervisor that started this rank (`moeserve node`), which it must not outlive;
+  // 0: none.
+  int supervisor_pid = 0;
   engine::EngineOptions engine;
 };
 

@@ -123,6 +123,18 @@ std::vector<pid_t> Children(pid_t parent) {
   return children;
 }
 
+// Whether process `pid` ends (is gone, or a zombie no one has reaped) within `seconds`.
+bool ProcessEnds(pid_t pid, double seconds) {
+  const auto deadline = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < deadline) {
+    std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+    std::string pid_field, command, state;
+    if (!(stat >> pid_field >> command >> state) || state == "Z") return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return false;
+}
+
 // A group of rank processes started by `nodes` node supervisors of `ranks_per_node` ranks each,
 // the first node's first rank being the leader.
 class NodeGroup {
@@ -392,6 +404,18 @@ TEST(WorkerProcesses, EplbControllerRebalancesRankProcessesThroughTheFrontEnd) {
   for (auto& t : clients) t.join();
   EXPECT_EQ(failed, 0);
   EXPECT_GT(completed, 0);
+}
+
+// A node supervisor killed outright (kill -9: no chance to stop its ranks) takes its ranks with
+// it: they end within seconds instead of holding their ports (and GPUs) for a group that no
+// supervisor watches any more.
+TEST(WorkerProcesses, RanksEndWithTheirNodeSupervisor) {
+  NodeGroup group("mixed", 1, 2, {});
+  ASSERT_TRUE(group.WaitServing(60));
+  const std::vector<pid_t> ranks = Children(group.node(0).pid());
+  ASSERT_EQ(ranks.size(), 2u);
+  kill(group.node(0).pid(), SIGKILL);
+  for (pid_t rank : ranks) EXPECT_TRUE(ProcessEnds(rank, 15)) << "rank process " << rank;
 }
 
 // A decode rank killed mid-stream fails its group: the stream ends UNAVAILABLE naming the
