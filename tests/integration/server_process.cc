@@ -206,10 +206,10 @@ size_t AppendToString(char* data, size_t size, size_t count, void* out) {
 }
 }  // namespace
 
-std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub, const std::string& prompt,
-                                   uint32_t max_tokens, grpc::Status* status) {
-  v1::GenerateRequest request;
-  request.set_text(prompt);
+namespace {
+// Greedy generation of `request`'s prompt, `max_tokens` tokens ignoring <eos>.
+std::vector<uint32_t> Greedy(v1::Generation::Stub& stub, v1::GenerateRequest& request,
+                             uint32_t max_tokens, grpc::Status* status) {
   request.set_max_tokens(max_tokens);
   request.set_ignore_eos(true);
   grpc::ClientContext context;
@@ -222,6 +222,22 @@ std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub, const std::string
   }
   *status = reader->Finish();
   return tokens;
+}
+}  // namespace
+
+std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub, const std::string& prompt,
+                                   uint32_t max_tokens, grpc::Status* status) {
+  v1::GenerateRequest request;
+  request.set_text(prompt);
+  return Greedy(stub, request, max_tokens, status);
+}
+
+std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub,
+                                   const std::vector<uint32_t>& prompt_ids, uint32_t max_tokens,
+                                   grpc::Status* status) {
+  v1::GenerateRequest request;
+  for (uint32_t id : prompt_ids) request.mutable_token_ids()->add_ids(id);
+  return Greedy(stub, request, max_tokens, status);
 }
 
 std::vector<std::vector<uint32_t>> ConcurrentGreedy(

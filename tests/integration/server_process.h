@@ -101,6 +101,10 @@ class ServerProcess {
 // `status`.
 std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub, const std::string& prompt,
                                    uint32_t max_tokens, grpc::Status* status);
+// The same for a prompt of token ids (models without a tokenizer).
+std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub,
+                                   const std::vector<uint32_t>& prompt_ids, uint32_t max_tokens,
+                                   grpc::Status* status);
 
 // Greedy tokens of `count` concurrent requests (prompts of different lengths, so prefill chunks
 // and decode steps mix), in request order; request i generates max_tokens(i) tokens. Each

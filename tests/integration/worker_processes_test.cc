@@ -547,21 +547,10 @@ std::vector<std::vector<uint32_t>> ConcurrentGreedyIds(ServerProcess& server, in
   for (int i = 0; i < count; ++i) {
     threads.emplace_back([&, i] {
       auto stub = v1::Generation::NewStub(server.channel());
-      v1::GenerateRequest request;
-      for (int j = 0; j < 8 + 5 * i; ++j) {
-        request.mutable_token_ids()->add_ids(static_cast<uint32_t>((i * 131 + j * 37 + 11) % 5000));
-      }
-      request.set_max_tokens(static_cast<uint32_t>(16 + i % 4));
-      request.set_ignore_eos(true);
-      grpc::ClientContext context;
-      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-      auto reader = stub->Generate(&context, request);
-      v1::GenerateResponse response;
-      while (reader->Read(&response)) {
-        results[i].insert(results[i].end(), response.token_ids().begin(),
-                          response.token_ids().end());
-      }
-      const grpc::Status status = reader->Finish();
+      std::vector<uint32_t> prompt;
+      for (int j = 0; j < 8 + 5 * i; ++j) prompt.push_back((i * 131 + j * 37 + 11) % 5000);
+      grpc::Status status;
+      results[i] = GreedyTokens(*stub, prompt, 16 + i % 4, &status);
       EXPECT_TRUE(status.ok()) << status.error_message();
     });
   }
