@@ -230,9 +230,9 @@ struct CudaRankBackend::State {
   PinnedBuffer slot_rows_host;
   bool slot_rows_written = false;    // since the host last read them
   bool slot_rows_read_back = false;  // ReadBackSlotRows copied them for this step
-  // The device-planned exchange of a group (CudaRankOptions::device_planned_moe, group_size >
-  // 1): whether this step uses it and its shape (every rank of the group decides the same from
-  // the step's agreement), the capacity's headroom over an even share (doubled after an
+  // The device-planned exchange of a group (CudaRankOptions::device_planned_exchange,
+  // group_size > 1): whether this step uses it and its shape (every rank of the group decides the
+  // same from the step's agreement), the capacity's headroom over an even share (doubled after an
   // overflow), a fixed capacity while one is set (CudaRankOptions), and the step's overflow
   // mark (on the device, and its copy read after the step's one synchronization).
   bool step_exchange_on_device = false;
