@@ -187,12 +187,10 @@ void PlanSlotsTwin(const int32_t* experts, int tokens, int top_k, const int32_t*
 
 namespace {
 int32_t* TwinHeader(uint16_t* buffer, const ExchangeShape& shape, int p) {
-  return reinterpret_cast<int32_t*>(buffer +
-                                    static_cast<int64_t>(p) * shape.block_rows() * shape.hidden);
+  return reinterpret_cast<int32_t*>(buffer + shape.BlockOffset(p));
 }
 const int32_t* TwinHeader(const uint16_t* buffer, const ExchangeShape& shape, int p) {
-  return reinterpret_cast<const int32_t*>(buffer + static_cast<int64_t>(p) * shape.block_rows() *
-                                                       shape.hidden);
+  return reinterpret_cast<const int32_t*>(buffer + shape.BlockOffset(p));
 }
 }  // namespace
 

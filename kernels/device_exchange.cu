@@ -13,13 +13,11 @@ constexpr int kDestinationThreads = 256;
 constexpr int kReceiveThreads = 1024;
 
 __device__ inline int32_t* BlockHeader(__nv_bfloat16* buffer, const ExchangeShape& shape, int p) {
-  return reinterpret_cast<int32_t*>(buffer +
-                                    static_cast<int64_t>(p) * shape.block_rows() * shape.hidden);
+  return reinterpret_cast<int32_t*>(buffer + shape.BlockOffset(p));
 }
 __device__ inline const int32_t* BlockHeader(const __nv_bfloat16* buffer,
                                              const ExchangeShape& shape, int p) {
-  return reinterpret_cast<const int32_t*>(buffer + static_cast<int64_t>(p) * shape.block_rows() *
-                                                       shape.hidden);
+  return reinterpret_cast<const int32_t*>(buffer + shape.BlockOffset(p));
 }
 
 // The global slot of pair j of `token` (parallel::PlanDispatch's replica rule).

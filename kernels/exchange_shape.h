@@ -42,8 +42,7 @@ struct ExchangeShape {
       entries = static_cast<int64_t>(std::ceil(headroom * even_share)) + 8;
     }
     entries = std::min(entries, most);
-    return {ranks, static_cast<int>(std::min(tokens, entries)), static_cast<int>(entries),
-            hidden};
+    return {ranks, static_cast<int>(std::min(tokens, entries)), static_cast<int>(entries), hidden};
   }
   constexpr int64_t HeaderInts() const { return kHeaderInts + 2 * static_cast<int64_t>(entries); }
   constexpr int header_rows() const {
@@ -54,6 +53,10 @@ struct ExchangeShape {
   // Rows of the dispatch buffer (every destination's block) and of the combine's.
   constexpr int64_t dispatch_rows() const { return static_cast<int64_t>(ranks) * block_rows(); }
   constexpr int64_t combine_rows() const { return static_cast<int64_t>(ranks) * entries; }
+  // Values before destination p's block in the dispatch buffer (where its header starts).
+  constexpr int64_t BlockOffset(int p) const {
+    return static_cast<int64_t>(p) * block_rows() * hidden;
+  }
   // Row of the dispatch buffer that holds activation row r of destination p's block.
   constexpr int64_t DispatchRow(int p, int r) const {
     return static_cast<int64_t>(p) * block_rows() + header_rows() + r;

@@ -62,8 +62,7 @@ SenderPlan TwinSend(const std::vector<int32_t>& routed, int tokens, int rank,
 }
 
 const int32_t* Header(const std::vector<uint16_t>& buffer, const ExchangeShape& shape, int p) {
-  return reinterpret_cast<const int32_t*>(buffer.data() + static_cast<int64_t>(p) *
-                                                              shape.block_rows() * shape.hidden);
+  return reinterpret_cast<const int32_t*>(buffer.data() + shape.BlockOffset(p));
 }
 
 TEST(DeviceExchange, PlanDestinationsMatchesItsTwin) {
@@ -130,7 +129,7 @@ TEST(DeviceExchange, PlanReceivedMatchesItsTwin) {
       sent.push_back(TwinSend(RandomRouting(tokens[r], 40 + r), tokens[r], r, shape, replicas));
     }
     const int receiver = 5;
-    const int64_t block = static_cast<int64_t>(shape.block_rows()) * shape.hidden;
+    const int64_t block = shape.BlockOffset(1);
     std::vector<uint16_t> received(shape.dispatch_rows() * shape.hidden);
     for (int r = 0; r < kRanks; ++r) {
       std::copy_n(sent[r].dispatch.begin() + receiver * block, block, received.begin() + r * block);

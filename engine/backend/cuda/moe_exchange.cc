@@ -354,10 +354,14 @@ absl::Status CudaRankBackend::State::FinishMoe(MicroBatchState& mb) {
                              static_cast<int64_t>(mb.tokens) * hidden, stream);
 }
 
+bool CudaRankBackend::State::FitsDevicePlan(int64_t tokens) const {
+  return device_plan_possible && tokens > 0 &&
+         tokens * config().num_experts_per_tok <= device_plan_max_pairs;
+}
+
 bool CudaRankBackend::State::UsesDevicePlan(const MicroBatchState& mb) const {
   if (options.group_size > 1) return step_exchange_on_device;
-  return device_plan_possible && mb.tokens > 0 &&
-         static_cast<int64_t>(mb.tokens) * config().num_experts_per_tok <= device_plan_max_pairs;
+  return FitsDevicePlan(mb.tokens);
 }
 
 absl::Status CudaRankBackend::State::BuildDevicePlanTables(const ExpertPlacement& placement) {
@@ -399,11 +403,7 @@ kernels::ExchangeShape CudaRankBackend::State::ExchangeShapeFor(int64_t max_toke
 absl::Status CudaRankBackend::State::PlanStepExchange(const parallel::StepAgreement& step) {
   step_exchange_on_device = false;
   step_max_tokens = step.max_tokens;
-  if (options.group_size == 1 || !device_plan_possible || step.max_tokens <= 0) {
-    return absl::OkStatus();
-  }
-  const int64_t top_k = std::max(config().num_experts_per_tok, 1);
-  if (step.max_tokens * top_k > device_plan_max_pairs) return absl::OkStatus();
+  if (options.group_size == 1 || !FitsDevicePlan(step.max_tokens)) return absl::OkStatus();
   const kernels::ExchangeShape shape = ExchangeShapeFor(step.max_tokens);
   if (shape.combine_rows() > kernels::kMaxPlannedPairs) return absl::OkStatus();
   step_exchange_on_device = true;

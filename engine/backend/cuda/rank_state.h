@@ -368,6 +368,8 @@ struct CudaRankBackend::State {
                                parallel::RankResources& rank);
   // Decides device_plan_possible and, if so, makes the device plan's buffers.
   absl::Status PrepareDevicePlan(int slots_per_rank);
+  // Whether a batch of `tokens` tokens is small enough for the device plan (and there is one).
+  bool FitsDevicePlan(int64_t tokens) const;
   // Whether this micro-batch's MoE layers plan on the device (few tokens; in a group, what
   // PlanStepExchange decided for the whole step).
   bool UsesDevicePlan(const MicroBatchState& mb) const;

@@ -33,8 +33,7 @@ ReplicaTable TableOf(const engine::ExpertPlacement& placement, int experts) {
 }
 
 const int32_t* Header(const std::vector<uint16_t>& buffer, const ExchangeShape& shape, int p) {
-  return reinterpret_cast<const int32_t*>(buffer.data() + static_cast<int64_t>(p) *
-                                                              shape.block_rows() * shape.hidden);
+  return reinterpret_cast<const int32_t*>(buffer.data() + shape.BlockOffset(p));
 }
 
 TEST(ExchangeTwins, PlanDestinationsSendsWhatTheDispatchPlanSends) {
@@ -117,7 +116,7 @@ struct SimulatedGroup {
       auto* header = reinterpret_cast<int32_t*>(sent[corrupt_rank].data());
       header[ExchangeShape::kHeaderInts] = slots_per_rank + 3;
     }
-    const int64_t block = static_cast<int64_t>(shape.block_rows()) * hidden;
+    const int64_t block = shape.BlockOffset(1);
     for (int q = 0; q < ranks; ++q) {  // all-to-all: q receives block q of every sender
       received[q].assign(shape.dispatch_rows() * hidden, 0);
       for (int r = 0; r < ranks; ++r) {
