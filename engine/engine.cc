@@ -251,7 +251,6 @@ absl::StatusOr<LocalEngine::WorkerGroup> LocalEngine::BuildGroup(const std::stri
          .device_planned_moe = options_.gpu_device_planned_moe,
          .device_planned_exchange = options_.gpu_device_planned_exchange,
          .cuda_graphs = options_.gpu_cuda_graphs,
-         .few_rows_projections = options_.gpu_few_rows_projections,
          .rendezvous =
              options_.rank_process.has_value() ? options_.rank_process->rendezvous.get() : nullptr,
          .rendezvous_prefix = options_.rank_process.has_value()

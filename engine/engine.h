@@ -108,9 +108,6 @@ struct EngineOptions {
   // --device cuda: those device-planned decode steps run as CUDA graphs, one per step shape
   // (engine/backend/cuda/step_graphs.h); false: kernel by kernel.
   bool gpu_cuda_graphs = true;
-  // --device cuda: dense projections of up to 16 rows (decode) run on moeserve's own
-  // tensor-core kernel (kernels/few_rows_linear.h); false: cuBLAS, and Fp8Linear for FP8.
-  bool gpu_few_rows_projections = true;
   // --device cuda, a group of several GPUs: with gpu_device_planned_moe, a decode step's
   // exchange is planned on the GPUs too (kernels/device_exchange.h); false: on the host.
   bool gpu_device_planned_exchange = false;

@@ -5,7 +5,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/device_moe.h"
-#include "kernels/few_rows_linear.h"
 #include "kernels/fp8.h"
 #include "kernels/kernels.h"
 #include "kernels/reductions.cuh"
@@ -138,8 +137,7 @@ __device__ __forceinline__ void MmaTiles(const uint4 (&a_low)[kChunkCount],
 
 // bf16 weights: chunk c of a lane is unit 4c + t of a 256-byte row.
 struct Bf16Operand {
-  const __nv_bfloat16* const* slots;  // per slot; null: every slot reads `single`
-  const __nv_bfloat16* single;
+  const __nv_bfloat16* const* slots;
   static constexpr int kRowBytes = kStepK * 2;
   static constexpr int kStages = 3;  // 2 blocks of 108 KiB per SM, 128 KiB in flight
   static constexpr bool kScaled = false;
@@ -150,8 +148,7 @@ struct Bf16Operand {
     __device__ const char* Row(int row, int k0) const { return weight + row * row_bytes + 2 * k0; }
   };
   __device__ Slot Get(int slot, int k) const {
-    return {reinterpret_cast<const char*>(slots != nullptr ? slots[slot] : single),
-            2 * static_cast<int64_t>(k)};
+    return {reinterpret_cast<const char*>(slots[slot]), 2 * static_cast<int64_t>(k)};
   }
   __device__ static void Step(const StageView& v, PassSums& sums) {
     uint4 b[kNTiles][4];
@@ -181,8 +178,7 @@ struct Bf16Operand {
 // e4m3 weights: a lane's 16 codes [64h + 16t, +16) are unit 4h + t of a 128-byte row; the
 // matching activations are units 8h + 2t and 8h + 2t + 1.
 struct Fp8Operand {
-  const Fp8Weight* slots;  // per slot; null: every slot reads `single`
-  Fp8Weight single;
+  const Fp8Weight* slots;
   int scale_stride;
   static constexpr int kRowBytes = kStepK;
   static constexpr int kStages = 5;  // 2 blocks of 100 KiB per SM, 128 KiB in flight
@@ -199,7 +195,7 @@ struct Fp8Operand {
     }
   };
   __device__ Slot Get(int slot, int k) const {
-    const Fp8Weight w = slots != nullptr ? slots[slot] : single;
+    const Fp8Weight w = slots[slot];
     return {reinterpret_cast<const char*>(w.values), w.scales, k, scale_stride};
   }
   __device__ static void Step(const StageView& v, PassSums& sums) {
@@ -269,78 +265,21 @@ __device__ int FindBusySlot(const int32_t* __restrict__ offsets, int slots, int 
   return found;
 }
 
-// Where a launch's products go: bf16 rows of y, or (partials not null) fp32 sums of each k share
-// (blockIdx.z of gridDim.z) at partials [share][partial_rows][n]. With counters (one per column
-// block, zero before the launch and after it) the block that finishes a column block's shares
-// last adds them up, in share order, into sum_y (bf16 or fp32; added to its values where
-// accumulate): the sum does not depend on which block came last.
-struct GemmOutput {
-  __nv_bfloat16* y = nullptr;
-  float* partials = nullptr;
-  int partial_rows = 0;
-  int* counters = nullptr;
-  void* sum_y = nullptr;
-  bool sum_fp32 = false;
-  bool accumulate = false;
-};
-
-// The shares' sums of this block's 128 columns (all partial rows), by the block that finished
-// them last; see GemmOutput.
-__device__ void AddSharesIfLast(const GemmOutput& out, int block_column, int n) {
-  __shared__ bool last;
-  __threadfence();  // this block's partials are visible to the block that adds them up
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(&out.counters[blockIdx.x], 1) == static_cast<int>(gridDim.z) - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int column = block_column + static_cast<int>(threadIdx.x);
-  const int64_t share_stride = static_cast<int64_t>(out.partial_rows) * n;
-  if (column < n) {
-    for (int row = 0; row < out.partial_rows; ++row) {
-      const int64_t at = static_cast<int64_t>(row) * n + column;
-      float sum = 0.0f;
-      for (int share = 0; share < static_cast<int>(gridDim.z); ++share) {
-        sum += __ldcg(out.partials + share * share_stride + at);  // from L2, not a stale L1
-      }
-      if (out.sum_fp32) {
-        float* y = static_cast<float*>(out.sum_y) + at;
-        *y = out.accumulate ? *y + sum : sum;
-      } else {
-        __nv_bfloat16* y = static_cast<__nv_bfloat16*>(out.sum_y) + at;
-        *y = __float2bfloat16(out.accumulate ? __bfloat162float(*y) + sum : sum);
-      }
-    }
-  }
-  if (threadIdx.x == 0) out.counters[blockIdx.x] = 0;  // ready for the next launch
-}
-
-// one_slot_rows >= 0: no plan, one slot whose rows are [0, one_slot_rows) of x (a dense
-// projection, FewRowsLinear).
 template <class Operand>
 __global__ void __launch_bounds__(kGemmThreads)
     DeviceGroupedGemmKernel(const __nv_bfloat16* __restrict__ x, DeviceSlotPlan plan,
-                            int one_slot_rows, Operand operand, int n, int k, GemmOutput out) {
+                            Operand operand, int n, int k, __nv_bfloat16* __restrict__ y) {
   extern __shared__ __align__(16) char stages[];
-  const bool one_slot = one_slot_rows >= 0;
-  const int slot = one_slot ? 0
-                   : static_cast<int>(gridDim.y) == plan.slots
+  const int slot = static_cast<int>(gridDim.y) == plan.slots
                        ? static_cast<int>(blockIdx.y)
                        : FindBusySlot(plan.offsets, plan.slots, blockIdx.y);
   if (slot < 0) return;
-  const int begin = one_slot ? 0 : plan.offsets[slot];
-  const int end = one_slot ? one_slot_rows : plan.offsets[slot + 1];
+  const int begin = plan.offsets[slot], end = plan.offsets[slot + 1];
   if (begin >= end) return;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int block_column = blockIdx.x * kBlockColumns;
   const typename Operand::Slot weights = operand.Get(slot, k);
-  // This block's share of k: steps [first_step, first_step + steps) of 128.
-  const int all_steps = k / kStepK;
-  const int first_step = static_cast<int>(blockIdx.z) * all_steps / static_cast<int>(gridDim.z);
-  const int steps =
-      (static_cast<int>(blockIdx.z) + 1) * all_steps / static_cast<int>(gridDim.z) - first_step;
+  const int steps = k / kStepK;
   constexpr int kRowUnits = Operand::kRowBytes / kUnitBytes;
   constexpr int kXRowUnits = kXRowBytes / kUnitBytes;
   const bool warp_computes = block_column + warp * kWarpRows < n;
@@ -362,7 +301,7 @@ __global__ void __launch_bounds__(kGemmThreads)
     }
     auto load_stage = [&](int step) {
       char* stage = stages + (step % Operand::kStages) * StageBytes<Operand>();
-      const int k0 = (first_step + step) * kStepK;
+      const int k0 = step * kStepK;
 #pragma unroll
       for (int m = 0; m < kRowUnits; ++m) {
         const int unit = threadIdx.x + kGemmThreads * m;
@@ -433,28 +372,19 @@ __global__ void __launch_bounds__(kGemmThreads)
           const int row = 8 * j + 2 * t + (odd ? 1 : 0);
           const int column = block_column + view.warp_row + 16 * i + 8 * h + (g & ~1);
           if (warp_computes && row < rows && column < n) {
-            const float2 pair = odd ? make_float2(received, second) : make_float2(first, received);
-            if (out.partials != nullptr) {
-              const int64_t at =
-                  (static_cast<int64_t>(blockIdx.z) * out.partial_rows + pass + row) * n + column;
-              *reinterpret_cast<float2*>(out.partials + at) = pair;
-            } else {
-              *reinterpret_cast<__nv_bfloat162*>(out.y + static_cast<int64_t>(pass + row) * n +
-                                                 column) = __float22bfloat162_rn(pair);
-            }
+            *reinterpret_cast<__nv_bfloat162*>(y + static_cast<int64_t>(pass + row) * n + column) =
+                odd ? __floats2bfloat162_rn(received, second)
+                    : __floats2bfloat162_rn(first, received);
           }
         }
       }
     }
   }
-  if (out.counters != nullptr) AddSharesIfLast(out, block_column, n);
 }
 
-// one_slot_rows >= 0: `plan` is not read (the kernel's one_slot_rows); k_shares: gridDim.z.
 template <class Operand>
-absl::Status LaunchGroupedGemm(const __nv_bfloat16* x, const DeviceSlotPlan& plan,
-                               int one_slot_rows, Operand operand, int n, int k,
-                               const GemmOutput& out, cudaStream_t stream, int k_shares = 1) {
+absl::Status LaunchGroupedGemm(const __nv_bfloat16* x, const DeviceSlotPlan& plan, Operand operand,
+                               int n, int k, __nv_bfloat16* y, cudaStream_t stream) {
   constexpr int kShared = GemmSharedBytes<Operand>();
   // Above 48 KiB of dynamic shared memory a kernel must opt in (per kernel and device; setting
   // it again is cheap), as the attention kernels do.
@@ -465,13 +395,11 @@ absl::Status LaunchGroupedGemm(const __nv_bfloat16* x, const DeviceSlotPlan& pla
       !s.ok()) {
     return s;
   }
-  const int busy_bound = one_slot_rows >= 0          ? std::min(one_slot_rows, 1)
-                         : plan.busy_slot_bound >= 0 ? std::min(plan.slots, plan.busy_slot_bound)
-                                                     : plan.slots;
-  if (busy_bound <= 0) return absl::OkStatus();
-  const dim3 grid((n + kBlockColumns - 1) / kBlockColumns, busy_bound, k_shares);
-  DeviceGroupedGemmKernel<<<grid, kGemmThreads, kShared, stream>>>(x, plan, one_slot_rows, operand,
-                                                                   n, k, out);
+  const int busy_bound =
+      plan.busy_slot_bound >= 0 ? std::min(plan.slots, plan.busy_slot_bound) : plan.slots;
+  if (busy_bound == 0) return absl::OkStatus();
+  const dim3 grid((n + kBlockColumns - 1) / kBlockColumns, busy_bound);
+  DeviceGroupedGemmKernel<<<grid, kGemmThreads, kShared, stream>>>(x, plan, operand, n, k, y);
   return CudaStatus(cudaGetLastError(), "DeviceGroupedGemm");
 }
 
@@ -501,59 +429,17 @@ absl::Status PlanSlots(const int32_t* experts, int tokens, int top_k,
 absl::Status DeviceGroupedGemm(const __nv_bfloat16* x, const DeviceSlotPlan& plan,
                                const DeviceSlotWeights& weights, int n, int k, __nv_bfloat16* y,
                                cudaStream_t stream) {
-  if (!DeviceGroupedGemmSupports(n, k) || plan.offsets == nullptr || plan.slots < 0 ||
-      plan.slots > 65535 || (weights.bf16 == nullptr) == (weights.fp8 == nullptr)) {
+  if (!DeviceGroupedGemmSupports(n, k) || plan.slots < 0 || plan.slots > 65535 ||
+      (weights.bf16 == nullptr) == (weights.fp8 == nullptr)) {
     return absl::InvalidArgumentError(
         absl::StrCat("DeviceGroupedGemm: n ", n, " (a multiple of 8), k ", k,
                      " (a multiple of 128), ", plan.slots, " slots, one kind of weights"));
   }
   if (plan.slots == 0) return absl::OkStatus();
   if (weights.bf16 != nullptr) {
-    return LaunchGroupedGemm(x, plan, -1, Bf16Operand{weights.bf16, nullptr}, n, k, {.y = y},
-                             stream);
+    return LaunchGroupedGemm(x, plan, Bf16Operand{weights.bf16}, n, k, y, stream);
   }
-  return LaunchGroupedGemm(x, plan, -1, Fp8Operand{weights.fp8, {}, WeightScaleStride(k)}, n, k,
-                           {.y = y}, stream);
-}
-
-absl::Status DeviceOneWeightGemm(const __nv_bfloat16* x, int rows, const FewRowsLinear::Weight& w,
-                                 int n, int k, int k_shares, const OneWeightScratch& scratch,
-                                 void* y, cudaDataType y_type, bool accumulate,
-                                 cudaStream_t stream) {
-  const bool fp32 = y_type == CUDA_R_32F;
-  // One share and nothing to add: the products go straight to y (bf16 from the GEMM's stores,
-  // fp32 as the share's sums). Otherwise through the shares' partial sums.
-  const bool direct = k_shares == 1 && !accumulate;
-  if (!DeviceGroupedGemmSupports(n, k) || rows < 0 || k_shares < 1 || k_shares > k / kStepK ||
-      (!fp32 && y_type != CUDA_R_16BF) ||
-      (!direct && (scratch.partials == nullptr || scratch.counters == nullptr)) ||
-      (w.bf16 == nullptr) == (w.fp8.values == nullptr)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("DeviceOneWeightGemm: n ", n, " (a multiple of 8), k ", k,
-                     " (a multiple of 128), ", rows, " rows, ", k_shares,
-                     " k shares (with scratch for partial sums), bf16 or fp32 out, "
-                     "one kind of weight"));
-  }
-  GemmOutput out;
-  if (direct && !fp32) {
-    out.y = static_cast<__nv_bfloat16*>(y);
-  } else if (direct) {
-    out.partials = static_cast<float*>(y);
-    out.partial_rows = rows;
-  } else {
-    out = {.partials = scratch.partials,
-           .partial_rows = rows,
-           .counters = scratch.counters,
-           .sum_y = y,
-           .sum_fp32 = fp32,
-           .accumulate = accumulate};
-  }
-  if (w.bf16 != nullptr) {
-    return LaunchGroupedGemm(x, {}, rows, Bf16Operand{nullptr, w.bf16}, n, k, out, stream,
-                             k_shares);
-  }
-  return LaunchGroupedGemm(x, {}, rows, Fp8Operand{nullptr, w.fp8, WeightScaleStride(k)}, n, k, out,
-                           stream, k_shares);
+  return LaunchGroupedGemm(x, plan, Fp8Operand{weights.fp8, WeightScaleStride(k)}, n, k, y, stream);
 }
 
 absl::StatusOr<DeviceExpertMlp> DeviceExpertMlp::Create(int hidden, int intermediate, int max_rows,

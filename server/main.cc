@@ -103,7 +103,6 @@ struct EngineFlags {
   std::string gpu_dense_weights = "bf16";
   std::string gpu_moe_plan = "device";
   std::string gpu_cuda_graphs = "on";
-  std::string gpu_decode_projections = "moeserve";
   std::string gpu_exchange_plan = "host";
 };
 
@@ -184,14 +183,6 @@ void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
                    "or off (kernel by kernel)")
       ->capture_default_str()
       ->check(CLI::IsMember({"on", "off"}));
-  command
-      ->add_option("--gpu-decode-projections", flags.gpu_decode_projections,
-                   "Which kernel runs a GPU's dense projections of up to 16 rows (decode "
-                   "steps): moeserve (its own tensor-core kernel: each weight read once, FP8 "
-                   "weights without quantizing the activations) or cublas (cuBLAS for bf16, "
-                   "DeepSeek-V3's FP8 recipe for FP8 weights)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"moeserve", "cublas"}));
   command->add_flag("!--no-expert-metrics", engine.parallel.expert_load_metrics,
                     "Do not export the per (layer, expert) token counters");
   command->add_option("--trace-dir", engine.parallel.trace_dir,
@@ -245,7 +236,6 @@ bool ApplyEngineFlags(const std::string& command, const EngineFlags& flags,
   out.gpu_fp8_dense = flags.gpu_dense_weights == "as-stored";
   out.gpu_device_planned_moe = flags.gpu_moe_plan == "device";
   out.gpu_cuda_graphs = flags.gpu_cuda_graphs == "on";
-  out.gpu_few_rows_projections = flags.gpu_decode_projections == "moeserve";
   out.gpu_device_planned_exchange = flags.gpu_exchange_plan == "device";
   out.min_step_seconds = flags.min_step_ms / 1000.0;
   return true;

@@ -124,8 +124,6 @@ struct RankBackendRequest {
   int exchange_entries_capacity = 0;
   // A GPU backend runs those device-planned decode steps as CUDA graphs (off: kernel by kernel).
   bool cuda_graphs = false;
-  // A GPU backend runs dense projections of few rows (decode) on its own kernel (off: cuBLAS).
-  bool few_rows_projections = false;
   // A rank that is a process of its own: where its group's ranks meet (a GPU group publishes
   // its NCCL id there), unique per formation; and its GPU (-1: rank modulo the visible ones).
   KeyValueStore* rendezvous = nullptr;

@@ -48,7 +48,6 @@ CudaRankOptions RankOptions(const RankBackendRequest& request, int device) {
   options.device_planned_exchange = request.device_planned_exchange;
   options.exchange_entries_capacity = request.exchange_entries_capacity;
   options.cuda_graphs = request.cuda_graphs;
-  options.few_rows_projections = request.few_rows_projections;
   return options;
 }
 

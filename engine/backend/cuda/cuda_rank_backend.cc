@@ -266,22 +266,6 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
           make_mlp(std::max(c.moe_intermediate_size, 1), s.max_received, slots, s.routed_mlp));
     }
   }
-  if (options.few_rows_projections) {
-    // The widest output of any projection (the LM head's, mostly), and the MLPs' scratch for a
-    // call's rows.
-    const int intermediate =
-        std::max(c.intermediate_size, c.moe_intermediate_size * c.n_shared_experts);
-    const int widest = std::max({c.vocab_size, hidden, 2 * intermediate, c.n_routed_experts,
-                                 c.q_lora_rank, c.kv_lora_rank + c.qk_rope_head_dim,
-                                 c.num_attention_heads * std::max(c.qk_head_dim(), c.head_dim),
-                                 (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim});
-    ASSIGN_OR_RETURN(kernels::FewRowsLinear few_rows,
-                     kernels::FewRowsLinear::Create(widest, stream));
-    s.few_rows = std::make_unique<kernels::FewRowsLinear>(std::move(few_rows));
-    constexpr size_t kRows = kernels::FewRowsLinear::kMaxRows;
-    RETURN_IF_ERROR(s.mlp_gate_up.Reserve(kRows * 2 * intermediate));
-    RETURN_IF_ERROR(s.mlp_act.Reserve(kRows * intermediate));
-  }
   for (MicroBatchState& mb : s.micro_batches) RETURN_IF_ERROR(s.ReserveMicroBatch(mb));
   RETURN_IF_ERROR(s.PrepareDevicePlan(slots_per_rank));
   if (options.cuda_graphs && s.device_plan_possible && options.group_size == 1) {
@@ -300,14 +284,14 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
 
 absl::Status CudaRankBackend::State::RunMlp(const DeviceMlp& w, kernels::ExpertMlp& bf16_mlp,
                                             const Bf16* x, int rows, int intermediate, Bf16* y) {
-  const int hidden = config().hidden_size;
-  if (!w.gate_up.fp8 && !w.down.fp8 &&
-      !(TakesFewRows(rows, hidden, 2 * intermediate) && TakesFewRows(rows, intermediate, hidden))) {
+  if (!w.gate_up.fp8 && !w.down.fp8) {
     return bf16_mlp.Run(x, {0, rows}, {w.gate_up.bf16.data()}, {w.down.bf16.data()}, y);
   }
-  RETURN_IF_ERROR(Linear(x, w.gate_up, mlp_gate_up.data(), rows, hidden, 2 * intermediate));
-  RETURN_IF_ERROR(kernels::SiluMul(mlp_gate_up.data(), mlp_act.data(), rows, intermediate, stream));
-  return Linear(mlp_act.data(), w.down, y, rows, intermediate, hidden);
+  const int hidden = config().hidden_size;
+  RETURN_IF_ERROR(Linear(x, w.gate_up, fp8_mlp_gate_up.data(), rows, hidden, 2 * intermediate));
+  RETURN_IF_ERROR(
+      kernels::SiluMul(fp8_mlp_gate_up.data(), fp8_mlp_act.data(), rows, intermediate, stream));
+  return Linear(fp8_mlp_act.data(), w.down, y, rows, intermediate, hidden);
 }
 
 // The GPU's stages of the overlap schedule. The host enqueues work; the compute stream waits for

@@ -80,10 +80,6 @@ struct CudaRankOptions {
   // Decode steps planned on the device (above) run as CUDA graphs, one captured per step shape
   // and replayed (step_graphs.h): one launch a step instead of about 15 a layer.
   bool cuda_graphs = false;
-  // Dense projections of up to 16 rows (decode steps) run on moeserve's own tensor-core kernel
-  // (kernels/few_rows_linear.h: each weight read once, k split across blocks, a row's bits
-  // independent of the batch) instead of cuBLAS (bf16) or Fp8Linear (FP8).
-  bool few_rows_projections = false;
 };
 
 class CudaRankBackend : public RankBackend {

@@ -31,7 +31,6 @@
 #include "kernels/device_exchange.h"
 #include "kernels/device_moe.h"
 #include "kernels/expert_mlp.h"
-#include "kernels/few_rows_linear.h"
 #include "kernels/fp8_expert_mlp.h"
 #include "kernels/fp8_linear.h"
 #include "kernels/kernels.h"
@@ -208,16 +207,11 @@ struct CudaRankBackend::State {
   // The dense projections (attention's, the dense MLPs', the shared experts') in FP8 as well
   // (with FP8 experts and CudaRankOptions::keep_fp8_dense), for every weight whose widths are
   // whole FP8 blocks (an FP8 checkpoint's as stored, the built-in FP8 models' quantized on
-  // upload). They run through fp8_linear (or few_rows).
+  // upload). They run through fp8_linear, the MLPs with fp8_mlp_gate_up and fp8_mlp_act as
+  // scratch.
   bool fp8_dense = false;
   std::unique_ptr<kernels::Fp8Linear> fp8_linear;
-  // Dense projections of up to FewRowsLinear::kMaxRows rows (decode), bf16 or FP8, through
-  // moeserve's own kernel instead of cuBLAS or Fp8Linear (CudaRankOptions::few_rows_projections;
-  // null: off). Used on the compute stream.
-  std::unique_ptr<kernels::FewRowsLinear> few_rows;
-  // A dense MLP's or the shared experts' gate_up and SiLU · up, where the MLP runs as two Linear
-  // calls (FP8 weights, or few rows).
-  DeviceArray<Bf16> mlp_gate_up, mlp_act;
+  DeviceArray<Bf16> fp8_mlp_gate_up, fp8_mlp_act;
   MicroBatchState micro_batches[2];
   int max_received = 0;
 
@@ -316,9 +310,6 @@ struct CudaRankBackend::State {
   absl::Status Linear(const Bf16* x, const Bf16* w, void* y, cudaDataType y_type, int rows, int in,
                       int out, float beta = 0.0f) {
     if (rows == 0) return absl::OkStatus();
-    if (TakesFewRows(rows, in, out)) {
-      return few_rows->Run(x, rows, {.bf16 = w, .fp8 = {}}, out, in, y, y_type, beta != 0.0f);
-    }
     const float alpha = 1.0f;
     return CublasStatus(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &alpha, w,
                                      CUDA_R_16BF, in, x, CUDA_R_16BF, in, &beta, y, y_type, out,
@@ -330,20 +321,12 @@ struct CudaRankBackend::State {
   // product.
   absl::Status Linear(const Bf16* x, const DeviceLinear& w, Bf16* y, int rows, int in, int out,
                       bool accumulate = false) {
-    if (w.fp8 && TakesFewRows(rows, in, out)) {
-      return few_rows->Run(x, rows, {.fp8 = w.Fp8()}, out, in, y, CUDA_R_16BF, accumulate);
-    }
     if (w.fp8) return fp8_linear->Run(x, rows, w.Fp8(), out, in, y, accumulate);
     return Linear(x, w.bf16.data(), y, CUDA_R_16BF, rows, in, out, accumulate ? 1.0f : 0.0f);
   }
-  // Whether a projection of `rows` x [in -> out] runs through few_rows.
-  bool TakesFewRows(int rows, int in, int out) const {
-    return few_rows != nullptr && rows <= kernels::FewRowsLinear::kMaxRows &&
-           kernels::FewRowsLinear::Supports(out, in);
-  }
   // y [rows, H] = a dense MLP or shared experts (w, `intermediate` wide) of x [rows, H]:
-  // ExpertMlp `bf16_mlp` for bf16 weights; where either is FP8, or the rows are few_rows', a
-  // Linear per projection (each in its own format) and SiLU · up between.
+  // ExpertMlp `bf16_mlp` for bf16 weights; where either is FP8, a Linear per projection (each in
+  // its own format) and SiLU · up between.
   absl::Status RunMlp(const DeviceMlp& w, kernels::ExpertMlp& bf16_mlp, const Bf16* x, int rows,
                       int intermediate, Bf16* y);
 

@@ -188,8 +188,8 @@ absl::Status CudaRankBackend::State::PrepareFp8Dense() {
       kernels::Fp8Linear linear,
       kernels::Fp8Linear::Create(max_rows, whole_blocks(max_k), whole_blocks(max_n), stream));
   fp8_linear = std::make_unique<kernels::Fp8Linear>(std::move(linear));
-  RETURN_IF_ERROR(mlp_gate_up.Reserve(static_cast<size_t>(max_rows) * 2 * intermediate));
-  return mlp_act.Reserve(static_cast<size_t>(max_rows) * intermediate);
+  RETURN_IF_ERROR(fp8_mlp_gate_up.Reserve(static_cast<size_t>(max_rows) * 2 * intermediate));
+  return fp8_mlp_act.Reserve(static_cast<size_t>(max_rows) * intermediate);
 }
 
 absl::Status CudaRankBackend::State::UploadMlaWeights(WeightUploader& uploader, int layer,
