@@ -178,9 +178,10 @@ void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
       ->check(CLI::IsMember({"device", "host"}));
   command
       ->add_option("--gpu-cuda-graphs", flags.gpu_cuda_graphs,
-                   "Whether a GPU alone in its group runs its device-planned decode steps as "
-                   "CUDA graphs: on (one graph captured per step shape, then one launch a step) "
-                   "or off (kernel by kernel)")
+                   "Whether a GPU runs its device-planned decode steps as CUDA graphs (alone in "
+                   "its group, or in a group with --gpu-exchange-plan device over NCCL): on (one "
+                   "graph captured per step shape, then one launch a step) or off (kernel by "
+                   "kernel)")
       ->capture_default_str()
       ->check(CLI::IsMember({"on", "off"}));
   command->add_flag("!--no-expert-metrics", engine.parallel.expert_load_metrics,

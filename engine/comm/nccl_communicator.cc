@@ -477,12 +477,16 @@ absl::Status NcclCommunicator::WaitForEvent(cudaEvent_t event) {
 }
 
 absl::StatusOr<CollectiveCompletion> NcclCommunicator::RecordCompletion() {
+  return RecordCompletion(stream_);
+}
+
+absl::StatusOr<CollectiveCompletion> NcclCommunicator::RecordCompletion(cudaStream_t stream) {
   RETURN_IF_ERROR(CheckUsable("RecordCompletion"));
   ScopedDevice scoped_device(device_);
   cudaEvent_t event = nullptr;
   MOESERVE_RETURN_IF_CUDA_ERROR("cudaEventCreateWithFlags",
                                 cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-  if (cudaError_t error = cudaEventRecord(event, stream_); error != cudaSuccess) {
+  if (cudaError_t error = cudaEventRecord(event, stream); error != cudaSuccess) {
     cudaEventDestroy(event);
     return CudaError("cudaEventRecord", error);
   }

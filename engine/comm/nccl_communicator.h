@@ -102,6 +102,10 @@ class NcclCommunicator : public Communicator {
   absl::Status WaitForEvent(cudaEvent_t event);
   // An event recorded on the communication stream after everything enqueued so far.
   absl::StatusOr<CollectiveCompletion> RecordCompletion();
+  // An event recorded on `stream`, waited on like a collective's: for work of another stream
+  // that contains this group's collectives (a CUDA graph of a step launched on it), so that the
+  // host's wait for it has the group timeout and fails the group instead of hanging.
+  absl::StatusOr<CollectiveCompletion> RecordCompletion(cudaStream_t stream);
   // Waits on the host until the communication stream is idle, with the group timeout.
   absl::Status Synchronize();
 

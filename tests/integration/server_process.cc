@@ -240,6 +240,13 @@ std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub,
   return Greedy(stub, request, max_tokens, status);
 }
 
+namespace {
+// The prompt of ConcurrentGreedy's and SequentialGreedy's request i.
+std::string NumberedPrompt(int i) {
+  return "request " + std::to_string(i) + std::string(i * 7, '.');
+}
+}  // namespace
+
 std::vector<std::vector<uint32_t>> ConcurrentGreedy(
     ServerProcess& server, int count, const std::function<uint32_t(int)>& max_tokens) {
   std::vector<std::vector<uint32_t>> results(count);
@@ -248,12 +255,23 @@ std::vector<std::vector<uint32_t>> ConcurrentGreedy(
     threads.emplace_back([&, i] {
       auto stub = v1::Generation::NewStub(server.channel());
       grpc::Status status;
-      results[i] = GreedyTokens(*stub, "request " + std::to_string(i) + std::string(i * 7, '.'),
-                                max_tokens(i), &status);
+      results[i] = GreedyTokens(*stub, NumberedPrompt(i), max_tokens(i), &status);
       EXPECT_TRUE(status.ok()) << status.error_message();
     });
   }
   for (auto& t : threads) t.join();
+  return results;
+}
+
+std::vector<std::vector<uint32_t>> SequentialGreedy(
+    ServerProcess& server, int count, const std::function<uint32_t(int)>& max_tokens) {
+  std::vector<std::vector<uint32_t>> results(count);
+  auto stub = v1::Generation::NewStub(server.channel());
+  for (int i = 0; i < count; ++i) {
+    grpc::Status status;
+    results[i] = GreedyTokens(*stub, NumberedPrompt(i), max_tokens(i), &status);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+  }
   return results;
 }
 

@@ -111,6 +111,10 @@ std::vector<uint32_t> GreedyTokens(v1::Generation::Stub& stub,
 // request's status must be OK (a test failure otherwise).
 std::vector<std::vector<uint32_t>> ConcurrentGreedy(ServerProcess& server, int count,
                                                     const std::function<uint32_t(int)>& max_tokens);
+// The same requests one after another: each step holds one request, whatever the server's
+// layout (for comparing GPU layouts, whose bits depend on a batch's size).
+std::vector<std::vector<uint32_t>> SequentialGreedy(ServerProcess& server, int count,
+                                                    const std::function<uint32_t(int)>& max_tokens);
 
 // The server's grpc.health.v1 status for `service` ("" for the whole server); SERVICE_UNKNOWN
 // when the check itself fails.

@@ -268,10 +268,13 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   }
   for (MicroBatchState& mb : s.micro_batches) RETURN_IF_ERROR(s.ReserveMicroBatch(mb));
   RETURN_IF_ERROR(s.PrepareDevicePlan(slots_per_rank));
-  if (options.cuda_graphs && s.device_plan_possible && options.group_size == 1) {
+  // A group's steps can be graphs where their exchange is planned on the GPUs and goes over
+  // NCCL (ranks sharing a GPU in one process exchange through the host, which a graph cannot).
+  const bool group_graphs = options.device_planned_exchange && options.exchange != nullptr;
+  if (options.cuda_graphs && s.device_plan_possible && (options.group_size == 1 || group_graphs)) {
     s.step_graphs = std::make_unique<StepGraphs>(kStepGraphCapacity);
-    spdlog::info("moeserve: GPU {} runs device-planned decode steps as CUDA graphs",
-                 options.device);
+    spdlog::info("moeserve: GPU {} runs device-planned decode steps as CUDA graphs{}",
+                 options.device, options.group_size > 1 ? ", their exchange included" : "");
   }
   // A step has at most a row of logits per token.
   RETURN_IF_ERROR(s.step_logits.Reserve(static_cast<size_t>(max_tokens) * c.vocab_size));
@@ -437,6 +440,8 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
   // all of them). While a step graph captures it (`capturing`), nothing may wait for the GPU.
   std::vector<int64_t> received_per_layer;
   auto enqueue_step = [&](bool capturing) -> absl::Status {
+    s.capturing_step = capturing;
+    absl::Cleanup not_capturing = [&s] { s.capturing_step = false; };
     for (MicroBatchState* mb : micro_batches) RETURN_IF_ERROR(s.Embed(*mb));
     GpuStages stages(s, micro_batches, placement, rank, capturing);
     RETURN_IF_ERROR(parallel::RunOverlapSchedule(
@@ -453,17 +458,20 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
   };
 
   // One attempt at the step: as a graph where it can, kernel by kernel otherwise, then the
-  // step's one wait for the GPU.
+  // step's one wait for the GPU (in a group, with the group timeout: a dead peer fails the step).
   auto run_step = [&]() -> absl::Status {
     bool ran = false;
+    if (s.step_exchange_on_device) RETURN_IF_ERROR(s.ClearExchangeOverflow());
     if (s.step_graphs != nullptr && micro_batches.size() == 1 && s.RunsAsGraph(*micro_batches[0])) {
       // A graph step has no GPU stages of its own on the trace: its work is one launch.
       RETURN_IF_ERROR(s.stage_timer.Begin(nullptr, s.stream));
       MicroBatchState& mb = *micro_batches[0];
       ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "step graph", "compute");
-      absl::StatusOr<bool> captured =
-          s.step_graphs->Launch({mb.tokens, mb.max_blocks}, s.GraphFingerprint(mb), s.stream,
-                                [&] { return enqueue_step(/*capturing=*/true); });
+      const StepGraphs::Key key{mb.tokens, mb.max_blocks,
+                                s.step_exchange_on_device ? s.exchange_shape.rows : 0,
+                                s.step_exchange_on_device ? s.exchange_shape.entries : 0};
+      absl::StatusOr<bool> captured = s.step_graphs->Launch(
+          key, s.GraphFingerprint(mb), s.stream, [&] { return enqueue_step(/*capturing=*/true); });
       if (captured.ok()) {
         ran = true;
         if (rank.metrics != nullptr) rank.metrics->AddStepGraph(*captured);
@@ -471,8 +479,21 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
           // A replay: what the capture's host side recorded, again.
           received_per_layer.assign(c.num_moe_layers(),
                                     static_cast<int64_t>(mb.tokens) * c.num_experts_per_tok);
-          s.slot_rows_written |= rank.load != nullptr;
+          s.slot_rows_written |= rank.load != nullptr || s.step_exchange_on_device;
         }
+        if (s.options.group_size > 1) {
+          // The graph holds the group's collectives: the host waits for it as for them.
+          ASSIGN_OR_RETURN(comm::CollectiveCompletion launched,
+                           s.options.exchange->RecordCompletion(s.stream));
+          s.awaited.push_back(std::move(launched));
+        }
+      } else if (s.options.group_size > 1) {
+        // The failed capture may have enqueued some of the group's collectives, which then never
+        // run: the peers' would wait for them. The step fails, and so does the group, visibly.
+        s.step_graphs.reset();
+        return absl::InternalError(absl::StrCat(
+            "GPU ", s.options.device, " could not capture a step of its group as a CUDA graph (",
+            captured.status().ToString(), "); serve with --gpu-cuda-graphs off"));
       } else {
         // Nothing ran; the step goes kernel by kernel, and so do the next ones.
         spdlog::warn("moeserve: GPU {} runs its steps without CUDA graphs from now on: {}",
@@ -484,10 +505,9 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
     }
     if (!ran) {
       RETURN_IF_ERROR(s.stage_timer.Begin(rank.trace, s.stream));
-      if (s.step_exchange_on_device) RETURN_IF_ERROR(s.ClearExchangeOverflow());
       RETURN_IF_ERROR(enqueue_step(/*capturing=*/false));
-      if (s.step_exchange_on_device) RETURN_IF_ERROR(s.ReadBackExchangeOverflow());
     }
+    if (s.step_exchange_on_device) RETURN_IF_ERROR(s.ReadBackExchangeOverflow());
     s.PublishExchangeTimes(rank);
     RETURN_IF_ERROR(s.ReadBackSlotRows(rank));
     {
@@ -517,7 +537,8 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
 }
 
 bool CudaRankBackend::State::RunsAsGraph(const MicroBatchState& mb) const {
-  if (!UsesDevicePlan(mb)) return false;
+  // A group's step needs its exchange planned on the device and over NCCL.
+  if (!UsesDevicePlan(mb) || (options.group_size > 1 && options.exchange == nullptr)) return false;
   for (size_t i = 0; i < mb.sequences.size(); ++i) {
     if (mb.sequences[i].tokens.size() != 1 || !mb.emits_logits[i]) return false;
   }
@@ -538,6 +559,18 @@ uint64_t CudaRankBackend::State::GraphFingerprint(const MicroBatchState& mb) con
   add(attention_workspace.data());
   add(step_logits.data());
   add(slot_rows.data());
+  // A group's exchange buffers (resized when its shape grows).
+  for (const void* buffer :
+       {static_cast<const void*>(mb.send.data()), static_cast<const void*>(mb.received.data()),
+        static_cast<const void*>(mb.expert_out.data()), static_cast<const void*>(mb.results.data()),
+        static_cast<const void*>(mb.returned.data()),
+        static_cast<const void*>(mb.dispatch_index.data()),
+        static_cast<const void*>(mb.grouped_rows.data()),
+        static_cast<const void*>(mb.plan_source_rows.data()),
+        static_cast<const void*>(mb.peer_overflow.data()),
+        static_cast<const void*>(exchange_overflow.data())}) {
+    add(buffer);
+  }
   for (const DevicePlanTables& t : device_plan_tables) {
     add(t.replica_begin.data());
     add(t.replica_slots.data());

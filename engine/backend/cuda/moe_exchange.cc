@@ -50,6 +50,14 @@ absl::Status CudaRankBackend::State::AwaitExchange(MicroBatchState& mb) {
 }
 
 absl::Status CudaRankBackend::State::DrainExchanges() {
+  if (capturing_step) {
+    // Nothing runs while a graph is captured: the compute stream waits for what is still in
+    // flight (joining the communication stream into the graph), and the host for the graph.
+    absl::Status status;
+    for (MicroBatchState& mb : micro_batches) status.Update(AwaitExchange(mb));
+    awaited.clear();
+    return status;
+  }
   absl::Status status;
   for (MicroBatchState& mb : micro_batches) {
     if (mb.in_flight.has_value()) status.Update(mb.in_flight->Wait());
@@ -77,22 +85,32 @@ absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const 
     return ExchangeThroughHost(mb, send_buffer, send_bytes, receive_buffer, receive_bytes, rank);
   }
   comm::NcclCommunicator& nccl = *options.exchange;
+  // A step graph's exchanges are not timed: its launches record no events the host could read.
+  const bool timed_exchange = !capturing_step;
   TimedCollective timer;
-  if (!spare_timers.empty()) {
-    timer = spare_timers.back();
-    spare_timers.pop_back();
-  } else {
-    RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&timer.start), "exchange timer"));
-    RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&timer.stop), "exchange timer"));
+  if (timed_exchange) {
+    if (!spare_timers.empty()) {
+      timer = spare_timers.back();
+      spare_timers.pop_back();
+    } else {
+      RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&timer.start), "exchange timer"));
+      RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&timer.stop), "exchange timer"));
+    }
+    timer.bytes = total;
+    timer.dispatch = dispatch;
+    timed.push_back(timer);
   }
-  timer.bytes = total;
-  timer.dispatch = dispatch;
-  timed.push_back(timer);
+  // The communication stream waits for the rows (while capturing, this brings it into the
+  // graph; the compute stream's wait for the completion below joins it back).
   RETURN_IF_ERROR(CudaStatus(cudaEventRecord(produced, stream), "exchange event"));
   RETURN_IF_ERROR(nccl.WaitForEvent(produced));
-  RETURN_IF_ERROR(CudaStatus(cudaEventRecord(timer.start, nccl.stream()), "exchange timer"));
+  if (timed_exchange) {
+    RETURN_IF_ERROR(CudaStatus(cudaEventRecord(timer.start, nccl.stream()), "exchange timer"));
+  }
   RETURN_IF_ERROR(nccl.EnqueueAllToAllV(send_buffer, send_bytes, receive_buffer, receive_bytes));
-  RETURN_IF_ERROR(CudaStatus(cudaEventRecord(timer.stop, nccl.stream()), "exchange timer"));
+  if (timed_exchange) {
+    RETURN_IF_ERROR(CudaStatus(cudaEventRecord(timer.stop, nccl.stream()), "exchange timer"));
+  }
   absl::StatusOr<comm::CollectiveCompletion> done = nccl.RecordCompletion();
   if (!done.ok()) return done.status();
   mb.in_flight.emplace(std::move(*done));

@@ -244,8 +244,10 @@ struct CudaRankBackend::State {
   DeviceArray<int32_t> exchange_overflow;
   PinnedBuffer exchange_overflow_host;
   // Device-planned decode steps as CUDA graphs (CudaRankOptions::cuda_graphs; null: off, or
-  // turned off after a capture failed).
+  // turned off after a capture failed); while one captures a step, nothing may wait for the GPU
+  // or time it (the exchange's timers).
   std::unique_ptr<StepGraphs> step_graphs;
+  bool capturing_step = false;
 
   // Collectives the compute stream was made to wait for; the host waits for them (with the
   // group timeout) before it blocks on the compute stream, so a dead peer fails the step
