@@ -68,19 +68,40 @@ __global__ void CopyRowsKernel(const __nv_bfloat16* source, const int32_t* sourc
   }
 }
 
+// A thread sums kUnpermuteValues adjacent values of one token's row (one 16-byte load per
+// expert row where the width allows), and blocks tile the row as well as the tokens: a decode
+// step's few tokens still spread over the GPU, and each thread's top-k loads are all in flight
+// at once. Every value's sum runs in the token's own top-k order, then the shared experts'.
+constexpr int kUnpermuteValues = 8;
+
 __global__ void UnpermuteKernel(const __nv_bfloat16* expert_rows, const int32_t* position,
                                 const float* weights, const __nv_bfloat16* shared,
                                 __nv_bfloat16* out, int top_k, int hidden) {
-  const int token = blockIdx.x;
-  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-    float sum = 0;
-    for (int k = 0; k < top_k; ++k) {  // each token's own top-k order
-      const size_t row = static_cast<size_t>(position[token * top_k + k]);
-      sum += weights[token * top_k + k] * __bfloat162float(expert_rows[row * hidden + i]);
+  const int token = blockIdx.x;  // x: up to 2^31 - 1 tokens; y: the row's tiles
+  const int first = (blockIdx.y * blockDim.x + threadIdx.x) * kUnpermuteValues;
+  if (first >= hidden) return;
+  const int count = min(kUnpermuteValues, hidden - first);
+  const bool whole = count == kUnpermuteValues && hidden % kUnpermuteValues == 0;
+  float sum[kUnpermuteValues] = {};
+  auto add = [&](const __nv_bfloat16* row, float weight) {
+    __nv_bfloat16 values[kUnpermuteValues];
+    if (whole) {
+      *reinterpret_cast<uint4*>(values) = *reinterpret_cast<const uint4*>(row + first);
+    } else {
+      for (int v = 0; v < count; ++v) values[v] = row[first + v];
     }
-    if (shared != nullptr) sum += __bfloat162float(shared[static_cast<size_t>(token) * hidden + i]);
-    out[static_cast<size_t>(token) * hidden + i] = __float2bfloat16(sum);
+#pragma unroll
+    for (int v = 0; v < kUnpermuteValues; ++v) {
+      if (v < count) sum[v] += weight * __bfloat162float(values[v]);
+    }
+  };
+  for (int k = 0; k < top_k; ++k) {  // each token's own top-k order
+    const size_t row = static_cast<size_t>(position[token * top_k + k]);
+    add(expert_rows + row * hidden, weights[token * top_k + k]);
   }
+  if (shared != nullptr) add(shared + static_cast<size_t>(token) * hidden, 1.0f);
+  __nv_bfloat16* to = out + static_cast<size_t>(token) * hidden + first;
+  for (int v = 0; v < count; ++v) to[v] = __float2bfloat16(sum[v]);
 }
 
 // Largest value among lanes' candidates; ties to the lowest index.
@@ -270,8 +291,11 @@ absl::Status WeightedUnpermute(const __nv_bfloat16* expert_rows, const int32_t* 
                                __nv_bfloat16* out, int tokens, int top_k, int hidden,
                                cudaStream_t stream) {
   if (tokens == 0) return absl::OkStatus();
-  UnpermuteKernel<<<tokens, 256, 0, stream>>>(expert_rows, position, weights, shared, out, top_k,
-                                              hidden);
+  constexpr int kThreads = 128;
+  const int threads_per_row = (hidden + kUnpermuteValues - 1) / kUnpermuteValues;
+  const dim3 grid(tokens, (threads_per_row + kThreads - 1) / kThreads);
+  UnpermuteKernel<<<grid, kThreads, 0, stream>>>(expert_rows, position, weights, shared, out, top_k,
+                                                 hidden);
   return LastError("WeightedUnpermute");
 }
 

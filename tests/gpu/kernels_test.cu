@@ -17,6 +17,7 @@
 namespace moeserve::kernels {
 namespace {
 
+using testing::DeviceMemory;
 using testing::RandomBf16;
 using testing::RelativeError;
 using testing::ToDevice;
@@ -77,6 +78,39 @@ TEST(GpuKernels, RopeMatchesTwin) {
   cudaFree(dc);
   cudaFree(ds);
   cudaFree(dp);
+}
+
+// The weighted sum at widths its 16-byte loads take (7168) and do not (100: a partial tile of
+// 8 values at the row's end), with and without shared experts, for a decode step's few tokens.
+TEST(GpuKernels, WeightedUnpermuteMatchesItsTwinAtAnyWidth) {
+  REQUIRE_GPU();
+  const int tokens = 3, top_k = 4;
+  std::mt19937 rng(12);
+  for (const int hidden : {100, 7168}) {
+    for (const bool with_shared : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "hidden " << hidden << (with_shared ? ", shared" : ""));
+      const int rows = tokens * top_k;
+      std::vector<int32_t> position(rows);
+      for (int r = 0; r < rows; ++r) position[r] = (r * 5) % rows;  // a permutation (5, 12 coprime)
+      std::vector<float> weights(rows);
+      for (auto& w : weights) w = std::uniform_real_distribution<float>(0, 1)(rng);
+      const auto expert_rows = RandomBf16(static_cast<size_t>(rows) * hidden, 21);
+      const auto shared = RandomBf16(static_cast<size_t>(tokens) * hidden, 22);
+      std::vector<uint16_t> expected(static_cast<size_t>(tokens) * hidden);
+      WeightedUnpermuteTwin(expert_rows.data(), position.data(), weights.data(),
+                            with_shared ? shared.data() : nullptr, expected.data(), tokens, top_k,
+                            hidden);
+      DeviceMemory memory;
+      uint16_t* out = memory.Allocate<uint16_t>(expected.size());
+      ASSERT_TRUE(WeightedUnpermute(Bf(memory.Upload(expert_rows)), memory.Upload(position),
+                                    memory.Upload(weights),
+                                    with_shared ? Bf(memory.Upload(shared)) : nullptr, Bf(out),
+                                    tokens, top_k, hidden, nullptr)
+                      .ok());
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_LT(RelativeError(ToHost(out, expected.size()), expected), 1e-2);
+    }
+  }
 }
 
 TEST(GpuKernels, EmbeddingPermuteAndUnpermuteMatchTwins) {
