@@ -40,11 +40,14 @@ __global__ void MlaQueryRopeKernel(const __nv_bfloat16* q, const int32_t* positi
                                    const float* cos_table, const float* sin_table,
                                    __nv_bfloat16* q_absorbed, int heads, int nope, int rope,
                                    int latent) {
+  // Blocks tile a token's (head, pair) list as well as the tokens, so that a decode step's few
+  // tokens spread over the GPU rather than each walking its 128 heads' pairs in one block.
   const int token = blockIdx.x;
   const int half = rope / 2;
   const float* cos_row = cos_table + static_cast<size_t>(positions[token]) * half;
   const float* sin_row = sin_table + static_cast<size_t>(positions[token]) * half;
-  for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+  for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < heads * half;
+       i += gridDim.y * blockDim.x) {
     const int head = i / half;
     const int pair = i % half;
     const __nv_bfloat16* in =
@@ -426,8 +429,11 @@ absl::Status MlaQueryRope(const __nv_bfloat16* q, const int32_t* positions, cons
                           const float* sin_table, __nv_bfloat16* q_absorbed, int tokens, int heads,
                           int nope, int rope, int latent, cudaStream_t stream) {
   if (tokens == 0) return absl::OkStatus();
-  MlaQueryRopeKernel<<<tokens, 256, 0, stream>>>(q, positions, cos_table, sin_table, q_absorbed,
-                                                 heads, nope, rope, latent);
+  constexpr int kThreads = 256;
+  const int pairs = heads * (rope / 2);
+  const dim3 grid(tokens, std::max(1, std::min((pairs + kThreads - 1) / kThreads, 65535)));
+  MlaQueryRopeKernel<<<grid, kThreads, 0, stream>>>(q, positions, cos_table, sin_table, q_absorbed,
+                                                    heads, nope, rope, latent);
   return Launched("MlaQueryRope");
 }
 

@@ -25,18 +25,24 @@ using testing::ToHost;
 
 __nv_bfloat16* Bf(uint16_t* p) { return reinterpret_cast<__nv_bfloat16*>(p); }
 
+// Widths the 16-byte chunks take (7168, DeepSeek-V3's hidden; 1536, its q-LoRA rank; 8192, the
+// most they take) and do not (100; 9216, past the chunks' reach), out of place and in place.
 TEST(GpuKernels, RmsNormMatchesTwin) {
   REQUIRE_GPU();
-  const int rows = 37, dim = 7168;
-  auto x = RandomBf16(static_cast<size_t>(rows) * dim, 1), w = RandomBf16(dim, 2, 0.1f);
-  std::vector<uint16_t> expected(x.size());
-  RmsNormTwin(x.data(), w.data(), expected.data(), rows, dim, 1e-6f);
-  uint16_t *dx = ToDevice(x), *dw = ToDevice(w), *dout = ToDevice(std::vector<uint16_t>(x.size()));
-  ASSERT_TRUE(RmsNorm(Bf(dx), Bf(dw), Bf(dout), rows, dim, 1e-6f, nullptr).ok());
-  EXPECT_LT(RelativeError(ToHost(dout, x.size()), expected), 1e-2);
-  cudaFree(dx);
-  cudaFree(dw);
-  cudaFree(dout);
+  const int rows = 37;
+  for (const int dim : {7168, 1536, 8192, 100, 9216}) {
+    SCOPED_TRACE(::testing::Message() << "width " << dim);
+    auto x = RandomBf16(static_cast<size_t>(rows) * dim, 1), w = RandomBf16(dim, 2, 0.1f);
+    std::vector<uint16_t> expected(x.size());
+    RmsNormTwin(x.data(), w.data(), expected.data(), rows, dim, 1e-6f);
+    DeviceMemory memory;
+    uint16_t *dx = memory.Upload(x), *dw = memory.Upload(w),
+             *dout = memory.Allocate<uint16_t>(x.size());
+    ASSERT_TRUE(RmsNorm(Bf(dx), Bf(dw), Bf(dout), rows, dim, 1e-6f, nullptr).ok());
+    EXPECT_LT(RelativeError(ToHost(dout, x.size()), expected), 1e-2);
+    ASSERT_TRUE(RmsNorm(Bf(dx), Bf(dw), Bf(dx), rows, dim, 1e-6f, nullptr).ok());
+    EXPECT_EQ(ToHost(dx, x.size()), ToHost(dout, x.size())) << "in place";
+  }
 }
 
 TEST(GpuKernels, SiluMulMatchesTwin) {
