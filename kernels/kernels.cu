@@ -134,7 +134,7 @@ __global__ void UnpermuteKernel(const __nv_bfloat16* expert_rows, const int32_t*
   const int first = (blockIdx.y * blockDim.x + threadIdx.x) * kUnpermuteValues;
   if (first >= hidden) return;
   const int count = min(kUnpermuteValues, hidden - first);
-  const bool whole = count == kUnpermuteValues && hidden % kUnpermuteValues == 0;
+  const bool whole = hidden % kUnpermuteValues == 0;  // then every thread has 8 values
   float sum[kUnpermuteValues] = {};
   auto add = [&](const __nv_bfloat16* row, float weight) {
     __nv_bfloat16 values[kUnpermuteValues];

@@ -300,17 +300,16 @@ absl::Status CudaRankBackend::State::RunMlp(const DeviceMlp& w, kernels::ExpertM
 // The GPU's stages of the overlap schedule. The host enqueues work; the compute stream waits for
 // an exchange (through an event) only where its result is used. The gate and the shared
 // experts run with the dispatch; the drain waits for both streams with the group timeout, except
-// while a step graph captures the stages (`capturing`: a device-planned step has no exchange,
-// and the graph's launch is what the host waits for).
+// while a step graph captures the stages (State::capturing_step: the graph's launch is what the
+// host waits for).
 class CudaRankBackend::GpuStages : public parallel::MicroBatchStages {
  public:
   GpuStages(State& state, std::vector<MicroBatchState*>& micro_batches,
-            const ExpertPlacement& placement, parallel::RankResources& rank, bool capturing)
+            const ExpertPlacement& placement, parallel::RankResources& rank)
       : s_(state),
         micro_batches_(micro_batches),
         placement_(placement),
         rank_(rank),
-        capturing_(capturing),
         received_per_layer_(state.config().num_moe_layers(), 0) {}
 
   absl::Status Attention(int layer, int index) override {
@@ -354,7 +353,7 @@ class CudaRankBackend::GpuStages : public parallel::MicroBatchStages {
     // Whatever happened, nothing may still be in flight into this step's buffers.
     ScopedTraceEvent event(rank_.trace, rank_.trace_pid, kHostLane, "layers wait", "gpu wait");
     absl::Status drained = s_.DrainExchanges();
-    if (!capturing_) drained.Update(CudaStatus(cudaStreamSynchronize(s_.stream), "step"));
+    if (!s_.capturing_step) drained.Update(CudaStatus(cudaStreamSynchronize(s_.stream), "step"));
     return drained;
   }
   const std::vector<int64_t>& received_per_layer() const { return received_per_layer_; }
@@ -364,7 +363,6 @@ class CudaRankBackend::GpuStages : public parallel::MicroBatchStages {
   std::vector<MicroBatchState*>& micro_batches_;
   const ExpertPlacement& placement_;
   parallel::RankResources& rank_;
-  const bool capturing_;
   std::vector<int64_t> received_per_layer_;
 };
 
@@ -443,7 +441,7 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
     s.capturing_step = capturing;
     absl::Cleanup not_capturing = [&s] { s.capturing_step = false; };
     for (MicroBatchState* mb : micro_batches) RETURN_IF_ERROR(s.Embed(*mb));
-    GpuStages stages(s, micro_batches, placement, rank, capturing);
+    GpuStages stages(s, micro_batches, placement, rank);
     RETURN_IF_ERROR(parallel::RunOverlapSchedule(
         c.num_hidden_layers, [&](int layer) { return s.model->moe_index(layer) >= 0; },
         static_cast<int>(micro_batches.size()), stages));
@@ -467,9 +465,9 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
       RETURN_IF_ERROR(s.stage_timer.Begin(nullptr, s.stream));
       MicroBatchState& mb = *micro_batches[0];
       ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane, "step graph", "compute");
-      const StepGraphs::Key key{mb.tokens, mb.max_blocks,
-                                s.step_exchange_on_device ? s.exchange_shape.rows : 0,
-                                s.step_exchange_on_device ? s.exchange_shape.entries : 0};
+      // A GPU alone never sets an exchange shape: its capacities are 0.
+      const StepGraphs::Key key{mb.tokens, mb.max_blocks, s.exchange_shape.rows,
+                                s.exchange_shape.entries};
       absl::StatusOr<bool> captured = s.step_graphs->Launch(
           key, s.GraphFingerprint(mb), s.stream, [&] { return enqueue_step(/*capturing=*/true); });
       if (captured.ok()) {
@@ -537,8 +535,7 @@ absl::Status CudaRankBackend::Forward(std::span<const BatchSequence> batch,
 }
 
 bool CudaRankBackend::State::RunsAsGraph(const MicroBatchState& mb) const {
-  // A group's step needs its exchange planned on the device and over NCCL.
-  if (!UsesDevicePlan(mb) || (options.group_size > 1 && options.exchange == nullptr)) return false;
+  if (!UsesDevicePlan(mb)) return false;
   for (size_t i = 0; i < mb.sequences.size(); ++i) {
     if (mb.sequences[i].tokens.size() != 1 || !mb.emits_logits[i]) return false;
   }
