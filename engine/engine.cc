@@ -256,8 +256,8 @@ absl::StatusOr<LocalEngine::WorkerGroup> LocalEngine::BuildGroup(const std::stri
          .rendezvous_prefix = options_.rank_process.has_value()
                                   ? options_.rank_process->rendezvous_prefix
                                   : std::string(),
-         .cuda_device =
-             options_.rank_process.has_value() ? options_.rank_process->cuda_device : -1});
+         .cuda_device = options_.rank_process.has_value() ? options_.rank_process->cuda_device : -1,
+         .exchange_max_ctas = options_.gpu_exchange_max_ctas});
     if (!backend.ok()) return backend.status();
     if (ExpertStager* stager = (*backend)->expert_stager(); stager != nullptr) {
       result.group->SetExpertStager(rank, stager);

@@ -77,6 +77,10 @@ struct RankProcessOptions {
   std::shared_ptr<HandoffSender> handoff;
 };
 
+// NCCL's channel limit (a collective runs on at most one CTA per channel); the communicator
+// checks the same bound (comm::kMaxCollectiveCtas).
+inline constexpr int kMaxGpuExchangeCtas = 64;
+
 struct EngineOptions {
   // builtin:NAME or a Hugging Face checkpoint folder (engine/model/loader.h).
   std::string model = "builtin:tiny";
@@ -111,6 +115,10 @@ struct EngineOptions {
   // --device cuda, a group of several GPUs: with gpu_device_planned_moe, a decode step's
   // exchange is planned on the GPUs too (kernels/device_exchange.h); false: on the host.
   bool gpu_device_planned_exchange = false;
+  // --device cuda, a group of several GPUs: at most this many thread blocks (CTAs) for each of
+  // the exchange's NCCL collectives, so that an overlapped exchange leaves the other SMs to the
+  // compute stream; 0: NCCL's own choice. At most kMaxGpuExchangeCtas.
+  int gpu_exchange_max_ctas = 0;
   std::optional<InjectedFault> injected_fault;
   // Set: run one rank of a group of processes (parallel.prefill_ep/decode_ep are then unused).
   std::optional<RankProcessOptions> rank_process;

@@ -104,6 +104,7 @@ struct EngineFlags {
   std::string gpu_moe_plan = "device";
   std::string gpu_cuda_graphs = "on";
   std::string gpu_exchange_plan = "host";
+  int gpu_exchange_max_ctas = 0;
 };
 
 void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
@@ -177,6 +178,13 @@ void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
       ->capture_default_str()
       ->check(CLI::IsMember({"device", "host"}));
   command
+      ->add_option("--gpu-exchange-max-ctas", flags.gpu_exchange_max_ctas,
+                   "At most this many thread blocks for each NCCL collective of a GPU group's "
+                   "exchange, so that an exchange overlapped with the other micro-batch's compute "
+                   "(--two-batch-overlap) leaves it the other SMs; 0: NCCL's own choice")
+      ->capture_default_str()
+      ->check(CLI::Range(0, moeserve::engine::kMaxGpuExchangeCtas));
+  command
       ->add_option("--gpu-cuda-graphs", flags.gpu_cuda_graphs,
                    "Whether a GPU runs its device-planned decode steps as CUDA graphs (alone in "
                    "its group, or in a group with --gpu-exchange-plan device over NCCL): on (one "
@@ -238,6 +246,7 @@ bool ApplyEngineFlags(const std::string& command, const EngineFlags& flags,
   out.gpu_device_planned_moe = flags.gpu_moe_plan == "device";
   out.gpu_cuda_graphs = flags.gpu_cuda_graphs == "on";
   out.gpu_device_planned_exchange = flags.gpu_exchange_plan == "device";
+  out.gpu_exchange_max_ctas = flags.gpu_exchange_max_ctas;
   out.min_step_seconds = flags.min_step_ms / 1000.0;
   return true;
 }

@@ -129,6 +129,9 @@ struct RankBackendRequest {
   KeyValueStore* rendezvous = nullptr;
   std::string rendezvous_prefix;
   int cuda_device = -1;
+  // A GPU group's NCCL exchange uses at most this many CTAs per collective (0: NCCL's choice;
+  // EngineOptions::gpu_exchange_max_ctas).
+  int exchange_max_ctas = 0;
 };
 using RankBackendFactory =
     std::function<absl::StatusOr<std::unique_ptr<RankBackend>>(const RankBackendRequest&)>;

@@ -92,6 +92,7 @@ struct Config {
   std::string trace_path;
   int trace_tokens = 0;  // 0: the largest size
   bool skip_overlap = false;
+  int exchange_max_ctas = 0;  // 0: NCCL's choice (serving's --gpu-exchange-max-ctas)
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -1118,6 +1119,10 @@ int Main(int argc, char** argv) {
   app.add_option("--timeout-seconds", config.timeout_seconds, "collective timeout")
       ->check(CLI::PositiveNumber);
   app.add_flag("--skip-overlap", config.skip_overlap, "only measure dispatch/combine bandwidth");
+  app.add_option("--exchange-max-ctas", config.exchange_max_ctas,
+                 "at most this many CTAs per NCCL collective of the exchange (serving's "
+                 "--gpu-exchange-max-ctas; the raw NCCL baseline keeps NCCL's choice); 0: NCCL's")
+      ->check(CLI::Range(0, engine::comm::kMaxCollectiveCtas));
   CLI11_PARSE(app, argc, argv);
 
   // NVLink multicast (NVLS) stays off unless the caller decided otherwise.
@@ -1134,13 +1139,17 @@ int Main(int argc, char** argv) {
   const std::string gpu_name = properties.name;
   int nccl_version = 0;
   ncclGetVersion(&nccl_version);
-  std::printf("moeserve-dispatch-bench: %d x %s, NCCL %d\n", n, gpu_name.c_str(), nccl_version);
+  std::printf("moeserve-dispatch-bench: %d x %s, NCCL %d, exchange CTAs %s\n", n, gpu_name.c_str(),
+              nccl_version,
+              config.exchange_max_ctas > 0 ? std::to_string(config.exchange_max_ctas).c_str()
+                                           : "NCCL's choice");
   std::fflush(stdout);
 
   std::vector<int> devices(n);
   std::iota(devices.begin(), devices.end(), 0);
   NcclCommunicatorOptions options;
   options.timeout = std::chrono::seconds(config.timeout_seconds);
+  options.max_ctas = config.exchange_max_ctas;
   auto communicators = NcclCommunicator::CreateForDevices(devices, options);
   Check(communicators.status(), "NCCL group");
   std::vector<ncclComm_t> raw_comms(n);

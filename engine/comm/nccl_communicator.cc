@@ -104,12 +104,26 @@ ncclResult_t AwaitCommunicatorState(ncclComm_t comm,
   }
 }
 
-ncclConfig_t NonBlockingConfig() {
+ncclConfig_t CommunicatorConfig(const NcclCommunicatorOptions& options) {
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   // Non-blocking: creation and connection set-up return at once and are polled, so a peer that
   // never arrives is noticed at the timeout instead of blocking the thread inside NCCL.
   config.blocking = 0;
+  if (options.max_ctas > 0) {
+    config.maxCTAs = options.max_ctas;
+    // NCCL refuses a minimum above the maximum; its default minimum may be larger than a
+    // small bound.
+    config.minCTAs = 1;
+  }
   return config;
+}
+
+absl::Status CheckOptions(const NcclCommunicatorOptions& options) {
+  if (options.max_ctas < 0 || options.max_ctas > kMaxCollectiveCtas) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_ctas ", options.max_ctas, " is outside 0 (NCCL's choice) to ", kMaxCollectiveCtas));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<cudaStream_t> CreateCommunicationStream() {
@@ -152,8 +166,9 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::CreateWithId
     return absl::InvalidArgumentError(
         absl::StrCat("CUDA device ", device, " does not exist (", device_count, " visible)"));
   }
+  RETURN_IF_ERROR(CheckOptions(options));
   ScopedDevice scoped_device(device);
-  ncclConfig_t config = NonBlockingConfig();
+  ncclConfig_t config = CommunicatorConfig(options);
   ncclComm_t comm = nullptr;
   const auto deadline = std::chrono::steady_clock::now() + options.timeout;
   ncclResult_t result = ncclCommInitRankConfig(&comm, world_size, id, rank, &config);
@@ -197,10 +212,11 @@ absl::StatusOr<std::vector<std::unique_ptr<NcclCommunicator>>> NcclCommunicator:
     return absl::UnavailableError(
         absl::StrCat("ncclGetUniqueId failed: ", ncclGetErrorString(result)));
   }
+  RETURN_IF_ERROR(CheckOptions(options));
   int previous_device = 0;
   cudaGetDevice(&previous_device);
   std::vector<ncclComm_t> comms(devices.size(), nullptr);
-  ncclConfig_t config = NonBlockingConfig();
+  ncclConfig_t config = CommunicatorConfig(options);
   // One thread creating several ranks must group the calls (each rank's creation waits for
   // the others); this is what ncclCommInitAll does, with the non-blocking configuration added.
   ncclResult_t result = ncclGroupStart();

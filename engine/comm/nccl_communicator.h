@@ -41,12 +41,19 @@
 
 namespace moeserve::engine::comm {
 
+// NCCL runs a collective on at most one CTA per channel, and has at most this many channels.
+inline constexpr int kMaxCollectiveCtas = 64;
+
 struct NcclCommunicatorOptions {
   // How long any collective (and creation) may take before the group is declared failed.
   std::chrono::milliseconds timeout = std::chrono::seconds(120);
   // The communication stream. Null: the communicator creates a non-blocking stream of the
   // highest priority (so its kernels get SMs while compute kernels fill the GPU) and owns it.
   cudaStream_t stream = nullptr;
+  // At most this many CTAs (thread blocks, one per NCCL channel) run each collective, so that a
+  // collective overlapped with compute leaves the other SMs to it (ncclConfig_t::maxCTAs);
+  // 0: NCCL's own choice.
+  int max_ctas = 0;
 };
 
 class CollectiveCompletion;

@@ -298,6 +298,35 @@ TEST_F(NcclCommunicatorTest, BadArgumentsAreRefusedWithoutFailingTheGroup) {
   });
 }
 
+// A bound on the CTAs of each collective (serving's --gpu-exchange-max-ctas) is NCCL's maxCTAs:
+// a group made with one CTA per collective delivers the same bytes; bounds NCCL has no channels
+// for are refused before any group forms.
+TEST(NcclCommunicatorCtaBoundTest, AGroupBoundToOneCtaDeliversAndOutOfRangeBoundsAreRefused) {
+  if (VisibleDeviceCount() < 1) GTEST_SKIP() << "no CUDA device visible";
+  for (int refused : {-1, comm::kMaxCollectiveCtas + 1}) {
+    comm::NcclCommunicatorOptions options;
+    options.max_ctas = refused;
+    auto created = comm::NcclCommunicator::CreateForDevices(AllDevices(), options);
+    EXPECT_EQ(created.status().code(), absl::StatusCode::kInvalidArgument) << refused;
+    EXPECT_NE(created.status().message().find("max_ctas"), std::string::npos) << created.status();
+  }
+  comm::NcclCommunicatorOptions options;
+  options.timeout = std::chrono::seconds(60);
+  options.max_ctas = 1;
+  auto created = comm::NcclCommunicator::CreateForDevices(AllDevices(), options);
+  ASSERT_TRUE(created.ok()) << created.status();
+  Communicators group = std::move(*created);
+  OnEveryRank(group, [](comm::NcclCommunicator& comm) {
+    AllToAllCase test = MakeAllToAllCase(comm.rank(), comm.size());
+    DeviceBuffer send(test.send.size()), recv(test.expected_recv.size());
+    send.Upload(test.send.data());
+    ASSERT_TRUE(
+        comm.AllToAllV(send.as<void>(), test.send_bytes, recv.as<void>(), test.recv_bytes).ok());
+    EXPECT_EQ(recv.Download<uint8_t>(), test.expected_recv) << "rank " << comm.rank();
+  });
+  comm::NcclCommunicator::DestroyAll(group);
+}
+
 // A group whose last rank never takes part: the others fail with UNAVAILABLE within the timeout
 // and stay failed; nobody hangs.
 TEST(NcclCommunicatorTimeoutTest, ARankThatNeverArrivesFailsTheOthersWithUnavailable) {

@@ -244,6 +244,12 @@ TEST(CheckFlags, AcceptsValidCommandLinesAndRefusesBadOnesWithoutStarting) {
                      &output),
             2);
   EXPECT_THAT(output, HasSubstr("--gpu-exchange-plan device needs --gpu-moe-plan device"));
+  // The exchange's CTA bound: NCCL's channels, or 0 for NCCL's choice.
+  EXPECT_EQ(RunToEnd({"--check-flags", "serve", "--gpu-exchange-max-ctas", "8"}, &output), 0)
+      << output;
+  EXPECT_NE(RunToEnd({"--check-flags", "serve", "--gpu-exchange-max-ctas", "65"}, &output), 0);
+  EXPECT_THAT(output, HasSubstr("--gpu-exchange-max-ctas"));
+  EXPECT_NE(RunToEnd({"--check-flags", "serve", "--gpu-exchange-max-ctas", "-1"}, &output), 0);
 }
 
 }  // namespace

@@ -562,7 +562,7 @@ std::vector<std::vector<uint32_t>> SequentialGreedyIds(ServerProcess& server, in
 // whose experts the device path runs (DeepSeek-V3's widths, FP8 experts: builtin:v3-bench-fp8):
 // half of every step's experts are on the other process's GPU, and the tokens are those of one
 // GPU process, whose experts are all local; no step overflowed. Their decode steps ran as CUDA
-// graphs holding the exchange's collectives (replayed on both ranks).
+// graphs holding the exchange's collectives (replayed on both ranks), NCCL bound to 2 CTAs.
 TEST(WorkerProcesses, GpuRanksPlanningTheExchangeOnTheGpuServeWhatOneGpuServes) {
   if (!CudaRankProcessesEnabled()) GTEST_SKIP() << "not a GPU host (see above)";
   // At most 64 tokens a step: every step, prefill too, is planned on the device in both the
@@ -570,7 +570,8 @@ TEST(WorkerProcesses, GpuRanksPlanningTheExchangeOnTheGpuServeWhatOneGpuServes) 
   const std::vector<std::string> model = {"--model", "builtin:v3-bench-fp8", "--max-batch-tokens",
                                           "64"};
   std::vector<std::string> args = model;
-  args.insert(args.end(), {"--gpu-exchange-plan", "device"});
+  // Each of the exchange's collectives bound to 2 CTAs, as an overlapped exchange would be.
+  args.insert(args.end(), {"--gpu-exchange-plan", "device", "--gpu-exchange-max-ctas", "2"});
   NodeGroup group("mixed", 2, 1, GpuRankArgs(args), /*nccl_host_per_node=*/true);
   ASSERT_TRUE(group.WaitServing(300));
   ServerProcess frontend({"--group", "mixed=" + group.leader(), "--poll-interval-seconds", "0.1"},
@@ -588,6 +589,8 @@ TEST(WorkerProcesses, GpuRanksPlanningTheExchangeOnTheGpuServeWhatOneGpuServes) 
   const std::string log = group.node(0).output() + group.node(1).output();
   EXPECT_NE(log.find("plans the experts and the exchange"), std::string::npos) << log;
   EXPECT_NE(log.find("as CUDA graphs, their exchange included"), std::string::npos) << log;
+  EXPECT_NE(log.find("NCCL exchange on GPU 0 (at most 2 CTAs per collective)"), std::string::npos)
+      << log;
   EXPECT_EQ(log.find("overflowed"), std::string::npos) << log;
   const std::regex replays(R"(moeserve_gpu_step_graph_replays_total\{[^}]*\} ([0-9.e+]+))");
   for (int port : group.metrics_ports()) {

@@ -10,6 +10,7 @@
 #include "engine/base/status_macros.h"
 #include "engine/comm/nccl_bootstrap.h"
 #include "engine/comm/nccl_communicator.h"
+#include "spdlog/spdlog.h"
 
 namespace moeserve::engine::cuda {
 namespace {
@@ -51,6 +52,12 @@ CudaRankOptions RankOptions(const RankBackendRequest& request, int device) {
   return options;
 }
 
+// How the group's collectives are bound, for the log.
+std::string CtaBoundText(int max_ctas) {
+  return max_ctas > 0 ? absl::StrCat("at most ", max_ctas, " CTAs per collective")
+                      : std::string("NCCL chooses the CTAs per collective");
+}
+
 // A rank that is a process of its own: its GPU, and an NCCL communicator with the group's other
 // processes, formed through the group's rendezvous (rank 0 publishes the NCCL id).
 absl::StatusOr<std::unique_ptr<RankBackend>> CreateProcessRank(const RankBackendRequest& request,
@@ -82,8 +89,11 @@ absl::StatusOr<std::unique_ptr<RankBackend>> CreateProcessRank(const RankBackend
     }
     comm::NcclCommunicatorOptions nccl;
     nccl.timeout = timeout;
+    nccl.max_ctas = request.exchange_max_ctas;
     ASSIGN_OR_RETURN(std::shared_ptr<comm::NcclCommunicator> exchange,
                      comm::NcclCommunicator::CreateWithId(request.rank, size, device, id, nccl));
+    spdlog::info("moeserve: rank {} of {} joined its group's NCCL exchange on GPU {} ({})",
+                 request.rank, size, device, CtaBoundText(nccl.max_ctas));
     options.exchange = exchange.get();
     options.exchange_owner = exchange;
   }
@@ -124,10 +134,14 @@ RankBackendFactory MakeCudaBackendFactory(CudaBackendFactoryOptions factory_opti
     if (size > 1 && exchange == nullptr) {
       std::vector<int> devices(size);
       std::iota(devices.begin(), devices.end(), 0);
-      auto communicators = comm::NcclCommunicator::CreateForDevices(devices);
+      comm::NcclCommunicatorOptions nccl;
+      nccl.max_ctas = request.exchange_max_ctas;
+      auto communicators = comm::NcclCommunicator::CreateForDevices(devices, nccl);
       if (!communicators.ok()) return communicators.status();
       exchange = std::make_shared<GroupExchange>();
       exchange->communicators = std::move(*communicators);
+      spdlog::info("moeserve: {} GPUs formed their group's NCCL exchange ({})", size,
+                   CtaBoundText(nccl.max_ctas));
     }
     CudaRankOptions options = RankOptions(request, request.rank);
     if (size > 1) {
