@@ -116,6 +116,15 @@ absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBa
 
   RETURN_IF_ERROR(kernels::RmsNorm(mb.residual.data(), w.input_norm.data(), mb.normed.data(),
                                    tokens, hidden, eps, stream));
+  // The latent rows need only the normed rows: kv_a and the cache write run on the side lane,
+  // beside the queries (small GEMMs that leave most SMs idle alone); the attention joins them.
+  RETURN_IF_ERROR(side->Fork());
+  RETURN_IF_ERROR(Linear(mb.normed.data(), w.kv_a.data(), mb.kv_a.data(), CUDA_R_32F, tokens,
+                         hidden, row_dim, 0.0f, side->cublas()));
+  Bf16* layer_rows = kv_rows.data() + layer * rows_per_layer * row_dim;
+  RETURN_IF_ERROR(kernels::MlaWriteCache(
+      mb.kv_a.data(), w.kv_a_norm.data(), eps, mb.positions.data(), mb.cache_rows.data(),
+      rope_cos.data(), rope_sin.data(), layer_rows, tokens, latent, rope, side->stream()));
   if (c.q_lora_rank > 0) {
     RETURN_IF_ERROR(
         Linear(mb.normed.data(), w.q_a, mb.q_compressed.data(), tokens, hidden, c.q_lora_rank));
@@ -127,16 +136,10 @@ absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBa
     RETURN_IF_ERROR(Linear(mb.normed.data(), w.q, mb.q.data(), tokens, hidden, heads * qk));
   }
   RETURN_IF_ERROR(mark("MLA queries"));
-  RETURN_IF_ERROR(
-      Linear(mb.normed.data(), w.kv_a.data(), mb.kv_a.data(), CUDA_R_32F, tokens, hidden, row_dim));
-  Bf16* layer_rows = kv_rows.data() + layer * rows_per_layer * row_dim;
-  RETURN_IF_ERROR(kernels::MlaWriteCache(
-      mb.kv_a.data(), w.kv_a_norm.data(), eps, mb.positions.data(), mb.cache_rows.data(),
-      rope_cos.data(), rope_sin.data(), layer_rows, tokens, latent, rope, stream));
   RETURN_IF_ERROR(kernels::MlaQueryRope(mb.q.data(), mb.positions.data(), rope_cos.data(),
                                         rope_sin.data(), mb.q_absorbed.data(), tokens, heads, nope,
                                         rope, latent, stream));
-  RETURN_IF_ERROR(mark("MLA latent and rope"));
+  RETURN_IF_ERROR(mark("MLA query rope"));
   // Absorbed queries: q_absorbed[t, h, :latent] = q_nope[t, h] · W_UK(h), W_UK(h) = the head's
   // [nope, latent] rows of kv_b_proj; one strided batched GEMM over the heads.
   const float one = 1.0f, zero = 0.0f;
@@ -151,6 +154,8 @@ absl::Status CudaRankBackend::State::MultiHeadLatentAttention(int layer, MicroBa
         "absorbed queries"));
   }
   RETURN_IF_ERROR(mark("MLA absorbed queries"));
+  RETURN_IF_ERROR(side->Join());  // the latent rows are in the cache
+  RETURN_IF_ERROR(mark("MLA latent rows (side lane)"));
   RETURN_IF_ERROR(kernels::MlaPagedAttention(
       mb.q_absorbed.data(), layer_rows, mb.block_tables.data(), mb.max_blocks,
       mb.token_sequence.data(), mb.positions.data(), mb.attended.data(), tokens, heads, latent,

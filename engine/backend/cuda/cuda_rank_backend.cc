@@ -186,6 +186,7 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   RETURN_IF_ERROR(CublasStatus(cublasCreate(&s.cublas), "cuBLAS handle"));
   RETURN_IF_ERROR(CublasStatus(cublasSetStream(s.cublas, s.stream), "cuBLAS stream"));
   RETURN_IF_ERROR(kernels::GiveCublasWorkspace(s.cublas, s.cublas_workspace));
+  ASSIGN_OR_RETURN(s.side, SideLane::Create(s.stream));
   RETURN_IF_ERROR(
       CudaStatus(cudaEventCreateWithFlags(&s.produced, cudaEventDisableTiming), "exchange event"));
 
@@ -244,9 +245,10 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   // Worst case of rows one rank receives: every rank's every assignment.
   s.max_received = max_tokens * top_k * options.group_size;
   auto make_mlp = [&](int intermediate, int rows, int experts,
-                      std::unique_ptr<kernels::ExpertMlp>& out) -> absl::Status {
+                      std::unique_ptr<kernels::ExpertMlp>& out,
+                      cudaStream_t on = nullptr) -> absl::Status {
     absl::StatusOr<kernels::ExpertMlp> mlp =
-        kernels::ExpertMlp::Create(hidden, intermediate, rows, experts, stream);
+        kernels::ExpertMlp::Create(hidden, intermediate, rows, experts, on ? on : stream);
     if (!mlp.ok()) return mlp.status();
     out = std::make_unique<kernels::ExpertMlp>(std::move(*mlp));
     return absl::OkStatus();
@@ -255,7 +257,7 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   if (c.n_routed_experts > 0) {
     const int slots = placement.num_physical() / options.group_size;
     RETURN_IF_ERROR(make_mlp(std::max(c.moe_intermediate_size * c.n_shared_experts, 1), max_tokens,
-                             1, s.shared_mlp));
+                             1, s.shared_mlp, s.side->stream()));
     if (s.fp8_experts) {
       ASSIGN_OR_RETURN(kernels::Fp8ExpertMlp fp8_mlp,
                        kernels::Fp8ExpertMlp::Create(hidden, c.moe_intermediate_size,

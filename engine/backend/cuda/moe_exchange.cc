@@ -165,6 +165,14 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
   const int size = options.group_size;
   const int assignments = tokens * top_k;
 
+  // The shared experts need only the normed rows: bf16 ones run on the side lane (shared_mlp's
+  // stream), beside the routing and the routed experts, and FinishMoe joins them; FP8 ones go
+  // through fp8_linear on the compute stream.
+  if (w.has_shared) {
+    if (!w.shared.gate_up.fp8 && !w.shared.down.fp8) RETURN_IF_ERROR(side->Fork());
+    RETURN_IF_ERROR(RunMlp(w.shared, *shared_mlp, mb.normed.data(), tokens,
+                           c.moe_intermediate_size * c.n_shared_experts, mb.shared_out.data()));
+  }
   // Gate: fp32 logits, then scores, group limit and top-k in one kernel.
   RETURN_IF_ERROR(Linear(mb.normed.data(), w.gate.data(), mb.gate_logits.data(), CUDA_R_32F, tokens,
                          hidden, c.n_routed_experts));
@@ -172,10 +180,6 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
     RETURN_IF_ERROR(kernels::GateTopK(
         mb.gate_logits.data(), w.has_correction_bias ? w.correction_bias.data() : nullptr, tokens,
         gate_options, mb.routing_experts.data(), mb.routing_weights.data(), stream));
-  }
-  if (w.has_shared) {
-    RETURN_IF_ERROR(RunMlp(w.shared, *shared_mlp, mb.normed.data(), tokens,
-                           c.moe_intermediate_size * c.n_shared_experts, mb.shared_out.data()));
   }
   mb.device_planned = UsesDevicePlan(mb);
   if (mb.device_planned && size > 1) return DispatchOnDevice(layer, mb, rank);
@@ -363,6 +367,7 @@ absl::Status CudaRankBackend::State::FinishMoe(MicroBatchState& mb) {
   const ModelConfig& c = config();
   const int hidden = c.hidden_size;
   RETURN_IF_ERROR(AwaitExchange(mb));  // the combined rows
+  RETURN_IF_ERROR(side->Join());       // the shared experts' rows
   RETURN_IF_ERROR(kernels::WeightedUnpermute(
       mb.returned_rows,
       mb.device_planned ? mb.plan_positions.data() : mb.assignment_rows.device.data(),

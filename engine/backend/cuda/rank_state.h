@@ -21,6 +21,7 @@
 #include "engine/backend/cuda/cuda_rank_backend.h"
 #include "engine/backend/cuda/gpu_stage_timer.h"
 #include "engine/backend/cuda/pinned_buffer.h"
+#include "engine/backend/cuda/side_lane.h"
 #include "engine/backend/cuda/step_graphs.h"
 #include "engine/backend/cuda/weight_uploader.h"
 #include "engine/comm/nccl_communicator.h"
@@ -199,6 +200,10 @@ struct CudaRankBackend::State {
   DeviceArray<float> attention_workspace;
   int kv_row_dim() const { return model->kv_row_dim(); }
 
+  // MLA's latent rows and the shared experts run here, beside the compute stream (declared
+  // before the MLPs: shared_mlp is bound to its stream).
+  std::unique_ptr<SideLane> side;
+  // shared_mlp runs on the side lane's stream.
   std::unique_ptr<kernels::ExpertMlp> dense_mlp, shared_mlp, routed_mlp;
   // The routed experts in FP8 (an FP8 checkpoint's, or builtin:v3-bench-fp8's): their slots
   // hold e4m3 weights and run through routed_fp8_mlp instead of routed_mlp.
@@ -308,15 +313,16 @@ struct CudaRankBackend::State {
   }
 
   // y[rows, out] = x[rows, in] · w[out, in]^T (+ beta * y); bf16 inputs, fp32 accumulation, y
-  // in bf16 or fp32.
+  // in bf16 or fp32; on the compute stream, or on `handle`'s (the side lane's).
   absl::Status Linear(const Bf16* x, const Bf16* w, void* y, cudaDataType y_type, int rows, int in,
-                      int out, float beta = 0.0f) {
+                      int out, float beta = 0.0f, cublasHandle_t handle = nullptr) {
     if (rows == 0) return absl::OkStatus();
     const float alpha = 1.0f;
-    return CublasStatus(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &alpha, w,
-                                     CUDA_R_16BF, in, x, CUDA_R_16BF, in, &beta, y, y_type, out,
-                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                        "linear");
+    return CublasStatus(
+        cublasGemmEx(handle != nullptr ? handle : cublas, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in,
+                     &alpha, w, CUDA_R_16BF, in, x, CUDA_R_16BF, in, &beta, y, y_type, out,
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        "linear");
   }
 
   // The same for a weight that may be FP8 (through fp8_linear), y bf16; `accumulate`: y += the
