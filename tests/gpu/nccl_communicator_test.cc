@@ -107,6 +107,16 @@ AllToAllCase MakeAllToAllCase(int rank, int size) {
   return test;
 }
 
+// One rank's part of an all-to-all of MakeAllToAllCase's messages between device buffers.
+void ExpectAllToAllVDelivers(comm::NcclCommunicator& comm) {
+    AllToAllCase test = MakeAllToAllCase(comm.rank(), comm.size());
+    DeviceBuffer send(test.send.size()), recv(test.expected_recv.size());
+    send.Upload(test.send.data());
+    ASSERT_TRUE(
+        comm.AllToAllV(send.as<void>(), test.send_bytes, recv.as<void>(), test.recv_bytes).ok());
+    EXPECT_EQ(recv.Download<uint8_t>(), test.expected_recv) << "rank " << comm.rank();
+}
+
 // One group over every visible GPU, shared by the functional tests (creation takes seconds).
 class NcclCommunicatorTest : public ::testing::Test {
  protected:
@@ -139,14 +149,7 @@ Communicators* NcclCommunicatorTest::communicators_ = nullptr;
 absl::Status* NcclCommunicatorTest::creation_status_ = nullptr;
 
 TEST_F(NcclCommunicatorTest, AllToAllVDeliversUnevenAndEmptyMessagesBetweenDeviceBuffers) {
-  OnEveryRank(group(), [](comm::NcclCommunicator& comm) {
-    AllToAllCase test = MakeAllToAllCase(comm.rank(), comm.size());
-    DeviceBuffer send(test.send.size()), recv(test.expected_recv.size());
-    send.Upload(test.send.data());
-    ASSERT_TRUE(
-        comm.AllToAllV(send.as<void>(), test.send_bytes, recv.as<void>(), test.recv_bytes).ok());
-    EXPECT_EQ(recv.Download<uint8_t>(), test.expected_recv) << "rank " << comm.rank();
-  });
+  OnEveryRank(group(), ExpectAllToAllVDelivers);
 }
 
 TEST_F(NcclCommunicatorTest, AllToAllVAcceptsHostBuffers) {
@@ -316,14 +319,7 @@ TEST(NcclCommunicatorCtaBoundTest, AGroupBoundToOneCtaDeliversAndOutOfRangeBound
   auto created = comm::NcclCommunicator::CreateForDevices(AllDevices(), options);
   ASSERT_TRUE(created.ok()) << created.status();
   Communicators group = std::move(*created);
-  OnEveryRank(group, [](comm::NcclCommunicator& comm) {
-    AllToAllCase test = MakeAllToAllCase(comm.rank(), comm.size());
-    DeviceBuffer send(test.send.size()), recv(test.expected_recv.size());
-    send.Upload(test.send.data());
-    ASSERT_TRUE(
-        comm.AllToAllV(send.as<void>(), test.send_bytes, recv.as<void>(), test.recv_bytes).ok());
-    EXPECT_EQ(recv.Download<uint8_t>(), test.expected_recv) << "rank " << comm.rank();
-  });
+  OnEveryRank(group, ExpectAllToAllVDelivers);
   comm::NcclCommunicator::DestroyAll(group);
 }
 
