@@ -21,6 +21,7 @@
 #include "engine/backend/cuda/cuda_backend_factory.h"
 #include "engine/base/status_macros.h"
 #include "engine/model/loader.h"
+#include "engine/placement/expert_stager.h"
 #include "engine/trace/trace_recorder.h"
 #include "gtest/gtest.h"
 #include "tests/gpu/logit_agreement.h"
@@ -358,7 +359,9 @@ TEST(CudaBackendFp8, DevicePlannedExchangeGivesTheSingleGpusLogits) {
 // kernel by kernel. A graph is its step's kernels with the same arguments, reading the step's
 // inputs from the buffers the host rewrites: the logits are the same bits at every step. The
 // first step of each shape (token count, power-of-two table width) captures, the others replay;
-// prefill steps go kernel by kernel.
+// prefill steps go kernel by kernel. Halfway, a new placement, staged and committed as serving
+// does, moves every expert to another slot: the graphs read the slots' pointers and the plan's
+// tables from fixed buffers, so nothing is recaptured.
 void CheckDecodeStepsAsCudaGraphs(const Model& model, bool fp8_experts) {
   SCOPED_TRACE(fp8_experts ? "FP8 experts" : "bf16 experts");
   const ModelConfig& c = model.config();
@@ -392,12 +395,21 @@ void CheckDecodeStepsAsCudaGraphs(const Model& model, bool fp8_experts) {
   std::vector<std::vector<int32_t>> tokens = {
       {prompt.begin(), prompt.begin() + 9}, {prompt.begin(), prompt.begin() + 20}, prompt};
   const parallel::ParallelMetrics::Totals before = (*group)->metrics().totals();
+  // Every expert one slot further on, as a new version.
+  std::vector<std::vector<int32_t>> rotated(c.num_moe_layers());
+  for (auto& layer : rotated) {
+    for (int slot = 0; slot < c.n_routed_experts; ++slot) {
+      layer.push_back((slot + 1) % c.n_routed_experts);
+    }
+  }
+  auto moved = ExpertPlacement::FromPhy2Log(rotated, c.n_routed_experts, /*version=*/1);
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  const ExpertPlacement* placement = &(*group)->placement(0);
   auto step = [&](const std::vector<BatchSequence>& batch) {
     std::vector<float> logits[2];
     for (int b = 0; b < 2; ++b) {
       RankBackend& backend = b == 0 ? **with_graphs : **without;
-      const absl::Status forward =
-          backend.Forward(batch, (*group)->placement(0), (*group)->resources(0), {});
+      const absl::Status forward = backend.Forward(batch, *placement, (*group)->resources(0), {});
       EXPECT_TRUE(forward.ok()) << forward;
       auto result = forward.ok() ? backend.Logits() : forward;
       EXPECT_TRUE(result.ok()) << result.status();
@@ -414,6 +426,16 @@ void CheckDecodeStepsAsCudaGraphs(const Model& model, bool fp8_experts) {
                                    (logits.end() - vocab));
   }
   for (int decode = 0; decode < 14; ++decode) {
+    if (decode == 7) {
+      // As serving commits it: staged beside the old slots, then swapped in by pointer.
+      for (auto* backend : {&**with_graphs, &**without}) {
+        ExpertStager* stager = backend->expert_stager();
+        ASSERT_NE(stager, nullptr);
+        ASSERT_TRUE(stager->Stage(*moved).ok());
+        stager->Commit(*moved);
+      }
+      placement = &*moved;
+    }
     std::vector<int> members = {0, 1, 2};
     if (decode % 3 == 2) members = {0, 2};
     std::vector<BatchSequence> batch;
@@ -436,7 +458,8 @@ void CheckDecodeStepsAsCudaGraphs(const Model& model, bool fp8_experts) {
   std::printf("step graphs: %lld captured, %lld replayed\n", static_cast<long long>(captures),
               static_cast<long long>(replays));
   // Shapes: 3 tokens at table width 2 (steps 0-1); from step 2 on, when the third sequence
-  // takes its third block, 2 and 3 tokens at width 4. Every decode step is a graph.
+  // takes its third block, 2 and 3 tokens at width 4. Every decode step is a graph, and the new
+  // placement recaptured none.
   EXPECT_EQ(captures, 3);
   EXPECT_EQ(replays, 11);
 }
