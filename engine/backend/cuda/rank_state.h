@@ -200,10 +200,9 @@ struct CudaRankBackend::State {
   DeviceArray<float> attention_workspace;
   int kv_row_dim() const { return model->kv_row_dim(); }
 
-  // MLA's latent rows and the shared experts run here, beside the compute stream (declared
-  // before the MLPs: shared_mlp is bound to its stream).
+  // MLA's latent rows and the bf16 shared experts run here, beside the compute stream.
+  // Declared before the MLPs, so that it outlives shared_mlp, which is bound to its stream.
   std::unique_ptr<SideLane> side;
-  // shared_mlp runs on the side lane's stream.
   std::unique_ptr<kernels::ExpertMlp> dense_mlp, shared_mlp, routed_mlp;
   // The routed experts in FP8 (an FP8 checkpoint's, or builtin:v3-bench-fp8's): their slots
   // hold e4m3 weights and run through routed_fp8_mlp instead of routed_mlp.
