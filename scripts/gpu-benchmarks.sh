@@ -24,8 +24,10 @@
 # build). Serving flags: $SERVING_CONCURRENCY (default "1 8 32 64"; "8 64" for processes),
 # $SERVING_PROMPT_TOKENS (128), $SERVING_MAX_TOKENS (128), $SERVING_EP (default "1 2 4 8";
 # "2 4 8" for processes; a layout of 2 or more GPUs also runs with --two-batch-overlap unless
-# $SERVING_OVERLAP is 0), $SERVING_TRACE_STEPS (default none: with K, each server writes a Chrome
-# trace of K working steps after $SERVING_TRACE_SKIP, default 300, into OUT_DIR/trace-LAYOUT/),
+# $SERVING_OVERLAP is 0, and once more per value of $SERVING_EXCHANGE_MAX_CTAS with
+# --gpu-exchange-max-ctas), $SERVING_TRACE_STEPS (default none: with K, each server writes a
+# Chrome trace of K working steps after $SERVING_TRACE_SKIP, default 300, into
+# OUT_DIR/trace-LAYOUT/),
 # $SERVING_MODEL (builtin:v3-bench), $SERVING_DEVICE (cuda; cpu runs the same layouts on the
 # CPU, where $BENCH_GPUS stands for the GPU count), $SERVING_KV_MIB (8192), $SERVING_FLAGS (more
 # serve flags, e.g. "--gpu-cuda-graphs off"); the processes part
@@ -33,7 +35,7 @@
 # $BENCH_CONNECT_TIMEOUT seconds (900) for a server to load. NVLink multicast stays off.
 set -euo pipefail
 
-[[ $# -ge 1 ]] || { sed -n '2,33p' "$0" >&2; exit 2; }
+[[ $# -ge 1 ]] || { sed -n '2,36p' "$0" >&2; exit 2; }
 out=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 parts=("$@")
@@ -120,9 +122,19 @@ for part in "${parts[@]}"; do
       for ep in ${SERVING_EP:-1 2 4 8}; do
         (( ep <= gpus )) || continue
         overlaps=("")
-        (( ep > 1 )) && [[ ${SERVING_OVERLAP:-1} == 1 ]] && overlaps+=("--two-batch-overlap")
+        if (( ep > 1 )) && [[ ${SERVING_OVERLAP:-1} == 1 ]]; then
+          overlaps+=("--two-batch-overlap")
+          for ctas in ${SERVING_EXCHANGE_MAX_CTAS:-}; do
+            overlaps+=("--two-batch-overlap --gpu-exchange-max-ctas $ctas")
+          done
+        fi
         for overlap in "${overlaps[@]}"; do
           name="ep$ep${overlap:+-overlap}"
+          what="EP$ep${overlap:+ + overlap}"
+          if [[ $overlap =~ max-ctas\ ([0-9]+) ]]; then
+            name+="-ctas${BASH_REMATCH[1]}"
+            what+=", ${BASH_REMATCH[1]} CTAs"
+          fi
           port=$((50200 + ep + ${#overlap}))
           trace=()
           if [[ -n ${SERVING_TRACE_STEPS:-} ]]; then
@@ -144,7 +156,7 @@ for part in "${parts[@]}"; do
             sleep 1
           done
           # shellcheck disable=SC2086
-          run_load "$name" "$port" "$ep" "EP$ep${overlap:+ + overlap} ($ep x $card)" \
+          run_load "$name" "$port" "$ep" "$what ($ep x $card)" \
             ${SERVING_CONCURRENCY:-1 8 32 64}
           stop "$pid"
         done
