@@ -109,12 +109,12 @@ AllToAllCase MakeAllToAllCase(int rank, int size) {
 
 // One rank's part of an all-to-all of MakeAllToAllCase's messages between device buffers.
 void ExpectAllToAllVDelivers(comm::NcclCommunicator& comm) {
-    AllToAllCase test = MakeAllToAllCase(comm.rank(), comm.size());
-    DeviceBuffer send(test.send.size()), recv(test.expected_recv.size());
-    send.Upload(test.send.data());
-    ASSERT_TRUE(
-        comm.AllToAllV(send.as<void>(), test.send_bytes, recv.as<void>(), test.recv_bytes).ok());
-    EXPECT_EQ(recv.Download<uint8_t>(), test.expected_recv) << "rank " << comm.rank();
+  AllToAllCase test = MakeAllToAllCase(comm.rank(), comm.size());
+  DeviceBuffer send(test.send.size()), recv(test.expected_recv.size());
+  send.Upload(test.send.data());
+  ASSERT_TRUE(
+      comm.AllToAllV(send.as<void>(), test.send_bytes, recv.as<void>(), test.recv_bytes).ok());
+  EXPECT_EQ(recv.Download<uint8_t>(), test.expected_recv) << "rank " << comm.rank();
 }
 
 // One group over every visible GPU, shared by the functional tests (creation takes seconds).

@@ -244,28 +244,27 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
   const int top_k = std::max(c.num_experts_per_tok, 1);
   // Worst case of rows one rank receives: every rank's every assignment.
   s.max_received = max_tokens * top_k * options.group_size;
-  auto make_mlp = [&](int intermediate, int rows, int experts,
-                      std::unique_ptr<kernels::ExpertMlp>& out,
-                      cudaStream_t on = nullptr) -> absl::Status {
+  auto make_mlp = [&](int intermediate, int rows, int experts, cudaStream_t on,
+                      std::unique_ptr<kernels::ExpertMlp>& out) -> absl::Status {
     absl::StatusOr<kernels::ExpertMlp> mlp =
-        kernels::ExpertMlp::Create(hidden, intermediate, rows, experts, on ? on : stream);
+        kernels::ExpertMlp::Create(hidden, intermediate, rows, experts, on);
     if (!mlp.ok()) return mlp.status();
     out = std::make_unique<kernels::ExpertMlp>(std::move(*mlp));
     return absl::OkStatus();
   };
-  RETURN_IF_ERROR(make_mlp(std::max(c.intermediate_size, 1), max_tokens, 1, s.dense_mlp));
+  RETURN_IF_ERROR(make_mlp(std::max(c.intermediate_size, 1), max_tokens, 1, stream, s.dense_mlp));
   if (c.n_routed_experts > 0) {
     const int slots = placement.num_physical() / options.group_size;
     RETURN_IF_ERROR(make_mlp(std::max(c.moe_intermediate_size * c.n_shared_experts, 1), max_tokens,
-                             1, s.shared_mlp, s.side->stream()));
+                             1, s.side->stream(), s.shared_mlp));
     if (s.fp8_experts) {
       ASSIGN_OR_RETURN(kernels::Fp8ExpertMlp fp8_mlp,
                        kernels::Fp8ExpertMlp::Create(hidden, c.moe_intermediate_size,
                                                      s.max_received, slots, stream));
       s.routed_fp8_mlp = std::make_unique<kernels::Fp8ExpertMlp>(std::move(fp8_mlp));
     } else {
-      RETURN_IF_ERROR(
-          make_mlp(std::max(c.moe_intermediate_size, 1), s.max_received, slots, s.routed_mlp));
+      RETURN_IF_ERROR(make_mlp(std::max(c.moe_intermediate_size, 1), s.max_received, slots, stream,
+                               s.routed_mlp));
     }
   }
   for (MicroBatchState& mb : s.micro_batches) RETURN_IF_ERROR(s.ReserveMicroBatch(mb));
@@ -289,7 +288,7 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
 
 absl::Status CudaRankBackend::State::RunMlp(const DeviceMlp& w, kernels::ExpertMlp& bf16_mlp,
                                             const Bf16* x, int rows, int intermediate, Bf16* y) {
-  if (!w.gate_up.fp8 && !w.down.fp8) {
+  if (w.bf16()) {
     return bf16_mlp.Run(x, {0, rows}, {w.gate_up.bf16.data()}, {w.down.bf16.data()}, y);
   }
   const int hidden = config().hidden_size;

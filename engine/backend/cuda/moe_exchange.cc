@@ -169,7 +169,7 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
   // stream), beside the routing and the routed experts, and FinishMoe joins them; FP8 ones go
   // through fp8_linear on the compute stream.
   if (w.has_shared) {
-    if (!w.shared.gate_up.fp8 && !w.shared.down.fp8) RETURN_IF_ERROR(side->Fork());
+    if (w.shared.bf16()) RETURN_IF_ERROR(side->Fork());
     RETURN_IF_ERROR(RunMlp(w.shared, *shared_mlp, mb.normed.data(), tokens,
                            c.moe_intermediate_size * c.n_shared_experts, mb.shared_out.data()));
   }

@@ -58,6 +58,8 @@ struct DeviceLinear {
 // (bf16) or Fp8ExpertMlp and Fp8Linear (FP8) take them.
 struct DeviceMlp {
   DeviceLinear gate_up, down;
+  // Both projections bf16: the MLP runs through an ExpertMlp (RunMlp), on that MLP's stream.
+  bool bf16() const { return !gate_up.fp8 && !down.fp8; }
 };
 
 struct DeviceLayer {
