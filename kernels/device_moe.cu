@@ -235,36 +235,6 @@ constexpr int GemmSharedBytes() {
   return Operand::kStages * StageBytes<Operand>();
 }
 
-// The slot of the `wanted`-th slot with rows (in slot order), or -1: blocks are launched for
-// at most as many slots as the step has rows, not for every slot of the layer.
-__device__ int FindBusySlot(const int32_t* __restrict__ offsets, int slots, int wanted) {
-  __shared__ int warp_totals[kGemmWarps];
-  __shared__ int found;
-  const int per_thread = (slots + kGemmThreads - 1) / kGemmThreads;
-  const int first = min(static_cast<int>(threadIdx.x) * per_thread, slots);
-  const int last = min(first + per_thread, slots);
-  int busy = 0;
-  for (int s = first; s < last; ++s) busy += offsets[s + 1] > offsets[s];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  int inclusive = busy;
-  for (int offset = 1; offset < kWarpSize; offset *= 2) {
-    const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    if (lane >= offset) inclusive += before;
-  }
-  if (lane == kWarpSize - 1) warp_totals[warp] = inclusive;
-  if (threadIdx.x == 0) found = -1;
-  __syncthreads();
-  int seen = inclusive - busy;
-  for (int w = 0; w < warp; ++w) seen += warp_totals[w];
-  if (wanted >= seen && wanted < seen + busy) {
-    for (int s = first; s < last; ++s) {
-      if (offsets[s + 1] > offsets[s] && seen++ == wanted) found = s;
-    }
-  }
-  __syncthreads();
-  return found;
-}
-
 template <class Operand>
 __global__ void __launch_bounds__(kGemmThreads)
     DeviceGroupedGemmKernel(const __nv_bfloat16* __restrict__ x, DeviceSlotPlan plan,
@@ -272,7 +242,7 @@ __global__ void __launch_bounds__(kGemmThreads)
   extern __shared__ __align__(16) char stages[];
   const int slot = static_cast<int>(gridDim.y) == plan.slots
                        ? static_cast<int>(blockIdx.y)
-                       : FindBusySlot(plan.offsets, plan.slots, blockIdx.y);
+                       : FindBusySlot<kGemmThreads>(plan.offsets, plan.slots, blockIdx.y);
   if (slot < 0) return;
   const int begin = plan.offsets[slot], end = plan.offsets[slot + 1];
   if (begin >= end) return;

@@ -1,6 +1,7 @@
 // Device helpers shared by the kernels that group (token, expert) rows by slot (device_moe.cu's
 // PlanSlots, device_exchange.cu's PlanReceived): a row's rank inside its slot comes from a
-// shared-memory counter, and a slot's rows and rank pack into one int.
+// shared-memory counter, and a slot's rows and rank pack into one int; and by the grouped
+// GEMMs that launch blocks for the busy slots only (device_moe.cu, fp8_grouped_gemm.cu).
 #pragma once
 
 #include <cstdint>
@@ -40,6 +41,39 @@ __device__ inline void ScanSlotCounts(int32_t* counts, int slots, int32_t* offse
     start += rows;
   }
   if (lane == kWarpSize - 1) offsets[slots] = inclusive;
+}
+
+// The slot of the `wanted`-th slot with rows (in slot order), or -1, found by the whole block of
+// kThreads threads: GEMM blocks are launched for at most as many slots as the step has rows,
+// not for every slot of the layer. Contains __syncthreads(): every thread must call it.
+template <int kThreads>
+__device__ int FindBusySlot(const int32_t* __restrict__ offsets, int slots, int wanted) {
+  static_assert(kThreads % kWarpSize == 0, "whole warps");
+  __shared__ int warp_totals[kThreads / kWarpSize];
+  __shared__ int found;
+  const int per_thread = (slots + kThreads - 1) / kThreads;
+  const int first = min(static_cast<int>(threadIdx.x) * per_thread, slots);
+  const int last = min(first + per_thread, slots);
+  int busy = 0;
+  for (int s = first; s < last; ++s) busy += offsets[s + 1] > offsets[s];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  int inclusive = busy;
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += before;
+  }
+  if (lane == kWarpSize - 1) warp_totals[warp] = inclusive;
+  if (threadIdx.x == 0) found = -1;
+  __syncthreads();
+  int seen = inclusive - busy;
+  for (int w = 0; w < warp; ++w) seen += warp_totals[w];
+  if (wanted >= seen && wanted < seen + busy) {
+    for (int s = first; s < last; ++s) {
+      if (offsets[s + 1] > offsets[s] && seen++ == wanted) found = s;
+    }
+  }
+  __syncthreads();
+  return found;
 }
 
 }  // namespace moeserve::kernels
