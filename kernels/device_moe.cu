@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/device_moe.h"
 #include "kernels/fp8.h"
+#include "kernels/fp8_grouped_gemm.h"
 #include "kernels/kernels.h"
 #include "kernels/reductions.cuh"
 #include "kernels/slot_groups.cuh"
@@ -413,7 +414,7 @@ absl::Status DeviceGroupedGemm(const __nv_bfloat16* x, const DeviceSlotPlan& pla
 }
 
 absl::StatusOr<DeviceExpertMlp> DeviceExpertMlp::Create(int hidden, int intermediate, int max_rows,
-                                                        cudaStream_t stream) {
+                                                        cudaStream_t stream, Fp8Products fp8) {
   if (!DeviceGroupedGemmSupports(2 * intermediate, hidden) ||
       !DeviceGroupedGemmSupports(hidden, intermediate) || max_rows < 0) {
     return absl::InvalidArgumentError(absl::StrCat("DeviceExpertMlp: hidden ", hidden,
@@ -425,10 +426,57 @@ absl::StatusOr<DeviceExpertMlp> DeviceExpertMlp::Create(int hidden, int intermed
   mlp.intermediate_ = intermediate;
   mlp.max_rows_ = max_rows;
   mlp.stream_ = stream;
+  mlp.fp8_ = fp8;
   const size_t rows = static_cast<size_t>(std::max(max_rows, 1));
-  if (auto s = mlp.gate_up_.Reserve(rows * 2 * intermediate); !s.ok()) return s;
+  const size_t padded = static_cast<size_t>(Fp8PaddedRows(static_cast<int64_t>(rows)));
+  if (auto s = mlp.gate_up_.Reserve(padded * 2 * intermediate); !s.ok()) return s;
   if (auto s = mlp.activation_.Reserve(rows * intermediate); !s.ok()) return s;
+  if (fp8 == Fp8Products::kRecipe) {
+    int device = 0;
+    if (auto s = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !s.ok()) return s;
+    if (!Fp8GroupedGemmSupported(device)) {
+      return absl::FailedPreconditionError(
+          "DeviceExpertMlp: the FP8 recipe's grouped GEMM needs a GPU of compute capability 9.0");
+    }
+    if (auto s = PrepareFp8GroupedGemm(); !s.ok()) return s;
+    for (auto s : {mlp.x_values_.Reserve(padded * hidden),
+                   mlp.x_scales_.Reserve(padded * (hidden / kFp8BlockSize)),
+                   mlp.activation_values_.Reserve(padded * intermediate),
+                   mlp.activation_scales_.Reserve(padded * (intermediate / kFp8BlockSize))}) {
+      if (!s.ok()) return s;
+    }
+  }
   return mlp;
+}
+
+// All rows are quantized as one group, the layout Fp8GroupedGemm reads; the slots' rows are
+// ranges of it. The SwiGLU output is quantized on the way (SiluMulQuantizeFp8).
+absl::Status DeviceExpertMlp::RunRecipe(const __nv_bfloat16* x, const DeviceSlotPlan& plan,
+                                        int rows, const DeviceSlotWeights& gate_up,
+                                        const DeviceSlotWeights& down, __nv_bfloat16* y) {
+  auto made = MakeFp8RowGroups({0, rows});
+  if (!made.ok()) return made.status();
+  const Fp8RowGroups& all_rows = *made;
+  const int scale_rows = static_cast<int>(all_rows.padded_rows());
+  if (auto s = QuantizeActivationGroupsFp8(x, all_rows, hidden_, x_values_.data(), x_scales_.data(),
+                                           stream_, plan.source_rows);
+      !s.ok()) {
+    return s;
+  }
+  Fp8GemmSlotGroups slots{plan.offsets, gate_up.fp8, plan.slots, rows};
+  if (auto s = Fp8GroupedGemm(x_values_.data(), x_scales_.data(), scale_rows, slots,
+                              2 * intermediate_, hidden_, gate_up_.data(), stream_);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = SiluMulQuantizeFp8(gate_up_.data(), all_rows, intermediate_,
+                                  activation_values_.data(), activation_scales_.data(), stream_);
+      !s.ok()) {
+    return s;
+  }
+  slots.weights = down.fp8;
+  return Fp8GroupedGemm(activation_values_.data(), activation_scales_.data(), scale_rows, slots,
+                        hidden_, intermediate_, y, stream_);
 }
 
 absl::Status DeviceExpertMlp::Run(const __nv_bfloat16* x, const DeviceSlotPlan& plan, int rows,
@@ -439,6 +487,9 @@ absl::Status DeviceExpertMlp::Run(const __nv_bfloat16* x, const DeviceSlotPlan& 
         absl::StrCat("DeviceExpertMlp::Run: ", rows, " rows, made for ", max_rows_));
   }
   if (rows == 0) return absl::OkStatus();
+  if (gate_up.fp8 != nullptr && fp8_ == Fp8Products::kRecipe) {
+    return RunRecipe(x, plan, rows, gate_up, down, y);
+  }
   DeviceSlotPlan bounded = plan;
   bounded.busy_slot_bound = rows;
   if (auto s = DeviceGroupedGemm(x, bounded, gate_up, 2 * intermediate_, hidden_, gate_up_.data(),

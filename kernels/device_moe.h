@@ -11,7 +11,8 @@
 //                    128 x 128 block in fp32. Weights stream through a ring of shared-memory
 //                    stages (cp.async), so a step reads only the chosen experts' weights, each
 //                    once per 16 rows, at close to the memory's bandwidth.
-//   DeviceExpertMlp  both projections of the SwiGLU MLP with SiLU · up between them.
+//   DeviceExpertMlp  both projections of the SwiGLU MLP with SiLU · up between them; FP8 weights
+//                    either widened as above or in DeepSeek-V3's recipe (Fp8Products).
 // A row's result does not depend on which rows share its slot or where it sits among them (each
 // output's sum runs in the same order for every row), so the plan's order inside a slot, which
 // atomics decide, does not change a bit of the output.
@@ -28,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "kernels/device_array.h"
 #include "kernels/fp8_gemm.h"
+#include "kernels/fp8_quantize.h"
 
 namespace moeserve::kernels {
 
@@ -83,9 +85,20 @@ inline bool DeviceGroupedGemmSupports(int n, int k) {
 
 class DeviceExpertMlp {
  public:
-  // max_rows: grouped rows of one call (tokens * top_k).
+  // How FP8 weights multiply (bf16 weights take DeviceGroupedGemm either way).
+  enum class Fp8Products {
+    // DeviceGroupedGemm: the weights widened exactly to bf16, the activations left in bf16.
+    kWidenedWeights,
+    // DeepSeek-V3's recipe: the activations quantized per 1 x 128 tile, the block-scaled FP8
+    // products on Hopper's warpgroup instructions (fp8_grouped_gemm.h), compute capability
+    // 9.0 only (Fp8GroupedGemmSupported). Reads the weights closer to the memory's bandwidth.
+    kRecipe,
+  };
+  // max_rows: grouped rows of one call (tokens * top_k). kRecipe where the device cannot run
+  // it: FAILED_PRECONDITION.
   static absl::StatusOr<DeviceExpertMlp> Create(int hidden, int intermediate, int max_rows,
-                                                cudaStream_t stream);
+                                                cudaStream_t stream,
+                                                Fp8Products fp8 = Fp8Products::kWidenedWeights);
 
   // y [rows, hidden] in grouped order = SwiGLU of each slot's rows of x [*, hidden], with
   // gate_up [2I, H] (gate rows, then up rows) and down [H, I] per slot. `rows` is the plan's
@@ -95,10 +108,18 @@ class DeviceExpertMlp {
                    __nv_bfloat16* y);
 
  private:
+  absl::Status RunRecipe(const __nv_bfloat16* x, const DeviceSlotPlan& plan, int rows,
+                         const DeviceSlotWeights& gate_up, const DeviceSlotWeights& down,
+                         __nv_bfloat16* y);
+
   int hidden_ = 0, intermediate_ = 0, max_rows_ = 0;
+  Fp8Products fp8_ = Fp8Products::kWidenedWeights;
   cudaStream_t stream_ = nullptr;
-  DeviceArray<__nv_bfloat16> gate_up_;     // [max_rows, 2I]
+  DeviceArray<__nv_bfloat16> gate_up_;     // [max_rows + 3, 2I] (kRecipe reads padded rows)
   DeviceArray<__nv_bfloat16> activation_;  // [max_rows, I]
+  // kRecipe: the rows and the SwiGLU output quantized (values, 1 x 128 scales; fp8.h).
+  DeviceArray<__nv_fp8_e4m3> x_values_, activation_values_;
+  DeviceArray<float> x_scales_, activation_scales_;
 };
 
 }  // namespace moeserve::kernels

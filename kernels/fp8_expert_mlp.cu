@@ -36,6 +36,12 @@ absl::StatusOr<Fp8ExpertMlp> Fp8ExpertMlp::Create(int hidden, int intermediate, 
                  mlp.act_.Reserve(static_cast<size_t>(max_rows) * intermediate)}) {
     if (!s.ok()) return s;
   }
+  int device = 0;
+  if (auto s = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !s.ok()) return s;
+  mlp.grouped_gemm_supported_ = Fp8GroupedGemmSupported(device);
+  if (mlp.grouped_gemm_supported_) {
+    if (auto s = PrepareFp8GroupedGemm(); !s.ok()) return s;
+  }
   auto main_gemm = Fp8BlockGemm::Create(stream);
   if (!main_gemm.ok()) return main_gemm.status();
   mlp.gemms_.push_back(std::move(*main_gemm));
@@ -68,6 +74,8 @@ Fp8ExpertMlp& Fp8ExpertMlp::operator=(Fp8ExpertMlp&& other) noexcept {
   std::swap(intermediate_, other.intermediate_);
   std::swap(max_rows_, other.max_rows_);
   std::swap(max_experts_, other.max_experts_);
+  std::swap(grouped_gemm_supported_, other.grouped_gemm_supported_);
+  std::swap(grouped_gemm_groups_, other.grouped_gemm_groups_);
   std::swap(stream_, other.stream_);
   std::swap(gemms_, other.gemms_);
   std::swap(side_streams_, other.side_streams_);
@@ -111,6 +119,9 @@ absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t
           "Fp8ExpertMlp::Run: the weight-only strategy reads rows in expert order, not x_rows");
     }
     return RunWeightOnly(x, offsets, gate_up, down, y);
+  }
+  if (strategy == Strategy::kGroupedGemm) {
+    return RunGroupedGemm(x, offsets, gate_up, down, y, x_rows);
   }
   auto made = MakeFp8RowGroups(offsets);
   if (!made.ok()) return made.status();
@@ -219,6 +230,48 @@ absl::Status Fp8ExpertMlp::RunWeightOnly(const __nv_bfloat16* x,
   }
   describe(down);
   return Fp8WeightOnlyGroupedGemm(act_.data(), groups, hidden_, intermediate_, y, stream_);
+}
+
+absl::Status Fp8ExpertMlp::RunGroupedGemm(const __nv_bfloat16* x,
+                                          const std::vector<int64_t>& offsets,
+                                          const std::vector<Fp8Weight>& gate_up,
+                                          const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
+                                          const int32_t* x_rows) {
+  if (!grouped_gemm_supported_) {
+    return absl::FailedPreconditionError(
+        "Fp8ExpertMlp: the grouped FP8 GEMM needs a GPU of compute capability 9.0");
+  }
+  const int64_t rows = offsets.back();
+  if (rows == 0) return absl::OkStatus();
+  // All rows are quantized as one group (the grouped GEMM's layout), so no expert is padded
+  // and the down projection writes straight into y.
+  auto made = MakeFp8RowGroups({0, rows});
+  if (!made.ok()) return made.status();
+  const Fp8RowGroups& all_rows = *made;
+  const int scale_rows = static_cast<int>(all_rows.padded_rows());
+  if (grouped_gemm_groups_ == nullptr) grouped_gemm_groups_ = std::make_unique<Fp8GemmGroupList>();
+  Fp8GemmGroupList& groups = *grouped_gemm_groups_;
+  groups.count = static_cast<int>(gate_up.size());
+  for (int e = 0; e <= groups.count; ++e) groups.offsets[e] = static_cast<int>(offsets[e]);
+  if (auto s = QuantizeActivationGroupsFp8(x, all_rows, hidden_, x_values_.data(), x_scales_.data(),
+                                           stream_, x_rows);
+      !s.ok()) {
+    return s;
+  }
+  for (int e = 0; e < groups.count; ++e) groups.weights[e] = gate_up[e];
+  if (auto s = Fp8GroupedGemm(x_values_.data(), x_scales_.data(), scale_rows, groups,
+                              2 * intermediate_, hidden_, gate_up_.data(), stream_);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = SiluMulQuantizeFp8(gate_up_.data(), all_rows, intermediate_, act_values_.data(),
+                                  act_scales_.data(), stream_);
+      !s.ok()) {
+    return s;
+  }
+  for (int e = 0; e < groups.count; ++e) groups.weights[e] = down[e];
+  return Fp8GroupedGemm(act_values_.data(), act_scales_.data(), scale_rows, groups, hidden_,
+                        intermediate_, y, stream_);
 }
 
 }  // namespace moeserve::kernels

@@ -20,6 +20,7 @@
 #include "absl/status/statusor.h"
 #include "kernels/device_array.h"
 #include "kernels/fp8_gemm.h"
+#include "kernels/fp8_grouped_gemm.h"
 #include "kernels/fp8_weight_only_gemm.h"
 
 namespace moeserve::kernels {
@@ -32,6 +33,10 @@ class Fp8ExpertMlp {
     // Decode: every expert's projection in one launch, the weights dequantized in registers
     // and the activations left in bf16 (fp8_weight_only_gemm.h); for few rows per expert.
     kWeightOnly,
+    // Every expert's projection in one launch of the recipe's GEMM on Hopper's warpgroup
+    // instructions (fp8_grouped_gemm.h); for up to tens of rows per expert. Compute
+    // capability 9.0 only (grouped_gemm_supported()).
+    kGroupedGemm,
   };
   // hidden and intermediate multiples of 128; max_experts <= kMaxFp8RowGroups (fp8_quantize.h).
   static absl::StatusOr<Fp8ExpertMlp> Create(int hidden, int intermediate, int max_rows,
@@ -40,11 +45,15 @@ class Fp8ExpertMlp {
   Fp8ExpertMlp& operator=(Fp8ExpertMlp&&) noexcept;
   ~Fp8ExpertMlp();
 
+  // Whether kGroupedGemm runs on this instance's device.
+  bool grouped_gemm_supported() const { return grouped_gemm_supported_; }
+
   // `offsets` (host, experts + 1 entries) splits X [offsets.back(), hidden] by expert;
   // gate_up[e] is [2I, H] (gate rows then up rows), down[e] is [H, I], both on the device.
   // With `x_rows` (device, offsets.back() entries), X's row i is x's row x_rows[i]: the permute
   // into expert order happens inside the activation quantization, which reads each row where it
   // is (the GEMM strategies only; kWeightOnly reads X's rows in order, INVALID_ARGUMENT).
+  // kGroupedGemm where unsupported: FAILED_PRECONDITION.
   absl::Status Run(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
                    const std::vector<Fp8Weight>& gate_up, const std::vector<Fp8Weight>& down,
                    __nv_bfloat16* y, Strategy strategy = Strategy::kPerExpertGemm,
@@ -56,9 +65,14 @@ class Fp8ExpertMlp {
   absl::Status RunWeightOnly(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
                              const std::vector<Fp8Weight>& gate_up,
                              const std::vector<Fp8Weight>& down, __nv_bfloat16* y);
+  absl::Status RunGroupedGemm(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
+                              const std::vector<Fp8Weight>& gate_up,
+                              const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
+                              const int32_t* x_rows);
   void Release();
 
   int hidden_ = 0, intermediate_ = 0, max_rows_ = 0, max_experts_ = 0;
+  bool grouped_gemm_supported_ = false;
   cudaStream_t stream_ = nullptr;
   std::vector<Fp8BlockGemm> gemms_;  // [0] on stream_, then one per side stream
   cudaStream_t side_streams_[kSideStreams] = {};
@@ -72,6 +86,7 @@ class Fp8ExpertMlp {
   DeviceArray<__nv_bfloat16> y_padded_;    // [padded rows, H], for experts of unaligned rows
   DeviceArray<__nv_bfloat16> act_;         // [rows, I] (kWeightOnly)
   std::unique_ptr<Fp8WeightOnlyGroups> weight_only_groups_;  // a launch's groups (kWeightOnly)
+  std::unique_ptr<Fp8GemmGroupList> grouped_gemm_groups_;    // a launch's groups (kGroupedGemm)
 };
 
 }  // namespace moeserve::kernels

@@ -5,7 +5,8 @@
 // the block-scaled FP8 rate for FP8. Layouts: EP32 prefill (9 local experts x ~14.5K tokens),
 // EP128 decode (3 x ~340), and one GPU holding all 256 experts with 128 tokens routed top-8.
 // The FP8 weights are the bf16 ones quantized per 128 x 128 block, so the two outputs are
-// compared too. Prints what cuBLASLt offers for block-scaled FP8, then two markdown tables, then
+// compared too. Prints what cuBLASLt offers for block-scaled FP8 (one matrix per call, and the
+// batch modes that would take several experts at once), then two markdown tables, then
 // a third for decode on one GPU holding all 256 experts (1 to 128 tokens routed top-8): the
 // host-planned paths (ExpertMlp, Fp8ExpertMlp: rows grouped by the host) against the
 // device-planned one (kernels/device_moe.h: the plan and tensor-core grouped GEMMs, no host
@@ -165,6 +166,55 @@ void PrintBlockScaledSupport() {
       cublasLtMatmulDescDestroy(desc);
     }
   }
+  // One call for several experts: the batch modes, 3 experts of 340 rows (the weight's role).
+  std::printf("  several experts in one call (3 x 340 rows):");
+  for (const bool pointer_array : {false, true}) {
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    const cublasOperation_t t = CUBLAS_OP_T, nt = CUBLAS_OP_N;
+    const int32_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
+                  b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof(t));
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof(nt));
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode,
+                                   sizeof(a_mode));
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode,
+                                   sizeof(b_mode));
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scales,
+                                   sizeof(scales));
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scales,
+                                   sizeof(scales));
+    const int rows = 340, batch = 3;
+    cublasLtMatrixLayout_t layouts[3];
+    cublasLtMatrixLayoutCreate(&layouts[0], CUDA_R_8F_E4M3, k, n, k);
+    cublasLtMatrixLayoutCreate(&layouts[1], CUDA_R_8F_E4M3, k, rows, k);
+    cublasLtMatrixLayoutCreate(&layouts[2], CUDA_R_16BF, n, rows, n);
+    const int64_t strides[3] = {int64_t{k} * n, int64_t{k} * rows, int64_t{n} * rows};
+    for (int i = 0; i < 3; ++i) {
+      cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch,
+                                       sizeof(batch));
+      if (pointer_array) {
+        const uint32_t mode = CUBLASLT_BATCH_MODE_POINTER_ARRAY;
+        cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_MODE, &mode,
+                                         sizeof(mode));
+      } else {
+        cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                         &strides[i], sizeof(strides[i]));
+      }
+    }
+    cublasLtMatmulPreference_t preference;
+    cublasLtMatmulPreferenceCreate(&preference);
+    cublasLtMatmulHeuristicResult_t result;
+    int found = 0;
+    const cublasStatus_t status =
+        cublasLtMatmulAlgoGetHeuristic(handle, desc, layouts[0], layouts[1], layouts[2], layouts[2],
+                                       preference, 1, &result, &found);
+    std::printf(" %s batch: %s (%d)%s", pointer_array ? "pointer-array" : "strided",
+                cublasLtGetStatusName(status), found, pointer_array ? "\n" : ";");
+    cublasLtMatmulPreferenceDestroy(preference);
+    for (auto& layout : layouts) cublasLtMatrixLayoutDestroy(layout);
+    cublasLtMatmulDescDestroy(desc);
+  }
   cudaFree(scales);
   cublasLtDestroy(handle);
 }
@@ -291,12 +341,19 @@ void DecodeTable(cudaStream_t stream, double copy) {
   ExitOnError(mlp.status());
   ExitOnError(fp8.status());
   ExitOnError(device_mlp.status());
+  // The device-planned recipe (activations quantized, the grouped wgmma GEMM), where it runs.
+  auto device_recipe = k::DeviceExpertMlp::Create(kHidden, kIntermediate, max_pairs, stream,
+                                                  k::DeviceExpertMlp::Fp8Products::kRecipe);
+  if (!device_recipe.ok())
+    std::printf("\nno device-planned FP8 recipe: %s\n", device_recipe.status().ToString().c_str());
 
   std::printf(
       "\n| tokens | experts read | bf16 floor ms | bf16 host-planned ms | bf16 device-planned ms "
       "| %% of floor | FP8 floor ms | FP8 host-planned ms | FP8 device-planned ms | %% of floor | "
-      "FP8 device vs bf16 device |\n");
-  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+      "FP8 device-planned recipe ms | %% of floor | best FP8 device vs bf16 device |\n");
+  std::printf(
+      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+      "|\n");
   std::mt19937 rng(42);
   for (int tokens : {1, 8, 64, kMaxTokens}) {
     std::vector<int32_t> routed;
@@ -331,26 +388,37 @@ void DecodeTable(cudaStream_t stream, double copy) {
     const double host_bf16 = best_ms(mlp, gate_up, down, ExpertMlp::Strategy::kGroupedGemm,
                                      ExpertMlp::Strategy::kConcurrentGemm);
     const double host_fp8 =
-        best_ms(fp8, fp8_gate_up, fp8_down, Fp8ExpertMlp::Strategy::kConcurrentGemm,
-                Fp8ExpertMlp::Strategy::kWeightOnly);
-    auto device_ms = [&](const k::DeviceSlotWeights& first, const k::DeviceSlotWeights& second) {
+        fp8->grouped_gemm_supported()
+            ? best_ms(fp8, fp8_gate_up, fp8_down, Fp8ExpertMlp::Strategy::kConcurrentGemm,
+                      Fp8ExpertMlp::Strategy::kWeightOnly, Fp8ExpertMlp::Strategy::kGroupedGemm)
+            : best_ms(fp8, fp8_gate_up, fp8_down, Fp8ExpertMlp::Strategy::kConcurrentGemm,
+                      Fp8ExpertMlp::Strategy::kWeightOnly);
+    auto device_ms = [&](k::DeviceExpertMlp& runner, const k::DeviceSlotWeights& first,
+                         const k::DeviceSlotWeights& second) {
       return MedianMs(
           [&] {
             ExitOnError(k::PlanSlots(device_routed, tokens, kTopK, table, kExperts, offsets,
                                      source_rows, positions, nullptr, stream));
-            ExitOnError(
-                device_mlp->Run(x, {offsets, source_rows, kExperts}, pairs, first, second, y));
+            ExitOnError(runner.Run(x, {offsets, source_rows, kExperts}, pairs, first, second, y));
           },
           10, stream);
     };
-    const double device_bf16 = device_ms(device_gate_up, device_down);
-    const double device_fp8 = device_ms(device_gate_up_fp8, device_down_fp8);
+    const double device_bf16 = device_ms(*device_mlp, device_gate_up, device_down);
+    const double device_fp8 = device_ms(*device_mlp, device_gate_up_fp8, device_down_fp8);
+    const double recipe_fp8 = device_recipe.ok()
+                                  ? device_ms(*device_recipe, device_gate_up_fp8, device_down_fp8)
+                                  : std::nan("");
     const double floor_bf16 = Bf16Bytes(active, pairs) / (copy * 1e9) * 1e3;
     const double floor_fp8 = Fp8Bytes(active, pairs) / (copy * 1e9) * 1e3;
+    const double best_device_fp8 =
+        std::isnan(recipe_fp8) ? device_fp8 : std::min(device_fp8, recipe_fp8);
     std::printf(
-        "| %d | %d | %.3f | %.3f | **%.3f** | %.0f%% | %.3f | %.3f | **%.3f** | %.0f%% | %.2fx |\n",
+        "| %d | %d | %.3f | %.3f | **%.3f** | %.0f%% | %.3f | %.3f | **%.3f** | %.0f%% | **%.3f** "
+        "| "
+        "%.0f%% | %.2fx |\n",
         tokens, active, floor_bf16, host_bf16, device_bf16, 100 * floor_bf16 / device_bf16,
-        floor_fp8, host_fp8, device_fp8, 100 * floor_fp8 / device_fp8, device_bf16 / device_fp8);
+        floor_fp8, host_fp8, device_fp8, 100 * floor_fp8 / device_fp8, recipe_fp8,
+        100 * floor_fp8 / recipe_fp8, device_bf16 / best_device_fp8);
   }
   CHECK_CUDA(cudaDeviceSynchronize());
   for (void* p : owned) cudaFree(p);
@@ -457,12 +525,14 @@ int main() {
     ExitOnError(fp8.status());
     // The weight-only decode strategy re-reads an expert's weights per 8 rows: measured where
     // experts have few rows (decode), not for prefill's thousands.
-    double fp8_ms[3] = {0, 0, std::nan("")};
-    const Fp8ExpertMlp::Strategy fp8_strategies[3] = {Fp8ExpertMlp::Strategy::kPerExpertGemm,
-                                                      Fp8ExpertMlp::Strategy::kConcurrentGemm,
-                                                      Fp8ExpertMlp::Strategy::kWeightOnly};
+    double fp8_ms[4] = {0, 0, std::nan(""), std::nan("")};
+    const Fp8ExpertMlp::Strategy fp8_strategies[4] = {
+        Fp8ExpertMlp::Strategy::kPerExpertGemm, Fp8ExpertMlp::Strategy::kConcurrentGemm,
+        Fp8ExpertMlp::Strategy::kWeightOnly, Fp8ExpertMlp::Strategy::kGroupedGemm};
     const bool few_rows_per_expert = rows <= 64 * static_cast<int64_t>(active);
-    for (int s = 0; s < (few_rows_per_expert ? 3 : 2); ++s) {
+    for (int s = 0; s < 4; ++s) {
+      if (s == 2 && !few_rows_per_expert) continue;
+      if (s == 3 && !fp8->grouped_gemm_supported()) continue;
       fp8_ms[s] = MedianMs(
           [&] {
             ExitOnError(fp8->Run(x, offsets, fp8_gate_up, fp8_down, y_fp8, fp8_strategies[s]));
@@ -521,7 +591,10 @@ int main() {
             ExitOnError(mlp->Run(x, offsets, gate_up, down, y, strategies[best_bf16_strategy]));
           },
           10, stream);
-      const auto gemm_strategy = fp8_ms[0] <= fp8_ms[1] ? fp8_strategies[0] : fp8_strategies[1];
+      // The fastest of the strategies that read x_rows (NaN, where one did not run, loses).
+      int gemm = fp8_ms[0] <= fp8_ms[1] ? 0 : 1;
+      if (fp8_ms[3] < fp8_ms[gemm]) gemm = 3;
+      const auto gemm_strategy = fp8_strategies[gemm];
       double fp8_from_received_ms = MedianMs(
           [&] {
             ExitOnError(fp8->Run(received, offsets, fp8_gate_up, fp8_down, y_fp8, gemm_strategy,
@@ -556,17 +629,21 @@ int main() {
     const double bytes_floor_fp8 = bytes_fp8 / (copy * 1e9) * 1e3;
     const double floor_fp8 = std::max(flops / (fp8_tflops * 1e12), bytes_fp8 / (copy * 1e9)) * 1e3;
     const double best_bf16 = std::min({ms[0], ms[1], ms[2]});
-    const double best_fp8 =
-        std::min({fp8_ms[0], fp8_ms[1], few_rows_per_expert ? fp8_ms[2] : fp8_ms[0]});
-    char weight_only[32] = "–";
-    if (few_rows_per_expert) std::snprintf(weight_only, sizeof(weight_only), "%.3f", fp8_ms[2]);
+    double best_fp8 = std::min(fp8_ms[0], fp8_ms[1]);
+    for (int s : {2, 3}) {
+      if (!std::isnan(fp8_ms[s])) best_fp8 = std::min(best_fp8, fp8_ms[s]);
+    }
+    char weight_only[32] = "–", grouped[32] = "–";
+    if (!std::isnan(fp8_ms[2])) std::snprintf(weight_only, sizeof(weight_only), "%.3f", fp8_ms[2]);
+    if (!std::isnan(fp8_ms[3])) std::snprintf(grouped, sizeof(grouped), "%.3f", fp8_ms[3]);
     char line[512];
     std::snprintf(
         line, sizeof(line),
-        "| %s | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %s | **%.2fx** | %.0f%% | "
+        "| %s | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %s | %s | **%.2fx** | %.0f%% | "
         "%.3f | %.1e |",
         layout.name.c_str(), bytes_floor_fp8, floor_fp8, ms[0], ms[1], ms[2], fp8_ms[0], fp8_ms[1],
-        weight_only, best_bf16 / best_fp8, 100 * floor_fp8 / best_fp8, quantize_ms, difference);
+        weight_only, grouped, best_bf16 / best_fp8, 100 * floor_fp8 / best_fp8, quantize_ms,
+        difference);
     fp8_lines.push_back(line);
     for (void* p : fp8_owned) cudaFree(p);
     cudaFree(y_fp8);
@@ -577,11 +654,12 @@ int main() {
   std::printf(
       "\n| layout | FP8 bytes floor ms | FP8 floor ms | bf16 per-expert ms | bf16 grouped ms | "
       "bf16 "
-      "concurrent ms | FP8 per-expert ms | FP8 concurrent ms | FP8 weight-only ms | FP8 speed-up "
-      "vs best bf16 | best FP8 %% of floor | quantize kernels ms | FP8 vs bf16 rms diff |\n");
+      "concurrent ms | FP8 per-expert ms | FP8 concurrent ms | FP8 weight-only ms | FP8 grouped "
+      "(wgmma) ms | FP8 speed-up vs best bf16 | best FP8 %% of floor | quantize kernels ms | FP8 "
+      "vs bf16 rms diff |\n");
   std::printf(
       "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-      "|\n");
+      "| ---: |\n");
   for (const std::string& line : fp8_lines) std::printf("%s\n", line.c_str());
   std::printf(
       "\nFrom the received rows (the permute into expert order included):\n"

@@ -26,6 +26,7 @@
 #include "kernels/fp8.h"
 #include "kernels/fp8_expert_mlp.h"
 #include "kernels/fp8_gemm.h"
+#include "kernels/fp8_grouped_gemm.h"
 #include "kernels/fp8_linear.h"
 #include "kernels/fp8_quantize.h"
 #include "kernels/fp8_twins.h"
@@ -294,6 +295,110 @@ TEST(Fp8Kernels, BlockScaledGemmMatchesTwin) {
   }
 }
 
+// The grouped GEMM (wgmma) against the twin group by group, on the same e4m3 operands: groups
+// of 1, 0, 5, 64 (one whole block of rows), 130 (three blocks, the last partial) and 3 rows, k
+// of 8 slices (more than the ring's stages) and 3 (fewer). Then what serving relies on: a row's
+// bits do not depend on the rows beside it, and the slot form (offsets and weights on the
+// device, blocks for the busy slots only) gives the list form's bits.
+TEST(Fp8Kernels, GroupedGemmMatchesTwinAndKeepsRowsIndependent) {
+  REQUIRE_GPU();
+  int device = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  if (!Fp8GroupedGemmSupported(device)) GTEST_SKIP() << "compute capability 9.0 only";
+  ASSERT_TRUE(PrepareFp8GroupedGemm().ok());
+  const std::vector<int64_t> offsets = {0, 1, 1, 6, 70, 200, 203};
+  const int groups = static_cast<int>(offsets.size()) - 1, rows = static_cast<int>(offsets.back());
+  const int n = 256;
+  for (const int k : {1024, 384}) {
+    SCOPED_TRACE(::testing::Message() << "k " << k);
+    DeviceMemory memory;
+    std::vector<TestWeight> weights;
+    Fp8GemmGroupList list;
+    list.count = groups;
+    for (int g = 0; g < groups; ++g) {
+      weights.push_back(MakeWeight(n, k, 300 + g, 0.02f, memory));
+      list.weights[g] = weights[g].device;
+      list.offsets[g + 1] = static_cast<int>(offsets[g + 1]);
+    }
+    const auto x = RandomBf16(static_cast<size_t>(rows) * k, 19, 1.0f);
+    // Expected: each group's rows quantized and multiplied on their own (quantization is per
+    // row, so the codes equal the all-rows quantization's).
+    std::vector<uint16_t> expected(static_cast<size_t>(rows) * n);
+    for (int g = 0; g < groups; ++g) {
+      const int group_rows = static_cast<int>(offsets[g + 1] - offsets[g]);
+      if (group_rows == 0) continue;
+      std::vector<uint8_t> values(Fp8PaddedRows(group_rows) * k);
+      std::vector<float> scales(ActivationScaleCount(group_rows, k));
+      QuantizeActivationsFp8Twin(x.data() + offsets[g] * k, group_rows, k, values.data(),
+                                 scales.data());
+      std::vector<uint16_t> y(static_cast<size_t>(Fp8PaddedRows(group_rows)) * n);
+      Fp8GemmTwin(values.data(), scales.data(), group_rows, weights[g].twin(), n, k, y.data());
+      std::copy_n(y.begin(), static_cast<size_t>(group_rows) * n,
+                  expected.begin() + offsets[g] * n);
+    }
+    auto all_rows = MakeFp8RowGroups({0, rows});
+    ASSERT_TRUE(all_rows.ok());
+    const int scale_rows = static_cast<int>(all_rows->padded_rows());
+    uint8_t* values = memory.Allocate<uint8_t>(static_cast<size_t>(scale_rows) * k);
+    float* scales = memory.Allocate<float>(static_cast<size_t>(scale_rows) * (k / 128));
+    ASSERT_TRUE(QuantizeActivationGroupsFp8(AsBf16(memory.Upload(x)), *all_rows, k, AsFp8(values),
+                                            scales, nullptr)
+                    .ok());
+    uint16_t* y = memory.Allocate<uint16_t>(expected.size());
+    ASSERT_EQ(cudaMemset(y, 0xff, expected.size() * 2), cudaSuccess);  // NaNs unless written
+    const absl::Status status =
+        Fp8GroupedGemm(AsFp8(values), scales, scale_rows, list, n, k, AsBf16(y), nullptr);
+    ASSERT_TRUE(status.ok()) << status;
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto result = Download<uint16_t>(y, expected.size());
+    const Errors errors =
+        Compare(Bf16Floats(result, expected.size()), Bf16Floats(expected, expected.size()));
+    std::printf(
+        "grouped FP8 GEMM, %d rows in %d groups, n %d, k %d vs twin: max/max %.2e, rms %.2e\n",
+        rows, groups, n, k, errors.max_over_max, errors.rms_relative);
+    EXPECT_LT(errors.max_over_max, 1e-2);
+
+    // Row 40 (inside the 64-row group) alone in a group of one gives the same bits.
+    const int row = 40, group = 3;
+    ASSERT_TRUE(offsets[group] <= row && row < offsets[group + 1]);
+    Fp8GemmGroupList alone;
+    alone.count = 1;
+    alone.offsets[1] = 1;
+    alone.weights[0] = weights[group].device;
+    uint16_t* y_alone = memory.Allocate<uint16_t>(n);
+    // Its codes are row 40 of the all-rows quantization; its scales, column b of one row.
+    std::vector<float> all_scales =
+        Download<float>(scales, static_cast<size_t>(scale_rows) * (k / 128));
+    std::vector<float> row_scales(4 * (k / 128), 0.0f);  // one row padded to 4, ld 4
+    for (int b = 0; b < k / 128; ++b) row_scales[b * 4] = all_scales[b * scale_rows + row];
+    const absl::Status alone_status =
+        Fp8GroupedGemm(AsFp8(values) + static_cast<int64_t>(row) * k, memory.Upload(row_scales), 4,
+                       alone, n, k, AsBf16(y_alone), nullptr);
+    ASSERT_TRUE(alone_status.ok()) << alone_status;
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(Download<uint16_t>(y_alone, n),
+              std::vector<uint16_t>(result.begin() + static_cast<int64_t>(row) * n,
+                                    result.begin() + static_cast<int64_t>(row + 1) * n));
+
+    // The slot form: every slot, then blocks for the 5 busy slots only.
+    std::vector<int32_t> slot_offsets(offsets.begin(), offsets.end());
+    std::vector<Fp8Weight> slot_weights(list.weights, list.weights + groups);
+    Fp8GemmSlotGroups slots{memory.Upload(slot_offsets), memory.Upload(slot_weights), groups, -1};
+    for (const int bound : {-1, 5}) {
+      slots.busy_slot_bound = bound;
+      ASSERT_EQ(cudaMemset(y, 0xff, expected.size() * 2), cudaSuccess);
+      const absl::Status slot_status =
+          Fp8GroupedGemm(AsFp8(values), scales, scale_rows, slots, n, k, AsBf16(y), nullptr);
+      ASSERT_TRUE(slot_status.ok()) << slot_status;
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_EQ(Download<uint16_t>(y, expected.size()), result) << "busy slot bound " << bound;
+    }
+  }
+  EXPECT_EQ(
+      Fp8GroupedGemm(nullptr, nullptr, 4, Fp8GemmGroupList{}, 100, 128, nullptr, nullptr).code(),
+      absl::StatusCode::kInvalidArgument);
+}
+
 // Fp8Linear's two paths against their twins: the weight-only kernel (bf16 activations) up to its
 // row limit, the recipe (quantized activations, cuBLASLt) above it; rows that are and are not
 // whole groups of 4, and y += the product. The GEMM's tolerance (above) applies to both; the sum
@@ -406,9 +511,22 @@ void CheckExpertMlp(int hidden, int inter, const std::vector<int64_t>& offsets) 
   uint16_t* device_y = memory.Allocate<uint16_t>(x.size());
   auto mlp = Fp8ExpertMlp::Create(hidden, inter, rows, experts, nullptr);
   ASSERT_TRUE(mlp.ok()) << mlp.status();
-  for (auto strategy :
-       {Fp8ExpertMlp::Strategy::kPerExpertGemm, Fp8ExpertMlp::Strategy::kConcurrentGemm,
-        Fp8ExpertMlp::Strategy::kWeightOnly}) {
+  std::vector<Fp8ExpertMlp::Strategy> strategies = {Fp8ExpertMlp::Strategy::kPerExpertGemm,
+                                                    Fp8ExpertMlp::Strategy::kConcurrentGemm,
+                                                    Fp8ExpertMlp::Strategy::kWeightOnly};
+  std::vector<Fp8ExpertMlp::Strategy> gathering = {Fp8ExpertMlp::Strategy::kPerExpertGemm,
+                                                   Fp8ExpertMlp::Strategy::kConcurrentGemm};
+  if (mlp->grouped_gemm_supported()) {
+    strategies.push_back(Fp8ExpertMlp::Strategy::kGroupedGemm);
+    gathering.push_back(Fp8ExpertMlp::Strategy::kGroupedGemm);
+  } else {
+    std::printf("no grouped FP8 GEMM on this GPU (compute capability 9.0 only)\n");
+    EXPECT_EQ(mlp->Run(AsBf16(device_x), offsets, gate_up_device, down_device, AsBf16(device_y),
+                       Fp8ExpertMlp::Strategy::kGroupedGemm)
+                  .code(),
+              absl::StatusCode::kFailedPrecondition);
+  }
+  for (auto strategy : strategies) {
     // The decode strategy leaves the activations in bf16: its twin is the weight-only one, and
     // it is closer to the unquantized products than the recipe.
     const bool weight_only = strategy == Fp8ExpertMlp::Strategy::kWeightOnly;
@@ -446,8 +564,7 @@ void CheckExpertMlp(int hidden, int inter, const std::vector<int64_t>& offsets) 
   const int32_t* device_x_rows = memory.Upload(x_rows);
   const uint16_t* device_reversed = memory.Upload(reversed);
   uint16_t* device_gathered_y = memory.Allocate<uint16_t>(x.size());
-  for (auto strategy :
-       {Fp8ExpertMlp::Strategy::kPerExpertGemm, Fp8ExpertMlp::Strategy::kConcurrentGemm}) {
+  for (auto strategy : gathering) {
     ASSERT_TRUE(
         mlp->Run(AsBf16(device_x), offsets, gate_up_device, down_device, AsBf16(device_y), strategy)
             .ok());
