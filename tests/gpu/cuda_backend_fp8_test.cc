@@ -1,6 +1,6 @@
 // FP8 weights in serving: a DeepSeek-V3-style checkpoint whose projections are stored as e4m3
-// with 128x128 block scales keeps its routed experts in FP8 on the GPU (block-scaled FP8 GEMMs,
-// activations quantized per 1x128 tile; the weight-only kernel for a few rows), and with
+// with 128x128 block scales keeps its routed experts in FP8 on the GPU (DeepSeek-V3's recipe:
+// activations quantized per 1x128 tile, block-scaled FP8 GEMMs), and with
 // --gpu-dense-weights as-stored its dense projections too. Its logits stay within the FP8 tolerance
 // of the fp32 CPU engine on the same (dequantized) weights, on one rank and on two with redundant
 // slots; the bf16 path
@@ -197,10 +197,11 @@ TEST(CudaBackendFp8, BenchModelInFp8AgreesWithItsBf16Sibling) {
 // A decode-sized step on a GPU alone plans its experts on the device (kernels/device_moe.h) when
 // asked to (RankBackendRequest::device_planned_moe): no MoE layer waits for its routing on the
 // host (the host-planned path records a "routing wait" per MoE layer in the trace). Two tokens
-// keep every slot at two rows or fewer, where the host-planned FP8 path runs the same products
-// (weight-only, bf16 activations): the two paths then differ only in the order of their fp32
-// sums and bf16 roundings, within the GPU's EP-invariance tolerance, in bf16 and FP8, with and
-// without redundant replicas, in one micro-batch and in two.
+// keep every slot at a few rows, where both paths run the same products: in FP8 DeepSeek-V3's
+// recipe on the grouped FP8 GEMM (fp8_grouped_gemm.h), in bf16 the grouped GEMMs. The two paths
+// then differ at most in the order of their fp32 sums and bf16 roundings, within the GPU's
+// EP-invariance tolerance, in bf16 and FP8, with and without redundant replicas, in one
+// micro-batch and in two.
 TEST(CudaBackendFp8, DevicePlannedDecodeAgreesWithTheHostPlannedPath) {
   REQUIRE_HOPPER();
   auto opened = OpenSmallFp8Checkpoint("device_plan");

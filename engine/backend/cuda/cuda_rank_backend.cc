@@ -9,6 +9,7 @@
 #include "engine/base/status_macros.h"
 #include "engine/model/architecture.h"
 #include "engine/parallel/overlap_schedule.h"
+#include "kernels/fp8_grouped_gemm.h"
 #include "kernels/fp8_quantize.h"
 #include "kernels/kernels.h"
 #include "kernels/mla.h"
@@ -147,9 +148,12 @@ absl::Status CudaRankBackend::State::PrepareDevicePlan(int slots_per_rank) {
   // In a group, a rank's experts run over the exchange's capacity of received entries, which
   // PlanStepExchange keeps within kMaxPlannedPairs.
   const int mlp_rows = options.group_size > 1 ? kernels::kMaxPlannedPairs : device_plan_max_pairs;
-  ASSIGN_OR_RETURN(
-      kernels::DeviceExpertMlp mlp,
-      kernels::DeviceExpertMlp::Create(c.hidden_size, c.moe_intermediate_size, mlp_rows, stream));
+  ASSIGN_OR_RETURN(kernels::DeviceExpertMlp mlp,
+                   kernels::DeviceExpertMlp::Create(
+                       c.hidden_size, c.moe_intermediate_size, mlp_rows, stream,
+                       fp8_experts && kernels::Fp8GroupedGemmSupported(options.device)
+                           ? kernels::DeviceExpertMlp::Fp8Products::kRecipe
+                           : kernels::DeviceExpertMlp::Fp8Products::kWidenedWeights));
   device_mlp = std::make_unique<kernels::DeviceExpertMlp>(std::move(mlp));
   for (MicroBatchState& mb : micro_batches) {
     RETURN_IF_ERROR(mb.plan_offsets.Reserve(slots_per_rank + 1));

@@ -313,19 +313,24 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
   const bool small_groups = busy_slots > 0 && received / busy_slots < 512;
   if (fp8_experts) {
     const SlotWeightPointers weights = SlotWeights(w.slots, /*fp8=*/true);
-    // With at most 2 rows per slot (light decode) one launch per projection reads each FP8
-    // weight once; from 3 rows on, the recipe's block-scaled GEMMs on side streams are faster
-    // (measured on an H100: docs/PERFORMANCE.md).
+    // On Hopper, up to 64 rows per slot (decode) run the recipe's grouped GEMM: one launch per
+    // projection reads each FP8 weight once, at the memory's bandwidth, with the products the
+    // device-planned path computes. Beyond, each slot's rows make a GEMM of their own, which
+    // cuBLASLt runs faster, on side streams while slots are small (measured on an H100:
+    // docs/PERFORMANCE.md). Without the grouped GEMM, slots of at most 2 rows take the
+    // weight-only kernel instead.
     int64_t largest = 0;
     for (int s = 0; s < slots; ++s) {
       largest = std::max(largest, mb.slot_offsets[s + 1] - mb.slot_offsets[s]);
     }
-    constexpr int64_t kWeightOnlyMaxRows = 2;
-    const auto strategy = largest <= kWeightOnlyMaxRows
-                              ? kernels::Fp8ExpertMlp::Strategy::kWeightOnly
-                          : small_groups ? kernels::Fp8ExpertMlp::Strategy::kConcurrentGemm
-                                         : kernels::Fp8ExpertMlp::Strategy::kPerExpertGemm;
-    if (strategy == kernels::Fp8ExpertMlp::Strategy::kWeightOnly) {
+    constexpr int64_t kGroupedGemmMaxRows = 64, kWeightOnlyMaxRows = 2;
+    using Fp8Strategy = kernels::Fp8ExpertMlp::Strategy;
+    const bool grouped = routed_fp8_mlp->grouped_gemm_supported();
+    const auto strategy = grouped && largest <= kGroupedGemmMaxRows   ? Fp8Strategy::kGroupedGemm
+                          : !grouped && largest <= kWeightOnlyMaxRows ? Fp8Strategy::kWeightOnly
+                          : small_groups                              ? Fp8Strategy::kConcurrentGemm
+                                                                      : Fp8Strategy::kPerExpertGemm;
+    if (strategy == Fp8Strategy::kWeightOnly) {
       RETURN_IF_ERROR(permute_to_slot_order());
       RETURN_IF_ERROR(routed_fp8_mlp->Run(mb.expert_in.data(), mb.slot_offsets, weights.gate_up_fp8,
                                           weights.down_fp8, mb.expert_out.data(), strategy));
