@@ -115,7 +115,7 @@ class DeviceExpertMlp {
   int hidden_ = 0, intermediate_ = 0, max_rows_ = 0;
   Fp8Products fp8_ = Fp8Products::kWidenedWeights;
   cudaStream_t stream_ = nullptr;
-  DeviceArray<__nv_bfloat16> gate_up_;     // [max_rows + 3, 2I] (kRecipe reads padded rows)
+  DeviceArray<__nv_bfloat16> gate_up_;     // [max_rows rounded up to 4, 2I] (kRecipe's layout)
   DeviceArray<__nv_bfloat16> activation_;  // [max_rows, I]
   // kRecipe: the rows and the SwiGLU output quantized (values, 1 x 128 scales; fp8.h).
   DeviceArray<__nv_fp8_e4m3> x_values_, activation_values_;

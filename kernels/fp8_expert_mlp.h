@@ -4,9 +4,10 @@
 //   gate_up[rows of e] = X_q[rows of e] · W_gate_up(e)^T   (block-scaled FP8 GEMM, bf16 out)
 //   act = bf16(silu(gate) * up), quantized per 1 x 128     (one fused kernel)
 //   Y[rows of e] = act_q[rows of e] · W_down(e)^T           (block-scaled FP8 GEMM, bf16 out)
-// Weights e4m3 with 128 x 128 block scales (fp8.h), bf16 in and out, fp32 accumulation. Inside,
-// each expert's rows are padded to a multiple of 4 (fp8.h); an expert whose row count is not one
-// writes its down projection to a scratch buffer, copied to Y at the end.
+// Weights e4m3 with 128 x 128 block scales (fp8.h), bf16 in and out, fp32 accumulation. For the
+// cuBLASLt strategies each expert's rows are padded to a multiple of 4 (fp8.h); an expert whose
+// row count is not one writes its down projection to a scratch buffer, copied to Y at the end.
+// The grouped strategy quantizes all rows as one group and writes Y directly.
 // One instance per stream; not thread-safe.
 #pragma once
 
