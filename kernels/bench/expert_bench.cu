@@ -10,7 +10,8 @@
 // a third for decode on one GPU holding all 256 experts (1 to 128 tokens routed top-8): the
 // host-planned paths (ExpertMlp, Fp8ExpertMlp: rows grouped by the host) against the
 // device-planned one (kernels/device_moe.h: the plan and tensor-core grouped GEMMs, no host
-// round trip; its time includes the plan). Between them, a table from the received rows: the
+// round trip; its time includes the plan), FP8 both with the weights widened and in the recipe
+// (the grouped FP8 GEMM, Hopper only). Between them, a table from the received rows: the
 // permute into expert order counted (bf16 copies the rows; FP8 reads them in its quantization).
 #include <cublasLt.h>
 #include <cublas_v2.h>
