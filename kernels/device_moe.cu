@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/device_moe.h"
 #include "kernels/fp8.h"
+#include "kernels/fp8_expert_mlp.h"
 #include "kernels/fp8_grouped_gemm.h"
 #include "kernels/kernels.h"
 #include "kernels/reductions.cuh"
@@ -241,9 +242,7 @@ __global__ void __launch_bounds__(kGemmThreads)
     DeviceGroupedGemmKernel(const __nv_bfloat16* __restrict__ x, DeviceSlotPlan plan,
                             Operand operand, int n, int k, __nv_bfloat16* __restrict__ y) {
   extern __shared__ __align__(16) char stages[];
-  const int slot = static_cast<int>(gridDim.y) == plan.slots
-                       ? static_cast<int>(blockIdx.y)
-                       : FindBusySlot<kGemmThreads>(plan.offsets, plan.slots, blockIdx.y);
+  const int slot = SlotOfBlock<kGemmThreads>(plan.offsets, plan.slots);
   if (slot < 0) return;
   const int begin = plan.offsets[slot], end = plan.offsets[slot + 1];
   if (begin >= end) return;
@@ -432,13 +431,12 @@ absl::StatusOr<DeviceExpertMlp> DeviceExpertMlp::Create(int hidden, int intermed
   if (auto s = mlp.gate_up_.Reserve(padded * 2 * intermediate); !s.ok()) return s;
   if (auto s = mlp.activation_.Reserve(rows * intermediate); !s.ok()) return s;
   if (fp8 == Fp8Products::kRecipe) {
-    int device = 0;
-    if (auto s = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !s.ok()) return s;
-    if (!Fp8GroupedGemmSupported(device)) {
+    auto supported = PrepareFp8GroupedGemmIfSupported();
+    if (!supported.ok()) return supported.status();
+    if (!*supported) {
       return absl::FailedPreconditionError(
           "DeviceExpertMlp: the FP8 recipe's grouped GEMM needs a GPU of compute capability 9.0");
     }
-    if (auto s = PrepareFp8GroupedGemm(); !s.ok()) return s;
     for (auto s : {mlp.x_values_.Reserve(padded * hidden),
                    mlp.x_scales_.Reserve(padded * (hidden / kFp8BlockSize)),
                    mlp.activation_values_.Reserve(padded * intermediate),
@@ -447,36 +445,6 @@ absl::StatusOr<DeviceExpertMlp> DeviceExpertMlp::Create(int hidden, int intermed
     }
   }
   return mlp;
-}
-
-// All rows are quantized as one group, the layout Fp8GroupedGemm reads; the slots' rows are
-// ranges of it. The SwiGLU output is quantized on the way (SiluMulQuantizeFp8).
-absl::Status DeviceExpertMlp::RunRecipe(const __nv_bfloat16* x, const DeviceSlotPlan& plan,
-                                        int rows, const DeviceSlotWeights& gate_up,
-                                        const DeviceSlotWeights& down, __nv_bfloat16* y) {
-  auto made = MakeFp8RowGroups({0, rows});
-  if (!made.ok()) return made.status();
-  const Fp8RowGroups& all_rows = *made;
-  const int scale_rows = static_cast<int>(all_rows.padded_rows());
-  if (auto s = QuantizeActivationGroupsFp8(x, all_rows, hidden_, x_values_.data(), x_scales_.data(),
-                                           stream_, plan.source_rows);
-      !s.ok()) {
-    return s;
-  }
-  Fp8GemmSlotGroups slots{plan.offsets, gate_up.fp8, plan.slots, rows};
-  if (auto s = Fp8GroupedGemm(x_values_.data(), x_scales_.data(), scale_rows, slots,
-                              2 * intermediate_, hidden_, gate_up_.data(), stream_);
-      !s.ok()) {
-    return s;
-  }
-  if (auto s = SiluMulQuantizeFp8(gate_up_.data(), all_rows, intermediate_,
-                                  activation_values_.data(), activation_scales_.data(), stream_);
-      !s.ok()) {
-    return s;
-  }
-  slots.weights = down.fp8;
-  return Fp8GroupedGemm(activation_values_.data(), activation_scales_.data(), scale_rows, slots,
-                        hidden_, intermediate_, y, stream_);
 }
 
 absl::Status DeviceExpertMlp::Run(const __nv_bfloat16* x, const DeviceSlotPlan& plan, int rows,
@@ -488,7 +456,12 @@ absl::Status DeviceExpertMlp::Run(const __nv_bfloat16* x, const DeviceSlotPlan& 
   }
   if (rows == 0) return absl::OkStatus();
   if (gate_up.fp8 != nullptr && fp8_ == Fp8Products::kRecipe) {
-    return RunRecipe(x, plan, rows, gate_up, down, y);
+    return Fp8GroupedSwiGlu(
+        x, plan.source_rows, rows, Fp8GemmSlotGroups{plan.offsets, gate_up.fp8, plan.slots, rows},
+        Fp8GemmSlotGroups{plan.offsets, down.fp8, plan.slots, rows}, hidden_, intermediate_,
+        {x_values_.data(), x_scales_.data(), gate_up_.data(), activation_values_.data(),
+         activation_scales_.data()},
+        y, stream_);
   }
   DeviceSlotPlan bounded = plan;
   bounded.busy_slot_bound = rows;

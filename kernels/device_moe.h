@@ -91,7 +91,8 @@ class DeviceExpertMlp {
     kWidenedWeights,
     // DeepSeek-V3's recipe: the activations quantized per 1 x 128 tile, the block-scaled FP8
     // products on Hopper's warpgroup instructions (fp8_grouped_gemm.h), compute capability
-    // 9.0 only (Fp8GroupedGemmSupported). Reads the weights closer to the memory's bandwidth.
+    // 9.0 only (Fp8GroupedGemmSupported; Fp8GroupedSwiGlu in fp8_expert_mlp.h). Reads the
+    // weights closer to the memory's bandwidth.
     kRecipe,
   };
   // max_rows: grouped rows of one call (tokens * top_k). kRecipe where the device cannot run
@@ -108,10 +109,6 @@ class DeviceExpertMlp {
                    __nv_bfloat16* y);
 
  private:
-  absl::Status RunRecipe(const __nv_bfloat16* x, const DeviceSlotPlan& plan, int rows,
-                         const DeviceSlotWeights& gate_up, const DeviceSlotWeights& down,
-                         __nv_bfloat16* y);
-
   int hidden_ = 0, intermediate_ = 0, max_rows_ = 0;
   Fp8Products fp8_ = Fp8Products::kWidenedWeights;
   cudaStream_t stream_ = nullptr;

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -36,12 +37,9 @@ absl::StatusOr<Fp8ExpertMlp> Fp8ExpertMlp::Create(int hidden, int intermediate, 
                  mlp.act_.Reserve(static_cast<size_t>(max_rows) * intermediate)}) {
     if (!s.ok()) return s;
   }
-  int device = 0;
-  if (auto s = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !s.ok()) return s;
-  mlp.grouped_gemm_supported_ = Fp8GroupedGemmSupported(device);
-  if (mlp.grouped_gemm_supported_) {
-    if (auto s = PrepareFp8GroupedGemm(); !s.ok()) return s;
-  }
+  auto grouped = PrepareFp8GroupedGemmIfSupported();
+  if (!grouped.ok()) return grouped.status();
+  mlp.grouped_gemm_supported_ = *grouped;
   auto main_gemm = Fp8BlockGemm::Create(stream);
   if (!main_gemm.ok()) return main_gemm.status();
   mlp.gemms_.push_back(std::move(*main_gemm));
@@ -75,7 +73,8 @@ Fp8ExpertMlp& Fp8ExpertMlp::operator=(Fp8ExpertMlp&& other) noexcept {
   std::swap(max_rows_, other.max_rows_);
   std::swap(max_experts_, other.max_experts_);
   std::swap(grouped_gemm_supported_, other.grouped_gemm_supported_);
-  std::swap(grouped_gemm_groups_, other.grouped_gemm_groups_);
+  std::swap(grouped_gate_up_, other.grouped_gate_up_);
+  std::swap(grouped_down_, other.grouped_down_);
   std::swap(stream_, other.stream_);
   std::swap(gemms_, other.gemms_);
   std::swap(side_streams_, other.side_streams_);
@@ -241,37 +240,70 @@ absl::Status Fp8ExpertMlp::RunGroupedGemm(const __nv_bfloat16* x,
     return absl::FailedPreconditionError(
         "Fp8ExpertMlp: the grouped FP8 GEMM needs a GPU of compute capability 9.0");
   }
-  const int64_t rows = offsets.back();
+  if (grouped_gate_up_ == nullptr) {
+    grouped_gate_up_ = std::make_unique<Fp8GemmGroupList>();
+    grouped_down_ = std::make_unique<Fp8GemmGroupList>();
+  }
+  const int experts = static_cast<int>(gate_up.size());
+  grouped_gate_up_->count = grouped_down_->count = experts;
+  for (int e = 0; e <= experts; ++e) {
+    grouped_gate_up_->offsets[e] = grouped_down_->offsets[e] = static_cast<int>(offsets[e]);
+  }
+  std::copy(gate_up.begin(), gate_up.end(), grouped_gate_up_->weights);
+  std::copy(down.begin(), down.end(), grouped_down_->weights);
+  // No expert is padded here (all rows are one group), so the down projection writes y.
+  return Fp8GroupedSwiGlu(
+      x, x_rows, static_cast<int>(offsets.back()), *grouped_gate_up_, *grouped_down_, hidden_,
+      intermediate_,
+      {x_values_.data(), x_scales_.data(), gate_up_.data(), act_values_.data(), act_scales_.data()},
+      y, stream_);
+}
+
+namespace {
+
+template <class Groups>
+absl::Status GroupedSwiGlu(const __nv_bfloat16* x, const int32_t* x_rows, int rows,
+                           const Groups& gate_up, const Groups& down, int hidden, int intermediate,
+                           const Fp8GroupedMlpScratch& scratch, __nv_bfloat16* y,
+                           cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
-  // All rows are quantized as one group (the grouped GEMM's layout), so no expert is padded
-  // and the down projection writes straight into y.
   auto made = MakeFp8RowGroups({0, rows});
   if (!made.ok()) return made.status();
   const Fp8RowGroups& all_rows = *made;
   const int scale_rows = static_cast<int>(all_rows.padded_rows());
-  if (grouped_gemm_groups_ == nullptr) grouped_gemm_groups_ = std::make_unique<Fp8GemmGroupList>();
-  Fp8GemmGroupList& groups = *grouped_gemm_groups_;
-  groups.count = static_cast<int>(gate_up.size());
-  for (int e = 0; e <= groups.count; ++e) groups.offsets[e] = static_cast<int>(offsets[e]);
-  if (auto s = QuantizeActivationGroupsFp8(x, all_rows, hidden_, x_values_.data(), x_scales_.data(),
-                                           stream_, x_rows);
+  if (auto s = QuantizeActivationGroupsFp8(x, all_rows, hidden, scratch.x_values, scratch.x_scales,
+                                           stream, x_rows);
       !s.ok()) {
     return s;
   }
-  for (int e = 0; e < groups.count; ++e) groups.weights[e] = gate_up[e];
-  if (auto s = Fp8GroupedGemm(x_values_.data(), x_scales_.data(), scale_rows, groups,
-                              2 * intermediate_, hidden_, gate_up_.data(), stream_);
+  if (auto s = Fp8GroupedGemm(scratch.x_values, scratch.x_scales, scale_rows, gate_up,
+                              2 * intermediate, hidden, scratch.gate_up, stream);
       !s.ok()) {
     return s;
   }
-  if (auto s = SiluMulQuantizeFp8(gate_up_.data(), all_rows, intermediate_, act_values_.data(),
-                                  act_scales_.data(), stream_);
+  if (auto s = SiluMulQuantizeFp8(scratch.gate_up, all_rows, intermediate, scratch.act_values,
+                                  scratch.act_scales, stream);
       !s.ok()) {
     return s;
   }
-  for (int e = 0; e < groups.count; ++e) groups.weights[e] = down[e];
-  return Fp8GroupedGemm(act_values_.data(), act_scales_.data(), scale_rows, groups, hidden_,
-                        intermediate_, y, stream_);
+  return Fp8GroupedGemm(scratch.act_values, scratch.act_scales, scale_rows, down, hidden,
+                        intermediate, y, stream);
+}
+
+}  // namespace
+
+absl::Status Fp8GroupedSwiGlu(const __nv_bfloat16* x, const int32_t* x_rows, int rows,
+                              const Fp8GemmGroupList& gate_up, const Fp8GemmGroupList& down,
+                              int hidden, int intermediate, const Fp8GroupedMlpScratch& scratch,
+                              __nv_bfloat16* y, cudaStream_t stream) {
+  return GroupedSwiGlu(x, x_rows, rows, gate_up, down, hidden, intermediate, scratch, y, stream);
+}
+
+absl::Status Fp8GroupedSwiGlu(const __nv_bfloat16* x, const int32_t* x_rows, int rows,
+                              const Fp8GemmSlotGroups& gate_up, const Fp8GemmSlotGroups& down,
+                              int hidden, int intermediate, const Fp8GroupedMlpScratch& scratch,
+                              __nv_bfloat16* y, cudaStream_t stream) {
+  return GroupedSwiGlu(x, x_rows, rows, gate_up, down, hidden, intermediate, scratch, y, stream);
 }
 
 }  // namespace moeserve::kernels

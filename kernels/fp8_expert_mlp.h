@@ -26,6 +26,28 @@
 
 namespace moeserve::kernels {
 
+// The recipe's SwiGLU MLP on Fp8GroupedGemm, every group in one launch per projection: the rows
+// (grouped row i is x's row x_rows[i], or row i without x_rows) quantized as one group, gate_up =
+// X_q · W_gate_up^T, act = bf16(silu(gate) * up) quantized, y [rows, hidden] = act_q ·
+// W_down^T. The groups, from the host or from the device plan, give each group's rows and
+// weights. Scratch: device buffers for Fp8PaddedRows(rows) rows. Shared by Fp8ExpertMlp
+// (kGroupedGemm) and DeviceExpertMlp (Fp8Products::kRecipe); compute capability 9.0 only.
+struct Fp8GroupedMlpScratch {
+  __nv_fp8_e4m3* x_values = nullptr;    // [rows, hidden]
+  float* x_scales = nullptr;            // rows * hidden / 128
+  __nv_bfloat16* gate_up = nullptr;     // [rows, 2 * intermediate]
+  __nv_fp8_e4m3* act_values = nullptr;  // [rows, intermediate]
+  float* act_scales = nullptr;          // rows * intermediate / 128
+};
+absl::Status Fp8GroupedSwiGlu(const __nv_bfloat16* x, const int32_t* x_rows, int rows,
+                              const Fp8GemmGroupList& gate_up, const Fp8GemmGroupList& down,
+                              int hidden, int intermediate, const Fp8GroupedMlpScratch& scratch,
+                              __nv_bfloat16* y, cudaStream_t stream);
+absl::Status Fp8GroupedSwiGlu(const __nv_bfloat16* x, const int32_t* x_rows, int rows,
+                              const Fp8GemmSlotGroups& gate_up, const Fp8GemmSlotGroups& down,
+                              int hidden, int intermediate, const Fp8GroupedMlpScratch& scratch,
+                              __nv_bfloat16* y, cudaStream_t stream);
+
 class Fp8ExpertMlp {
  public:
   enum class Strategy {
@@ -87,7 +109,8 @@ class Fp8ExpertMlp {
   DeviceArray<__nv_bfloat16> y_padded_;    // [padded rows, H], for experts of unaligned rows
   DeviceArray<__nv_bfloat16> act_;         // [rows, I] (kWeightOnly)
   std::unique_ptr<Fp8WeightOnlyGroups> weight_only_groups_;  // a launch's groups (kWeightOnly)
-  std::unique_ptr<Fp8GemmGroupList> grouped_gemm_groups_;    // a launch's groups (kGroupedGemm)
+  // A launch's groups (kGroupedGemm): the experts' rows with their gate/up and down weights.
+  std::unique_ptr<Fp8GemmGroupList> grouped_gate_up_, grouped_down_;
 };
 
 }  // namespace moeserve::kernels

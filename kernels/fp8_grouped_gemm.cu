@@ -218,9 +218,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     SlotGroupsKernel(const __nv_fp8_e4m3* __restrict__ x, const float* __restrict__ x_scales,
                      int scale_rows, Fp8GemmSlotGroups groups, int n, int k,
                      __nv_bfloat16* __restrict__ y) {
-  const int slot = static_cast<int>(gridDim.y) == groups.slots
-                       ? static_cast<int>(blockIdx.y)
-                       : FindBusySlot<kThreads>(groups.offsets, groups.slots, blockIdx.y);
+  const int slot = SlotOfBlock<kThreads>(groups.offsets, groups.slots);
   if (slot < 0) return;
   const int begin = groups.offsets[slot], end = groups.offsets[slot + 1];
   if (begin >= end) return;
@@ -263,6 +261,14 @@ absl::Status PrepareFp8GroupedGemm() {
     }
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<bool> PrepareFp8GroupedGemmIfSupported() {
+  int device = 0;
+  if (auto s = Status(cudaGetDevice(&device), "cudaGetDevice"); !s.ok()) return s;
+  if (!Fp8GroupedGemmSupported(device)) return false;
+  if (auto s = PrepareFp8GroupedGemm(); !s.ok()) return s;
+  return true;
 }
 
 absl::Status Fp8GroupedGemm(const __nv_fp8_e4m3* x, const float* x_scales, int scale_rows,

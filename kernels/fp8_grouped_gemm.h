@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "kernels/fp8_gemm.h"
 #include "kernels/fp8_quantize.h"
 
@@ -57,6 +58,9 @@ bool Fp8GroupedGemmSupported(int device);
 // Lets the kernel use the shared memory it needs on the current device. Once per device,
 // before the first launch and outside a stream capture.
 absl::Status PrepareFp8GroupedGemm();
+
+// Whether the current device runs the kernel, prepared for it (PrepareFp8GroupedGemm) if so.
+absl::StatusOr<bool> PrepareFp8GroupedGemmIfSupported();
 
 absl::Status Fp8GroupedGemm(const __nv_fp8_e4m3* x, const float* x_scales, int scale_rows,
                             const Fp8GemmGroupList& groups, int n, int k, __nv_bfloat16* y,

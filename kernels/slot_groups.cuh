@@ -43,11 +43,15 @@ __device__ inline void ScanSlotCounts(int32_t* counts, int slots, int32_t* offse
   if (lane == kWarpSize - 1) offsets[slots] = inclusive;
 }
 
-// The slot of the `wanted`-th slot with rows (in slot order), or -1, found by the whole block of
-// kThreads threads: GEMM blocks are launched for at most as many slots as the step has rows,
-// not for every slot of the layer. Contains __syncthreads(): every thread must call it.
+// The slot this block (blockIdx.y) computes, or -1, found by the whole block of kThreads
+// threads. A grid of one block row per slot maps rows to slots; a smaller one (GEMM blocks are
+// launched for at most as many slots as the step has rows, not for every slot of the layer)
+// gives block row b the b-th slot with rows, in slot order. Contains __syncthreads() in that
+// case: every thread must call it.
 template <int kThreads>
-__device__ int FindBusySlot(const int32_t* __restrict__ offsets, int slots, int wanted) {
+__device__ int SlotOfBlock(const int32_t* __restrict__ offsets, int slots) {
+  if (static_cast<int>(gridDim.y) == slots) return static_cast<int>(blockIdx.y);
+  const int wanted = static_cast<int>(blockIdx.y);
   static_assert(kThreads % kWarpSize == 0, "whole warps");
   __shared__ int warp_totals[kThreads / kWarpSize];
   __shared__ int found;
