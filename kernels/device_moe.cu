@@ -456,12 +456,13 @@ absl::Status DeviceExpertMlp::Run(const __nv_bfloat16* x, const DeviceSlotPlan& 
   }
   if (rows == 0) return absl::OkStatus();
   if (gate_up.fp8 != nullptr && fp8_ == Fp8Products::kRecipe) {
-    return Fp8GroupedSwiGlu(
-        x, plan.source_rows, rows, Fp8GemmSlotGroups{plan.offsets, gate_up.fp8, plan.slots, rows},
-        Fp8GemmSlotGroups{plan.offsets, down.fp8, plan.slots, rows}, hidden_, intermediate_,
-        {x_values_.data(), x_scales_.data(), gate_up_.data(), activation_values_.data(),
-         activation_scales_.data()},
-        y, stream_);
+    return Fp8GroupedSwiGlu(x, plan.source_rows, rows,
+                            Fp8GemmSlotGroups{plan.offsets, gate_up.fp8, plan.slots, rows, rows},
+                            Fp8GemmSlotGroups{plan.offsets, down.fp8, plan.slots, rows, rows},
+                            hidden_, intermediate_,
+                            {x_values_.data(), x_scales_.data(), gate_up_.data(),
+                             activation_values_.data(), activation_scales_.data()},
+                            y, stream_);
   }
   DeviceSlotPlan bounded = plan;
   bounded.busy_slot_bound = rows;

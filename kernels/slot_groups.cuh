@@ -43,6 +43,45 @@ __device__ inline void ScanSlotCounts(int32_t* counts, int slots, int32_t* offse
   if (lane == kWarpSize - 1) offsets[slots] = inclusive;
 }
 
+// Block-wide search: slot s owns units(s) consecutive units (a busy slot's one block, or its
+// row tiles), in slot order; returns {slot, index inside the slot} of unit `wanted`, or
+// {-1, 0} past the last unit. Every thread of the block of kThreads threads must call it (it
+// contains __syncthreads()).
+template <int kThreads, typename Units>
+__device__ int2 FindSlotUnit(int wanted, int slots, Units units) {
+  static_assert(kThreads % kWarpSize == 0, "whole warps");
+  __shared__ int warp_totals[kThreads / kWarpSize];
+  __shared__ int2 found;
+  const int per_thread = (slots + kThreads - 1) / kThreads;
+  const int first = min(static_cast<int>(threadIdx.x) * per_thread, slots);
+  const int last = min(first + per_thread, slots);
+  int mine = 0;
+  for (int s = first; s < last; ++s) mine += units(s);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  int inclusive = mine;
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += before;
+  }
+  if (lane == kWarpSize - 1) warp_totals[warp] = inclusive;
+  if (threadIdx.x == 0) found = make_int2(-1, 0);
+  __syncthreads();
+  int seen = inclusive - mine;
+  for (int w = 0; w < warp; ++w) seen += warp_totals[w];
+  if (wanted >= seen && wanted < seen + mine) {
+    for (int s = first; s < last; ++s) {
+      const int count = units(s);
+      if (wanted < seen + count) {
+        found = make_int2(s, wanted - seen);
+        break;
+      }
+      seen += count;
+    }
+  }
+  __syncthreads();
+  return found;
+}
+
 // The slot this block (blockIdx.y) computes, or -1, found by the whole block of kThreads
 // threads. A grid of one block row per slot maps rows to slots; a smaller one (GEMM blocks are
 // launched for at most as many slots as the step has rows, not for every slot of the layer)
@@ -51,33 +90,21 @@ __device__ inline void ScanSlotCounts(int32_t* counts, int slots, int32_t* offse
 template <int kThreads>
 __device__ int SlotOfBlock(const int32_t* __restrict__ offsets, int slots) {
   if (static_cast<int>(gridDim.y) == slots) return static_cast<int>(blockIdx.y);
-  const int wanted = static_cast<int>(blockIdx.y);
-  static_assert(kThreads % kWarpSize == 0, "whole warps");
-  __shared__ int warp_totals[kThreads / kWarpSize];
-  __shared__ int found;
-  const int per_thread = (slots + kThreads - 1) / kThreads;
-  const int first = min(static_cast<int>(threadIdx.x) * per_thread, slots);
-  const int last = min(first + per_thread, slots);
-  int busy = 0;
-  for (int s = first; s < last; ++s) busy += offsets[s + 1] > offsets[s];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  int inclusive = busy;
-  for (int offset = 1; offset < kWarpSize; offset *= 2) {
-    const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    if (lane >= offset) inclusive += before;
-  }
-  if (lane == kWarpSize - 1) warp_totals[warp] = inclusive;
-  if (threadIdx.x == 0) found = -1;
-  __syncthreads();
-  int seen = inclusive - busy;
-  for (int w = 0; w < warp; ++w) seen += warp_totals[w];
-  if (wanted >= seen && wanted < seen + busy) {
-    for (int s = first; s < last; ++s) {
-      if (offsets[s + 1] > offsets[s] && seen++ == wanted) found = s;
-    }
-  }
-  __syncthreads();
-  return found;
+  return FindSlotUnit<kThreads>(static_cast<int>(blockIdx.y), slots,
+                                [&](int s) { return offsets[s + 1] > offsets[s] ? 1 : 0; })
+      .x;
+}
+
+// A block's tile when every slot's rows are cut into tiles of tile_rows: block row b
+// (blockIdx.y) takes the b-th tile in slot order. Returns {slot, first row} or {-1, 0} past the
+// last tile. Every thread of the block must call it (it contains __syncthreads()).
+template <int kThreads>
+__device__ int2 TileOfBlock(const int32_t* __restrict__ offsets, int slots, int tile_rows) {
+  const int2 unit = FindSlotUnit<kThreads>(static_cast<int>(blockIdx.y), slots, [&](int s) {
+    return (offsets[s + 1] - offsets[s] + tile_rows - 1) / tile_rows;
+  });
+  if (unit.x < 0) return unit;
+  return make_int2(unit.x, offsets[unit.x] + unit.y * tile_rows);
 }
 
 }  // namespace moeserve::kernels

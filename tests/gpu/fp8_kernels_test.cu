@@ -295,105 +295,130 @@ TEST(Fp8Kernels, BlockScaledGemmMatchesTwin) {
   }
 }
 
-// The grouped GEMM (wgmma) against the twin group by group, on the same e4m3 operands: groups
-// of 1, 0, 5, 64 (one whole block of rows), 130 (three blocks, the last partial) and 3 rows, k
-// of 8 slices (more than the ring's stages) and 3 (fewer). Then what serving relies on: a row's
-// bits do not depend on the rows beside it, and the slot form (offsets and weights on the
-// device, blocks for the busy slots only) gives the list form's bits.
+// The grouped GEMM (wgmma) against the twin group by group, on the same e4m3 operands, in both
+// tile shapes: decode-like groups of 1, 0, 5, 64 (one whole narrow block of rows), 130 (three
+// narrow blocks, the last partial) and 3 rows, and EP-decode-like groups of 300 (three wide
+// tiles, the last partial), 0, 1 and 256 (two whole wide tiles) rows; k of 8 slices (more than
+// either ring's stages) and 3 (fewer). Then what serving relies on: a row's bits do not depend
+// on the rows beside it, the slot form (offsets and weights on the device, blocks for the busy
+// slots only) gives the list form's bits, and the two tile shapes give the same bits.
 TEST(Fp8Kernels, GroupedGemmMatchesTwinAndKeepsRowsIndependent) {
   REQUIRE_GPU();
   int device = 0;
   ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
   if (!Fp8GroupedGemmSupported(device)) GTEST_SKIP() << "compute capability 9.0 only";
   ASSERT_TRUE(PrepareFp8GroupedGemm().ok());
-  const std::vector<int64_t> offsets = {0, 1, 1, 6, 70, 200, 203};
-  const int groups = static_cast<int>(offsets.size()) - 1, rows = static_cast<int>(offsets.back());
   const int n = 256;
-  for (const int k : {1024, 384}) {
-    SCOPED_TRACE(::testing::Message() << "k " << k);
-    DeviceMemory memory;
-    std::vector<TestWeight> weights;
-    Fp8GemmGroupList list;
-    list.count = groups;
-    for (int g = 0; g < groups; ++g) {
-      weights.push_back(MakeWeight(n, k, 300 + g, 0.02f, memory));
-      list.weights[g] = weights[g].device;
-      list.offsets[g + 1] = static_cast<int>(offsets[g + 1]);
-    }
-    const auto x = RandomBf16(static_cast<size_t>(rows) * k, 19, 1.0f);
-    // Expected: each group's rows quantized and multiplied on their own (quantization is per
-    // row, so the codes equal the all-rows quantization's).
-    std::vector<uint16_t> expected(static_cast<size_t>(rows) * n);
-    for (int g = 0; g < groups; ++g) {
-      const int group_rows = static_cast<int>(offsets[g + 1] - offsets[g]);
-      if (group_rows == 0) continue;
-      std::vector<uint8_t> values(Fp8PaddedRows(group_rows) * k);
-      std::vector<float> scales(ActivationScaleCount(group_rows, k));
-      QuantizeActivationsFp8Twin(x.data() + offsets[g] * k, group_rows, k, values.data(),
-                                 scales.data());
-      std::vector<uint16_t> y(static_cast<size_t>(Fp8PaddedRows(group_rows)) * n);
-      Fp8GemmTwin(values.data(), scales.data(), group_rows, weights[g].twin(), n, k, y.data());
-      std::copy_n(y.begin(), static_cast<size_t>(group_rows) * n,
-                  expected.begin() + offsets[g] * n);
-    }
-    auto all_rows = MakeFp8RowGroups({0, rows});
-    ASSERT_TRUE(all_rows.ok());
-    const int scale_rows = static_cast<int>(all_rows->padded_rows());
-    uint8_t* values = memory.Allocate<uint8_t>(static_cast<size_t>(scale_rows) * k);
-    float* scales = memory.Allocate<float>(static_cast<size_t>(scale_rows) * (k / 128));
-    ASSERT_TRUE(QuantizeActivationGroupsFp8(AsBf16(memory.Upload(x)), *all_rows, k, AsFp8(values),
-                                            scales, nullptr)
-                    .ok());
-    uint16_t* y = memory.Allocate<uint16_t>(expected.size());
-    ASSERT_EQ(cudaMemset(y, 0xff, expected.size() * 2), cudaSuccess);  // NaNs unless written
-    const absl::Status status =
-        Fp8GroupedGemm(AsFp8(values), scales, scale_rows, list, n, k, AsBf16(y), nullptr);
-    ASSERT_TRUE(status.ok()) << status;
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const auto result = Download<uint16_t>(y, expected.size());
-    const Errors errors =
-        Compare(Bf16Floats(result, expected.size()), Bf16Floats(expected, expected.size()));
-    std::printf(
-        "grouped FP8 GEMM, %d rows in %d groups, n %d, k %d vs twin: max/max %.2e, rms %.2e\n",
-        rows, groups, n, k, errors.max_over_max, errors.rms_relative);
-    EXPECT_LT(errors.max_over_max, 1e-2);
+  for (const std::vector<int64_t>& offsets : {std::vector<int64_t>{0, 1, 1, 6, 70, 200, 203},
+                                              std::vector<int64_t>{0, 300, 300, 301, 557}}) {
+    const int groups = static_cast<int>(offsets.size()) - 1,
+              rows = static_cast<int>(offsets.back());
+    for (const int k : {1024, 384}) {
+      SCOPED_TRACE(::testing::Message() << rows << " rows in " << groups << " groups, k " << k);
+      DeviceMemory memory;
+      std::vector<TestWeight> weights;
+      Fp8GemmGroupList list;
+      list.count = groups;
+      for (int g = 0; g < groups; ++g) {
+        weights.push_back(MakeWeight(n, k, 300 + g, 0.02f, memory));
+        list.weights[g] = weights[g].device;
+        list.offsets[g + 1] = static_cast<int>(offsets[g + 1]);
+      }
+      const auto x = RandomBf16(static_cast<size_t>(rows) * k, 19, 1.0f);
+      // Expected: each group's rows quantized and multiplied on their own (quantization is per
+      // row, so the codes equal the all-rows quantization's).
+      std::vector<uint16_t> expected(static_cast<size_t>(rows) * n);
+      for (int g = 0; g < groups; ++g) {
+        const int group_rows = static_cast<int>(offsets[g + 1] - offsets[g]);
+        if (group_rows == 0) continue;
+        std::vector<uint8_t> values(Fp8PaddedRows(group_rows) * k);
+        std::vector<float> scales(ActivationScaleCount(group_rows, k));
+        QuantizeActivationsFp8Twin(x.data() + offsets[g] * k, group_rows, k, values.data(),
+                                   scales.data());
+        std::vector<uint16_t> y(static_cast<size_t>(Fp8PaddedRows(group_rows)) * n);
+        Fp8GemmTwin(values.data(), scales.data(), group_rows, weights[g].twin(), n, k, y.data());
+        std::copy_n(y.begin(), static_cast<size_t>(group_rows) * n,
+                    expected.begin() + offsets[g] * n);
+      }
+      auto all_rows = MakeFp8RowGroups({0, rows});
+      ASSERT_TRUE(all_rows.ok());
+      const int scale_rows = static_cast<int>(all_rows->padded_rows());
+      uint8_t* values = memory.Allocate<uint8_t>(static_cast<size_t>(scale_rows) * k);
+      float* scales = memory.Allocate<float>(static_cast<size_t>(scale_rows) * (k / 128));
+      ASSERT_TRUE(QuantizeActivationGroupsFp8(AsBf16(memory.Upload(x)), *all_rows, k, AsFp8(values),
+                                              scales, nullptr)
+                      .ok());
+      uint16_t* y = memory.Allocate<uint16_t>(expected.size());
+      std::vector<uint16_t> narrow_result;
+      for (const Fp8GemmTiles tiles : {Fp8GemmTiles::kNarrow, Fp8GemmTiles::kWide}) {
+        const char* name = tiles == Fp8GemmTiles::kWide ? "wide" : "narrow";
+        SCOPED_TRACE(name);
+        ASSERT_EQ(cudaMemset(y, 0xff, expected.size() * 2), cudaSuccess);  // NaNs unless written
+        const absl::Status status = Fp8GroupedGemm(AsFp8(values), scales, scale_rows, list, n, k,
+                                                   AsBf16(y), nullptr, tiles);
+        ASSERT_TRUE(status.ok()) << status;
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const auto result = Download<uint16_t>(y, expected.size());
+        const Errors errors =
+            Compare(Bf16Floats(result, expected.size()), Bf16Floats(expected, expected.size()));
+        std::printf(
+            "grouped FP8 GEMM, %s tiles, %d rows in %d groups, n %d, k %d vs twin: max/max %.2e, "
+            "rms %.2e\n",
+            name, rows, groups, n, k, errors.max_over_max, errors.rms_relative);
+        EXPECT_LT(errors.max_over_max, 1e-2);
+        if (tiles == Fp8GemmTiles::kNarrow) {
+          narrow_result = result;
+        } else {
+          EXPECT_EQ(result, narrow_result) << "wide tiles' bits differ from narrow tiles'";
+        }
 
-    // Row 40 (inside the 64-row group) alone in a group of one gives the same bits.
-    const int row = 40, group = 3;
-    ASSERT_TRUE(offsets[group] <= row && row < offsets[group + 1]);
-    Fp8GemmGroupList alone;
-    alone.count = 1;
-    alone.offsets[1] = 1;
-    alone.weights[0] = weights[group].device;
-    uint16_t* y_alone = memory.Allocate<uint16_t>(n);
-    // Its codes are row 40 of the all-rows quantization; its scales, column b of one row.
-    std::vector<float> all_scales =
-        Download<float>(scales, static_cast<size_t>(scale_rows) * (k / 128));
-    std::vector<float> row_scales(4 * (k / 128), 0.0f);  // one row padded to 4, ld 4
-    for (int b = 0; b < k / 128; ++b) row_scales[b * 4] = all_scales[b * scale_rows + row];
-    const absl::Status alone_status =
-        Fp8GroupedGemm(AsFp8(values) + static_cast<int64_t>(row) * k, memory.Upload(row_scales), 4,
-                       alone, n, k, AsBf16(y_alone), nullptr);
-    ASSERT_TRUE(alone_status.ok()) << alone_status;
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_EQ(Download<uint16_t>(y_alone, n),
-              std::vector<uint16_t>(result.begin() + static_cast<int64_t>(row) * n,
-                                    result.begin() + static_cast<int64_t>(row + 1) * n));
+        // Row 40 (inside a group of at least 64 rows) alone in a group of one gives the same
+        // bits.
+        const int row = 40, group = offsets[1] > row ? 0 : 3;
+        ASSERT_TRUE(offsets[group] <= row && row < offsets[group + 1]);
+        Fp8GemmGroupList alone;
+        alone.count = 1;
+        alone.offsets[1] = 1;
+        alone.weights[0] = weights[group].device;
+        uint16_t* y_alone = memory.Allocate<uint16_t>(n);
+        // Its codes are row 40 of the all-rows quantization; its scales, column b of one row.
+        std::vector<float> all_scales =
+            Download<float>(scales, static_cast<size_t>(scale_rows) * (k / 128));
+        std::vector<float> row_scales(4 * (k / 128), 0.0f);  // one row padded to 4, ld 4
+        for (int b = 0; b < k / 128; ++b) row_scales[b * 4] = all_scales[b * scale_rows + row];
+        const absl::Status alone_status =
+            Fp8GroupedGemm(AsFp8(values) + static_cast<int64_t>(row) * k, memory.Upload(row_scales),
+                           4, alone, n, k, AsBf16(y_alone), nullptr, tiles);
+        ASSERT_TRUE(alone_status.ok()) << alone_status;
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        EXPECT_EQ(Download<uint16_t>(y_alone, n),
+                  std::vector<uint16_t>(result.begin() + static_cast<int64_t>(row) * n,
+                                        result.begin() + static_cast<int64_t>(row + 1) * n));
 
-    // The slot form: every slot, then blocks for the 5 busy slots only.
-    std::vector<int32_t> slot_offsets(offsets.begin(), offsets.end());
-    std::vector<Fp8Weight> slot_weights(list.weights, list.weights + groups);
-    Fp8GemmSlotGroups slots{memory.Upload(slot_offsets), memory.Upload(slot_weights), groups, -1};
-    for (const int bound : {-1, 5}) {
-      slots.busy_slot_bound = bound;
-      ASSERT_EQ(cudaMemset(y, 0xff, expected.size() * 2), cudaSuccess);
-      const absl::Status slot_status =
-          Fp8GroupedGemm(AsFp8(values), scales, scale_rows, slots, n, k, AsBf16(y), nullptr);
-      ASSERT_TRUE(slot_status.ok()) << slot_status;
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      EXPECT_EQ(Download<uint16_t>(y, expected.size()), result) << "busy slot bound " << bound;
+        // The slot form: every slot, then blocks for the busy slots only; wide tiles with the
+        // rows' total as their bound.
+        std::vector<int32_t> slot_offsets(offsets.begin(), offsets.end());
+        std::vector<Fp8Weight> slot_weights(list.weights, list.weights + groups);
+        int busy = 0;
+        for (int g = 0; g < groups; ++g) busy += offsets[g + 1] > offsets[g];
+        Fp8GemmSlotGroups slots{memory.Upload(slot_offsets), memory.Upload(slot_weights), groups,
+                                -1, rows};
+        for (const int bound : {-1, busy}) {
+          slots.busy_slot_bound = bound;
+          ASSERT_EQ(cudaMemset(y, 0xff, expected.size() * 2), cudaSuccess);
+          const absl::Status slot_status = Fp8GroupedGemm(AsFp8(values), scales, scale_rows, slots,
+                                                          n, k, AsBf16(y), nullptr, tiles);
+          ASSERT_TRUE(slot_status.ok()) << slot_status;
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          EXPECT_EQ(Download<uint16_t>(y, expected.size()), result) << "busy slot bound " << bound;
+        }
+      }
     }
   }
+  EXPECT_EQ(Fp8GroupedGemm(nullptr, nullptr, 4, Fp8GemmSlotGroups{nullptr, nullptr, 4, 4, -1}, 128,
+                           128, nullptr, nullptr, Fp8GemmTiles::kWide)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(
       Fp8GroupedGemm(nullptr, nullptr, 4, Fp8GemmGroupList{}, 100, 128, nullptr, nullptr).code(),
       absl::StatusCode::kInvalidArgument);
