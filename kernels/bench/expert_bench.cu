@@ -12,7 +12,9 @@
 // device-planned one (kernels/device_moe.h: the plan and tensor-core grouped GEMMs, no host
 // round trip; its time includes the plan), FP8 both with the weights widened and in the recipe
 // (the grouped FP8 GEMM, Hopper only). Between them, a table from the received rows: the
-// permute into expert order counted (bf16 copies the rows; FP8 reads them in its quantization).
+// permute into expert order counted (bf16 copies the rows; FP8 reads them in its quantization);
+// the grouped FP8 GEMMs alone in both tile shapes (fp8_grouped_gemm.h); and the rows per expert
+// where the grouped GEMM stops beating cuBLASLt's per-expert GEMMs.
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -32,6 +34,7 @@
 #include "kernels/expert_mlp.h"
 #include "kernels/fp8_expert_mlp.h"
 #include "kernels/fp8_gemm.h"
+#include "kernels/fp8_grouped_gemm.h"
 #include "kernels/fp8_quantize.h"
 #include "kernels/kernels.h"
 
@@ -298,6 +301,55 @@ T* DeviceCopy(const std::vector<T>& host, std::vector<void*>& owned) {
   return static_cast<T*>(device);
 }
 
+// Where the grouped wgmma GEMM (wide tiles above 64 rows per expert) stops beating cuBLASLt's
+// one GEMM per expert: the FP8 MLP of 4 experts at growing rows per expert, the rows already in
+// expert order. Serving's host-planned rule (moe_exchange.cc) follows this table.
+void CrossoverTable(cudaStream_t stream) {
+  constexpr int kExperts = 4;
+  std::vector<void*> owned;
+  std::vector<Fp8Weight> gate_up, down;
+  for (int e = 0; e < kExperts; ++e) {
+    __nv_bfloat16* w = RandomBf16(static_cast<size_t>(2) * kIntermediate * kHidden, 100 + e, 0.01f);
+    gate_up.push_back(QuantizeWeight(w, 2 * kIntermediate, kHidden, owned));
+    owned.push_back(w);
+    w = RandomBf16(static_cast<size_t>(kHidden) * kIntermediate, 900 + e, 0.02f);
+    down.push_back(QuantizeWeight(w, kHidden, kIntermediate, owned));
+    owned.push_back(w);
+  }
+  constexpr int kMaxRowsPerExpert = 4096;
+  __nv_bfloat16* x =
+      RandomBf16(static_cast<size_t>(kExperts) * kMaxRowsPerExpert * kHidden, 7, 1.0f);
+  __nv_bfloat16* y =
+      RandomBf16(static_cast<size_t>(kExperts) * kMaxRowsPerExpert * kHidden, 8, 1.0f);
+  owned.push_back(x);
+  owned.push_back(y);
+  auto fp8 =
+      Fp8ExpertMlp::Create(kHidden, kIntermediate, kExperts * kMaxRowsPerExpert, kExperts, stream);
+  ExitOnError(fp8.status());
+  if (!fp8->grouped_gemm_supported()) return;
+  std::printf(
+      "\nFP8 MLP of %d experts by rows per expert: cuBLASLt per expert (the faster of one after "
+      "another and side streams) against the grouped wgmma GEMM\n| rows per expert | cuBLASLt "
+      "ms | grouped ms | grouped TFLOP/s | grouped speed-up |\n| ---: | ---: | ---: | ---: | "
+      "---: |\n",
+      kExperts);
+  for (const int rows : {64, 128, 256, 512, 1024, 2048, 4096}) {
+    std::vector<int64_t> offsets(kExperts + 1);
+    for (int e = 0; e <= kExperts; ++e) offsets[e] = static_cast<int64_t>(e) * rows;
+    auto time = [&](Fp8ExpertMlp::Strategy strategy) {
+      return MedianMs([&] { ExitOnError(fp8->Run(x, offsets, gate_up, down, y, strategy)); }, 10,
+                      stream);
+    };
+    const double cublas = std::min(time(Fp8ExpertMlp::Strategy::kPerExpertGemm),
+                                   time(Fp8ExpertMlp::Strategy::kConcurrentGemm));
+    const double grouped = time(Fp8ExpertMlp::Strategy::kGroupedGemm);
+    const double flops = 2.0 * kExperts * rows * 3.0 * kHidden * kIntermediate;
+    std::printf("| %d | %.3f | %.3f | %.0f | %.2fx |\n", rows, cublas, grouped,
+                flops / grouped / 1e9, cublas / grouped);
+  }
+  for (void* p : owned) cudaFree(p);
+}
+
 // Decode on one GPU holding all 256 experts (see the top of the file). The host-planned rows
 // come grouped already (their plan and permutation are not timed); the device path starts from
 // the tokens' rows and the routing.
@@ -459,7 +511,7 @@ int main() {
       "GPU: %s; dense bf16 GEMM %.0f TFLOP/s; block-scaled FP8 GEMM %.0f TFLOP/s; device copy %.0f "
       "GB/s\n",
       properties.name, tflops, fp8_tflops, copy);
-  std::vector<std::string> fp8_lines, received_lines;
+  std::vector<std::string> fp8_lines, received_lines, gemm_lines;
   std::printf(
       "| layout | rows | TFLOP | GB moved | floor ms | per-expert GEMM ms | %% of floor | grouped "
       "GEMM ms | %% of floor | concurrent GEMM ms | %% of floor |\n");
@@ -561,6 +613,35 @@ int main() {
                                                               values, scales, stream));
           },
           10, stream);
+      // The grouped wgmma GEMMs alone on these operands, in both tile shapes.
+      if (fp8->grouped_gemm_supported()) {
+        moeserve::kernels::Fp8GemmGroupList first, second;
+        first.count = second.count = experts;
+        for (int e = 0; e < experts; ++e) {
+          first.offsets[e + 1] = second.offsets[e + 1] = static_cast<int>(offsets[e + 1]);
+          first.weights[e] = fp8_gate_up[e];
+          second.weights[e] = fp8_down[e];
+        }
+        const int scale_rows = static_cast<int>(padded);
+        char line[256];
+        int length = std::snprintf(line, sizeof(line), "| %s |", layout.name.c_str());
+        for (const auto tiles :
+             {moeserve::kernels::Fp8GemmTiles::kNarrow, moeserve::kernels::Fp8GemmTiles::kWide}) {
+          const double gemm_ms = MedianMs(
+              [&] {
+                ExitOnError(moeserve::kernels::Fp8GroupedGemm(values, scales, scale_rows, first,
+                                                              2 * kIntermediate, kHidden,
+                                                              gate_up_rows, stream, tiles));
+                ExitOnError(moeserve::kernels::Fp8GroupedGemm(values, scales, scale_rows, second,
+                                                              kHidden, kIntermediate, y_fp8, stream,
+                                                              tiles));
+              },
+              10, stream);
+          length += std::snprintf(line + length, sizeof(line) - length, " %.3f | %.0f |", gemm_ms,
+                                  flops / gemm_ms / 1e9);
+        }
+        gemm_lines.push_back(line);
+      }
       cudaFree(values);
       cudaFree(scales);
       cudaFree(gate_up_rows);
@@ -667,6 +748,12 @@ int main() {
       "| layout | received rows read | bf16: permute + best MLP ms | FP8: best MLP, permute in "
       "the quantization ms | FP8 speed-up |\n| --- | ---: | ---: | ---: | ---: |\n");
   for (const std::string& line : received_lines) std::printf("%s\n", line.c_str());
+  std::printf(
+      "\nThe grouped wgmma GEMMs alone (gate/up and down, activations quantized beforehand), by "
+      "tile shape:\n| layout | narrow tiles ms | narrow TFLOP/s | wide tiles ms | wide TFLOP/s "
+      "|\n| --- | ---: | ---: | ---: | ---: |\n");
+  for (const std::string& line : gemm_lines) std::printf("%s\n", line.c_str());
+  CrossoverTable(stream);
   DecodeTable(stream, copy);
   return 0;
 }
