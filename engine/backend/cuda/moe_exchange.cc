@@ -313,17 +313,18 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
   const bool small_groups = busy_slots > 0 && received / busy_slots < 512;
   if (fp8_experts) {
     const SlotWeightPointers weights = SlotWeights(w.slots, /*fp8=*/true);
-    // On Hopper, up to 64 rows per slot (decode) run the recipe's grouped GEMM: one launch per
-    // projection reads each FP8 weight once, at the memory's bandwidth, with the products the
-    // device-planned path computes. Beyond, each slot's rows make a GEMM of their own, which
-    // cuBLASLt runs faster, on side streams while slots are small (measured on an H100:
-    // docs/PERFORMANCE.md). Without the grouped GEMM, slots of at most 2 rows take the
-    // weight-only kernel instead.
+    // On Hopper, up to 128 rows per slot (decode) run the recipe's grouped GEMM: one launch per
+    // projection for every slot, with the products the device-planned path computes. Beyond,
+    // each slot's rows make a GEMM of their own, which cuBLASLt runs faster (on an H100 the
+    // grouped GEMM wins by 1.2-1.3x at 64 and 128 rows per slot and loses from 256:
+    // moeserve-expert-bench's crossover table, docs/PERFORMANCE.md), on side streams while
+    // slots are small. Without the grouped GEMM, slots of at most 2 rows take the weight-only
+    // kernel instead.
     int64_t largest = 0;
     for (int s = 0; s < slots; ++s) {
       largest = std::max(largest, mb.slot_offsets[s + 1] - mb.slot_offsets[s]);
     }
-    constexpr int64_t kGroupedGemmMaxRows = 64, kWeightOnlyMaxRows = 2;
+    constexpr int64_t kGroupedGemmMaxRows = 128, kWeightOnlyMaxRows = 2;
     using Fp8Strategy = kernels::Fp8ExpertMlp::Strategy;
     const bool grouped = routed_fp8_mlp->grouped_gemm_supported();
     const auto strategy = grouped && largest <= kGroupedGemmMaxRows   ? Fp8Strategy::kGroupedGemm
