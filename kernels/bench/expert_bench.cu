@@ -301,6 +301,31 @@ T* DeviceCopy(const std::vector<T>& host, std::vector<void*>& owned) {
   return static_cast<T*>(device);
 }
 
+// The two grouped wgmma GEMMs of the MLP alone (gate/up, then down), in one tile shape, on
+// activations quantized beforehand (values/scales, scale_rows rows).
+double GroupedGemmsMs(const __nv_fp8_e4m3* values, const float* scales, int scale_rows,
+                      const std::vector<int64_t>& offsets, const std::vector<Fp8Weight>& gate_up,
+                      const std::vector<Fp8Weight>& down, __nv_bfloat16* gate_up_rows,
+                      __nv_bfloat16* y, moeserve::kernels::Fp8GemmTiles tiles,
+                      cudaStream_t stream) {
+  namespace k = moeserve::kernels;
+  k::Fp8GemmGroupList first, second;
+  first.count = second.count = static_cast<int>(gate_up.size());
+  for (int e = 0; e < first.count; ++e) {
+    first.offsets[e + 1] = second.offsets[e + 1] = static_cast<int>(offsets[e + 1]);
+    first.weights[e] = gate_up[e];
+    second.weights[e] = down[e];
+  }
+  return MedianMs(
+      [&] {
+        ExitOnError(k::Fp8GroupedGemm(values, scales, scale_rows, first, 2 * kIntermediate, kHidden,
+                                      gate_up_rows, stream, tiles));
+        ExitOnError(k::Fp8GroupedGemm(values, scales, scale_rows, second, kHidden, kIntermediate, y,
+                                      stream, tiles));
+      },
+      10, stream);
+}
+
 // Where the grouped wgmma GEMM (wide tiles above 64 rows per expert) stops beating cuBLASLt's
 // one GEMM per expert: the FP8 MLP of 4 experts at growing rows per expert, the rows already in
 // expert order. Serving's host-planned rule (moe_exchange.cc) follows this table.
@@ -323,17 +348,33 @@ void CrossoverTable(cudaStream_t stream) {
       RandomBf16(static_cast<size_t>(kExperts) * kMaxRowsPerExpert * kHidden, 8, 1.0f);
   owned.push_back(x);
   owned.push_back(y);
-  auto fp8 =
-      Fp8ExpertMlp::Create(kHidden, kIntermediate, kExperts * kMaxRowsPerExpert, kExperts, stream);
+  const int max_rows = kExperts * kMaxRowsPerExpert;
+  auto fp8 = Fp8ExpertMlp::Create(kHidden, kIntermediate, max_rows, kExperts, stream);
   ExitOnError(fp8.status());
   if (!fp8->grouped_gemm_supported()) return;
+  // Operands for the GEMMs alone: every row quantized once (the codes do not affect the time).
+  __nv_fp8_e4m3* values = nullptr;
+  float* scales = nullptr;
+  __nv_bfloat16* gate_up_rows = nullptr;
+  CHECK_CUDA(cudaMalloc(&values, static_cast<size_t>(max_rows) * kHidden));
+  CHECK_CUDA(cudaMalloc(&scales, static_cast<size_t>(max_rows) * (kHidden / 128) * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&gate_up_rows,
+                        static_cast<size_t>(max_rows) * 2 * kIntermediate * sizeof(__nv_bfloat16)));
+  owned.insert(owned.end(), {values, scales, gate_up_rows});
+  {
+    auto all_rows = moeserve::kernels::MakeFp8RowGroups({0, max_rows});
+    ExitOnError(all_rows.status());
+    ExitOnError(moeserve::kernels::QuantizeActivationGroupsFp8(x, *all_rows, kHidden, values,
+                                                               scales, stream));
+  }
   std::printf(
       "\nFP8 MLP of %d experts by rows per expert: cuBLASLt per expert (the faster of one after "
-      "another and side streams) against the grouped wgmma GEMM\n| rows per expert | cuBLASLt "
-      "ms | grouped ms | grouped TFLOP/s | grouped speed-up |\n| ---: | ---: | ---: | ---: | "
-      "---: |\n",
+      "another and side streams) against the grouped wgmma GEMM (its tile shape by size); then "
+      "the grouped GEMMs alone in each tile shape\n| rows per expert | cuBLASLt ms | grouped ms | "
+      "grouped TFLOP/s | grouped speed-up | GEMMs alone, narrow tiles ms | GEMMs alone, wide "
+      "tiles ms |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
       kExperts);
-  for (const int rows : {64, 128, 256, 512, 1024, 2048, 4096}) {
+  for (const int rows : {8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096}) {
     std::vector<int64_t> offsets(kExperts + 1);
     for (int e = 0; e <= kExperts; ++e) offsets[e] = static_cast<int64_t>(e) * rows;
     auto time = [&](Fp8ExpertMlp::Strategy strategy) {
@@ -344,8 +385,14 @@ void CrossoverTable(cudaStream_t stream) {
                                    time(Fp8ExpertMlp::Strategy::kConcurrentGemm));
     const double grouped = time(Fp8ExpertMlp::Strategy::kGroupedGemm);
     const double flops = 2.0 * kExperts * rows * 3.0 * kHidden * kIntermediate;
-    std::printf("| %d | %.3f | %.3f | %.0f | %.2fx |\n", rows, cublas, grouped,
-                flops / grouped / 1e9, cublas / grouped);
+    double alone[2];
+    for (const auto tiles :
+         {moeserve::kernels::Fp8GemmTiles::kNarrow, moeserve::kernels::Fp8GemmTiles::kWide}) {
+      alone[tiles == moeserve::kernels::Fp8GemmTiles::kWide] = GroupedGemmsMs(
+          values, scales, max_rows, offsets, gate_up, down, gate_up_rows, y, tiles, stream);
+    }
+    std::printf("| %d | %.3f | %.3f | %.0f | %.2fx | %.3f | %.3f |\n", rows, cublas, grouped,
+                flops / grouped / 1e9, cublas / grouped, alone[0], alone[1]);
   }
   for (void* p : owned) cudaFree(p);
 }
@@ -615,28 +662,13 @@ int main() {
           10, stream);
       // The grouped wgmma GEMMs alone on these operands, in both tile shapes.
       if (fp8->grouped_gemm_supported()) {
-        moeserve::kernels::Fp8GemmGroupList first, second;
-        first.count = second.count = experts;
-        for (int e = 0; e < experts; ++e) {
-          first.offsets[e + 1] = second.offsets[e + 1] = static_cast<int>(offsets[e + 1]);
-          first.weights[e] = fp8_gate_up[e];
-          second.weights[e] = fp8_down[e];
-        }
-        const int scale_rows = static_cast<int>(padded);
         char line[256];
         int length = std::snprintf(line, sizeof(line), "| %s |", layout.name.c_str());
         for (const auto tiles :
              {moeserve::kernels::Fp8GemmTiles::kNarrow, moeserve::kernels::Fp8GemmTiles::kWide}) {
-          const double gemm_ms = MedianMs(
-              [&] {
-                ExitOnError(moeserve::kernels::Fp8GroupedGemm(values, scales, scale_rows, first,
-                                                              2 * kIntermediate, kHidden,
-                                                              gate_up_rows, stream, tiles));
-                ExitOnError(moeserve::kernels::Fp8GroupedGemm(values, scales, scale_rows, second,
-                                                              kHidden, kIntermediate, y_fp8, stream,
-                                                              tiles));
-              },
-              10, stream);
+          const double gemm_ms =
+              GroupedGemmsMs(values, scales, static_cast<int>(padded), offsets, fp8_gate_up,
+                             fp8_down, gate_up_rows, y_fp8, tiles, stream);
           length += std::snprintf(line + length, sizeof(line) - length, " %.3f | %.0f |", gemm_ms,
                                   flops / gemm_ms / 1e9);
         }
