@@ -253,11 +253,18 @@ TEST(GroupTraceTest, OneProcessPerRankWithComputeAndCommunicationLanes) {
 
 TEST(GroupTraceTest, LanesOverlapOnlyWithTwoBatchOverlap) {
   constexpr int kRanks = 2;
-  const GroupTrace overlapped = TraceOfGroupLogits(kRanks, /*overlap=*/true, 64);
+  // Whether the two lanes' events coincide depends on how the OS schedules the threads: on a
+  // loaded machine of two cores one pass can run them in turn by chance. A few passes, each of
+  // which can show it; without the overlap none can.
+  constexpr int kPasses = 5;
   double best = 0;
-  for (int rank = 0; rank < kRanks; ++rank)
-    best = std::max(best, LongestLaneOverlap(overlapped, rank));
-  EXPECT_GT(best, 1.0) << "no communication event ran while compute ran (microseconds)";
+  for (int pass = 0; pass < kPasses && best <= 1.0; ++pass) {
+    const GroupTrace overlapped = TraceOfGroupLogits(kRanks, /*overlap=*/true, 64);
+    for (int rank = 0; rank < kRanks; ++rank)
+      best = std::max(best, LongestLaneOverlap(overlapped, rank));
+  }
+  EXPECT_GT(best, 1.0) << "no communication event ran while compute ran in " << kPasses
+                       << " passes (microseconds)";
 
   const GroupTrace sequential = TraceOfGroupLogits(kRanks, /*overlap=*/false, 64);
   for (int rank = 0; rank < kRanks; ++rank) {
