@@ -1,7 +1,8 @@
 // Device helpers shared by the kernels that group (token, expert) rows by slot (device_moe.cu's
 // PlanSlots, device_exchange.cu's PlanReceived): a row's rank inside its slot comes from a
 // shared-memory counter, and a slot's rows and rank pack into one int; and by the grouped
-// GEMMs that launch blocks for the busy slots only (device_moe.cu, fp8_grouped_gemm.cu).
+// GEMMs that launch blocks for the busy slots only or for their row tiles (device_moe.cu,
+// fp8_grouped_gemm.cu).
 #pragma once
 
 #include <cstdint>

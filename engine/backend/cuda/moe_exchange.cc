@@ -316,7 +316,7 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
     // On Hopper, up to 128 rows per slot (decode) run the recipe's grouped GEMM: one launch per
     // projection for every slot, with the products the device-planned path computes. Beyond,
     // each slot's rows make a GEMM of their own, which cuBLASLt runs faster (on an H100 the
-    // grouped GEMM wins by 1.2-1.3x at 64 and 128 rows per slot and loses from 256:
+    // grouped GEMM wins by 1.2-1.5x at 64 and 128 rows per slot and loses from 256:
     // moeserve-expert-bench's crossover table, docs/PERFORMANCE.md), on side streams while
     // slots are small. Without the grouped GEMM, slots of at most 2 rows take the weight-only
     // kernel instead.
