@@ -125,6 +125,9 @@ absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t
   auto made = MakeFp8RowGroups(offsets);
   if (!made.ok()) return made.status();
   const Fp8RowGroups& groups = *made;
+  if (strategy == Strategy::kPipelinedGemm) {
+    return RunPipelined(x, groups, gate_up, down, y, x_rows);
+  }
   const int hidden_blocks = hidden_ / kFp8BlockSize;
   const int inter_blocks = intermediate_ / kFp8BlockSize;
   if (auto s = QuantizeActivationGroupsFp8(x, groups, hidden_, x_values_.data(), x_scales_.data(),
@@ -133,29 +136,14 @@ absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t
     return s;
   }
   const bool concurrent = strategy == Strategy::kConcurrentGemm;
-  auto fork = [&]() -> absl::Status {
-    if (!concurrent) return absl::OkStatus();
-    if (auto s = CudaStatus(cudaEventRecord(fork_, stream_), "cudaEventRecord"); !s.ok()) return s;
-    for (int i = 0; i < kSideStreams; ++i) cudaStreamWaitEvent(side_streams_[i], fork_, 0);
-    return absl::OkStatus();
-  };
-  auto join = [&]() -> absl::Status {
-    if (!concurrent) return absl::OkStatus();
-    for (int i = 0; i < kSideStreams; ++i) {
-      if (auto s = CudaStatus(cudaEventRecord(joins_[i], side_streams_[i]), "cudaEventRecord");
-          !s.ok()) {
-        return s;
-      }
-      cudaStreamWaitEvent(stream_, joins_[i], 0);
-    }
-    return absl::OkStatus();
-  };
   // The GEMM object (and so the stream) of the launched-th non-empty expert.
   auto gemm_for = [&](int launched) -> Fp8BlockGemm& {
     return concurrent ? gemms_[1 + launched % kSideStreams] : gemms_[0];
   };
 
-  if (auto s = fork(); !s.ok()) return s;
+  if (concurrent) {
+    if (auto s = Fork(); !s.ok()) return s;
+  }
   int launched = 0;
   for (int e = 0; e < experts; ++e) {
     const int64_t rows = groups.rows(e);
@@ -169,34 +157,124 @@ absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t
       return s;
     }
   }
-  if (auto s = join(); !s.ok()) return s;
+  if (concurrent) {
+    if (auto s = Join(); !s.ok()) return s;
+  }
   if (auto s = SiluMulQuantizeFp8(gate_up_.data(), groups, intermediate_, act_values_.data(),
                                   act_scales_.data(), stream_);
       !s.ok()) {
     return s;
   }
-  if (auto s = fork(); !s.ok()) return s;
+  if (concurrent) {
+    if (auto s = Fork(); !s.ok()) return s;
+  }
   launched = 0;
   bool any_unaligned = false;
   for (int e = 0; e < experts; ++e) {
     const int64_t rows = groups.rows(e);
     if (rows == 0) continue;
     const int64_t start = groups.padded_start[e];
-    // A GEMM writes whole groups of 4 rows: an expert with a multiple of 4 rows writes straight
-    // into Y; another would overwrite its neighbour's first rows, so it goes through y_padded_.
-    const bool aligned = rows % kFp8RowAlignment == 0;
-    any_unaligned |= !aligned;
-    __nv_bfloat16* out = aligned ? y + groups.source_start[e] * static_cast<int64_t>(hidden_)
-                                 : y_padded_.data() + start * hidden_;
     if (auto s = gemm_for(launched++)
                      .Run(act_values_.data() + start * intermediate_,
                           act_scales_.data() + start * inter_blocks, rows, down[e], hidden_,
-                          intermediate_, out);
+                          intermediate_, DownOutput(groups, e, y, any_unaligned));
         !s.ok()) {
       return s;
     }
   }
-  if (auto s = join(); !s.ok()) return s;
+  if (concurrent) {
+    if (auto s = Join(); !s.ok()) return s;
+  }
+  if (!any_unaligned) return absl::OkStatus();
+  return CopyUnalignedGroupRows(y_padded_.data(), groups, hidden_, y, stream_);
+}
+
+__nv_bfloat16* Fp8ExpertMlp::DownOutput(const Fp8RowGroups& groups, int e, __nv_bfloat16* y,
+                                        bool& unaligned) {
+  // A GEMM writes whole groups of 4 rows: an expert with a multiple of 4 rows writes straight
+  // into Y; another would overwrite its neighbour's first rows, so it goes through y_padded_.
+  if (groups.rows(e) % kFp8RowAlignment == 0) {
+    return y + groups.source_start[e] * static_cast<int64_t>(hidden_);
+  }
+  unaligned = true;
+  return y_padded_.data() + groups.padded_start[e] * static_cast<int64_t>(hidden_);
+}
+
+absl::Status Fp8ExpertMlp::Fork() {
+  if (auto s = CudaStatus(cudaEventRecord(fork_, stream_), "cudaEventRecord"); !s.ok()) return s;
+  for (cudaStream_t side : side_streams_) {
+    if (auto s = CudaStatus(cudaStreamWaitEvent(side, fork_, 0), "cudaStreamWaitEvent"); !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Fp8ExpertMlp::Join() {
+  for (int i = 0; i < kSideStreams; ++i) {
+    if (auto s = CudaStatus(cudaEventRecord(joins_[i], side_streams_[i]), "cudaEventRecord");
+        !s.ok()) {
+      return s;
+    }
+    if (auto s = CudaStatus(cudaStreamWaitEvent(stream_, joins_[i], 0), "cudaStreamWaitEvent");
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Fp8ExpertMlp::RunPipelined(const __nv_bfloat16* x, const Fp8RowGroups& groups,
+                                        const std::vector<Fp8Weight>& gate_up,
+                                        const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
+                                        const int32_t* x_rows) {
+  const int hidden_blocks = hidden_ / kFp8BlockSize;
+  const int inter_blocks = intermediate_ / kFp8BlockSize;
+  if (auto s = Fork(); !s.ok()) return s;
+  int launched = 0;
+  bool any_unaligned = false;
+  for (int e = 0; e < groups.count; ++e) {
+    const int64_t rows = groups.rows(e);
+    if (rows == 0) continue;
+    // The expert's rows as a group of their own: each group's padded rows and scales form a
+    // standalone block (fp8_quantize.h), so its kernels run on that block alone.
+    auto made = MakeFp8RowGroups({0, rows});
+    if (!made.ok()) return made.status();
+    const Fp8RowGroups& own = *made;
+    const int64_t start = groups.padded_start[e];
+    const int64_t source = groups.source_start[e];
+    const int lane = launched++ % kSideStreams;
+    cudaStream_t stream = side_streams_[lane];
+    Fp8BlockGemm& gemm = gemms_[1 + lane];
+    __nv_fp8_e4m3* x_values = x_values_.data() + start * hidden_;
+    float* x_scales = x_scales_.data() + start * hidden_blocks;
+    __nv_bfloat16* expert_gate_up = gate_up_.data() + start * 2 * intermediate_;
+    __nv_fp8_e4m3* act_values = act_values_.data() + start * intermediate_;
+    float* act_scales = act_scales_.data() + start * inter_blocks;
+    if (auto s = x_rows != nullptr ? QuantizeActivationGroupsFp8(x, own, hidden_, x_values,
+                                                                 x_scales, stream, x_rows + source)
+                                   : QuantizeActivationGroupsFp8(x + source * hidden_, own, hidden_,
+                                                                 x_values, x_scales, stream);
+        !s.ok()) {
+      return s;
+    }
+    if (auto s = gemm.Run(x_values, x_scales, rows, gate_up[e], 2 * intermediate_, hidden_,
+                          expert_gate_up);
+        !s.ok()) {
+      return s;
+    }
+    if (auto s =
+            SiluMulQuantizeFp8(expert_gate_up, own, intermediate_, act_values, act_scales, stream);
+        !s.ok()) {
+      return s;
+    }
+    if (auto s = gemm.Run(act_values, act_scales, rows, down[e], hidden_, intermediate_,
+                          DownOutput(groups, e, y, any_unaligned));
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (auto s = Join(); !s.ok()) return s;
   if (!any_unaligned) return absl::OkStatus();
   return CopyUnalignedGroupRows(y_padded_.data(), groups, hidden_, y, stream_);
 }

@@ -22,6 +22,7 @@
 #include "kernels/device_array.h"
 #include "kernels/fp8_gemm.h"
 #include "kernels/fp8_grouped_gemm.h"
+#include "kernels/fp8_quantize.h"
 #include "kernels/fp8_weight_only_gemm.h"
 
 namespace moeserve::kernels {
@@ -53,6 +54,11 @@ class Fp8ExpertMlp {
   enum class Strategy {
     kPerExpertGemm,   // the experts' GEMMs one after another on the stream
     kConcurrentGemm,  // spread over side streams (small experts fill the GPU side by side)
+    // Each expert's whole MLP (its quantization, gate/up GEMM, SiLU-quantization and down GEMM)
+    // in order on one side stream, the experts side by side: one expert's memory-bound
+    // quantization runs beside another's compute-bound GEMM, and no expert waits for the
+    // slowest one's gate/up before its down projection.
+    kPipelinedGemm,
     // Decode: every expert's projection in one launch, the weights dequantized in registers
     // and the activations left in bf16 (fp8_weight_only_gemm.h); for few rows per expert.
     kWeightOnly,
@@ -89,6 +95,15 @@ class Fp8ExpertMlp {
   absl::Status RunWeightOnly(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
                              const std::vector<Fp8Weight>& gate_up,
                              const std::vector<Fp8Weight>& down, __nv_bfloat16* y);
+  absl::Status RunPipelined(const __nv_bfloat16* x, const Fp8RowGroups& groups,
+                            const std::vector<Fp8Weight>& gate_up,
+                            const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
+                            const int32_t* x_rows);
+  // Where expert e's down projection writes: Y itself when its rows are a multiple of 4, else
+  // y_padded_ (a GEMM writes whole groups of 4 rows; see Run); `unaligned` records the latter.
+  __nv_bfloat16* DownOutput(const Fp8RowGroups& groups, int e, __nv_bfloat16* y, bool& unaligned);
+  absl::Status Fork();  // side streams wait for stream_
+  absl::Status Join();  // stream_ waits for the side streams
   absl::Status RunGroupedGemm(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
                               const std::vector<Fp8Weight>& gate_up,
                               const std::vector<Fp8Weight>& down, __nv_bfloat16* y,

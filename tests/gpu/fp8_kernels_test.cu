@@ -536,11 +536,12 @@ void CheckExpertMlp(int hidden, int inter, const std::vector<int64_t>& offsets) 
   uint16_t* device_y = memory.Allocate<uint16_t>(x.size());
   auto mlp = Fp8ExpertMlp::Create(hidden, inter, rows, experts, nullptr);
   ASSERT_TRUE(mlp.ok()) << mlp.status();
-  std::vector<Fp8ExpertMlp::Strategy> strategies = {Fp8ExpertMlp::Strategy::kPerExpertGemm,
-                                                    Fp8ExpertMlp::Strategy::kConcurrentGemm,
-                                                    Fp8ExpertMlp::Strategy::kWeightOnly};
+  std::vector<Fp8ExpertMlp::Strategy> strategies = {
+      Fp8ExpertMlp::Strategy::kPerExpertGemm, Fp8ExpertMlp::Strategy::kConcurrentGemm,
+      Fp8ExpertMlp::Strategy::kPipelinedGemm, Fp8ExpertMlp::Strategy::kWeightOnly};
   std::vector<Fp8ExpertMlp::Strategy> gathering = {Fp8ExpertMlp::Strategy::kPerExpertGemm,
-                                                   Fp8ExpertMlp::Strategy::kConcurrentGemm};
+                                                   Fp8ExpertMlp::Strategy::kConcurrentGemm,
+                                                   Fp8ExpertMlp::Strategy::kPipelinedGemm};
   if (mlp->grouped_gemm_supported()) {
     strategies.push_back(Fp8ExpertMlp::Strategy::kGroupedGemm);
     gathering.push_back(Fp8ExpertMlp::Strategy::kGroupedGemm);
@@ -576,6 +577,19 @@ void CheckExpertMlp(int hidden, int inter, const std::vector<int64_t>& offsets) 
     EXPECT_LT(twin.rms_relative, 1e-2);
     EXPECT_LT(recipe.rms_relative, weight_only ? 1e-2 : 8e-2);
   }
+
+  // The pipelined strategy runs the same kernels as the concurrent one, an expert's on the same
+  // side stream's GEMM, only in another order: the same bits.
+  uint16_t* device_pipelined_y = memory.Allocate<uint16_t>(x.size());
+  ASSERT_TRUE(mlp->Run(AsBf16(device_x), offsets, gate_up_device, down_device, AsBf16(device_y),
+                       Fp8ExpertMlp::Strategy::kConcurrentGemm)
+                  .ok());
+  ASSERT_TRUE(mlp->Run(AsBf16(device_x), offsets, gate_up_device, down_device,
+                       AsBf16(device_pipelined_y), Fp8ExpertMlp::Strategy::kPipelinedGemm)
+                  .ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(Download<uint16_t>(device_pipelined_y, x.size()),
+            Download<uint16_t>(device_y, x.size()));
 
   // The same rows read in place through x_rows (the permute fused into the quantization): the
   // GEMM strategies give the same bits; the weight-only one refuses.
