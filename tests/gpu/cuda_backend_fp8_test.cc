@@ -10,6 +10,7 @@
 // checkpoint (its widths are the device plan's).
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
@@ -60,9 +61,11 @@ absl::StatusOr<std::vector<float>> GpuLogits(const Model& model, const std::vect
 // (`*_proj.weight`) in FP8 with 128 x 128 block scales, the embedding, LM head, gate and norms in
 // bf16. Its widths are whole FP8 blocks (multiples of 128) for the experts, the dense and shared
 // MLPs, q_a, q_b and o, so those run in FP8 on the GPU; kv_a (20 rows) is not and is served
-// dequantized. Written under a new temporary folder named after `folder_name`.
-fs::path WriteSmallFp8Checkpoint(const std::string& folder_name) {
+// dequantized. Written under a new temporary folder named after `folder_name`; positions up to
+// `max_positions`.
+fs::path WriteSmallFp8Checkpoint(const std::string& folder_name, int max_positions = 256) {
   nlohmann::json config = testing::SmallDeepSeekV3Json();
+  config["max_position_embeddings"] = max_positions;
   config["vocab_size"] = 512;
   config["hidden_size"] = 256;
   config["intermediate_size"] = 512;
@@ -95,8 +98,9 @@ absl::StatusOr<LoadedModel> OpenSmallFp8Checkpoint(const std::string& folder_nam
   return LoadModel(WriteSmallFp8Checkpoint(folder_name).string(), on_demand);
 }
 
-// The small FP8 checkpoint against the CPU: opened on demand for the GPU, 48 positions (a prefill:
-// the recipe's path), and the fp32 CPU engine's logits of them on the same dequantized weights.
+// The small FP8 checkpoint against the CPU: opened on demand for the GPU, a prefill of
+// `positions` (48 by default: the recipe's path), and the fp32 CPU engine's logits of them on the
+// same dequantized weights.
 struct SmallFp8Case {
   std::shared_ptr<const Model> gpu_model;
   std::vector<int32_t> tokens;
@@ -104,8 +108,8 @@ struct SmallFp8Case {
   int vocab = 0;
 };
 
-absl::StatusOr<SmallFp8Case> MakeSmallFp8Case(const std::string& folder_name) {
-  const fs::path folder = WriteSmallFp8Checkpoint(folder_name);
+absl::StatusOr<SmallFp8Case> MakeSmallFp8Case(const std::string& folder_name, int positions = 48) {
+  const fs::path folder = WriteSmallFp8Checkpoint(folder_name, std::max(256, positions));
   ASSIGN_OR_RETURN(LoadedModel host, LoadModel(folder.string()));
   LoadOptions on_demand;
   on_demand.host_weights = false;
@@ -113,7 +117,7 @@ absl::StatusOr<SmallFp8Case> MakeSmallFp8Case(const std::string& folder_name) {
   SmallFp8Case c;
   c.gpu_model = opened.model;
   c.vocab = host.model->config().vocab_size;
-  c.tokens = Prompt(48, c.vocab);
+  c.tokens = Prompt(positions, c.vocab);
   ASSIGN_OR_RETURN(c.cpu, moeserve::testing::GroupLogits(*host.model, c.tokens, 1, 0, false));
   return c;
 }
@@ -140,6 +144,39 @@ TEST(CudaBackendFp8, Fp8ExpertsStayWithinTheFp8ToleranceOfTheCpu) {
     // The FP8 path ran (its activations are quantized: the logits are not the bf16 ones).
     EXPECT_NE(*fp8, *bf16);
     EXPECT_LT(fp8_vs_cpu.relative_error, 0.6) << "EP" << ep;
+    EXPECT_LT(fp8_vs_cpu.median_row_error, 0.1) << "EP" << ep;
+    EXPECT_GE(fp8_vs_cpu.argmax_agreement, 0.8) << "EP" << ep;
+  }
+}
+
+// A longer prefill: 640 positions routed top-2 of 8 give slots of about 160 rows, past the
+// grouped GEMM's 128, so the host-planned path runs cuBLASLt's GEMM per slot (pipelined: few
+// slots) on rows it reads in place. The median position and the argmax hold the short prefill's
+// tolerance. The largest error is a tail over 13 times as many positions, and the long context
+// sets it, not FP8: on an H100 FP8 experts gave 0.654 and bf16 experts 0.659 (median 3.8e-2 and
+// 1.0e-2, argmax 91.4% and 96.1%), so it is held to the dense FP8 test's 0.8.
+TEST(CudaBackendFp8, LongPrefillTakesTheGemmPerSlotWithinTheFp8Tolerance) {
+  REQUIRE_HOPPER();
+  absl::StatusOr<SmallFp8Case> c = MakeSmallFp8Case("fp8_long_prefill", 640);
+  ASSERT_TRUE(c.ok()) << c.status();
+  for (auto [ep, redundant] : {std::pair{1, 0}, {2, 2}}) {
+    auto fp8 = GpuLogits(*c->gpu_model, c->tokens, ep, redundant, true);
+    ASSERT_TRUE(fp8.ok()) << fp8.status();
+    auto bf16 = GpuLogits(*c->gpu_model, c->tokens, ep, redundant, false);
+    ASSERT_TRUE(bf16.ok()) << bf16.status();
+    const moeserve::testing::LogitAgreement fp8_vs_cpu =
+        moeserve::testing::CompareLogits(*fp8, c->cpu, c->vocab);
+    const moeserve::testing::LogitAgreement bf16_vs_cpu =
+        moeserve::testing::CompareLogits(*bf16, c->cpu, c->vocab);
+    std::printf(
+        "640 positions, EP%d redundant %d: FP8 experts vs CPU relative error max %.2e, median "
+        "position %.2e, same argmax %.1f%%; bf16 experts vs CPU max %.2e, median %.2e, same "
+        "argmax %.1f%%\n",
+        ep, redundant, fp8_vs_cpu.relative_error, fp8_vs_cpu.median_row_error,
+        100 * fp8_vs_cpu.argmax_agreement, bf16_vs_cpu.relative_error, bf16_vs_cpu.median_row_error,
+        100 * bf16_vs_cpu.argmax_agreement);
+    EXPECT_NE(*fp8, *bf16);
+    EXPECT_LT(fp8_vs_cpu.relative_error, 0.8) << "EP" << ep;
     EXPECT_LT(fp8_vs_cpu.median_row_error, 0.1) << "EP" << ep;
     EXPECT_GE(fp8_vs_cpu.argmax_agreement, 0.8) << "EP" << ep;
   }
