@@ -317,16 +317,17 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
     // projection for every slot, with the products the device-planned path computes. Beyond,
     // each slot's rows make a GEMM of their own, which cuBLASLt runs faster (on an H100 the
     // grouped GEMM wins by 1.2-1.5x at 64 and 128 rows per slot and loses from 256:
-    // moeserve-expert-bench's crossover table, docs/PERFORMANCE.md). While slots are small (a
-    // decode step's hundreds of rows), a few of them (an EP GPU's) run pipelined, each slot's
-    // kernels in order on a side stream, so that one slot's activation quantization overlaps
-    // another's GEMMs: at EP128 decode's 3 x 340 rows 2-10% faster than side streams alone in
-    // four runs of four. More small slots run on side streams in phases (a pipelined slot
-    // launches four kernels rather than two, which costs more than it gains over hundreds of
-    // slots: 256 experts on one GPU, 7.9-10.4 ms against 6.4-7.0). Slots of prefill's thousands
-    // of rows run one GEMM after another (pipelined, EP32 prefill's 9 x 14.5K was 5% faster in
-    // two runs of four and 1-2% slower in two). Without the grouped GEMM, slots of at most 2
-    // rows take the weight-only kernel instead.
+    // moeserve-expert-bench's crossover table, docs/PERFORMANCE.md), spread over side streams.
+    // While slots are small (a decode step's hundreds of rows), a few of them (an EP GPU's) run
+    // pipelined, each slot's kernels in order on a side stream, so that one slot's activation
+    // quantization overlaps another's GEMMs: at EP128 decode's 3 x 340 rows 2-10% faster than
+    // the side streams' phases in four runs of four. More slots keep the phases (a pipelined
+    // slot launches four kernels rather than two, which costs more than it gains over hundreds
+    // of slots: 256 experts on one GPU, 7.9-10.4 ms against 6.4-7.0), and so do prefill's slots
+    // of thousands of rows (pipelined, EP32 prefill's 9 x 14.5K was 5% faster in two runs of
+    // four and up to 2% slower in two; the phases on side streams were 1-2% faster than one GEMM
+    // after another in all four). Without the grouped GEMM, slots of at most 2 rows take the
+    // weight-only kernel instead.
     int64_t largest = 0;
     for (int s = 0; s < slots; ++s) {
       largest = std::max(largest, mb.slot_offsets[s + 1] - mb.slot_offsets[s]);
@@ -337,9 +338,9 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
     const bool grouped = routed_fp8_mlp->grouped_gemm_supported();
     const auto strategy = grouped && largest <= kGroupedGemmMaxRows   ? Fp8Strategy::kGroupedGemm
                           : !grouped && largest <= kWeightOnlyMaxRows ? Fp8Strategy::kWeightOnly
-                          : !small_groups                             ? Fp8Strategy::kPerExpertGemm
-                          : busy_slots <= kPipelinedMaxSlots          ? Fp8Strategy::kPipelinedGemm
-                                                             : Fp8Strategy::kConcurrentGemm;
+                          : small_groups && busy_slots <= kPipelinedMaxSlots
+                              ? Fp8Strategy::kPipelinedGemm
+                              : Fp8Strategy::kConcurrentGemm;
     if (strategy == Fp8Strategy::kWeightOnly) {
       RETURN_IF_ERROR(permute_to_slot_order());
       RETURN_IF_ERROR(routed_fp8_mlp->Run(mb.expert_in.data(), mb.slot_offsets, weights.gate_up_fp8,
