@@ -128,8 +128,6 @@ absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t
   if (strategy == Strategy::kPipelinedGemm) {
     return RunPipelined(x, groups, gate_up, down, y, x_rows);
   }
-  const int hidden_blocks = hidden_ / kFp8BlockSize;
-  const int inter_blocks = intermediate_ / kFp8BlockSize;
   if (auto s = QuantizeActivationGroupsFp8(x, groups, hidden_, x_values_.data(), x_scales_.data(),
                                            stream_, x_rows);
       !s.ok()) {
@@ -148,11 +146,10 @@ absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t
   for (int e = 0; e < experts; ++e) {
     const int64_t rows = groups.rows(e);
     if (rows == 0) continue;
-    const int64_t start = groups.padded_start[e];
+    const Fp8GroupedMlpScratch scratch = ScratchAt(groups.padded_start[e]);
     if (auto s = gemm_for(launched++)
-                     .Run(x_values_.data() + start * hidden_,
-                          x_scales_.data() + start * hidden_blocks, rows, gate_up[e],
-                          2 * intermediate_, hidden_, gate_up_.data() + start * 2 * intermediate_);
+                     .Run(scratch.x_values, scratch.x_scales, rows, gate_up[e], 2 * intermediate_,
+                          hidden_, scratch.gate_up);
         !s.ok()) {
       return s;
     }
@@ -173,10 +170,9 @@ absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t
   for (int e = 0; e < experts; ++e) {
     const int64_t rows = groups.rows(e);
     if (rows == 0) continue;
-    const int64_t start = groups.padded_start[e];
+    const Fp8GroupedMlpScratch scratch = ScratchAt(groups.padded_start[e]);
     if (auto s = gemm_for(launched++)
-                     .Run(act_values_.data() + start * intermediate_,
-                          act_scales_.data() + start * inter_blocks, rows, down[e], hidden_,
+                     .Run(scratch.act_values, scratch.act_scales, rows, down[e], hidden_,
                           intermediate_, DownOutput(groups, e, y, any_unaligned));
         !s.ok()) {
       return s;
@@ -198,6 +194,14 @@ __nv_bfloat16* Fp8ExpertMlp::DownOutput(const Fp8RowGroups& groups, int e, __nv_
   }
   unaligned = true;
   return y_padded_.data() + groups.padded_start[e] * static_cast<int64_t>(hidden_);
+}
+
+Fp8GroupedMlpScratch Fp8ExpertMlp::ScratchAt(int64_t padded_row) {
+  return {x_values_.data() + padded_row * hidden_,
+          x_scales_.data() + padded_row * (hidden_ / kFp8BlockSize),
+          gate_up_.data() + padded_row * 2 * intermediate_,
+          act_values_.data() + padded_row * intermediate_,
+          act_scales_.data() + padded_row * (intermediate_ / kFp8BlockSize)};
 }
 
 absl::Status Fp8ExpertMlp::Fork() {
@@ -228,8 +232,6 @@ absl::Status Fp8ExpertMlp::RunPipelined(const __nv_bfloat16* x, const Fp8RowGrou
                                         const std::vector<Fp8Weight>& gate_up,
                                         const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
                                         const int32_t* x_rows) {
-  const int hidden_blocks = hidden_ / kFp8BlockSize;
-  const int inter_blocks = intermediate_ / kFp8BlockSize;
   if (auto s = Fork(); !s.ok()) return s;
   int launched = 0;
   bool any_unaligned = false;
@@ -241,35 +243,31 @@ absl::Status Fp8ExpertMlp::RunPipelined(const __nv_bfloat16* x, const Fp8RowGrou
     auto made = MakeFp8RowGroups({0, rows});
     if (!made.ok()) return made.status();
     const Fp8RowGroups& own = *made;
-    const int64_t start = groups.padded_start[e];
     const int64_t source = groups.source_start[e];
     const int lane = launched++ % kSideStreams;
     cudaStream_t stream = side_streams_[lane];
     Fp8BlockGemm& gemm = gemms_[1 + lane];
-    __nv_fp8_e4m3* x_values = x_values_.data() + start * hidden_;
-    float* x_scales = x_scales_.data() + start * hidden_blocks;
-    __nv_bfloat16* expert_gate_up = gate_up_.data() + start * 2 * intermediate_;
-    __nv_fp8_e4m3* act_values = act_values_.data() + start * intermediate_;
-    float* act_scales = act_scales_.data() + start * inter_blocks;
-    if (auto s = x_rows != nullptr ? QuantizeActivationGroupsFp8(x, own, hidden_, x_values,
-                                                                 x_scales, stream, x_rows + source)
-                                   : QuantizeActivationGroupsFp8(x + source * hidden_, own, hidden_,
-                                                                 x_values, x_scales, stream);
+    const Fp8GroupedMlpScratch scratch = ScratchAt(groups.padded_start[e]);
+    if (auto s = x_rows != nullptr
+                     ? QuantizeActivationGroupsFp8(x, own, hidden_, scratch.x_values,
+                                                   scratch.x_scales, stream, x_rows + source)
+                     : QuantizeActivationGroupsFp8(x + source * hidden_, own, hidden_,
+                                                   scratch.x_values, scratch.x_scales, stream);
         !s.ok()) {
       return s;
     }
-    if (auto s = gemm.Run(x_values, x_scales, rows, gate_up[e], 2 * intermediate_, hidden_,
-                          expert_gate_up);
+    if (auto s = gemm.Run(scratch.x_values, scratch.x_scales, rows, gate_up[e], 2 * intermediate_,
+                          hidden_, scratch.gate_up);
         !s.ok()) {
       return s;
     }
-    if (auto s =
-            SiluMulQuantizeFp8(expert_gate_up, own, intermediate_, act_values, act_scales, stream);
+    if (auto s = SiluMulQuantizeFp8(scratch.gate_up, own, intermediate_, scratch.act_values,
+                                    scratch.act_scales, stream);
         !s.ok()) {
       return s;
     }
-    if (auto s = gemm.Run(act_values, act_scales, rows, down[e], hidden_, intermediate_,
-                          DownOutput(groups, e, y, any_unaligned));
+    if (auto s = gemm.Run(scratch.act_values, scratch.act_scales, rows, down[e], hidden_,
+                          intermediate_, DownOutput(groups, e, y, any_unaligned));
         !s.ok()) {
       return s;
     }
@@ -330,11 +328,8 @@ absl::Status Fp8ExpertMlp::RunGroupedGemm(const __nv_bfloat16* x,
   std::copy(gate_up.begin(), gate_up.end(), grouped_gate_up_->weights);
   std::copy(down.begin(), down.end(), grouped_down_->weights);
   // No expert is padded here (all rows are one group), so the down projection writes y.
-  return Fp8GroupedSwiGlu(
-      x, x_rows, static_cast<int>(offsets.back()), *grouped_gate_up_, *grouped_down_, hidden_,
-      intermediate_,
-      {x_values_.data(), x_scales_.data(), gate_up_.data(), act_values_.data(), act_scales_.data()},
-      y, stream_);
+  return Fp8GroupedSwiGlu(x, x_rows, static_cast<int>(offsets.back()), *grouped_gate_up_,
+                          *grouped_down_, hidden_, intermediate_, ScratchAt(0), y, stream_);
 }
 
 namespace {

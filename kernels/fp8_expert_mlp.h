@@ -102,6 +102,9 @@ class Fp8ExpertMlp {
   // Where expert e's down projection writes: Y itself when its rows are a multiple of 4, else
   // y_padded_ (a GEMM writes whole groups of 4 rows; see Run); `unaligned` records the latter.
   __nv_bfloat16* DownOutput(const Fp8RowGroups& groups, int e, __nv_bfloat16* y, bool& unaligned);
+  // The scratch of the padded rows from `padded_row` on: a group's block of each buffer (every
+  // group's padded rows and 1 x 128 scales stand alone, fp8_quantize.h).
+  Fp8GroupedMlpScratch ScratchAt(int64_t padded_row);
   absl::Status Fork();  // side streams wait for stream_
   absl::Status Join();  // stream_ waits for the side streams
   absl::Status RunGroupedGemm(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,

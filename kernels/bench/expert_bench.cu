@@ -370,8 +370,8 @@ void CrossoverTable(cudaStream_t stream) {
   std::printf(
       "\nFP8 MLP of %d experts by rows per expert: cuBLASLt per expert (the fastest of one after "
       "another, side streams and pipelined) against the grouped wgmma GEMM (its tile shape by "
-      "size); then "
-      "the grouped GEMMs alone in each tile shape\n| rows per expert | cuBLASLt ms | grouped ms | "
+      "size); then the grouped GEMMs alone in each tile shape\n| rows per expert | cuBLASLt ms | "
+      "grouped ms | "
       "grouped TFLOP/s | grouped speed-up | GEMMs alone, narrow tiles ms | GEMMs alone, wide "
       "tiles ms |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
       kExperts);
@@ -760,8 +760,7 @@ int main() {
     std::snprintf(
         line, sizeof(line),
         "| %s | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %s | %s | **%.2fx** | "
-        "%.0f%% | "
-        "%.3f | %.1e |",
+        "%.0f%% | %.3f | %.1e |",
         layout.name.c_str(), bytes_floor_fp8, floor_fp8, ms[0], ms[1], ms[2], fp8_ms[0], fp8_ms[1],
         fp8_ms[4], weight_only, grouped, best_bf16 / best_fp8, 100 * floor_fp8 / best_fp8,
         quantize_ms, difference);
@@ -776,8 +775,8 @@ int main() {
       "\n| layout | FP8 bytes floor ms | FP8 floor ms | bf16 per-expert ms | bf16 grouped ms | "
       "bf16 "
       "concurrent ms | FP8 per-expert ms | FP8 concurrent ms | FP8 pipelined ms | FP8 weight-only "
-      "ms | FP8 grouped "
-      "(wgmma) ms | FP8 speed-up vs best bf16 | best FP8 %% of floor | quantize kernels ms | FP8 "
+      "ms | FP8 grouped (wgmma) ms | FP8 speed-up vs best bf16 | best FP8 %% of floor | quantize "
+      "kernels ms | FP8 "
       "vs bf16 rms diff |\n");
   std::printf(
       "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
