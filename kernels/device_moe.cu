@@ -456,7 +456,7 @@ absl::Status DeviceExpertMlp::Run(const __nv_bfloat16* x, const DeviceSlotPlan& 
   }
   if (rows == 0) return absl::OkStatus();
   if (gate_up.fp8 != nullptr && fp8_ == Fp8Products::kRecipe) {
-    return Fp8GroupedSwiGlu(x, plan.source_rows, rows,
+    return Fp8GroupedSwiGlu(Fp8InputRows{.bf16 = x, .rows = plan.source_rows}, rows,
                             Fp8GemmSlotGroups{plan.offsets, gate_up.fp8, plan.slots, rows, rows},
                             Fp8GemmSlotGroups{plan.offsets, down.fp8, plan.slots, rows, rows},
                             hidden_, intermediate_,

@@ -43,6 +43,13 @@ inline constexpr int64_t ActivationScaleCount(int64_t rows, int64_t cols) {
   return Fp8PaddedRows(rows) * Fp8Blocks(cols);
 }
 
+// FP8 rows as a GPU group's dispatch carries them to FP8 experts (fp8_quantize.h): each row its
+// `cols` e4m3 codes, then its cols / 128 fp32 tile scales, the whole padded to 16 bytes. About
+// half a bf16 row's bytes (7,392 against 14,336 at DeepSeek-V3's 7168 columns).
+inline constexpr int64_t Fp8PackedRowBytes(int64_t cols) {
+  return (cols + 4 * ((cols + kFp8BlockSize - 1) / kFp8BlockSize) + 15) / 16 * 16;
+}
+
 // fp32 -> e4m3 (OCP "e4m3fn": bias 7, no infinities, 0x7f / 0xff are NaN), round to nearest
 // even, finite values beyond +-448 saturate to +-448, and every NaN becomes 0x7f (the sign is
 // dropped) — what the GPU's cvt.rn.satfinite does, bit for bit (tests/gpu/fp8_kernels_test.cu).

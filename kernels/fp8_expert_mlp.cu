@@ -106,6 +106,13 @@ absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t
                                const std::vector<Fp8Weight>& gate_up,
                                const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
                                Strategy strategy, const int32_t* x_rows) {
+  return Run(Fp8InputRows{.bf16 = x, .rows = x_rows}, offsets, gate_up, down, y, strategy);
+}
+
+absl::Status Fp8ExpertMlp::Run(const Fp8InputRows& x, const std::vector<int64_t>& offsets,
+                               const std::vector<Fp8Weight>& gate_up,
+                               const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
+                               Strategy strategy) {
   const int experts = static_cast<int>(gate_up.size());
   if (offsets.size() != gate_up.size() + 1 || down.size() != gate_up.size() ||
       experts > max_experts_ || offsets.back() > max_rows_) {
@@ -113,23 +120,24 @@ absl::Status Fp8ExpertMlp::Run(const __nv_bfloat16* x, const std::vector<int64_t
         "Fp8ExpertMlp::Run: rows or experts beyond the sizes it was made for");
   }
   if (strategy == Strategy::kWeightOnly) {
-    if (x_rows != nullptr) {
+    if (x.rows != nullptr || x.bf16 == nullptr) {
       return absl::InvalidArgumentError(
-          "Fp8ExpertMlp::Run: the weight-only strategy reads rows in expert order, not x_rows");
+          "Fp8ExpertMlp::Run: the weight-only strategy reads bf16 rows in expert order (no row "
+          "list, no packed FP8 rows)");
     }
-    return RunWeightOnly(x, offsets, gate_up, down, y);
+    return RunWeightOnly(x.bf16, offsets, gate_up, down, y);
   }
   if (strategy == Strategy::kGroupedGemm) {
-    return RunGroupedGemm(x, offsets, gate_up, down, y, x_rows);
+    return RunGroupedGemm(x, offsets, gate_up, down, y);
   }
   auto made = MakeFp8RowGroups(offsets);
   if (!made.ok()) return made.status();
   const Fp8RowGroups& groups = *made;
   if (strategy == Strategy::kPipelinedGemm) {
-    return RunPipelined(x, groups, gate_up, down, y, x_rows);
+    return RunPipelined(x, groups, gate_up, down, y);
   }
-  if (auto s = QuantizeActivationGroupsFp8(x, groups, hidden_, x_values_.data(), x_scales_.data(),
-                                           stream_, x_rows);
+  if (auto s =
+          QuantizeInputGroupsFp8(x, groups, hidden_, x_values_.data(), x_scales_.data(), stream_);
       !s.ok()) {
     return s;
   }
@@ -228,10 +236,9 @@ absl::Status Fp8ExpertMlp::Join() {
   return absl::OkStatus();
 }
 
-absl::Status Fp8ExpertMlp::RunPipelined(const __nv_bfloat16* x, const Fp8RowGroups& groups,
+absl::Status Fp8ExpertMlp::RunPipelined(const Fp8InputRows& x, const Fp8RowGroups& groups,
                                         const std::vector<Fp8Weight>& gate_up,
-                                        const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
-                                        const int32_t* x_rows) {
+                                        const std::vector<Fp8Weight>& down, __nv_bfloat16* y) {
   if (auto s = Fork(); !s.ok()) return s;
   int launched = 0;
   bool any_unaligned = false;
@@ -248,11 +255,8 @@ absl::Status Fp8ExpertMlp::RunPipelined(const __nv_bfloat16* x, const Fp8RowGrou
     cudaStream_t stream = side_streams_[lane];
     Fp8BlockGemm& gemm = gemms_[1 + lane];
     const Fp8GroupedMlpScratch scratch = ScratchAt(groups.padded_start[e]);
-    if (auto s = x_rows != nullptr
-                     ? QuantizeActivationGroupsFp8(x, own, hidden_, scratch.x_values,
-                                                   scratch.x_scales, stream, x_rows + source)
-                     : QuantizeActivationGroupsFp8(x + source * hidden_, own, hidden_,
-                                                   scratch.x_values, scratch.x_scales, stream);
+    if (auto s = QuantizeInputGroupsFp8(x.From(source, hidden_), own, hidden_, scratch.x_values,
+                                        scratch.x_scales, stream);
         !s.ok()) {
       return s;
     }
@@ -307,11 +311,10 @@ absl::Status Fp8ExpertMlp::RunWeightOnly(const __nv_bfloat16* x,
   return Fp8WeightOnlyGroupedGemm(act_.data(), groups, hidden_, intermediate_, y, stream_);
 }
 
-absl::Status Fp8ExpertMlp::RunGroupedGemm(const __nv_bfloat16* x,
+absl::Status Fp8ExpertMlp::RunGroupedGemm(const Fp8InputRows& x,
                                           const std::vector<int64_t>& offsets,
                                           const std::vector<Fp8Weight>& gate_up,
-                                          const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
-                                          const int32_t* x_rows) {
+                                          const std::vector<Fp8Weight>& down, __nv_bfloat16* y) {
   if (!grouped_gemm_supported_) {
     return absl::FailedPreconditionError(
         "Fp8ExpertMlp: the grouped FP8 GEMM needs a GPU of compute capability 9.0");
@@ -328,15 +331,15 @@ absl::Status Fp8ExpertMlp::RunGroupedGemm(const __nv_bfloat16* x,
   std::copy(gate_up.begin(), gate_up.end(), grouped_gate_up_->weights);
   std::copy(down.begin(), down.end(), grouped_down_->weights);
   // No expert is padded here (all rows are one group), so the down projection writes y.
-  return Fp8GroupedSwiGlu(x, x_rows, static_cast<int>(offsets.back()), *grouped_gate_up_,
-                          *grouped_down_, hidden_, intermediate_, ScratchAt(0), y, stream_);
+  return Fp8GroupedSwiGlu(x, static_cast<int>(offsets.back()), *grouped_gate_up_, *grouped_down_,
+                          hidden_, intermediate_, ScratchAt(0), y, stream_);
 }
 
 namespace {
 
 template <class Groups>
-absl::Status GroupedSwiGlu(const __nv_bfloat16* x, const int32_t* x_rows, int rows,
-                           const Groups& gate_up, const Groups& down, int hidden, int intermediate,
+absl::Status GroupedSwiGlu(const Fp8InputRows& x, int rows, const Groups& gate_up,
+                           const Groups& down, int hidden, int intermediate,
                            const Fp8GroupedMlpScratch& scratch, __nv_bfloat16* y,
                            cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
@@ -344,8 +347,8 @@ absl::Status GroupedSwiGlu(const __nv_bfloat16* x, const int32_t* x_rows, int ro
   if (!made.ok()) return made.status();
   const Fp8RowGroups& all_rows = *made;
   const int scale_rows = static_cast<int>(all_rows.padded_rows());
-  if (auto s = QuantizeActivationGroupsFp8(x, all_rows, hidden, scratch.x_values, scratch.x_scales,
-                                           stream, x_rows);
+  if (auto s =
+          QuantizeInputGroupsFp8(x, all_rows, hidden, scratch.x_values, scratch.x_scales, stream);
       !s.ok()) {
     return s;
   }
@@ -365,18 +368,18 @@ absl::Status GroupedSwiGlu(const __nv_bfloat16* x, const int32_t* x_rows, int ro
 
 }  // namespace
 
-absl::Status Fp8GroupedSwiGlu(const __nv_bfloat16* x, const int32_t* x_rows, int rows,
-                              const Fp8GemmGroupList& gate_up, const Fp8GemmGroupList& down,
-                              int hidden, int intermediate, const Fp8GroupedMlpScratch& scratch,
-                              __nv_bfloat16* y, cudaStream_t stream) {
-  return GroupedSwiGlu(x, x_rows, rows, gate_up, down, hidden, intermediate, scratch, y, stream);
+absl::Status Fp8GroupedSwiGlu(const Fp8InputRows& x, int rows, const Fp8GemmGroupList& gate_up,
+                              const Fp8GemmGroupList& down, int hidden, int intermediate,
+                              const Fp8GroupedMlpScratch& scratch, __nv_bfloat16* y,
+                              cudaStream_t stream) {
+  return GroupedSwiGlu(x, rows, gate_up, down, hidden, intermediate, scratch, y, stream);
 }
 
-absl::Status Fp8GroupedSwiGlu(const __nv_bfloat16* x, const int32_t* x_rows, int rows,
-                              const Fp8GemmSlotGroups& gate_up, const Fp8GemmSlotGroups& down,
-                              int hidden, int intermediate, const Fp8GroupedMlpScratch& scratch,
-                              __nv_bfloat16* y, cudaStream_t stream) {
-  return GroupedSwiGlu(x, x_rows, rows, gate_up, down, hidden, intermediate, scratch, y, stream);
+absl::Status Fp8GroupedSwiGlu(const Fp8InputRows& x, int rows, const Fp8GemmSlotGroups& gate_up,
+                              const Fp8GemmSlotGroups& down, int hidden, int intermediate,
+                              const Fp8GroupedMlpScratch& scratch, __nv_bfloat16* y,
+                              cudaStream_t stream) {
+  return GroupedSwiGlu(x, rows, gate_up, down, hidden, intermediate, scratch, y, stream);
 }
 
 }  // namespace moeserve::kernels

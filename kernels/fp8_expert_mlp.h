@@ -1,6 +1,7 @@
 // Fp8ExpertMlp: the routed experts' SwiGLU MLP in DeepSeek-V3's FP8 recipe — the FP8 twin of
 // ExpertMlp (expert_mlp.h), with rows already grouped by expert:
-//   quantize X per 1 x 128 tile                     (one kernel over all experts' rows)
+//   quantize X per 1 x 128 tile                     (one kernel over all experts' rows; rows
+//                                                    a dispatch's sender quantized move in place)
 //   gate_up[rows of e] = X_q[rows of e] · W_gate_up(e)^T   (block-scaled FP8 GEMM, bf16 out)
 //   act = bf16(silu(gate) * up), quantized per 1 x 128     (one fused kernel)
 //   Y[rows of e] = act_q[rows of e] · W_down(e)^T           (block-scaled FP8 GEMM, bf16 out)
@@ -27,8 +28,8 @@
 
 namespace moeserve::kernels {
 
-// The recipe's SwiGLU MLP on Fp8GroupedGemm, every group in one launch per projection: the rows
-// (grouped row i is x's row x_rows[i], or row i without x_rows) quantized as one group, gate_up =
+// The recipe's SwiGLU MLP on Fp8GroupedGemm, every group in one launch per projection: the input
+// rows (fp8_quantize.h: bf16 ones quantized, packed FP8 ones unpacked) as one group, gate_up =
 // X_q · W_gate_up^T, act = bf16(silu(gate) * up) quantized, y [rows, hidden] = act_q ·
 // W_down^T. The groups, from the host or from the device plan, give each group's rows and
 // weights. Scratch: device buffers for Fp8PaddedRows(rows) rows. Shared by Fp8ExpertMlp
@@ -40,14 +41,14 @@ struct Fp8GroupedMlpScratch {
   __nv_fp8_e4m3* act_values = nullptr;  // [rows, intermediate]
   float* act_scales = nullptr;          // rows * intermediate / 128
 };
-absl::Status Fp8GroupedSwiGlu(const __nv_bfloat16* x, const int32_t* x_rows, int rows,
-                              const Fp8GemmGroupList& gate_up, const Fp8GemmGroupList& down,
-                              int hidden, int intermediate, const Fp8GroupedMlpScratch& scratch,
-                              __nv_bfloat16* y, cudaStream_t stream);
-absl::Status Fp8GroupedSwiGlu(const __nv_bfloat16* x, const int32_t* x_rows, int rows,
-                              const Fp8GemmSlotGroups& gate_up, const Fp8GemmSlotGroups& down,
-                              int hidden, int intermediate, const Fp8GroupedMlpScratch& scratch,
-                              __nv_bfloat16* y, cudaStream_t stream);
+absl::Status Fp8GroupedSwiGlu(const Fp8InputRows& x, int rows, const Fp8GemmGroupList& gate_up,
+                              const Fp8GemmGroupList& down, int hidden, int intermediate,
+                              const Fp8GroupedMlpScratch& scratch, __nv_bfloat16* y,
+                              cudaStream_t stream);
+absl::Status Fp8GroupedSwiGlu(const Fp8InputRows& x, int rows, const Fp8GemmSlotGroups& gate_up,
+                              const Fp8GemmSlotGroups& down, int hidden, int intermediate,
+                              const Fp8GroupedMlpScratch& scratch, __nv_bfloat16* y,
+                              cudaStream_t stream);
 
 class Fp8ExpertMlp {
  public:
@@ -88,6 +89,13 @@ class Fp8ExpertMlp {
                    const std::vector<Fp8Weight>& gate_up, const std::vector<Fp8Weight>& down,
                    __nv_bfloat16* y, Strategy strategy = Strategy::kPerExpertGemm,
                    const int32_t* x_rows = nullptr);
+  // The same from input rows of either form (fp8_quantize.h): packed FP8 rows, quantized by a
+  // dispatch's sender, take the place of the activation quantization and give the same bits as
+  // their bf16 rows would. The GEMM strategies only (kWeightOnly reads bf16 rows in expert
+  // order, INVALID_ARGUMENT otherwise).
+  absl::Status Run(const Fp8InputRows& x, const std::vector<int64_t>& offsets,
+                   const std::vector<Fp8Weight>& gate_up, const std::vector<Fp8Weight>& down,
+                   __nv_bfloat16* y, Strategy strategy);
 
  private:
   static constexpr int kSideStreams = 4;
@@ -95,10 +103,9 @@ class Fp8ExpertMlp {
   absl::Status RunWeightOnly(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
                              const std::vector<Fp8Weight>& gate_up,
                              const std::vector<Fp8Weight>& down, __nv_bfloat16* y);
-  absl::Status RunPipelined(const __nv_bfloat16* x, const Fp8RowGroups& groups,
+  absl::Status RunPipelined(const Fp8InputRows& x, const Fp8RowGroups& groups,
                             const std::vector<Fp8Weight>& gate_up,
-                            const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
-                            const int32_t* x_rows);
+                            const std::vector<Fp8Weight>& down, __nv_bfloat16* y);
   // Where expert e's down projection writes: Y itself when its rows are a multiple of 4, else
   // y_padded_ (a GEMM writes whole groups of 4 rows; see Run); `unaligned` records the latter.
   __nv_bfloat16* DownOutput(const Fp8RowGroups& groups, int e, __nv_bfloat16* y, bool& unaligned);
@@ -107,10 +114,9 @@ class Fp8ExpertMlp {
   Fp8GroupedMlpScratch ScratchAt(int64_t padded_row);
   absl::Status Fork();  // side streams wait for stream_
   absl::Status Join();  // stream_ waits for the side streams
-  absl::Status RunGroupedGemm(const __nv_bfloat16* x, const std::vector<int64_t>& offsets,
+  absl::Status RunGroupedGemm(const Fp8InputRows& x, const std::vector<int64_t>& offsets,
                               const std::vector<Fp8Weight>& gate_up,
-                              const std::vector<Fp8Weight>& down, __nv_bfloat16* y,
-                              const int32_t* x_rows);
+                              const std::vector<Fp8Weight>& down, __nv_bfloat16* y);
   void Release();
 
   int hidden_ = 0, intermediate_ = 0, max_rows_ = 0, max_experts_ = 0;

@@ -80,14 +80,17 @@ __device__ void QuantizeLane(const float (&v)[kLaneColumns], bool store, __nv_fp
   if (threadIdx.x % kHalfWarp == 0) *scale_out = amax / kE4m3Max;
 }
 
-// A warp's run of tiles: padded row `row`, tiles [first_tile, first_tile + kTilesPerWarp) of the
-// row's `blocks`, in its group's place.
+// A warp's run of tiles: output row `row`, tiles [first_tile, first_tile + kTilesPerWarp) of the
+// row's `blocks`, and where they go: the row's codes from values[value_base] on, tile b's scale
+// at scales[scale_base + b * scale_stride] (a group's padded row in its group's place, or a
+// packed row).
 struct TileRun {
   int row = 0, first_tile = 0;
   bool real = false;       // a real row of its group, not padding
   int64_t source_row = 0;  // the real row's index in the unpadded input
-  int64_t scale_base = 0;  // the row's scale of tile 0; tile b's is scale_base + b * padded rows
-  int padded_rows = 0;     // the group's
+  int64_t value_base = 0;
+  int64_t scale_base = 0;
+  int64_t scale_stride = 0;
 };
 
 // The warp's run, or false past the last one.
@@ -102,16 +105,33 @@ __device__ bool FindRun(const Fp8RowGroups& groups, int blocks, TileRun& run) {
   const int local_row = run.row - start;
   run.real = local_row < groups.source_start[group + 1] - groups.source_start[group];
   run.source_row = groups.source_start[group] + local_row;
-  run.padded_rows = groups.padded_start[group + 1] - start;
+  run.value_base = static_cast<int64_t>(run.row) * blocks * kFp8BlockSize;
   run.scale_base = static_cast<int64_t>(start) * blocks + local_row;
+  run.scale_stride = groups.padded_start[group + 1] - start;
+  return true;
+}
+
+// The warp's run of packed rows [0, rows) (Fp8PackedRowBytes), or false past the last one.
+__device__ bool FindPackedRun(int rows, int blocks, TileRun& run) {
+  const int runs_per_row = (blocks + kTilesPerWarp - 1) / kTilesPerWarp;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  if (warp >= static_cast<int64_t>(rows) * runs_per_row) return false;
+  run.row = static_cast<int>(warp / runs_per_row);
+  run.first_tile = static_cast<int>(warp % runs_per_row) * kTilesPerWarp;
+  run.real = true;
+  run.source_row = run.row;
+  const int64_t cols = static_cast<int64_t>(blocks) * kFp8BlockSize;
+  run.value_base = run.row * Fp8PackedRowBytes(cols);
+  run.scale_base = (run.value_base + cols) / 4;  // in floats; both are multiples of 4 bytes
+  run.scale_stride = 1;
   return true;
 }
 
 // Quantizes a run: the source's Fetch(step, column) issues a real row's loads of 8 values from
 // `column` on (every step's first), Values(step, v) then gives them as floats.
 template <class Source>
-__device__ void QuantizeRun(const TileRun& run, int blocks, int cols, Source& source,
-                            __nv_fp8_e4m3* values, float* scales) {
+__device__ void QuantizeRun(const TileRun& run, int blocks, Source& source, __nv_fp8_e4m3* values,
+                            float* scales) {
   const int half = (threadIdx.x % kWarpSize) / kHalfWarp;
   const int lane_column = (threadIdx.x % kHalfWarp) * kLaneColumns;
 #pragma unroll
@@ -127,8 +147,8 @@ __device__ void QuantizeRun(const TileRun& run, int blocks, int cols, Source& so
     float v[kLaneColumns] = {};
     if (run.real && tile < blocks) source.Values(step, v);
     const int column = tile * kFp8BlockSize + lane_column;
-    QuantizeLane(v, tile < blocks, values + static_cast<int64_t>(run.row) * cols + column,
-                 scales + run.scale_base + static_cast<int64_t>(tile) * run.padded_rows);
+    QuantizeLane(v, tile < blocks, values + run.value_base + column,
+                 scales + run.scale_base + tile * run.scale_stride);
   }
 }
 
@@ -174,7 +194,50 @@ __global__ void __launch_bounds__(kTileThreads)
   const int64_t row =
       source_rows != nullptr && run.real ? source_rows[run.source_row] : run.source_row;
   ActivationSource source{x + row * cols};
-  QuantizeRun(run, blocks, cols, source, values, scales);
+  QuantizeRun(run, blocks, source, values, scales);
+}
+
+__global__ void __launch_bounds__(kTileThreads)
+    QuantizePackedKernel(const __nv_bfloat16* x, const int32_t* __restrict__ source_rows, int rows,
+                         int cols, uint8_t* packed) {
+  const int blocks = cols / kFp8BlockSize;
+  TileRun run;
+  if (!FindPackedRun(rows, blocks, run)) return;
+  const int64_t row = source_rows != nullptr ? source_rows[run.row] : run.row;
+  ActivationSource source{x + row * cols};
+  QuantizeRun(run, blocks, source, reinterpret_cast<__nv_fp8_e4m3*>(packed),
+              reinterpret_cast<float*>(packed));
+}
+
+// One warp per padded row: a real row's codes and scales copied from its packed row, a padding
+// row's zeros (what quantizing it gives).
+__global__ void __launch_bounds__(kTileThreads)
+    UnpackGroupsKernel(const uint8_t* __restrict__ packed, const int32_t* __restrict__ source_rows,
+                       const __grid_constant__ Fp8RowGroups groups, int cols, __nv_fp8_e4m3* values,
+                       float* scales) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  if (row >= groups.padded_start[groups.count]) return;
+  const int lane = threadIdx.x % kWarpSize;
+  const int group = GroupOfPaddedRow(groups, static_cast<int>(row));
+  const int start = groups.padded_start[group];
+  const int local_row = static_cast<int>(row) - start;
+  const int padded_rows = groups.padded_start[group + 1] - start;
+  const int blocks = cols / kFp8BlockSize, units = cols / 16;
+  uint4* out = reinterpret_cast<uint4*>(values + row * cols);
+  float* out_scales = scales + static_cast<int64_t>(start) * blocks + local_row;
+  if (local_row >= groups.source_start[group + 1] - groups.source_start[group]) {
+    for (int u = lane; u < units; u += kWarpSize) out[u] = make_uint4(0, 0, 0, 0);
+    for (int b = lane; b < blocks; b += kWarpSize) out_scales[b * padded_rows] = 0.0f;
+    return;
+  }
+  int64_t source = groups.source_start[group] + local_row;
+  if (source_rows != nullptr) source = source_rows[source];
+  const uint8_t* in = packed + source * Fp8PackedRowBytes(cols);
+  const uint4* codes = reinterpret_cast<const uint4*>(in);
+  const float* in_scales = reinterpret_cast<const float*>(in + cols);
+#pragma unroll 4
+  for (int u = lane; u < units; u += kWarpSize) out[u] = codes[u];
+  for (int b = lane; b < blocks; b += kWarpSize) out_scales[b * padded_rows] = in_scales[b];
 }
 
 __global__ void __launch_bounds__(kTileThreads)
@@ -184,7 +247,7 @@ __global__ void __launch_bounds__(kTileThreads)
   TileRun run;
   if (!FindRun(groups, blocks, run)) return;
   SiluMulSource source{gate_up + static_cast<int64_t>(run.row) * 2 * inter, inter};
-  QuantizeRun(run, blocks, inter, source, values, scales);
+  QuantizeRun(run, blocks, source, values, scales);
 }
 
 // One block per padded row; rows of groups with a multiple of 4 rows, and padding rows, skip.
@@ -294,6 +357,35 @@ absl::Status QuantizeActivationGroupsFp8(const __nv_bfloat16* x, const Fp8RowGro
   QuantizeGroupsKernel<<<TileBlocks(groups, cols), kTileThreads, 0, stream>>>(
       x, source_rows, groups, cols, values, scales);
   return LaunchError("QuantizeActivationsFp8");
+}
+
+absl::Status QuantizeRowsToPackedFp8(const __nv_bfloat16* x, const int32_t* source_rows, int rows,
+                                     int cols, uint8_t* packed, cudaStream_t stream) {
+  if (auto s = CheckColumns(cols, "QuantizeRowsToPackedFp8"); !s.ok()) return s;
+  if (rows < 0) return absl::InvalidArgumentError("QuantizeRowsToPackedFp8: negative rows");
+  if (rows == 0) return absl::OkStatus();
+  const int64_t runs =
+      static_cast<int64_t>(rows) * ((cols / kFp8BlockSize + kTilesPerWarp - 1) / kTilesPerWarp);
+  QuantizePackedKernel<<<static_cast<unsigned>((runs + kWarpsPerBlock - 1) / kWarpsPerBlock),
+                         kTileThreads, 0, stream>>>(x, source_rows, rows, cols, packed);
+  return LaunchError("QuantizeRowsToPackedFp8");
+}
+
+absl::Status QuantizeInputGroupsFp8(const Fp8InputRows& x, const Fp8RowGroups& groups, int cols,
+                                    __nv_fp8_e4m3* values, float* scales, cudaStream_t stream) {
+  if ((x.bf16 == nullptr) == (x.packed == nullptr)) {
+    return absl::InvalidArgumentError(
+        "QuantizeInputGroupsFp8: the input is either bf16 rows or packed FP8 rows");
+  }
+  if (x.bf16 != nullptr) {
+    return QuantizeActivationGroupsFp8(x.bf16, groups, cols, values, scales, stream, x.rows);
+  }
+  if (auto s = CheckColumns(cols, "QuantizeInputGroupsFp8"); !s.ok()) return s;
+  if (groups.padded_rows() == 0) return absl::OkStatus();
+  UnpackGroupsKernel<<<static_cast<unsigned>((groups.padded_rows() + kWarpsPerBlock - 1) /
+                                             kWarpsPerBlock),
+                       kTileThreads, 0, stream>>>(x.packed, x.rows, groups, cols, values, scales);
+  return LaunchError("QuantizeInputGroupsFp8");
 }
 
 absl::Status QuantizeActivationsFp8(const __nv_bfloat16* x, int rows, int cols,

@@ -55,6 +55,36 @@ absl::Status QuantizeActivationGroupsFp8(const __nv_bfloat16* x, const Fp8RowGro
                                          int cols, __nv_fp8_e4m3* values, float* scales,
                                          cudaStream_t stream, const int32_t* source_rows = nullptr);
 
+// The rows an FP8 MLP reads (fp8_expert_mlp.h): bf16 activations, quantized on the way in, or
+// packed FP8 rows (Fp8PackedRowBytes, fp8.h) that their sender quantized, which only move into
+// place. Exactly one of bf16 and packed is set. Input row i is the source's row rows[i] (rows on
+// the device), or its row i without rows. Both forms of the same activations give the same
+// bits: a tile's quantization depends on its row only.
+struct Fp8InputRows {
+  const __nv_bfloat16* bf16 = nullptr;
+  const uint8_t* packed = nullptr;
+  const int32_t* rows = nullptr;
+
+  // The input from its row `first` on.
+  Fp8InputRows From(int64_t first, int cols) const {
+    if (rows != nullptr) return {bf16, packed, rows + first};
+    return {bf16 != nullptr ? bf16 + first * cols : nullptr,
+            packed != nullptr ? packed + first * Fp8PackedRowBytes(cols) : nullptr, nullptr};
+  }
+};
+
+// The sender's side of an FP8 dispatch: packed row i (of `rows`) quantizes x's row
+// source_rows[i] (device; row i without source_rows), the gather into send order and the
+// quantization in one pass. x bf16 [.., cols], cols % 128 == 0.
+absl::Status QuantizeRowsToPackedFp8(const __nv_bfloat16* x, const int32_t* source_rows, int rows,
+                                     int cols, uint8_t* packed, cudaStream_t stream);
+
+// Input rows -> values [groups.padded_rows(), cols] and scales, as QuantizeActivationGroupsFp8
+// lays them out (grouped row i is input row i): bf16 rows are quantized, packed ones unpacked
+// (their codes and scales copied into the groups' layout, padding rows zero).
+absl::Status QuantizeInputGroupsFp8(const Fp8InputRows& x, const Fp8RowGroups& groups, int cols,
+                                    __nv_fp8_e4m3* values, float* scales, cudaStream_t stream);
+
 // gate_up bf16 [groups.padded_rows(), 2 * inter] (gate then up, padded rows) -> act =
 // bf16(silu(gate) * up), quantized as above into values [groups.padded_rows(), inter] and scales.
 // The bf16 rounding of act matches SiluMul (kernels.h), so the FP8 path differs from the bf16

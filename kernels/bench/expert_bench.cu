@@ -12,7 +12,8 @@
 // device-planned one (kernels/device_moe.h: the plan and tensor-core grouped GEMMs, no host
 // round trip; its time includes the plan), FP8 both with the weights widened and in the recipe
 // (the grouped FP8 GEMM, Hopper only). Between them, a table from the received rows: the
-// permute into expert order counted (bf16 copies the rows; FP8 reads them in its quantization);
+// permute into expert order counted (bf16 copies the rows; FP8 reads them in its quantization,
+// or, as a group's FP8 dispatch delivers them, moves the codes its senders quantized);
 // the grouped FP8 GEMMs alone in both tile shapes (fp8_grouped_gemm.h); and the rows per expert
 // where the grouped GEMM stops beating cuBLASLt's per-expert GEMMs.
 #include <cublasLt.h>
@@ -733,10 +734,43 @@ int main() {
                          },
                          10, stream));
       }
-      char line[256];
-      std::snprintf(line, sizeof(line), "| %s | %lld | %.3f | %.3f | **%.2fx** |",
-                    layout.name.c_str(), static_cast<long long>(sources), bf16_ms,
-                    fp8_from_received_ms, bf16_ms / fp8_from_received_ms);
+      char line[512];
+      int length = std::snprintf(line, sizeof(line), "| %s | %lld | %.3f | %.3f | **%.2fx** |",
+                                 layout.name.c_str(), static_cast<long long>(sources), bf16_ms,
+                                 fp8_from_received_ms, bf16_ms / fp8_from_received_ms);
+      if (one_gpu) {
+        std::snprintf(line + length, sizeof(line) - length, " – | – | – | – |");
+      } else {
+        // As a group's FP8 dispatch delivers them: packed rows that their senders quantized,
+        // moved into place where bf16 rows are quantized. The senders' side is timed apart: the
+        // quantization into packed rows takes the place of their bf16 permute into send order.
+        uint8_t* packed = nullptr;
+        CHECK_CUDA(cudaMalloc(&packed, sources * moeserve::kernels::Fp8PackedRowBytes(kHidden)));
+        const double fp8_sender_ms = MedianMs(
+            [&] {
+              ExitOnError(moeserve::kernels::QuantizeRowsToPackedFp8(
+                  received, device_x_rows, static_cast<int>(rows), kHidden, packed, stream));
+            },
+            10, stream);
+        const double bf16_sender_ms = MedianMs(
+            [&] {
+              ExitOnError(moeserve::kernels::PermuteRows(received, device_x_rows, x, rows, kHidden,
+                                                         stream));
+            },
+            10, stream);
+        ExitOnError(moeserve::kernels::QuantizeRowsToPackedFp8(
+            received, nullptr, static_cast<int>(sources), kHidden, packed, stream));
+        const moeserve::kernels::Fp8InputRows packed_rows{.packed = packed, .rows = device_x_rows};
+        const double fp8_packed_ms = MedianMs(
+            [&] {
+              ExitOnError(
+                  fp8->Run(packed_rows, offsets, fp8_gate_up, fp8_down, y_fp8, gemm_strategy));
+            },
+            10, stream);
+        std::snprintf(line + length, sizeof(line) - length, " %.3f | **%.2fx** | %.3f | %.3f |",
+                      fp8_packed_ms, bf16_ms / fp8_packed_ms, bf16_sender_ms, fp8_sender_ms);
+        cudaFree(packed);
+      }
       received_lines.push_back(line);
       cudaFree(received);
       cudaFree(device_x_rows);
@@ -783,9 +817,13 @@ int main() {
       "| ---: | ---: |\n");
   for (const std::string& line : fp8_lines) std::printf("%s\n", line.c_str());
   std::printf(
-      "\nFrom the received rows (the permute into expert order included):\n"
+      "\nFrom the received rows (the permute into expert order included); then from rows an FP8 "
+      "dispatch delivers (quantized by their senders), and the senders' side of each dispatch "
+      "(the sent rows into send order: bf16 copied, or quantized into packed FP8 rows):\n"
       "| layout | received rows read | bf16: permute + best MLP ms | FP8: best MLP, permute in "
-      "the quantization ms | FP8 speed-up |\n| --- | ---: | ---: | ---: | ---: |\n");
+      "the quantization ms | FP8 speed-up | FP8 rows received: best MLP ms | FP8 speed-up | "
+      "sender, bf16 rows ms | sender, FP8 rows ms |\n"
+      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (const std::string& line : received_lines) std::printf("%s\n", line.c_str());
   std::printf(
       "\nThe grouped wgmma GEMMs alone (gate/up and down, activations quantized beforehand), by "

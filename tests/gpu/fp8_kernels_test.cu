@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -231,6 +232,82 @@ TEST(Fp8Kernels, GroupedQuantizationGathersRowsByIndex) {
   EXPECT_EQ(Download<uint8_t>(gathered_values, padded * cols),
             Download<uint8_t>(values, padded * cols));
   EXPECT_EQ(Download<float>(gathered_scales, scale_count), Download<float>(scales, scale_count));
+}
+
+// An FP8 dispatch: the sender quantizes its rows in send order into packed rows (codes, then
+// scales), and the receiver moves the ones it received into its groups' layout. The result is
+// bit for bit what quantizing the bf16 rows on the receiver gives, padding rows included.
+TEST(Fp8Kernels, PackedRowsFromTheSenderGiveTheReceiversQuantization) {
+  REQUIRE_GPU();
+  const int cols = 384, tokens = 23, sent = 17;
+  const int64_t row_bytes = Fp8PackedRowBytes(cols);
+  EXPECT_EQ(row_bytes, 400);  // 384 codes and 3 scales, padded to 16 bytes
+  EXPECT_EQ(Fp8PackedRowBytes(7168), 7392);
+  const auto x = RandomBf16(static_cast<size_t>(tokens) * cols, 6, 3.0f);
+  std::mt19937 rng(13);
+  std::vector<int32_t> send_rows(sent);
+  for (int i = 0; i < sent; ++i) send_rows[i] = static_cast<int32_t>(rng() % tokens);
+  DeviceMemory memory;
+  const __nv_bfloat16* device_x = AsBf16(memory.Upload(x));
+  uint8_t* packed = memory.Allocate<uint8_t>(sent * row_bytes);
+  ASSERT_TRUE(
+      QuantizeRowsToPackedFp8(device_x, memory.Upload(send_rows), sent, cols, packed, nullptr)
+          .ok());
+  // Each packed row against the CPU twin's quantization of its token's row.
+  const auto packed_host = Download<uint8_t>(packed, sent * row_bytes);
+  for (int i = 0; i < sent; ++i) {
+    std::vector<uint8_t> values(Fp8PaddedRows(1) * cols);
+    std::vector<float> scales(ActivationScaleCount(1, cols));
+    QuantizeActivationsFp8Twin(x.data() + static_cast<int64_t>(send_rows[i]) * cols, 1, cols,
+                               values.data(), scales.data());
+    const uint8_t* row = packed_host.data() + i * row_bytes;
+    ASSERT_TRUE(std::equal(values.begin(), values.begin() + cols, row)) << "row " << i;
+    for (int b = 0; b < cols / kFp8BlockSize; ++b) {
+      float scale;
+      std::memcpy(&scale, row + cols + 4 * b, sizeof(scale));
+      EXPECT_EQ(scale, scales[b * Fp8PaddedRows(1)]) << "row " << i << ", tile " << b;
+    }
+  }
+
+  // The receiver's groups read packed rows by index; quantizing the same tokens' bf16 rows on
+  // the receiver is the reference.
+  const std::vector<int64_t> offsets = {0, 3, 3, 9, 40, 41};
+  auto groups = MakeFp8RowGroups(offsets);
+  ASSERT_TRUE(groups.ok()) << groups.status();
+  const int rows = static_cast<int>(offsets.back());
+  std::vector<int32_t> received_rows(rows), token_rows(rows);
+  for (int i = 0; i < rows; ++i) {
+    received_rows[i] = static_cast<int32_t>(rng() % sent);
+    token_rows[i] = send_rows[received_rows[i]];
+  }
+  const int64_t padded = groups->padded_rows();
+  const int64_t scale_count = padded * (cols / kFp8BlockSize);
+  uint8_t* unpacked_values = memory.Allocate<uint8_t>(padded * cols);
+  float* unpacked_scales = memory.Allocate<float>(scale_count);
+  uint8_t* values = memory.Allocate<uint8_t>(padded * cols);
+  float* scales = memory.Allocate<float>(scale_count);
+  ASSERT_EQ(cudaMemset(unpacked_values, 0x55, padded * cols), cudaSuccess);
+  ASSERT_EQ(cudaMemset(unpacked_scales, 0x55, scale_count * sizeof(float)), cudaSuccess);
+  ASSERT_TRUE(QuantizeInputGroupsFp8({.packed = packed, .rows = memory.Upload(received_rows)},
+                                     *groups, cols, AsFp8(unpacked_values), unpacked_scales,
+                                     nullptr)
+                  .ok());
+  ASSERT_TRUE(QuantizeInputGroupsFp8({.bf16 = device_x, .rows = memory.Upload(token_rows)}, *groups,
+                                     cols, AsFp8(values), scales, nullptr)
+                  .ok());
+  EXPECT_EQ(Download<uint8_t>(unpacked_values, padded * cols),
+            Download<uint8_t>(values, padded * cols));
+  EXPECT_EQ(Download<float>(unpacked_scales, scale_count), Download<float>(scales, scale_count));
+
+  // Bad input: columns that are not whole tiles, and an input of neither or both forms.
+  EXPECT_EQ(QuantizeRowsToPackedFp8(device_x, nullptr, 1, 100, packed, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(QuantizeInputGroupsFp8({}, *groups, cols, AsFp8(values), scales, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(QuantizeInputGroupsFp8({.bf16 = device_x, .packed = packed}, *groups, cols,
+                                   AsFp8(values), scales, nullptr)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(Fp8Kernels, WeightBlockQuantizationMatchesTwin) {
@@ -617,6 +694,31 @@ void CheckExpertMlp(int hidden, int inter, const std::vector<int64_t>& offsets) 
   }
   EXPECT_EQ(mlp->Run(AsBf16(device_reversed), offsets, gate_up_device, down_device,
                      AsBf16(device_gathered_y), Fp8ExpertMlp::Strategy::kWeightOnly, device_x_rows)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+
+  // The same rows quantized by a dispatch's sender (packed, in the reversed order) and read
+  // through x_rows: the GEMM strategies give the bf16 rows' bits; the weight-only one refuses.
+  uint8_t* packed = memory.Allocate<uint8_t>(rows * Fp8PackedRowBytes(hidden));
+  ASSERT_TRUE(
+      QuantizeRowsToPackedFp8(AsBf16(device_reversed), nullptr, rows, hidden, packed, nullptr)
+          .ok());
+  const Fp8InputRows packed_rows{.packed = packed, .rows = device_x_rows};
+  for (auto strategy : gathering) {
+    ASSERT_TRUE(
+        mlp->Run(AsBf16(device_x), offsets, gate_up_device, down_device, AsBf16(device_y), strategy)
+            .ok());
+    ASSERT_EQ(cudaMemset(device_gathered_y, 0xff, x.size() * 2), cudaSuccess);
+    ASSERT_TRUE(mlp->Run(packed_rows, offsets, gate_up_device, down_device,
+                         AsBf16(device_gathered_y), strategy)
+                    .ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(Download<uint16_t>(device_gathered_y, x.size()),
+              Download<uint16_t>(device_y, x.size()))
+        << "packed rows, strategy " << static_cast<int>(strategy);
+  }
+  EXPECT_EQ(mlp->Run(Fp8InputRows{.packed = packed}, offsets, gate_up_device, down_device,
+                     AsBf16(device_gathered_y), Fp8ExpertMlp::Strategy::kWeightOnly)
                 .code(),
             absl::StatusCode::kInvalidArgument);
 }
