@@ -248,6 +248,7 @@ absl::StatusOr<LocalEngine::WorkerGroup> LocalEngine::BuildGroup(const std::stri
          .background_placement_staging = p.background_placement_staging,
          .keep_fp8_experts = options_.gpu_fp8_experts,
          .keep_fp8_dense = options_.gpu_fp8_dense,
+         .fp8_dispatch = options_.gpu_fp8_dispatch,
          .device_planned_moe = options_.gpu_device_planned_moe,
          .device_planned_exchange = options_.gpu_device_planned_exchange,
          .cuda_graphs = options_.gpu_cuda_graphs,

@@ -105,6 +105,10 @@ struct EngineOptions {
   // --device cuda, with FP8 experts: the checkpoint's dense projections stay FP8 too
   // (RankBackendRequest::keep_fp8_dense); false: bf16.
   bool gpu_fp8_dense = false;
+  // --device cuda, a group of several GPUs with FP8 experts: the dispatch carries each row in
+  // FP8, quantized once by its sender per 1 x 128 tile (RankBackendRequest::fp8_dispatch): half
+  // the bytes of bf16 rows, the same results; false: bf16 rows.
+  bool gpu_fp8_dispatch = true;
   // --device cuda, a GPU alone in its group: a decode step's experts are routed, grouped and run
   // on the GPU (kernels/device_moe.h), no host round trip per MoE layer; false: the host groups
   // the rows of every MoE layer, as for prefill steps and larger groups.

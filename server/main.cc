@@ -101,6 +101,7 @@ struct EngineFlags {
   std::string placement_staging = "background";
   std::string gpu_expert_weights = "as-stored";
   std::string gpu_dense_weights = "bf16";
+  std::string gpu_dispatch_rows = "fp8";
   std::string gpu_moe_plan = "device";
   std::string gpu_cuda_graphs = "on";
   std::string gpu_exchange_plan = "host";
@@ -178,6 +179,14 @@ void AddEngineOptions(CLI::App* command, EngineFlags& flags) {
       ->capture_default_str()
       ->check(CLI::IsMember({"device", "host"}));
   command
+      ->add_option("--gpu-dispatch-rows", flags.gpu_dispatch_rows,
+                   "How a group of several GPUs dispatches rows to FP8 experts (host-planned "
+                   "exchange, Hopper): fp8 (each sender quantizes its rows per 1x128 tile, as "
+                   "the experts would: half the bytes, the same results) or bf16 (the receivers "
+                   "quantize); every rank of a group the same")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp8", "bf16"}));
+  command
       ->add_option("--gpu-exchange-max-ctas", flags.gpu_exchange_max_ctas,
                    "At most this many thread blocks for each NCCL collective of a GPU group's "
                    "exchange, so that an exchange overlapped with the other micro-batch's compute "
@@ -243,6 +252,7 @@ bool ApplyEngineFlags(const std::string& command, const EngineFlags& flags,
   out.parallel.background_placement_staging = flags.placement_staging == "background";
   out.gpu_fp8_experts = flags.gpu_expert_weights == "as-stored";
   out.gpu_fp8_dense = flags.gpu_dense_weights == "as-stored";
+  out.gpu_fp8_dispatch = flags.gpu_dispatch_rows == "fp8";
   out.gpu_device_planned_moe = flags.gpu_moe_plan == "device";
   out.gpu_cuda_graphs = flags.gpu_cuda_graphs == "on";
   out.gpu_device_planned_exchange = flags.gpu_exchange_plan == "device";

@@ -115,6 +115,9 @@ struct RankBackendRequest {
   // (DeepSeek-V3's recipe: activations quantized per 1 x 128; less memory, larger error); off:
   // bf16.
   bool keep_fp8_dense = false;
+  // With FP8 experts, a GPU group's dispatch carries the rows in FP8, quantized by the sender
+  // (the same results, half the bytes); off: bf16.
+  bool fp8_dispatch = true;
   // A GPU backend plans decode steps' experts on the device (off: the host); in a group of
   // several GPUs, with device_planned_exchange, their exchange too.
   bool device_planned_moe = false;

@@ -25,6 +25,7 @@
 #include "engine/placement/expert_stager.h"
 #include "engine/trace/trace_recorder.h"
 #include "gtest/gtest.h"
+#include "kernels/fp8.h"
 #include "tests/gpu/logit_agreement.h"
 #include "tests/unit/model_loading/checkpoint_test_util.h"
 
@@ -155,6 +156,62 @@ TEST(CudaBackendFp8, Fp8ExpertsStayWithinTheFp8ToleranceOfTheCpu) {
   absl::StatusOr<SmallFp8Case> c = MakeSmallFp8Case("fp8_serving");
   ASSERT_TRUE(c.ok()) << c.status();
   ExpectFp8ExpertsNearTheCpu(*c, 0.6);
+}
+
+// A group's dispatch to FP8 experts carries packed FP8 rows, each quantized once by its sender
+// (RankBackendRequest::fp8_dispatch, on by default): the logits are the bits of bf16 rows
+// quantized by the receivers, on both host-planned strategies (a 48-position prefill's grouped
+// GEMM, a 640-position one's GEMM per slot), with one micro-batch and with two; and the dispatch
+// moves 272 bytes a row where bf16 rows take 512 (hidden 256: 256 codes, 2 scales, padding).
+TEST(CudaBackendFp8, Fp8DispatchGivesTheBf16DispatchsLogitsInHalfTheBytes) {
+  REQUIRE_HOPPER();
+  const fs::path folder = WriteSmallFp8Checkpoint("fp8_dispatch", 640);
+  LoadOptions on_demand;
+  on_demand.host_weights = false;
+  auto opened = LoadModel(folder.string(), on_demand);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const Model& model = *opened->model;
+  const ModelConfig& c = model.config();
+  auto run = [&](bool fp8_dispatch, const std::vector<int32_t>& tokens,
+                 bool overlap) -> absl::StatusOr<tools::GroupLogits> {
+    RankBackendFactory gpu = cuda::MakeCudaBackendFactory({.ranks_share_gpus = true});
+    RankBackendFactory factory = [inner = std::move(gpu),
+                                  fp8_dispatch](const RankBackendRequest& request) {
+      RankBackendRequest changed = request;
+      changed.fp8_dispatch = fp8_dispatch;
+      return inner(changed);
+    };
+    parallel::GroupOptions options;
+    options.name = "test";
+    options.size = 2;
+    options.two_batch_overlap = overlap;
+    options.overlap_min_tokens = 1;
+    return tools::ComputeGroupLogits(
+        model, tokens, options,
+        ExpertPlacement::Default(c.num_moe_layers(), c.n_routed_experts, c.n_routed_experts + 2),
+        nullptr, factory);
+  };
+  const int64_t bf16_row = 2 * c.hidden_size, fp8_row = kernels::Fp8PackedRowBytes(c.hidden_size);
+  EXPECT_EQ(fp8_row, 272);
+  for (int positions : {48, 640}) {
+    for (bool overlap : {false, true}) {
+      SCOPED_TRACE(::testing::Message()
+                   << positions << " positions" << (overlap ? ", two micro-batches" : ""));
+      const std::vector<int32_t> tokens = Prompt(positions, c.vocab_size);
+      auto fp8 = run(true, tokens, overlap);
+      ASSERT_TRUE(fp8.ok()) << fp8.status();
+      auto bf16 = run(false, tokens, overlap);
+      ASSERT_TRUE(bf16.ok()) << bf16.status();
+      EXPECT_EQ(fp8->logits, bf16->logits);
+      std::printf("%d positions%s: dispatch bytes FP8 rows %lld, bf16 rows %lld\n", positions,
+                  overlap ? ", two micro-batches" : "",
+                  static_cast<long long>(fp8->communication.dispatch_bytes),
+                  static_cast<long long>(bf16->communication.dispatch_bytes));
+      ASSERT_GT(bf16->communication.dispatch_bytes, 0);
+      EXPECT_EQ(fp8->communication.dispatch_bytes * bf16_row,
+                bf16->communication.dispatch_bytes * fp8_row);
+    }
+  }
 }
 
 // A longer prefill: 640 positions routed top-2 of 8 give slots of about 160 rows, past the

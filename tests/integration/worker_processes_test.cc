@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <memory>
@@ -598,6 +599,48 @@ TEST(WorkerProcesses, GpuRanksPlanningTheExchangeOnTheGpuServeWhatOneGpuServes) 
     std::smatch match;
     ASSERT_TRUE(std::regex_search(text, match, replays)) << text;
     EXPECT_GT(std::stod(match[1]), 0) << "rank metrics on port " << port;
+  }
+}
+
+// Two GPU rank processes (two NCCL hosts over sockets) serving FP8 experts with the exchange
+// planned on the host: the dispatch carries packed FP8 rows that each sender quantized
+// (--gpu-dispatch-rows fp8, the default) or bf16 rows that each receiver quantizes. The experts
+// read the same codes either way, so the greedy tokens are the same, and each rank's dispatch
+// moved 7,392 bytes a row instead of 14,336 (moeserve_dispatch_bytes_total).
+TEST(WorkerProcesses, GpuRanksDispatchingFp8RowsServeTheBf16RowsTokensInHalfTheBytes) {
+  if (!CudaRankProcessesEnabled()) GTEST_SKIP() << "not a GPU host (see above)";
+  const std::regex dispatch_bytes(R"(moeserve_dispatch_bytes_total\{[^}]*\} ([0-9.e+]+))");
+  auto serve = [&](const std::string& rows, std::vector<double>& bytes) {
+    std::vector<std::vector<uint32_t>> tokens;
+    NodeGroup group("mixed", 2, 1,
+                    GpuRankArgs({"--model", "builtin:v3-bench-fp8", "--gpu-dispatch-rows", rows}),
+                    /*nccl_host_per_node=*/true);
+    EXPECT_TRUE(group.WaitServing(300)) << rows;
+    ServerProcess frontend({"--group", "mixed=" + group.leader(), "--poll-interval-seconds", "0.1"},
+                           true, true, "frontend");
+    EXPECT_TRUE(frontend.ok());
+    EXPECT_TRUE(WaitForHealth(frontend, "", kServing, 30));
+    tokens = SequentialGreedyIds(frontend, 4);
+    for (int port : group.metrics_ports()) {
+      const std::string text = ScrapeMetrics(port);
+      std::smatch match;
+      EXPECT_TRUE(std::regex_search(text, match, dispatch_bytes)) << text;
+      bytes.push_back(match.empty() ? -1 : std::stod(match[1]));
+    }
+    return tokens;
+  };
+  std::vector<double> fp8_bytes, bf16_bytes;
+  const auto fp8 = serve("fp8", fp8_bytes);
+  const auto bf16 = serve("bf16", bf16_bytes);
+  ASSERT_EQ(fp8.size(), 4u);
+  EXPECT_EQ(fp8, bf16);
+  ASSERT_EQ(fp8_bytes.size(), 2u);
+  ASSERT_EQ(bf16_bytes.size(), 2u);
+  for (int rank = 0; rank < 2; ++rank) {
+    std::printf("rank %d dispatched %.0f bytes of FP8 rows, %.0f of bf16 rows\n", rank,
+                fp8_bytes[rank], bf16_bytes[rank]);
+    ASSERT_GT(bf16_bytes[rank], 0);
+    EXPECT_NEAR(fp8_bytes[rank] / bf16_bytes[rank], 7392.0 / 14336.0, 1e-6) << "rank " << rank;
   }
 }
 

@@ -45,6 +45,7 @@ CudaRankOptions RankOptions(const RankBackendRequest& request, int device) {
   options.background_placement_staging = request.background_placement_staging;
   options.keep_fp8_experts = request.keep_fp8_experts;
   options.keep_fp8_dense = request.keep_fp8_dense;
+  options.fp8_dispatch = request.fp8_dispatch;
   options.device_planned_moe = request.device_planned_moe;
   options.device_planned_exchange = request.device_planned_exchange;
   options.exchange_entries_capacity = request.exchange_entries_capacity;

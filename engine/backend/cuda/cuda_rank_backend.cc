@@ -266,6 +266,10 @@ absl::StatusOr<std::unique_ptr<CudaRankBackend>> CudaRankBackend::Create(
                        kernels::Fp8ExpertMlp::Create(hidden, c.moe_intermediate_size,
                                                      s.max_received, slots, stream));
       s.routed_fp8_mlp = std::make_unique<kernels::Fp8ExpertMlp>(std::move(fp8_mlp));
+      // The receivers' strategies must all read packed rows: not the weight-only kernel, which
+      // serving takes only where the grouped GEMM does not run.
+      s.fp8_dispatch = options.fp8_dispatch && options.group_size > 1 &&
+                       s.routed_fp8_mlp->grouped_gemm_supported();
     } else {
       RETURN_IF_ERROR(make_mlp(std::max(c.moe_intermediate_size, 1), s.max_received, slots, stream,
                                s.routed_mlp));

@@ -64,6 +64,11 @@ struct CudaRankOptions {
   // With FP8 experts, the checkpoint's dense projections whole in 128 x 128 blocks stay FP8 too
   // (State::fp8_dense); off: bf16.
   bool keep_fp8_dense = false;
+  // With FP8 experts on Hopper, a group's host-planned dispatch carries packed FP8 rows: the
+  // sender quantizes each row per 1 x 128 tile (the recipe's own activation quantization) and
+  // the receivers' experts read the codes as they are: half the bytes, the same results. Every
+  // rank of a group must have the same setting. Off: bf16 rows, quantized by the receivers.
+  bool fp8_dispatch = true;
   // A step of few tokens (decode) routes, groups and runs its experts on the GPU
   // (kernels/device_moe.h) with no host round trip per MoE layer. Off: the host plans every
   // MoE layer, as it does for prefill steps.

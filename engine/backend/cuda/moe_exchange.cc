@@ -3,6 +3,7 @@
 // the local slots' experts as grouped GEMMs, the combine and the weighted sum. Decode steps are
 // planned on the device instead (kernels/device_moe.h; in a group, kernels/device_exchange.h):
 // the same replica rule, no host round trip.
+#include <chrono>
 #include <cstring>
 
 #include "engine/backend/cuda/rank_state.h"
@@ -68,12 +69,12 @@ absl::Status CudaRankBackend::State::DrainExchanges() {
   return status;
 }
 
-absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const Bf16* send_buffer,
+absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const void* send_buffer,
                                                      std::span<const int64_t> send_rows,
-                                                     Bf16* receive_buffer,
+                                                     void* receive_buffer,
                                                      std::span<const int64_t> receive_rows,
-                                                     bool dispatch, parallel::RankResources& rank) {
-  const int64_t row_bytes = static_cast<int64_t>(config().hidden_size) * sizeof(Bf16);
+                                                     int64_t row_bytes, bool dispatch,
+                                                     parallel::RankResources& rank) {
   std::vector<int64_t> send_bytes(send_rows.size()), receive_bytes(receive_rows.size());
   int64_t total = 0;
   for (size_t p = 0; p < send_rows.size(); ++p) {
@@ -82,7 +83,8 @@ absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const 
     total += send_bytes[p];
   }
   if (options.exchange == nullptr) {
-    return ExchangeThroughHost(mb, send_buffer, send_bytes, receive_buffer, receive_bytes, rank);
+    return ExchangeThroughHost(mb, send_buffer, send_bytes, receive_buffer, receive_bytes, dispatch,
+                               rank);
   }
   comm::NcclCommunicator& nccl = *options.exchange;
   // A step graph's exchanges are not timed: its launches record no events the host could read.
@@ -118,8 +120,10 @@ absl::Status CudaRankBackend::State::EnqueueExchange(MicroBatchState& mb, const 
 }
 
 absl::Status CudaRankBackend::State::ExchangeThroughHost(
-    MicroBatchState& mb, const Bf16* send_buffer, std::span<const int64_t> send_bytes,
-    Bf16* receive_buffer, std::span<const int64_t> receive_bytes, parallel::RankResources& rank) {
+    MicroBatchState& mb, const void* send_buffer, std::span<const int64_t> send_bytes,
+    void* receive_buffer, std::span<const int64_t> receive_bytes, bool dispatch,
+    parallel::RankResources& rank) {
+  const auto start = std::chrono::steady_clock::now();
   int64_t send_total = 0, receive_total = 0;
   for (int64_t bytes : send_bytes) send_total += bytes;
   for (int64_t bytes : receive_bytes) receive_total += bytes;
@@ -135,7 +139,17 @@ absl::Status CudaRankBackend::State::ExchangeThroughHost(
                                              cudaMemcpyHostToDevice, stream),
                              "exchange rows to device"));
   // The pinned buffer is reused by this micro-batch's next exchange.
-  return SynchronizeCompute("exchange rows to device");
+  RETURN_IF_ERROR(SynchronizeCompute("exchange rows to device"));
+  if (rank.metrics != nullptr) {
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (dispatch) {
+      rank.metrics->AddDispatch(send_total, seconds);
+    } else {
+      rank.metrics->AddCombine(send_total, seconds);
+    }
+  }
+  return absl::OkStatus();
 }
 
 void CudaRankBackend::State::PublishExchangeTimes(parallel::RankResources& rank) {
@@ -181,6 +195,7 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
         mb.gate_logits.data(), w.has_correction_bias ? w.correction_bias.data() : nullptr, tokens,
         gate_options, mb.routing_experts.data(), mb.routing_weights.data(), stream));
   }
+  mb.received_fp8 = false;
   mb.device_planned = UsesDevicePlan(mb);
   if (mb.device_planned && size > 1) return DispatchOnDevice(layer, mb, rank);
   if (mb.device_planned) {
@@ -224,10 +239,19 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
   std::span<const parallel::DispatchEntry> entries = mb.plan.entries;
   std::vector<parallel::DispatchEntry> received_entries;
   if (size > 1) {
+    mb.received_fp8 = fp8_dispatch;
     const int sent_rows = static_cast<int>(mb.plan.sent_token.size());
     RETURN_IF_ERROR(mb.send_source.Upload(mb.plan.sent_token, stream));
-    RETURN_IF_ERROR(kernels::PermuteRows(mb.normed.data(), mb.send_source.device.data(),
-                                         mb.send.data(), sent_rows, hidden, stream));
+    // The rows in send order: bf16, or quantized for FP8 experts in the same pass (packed rows
+    // are at most a bf16 row's bytes, so `send` and `received` hold them).
+    if (mb.received_fp8) {
+      RETURN_IF_ERROR(kernels::QuantizeRowsToPackedFp8(
+          mb.normed.data(), mb.send_source.device.data(), sent_rows, hidden,
+          reinterpret_cast<uint8_t*>(mb.send.data()), stream));
+    } else {
+      RETURN_IF_ERROR(kernels::PermuteRows(mb.normed.data(), mb.send_source.device.data(),
+                                           mb.send.data(), sent_rows, hidden, stream));
+    }
     // Entry counts and entries are small and go through the host communicator; the activations
     // go GPU to GPU.
     ScopedTraceEvent event(rank.trace, rank.trace_pid, kHostLane,
@@ -255,8 +279,9 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
   const std::vector<int32_t>& entry_slot = read.slot;
   const std::vector<int32_t>& entry_row = read.row;  // into the received rows
   if (size > 1) {
+    const int64_t row_bytes = mb.received_fp8 ? kernels::Fp8PackedRowBytes(hidden) : Bf16RowBytes();
     RETURN_IF_ERROR(EnqueueExchange(mb, mb.send.data(), mb.plan.send_rows, mb.received.data(),
-                                    read.rows_per_source, /*dispatch=*/true, rank));
+                                    read.rows_per_source, row_bytes, /*dispatch=*/true, rank));
     mb.received_rows = mb.received.data();
   } else {
     mb.received_rows = mb.normed.data();
@@ -301,8 +326,9 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
   // The experts read the received rows in slot order: permuted into expert_in, or, for FP8's
   // GEMMs, read in place by the activation quantization (one pass, no bf16 copy).
   auto permute_to_slot_order = [&] {
-    return kernels::PermuteRows(mb.received_rows, mb.slot_order.device.data(), mb.expert_in.data(),
-                                received, hidden, stream);
+    return kernels::PermuteRows(static_cast<const Bf16*>(mb.received_rows),
+                                mb.slot_order.device.data(), mb.expert_in.data(), received, hidden,
+                                stream);
   };
   // Many slots with few rows each (decode) fill the GPU best as one grouped GEMM (FP8: GEMMs
   // spread over side streams); slots with many rows each (prefill) run faster as one large GEMM
@@ -327,7 +353,7 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
     // of thousands of rows (pipelined, EP32 prefill's 9 x 14.5K was 5% faster in two runs of
     // four and up to 2% slower in two; the phases on side streams were 1-2% faster than one GEMM
     // after another in all four). Without the grouped GEMM, slots of at most 2 rows take the
-    // weight-only kernel instead.
+    // weight-only kernel instead (with bf16 rows: an FP8 dispatch needs the grouped GEMM).
     int64_t largest = 0;
     for (int s = 0; s < slots; ++s) {
       largest = std::max(largest, mb.slot_offsets[s + 1] - mb.slot_offsets[s]);
@@ -346,9 +372,15 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
       RETURN_IF_ERROR(routed_fp8_mlp->Run(mb.expert_in.data(), mb.slot_offsets, weights.gate_up_fp8,
                                           weights.down_fp8, mb.expert_out.data(), strategy));
     } else {
-      RETURN_IF_ERROR(routed_fp8_mlp->Run(mb.received_rows, mb.slot_offsets, weights.gate_up_fp8,
-                                          weights.down_fp8, mb.expert_out.data(), strategy,
-                                          mb.slot_order.device.data()));
+      // Rows quantized by their senders move into place where bf16 ones would be quantized.
+      const kernels::Fp8InputRows rows =
+          mb.received_fp8
+              ? kernels::Fp8InputRows{.packed = static_cast<const uint8_t*>(mb.received_rows),
+                                      .rows = mb.slot_order.device.data()}
+              : kernels::Fp8InputRows{.bf16 = static_cast<const Bf16*>(mb.received_rows),
+                                      .rows = mb.slot_order.device.data()};
+      RETURN_IF_ERROR(routed_fp8_mlp->Run(rows, mb.slot_offsets, weights.gate_up_fp8,
+                                          weights.down_fp8, mb.expert_out.data(), strategy));
     }
   } else {
     RETURN_IF_ERROR(permute_to_slot_order());
@@ -371,7 +403,8 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
   // Combine: each entry's result goes back to the rank that sent the entry.
   if (options.group_size > 1) {
     RETURN_IF_ERROR(EnqueueExchange(mb, mb.results.data(), mb.receive_entries, mb.returned.data(),
-                                    mb.plan.send_entries, /*dispatch=*/false, rank));
+                                    mb.plan.send_entries, Bf16RowBytes(), /*dispatch=*/false,
+                                    rank));
     mb.returned_rows = mb.returned.data();
   } else {
     mb.returned_rows = mb.results.data();
@@ -483,7 +516,7 @@ absl::Status CudaRankBackend::State::DispatchOnDevice(int layer, MicroBatchState
                                       shape.dispatch_rows(), c.hidden_size, stream));
   const std::vector<int64_t> blocks(shape.ranks, shape.block_rows());
   RETURN_IF_ERROR(EnqueueExchange(mb, mb.send.data(), blocks, mb.received.data(), blocks,
-                                  /*dispatch=*/true, rank));
+                                  Bf16RowBytes(), /*dispatch=*/true, rank));
   mb.received_rows = mb.received.data();
   // What each slot received is counted on the device (slot_rows), read after the step.
   mb.received_count = 0;
@@ -513,7 +546,7 @@ absl::Status CudaRankBackend::State::ExpertsOnDevice(int layer, MicroBatchState&
                                       mb.results.data(), rows, config().hidden_size, stream));
   const std::vector<int64_t> entries(shape.ranks, shape.entries);
   RETURN_IF_ERROR(EnqueueExchange(mb, mb.results.data(), entries, mb.returned.data(), entries,
-                                  /*dispatch=*/false, rank));
+                                  Bf16RowBytes(), /*dispatch=*/false, rank));
   mb.returned_rows = mb.returned.data();
   return absl::OkStatus();
 }

@@ -150,8 +150,11 @@ struct MicroBatchState {
   std::vector<int64_t> slot_offsets;
   int64_t received_count = 0;
   // Where the dispatched rows are: `received`, or `normed` itself when alone (so nothing may
-  // write this micro-batch's `normed` between its dispatch and its experts).
-  const Bf16* received_rows = nullptr;
+  // write this micro-batch's `normed` between its dispatch and its experts). With
+  // `received_fp8` (State::fp8_dispatch) they are packed FP8 rows (kernels/fp8_quantize.h),
+  // quantized by their senders, in `received`'s memory.
+  const void* received_rows = nullptr;
+  bool received_fp8 = false;
   const Bf16* returned_rows = nullptr;  // where the combined rows are
   // The exchange in flight on the communication stream, until its consumer waits for it.
   std::optional<comm::CollectiveCompletion> in_flight;
@@ -201,6 +204,7 @@ struct CudaRankBackend::State {
   // MLA attention's split contexts (kernels::MlaPagedAttention), used on the compute stream.
   DeviceArray<float> attention_workspace;
   int kv_row_dim() const { return model->kv_row_dim(); }
+  int64_t Bf16RowBytes() const { return int64_t{config().hidden_size} * int64_t{sizeof(Bf16)}; }
 
   // MLA's latent rows and the bf16 shared experts run here, beside the compute stream.
   // Declared before the MLPs, so that it outlives shared_mlp, which is bound to its stream.
@@ -210,6 +214,10 @@ struct CudaRankBackend::State {
   // hold e4m3 weights and run through routed_fp8_mlp instead of routed_mlp.
   bool fp8_experts = false;
   std::unique_ptr<kernels::Fp8ExpertMlp> routed_fp8_mlp;
+  // A group's host-planned dispatch carries those experts' rows in FP8
+  // (CudaRankOptions::fp8_dispatch): each sender quantizes its rows once per 1 x 128 tile, as
+  // the receiving experts would, so the bytes halve and the results stay the same bits.
+  bool fp8_dispatch = false;
   // The dense projections (attention's, the dense MLPs', the shared experts') in FP8 as well
   // (with FP8 experts and CudaRankOptions::keep_fp8_dense), for every weight whose widths are
   // whole FP8 blocks (an FP8 checkpoint's as stored, the built-in FP8 models' quantized on
@@ -420,15 +428,17 @@ struct CudaRankBackend::State {
   // Puts an all-to-all of activations on the communication stream behind the compute stream's
   // work so far, as mb.in_flight; AwaitExchange makes the compute stream wait for it (its
   // consumer's work comes next), so the compute stream stays free until then.
-  absl::Status EnqueueExchange(MicroBatchState& mb, const Bf16* send_buffer,
-                               std::span<const int64_t> send_rows, Bf16* receive_buffer,
-                               std::span<const int64_t> receive_rows, bool dispatch,
-                               parallel::RankResources& rank);
+  // Rows of `row_bytes` each: hidden-wide bf16 rows, or the FP8 dispatch's packed rows.
+  absl::Status EnqueueExchange(MicroBatchState& mb, const void* send_buffer,
+                               std::span<const int64_t> send_rows, void* receive_buffer,
+                               std::span<const int64_t> receive_rows, int64_t row_bytes,
+                               bool dispatch, parallel::RankResources& rank);
   // The same exchange for ranks without an NCCL communicator between them (ranks that share a
-  // GPU): through pinned host memory and the group's host communicator, synchronously.
-  absl::Status ExchangeThroughHost(MicroBatchState& mb, const Bf16* send_buffer,
-                                   std::span<const int64_t> send_bytes, Bf16* receive_buffer,
-                                   std::span<const int64_t> receive_bytes,
+  // GPU): through pinned host memory and the group's host communicator, synchronously; its
+  // bytes and time count in the dispatch or combine metrics as NCCL's do.
+  absl::Status ExchangeThroughHost(MicroBatchState& mb, const void* send_buffer,
+                                   std::span<const int64_t> send_bytes, void* receive_buffer,
+                                   std::span<const int64_t> receive_bytes, bool dispatch,
                                    parallel::RankResources& rank);
   absl::Status AwaitExchange(MicroBatchState& mb);
   // Waits, on the host and with the group timeout, for every exchange still in flight.
