@@ -198,6 +198,29 @@ TEST(Fp8Kernels, GroupedQuantizationPadsEachGroupOnItsOwn) {
 // The permute into expert order fused into the quantization: grouped row i read from x's row
 // source_rows[i] (rows read by several experts, and some by none) gives, bit for bit, what
 // quantizing the permuted rows gives, padding rows included.
+// Device buffers for one quantization of `groups` (codes and 1 x 128 scales), filled with 0x55
+// so that whatever a kernel leaves unwritten shows when two are compared.
+struct QuantizedGroups {
+  uint8_t* values = nullptr;
+  float* scales = nullptr;
+  int64_t value_count = 0, scale_count = 0;
+
+  QuantizedGroups(DeviceMemory& memory, const Fp8RowGroups& groups, int cols)
+      : value_count(groups.padded_rows() * cols),
+        scale_count(groups.padded_rows() * (cols / kFp8BlockSize)) {
+    values = memory.Allocate<uint8_t>(value_count);
+    scales = memory.Allocate<float>(scale_count);
+    EXPECT_EQ(cudaMemset(values, 0x55, value_count), cudaSuccess);
+    EXPECT_EQ(cudaMemset(scales, 0x55, scale_count * sizeof(float)), cudaSuccess);
+  }
+  void ExpectEqual(const QuantizedGroups& other) const {
+    EXPECT_EQ(Download<uint8_t>(values, value_count),
+              Download<uint8_t>(other.values, other.value_count));
+    EXPECT_EQ(Download<float>(scales, scale_count),
+              Download<float>(other.scales, other.scale_count));
+  }
+};
+
 TEST(Fp8Kernels, GroupedQuantizationGathersRowsByIndex) {
   REQUIRE_GPU();
   const int cols = 384, tokens = 23;
@@ -215,23 +238,16 @@ TEST(Fp8Kernels, GroupedQuantizationGathersRowsByIndex) {
                 permuted.begin() + static_cast<int64_t>(i) * cols);
   }
   DeviceMemory memory;
-  const int64_t padded = groups->padded_rows();
-  const int64_t scale_count = padded * (cols / kFp8BlockSize);
-  uint8_t* gathered_values = memory.Allocate<uint8_t>(padded * cols);
-  float* gathered_scales = memory.Allocate<float>(scale_count);
-  uint8_t* values = memory.Allocate<uint8_t>(padded * cols);
-  float* scales = memory.Allocate<float>(scale_count);
-  ASSERT_EQ(cudaMemset(gathered_values, 0x55, padded * cols), cudaSuccess);
+  const QuantizedGroups gathered(memory, *groups, cols), permuted_first(memory, *groups, cols);
   ASSERT_TRUE(QuantizeActivationGroupsFp8(AsBf16(memory.Upload(x)), *groups, cols,
-                                          AsFp8(gathered_values), gathered_scales, nullptr,
+                                          AsFp8(gathered.values), gathered.scales, nullptr,
                                           memory.Upload(source_rows))
                   .ok());
   ASSERT_TRUE(QuantizeActivationGroupsFp8(AsBf16(memory.Upload(permuted)), *groups, cols,
-                                          AsFp8(values), scales, nullptr)
+                                          AsFp8(permuted_first.values), permuted_first.scales,
+                                          nullptr)
                   .ok());
-  EXPECT_EQ(Download<uint8_t>(gathered_values, padded * cols),
-            Download<uint8_t>(values, padded * cols));
-  EXPECT_EQ(Download<float>(gathered_scales, scale_count), Download<float>(scales, scale_count));
+  gathered.ExpectEqual(permuted_first);
 }
 
 // An FP8 dispatch: the sender quantizes its rows in send order into packed rows (codes, then
@@ -280,32 +296,25 @@ TEST(Fp8Kernels, PackedRowsFromTheSenderGiveTheReceiversQuantization) {
     received_rows[i] = static_cast<int32_t>(rng() % sent);
     token_rows[i] = send_rows[received_rows[i]];
   }
-  const int64_t padded = groups->padded_rows();
-  const int64_t scale_count = padded * (cols / kFp8BlockSize);
-  uint8_t* unpacked_values = memory.Allocate<uint8_t>(padded * cols);
-  float* unpacked_scales = memory.Allocate<float>(scale_count);
-  uint8_t* values = memory.Allocate<uint8_t>(padded * cols);
-  float* scales = memory.Allocate<float>(scale_count);
-  ASSERT_EQ(cudaMemset(unpacked_values, 0x55, padded * cols), cudaSuccess);
-  ASSERT_EQ(cudaMemset(unpacked_scales, 0x55, scale_count * sizeof(float)), cudaSuccess);
+  const QuantizedGroups unpacked(memory, *groups, cols), quantized(memory, *groups, cols);
   ASSERT_TRUE(QuantizeInputGroupsFp8({.packed = packed, .rows = memory.Upload(received_rows)},
-                                     *groups, cols, AsFp8(unpacked_values), unpacked_scales,
+                                     *groups, cols, AsFp8(unpacked.values), unpacked.scales,
                                      nullptr)
                   .ok());
   ASSERT_TRUE(QuantizeInputGroupsFp8({.bf16 = device_x, .rows = memory.Upload(token_rows)}, *groups,
-                                     cols, AsFp8(values), scales, nullptr)
+                                     cols, AsFp8(quantized.values), quantized.scales, nullptr)
                   .ok());
-  EXPECT_EQ(Download<uint8_t>(unpacked_values, padded * cols),
-            Download<uint8_t>(values, padded * cols));
-  EXPECT_EQ(Download<float>(unpacked_scales, scale_count), Download<float>(scales, scale_count));
+  unpacked.ExpectEqual(quantized);
 
   // Bad input: columns that are not whole tiles, and an input of neither or both forms.
   EXPECT_EQ(QuantizeRowsToPackedFp8(device_x, nullptr, 1, 100, packed, nullptr).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(QuantizeInputGroupsFp8({}, *groups, cols, AsFp8(values), scales, nullptr).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      QuantizeInputGroupsFp8({}, *groups, cols, AsFp8(quantized.values), quantized.scales, nullptr)
+          .code(),
+      absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(QuantizeInputGroupsFp8({.bf16 = device_x, .packed = packed}, *groups, cols,
-                                   AsFp8(values), scales, nullptr)
+                                   AsFp8(quantized.values), quantized.scales, nullptr)
                 .code(),
             absl::StatusCode::kInvalidArgument);
 }
