@@ -244,6 +244,16 @@ TEST(CheckFlags, AcceptsValidCommandLinesAndRefusesBadOnesWithoutStarting) {
                      &output),
             2);
   EXPECT_THAT(output, HasSubstr("--gpu-exchange-plan device needs --gpu-moe-plan device"));
+  // The dispatch's rows to FP8 experts: fp8 or bf16, on serve and on rank processes alike.
+  EXPECT_EQ(RunToEnd({"--check-flags", "serve", "--gpu-dispatch-rows", "bf16"}, &output), 0)
+      << output;
+  EXPECT_EQ(RunToEnd({"--check-flags", "rank", "--group", "decode", "--group-size", "2", "--rank",
+                      "1", "--leader", "leader:50100", "--gpu-dispatch-rows", "fp8"},
+                     &output),
+            0)
+      << output;
+  EXPECT_NE(RunToEnd({"--check-flags", "serve", "--gpu-dispatch-rows", "fp16"}, &output), 0);
+  EXPECT_THAT(output, HasSubstr("--gpu-dispatch-rows: fp16 not in {fp8,bf16}"));
   // The exchange's CTA bound: NCCL's channels, or 0 for NCCL's choice.
   EXPECT_EQ(RunToEnd({"--check-flags", "serve", "--gpu-exchange-max-ctas", "8"}, &output), 0)
       << output;
