@@ -93,13 +93,20 @@ struct TileRun {
   int64_t scale_stride = 0;
 };
 
-// The warp's run, or false past the last one.
-__device__ bool FindRun(const Fp8RowGroups& groups, int blocks, TileRun& run) {
+// The warp's row and first tile among `rows` rows of `blocks` tiles each, or false past the last
+// run (the launch covers rows * runs per row warps: RunBlocks).
+__device__ bool FindRowAndTile(int64_t rows, int blocks, TileRun& run) {
   const int runs_per_row = (blocks + kTilesPerWarp - 1) / kTilesPerWarp;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  if (warp >= static_cast<int64_t>(groups.padded_start[groups.count]) * runs_per_row) return false;
+  if (warp >= rows * runs_per_row) return false;
   run.row = static_cast<int>(warp / runs_per_row);
   run.first_tile = static_cast<int>(warp % runs_per_row) * kTilesPerWarp;
+  return true;
+}
+
+// The warp's run of the groups' padded rows, or false past the last one.
+__device__ bool FindRun(const Fp8RowGroups& groups, int blocks, TileRun& run) {
+  if (!FindRowAndTile(groups.padded_start[groups.count], blocks, run)) return false;
   const int group = GroupOfPaddedRow(groups, run.row);
   const int start = groups.padded_start[group];
   const int local_row = run.row - start;
@@ -113,11 +120,7 @@ __device__ bool FindRun(const Fp8RowGroups& groups, int blocks, TileRun& run) {
 
 // The warp's run of packed rows [0, rows) (Fp8PackedRowBytes), or false past the last one.
 __device__ bool FindPackedRun(int rows, int blocks, TileRun& run) {
-  const int runs_per_row = (blocks + kTilesPerWarp - 1) / kTilesPerWarp;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  if (warp >= static_cast<int64_t>(rows) * runs_per_row) return false;
-  run.row = static_cast<int>(warp / runs_per_row);
-  run.first_tile = static_cast<int>(warp % runs_per_row) * kTilesPerWarp;
+  if (!FindRowAndTile(rows, blocks, run)) return false;
   run.real = true;
   run.source_row = run.row;
   const int64_t cols = static_cast<int64_t>(blocks) * kFp8BlockSize;
@@ -312,10 +315,10 @@ absl::Status CheckColumns(int cols, const char* what) {
   return absl::OkStatus();
 }
 
-int TileBlocks(const Fp8RowGroups& groups, int cols) {
-  const int64_t runs =
-      groups.padded_rows() * ((cols / kFp8BlockSize + kTilesPerWarp - 1) / kTilesPerWarp);
-  return static_cast<int>((runs + kWarpsPerBlock - 1) / kWarpsPerBlock);
+// Thread blocks for a warp per run of `rows` rows of `cols` columns (FindRowAndTile).
+unsigned RunBlocks(int64_t rows, int cols) {
+  const int64_t runs = rows * ((cols / kFp8BlockSize + kTilesPerWarp - 1) / kTilesPerWarp);
+  return static_cast<unsigned>((runs + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
 
 }  // namespace
@@ -354,7 +357,7 @@ absl::Status QuantizeActivationGroupsFp8(const __nv_bfloat16* x, const Fp8RowGro
                                          cudaStream_t stream, const int32_t* source_rows) {
   if (auto s = CheckColumns(cols, "QuantizeActivationsFp8"); !s.ok()) return s;
   if (groups.padded_rows() == 0) return absl::OkStatus();
-  QuantizeGroupsKernel<<<TileBlocks(groups, cols), kTileThreads, 0, stream>>>(
+  QuantizeGroupsKernel<<<RunBlocks(groups.padded_rows(), cols), kTileThreads, 0, stream>>>(
       x, source_rows, groups, cols, values, scales);
   return LaunchError("QuantizeActivationsFp8");
 }
@@ -364,10 +367,8 @@ absl::Status QuantizeRowsToPackedFp8(const __nv_bfloat16* x, const int32_t* sour
   if (auto s = CheckColumns(cols, "QuantizeRowsToPackedFp8"); !s.ok()) return s;
   if (rows < 0) return absl::InvalidArgumentError("QuantizeRowsToPackedFp8: negative rows");
   if (rows == 0) return absl::OkStatus();
-  const int64_t runs =
-      static_cast<int64_t>(rows) * ((cols / kFp8BlockSize + kTilesPerWarp - 1) / kTilesPerWarp);
-  QuantizePackedKernel<<<static_cast<unsigned>((runs + kWarpsPerBlock - 1) / kWarpsPerBlock),
-                         kTileThreads, 0, stream>>>(x, source_rows, rows, cols, packed);
+  QuantizePackedKernel<<<RunBlocks(rows, cols), kTileThreads, 0, stream>>>(x, source_rows, rows,
+                                                                           cols, packed);
   return LaunchError("QuantizeRowsToPackedFp8");
 }
 
@@ -399,7 +400,7 @@ absl::Status SiluMulQuantizeFp8(const __nv_bfloat16* gate_up, const Fp8RowGroups
                                 __nv_fp8_e4m3* values, float* scales, cudaStream_t stream) {
   if (auto s = CheckColumns(inter, "SiluMulQuantizeFp8"); !s.ok()) return s;
   if (groups.padded_rows() == 0) return absl::OkStatus();
-  SiluMulQuantizeKernel<<<TileBlocks(groups, inter), kTileThreads, 0, stream>>>(
+  SiluMulQuantizeKernel<<<RunBlocks(groups.padded_rows(), inter), kTileThreads, 0, stream>>>(
       gate_up, groups, inter, values, scales);
   return LaunchError("SiluMulQuantizeFp8");
 }

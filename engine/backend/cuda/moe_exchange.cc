@@ -195,8 +195,9 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
         mb.gate_logits.data(), w.has_correction_bias ? w.correction_bias.data() : nullptr, tokens,
         gate_options, mb.routing_experts.data(), mb.routing_weights.data(), stream));
   }
-  mb.received_fp8 = false;
   mb.device_planned = UsesDevicePlan(mb);
+  // fp8_dispatch holds for groups of several GPUs only; alone, the experts read `normed`.
+  mb.received_fp8 = fp8_dispatch && !mb.device_planned;
   if (mb.device_planned && size > 1) return DispatchOnDevice(layer, mb, rank);
   if (mb.device_planned) {
     const int moe_layer = model->moe_index(layer);
@@ -239,7 +240,6 @@ absl::Status CudaRankBackend::State::GateAndDispatch(int layer, MicroBatchState&
   std::span<const parallel::DispatchEntry> entries = mb.plan.entries;
   std::vector<parallel::DispatchEntry> received_entries;
   if (size > 1) {
-    mb.received_fp8 = fp8_dispatch;
     const int sent_rows = static_cast<int>(mb.plan.sent_token.size());
     RETURN_IF_ERROR(mb.send_source.Upload(mb.plan.sent_token, stream));
     // The rows in send order: bf16, or quantized for FP8 experts in the same pass (packed rows
@@ -373,12 +373,12 @@ absl::Status CudaRankBackend::State::ExpertsAndCombine(int layer, MicroBatchStat
                                           weights.down_fp8, mb.expert_out.data(), strategy));
     } else {
       // Rows quantized by their senders move into place where bf16 ones would be quantized.
-      const kernels::Fp8InputRows rows =
-          mb.received_fp8
-              ? kernels::Fp8InputRows{.packed = static_cast<const uint8_t*>(mb.received_rows),
-                                      .rows = mb.slot_order.device.data()}
-              : kernels::Fp8InputRows{.bf16 = static_cast<const Bf16*>(mb.received_rows),
-                                      .rows = mb.slot_order.device.data()};
+      kernels::Fp8InputRows rows{.rows = mb.slot_order.device.data()};
+      if (mb.received_fp8) {
+        rows.packed = static_cast<const uint8_t*>(mb.received_rows);
+      } else {
+        rows.bf16 = static_cast<const Bf16*>(mb.received_rows);
+      }
       RETURN_IF_ERROR(routed_fp8_mlp->Run(rows, mb.slot_offsets, weights.gate_up_fp8,
                                           weights.down_fp8, mb.expert_out.data(), strategy));
     }
